@@ -1,0 +1,78 @@
+/// The cached rows of one KV head of one layer: keys and values in storage type `S`, contiguous and
+/// row-major, with the original position and modality of every row. Heads of one layer may hold
+/// different numbers of rows.
+public struct HeadCache<S: KVScalar>: Sendable {
+    public let headDim: Int
+    public private(set) var keys: [S]
+    public private(set) var values: [S]
+    public private(set) var positions: [Int32]
+    public private(set) var tags: [ModalityTag]
+
+    public init(headDim: Int, capacity: Int = 0) {
+        self.headDim = headDim
+        keys = []
+        values = []
+        positions = []
+        tags = []
+        keys.reserveCapacity(capacity * headDim)
+        values.reserveCapacity(capacity * headDim)
+        positions.reserveCapacity(capacity)
+        tags.reserveCapacity(capacity)
+    }
+
+    public var count: Int { positions.count }
+
+    /// Bytes of key and value payload.
+    public var payloadBytes: Int { 2 * count * headDim * MemoryLayout<S>.size }
+
+    /// Bytes of per-row bookkeeping (position and modality tag).
+    public var metadataBytes: Int { count * (MemoryLayout<Int32>.size + MemoryLayout<ModalityTag>.size) }
+
+    /// Appends one row, converting from Float32.
+    public mutating func append(
+        key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>, position: Int, tag: ModalityTag
+    ) {
+        precondition(key.count == headDim && value.count == headDim, "row length must equal headDim")
+        keys.append(contentsOf: key.lazy.map { S($0) })
+        values.append(contentsOf: value.lazy.map { S($0) })
+        positions.append(Int32(truncatingIfNeeded: position))
+        tags.append(tag)
+    }
+
+    public mutating func append(key: [Float], value: [Float], position: Int, tag: ModalityTag) {
+        key.withUnsafeBufferPointer { k in
+            value.withUnsafeBufferPointer { v in append(key: k, value: v, position: position, tag: tag) }
+        }
+    }
+
+    /// Attention of one Float32 query over every row; writes `headDim` outputs and leaves the
+    /// probabilities in `scratch` (at least `count` floats).
+    public func attend(
+        query: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>
+    ) {
+        keys.withUnsafeBufferPointer { k in
+            values.withUnsafeBufferPointer { v in
+                Kernels.decodeAttention(
+                    query: query, keys: k.baseAddress!, values: v.baseAddress!, rows: count, headDim: headDim,
+                    scratch: scratch, output: output)
+            }
+        }
+    }
+
+    /// An order-sensitive 64-bit FNV-1a digest of every byte held, for comparing replicas.
+    public var digest: UInt64 {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix<T>(_ array: [T]) {
+            array.withUnsafeBytes { bytes in
+                for byte in bytes {
+                    hash = (hash ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
+                }
+            }
+        }
+        mix(positions)
+        mix(tags.map(\.rawValue))
+        mix(keys)
+        mix(values)
+        return hash
+    }
+}

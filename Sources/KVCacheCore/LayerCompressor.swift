@@ -1,0 +1,146 @@
+/// Scores, selects and (for LOOK-M) merges one layer's prefill down to its budget. Deterministic:
+/// the same inputs, policy and budget give the same bytes, so replicas hold identical caches.
+public enum LayerCompressor {
+    /// The compressed layer: one cache per KV head, and how many evicted rows were merged.
+    public struct Result<S: KVScalar>: Sendable {
+        public var heads: [HeadCache<S>]
+        public var mergedRows: Int
+    }
+
+    public static func compress<S: KVScalar>(
+        _ prefill: LayerPrefill, layout: PromptLayout, profile: AttentionProfile?, budget: LayerBudget,
+        policy: CompressionPolicy, as _: S.Type = S.self
+    ) throws(KVCacheError) -> Result<S> {
+        let g = prefill.geometry
+        let m = prefill.promptLength
+        guard layout.promptLength == m else {
+            throw KVCacheError(.invalidShape, "layout has \(layout.promptLength) positions, prefill has \(m)")
+        }
+        guard budget.heads.count == g.kvHeads else {
+            throw KVCacheError(.invalidShape, "budget has \(budget.heads.count) heads, the model \(g.kvHeads)")
+        }
+        if let bad = budget.heads.first(where: { $0.capacity < 1 }) {
+            throw KVCacheError(.invalidBudget, "a head's capacity must be ≥ 1, got \(bad.capacity)")
+        }
+        let needed = policy.requirements(layout: layout).suffixStarts
+        if !needed.isEmpty {
+            guard let profile, needed.isSubset(of: Set(profile.columnSums.keys)), profile.promptLength == m else {
+                throw KVCacheError(
+                    .invalidShape, "\(policy.name) needs attention sums over rows from \(needed.sorted())")
+            }
+        }
+        var kept: [[Int]] = []
+        kept.reserveCapacity(g.kvHeads)
+        let scoreCache = ScoreCache(profile: profile)
+        for h in 0..<g.kvHeads {
+            let k = min(m, budget.heads[h].capacity)
+            kept.append(select(policy: policy, head: h, capacity: k, split: budget.heads[h].split,
+                               m: m, layout: layout, scores: scoreCache))
+        }
+        var rows = MergedRows(prefill: prefill)
+        var merged = 0
+        if case .lookM(let s) = policy, s.merge != .none {
+            merged = rows.merge(kept: kept, mode: s.merge, filterBelowMean: s.filterBelowMeanSimilarity)
+        }
+        var heads: [HeadCache<S>] = []
+        for h in 0..<g.kvHeads {
+            var cache = HeadCache<S>(headDim: g.headDim, capacity: kept[h].count)
+            for j in kept[h] {
+                rows.withRow(head: h, position: j) { key, value in
+                    cache.append(key: key, value: value, position: j, tag: layout.tags[j])
+                }
+            }
+            heads.append(cache)
+        }
+        return Result(heads: heads, mergedRows: merged)
+    }
+
+    /// Per KV head score vectors, computed once per observed suffix.
+    final class ScoreCache {
+        let profile: AttentionProfile?
+        private var byStart: [Int: [Float]] = [:]
+
+        init(profile: AttentionProfile?) { self.profile = profile }
+
+        func scores(start: Int, head: Int) -> ArraySlice<Float> {
+            let m = profile!.promptLength
+            if byStart[start] == nil { byStart[start] = profile!.kvHeadScores(start: start) }
+            return byStart[start]![(head * m)..<(head * m + m)]
+        }
+    }
+
+    /// Kept prompt positions of one head, ascending.
+    static func select(
+        policy: CompressionPolicy, head h: Int, capacity k: Int, split: ModalitySplit?, m: Int,
+        layout: PromptLayout, scores cache: ScoreCache
+    ) -> [Int] {
+        if k >= m { return Array(0..<m) }
+        /// The last `count` positions plus the top `k − count` of `scores` before them.
+        func recentPlusTop(_ recent: Int, _ scores: [Float]) -> [Int] {
+            Selection.top(k - recent, of: scores, among: Array(0..<(m - recent))) + Array((m - recent)..<m)
+        }
+        switch policy {
+        case .full:
+            return Array(0..<m)
+        case .streamingLLM(let s):
+            let sinks = min(s.sinks, k)
+            return Array(0..<sinks) + Array((m - (k - sinks))..<m)
+        case .h2o(let s):
+            var scores = Array(cache.scores(start: 0, head: h))
+            if s.normalizeByQueryCount {
+                for j in 0..<m { scores[j] /= Float(m - j) }
+            }
+            return recentPlusTop(Int(s.recentShare * Double(k)), scores)
+        case .snapKV(let s):
+            return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
+        case .pyramidKV(let s):
+            return snap(s.snap, head: h, window: min(s.snap.window, k), k: k, m: m, cache: cache)
+        case .vlCache(let s):
+            let scores = Array(cache.scores(start: s.observationStart(layout: layout), head: h))
+            return recentPlusTop(Int(s.recentShare * Double(k)), scores)
+        case .madaKV(let s):
+            let w = min(s.proxyWindow, m, k)
+            let scores = Array(cache.scores(start: m - min(s.proxyWindow, m), head: h))
+            let candidates = Array(0..<(m - w))
+            let chosen: [Int]
+            if let split {
+                let visual = candidates.filter { layout.tags[$0].isVisual }
+                let text = candidates.filter { !layout.tags[$0].isVisual }
+                chosen = Selection.top(split.visual, of: scores, among: visual)
+                    + Selection.top(split.text, of: scores, among: text)
+            } else {
+                chosen = Selection.top(k - w, of: scores, among: candidates)
+            }
+            return chosen.sorted() + Array((m - w)..<m)
+        case .lookM(let s):
+            let recent = Int(s.recentShare * Double(k))
+            let heavy = k - recent
+            var scores = Array(cache.scores(start: 0, head: h))
+            let prefix = Array(0..<(m - recent))
+            switch s.textPrior {
+            case .addMax:
+                let prior = prefix.lazy.map { scores[$0] }.max() ?? 0
+                for j in prefix where !layout.tags[j].isVisual { scores[j] += prior }
+                return recentPlusTop(recent, scores)
+            case .keepAllText:
+                let text = prefix.filter { !layout.tags[$0].isVisual }
+                let visual = prefix.filter { layout.tags[$0].isVisual }
+                let images = Selection.top(max(0, heavy - text.count), of: scores, among: visual)
+                return (text + images).sorted() + Array((m - recent)..<m)
+            case .none:
+                let sinks = min(s.sinks, heavy, m - recent)
+                let rest = Selection.top(heavy - sinks, of: scores, among: Array(sinks..<(m - recent)))
+                return Array(0..<sinks) + rest + Array((m - recent)..<m)
+            }
+        }
+    }
+
+    /// SnapKV: pooled votes of the window rows, top `k − window` before the window, plus the window.
+    static func snap(_ s: SnapKVSettings, head: Int, window: Int, k: Int, m: Int, cache: ScoreCache) -> [Int] {
+        let start = max(0, m - s.window)
+        let votes = cache.scores(start: start, head: head)
+        let pooled = Selection.pool(votes[votes.startIndex..<(votes.startIndex + m - window)], kernel: s.kernel,
+                                    mode: s.pooling)
+        return Selection.top(k - window, of: pooled, among: Array(0..<(m - window))) + Array((m - window)..<m)
+    }
+}

@@ -1,0 +1,38 @@
+/// The element type K/V rows are stored in.
+public enum ScalarType: String, Sendable, Hashable, Codable, CaseIterable {
+    case float32 = "f32"
+    case float16 = "f16"
+
+    public var byteWidth: Int {
+        switch self {
+        case .float32: 4
+        case .float16: 2
+        }
+    }
+}
+
+/// A storage element that the kernels can widen to Float32 sixteen lanes at a time.
+public protocol KVScalar: BinaryFloatingPoint, Sendable {
+    static var scalarType: ScalarType { get }
+    /// Sixteen consecutive elements from `pointer`, widened to Float32.
+    static func load16(_ pointer: UnsafePointer<Self>) -> SIMD16<Float>
+    init(_ value: Float)
+}
+
+extension Float: KVScalar {
+    public static var scalarType: ScalarType { .float32 }
+
+    @inline(__always)
+    public static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
+        UnsafeRawPointer(pointer).loadUnaligned(as: SIMD16<Float>.self)
+    }
+}
+
+extension Float16: KVScalar {
+    public static var scalarType: ScalarType { .float16 }
+
+    @inline(__always)
+    public static func load16(_ pointer: UnsafePointer<Float16>) -> SIMD16<Float> {
+        SIMD16<Float>(UnsafeRawPointer(pointer).loadUnaligned(as: SIMD16<Float16>.self))
+    }
+}
