@@ -27,10 +27,13 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess.git", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
     ],
     targets: [
         .target(name: "KVCacheCore", swiftSettings: numericSettings),
         .target(name: "Workloads", dependencies: ["KVCacheCore"], swiftSettings: numericSettings),
+        .target(name: "Evaluation", dependencies: ["KVCacheCore", "Workloads"], swiftSettings: numericSettings),
         .target(
             name: "ClusterWire",
             dependencies: [
@@ -44,11 +47,22 @@ let package = Package(
             dependencies: [
                 "KVCacheCore",
                 "Workloads",
+                "Evaluation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: numericSettings
         ),
         .testTarget(name: "KVCacheCoreTests", dependencies: ["KVCacheCore"], swiftSettings: strictSettings),
+        .testTarget(name: "EvaluationTests", dependencies: ["Evaluation"], swiftSettings: strictSettings),
+        .testTarget(
+            name: "TesseraCLITests",
+            dependencies: [
+                "tessera",
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "KVCacheCore"], swiftSettings: strictSettings),
         .testTarget(
             name: "ClusterWireTests",

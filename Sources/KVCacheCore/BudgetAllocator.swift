@@ -97,31 +97,43 @@ public enum BudgetAllocator {
         let floor = min(m, max(w, Int((s.minRatio * Double(m)).rounded(.up))))
         let perHead = min(m, max(floor, Int((retention * Double(m)).rounded())))
         var remaining = Int((retention * Double(m) * Double(layers * kvHeads)).rounded())
-        var result: [LayerBudget] = []
-        for (l, stats) in statistics.enumerated() {
-            let wants: [Int] = stats.heads.map { h in
+        let wants: [[Int]] = statistics.map { stats in
+            stats.heads.map { h in
                 switch s.components {
                 case .both: w + min(h.visualDemand, h.visualCount) + min(h.textDemand, h.textCount)
                 case .hccOnly: w + h.jointDemand
                 case .mpaOnly: perHead
                 }
             }.map { min(m, max(floor, $0)) }
+        }
+        // Proportional compensation in one step: water-filling every head's demand to the whole
+        // budget is what the layer-by-layer update converges to when each layer's over- or underspend
+        // is spread over the layers after it, and clipping at a floor or at m is handled exactly.
+        let proportional = s.compensation == .proportional && s.components != .mpaOnly
+            ? apportion(
+                total: remaining, weights: wants.joined().map(Double.init),
+                lower: Array(repeating: floor, count: layers * kvHeads),
+                upper: Array(repeating: m, count: layers * kvHeads))
+            : []
+        var result: [LayerBudget] = []
+        for (l, stats) in statistics.enumerated() {
+            let want = wants[l]
             let kept: [Int]
             if s.components == .mpaOnly {
-                kept = wants
+                kept = want
+            } else if s.compensation == .proportional {
+                kept = Array(proportional[(l * kvHeads)..<((l + 1) * kvHeads)])
             } else if l == layers - 1 {
                 // The last layer takes whatever remains.
                 kept = apportion(
-                    total: max(remaining, kvHeads * floor), weights: wants.map(Double.init),
+                    total: max(remaining, kvHeads * floor), weights: want.map(Double.init),
                     lower: Array(repeating: floor, count: kvHeads), upper: Array(repeating: m, count: kvHeads))
             } else {
                 // Keep the demand, but leave every later layer at least its floor.
                 let cap = max(kvHeads * floor, remaining - (layers - l - 1) * kvHeads * floor)
-                kept = wants.reduce(0, +) <= cap
-                    ? wants
-                    : apportion(
-                        total: cap, weights: wants.map(Double.init),
-                        lower: Array(repeating: floor, count: kvHeads), upper: wants)
+                kept = apportion(
+                    total: min(cap, want.reduce(0, +)), weights: want.map(Double.init),
+                    lower: Array(repeating: floor, count: kvHeads), upper: want)
             }
             remaining -= kept.reduce(0, +)
             let heads = zip(kept, stats.heads).map { capacity, h in

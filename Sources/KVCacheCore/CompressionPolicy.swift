@@ -180,6 +180,15 @@ public struct MadaKVSettings: Sendable, Hashable, Codable {
         case hccOnly
     }
 
+    public enum Compensation: String, Sendable, Hashable, Codable {
+        /// Every layer keeps its demand scaled by (budget left) / (demand left), so layers that need
+        /// more mass coverage get more rows and the total stays at the budget.
+        case proportional
+        /// The specification's reference reading: a layer keeps its raw demand and later layers absorb
+        /// the overspend down to their floor (starves late layers when early layers are dense).
+        case keepDemand
+    }
+
     /// The proxy (observation) window, also kept uncompressed.
     public var proxyWindow = 32
     /// The attention-mass fraction a head's demand must cover.
@@ -187,6 +196,7 @@ public struct MadaKVSettings: Sendable, Hashable, Codable {
     /// Floor of a head's kept count as a fraction of the prompt (besides the window).
     public var minRatio = 0.01
     public var components = Components.both
+    public var compensation = Compensation.proportional
     public init() {}
 }
 

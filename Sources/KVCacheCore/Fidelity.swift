@@ -50,48 +50,82 @@ public struct NeedleCheck: Sendable {
     }
 }
 
+/// The full cache's side of a comparison for one layer: every decode step's attention output and
+/// prompt attention per query head. Computed once, compared against any number of compressed caches.
+public struct DecodeReference: Sendable {
+    public let promptLength: Int
+    public let steps: Int
+    /// `outputs[(t * Hq + qh) * d + c]`.
+    public let outputs: [Float]
+    /// `promptAttention[(t * Hq + qh) * m + j]`: the probability of prompt position `j`.
+    public let promptAttention: [Float]
+
+    /// Replays `steps` over `full`, which holds every prompt row (decoded rows are appended to a copy).
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
+    public init<S: KVScalar>(geometry g: ModelGeometry, promptLength m: Int, full: [HeadCache<S>], steps: [DecodeStepInput]) {
+        let d = g.headDim
+        var cache = full
+        var outputs = [Float](repeating: 0, count: steps.count * g.queryHeads * d)
+        var attention = [Float](repeating: 0, count: steps.count * g.queryHeads * m)
+        var scratch = [Float](repeating: 0, count: m + steps.count)
+        for (t, step) in steps.enumerated() {
+            FidelityEvaluator.append(step, to: &cache, geometry: g, position: m + t)
+            step.queries.withUnsafeBufferPointer { queries in
+                for qh in 0..<g.queryHeads {
+                    let row = t * g.queryHeads + qh
+                    scratch.withUnsafeMutableBufferPointer { p in
+                        outputs.withUnsafeMutableBufferPointer { out in
+                            cache[qh / g.groupSize].attend(
+                                query: queries.baseAddress! + qh * d, scratch: p.baseAddress!,
+                                output: out.baseAddress! + row * d)
+                        }
+                        attention.withUnsafeMutableBufferPointer {
+                            ($0.baseAddress! + row * m).update(from: p.baseAddress!, count: m)
+                        }
+                    }
+                }
+            }
+        }
+        promptLength = m
+        self.steps = steps.count
+        self.outputs = outputs
+        promptAttention = attention
+    }
+}
+
 public enum FidelityEvaluator {
-    /// Appends every decode step's token to both caches (decoded tokens are never evicted) and compares
-    /// the attention output of each query head over the compressed cache with the full one.
+    /// Appends every decode step's token to the compressed cache (decoded tokens are never evicted)
+    /// and compares the attention output of each query head with the full cache's.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public static func evaluate<S: KVScalar>(
-        geometry g: ModelGeometry, promptLength m: Int, full: inout [HeadCache<S>], compressed: inout [HeadCache<S>],
+        geometry g: ModelGeometry, reference: DecodeReference, compressed: inout [HeadCache<S>],
         steps: [DecodeStepInput], needle: NeedleCheck? = nil
     ) -> FidelityReport {
+        precondition(steps.count == reference.steps, "the reference replays a different number of steps")
         var report = FidelityReport()
         let d = g.headDim
+        let m = reference.promptLength
         let keptPrompt = compressed.map { head in head.positions.lazy.filter { Int($0) < m }.count }
         var isKept = [[Bool]](repeating: [Bool](repeating: false, count: m), count: g.kvHeads)
         for h in 0..<g.kvHeads {
             for p in compressed[h].positions where Int(p) < m { isKept[h][Int(p)] = true }
         }
-        let maxRows = m + steps.count
-        var fullProbabilities = [Float](repeating: 0, count: maxRows)
+        let maxRows = (compressed.map(\.count).max() ?? 0) + steps.count
         var scratch = [Float](repeating: 0, count: maxRows)
-        var fullOut = [Float](repeating: 0, count: d)
-        var compressedOut = [Float](repeating: 0, count: d)
+        var output = [Float](repeating: 0, count: d)
         var groupAttention = [Float](repeating: 0, count: m)
         for (t, step) in steps.enumerated() {
-            step.keys.withUnsafeBufferPointer { keys in
-                step.values.withUnsafeBufferPointer { values in
-                    for h in 0..<g.kvHeads {
-                        let key = UnsafeBufferPointer(rebasing: keys[(h * d)..<(h * d + d)])
-                        let value = UnsafeBufferPointer(rebasing: values[(h * d)..<(h * d + d)])
-                        full[h].append(key: key, value: value, position: m + t, tag: .text)
-                        compressed[h].append(key: key, value: value, position: m + t, tag: .text)
-                    }
-                }
-            }
-            if t == 0 { groupAttention.withUnsafeMutableBufferPointer { $0.update(repeating: 0) } }
+            append(step, to: &compressed, geometry: g, position: m + t)
             step.queries.withUnsafeBufferPointer { queries in
                 for qh in 0..<g.queryHeads {
                     let h = qh / g.groupSize
-                    let query = queries.baseAddress! + qh * d
-                    fullProbabilities.withUnsafeMutableBufferPointer { p in
-                        fullOut.withUnsafeMutableBufferPointer { full[h].attend(query: query, scratch: p.baseAddress!, output: $0.baseAddress!) }
-                    }
+                    let row = t * g.queryHeads + qh
                     scratch.withUnsafeMutableBufferPointer { p in
-                        compressedOut.withUnsafeMutableBufferPointer {
-                            compressed[h].attend(query: query, scratch: p.baseAddress!, output: $0.baseAddress!)
+                        output.withUnsafeMutableBufferPointer {
+                            compressed[h].attend(query: queries.baseAddress! + qh * d, scratch: p.baseAddress!,
+                                                 output: $0.baseAddress!)
                         }
                     }
                     var diff: Float = 0
@@ -99,11 +133,12 @@ public enum FidelityEvaluator {
                     var dotFC: Float = 0
                     var normC: Float = 0
                     for c in 0..<d {
-                        let delta = fullOut[c] - compressedOut[c]
+                        let full = reference.outputs[row * d + c]
+                        let delta = full - output[c]
                         diff += delta * delta
-                        norm += fullOut[c] * fullOut[c]
-                        normC += compressedOut[c] * compressedOut[c]
-                        dotFC += fullOut[c] * compressedOut[c]
+                        norm += full * full
+                        normC += output[c] * output[c]
+                        dotFC += full * output[c]
                     }
                     report.relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
                     report.cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
@@ -111,13 +146,16 @@ public enum FidelityEvaluator {
                     var promptMass: Float = 0
                     var keptMass: Float = 0
                     for j in 0..<m {
-                        promptMass += fullProbabilities[j]
-                        if isKept[h][j] { keptMass += fullProbabilities[j] }
+                        let p = reference.promptAttention[row * m + j]
+                        promptMass += p
+                        if isKept[h][j] { keptMass += p }
                     }
                     report.massRecallSum += promptMass > 0 ? Double(keptMass / promptMass) : 1
                     if t == 0 {
-                        for j in 0..<m { groupAttention[j] += fullProbabilities[j] }
+                        for j in 0..<m { groupAttention[j] += reference.promptAttention[row * m + j] }
                         if qh % g.groupSize == g.groupSize - 1 {
+                            // VL-Cache's CacheHitRate: overlap of the kept set with the top-k of the
+                            // first decode token's (group-mean) attention, k = kept prompt rows.
                             let k = keptPrompt[h]
                             let top = Selection.top(k, of: groupAttention, among: Array(0..<m))
                             let hits = top.lazy.filter { isKept[h][$0] }.count
@@ -128,7 +166,7 @@ public enum FidelityEvaluator {
                     }
                     if let needle, needle.probes.contains(where: { $0.queryHead == qh && $0.step == t }) {
                         report.needleProbes += 1
-                        if compressedOut.withUnsafeBufferPointer(needle.decode) == needle.answer {
+                        if output.withUnsafeBufferPointer(needle.decode) == needle.answer {
                             report.needleCorrect += 1
                         }
                     }
@@ -136,5 +174,24 @@ public enum FidelityEvaluator {
             }
         }
         return report
+    }
+
+    /// Appends one decode step's key and value rows to every KV head, as text at `position`.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
+    static func append<S: KVScalar>(
+        _ step: DecodeStepInput, to heads: inout [HeadCache<S>], geometry g: ModelGeometry, position: Int
+    ) {
+        let d = g.headDim
+        step.keys.withUnsafeBufferPointer { keys in
+            step.values.withUnsafeBufferPointer { values in
+                for h in 0..<g.kvHeads {
+                    heads[h].append(
+                        key: UnsafeBufferPointer(rebasing: keys[(h * d)..<(h * d + d)]),
+                        value: UnsafeBufferPointer(rebasing: values[(h * d)..<(h * d + d)]), position: position,
+                        tag: .text)
+                }
+            }
+        }
     }
 }

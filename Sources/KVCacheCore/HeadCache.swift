@@ -29,16 +29,27 @@ public struct HeadCache<S: KVScalar>: Sendable {
     public var metadataBytes: Int { count * (MemoryLayout<Int32>.size + MemoryLayout<ModalityTag>.size) }
 
     /// Appends one row, converting from Float32.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public mutating func append(
         key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>, position: Int, tag: ModalityTag
     ) {
         precondition(key.count == headDim && value.count == headDim, "row length must equal headDim")
-        keys.append(contentsOf: key.lazy.map { S($0) })
-        values.append(contentsOf: value.lazy.map { S($0) })
+        Self.appendRow(key, to: &keys)
+        Self.appendRow(value, to: &values)
         positions.append(Int32(truncatingIfNeeded: position))
         tags.append(tag)
     }
 
+    @inline(__always)
+    private static func appendRow(_ row: UnsafeBufferPointer<Float>, to storage: inout [S]) {
+        let start = storage.count
+        storage.append(contentsOf: repeatElement(S.zero, count: row.count))
+        storage.withUnsafeMutableBufferPointer { S.store(row.baseAddress!, into: $0.baseAddress! + start, count: row.count) }
+    }
+
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public mutating func append(key: [Float], value: [Float], position: Int, tag: ModalityTag) {
         key.withUnsafeBufferPointer { k in
             value.withUnsafeBufferPointer { v in append(key: k, value: v, position: position, tag: tag) }
@@ -47,6 +58,8 @@ public struct HeadCache<S: KVScalar>: Sendable {
 
     /// Attention of one Float32 query over every row; writes `headDim` outputs and leaves the
     /// probabilities in `scratch` (at least `count` floats).
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public func attend(
         query: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>
     ) {

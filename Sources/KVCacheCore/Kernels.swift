@@ -22,7 +22,7 @@ public enum Kernels {
             a0 += load16(q + i) * S.load16(k + i)
             i += 16
         }
-        var sum = (a0 + a1).sum()
+        var sum = horizontalSum(a0 + a1)
         while i < count {
             sum += q[i] * Float(k[i])
             i += 1
@@ -30,13 +30,27 @@ public enum Kernels {
         return sum
     }
 
+    /// The sum of 16 lanes as a tree of halving adds; `SIMD16.sum()` adds lane by lane in order,
+    /// a 16-deep dependency chain that dominated the per-row cost.
+    @inline(__always)
+    public static func horizontalSum(_ v: SIMD16<Float>) -> Float {
+        let v8 = v.lowHalf + v.highHalf
+        let v4 = v8.lowHalf + v8.highHalf
+        let v2 = v4.lowHalf + v4.highHalf
+        return v2[0] + v2[1]
+    }
+
     /// `e^x` lane by lane (Cephes' single-precision range reduction and polynomial, relative error
     /// below 2e-7 for x in [-87, 88]); inputs below -87 give 0 so that masked scores vanish.
     @inline(__always)
     public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
+        // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: the same value as a
+        // float and as bits, without the stdlib's lane-by-lane `rounded` and Float → Int32 paths.
+        let magic: Float = 12_582_912
         let tooSmall = x .< -87.0
-        var x = x.clamped(lowerBound: SIMD16(repeating: -87.0), upperBound: SIMD16(repeating: 88.3))
-        let n = (x * 1.442_695_04 + 0.5).rounded(.down)
+        var x = x.replacing(with: 88.3, where: x .> 88.3).replacing(with: -87.0, where: tooSmall)
+        let shifted = x * 1.442_695_04 + magic
+        let n = shifted - magic
         x -= n * 0.693_359_375
         x -= n * -2.121_944_4e-4
         var y = SIMD16<Float>(repeating: 1.987_569_15e-4)
@@ -46,10 +60,9 @@ public enum Kernels {
         y = y * x + 1.666_666_55e-1
         y = y * x + 5.000_000_12e-1
         y = y * (x * x) + x + 1
-        let bits = (SIMD16<Int32>(n) &+ 127) &<< 23
-        var result = y * unsafeBitCast(bits, to: SIMD16<Float>.self)
-        result.replace(with: 0, where: tooSmall)
-        return result
+        let integral = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- 0x4B40_0000
+        let scale = unsafeBitCast((integral &+ 127) &<< 23, to: SIMD16<Float>.self)
+        return (y * scale).replacing(with: 0, where: tooSmall)
     }
 
     /// Scalar `e^x` through the vector path, for the odd tail element.
@@ -106,6 +119,31 @@ public enum Kernels {
         let scale = 1 / Float(headDim).squareRoot()
         var j = 0
         var k = keys
+        if headDim % 16 == 0 {
+            // Four rows at a time: each query chunk is loaded once for four keys, and the four
+            // independent accumulators keep the FMA units busy.
+            while j + 4 <= rows {
+                var a0 = SIMD16<Float>()
+                var a1 = SIMD16<Float>()
+                var a2 = SIMD16<Float>()
+                var a3 = SIMD16<Float>()
+                var c = 0
+                while c < headDim {
+                    let q = load16(query + c)
+                    a0 += q * S.load16(k + c)
+                    a1 += q * S.load16(k + headDim + c)
+                    a2 += q * S.load16(k + 2 * headDim + c)
+                    a3 += q * S.load16(k + 3 * headDim + c)
+                    c += 16
+                }
+                scores[j] = horizontalSum(a0) * scale
+                scores[j + 1] = horizontalSum(a1) * scale
+                scores[j + 2] = horizontalSum(a2) * scale
+                scores[j + 3] = horizontalSum(a3) * scale
+                k += 4 * headDim
+                j += 4
+            }
+        }
         while j < rows {
             scores[j] = dot(query, k, count: headDim) * scale
             k += headDim
@@ -139,6 +177,8 @@ public enum Kernels {
 
     /// Decode attention of one query over one head: logits, softmax, weighted sum of values.
     /// `scratch` needs `rows` floats and holds the probabilities afterwards.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public static func decodeAttention<S: KVScalar>(
         query: UnsafePointer<Float>, keys: UnsafePointer<S>, values: UnsafePointer<S>, rows: Int,
         headDim: Int, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>

@@ -7,6 +7,8 @@ public enum LayerCompressor {
         public var mergedRows: Int
     }
 
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
     public static func compress<S: KVScalar>(
         _ prefill: LayerPrefill, layout: PromptLayout, profile: AttentionProfile?, budget: LayerBudget,
         policy: CompressionPolicy, as _: S.Type = S.self

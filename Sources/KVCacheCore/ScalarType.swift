@@ -16,6 +16,8 @@ public protocol KVScalar: BinaryFloatingPoint, Sendable {
     static var scalarType: ScalarType { get }
     /// Sixteen consecutive elements from `pointer`, widened to Float32.
     static func load16(_ pointer: UnsafePointer<Self>) -> SIMD16<Float>
+    /// Narrows `count` Float32 values into storage, sixteen lanes at a time.
+    static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Self>, count: Int)
     init(_ value: Float)
 }
 
@@ -26,6 +28,11 @@ extension Float: KVScalar {
     public static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
         UnsafeRawPointer(pointer).loadUnaligned(as: SIMD16<Float>.self)
     }
+
+    @inline(__always)
+    public static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float>, count: Int) {
+        destination.update(from: source, count: count)
+    }
 }
 
 extension Float16: KVScalar {
@@ -34,5 +41,19 @@ extension Float16: KVScalar {
     @inline(__always)
     public static func load16(_ pointer: UnsafePointer<Float16>) -> SIMD16<Float> {
         SIMD16<Float>(UnsafeRawPointer(pointer).loadUnaligned(as: SIMD16<Float16>.self))
+    }
+
+    @inline(__always)
+    public static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float16>, count: Int) {
+        var i = 0
+        while i + 16 <= count {
+            let wide = UnsafeRawPointer(source + i).loadUnaligned(as: SIMD16<Float>.self)
+            UnsafeMutableRawPointer(destination + i).storeBytes(of: SIMD16<Float16>(wide), as: SIMD16<Float16>.self)
+            i += 16
+        }
+        while i < count {
+            destination[i] = Float16(source[i])
+            i += 1
+        }
     }
 }

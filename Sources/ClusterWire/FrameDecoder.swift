@@ -1,0 +1,75 @@
+public import NIOCore
+
+/// Splits a byte stream into frames: a 4-byte big-endian length, then that many bytes of payload.
+///
+/// The length is checked as soon as the 4 header bytes are readable, before any payload is awaited or
+/// buffered for it: a length above `maxFrameBytes` throws `WireError.Code.frameTooLarge`, a length of
+/// zero throws `.malformedFrame`. A stream that ends inside a frame throws `.malformedFrame` from
+/// `decodeLast`. After any of these the stream cannot be trusted and the connection must be closed.
+///
+/// Produces each payload as a `ByteBuffer` slice of the input (no copy). Use it through
+/// `ByteToMessageHandler(FrameDecoder())`.
+///
+/// The decoder is stateless between frames: the header stays in the buffer until the whole frame
+/// has arrived, so there is nothing to get out of step.
+public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
+    public typealias InboundOut = ByteBuffer
+
+    /// The default limit on a frame's payload: 64 MiB.
+    public static let defaultMaxFrameBytes = 64 * 1024 * 1024
+
+    /// The size of the length prefix.
+    public static let headerBytes = 4
+
+    /// The largest payload accepted; the length prefix of a larger frame is rejected.
+    public let maxFrameBytes: Int
+
+    /// - Parameter maxFrameBytes: the largest payload to accept, in 1...`UInt32.max`.
+    public init(maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes) {
+        precondition(
+            maxFrameBytes >= 1 && maxFrameBytes <= Int(UInt32.max),
+            "maxFrameBytes must be in 1...\(UInt32.max), got \(maxFrameBytes)"
+        )
+        self.maxFrameBytes = maxFrameBytes
+    }
+
+    public mutating func decode(buffer: inout ByteBuffer) throws -> ByteBuffer? {
+        guard let length = try self.peekLength(buffer) else { return nil }
+        guard buffer.readableBytes >= Self.headerBytes + length else { return nil }
+        buffer.moveReaderIndex(forwardBy: Self.headerBytes)
+        return buffer.readSlice(length: length)
+    }
+
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ByteBuffer? {
+        if let frame = try self.decode(buffer: &buffer) { return frame }
+        guard buffer.readableBytes == 0 else {
+            let detail: String
+            if let length = try self.peekLength(buffer) {
+                detail = "a frame of \(length) bytes had only \(buffer.readableBytes - Self.headerBytes) payload bytes"
+            } else {
+                detail = "only \(buffer.readableBytes) of the \(Self.headerBytes) length-prefix bytes arrived"
+            }
+            // Drop the partial frame: it has been reported and must not surface as leftovers too.
+            buffer.moveReaderIndex(to: buffer.writerIndex)
+            throw WireError(.malformedFrame, "the stream ended inside a frame: \(detail)")
+        }
+        return nil
+    }
+
+    /// The length of the frame at the reader index, validated; `nil` while the header is incomplete.
+    private func peekLength(_ buffer: ByteBuffer) throws(WireError) -> Int? {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .big, as: UInt32.self) else {
+            return nil
+        }
+        guard length > 0 else {
+            throw WireError(.malformedFrame, "zero-length frame: a frame must carry at least 1 byte of Envelope")
+        }
+        guard UInt64(length) <= UInt64(self.maxFrameBytes) else {
+            throw WireError(
+                .frameTooLarge,
+                "frame length \(length) bytes exceeds the limit of \(self.maxFrameBytes) bytes"
+            )
+        }
+        return Int(length)
+    }
+}

@@ -1,0 +1,274 @@
+#if canImport(FoundationEssentials)
+    internal import FoundationEssentials
+#else
+    internal import Foundation
+#endif
+
+/// The element type of a tensor on the wire (`tessera.v1.ScalarType`).
+public enum WireScalarType: String, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
+    case float32
+    case float16
+
+    /// Bytes per element.
+    public var byteWidth: Int {
+        switch self {
+        case .float32: 4
+        case .float16: 2
+        }
+    }
+
+    public var description: String { self.rawValue }
+
+    package var proto: Tessera_V1_ScalarType {
+        switch self {
+        case .float32: .float32
+        case .float16: .float16
+        }
+    }
+
+    /// `nil` for `UNSPECIFIED` and unknown values.
+    package init?(proto: Tessera_V1_ScalarType) {
+        switch proto {
+        case .float32: self = .float32
+        case .float16: self = .float16
+        case .unspecified, .UNRECOGNIZED: return nil
+        }
+    }
+}
+
+/// Converting between arrays of elements and `Tensor` messages, with the checks every receiver
+/// needs: a known dtype, a shape whose element count times the element width equals the byte count,
+/// optionally an expected shape, and finite elements.
+///
+/// Every function takes a `name` ("layer 3 keys") that error messages start with.
+extension Tessera_V1_Tensor {
+    // MARK: Building
+
+    /// A float32 tensor holding `values`, row-major, with the given shape.
+    ///
+    /// - Throws: `.invalidShape` when the shape is empty, has a zero dimension, or its element count
+    ///   differs from `values.count`; `.invalidValue` when an element is not finite.
+    package init(float32 values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
+        let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
+        try Self.checkFinite(values, shape: shape, name: name)
+        self.init()
+        self.dtype = .float32
+        self.shape = shape32
+        self.data = Self.littleEndianData(values)
+    }
+
+    /// A float16 tensor holding `values`, row-major, with the given shape.
+    ///
+    /// - Throws: as `init(float32:shape:name:)`.
+    package init(float16 values: [Float16], shape: [Int], name: String = "tensor") throws(WireError) {
+        let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
+        try Self.checkFinite(values, shape: shape, name: name)
+        self.init()
+        self.dtype = .float16
+        self.shape = shape32
+        self.data = Self.littleEndianData(values)
+    }
+
+    /// A float16 tensor holding `values` rounded to the nearest float16.
+    ///
+    /// - Throws: as `init(float32:shape:name:)`; `.invalidValue` also when a finite value is too
+    ///   large for float16 (magnitude above 65504).
+    package init(float16Converting values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
+        try Self.checkFinite(values, shape: shape, name: name)
+        let halves = values.map(Float16.init)
+        if let index = halves.firstIndex(where: { !$0.isFinite }) {
+            throw WireError(
+                .invalidValue,
+                "\(name): element \(Self.position(of: index, in: shape)) = \(values[index]) is out of float16 range "
+                    + "(largest magnitude \(Float16.greatestFiniteMagnitude))"
+            )
+        }
+        try self.init(float16: halves, shape: shape, name: name)
+    }
+
+    // MARK: Reading
+
+    /// The validated element type and shape of the tensor.
+    ///
+    /// - Parameter expectedShape: when given, the shape must equal it.
+    /// - Throws: `.invalidValue` for an unspecified or unknown dtype; `.invalidShape` for an empty
+    ///   shape, a zero dimension, a shape other than `expectedShape`, or a byte count other than
+    ///   element count × element width.
+    package func validatedLayout(
+        name: String = "tensor",
+        expectedShape: [Int]? = nil
+    ) throws(WireError) -> (scalarType: WireScalarType, shape: [Int]) {
+        guard let scalarType = WireScalarType(proto: self.dtype) else {
+            throw WireError(
+                .invalidValue,
+                "\(name): dtype must be FLOAT32 (1) or FLOAT16 (2), got \(self.dtype.rawValue)"
+            )
+        }
+        let shape = self.shape.map { Int($0) }
+        if let expectedShape, shape != expectedShape {
+            throw WireError(.invalidShape, "\(name): expected shape \(expectedShape), got \(shape)")
+        }
+        let elementCount = try Self.elementCount(of: shape, name: name)
+        let (expectedBytes, overflow) = elementCount.multipliedReportingOverflow(by: scalarType.byteWidth)
+        guard !overflow, expectedBytes == self.data.count else {
+            throw WireError(
+                .invalidShape,
+                "\(name): shape \(shape) of \(scalarType) needs "
+                    + (overflow ? "more than \(Int.max)" : "\(expectedBytes)")
+                    + " bytes, got \(self.data.count)"
+            )
+        }
+        return (scalarType, shape)
+    }
+
+    /// The elements as Float32 (a float16 tensor is widened exactly), after the checks of
+    /// `validatedLayout(name:expectedShape:)` and a finiteness check (`.invalidValue`).
+    package func floatValues(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float] {
+        let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
+        let values: [Float]
+        switch scalarType {
+        case .float32: values = Self.decodeLittleEndian(self.data, as: Float.self)
+        case .float16: values = Self.decodeLittleEndian(self.data, as: Float16.self).map(Float.init)
+        }
+        try Self.checkFinite(values, shape: shape, name: name)
+        return values
+    }
+
+    /// The elements of a float16 tensor, after the checks of `floatValues(name:expectedShape:)`.
+    ///
+    /// - Throws: also `.invalidValue` when the tensor is not float16 (no silent narrowing).
+    package func float16Values(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float16] {
+        let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
+        guard scalarType == .float16 else {
+            throw WireError(.invalidValue, "\(name): expected dtype float16, got \(scalarType)")
+        }
+        let values = Self.decodeLittleEndian(self.data, as: Float16.self)
+        try Self.checkFinite(values, shape: shape, name: name)
+        return values
+    }
+
+    // MARK: Checks
+
+    /// The element count of a shape: rank at least 1, every dimension at least 1, no overflow.
+    private static func elementCount(of shape: [Int], name: String) throws(WireError) -> Int {
+        guard !shape.isEmpty else {
+            throw WireError(.invalidShape, "\(name): shape must have at least one dimension, got []")
+        }
+        var count = 1
+        for dimension in shape {
+            guard dimension >= 1 else {
+                throw WireError(.invalidShape, "\(name): every dimension must be at least 1, got shape \(shape)")
+            }
+            let (product, overflow) = count.multipliedReportingOverflow(by: dimension)
+            guard !overflow else {
+                throw WireError(.invalidShape, "\(name): shape \(shape) has more than \(Int.max) elements")
+            }
+            count = product
+        }
+        return count
+    }
+
+    /// The shape as `uint32`s, after checking it holds exactly `elementCount` elements.
+    private static func checkShape(_ shape: [Int], elementCount: Int, name: String) throws(WireError) -> [UInt32] {
+        for dimension in shape where dimension > Int(UInt32.max) {
+            throw WireError(.invalidShape, "\(name): dimension \(dimension) of shape \(shape) exceeds \(UInt32.max)")
+        }
+        let expected = try Self.elementCount(of: shape, name: name)
+        guard expected == elementCount else {
+            throw WireError(
+                .invalidShape,
+                "\(name): shape \(shape) holds \(expected) elements, got \(elementCount) values"
+            )
+        }
+        return shape.map { UInt32($0) }
+    }
+
+    private static func checkFinite<Element: BinaryFloatingPoint>(
+        _ values: [Element],
+        shape: [Int],
+        name: String
+    ) throws(WireError) {
+        guard let index = values.firstIndex(where: { !$0.isFinite }) else { return }
+        let value = values[index]
+        let what = value.isNaN ? "NaN" : (value < 0 ? "-infinity" : "infinity")
+        throw WireError(
+            .invalidValue,
+            "\(name): element \(Self.position(of: index, in: shape)) is \(what); every element must be finite"
+        )
+    }
+
+    /// A flat index as a multi-index, e.g. `[1, 0, 7] (flat 39)`, for messages.
+    private static func position(of flatIndex: Int, in shape: [Int]) -> String {
+        guard shape.count > 1, shape.allSatisfy({ $0 >= 1 }) else { return "\(flatIndex)" }
+        var remainder = flatIndex
+        var indices = [Int](repeating: 0, count: shape.count)
+        for axis in shape.indices.reversed() {
+            indices[axis] = remainder % shape[axis]
+            remainder /= shape[axis]
+        }
+        return "\(indices) (flat \(flatIndex))"
+    }
+
+    // MARK: Byte order
+
+    private static func littleEndianData<Element: BitPatternConvertible>(_ values: [Element]) -> Data {
+        var data = Data(count: values.count * MemoryLayout<Element>.size)
+        data.withUnsafeMutableBytes { raw in
+            #if _endian(little)
+                values.withUnsafeBytes { raw.copyMemory(from: $0) }
+            #else
+                for (index, value) in values.enumerated() {
+                    raw.storeBytes(
+                        of: value.bits.littleEndian,
+                        toByteOffset: index * MemoryLayout<Element>.size,
+                        as: Element.Bits.self
+                    )
+                }
+            #endif
+        }
+        return data
+    }
+
+    /// Decodes `data.count / size` elements; the caller has checked the byte count.
+    private static func decodeLittleEndian<Element: BitPatternConvertible>(_ data: Data, as _: Element.Type)
+        -> [Element]
+    {
+        let count = data.count / MemoryLayout<Element>.size
+        return data.withUnsafeBytes { raw in
+            [Element](unsafeUninitializedCapacity: count) { buffer, initialized in
+                #if _endian(little)
+                    UnsafeMutableRawBufferPointer(buffer).copyMemory(
+                        from: UnsafeRawBufferPointer(rebasing: raw[..<(count * MemoryLayout<Element>.size)])
+                    )
+                #else
+                    for index in 0..<count {
+                        let bits = raw.loadUnaligned(
+                            fromByteOffset: index * MemoryLayout<Element>.size,
+                            as: Element.Bits.self
+                        )
+                        buffer.initializeElement(at: index, to: Element(bits: Element.Bits(littleEndian: bits)))
+                    }
+                #endif
+                initialized = count
+            }
+        }
+    }
+}
+
+/// A float type whose bit pattern is a fixed-width integer; lets one byte-order routine serve
+/// Float and Float16.
+private protocol BitPatternConvertible: BinaryFloatingPoint {
+    associatedtype Bits: FixedWidthInteger
+    var bits: Bits { get }
+    init(bits: Bits)
+}
+
+extension Float: BitPatternConvertible {
+    var bits: UInt32 { self.bitPattern }
+    init(bits: UInt32) { self.init(bitPattern: bits) }
+}
+
+extension Float16: BitPatternConvertible {
+    var bits: UInt16 { self.bitPattern }
+    init(bits: UInt16) { self.init(bitPattern: bits) }
+}

@@ -1,0 +1,87 @@
+public import KVCacheCore
+
+/// Measures the decode-attention kernel against the machine's own memory read bandwidth, on one core.
+public enum KernelBenchmark {
+    public struct Figures: Sendable, Codable {
+        /// GB/s of a SIMD read-only sum over a DRAM-sized array (best of the runs).
+        public var readBandwidth: Double
+        /// GB/s of K/V bytes read by decode attention over many 32k-token heads, per storage type.
+        public var decode: [String: Double]
+    }
+
+    /// Read bandwidth: the fastest of `runs` passes of a 16-lane sum over `bytes` of Float32.
+    public static func readBandwidth(bytes: Int = 1 << 30, runs: Int = 5) -> Double {
+        let count = bytes / MemoryLayout<Float>.size
+        let data = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+            for i in 0..<count { buffer[i] = Float(i & 1023) * 1e-3 }
+            initialized = count
+        }
+        var best = Double.infinity
+        var sink: Float = 0
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            data.withUnsafeBufferPointer { buffer in
+                let base = UnsafeRawPointer(buffer.baseAddress!)
+                var a0 = SIMD16<Float>()
+                var a1 = SIMD16<Float>()
+                var a2 = SIMD16<Float>()
+                var a3 = SIMD16<Float>()
+                var i = 0
+                let stride = 16 * MemoryLayout<Float>.size
+                while i + 4 * stride <= bytes {
+                    a0 += base.loadUnaligned(fromByteOffset: i, as: SIMD16<Float>.self)
+                    a1 += base.loadUnaligned(fromByteOffset: i + stride, as: SIMD16<Float>.self)
+                    a2 += base.loadUnaligned(fromByteOffset: i + 2 * stride, as: SIMD16<Float>.self)
+                    a3 += base.loadUnaligned(fromByteOffset: i + 3 * stride, as: SIMD16<Float>.self)
+                    i += 4 * stride
+                }
+                sink += (a0 + a1 + a2 + a3).sum()
+            }
+            best = min(best, (clock.now - start).seconds)
+        }
+        blackHole(sink)
+        return Double(bytes) / best / 1e9
+    }
+
+    /// Decode attention of one query per head over `heads` heads of `tokens` rows each (together far
+    /// larger than the caches, so every pass streams from memory); GB/s of K and V bytes read.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
+    public static func decodeThroughput<S: KVScalar>(
+        _: S.Type, tokens: Int = 32_768, headDim: Int = 128, totalBytes: Int = 1 << 30, runs: Int = 3
+    ) -> Double {
+        let bytesPerHead = 2 * tokens * headDim * MemoryLayout<S>.size
+        let heads = max(2, totalBytes / bytesPerHead)
+        let rows = (0..<(tokens * headDim)).map { S(Float(($0 * 7919) % 1000) * 1e-3 - 0.5) }
+        let keys = (0..<heads).map { h in rows.map { $0 + S(Float(h) * 1e-3) } }
+        let values = keys
+        let query = (0..<headDim).map { Float(($0 * 31) % 17) * 0.05 - 0.4 }
+        var scratch = [Float](repeating: 0, count: tokens)
+        var output = [Float](repeating: 0, count: headDim)
+        var best = Double.infinity
+        var sink: Float = 0
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            for h in 0..<heads {
+                keys[h].withUnsafeBufferPointer { k in
+                    values[h].withUnsafeBufferPointer { v in
+                        Kernels.decodeAttention(
+                            query: query, keys: k.baseAddress!, values: v.baseAddress!, rows: tokens,
+                            headDim: headDim, scratch: &scratch, output: &output)
+                    }
+                }
+                sink += output[0]
+            }
+            best = min(best, (clock.now - start).seconds)
+        }
+        blackHole(sink)
+        return Double(heads * bytesPerHead) / best / 1e9
+    }
+
+    @inline(never)
+    static func blackHole(_ value: Float) {
+        if value.isNaN && value.sign == .minus && value.significand == 0 { print(value) }
+    }
+}

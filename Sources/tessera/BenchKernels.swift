@@ -1,0 +1,57 @@
+import ArgumentParser
+import Evaluation
+import KVCacheCore
+import Workloads
+
+struct BenchKernels: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-kernels",
+        abstract: "Measure decode attention against this machine's memory read bandwidth, and compress time.",
+        discussion: """
+            Run in release (swift run -c release tessera bench-kernels). On one core it measures the read
+            bandwidth of a SIMD sum over 1 GiB, then decode attention of one query over 32k-token heads
+            (1 GiB of K/V in all, so every pass streams from memory) in Float32 and Float16, and prints
+            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. Then it times each policy compressing
+            one layer of an image-qa prompt on the chosen model at the chosen budget.
+            """
+    )
+
+    @Option(help: "Model geometry for the compress-time table.")
+    var model = "llava-1.5-7b"
+
+    @Option(help: "Retention ratio for the compress-time table, in (0, 1].")
+    var budget = 0.1
+
+    @Option(help: "Seed of the synthetic layer.")
+    var seed: UInt64 = 1
+
+    func run() async throws {
+        let geometry: ModelGeometry
+        do { geometry = try ModelGeometry.preset(named: model) } catch { throw usageFailure(error.message) }
+        guard budget > 0, budget <= 1 else { throw usageFailure("--budget must be in (0, 1], got \(budget)") }
+
+        Terminal.error("[tessera] measuring read bandwidth (1 GiB, best of 5)…\n")
+        let read = KernelBenchmark.readBandwidth()
+        Terminal.output("read bandwidth: \(ResultTable.format(read, 1)) GB/s (one core, SIMD sum over 1 GiB)\n")
+        for scalar in ScalarType.allCases {
+            let rate = switch scalar {
+            case .float32: KernelBenchmark.decodeThroughput(Float.self)
+            case .float16: KernelBenchmark.decodeThroughput(Float16.self)
+            }
+            Terminal.output(
+                "decode \(scalar.rawValue): \(ResultTable.format(rate, 1)) GB/s, "
+                    + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n")
+        }
+
+        let trace = TraceGenerator(preset: .imageQA, geometry: geometry, seed: seed).sequence(0)
+        let timings = try CompressTiming.measure(trace: trace, layer: geometry.layers / 2, retention: budget)
+        Terminal.output(
+            "compress one layer (\(geometry.name), image-qa, \(trace.layout.promptLength) tokens, "
+                + "budget \(budget)):\n")
+        for t in timings {
+            Terminal.output(
+                "  \(t.policy.padding(14)) profile \(ResultTable.format(t.profileMillis, 2)) ms, select+merge "
+                    + "\(ResultTable.format(t.compressMillis, 2)) ms\n")
+        }
+    }
+}

@@ -1,0 +1,64 @@
+import Evaluation
+import KVCacheCore
+import Workloads
+
+/// The evaluation table, one row per policy and budget.
+enum ResultTable {
+    static func render(_ results: [EvaluationResult], request: EvaluationRequest) -> String {
+        let header = ["policy", "budget", "kept bytes", "% of full", "output err", "needle acc", "hit rate",
+                      "compress ms"]
+        var rows: [[String]] = []
+        for r in results {
+            rows.append([
+                r.policy,
+                format(r.budget, 2),
+                bytes(r.keptBytes),
+                format(100 * Double(r.keptBytes) / Double(max(1, r.fullBytes)), 1),
+                format(r.outputError, 4),
+                r.needleAccuracy.map { format($0, 3) } ?? "-",
+                format(r.hitRate, 3),
+                format(r.compressMillis, 1),
+            ])
+        }
+        let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { c, text in
+                c == 0 ? text.padding(widths[c]) : String(repeating: " ", count: widths[c] - text.count) + text
+            }.joined(separator: "  ") + "\n"
+        }
+        var out = "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
+            + "seed \(request.seed), \(request.scalar.rawValue)\n"
+        out += line(header)
+        out += line(widths.map { String(repeating: "-", count: $0) })
+        for row in rows { out += line(row) }
+        return out
+    }
+
+    static func format(_ value: Double, _ decimals: Int) -> String {
+        guard value.isFinite else { return "\(value)" }
+        var scale = 1.0
+        for _ in 0..<decimals { scale *= 10 }
+        let rounded = (abs(value) * scale).rounded()
+        let whole = Int(rounded / scale)
+        let fraction = Int(rounded) - whole * Int(scale)
+        let sign = value < 0 && rounded > 0 ? "-" : ""
+        guard decimals > 0 else { return "\(sign)\(whole)" }
+        let digits = String(fraction)
+        return "\(sign)\(whole).\(String(repeating: "0", count: decimals - digits.count))\(digits)"
+    }
+
+    static func bytes(_ count: Int) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(count)
+        var unit = 0
+        while value >= 1024, unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return unit == 0 ? "\(count) B" : "\(format(value, 1)) \(units[unit])"
+    }
+}
+
+extension String {
+    func padding(_ width: Int) -> String { self + String(repeating: " ", count: max(0, width - count)) }
+}

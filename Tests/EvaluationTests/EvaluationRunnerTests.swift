@@ -1,0 +1,58 @@
+import Evaluation
+import KVCacheCore
+import Testing
+import Workloads
+
+@Suite struct EvaluationRunnerTests {
+    static func run(budgets: [Double], seed: UInt64, scalar: ScalarType = .float32) async throws -> [EvaluationResult] {
+        let request = EvaluationRequest(
+            preset: .imageQA, geometry: .tiny,
+            policies: try CompressionPolicy.allNames.map { try CompressionPolicy.named($0) }, budgets: budgets,
+            sequences: 2, seed: seed, scalar: scalar)
+        return try await EvaluationRunner(request: request).run(parallelism: 2)
+    }
+
+    /// At budget 1 every policy keeps the whole prompt and reproduces the full cache exactly, except
+    /// VL-Cache, whose clipped layer fractions are not renormalised (the paper): sparse layers keep less.
+    @Test func everyPolicyAtFullBudgetIsExact() async throws {
+        let seed: UInt64 = 3
+        let results = try await Self.run(budgets: [1], seed: seed)
+        let vlCache = try #require(results.first { $0.policy == "vl-cache" })
+        #expect(vlCache.keptBytes < vlCache.fullBytes)
+        for result in results where result.policy != "vl-cache" {
+            #expect(result.outputError == 0, "seed \(seed): \(result.policy)")
+            #expect(result.keptBytes == result.fullBytes, "seed \(seed): \(result.policy)")
+            #expect(result.hitRate == 1, "seed \(seed): \(result.policy)")
+        }
+    }
+
+    @Test func smallBudgetsSaveBytesAndCostFidelity() async throws {
+        let seed: UInt64 = 5
+        let results = try await Self.run(budgets: [0.1, 0.3], seed: seed, scalar: .float16)
+        for result in results where result.policy != "full" {
+            #expect(result.keptBytes < result.fullBytes, "seed \(seed): \(result.policy) at \(result.budget)")
+            #expect(result.outputError > 0, "seed \(seed): \(result.policy) at \(result.budget)")
+        }
+        let full = try #require(results.first { $0.policy == "full" })
+        #expect(full.outputError == 0)
+        // Uniform methods keep round(α·m) rows per head.
+        for name in ["streaming-llm", "snapkv", "h2o"] {
+            let row = try #require(results.first { $0.policy == name && $0.budget == 0.1 })
+            let ratio = Double(row.keptBytes) / Double(row.fullBytes)
+            #expect(abs(ratio - 0.1) < 0.01, "seed \(seed): \(name) kept \(ratio)")
+        }
+    }
+
+    @Test func resultsAreReproducible() async throws {
+        let a = try await Self.run(budgets: [0.2], seed: 9)
+        let b = try await Self.run(budgets: [0.2], seed: 9)
+        #expect(a.map(\.outputError) == b.map(\.outputError))
+        #expect(a.map(\.keptBytes) == b.map(\.keptBytes))
+    }
+
+    @Test func badRequestsAreRefused() throws {
+        let request = EvaluationRequest(
+            preset: .imageQA, geometry: .tiny, policies: [.full], budgets: [0.1, 1.2], sequences: 1, seed: 1)
+        #expect(throws: KVCacheError.self) { try EvaluationRunner(request: request) }
+    }
+}

@@ -1,0 +1,264 @@
+import Testing
+@testable import KVCacheCore
+
+/// Hand-worked cases: each expected kept set, schedule or row can be computed on paper.
+@Suite struct PolicyTests {
+    @Test func topKPrefersHigherScoreThenLowerPosition() {
+        let scores: [Float] = [0.1, 0.5, 0.5, 0.9, 0.2, 0.5]
+        #expect(Selection.top(3, of: scores, among: Array(0..<6)) == [1, 2, 3])
+        #expect(Selection.top(2, of: scores, among: [0, 2, 4, 5]) == [2, 5])
+        #expect(Selection.top(0, of: scores, among: Array(0..<6)) == [])
+        #expect(Selection.top(9, of: scores, among: [5, 1]) == [1, 5])
+    }
+
+    @Test func averagePoolingCountsPaddedZeros() {
+        let pooled = Selection.pool([3, 3, 3, 3, 3][...], kernel: 3, mode: .average)
+        #expect(pooled == [2, 3, 3, 3, 2])
+        #expect(Selection.pool([1, 5, 2, 0][...], kernel: 3, mode: .max) == [5, 5, 5, 2])
+    }
+
+    @Test func streamingLLMKeepsSinksAndRecent() throws {
+        let g = geometry(layers: 1, queryHeads: 2, kvHeads: 1, headDim: 16)
+        let m = 20
+        let l = layout(m: m, textBefore: 4, visual: 8)
+        let prefill = randomPrefill(g, m: m, seed: 1)
+        let result = try LayerCompressor.compress(
+            prefill, layout: l, profile: nil, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 8)]),
+            policy: .streamingLLM(.init()), as: Float.self)
+        #expect(result.heads[0].positions == [0, 1, 2, 3, 16, 17, 18, 19])
+        #expect(result.heads[0].tags[4] == .text)
+    }
+
+    /// H2O at budget 4 with recent share 0.5: two recent positions, then the two largest column sums.
+    @Test func h2oKeepsHeavyHittersAndRecent() throws {
+        let g = geometry(layers: 1, queryHeads: 1, kvHeads: 1, headDim: 16)
+        let m = 10
+        let prefill = randomPrefill(g, m: m, seed: 3)
+        let l = layout(m: m, textBefore: 2, visual: 4)
+        let profile = try AttentionProfile(prefill: prefill, requirements: ProfileRequirements(suffixStarts: [0]))
+        let sums = profile.columnSums[0]!
+        let heavy = Array(0..<8).sorted { sums[$0] != sums[$1] ? sums[$0] > sums[$1] : $0 < $1 }.prefix(2).sorted()
+        let result = try LayerCompressor.compress(
+            prefill, layout: l, profile: profile, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 4)]),
+            policy: .h2o(.init()), as: Float.self)
+        #expect(result.heads[0].positions.map(Int.init) == heavy + [8, 9])
+    }
+
+    /// C = 200, w = 32, β = 20: min 8.4, max 327.6, step 106.4 → tops 328, 221, 115, 8.
+    @Test func pyramidScheduleIsLinearAndAveragesTheBudget() {
+        let capacities = BudgetAllocator.pyramid(m: 1000, layers: 4, retention: 0.2, settings: .init())
+        #expect(capacities == [360, 253, 147, 40])
+        #expect(capacities.reduce(0, +) == 800)
+    }
+
+    @Test func pyramidClampsToThePromptAndFallsBackBelowTheWindow() {
+        // C = 900 for m = 1000: max would exceed m − w, so it is clamped and min recomputed.
+        let clamped = BudgetAllocator.pyramid(m: 1000, layers: 3, retention: 0.9, settings: .init())
+        #expect(clamped.first == 1000)
+        #expect(clamped.reduce(0, +) == 2700)
+        // C = 20 < w = 32: SnapKV's uniform budget.
+        #expect(BudgetAllocator.pyramid(m: 100, layers: 3, retention: 0.2, settings: .init()) == [20, 20, 20])
+    }
+
+    /// Densities 1, 0.5, 0.01, 0.01 at α = 0.5 over 100 tokens: β = d/Σd·α·L = 1.316, 0.658, 0.013, 0.013,
+    /// clipped to [0.01, 1] and not renormalised (the paper), or water-filled to exactly 200.
+    @Test func vlCacheClipsLayerFractions() throws {
+        let stats = [1, 0.5, 0.01, 0.01].enumerated().map {
+            LayerStatistics(layer: $0.offset, promptLength: 100, density: $0.element, heads: [])
+        }
+        let g = geometry(layers: 4, queryHeads: 2, kvHeads: 1)
+        let clipped = try BudgetAllocator.allocate(policy: .vlCache(.init()), retention: 0.5, geometry: g, statistics: stats)
+        #expect(clipped.map(\.total) == [100, 66, 1, 1])
+        var exact = VLCacheSettings()
+        exact.apportionment = .largestRemainder
+        let filled = try BudgetAllocator.allocate(policy: .vlCache(exact), retention: 0.5, geometry: g, statistics: stats)
+        #expect(filled.map(\.total) == [100, 96, 2, 2])
+    }
+
+    /// Three layers, one head, m = 100, α = 0.2 → 60 rows in all; window 4 is also the floor.
+    /// Wants: 4 + 20 + 10 = 34, 4 + 5 + 3 = 12, 4 + 2 + 2 = 8 (54 in all).
+    static func madaStatistics() -> [LayerStatistics] {
+        func head(_ v: Int, _ t: Int) -> HeadModalityStatistics {
+            HeadModalityStatistics(visualMass: Double(v), textMass: Double(t), visualDemand: v, textDemand: t,
+                                   jointDemand: v + t, visualCount: 60, textCount: 36)
+        }
+        return [head(20, 10), head(5, 3), head(2, 2)].enumerated().map {
+            LayerStatistics(layer: $0.offset, promptLength: 100, density: 1, heads: [$0.element])
+        }
+    }
+
+    /// Keep-demand reading: layer 0 keeps 34 (cap 52), layer 1 keeps 12 (cap 22), the last takes 14.
+    @Test func madaKVKeepDemandCompensationSumsToTheTotal() throws {
+        var settings = MadaKVSettings()
+        settings.proxyWindow = 4
+        settings.compensation = .keepDemand
+        let budgets = try BudgetAllocator.allocate(
+            policy: .madaKV(settings), retention: 0.2, geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
+            statistics: Self.madaStatistics())
+        #expect(budgets.map(\.total) == [34, 12, 14])
+        #expect(budgets[0].heads[0].split == ModalitySplit(visual: 20, text: 10))
+        #expect(budgets[1].heads[0].split == ModalitySplit(visual: 5, text: 3))
+        #expect(budgets[2].heads[0].split == ModalitySplit(visual: 5, text: 5))
+    }
+
+    /// Proportional compensation: 34·60/54 = 37.8 → 38; then 12·22/20 = 13.2 → 13; the last takes 9.
+    /// Splits follow the demands: 34 free rows at 20:10 → 22.7 → 23 + 11; 9 at 5:3 → 6 + 3; 5 at 2:2 → 3 + 2.
+    @Test func madaKVProportionalCompensationSumsToTheTotal() throws {
+        var settings = MadaKVSettings()
+        settings.proxyWindow = 4
+        let budgets = try BudgetAllocator.allocate(
+            policy: .madaKV(settings), retention: 0.2, geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
+            statistics: Self.madaStatistics())
+        #expect(budgets.map(\.total) == [38, 13, 9])
+        #expect(budgets.map { $0.heads[0].split } == [
+            ModalitySplit(visual: 23, text: 11), ModalitySplit(visual: 6, text: 3), ModalitySplit(visual: 3, text: 2),
+        ])
+    }
+
+    @Test func madaKVModalitySplitRoundsTowardsTheLargerShare() {
+        let h = HeadModalityStatistics(visualMass: 2, textMass: 1, visualDemand: 0, textDemand: 0, jointDemand: 0,
+                                       visualCount: 50, textCount: 50)
+        // 10 × 2/3 = 6.67 → 6 + 3, remainder to visual.
+        #expect(BudgetAllocator.modalitySplit(10, 2, 1, h) == ModalitySplit(visual: 7, text: 3))
+        // More visual rows than exist spill over to text.
+        let few = HeadModalityStatistics(visualMass: 9, textMass: 1, visualDemand: 0, textDemand: 0, jointDemand: 0,
+                                         visualCount: 4, textCount: 50)
+        #expect(BudgetAllocator.modalitySplit(10, 9, 1, few) == ModalitySplit(visual: 4, text: 6))
+    }
+
+    @Test func apportionRespectsBoundsAndTotal() {
+        let result = BudgetAllocator.apportion(total: 10, weights: [1, 1, 1], lower: [0, 0, 0], upper: [9, 9, 9])
+        #expect(result == [4, 3, 3])
+        #expect(BudgetAllocator.apportion(total: 1, weights: [1, 1], lower: [2, 2], upper: [5, 5]) == [2, 2])
+    }
+
+    /// Keys 0 = (1, 0), 1 = (0, 1), 2 = (1, 0.1): evicted row 2 joins pivot 0 (cosine 0.995 vs 0.0995).
+    @Test(arguments: [LookMSettings.Merge.averaged, .pivotal, .weighted])
+    func lookMMergeFormulas(mode: LookMSettings.Merge) throws {
+        let g = try ModelGeometry(name: "merge", layers: 1, queryHeads: 1, kvHeads: 1, headDim: 2, tokensPerImage: 1)
+        let prefill = try LayerPrefill(
+            geometry: g, promptLength: 3, keys: [1, 0, 0, 1, 1, 0.1], values: [2, 0, 0, 2, 4, 4],
+            queries: [], queryRows: 0)
+        var rows = MergedRows(prefill: prefill)
+        let merged = rows.merge(kept: [[0, 1]], mode: mode, filterBelowMean: true)
+        #expect(merged == 1)
+        let s = Float(1 / (1.01).squareRoot())
+        let (key, value): ([Float], [Float]) = switch mode {
+        case .averaged: ([1, 0.05], [3, 2])
+        case .pivotal: ([1, 0.025], [2.5, 1])
+        default: ([(1 + s) / 2, 0.05 * s], [1 + 2 * s, 2 * s])
+        }
+        rows.withRow(head: 0, position: 0) { k, v in
+            for c in 0..<2 {
+                #expect(abs(k[c] - key[c]) < 1e-6, "\(mode) key")
+                #expect(abs(v[c] - value[c]) < 1e-6, "\(mode) value")
+            }
+        }
+        rows.withRow(head: 0, position: 1) { k, v in
+            #expect(Array(k) == [0, 1])
+            #expect(Array(v) == [0, 2])
+        }
+    }
+
+    /// The text prior ranks every text token above every image token inside the heavy budget.
+    @Test(arguments: [LookMSettings.TextPrior.addMax, .keepAllText])
+    func lookMTextPriorKeepsTextFirst(prior: LookMSettings.TextPrior) throws {
+        let g = geometry(layers: 1, queryHeads: 2, kvHeads: 1)
+        let m = 40
+        let l = layout(m: m, textBefore: 6, visual: 30)
+        let prefill = randomPrefill(g, m: m, seed: 9)
+        var settings = LookMSettings()
+        settings.textPrior = prior
+        settings.merge = .none
+        let policy = CompressionPolicy.lookM(settings)
+        let profile = try AttentionProfile(prefill: prefill, requirements: policy.requirements(layout: l))
+        let result = try LayerCompressor.compress(
+            prefill, layout: l, profile: profile, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 16)]),
+            policy: policy, as: Float.self)
+        let kept = Set(result.heads[0].positions.map(Int.init))
+        // 8 recent (32..<40) and 8 heavy: the 6 leading text tokens, then the 2 best image tokens.
+        #expect(kept.isSuperset(of: Set(0..<6).union(32..<40)))
+        #expect(kept.count == 16)
+    }
+
+    @Test func gqaScoresAreTheGroupMean() throws {
+        let g = geometry(layers: 1, queryHeads: 4, kvHeads: 2)
+        let m = 24
+        let profile = try AttentionProfile(
+            prefill: randomPrefill(g, m: m, seed: 5), requirements: ProfileRequirements(suffixStarts: [0, 20]))
+        for start in [0, 20] {
+            let sums = profile.columnSums[start]!
+            let kv = profile.kvHeadScores(start: start)
+            for h in 0..<2 {
+                for j in 0..<m {
+                    let mean = (sums[(2 * h) * m + j] + sums[(2 * h + 1) * m + j]) / 2
+                    #expect(abs(kv[h * m + j] - mean) < 1e-6)
+                }
+            }
+        }
+    }
+
+    /// Column sums from the backward pass equal a direct causal softmax in double precision.
+    @Test func columnSumsMatchDirectAttention() throws {
+        let g = geometry(layers: 1, queryHeads: 1, kvHeads: 1, headDim: 16)
+        let m = 30
+        let prefill = randomPrefill(g, m: m, seed: 11)
+        let profile = try AttentionProfile(prefill: prefill, requirements: ProfileRequirements(suffixStarts: [0, 25]))
+        for start in [0, 25] {
+            var want = [Double](repeating: 0, count: m)
+            for q in start..<m {
+                let logits: [Double] = (0...q).map { j in
+                    var sum = 0.0
+                    for c in 0..<16 { sum += Double(prefill.queries[q * 16 + c]) * Double(prefill.keys[j * 16 + c]) }
+                    return sum / 4
+                }
+                let top = logits.max()!
+                let e = logits.map { exp($0 - top) }
+                let z = e.reduce(0, +)
+                for j in 0...q { want[j] += e[j] / z }
+            }
+            for j in 0..<m { #expect(abs(Double(profile.columnSums[start]![j]) - want[j]) < 1e-4) }
+        }
+    }
+
+    @Test func errorsNameWhatIsAllowed() throws {
+        #expect(throws: KVCacheError.self) { try CompressionPolicy.named("lru") }
+        do {
+            _ = try CompressionPolicy.named("lru")
+        } catch {
+            #expect(error.code == .unknownName)
+            #expect(error.message.contains("vl-cache"))
+        }
+        do {
+            _ = try ModelGeometry.preset(named: "gpt")
+        } catch {
+            #expect(error.message.contains("llava-1.5-7b"))
+        }
+        let g = geometry()
+        #expect(throws: KVCacheError(.invalidBudget, "budget must be in (0, 1], got 0.0")) {
+            try BudgetAllocator.allocate(policy: .full, retention: 0, geometry: g, statistics: [])
+        }
+        #expect(throws: KVCacheError.self) {
+            try ModelGeometry(name: "bad", layers: 2, queryHeads: 6, kvHeads: 4, headDim: 8, tokensPerImage: 1)
+        }
+        var keys = [Float](repeating: 0, count: 2 * 4 * 16)
+        keys[5] = .nan
+        do {
+            _ = try LayerPrefill(geometry: g, promptLength: 4, keys: keys, values: keys, queries: [], queryRows: 0)
+            Issue.record("a NaN was accepted")
+        } catch {
+            #expect(error.code == .invalidValue)
+            #expect(error.message.contains("keys[5]"))
+        }
+        do {
+            _ = try LayerPrefill(geometry: g, promptLength: 4, keys: [1], values: [1], queries: [], queryRows: 0)
+            Issue.record("a wrong shape was accepted")
+        } catch {
+            #expect(error.code == .invalidShape)
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

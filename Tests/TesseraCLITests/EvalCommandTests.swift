@@ -1,0 +1,84 @@
+import FoundationEssentials
+import Subprocess
+import SystemPackage
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The built `tessera` sits next to the test bundle; `TESSERA_BINARY` overrides it.
+func tesseraBinary() throws -> FilePath {
+    if let path = getenv("TESSERA_BINARY") { return FilePath(String(cString: path)) }
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    try #require(length > 0, "cannot read /proc/self/exe")
+    let exe = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    var directory = FilePath(exe)
+    directory.removeLastComponent()
+    return directory.appending("tessera")
+}
+
+struct CommandResult {
+    var status: TerminationStatus
+    var stdout: String
+    var stderr: String
+}
+
+func runTessera(_ arguments: [String]) async throws -> CommandResult {
+    let result = try await run(
+        .path(try tesseraBinary()), arguments: Arguments(arguments), input: .none,
+        output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
+    return CommandResult(
+        status: result.terminationStatus, stdout: result.standardOutput, stderr: result.standardError)
+}
+
+@Suite struct EvalCommandTests {
+    @Test(arguments: [
+        (["eval", "--policies", "vl-cache,lru"], "allowed: full, streaming-llm"),
+        (["eval", "--budgets", "0.1,1.5"], "(0, 1]"),
+        (["eval", "--budgets", "0"], "(0, 1]"),
+        (["eval", "--workload", "podcast"], "allowed: image-qa"),
+        (["eval", "--model", "gpt-4"], "allowed: llava-1.5-7b"),
+        (["eval", "--dtype", "bf16"], "allowed: f32, f16"),
+    ])
+    func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
+        let result = try await runTessera(arguments)
+        #expect(result.status == .exited(64), "\(arguments): \(result.stderr)")
+        let lines = result.stderr.split(separator: "\n")
+        #expect(lines.count == 1, "\(arguments): expected one line, got \(result.stderr)")
+        #expect(result.stderr.contains(allowed), "\(arguments): \(result.stderr)")
+    }
+
+    @Test func evalPrintsEveryPolicyAndWritesJSON() async throws {
+        let path = "/tmp/tessera-eval-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json"
+        defer { unlink(path) }
+        let result = try await runTessera([
+            "eval", "--model", "tiny", "--workload", "multi-image", "--budgets", "0.1,0.2", "--sequences", "1",
+            "--seed", "7", "--json", path,
+        ])
+        #expect(result.status == .exited(0), "\(result.stderr)")
+        for policy in ["full", "streaming-llm", "h2o", "snapkv", "pyramidkv", "vl-cache", "madakv", "look-m"] {
+            #expect(result.stdout.contains("\n\(policy) "), "missing \(policy) in\n\(result.stdout)")
+        }
+        let data = try Data(contentsOf: URL(filePath: path))
+        struct Document: Decodable {
+            struct Row: Decodable {
+                var policy: String
+                var budget: Double
+                var keptBytes: Int
+                var fullBytes: Int
+                var outputError: Double
+                var needleAccuracy: Double?
+                var hitRate: Double
+                var compressMillis: Double
+            }
+            var results: [Row]
+        }
+        let document = try JSONDecoder().decode(Document.self, from: data)
+        #expect(document.results.count == 16)
+        let full = try #require(document.results.first { $0.policy == "full" })
+        #expect(full.outputError == 0 && full.keptBytes == full.fullBytes)
+        #expect(document.results.allSatisfy { $0.keptBytes <= $0.fullBytes || $0.policy == "look-m" })
+    }
+}
