@@ -103,6 +103,16 @@ let package = Package(
             ],
             swiftSettings: numericSettings
         ),
+        .target(
+            name: "ClusterLauncher",
+            dependencies: [
+                "ClusterTransport", "Client",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "tessera",
             dependencies: [
@@ -113,10 +123,16 @@ let package = Package(
                 "Coordinator",
                 "Worker",
                 "Client",
+                "ClusterLauncher",
+                "ClusterTransport",
+                "ClusterWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
@@ -148,7 +164,7 @@ let package = Package(
             name: "ClusterTests",
             dependencies: [
                 "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "KVCacheCore",
-                "Workloads", "ClusterAdmin",
+                "Workloads", "ClusterAdmin", "ClusterLauncher",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Subprocess", package: "swift-subprocess"),

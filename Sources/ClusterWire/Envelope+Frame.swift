@@ -96,6 +96,8 @@ extension Tessera_V1_Envelope.OneOf_Body {
         case .placement: "placement"
         case .close: "close"
         case .closeAck: "close_ack"
+        case .shardAssignment: "shard_assignment"
+        case .shardAssignmentAck: "shard_assignment_ack"
         case .layerStats: "layer_stats"
         case .assignBudget: "assign_budget"
         case .budgetApplied: "budget_applied"

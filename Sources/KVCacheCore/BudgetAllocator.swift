@@ -140,8 +140,8 @@ public enum BudgetAllocator {
                 let free = capacity - w
                 let split: ModalitySplit
                 switch s.components {
-                case .both: split = modalitySplit(free, Double(h.visualDemand), Double(h.textDemand), h)
-                case .mpaOnly: split = modalitySplit(free, h.visualMass, h.textMass, h)
+                // MPA: the head's rows follow its modality preference, the share of proxy attention mass.
+                case .both, .mpaOnly: split = modalitySplit(free, h.visualMass, h.textMass, h)
                 case .hccOnly: split = ModalitySplit(visual: -1, text: -1)
                 }
                 return HeadBudget(capacity: capacity, split: s.components == .hccOnly ? nil : split)

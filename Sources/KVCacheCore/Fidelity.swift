@@ -70,7 +70,7 @@ public struct DecodeReference: Sendable {
         var attention = [Float](repeating: 0, count: steps.count * g.queryHeads * m)
         var scratch = [Float](repeating: 0, count: m + steps.count)
         for (t, step) in steps.enumerated() {
-            FidelityEvaluator.append(step, to: &cache, geometry: g, position: m + t)
+            LayerDecoder.append(step, to: &cache, geometry: g, position: m + t)
             step.queries.withUnsafeBufferPointer { queries in
                 for qh in 0..<g.queryHeads {
                     let row = t * g.queryHeads + qh
@@ -112,33 +112,26 @@ public enum FidelityEvaluator {
         for h in 0..<g.kvHeads {
             for p in compressed[h].positions where Int(p) < m { isKept[h][Int(p)] = true }
         }
-        let maxRows = (compressed.map(\.count).max() ?? 0) + steps.count
-        var scratch = [Float](repeating: 0, count: maxRows)
-        var output = [Float](repeating: 0, count: d)
         var groupAttention = [Float](repeating: 0, count: m)
         for (t, step) in steps.enumerated() {
-            append(step, to: &compressed, geometry: g, position: m + t)
-            step.queries.withUnsafeBufferPointer { queries in
+            let outputs = LayerDecoder.step(&compressed, geometry: g, input: step, position: m + t)
+            do {
                 for qh in 0..<g.queryHeads {
                     let h = qh / g.groupSize
                     let row = t * g.queryHeads + qh
-                    scratch.withUnsafeMutableBufferPointer { p in
-                        output.withUnsafeMutableBufferPointer {
-                            compressed[h].attend(query: queries.baseAddress! + qh * d, scratch: p.baseAddress!,
-                                                 output: $0.baseAddress!)
-                        }
-                    }
+                    let output = outputs[(qh * d)..<(qh * d + d)]
                     var diff: Float = 0
                     var norm: Float = 0
                     var dotFC: Float = 0
                     var normC: Float = 0
                     for c in 0..<d {
                         let full = reference.outputs[row * d + c]
-                        let delta = full - output[c]
+                        let mine = output[qh * d + c]
+                        let delta = full - mine
                         diff += delta * delta
                         norm += full * full
-                        normC += output[c] * output[c]
-                        dotFC += full * output[c]
+                        normC += mine * mine
+                        dotFC += full * mine
                     }
                     report.relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
                     report.cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
@@ -166,7 +159,7 @@ public enum FidelityEvaluator {
                     }
                     if let needle, needle.probes.contains(where: { $0.queryHead == qh && $0.step == t }) {
                         report.needleProbes += 1
-                        if output.withUnsafeBufferPointer(needle.decode) == needle.answer {
+                        if Array(output).withUnsafeBufferPointer(needle.decode) == needle.answer {
                             report.needleCorrect += 1
                         }
                     }
@@ -174,24 +167,5 @@ public enum FidelityEvaluator {
             }
         }
         return report
-    }
-
-    /// Appends one decode step's key and value rows to every KV head, as text at `position`.
-    @_specialize(where S == Float)
-    @_specialize(where S == Float16)
-    static func append<S: KVScalar>(
-        _ step: DecodeStepInput, to heads: inout [HeadCache<S>], geometry g: ModelGeometry, position: Int
-    ) {
-        let d = g.headDim
-        step.keys.withUnsafeBufferPointer { keys in
-            step.values.withUnsafeBufferPointer { values in
-                for h in 0..<g.kvHeads {
-                    heads[h].append(
-                        key: UnsafeBufferPointer(rebasing: keys[(h * d)..<(h * d + d)]),
-                        value: UnsafeBufferPointer(rebasing: values[(h * d)..<(h * d + d)]), position: position,
-                        tag: .text)
-                }
-            }
-        }
     }
 }

@@ -10,6 +10,9 @@ struct Tessera: AsyncParsableCommand {
             LOOK-M) and their baselines, and measures what each saves and what it costs in fidelity.
             Start with `tessera demo`; `tessera eval --help` lists the evaluation options.
             """,
-        subcommands: [Demo.self, Eval.self, BenchKernels.self]
+        subcommands: [
+            Demo.self, Eval.self, BenchKernels.self, ClusterCommand.self, CoordinatorCommand.self, WorkerCommand.self,
+            StatusCommand.self,
+        ]
     )
 }

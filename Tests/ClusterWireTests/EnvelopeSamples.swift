@@ -209,8 +209,9 @@ let envelopeSamples: [EnvelopeSample] = {
         var h = Tessera_V1_HeadStats()
         h.visualMass = 0.7 + Double(head) * 0.01
         h.textMass = 0.3 - Double(head) * 0.01
-        h.visualDemand = 12.5
-        h.textDemand = 3.25
+        h.visualDemand = 12
+        h.textDemand = 3
+        h.jointDemand = 14
         h.visualCount = 128
         h.textCount = 12
         return h
@@ -226,8 +227,8 @@ let envelopeSamples: [EnvelopeSample] = {
         budget.heads = (0..<2).map { head in
             var h = Tessera_V1_HeadBudget()
             h.capacity = 35 + UInt32(head)
-            h.visual = 20
-            h.text = 15 + UInt32(head)
+            h.split.visual = 20
+            h.split.text = 15 + UInt32(head)
             return h
         }
         return budget

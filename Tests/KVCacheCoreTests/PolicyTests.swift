@@ -102,7 +102,8 @@ import Testing
     }
 
     /// Proportional compensation: 34·60/54 = 37.8 → 38; then 12·22/20 = 13.2 → 13; the last takes 9.
-    /// Splits follow the demands: 34 free rows at 20:10 → 22.7 → 23 + 11; 9 at 5:3 → 6 + 3; 5 at 2:2 → 3 + 2.
+    /// Splits follow the modality masses (here equal to the demands): 34 free rows at 20:10 → 22.7 → 23 + 11;
+    /// 9 at 5:3 → 6 + 3; 5 at 2:2 → 3 + 2.
     @Test func madaKVProportionalCompensationSumsToTheTotal() throws {
         var settings = MadaKVSettings()
         settings.proxyWindow = 4

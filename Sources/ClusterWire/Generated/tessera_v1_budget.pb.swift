@@ -35,17 +35,21 @@ package nonisolated struct Tessera_V1_HeadStats: Sendable {
   /// Attention mass the observation queries put on text positions.
   package var textMass: Double = 0
 
-  /// MadaKV's demand estimate for visual positions.
-  package var visualDemand: Double = 0
+  /// MadaKV's demand for visual positions: how many visual rows the head needs (a count).
+  package var visualDemand: UInt32 = 0
 
-  /// MadaKV's demand estimate for text positions.
-  package var textDemand: Double = 0
+  /// MadaKV's demand for text positions: how many text rows the head needs (a count).
+  package var textDemand: UInt32 = 0
 
   /// Visual positions in the prompt.
   package var visualCount: UInt32 = 0
 
   /// Text positions in the prompt.
   package var textCount: UInt32 = 0
+
+  /// MadaKV's demand without the modality split ("HCC only"): rows the head needs over all
+  /// positions (a count).
+  package var jointDemand: UInt32 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -81,24 +85,49 @@ package nonisolated struct Tessera_V1_LayerStats: Sendable {
   package init() {}
 }
 
-/// The budget of one head: how many rows to keep, and how many of them visual and text.
-package nonisolated struct Tessera_V1_HeadBudget: Sendable {
+/// How many of a head's kept rows outside its protected window come from each modality.
+package nonisolated struct Tessera_V1_ModalitySplit: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// Rows to keep in total.
-  package var capacity: UInt32 = 0
-
-  /// Of which visual rows (for policies that split by modality; else 0).
+  /// Visual rows.
   package var visual: UInt32 = 0
 
-  /// Of which text rows (for policies that split by modality; else 0).
+  /// Text rows.
   package var text: UInt32 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+}
+
+/// The budget of one head: how many rows to keep and, for policies that split by modality, how many
+/// of the rows outside the protected window are visual and how many text.
+package nonisolated struct Tessera_V1_HeadBudget: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Rows to keep in total, window and sinks included; at least 1.
+  package var capacity: UInt32 = 0
+
+  /// The modality split (MadaKV with MPA). Absent: the policy ranks both modalities together. A
+  /// present split of 0 visual and 0 text rows is a real split (keep only the window), not "absent".
+  package var split: Tessera_V1_ModalitySplit {
+    get {_split ?? Tessera_V1_ModalitySplit()}
+    set {_split = newValue}
+  }
+  /// Returns true if `split` has been explicitly set.
+  package var hasSplit: Bool {self._split != nil}
+  /// Clears the value of `split`. Subsequent reads from it will return its default value.
+  package mutating func clearSplit() {self._split = nil}
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+
+  fileprivate var _split: Tessera_V1_ModalitySplit? = nil
 }
 
 /// The budget of one layer.
@@ -170,7 +199,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_HeadStats: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".HeadStats"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}visual_mass\0\u{3}text_mass\0\u{3}visual_demand\0\u{3}text_demand\0\u{3}visual_count\0\u{3}text_count\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}visual_mass\0\u{3}text_mass\0\u{3}visual_demand\0\u{3}text_demand\0\u{3}visual_count\0\u{3}text_count\0\u{3}joint_demand\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -180,10 +209,11 @@ nonisolated extension Tessera_V1_HeadStats: SwiftProtobuf.Message, SwiftProtobuf
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularDoubleField(value: &self.visualMass) }()
       case 2: try { try decoder.decodeSingularDoubleField(value: &self.textMass) }()
-      case 3: try { try decoder.decodeSingularDoubleField(value: &self.visualDemand) }()
-      case 4: try { try decoder.decodeSingularDoubleField(value: &self.textDemand) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.visualDemand) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.textDemand) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.visualCount) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.textCount) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.jointDemand) }()
       default: break
       }
     }
@@ -196,17 +226,20 @@ nonisolated extension Tessera_V1_HeadStats: SwiftProtobuf.Message, SwiftProtobuf
     if self.textMass.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.textMass, fieldNumber: 2)
     }
-    if self.visualDemand.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.visualDemand, fieldNumber: 3)
+    if self.visualDemand != 0 {
+      try visitor.visitSingularUInt32Field(value: self.visualDemand, fieldNumber: 3)
     }
-    if self.textDemand.bitPattern != 0 {
-      try visitor.visitSingularDoubleField(value: self.textDemand, fieldNumber: 4)
+    if self.textDemand != 0 {
+      try visitor.visitSingularUInt32Field(value: self.textDemand, fieldNumber: 4)
     }
     if self.visualCount != 0 {
       try visitor.visitSingularUInt32Field(value: self.visualCount, fieldNumber: 5)
     }
     if self.textCount != 0 {
       try visitor.visitSingularUInt32Field(value: self.textCount, fieldNumber: 6)
+    }
+    if self.jointDemand != 0 {
+      try visitor.visitSingularUInt32Field(value: self.jointDemand, fieldNumber: 7)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -218,6 +251,7 @@ nonisolated extension Tessera_V1_HeadStats: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.textDemand != rhs.textDemand {return false}
     if lhs.visualCount != rhs.visualCount {return false}
     if lhs.textCount != rhs.textCount {return false}
+    if lhs.jointDemand != rhs.jointDemand {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -278,9 +312,44 @@ nonisolated extension Tessera_V1_LayerStats: SwiftProtobuf.Message, SwiftProtobu
   }
 }
 
+nonisolated extension Tessera_V1_ModalitySplit: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".ModalitySplit"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}visual\0\u{1}text\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.visual) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.text) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.visual != 0 {
+      try visitor.visitSingularUInt32Field(value: self.visual, fieldNumber: 1)
+    }
+    if self.text != 0 {
+      try visitor.visitSingularUInt32Field(value: self.text, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_ModalitySplit, rhs: Tessera_V1_ModalitySplit) -> Bool {
+    if lhs.visual != rhs.visual {return false}
+    if lhs.text != rhs.text {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Tessera_V1_HeadBudget: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".HeadBudget"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}capacity\0\u{1}visual\0\u{1}text\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}capacity\0\u{1}split\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -289,30 +358,29 @@ nonisolated extension Tessera_V1_HeadBudget: SwiftProtobuf.Message, SwiftProtobu
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt32Field(value: &self.capacity) }()
-      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.visual) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.text) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._split) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.capacity != 0 {
       try visitor.visitSingularUInt32Field(value: self.capacity, fieldNumber: 1)
     }
-    if self.visual != 0 {
-      try visitor.visitSingularUInt32Field(value: self.visual, fieldNumber: 2)
-    }
-    if self.text != 0 {
-      try visitor.visitSingularUInt32Field(value: self.text, fieldNumber: 3)
-    }
+    try { if let v = self._split {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_HeadBudget, rhs: Tessera_V1_HeadBudget) -> Bool {
     if lhs.capacity != rhs.capacity {return false}
-    if lhs.visual != rhs.visual {return false}
-    if lhs.text != rhs.text {return false}
+    if lhs._split != rhs._split {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

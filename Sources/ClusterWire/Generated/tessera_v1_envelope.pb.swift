@@ -163,6 +163,22 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     set {body = .closeAck(newValue)}
   }
 
+  package var shardAssignment: Tessera_V1_ShardAssignment {
+    get {
+      if case .shardAssignment(let v)? = body {return v}
+      return Tessera_V1_ShardAssignment()
+    }
+    set {body = .shardAssignment(newValue)}
+  }
+
+  package var shardAssignmentAck: Tessera_V1_ShardAssignmentAck {
+    get {
+      if case .shardAssignmentAck(let v)? = body {return v}
+      return Tessera_V1_ShardAssignmentAck()
+    }
+    set {body = .shardAssignmentAck(newValue)}
+  }
+
   /// Worker -> coordinator: prefill statistics of one layer.
   package var layerStats: Tessera_V1_LayerStats {
     get {
@@ -259,6 +275,8 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     case close(Tessera_V1_Close)
     /// Reply to Close.
     case closeAck(Tessera_V1_CloseAck)
+    case shardAssignment(Tessera_V1_ShardAssignment)
+    case shardAssignmentAck(Tessera_V1_ShardAssignmentAck)
     /// Worker -> coordinator: prefill statistics of one layer.
     case layerStats(Tessera_V1_LayerStats)
     /// Coordinator -> workers: per-layer, per-head budgets.
@@ -285,7 +303,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{4}\u{6}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{4}\u{4}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -476,6 +494,32 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
           self.body = .closeAck(v)
         }
       }()
+      case 35: try {
+        var v: Tessera_V1_ShardAssignment?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .shardAssignment(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .shardAssignment(v)
+        }
+      }()
+      case 36: try {
+        var v: Tessera_V1_ShardAssignmentAck?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .shardAssignmentAck(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .shardAssignmentAck(v)
+        }
+      }()
       case 40: try {
         var v: Tessera_V1_LayerStats?
         var hadOneofValue = false
@@ -636,6 +680,14 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
     case .closeAck?: try {
       guard case .closeAck(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
+    }()
+    case .shardAssignment?: try {
+      guard case .shardAssignment(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
+    }()
+    case .shardAssignmentAck?: try {
+      guard case .shardAssignmentAck(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 36)
     }()
     case .layerStats?: try {
       guard case .layerStats(let v)? = self.body else { preconditionFailure() }

@@ -264,6 +264,91 @@ package nonisolated struct Tessera_V1_CloseAck: Sendable {
   package init() {}
 }
 
+/// The coordinator tells a worker, before it answers the client's OpenSequence, which shard of the new
+/// sequence the worker holds and everything it needs to accept the client's writes for it.
+package nonisolated struct Tessera_V1_ShardAssignment: @unchecked Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The tenant that owns the sequence; writes from another tenant are refused.
+  package var tenant: String {
+    get {_storage._tenant}
+    set {_uniqueStorage()._tenant = newValue}
+  }
+
+  /// The sequence the shard belongs to.
+  package var sequenceID: UInt64 {
+    get {_storage._sequenceID}
+    set {_uniqueStorage()._sequenceID = newValue}
+  }
+
+  /// The placement epoch; writes that carry another epoch are refused.
+  package var epoch: UInt64 {
+    get {_storage._epoch}
+    set {_uniqueStorage()._epoch = newValue}
+  }
+
+  /// The shard: its id, layer range and owners.
+  package var shard: Tessera_V1_ShardPlacement {
+    get {_storage._shard ?? Tessera_V1_ShardPlacement()}
+    set {_uniqueStorage()._shard = newValue}
+  }
+  /// Returns true if `shard` has been explicitly set.
+  package var hasShard: Bool {_storage._shard != nil}
+  /// Clears the value of `shard`. Subsequent reads from it will return its default value.
+  package mutating func clearShard() {_uniqueStorage()._shard = nil}
+
+  /// The model geometry of the sequence.
+  package var model: Tessera_V1_ModelGeometry {
+    get {_storage._model ?? Tessera_V1_ModelGeometry()}
+    set {_uniqueStorage()._model = newValue}
+  }
+  /// Returns true if `model` has been explicitly set.
+  package var hasModel: Bool {_storage._model != nil}
+  /// Clears the value of `model`. Subsequent reads from it will return its default value.
+  package mutating func clearModel() {_uniqueStorage()._model = nil}
+
+  /// The modality of every prompt position.
+  package var spans: [Tessera_V1_ModalitySpan] {
+    get {_storage._spans}
+    set {_uniqueStorage()._spans = newValue}
+  }
+
+  /// The compression policy and retention ratio.
+  package var policy: Tessera_V1_Policy {
+    get {_storage._policy ?? Tessera_V1_Policy()}
+    set {_uniqueStorage()._policy = newValue}
+  }
+  /// Returns true if `policy` has been explicitly set.
+  package var hasPolicy: Bool {_storage._policy != nil}
+  /// Clears the value of `policy`. Subsequent reads from it will return its default value.
+  package mutating func clearPolicy() {_uniqueStorage()._policy = nil}
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// A worker accepted a shard assignment.
+package nonisolated struct Tessera_V1_ShardAssignmentAck: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The sequence of the assignment.
+  package var sequenceID: UInt64 = 0
+
+  /// The shard the worker now holds.
+  package var shardID: UInt32 = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "tessera.v1"
@@ -691,6 +776,153 @@ nonisolated extension Tessera_V1_CloseAck: SwiftProtobuf.Message, SwiftProtobuf.
   package static func ==(lhs: Tessera_V1_CloseAck, rhs: Tessera_V1_CloseAck) -> Bool {
     if lhs.sequenceID != rhs.sequenceID {return false}
     if lhs.freedBytes != rhs.freedBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".ShardAssignment"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}epoch\0\u{1}shard\0\u{1}model\0\u{1}spans\0\u{1}policy\0")
+
+  fileprivate class _StorageClass {
+    var _tenant: String = String()
+    var _sequenceID: UInt64 = 0
+    var _epoch: UInt64 = 0
+    var _shard: Tessera_V1_ShardPlacement? = nil
+    var _model: Tessera_V1_ModelGeometry? = nil
+    var _spans: [Tessera_V1_ModalitySpan] = []
+    var _policy: Tessera_V1_Policy? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _tenant = source._tenant
+      _sequenceID = source._sequenceID
+      _epoch = source._epoch
+      _shard = source._shard
+      _model = source._model
+      _spans = source._spans
+      _policy = source._policy
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._tenant) }()
+        case 2: try { try decoder.decodeSingularUInt64Field(value: &_storage._sequenceID) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._epoch) }()
+        case 4: try { try decoder.decodeSingularMessageField(value: &_storage._shard) }()
+        case 5: try { try decoder.decodeSingularMessageField(value: &_storage._model) }()
+        case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._spans) }()
+        case 7: try { try decoder.decodeSingularMessageField(value: &_storage._policy) }()
+        default: break
+        }
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._tenant.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._tenant, fieldNumber: 1)
+      }
+      if _storage._sequenceID != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._sequenceID, fieldNumber: 2)
+      }
+      if _storage._epoch != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._epoch, fieldNumber: 3)
+      }
+      try { if let v = _storage._shard {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      } }()
+      try { if let v = _storage._model {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+      } }()
+      if !_storage._spans.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._spans, fieldNumber: 6)
+      }
+      try { if let v = _storage._policy {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      } }()
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_ShardAssignment, rhs: Tessera_V1_ShardAssignment) -> Bool {
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._tenant != rhs_storage._tenant {return false}
+        if _storage._sequenceID != rhs_storage._sequenceID {return false}
+        if _storage._epoch != rhs_storage._epoch {return false}
+        if _storage._shard != rhs_storage._shard {return false}
+        if _storage._model != rhs_storage._model {return false}
+        if _storage._spans != rhs_storage._spans {return false}
+        if _storage._policy != rhs_storage._policy {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_ShardAssignmentAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".ShardAssignmentAck"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceID) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.sequenceID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 1)
+    }
+    if self.shardID != 0 {
+      try visitor.visitSingularUInt32Field(value: self.shardID, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_ShardAssignmentAck, rhs: Tessera_V1_ShardAssignmentAck) -> Bool {
+    if lhs.sequenceID != rhs.sequenceID {return false}
+    if lhs.shardID != rhs.shardID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,92 @@
+import ClusterTransport
+import ClusterWire
+import Logging
+import Synchronization
+
+/// One connection per worker address, opened on first use and kept until the pool's scope ends.
+/// Each connection runs as a child task of `withPool`, so none outlives it.
+final class ConnectionPool: Sendable {
+    private enum Entry {
+        case connecting([CheckedContinuation<PeerConnection, any Error>])
+        case ready(PeerConnection)
+    }
+
+    private let entries = Mutex<[NodeAddress: Entry]>([:])
+    private let opens: AsyncStream<NodeAddress>.Continuation
+
+    private init(opens: AsyncStream<NodeAddress>.Continuation) { self.opens = opens }
+
+    static func withPool<T: Sendable>(
+        handshake: Handshake, maxFrameBytes: Int, logger: Logger,
+        _ body: @escaping @Sendable (ConnectionPool) async throws -> T
+    ) async throws -> T {
+        let (stream, continuation) = AsyncStream.makeStream(of: NodeAddress.self)
+        let pool = ConnectionPool(opens: continuation)
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask {
+                await withDiscardingTaskGroup { connections in
+                    for await address in stream {
+                        connections.addTask {
+                            await pool.hold(address, handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger)
+                        }
+                    }
+                }
+                return nil
+            }
+            defer {
+                continuation.finish()
+                group.cancelAll()
+            }
+            let result = try await body(pool)
+            return result
+        }
+    }
+
+    /// The connection to `address`, opening it if needed.
+    func connection(to address: NodeAddress) async throws -> PeerConnection {
+        try await withCheckedThrowingContinuation { continuation in
+            let open = entries.withLock { entries -> Bool in
+                switch entries[address] {
+                case .ready(let connection):
+                    continuation.resume(returning: connection)
+                    return false
+                case .connecting(var waiting):
+                    waiting.append(continuation)
+                    entries[address] = .connecting(waiting)
+                    return false
+                case nil:
+                    entries[address] = .connecting([continuation])
+                    return true
+                }
+            }
+            if open { opens.yield(address) }
+        }
+    }
+
+    /// Opens the connection and keeps it until the pool is cancelled or the peer goes away.
+    private func hold(_ address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, logger: Logger) async {
+        do {
+            try await Transport.withConnection(
+                to: address, handshake: handshake, maxFrameBytes: maxFrameBytes, handler: RefuseRequests(),
+                logger: logger
+            ) { connection in
+                let waiting = self.entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
+                    defer { entries[address] = .ready(connection) }
+                    if case .connecting(let waiting) = entries[address] { return waiting }
+                    return []
+                }
+                for waiter in waiting { waiter.resume(returning: connection) }
+                // Held open until the pool's scope ends.
+                while !Task.isCancelled { try await Task.sleep(for: .seconds(3600)) }
+            }
+        } catch {
+            logger.debug("worker connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])
+        }
+        let waiting = entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
+            defer { entries[address] = nil }
+            if case .connecting(let waiting) = entries[address] { return waiting }
+            return []
+        }
+        for waiter in waiting { waiter.resume(throwing: WireError(.unavailable, "cannot connect to \(address)")) }
+    }
+}

@@ -1,0 +1,235 @@
+public import ClusterTransport
+import ClusterWire
+public import KVCacheCore
+public import Logging
+import Synchronization
+
+/// Where one open sequence lives: the placement epoch and each shard's layers and primary.
+public struct SequencePlacement: Sendable, Hashable {
+    public struct Shard: Sendable, Hashable {
+        public var id: UInt32
+        public var layers: Range<Int>
+        public var primary: NodeAddress
+    }
+
+    public var sequenceID: UInt64
+    public var epoch: UInt64
+    public var shards: [Shard]
+}
+
+/// What the cluster reports about itself.
+public struct ClusterStatus: Sendable, Codable, Hashable {
+    public struct Worker: Sendable, Codable, Hashable {
+        public var id: String
+        public var address: String
+        public var state: String
+        public var shards: [UInt32]
+        public var kvBytes: UInt64
+        public var kvBytesByModality: [String: UInt64]
+    }
+
+    public var workers: [Worker]
+    public var sequences: Int
+    public var totalKVBytes: UInt64
+}
+
+/// The client library: opens sequences through the coordinator, then talks to the workers directly,
+/// following the placement; retries once with a fresh placement on NOT_PRIMARY or STALE_EPOCH.
+/// Connections live inside `withClient`'s scope and close when it returns.
+public final class TesseraClient: Sendable {
+    public let tenant: String
+    private let coordinator: PeerConnection
+    private let pool: ConnectionPool
+    private let placements = Mutex<[UInt64: SequencePlacement]>([:])
+
+    init(tenant: String, coordinator: PeerConnection, pool: ConnectionPool) {
+        self.tenant = tenant
+        self.coordinator = coordinator
+        self.pool = pool
+    }
+
+    /// Connects to the coordinator and runs `body` with a client; every connection closes afterwards.
+    public static func withClient<T: Sendable>(
+        coordinator address: NodeAddress, tenant: String, nodeID: String = "client", logger: Logger,
+        maxFrameBytes: Int = 64 << 20, _ body: @escaping @Sendable (TesseraClient) async throws -> T
+    ) async throws -> T {
+        let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
+        let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
+        return try await Transport.withConnection(
+            to: address, handshake: handshake, maxFrameBytes: maxFrameBytes, handler: RefuseRequests(),
+            logger: logger
+        ) { coordinator in
+            try await ConnectionPool.withPool(handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger) { pool in
+                try await body(TesseraClient(tenant: tenant, coordinator: coordinator, pool: pool))
+            }
+        }
+    }
+
+    /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
+    public func openSequence(
+        _ sequenceID: UInt64, geometry: ModelGeometry, layout: PromptLayout, policy: CompressionPolicy,
+        retention: Double
+    ) async throws -> SequencePlacement {
+        var message = Tessera_V1_OpenSequence()
+        message.tenant = tenant
+        message.sequenceID = sequenceID
+        message.model = try geometry.proto()
+        message.spans = try layout.proto()
+        message.policy = try policy.proto(retention: retention)
+        return try remember(try await coordinator.request(.openSequence(message)))
+    }
+
+    /// Asks the coordinator for the sequence's current placement.
+    public func refreshPlacement(_ sequenceID: UInt64) async throws -> SequencePlacement {
+        var message = Tessera_V1_PlacementRequest()
+        message.tenant = tenant
+        message.sequenceID = sequenceID
+        return try remember(try await coordinator.request(.placementRequest(message)))
+    }
+
+    /// Prefills every shard from a workload seed that each worker expands deterministically.
+    public func prefillSynthetic(_ sequenceID: UInt64, workload: String, seed: UInt64, index: Int) async throws -> UInt64 {
+        var source = Tessera_V1_SyntheticSource()
+        source.workload = workload
+        source.seed = seed
+        source.sequenceIndex = UInt32(index)
+        let synthetic = source
+        let acks = try await onEveryShard(sequenceID) { shard, placement in
+            var prefill = Tessera_V1_Prefill()
+            prefill.tenant = self.tenant
+            prefill.sequenceID = sequenceID
+            prefill.shardID = shard.id
+            prefill.epoch = placement.epoch
+            prefill.synthetic = synthetic
+            return .prefill(prefill)
+        }
+        return acks.reduce(0) { total, ack in
+            if case .prefillAck(let ack) = ack { return total + ack.kvBytes }
+            return total
+        }
+    }
+
+    /// Runs one decode step on every shard. With `inputs` nil the workers expand the step from the
+    /// prefill's workload seed. Returns each layer's attention outputs (`queryHeads × headDim`).
+    public func decode(
+        _ sequenceID: UInt64, step: Int, geometry: ModelGeometry, inputs: [Int: DecodeStepInput]? = nil
+    ) async throws -> [Int: [Float]] {
+        let replies = try await onEveryShard(sequenceID) { shard, placement in
+            var decode = Tessera_V1_Decode()
+            decode.tenant = self.tenant
+            decode.sequenceID = sequenceID
+            decode.shardID = shard.id
+            decode.epoch = placement.epoch
+            decode.step = UInt32(step)
+            if let inputs {
+                decode.layers = try shard.layers.map { layer in
+                    guard let input = inputs[layer] else {
+                        throw WireError(.badRequest, "no decode input for layer \(layer)")
+                    }
+                    return try input.proto(layer: layer, geometry: geometry)
+                }
+            }
+            return .decode(decode)
+        }
+        var outputs: [Int: [Float]] = [:]
+        for reply in replies {
+            guard case .decodeResult(let result) = reply else { continue }
+            for output in result.outputs {
+                outputs[Int(output.layer)] = try output.outputValues(geometry: geometry)
+            }
+        }
+        return outputs
+    }
+
+    /// Closes the sequence everywhere; returns the bytes the workers freed.
+    public func close(_ sequenceID: UInt64) async throws -> UInt64 {
+        var message = Tessera_V1_Close()
+        message.tenant = tenant
+        message.sequenceID = sequenceID
+        let reply = try await coordinator.request(.close(message))
+        _ = placements.withLock { $0.removeValue(forKey: sequenceID) }
+        if case .closeAck(let ack) = reply { return ack.freedBytes }
+        return 0
+    }
+
+    public func status() async throws -> ClusterStatus {
+        guard case .statusReply(let reply) = try await coordinator.request(.statusRequest(.init())) else {
+            throw WireError(.badRequest, "the coordinator answered status with something else")
+        }
+        return ClusterStatus(reply)
+    }
+
+    /// Sends one request per shard to its primary, concurrently; on NOT_PRIMARY or STALE_EPOCH it
+    /// refreshes the placement and retries that shard once.
+    private func onEveryShard(
+        _ sequenceID: UInt64,
+        _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+    ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
+        guard let placement = placements.withLock({ $0[sequenceID] }) else {
+            throw WireError(.unknownSequence, "sequence \(sequenceID) was not opened by this client")
+        }
+        return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { group in
+            for shard in placement.shards {
+                group.addTask {
+                    do {
+                        return try await self.pool.connection(to: shard.primary).request(try make(shard, placement))
+                    } catch let error as WireError where error.code == .notPrimary || error.code == .staleEpoch {
+                        let fresh = try await self.refreshPlacement(sequenceID)
+                        guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
+                        return try await self.pool.connection(to: moved.primary).request(try make(moved, fresh))
+                    }
+                }
+            }
+            var replies: [Tessera_V1_Envelope.OneOf_Body] = []
+            for try await reply in group { replies.append(reply) }
+            return replies
+        }
+    }
+
+    private func remember(_ reply: Tessera_V1_Envelope.OneOf_Body) throws -> SequencePlacement {
+        guard case .placement(let message) = reply else {
+            throw WireError(.badRequest, "expected a placement, got \(reply)")
+        }
+        let placement = SequencePlacement(
+            sequenceID: message.sequenceID, epoch: message.epoch,
+            shards: message.shards.map { shard in
+                SequencePlacement.Shard(
+                    id: shard.shardID,
+                    layers: Int(shard.firstLayer)..<Int(shard.firstLayer + shard.layerCount),
+                    primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)))
+            })
+        placements.withLock { $0[placement.sequenceID] = placement }
+        return placement
+    }
+}
+
+extension ClusterStatus {
+    init(_ reply: Tessera_V1_StatusReply) {
+        workers = reply.workers.map { worker in
+            let state = switch worker.state {
+            case .up, .joining: "alive"
+            case .suspect: "suspect"
+            default: "dead"
+            }
+            return Worker(
+                id: worker.endpoint.nodeID, address: "\(worker.endpoint.host):\(worker.endpoint.port)",
+                state: state,
+                shards: worker.primaryShardIds, kvBytes: worker.kvBytes,
+                kvBytesByModality: Dictionary(
+                    worker.kvBytesByModality.map { entry in
+                        (entry.kind == .image ? "image" : entry.kind == .videoFrame ? "video" : "text", entry.bytes)
+                    }, uniquingKeysWith: +))
+        }
+        sequences = Int(reply.sequenceCount)
+        totalKVBytes = reply.totalKvBytes
+    }
+}
+
+/// Clients accept no requests from their peers.
+struct RefuseRequests: EnvelopeHandler {
+    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        -> Tessera_V1_Envelope.OneOf_Body?
+    {
+        throw WireError(.badRequest, "a client does not accept \(request.bodyName)")
+    }
+}

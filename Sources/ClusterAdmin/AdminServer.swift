@@ -1,0 +1,176 @@
+public import Logging
+public import NIOCore
+import NIOHTTP1
+public import NIOPosix
+public import Prometheus
+
+/// A small HTTP/1.1 server for operators and scrapers.
+///
+/// Routes:
+/// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`).
+/// - `GET /healthz`: `ok`.
+/// - any other path: 404; any method other than `GET`: 405 (with `Allow: GET`), whatever the path.
+///
+/// ``run()`` binds, reports the bound port through `onListening`, serves each connection in its own child
+/// task (a failing connection never stops the server) and returns once the calling task is cancelled,
+/// after closing the listener and every connection. Wrap it with `cancelWhenGracefulShutdown` (or conform
+/// it to `Service` in the module that owns the `ServiceGroup`).
+public struct AdminServer: Sendable {
+    /// The address to bind, e.g. `127.0.0.1`.
+    public var host: String
+    /// The port to bind; 0 lets the kernel choose (read it from `onListening`).
+    public var port: Int
+
+    private let registry: PrometheusCollectorRegistry
+    private let eventLoopGroup: any EventLoopGroup
+    private let logger: Logger
+    private let onListening: @Sendable (Int) -> Void
+
+    /// - Parameters:
+    ///   - host: The address to bind.
+    ///   - port: The port to bind; 0 picks a free one.
+    ///   - registry: The registry `GET /metrics` exposes.
+    ///   - eventLoopGroup: The group to run on; `MultiThreadedEventLoopGroup.singleton` by default.
+    ///   - logger: Where to log; the default discards everything.
+    ///   - onListening: Called once with the bound port, before the first connection is accepted.
+    public init(
+        host: String,
+        port: Int,
+        registry: PrometheusCollectorRegistry,
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "tessera.admin", factory: { _ in SwiftLogNoOpLogHandler() }),
+        onListening: @escaping @Sendable (Int) -> Void = { _ in }
+    ) {
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.eventLoopGroup = eventLoopGroup
+        self.logger = logger
+        self.onListening = onListening
+    }
+
+    private typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
+
+    /// Binds and serves until the calling task is cancelled, then closes the listener and returns.
+    ///
+    /// - Throws: ``ClusterAdminError`` with code ``ClusterAdminError/Code/bindFailed`` if the socket cannot be
+    ///   bound; other errors only if the listening socket itself fails.
+    public func run() async throws {
+        let listener: NIOAsyncChannel<Connection, Never>
+        do {
+            listener = try await ServerBootstrap(group: self.eventLoopGroup)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .bind(host: self.host, port: self.port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        return try Connection(wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            throw ClusterAdminError(
+                code: .bindFailed,
+                message: "admin server cannot bind \(self.host):\(self.port): \(error)",
+                cause: error
+            )
+        }
+
+        let boundPort = listener.channel.localAddress?.port ?? self.port
+        self.logger.info(
+            "admin server listening",
+            metadata: ["admin.host": "\(self.host)", "admin.port": "\(boundPort)"]
+        )
+        self.onListening(boundPort)
+
+        do {
+            try await withThrowingDiscardingTaskGroup { group in
+                try await listener.executeThenClose { inbound in
+                    // Cancelling the task ends this loop; `executeThenClose` then closes the listener,
+                    // and the group's cancellation ends every connection's inbound stream.
+                    for try await connection in inbound {
+                        group.addTask {
+                            await self.serve(connection)
+                        }
+                    }
+                }
+            }
+        } catch is CancellationError {
+            // Cancellation is the normal way to stop.
+        }
+        self.logger.info("admin server stopped", metadata: ["admin.port": "\(boundPort)"])
+    }
+
+    /// Serves the requests of one connection; never throws, so one bad client can't stop the server.
+    private func serve(_ connection: Connection) async {
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var pending: HTTPRequestHead?
+                for try await part in inbound {
+                    switch part {
+                    case .head(let head):
+                        pending = head
+                    case .body:
+                        // No route takes a body; drop it rather than buffer it.
+                        continue
+                    case .end:
+                        guard let head = pending else { continue }
+                        pending = nil
+                        let keepAlive = head.isKeepAlive
+                        try await self.respond(to: head, keepAlive: keepAlive, outbound: outbound)
+                        if !keepAlive { return }
+                    }
+                }
+            }
+        } catch {
+            self.logger.debug("admin connection failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func respond(
+        to head: HTTPRequestHead,
+        keepAlive: Bool,
+        outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
+    ) async throws {
+        let response = self.route(head)
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: response.contentType)
+        headers.add(name: "content-length", value: "\(response.body.readableBytes)")
+        if let allow = response.allow { headers.add(name: "allow", value: allow) }
+        if !keepAlive { headers.add(name: "connection", value: "close") }
+        try await outbound.write(
+            .head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))
+        )
+        if head.method != .HEAD {  // A response to HEAD has the headers of the full response but no body.
+            try await outbound.write(.body(.byteBuffer(response.body)))
+        }
+        try await outbound.write(.end(nil))
+    }
+
+    private struct Response {
+        var status: HTTPResponseStatus
+        var contentType = "text/plain; charset=utf-8"
+        var body: ByteBuffer
+        var allow: String?
+    }
+
+    private func route(_ head: HTTPRequestHead) -> Response {
+        guard head.method == .GET else {
+            return Response(status: .methodNotAllowed, body: ByteBuffer(string: "method not allowed\n"), allow: "GET")
+        }
+        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        switch path {
+        case "/metrics":
+            var bytes: [UInt8] = []
+            self.registry.emit(into: &bytes)
+            return Response(
+                status: .ok,
+                contentType: "text/plain; version=0.0.4",
+                body: ByteBuffer(bytes: bytes)
+            )
+        case "/healthz":
+            return Response(status: .ok, body: ByteBuffer(string: "ok"))
+        default:
+            return Response(status: .notFound, body: ByteBuffer(string: "not found\n"))
+        }
+    }
+}

@@ -1,0 +1,204 @@
+package import ClusterWire
+import Logging
+import NIOCore
+import Synchronization
+
+/// Answers requests that arrive on a connection. Returning nil sends nothing back (for one-way
+/// messages); throwing a `WireError` sends it as an error frame with the request's id.
+package protocol EnvelopeHandler: Sendable {
+    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws -> Tessera_V1_Envelope.OneOf_Body?
+}
+
+/// A handshaken connection that carries requests both ways, several in flight at once: a request
+/// gets a fresh id (odd from the side that connected, even from the side that accepted, so the two
+/// never collide) and the reply with the same id resumes its caller.
+package final class PeerConnection: Sendable {
+    package let peer: NodeIdentity
+    package let remoteAddress: String
+    private let outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>
+    private let state: Mutex<State>
+    private let logger: Logger
+
+    /// A request in flight: registered before it is written, so that a fast reply finds it.
+    private enum Slot {
+        case awaiting(CheckedContinuation<Tessera_V1_Envelope, any Error>?)
+        case arrived(Tessera_V1_Envelope)
+    }
+
+    private struct State {
+        var nextID: UInt64
+        var pending: [UInt64: Slot] = [:]
+        var closed = false
+    }
+
+    init(
+        peer: NodeIdentity, remoteAddress: String, outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
+        connected: Bool, logger: Logger
+    ) {
+        self.peer = peer
+        self.remoteAddress = remoteAddress
+        self.outbound = outbound
+        self.logger = logger
+        state = Mutex(State(nextID: connected ? 1 : 2))
+    }
+
+    /// Sends `body` and waits for the reply; an error frame is thrown as its `WireError`.
+    package func request(
+        _ body: Tessera_V1_Envelope.OneOf_Body, timeout: Duration = .seconds(30)
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let id = try state.withLock { state throws(WireError) in
+            guard !state.closed else { throw WireError(.unavailable, "connection to \(peer) is closed") }
+            let id = state.nextID
+            state.nextID += 2
+            state.pending[id] = .awaiting(nil)
+            return id
+        }
+        let envelope = Tessera_V1_Envelope(requestID: id, body)
+        let what = "\(envelope.bodyName) to \(peer)"
+        do {
+            try await outbound.write(envelope)
+        } catch {
+            _ = state.withLock { $0.pending.removeValue(forKey: id) }
+            throw WireError(.unavailable, "cannot send \(what): \(error)", cause: error)
+        }
+        let reply = try await withDeadline(timeout, what: what) {
+            try await withTaskCancellationHandler {
+                try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>) in
+                    let early: Result<Tessera_V1_Envelope, WireError>? = self.state.withLock { state in
+                        switch state.pending[id] {
+                        case .arrived(let reply):
+                            state.pending[id] = nil
+                            return .success(reply)
+                        case .awaiting:
+                            state.pending[id] = .awaiting(continuation)
+                            return nil
+                        case nil:
+                            return .failure(WireError(.unavailable, "connection to \(self.peer) closed"))
+                        }
+                    }
+                    if let early { continuation.resume(with: early) }
+                }
+            } onCancel: {
+                self.fail(id: id, WireError(.unavailable, "request \(id) to \(self.peer) was cancelled"))
+            }
+        } onTimeout: {
+            self.fail(id: id, WireError(.unavailable, "no reply from \(self.peer) within \(timeout)"))
+        }
+        if case .error(let error) = reply.body { throw WireError(proto: error) }
+        guard let body = reply.body else {
+            throw WireError(.malformedFrame, "reply \(id) from \(peer) has no body")
+        }
+        return body
+    }
+
+    /// Sends a one-way message (no reply expected).
+    package func notify(_ body: Tessera_V1_Envelope.OneOf_Body) async throws {
+        let id = state.withLock { state in
+            let id = state.nextID
+            state.nextID += 2
+            return id
+        }
+        try await outbound.write(Tessera_V1_Envelope(requestID: id, body))
+    }
+
+    private func fail(id: UInt64, _ error: WireError) {
+        let slot = state.withLock { $0.pending.removeValue(forKey: id) }
+        if case .awaiting(let continuation?) = slot { continuation.resume(throwing: error) }
+    }
+
+    /// Hands a reply to its waiting request; false if `envelope` is not a reply to one of ours.
+    private func deliver(_ envelope: Tessera_V1_Envelope) -> Bool {
+        let continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>?? = state.withLock { state in
+            switch state.pending[envelope.requestID] {
+            case .awaiting(let continuation?):
+                state.pending[envelope.requestID] = nil
+                return .some(continuation)
+            case .awaiting(nil):
+                state.pending[envelope.requestID] = .arrived(envelope)
+                return .some(nil)
+            case .arrived, nil:
+                return nil
+            }
+        }
+        guard let continuation else { return false }
+        continuation?.resume(returning: envelope)
+        return true
+    }
+
+    /// Marks the connection closed and fails every request still waiting.
+    func close(_ error: WireError) {
+        let waiting = state.withLock { state in
+            state.closed = true
+            defer { state.pending = [:] }
+            return state.pending.values.compactMap { slot in
+                if case .awaiting(let continuation?) = slot { return continuation }
+                return nil
+            }
+        }
+        for continuation in waiting { continuation.resume(throwing: error) }
+    }
+
+    /// Reads until the peer goes away: replies resume their requests, requests go to `handler`, each
+    /// in its own child task so a slow one does not hold up the rest.
+    func serve(inbound: Rest, handler: any EnvelopeHandler) async {
+        var closeReason = WireError(.unavailable, "connection to \(peer) closed")
+        await withDiscardingTaskGroup { group in
+            do {
+                for try await envelope in inbound {
+                    if deliver(envelope) { continue }
+                    group.addTask { await self.answer(envelope, handler: handler) }
+                }
+            } catch let error as WireError {
+                // The byte stream can no longer be trusted: say why, then close.
+                logger.warning("closing connection", metadata: ["peer.id": "\(peer)", "error": "\(error)"])
+                try? await outbound.write(Tessera_V1_Envelope(requestID: 0, error: error))
+                closeReason = error
+            } catch {
+                logger.debug("connection ended", metadata: ["peer.id": "\(peer)", "error": "\(error)"])
+            }
+            outbound.finish()
+            close(closeReason)
+            group.cancelAll()
+        }
+    }
+
+    private func answer(_ request: Tessera_V1_Envelope, handler: any EnvelopeHandler) async {
+        let reply: Tessera_V1_Envelope
+        do {
+            guard let body = try await handler.handle(request, from: self) else { return }
+            reply = Tessera_V1_Envelope(requestID: request.requestID, body)
+        } catch let error as WireError {
+            reply = Tessera_V1_Envelope(requestID: request.requestID, error: error)
+        } catch is CancellationError {
+            return
+        } catch {
+            reply = Tessera_V1_Envelope(requestID: request.requestID, error: WireError(.internal, "\(error)"))
+        }
+        do {
+            try await outbound.write(reply)
+        } catch {
+            logger.debug("reply not sent", metadata: ["peer.id": "\(peer)", "error": "\(error)"])
+        }
+    }
+}
+
+/// Runs `body`, failing with `WireError.unavailable` if it takes longer than `timeout`.
+package func withDeadline<T: Sendable>(
+    _ timeout: Duration, what: String, _ body: @escaping @Sendable () async throws -> T,
+    onTimeout: @escaping @Sendable () -> Void = {}
+) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: timeout)
+            return nil
+        }
+        defer { group.cancelAll() }
+        while let result = try await group.next() {
+            if let value = result { return value }
+            onTimeout()
+            throw WireError(.unavailable, "\(what): no answer within \(timeout)")
+        }
+        throw CancellationError()
+    }
+}

@@ -1,0 +1,28 @@
+public import ClusterState
+public import ClusterTransport
+
+/// What the coordinator process needs to start.
+public struct CoordinatorConfiguration: Sendable {
+    public var nodeID: String
+    public var incarnation: UInt64
+    public var listen: NodeAddress
+    public var maxFrameBytes: Int
+    public var failureDetector: FailureDetectorSettings
+    /// Cluster-wide cap on accounted KV bytes (0 = unlimited).
+    public var memoryLimitBytes: UInt64
+    public var tenantQuotaBytes: [String: UInt64]
+
+    public init(
+        nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, maxFrameBytes: Int = 64 << 20,
+        failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
+        tenantQuotaBytes: [String: UInt64] = [:]
+    ) {
+        self.nodeID = nodeID
+        self.incarnation = incarnation
+        self.listen = listen
+        self.maxFrameBytes = maxFrameBytes
+        self.failureDetector = failureDetector
+        self.memoryLimitBytes = memoryLimitBytes
+        self.tenantQuotaBytes = tenantQuotaBytes
+    }
+}

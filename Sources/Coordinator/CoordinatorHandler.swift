@@ -1,0 +1,106 @@
+import ClusterState
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+import Logging
+
+/// Answers what reaches the coordinator: registrations and heartbeats and layer statistics from
+/// workers; open, placement, close and status requests from clients.
+struct CoordinatorHandler: EnvelopeHandler {
+    let coordinator: CoordinatorService
+
+    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        -> Tessera_V1_Envelope.OneOf_Body?
+    {
+        let state = coordinator.state
+        switch request.body {
+        case .registerWorker(let message):
+            try requireRole(.worker, connection, request)
+            guard message.endpoint.nodeID == connection.peer.nodeID else {
+                throw WireError(.badRequest, "register_worker.endpoint.node_id must match the Hello's node id")
+            }
+            for change in try await state.register(message, connection: connection) {
+                coordinator.logger.info(
+                    "membership changed", metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)"])
+            }
+            var ack = Tessera_V1_RegisterAck()
+            ack.coordinatorID = coordinator.configuration.nodeID
+            ack.coordinatorIncarnation = coordinator.configuration.incarnation
+            ack.heartbeatIntervalMillis = UInt32(
+                coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1))
+            return .registerAck(ack)
+        case .heartbeat(let message):
+            try requireRole(.worker, connection, request)
+            try await state.heartbeat(message, from: NodeID(connection.peer.nodeID))
+            var ack = Tessera_V1_HeartbeatAck()
+            ack.sequenceNumber = message.sequenceNumber
+            return .heartbeatAck(ack)
+        case .layerStats(let message):
+            try requireRole(.worker, connection, request)
+            let sequence = try await state.sequence(message.sequenceID, tenant: nil)
+            let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
+            if let complete = await state.record(statistics, sequenceID: message.sequenceID) {
+                await coordinator.assignBudgets(sequenceID: message.sequenceID, complete)
+            }
+            return nil
+        case .openSequence(let message):
+            let sequence = try await state.open(message)
+            do {
+                try await assignShards(message, sequence)
+            } catch {
+                await state.abandon(message.sequenceID)
+                throw error
+            }
+            return .placement(CoordinatorService.placement(message.sequenceID, sequence))
+        case .placementRequest(let message):
+            let sequence = try await state.sequence(message.sequenceID, tenant: message.tenant)
+            return .placement(CoordinatorService.placement(message.sequenceID, sequence))
+        case .close(let message):
+            _ = try await state.sequence(message.sequenceID, tenant: message.tenant)
+            guard let sequence = await state.close(message.sequenceID) else {
+                throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")
+            }
+            var freed: UInt64 = 0
+            for shard in sequence.shards {
+                if let link = try? await state.connection(for: shard.owner),
+                    case .closeAck(let ack) = try await link.request(.close(message))
+                {
+                    freed += ack.freedBytes
+                }
+            }
+            var ack = Tessera_V1_CloseAck()
+            ack.sequenceID = message.sequenceID
+            ack.freedBytes = freed
+            return .closeAck(ack)
+        case .statusRequest:
+            var reply = await state.status()
+            reply.coordinatorID = coordinator.configuration.nodeID
+            return .statusReply(reply)
+        default:
+            throw WireError(.badRequest, "the coordinator does not accept \(request.bodyName)")
+        }
+    }
+
+    /// Tells each shard's owner about the new sequence before the client may write to it.
+    private func assignShards(_ message: Tessera_V1_OpenSequence, _ sequence: OpenSequenceState) async throws {
+        let state = coordinator.state
+        for shard in sequence.shards {
+            var assignment = Tessera_V1_ShardAssignment()
+            assignment.tenant = message.tenant
+            assignment.sequenceID = message.sequenceID
+            assignment.epoch = sequence.epoch
+            assignment.shard = CoordinatorService.placement(message.sequenceID, sequence).shards[Int(shard.id)]
+            assignment.model = message.model
+            assignment.spans = message.spans
+            assignment.policy = message.policy
+            let connection = try await state.connection(for: shard.owner)
+            _ = try await connection.request(.shardAssignment(assignment))
+        }
+    }
+
+    private func requireRole(_ role: NodeRole, _ connection: PeerConnection, _ request: Tessera_V1_Envelope) throws(WireError) {
+        guard connection.peer.role == role else {
+            throw WireError(.badRequest, "\(request.bodyName) is for \(role)s; this connection is a \(connection.peer.role)")
+        }
+    }
+}

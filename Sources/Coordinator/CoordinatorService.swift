@@ -1,0 +1,91 @@
+import ClusterState
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+public import Logging
+
+/// The coordinator process: membership and failure detection, the shard map, admission and placement
+/// of new sequences, and the gather-allocate-scatter of per-layer budgets: once every layer's
+/// statistics of a sequence have arrived from the workers, it runs the policy's allocator and sends
+/// each worker the budgets of its layers.
+public final class CoordinatorService: Sendable {
+    public let configuration: CoordinatorConfiguration
+    let logger: Logger
+    let state: CoordinatorState
+
+    public init(configuration: CoordinatorConfiguration, logger: Logger) throws {
+        self.configuration = configuration
+        var logger = logger
+        logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
+        logger[metadataKey: "node.role"] = "coordinator"
+        self.logger = logger
+        state = try CoordinatorState(configuration: configuration)
+    }
+
+    /// Serves until cancelled; `onReady` gets the bound port.
+    public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
+        let identity = NodeIdentity(
+            role: .coordinator, nodeID: configuration.nodeID, incarnation: configuration.incarnation)
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask {
+                try await Transport.listen(
+                    on: self.configuration.listen,
+                    handshake: Handshake(local: identity, acceptedPeerRoles: [.worker, .client]),
+                    maxFrameBytes: self.configuration.maxFrameBytes, handler: CoordinatorHandler(coordinator: self),
+                    logger: self.logger, onBound: onReady)
+            }
+            group.addTask { try await self.detectFailures() }
+        }
+    }
+
+    private func detectFailures() async throws {
+        while true {
+            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
+            for change in await state.tick() {
+                logger.warning(
+                    "membership changed",
+                    metadata: ["peer.id": "\(change.nodeID)", "from": "\(change.from.map(\.rawValue) ?? "-")",
+                               "to": "\(change.to)"])
+            }
+        }
+    }
+
+    /// Sends every shard owner its layers' budgets and records the bytes each holds afterwards.
+    func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState) async {
+        let statistics = (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
+        do {
+            let budgets = try BudgetAllocator.allocate(
+                policy: sequence.policy, retention: sequence.retention, geometry: sequence.geometry,
+                statistics: statistics)
+            var held: UInt64 = 0
+            for shard in sequence.shards {
+                let mine = budgets.filter { shard.layers.contains($0.layer) }
+                let message = try mine.proto(sequenceID: sequenceID, epoch: sequence.epoch)
+                let connection = try await state.connection(for: shard.owner)
+                let reply = try await connection.request(.assignBudget(message))
+                if case .budgetApplied(let applied) = reply { held += applied.kvBytes }
+            }
+            await state.recordBytes(sequenceID, bytes: held)
+        } catch {
+            logger.error("budget assignment failed", metadata: ["sequence.id": "\(sequenceID)", "error": "\(error)"])
+        }
+    }
+
+    /// The placement message a client gets for an open sequence.
+    static func placement(_ sequenceID: UInt64, _ sequence: OpenSequenceState) -> Tessera_V1_Placement {
+        var placement = Tessera_V1_Placement()
+        placement.sequenceID = sequenceID
+        placement.epoch = sequence.epoch
+        placement.shards = sequence.shards.map { shard in
+            var message = Tessera_V1_ShardPlacement()
+            message.shardID = shard.id
+            message.firstLayer = UInt32(shard.layers.lowerBound)
+            message.layerCount = UInt32(shard.layers.count)
+            message.primary.nodeID = shard.owner.rawValue
+            message.primary.host = shard.address.host
+            message.primary.port = UInt32(shard.address.port)
+            return message
+        }
+        return placement
+    }
+}

@@ -1,0 +1,225 @@
+import ClusterState
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+
+/// A worker the coordinator knows: its membership entry lives in `Membership`; this holds the live
+/// connection and what its heartbeats last reported.
+struct WorkerLink: Sendable {
+    var connection: PeerConnection
+    var address: NodeAddress
+    var kvBytes: UInt64 = 0
+    var kvBytesByModality: [Tessera_V1_ModalityBytes] = []
+}
+
+/// One shard of one open sequence: a slice of its layers and the worker that holds it.
+struct SequenceShard: Sendable {
+    var id: UInt32
+    var layers: Range<Int>
+    var owner: NodeID
+    var address: NodeAddress
+}
+
+/// An open sequence: what it was opened with, where it lives, and the layer statistics gathered so far.
+struct OpenSequenceState: Sendable {
+    var tenant: String
+    var geometry: ModelGeometry
+    var layout: PromptLayout
+    var message: Tessera_V1_OpenSequence
+    var policy: CompressionPolicy
+    var retention: Double
+    var epoch: UInt64
+    var shards: [SequenceShard]
+    var statistics: [Int: LayerStatistics] = [:]
+    var budgetAssigned = false
+}
+
+/// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
+actor CoordinatorState {
+    var membership: Membership
+    var shardMap: ShardMap
+    var admission: Admission
+    var workers: [NodeID: WorkerLink] = [:]
+    var sequences: [UInt64: OpenSequenceState] = [:]
+    private let clock = ContinuousClock()
+    private let start: ContinuousClock.Instant
+
+    /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
+    static let mapLayers = 4096
+
+    init(configuration: CoordinatorConfiguration) throws {
+        membership = try Membership(settings: configuration.failureDetector)
+        shardMap = try ShardMap(layerCount: Self.mapLayers)
+        admission = Admission(
+            memoryLimitBytes: configuration.memoryLimitBytes, tenantQuotaBytes: configuration.tenantQuotaBytes)
+        start = clock.now
+    }
+
+    var now: ClusterInstant { ClusterInstant(elapsed: clock.now - start) }
+
+    func register(
+        _ message: Tessera_V1_RegisterWorker, connection: PeerConnection
+    ) throws(WireError) -> [MembershipChange] {
+        let nodeID = NodeID(message.endpoint.nodeID)
+        let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
+        let outcome = membership.join(
+            nodeID: nodeID, incarnation: message.incarnation,
+            address: MemberAddress(host: address.host, port: address.port),
+            memoryCapacityBytes: message.memoryCapacityBytes, now: now)
+        guard case .accepted = outcome else {
+            if case .refused(let reason) = outcome {
+                throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
+            }
+            return []
+        }
+        workers[nodeID] = WorkerLink(connection: connection, address: address)
+        relayout()
+        return outcome.changes
+    }
+
+    /// While no sequence is open the map is split afresh over every live worker (one shard each);
+    /// afterwards layer ranges stay and only owners move, so placed sequences keep their shards.
+    private func relayout() {
+        let live = membership.liveNodeIDs
+        if sequences.isEmpty, !live.isEmpty {
+            _ = try? shardMap.reshard(alive: live)
+        } else {
+            _ = shardMap.rebalance(alive: live)
+        }
+    }
+
+    func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID) throws(WireError) {
+        let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
+        guard outcome.isAccepted else {
+            throw WireError(.badRequest, "heartbeat from \(nodeID) refused: \(outcome); register again")
+        }
+        workers[nodeID]?.kvBytes = message.kvBytes
+        workers[nodeID]?.kvBytesByModality = message.kvBytesByModality
+    }
+
+    /// Advances the failure detector; dead workers leave the shard map.
+    func tick() -> [MembershipChange] {
+        let changes = membership.tick(now: now)
+        if changes.contains(where: { $0.to == .dead }) {
+            for change in changes where change.to == .dead { workers[change.nodeID] = nil }
+            relayout()
+        }
+        return changes
+    }
+
+    func connectionClosed(_ connection: PeerConnection) {
+        let nodeID = NodeID(connection.peer.nodeID)
+        if workers[nodeID]?.connection === connection { workers[nodeID] = nil }
+    }
+
+    /// Admits and places a new sequence: its layers split into as many contiguous shards as the
+    /// cluster map has, each held by that shard's primary.
+    func open(_ message: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
+        guard !message.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
+        guard sequences[message.sequenceID] == nil else {
+            throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
+        }
+        let geometry = try ModelGeometry(proto: message.model)
+        let layout = try PromptLayout(proto: message.spans)
+        let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
+        let owners = shardMap.placement.shards.compactMap { shard -> (NodeID, NodeAddress)? in
+            guard let primary = shard.primary, let link = workers[primary] else { return nil }
+            return (primary, link.address)
+        }
+        guard !owners.isEmpty else {
+            throw WireError(.unavailable, "no live worker holds a shard yet; retry once workers have registered",
+                            retryAfter: .milliseconds(500))
+        }
+        let ranges = ShardMap.split(layerCount: geometry.layers, shardCount: min(owners.count, geometry.layers))
+        let shards = ranges.enumerated().map { index, layers in
+            SequenceShard(id: UInt32(index), layers: layers, owner: owners[index].0, address: owners[index].1)
+        }
+        // While prefilled and not yet compressed, a sequence holds its full cache in Float32.
+        let estimate = UInt64(2 * geometry.layers * geometry.kvHeads * layout.promptLength * geometry.headDim * 4)
+        switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
+        case .admitted: break
+        case .refused(let reason, let retryAfterMillis):
+            throw WireError(.resourceExhausted, "sequence \(message.sequenceID) refused: \(reason)",
+                            retryAfter: retryAfterMillis == 0 ? nil : .milliseconds(Int64(retryAfterMillis)))
+        }
+        let state = OpenSequenceState(
+            tenant: message.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
+            retention: retention, epoch: shardMap.placement.epoch, shards: shards)
+        sequences[message.sequenceID] = state
+        return state
+    }
+
+    func abandon(_ sequenceID: UInt64) {
+        sequences[sequenceID] = nil
+        _ = admission.release(sequenceID: sequenceID)
+    }
+
+    /// The open sequence; with a tenant, only if that tenant owns it.
+    func sequence(_ sequenceID: UInt64, tenant: String?) throws(WireError) -> OpenSequenceState {
+        guard let state = sequences[sequenceID] else {
+            throw WireError(.unknownSequence, "sequence \(sequenceID) is not open")
+        }
+        guard tenant == nil || state.tenant == tenant else {
+            throw WireError(.wrongTenant, "sequence \(sequenceID) belongs to another tenant")
+        }
+        return state
+    }
+
+    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once).
+    func record(_ statistics: LayerStatistics, sequenceID: UInt64) -> OpenSequenceState? {
+        guard var state = sequences[sequenceID], !state.budgetAssigned else { return nil }
+        state.statistics[statistics.layer] = statistics
+        if state.statistics.count == state.geometry.layers {
+            state.budgetAssigned = true
+            sequences[sequenceID] = state
+            return state
+        }
+        sequences[sequenceID] = state
+        return nil
+    }
+
+    func recordBytes(_ sequenceID: UInt64, bytes: UInt64) {
+        _ = admission.record(sequenceID: sequenceID, kvBytes: bytes)
+    }
+
+    func close(_ sequenceID: UInt64) -> OpenSequenceState? {
+        guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
+        _ = admission.release(sequenceID: sequenceID)
+        return state
+    }
+
+    func connection(for nodeID: NodeID) throws(WireError) -> PeerConnection {
+        guard let link = workers[nodeID] else {
+            throw WireError(.unavailable, "worker \(nodeID) is not connected")
+        }
+        return link.connection
+    }
+
+    func status() -> Tessera_V1_StatusReply {
+        var reply = Tessera_V1_StatusReply()
+        for member in membership.members {
+            var worker = Tessera_V1_WorkerStatus()
+            worker.endpoint.nodeID = member.nodeID.rawValue
+            worker.endpoint.host = member.address.host
+            worker.endpoint.port = UInt32(member.address.port)
+            worker.incarnation = member.incarnation
+            worker.state = switch member.state {
+            case .alive: .up
+            case .suspect: .suspect
+            case .dead: .dead
+            }
+            worker.primaryShardIds = shardMap.shards(ownedBy: member.nodeID, as: .primary).map(\.id.rawValue)
+            worker.replicaShardIds = shardMap.shards(ownedBy: member.nodeID, as: .replica).map(\.id.rawValue)
+            if member.state != .dead, let link = workers[member.nodeID] {
+                worker.kvBytes = link.kvBytes
+                worker.kvBytesByModality = link.kvBytesByModality
+            }
+            worker.memoryCapacityBytes = member.memoryCapacityBytes
+            reply.workers.append(worker)
+            reply.totalKvBytes += worker.kvBytes
+        }
+        reply.sequenceCount = UInt32(sequences.count)
+        reply.epoch = shardMap.placement.epoch
+        return reply
+    }
+}

@@ -1,0 +1,30 @@
+public import ClusterTransport
+public import KVCacheCore
+
+/// What a worker process needs to start.
+public struct WorkerConfiguration: Sendable {
+    public var nodeID: String
+    /// Distinguishes a restarted worker from its previous life.
+    public var incarnation: UInt64
+    public var listen: NodeAddress
+    public var coordinator: NodeAddress
+    public var maxFrameBytes: Int
+    public var storage: ScalarType
+    public var memoryCapacityBytes: UInt64
+    public var heartbeatInterval: Duration
+
+    public init(
+        nodeID: String, incarnation: UInt64, listen: NodeAddress, coordinator: NodeAddress,
+        maxFrameBytes: Int = 64 << 20, storage: ScalarType = .float32, memoryCapacityBytes: UInt64 = 8 << 30,
+        heartbeatInterval: Duration = .milliseconds(250)
+    ) {
+        self.nodeID = nodeID
+        self.incarnation = incarnation
+        self.listen = listen
+        self.coordinator = coordinator
+        self.maxFrameBytes = maxFrameBytes
+        self.storage = storage
+        self.memoryCapacityBytes = memoryCapacityBytes
+        self.heartbeatInterval = heartbeatInterval
+    }
+}

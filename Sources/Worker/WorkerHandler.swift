@@ -1,0 +1,192 @@
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+import Workloads
+
+/// Answers the requests that reach a worker: shard assignments, budgets and closes from the
+/// coordinator; prefill and decode from clients; status from anyone.
+struct WorkerHandler: EnvelopeHandler {
+    let worker: WorkerService
+
+    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        -> Tessera_V1_Envelope.OneOf_Body?
+    {
+        switch request.body {
+        case .shardAssignment(let assignment): return try await assign(assignment)
+        case .prefill(let prefill): return try await self.prefill(prefill)
+        case .assignBudget(let budget): return try await apply(budget)
+        case .decode(let decode): return try await self.decode(decode)
+        case .close(let close): return try await self.close(close)
+        case .statusRequest: return await status()
+        default:
+            throw WireError(.badRequest, "a worker does not accept \(request.bodyName)")
+        }
+    }
+
+    private func assign(_ message: Tessera_V1_ShardAssignment) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let geometry = try ModelGeometry(proto: message.model)
+        let layout = try PromptLayout(proto: message.spans)
+        let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
+        let first = Int(message.shard.firstLayer)
+        let count = Int(message.shard.layerCount)
+        guard count >= 1, first + count <= geometry.layers else {
+            throw WireError(.invalidShape, "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)")
+        }
+        try await worker.store.assign(
+            message.sequenceID,
+            HeldSequence(
+                tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch,
+                layers: first..<(first + count), geometry: geometry, layout: layout, policy: policy,
+                retention: retention))
+        var ack = Tessera_V1_ShardAssignmentAck()
+        ack.sequenceID = message.sequenceID
+        ack.shardID = message.shard.shardID
+        return .shardAssignmentAck(ack)
+    }
+
+    /// Takes the shard's prefill (inline tensors or a workload seed to expand), computes each layer's
+    /// attention profile and statistics, and sends the statistics to the coordinator.
+    private func prefill(_ message: Tessera_V1_Prefill) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let held = try await worker.store.checked(
+            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch)
+        let m = held.layout.promptLength
+        var prefills: [Int: LayerPrefill] = [:]
+        var syntheticDecode: [Int: [DecodeStepInput]]?
+        switch message.source {
+        case .synthetic(let source):
+            let preset: WorkloadPreset
+            do { preset = try WorkloadPreset.named(source.workload) } catch {
+                throw WireError(.badRequest, "prefill.synthetic.workload: \(error.message)")
+            }
+            guard held.geometry.headDim >= 8 else {
+                throw WireError(.badRequest, "synthetic workloads need headDim ≥ 8, the model has \(held.geometry.headDim)")
+            }
+            let trace = TraceGenerator(preset: preset, geometry: held.geometry, seed: source.seed)
+                .sequence(Int(source.sequenceIndex))
+            guard trace.layout == held.layout else {
+                throw WireError(
+                    .invalidShape,
+                    "the synthetic sequence has a different modality layout (\(trace.layout.promptLength) "
+                        + "positions) than the one the sequence was opened with (\(m))")
+            }
+            var decode: [Int: [DecodeStepInput]] = [:]
+            for layer in held.layers {
+                let generated = trace.layerTrace(layer)
+                prefills[layer] = generated.prefill
+                decode[layer] = generated.decode
+            }
+            syntheticDecode = decode
+        case .inlineTensors(let tensors):
+            for layer in tensors.layers {
+                let index = Int(layer.layer)
+                guard held.layers.contains(index) else {
+                    throw WireError(.badRequest, "layer \(index) is not in this shard (\(held.layers))")
+                }
+                prefills[index] = try LayerPrefill(proto: layer, geometry: held.geometry, promptLength: m)
+            }
+            guard prefills.count == held.layers.count else {
+                throw WireError(.badRequest, "an inline prefill must carry every layer of the shard \(held.layers)")
+            }
+        case nil:
+            throw WireError(.badRequest, "prefill needs a source: inline_tensors or synthetic")
+        }
+        let requirements = held.policy.requirements(layout: held.layout)
+        var profiles: [Int: AttentionProfile] = [:]
+        var statistics: [Tessera_V1_LayerStats] = []
+        for layer in held.layers {
+            do {
+                let profile = try AttentionProfile(prefill: prefills[layer]!, requirements: requirements)
+                profiles[layer] = profile
+                let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
+                statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
+            } catch let error as KVCacheError {
+                throw WireError(.invalidShape, "layer \(layer): \(error.message)")
+            }
+        }
+        let bytes = try await worker.store.storePrefill(
+            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode)
+        for stats in statistics { try await worker.report(stats) }
+        var ack = Tessera_V1_PrefillAck()
+        ack.sequenceID = message.sequenceID
+        ack.shardID = message.shardID
+        ack.epoch = held.epoch
+        ack.kvBytes = UInt64(bytes)
+        return .prefillAck(ack)
+    }
+
+    /// Compresses the shard's layers to the coordinator's budgets.
+    private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let held = try await worker.store.prefillForCompression(message.sequenceID)
+        let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
+        var byLayer: [Int: LayerBudget] = [:]
+        for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
+        let cache: ShardCache
+        if let existing = held.cache {
+            cache = existing
+        } else {
+            do {
+                cache = try ShardCache.compress(
+                    held.prefills, profiles: held.profiles, budgets: byLayer, layout: held.layout,
+                    policy: held.policy, storage: worker.configuration.storage)
+            } catch {
+                throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
+            }
+        }
+        guard let bytes = await worker.store.storeCache(message.sequenceID, cache) else {
+            throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")
+        }
+        var applied = Tessera_V1_BudgetApplied()
+        applied.sequenceID = message.sequenceID
+        applied.shardID = held.shardID
+        applied.epoch = held.epoch
+        applied.kvBytes = UInt64(bytes.total)
+        applied.kvBytesByModality = modalityBytes(bytes.byModality)
+        return .budgetApplied(applied)
+    }
+
+    private func decode(_ message: Tessera_V1_Decode) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let held = try await worker.store.checked(
+            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch)
+        var inputs: [Int: DecodeStepInput]?
+        if !message.layers.isEmpty {
+            var given: [Int: DecodeStepInput] = [:]
+            for layer in message.layers {
+                guard held.layers.contains(Int(layer.layer)) else {
+                    throw WireError(.badRequest, "layer \(layer.layer) is not in this shard (\(held.layers))")
+                }
+                given[Int(layer.layer)] = try DecodeStepInput(proto: layer, geometry: held.geometry)
+            }
+            inputs = given
+        }
+        try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
+            try await self.worker.store.waitUntilCompressed(message.sequenceID)
+        }
+        return .decodeResult(try await worker.store.decode(message.sequenceID, step: Int(message.step), inputs: inputs))
+    }
+
+    private func close(_ message: Tessera_V1_Close) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        var ack = Tessera_V1_CloseAck()
+        ack.sequenceID = message.sequenceID
+        ack.freedBytes = UInt64(await worker.store.close(message.sequenceID))
+        return .closeAck(ack)
+    }
+
+    private func status() async -> Tessera_V1_Envelope.OneOf_Body {
+        let totals = await worker.store.totals()
+        var me = Tessera_V1_WorkerStatus()
+        me.endpoint.nodeID = worker.configuration.nodeID
+        me.endpoint.host = worker.configuration.listen.host
+        me.endpoint.port = UInt32(worker.port ?? 0)
+        me.incarnation = worker.configuration.incarnation
+        me.state = .up
+        me.primaryShardIds = await worker.store.shardIDs()
+        me.kvBytes = UInt64(totals.total)
+        me.kvBytesByModality = modalityBytes(totals.byModality)
+        me.memoryCapacityBytes = worker.configuration.memoryCapacityBytes
+        var reply = Tessera_V1_StatusReply()
+        reply.workers = [me]
+        reply.sequenceCount = UInt32(totals.sequences)
+        reply.totalKvBytes = UInt64(totals.total)
+        return .statusReply(reply)
+    }
+}

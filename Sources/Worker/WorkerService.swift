@@ -1,0 +1,130 @@
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+public import Logging
+import Synchronization
+import Workloads
+
+/// A worker process: holds shards of sequences' KV caches, computes their prefill statistics,
+/// compresses them to the budgets the coordinator assigns, and serves decode attention. Clients talk
+/// to it directly on its data port; it keeps one connection to the coordinator for registration,
+/// heartbeats, layer statistics and the coordinator's pushes.
+public final class WorkerService: Sendable {
+    public let configuration: WorkerConfiguration
+    let logger: Logger
+    let store = SequenceStore()
+    private let coordinatorLink = Mutex<PeerConnection?>(nil)
+    private let boundPort = Mutex<Int?>(nil)
+
+    public init(configuration: WorkerConfiguration, logger: Logger) {
+        self.configuration = configuration
+        var logger = logger
+        logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
+        logger[metadataKey: "node.role"] = "worker"
+        self.logger = logger
+    }
+
+    var identity: NodeIdentity {
+        NodeIdentity(role: .worker, nodeID: configuration.nodeID, incarnation: configuration.incarnation)
+    }
+
+    /// Serves until cancelled. `onReady` gets the bound data port once the coordinator has accepted
+    /// the registration.
+    public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
+        let (portStream, portContinuation) = AsyncStream.makeStream(of: Int.self)
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask {
+                try await Transport.listen(
+                    on: self.configuration.listen, handshake: Handshake(local: self.identity),
+                    maxFrameBytes: self.configuration.maxFrameBytes, handler: WorkerHandler(worker: self),
+                    logger: self.logger
+                ) { port in
+                    self.boundPort.withLock { $0 = port }
+                    portContinuation.yield(port)
+                    portContinuation.finish()
+                }
+            }
+            var ports = portStream.makeAsyncIterator()
+            guard let port = await ports.next() else { return }
+            group.addTask { try await self.stayRegistered(port: port, onReady: onReady) }
+        }
+    }
+
+    /// Connects to the coordinator, registers and heartbeats; reconnects with backoff if it goes away.
+    private func stayRegistered(port: Int, onReady: @escaping @Sendable (Int) async -> Void) async throws {
+        let announced = Mutex(false)
+        var backoff = Duration.milliseconds(100)
+        while !Task.isCancelled {
+            do {
+                try await Transport.withConnection(
+                    to: configuration.coordinator,
+                    handshake: Handshake(local: identity, acceptedPeerRoles: [.coordinator]),
+                    maxFrameBytes: configuration.maxFrameBytes, handler: WorkerHandler(worker: self), logger: logger
+                ) { connection in
+                    var register = Tessera_V1_RegisterWorker()
+                    register.endpoint.nodeID = self.configuration.nodeID
+                    register.endpoint.host = self.configuration.listen.host
+                    register.endpoint.port = UInt32(port)
+                    register.incarnation = self.configuration.incarnation
+                    register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
+                    let reply = try await connection.request(.registerWorker(register))
+                    guard case .registerAck = reply else {
+                        throw WireError(.badRequest, "the coordinator answered registration with \(reply)")
+                    }
+                    self.coordinatorLink.withLock { $0 = connection }
+                    defer { self.coordinatorLink.withLock { $0 = nil } }
+                    self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])
+                    if announced.withLock({ first in defer { first = true }; return !first }) {
+                        await onReady(port)
+                    }
+                    try await self.heartbeat(over: connection)
+                }
+                backoff = .milliseconds(100)
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.warning("coordinator link down; retrying", metadata: ["error": "\(error)"])
+            }
+            try await Task.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(2))
+        }
+    }
+
+    private func heartbeat(over connection: PeerConnection) async throws {
+        var number: UInt64 = 0
+        while true {
+            try await Task.sleep(for: configuration.heartbeatInterval)
+            number += 1
+            let totals = await store.totals()
+            var beat = Tessera_V1_Heartbeat()
+            beat.incarnation = configuration.incarnation
+            beat.sequenceNumber = number
+            beat.kvBytes = UInt64(totals.total)
+            beat.kvBytesByModality = modalityBytes(totals.byModality)
+            _ = try await connection.request(.heartbeat(beat), timeout: .seconds(10))
+        }
+    }
+
+    /// Sends a layer's statistics to the coordinator.
+    func report(_ statistics: Tessera_V1_LayerStats) async throws {
+        guard let link = coordinatorLink.withLock({ $0 }) else {
+            throw WireError(.unavailable, "this worker has no connection to the coordinator right now; retry")
+        }
+        try await link.notify(.layerStats(statistics))
+    }
+
+    var port: Int? { boundPort.withLock { $0 } }
+}
+
+func modalityBytes(_ byModality: [String: Int]) -> [Tessera_V1_ModalityBytes] {
+    byModality.keys.sorted().map { name in
+        var entry = Tessera_V1_ModalityBytes()
+        entry.kind = switch name {
+        case "image": .image
+        case "video": .videoFrame
+        default: .text
+        }
+        entry.bytes = UInt64(byModality[name]!)
+        return entry
+    }
+}

@@ -1,0 +1,102 @@
+import ArgumentParser
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import UnixSignals
+import Synchronization
+
+/// Options every long-running process takes.
+struct ProcessOptions: ParsableArguments {
+    @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
+    var logLevel = "info"
+
+    @Flag(help: "Exit when standard input closes (the lifeline a parent process holds).")
+    var exitOnStdinEof = false
+
+    func bootstrapLogging() throws -> Logger {
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw usageFailure(
+                "unknown log level '\(logLevel)'; allowed: trace, debug, info, notice, warning, error, critical")
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        return Logger(label: "tessera")
+    }
+}
+
+/// Adapts a `run` closure to ServiceLifecycle: graceful shutdown cancels it, and a run that ends
+/// by that cancellation counts as a clean exit.
+struct ClosureService: Service {
+    let body: @Sendable () async throws -> Void
+    func run() async throws {
+        do {
+            try await cancelWhenGracefulShutdown { try await body() }
+        } catch is CancellationError {
+            return
+        }
+    }
+}
+
+/// Runs `services` until SIGINT/SIGTERM (graceful: exit 0) or, with the lifeline, until stdin closes.
+func runServices(_ services: [any Service], options: ProcessOptions, logger: Logger) async throws {
+    var all = services.map {
+        ServiceGroupConfiguration.ServiceConfiguration(
+            service: $0, successTerminationBehavior: .gracefullyShutdownGroup,
+            failureTerminationBehavior: .gracefullyShutdownGroup)
+    }
+    if options.exitOnStdinEof {
+        all.append(.init(service: ClosureService(body: waitForStdinEOF), successTerminationBehavior: .gracefullyShutdownGroup))
+    }
+    let group = ServiceGroup(
+        configuration: ServiceGroupConfiguration(services: all, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+    try await group.run()
+}
+
+/// Returns when standard input reaches end-of-file.
+@Sendable func waitForStdinEOF() async throws {
+    let channel = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        .takingOwnershipOfDescriptor(input: 0) { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+            }
+        }
+    try await channel.executeThenClose { inbound, _ in
+        for try await _ in inbound.cancelOnGracefulShutdown() {}
+    }
+}
+
+/// Prints the one machine-readable line a parent waits for.
+func printReady(_ fields: [(String, String)]) {
+    let body = fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
+    Terminal.output("READY {\(body)}\n")
+}
+
+func jsonString(_ text: String) -> String {
+    var out = "\""
+    for scalar in text.unicodeScalars {
+        switch scalar {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        default: out.unicodeScalars.append(scalar)
+        }
+    }
+    return out + "\""
+}
+
+var processID: Int32 { getpid() }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Nanoseconds since the epoch: a restarted process gets a higher incarnation than its previous life.
+func wallClockIncarnation() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}

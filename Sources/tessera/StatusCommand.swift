@@ -1,0 +1,58 @@
+import ArgumentParser
+import Client
+import ClusterTransport
+import ClusterWire
+import FoundationEssentials
+import Logging
+
+struct StatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Show the cluster's members, their shards, live sequences and accounted KV bytes.",
+        discussion: """
+            With --json prints {"workers":[{"id","address","state","shards","kvBytes",...}],"sequences":N,...}
+            where state is alive, suspect or dead.
+            """
+    )
+
+    @Option(help: "The coordinator's address, host:port.")
+    var coordinator = "127.0.0.1:7400"
+
+    @Flag(help: "Print JSON instead of a table.")
+    var json = false
+
+    func run() async throws {
+        let address: NodeAddress
+        do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure(error.message) }
+        let status: ClusterStatus
+        do {
+            status = try await TesseraClient.withClient(
+                coordinator: address, tenant: "status", nodeID: "status-\(processID)",
+                logger: Logger(label: "tessera", factory: { _ in SwiftLogNoOpLogHandler() })
+            ) { client in try await client.status() }
+        } catch {
+            Terminal.error("error: cannot read the status of \(address): \(error)\n")
+            throw ExitCode(1)
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            let data = try encoder.encode(status)
+            Terminal.output(String(decoding: data, as: UTF8.self) + "\n")
+            return
+        }
+        Terminal.output("\(status.workers.count) workers, \(status.sequences) sequences, "
+            + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted\n")
+        let header = ["id", "address", "state", "shards", "kv bytes", "text", "image", "video"]
+        let rows = status.workers.map { w in
+            [w.id, w.address, w.state, w.shards.map(String.init).joined(separator: ","), ResultTable.bytes(Int(w.kvBytes)),
+             ResultTable.bytes(Int(w.kvBytesByModality["text"] ?? 0)),
+             ResultTable.bytes(Int(w.kvBytesByModality["image"] ?? 0)),
+             ResultTable.bytes(Int(w.kvBytesByModality["video"] ?? 0))]
+        }
+        let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }
+        for row in [header] + rows {
+            Terminal.output(row.enumerated().map { $0.element.padding(widths[$0.offset]) }.joined(separator: "  ") + "\n")
+        }
+    }
+}

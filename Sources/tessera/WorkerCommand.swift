@@ -1,0 +1,63 @@
+import ArgumentParser
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+import ServiceLifecycle
+import Worker
+
+struct WorkerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "worker",
+        abstract: "Run a worker: holds KV-cache shards, compresses them to assigned budgets, serves decode.",
+        discussion: """
+            Registers with the coordinator, then prints `READY {"role":"worker","port":P,"pid":N,...}` on
+            stdout. Clients send prefill and decode to the printed port. SIGINT or SIGTERM stops it.
+            """
+    )
+
+    @Option(help: "The coordinator's address, host:port.")
+    var coordinator: String
+
+    @Option(help: "Address to listen on for clients, host:port (port 0 picks a free port).")
+    var listen = "127.0.0.1:0"
+
+    @Option(help: "This worker's node id (unique in the cluster).")
+    var nodeID = "worker-\(getpid())"
+
+    @Option(help: "Storage type of cached rows: f32 or f16.")
+    var storage = "f32"
+
+    @OptionGroup var process: ProcessOptions
+
+    func run() async throws {
+        let logger = try process.bootstrapLogging()
+        let coordinatorAddress: NodeAddress
+        let listenAddress: NodeAddress
+        do {
+            coordinatorAddress = try NodeAddress(parsing: coordinator)
+            listenAddress = try NodeAddress(parsing: listen)
+        } catch {
+            throw usageFailure(error.message)
+        }
+        guard let scalar = ScalarType(rawValue: storage) else {
+            throw usageFailure("unknown storage '\(storage)'; allowed: f32, f16")
+        }
+        let service = WorkerService(
+            configuration: WorkerConfiguration(
+                nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
+                coordinator: coordinatorAddress, storage: scalar),
+            logger: logger)
+        let id = nodeID
+        try await runServices(
+            [ClosureService {
+                try await service.run { port in
+                    printReady([("role", jsonString("worker")), ("port", "\(port)"), ("pid", "\(processID)"),
+                                ("nodeID", jsonString(id))])
+                }
+            }], options: process, logger: logger)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,163 @@
+import ClusterAdmin
+import Metrics
+import NIOCore
+import NIOPosix
+import Prometheus
+import Testing
+
+@Suite("AdminServer", .timeLimit(.minutes(1)))
+struct AdminServerTests {
+    @Test("GET /metrics exposes a counter incremented through swift-metrics")
+    func metricsExposeIncrementedCounter() async throws {
+        let registry = PrometheusCollectorRegistry()
+        withMetricsFactory(MetricsBootstrap.makeFactory(registry: registry)) {
+            Counter(
+                label: TesseraMetrics.requestsTotal,
+                dimensions: [(TesseraMetrics.Label.type, "prefill"), (TesseraMetrics.Label.outcome, "ok")]
+            ).increment(by: 3)
+        }
+
+        let response = try await withAdminServer(registry: registry) { port in
+            try await httpRequest(port: port, path: "/metrics")
+        }
+
+        #expect(response.status == 200)
+        #expect(response.header("content-type") == "text/plain; version=0.0.4")
+        #expect(response.body.contains("# TYPE tessera_requests_total counter"))
+        #expect(response.body.contains(#"tessera_requests_total{type="prefill",outcome="ok"} 3"#))
+    }
+
+    @Test("/metrics reflects updates made while the server runs")
+    func metricsAreLive() async throws {
+        let registry = PrometheusCollectorRegistry()
+        let counter = registry.makeCounter(
+            descriptor: MetricNameDescriptor(metricName: "tessera_test_live", unitName: "total", helpText: "test")
+        )
+        try await withAdminServer(registry: registry) { port in
+            counter.increment()
+            let first = try await httpRequest(port: port, path: "/metrics")
+            #expect(first.body.contains("tessera_test_live_total 1"))
+            counter.increment(by: Int64(41))
+            let second = try await httpRequest(port: port, path: "/metrics?format=text")
+            #expect(second.status == 200)
+            #expect(second.body.contains("tessera_test_live_total 42"))
+        }
+    }
+
+    @Test("GET /healthz answers ok")
+    func healthz() async throws {
+        let response = try await withAdminServer { port in
+            try await httpRequest(port: port, path: "/healthz")
+        }
+        #expect(response.status == 200)
+        #expect(response.body == "ok")
+        #expect(response.header("connection") == "close")
+    }
+
+    @Test("unknown paths are 404", arguments: ["/", "/metric", "/healthz/x", "/nope"])
+    func unknownPath(path: String) async throws {
+        let response = try await withAdminServer { port in
+            try await httpRequest(port: port, path: path)
+        }
+        #expect(response.status == 404)
+    }
+
+    @Test(
+        "methods other than GET are 405 with Allow: GET",
+        arguments: [("POST", "/metrics"), ("PUT", "/healthz"), ("DELETE", "/nope"), ("HEAD", "/metrics")]
+    )
+    func methodNotAllowed(method: String, path: String) async throws {
+        let response = try await withAdminServer { port in
+            try await httpRequest(port: port, method: method, path: path, body: method == "POST" ? "hello" : "")
+        }
+        #expect(response.status == 405)
+        #expect(response.header("allow") == "GET")
+        if method == "HEAD" { #expect(response.body.isEmpty) }
+    }
+
+    @Test("keep-alive: pipelined requests on one connection are answered in order")
+    func keepAliveAndPipelining() async throws {
+        let raw = try await withAdminServer { port in
+            try await rawHTTPExchange(
+                port: port,
+                request: "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+                    + "POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+                    + "GET /missing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+        }
+        let responses = try HTTPTestResponse.parseAll(raw)
+        #expect(
+            responses.map(\.statusLine) == [
+                "HTTP/1.1 200 OK", "HTTP/1.1 405 Method Not Allowed", "HTTP/1.1 404 Not Found",
+            ]
+        )
+        #expect(responses.map(\.body) == ["ok", "method not allowed\n", "not found\n"])
+        #expect(responses.map { $0.header("connection") } == [nil, nil, "close"])
+    }
+
+    @Test("an HTTP/1.0 request gets an HTTP/1.0 answer and the connection closes")
+    func http10() async throws {
+        let raw = try await withAdminServer { port in
+            try await rawHTTPExchange(port: port, request: "GET /healthz HTTP/1.0\r\n\r\n")
+        }
+        let response = try HTTPTestResponse(parsing: raw)
+        #expect(response.statusLine == "HTTP/1.0 200 OK")
+        #expect(response.body == "ok")
+    }
+
+    @Test("a malformed request gets 400 and does not stop the server")
+    func malformedRequestDoesNotStopServer() async throws {
+        try await withAdminServer { port in
+            let garbage = try await rawHTTPExchange(port: port, request: "\u{1}\u{2} nonsense\r\n\r\n")
+            #expect(garbage.hasPrefix("HTTP/1.1 400"))
+            let response = try await httpRequest(port: port, path: "/healthz")
+            #expect(response.status == 200)
+        }
+    }
+
+    @Test("concurrent clients are all served")
+    func concurrentClients() async throws {
+        try await withAdminServer { port in
+            try await withThrowingTaskGroup(of: Int?.self) { group in
+                for _ in 0..<16 {
+                    group.addTask { try await httpRequest(port: port, path: "/healthz").status }
+                }
+                for try await status in group {
+                    #expect(status == 200)
+                }
+            }
+        }
+    }
+
+    @Test("cancelling run() closes the listener and returns")
+    func cancellationStopsServer() async throws {
+        let (port, idle) = try await withDeadline(seconds: 20) {
+            try await withAdminServer { port in
+                // An idle keep-alive connection must not keep the server alive.
+                let idle = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: port)
+                    .get()
+                return (port, idle)
+            }
+        }
+        try? await idle.close()
+        await #expect(throws: (any Error).self) {
+            try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connect(host: "127.0.0.1", port: port)
+                .get()
+                .close()
+        }
+    }
+
+    @Test("binding a port in use throws bindFailed")
+    func bindFailure() async throws {
+        try await withAdminServer { port in
+            let second = AdminServer(host: "127.0.0.1", port: port, registry: PrometheusCollectorRegistry())
+            let error = await #expect(throws: ClusterAdminError.self) {
+                try await second.run()
+            }
+            #expect(error?.code == .bindFailed)
+            #expect(error?.message.contains("127.0.0.1:\(port)") == true)
+        }
+    }
+}
