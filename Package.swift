@@ -12,8 +12,13 @@ let strictSettings: [SwiftSetting] = [
 
 /// The numeric core runs on x86-64 machines with AVX2/FMA/F16C (Haswell and later); without them
 /// `SIMD16.addProduct` becomes a library call and Float16 conversion is ~20x slower.
+/// They are optimised in debug builds too: the tests and the cluster's test processes run real tensor
+/// work, which is 20-50x slower unoptimised.
 let numericSettings: [SwiftSetting] =
-    strictSettings + [.unsafeFlags(["-Xcc", "-march=haswell", "-target-cpu", "haswell"], .when(platforms: [.linux]))]
+    strictSettings + [
+        .unsafeFlags(["-Xcc", "-march=haswell", "-target-cpu", "haswell"], .when(platforms: [.linux])),
+        .unsafeFlags(["-O"], .when(configuration: .debug)),
+    ]
 
 let package = Package(
     name: "Tessera",

@@ -94,7 +94,7 @@ public final class TesseraClient: Sendable {
         source.seed = seed
         source.sequenceIndex = UInt32(index)
         let synthetic = source
-        let acks = try await onEveryShard(sequenceID) { shard, placement in
+        let acks = try await onEveryShard(sequenceID, timeout: .seconds(300)) { shard, placement in
             var prefill = Tessera_V1_Prefill()
             prefill.tenant = self.tenant
             prefill.sequenceID = sequenceID
@@ -162,7 +162,7 @@ public final class TesseraClient: Sendable {
     /// Sends one request per shard to its primary, concurrently; on NOT_PRIMARY or STALE_EPOCH it
     /// refreshes the placement and retries that shard once.
     private func onEveryShard(
-        _ sequenceID: UInt64,
+        _ sequenceID: UInt64, timeout: Duration = .seconds(60),
         _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
     ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
         guard let placement = placements.withLock({ $0[sequenceID] }) else {
@@ -172,11 +172,13 @@ public final class TesseraClient: Sendable {
             for shard in placement.shards {
                 group.addTask {
                     do {
-                        return try await self.pool.connection(to: shard.primary).request(try make(shard, placement))
+                        return try await self.pool.connection(to: shard.primary).request(
+                            try make(shard, placement), timeout: timeout)
                     } catch let error as WireError where error.code == .notPrimary || error.code == .staleEpoch {
                         let fresh = try await self.refreshPlacement(sequenceID)
                         guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
-                        return try await self.pool.connection(to: moved.primary).request(try make(moved, fresh))
+                        return try await self.pool.connection(to: moved.primary).request(
+                            try make(moved, fresh), timeout: timeout)
                     }
                 }
             }

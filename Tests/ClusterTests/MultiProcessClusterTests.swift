@@ -1,0 +1,152 @@
+import Client
+import ClusterLauncher
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+import Logging
+import SystemPackage
+import Testing
+import Workloads
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The built `tessera` next to the test bundle (`TESSERA_BINARY` overrides it).
+func tesseraBinary() -> FilePath {
+    if let path = getenv("TESSERA_BINARY") { return FilePath(String(cString: path)) }
+    var directory = LocalCluster.currentBinary
+    directory.removeLastComponent()
+    return directory.appending("tessera")
+}
+
+/// What one process computes for a sequence with KVCacheCore alone: the same profile, statistics,
+/// allocation, compression and decode the cluster spreads over its processes.
+func referenceOutputs(
+    _ trace: SequenceTrace, policy: CompressionPolicy, retention: Double
+) throws -> [[Int: [Float]]] {
+    let g = trace.geometry
+    let layout = trace.layout
+    let requirements = policy.requirements(layout: layout)
+    var prefills: [LayerPrefill] = []
+    var profiles: [AttentionProfile] = []
+    for layer in 0..<g.layers {
+        prefills.append(trace.prefill(layer: layer))
+        profiles.append(try AttentionProfile(prefill: prefills[layer], requirements: requirements))
+    }
+    let statistics = (0..<g.layers).map {
+        LayerStatistics(layer: $0, profile: profiles[$0], layout: layout, policy: policy)
+    }
+    let budgets = try BudgetAllocator.allocate(policy: policy, retention: retention, geometry: g, statistics: statistics)
+    var steps = [[Int: [Float]]](repeating: [:], count: trace.decodeSteps)
+    for layer in 0..<g.layers {
+        var heads = try LayerCompressor.compress(
+            prefills[layer], layout: layout, profile: profiles[layer], budget: budgets[layer], policy: policy,
+            as: Float.self
+        ).heads
+        for (t, input) in trace.decode(layer: layer).enumerated() {
+            steps[t][layer] = LayerDecoder.step(&heads, geometry: g, input: input, position: layout.promptLength + t)
+        }
+    }
+    return steps
+}
+
+@Suite(.serialized) struct MultiProcessClusterTests {
+    static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    /// `tessera cluster` processes: 20 mixed sequences through the client, prefill and 32 decode steps
+    /// each, outputs bit-identical to KVCacheCore in this process; after closing, accounting is zero.
+    @Test(.timeLimit(.minutes(10)))
+    func decodeOutputsMatchOneProcessBitForBit() async throws {
+        let seed: UInt64 = 20_261_122
+        let options = LocalCluster.Options(
+            binary: tesseraBinary(), workers: 3, childArguments: ["--log-level", "error"], inheritStandardError: true)
+        try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
+            try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "test", logger: Self.logger) { client in
+                let status = try await eventually("three workers alive") {
+                    let status = try await client.status()
+                    return status.workers.filter { $0.state == "alive" }.count == 3 ? status : nil
+                }
+                #expect(status.workers.map(\.shards).allSatisfy { $0.count == 1 })
+                let generator = TraceGenerator(preset: .mixed, geometry: .tiny, seed: seed)
+                let policies = CompressionPolicy.allNames
+                for index in 0..<20 {
+                    let trace = generator.sequence(index)
+                    let policy = try CompressionPolicy.named(policies[index % policies.count])
+                    let retention = [0.1, 0.2, 0.3][index % 3]
+                    let id = UInt64(1000 + index)
+                    let placement = try await client.openSequence(
+                        id, geometry: .tiny, layout: trace.layout, policy: policy, retention: retention)
+                    #expect(placement.shards.count == 3)
+                    _ = try await client.prefillSynthetic(
+                        id, workload: "mixed", seed: seed, index: index)
+                    let expected = try referenceOutputs(trace, policy: policy, retention: retention)
+                    for step in 0..<trace.decodeSteps {
+                        let outputs = try await client.decode(id, step: step, geometry: .tiny)
+                        #expect(outputs.count == trace.geometry.layers)
+                        for layer in 0..<trace.geometry.layers where outputs[layer] != expected[step][layer] {
+                            Issue.record("seed \(seed) sequence \(index) (\(policy.name)) step \(step) layer \(layer) differs")
+                        }
+                    }
+                }
+                let open = try await client.status()
+                #expect(open.sequences == 20)
+                #expect(open.totalKVBytes > 0)
+                for index in 0..<20 { _ = try await client.close(UInt64(1000 + index)) }
+                let closed = try await eventually("accounted bytes back to zero") {
+                    let status = try await client.status()
+                    return status.totalKVBytes == 0 && status.sequences == 0 ? status : nil
+                }
+                #expect(closed.workers.allSatisfy { $0.kvBytes == 0 })
+            }
+        }
+    }
+
+    /// Bad requests get an error naming the problem and leave the cluster serving.
+    @Test(.timeLimit(.minutes(3)))
+    func badRequestsAreRefusedClearly() async throws {
+        let options = LocalCluster.Options(
+            binary: tesseraBinary(), workers: 2, childArguments: ["--log-level", "error"], inheritStandardError: true)
+        try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
+            try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "a", logger: Self.logger) { client in
+                let layout = try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 40)])
+                await #expect(throws: WireError.self) {
+                    _ = try await client.decode(7, step: 0, geometry: .tiny)
+                }
+                _ = try await client.openSequence(7, geometry: .tiny, layout: layout, policy: .full, retention: 0.5)
+                do {
+                    _ = try await client.openSequence(7, geometry: .tiny, layout: layout, policy: .full, retention: 0.5)
+                    Issue.record("a duplicate sequence id was accepted")
+                } catch let error as WireError {
+                    #expect(error.message.contains("already open"))
+                }
+                do {
+                    _ = try await client.prefillSynthetic(7, workload: "podcast", seed: 1, index: 0)
+                    Issue.record("an unknown workload was accepted")
+                } catch let error as WireError {
+                    #expect(error.code == .badRequest)
+                    #expect(error.message.contains("image-qa"))
+                }
+                let status = try await client.status()
+                #expect(status.workers.count == 2 && status.sequences == 1)
+            }
+        }
+    }
+}
+
+/// Polls `probe` until it returns a value, or fails after `timeout` (scaled by TESSERA_TEST_TIME_SCALE).
+func eventually<T: Sendable>(
+    _ what: String, timeout: Duration = .seconds(20), _ probe: @Sendable () async throws -> T?
+) async throws -> T {
+    let scale = getenv("TESSERA_TEST_TIME_SCALE").flatMap { Double(String(cString: $0)) } ?? 1
+    let deadline = ContinuousClock.now + timeout * scale
+    while ContinuousClock.now < deadline {
+        if let value = try await probe() { return value }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    throw EventuallyTimeout(description: "timed out waiting for \(what)")
+}
+
+struct EventuallyTimeout: Error, CustomStringConvertible {
+    var description: String
+}
