@@ -70,7 +70,8 @@ let package = Package(
         .target(
             name: "ClusterTransport",
             dependencies: [
-                "ClusterWire",
+                "ClusterWire", "ClusterAdmin",
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,5 +1,7 @@
 package import ClusterWire
+import ClusterAdmin
 import Logging
+import Metrics
 import NIOCore
 import Synchronization
 
@@ -163,15 +165,26 @@ package final class PeerConnection: Sendable {
     }
 
     private func answer(_ request: Tessera_V1_Envelope, handler: any EnvelopeHandler) async {
+        let start = ContinuousClock.now
+        let type = request.bodyName
+        var outcome = "ok"
+        defer {
+            Counter(label: TesseraMetrics.requestsTotal, dimensions: [("type", type), ("outcome", outcome)]).increment()
+            Metrics.Timer(label: TesseraMetrics.requestDurationSeconds, dimensions: [("type", type)])
+                .recordInterval(since: start)
+        }
         let reply: Tessera_V1_Envelope
         do {
             guard let body = try await handler.handle(request, from: self) else { return }
             reply = Tessera_V1_Envelope(requestID: request.requestID, body)
         } catch let error as WireError {
+            outcome = error.code.description
             reply = Tessera_V1_Envelope(requestID: request.requestID, error: error)
         } catch is CancellationError {
+            outcome = "cancelled"
             return
         } catch {
+            outcome = "INTERNAL"
             reply = Tessera_V1_Envelope(requestID: request.requestID, error: WireError(.internal, "\(error)"))
         }
         do {
@@ -200,5 +213,13 @@ package func withDeadline<T: Sendable>(
             throw WireError(.unavailable, "\(what): no answer within \(timeout)")
         }
         throw CancellationError()
+    }
+}
+
+extension Metrics.Timer {
+    func recordInterval(since start: ContinuousClock.Instant) {
+        let elapsed = ContinuousClock.now - start
+        let (seconds, attoseconds) = elapsed.components
+        recordNanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
     }
 }

@@ -1,8 +1,10 @@
+import ClusterAdmin
 import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
 public import Logging
+import Metrics
 
 /// The coordinator process: membership and failure detection, the shard map, admission and placement
 /// of new sequences, and the gather-allocate-scatter of per-layer budgets: once every layer's
@@ -41,6 +43,7 @@ public final class CoordinatorService: Sendable {
     private func detectFailures() async throws {
         while true {
             try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
+            await state.publishMetrics()
             for change in await state.tick() {
                 logger.warning(
                     "membership changed",

@@ -1,7 +1,9 @@
+import ClusterAdmin
 import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
+import Metrics
 
 /// A worker the coordinator knows: its membership entry lives in `Membership`; this holds the live
 /// connection and what its heartbeats last reported.
@@ -193,6 +195,22 @@ actor CoordinatorState {
             throw WireError(.unavailable, "worker \(nodeID) is not connected")
         }
         return link.connection
+    }
+
+    /// Accounted bytes per worker and modality, and open sequences, for the Prometheus endpoint.
+    func publishMetrics() {
+        Gauge(label: TesseraMetrics.liveSequences).record(sequences.count)
+        for (nodeID, link) in workers {
+            var byModality: [String: UInt64] = ["text": 0, "image": 0, "video": 0]
+            for entry in link.kvBytesByModality {
+                byModality[entry.kind == .image ? "image" : entry.kind == .videoFrame ? "video" : "text", default: 0] +=
+                    entry.bytes
+            }
+            for (modality, bytes) in byModality {
+                Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", nodeID.rawValue), ("modality", modality)])
+                    .record(bytes)
+            }
+        }
     }
 
     func status() -> Tessera_V1_StatusReply {

@@ -1,7 +1,9 @@
 import ClusterTransport
 import ClusterWire
+import ClusterAdmin
 import KVCacheCore
 public import Logging
+import Metrics
 import Synchronization
 import Workloads
 
@@ -96,6 +98,11 @@ public final class WorkerService: Sendable {
             try await Task.sleep(for: configuration.heartbeatInterval)
             number += 1
             let totals = await store.totals()
+            for modality in ["text", "image", "video"] {
+                Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", configuration.nodeID), ("modality", modality)])
+                    .record(totals.byModality[modality] ?? 0)
+            }
+            Gauge(label: TesseraMetrics.liveSequences).record(totals.sequences)
             var beat = Tessera_V1_Heartbeat()
             beat.incarnation = configuration.incarnation
             beat.sequenceNumber = number

@@ -31,10 +31,13 @@ struct CoordinatorCommand: AsyncParsableCommand {
                 incarnation: wallClockIncarnation(), listen: address,
                 memoryLimitBytes: memoryLimitBytes),
             logger: logger)
+        let adminPort = AsyncValue<Int>()
+        let admin = try adminService(process, logger: logger) { adminPort.set($0) }
         try await runServices(
-            [ClosureService {
+            [admin, ClosureService {
                 try await service.run { port in
-                    printReady([("role", jsonString("coordinator")), ("port", "\(port)"), ("pid", "\(processID)")])
+                    printReady([("role", jsonString("coordinator")), ("port", "\(port)"),
+                                ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)")])
                 }
             }], options: process, logger: logger)
     }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClusterAdmin
 import Logging
 import NIOCore
 import NIOPosix
@@ -13,6 +14,12 @@ struct ProcessOptions: ParsableArguments {
 
     @Flag(help: "Exit when standard input closes (the lifeline a parent process holds).")
     var exitOnStdinEof = false
+
+    @Option(help: "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz); 0 picks one.")
+    var adminPort = 0
+
+    @Option(help: "Host the admin endpoint binds.")
+    var adminHost = "127.0.0.1"
 
     func bootstrapLogging() throws -> Logger {
         guard let level = Logger.Level(rawValue: logLevel) else {
@@ -39,6 +46,19 @@ struct ClosureService: Service {
             return
         }
     }
+}
+
+/// The admin endpoint as a service; reports its bound port.
+func adminService(_ options: ProcessOptions, logger: Logger, onListening: @escaping @Sendable (Int) -> Void) throws
+    -> ClosureService
+{
+    guard (0...65535).contains(options.adminPort) else {
+        throw usageFailure("--admin-port must be in 0...65535, got \(options.adminPort)")
+    }
+    let registry = MetricsBootstrap.bootstrap()
+    let server = AdminServer(
+        host: options.adminHost, port: options.adminPort, registry: registry, logger: logger, onListening: onListening)
+    return ClosureService { try await server.run() }
 }
 
 /// Runs `services` until SIGINT/SIGTERM (graceful: exit 0) or, with the lifeline, until stdin closes.
@@ -99,4 +119,31 @@ func wallClockIncarnation() -> UInt64 {
     var now = timespec()
     clock_gettime(CLOCK_REALTIME, &now)
     return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}
+
+/// A value set once by one task and awaited by others.
+final class AsyncValue<T: Sendable>: Sendable {
+    private let state = Mutex<(value: T?, waiters: [CheckedContinuation<T, Never>])>((nil, []))
+
+    func set(_ value: T) {
+        let waiters = state.withLock { state in
+            state.value = value
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume(returning: value) }
+    }
+
+    var value: T {
+        get async {
+            await withCheckedContinuation { continuation in
+                let ready = state.withLock { state -> T? in
+                    if let value = state.value { return value }
+                    state.waiters.append(continuation)
+                    return nil
+                }
+                if let ready { continuation.resume(returning: ready) }
+            }
+        }
+    }
 }

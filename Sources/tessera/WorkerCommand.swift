@@ -48,10 +48,13 @@ struct WorkerCommand: AsyncParsableCommand {
                 coordinator: coordinatorAddress, storage: scalar),
             logger: logger)
         let id = nodeID
+        let adminPort = AsyncValue<Int>()
+        let admin = try adminService(process, logger: logger) { adminPort.set($0) }
         try await runServices(
-            [ClosureService {
+            [admin, ClosureService {
                 try await service.run { port in
-                    printReady([("role", jsonString("worker")), ("port", "\(port)"), ("pid", "\(processID)"),
+                    printReady([("role", jsonString("worker")), ("port", "\(port)"),
+                                ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
                                 ("nodeID", jsonString(id))])
                 }
             }], options: process, logger: logger)
