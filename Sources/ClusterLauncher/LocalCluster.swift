@@ -21,6 +21,9 @@ public struct LocalCluster: Sendable {
         public var workers: Int
         /// Extra arguments for every child (e.g. `--config PATH`, `--log-level warning`).
         public var childArguments: [String]
+        /// Extra arguments for the coordinator alone and for every worker.
+        public var coordinatorArguments: [String] = []
+        public var workerArguments: [String] = []
         /// Where children's stderr goes: inherited from this process, or discarded.
         public var inheritStandardError: Bool
         public var readyTimeout: Duration
@@ -52,7 +55,8 @@ public struct LocalCluster: Sendable {
         try await withThrowingTaskGroup(of: T?.self) { group in
             defer { group.cancelAll() }
             let coordinator = try await spawn(
-                options, arguments: ["coordinator", "--listen", "127.0.0.1:0"], name: "coordinator", in: &group)
+                options, arguments: ["coordinator", "--listen", "127.0.0.1:0"] + options.coordinatorArguments,
+                name: "coordinator", in: &group)
             let address = NodeAddress(host: "127.0.0.1", port: coordinator.port)
             var workers: [(nodeID: String, address: NodeAddress, pid: Int32)] = []
             for index in 0..<options.workers {
@@ -60,7 +64,7 @@ public struct LocalCluster: Sendable {
                 let ready = try await spawn(
                     options,
                     arguments: ["worker", "--coordinator", address.description, "--listen", "127.0.0.1:0",
-                                "--node-id", nodeID],
+                                "--node-id", nodeID] + options.workerArguments,
                     name: nodeID, in: &group)
                 workers.append((nodeID, NodeAddress(host: "127.0.0.1", port: ready.port), ready.pid))
             }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClusterAdmin
 import ClusterLauncher
 import ClusterTransport
 import Logging
@@ -21,19 +22,33 @@ struct ClusterCommand: AsyncParsableCommand {
                 """
         )
 
-        @Option(help: "Number of worker processes.")
-        var workers = 3
+        @Option(help: "Cluster configuration file (YAML); see cluster/local.yaml.")
+        var config: String?
+
+        @Option(help: "Number of worker processes (default: the configuration's, else 3).")
+        var workers: Int?
 
         @OptionGroup var process: ProcessOptions
 
         func run() async throws {
-            guard (1...64).contains(workers) else { throw usageFailure("--workers must be in 1...64, got \(workers)") }
+            var settings = ClusterConfiguration.defaults
+            if let config {
+                do { settings = try ClusterConfiguration.load(path: config) } catch {
+                    throw usageFailure("\(error)")
+                }
+            }
+            let count = workers ?? settings.cluster.workers
+            guard (1...64).contains(count) else { throw usageFailure("--workers must be in 1...64, got \(count)") }
             let logger = try process.bootstrapLogging()
-            let options = LocalCluster.Options(
-                binary: LocalCluster.currentBinary, workers: workers, childArguments: ["--log-level", process.logLevel])
+            var options = LocalCluster.Options(
+                binary: LocalCluster.currentBinary, workers: count, childArguments: ["--log-level", process.logLevel],
+                readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds))
+            options.coordinatorArguments = ["--memory-limit-bytes", "\(settings.coordinator.memory.limitBytes)"]
+            options.workerArguments = ["--storage", settings.worker.storage.rawValue]
+            let launch = options
             try await runServices(
                 [ClosureService {
-                    try await LocalCluster.withCluster(options, logger: logger) { cluster in
+                    try await LocalCluster.withCluster(launch, logger: logger) { cluster in
                         let workerList = cluster.workers.map { worker in
                             "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
                                 + "\"pid\":\(worker.pid)}"
