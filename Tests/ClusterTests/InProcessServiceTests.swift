@@ -1,0 +1,71 @@
+import Client
+import ClusterTransport
+import ClusterWire
+import Coordinator
+import KVCacheCore
+import Logging
+import Testing
+import Worker
+import Workloads
+
+/// The coordinator and two workers as services in this process, on port 0.
+@Suite struct InProcessServiceTests {
+    static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    @Test(.timeLimit(.minutes(2)))
+    func servicesOnPortZeroServeASequence() async throws {
+        let seed: UInt64 = 77
+        let coordinatorPort = AsyncStream.makeStream(of: Int.self)
+        let coordinator = try CoordinatorService(
+            configuration: CoordinatorConfiguration(incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0)),
+            logger: Self.logger)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            defer { group.cancelAll() }
+            group.addTask { try await coordinator.run { coordinatorPort.continuation.yield($0) } }
+            var ports = coordinatorPort.stream.makeAsyncIterator()
+            let port = try #require(await ports.next())
+            let address = NodeAddress(host: "127.0.0.1", port: port)
+            for index in 1...2 {
+                let worker = WorkerService(
+                    configuration: WorkerConfiguration(
+                        nodeID: "in-process-\(index)", incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
+                        coordinator: address, storage: .float16),
+                    logger: Self.logger)
+                group.addTask { try await worker.run() }
+            }
+            try await TesseraClient.withClient(coordinator: address, tenant: "t", logger: Self.logger) { client in
+                _ = try await eventually("two workers") {
+                    let status = try await client.status()
+                    return status.workers.filter { $0.state == "alive" }.count == 2 ? status : nil
+                }
+                let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
+                let placement = try await client.openSequence(
+                    5, geometry: .tiny, layout: trace.layout, policy: .vlCache(.init()), retention: 0.2)
+                #expect(placement.shards.map(\.layers) == [0..<3, 3..<6])
+                let held = try await client.prefillSynthetic(5, workload: "image-qa", seed: seed, index: 0)
+                #expect(held > 0)
+                for step in 0..<4 {
+                    let outputs = try await client.decode(5, step: step, geometry: .tiny)
+                    #expect(outputs.count == 6, "seed \(seed)")
+                    #expect(outputs.values.allSatisfy { $0.count == 4 * 32 && $0.allSatisfy(\.isFinite) })
+                }
+                // Another tenant cannot touch the sequence; a step out of order is refused.
+                try await TesseraClient.withClient(coordinator: address, tenant: "other", logger: Self.logger) { other in
+                    do {
+                        _ = try await other.refreshPlacement(5)
+                        Issue.record("another tenant read the placement")
+                    } catch let error as WireError {
+                        #expect(error.code == .wrongTenant)
+                    }
+                }
+                do {
+                    _ = try await client.decode(5, step: 9, geometry: .tiny)
+                    Issue.record("a step out of order was accepted")
+                } catch let error as WireError {
+                    #expect(error.message.contains("out of order"))
+                }
+                #expect(try await client.close(5) > 0)
+            }
+        }
+    }
+}
