@@ -154,7 +154,9 @@ public enum WireBenchmark {
     {
         let payload = UnsafeMutableRawPointer.allocate(byteCount: frameBytes, alignment: 64)
         defer { payload.deallocate() }
-        for index in 0..<frameBytes { payload.storeBytes(of: UInt8(truncatingIfNeeded: index &* 31), toByteOffset: index, as: UInt8.self) }
+        for index in 0..<frameBytes {
+            payload.storeBytes(of: UInt8(truncatingIfNeeded: index &* 31), toByteOffset: index, as: UInt8.self)
+        }
         let clock = ContinuousClock()
         let start = clock.now
         for frame in 0..<frames {

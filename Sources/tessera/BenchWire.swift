@@ -14,35 +14,42 @@ struct BenchWire: AsyncParsableCommand {
         commandName: "bench-wire",
         abstract: "Measure prefill ingest and decode round trips of a local cluster against plain TCP.",
         discussion: """
-            Run in release (swift build -c release --product tessera; .build/release/tessera bench-wire).
-            Starts a coordinator and --workers workers from this binary over 127.0.0.1, then measures, in
-            the same run:
+            Run in release: swift build -c release --product tessera, then
+            .build/release/tessera bench-wire. Starts a coordinator and --workers workers
+            from this binary on 127.0.0.1 and measures, in the same run:
 
-            - Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB, 1 MiB and 4 MiB
-              (one layer of 2 KV heads × 32 dims, float32, as long a prompt as fills the frame; policy
-              full, no queries), with one request and with four requests in flight on one connection;
-              MB/s of tensor payload over the time the prefill requests took (opening and closing the
-              sequences through the coordinator is not timed). The worker's share is decoding the
-              frame, checking every element, the policy's (empty) profile and its statistics.
-            - Plain TCP over loopback with the same payload bytes in the same frame sizes (as many frames
-              as the one-in-flight run sent, repeated until at least 0.5 s were timed): blocking sockets
-              streaming to a sink, and one frame in flight with a one-byte ack per frame.
-            - Decode round trips on 1 and on 8 concurrent clients (each its own connections and its own
-              sequences: tiny model, image-qa synthetic prefill, snapkv at 0.2): real steps, then
-              retries of the last step, which the worker answers from its cache without attention.
+            Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB,
+            1 MiB and 4 MiB (one layer of 2 KV heads x 32 dims, float32, as long a prompt
+            as fills the frame; policy full, no queries), one and four requests in flight
+            on one connection. MB/s of tensor payload over the time the prefill requests
+            took; opening and closing the sequences through the coordinator is not
+            timed. The worker's share: decoding the frame, checking every element, the
+            policy's (empty) profile and the layer statistics.
 
-            Prints a table and lines like `ingest 1 MiB frames: 812.3 MB/s (plain TCP 1510.2 MB/s, 54%)`;
-            MB is 10^6 bytes. Progress goes to stderr. Every child process is stopped at the end.
+            Plain TCP over loopback with the same payload bytes in the same frame sizes
+            (as many frames as the one-in-flight run sent, repeated until 0.5 s, or
+            --seconds-per-point if shorter, were timed): blocking sockets streaming to a
+            sink, and one frame in flight with a one-byte ack per frame.
+
+            Decode round trips on 1 and on 8 concurrent clients, each with its own
+            connections and sequences (tiny, image-qa synthetic prefill, snapkv 0.2):
+            real steps, then retries of the last step, which the worker answers from its
+            cache without running attention.
+
+            Prints a table and lines like
+            `ingest 1 MiB frames: 812.3 MB/s (plain TCP 1510.2 MB/s, 54%)`; MB is 10^6
+            bytes. Progress goes to stderr. Every child process is stopped at the end.
             """
     )
 
-    @Option(help: "Worker processes in the local cluster, in 1...64 (ingest always goes to one of them).")
+    @Option(help: ArgumentHelp(
+        "Worker processes in the local cluster, in 1...64 (ingest always goes to one of them).", valueName: "n"))
     var workers = 1
 
-    @Option(help: "Seconds measured for each figure, in 0.1...60.")
+    @Option(help: ArgumentHelp("Seconds measured for each figure, in 0.1...60.", valueName: "seconds"))
     var secondsPerPoint = 2.0
 
-    @Option(help: "Also write the figures as JSON to this path.")
+    @Option(help: ArgumentHelp("Also write the figures as JSON to this path.", valueName: "path"))
     var json: String?
 
     func run() async throws {
