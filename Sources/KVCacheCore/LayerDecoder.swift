@@ -51,9 +51,6 @@ extension LayerDecoder {
 extension HeadCache {
     /// Payload bytes by modality bucket ("text", "image", "video").
     public var payloadBytesByModality: [String: Int] {
-        let rowBytes = 2 * headDim * MemoryLayout<S>.size
-        var result: [String: Int] = [:]
-        for tag in tags { result[tag.kindName, default: 0] += rowBytes }
-        return result
+        ModalityTag.bytesByKind(tags, rowBytes: 2 * headDim * MemoryLayout<S>.size)
     }
 }

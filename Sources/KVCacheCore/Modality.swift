@@ -39,6 +39,24 @@ public struct ModalityTag: Sendable, Hashable, Codable {
         }
     }
 
+    /// `rowBytes` per tag, summed by kind bucket; counts in a fixed array first, so accounting over
+    /// millions of rows hashes three strings, not one per row.
+    public static func bytesByKind(_ tags: [ModalityTag], rowBytes: Int) -> [String: Int] {
+        var counts = (0, 0, 0)
+        for tag in tags {
+            switch tag.rawValue >> 30 {
+            case 1: counts.1 += 1
+            case 2: counts.2 += 1
+            default: counts.0 += 1
+            }
+        }
+        var result: [String: Int] = [:]
+        if counts.0 > 0 { result["text"] = counts.0 * rowBytes }
+        if counts.1 > 0 { result["image"] = counts.1 * rowBytes }
+        if counts.2 > 0 { result["video"] = counts.2 * rowBytes }
+        return result
+    }
+
     /// The coarse bucket used in accounting: "text", "image" or "video".
     public var kindName: String {
         switch rawValue >> 30 {

@@ -28,10 +28,11 @@ struct HeldSequence: Sendable {
         if let cache { return cache.bytes }
         var total = 0
         var byModality: [String: Int] = [:]
-        for prefill in prefills.values {
-            let rowBytes = 2 * prefill.geometry.headDim * MemoryLayout<Float>.size
-            total += prefill.geometry.kvHeads * prefill.promptLength * rowBytes
-            for tag in layout.tags { byModality[tag.kindName, default: 0] += prefill.geometry.kvHeads * rowBytes }
+        let rowBytes = geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size
+        let perLayer = ModalityTag.bytesByKind(layout.tags, rowBytes: rowBytes)
+        for _ in prefills.values {
+            total += layout.promptLength * rowBytes
+            byModality.merge(perLayer, uniquingKeysWith: +)
         }
         return (total, byModality)
     }

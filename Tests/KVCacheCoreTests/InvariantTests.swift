@@ -114,6 +114,17 @@ import Testing
                 == f32.payloadBytes)
     }
 
+    @Test func bytesAreAccountedPerModality() {
+        let tags = [ModalityTag.text, ModalityTag(.image(0)), ModalityTag(.image(3)), ModalityTag(.videoFrame(1))]
+        #expect(ModalityTag.bytesByKind(tags, rowBytes: 10) == ["text": 10, "image": 20, "video": 10])
+        var head = HeadCache<Float16>(headDim: 8)
+        for tag in tags {
+            head.append(key: [Float](repeating: 1, count: 8), value: [Float](repeating: 1, count: 8), position: 0, tag: tag)
+        }
+        #expect(head.payloadBytesByModality == ["text": 32, "image": 64, "video": 32])
+        #expect(head.payloadBytesByModality.values.reduce(0, +) == head.payloadBytes)
+    }
+
     @Test func modalityTagsRoundTrip() {
         for modality in [Modality.text, .image(0), .image(77), .videoFrame(31)] {
             #expect(ModalityTag(modality).modality == modality)
