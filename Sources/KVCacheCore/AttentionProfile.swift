@@ -46,9 +46,8 @@ public struct AttentionProfile: Sendable {
                     var zeroed = 0
                     var entries = 0
                     var nextSnapshot = 0
-                    var row = m - 1
-                    while nextSnapshot < snapshots.count {
-                        // Sums over start..<m are complete once every row ≥ start has been added.
+                    // Sums over start..<m are complete once every row ≥ start has been added.
+                    func snapshot(above row: Int) {
                         while nextSnapshot < snapshots.count, snapshots[nextSnapshot] > row {
                             let start = snapshots[nextSnapshot]
                             running.withUnsafeBufferPointer { r in
@@ -58,7 +57,9 @@ public struct AttentionProfile: Sendable {
                             }
                             nextSnapshot += 1
                         }
-                        if row < 0 || nextSnapshot == snapshots.count { break }
+                    }
+                    for row in stride(from: m - 1, through: firstRow, by: -1) {
+                        snapshot(above: row)
                         let count = row + 1
                         probabilities.withUnsafeMutableBufferPointer { p in
                             let p = p.baseAddress!
@@ -66,31 +67,19 @@ public struct AttentionProfile: Sendable {
                                 query: queries.baseAddress! + prefill.queryOffset(head: h, row: row), keys: keyBase,
                                 rows: count, headDim: d, into: p)
                             Kernels.softmax(p, count: count)
-                            running.withUnsafeMutableBufferPointer { r in
-                                Kernels.accumulate(p, into: r.baseAddress!, count: count)
+                            if nextSnapshot < snapshots.count {
+                                running.withUnsafeMutableBufferPointer { r in
+                                    Kernels.accumulate(p, into: r.baseAddress!, count: count)
+                                }
                             }
                             if row >= sparsityStart {
                                 zeroed += Kernels.countBelow(p, count: count, fractionOfMax: threshold)
                                 entries += count
                             }
                         }
-                        row -= 1
                     }
+                    snapshot(above: firstRow - 1)
                     if sparsityStart < m {
-                        // Rows the column sums did not need still count towards sparsity.
-                        while row >= sparsityStart {
-                            let count = row + 1
-                            probabilities.withUnsafeMutableBufferPointer { p in
-                                let p = p.baseAddress!
-                                Kernels.logits(
-                                    query: queries.baseAddress! + prefill.queryOffset(head: h, row: row),
-                                    keys: keyBase, rows: count, headDim: d, into: p)
-                                Kernels.softmax(p, count: count)
-                                zeroed += Kernels.countBelow(p, count: count, fractionOfMax: threshold)
-                                entries += count
-                            }
-                            row -= 1
-                        }
                         sparsity[h] = entries == 0 ? 0 : Double(zeroed) / Double(entries)
                     }
                 }

@@ -115,53 +115,51 @@ public enum FidelityEvaluator {
         var groupAttention = [Float](repeating: 0, count: m)
         for (t, step) in steps.enumerated() {
             let outputs = LayerDecoder.step(&compressed, geometry: g, input: step, position: m + t)
-            do {
-                for qh in 0..<g.queryHeads {
-                    let h = qh / g.groupSize
-                    let row = t * g.queryHeads + qh
-                    let output = outputs[(qh * d)..<(qh * d + d)]
-                    var diff: Float = 0
-                    var norm: Float = 0
-                    var dotFC: Float = 0
-                    var normC: Float = 0
-                    for c in 0..<d {
-                        let full = reference.outputs[row * d + c]
-                        let mine = output[qh * d + c]
-                        let delta = full - mine
-                        diff += delta * delta
-                        norm += full * full
-                        normC += mine * mine
-                        dotFC += full * mine
+            for qh in 0..<g.queryHeads {
+                let h = qh / g.groupSize
+                let row = t * g.queryHeads + qh
+                let output = outputs[(qh * d)..<(qh * d + d)]
+                var diff: Float = 0
+                var norm: Float = 0
+                var dotFC: Float = 0
+                var normC: Float = 0
+                for c in 0..<d {
+                    let full = reference.outputs[row * d + c]
+                    let mine = output[qh * d + c]
+                    let delta = full - mine
+                    diff += delta * delta
+                    norm += full * full
+                    normC += mine * mine
+                    dotFC += full * mine
+                }
+                report.relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
+                report.cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
+                report.outputs += 1
+                var promptMass: Float = 0
+                var keptMass: Float = 0
+                for j in 0..<m {
+                    let p = reference.promptAttention[row * m + j]
+                    promptMass += p
+                    if isKept[h][j] { keptMass += p }
+                }
+                report.massRecallSum += promptMass > 0 ? Double(keptMass / promptMass) : 1
+                if t == 0 {
+                    for j in 0..<m { groupAttention[j] += reference.promptAttention[row * m + j] }
+                    if qh % g.groupSize == g.groupSize - 1 {
+                        // VL-Cache's CacheHitRate: overlap of the kept set with the top-k of the
+                        // first decode token's (group-mean) attention, k = kept prompt rows.
+                        let k = keptPrompt[h]
+                        let top = Selection.top(k, of: groupAttention, among: Array(0..<m))
+                        let hits = top.lazy.filter { isKept[h][$0] }.count
+                        report.hitRateSum += k == 0 ? 0 : Double(hits) / Double(k)
+                        report.hitRateHeads += 1
+                        groupAttention.withUnsafeMutableBufferPointer { $0.update(repeating: 0) }
                     }
-                    report.relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
-                    report.cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
-                    report.outputs += 1
-                    var promptMass: Float = 0
-                    var keptMass: Float = 0
-                    for j in 0..<m {
-                        let p = reference.promptAttention[row * m + j]
-                        promptMass += p
-                        if isKept[h][j] { keptMass += p }
-                    }
-                    report.massRecallSum += promptMass > 0 ? Double(keptMass / promptMass) : 1
-                    if t == 0 {
-                        for j in 0..<m { groupAttention[j] += reference.promptAttention[row * m + j] }
-                        if qh % g.groupSize == g.groupSize - 1 {
-                            // VL-Cache's CacheHitRate: overlap of the kept set with the top-k of the
-                            // first decode token's (group-mean) attention, k = kept prompt rows.
-                            let k = keptPrompt[h]
-                            let top = Selection.top(k, of: groupAttention, among: Array(0..<m))
-                            let hits = top.lazy.filter { isKept[h][$0] }.count
-                            report.hitRateSum += k == 0 ? 0 : Double(hits) / Double(k)
-                            report.hitRateHeads += 1
-                            groupAttention.withUnsafeMutableBufferPointer { $0.update(repeating: 0) }
-                        }
-                    }
-                    if let needle, needle.probes.contains(where: { $0.queryHead == qh && $0.step == t }) {
-                        report.needleProbes += 1
-                        if Array(output).withUnsafeBufferPointer(needle.decode) == needle.answer {
-                            report.needleCorrect += 1
-                        }
+                }
+                if let needle, needle.probes.contains(where: { $0.queryHead == qh && $0.step == t }) {
+                    report.needleProbes += 1
+                    if Array(output).withUnsafeBufferPointer(needle.decode) == needle.answer {
+                        report.needleCorrect += 1
                     }
                 }
             }
