@@ -149,7 +149,7 @@ let package = Package(
         .testTarget(
             name: "TesseraCLITests",
             dependencies: [
-                "tessera",
+                "tessera", "ClusterLauncher",
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

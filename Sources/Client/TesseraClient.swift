@@ -217,10 +217,7 @@ extension ClusterStatus {
                 id: worker.endpoint.nodeID, address: "\(worker.endpoint.host):\(worker.endpoint.port)",
                 state: state,
                 shards: worker.primaryShardIds, kvBytes: worker.kvBytes,
-                kvBytesByModality: Dictionary(
-                    worker.kvBytesByModality.map { entry in
-                        (entry.kind == .image ? "image" : entry.kind == .videoFrame ? "video" : "text", entry.bytes)
-                    }, uniquingKeysWith: +))
+                kvBytesByModality: worker.kvBytesByModality.byModality)
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes

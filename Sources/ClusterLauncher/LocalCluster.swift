@@ -48,6 +48,14 @@ public struct LocalCluster: Sendable {
         return FilePath(String(decoding: bytes, as: UTF8.self))
     }
 
+    /// The `tessera` beside the running executable (tests run next to it); `TESSERA_BINARY` overrides.
+    public static var siblingBinary: FilePath {
+        if let path = getenv("TESSERA_BINARY") { return FilePath(String(cString: path)) }
+        var directory = currentBinary
+        directory.removeLastComponent()
+        return directory.appending("tessera")
+    }
+
     /// Starts the cluster, waits until every process printed its READY line, runs `body`, stops them.
     public static func withCluster<T: Sendable>(
         _ options: Options, logger: Logger, _ body: @escaping @Sendable (LocalCluster) async throws -> T

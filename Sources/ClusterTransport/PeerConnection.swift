@@ -31,6 +31,12 @@ package final class PeerConnection: Sendable {
         var nextID: UInt64
         var pending: [UInt64: Slot] = [:]
         var closed = false
+
+        /// The next id of this side's parity.
+        mutating func takeID() -> UInt64 {
+            defer { nextID += 2 }
+            return nextID
+        }
     }
 
     init(
@@ -50,8 +56,7 @@ package final class PeerConnection: Sendable {
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let id = try state.withLock { state throws(WireError) in
             guard !state.closed else { throw WireError(.unavailable, "connection to \(peer) is closed") }
-            let id = state.nextID
-            state.nextID += 2
+            let id = state.takeID()
             state.pending[id] = .awaiting(nil)
             return id
         }
@@ -95,11 +100,7 @@ package final class PeerConnection: Sendable {
 
     /// Sends a one-way message (no reply expected).
     package func notify(_ body: Tessera_V1_Envelope.OneOf_Body) async throws {
-        let id = state.withLock { state in
-            let id = state.nextID
-            state.nextID += 2
-            return id
-        }
+        let id = state.withLock { $0.takeID() }
         try await outbound.write(Tessera_V1_Envelope(requestID: id, body))
     }
 

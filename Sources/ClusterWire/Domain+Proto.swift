@@ -287,3 +287,33 @@ extension ScalarType {
         self.init(wire)
     }
 }
+
+// MARK: - Bytes by modality
+
+extension Array where Element == Tessera_V1_ModalityBytes {
+    /// Accounted bytes keyed by modality bucket ("text", "image", "video"), as on the wire.
+    package init(byModality: [String: Int]) {
+        self = byModality.keys.sorted().map { name in
+            var entry = Tessera_V1_ModalityBytes()
+            entry.kind = switch name {
+            case "image": .image
+            case "video": .videoFrame
+            default: .text
+            }
+            entry.bytes = UInt64(byModality[name]!)
+            return entry
+        }
+    }
+
+    /// The bytes keyed by modality bucket; entries of one bucket are added up.
+    package var byModality: [String: UInt64] {
+        reduce(into: [:]) { result, entry in
+            let name = switch entry.kind {
+            case .image: "image"
+            case .videoFrame: "video"
+            default: "text"
+            }
+            result[name, default: 0] += entry.bytes
+        }
+    }
+}

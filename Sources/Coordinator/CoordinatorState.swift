@@ -201,12 +201,9 @@ actor CoordinatorState {
     func publishMetrics() {
         Gauge(label: TesseraMetrics.liveSequences).record(sequences.count)
         for (nodeID, link) in workers {
-            var byModality: [String: UInt64] = ["text": 0, "image": 0, "video": 0]
-            for entry in link.kvBytesByModality {
-                byModality[entry.kind == .image ? "image" : entry.kind == .videoFrame ? "video" : "text", default: 0] +=
-                    entry.bytes
-            }
-            for (modality, bytes) in byModality {
+            let reported = link.kvBytesByModality.byModality
+            for modality in ["text", "image", "video"] {
+                let bytes = reported[modality] ?? 0
                 Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", nodeID.rawValue), ("modality", modality)])
                     .record(bytes)
             }

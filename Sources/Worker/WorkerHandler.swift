@@ -140,7 +140,7 @@ struct WorkerHandler: EnvelopeHandler {
         applied.shardID = held.shardID
         applied.epoch = held.epoch
         applied.kvBytes = UInt64(bytes.total)
-        applied.kvBytesByModality = modalityBytes(bytes.byModality)
+        applied.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: bytes.byModality)
         return .budgetApplied(applied)
     }
 
@@ -181,7 +181,7 @@ struct WorkerHandler: EnvelopeHandler {
         me.state = .up
         me.primaryShardIds = await worker.store.shardIDs()
         me.kvBytes = UInt64(totals.total)
-        me.kvBytesByModality = modalityBytes(totals.byModality)
+        me.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
         me.memoryCapacityBytes = worker.configuration.memoryCapacityBytes
         var reply = Tessera_V1_StatusReply()
         reply.workers = [me]

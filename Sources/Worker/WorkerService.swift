@@ -107,7 +107,7 @@ public final class WorkerService: Sendable {
             beat.incarnation = configuration.incarnation
             beat.sequenceNumber = number
             beat.kvBytes = UInt64(totals.total)
-            beat.kvBytesByModality = modalityBytes(totals.byModality)
+            beat.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
             _ = try await connection.request(.heartbeat(beat), timeout: .seconds(10))
         }
     }
@@ -121,17 +121,4 @@ public final class WorkerService: Sendable {
     }
 
     var port: Int? { boundPort.withLock { $0 } }
-}
-
-func modalityBytes(_ byModality: [String: Int]) -> [Tessera_V1_ModalityBytes] {
-    byModality.keys.sorted().map { name in
-        var entry = Tessera_V1_ModalityBytes()
-        entry.kind = switch name {
-        case "image": .image
-        case "video": .videoFrame
-        default: .text
-        }
-        entry.bytes = UInt64(byModality[name]!)
-        return entry
-    }
 }

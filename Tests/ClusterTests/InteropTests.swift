@@ -37,7 +37,7 @@ import Glibc
         try await requirePythonProtobuf(in: root)
 
         let options = LocalCluster.Options(
-            binary: tesseraBinary(), workers: 1, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary, workers: 1, childArguments: ["--log-level", "error"], inheritStandardError: true)
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             let worker = try #require(cluster.workers.first)
             #expect(worker.nodeID == "worker-1")

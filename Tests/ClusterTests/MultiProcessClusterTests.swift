@@ -12,14 +12,6 @@ import Workloads
 import Glibc
 #endif
 
-/// The built `tessera` next to the test bundle (`TESSERA_BINARY` overrides it).
-func tesseraBinary() -> FilePath {
-    if let path = getenv("TESSERA_BINARY") { return FilePath(String(cString: path)) }
-    var directory = LocalCluster.currentBinary
-    directory.removeLastComponent()
-    return directory.appending("tessera")
-}
-
 /// What one process computes for a sequence with KVCacheCore alone: the same profile, statistics,
 /// allocation, compression and decode the cluster spreads over its processes.
 func referenceOutputs(
@@ -60,7 +52,7 @@ func referenceOutputs(
     func decodeOutputsMatchOneProcessBitForBit() async throws {
         let seed: UInt64 = 20_261_122
         let options = LocalCluster.Options(
-            binary: tesseraBinary(), workers: 3, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary, workers: 3, childArguments: ["--log-level", "error"], inheritStandardError: true)
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "test", logger: Self.logger) { client in
                 let status = try await eventually("three workers alive") {
@@ -106,7 +98,7 @@ func referenceOutputs(
     @Test(.timeLimit(.minutes(3)))
     func badRequestsAreRefusedClearly() async throws {
         let options = LocalCluster.Options(
-            binary: tesseraBinary(), workers: 2, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary, workers: 2, childArguments: ["--log-level", "error"], inheritStandardError: true)
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "a", logger: Self.logger) { client in
                 let layout = try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 40)])

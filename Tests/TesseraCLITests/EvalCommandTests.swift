@@ -1,3 +1,4 @@
+import ClusterLauncher
 import FoundationEssentials
 import Subprocess
 import SystemPackage
@@ -7,18 +8,6 @@ import Testing
 import Glibc
 #endif
 
-/// The built `tessera` sits next to the test bundle; `TESSERA_BINARY` overrides it.
-func tesseraBinary() throws -> FilePath {
-    if let path = getenv("TESSERA_BINARY") { return FilePath(String(cString: path)) }
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    try #require(length > 0, "cannot read /proc/self/exe")
-    let exe = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    var directory = FilePath(exe)
-    directory.removeLastComponent()
-    return directory.appending("tessera")
-}
-
 struct CommandResult {
     var status: TerminationStatus
     var stdout: String
@@ -27,7 +16,7 @@ struct CommandResult {
 
 func runTessera(_ arguments: [String]) async throws -> CommandResult {
     let result = try await run(
-        .path(try tesseraBinary()), arguments: Arguments(arguments), input: .none,
+        .path(LocalCluster.siblingBinary), arguments: Arguments(arguments), input: .none,
         output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
     return CommandResult(
         status: result.terminationStatus, stdout: result.standardOutput, stderr: result.standardError)
