@@ -39,15 +39,20 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         .target(name: "KVCacheCore", swiftSettings: numericSettings),
-        .target(name: "Workloads", dependencies: ["KVCacheCore"], swiftSettings: numericSettings),
+        .target(
+            name: "Workloads",
+            dependencies: ["KVCacheCore", .product(name: "Yams", package: "Yams")],
+            swiftSettings: numericSettings
+        ),
         .target(name: "Evaluation", dependencies: ["KVCacheCore", "Workloads"], swiftSettings: numericSettings),
         .target(
             name: "ClusterWire",
             dependencies: [
-                "KVCacheCore",
+                "KVCacheCore", "Workloads",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
@@ -119,6 +124,15 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        .target(
+            name: "LoadGenerator",
+            dependencies: [
+                "KVCacheCore", "Workloads", "Client", "ClusterTransport", "ClusterWire",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "tessera",
             dependencies: [
@@ -132,6 +146,7 @@ let package = Package(
                 "ClusterLauncher",
                 "ClusterTransport",
                 "ClusterWire",
+                "LoadGenerator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -176,6 +191,11 @@ let package = Package(
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "LoadGeneratorTests",
+            dependencies: ["LoadGenerator", "Workloads", "KVCacheCore"],
             swiftSettings: strictSettings
         ),
         .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "KVCacheCore"], swiftSettings: strictSettings),

@@ -2,6 +2,7 @@ public import ClusterTransport
 import ClusterWire
 public import KVCacheCore
 public import Logging
+public import Workloads
 import Synchronization
 
 /// Where one open sequence lives: the placement epoch and each shard's layers and primary.
@@ -17,6 +18,19 @@ public struct SequencePlacement: Sendable, Hashable {
     public var shards: [Shard]
 }
 
+/// One decode step's outcome over every shard.
+public struct DecodeStep: Sendable {
+    /// Attention outputs per layer, `queryHeads × headDim`.
+    public var outputs: [Int: [Float]] = [:]
+    /// K/V bytes the shards hold for the sequence after the step, and what they would hold uncompressed.
+    public var kvBytes: UInt64 = 0
+    public var fullKVBytes: UInt64 = 0
+    /// For an audited sequence: the step's outputs scored against the full cache.
+    public var fidelity: FidelityReport?
+
+    public init() {}
+}
+
 /// What the cluster reports about itself.
 public struct ClusterStatus: Sendable, Codable, Hashable {
     public struct Worker: Sendable, Codable, Hashable {
@@ -26,6 +40,10 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
         public var shards: [UInt32]
         public var kvBytes: UInt64
         public var kvBytesByModality: [String: UInt64]
+        public var rssBytes: UInt64
+        /// Full-cache copies kept for audited sequences (not in `kvBytes`).
+        public var auditBytes: UInt64
+        public var liveSequences: Int
     }
 
     public var workers: [Worker]
@@ -66,13 +84,15 @@ public final class TesseraClient: Sendable {
     }
 
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
+    /// `decodeTokens` is how many steps the client expects to decode (admission reserves their rows).
     public func openSequence(
         _ sequenceID: UInt64, geometry: ModelGeometry, layout: PromptLayout, policy: CompressionPolicy,
-        retention: Double
+        retention: Double, decodeTokens: Int = 0
     ) async throws -> SequencePlacement {
         var message = Tessera_V1_OpenSequence()
         message.tenant = tenant
         message.sequenceID = sequenceID
+        message.decodeTokens = UInt32(clamping: decodeTokens)
         message.model = try geometry.proto()
         message.spans = try layout.proto()
         message.policy = try policy.proto(retention: retention)
@@ -87,12 +107,18 @@ public final class TesseraClient: Sendable {
         return try remember(try await coordinator.request(.placementRequest(message)))
     }
 
-    /// Prefills every shard from a workload seed that each worker expands deterministically.
-    public func prefillSynthetic(_ sequenceID: UInt64, workload: String, seed: UInt64, index: Int) async throws -> UInt64 {
+    /// Prefills every shard from a workload seed that each worker expands deterministically (with
+    /// `settings`' prompt shape when given). `audit` has the workers keep the full cache beside the
+    /// compressed one and score every decode step against it.
+    public func prefillSynthetic(
+        _ sequenceID: UInt64, workload: String, seed: UInt64, index: Int, settings: TraceSettings? = nil,
+        audit: Bool = false
+    ) async throws -> UInt64 {
         var source = Tessera_V1_SyntheticSource()
         source.workload = workload
         source.seed = seed
         source.sequenceIndex = UInt32(index)
+        if let settings { source.shape = settings.shape }
         let synthetic = source
         let acks = try await onEveryShard(sequenceID, timeout: .seconds(300)) { shard, placement in
             var prefill = Tessera_V1_Prefill()
@@ -101,6 +127,7 @@ public final class TesseraClient: Sendable {
             prefill.shardID = shard.id
             prefill.epoch = placement.epoch
             prefill.synthetic = synthetic
+            prefill.audit = audit
             return .prefill(prefill)
         }
         return acks.reduce(0) { total, ack in
@@ -114,6 +141,13 @@ public final class TesseraClient: Sendable {
     public func decode(
         _ sequenceID: UInt64, step: Int, geometry: ModelGeometry, inputs: [Int: DecodeStepInput]? = nil
     ) async throws -> [Int: [Float]] {
+        try await decodeStep(sequenceID, step: step, geometry: geometry, inputs: inputs).outputs
+    }
+
+    /// `decode`, with what the shards hold afterwards and, for an audited sequence, the step's fidelity.
+    public func decodeStep(
+        _ sequenceID: UInt64, step: Int, geometry: ModelGeometry, inputs: [Int: DecodeStepInput]? = nil
+    ) async throws -> DecodeStep {
         let replies = try await onEveryShard(sequenceID) { shard, placement in
             var decode = Tessera_V1_Decode()
             decode.tenant = self.tenant
@@ -131,14 +165,24 @@ public final class TesseraClient: Sendable {
             }
             return .decode(decode)
         }
-        var outputs: [Int: [Float]] = [:]
+        var step = DecodeStep()
         for reply in replies {
             guard case .decodeResult(let result) = reply else { continue }
             for output in result.outputs {
-                outputs[Int(output.layer)] = try output.outputValues(geometry: geometry)
+                step.outputs[Int(output.layer)] = try output.outputValues(geometry: geometry)
+            }
+            step.kvBytes += result.kvBytes
+            step.fullKVBytes += result.fullKvBytes
+            if result.hasAudit {
+                var fidelity = step.fidelity ?? FidelityReport()
+                fidelity.relativeErrorSum += result.audit.relativeErrorSum
+                fidelity.outputs += Int(result.audit.outputs)
+                fidelity.needleProbes += Int(result.audit.needleProbes)
+                fidelity.needleCorrect += Int(result.audit.needleCorrect)
+                step.fidelity = fidelity
             }
         }
-        return outputs
+        return step
     }
 
     /// Closes the sequence everywhere; returns the bytes the workers freed.
@@ -217,7 +261,8 @@ extension ClusterStatus {
                 id: worker.endpoint.nodeID, address: "\(worker.endpoint.host):\(worker.endpoint.port)",
                 state: state,
                 shards: worker.primaryShardIds, kvBytes: worker.kvBytes,
-                kvBytesByModality: worker.kvBytesByModality.byModality)
+                kvBytesByModality: worker.kvBytesByModality.byModality, rssBytes: worker.rssBytes,
+                auditBytes: worker.auditBytes, liveSequences: Int(worker.liveSequences))
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes

@@ -11,11 +11,13 @@ public struct CoordinatorConfiguration: Sendable {
     /// Cluster-wide cap on accounted KV bytes (0 = unlimited).
     public var memoryLimitBytes: UInt64
     public var tenantQuotaBytes: [String: UInt64]
+    /// Under memory pressure admitted sequences are tightened, but never below this retention ratio.
+    public var floorRatio: Double
 
     public init(
         nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, maxFrameBytes: Int = 64 << 20,
         failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
-        tenantQuotaBytes: [String: UInt64] = [:]
+        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02
     ) {
         self.nodeID = nodeID
         self.incarnation = incarnation
@@ -24,5 +26,6 @@ public struct CoordinatorConfiguration: Sendable {
         self.failureDetector = failureDetector
         self.memoryLimitBytes = memoryLimitBytes
         self.tenantQuotaBytes = tenantQuotaBytes
+        self.floorRatio = floorRatio
     }
 }

@@ -44,7 +44,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             }
             return nil
         case .openSequence(let message):
-            let sequence = try await state.open(message)
+            let sequence = try await openTightening(message)
             do {
                 try await assignShards(message, sequence)
             } catch {
@@ -79,6 +79,22 @@ struct CoordinatorHandler: EnvelopeHandler {
         default:
             throw WireError(.badRequest, "the coordinator does not accept \(request.bodyName)")
         }
+    }
+
+    /// Admits the sequence; when memory or the tenant's quota is in use, first tightens admitted
+    /// sequences (down to the floor ratio) and tries once more, so a refusal means nothing was left.
+    private func openTightening(_ message: Tessera_V1_OpenSequence) async throws -> OpenSequenceState {
+        let refusal: WireError
+        do {
+            return try await coordinator.state.open(message)
+        } catch {
+            refusal = error
+        }
+        guard refusal.code == .resourceExhausted, refusal.retryAfter != nil,
+            let estimate = CoordinatorState.estimate(message)
+        else { throw refusal }
+        await coordinator.relieve(tenant: message.tenant, estimate: estimate)
+        return try await coordinator.state.open(message)
     }
 
     /// Tells each shard's owner about the new sequence before the client may write to it.

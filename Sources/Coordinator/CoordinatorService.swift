@@ -53,12 +53,14 @@ public final class CoordinatorService: Sendable {
         }
     }
 
-    /// Sends every shard owner its layers' budgets and records the bytes each holds afterwards.
-    func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState) async {
+    /// Sends every shard owner its layers' budgets (at `retention`, by default the sequence's own)
+    /// and records the bytes each holds afterwards.
+    func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState, retention: Double? = nil) async {
         let statistics = (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
+        let retention = retention ?? sequence.retention
         do {
             let budgets = try BudgetAllocator.allocate(
-                policy: sequence.policy, retention: sequence.retention, geometry: sequence.geometry,
+                policy: sequence.policy, retention: retention, geometry: sequence.geometry,
                 statistics: statistics)
             var held: UInt64 = 0
             for shard in sequence.shards {
@@ -68,9 +70,27 @@ public final class CoordinatorService: Sendable {
                 let reply = try await connection.request(.assignBudget(message))
                 if case .budgetApplied(let applied) = reply { held += applied.kvBytes }
             }
-            await state.recordBytes(sequenceID, bytes: held)
+            await state.recordCompressed(sequenceID, bytes: held, retention: retention)
         } catch {
             logger.error("budget assignment failed", metadata: ["sequence.id": "\(sequenceID)", "error": "\(error)"])
+        }
+    }
+
+    /// Makes room for a sequence of `estimate` bytes by halving the retention of compressed
+    /// sequences, largest first, never below the floor ratio; stops once it fits. When only the
+    /// tenant's quota is short, only that tenant's sequences are tightened.
+    func relieve(tenant: String, estimate: UInt64) async {
+        let short = await state.shortfall(tenant: tenant, estimate: estimate)
+        guard short.memory > 0 || short.quota > 0 else { return }
+        let floor = configuration.floorRatio
+        for candidate in await state.tightenable(floor: floor, tenant: short.memory > 0 ? nil : tenant) {
+            let retention = max(floor, candidate.sequence.retention / 2)
+            logger.info(
+                "tightening under memory pressure",
+                metadata: ["sequence.id": "\(candidate.sequenceID)", "retention": "\(retention)"])
+            await assignBudgets(sequenceID: candidate.sequenceID, candidate.sequence, retention: retention)
+            let now = await state.shortfall(tenant: tenant, estimate: estimate)
+            if now.memory == 0 && now.quota == 0 { return }
         }
     }
 

@@ -12,6 +12,9 @@ struct WorkerLink: Sendable {
     var address: NodeAddress
     var kvBytes: UInt64 = 0
     var kvBytesByModality: [Tessera_V1_ModalityBytes] = []
+    var rssBytes: UInt64 = 0
+    var auditBytes: UInt64 = 0
+    var liveSequences: UInt32 = 0
 }
 
 /// One shard of one open sequence: a slice of its layers and the worker that holds it.
@@ -34,6 +37,10 @@ struct OpenSequenceState: Sendable {
     var shards: [SequenceShard]
     var statistics: [Int: LayerStatistics] = [:]
     var budgetAssigned = false
+    /// Set once every shard has applied a budget: only then can memory pressure tighten it.
+    var compressed = false
+    /// Bytes reserved for the rows decode will append (the client's expected decode tokens, Float32).
+    var decodeAllowance: UInt64
 }
 
 /// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
@@ -97,6 +104,9 @@ actor CoordinatorState {
         }
         workers[nodeID]?.kvBytes = message.kvBytes
         workers[nodeID]?.kvBytesByModality = message.kvBytesByModality
+        workers[nodeID]?.rssBytes = message.rssBytes
+        workers[nodeID]?.auditBytes = message.auditBytes
+        workers[nodeID]?.liveSequences = message.liveSequences
     }
 
     /// Advances the failure detector; dead workers leave the shard map.
@@ -136,8 +146,8 @@ actor CoordinatorState {
         let shards = ranges.enumerated().map { index, layers in
             SequenceShard(id: UInt32(index), layers: layers, owner: owners[index].0, address: owners[index].1)
         }
-        // While prefilled and not yet compressed, a sequence holds its full cache in Float32.
-        let estimate = UInt64(2 * geometry.layers * geometry.kvHeads * layout.promptLength * geometry.headDim * 4)
+        let decodeAllowance = Self.rowBytes(geometry) * UInt64(message.decodeTokens)
+        let estimate = Self.rowBytes(geometry) * UInt64(layout.promptLength) + decodeAllowance
         switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
         case .admitted: break
         case .refused(let reason, let retryAfterMillis):
@@ -146,7 +156,7 @@ actor CoordinatorState {
         }
         let state = OpenSequenceState(
             tenant: message.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
-            retention: retention, epoch: shardMap.placement.epoch, shards: shards)
+            retention: retention, epoch: shardMap.placement.epoch, shards: shards, decodeAllowance: decodeAllowance)
         sequences[message.sequenceID] = state
         return state
     }
@@ -180,9 +190,50 @@ actor CoordinatorState {
         return nil
     }
 
-    func recordBytes(_ sequenceID: UInt64, bytes: UInt64) {
-        _ = admission.record(sequenceID: sequenceID, kvBytes: bytes)
+    /// Records what the shards hold after a budget, plus room for the decode rows still to come, at
+    /// the retention the budget was allocated for.
+    func recordCompressed(_ sequenceID: UInt64, bytes: UInt64, retention: Double) {
+        guard sequences[sequenceID] != nil else { return }
+        sequences[sequenceID]!.compressed = true
+        sequences[sequenceID]!.retention = retention
+        _ = admission.record(sequenceID: sequenceID, kvBytes: bytes + sequences[sequenceID]!.decodeAllowance)
     }
+
+    /// What must be freed before a sequence of `estimate` bytes fits: under the memory limit, and
+    /// under `tenant`'s quota.
+    func shortfall(tenant: String, estimate: UInt64) -> (memory: UInt64, quota: UInt64) {
+        var memory: UInt64 = 0
+        if let available = admission.availableBytes, estimate > available { memory = estimate - available }
+        let quota = admission.quotaBytes(forTenant: tenant)
+        let used = admission.bytes(forTenant: tenant)
+        let overQuota = quota != 0 && used + estimate > quota ? used + estimate - quota : 0
+        return (memory, overQuota)
+    }
+
+    /// Compressed sequences that can still be tightened (above `floor`), largest charge first; only
+    /// `tenant`'s when only its quota is short.
+    func tightenable(floor: Double, tenant: String?) -> [(sequenceID: UInt64, sequence: OpenSequenceState)] {
+        sequences
+            .filter { $0.value.compressed && $0.value.retention > floor && (tenant == nil || $0.value.tenant == tenant) }
+            .map { (sequenceID: $0.key, sequence: $0.value) }
+            .sorted {
+                let a = admission.sequence($0.sequenceID)?.chargedBytes ?? 0
+                let b = admission.sequence($1.sequenceID)?.chargedBytes ?? 0
+                return a != b ? a > b : $0.sequenceID < $1.sequenceID
+            }
+    }
+
+    /// The estimate `open` charges for `message`: while prefilled and not yet compressed, a sequence
+    /// holds its full cache in Float32; decode then appends one row per token.
+    static func estimate(_ message: Tessera_V1_OpenSequence) -> UInt64? {
+        guard let geometry = try? ModelGeometry(proto: message.model),
+            let layout = try? PromptLayout(proto: message.spans)
+        else { return nil }
+        return rowBytes(geometry) * UInt64(layout.promptLength + Int(message.decodeTokens))
+    }
+
+    /// Bytes of one token's K and V over every layer, in Float32.
+    static func rowBytes(_ g: ModelGeometry) -> UInt64 { UInt64(2 * g.layers * g.kvHeads * g.headDim * 4) }
 
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
@@ -228,6 +279,9 @@ actor CoordinatorState {
             if member.state != .dead, let link = workers[member.nodeID] {
                 worker.kvBytes = link.kvBytes
                 worker.kvBytesByModality = link.kvBytesByModality
+                worker.rssBytes = link.rssBytes
+                worker.auditBytes = link.auditBytes
+                worker.liveSequences = link.liveSequences
             }
             worker.memoryCapacityBytes = member.memoryCapacityBytes
             reply.workers.append(worker)

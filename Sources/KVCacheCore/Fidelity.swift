@@ -14,6 +14,24 @@ public struct FidelityReport: Sendable, Hashable, Codable {
 
     public init() {}
 
+    /// Adds one attention output (`headDim` floats) of the compressed cache against the full cache's.
+    public mutating func recordOutput(full: ArraySlice<Float>, compressed: ArraySlice<Float>) {
+        var diff: Float = 0
+        var norm: Float = 0
+        var dotFC: Float = 0
+        var normC: Float = 0
+        for (f, c) in zip(full, compressed) {
+            let delta = f - c
+            diff += delta * delta
+            norm += f * f
+            normC += c * c
+            dotFC += f * c
+        }
+        relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
+        cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
+        outputs += 1
+    }
+
     public mutating func merge(_ other: FidelityReport) {
         relativeErrorSum += other.relativeErrorSum
         cosineSum += other.cosineSum
@@ -119,22 +137,7 @@ public enum FidelityEvaluator {
                 let h = qh / g.groupSize
                 let row = t * g.queryHeads + qh
                 let output = outputs[(qh * d)..<(qh * d + d)]
-                var diff: Float = 0
-                var norm: Float = 0
-                var dotFC: Float = 0
-                var normC: Float = 0
-                for c in 0..<d {
-                    let full = reference.outputs[row * d + c]
-                    let mine = output[qh * d + c]
-                    let delta = full - mine
-                    diff += delta * delta
-                    norm += full * full
-                    normC += mine * mine
-                    dotFC += full * mine
-                }
-                report.relativeErrorSum += Double((diff / max(norm, 1e-30)).squareRoot())
-                report.cosineSum += Double(dotFC / max((norm * normC).squareRoot(), 1e-30))
-                report.outputs += 1
+                report.recordOutput(full: reference.outputs[(row * d)..<(row * d + d)], compressed: output)
                 var promptMass: Float = 0
                 var keptMass: Float = 0
                 for j in 0..<m {

@@ -72,6 +72,20 @@ public struct HeadCache<S: KVScalar>: Sendable {
         }
     }
 
+    /// The cache with only the rows at `rows` (ascending row indices), in order: how a compressed
+    /// cache is tightened to a smaller budget without its prefill.
+    public func retaining(rows: [Int]) -> HeadCache {
+        var kept = HeadCache(headDim: headDim, capacity: rows.count)
+        for row in rows {
+            let span = (row * headDim)..<(row * headDim + headDim)
+            kept.keys.append(contentsOf: keys[span])
+            kept.values.append(contentsOf: values[span])
+            kept.positions.append(positions[row])
+            kept.tags.append(tags[row])
+        }
+        return kept
+    }
+
     /// An order-sensitive 64-bit FNV-1a digest of every byte held, for comparing replicas.
     public var digest: UInt64 {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -87,5 +101,20 @@ public struct HeadCache<S: KVScalar>: Sendable {
         mix(keys)
         mix(values)
         return hash
+    }
+}
+
+extension HeadCache {
+    /// The cache cut to at most `capacity` prompt rows (positions below `promptLength`), keeping those
+    /// with the highest `scores` (one per row, in row order) and every decoded row. How a cluster under
+    /// memory pressure tightens a sequence that is already compressed: its prefill is gone, so the
+    /// rows compete on the score they were kept with. Returns the kept rows' scores beside the cache.
+    public func tightened(promptLength: Int, capacity: Int, scores: [Float]) -> (cache: HeadCache, scores: [Float]) {
+        precondition(scores.count == count, "one score per row")
+        let prompt = (0..<count).filter { Int(positions[$0]) < promptLength }
+        guard prompt.count > capacity else { return (self, scores) }
+        let decoded = (0..<count).filter { Int(positions[$0]) >= promptLength }
+        let rows = (Selection.top(max(0, capacity), of: scores, among: prompt) + decoded).sorted()
+        return (retaining(rows: rows), rows.map { scores[$0] })
     }
 }

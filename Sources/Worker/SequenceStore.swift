@@ -19,9 +19,23 @@ struct HeldSequence: Sendable {
     /// Synthetic decode inputs per layer, when the prefill came as a workload seed.
     var syntheticDecode: [Int: [DecodeStepInput]]?
     var cache: ShardCache?
+    /// Per compressed row, the score it competes on if memory pressure tightens the budget.
+    var rowScores: [Int: [[Float]]] = [:]
+    /// Whether to keep the full cache beside the compressed one and score every decode step.
+    var audited = false
+    var audit: AuditCopy?
+    /// The planted answer of a synthetic sequence (kept for audits).
+    var needle: Needle?
     var waiters: [CheckedContinuation<Void, any Error>] = []
     var nextStep = 0
     var lastResult: (step: Int, body: Tessera_V1_DecodeResult)?
+
+    /// What the shard's layers would hold uncompressed with `rows` rows per head, in the storage type
+    /// of the cache (Float32 before compression).
+    func fullBytes(rows: Int) -> Int {
+        let scalar = if case .float16 = cache { MemoryLayout<Float16>.size } else { MemoryLayout<Float>.size }
+        return layers.count * geometry.kvHeads * 2 * geometry.headDim * rows * scalar
+    }
 
     /// K/V bytes held now, in all and by modality.
     var bytes: (total: Int, byModality: [String: Int]) {
@@ -73,7 +87,7 @@ actor SequenceStore {
 
     func storePrefill(
         _ sequenceID: UInt64, prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile],
-        syntheticDecode: [Int: [DecodeStepInput]]?
+        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool
     ) throws(WireError) -> Int {
         guard sequences[sequenceID] != nil else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was closed during its prefill")
@@ -84,6 +98,8 @@ actor SequenceStore {
         sequences[sequenceID]!.prefills = prefills
         sequences[sequenceID]!.profiles = profiles
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
+        sequences[sequenceID]!.needle = needle
+        sequences[sequenceID]!.audited = audited
         return sequences[sequenceID]!.bytes.total
     }
 
@@ -99,10 +115,15 @@ actor SequenceStore {
         return held
     }
 
-    func storeCache(_ sequenceID: UInt64, _ cache: ShardCache) -> (total: Int, byModality: [String: Int])? {
+    /// Keeps the compressed cache (once; a repeated budget changes nothing) and drops the prefill.
+    func storeCache(
+        _ sequenceID: UInt64, _ cache: ShardCache, rowScores: [Int: [[Float]]], audit: AuditCopy?
+    ) -> (total: Int, byModality: [String: Int])? {
         guard sequences[sequenceID] != nil else { return nil }
         if sequences[sequenceID]!.cache == nil {
             sequences[sequenceID]!.cache = cache
+            sequences[sequenceID]!.rowScores = rowScores
+            sequences[sequenceID]!.audit = audit
             sequences[sequenceID]!.prefills = [:]
             sequences[sequenceID]!.profiles = [:]
         }
@@ -110,6 +131,17 @@ actor SequenceStore {
         sequences[sequenceID]!.waiters = []
         for waiter in waiters { waiter.resume() }
         return sequences[sequenceID]!.bytes
+    }
+
+    /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) -> (total: Int, byModality: [String: Int])? {
+        guard var held = sequences[sequenceID], let cache = held.cache else { return nil }
+        sequences[sequenceID]!.cache = nil
+        let cut = cache.tightened(to: budgets, scores: held.rowScores, promptLength: held.layout.promptLength)
+        held.cache = cut.cache
+        held.rowScores = cut.scores
+        sequences[sequenceID] = held
+        return held.bytes
     }
 
     /// Waits until the sequence's cache is compressed (the coordinator's budget has arrived).
@@ -154,11 +186,24 @@ actor SequenceStore {
         result.shardID = held.shardID
         result.step = UInt32(step)
         sequences[sequenceID]!.cache = nil
+        sequences[sequenceID]!.audit = nil
         defer { sequences[sequenceID] = held }
+        let position = held.layout.promptLength + step
+        var fidelity = FidelityReport()
         for (layer, input) in stepInputs {
-            let outputs = held.cache!.decode(
-                layer: layer, geometry: held.geometry, input: input, position: held.layout.promptLength + step)!
+            let outputs = held.cache!.decode(layer: layer, geometry: held.geometry, input: input, position: position)!
+            held.audit?.score(
+                layer: layer, step: step, geometry: held.geometry, input: input, position: position, outputs: outputs,
+                into: &fidelity)
             result.outputs.append(try Tessera_V1_LayerOutput(layer: layer, output: outputs, geometry: held.geometry))
+        }
+        result.kvBytes = UInt64(held.cache!.totalBytes)
+        result.fullKvBytes = UInt64(held.fullBytes(rows: position + 1))
+        if held.audit != nil {
+            result.audit.relativeErrorSum = fidelity.relativeErrorSum
+            result.audit.outputs = UInt32(fidelity.outputs)
+            result.audit.needleProbes = UInt32(fidelity.needleProbes)
+            result.audit.needleCorrect = UInt32(fidelity.needleCorrect)
         }
         held.nextStep = step + 1
         held.lastResult = (step, result)
@@ -173,16 +218,19 @@ actor SequenceStore {
         return held.bytes.total
     }
 
-    /// Bytes held over every sequence, in all and by modality, and the number of sequences.
-    func totals() -> (total: Int, byModality: [String: Int], sequences: Int) {
+    /// Bytes held over every sequence, in all and by modality, the audit copies' bytes, and the
+    /// number of sequences.
+    func totals() -> (total: Int, byModality: [String: Int], audit: Int, sequences: Int) {
         var total = 0
+        var audit = 0
         var byModality: [String: Int] = [:]
         for held in sequences.values {
             let bytes = held.bytes
             total += bytes.total
+            audit += held.audit?.bytes ?? 0
             byModality.merge(bytes.byModality, uniquingKeysWith: +)
         }
-        return (total, byModality, sequences.count)
+        return (total, byModality, audit, sequences.count)
     }
 
     func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }

@@ -1,4 +1,5 @@
 import KVCacheCore
+import Workloads
 
 /// The compressed layers of one shard of one sequence, in the worker's storage type.
 enum ShardCache: Sendable {
@@ -10,41 +11,108 @@ enum ShardCache: Sendable {
         _ prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], budgets: [Int: LayerBudget],
         layout: PromptLayout, policy: CompressionPolicy, storage: ScalarType
     ) throws(KVCacheError) -> ShardCache {
-        func run<S: KVScalar>(_: S.Type) throws(KVCacheError) -> [Int: [HeadCache<S>]] {
-            var layers: [Int: [HeadCache<S>]] = [:]
-            for (layer, prefill) in prefills {
-                guard let budget = budgets[layer] else {
-                    throw KVCacheError(.invalidShape, "no budget for layer \(layer)")
-                }
-                layers[layer] = try LayerCompressor.compress(
-                    prefill, layout: layout, profile: profiles[layer], budget: budget, policy: policy, as: S.self
-                ).heads
-            }
-            return layers
-        }
         switch storage {
-        case .float32: return .float32(try run(Float.self))
-        case .float16: return .float16(try run(Float16.self))
+        case .float32:
+            return .float32(try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy))
+        case .float16:
+            return .float16(try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy))
         }
+    }
+
+    /// Every layer of `prefills` compressed to its budget, as `S`.
+    static func compressLayers<S: KVScalar>(
+        _ prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], budgets: [Int: LayerBudget],
+        layout: PromptLayout, policy: CompressionPolicy, as _: S.Type = S.self
+    ) throws(KVCacheError) -> [Int: [HeadCache<S>]] {
+        var layers: [Int: [HeadCache<S>]] = [:]
+        for (layer, prefill) in prefills {
+            guard let budget = budgets[layer] else {
+                throw KVCacheError(.invalidShape, "no budget for layer \(layer)")
+            }
+            layers[layer] = try LayerCompressor.compress(
+                prefill, layout: layout, profile: profiles[layer], budget: budget, policy: policy, as: S.self
+            ).heads
+        }
+        return layers
     }
 
     /// Decodes one step on `layer`, returning `queryHeads × headDim` outputs.
     mutating func decode(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) -> [Float]? {
         switch self {
         case .float32(var layers):
-            guard var heads = layers.removeValue(forKey: layer) else { return nil }
             self = .float32([:])
-            let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position)
-            layers[layer] = heads
-            self = .float32(layers)
-            return outputs
+            defer { self = .float32(layers) }
+            return Self.decode(&layers, layer: layer, geometry: geometry, input: input, position: position)
         case .float16(var layers):
-            guard var heads = layers.removeValue(forKey: layer) else { return nil }
             self = .float16([:])
-            let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position)
-            layers[layer] = heads
-            self = .float16(layers)
-            return outputs
+            defer { self = .float16(layers) }
+            return Self.decode(&layers, layer: layer, geometry: geometry, input: input, position: position)
+        }
+    }
+
+    /// One decode step on `layer` of `layers`, in place (the layer's heads are taken out of the
+    /// dictionary so that they are uniquely referenced while they grow).
+    static func decode<S: KVScalar>(
+        _ layers: inout [Int: [HeadCache<S>]], layer: Int, geometry: ModelGeometry, input: DecodeStepInput,
+        position: Int
+    ) -> [Float]? {
+        guard var heads = layers.removeValue(forKey: layer) else { return nil }
+        let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position)
+        layers[layer] = heads
+        return outputs
+    }
+
+    /// The score each held row competes on if the cache is tightened later (`HeadCache.tightened`):
+    /// the attention the policy's observation rows gave it at prefill, or, for policies that observe
+    /// nothing, recency with the sink first. `[layer][kvHead][row]`.
+    func rowScores(profiles: [Int: AttentionProfile], promptLength m: Int) -> [Int: [[Float]]] {
+        func scores<S>(_ layers: [Int: [HeadCache<S>]]) -> [Int: [[Float]]] {
+            var result: [Int: [[Float]]] = [:]
+            for (layer, heads) in layers {
+                let observed = profiles[layer].flatMap { profile in
+                    profile.columnSums.keys.min().map { profile.kvHeadScores(start: $0) }
+                }
+                result[layer] = heads.enumerated().map { h, head in
+                    head.positions.map { position in
+                        let p = Int(position)
+                        if let observed, p < m { return observed[h * m + p] }
+                        return p == 0 ? .infinity : Float(p)
+                    }
+                }
+            }
+            return result
+        }
+        switch self {
+        case .float32(let layers): return scores(layers)
+        case .float16(let layers): return scores(layers)
+        }
+    }
+
+    /// The cache with each head cut to its capacity in `budgets` (never grown), and the kept rows'
+    /// scores.
+    func tightened(
+        to budgets: [Int: LayerBudget], scores: [Int: [[Float]]], promptLength m: Int
+    ) -> (cache: ShardCache, scores: [Int: [[Float]]]) {
+        func cut<S>(_ layers: [Int: [HeadCache<S>]]) -> ([Int: [HeadCache<S>]], [Int: [[Float]]]) {
+            var kept = layers
+            var keptScores = scores
+            for (layer, heads) in layers {
+                guard let budget = budgets[layer], let layerScores = scores[layer] else { continue }
+                for h in heads.indices where h < budget.heads.count {
+                    let cut = heads[h].tightened(promptLength: m, capacity: budget.heads[h].capacity, scores: layerScores[h])
+                    kept[layer]![h] = cut.cache
+                    keptScores[layer]![h] = cut.scores
+                }
+            }
+            return (kept, keptScores)
+        }
+        switch self {
+        case .float32(let layers):
+            let (kept, keptScores) = cut(layers)
+            return (.float32(kept), keptScores)
+        case .float16(let layers):
+            let (kept, keptScores) = cut(layers)
+            return (.float16(kept), keptScores)
         }
     }
 
@@ -65,6 +133,14 @@ enum ShardCache: Sendable {
         }
     }
 
+    /// Bytes of K/V payload held (cheap: no walk over rows).
+    var totalBytes: Int {
+        switch self {
+        case .float32(let layers): return layers.values.joined().reduce(0) { $0 + $1.payloadBytes }
+        case .float16(let layers): return layers.values.joined().reduce(0) { $0 + $1.payloadBytes }
+        }
+    }
+
     /// Digest of every layer's bytes in layer order, for comparing replicas.
     var digest: UInt64 {
         func fold<S>(_ layers: [Int: [HeadCache<S>]]) -> UInt64 {
@@ -75,6 +151,39 @@ enum ShardCache: Sendable {
         switch self {
         case .float32(let layers): return fold(layers)
         case .float16(let layers): return fold(layers)
+        }
+    }
+}
+
+/// The full cache of an audited sequence, kept beside the compressed one so that every decode step
+/// can be scored against it: never part of the accounted bytes.
+struct AuditCopy: Sendable {
+    var full: [Int: [HeadCache<Float>]]
+    /// The planted answer of a synthetic sequence, if it has one.
+    var needle: Needle?
+
+    var bytes: Int { full.values.joined().reduce(0) { $0 + $1.payloadBytes } }
+
+    /// Decodes the step on the full cache of `layer` and scores `outputs` (the compressed cache's)
+    /// against it, with the needle probes of this layer and step.
+    mutating func score(
+        layer: Int, step: Int, geometry g: ModelGeometry, input: DecodeStepInput, position: Int, outputs: [Float],
+        into report: inout FidelityReport
+    ) {
+        guard let reference = ShardCache.decode(&full, layer: layer, geometry: g, input: input, position: position)
+        else { return }
+        let d = g.headDim
+        for qh in 0..<g.queryHeads {
+            report.recordOutput(full: reference[(qh * d)..<(qh * d + d)], compressed: outputs[(qh * d)..<(qh * d + d)])
+        }
+        guard let needle else { return }
+        for probe in needle.probes where probe.layer == layer && probe.step == step {
+            report.needleProbes += 1
+            if needle.decodeAnswer(output: Array(outputs[(probe.queryHead * d)..<(probe.queryHead * d + d)]))
+                == needle.answer
+            {
+                report.needleCorrect += 1
+            }
         }
     }
 }

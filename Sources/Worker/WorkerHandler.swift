@@ -1,3 +1,4 @@
+import ClusterAdmin
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
@@ -52,6 +53,7 @@ struct WorkerHandler: EnvelopeHandler {
         let m = held.layout.promptLength
         var prefills: [Int: LayerPrefill] = [:]
         var syntheticDecode: [Int: [DecodeStepInput]]?
+        var needle: Needle?
         switch message.source {
         case .synthetic(let source):
             let preset: WorkloadPreset
@@ -61,8 +63,10 @@ struct WorkerHandler: EnvelopeHandler {
             guard held.geometry.headDim >= 8 else {
                 throw WireError(.badRequest, "synthetic workloads need headDim ≥ 8, the model has \(held.geometry.headDim)")
             }
-            let trace = TraceGenerator(preset: preset, geometry: held.geometry, seed: source.seed)
+            let settings = source.hasShape ? try TraceSettings(shape: source.shape) : .defaults
+            let trace = TraceGenerator(preset: preset, geometry: held.geometry, settings: settings, seed: source.seed)
                 .sequence(Int(source.sequenceIndex))
+            needle = trace.needle
             guard trace.layout == held.layout else {
                 throw WireError(
                     .invalidShape,
@@ -104,7 +108,8 @@ struct WorkerHandler: EnvelopeHandler {
             }
         }
         let bytes = try await worker.store.storePrefill(
-            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode)
+            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
+            needle: needle, audited: message.audit)
         for stats in statistics { try await worker.report(stats) }
         var ack = Tessera_V1_PrefillAck()
         ack.sequenceID = message.sequenceID
@@ -114,25 +119,39 @@ struct WorkerHandler: EnvelopeHandler {
         return .prefillAck(ack)
     }
 
-    /// Compresses the shard's layers to the coordinator's budgets.
+    /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory
+    /// pressure) cuts the compressed cache further.
     private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.prefillForCompression(message.sequenceID)
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
-        let cache: ShardCache
-        if let existing = held.cache {
-            cache = existing
+        let stored: (total: Int, byModality: [String: Int])?
+        if held.cache != nil {
+            stored = await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {
+            let m = held.layout.promptLength
+            let cache: ShardCache
+            var audit: AuditCopy?
             do {
                 cache = try ShardCache.compress(
                     held.prefills, profiles: held.profiles, budgets: byLayer, layout: held.layout,
                     policy: held.policy, storage: worker.configuration.storage)
+                if held.audited {
+                    let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
+                    let full = try ShardCache.compressLayers(
+                        held.prefills, profiles: [:], budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
+                        layout: held.layout, policy: .full, as: Float.self)
+                    audit = AuditCopy(full: full, needle: held.needle)
+                }
             } catch {
                 throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
             }
+            stored = await worker.store.storeCache(
+                message.sequenceID, cache, rowScores: cache.rowScores(profiles: held.profiles, promptLength: m),
+                audit: audit)
         }
-        guard let bytes = await worker.store.storeCache(message.sequenceID, cache) else {
+        guard let bytes = stored else {
             throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")
         }
         var applied = Tessera_V1_BudgetApplied()
@@ -183,6 +202,9 @@ struct WorkerHandler: EnvelopeHandler {
         me.kvBytes = UInt64(totals.total)
         me.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
         me.memoryCapacityBytes = worker.configuration.memoryCapacityBytes
+        me.rssBytes = ProcessMemory.residentBytes()
+        me.auditBytes = UInt64(totals.audit)
+        me.liveSequences = UInt32(totals.sequences)
         var reply = Tessera_V1_StatusReply()
         reply.workers = [me]
         reply.sequenceCount = UInt32(totals.sequences)

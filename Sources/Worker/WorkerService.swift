@@ -108,6 +108,9 @@ public final class WorkerService: Sendable {
             beat.sequenceNumber = number
             beat.kvBytes = UInt64(totals.total)
             beat.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
+            beat.rssBytes = ProcessMemory.residentBytes()
+            beat.auditBytes = UInt64(totals.audit)
+            beat.liveSequences = UInt32(totals.sequences)
             _ = try await connection.request(.heartbeat(beat), timeout: .seconds(10))
         }
     }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClusterAdmin
 import ClusterTransport
 import ClusterWire
 import Coordinator
@@ -20,16 +21,33 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Option(help: "Cluster-wide limit on accounted KV bytes (0 = unlimited).")
     var memoryLimitBytes: UInt64 = 0
 
+    @Option(
+        name: .customLong("tenant-quota"),
+        help: ArgumentHelp("A tenant's limit on accounted KV bytes, TENANT=BYTES (repeatable).", valueName: "tenant=bytes"))
+    var tenantQuotas: [String] = []
+
+    @Option(help: "Under memory pressure, admitted sequences are tightened down to this retention ratio, never below (0...1).")
+    var floorRatio = 0.02
+
     @OptionGroup var process: ProcessOptions
 
     func run() async throws {
         let logger = try process.bootstrapLogging()
         let address: NodeAddress
         do { address = try NodeAddress(parsing: listen) } catch { throw usageFailure("--listen: \(error.message)") }
+        guard (0...1).contains(floorRatio) else { throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)") }
+        var quotas: [String: UInt64] = [:]
+        for quota in tenantQuotas {
+            let parts = quota.split(separator: "=", maxSplits: 1)
+            guard parts.count == 2, !parts[0].isEmpty, let bytes = UInt64(parts[1]) else {
+                throw usageFailure("--tenant-quota must look like TENANT=BYTES (e.g. alice=1073741824), got '\(quota)'")
+            }
+            quotas[String(parts[0])] = bytes
+        }
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
-                incarnation: wallClockIncarnation(), listen: address,
-                memoryLimitBytes: memoryLimitBytes),
+                incarnation: wallClockIncarnation(), listen: address, memoryLimitBytes: memoryLimitBytes,
+                tenantQuotaBytes: quotas, floorRatio: floorRatio),
             logger: logger)
         let adminPort = AsyncValue<Int>()
         let admin = try adminService(process, logger: logger) { adminPort.set($0) }
@@ -40,5 +58,13 @@ struct CoordinatorCommand: AsyncParsableCommand {
                                 ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)")])
                 }
             }], options: process, logger: logger)
+    }
+}
+
+extension CoordinatorCommand {
+    /// The coordinator flags that carry a configuration file's memory section.
+    static func arguments(memory: CoordinatorSettings.Memory) -> [String] {
+        ["--memory-limit-bytes", "\(memory.limitBytes)", "--floor-ratio", "\(memory.floorRatio)"]
+            + memory.tenantQuotas.sorted { $0.key < $1.key }.flatMap { ["--tenant-quota", "\($0.key)=\($0.value)"] }
     }
 }

@@ -20,15 +20,20 @@ enum ResultTable {
                 format(r.compressMillis, 1),
             ])
         }
+        let title = "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
+            + "seed \(request.seed), \(request.scalar.rawValue)\n"
+        return title + table(header: header, rows: rows)
+    }
+
+    /// Columns padded to their widest cell; the first left-aligned, the others right-aligned.
+    static func table(header: [String], rows: [[String]]) -> String {
         let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }
         func line(_ cells: [String]) -> String {
             cells.enumerated().map { c, text in
                 c == 0 ? text.padding(widths[c]) : String(repeating: " ", count: widths[c] - text.count) + text
             }.joined(separator: "  ") + "\n"
         }
-        var out = "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
-            + "seed \(request.seed), \(request.scalar.rawValue)\n"
-        out += line(header)
+        var out = line(header)
         out += line(widths.map { String(repeating: "-", count: $0) })
         for row in rows { out += line(row) }
         return out

@@ -241,6 +241,14 @@ package nonisolated struct Tessera_V1_Heartbeat: Sendable {
   /// The same bytes split by modality.
   package var kvBytesByModality: [Tessera_V1_ModalityBytes] = []
 
+  /// Resident set size of the worker process.
+  package var rssBytes: UInt64 = 0
+
+  /// Full-cache copies kept for audited sequences (not part of kv_bytes).
+  package var auditBytes: UInt64 = 0
+
+  package var liveSequences: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -313,6 +321,12 @@ package nonisolated struct Tessera_V1_WorkerStatus: Sendable {
 
   /// The worker's memory cap (RegisterWorker.memory_capacity_bytes).
   package var memoryCapacityBytes: UInt64 = 0
+
+  package var rssBytes: UInt64 = 0
+
+  package var auditBytes: UInt64 = 0
+
+  package var liveSequences: UInt32 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -537,7 +551,7 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}incarnation\0\u{3}sequence_number\0\u{1}epoch\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}incarnation\0\u{3}sequence_number\0\u{1}epoch\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -550,6 +564,9 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.kvBytesByModality) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.rssBytes) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.auditBytes) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.liveSequences) }()
       default: break
       }
     }
@@ -571,6 +588,15 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
     if !self.kvBytesByModality.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.kvBytesByModality, fieldNumber: 5)
     }
+    if self.rssBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.rssBytes, fieldNumber: 6)
+    }
+    if self.auditBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.auditBytes, fieldNumber: 7)
+    }
+    if self.liveSequences != 0 {
+      try visitor.visitSingularUInt32Field(value: self.liveSequences, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -580,6 +606,9 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.epoch != rhs.epoch {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.kvBytesByModality != rhs.kvBytesByModality {return false}
+    if lhs.rssBytes != rhs.rssBytes {return false}
+    if lhs.auditBytes != rhs.auditBytes {return false}
+    if lhs.liveSequences != rhs.liveSequences {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -652,7 +681,7 @@ nonisolated extension Tessera_V1_StatusRequest: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".WorkerStatus"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{1}state\0\u{3}primary_shard_ids\0\u{3}replica_shard_ids\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}memory_capacity_bytes\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{1}state\0\u{3}primary_shard_ids\0\u{3}replica_shard_ids\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}memory_capacity_bytes\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -668,6 +697,9 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 7: try { try decoder.decodeRepeatedMessageField(value: &self.kvBytesByModality) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.rssBytes) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.auditBytes) }()
+      case 11: try { try decoder.decodeSingularUInt32Field(value: &self.liveSequences) }()
       default: break
       }
     }
@@ -702,6 +734,15 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
     if self.memoryCapacityBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.memoryCapacityBytes, fieldNumber: 8)
     }
+    if self.rssBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.rssBytes, fieldNumber: 9)
+    }
+    if self.auditBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.auditBytes, fieldNumber: 10)
+    }
+    if self.liveSequences != 0 {
+      try visitor.visitSingularUInt32Field(value: self.liveSequences, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -714,6 +755,9 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.kvBytesByModality != rhs.kvBytesByModality {return false}
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
+    if lhs.rssBytes != rhs.rssBytes {return false}
+    if lhs.auditBytes != rhs.auditBytes {return false}
+    if lhs.liveSequences != rhs.liveSequences {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

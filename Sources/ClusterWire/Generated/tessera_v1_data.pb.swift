@@ -170,6 +170,45 @@ package nonisolated struct Tessera_V1_SyntheticSource: Sendable {
   /// Which sequence of the workload (the generator's stream position).
   package var sequenceIndex: UInt32 = 0
 
+  /// The prompt-shape knobs of a workload file; absent means the generator's defaults.
+  package var shape: Tessera_V1_TraceShape {
+    get {_shape ?? Tessera_V1_TraceShape()}
+    set {_shape = newValue}
+  }
+  /// Returns true if `shape` has been explicitly set.
+  package var hasShape: Bool {self._shape != nil}
+  /// Clears the value of `shape`. Subsequent reads from it will return its default value.
+  package mutating func clearShape() {self._shape = nil}
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+
+  fileprivate var _shape: Tessera_V1_TraceShape? = nil
+}
+
+/// The prompt-shape knobs a workload file may set (ranges are inclusive).
+package nonisolated struct Tessera_V1_TraceShape: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  package var textScale: Double = 0
+
+  package var decodeSteps: UInt32 = 0
+
+  package var imagesMin: UInt32 = 0
+
+  package var imagesMax: UInt32 = 0
+
+  package var framesMin: UInt32 = 0
+
+  package var framesMax: UInt32 = 0
+
+  package var documentTextMin: UInt32 = 0
+
+  package var documentTextMax: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -253,6 +292,12 @@ package nonisolated struct Tessera_V1_Prefill: @unchecked Sendable {
       return Tessera_V1_SyntheticSource()
     }
     set {_uniqueStorage()._source = .synthetic(newValue)}
+  }
+
+  /// Also keep the full cache and report each decode step's fidelity against it (load-test audits).
+  package var audit: Bool {
+    get {_storage._audit}
+    set {_uniqueStorage()._audit = newValue}
   }
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -415,6 +460,44 @@ package nonisolated struct Tessera_V1_DecodeResult: Sendable {
   /// One entry per layer of the shard, in layer order.
   package var outputs: [Tessera_V1_LayerOutput] = []
 
+  /// K/V bytes the shard holds for the sequence after this step, and what it would hold uncompressed.
+  package var kvBytes: UInt64 = 0
+
+  package var fullKvBytes: UInt64 = 0
+
+  /// Present when the sequence is audited.
+  package var audit: Tessera_V1_DecodeAudit {
+    get {_audit ?? Tessera_V1_DecodeAudit()}
+    set {_audit = newValue}
+  }
+  /// Returns true if `audit` has been explicitly set.
+  package var hasAudit: Bool {self._audit != nil}
+  /// Clears the value of `audit`. Subsequent reads from it will return its default value.
+  package mutating func clearAudit() {self._audit = nil}
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+
+  fileprivate var _audit: Tessera_V1_DecodeAudit? = nil
+}
+
+/// An audited decode step on one shard: the compressed cache's outputs against the full cache's.
+package nonisolated struct Tessera_V1_DecodeAudit: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Sum over (layer, query head) of ||full − compressed|| / ||full||.
+  package var relativeErrorSum: Double = 0
+
+  package var outputs: UInt32 = 0
+
+  /// Needle probes that fell on this step and shard, and how many decoded the planted answer.
+  package var needleProbes: UInt32 = 0
+
+  package var needleCorrect: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -549,7 +632,7 @@ nonisolated extension Tessera_V1_InlineTensors: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Tessera_V1_SyntheticSource: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".SyntheticSource"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}workload\0\u{1}seed\0\u{3}sequence_index\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}workload\0\u{1}seed\0\u{3}sequence_index\0\u{1}shape\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -560,12 +643,17 @@ nonisolated extension Tessera_V1_SyntheticSource: SwiftProtobuf.Message, SwiftPr
       case 1: try { try decoder.decodeSingularStringField(value: &self.workload) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.seed) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.sequenceIndex) }()
+      case 4: try { try decoder.decodeSingularMessageField(value: &self._shape) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.workload.isEmpty {
       try visitor.visitSingularStringField(value: self.workload, fieldNumber: 1)
     }
@@ -575,6 +663,9 @@ nonisolated extension Tessera_V1_SyntheticSource: SwiftProtobuf.Message, SwiftPr
     if self.sequenceIndex != 0 {
       try visitor.visitSingularUInt32Field(value: self.sequenceIndex, fieldNumber: 3)
     }
+    try { if let v = self._shape {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -582,6 +673,72 @@ nonisolated extension Tessera_V1_SyntheticSource: SwiftProtobuf.Message, SwiftPr
     if lhs.workload != rhs.workload {return false}
     if lhs.seed != rhs.seed {return false}
     if lhs.sequenceIndex != rhs.sequenceIndex {return false}
+    if lhs._shape != rhs._shape {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_TraceShape: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".TraceShape"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}text_scale\0\u{3}decode_steps\0\u{3}images_min\0\u{3}images_max\0\u{3}frames_min\0\u{3}frames_max\0\u{3}document_text_min\0\u{3}document_text_max\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.textScale) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.decodeSteps) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.imagesMin) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.imagesMax) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.framesMin) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.framesMax) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.documentTextMin) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.documentTextMax) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.textScale.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.textScale, fieldNumber: 1)
+    }
+    if self.decodeSteps != 0 {
+      try visitor.visitSingularUInt32Field(value: self.decodeSteps, fieldNumber: 2)
+    }
+    if self.imagesMin != 0 {
+      try visitor.visitSingularUInt32Field(value: self.imagesMin, fieldNumber: 3)
+    }
+    if self.imagesMax != 0 {
+      try visitor.visitSingularUInt32Field(value: self.imagesMax, fieldNumber: 4)
+    }
+    if self.framesMin != 0 {
+      try visitor.visitSingularUInt32Field(value: self.framesMin, fieldNumber: 5)
+    }
+    if self.framesMax != 0 {
+      try visitor.visitSingularUInt32Field(value: self.framesMax, fieldNumber: 6)
+    }
+    if self.documentTextMin != 0 {
+      try visitor.visitSingularUInt32Field(value: self.documentTextMin, fieldNumber: 7)
+    }
+    if self.documentTextMax != 0 {
+      try visitor.visitSingularUInt32Field(value: self.documentTextMax, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_TraceShape, rhs: Tessera_V1_TraceShape) -> Bool {
+    if lhs.textScale != rhs.textScale {return false}
+    if lhs.decodeSteps != rhs.decodeSteps {return false}
+    if lhs.imagesMin != rhs.imagesMin {return false}
+    if lhs.imagesMax != rhs.imagesMax {return false}
+    if lhs.framesMin != rhs.framesMin {return false}
+    if lhs.framesMax != rhs.framesMax {return false}
+    if lhs.documentTextMin != rhs.documentTextMin {return false}
+    if lhs.documentTextMax != rhs.documentTextMax {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -589,7 +746,7 @@ nonisolated extension Tessera_V1_SyntheticSource: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Prefill"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{1}model\0\u{1}spans\0\u{1}policy\0\u{4}\u{3}inline_tensors\0\u{1}synthetic\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{1}model\0\u{1}spans\0\u{1}policy\0\u{4}\u{3}inline_tensors\0\u{1}synthetic\0\u{1}audit\0")
 
   fileprivate class _StorageClass {
     var _tenant: String = String()
@@ -600,6 +757,7 @@ nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._
     var _spans: [Tessera_V1_ModalitySpan] = []
     var _policy: Tessera_V1_Policy? = nil
     var _source: Tessera_V1_Prefill.OneOf_Source?
+    var _audit: Bool = false
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -618,6 +776,7 @@ nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._
       _spans = source._spans
       _policy = source._policy
       _source = source._source
+      _audit = source._audit
     }
   }
 
@@ -669,6 +828,7 @@ nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._
             _storage._source = .synthetic(v)
           }
         }()
+        case 12: try { try decoder.decodeSingularBoolField(value: &_storage._audit) }()
         default: break
         }
       }
@@ -713,6 +873,9 @@ nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._
       }()
       case nil: break
       }
+      if _storage._audit != false {
+        try visitor.visitSingularBoolField(value: _storage._audit, fieldNumber: 12)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -730,6 +893,7 @@ nonisolated extension Tessera_V1_Prefill: SwiftProtobuf.Message, SwiftProtobuf._
         if _storage._spans != rhs_storage._spans {return false}
         if _storage._policy != rhs_storage._policy {return false}
         if _storage._source != rhs_storage._source {return false}
+        if _storage._audit != rhs_storage._audit {return false}
         return true
       }
       if !storagesAreEqual {return false}
@@ -929,7 +1093,7 @@ nonisolated extension Tessera_V1_LayerOutput: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".DecodeResult"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0\u{3}kv_bytes\0\u{3}full_kv_bytes\0\u{1}audit\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -941,12 +1105,19 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.step) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.outputs) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.fullKvBytes) }()
+      case 7: try { try decoder.decodeSingularMessageField(value: &self._audit) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.sequenceID != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 1)
     }
@@ -959,6 +1130,15 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     if !self.outputs.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.outputs, fieldNumber: 4)
     }
+    if self.kvBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 5)
+    }
+    if self.fullKvBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.fullKvBytes, fieldNumber: 6)
+    }
+    try { if let v = self._audit {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -967,6 +1147,54 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     if lhs.shardID != rhs.shardID {return false}
     if lhs.step != rhs.step {return false}
     if lhs.outputs != rhs.outputs {return false}
+    if lhs.kvBytes != rhs.kvBytes {return false}
+    if lhs.fullKvBytes != rhs.fullKvBytes {return false}
+    if lhs._audit != rhs._audit {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_DecodeAudit: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".DecodeAudit"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}relative_error_sum\0\u{1}outputs\0\u{3}needle_probes\0\u{3}needle_correct\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.relativeErrorSum) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.outputs) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.needleProbes) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.needleCorrect) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.relativeErrorSum.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.relativeErrorSum, fieldNumber: 1)
+    }
+    if self.outputs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.outputs, fieldNumber: 2)
+    }
+    if self.needleProbes != 0 {
+      try visitor.visitSingularUInt32Field(value: self.needleProbes, fieldNumber: 3)
+    }
+    if self.needleCorrect != 0 {
+      try visitor.visitSingularUInt32Field(value: self.needleCorrect, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_DecodeAudit, rhs: Tessera_V1_DecodeAudit) -> Bool {
+    if lhs.relativeErrorSum != rhs.relativeErrorSum {return false}
+    if lhs.outputs != rhs.outputs {return false}
+    if lhs.needleProbes != rhs.needleProbes {return false}
+    if lhs.needleCorrect != rhs.needleCorrect {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

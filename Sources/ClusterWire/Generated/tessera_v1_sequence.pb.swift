@@ -149,6 +149,9 @@ package nonisolated struct Tessera_V1_OpenSequence: Sendable {
   /// Clears the value of `policy`. Subsequent reads from it will return its default value.
   package mutating func clearPolicy() {self._policy = nil}
 
+  /// Decode tokens the client expects to run; admission reserves room for their rows.
+  package var decodeTokens: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -530,7 +533,7 @@ nonisolated extension Tessera_V1_Policy: SwiftProtobuf.Message, SwiftProtobuf._M
 
 nonisolated extension Tessera_V1_OpenSequence: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".OpenSequence"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}model\0\u{1}spans\0\u{1}policy\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}model\0\u{1}spans\0\u{1}policy\0\u{3}decode_tokens\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -543,6 +546,7 @@ nonisolated extension Tessera_V1_OpenSequence: SwiftProtobuf.Message, SwiftProto
       case 3: try { try decoder.decodeSingularMessageField(value: &self._model) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.spans) }()
       case 5: try { try decoder.decodeSingularMessageField(value: &self._policy) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.decodeTokens) }()
       default: break
       }
     }
@@ -568,6 +572,9 @@ nonisolated extension Tessera_V1_OpenSequence: SwiftProtobuf.Message, SwiftProto
     try { if let v = self._policy {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
     } }()
+    if self.decodeTokens != 0 {
+      try visitor.visitSingularUInt32Field(value: self.decodeTokens, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -577,6 +584,7 @@ nonisolated extension Tessera_V1_OpenSequence: SwiftProtobuf.Message, SwiftProto
     if lhs._model != rhs._model {return false}
     if lhs.spans != rhs.spans {return false}
     if lhs._policy != rhs._policy {return false}
+    if lhs.decodeTokens != rhs.decodeTokens {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

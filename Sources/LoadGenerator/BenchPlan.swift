@@ -1,0 +1,72 @@
+public import KVCacheCore
+public import Workloads
+
+/// What `tessera bench` runs: a workload, the policies to compare over the same seeded traffic, how
+/// traffic arrives and when a policy's run ends.
+public struct BenchPlan: Sendable {
+    /// How sequences arrive.
+    public enum Loop: Sendable, Hashable {
+        /// A fixed number of sequences in flight; each starts when another ends.
+        case closed(concurrency: Int)
+        /// Poisson arrivals at `ratePerSecond`, whatever the cluster's pace; at most `maxInFlight` run
+        /// at once and later arrivals wait, their latency counted from when they were due.
+        case open(ratePerSecond: Double, maxInFlight: Int)
+    }
+
+    /// When a policy's run stops starting sequences (those in flight finish).
+    public enum Stop: Sendable, Hashable {
+        case after(Duration)
+        case sequences(Int)
+    }
+
+    public struct Policy: Sendable {
+        public var name: String
+        public var policy: CompressionPolicy
+        /// Retention of the prompt cache (1 for the full cache).
+        public var retention: Double
+
+        public init(name: String, policy: CompressionPolicy, retention: Double) {
+            self.name = name
+            self.policy = policy
+            self.retention = retention
+        }
+    }
+
+    /// Shown in reports: the preset or file name.
+    public var workloadName: String
+    public var workload: WorkloadFile
+    public var policies: [Policy]
+    public var loop: Loop
+    public var stop: Stop
+    public var seed: UInt64
+    /// The fraction of sequences audited (the same sequences under every policy).
+    public var auditFraction: Double
+    public var tenant: String
+    /// How often the cluster's footprint is sampled.
+    public var sampleInterval: Duration
+
+    public init(
+        workloadName: String, workload: WorkloadFile, policies: [Policy], loop: Loop, stop: Stop, seed: UInt64,
+        auditFraction: Double = 0.25, tenant: String = "bench", sampleInterval: Duration = .milliseconds(250)
+    ) {
+        self.workloadName = workloadName
+        self.workload = workload
+        self.policies = policies
+        self.loop = loop
+        self.stop = stop
+        self.seed = seed
+        self.auditFraction = auditFraction
+        self.tenant = tenant
+        self.sampleInterval = sampleInterval
+    }
+
+    /// Whether sequence `index` is audited: a seeded draw, so every policy audits the same sequences.
+    public func isAudited(_ index: Int) -> Bool {
+        guard auditFraction > 0 else { return false }
+        var x = seed &+ 0x9E37_79B9_7F4A_7C15 &* UInt64(index + 1)
+        x = (x ^ (x >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
+        x ^= x >> 31
+        return Double(x >> 11) / Double(1 << 53) < auditFraction
+    }
+}

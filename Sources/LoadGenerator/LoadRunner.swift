@@ -1,0 +1,267 @@
+public import Client
+public import ClusterTransport
+import ClusterWire
+import Foundation
+import KVCacheCore
+public import Logging
+import Workloads
+
+/// A snapshot for the live progress line.
+public struct BenchProgress: Sendable {
+    public var policy: String
+    public var elapsed: Duration
+    public var sequencesDone: Int
+    public var live: Int
+    public var tokensPerSecond: Double
+    /// The cluster's accounted K/V bytes at the latest sample.
+    public var kvBytes: UInt64
+    public var errors: Int
+    public var refusals: Int
+}
+
+/// Drives a running cluster with a plan's traffic, once per policy, and measures each run.
+public enum LoadRunner {
+    /// Runs every policy of `plan` in turn against the coordinator at `coordinator`; `progress` is
+    /// called about once a second.
+    public static func run(
+        _ plan: BenchPlan, coordinator: NodeAddress, workers: Int, logger: Logger,
+        progress: @escaping @Sendable (BenchProgress) -> Void = { _ in }
+    ) async throws -> (report: BenchReport, samples: [FootprintSample]) {
+        try await TesseraClient.withClient(coordinator: coordinator, tenant: plan.tenant, nodeID: "bench", logger: logger) {
+            client in
+            var results: [PolicyResult] = []
+            var samples: [FootprintSample] = []
+            for (index, policy) in plan.policies.enumerated() {
+                try await drain(client)
+                let recorder = try await runPolicy(plan, index: index, client: client, progress: progress)
+                results.append(await recorder.result(budget: policy.retention))
+                samples += await recorder.samples
+            }
+            let (loop, load): (String, Double) = switch plan.loop {
+            case .closed(let concurrency): ("closed", Double(concurrency))
+            case .open(let rate, _): ("open", rate)
+            }
+            let report = BenchReport(
+                workload: plan.workloadName, model: plan.workload.geometry.name, workers: workers, seed: plan.seed,
+                loop: loop, load: load, policies: results)
+            return (report, samples)
+        }
+    }
+
+    /// Waits (up to 30 s) until the cluster accounts no bytes, so that a policy's samples are its own.
+    static func drain(_ client: TesseraClient) async throws {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline {
+            let status = try await client.status()
+            if status.totalKVBytes == 0 && status.workers.allSatisfy({ $0.liveSequences == 0 }) { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    static func runPolicy(
+        _ plan: BenchPlan, index policyIndex: Int, client: TesseraClient,
+        progress: @escaping @Sendable (BenchProgress) -> Void
+    ) async throws -> PolicyRecorder {
+        let start = ContinuousClock.now
+        let recorder = PolicyRecorder(policy: plan.policies[policyIndex].name, start: start)
+        let driver = SequenceDriver(plan: plan, policyIndex: policyIndex, client: client, recorder: recorder)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await sample(client, recorder: recorder, every: plan.sampleInterval, since: start) }
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: .seconds(1))
+                    progress(await snapshot(recorder))
+                }
+            }
+            try await driver.run(stop: plan.stop, loop: plan.loop, start: start)
+            group.cancelAll()
+            try? await sampleOnce(client, recorder: recorder, since: start)
+            progress(await snapshot(recorder))
+        }
+        return recorder
+    }
+
+    static func snapshot(_ recorder: PolicyRecorder) async -> BenchProgress {
+        let elapsed = await recorder.elapsed
+        let seconds = Double(PolicyRecorder.micros(elapsed)) / 1e6
+        return BenchProgress(
+            policy: recorder.policy, elapsed: elapsed, sequencesDone: await recorder.sequences,
+            live: await recorder.live,
+            tokensPerSecond: seconds > 0 ? Double(await recorder.decodeTokens) / seconds : 0,
+            kvBytes: await recorder.clusterBytes, errors: await recorder.errors, refusals: await recorder.refusals)
+    }
+
+    /// Samples the cluster's footprint every `interval` until cancelled.
+    static func sample(
+        _ client: TesseraClient, recorder: PolicyRecorder, every interval: Duration, since start: ContinuousClock.Instant
+    ) async throws {
+        while true {
+            try await sampleOnce(client, recorder: recorder, since: start)
+            try await Task.sleep(for: interval)
+        }
+    }
+
+    static func sampleOnce(
+        _ client: TesseraClient, recorder: PolicyRecorder, since start: ContinuousClock.Instant
+    ) async throws {
+        let status = try await client.status()
+        let elapsed = Int(PolicyRecorder.micros(ContinuousClock.now - start) / 1000)
+        await recorder.sampled(FootprintSampler.samples(status, policy: recorder.policy, elapsedMillis: elapsed))
+    }
+}
+
+/// Turns a cluster status into one footprint sample per live worker.
+public enum FootprintSampler {
+    public static func samples(_ status: ClusterStatus, policy: String, elapsedMillis: Int) -> [FootprintSample] {
+        status.workers.filter { $0.state != "dead" }.map { worker in
+            FootprintSample(
+                policy: policy, elapsedMillis: elapsedMillis, worker: worker.id, kvBytes: worker.kvBytes,
+                textBytes: worker.kvBytesByModality["text"] ?? 0, imageBytes: worker.kvBytesByModality["image"] ?? 0,
+                videoBytes: worker.kvBytesByModality["video"] ?? 0, auditBytes: worker.auditBytes,
+                rssBytes: worker.rssBytes, liveSequences: worker.liveSequences)
+        }
+    }
+}
+
+/// Runs the sequences of one policy's run: open (retrying refusals after their hint), prefill from
+/// the workload seed, decode every step, close.
+struct SequenceDriver: Sendable {
+    let plan: BenchPlan
+    let policyIndex: Int
+    let client: TesseraClient
+    let recorder: PolicyRecorder
+
+    /// How long one sequence keeps retrying a refused open before it counts as an error.
+    static let admissionPatience = Duration.seconds(60)
+
+    func run(stop: BenchPlan.Stop, loop: BenchPlan.Loop, start: ContinuousClock.Instant) async throws {
+        func more(_ index: Int) -> Bool {
+            switch stop {
+            case .after(let duration): return ContinuousClock.now - start < duration
+            case .sequences(let count): return index < count
+            }
+        }
+        switch loop {
+        case .closed(let concurrency):
+            let next = IndexCounter()
+            try await withThrowingDiscardingTaskGroup { group in
+                for _ in 0..<concurrency {
+                    group.addTask {
+                        while true {
+                            let index = await next.take()
+                            guard more(index) else { return }
+                            await runSequence(index, due: nil)
+                        }
+                    }
+                }
+            }
+        case .open(let rate, let maxInFlight):
+            var arrivals = ArrivalSchedule(rate: rate, seed: plan.seed, start: start)
+            await withTaskGroup(of: Void.self) { group in
+                var index = 0
+                var inFlight = 0
+                while more(index) {
+                    let due = arrivals.next()
+                    try? await Task.sleep(until: due, clock: .continuous)
+                    if inFlight >= maxInFlight {
+                        await group.next()
+                        inFlight -= 1
+                    }
+                    let current = index
+                    group.addTask { await runSequence(current, due: due) }
+                    inFlight += 1
+                    index += 1
+                }
+            }
+        }
+    }
+
+    /// One sequence, start to end; failures are counted, never thrown.
+    func runSequence(_ index: Int, due: ContinuousClock.Instant?) async {
+        let workload = plan.workload
+        let preset = workload.preset(forSequence: index, seed: plan.seed)
+        let settings = workload.traceSettings
+        let geometry = workload.geometry
+        let trace = TraceGenerator(preset: preset, geometry: geometry, settings: settings, seed: plan.seed).sequence(index)
+        let policy = plan.policies[policyIndex]
+        let sequenceID = UInt64(policyIndex + 1) << 32 | UInt64(index)
+        let audited = plan.isAudited(index)
+        // Latencies count from when the sequence was due (open loop), so queueing is not hidden.
+        let begin = due ?? .now
+        await recorder.started()
+        do {
+            try await open(sequenceID, geometry: geometry, layout: trace.layout, policy: policy, decodeTokens: trace.decodeSteps)
+            _ = try await client.prefillSynthetic(
+                sequenceID, workload: preset.rawValue, seed: plan.seed, index: index, settings: settings, audit: audited)
+            await recorder.prefilled(after: .now - begin)
+            var last = DecodeStep()
+            var fidelity: FidelityReport?
+            for step in 0..<trace.decodeSteps {
+                let stepStart = ContinuousClock.now
+                last = try await client.decodeStep(sequenceID, step: step, geometry: geometry)
+                // Audited steps also decode the full cache: their latency is not the policy's.
+                await recorder.decoded(after: .now - stepStart, timed: !audited || plan.auditFraction >= 1)
+                if let audit = last.fidelity {
+                    var total = fidelity ?? FidelityReport()
+                    total.merge(audit)
+                    fidelity = total
+                }
+            }
+            _ = try await client.close(sequenceID)
+            await recorder.completed(kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, fidelity: fidelity)
+        } catch {
+            _ = try? await client.close(sequenceID)
+            await recorder.failed()
+        }
+    }
+
+    /// Opens the sequence, waiting out RESOURCE_EXHAUSTED refusals for their retry-after hint.
+    func open(
+        _ sequenceID: UInt64, geometry: ModelGeometry, layout: PromptLayout, policy: BenchPlan.Policy, decodeTokens: Int
+    ) async throws {
+        let deadline = ContinuousClock.now + Self.admissionPatience
+        while true {
+            do {
+                _ = try await client.openSequence(
+                    sequenceID, geometry: geometry, layout: layout, policy: policy.policy, retention: policy.retention,
+                    decodeTokens: decodeTokens)
+                return
+            } catch let error as WireError where error.code == .resourceExhausted {
+                await recorder.refused()
+                guard let wait = error.retryAfter, ContinuousClock.now + wait < deadline else { throw error }
+                try await Task.sleep(for: wait)
+                await recorder.retried()
+            }
+        }
+    }
+}
+
+/// Hands out sequence indices to the closed loop's runners.
+actor IndexCounter {
+    private var next = 0
+
+    func take() -> Int {
+        defer { next += 1 }
+        return next
+    }
+}
+
+/// Poisson arrival times: exponential gaps drawn from a seeded generator.
+struct ArrivalSchedule {
+    let meanGap: Double
+    var state: UInt64
+    var time: ContinuousClock.Instant
+
+    init(rate: Double, seed: UInt64, start: ContinuousClock.Instant) {
+        meanGap = 1 / rate
+        state = seed ^ 0xA076_1D64_78BD_642F
+        time = start
+    }
+
+    mutating func next() -> ContinuousClock.Instant {
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        let uniform = (Double(state >> 11) + 0.5) / Double(1 << 53)
+        time = time + .seconds(-log(uniform) * meanGap)
+        return time
+    }
+}
