@@ -185,7 +185,7 @@ let package = Package(
             name: "ClusterTests",
             dependencies: [
                 "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "KVCacheCore",
-                "Workloads", "ClusterAdmin", "ClusterLauncher",
+                "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Subprocess", package: "swift-subprocess"),

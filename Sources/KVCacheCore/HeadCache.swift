@@ -106,15 +106,17 @@ public struct HeadCache<S: KVScalar>: Sendable {
 
 extension HeadCache {
     /// The cache cut to at most `capacity` prompt rows (positions below `promptLength`), keeping those
-    /// with the highest `scores` (one per row, in row order) and every decoded row. How a cluster under
-    /// memory pressure tightens a sequence that is already compressed: its prefill is gone, so the
-    /// rows compete on the score they were kept with. Returns the kept rows' scores beside the cache.
+    /// with the highest `scores` and every decoded row. How a cluster under memory pressure tightens a
+    /// sequence that is already compressed: its prefill is gone, so the rows compete on the score
+    /// they were kept with. `scores` has one entry per row held at compression; rows appended since
+    /// (decoded tokens) have none and are always kept. Returns the kept scored rows' scores.
     public func tightened(promptLength: Int, capacity: Int, scores: [Float]) -> (cache: HeadCache, scores: [Float]) {
-        precondition(scores.count == count, "one score per row")
-        let prompt = (0..<count).filter { Int(positions[$0]) < promptLength }
+        precondition(scores.count <= count, "at most one score per row")
+        let prompt = (0..<scores.count).filter { Int(positions[$0]) < promptLength }
         guard prompt.count > capacity else { return (self, scores) }
-        let decoded = (0..<count).filter { Int(positions[$0]) >= promptLength }
-        let rows = (Selection.top(max(0, capacity), of: scores, among: prompt) + decoded).sorted()
-        return (retaining(rows: rows), rows.map { scores[$0] })
+        let kept = Selection.top(max(0, capacity), of: scores, among: prompt)
+            + (0..<scores.count).filter { Int(positions[$0]) >= promptLength }
+        let scored = kept.sorted()
+        return (retaining(rows: scored + Array(scores.count..<count)), scored.map { scores[$0] })
     }
 }

@@ -61,8 +61,10 @@ public struct PolicyResult: Sendable, Codable, Hashable {
     /// Fraction of needle probes answered correctly, over audited sequences.
     public var needleAccuracy: Double?
     public var auditedSequences: Int
-    /// Requests that failed for a reason other than admission.
+    /// Sequences that failed (a refused open that never fit counts too).
     public var errors: Int
+    /// The first few distinct error messages, to tell what failed.
+    public var errorMessages: [String]
     /// Opens refused with RESOURCE_EXHAUSTED (each is retried after the hint).
     public var refusals: Int
     /// Requests retried after a refusal or a placement change.
@@ -76,7 +78,7 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         tokensPerSecond: Double, decodeP50Micros: UInt64, decodeP99Micros: UInt64, decodeMaxMicros: UInt64,
         prefillP50Micros: UInt64, prefillP99Micros: UInt64, peakKVBytes: UInt64, meanKVBytes: UInt64,
         fullKVBytes: UInt64, compressedKVBytes: UInt64, saving: Double, outputError: Double?,
-        needleAccuracy: Double?, auditedSequences: Int, errors: Int, refusals: Int, retries: Int,
+        needleAccuracy: Double?, auditedSequences: Int, errors: Int, errorMessages: [String] = [], refusals: Int, retries: Int,
         workers: [WorkerPeak], decodeLatencyPercentiles: [LatencyPoint]
     ) {
         self.policy = policy
@@ -99,6 +101,7 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         self.needleAccuracy = needleAccuracy
         self.auditedSequences = auditedSequences
         self.errors = errors
+        self.errorMessages = errorMessages
         self.refusals = refusals
         self.retries = retries
         self.workers = workers

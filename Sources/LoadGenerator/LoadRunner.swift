@@ -211,7 +211,7 @@ struct SequenceDriver: Sendable {
             await recorder.completed(kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, fidelity: fidelity)
         } catch {
             _ = try? await client.close(sequenceID)
-            await recorder.failed()
+            await recorder.failed(error)
         }
     }
 

@@ -11,6 +11,7 @@ actor PolicyRecorder {
     private(set) var live = 0
     private(set) var decodeTokens = 0
     private(set) var errors = 0
+    private var errorMessages: [String] = []
     private(set) var refusals = 0
     private(set) var retries = 0
     private var audited = 0
@@ -58,9 +59,11 @@ actor PolicyRecorder {
         finished = .now
     }
 
-    func failed() {
+    func failed(_ error: any Error) {
         live -= 1
         errors += 1
+        let message = "\(error)"
+        if errorMessages.count < 5, !errorMessages.contains(message) { errorMessages.append(message) }
     }
 
     func refused() { refusals += 1 }
@@ -100,7 +103,7 @@ actor PolicyRecorder {
             fullKVBytes: fullBytes, compressedKVBytes: compressedBytes,
             saving: fullBytes == 0 ? 0 : 1 - Double(compressedBytes) / Double(fullBytes),
             outputError: audited == 0 ? nil : fidelity.outputError, needleAccuracy: fidelity.needleAccuracy,
-            auditedSequences: audited, errors: errors, refusals: refusals, retries: retries, workers: workers,
+            auditedSequences: audited, errors: errors, errorMessages: errorMessages, refusals: refusals, retries: retries, workers: workers,
             decodeLatencyPercentiles: percentiles)
     }
 }

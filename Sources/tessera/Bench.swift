@@ -246,7 +246,11 @@ enum BenchTable {
         }
         let title = "\(report.workload) on \(report.model), \(report.workers) workers, \(report.loop) loop "
             + "(\(report.loop == "closed" ? "concurrency" : "rate") \(ResultTable.format(report.load, report.loop == "closed" ? 0 : 2))), seed \(report.seed)\n"
-        return title + ResultTable.table(header: header, rows: rows)
+        var out = title + ResultTable.table(header: header, rows: rows)
+        for result in report.policies where !result.errorMessages.isEmpty {
+            out += "\(result.policy) errors: " + result.errorMessages.joined(separator: "; ") + "\n"
+        }
+        return out
     }
 
     static func millis(_ micros: UInt64) -> String { ResultTable.format(Double(micros) / 1000, 2) }

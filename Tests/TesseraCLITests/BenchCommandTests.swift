@@ -1,0 +1,56 @@
+import Foundation
+import Subprocess
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite struct BenchCommandTests {
+    @Test(arguments: [
+        (["bench", "--policies", "vl-cache,lru"], "allowed: full, streaming-llm"),
+        (["bench", "--budget", "1.5"], "(0, 1]"),
+        (["bench", "--workload", "podcast"], "allowed: image-qa"),
+        (["bench", "--workload", "/nonexistent/workload.yaml"], "/nonexistent/workload.yaml"),
+        (["bench", "--concurrency", "2", "--rate", "1"], "not both"),
+        (["bench", "--duration", "5", "--sequences", "3"], "not both"),
+        (["bench", "--policy", "full", "--policies", "vl-cache"], "not both"),
+        (["bench", "--audit-fraction", "2"], "0...1"),
+        (["bench", "--coordinator", "nowhere"], "--coordinator"),
+    ])
+    func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
+        let result = try await runTessera(arguments)
+        #expect(result.status == .exited(64), "\(arguments): \(result.stderr)")
+        #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): \(result.stderr)")
+        #expect(result.stderr.contains(allowed), "\(arguments): \(result.stderr)")
+    }
+
+    /// The whole command: a local cluster, two policies, the table, the three files, and no process
+    /// left behind (the cluster's children are reaped before the command exits).
+    @Test(.timeLimit(.minutes(3)))
+    func benchRunsALocalClusterAndWritesItsFiles() async throws {
+        let base = "/tmp/tessera-bench-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { for ext in ["json", "csv", "html"] { unlink("\(base).\(ext)") } }
+        let result = try await runTessera([
+            "bench", "--local", "2", "--model", "tiny", "--workload", "mixed", "--policies", "full,madakv",
+            "--sequences", "3", "--concurrency", "2", "--seed", "11", "--json", "\(base).json", "--csv", "\(base).csv",
+            "--report", "\(base).html",
+        ])
+        #expect(result.status == .exited(0), "\(result.stderr)")
+        #expect(result.stdout.contains("\nfull "), "\(result.stdout)")
+        #expect(result.stdout.contains("\nmadakv "), "\(result.stdout)")
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(filePath: "\(base).json"))) as? [String: Any]
+        let policies = try #require(json?["policies"] as? [[String: Any]])
+        #expect(policies.count == 2)
+        for key in ["policy", "budget", "sequences", "tokensPerSecond", "decodeP50Micros", "decodeP99Micros",
+                    "peakKVBytes", "fullKVBytes", "saving", "outputError", "needleAccuracy", "errors", "refusals",
+                    "workers"] {
+            #expect(policies[0][key] != nil, "missing \(key)")
+        }
+        let csv = try String(contentsOfFile: "\(base).csv", encoding: .utf8)
+        #expect(csv.hasPrefix("policy,elapsed_ms,worker,kv_bytes"))
+        #expect(csv.split(separator: "\n").count > 2)
+        let html = try String(contentsOfFile: "\(base).html", encoding: .utf8)
+        #expect(html.contains("<svg") && html.contains("madakv"))
+    }
+}
