@@ -88,6 +88,7 @@ let package = Package(
             dependencies: [
                 "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport", "ClusterAdmin",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -134,8 +134,11 @@ actor CoordinatorState {
         let geometry = try ModelGeometry(proto: message.model)
         let layout = try PromptLayout(proto: message.spans)
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
+        // One shard per distinct live primary: after a failover a worker may own several map shards,
+        // but it holds at most one shard of any sequence.
+        var seen = Set<NodeID>()
         let owners = shardMap.placement.shards.compactMap { shard -> (NodeID, NodeAddress)? in
-            guard let primary = shard.primary, let link = workers[primary] else { return nil }
+            guard let primary = shard.primary, let link = workers[primary], seen.insert(primary).inserted else { return nil }
             return (primary, link.address)
         }
         guard !owners.isEmpty else {

@@ -42,6 +42,20 @@ public struct LayerPrefill: Sendable {
         self.queries = queries
     }
 
+    /// The same keys and values without query rows (what compression needs once profiled).
+    public func withoutQueries() -> LayerPrefill {
+        LayerPrefill(geometry: geometry, promptLength: promptLength, keys: keys, values: values)
+    }
+
+    private init(geometry: ModelGeometry, promptLength: Int, keys: [Float], values: [Float]) {
+        self.geometry = geometry
+        self.promptLength = promptLength
+        queryRows = 0
+        self.keys = keys
+        self.values = values
+        queries = []
+    }
+
     /// The first prompt row whose query is present.
     public var firstQueryRow: Int { promptLength - queryRows }
 

@@ -60,13 +60,10 @@ public struct BenchPlan: Sendable {
         self.sampleInterval = sampleInterval
     }
 
-    /// Whether sequence `index` is audited: a seeded draw, so every policy audits the same sequences.
+    /// Whether sequence `index` is audited: evenly spaced, starting with the first (0, 4, 8, … at
+    /// 0.25), so that every policy audits the same sequences and a short run audits at least one.
     public func isAudited(_ index: Int) -> Bool {
         guard auditFraction > 0 else { return false }
-        var x = seed &+ 0x9E37_79B9_7F4A_7C15 &* UInt64(index + 1)
-        x = (x ^ (x >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
-        x ^= x >> 31
-        return Double(x >> 11) / Double(1 << 53) < auditFraction
+        return (Double(index) * auditFraction).rounded(.up) != (Double(index + 1) * auditFraction).rounded(.up)
     }
 }

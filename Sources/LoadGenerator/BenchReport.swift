@@ -39,12 +39,13 @@ public struct PolicyResult: Sendable, Codable, Hashable {
     public var decodeTokens: Int
     public var durationSeconds: Double
     public var tokensPerSecond: Double
-    /// Decode-step latency at the client (one step = every shard of the sequence answered); in an
-    /// open loop, corrected for coordinated omission.
+    /// Decode-step latency at the client (one step = every shard of the sequence answered), steps
+    /// after the first, of sequences not audited.
     public var decodeP50Micros: UInt64
     public var decodeP99Micros: UInt64
     public var decodeMaxMicros: UInt64
-    /// Open plus prefill until every shard acknowledged.
+    /// Time to first token: open, prefill, the budget's gather-allocate-compress, and the first
+    /// decode step (which waits for the budget); measured from when the sequence was due.
     public var prefillP50Micros: UInt64
     public var prefillP99Micros: UInt64
     /// Peak and mean over the samples of the cluster's accounted K/V bytes.

@@ -150,7 +150,8 @@ struct SequenceDriver: Sendable {
                         while true {
                             let index = await next.take()
                             guard more(index) else { return }
-                            await runSequence(index, due: nil)
+                            // A failing cluster is not hammered: a failed sequence pauses its runner.
+                            if await !runSequence(index, due: nil) { try await Task.sleep(for: .milliseconds(100)) }
                         }
                     }
                 }
@@ -168,7 +169,7 @@ struct SequenceDriver: Sendable {
                         inFlight -= 1
                     }
                     let current = index
-                    group.addTask { await runSequence(current, due: due) }
+                    group.addTask { _ = await runSequence(current, due: due) }
                     inFlight += 1
                     index += 1
                 }
@@ -176,8 +177,8 @@ struct SequenceDriver: Sendable {
         }
     }
 
-    /// One sequence, start to end; failures are counted, never thrown.
-    func runSequence(_ index: Int, due: ContinuousClock.Instant?) async {
+    /// One sequence, start to end; failures are counted, never thrown. Returns whether it completed.
+    func runSequence(_ index: Int, due: ContinuousClock.Instant?) async -> Bool {
         let workload = plan.workload
         let preset = workload.preset(forSequence: index, seed: plan.seed)
         let settings = workload.traceSettings
@@ -193,14 +194,20 @@ struct SequenceDriver: Sendable {
             try await open(sequenceID, geometry: geometry, layout: trace.layout, policy: policy, decodeTokens: trace.decodeSteps)
             _ = try await client.prefillSynthetic(
                 sequenceID, workload: preset.rawValue, seed: plan.seed, index: index, settings: settings, audit: audited)
-            await recorder.prefilled(after: .now - begin)
             var last = DecodeStep()
             var fidelity: FidelityReport?
             for step in 0..<trace.decodeSteps {
                 let stepStart = ContinuousClock.now
                 last = try await client.decodeStep(sequenceID, step: step, geometry: geometry)
-                // Audited steps also decode the full cache: their latency is not the policy's.
-                await recorder.decoded(after: .now - stepStart, timed: !audited || plan.auditFraction >= 1)
+                if step == 0 {
+                    // The first step waits for the budget (gather, allocate, compress): it ends the
+                    // time to first token, not a decode step of the compressed cache.
+                    await recorder.prefilled(after: .now - begin)
+                    await recorder.decoded(after: .zero, timed: false)
+                } else {
+                    // Audited steps also decode the full cache: their latency is not the policy's.
+                    await recorder.decoded(after: .now - stepStart, timed: !audited || plan.auditFraction >= 1)
+                }
                 if let audit = last.fidelity {
                     var total = fidelity ?? FidelityReport()
                     total.merge(audit)
@@ -209,9 +216,11 @@ struct SequenceDriver: Sendable {
             }
             _ = try await client.close(sequenceID)
             await recorder.completed(kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, fidelity: fidelity)
+            return true
         } catch {
             _ = try? await client.close(sequenceID)
             await recorder.failed(error)
+            return false
         }
     }
 

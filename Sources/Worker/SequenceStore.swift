@@ -27,24 +27,49 @@ struct HeldSequence: Sendable {
     /// The planted answer of a synthetic sequence (kept for audits).
     var needle: Needle?
     var waiters: [CheckedContinuation<Void, any Error>] = []
+    /// While a decode step runs off the actor, its cache (and audit copy) are out of the store; the
+    /// bytes they held are kept here for accounting, and tightening waits in `idleWaiters`.
+    var decoding: (total: Int, byModality: [String: Int], audit: Int)?
+    var idleWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Set while the prefill is being expanded off the actor: its layers are counted as held from the
+    /// start, so that accounting never trails the memory the expansion fills.
+    var expanding = false
     var nextStep = 0
     var lastResult: (step: Int, body: Tessera_V1_DecodeResult)?
 
     /// What the shard's layers would hold uncompressed with `rows` rows per head, in the storage type
     /// of the cache (Float32 before compression).
-    func fullBytes(rows: Int) -> Int {
-        let scalar = if case .float16 = cache { MemoryLayout<Float16>.size } else { MemoryLayout<Float>.size }
+    func fullBytes(rows: Int, storage: ScalarType = .float32) -> Int {
+        let scalar = storage == .float16 ? MemoryLayout<Float16>.size : MemoryLayout<Float>.size
         return layers.count * geometry.kvHeads * 2 * geometry.headDim * rows * scalar
     }
 
+    var isCompressed: Bool { cache != nil || decoding != nil }
+
+    /// The assignment alone, for handlers: a copy that still referenced the cache would make every
+    /// decode append copy the rows it shares.
+    var withoutTensors: HeldSequence {
+        var copy = self
+        copy.prefills = [:]
+        copy.profiles = [:]
+        copy.syntheticDecode = nil
+        copy.cache = nil
+        copy.audit = nil
+        copy.rowScores = [:]
+        return copy
+    }
+
+    var auditBytes: Int { decoding?.audit ?? audit?.bytes ?? 0 }
+
     /// K/V bytes held now, in all and by modality.
     var bytes: (total: Int, byModality: [String: Int]) {
+        if let decoding { return (decoding.total, decoding.byModality) }
         if let cache { return cache.bytes }
         var total = 0
         var byModality: [String: Int] = [:]
         let rowBytes = geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size
         let perLayer = ModalityTag.bytesByKind(layout.tags, rowBytes: rowBytes)
-        for _ in prefills.values {
+        for _ in 0..<(expanding ? layers.count : prefills.count) {
             total += layout.promptLength * rowBytes
             byModality.merge(perLayer, uniquingKeysWith: +)
         }
@@ -82,7 +107,22 @@ actor SequenceStore {
         guard held.epoch == epoch else {
             throw WireError(.staleEpoch, "sequence \(sequenceID) is at epoch \(held.epoch), the write carries \(epoch)")
         }
-        return held
+        return held.withoutTensors
+    }
+
+    /// Marks the prefill as being expanded (see `HeldSequence.expanding`); refuses a second prefill.
+    func beginExpansion(_ sequenceID: UInt64) throws(WireError) {
+        guard let held = sequences[sequenceID] else {
+            throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
+        }
+        guard !held.expanding, held.prefills.isEmpty, held.cache == nil else {
+            throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
+        }
+        sequences[sequenceID]!.expanding = true
+    }
+
+    func abandonExpansion(_ sequenceID: UInt64) {
+        sequences[sequenceID]?.expanding = false
     }
 
     func storePrefill(
@@ -95,6 +135,7 @@ actor SequenceStore {
         guard sequences[sequenceID]!.prefills.isEmpty, sequences[sequenceID]!.cache == nil else {
             throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
         }
+        sequences[sequenceID]!.expanding = false
         sequences[sequenceID]!.prefills = prefills
         sequences[sequenceID]!.profiles = profiles
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
@@ -108,7 +149,7 @@ actor SequenceStore {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        if held.cache != nil { return held }
+        if held.cache != nil { return held.withoutTensors }
         guard !held.prefills.isEmpty else {
             throw WireError(.badRequest, "sequence \(sequenceID) has a budget but no prefill yet")
         }
@@ -134,12 +175,13 @@ actor SequenceStore {
     }
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
-    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) -> (total: Int, byModality: [String: Int])? {
-        guard var held = sequences[sequenceID], let cache = held.cache else { return nil }
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: [String: Int])? {
+        while sequences[sequenceID]?.decoding != nil {
+            await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
+        }
+        guard var held = sequences[sequenceID], held.cache != nil else { return nil }
         sequences[sequenceID]!.cache = nil
-        let cut = cache.tightened(to: budgets, scores: held.rowScores, promptLength: held.layout.promptLength)
-        held.cache = cut.cache
-        held.rowScores = cut.scores
+        held.rowScores = held.cache!.tighten(to: budgets, scores: held.rowScores, promptLength: held.layout.promptLength)
         sequences[sequenceID] = held
         return held.bytes
     }
@@ -149,25 +191,30 @@ actor SequenceStore {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        if held.cache != nil { return }
+        if held.isCompressed { return }
         try await withCheckedThrowingContinuation { continuation in
             sequences[sequenceID]!.waiters.append(continuation)
         }
     }
 
-    /// Runs one decode step on every layer of the shard. A retry of the last step returns its result
-    /// again; any other step out of order is refused.
-    func decode(
+    /// Starts one decode step: a retry of the last step gets its result again; otherwise the step's
+    /// inputs are checked (a refused step changes nothing) and the cache moves into the returned job,
+    /// to run off the actor. `finishDecode` puts it back.
+    func beginDecode(
         _ sequenceID: UInt64, step: Int, inputs: [Int: DecodeStepInput]?
-    ) throws(WireError) -> Tessera_V1_DecodeResult {
-        guard var held = sequences[sequenceID], held.cache != nil else {
+    ) throws(WireError) -> DecodeStart {
+        guard let held = sequences[sequenceID], held.isCompressed else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
         }
-        if let last = held.lastResult, last.step == step { return last.body }
+        if let last = held.lastResult, last.step == step { return .replay(last.body) }
+        guard held.decoding == nil else {
+            throw WireError(
+                .unavailable, "decode step \(held.nextStep) of sequence \(sequenceID) is still running; retry",
+                retryAfter: .milliseconds(10))
+        }
         guard step == held.nextStep else {
             throw WireError(.badRequest, "decode step \(step) of sequence \(sequenceID) is out of order; expected \(held.nextStep)")
         }
-        // Every layer's input first, so that a refused step changes nothing.
         var stepInputs: [(layer: Int, input: DecodeStepInput)] = []
         for layer in held.layers {
             if let given = inputs?[layer] {
@@ -181,33 +228,32 @@ actor SequenceStore {
                         + "synthetic step to expand")
             }
         }
-        var result = Tessera_V1_DecodeResult()
-        result.sequenceID = sequenceID
-        result.shardID = held.shardID
-        result.step = UInt32(step)
+        let bytes = held.bytes
+        sequences[sequenceID]!.decoding = (bytes.total, bytes.byModality, held.auditBytes)
         sequences[sequenceID]!.cache = nil
         sequences[sequenceID]!.audit = nil
-        defer { sequences[sequenceID] = held }
-        let position = held.layout.promptLength + step
-        var fidelity = FidelityReport()
-        for (layer, input) in stepInputs {
-            let outputs = held.cache!.decode(layer: layer, geometry: held.geometry, input: input, position: position)!
-            held.audit?.score(
-                layer: layer, step: step, geometry: held.geometry, input: input, position: position, outputs: outputs,
-                into: &fidelity)
-            result.outputs.append(try Tessera_V1_LayerOutput(layer: layer, output: outputs, geometry: held.geometry))
+        return .run(DecodeJob(sequenceID: sequenceID, step: step, held: held, inputs: stepInputs))
+    }
+
+    /// Puts the job's cache back and, if it succeeded, records the step (unless the sequence was
+    /// closed meanwhile).
+    func finishDecode(_ job: DecodeJob, result: Tessera_V1_DecodeResult?) {
+        // Moved out of the job, not copied: the compute thread that ran it may keep the job object
+        // alive until its next work item, and a second reference would make the next step's appends
+        // copy every row.
+        let cache = job.held.cache.take()
+        let audit = job.held.audit.take()
+        guard sequences[job.sequenceID] != nil else { return }
+        sequences[job.sequenceID]!.cache = cache
+        sequences[job.sequenceID]!.audit = audit
+        sequences[job.sequenceID]!.decoding = nil
+        if let result {
+            sequences[job.sequenceID]!.nextStep = job.step + 1
+            sequences[job.sequenceID]!.lastResult = (job.step, result)
         }
-        result.kvBytes = UInt64(held.cache!.totalBytes)
-        result.fullKvBytes = UInt64(held.fullBytes(rows: position + 1))
-        if held.audit != nil {
-            result.audit.relativeErrorSum = fidelity.relativeErrorSum
-            result.audit.outputs = UInt32(fidelity.outputs)
-            result.audit.needleProbes = UInt32(fidelity.needleProbes)
-            result.audit.needleCorrect = UInt32(fidelity.needleCorrect)
-        }
-        held.nextStep = step + 1
-        held.lastResult = (step, result)
-        return result
+        let waiters = sequences[job.sequenceID]!.idleWaiters
+        sequences[job.sequenceID]!.idleWaiters = []
+        for waiter in waiters { waiter.resume() }
     }
 
     func close(_ sequenceID: UInt64) -> Int {
@@ -215,6 +261,7 @@ actor SequenceStore {
         for waiter in held.waiters {
             waiter.resume(throwing: WireError(.unknownSequence, "sequence \(sequenceID) was closed"))
         }
+        for waiter in held.idleWaiters { waiter.resume() }
         return held.bytes.total
     }
 
@@ -227,7 +274,7 @@ actor SequenceStore {
         for held in sequences.values {
             let bytes = held.bytes
             total += bytes.total
-            audit += held.audit?.bytes ?? 0
+            audit += held.auditBytes
             byModality.merge(bytes.byModality, uniquingKeysWith: +)
         }
         return (total, byModality, audit, sequences.count)
@@ -236,4 +283,67 @@ actor SequenceStore {
     func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }
 
     func digest(_ sequenceID: UInt64) -> UInt64? { sequences[sequenceID]?.cache?.digest }
+}
+
+enum DecodeStart: Sendable {
+    /// The step was the last one done: its result again (an idempotent retry).
+    case replay(Tessera_V1_DecodeResult)
+    case run(DecodeJob)
+}
+
+/// One decode step of one sequence with the cache it runs over, taken out of the store so that the
+/// tensor work runs on the worker's compute threads. A class, so that the cache is never copied: the
+/// job is handed from the store to one compute thread and back, never shared while it runs (hence
+/// `@unchecked Sendable`).
+final class DecodeJob: @unchecked Sendable {
+    let sequenceID: UInt64
+    let step: Int
+    var held: HeldSequence
+    let inputs: [(layer: Int, input: DecodeStepInput)]
+
+    init(sequenceID: UInt64, step: Int, held: HeldSequence, inputs: [(layer: Int, input: DecodeStepInput)]) {
+        self.sequenceID = sequenceID
+        self.step = step
+        self.held = held
+        self.inputs = inputs
+    }
+
+    /// Appends the step to every layer and attends; audited sequences also score it.
+    func run() throws(WireError) -> Tessera_V1_DecodeResult {
+        // The cache is moved into locals for the step: mutating it through the class property could
+        // leave a second reference alive, and then every append would copy the rows.
+        guard var cache = held.cache.take() else {
+            throw WireError(.internal, "decode of sequence \(sequenceID) has no cache")
+        }
+        var audit = held.audit.take()
+        defer {
+            held.cache = cache
+            held.audit = audit
+        }
+        let geometry = held.geometry
+        var result = Tessera_V1_DecodeResult()
+        result.sequenceID = sequenceID
+        result.shardID = held.shardID
+        result.step = UInt32(step)
+        let position = held.layout.promptLength + step
+        var fidelity = FidelityReport()
+        for (layer, input) in inputs {
+            guard let outputs = cache.decode(layer: layer, geometry: geometry, input: input, position: position) else {
+                throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
+            }
+            audit?.score(
+                layer: layer, step: step, geometry: geometry, input: input, position: position, outputs: outputs,
+                into: &fidelity)
+            result.outputs.append(try Tessera_V1_LayerOutput(layer: layer, output: outputs, geometry: geometry))
+        }
+        result.kvBytes = UInt64(cache.totalBytes)
+        result.fullKvBytes = UInt64(held.fullBytes(rows: position + 1, storage: cache.storage))
+        if audit != nil {
+            result.audit.relativeErrorSum = fidelity.relativeErrorSum
+            result.audit.outputs = UInt32(fidelity.outputs)
+            result.audit.needleProbes = UInt32(fidelity.needleProbes)
+            result.audit.needleCorrect = UInt32(fidelity.needleCorrect)
+        }
+        return result
+    }
 }

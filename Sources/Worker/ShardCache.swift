@@ -1,22 +1,27 @@
 import KVCacheCore
 import Workloads
 
-/// The compressed layers of one shard of one sequence, in the worker's storage type.
-enum ShardCache: Sendable {
-    case float32([Int: [HeadCache<Float>]])
-    case float16([Int: [HeadCache<Float16>]])
+/// The compressed layers of one shard of one sequence, in the worker's storage type: one of the two
+/// dictionaries is used. Stored properties rather than enum payloads, so that decode mutates the
+/// heads in place (binding an enum payload to mutate it would copy every row).
+struct ShardCache: Sendable {
+    private(set) var float32: [Int: [HeadCache<Float>]] = [:]
+    private(set) var float16: [Int: [HeadCache<Float16>]] = [:]
+    let storage: ScalarType
 
     /// Compresses every layer of `prefills` to its budget.
     static func compress(
         _ prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], budgets: [Int: LayerBudget],
         layout: PromptLayout, policy: CompressionPolicy, storage: ScalarType
     ) throws(KVCacheError) -> ShardCache {
+        var cache = ShardCache(storage: storage)
         switch storage {
         case .float32:
-            return .float32(try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy))
+            cache.float32 = try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy)
         case .float16:
-            return .float16(try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy))
+            cache.float16 = try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy)
         }
+        return cache
     }
 
     /// Every layer of `prefills` compressed to its budget, as `S`.
@@ -38,15 +43,9 @@ enum ShardCache: Sendable {
 
     /// Decodes one step on `layer`, returning `queryHeads × headDim` outputs.
     mutating func decode(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) -> [Float]? {
-        switch self {
-        case .float32(var layers):
-            self = .float32([:])
-            defer { self = .float32(layers) }
-            return Self.decode(&layers, layer: layer, geometry: geometry, input: input, position: position)
-        case .float16(var layers):
-            self = .float16([:])
-            defer { self = .float16(layers) }
-            return Self.decode(&layers, layer: layer, geometry: geometry, input: input, position: position)
+        switch storage {
+        case .float32: return Self.decode(&float32, layer: layer, geometry: geometry, input: input, position: position)
+        case .float16: return Self.decode(&float16, layer: layer, geometry: geometry, input: input, position: position)
         }
     }
 
@@ -82,38 +81,26 @@ enum ShardCache: Sendable {
             }
             return result
         }
-        switch self {
-        case .float32(let layers): return scores(layers)
-        case .float16(let layers): return scores(layers)
-        }
+        return storage == .float32 ? scores(float32) : scores(float16)
     }
 
-    /// The cache with each head cut to its capacity in `budgets` (never grown), and the kept rows'
-    /// scores.
-    func tightened(
-        to budgets: [Int: LayerBudget], scores: [Int: [[Float]]], promptLength m: Int
-    ) -> (cache: ShardCache, scores: [Int: [[Float]]]) {
-        func cut<S>(_ layers: [Int: [HeadCache<S>]]) -> ([Int: [HeadCache<S>]], [Int: [[Float]]]) {
-            var kept = layers
+    /// Cuts each head to its capacity in `budgets` (never grows it); returns the kept rows' scores.
+    mutating func tighten(to budgets: [Int: LayerBudget], scores: [Int: [[Float]]], promptLength m: Int) -> [Int: [[Float]]] {
+        func cut<S>(_ layers: inout [Int: [HeadCache<S>]]) -> [Int: [[Float]]] {
             var keptScores = scores
-            for (layer, heads) in layers {
-                guard let budget = budgets[layer], let layerScores = scores[layer] else { continue }
+            for layer in Array(layers.keys) {
+                guard let budget = budgets[layer], let layerScores = scores[layer], var heads = layers.removeValue(forKey: layer)
+                else { continue }
                 for h in heads.indices where h < budget.heads.count {
                     let cut = heads[h].tightened(promptLength: m, capacity: budget.heads[h].capacity, scores: layerScores[h])
-                    kept[layer]![h] = cut.cache
+                    heads[h] = cut.cache
                     keptScores[layer]![h] = cut.scores
                 }
+                layers[layer] = heads
             }
-            return (kept, keptScores)
+            return keptScores
         }
-        switch self {
-        case .float32(let layers):
-            let (kept, keptScores) = cut(layers)
-            return (.float32(kept), keptScores)
-        case .float16(let layers):
-            let (kept, keptScores) = cut(layers)
-            return (.float16(kept), keptScores)
-        }
+        return storage == .float32 ? cut(&float32) : cut(&float16)
     }
 
     /// Bytes of K/V payload held, in all and by modality.
@@ -127,18 +114,12 @@ enum ShardCache: Sendable {
             }
             return (total, byModality)
         }
-        switch self {
-        case .float32(let layers): return sum(layers)
-        case .float16(let layers): return sum(layers)
-        }
+        return storage == .float32 ? sum(float32) : sum(float16)
     }
 
     /// Bytes of K/V payload held (cheap: no walk over rows).
     var totalBytes: Int {
-        switch self {
-        case .float32(let layers): return layers.values.joined().reduce(0) { $0 + $1.payloadBytes }
-        case .float16(let layers): return layers.values.joined().reduce(0) { $0 + $1.payloadBytes }
-        }
+        float32.values.joined().reduce(0) { $0 + $1.payloadBytes } + float16.values.joined().reduce(0) { $0 + $1.payloadBytes }
     }
 
     /// Digest of every layer's bytes in layer order, for comparing replicas.
@@ -148,10 +129,7 @@ enum ShardCache: Sendable {
                 layers[layer]!.reduce(hash) { ($0 ^ $1.digest) &* 0x0000_0100_0000_01B3 }
             }
         }
-        switch self {
-        case .float32(let layers): return fold(layers)
-        case .float16(let layers): return fold(layers)
-        }
+        return storage == .float32 ? fold(float32) : fold(float16)
     }
 }
 

@@ -50,10 +50,57 @@ struct WorkerHandler: EnvelopeHandler {
     private func prefill(_ message: Tessera_V1_Prefill) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
             message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch)
+        try await worker.store.beginExpansion(message.sequenceID)
+        let expanded: (
+            prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
+            syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?
+        )
+        do {
+            expanded = try await worker.offload(.prefill) { try Self.expand(message, held) }
+        } catch {
+            await worker.store.abandonExpansion(message.sequenceID)
+            throw error
+        }
+        let (prefills, profiles, statistics, syntheticDecode, needle) = expanded
+        let bytes = try await worker.store.storePrefill(
+            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
+            needle: needle, audited: message.audit)
+        for stats in statistics { try await worker.report(stats) }
+        var ack = Tessera_V1_PrefillAck()
+        ack.sequenceID = message.sequenceID
+        ack.shardID = message.shardID
+        ack.epoch = held.epoch
+        ack.kvBytes = UInt64(bytes)
+        return .prefillAck(ack)
+    }
+
+    /// The shard's prefill tensors (given inline or expanded from a workload seed), their attention
+    /// profiles and the statistics the coordinator allocates budgets from. CPU-heavy: runs on the
+    /// worker's compute threads.
+    private static func expand(_ message: Tessera_V1_Prefill, _ held: HeldSequence) throws -> (
+        prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
+        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?
+    ) {
         let m = held.layout.promptLength
         var prefills: [Int: LayerPrefill] = [:]
         var syntheticDecode: [Int: [DecodeStepInput]]?
         var needle: Needle?
+        let requirements = held.policy.requirements(layout: held.layout)
+        var profiles: [Int: AttentionProfile] = [:]
+        var statistics: [Tessera_V1_LayerStats] = []
+        /// Profiles one layer and keeps its K/V; the query rows are dropped at once (they are only
+        /// needed for the profile, and can outweigh the keys several times).
+        func take(_ layer: Int, _ prefill: LayerPrefill) throws {
+            do {
+                let profile = try AttentionProfile(prefill: prefill, requirements: requirements)
+                profiles[layer] = profile
+                let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
+                statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
+            } catch let error as KVCacheError {
+                throw WireError(.invalidShape, "layer \(layer): \(error.message)")
+            }
+            prefills[layer] = prefill.withoutQueries()
+        }
         switch message.source {
         case .synthetic(let source):
             let preset: WorkloadPreset
@@ -76,47 +123,27 @@ struct WorkerHandler: EnvelopeHandler {
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
                 let generated = trace.layerTrace(layer)
-                prefills[layer] = generated.prefill
+                try take(layer, generated.prefill)
                 decode[layer] = generated.decode
             }
             syntheticDecode = decode
         case .inlineTensors(let tensors):
+            var given: [Int: LayerPrefill] = [:]
             for layer in tensors.layers {
                 let index = Int(layer.layer)
                 guard held.layers.contains(index) else {
                     throw WireError(.badRequest, "layer \(index) is not in this shard (\(held.layers))")
                 }
-                prefills[index] = try LayerPrefill(proto: layer, geometry: held.geometry, promptLength: m)
+                given[index] = try LayerPrefill(proto: layer, geometry: held.geometry, promptLength: m)
             }
-            guard prefills.count == held.layers.count else {
+            guard given.count == held.layers.count else {
                 throw WireError(.badRequest, "an inline prefill must carry every layer of the shard \(held.layers)")
             }
+            for layer in held.layers { try take(layer, given.removeValue(forKey: layer)!) }
         case nil:
             throw WireError(.badRequest, "prefill needs a source: inline_tensors or synthetic")
         }
-        let requirements = held.policy.requirements(layout: held.layout)
-        var profiles: [Int: AttentionProfile] = [:]
-        var statistics: [Tessera_V1_LayerStats] = []
-        for layer in held.layers {
-            do {
-                let profile = try AttentionProfile(prefill: prefills[layer]!, requirements: requirements)
-                profiles[layer] = profile
-                let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
-                statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
-            } catch let error as KVCacheError {
-                throw WireError(.invalidShape, "layer \(layer): \(error.message)")
-            }
-        }
-        let bytes = try await worker.store.storePrefill(
-            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
-            needle: needle, audited: message.audit)
-        for stats in statistics { try await worker.report(stats) }
-        var ack = Tessera_V1_PrefillAck()
-        ack.sequenceID = message.sequenceID
-        ack.shardID = message.shardID
-        ack.epoch = held.epoch
-        ack.kvBytes = UInt64(bytes)
-        return .prefillAck(ack)
+        return (prefills, profiles, statistics, syntheticDecode, needle)
     }
 
     /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory
@@ -130,26 +157,12 @@ struct WorkerHandler: EnvelopeHandler {
         if held.cache != nil {
             stored = await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {
-            let m = held.layout.promptLength
-            let cache: ShardCache
-            var audit: AuditCopy?
-            do {
-                cache = try ShardCache.compress(
-                    held.prefills, profiles: held.profiles, budgets: byLayer, layout: held.layout,
-                    policy: held.policy, storage: worker.configuration.storage)
-                if held.audited {
-                    let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
-                    let full = try ShardCache.compressLayers(
-                        held.prefills, profiles: [:], budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
-                        layout: held.layout, policy: .full, as: Float.self)
-                    audit = AuditCopy(full: full, needle: held.needle)
-                }
-            } catch {
-                throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
+            let storage = worker.configuration.storage
+            let budgets = byLayer
+            let (cache, audit, scores) = try await worker.offload(.prefill) {
+                try Self.compress(held, budgets: budgets, storage: storage)
             }
-            stored = await worker.store.storeCache(
-                message.sequenceID, cache, rowScores: cache.rowScores(profiles: held.profiles, promptLength: m),
-                audit: audit)
+            stored = await worker.store.storeCache(message.sequenceID, cache, rowScores: scores, audit: audit)
         }
         guard let bytes = stored else {
             throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")
@@ -161,6 +174,30 @@ struct WorkerHandler: EnvelopeHandler {
         applied.kvBytes = UInt64(bytes.total)
         applied.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: bytes.byModality)
         return .budgetApplied(applied)
+    }
+
+    /// The compressed cache, the full copy of an audited sequence and the kept rows' scores.
+    private static func compress(
+        _ held: HeldSequence, budgets byLayer: [Int: LayerBudget], storage: ScalarType
+    ) throws(WireError) -> (ShardCache, AuditCopy?, [Int: [[Float]]]) {
+            let m = held.layout.promptLength
+            let cache: ShardCache
+            var audit: AuditCopy?
+            do {
+                cache = try ShardCache.compress(
+                    held.prefills, profiles: held.profiles, budgets: byLayer, layout: held.layout,
+                    policy: held.policy, storage: storage)
+                if held.audited {
+                    let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
+                    let full = try ShardCache.compressLayers(
+                        held.prefills, profiles: [:], budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
+                        layout: held.layout, policy: .full, as: Float.self)
+                    audit = AuditCopy(full: full, needle: held.needle)
+                }
+            } catch {
+                throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
+            }
+            return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
     }
 
     private func decode(_ message: Tessera_V1_Decode) async throws -> Tessera_V1_Envelope.OneOf_Body {
@@ -180,13 +217,26 @@ struct WorkerHandler: EnvelopeHandler {
         try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
             try await self.worker.store.waitUntilCompressed(message.sequenceID)
         }
-        return .decodeResult(try await worker.store.decode(message.sequenceID, step: Int(message.step), inputs: inputs))
+        switch try await worker.store.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs) {
+        case .replay(let result):
+            return .decodeResult(result)
+        case .run(let job):
+            do {
+                let result = try await worker.offload(.decode) { try job.run() }
+                await worker.store.finishDecode(job, result: result)
+                return .decodeResult(result)
+            } catch {
+                await worker.store.finishDecode(job, result: nil)
+                throw error
+            }
+        }
     }
 
     private func close(_ message: Tessera_V1_Close) async throws -> Tessera_V1_Envelope.OneOf_Body {
         var ack = Tessera_V1_CloseAck()
         ack.sequenceID = message.sequenceID
         ack.freedBytes = UInt64(await worker.store.close(message.sequenceID))
+        if ack.freedBytes > 0 { _ = try? await worker.offload(.prefill) { ProcessMemory.releaseFreePages() } }
         return .closeAck(ack)
     }
 

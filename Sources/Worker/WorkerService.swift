@@ -4,6 +4,8 @@ import ClusterAdmin
 import KVCacheCore
 public import Logging
 import Metrics
+import NIOCore
+import NIOPosix
 import Synchronization
 import Workloads
 
@@ -15,6 +17,11 @@ public final class WorkerService: Sendable {
     public let configuration: WorkerConfiguration
     let logger: Logger
     let store = SequenceStore()
+    /// Threads for tensor work, so that it never occupies the cooperative pool that serves
+    /// connections and heartbeats: long prefill work (expansion, profiles, compression) on one pool,
+    /// decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
+    private let prefillThreads = NIOThreadPool(numberOfThreads: System.coreCount)
+    private let decodeThreads = NIOThreadPool(numberOfThreads: System.coreCount)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     private let boundPort = Mutex<Int?>(nil)
 
@@ -33,6 +40,13 @@ public final class WorkerService: Sendable {
     /// Serves until cancelled. `onReady` gets the bound data port once the coordinator has accepted
     /// the registration.
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
+        ProcessMemory.returnLargeFreesToTheSystem()
+        prefillThreads.start()
+        decodeThreads.start()
+        defer {
+            prefillThreads.shutdownGracefully { _ in }
+            decodeThreads.shutdownGracefully { _ in }
+        }
         let (portStream, portContinuation) = AsyncStream.makeStream(of: Int.self)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
@@ -124,4 +138,11 @@ public final class WorkerService: Sendable {
     }
 
     var port: Int? { boundPort.withLock { $0 } }
+
+    enum Work { case prefill, decode }
+
+    /// Runs `work` on the threads for its kind.
+    func offload<T: Sendable>(_ kind: Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await (kind == .decode ? decodeThreads : prefillThreads).runIfActive(work)
+    }
 }

@@ -34,7 +34,7 @@ enum PromptPlanner {
             add(.image(0), imageTokens)
             add(.text, text(16...48))
         case .multiImage:
-            let images = rng.int(in: 4...8)
+            let images = rng.int(in: settings.imagesPerRequest)
             for i in 0..<images {
                 add(.text, text(8...24))
                 add(.image(i), imageTokens)
@@ -44,13 +44,13 @@ enum PromptPlanner {
             add(.text, text(16...32))
             // Pooled frames, as LLaVA-NeXT-Video's 144 tokens per frame against 576 per image.
             let frameTokens = max(1, imageTokens / 4)
-            let frames = rng.int(in: 16...32)
+            let frames = rng.int(in: settings.framesPerVideo)
             for i in 0..<frames { add(.videoFrame(i), frameTokens) }
             add(.text, text(16...48))
         case .document:
             add(.text, text(16...48))
             add(.image(0), imageTokens)
-            add(.text, text(1024...2048))
+            add(.text, text(settings.documentTextTokens))
             add(.text, text(16...48))
         }
         return spans

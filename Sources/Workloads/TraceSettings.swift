@@ -9,6 +9,12 @@ public struct TraceSettings: Sendable, Hashable, Codable {
     public var textScale: Double = 1
     /// Decode steps per sequence.
     public var decodeSteps: Int = 32
+    /// Images of a multi-image prompt.
+    public var imagesPerRequest: ClosedRange<Int> = 4...8
+    /// Pooled frames of a video prompt.
+    public var framesPerVideo: ClosedRange<Int> = 16...32
+    /// Tokens of a document prompt's long text, before `textScale`.
+    public var documentTextTokens: ClosedRange<Int> = 1024...2048
 
     // MARK: Layer sparsity (VL-Cache: first two layers dense, the rest 70–99%, not monotonic)
 
@@ -70,8 +76,17 @@ public struct TraceSettings: Sendable, Hashable, Codable {
             if !ok { throw WorkloadError(.invalidSetting, message()) }
         }
         func unit(_ range: ClosedRange<Double>) -> Bool { range.lowerBound >= 0 && range.upperBound < 1 }
+        func within(_ range: ClosedRange<Int>, _ allowed: ClosedRange<Int>) -> Bool {
+            allowed.contains(range.lowerBound) && allowed.contains(range.upperBound)
+        }
         try require(textScale > 0 && textScale <= 16, "textScale must be in (0, 16], got \(textScale)")
         try require((0...4096).contains(decodeSteps), "decodeSteps must be in 0...4096, got \(decodeSteps)")
+        try require(
+            within(imagesPerRequest, 1...64), "imagesPerRequest must lie within 1...64, got \(imagesPerRequest)")
+        try require(within(framesPerVideo, 1...256), "framesPerVideo must lie within 1...256, got \(framesPerVideo)")
+        try require(
+            within(documentTextTokens, 1...32768),
+            "documentTextTokens must lie within 1...32768, got \(documentTextTokens)")
         try require(denseLayerCount >= 0, "denseLayerCount must be non-negative, got \(denseLayerCount)")
         try require(unit(denseSparsity), "denseSparsity must lie in [0, 1), got \(denseSparsity)")
         try require(unit(sparseSparsity), "sparseSparsity must lie in [0, 1), got \(sparseSparsity)")
@@ -112,7 +127,8 @@ public struct TraceSettings: Sendable, Hashable, Codable {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case textScale, decodeSteps, denseLayerCount, denseSparsity, sparseSparsity, maxBulkLogitStd
+        case textScale, decodeSteps, imagesPerRequest, framesPerVideo, documentTextTokens
+        case denseLayerCount, denseSparsity, sparseSparsity, maxBulkLogitStd
         case salientFraction, salientShareOfDense, salientGap, decodeAgreement, gqaSharing
         case headPreferenceConcentration, recencyCorrelation, recencyLogitBoost, imageNeighbourSimilarity
         case frameCorrelation, retrievalHeadFraction, needleProbeInterval, textNeedleProbability
@@ -127,6 +143,9 @@ public struct TraceSettings: Sendable, Hashable, Codable {
         }
         try read(.textScale, into: &s.textScale)
         try read(.decodeSteps, into: &s.decodeSteps)
+        try read(.imagesPerRequest, into: &s.imagesPerRequest)
+        try read(.framesPerVideo, into: &s.framesPerVideo)
+        try read(.documentTextTokens, into: &s.documentTextTokens)
         try read(.denseLayerCount, into: &s.denseLayerCount)
         try read(.denseSparsity, into: &s.denseSparsity)
         try read(.sparseSparsity, into: &s.sparseSparsity)

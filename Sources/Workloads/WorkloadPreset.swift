@@ -4,6 +4,8 @@ public struct WorkloadError: Error, Sendable, Hashable, CustomStringConvertible 
     public enum Code: String, Sendable, Hashable, Codable {
         case unknownPreset
         case invalidSetting
+        /// A workload file that cannot be read, is not valid YAML, or breaks a rule.
+        case invalidFile
     }
 
     public var code: Code

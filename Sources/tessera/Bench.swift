@@ -235,7 +235,7 @@ struct BenchOptions: ParsableArguments {
 /// The per-policy table printed at the end of a run.
 enum BenchTable {
     static func render(_ report: BenchReport) -> String {
-        let header = ["policy", "budget", "seqs", "tok/s", "p50 ms", "p99 ms", "max ms", "prefill p50 ms", "peak KV",
+        let header = ["policy", "budget", "seqs", "tok/s", "p50 ms", "p99 ms", "max ms", "ttft p50 ms", "peak KV",
                       "mean KV", "saving %", "out err", "needle", "errors", "refusals"]
         let rows = report.policies.map { r in
             [r.policy, ResultTable.format(r.budget, 2), "\(r.sequences)", ResultTable.format(r.tokensPerSecond, 1),

@@ -1,15 +1,21 @@
 import ArgumentParser
+import KVCacheCore
+import LoadGenerator
+import Workloads
 
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start a local cluster and compare the full cache, VL-Cache, MadaKV and LOOK-M at 10% on mixed traffic.",
         discussion: """
             Starts a coordinator and 3 workers as processes, runs about a minute of `mixed` multimodal
-            traffic (single-image QA, multi-image, video and long-document prompts) once per policy, prints
-            the comparison table and writes an HTML report, then stops every process. The same as:
-              tessera bench --local 3 --workload mixed --policies full,vl-cache,madakv,look-m \\
-                --budget 0.1 --duration 12 --report tessera-demo.html
-            For the per-layer, in-process comparison of all eight policies, see `tessera eval`.
+            traffic (single-image QA, multi-image, video and document prompts) once per policy, prints the
+            comparison table and writes an HTML report, then stops every process.
+
+            So that a minute on a laptop covers dozens of sequences, images are pooled to 144 visual
+            tokens (as LLaVA-NeXT-Video pools frames) and documents carry 384-768 text tokens: LOOK-M
+            and VL-Cache on documents need the full prefill attention, which grows with the square of
+            the prompt. `tessera bench --workload cluster/workloads/mixed.yaml` runs full-size prompts.
+            For the in-process comparison of all eight policies, see `tessera eval`.
             """
     )
 
@@ -30,7 +36,9 @@ struct Demo: AsyncParsableCommand {
             "--local", "3", "--workload", "mixed", "--model", model, "--policies", "full,vl-cache,madakv,look-m",
             "--budget", "0.1", "--duration", "\(duration)", "--report", report, "--seed", "\(seed)",
         ])
-        let plan = try options.plan()
+        var plan = try options.plan()
+        plan.workload.geometry.tokensPerImage = 144
+        plan.workload.traceSettings.documentTextTokens = 384...768
         let outcome = try await options.execute(plan)
         Terminal.output(BenchTable.render(outcome.report))
         try options.write(outcome)
