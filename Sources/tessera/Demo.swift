@@ -31,11 +31,14 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Seed of the traffic.")
     var seed: UInt64 = 1
 
+    @Option(help: "Also write the results as JSON to this path.")
+    var json: String?
+
     func run() async throws {
         let options = try BenchOptions.parse([
             "--local", "3", "--workload", "mixed", "--model", model, "--policies", "full,vl-cache,madakv,look-m",
             "--budget", "0.1", "--duration", "\(duration)", "--report", report, "--seed", "\(seed)",
-        ])
+        ] + (json.map { ["--json", $0] } ?? []))
         var plan = try options.plan()
         plan.workload.geometry.tokensPerImage = 144
         plan.workload.traceSettings.documentTextTokens = 384...768
