@@ -18,6 +18,16 @@ public struct SequencePlacement: Sendable, Hashable {
     public var shards: [Shard]
 }
 
+/// One worker's copy of one shard of a sequence.
+public struct ShardCopy: Sendable, Hashable {
+    public var sequenceID: UInt64
+    public var shardID: UInt32
+    public var isPrimary: Bool
+    public var kvBytes: UInt64
+    /// Digest of the copy's cached bytes (0 before compression).
+    public var digest: UInt64
+}
+
 /// One decode step's outcome over every shard.
 public struct DecodeStep: Sendable {
     /// Attention outputs per layer, `queryHeads × headDim`.
@@ -196,6 +206,20 @@ public final class TesseraClient: Sendable {
         return 0
     }
 
+    /// The shard copies one worker holds, with their digests: replicas of a shard hold equal bytes.
+    public func shardCopies(on worker: NodeAddress) async throws -> [ShardCopy] {
+        var request = Tessera_V1_StatusRequest()
+        request.includeSequences = true
+        guard case .statusReply(let reply) = try await pool.connection(to: worker).request(.statusRequest(request)) else {
+            throw WireError(.badRequest, "the worker answered status with something else")
+        }
+        return reply.sequences.map { sequence in
+            ShardCopy(
+                sequenceID: sequence.sequenceID, shardID: sequence.shardID, isPrimary: sequence.primary,
+                kvBytes: sequence.kvBytes, digest: sequence.digest)
+        }
+    }
+
     public func status() async throws -> ClusterStatus {
         guard case .statusReply(let reply) = try await coordinator.request(.statusRequest(.init())) else {
             throw WireError(.badRequest, "the coordinator answered status with something else")
@@ -266,14 +290,5 @@ extension ClusterStatus {
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes
-    }
-}
-
-/// Clients accept no requests from their peers.
-struct RefuseRequests: EnvelopeHandler {
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
-        -> Tessera_V1_Envelope.OneOf_Body?
-    {
-        throw WireError(.badRequest, "a client does not accept \(request.bodyName)")
     }
 }

@@ -101,7 +101,7 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
         suspectAfterMillis: Int = 1000,
         deadAfterMillis: Int = 3000,
         memory: Memory = .defaults,
-        replication: Int = 1
+        replication: Int = 2
     ) {
         self.host = host
         self.port = port

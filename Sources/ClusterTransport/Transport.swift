@@ -32,10 +32,10 @@ package enum Transport {
 
     /// Binds `address` (port 0 picks a free one), reports the bound port through `onBound`, and serves
     /// every accepted connection in its own child task until cancelled. A failing connection never
-    /// stops the listener.
+    /// stops the listener. With `faults`, every accepted connection applies its current plan.
     package static func listen(
         on address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, handler: any EnvelopeHandler,
-        logger: Logger, onBound: @Sendable (Int) async -> Void,
+        logger: Logger, faults: FaultInjector? = nil, onBound: @Sendable (Int) async -> Void,
         onConnection: @escaping @Sendable (PeerConnection) async -> Void = { _ in }
     ) async throws {
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -44,6 +44,7 @@ package enum Transport {
             .bind(host: address.host, port: address.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)
+                    if let faults { try channel.pipeline.syncOperations.addFaultInjection(faults) }
                     return try WireChannel(wrappingChannelSynchronously: channel)
                 }
             }
@@ -91,12 +92,13 @@ package enum Transport {
     }
 
     /// Connects to `address`, exchanges Hello, and runs `body` with the connection while serving the
-    /// peer's requests with `handler`. The connection closes when `body` returns.
+    /// peer's requests with `handler`. The connection closes when `body` returns. With `faults`, the
+    /// connection applies its current plan.
     package static func withConnection<T: Sendable>(
         to address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, handler: any EnvelopeHandler,
-        logger: Logger, _ body: @escaping @Sendable (PeerConnection) async throws -> T
+        logger: Logger, faults: FaultInjector? = nil, _ body: @escaping @Sendable (PeerConnection) async throws -> T
     ) async throws -> T {
-        let channel = try await connect(to: address, maxFrameBytes: maxFrameBytes)
+        let channel = try await connect(to: address, maxFrameBytes: maxFrameBytes, faults: faults)
         return try await channel.executeThenClose { inbound, outbound in
             var iterator = inbound.makeAsyncIterator()
             try await outbound.write(handshake.hello(requestID: 0))
@@ -124,13 +126,16 @@ package enum Transport {
         }
     }
 
-    private static func connect(to address: NodeAddress, maxFrameBytes: Int) async throws -> WireChannel {
+    private static func connect(
+        to address: NodeAddress, maxFrameBytes: Int, faults: FaultInjector?
+    ) async throws -> WireChannel {
         do {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: address.host, port: address.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)
+                        if let faults { try channel.pipeline.syncOperations.addFaultInjection(faults) }
                         return try WireChannel(wrappingChannelSynchronously: channel)
                     }
                 }

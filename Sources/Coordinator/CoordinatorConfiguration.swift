@@ -13,11 +13,13 @@ public struct CoordinatorConfiguration: Sendable {
     public var tenantQuotaBytes: [String: UInt64]
     /// Under memory pressure admitted sequences are tightened, but never below this retention ratio.
     public var floorRatio: Double
+    /// Copies of each shard of a sequence, on distinct workers.
+    public var replication: Int
 
     public init(
         nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, maxFrameBytes: Int = 64 << 20,
         failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
-        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02
+        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02, replication: Int = 2
     ) {
         self.nodeID = nodeID
         self.incarnation = incarnation
@@ -27,5 +29,6 @@ public struct CoordinatorConfiguration: Sendable {
         self.memoryLimitBytes = memoryLimitBytes
         self.tenantQuotaBytes = tenantQuotaBytes
         self.floorRatio = floorRatio
+        self.replication = replication
     }
 }

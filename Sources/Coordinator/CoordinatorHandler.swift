@@ -60,12 +60,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             guard let sequence = await state.close(message.sequenceID) else {
                 throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")
             }
+            // Freed bytes count the primaries' copies, as the accounting does.
             var freed: UInt64 = 0
             for shard in sequence.shards {
-                if let link = try? await state.connection(for: shard.owner),
-                    case .closeAck(let ack) = try await link.request(.close(message))
-                {
-                    freed += ack.freedBytes
+                for holder in shard.holders {
+                    if let link = try? await state.connection(for: holder.node),
+                        case .closeAck(let ack) = try? await link.request(.close(message)), holder == shard.primary
+                    {
+                        freed += ack.freedBytes
+                    }
                 }
             }
             var ack = Tessera_V1_CloseAck()
@@ -91,13 +94,13 @@ struct CoordinatorHandler: EnvelopeHandler {
             refusal = error
         }
         guard refusal.code == .resourceExhausted, refusal.retryAfter != nil,
-            let estimate = CoordinatorState.estimate(message)
+            let estimate = await coordinator.state.estimate(message)
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
         return try await coordinator.state.open(message)
     }
 
-    /// Tells each shard's owner about the new sequence before the client may write to it.
+    /// Tells every holder of each shard about the new sequence before the client may write to it.
     private func assignShards(_ message: Tessera_V1_OpenSequence, _ sequence: OpenSequenceState) async throws {
         let state = coordinator.state
         for shard in sequence.shards {
@@ -109,8 +112,9 @@ struct CoordinatorHandler: EnvelopeHandler {
             assignment.model = message.model
             assignment.spans = message.spans
             assignment.policy = message.policy
-            let connection = try await state.connection(for: shard.owner)
-            _ = try await connection.request(.shardAssignment(assignment))
+            for holder in shard.holders {
+                _ = try await state.connection(for: holder.node).request(.shardAssignment(assignment))
+            }
         }
     }
 

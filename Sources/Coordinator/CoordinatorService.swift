@@ -62,12 +62,22 @@ public final class CoordinatorService: Sendable {
             let budgets = try BudgetAllocator.allocate(
                 policy: sequence.policy, retention: retention, geometry: sequence.geometry,
                 statistics: statistics)
+            // Every copy of every shard gets its budget; compression is deterministic, so replicas
+            // end up with the same bytes. Accounting counts one copy (the primary's).
             var held: UInt64 = 0
             for shard in sequence.shards {
                 let mine = budgets.filter { shard.layers.contains($0.layer) }
                 let message = try mine.proto(sequenceID: sequenceID, epoch: sequence.epoch)
-                let connection = try await state.connection(for: shard.owner)
-                let reply = try await connection.request(.assignBudget(message))
+                for replica in shard.replicas {
+                    do {
+                        _ = try await state.connection(for: replica.node).request(.assignBudget(message))
+                    } catch {
+                        logger.warning(
+                            "a replica did not apply its budget",
+                            metadata: ["sequence.id": "\(sequenceID)", "peer.id": "\(replica.node)", "error": "\(error)"])
+                    }
+                }
+                let reply = try await state.connection(for: shard.primary.node).request(.assignBudget(message))
                 if case .budgetApplied(let applied) = reply { held += applied.kvBytes }
             }
             await state.recordCompressed(sequenceID, bytes: held, retention: retention)
@@ -104,11 +114,20 @@ public final class CoordinatorService: Sendable {
             message.shardID = shard.id
             message.firstLayer = UInt32(shard.layers.lowerBound)
             message.layerCount = UInt32(shard.layers.count)
-            message.primary.nodeID = shard.owner.rawValue
-            message.primary.host = shard.address.host
-            message.primary.port = UInt32(shard.address.port)
+            message.primary = shard.primary.endpoint
+            message.replicas = shard.replicas.map(\.endpoint)
             return message
         }
         return placement
+    }
+}
+
+extension ShardHolder {
+    var endpoint: Tessera_V1_Endpoint {
+        var endpoint = Tessera_V1_Endpoint()
+        endpoint.nodeID = node.rawValue
+        endpoint.host = address.host
+        endpoint.port = UInt32(address.port)
+        return endpoint
     }
 }

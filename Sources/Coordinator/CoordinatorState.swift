@@ -17,12 +17,21 @@ struct WorkerLink: Sendable {
     var liveSequences: UInt32 = 0
 }
 
-/// One shard of one open sequence: a slice of its layers and the worker that holds it.
+/// A worker holding a copy of a shard.
+struct ShardHolder: Sendable, Hashable {
+    var node: NodeID
+    var address: NodeAddress
+}
+
+/// One shard of one open sequence: a slice of its layers, the primary that accepts its writes and
+/// the replicas the primary forwards them to.
 struct SequenceShard: Sendable {
     var id: UInt32
     var layers: Range<Int>
-    var owner: NodeID
-    var address: NodeAddress
+    var primary: ShardHolder
+    var replicas: [ShardHolder]
+
+    var holders: [ShardHolder] { [primary] + replicas }
 }
 
 /// An open sequence: what it was opened with, where it lives, and the layer statistics gathered so far.
@@ -39,8 +48,11 @@ struct OpenSequenceState: Sendable {
     var budgetAssigned = false
     /// Set once every shard has applied a budget: only then can memory pressure tighten it.
     var compressed = false
-    /// Bytes reserved for the rows decode will append (the client's expected decode tokens, Float32).
+    /// Bytes reserved for the rows decode will append (the client's expected decode tokens, Float32,
+    /// every copy).
     var decodeAllowance: UInt64
+    /// Copies of each shard (primary and replicas).
+    var copies: Int
 }
 
 /// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
@@ -56,7 +68,12 @@ actor CoordinatorState {
     /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
     static let mapLayers = 4096
 
+    /// Copies of every shard of a sequence (one primary and `replication − 1` replicas), when enough
+    /// workers are live.
+    let replication: Int
+
     init(configuration: CoordinatorConfiguration) throws {
+        replication = configuration.replication
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
         admission = Admission(
@@ -134,23 +151,25 @@ actor CoordinatorState {
         let geometry = try ModelGeometry(proto: message.model)
         let layout = try PromptLayout(proto: message.spans)
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
-        // One shard per distinct live primary: after a failover a worker may own several map shards,
-        // but it holds at most one shard of any sequence.
-        var seen = Set<NodeID>()
-        let owners = shardMap.placement.shards.compactMap { shard -> (NodeID, NodeAddress)? in
-            guard let primary = shard.primary, let link = workers[primary], seen.insert(primary).inserted else { return nil }
-            return (primary, link.address)
-        }
-        guard !owners.isEmpty else {
+        // Each shard on `replication` distinct workers and no worker holding two shards of one
+        // sequence: as many shards as whole replica sets fit, rotated by sequence id to spread load.
+        let live = membership.liveNodeIDs.filter { workers[$0] != nil }.sorted()
+        guard !live.isEmpty else {
             throw WireError(.unavailable, "no live worker holds a shard yet; retry once workers have registered",
                             retryAfter: .milliseconds(500))
         }
-        let ranges = ShardMap.split(layerCount: geometry.layers, shardCount: min(owners.count, geometry.layers))
+        let copies = min(replication, live.count)
+        let shardCount = min(max(1, live.count / copies), geometry.layers)
+        let offset = Int(message.sequenceID % UInt64(live.count))
+        let rotated = Array(live[offset...] + live[..<offset]).map { ShardHolder(node: $0, address: workers[$0]!.address) }
+        let ranges = ShardMap.split(layerCount: geometry.layers, shardCount: shardCount)
         let shards = ranges.enumerated().map { index, layers in
-            SequenceShard(id: UInt32(index), layers: layers, owner: owners[index].0, address: owners[index].1)
+            let set = rotated[(index * copies)..<(index * copies + copies)]
+            return SequenceShard(id: UInt32(index), layers: layers, primary: set.first!, replicas: Array(set.dropFirst()))
         }
-        let decodeAllowance = Self.rowBytes(geometry) * UInt64(message.decodeTokens)
-        let estimate = Self.rowBytes(geometry) * UInt64(layout.promptLength) + decodeAllowance
+        // Every copy is charged: the limit bounds what the workers hold together.
+        let decodeAllowance = Self.rowBytes(geometry) * UInt64(message.decodeTokens) * UInt64(copies)
+        let estimate = Self.rowBytes(geometry) * UInt64(layout.promptLength) * UInt64(copies) + decodeAllowance
         switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
         case .admitted: break
         case .refused(let reason, let retryAfterMillis):
@@ -159,7 +178,8 @@ actor CoordinatorState {
         }
         let state = OpenSequenceState(
             tenant: message.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
-            retention: retention, epoch: shardMap.placement.epoch, shards: shards, decodeAllowance: decodeAllowance)
+            retention: retention, epoch: shardMap.placement.epoch, shards: shards, decodeAllowance: decodeAllowance,
+            copies: copies)
         sequences[message.sequenceID] = state
         return state
     }
@@ -193,13 +213,14 @@ actor CoordinatorState {
         return nil
     }
 
-    /// Records what the shards hold after a budget, plus room for the decode rows still to come, at
-    /// the retention the budget was allocated for.
+    /// Records what the shards' primaries hold after a budget (replicas hold the same), plus room for
+    /// the decode rows still to come, at the retention the budget was allocated for.
     func recordCompressed(_ sequenceID: UInt64, bytes: UInt64, retention: Double) {
-        guard sequences[sequenceID] != nil else { return }
+        guard let sequence = sequences[sequenceID] else { return }
         sequences[sequenceID]!.compressed = true
         sequences[sequenceID]!.retention = retention
-        _ = admission.record(sequenceID: sequenceID, kvBytes: bytes + sequences[sequenceID]!.decodeAllowance)
+        _ = admission.record(
+            sequenceID: sequenceID, kvBytes: bytes * UInt64(sequence.copies) + sequence.decodeAllowance)
     }
 
     /// What must be freed before a sequence of `estimate` bytes fits: under the memory limit, and
@@ -228,11 +249,12 @@ actor CoordinatorState {
 
     /// The estimate `open` charges for `message`: while prefilled and not yet compressed, a sequence
     /// holds its full cache in Float32; decode then appends one row per token.
-    static func estimate(_ message: Tessera_V1_OpenSequence) -> UInt64? {
+    func estimate(_ message: Tessera_V1_OpenSequence) -> UInt64? {
         guard let geometry = try? ModelGeometry(proto: message.model),
             let layout = try? PromptLayout(proto: message.spans)
         else { return nil }
-        return rowBytes(geometry) * UInt64(layout.promptLength + Int(message.decodeTokens))
+        let copies = min(replication, max(1, membership.liveNodeIDs.count))
+        return Self.rowBytes(geometry) * UInt64(layout.promptLength + Int(message.decodeTokens)) * UInt64(copies)
     }
 
     /// Bytes of one token's K and V over every layer, in Float32.

@@ -1,3 +1,4 @@
+import ClusterTransport
 import ClusterWire
 import KVCacheCore
 import Workloads
@@ -13,6 +14,10 @@ struct HeldSequence: Sendable {
     var layout: PromptLayout
     var policy: CompressionPolicy
     var retention: Double
+    /// Whether this worker is the shard's primary (accepts clients' writes and forwards them to
+    /// `replicas`) or a replica (accepts writes forwarded by the primary).
+    var isPrimary = true
+    var replicas: [NodeAddress] = []
 
     var prefills: [Int: LayerPrefill] = [:]
     var profiles: [Int: AttentionProfile] = [:]
@@ -87,14 +92,22 @@ actor SequenceStore {
             guard existing.tenant == held.tenant, existing.shardID == held.shardID else {
                 throw WireError(.badRequest, "sequence \(sequenceID) already holds shard \(existing.shardID) here")
             }
+            // A newer assignment (a failover) may change the roles.
+            if held.epoch >= existing.epoch {
+                sequences[sequenceID]!.isPrimary = held.isPrimary
+                sequences[sequenceID]!.replicas = held.replicas
+            }
             sequences[sequenceID]!.epoch = max(existing.epoch, held.epoch)
             return
         }
         sequences[sequenceID] = held
     }
 
-    /// The sequence if `tenant` owns it and the write carries the current shard and epoch.
-    func checked(_ sequenceID: UInt64, tenant: String, shardID: UInt32, epoch: UInt64) throws(WireError) -> HeldSequence {
+    /// The sequence if `tenant` owns it and the write carries the current shard and epoch, and comes
+    /// from a client to the primary or, `forwarded`, from the primary to a replica.
+    func checked(
+        _ sequenceID: UInt64, tenant: String, shardID: UInt32, epoch: UInt64, forwarded: Bool = false
+    ) throws(WireError) -> HeldSequence {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
@@ -106,6 +119,13 @@ actor SequenceStore {
         }
         guard held.epoch == epoch else {
             throw WireError(.staleEpoch, "sequence \(sequenceID) is at epoch \(held.epoch), the write carries \(epoch)")
+        }
+        guard held.isPrimary != forwarded else {
+            throw WireError(
+                .notPrimary,
+                forwarded
+                    ? "this worker is the primary of shard \(shardID) of sequence \(sequenceID); it takes no forwarded writes"
+                    : "this worker holds a replica of shard \(shardID) of sequence \(sequenceID); write to its primary")
         }
         return held.withoutTensors
     }
@@ -282,7 +302,21 @@ actor SequenceStore {
 
     func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }
 
-    func digest(_ sequenceID: UInt64) -> UInt64? { sequences[sequenceID]?.cache?.digest }
+    /// Every held shard with its role, bytes and digest (for comparing replicas).
+    func sequenceStatuses() -> [Tessera_V1_SequenceStatus] {
+        sequences.sorted { $0.key < $1.key }.map { id, held in
+            var status = Tessera_V1_SequenceStatus()
+            status.tenant = held.tenant
+            status.sequenceID = id
+            status.state = held.isCompressed ? .decoding : .prefilling
+            status.promptLength = UInt32(held.layout.promptLength)
+            status.kvBytes = UInt64(held.bytes.total)
+            status.shardID = held.shardID
+            status.primary = held.isPrimary
+            status.digest = held.cache?.digest ?? 0
+            return status
+        }
+    }
 }
 
 enum DecodeStart: Sendable {

@@ -12,13 +12,15 @@ struct WorkerHandler: EnvelopeHandler {
     func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
+        // Writes from another worker are a primary forwarding to this replica.
+        let forwarded = connection.peer.role == .worker
         switch request.body {
         case .shardAssignment(let assignment): return try await assign(assignment)
-        case .prefill(let prefill): return try await self.prefill(prefill)
+        case .prefill(let prefill): return try await self.prefill(prefill, forwarded: forwarded)
         case .assignBudget(let budget): return try await apply(budget)
-        case .decode(let decode): return try await self.decode(decode)
+        case .decode(let decode): return try await self.decode(decode, forwarded: forwarded)
         case .close(let close): return try await self.close(close)
-        case .statusRequest: return await status()
+        case .statusRequest(let request): return await status(request)
         default:
             throw WireError(.badRequest, "a worker does not accept \(request.bodyName)")
         }
@@ -33,12 +35,13 @@ struct WorkerHandler: EnvelopeHandler {
         guard count >= 1, first + count <= geometry.layers else {
             throw WireError(.invalidShape, "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)")
         }
-        try await worker.store.assign(
-            message.sequenceID,
-            HeldSequence(
-                tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch,
-                layers: first..<(first + count), geometry: geometry, layout: layout, policy: policy,
-                retention: retention))
+        var held = HeldSequence(
+            tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch,
+            layers: first..<(first + count), geometry: geometry, layout: layout, policy: policy, retention: retention)
+        held.isPrimary = message.shard.primary.nodeID == worker.configuration.nodeID
+        held.replicas = held.isPrimary
+            ? message.shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) } : []
+        try await worker.store.assign(message.sequenceID, held)
         var ack = Tessera_V1_ShardAssignmentAck()
         ack.sequenceID = message.sequenceID
         ack.shardID = message.shard.shardID
@@ -47,9 +50,12 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// Takes the shard's prefill (inline tensors or a workload seed to expand), computes each layer's
     /// attention profile and statistics, and sends the statistics to the coordinator.
-    private func prefill(_ message: Tessera_V1_Prefill) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func prefill(_ message: Tessera_V1_Prefill, forwarded: Bool) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
-            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch)
+            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
+            forwarded: forwarded)
+        // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
+        async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
         try await worker.store.beginExpansion(message.sequenceID)
         let expanded: (
             prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
@@ -65,7 +71,11 @@ struct WorkerHandler: EnvelopeHandler {
         let bytes = try await worker.store.storePrefill(
             message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
             needle: needle, audited: message.audit)
-        for stats in statistics { try await worker.report(stats) }
+        try await replicated
+        // Only the primary reports statistics: the coordinator allocates once per shard.
+        if held.isPrimary {
+            for stats in statistics { try await worker.report(stats) }
+        }
         var ack = Tessera_V1_PrefillAck()
         ack.sequenceID = message.sequenceID
         ack.shardID = message.shardID
@@ -200,9 +210,10 @@ struct WorkerHandler: EnvelopeHandler {
             return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
     }
 
-    private func decode(_ message: Tessera_V1_Decode) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func decode(_ message: Tessera_V1_Decode, forwarded: Bool) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
-            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch)
+            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
+            forwarded: forwarded)
         var inputs: [Int: DecodeStepInput]?
         if !message.layers.isEmpty {
             var given: [Int: DecodeStepInput] = [:]
@@ -217,13 +228,18 @@ struct WorkerHandler: EnvelopeHandler {
         try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
             try await self.worker.store.waitUntilCompressed(message.sequenceID)
         }
+        // Replicas run the same step (they keep its result too, so a retry after a failover is
+        // answered the same); the reply waits for them.
+        async let replicated: Void = worker.replicate(.decode(message), to: held.replicas)
         switch try await worker.store.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs) {
         case .replay(let result):
+            try await replicated
             return .decodeResult(result)
         case .run(let job):
             do {
                 let result = try await worker.offload(.decode) { try job.run() }
                 await worker.store.finishDecode(job, result: result)
+                try await replicated
                 return .decodeResult(result)
             } catch {
                 await worker.store.finishDecode(job, result: nil)
@@ -240,7 +256,7 @@ struct WorkerHandler: EnvelopeHandler {
         return .closeAck(ack)
     }
 
-    private func status() async -> Tessera_V1_Envelope.OneOf_Body {
+    private func status(_ request: Tessera_V1_StatusRequest) async -> Tessera_V1_Envelope.OneOf_Body {
         let totals = await worker.store.totals()
         var me = Tessera_V1_WorkerStatus()
         me.endpoint.nodeID = worker.configuration.nodeID
@@ -259,6 +275,7 @@ struct WorkerHandler: EnvelopeHandler {
         reply.workers = [me]
         reply.sequenceCount = UInt32(totals.sequences)
         reply.totalKvBytes = UInt64(totals.total)
+        if request.includeSequences { reply.sequences = await worker.store.sequenceStatuses() }
         return .statusReply(reply)
     }
 }

@@ -23,6 +23,8 @@ public final class WorkerService: Sendable {
     private let prefillThreads = NIOThreadPool(numberOfThreads: System.coreCount)
     private let decodeThreads = NIOThreadPool(numberOfThreads: System.coreCount)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
+    /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
+    private let peers = Mutex<ConnectionPool?>(nil)
     private let boundPort = Mutex<Int?>(nil)
 
     public init(configuration: WorkerConfiguration, logger: Logger) {
@@ -47,6 +49,17 @@ public final class WorkerService: Sendable {
             prefillThreads.shutdownGracefully { _ in }
             decodeThreads.shutdownGracefully { _ in }
         }
+        try await ConnectionPool.withPool(
+            handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]), maxFrameBytes: configuration.maxFrameBytes,
+            logger: logger
+        ) { pool in
+            self.peers.withLock { $0 = pool }
+            defer { self.peers.withLock { $0 = nil } }
+            try await self.serve(onReady: onReady)
+        }
+    }
+
+    private func serve(onReady: @escaping @Sendable (Int) async -> Void) async throws {
         let (portStream, portContinuation) = AsyncStream.makeStream(of: Int.self)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
@@ -126,6 +139,27 @@ public final class WorkerService: Sendable {
             beat.auditBytes = UInt64(totals.audit)
             beat.liveSequences = UInt32(totals.sequences)
             _ = try await connection.request(.heartbeat(beat), timeout: .seconds(10))
+        }
+    }
+
+    /// Applies a write on every replica (concurrently); throws UNAVAILABLE naming the first replica
+    /// that did not apply it.
+    func replicate(_ write: Tessera_V1_Envelope.OneOf_Body, to replicas: [NodeAddress]) async throws {
+        guard !replicas.isEmpty else { return }
+        guard let pool = peers.withLock({ $0 }) else {
+            throw WireError(.unavailable, "this worker is shutting down")
+        }
+        try await withThrowingDiscardingTaskGroup { group in
+            for replica in replicas {
+                group.addTask {
+                    do {
+                        _ = try await pool.connection(to: replica).request(write, timeout: .seconds(300))
+                    } catch {
+                        throw WireError(
+                            .unavailable, "replica \(replica) did not apply the write: \(error)", retryAfter: .milliseconds(200))
+                    }
+                }
+            }
         }
     }
 

@@ -89,6 +89,9 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "With --local: workers' storage type, f32 or f16.")
     var dtype = "f32"
 
+    @Option(help: "With --local: copies of each shard (primary and replicas) on distinct workers.")
+    var replication = 2
+
     @Option(help: "With --local: the coordinator's cluster-wide limit on accounted KV bytes (0 = none).")
     var memoryLimitBytes: UInt64 = 0
 
@@ -198,7 +201,9 @@ struct BenchOptions: ParsableArguments {
         guard (1...64).contains(workers) else { throw usageFailure("--local must be in 1...64, got \(workers)") }
         var launch = LocalCluster.Options(
             binary: LocalCluster.currentBinary, workers: workers, childArguments: ["--log-level", logLevel])
-        launch.coordinatorArguments = ["--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)"]
+        launch.coordinatorArguments = [
+            "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication", "\(replication)",
+        ]
         launch.workerArguments = ["--storage", dtype]
         Terminal.error("[tessera] starting a local cluster: coordinator + \(workers) workers\n")
         let options = launch

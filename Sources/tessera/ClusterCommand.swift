@@ -43,7 +43,7 @@ struct ClusterCommand: AsyncParsableCommand {
             var options = LocalCluster.Options(
                 binary: LocalCluster.currentBinary, workers: count, childArguments: ["--log-level", process.logLevel],
                 readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds))
-            options.coordinatorArguments = CoordinatorCommand.arguments(memory: settings.coordinator.memory)
+            options.coordinatorArguments = CoordinatorCommand.arguments(settings.coordinator)
             options.workerArguments = ["--storage", settings.worker.storage.rawValue]
             let launch = options
             try await runServices(

@@ -26,6 +26,9 @@ struct CoordinatorCommand: AsyncParsableCommand {
         help: ArgumentHelp("A tenant's limit on accounted KV bytes, TENANT=BYTES (repeatable).", valueName: "tenant=bytes"))
     var tenantQuotas: [String] = []
 
+    @Option(help: "Copies of each shard of a sequence, on distinct workers (1...16; fewer while fewer workers are live).")
+    var replication = 2
+
     @Option(help: "Under memory pressure, admitted sequences are tightened down to this retention ratio, never below (0...1).")
     var floorRatio = 0.02
 
@@ -35,6 +38,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let logger = try process.bootstrapLogging()
         let address: NodeAddress
         do { address = try NodeAddress(parsing: listen) } catch { throw usageFailure("--listen: \(error.message)") }
+        guard (1...16).contains(replication) else { throw usageFailure("--replication must be in 1...16, got \(replication)") }
         guard (0...1).contains(floorRatio) else { throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)") }
         var quotas: [String: UInt64] = [:]
         for quota in tenantQuotas {
@@ -47,7 +51,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
                 incarnation: wallClockIncarnation(), listen: address, memoryLimitBytes: memoryLimitBytes,
-                tenantQuotaBytes: quotas, floorRatio: floorRatio),
+                tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication),
             logger: logger)
         let adminPort = AsyncValue<Int>()
         let admin = try adminService(process, logger: logger) { adminPort.set($0) }
@@ -62,9 +66,11 @@ struct CoordinatorCommand: AsyncParsableCommand {
 }
 
 extension CoordinatorCommand {
-    /// The coordinator flags that carry a configuration file's memory section.
-    static func arguments(memory: CoordinatorSettings.Memory) -> [String] {
-        ["--memory-limit-bytes", "\(memory.limitBytes)", "--floor-ratio", "\(memory.floorRatio)"]
+    /// The coordinator flags that carry a configuration file's coordinator section.
+    static func arguments(_ settings: CoordinatorSettings) -> [String] {
+        let memory = settings.memory
+        return ["--replication", "\(settings.replication)", "--memory-limit-bytes", "\(memory.limitBytes)",
+                "--floor-ratio", "\(memory.floorRatio)"]
             + memory.tenantQuotas.sorted { $0.key < $1.key }.flatMap { ["--tenant-quota", "\($0.key)=\($0.value)"] }
     }
 }

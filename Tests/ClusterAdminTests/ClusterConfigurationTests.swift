@@ -31,7 +31,7 @@ struct ClusterConfigurationTests {
         #expect(configuration.coordinator.memory.isUnlimited)
         #expect(configuration.coordinator.memory.tenantQuotas.isEmpty)
         #expect(configuration.coordinator.memory.floorRatio == 0.02)
-        #expect(configuration.coordinator.replication == 1)
+        #expect(configuration.coordinator.replication == 2)
         #expect(configuration.worker.host == "127.0.0.1")
         #expect(configuration.worker.port == 0)
         #expect(configuration.worker.adminPort == 0)

@@ -77,7 +77,8 @@ import Workloads
                         id, workload: "image-qa", seed: seed, index: index, settings: workload.traceSettings)
                     held += try await client.decodeStep(id, step: 0, geometry: .tiny).kvBytes
                 }
-                let expected = held
+                // Each shard has two copies (replication 2), each holding what the decode replies report.
+                let expected = 2 * held
                 let status = try await eventually("heartbeats report what the sequences hold") {
                     let status = try await client.status()
                     return status.totalKVBytes == expected ? status : nil
@@ -88,6 +89,9 @@ import Workloads
                 for sample in sampled {
                     let worker = try #require(printed.workers.first { $0.id == sample.worker })
                     #expect(worker.kvBytes == sample.kvBytes, "seed \(seed): \(sample.worker)")
+                    let address = try #require(cluster.workers.first { $0.nodeID == sample.worker }).address
+                    let copies = try await client.shardCopies(on: address)
+                    #expect(copies.reduce(0) { $0 + $1.kvBytes } == sample.kvBytes, "seed \(seed): \(sample.worker)")
                     #expect(sample.rssBytes > 0, "seed \(seed): workers report their RSS")
                 }
             }

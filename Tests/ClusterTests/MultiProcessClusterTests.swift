@@ -47,7 +47,8 @@ func referenceOutputs(
     static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
 
     /// `tessera cluster` processes: 20 mixed sequences through the client, prefill and 32 decode steps
-    /// each, outputs bit-identical to KVCacheCore in this process; after closing, accounting is zero.
+    /// each, outputs bit-identical to KVCacheCore in this process; every shard's replica holds the same
+    /// bytes as its primary; after closing, accounting is zero.
     @Test(.timeLimit(.minutes(10)))
     func decodeOutputsMatchOneProcessBitForBit() async throws {
         let seed: UInt64 = 20_261_122
@@ -69,7 +70,8 @@ func referenceOutputs(
                     let id = UInt64(1000 + index)
                     let placement = try await client.openSequence(
                         id, geometry: .tiny, layout: trace.layout, policy: policy, retention: retention)
-                    #expect(placement.shards.count == 3)
+                    // Three workers, two copies of each shard: one shard per sequence, on two workers.
+                    #expect(placement.shards.count == 1)
                     _ = try await client.prefillSynthetic(
                         id, workload: "mixed", seed: seed, index: index)
                     let expected = try referenceOutputs(trace, policy: policy, retention: retention)
@@ -80,6 +82,16 @@ func referenceOutputs(
                             Issue.record("seed \(seed) sequence \(index) (\(policy.name)) step \(step) layer \(layer) differs")
                         }
                     }
+                }
+                // Every shard has a primary and a replica with the same bytes.
+                var copies: [UInt64: [ShardCopy]] = [:]
+                for worker in cluster.workers {
+                    for copy in try await client.shardCopies(on: worker.address) { copies[copy.sequenceID, default: []].append(copy) }
+                }
+                #expect(copies.count == 20, "seed \(seed)")
+                for (id, held) in copies {
+                    #expect(held.count == 2 && held.filter(\.isPrimary).count == 1, "seed \(seed) sequence \(id): \(held)")
+                    #expect(Set(held.map(\.digest)).count == 1 && held[0].digest != 0, "seed \(seed) sequence \(id): \(held)")
                 }
                 let open = try await client.status()
                 #expect(open.sequences == 20)

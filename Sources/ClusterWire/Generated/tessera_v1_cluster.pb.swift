@@ -356,6 +356,14 @@ package nonisolated struct Tessera_V1_SequenceStatus: Sendable {
   /// Accounted K/V bytes of the sequence on one replica of each shard (not multiplied by replicas).
   package var kvBytes: UInt64 = 0
 
+  /// From a worker: which shard of the sequence it holds, whether as primary, and a digest of the
+  /// shard's cached bytes (replicas of one shard must have equal digests).
+  package var shardID: UInt32 = 0
+
+  package var primary: Bool = false
+
+  package var digest: UInt64 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -765,7 +773,7 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".SequenceStatus"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0\u{3}shard_id\0\u{1}primary\0\u{1}digest\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -778,6 +786,9 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
       case 3: try { try decoder.decodeSingularEnumField(value: &self.state) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.promptLength) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.primary) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.digest) }()
       default: break
       }
     }
@@ -799,6 +810,15 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if self.kvBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 5)
     }
+    if self.shardID != 0 {
+      try visitor.visitSingularUInt32Field(value: self.shardID, fieldNumber: 6)
+    }
+    if self.primary != false {
+      try visitor.visitSingularBoolField(value: self.primary, fieldNumber: 7)
+    }
+    if self.digest != 0 {
+      try visitor.visitSingularUInt64Field(value: self.digest, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -808,6 +828,9 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if lhs.state != rhs.state {return false}
     if lhs.promptLength != rhs.promptLength {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
+    if lhs.shardID != rhs.shardID {return false}
+    if lhs.primary != rhs.primary {return false}
+    if lhs.digest != rhs.digest {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,11 +1,10 @@
-import ClusterTransport
-import ClusterWire
-import Logging
+package import ClusterWire
+package import Logging
 import Synchronization
 
 /// One connection per worker address, opened on first use and kept until the pool's scope ends.
 /// Each connection runs as a child task of `withPool`, so none outlives it.
-final class ConnectionPool: Sendable {
+package final class ConnectionPool: Sendable {
     private enum Entry {
         case connecting([CheckedContinuation<PeerConnection, any Error>])
         case ready(PeerConnection)
@@ -16,7 +15,7 @@ final class ConnectionPool: Sendable {
 
     private init(opens: AsyncStream<NodeAddress>.Continuation) { self.opens = opens }
 
-    static func withPool<T: Sendable>(
+    package static func withPool<T: Sendable>(
         handshake: Handshake, maxFrameBytes: Int, logger: Logger,
         _ body: @escaping @Sendable (ConnectionPool) async throws -> T
     ) async throws -> T {
@@ -43,7 +42,7 @@ final class ConnectionPool: Sendable {
     }
 
     /// The connection to `address`, opening it if needed.
-    func connection(to address: NodeAddress) async throws -> PeerConnection {
+    package func connection(to address: NodeAddress) async throws -> PeerConnection {
         try await withCheckedThrowingContinuation { continuation in
             let open = entries.withLock { entries -> Bool in
                 switch entries[address] {
@@ -88,5 +87,16 @@ final class ConnectionPool: Sendable {
             return []
         }
         for waiter in waiting { waiter.resume(throwing: WireError(.unavailable, "cannot connect to \(address)")) }
+    }
+}
+
+/// A handler for connections that only send requests: anything the peer asks is refused.
+package struct RefuseRequests: EnvelopeHandler {
+    package init() {}
+
+    package func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        -> Tessera_V1_Envelope.OneOf_Body?
+    {
+        throw WireError(.badRequest, "this peer does not accept \(request.bodyName)")
     }
 }
