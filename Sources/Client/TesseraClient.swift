@@ -227,8 +227,10 @@ public final class TesseraClient: Sendable {
         return ClusterStatus(reply)
     }
 
-    /// Sends one request per shard to its primary, concurrently; on NOT_PRIMARY or STALE_EPOCH it
-    /// refreshes the placement and retries that shard once.
+    /// Sends one request per shard to its primary, concurrently. When the primary cannot take it
+    /// (NOT_PRIMARY, STALE_EPOCH, UNAVAILABLE, or the connection failed: a failover may be under way)
+    /// it refreshes the placement and retries that shard with backoff, for up to `failoverPatience`.
+    /// Writes are idempotent (a prefill or a decode step already applied is answered, not reapplied).
     private func onEveryShard(
         _ sequenceID: UInt64, timeout: Duration = .seconds(60),
         _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
@@ -239,14 +241,21 @@ public final class TesseraClient: Sendable {
         return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { group in
             for shard in placement.shards {
                 group.addTask {
-                    do {
-                        return try await self.pool.connection(to: shard.primary).request(
-                            try make(shard, placement), timeout: timeout)
-                    } catch let error as WireError where error.code == .notPrimary || error.code == .staleEpoch {
-                        let fresh = try await self.refreshPlacement(sequenceID)
-                        guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
-                        return try await self.pool.connection(to: moved.primary).request(
-                            try make(moved, fresh), timeout: timeout)
+                    var current = (shard: shard, placement: placement)
+                    var backoff = Duration.milliseconds(50)
+                    let deadline = ContinuousClock.now + Self.failoverPatience
+                    while true {
+                        do {
+                            return try await self.pool.connection(to: current.shard.primary).request(
+                                try make(current.shard, current.placement), timeout: timeout)
+                        } catch {
+                            guard Self.isRetryable(error), ContinuousClock.now + backoff < deadline else { throw error }
+                            try await Task.sleep(for: backoff)
+                            backoff = min(backoff * 2, .seconds(1))
+                            let fresh = try await self.refreshPlacement(sequenceID)
+                            guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
+                            current = (moved, fresh)
+                        }
                     }
                 }
             }
@@ -254,6 +263,16 @@ public final class TesseraClient: Sendable {
             for try await reply in group { replies.append(reply) }
             return replies
         }
+    }
+
+    /// How long a write keeps retrying while its shard fails over (the coordinator needs the failure
+    /// detector's dead-after time to notice).
+    static let failoverPatience = Duration.seconds(20)
+
+    /// Errors that a fresh placement may cure; any other error is the request's own fault.
+    static func isRetryable(_ error: any Error) -> Bool {
+        guard let error = error as? WireError else { return !(error is CancellationError) }
+        return [.notPrimary, .staleEpoch, .unavailable].contains(error.code)
     }
 
     private func remember(_ reply: Tessera_V1_Envelope.OneOf_Body) throws -> SequencePlacement {

@@ -27,6 +27,9 @@ public struct LocalCluster: Sendable {
         /// Where children's stderr goes: inherited from this process, or discarded.
         public var inheritStandardError: Bool
         public var readyTimeout: Duration
+        /// Whether a worker process may exit while the cluster is in use (fault injection kills them);
+        /// otherwise any exit ends the scope with an error.
+        public var toleratesWorkerExits = false
 
         public init(
             binary: FilePath, workers: Int, childArguments: [String] = [], inheritStandardError: Bool = true,
@@ -80,6 +83,7 @@ public struct LocalCluster: Sendable {
             group.addTask { try await body(cluster) }
             while let result = try await group.next() {
                 if let value = result { return value }
+                if options.toleratesWorkerExits { continue }
                 throw LaunchError("a cluster process exited while the cluster was in use")
             }
             throw LaunchError("the cluster ended unexpectedly")
@@ -96,11 +100,23 @@ public struct LocalCluster: Sendable {
         _ options: Options, arguments: [String], name: String, in group: inout ThrowingTaskGroup<T?, any Error>
     ) async throws -> Ready {
         let (readyStream, readyContinuation) = AsyncStream.makeStream(of: Ready.self)
-        var platform = PlatformOptions()
-        platform.teardownSequence = [.gracefulShutDown(allowedDurationToNextStep: .seconds(3))]
+        let platform = {
+            var platform = PlatformOptions()
+            platform.teardownSequence = [.gracefulShutDown(allowedDurationToNextStep: .seconds(3))]
+            return platform
+        }()
         let all = arguments + ["--exit-on-stdin-eof"] + options.childArguments
+        let tolerated = options.toleratesWorkerExits && name != "coordinator"
         group.addTask {
             defer { readyContinuation.finish() }
+            do {
+                try await runChild()
+            } catch where tolerated && !(error is CancellationError) {
+                // A killed worker is the point of the exercise.
+            }
+            return nil
+        }
+        @Sendable func runChild() async throws {
             let errorOutput: FileDescriptorOutput = options.inheritStandardError
                 ? .fileDescriptor(.standardError, closeAfterSpawningProcess: false)
                 : .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
@@ -116,7 +132,6 @@ public struct LocalCluster: Sendable {
                     }
                 }
             }
-            return nil
         }
         let ready = try await withDeadline(options.readyTimeout, what: "waiting for \(name) to print READY") {
             for await ready in readyStream { return ready }

@@ -162,8 +162,8 @@ public struct FaultPlan: Sendable, Hashable, CustomStringConvertible {
         else {
             throw WireError(
                 .badRequest,
-                "fault delay=\(value) must be a duration or a range like 5ms..20ms, whole numbers with ns, us, ms or s, "
-                    + "not negative")
+                "fault delay=\(value) must be a duration or a range like 5ms..20ms: whole numbers, not negative, "
+                    + "with ns, us, ms or s")
         }
         guard lower <= upper else {
             throw WireError(.badRequest, "fault delay=\(value): the lower bound exceeds the upper bound")

@@ -46,7 +46,7 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .openSequence(let message):
             let sequence = try await openTightening(message)
             do {
-                try await assignShards(message, sequence)
+                try await coordinator.announce(message.sequenceID, sequence)
             } catch {
                 await state.abandon(message.sequenceID)
                 throw error
@@ -98,24 +98,6 @@ struct CoordinatorHandler: EnvelopeHandler {
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
         return try await coordinator.state.open(message)
-    }
-
-    /// Tells every holder of each shard about the new sequence before the client may write to it.
-    private func assignShards(_ message: Tessera_V1_OpenSequence, _ sequence: OpenSequenceState) async throws {
-        let state = coordinator.state
-        for shard in sequence.shards {
-            var assignment = Tessera_V1_ShardAssignment()
-            assignment.tenant = message.tenant
-            assignment.sequenceID = message.sequenceID
-            assignment.epoch = sequence.epoch
-            assignment.shard = CoordinatorService.placement(message.sequenceID, sequence).shards[Int(shard.id)]
-            assignment.model = message.model
-            assignment.spans = message.spans
-            assignment.policy = message.policy
-            for holder in shard.holders {
-                _ = try await state.connection(for: holder.node).request(.shardAssignment(assignment))
-            }
-        }
     }
 
     private func requireRole(_ role: NodeRole, _ connection: PeerConnection, _ request: Tessera_V1_Envelope) throws(WireError) {

@@ -44,11 +44,52 @@ public final class CoordinatorService: Sendable {
         while true {
             try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
             await state.publishMetrics()
-            for change in await state.tick() {
+            let changes = await state.tick()
+            for change in changes {
                 logger.warning(
                     "membership changed",
                     metadata: ["peer.id": "\(change.nodeID)", "from": "\(change.from.map(\.rawValue) ?? "-")",
                                "to": "\(change.to)"])
+            }
+            let dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
+            if !dead.isEmpty { await failOver(dead: dead) }
+        }
+    }
+
+    /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
+    /// and epoch, and re-sends the budget of sequences that had one (a promoted replica may have
+    /// missed it; applying a budget twice changes nothing).
+    func failOver(dead: Set<NodeID>) async {
+        let (moved, lost) = await state.failOver(dead: dead)
+        for id in lost {
+            logger.error("a shard lost every copy", metadata: ["sequence.id": "\(id)"])
+        }
+        for (id, sequence) in moved {
+            do {
+                try await announce(id, sequence)
+                logger.info("failed over", metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"])
+            } catch {
+                logger.error("failover announcement failed", metadata: ["sequence.id": "\(id)", "error": "\(error)"])
+            }
+            if sequence.budgetAssigned { await assignBudgets(sequenceID: id, sequence) }
+        }
+    }
+
+    /// Tells every holder of each shard its part of the sequence (role, replicas, epoch): before the
+    /// client may write to a new sequence, and after a failover.
+    func announce(_ sequenceID: UInt64, _ sequence: OpenSequenceState) async throws {
+        let placement = Self.placement(sequenceID, sequence)
+        for shard in sequence.shards {
+            var assignment = Tessera_V1_ShardAssignment()
+            assignment.tenant = sequence.tenant
+            assignment.sequenceID = sequenceID
+            assignment.epoch = sequence.epoch
+            assignment.shard = placement.shards[Int(shard.id)]
+            assignment.model = sequence.message.model
+            assignment.spans = sequence.message.spans
+            assignment.policy = sequence.message.policy
+            for holder in shard.holders {
+                _ = try await state.connection(for: holder.node).request(.shardAssignment(assignment))
             }
         }
     }

@@ -136,6 +136,35 @@ actor CoordinatorState {
         return changes
     }
 
+    /// Moves the shards that dead workers held: a shard whose primary died gets its first live
+    /// replica as primary, a dead replica leaves the replica set; each sequence so changed moves to a
+    /// new epoch, so writes still carrying the old one are refused (fencing). Returns those sequences,
+    /// to announce, and the ids of sequences that lost every copy of a shard.
+    func failOver(dead: Set<NodeID>) -> (moved: [(id: UInt64, sequence: OpenSequenceState)], lost: [UInt64]) {
+        var moved: [(id: UInt64, sequence: OpenSequenceState)] = []
+        var lost: [UInt64] = []
+        for (id, var sequence) in sequences.sorted(by: { $0.key < $1.key }) {
+            var changed = false
+            for k in sequence.shards.indices {
+                let holders = sequence.shards[k].holders
+                let alive = holders.filter { !dead.contains($0.node) && workers[$0.node] != nil }
+                guard alive.count != holders.count else { continue }
+                changed = true
+                guard let primary = alive.first else {
+                    lost.append(id)
+                    continue
+                }
+                sequence.shards[k].primary = primary
+                sequence.shards[k].replicas = Array(alive.dropFirst())
+            }
+            guard changed else { continue }
+            sequence.epoch += 1
+            sequences[id] = sequence
+            moved.append((id, sequence))
+        }
+        return (moved, lost)
+    }
+
     func connectionClosed(_ connection: PeerConnection) {
         let nodeID = NodeID(connection.peer.nodeID)
         if workers[nodeID]?.connection === connection { workers[nodeID] = nil }

@@ -130,15 +130,21 @@ actor SequenceStore {
         return held.withoutTensors
     }
 
-    /// Marks the prefill as being expanded (see `HeldSequence.expanding`); refuses a second prefill.
-    func beginExpansion(_ sequenceID: UInt64) throws(WireError) {
+    /// Marks the prefill as being expanded (see `HeldSequence.expanding`). Returns the bytes held
+    /// instead when the sequence is already prefilled: a prefill retried after a failover (the
+    /// replica got it from the old primary) is acknowledged, not applied twice.
+    func beginExpansion(_ sequenceID: UInt64) throws(WireError) -> Int? {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        guard !held.expanding, held.prefills.isEmpty, held.cache == nil else {
-            throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
+        guard !held.expanding else {
+            throw WireError(
+                .unavailable, "the prefill of sequence \(sequenceID) is still being expanded; retry",
+                retryAfter: .milliseconds(200))
         }
+        if !held.prefills.isEmpty || held.isCompressed { return held.bytes.total }
         sequences[sequenceID]!.expanding = true
+        return nil
     }
 
     func abandonExpansion(_ sequenceID: UInt64) {

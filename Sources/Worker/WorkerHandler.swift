@@ -56,7 +56,10 @@ struct WorkerHandler: EnvelopeHandler {
             forwarded: forwarded)
         // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
         async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
-        try await worker.store.beginExpansion(message.sequenceID)
+        if let bytes = try await worker.store.beginExpansion(message.sequenceID) {
+            try await replicated
+            return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
+        }
         let expanded: (
             prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
             syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?
@@ -72,16 +75,19 @@ struct WorkerHandler: EnvelopeHandler {
             message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
             needle: needle, audited: message.audit)
         try await replicated
-        // Only the primary reports statistics: the coordinator allocates once per shard.
-        if held.isPrimary {
-            for stats in statistics { try await worker.report(stats) }
-        }
+        // Every copy reports its (identical) statistics, so a replica promoted before the primary
+        // reported still gets the sequence its budget; the coordinator keeps one per layer.
+        for stats in statistics { try await worker.report(stats) }
+        return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
+    }
+
+    private static func prefillAck(_ message: Tessera_V1_Prefill, epoch: UInt64, bytes: Int) -> Tessera_V1_PrefillAck {
         var ack = Tessera_V1_PrefillAck()
         ack.sequenceID = message.sequenceID
         ack.shardID = message.shardID
-        ack.epoch = held.epoch
+        ack.epoch = epoch
         ack.kvBytes = UInt64(bytes)
-        return .prefillAck(ack)
+        return ack
     }
 
     /// The shard's prefill tensors (given inline or expanded from a workload seed), their attention

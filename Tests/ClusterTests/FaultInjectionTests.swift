@@ -30,7 +30,9 @@ import Testing
                 == FaultPlan(
                     drop: 0.1, corrupt: 0.01, delay: Duration.milliseconds(5)...Duration.milliseconds(20),
                     closeAfterFrames: 100, peer: "worker-2", direction: .outbound, seed: 7))
-        #expect(plan.description == "drop=0.1,corrupt=0.01,delay=5ms..20ms,close-after=100,peer=worker-2,direction=outbound,seed=7")
+        #expect(
+            plan.description
+                == "drop=0.1,corrupt=0.01,delay=5ms..20ms,close-after=100,peer=worker-2,direction=outbound,seed=7")
         #expect(try FaultPlan(parsing: "delay=3ms").delay == Duration.milliseconds(3)...Duration.milliseconds(3))
         #expect(try FaultPlan(parsing: "") == .none)
         #expect(FaultPlan.none.description == "none")
