@@ -31,7 +31,9 @@ struct HeldSequence: Sendable {
     var audit: AuditCopy?
     /// The planted answer of a synthetic sequence (kept for audits).
     var needle: Needle?
-    var waiters: [CheckedContinuation<Void, any Error>] = []
+    var waiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+    /// Budgets waiting for this copy's prefill.
+    var prefillWaiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
     /// While a decode step runs off the actor, its cache (and audit copy) are out of the store; the
     /// bytes they held are kept here for accounting, and tightening waits in `idleWaiters`.
     var decoding: (total: Int, byModality: [String: Int], audit: Int)?
@@ -167,19 +169,23 @@ actor SequenceStore {
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
         sequences[sequenceID]!.needle = needle
         sequences[sequenceID]!.audited = audited
+        let waiting = sequences[sequenceID]!.prefillWaiters
+        sequences[sequenceID]!.prefillWaiters = [:]
+        for waiter in waiting.values { waiter.resume() }
         return sequences[sequenceID]!.bytes.total
     }
 
     /// The prefill, for compressing outside the actor.
-    func prefillForCompression(_ sequenceID: UInt64) throws(WireError) -> HeldSequence {
+    /// A budget can arrive before this copy's prefill is stored (another copy's statistics completed
+    /// the set first): it waits for the prefill.
+    func prefillForCompression(_ sequenceID: UInt64) async throws -> HeldSequence {
+        while let held = sequences[sequenceID], held.cache == nil, held.prefills.isEmpty {
+            try await wait(sequenceID, on: .prefill)
+        }
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        if held.cache != nil { return held.withoutTensors }
-        guard !held.prefills.isEmpty else {
-            throw WireError(.badRequest, "sequence \(sequenceID) has a budget but no prefill yet")
-        }
-        return held
+        return held.cache != nil ? held.withoutTensors : held
     }
 
     /// Keeps the compressed cache (once; a repeated budget changes nothing) and drops the prefill.
@@ -195,8 +201,8 @@ actor SequenceStore {
             sequences[sequenceID]!.profiles = [:]
         }
         let waiters = sequences[sequenceID]!.waiters
-        sequences[sequenceID]!.waiters = []
-        for waiter in waiters { waiter.resume() }
+        sequences[sequenceID]!.waiters = [:]
+        for waiter in waiters.values { waiter.resume() }
         return sequences[sequenceID]!.bytes
     }
 
@@ -218,9 +224,42 @@ actor SequenceStore {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
         if held.isCompressed { return }
-        try await withCheckedThrowingContinuation { continuation in
-            sequences[sequenceID]!.waiters.append(continuation)
+        try await wait(sequenceID, on: .compressed)
+    }
+
+    private var nextWaiter: UInt64 = 0
+
+    /// Parks the caller in one of the sequence's waiter lists until it is resumed, the sequence is
+    /// closed, or the caller's task is cancelled (a deadline gave up on it).
+    enum WaitList: Sendable {
+        case compressed, prefill
+
+        var keyPath: WritableKeyPath<HeldSequence, [UInt64: CheckedContinuation<Void, any Error>]> {
+            switch self {
+            case .compressed: \.waiters
+            case .prefill: \.prefillWaiters
+            }
         }
+    }
+
+    private func wait(_ sequenceID: UInt64, on list: WaitList) async throws {
+        nextWaiter += 1
+        let id = nextWaiter
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                guard !Task.isCancelled, sequences[sequenceID] != nil else {
+                    continuation.resume(throwing: CancellationError())
+                    return
+                }
+                sequences[sequenceID]![keyPath: list.keyPath][id] = continuation
+            }
+        } onCancel: {
+            Task { await self.cancelWaiter(sequenceID, id, on: list) }
+        }
+    }
+
+    private func cancelWaiter(_ sequenceID: UInt64, _ id: UInt64, on list: WaitList) {
+        sequences[sequenceID]?[keyPath: list.keyPath].removeValue(forKey: id)?.resume(throwing: CancellationError())
     }
 
     /// Starts one decode step: a retry of the last step gets its result again; otherwise the step's
@@ -284,7 +323,7 @@ actor SequenceStore {
 
     func close(_ sequenceID: UInt64) -> Int {
         guard let held = sequences.removeValue(forKey: sequenceID) else { return 0 }
-        for waiter in held.waiters {
+        for waiter in Array(held.waiters.values) + Array(held.prefillWaiters.values) {
             waiter.resume(throwing: WireError(.unknownSequence, "sequence \(sequenceID) was closed"))
         }
         for waiter in held.idleWaiters { waiter.resume() }

@@ -165,7 +165,9 @@ struct WorkerHandler: EnvelopeHandler {
     /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory
     /// pressure) cuts the compressed cache further.
     private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
-        let held = try await worker.store.prefillForCompression(message.sequenceID)
+        let held = try await withDeadline(.seconds(60), what: "waiting for the prefill of sequence \(message.sequenceID)") {
+            try await self.worker.store.prefillForCompression(message.sequenceID)
+        }
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
