@@ -134,6 +134,16 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        .target(
+            name: "Chaos",
+            dependencies: [
+                "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterLauncher", "ClusterTransport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "tessera",
             dependencies: [
@@ -148,6 +158,7 @@ let package = Package(
                 "ClusterTransport",
                 "ClusterWire",
                 "LoadGenerator",
+                "Chaos",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -186,7 +197,7 @@ let package = Package(
             name: "ClusterTests",
             dependencies: [
                 "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "KVCacheCore",
-                "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator",
+                "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator", "Chaos", "Evaluation",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Subprocess", package: "swift-subprocess"),

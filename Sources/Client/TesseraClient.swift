@@ -11,6 +11,8 @@ public struct SequencePlacement: Sendable, Hashable {
         public var id: UInt32
         public var layers: Range<Int>
         public var primary: NodeAddress
+        /// Where the primary forwards the shard's writes.
+        public var replicas: [NodeAddress]
     }
 
     public var sequenceID: UInt64
@@ -246,8 +248,8 @@ public final class TesseraClient: Sendable {
                     let deadline = ContinuousClock.now + Self.failoverPatience
                     while true {
                         do {
-                            return try await self.pool.connection(to: current.shard.primary).request(
-                                try make(current.shard, current.placement), timeout: timeout)
+                            return try await self.attempt(
+                                sequenceID, current.shard, current.placement, timeout: timeout, make)
                         } catch {
                             guard Self.isRetryable(error), ContinuousClock.now + backoff < deadline else { throw error }
                             try await Task.sleep(for: backoff)
@@ -262,6 +264,31 @@ public final class TesseraClient: Sendable {
             var replies: [Tessera_V1_Envelope.OneOf_Body] = []
             for try await reply in group { replies.append(reply) }
             return replies
+        }
+    }
+
+    /// One request to the shard's primary. While it is outstanding the placement is checked every
+    /// second: a primary that froze (a gray failure) never answers, and once the coordinator has
+    /// moved the shard to a new epoch the request is abandoned for a retry there.
+    private func attempt(
+        _ sequenceID: UInt64, _ shard: SequencePlacement.Shard, _ placement: SequencePlacement, timeout: Duration,
+        _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body?.self) { group in
+            group.addTask {
+                try await self.pool.connection(to: shard.primary).request(try make(shard, placement), timeout: timeout)
+            }
+            group.addTask {
+                repeat {
+                    try await Task.sleep(for: .seconds(1))
+                } while try await self.refreshPlacement(sequenceID).epoch == placement.epoch
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let reply = try await group.next()! else {
+                throw WireError(.staleEpoch, "shard \(shard.id) of sequence \(sequenceID) moved while the request was in flight")
+            }
+            return reply
         }
     }
 
@@ -285,7 +312,8 @@ public final class TesseraClient: Sendable {
                 SequencePlacement.Shard(
                     id: shard.shardID,
                     layers: Int(shard.firstLayer)..<Int(shard.firstLayer + shard.layerCount),
-                    primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)))
+                    primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)),
+                    replicas: shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) })
             })
         placements.withLock { $0[placement.sequenceID] = placement }
         return placement

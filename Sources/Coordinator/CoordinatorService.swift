@@ -64,14 +64,20 @@ public final class CoordinatorService: Sendable {
         for id in lost {
             logger.error("a shard lost every copy", metadata: ["sequence.id": "\(id)"])
         }
-        for (id, sequence) in moved {
-            do {
-                try await announce(id, sequence)
-                logger.info("failed over", metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"])
-            } catch {
-                logger.error("failover announcement failed", metadata: ["sequence.id": "\(id)", "error": "\(error)"])
+        // Every sequence at once: one slow copy must not hold up the others' new epoch.
+        await withDiscardingTaskGroup { group in
+            for (id, sequence) in moved {
+                group.addTask {
+                    do {
+                        try await self.announce(id, sequence)
+                        self.logger.info("failed over", metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"])
+                    } catch {
+                        self.logger.error(
+                            "failover announcement failed", metadata: ["sequence.id": "\(id)", "error": "\(error)"])
+                    }
+                    if sequence.budgetAssigned { await self.assignBudgets(sequenceID: id, sequence) }
+                }
             }
-            if sequence.budgetAssigned { await assignBudgets(sequenceID: id, sequence) }
         }
     }
 

@@ -178,14 +178,15 @@ actor SequenceStore {
     /// The prefill, for compressing outside the actor.
     /// A budget can arrive before this copy's prefill is stored (another copy's statistics completed
     /// the set first): it waits for the prefill.
-    func prefillForCompression(_ sequenceID: UInt64) async throws -> HeldSequence {
-        while let held = sequences[sequenceID], held.cache == nil, held.prefills.isEmpty {
+    /// Returns the sequence with its prefill, or, once compressed, without tensors and `compressed`.
+    func prefillForCompression(_ sequenceID: UInt64) async throws -> (held: HeldSequence, compressed: Bool) {
+        while let held = sequences[sequenceID], !held.isCompressed, held.prefills.isEmpty {
             try await wait(sequenceID, on: .prefill)
         }
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        return held.cache != nil ? held.withoutTensors : held
+        return held.isCompressed ? (held.withoutTensors, true) : (held, false)
     }
 
     /// Keeps the compressed cache (once; a repeated budget changes nothing) and drops the prefill.

@@ -165,14 +165,16 @@ struct WorkerHandler: EnvelopeHandler {
     /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory
     /// pressure) cuts the compressed cache further.
     private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
-        let held = try await withDeadline(.seconds(60), what: "waiting for the prefill of sequence \(message.sequenceID)") {
+        let (held, compressed) = try await withDeadline(
+            .seconds(60), what: "waiting for the prefill of sequence \(message.sequenceID)"
+        ) {
             try await self.worker.store.prefillForCompression(message.sequenceID)
         }
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
         let stored: (total: Int, byModality: [String: Int])?
-        if held.cache != nil {
+        if compressed {
             stored = await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {
             let storage = worker.configuration.storage
@@ -244,15 +246,17 @@ struct WorkerHandler: EnvelopeHandler {
             try await replicated
             return .decodeResult(result)
         case .run(let job):
+            // The job goes back to the store exactly once, whatever fails.
+            let result: Tessera_V1_DecodeResult
             do {
-                let result = try await worker.offload(.decode) { try job.run() }
-                await worker.store.finishDecode(job, result: result)
-                try await replicated
-                return .decodeResult(result)
+                result = try await worker.offload(.decode) { try job.run() }
             } catch {
                 await worker.store.finishDecode(job, result: nil)
                 throw error
             }
+            await worker.store.finishDecode(job, result: result)
+            try await replicated
+            return .decodeResult(result)
         }
     }
 

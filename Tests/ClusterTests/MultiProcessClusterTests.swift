@@ -2,6 +2,7 @@ import Client
 import ClusterLauncher
 import ClusterTransport
 import ClusterWire
+import Evaluation
 import KVCacheCore
 import Logging
 import SystemPackage
@@ -12,35 +13,11 @@ import Workloads
 import Glibc
 #endif
 
-/// What one process computes for a sequence with KVCacheCore alone: the same profile, statistics,
-/// allocation, compression and decode the cluster spreads over its processes.
+/// What one process computes for the sequence (see `ReferenceDecode`).
 func referenceOutputs(
     _ trace: SequenceTrace, policy: CompressionPolicy, retention: Double
 ) throws -> [[Int: [Float]]] {
-    let g = trace.geometry
-    let layout = trace.layout
-    let requirements = policy.requirements(layout: layout)
-    var prefills: [LayerPrefill] = []
-    var profiles: [AttentionProfile] = []
-    for layer in 0..<g.layers {
-        prefills.append(trace.prefill(layer: layer))
-        profiles.append(try AttentionProfile(prefill: prefills[layer], requirements: requirements))
-    }
-    let statistics = (0..<g.layers).map {
-        LayerStatistics(layer: $0, profile: profiles[$0], layout: layout, policy: policy)
-    }
-    let budgets = try BudgetAllocator.allocate(policy: policy, retention: retention, geometry: g, statistics: statistics)
-    var steps = [[Int: [Float]]](repeating: [:], count: trace.decodeSteps)
-    for layer in 0..<g.layers {
-        var heads = try LayerCompressor.compress(
-            prefills[layer], layout: layout, profile: profiles[layer], budget: budgets[layer], policy: policy,
-            as: Float.self
-        ).heads
-        for (t, input) in trace.decode(layer: layer).enumerated() {
-            steps[t][layer] = LayerDecoder.step(&heads, geometry: g, input: input, position: layout.promptLength + t)
-        }
-    }
-    return steps
+    try ReferenceDecode.outputs(trace, policy: policy, retention: retention)
 }
 
 @Suite(.serialized) struct MultiProcessClusterTests {
