@@ -89,8 +89,8 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "With --local: workers' storage type, f32 or f16.")
     var dtype = "f32"
 
-    @Option(help: "With --local: copies of each shard (primary and replicas) on distinct workers.")
-    var replication = 2
+    @Option(help: "With --local: copies of each shard (primary and replicas) on distinct workers; 1 measures compression alone, as replicas repeat every prefill and decode.")
+    var replication = 1
 
     @Option(help: "With --local: the coordinator's cluster-wide limit on accounted KV bytes (0 = none).")
     var memoryLimitBytes: UInt64 = 0
