@@ -49,6 +49,7 @@ public enum ChaosRunner {
             binary: binary, workers: scenario.workers, childArguments: ["--log-level", "critical"],
             inheritStandardError: false)
         options.coordinatorArguments = ["--replication", "\(scenario.replication)"]
+        options.workerArguments = scenario.workerFaults.map { ["--faults", $0] } ?? []
         options.toleratesWorkerExits = true
         let launch = options
         let (report, pids) = try await LocalCluster.withCluster(launch, logger: logger) { cluster in
@@ -108,8 +109,12 @@ public enum ChaosRunner {
             let outcomes = await withTaskGroup(of: (Int, [Int: [Float]]?).self) { group in
                 for index in live {
                     group.addTask {
-                        let outputs = try? await client.decode(UInt64(index), step: step, geometry: scenario.geometry)
-                        return (index, outputs)
+                        do {
+                            return (index, try await client.decode(UInt64(index), step: step, geometry: scenario.geometry))
+                        } catch {
+                            progress("sequence \(index) failed at step \(step): \(error)")
+                            return (index, nil)
+                        }
                     }
                 }
                 var all: [(Int, [Int: [Float]]?)] = []

@@ -48,6 +48,9 @@ public struct ChaosScenario: Sendable {
     public var decodeTokens: Int
     public var seed: UInt64
     public var faults: [Fault]
+    /// A transport fault plan every worker applies to the connections it accepts (`tessera worker
+    /// --faults`), e.g. `corrupt=0.03,direction=inbound,seed=5`.
+    public var workerFaults: String?
 
     /// Reads and validates a scenario file; errors name the file, the field and what is allowed.
     public static func load(path: String) throws(ChaosError) -> ChaosScenario {
@@ -75,7 +78,7 @@ public struct ChaosScenario: Sendable {
         let fields = Fields(root, source: source, path: "")
         try fields.only([
             "name", "workers", "replication", "workload", "model", "policy", "budget", "sequences", "decodeTokens",
-            "seed", "faults",
+            "seed", "faults", "workerFaults",
         ])
         let model = try fields.string("model", default: "tiny")
         let policyName = try fields.string("policy", default: "madakv")
@@ -85,7 +88,8 @@ public struct ChaosScenario: Sendable {
             policy: .full, policyName: policyName, budget: try fields.double("budget", default: 0.2, in: 0.01...1),
             sequences: try fields.int("sequences", default: 6, in: 1...256),
             decodeTokens: try fields.int("decodeTokens", default: 32, in: 2...4096),
-            seed: UInt64(try fields.int("seed", default: 1, in: 0...Int.max)), faults: [])
+            seed: UInt64(try fields.int("seed", default: 1, in: 0...Int.max)), faults: [],
+            workerFaults: root["workerFaults"] == nil ? nil : try fields.string("workerFaults", default: ""))
         do {
             scenario.preset = try WorkloadPreset.named(try fields.string("workload", default: "image-qa"))
             scenario.geometry = try ModelGeometry.preset(named: model)
@@ -98,8 +102,10 @@ public struct ChaosScenario: Sendable {
         guard scenario.replication <= scenario.workers else {
             throw ChaosError("\(source): replication (\(scenario.replication)) must not exceed workers (\(scenario.workers))")
         }
-        guard let list = root["faults"] as? [Any], !list.isEmpty else {
-            throw ChaosError("\(source): faults must be a non-empty list of {beforeStep, action, target}")
+        let list = root["faults"] as? [Any] ?? []
+        guard !list.isEmpty || scenario.workerFaults != nil else {
+            throw ChaosError(
+                "\(source): faults must be a non-empty list of {beforeStep, action, target} (or set workerFaults)")
         }
         for (index, item) in list.enumerated() {
             guard let map = item as? [String: Any] else {

@@ -296,10 +296,11 @@ public final class TesseraClient: Sendable {
     /// detector's dead-after time to notice).
     static let failoverPatience = Duration.seconds(20)
 
-    /// Errors that a fresh placement may cure; any other error is the request's own fault.
+    /// Errors that a fresh placement or a new connection may cure (a frame damaged in transit was
+    /// never applied); any other error is the request's own fault.
     static func isRetryable(_ error: any Error) -> Bool {
         guard let error = error as? WireError else { return !(error is CancellationError) }
-        return [.notPrimary, .staleEpoch, .unavailable].contains(error.code)
+        return [.notPrimary, .staleEpoch, .unavailable, .malformedFrame].contains(error.code)
     }
 
     private func remember(_ reply: Tessera_V1_Envelope.OneOf_Body) throws -> SequencePlacement {

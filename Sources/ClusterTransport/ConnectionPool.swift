@@ -75,8 +75,8 @@ package final class ConnectionPool: Sendable {
                     return []
                 }
                 for waiter in waiting { waiter.resume(returning: connection) }
-                // Held open until the pool's scope ends.
-                while !Task.isCancelled { try await Task.sleep(for: .seconds(3600)) }
+                // Held until the peer closes it (the next request reconnects) or the pool's scope ends.
+                await connection.waitUntilClosed()
             }
         } catch {
             logger.debug("worker connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])

@@ -31,6 +31,7 @@ package final class PeerConnection: Sendable {
         var nextID: UInt64
         var pending: [UInt64: Slot] = [:]
         var closed = false
+        var closeWaiters: [CheckedContinuation<Void, Never>] = []
 
         /// The next id of this side's parity.
         mutating func takeID() -> UInt64 {
@@ -128,17 +129,37 @@ package final class PeerConnection: Sendable {
         return true
     }
 
+    /// Returns once the connection is closed (or the caller is cancelled, which closes it).
+    package func waitUntilClosed() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let closed = state.withLock { state in
+                    if !state.closed { state.closeWaiters.append(continuation) }
+                    return state.closed
+                }
+                if closed { continuation.resume() }
+            }
+        } onCancel: {
+            self.close(WireError(.unavailable, "connection to \(self.peer) was given up"))
+        }
+    }
+
     /// Marks the connection closed and fails every request still waiting.
     func close(_ error: WireError) {
-        let waiting = state.withLock { state in
+        let (waiting, closeWaiters) = state.withLock { state in
             state.closed = true
-            defer { state.pending = [:] }
-            return state.pending.values.compactMap { slot in
+            defer {
+                state.pending = [:]
+                state.closeWaiters = []
+            }
+            let requests = state.pending.values.compactMap { slot in
                 if case .awaiting(let continuation?) = slot { return continuation }
                 return nil
             }
+            return (requests, state.closeWaiters)
         }
         for continuation in waiting { continuation.resume(throwing: error) }
+        for waiter in closeWaiters { waiter.resume() }
     }
 
     /// Reads until the peer goes away: replies resume their requests, requests go to `handler`, each

@@ -12,11 +12,13 @@ public struct WorkerConfiguration: Sendable {
     public var storage: ScalarType
     public var memoryCapacityBytes: UInt64
     public var heartbeatInterval: Duration
+    /// Faults injected into connections this worker accepts (clients, and primaries forwarding to it).
+    public var faults: FaultInjector?
 
     public init(
         nodeID: String, incarnation: UInt64, listen: NodeAddress, coordinator: NodeAddress,
         maxFrameBytes: Int = 64 << 20, storage: ScalarType = .float32, memoryCapacityBytes: UInt64 = 8 << 30,
-        heartbeatInterval: Duration = .milliseconds(250)
+        heartbeatInterval: Duration = .milliseconds(250), faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID
         self.incarnation = incarnation
@@ -26,5 +28,6 @@ public struct WorkerConfiguration: Sendable {
         self.storage = storage
         self.memoryCapacityBytes = memoryCapacityBytes
         self.heartbeatInterval = heartbeatInterval
+        self.faults = faults
     }
 }

@@ -66,7 +66,7 @@ public final class WorkerService: Sendable {
                 try await Transport.listen(
                     on: self.configuration.listen, handshake: Handshake(local: self.identity),
                     maxFrameBytes: self.configuration.maxFrameBytes, handler: WorkerHandler(worker: self),
-                    logger: self.logger
+                    logger: self.logger, faults: self.configuration.faults
                 ) { port in
                     self.boundPort.withLock { $0 = port }
                     portContinuation.yield(port)

@@ -27,6 +27,12 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "Storage type of cached rows: f32 or f16.")
     var storage = "f32"
 
+    @Option(help: ArgumentHelp(
+        "Inject faults into the connections this worker accepts, e.g. 'corrupt=0.02,direction=inbound,seed=7' "
+            + "(keys: drop, duplicate, reorder, corrupt, delay=5ms..20ms, close-after, peer, direction, seed).",
+        valueName: "plan"))
+    var faults: String?
+
     @OptionGroup var process: ProcessOptions
 
     func run() async throws {
@@ -42,10 +48,14 @@ struct WorkerCommand: AsyncParsableCommand {
         guard let scalar = ScalarType(rawValue: storage) else {
             throw usageFailure("unknown storage '\(storage)'; allowed: f32, f16")
         }
+        var injector: FaultInjector?
+        if let faults {
+            do { injector = try FaultInjector(FaultPlan(parsing: faults)) } catch { throw usageFailure("--faults: \(error.message)") }
+        }
         let service = WorkerService(
             configuration: WorkerConfiguration(
                 nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
-                coordinator: coordinatorAddress, storage: scalar),
+                coordinator: coordinatorAddress, storage: scalar, faults: injector),
             logger: logger)
         let id = nodeID
         let adminPort = AsyncValue<Int>()

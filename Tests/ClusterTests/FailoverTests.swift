@@ -14,7 +14,7 @@ import Testing
         return "/\(root)/cluster/scenarios/\(name).yaml"
     }
 
-    @Test(.timeLimit(.minutes(3)), arguments: ["kill-primary", "kill-replica", "kill-two", "pause-primary"])
+    @Test(.timeLimit(.minutes(3)), arguments: ["kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames"])
     func scenarioLosesNothing(name: String) async throws {
         let scenario = try ChaosScenario.load(path: Self.scenario(name))
         let report = try await ChaosRunner.run(scenario, binary: LocalCluster.siblingBinary, logger: Self.logger)
@@ -32,6 +32,7 @@ import Testing
     @Test func badScenariosAreRefusedWithTheField() throws {
         let cases: [(String, String)] = [
             ("name: x\nfaults: []", "faults must be a non-empty list"),
+            ("name: x\nworkerFaults: 7", "workerFaults must be a string"),
             ("name: x\nworkers: 2\nreplication: 3\nfaults: [{beforeStep: 1, action: kill}]", "replication (3)"),
             ("name: x\nfaults: [{beforeStep: 1, action: explode}]", "faults[0].action 'explode'"),
             ("name: x\nfaults: [{beforeStep: 99, action: kill}]", "faults[0].beforeStep"),
