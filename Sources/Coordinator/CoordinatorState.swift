@@ -182,7 +182,7 @@ actor CoordinatorState {
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
         // Each shard on `replication` distinct workers and no worker holding two shards of one
         // sequence: as many shards as whole replica sets fit, rotated by sequence id to spread load.
-        let live = membership.liveNodeIDs.filter { workers[$0] != nil }.sorted()
+        let live = placeable
         guard !live.isEmpty else {
             throw WireError(.unavailable, "no live worker holds a shard yet; retry once workers have registered",
                             retryAfter: .milliseconds(500))
@@ -197,8 +197,7 @@ actor CoordinatorState {
             return SequenceShard(id: UInt32(index), layers: layers, primary: set.first!, replicas: Array(set.dropFirst()))
         }
         // Every copy is charged: the limit bounds what the workers hold together.
-        let decodeAllowance = Self.rowBytes(geometry) * UInt64(message.decodeTokens) * UInt64(copies)
-        let estimate = Self.rowBytes(geometry) * UInt64(layout.promptLength) * UInt64(copies) + decodeAllowance
+        let (estimate, decodeAllowance) = Self.charge(geometry, layout, decodeTokens: message.decodeTokens, copies: copies)
         switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
         case .admitted: break
         case .refused(let reason, let retryAfterMillis):
@@ -276,18 +275,27 @@ actor CoordinatorState {
             }
     }
 
-    /// The estimate `open` charges for `message`: while prefilled and not yet compressed, a sequence
-    /// holds its full cache in Float32; decode then appends one row per token.
+    /// Live workers with a connection: where sequences can be placed.
+    private var placeable: [NodeID] { membership.liveNodeIDs.filter { workers[$0] != nil }.sorted() }
+
+    /// The estimate `open` charges for `message` with the workers live now.
     func estimate(_ message: Tessera_V1_OpenSequence) -> UInt64? {
         guard let geometry = try? ModelGeometry(proto: message.model),
             let layout = try? PromptLayout(proto: message.spans)
         else { return nil }
-        let copies = min(replication, max(1, membership.liveNodeIDs.count))
-        return Self.rowBytes(geometry) * UInt64(layout.promptLength + Int(message.decodeTokens)) * UInt64(copies)
+        let copies = min(replication, max(1, placeable.count))
+        return Self.charge(geometry, layout, decodeTokens: message.decodeTokens, copies: copies).estimate
     }
 
-    /// Bytes of one token's K and V over every layer, in Float32.
-    static func rowBytes(_ g: ModelGeometry) -> UInt64 { UInt64(2 * g.layers * g.kvHeads * g.headDim * 4) }
+    /// What admission charges a new sequence: while prefilled and not yet compressed it holds its full
+    /// cache in Float32 on every copy, and decode then appends one row per token (the allowance).
+    static func charge(
+        _ g: ModelGeometry, _ layout: PromptLayout, decodeTokens: UInt32, copies: Int
+    ) -> (estimate: UInt64, decodeAllowance: UInt64) {
+        let rowBytes = UInt64(2 * g.layers * g.kvHeads * g.headDim * 4) * UInt64(copies)
+        let decodeAllowance = rowBytes * UInt64(decodeTokens)
+        return (rowBytes * UInt64(layout.promptLength) + decodeAllowance, decodeAllowance)
+    }
 
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
