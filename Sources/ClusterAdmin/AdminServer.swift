@@ -9,7 +9,9 @@ public import Prometheus
 /// Routes:
 /// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`).
 /// - `GET /healthz`: `ok`.
-/// - any other path: 404; any method other than `GET`: 405 (with `Allow: GET`), whatever the path.
+/// - for each ``AdminSetting`` at `/NAME`: `GET` reads it, `PUT` with a text body changes it (400 with
+///   the reason when the value is refused, 413 above 64 KiB).
+/// - any other path: 404; a method a path does not take: 405 (with `Allow`).
 ///
 /// ``run()`` binds, reports the bound port through `onListening`, serves each connection in its own child
 /// task (a failing connection never stops the server) and returns once the calling task is cancelled,
@@ -25,6 +27,7 @@ public struct AdminServer: Sendable {
     private let eventLoopGroup: any EventLoopGroup
     private let logger: Logger
     private let onListening: @Sendable (Int) -> Void
+    private let settings: [String: AdminSetting]
 
     /// - Parameters:
     ///   - host: The address to bind.
@@ -32,11 +35,13 @@ public struct AdminServer: Sendable {
     ///   - registry: The registry `GET /metrics` exposes.
     ///   - eventLoopGroup: The group to run on; `MultiThreadedEventLoopGroup.singleton` by default.
     ///   - logger: Where to log; the default discards everything.
+    ///   - settings: Values an operator may read and change at run time, by path (e.g. `/faults`).
     ///   - onListening: Called once with the bound port, before the first connection is accepted.
     public init(
         host: String,
         port: Int,
         registry: PrometheusCollectorRegistry,
+        settings: [String: AdminSetting] = [:],
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "tessera.admin", factory: { _ in SwiftLogNoOpLogHandler() }),
         onListening: @escaping @Sendable (Int) -> Void = { _ in }
@@ -47,7 +52,11 @@ public struct AdminServer: Sendable {
         self.eventLoopGroup = eventLoopGroup
         self.logger = logger
         self.onListening = onListening
+        self.settings = settings
     }
+
+    /// Largest request body a setting accepts.
+    static let maxBodyBytes = 64 * 1024
 
     private typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
 
@@ -83,17 +92,7 @@ public struct AdminServer: Sendable {
         self.onListening(boundPort)
 
         do {
-            try await withThrowingDiscardingTaskGroup { group in
-                try await listener.executeThenClose { inbound in
-                    // Cancelling the task ends this loop; `executeThenClose` then closes the listener,
-                    // and the group's cancellation ends every connection's inbound stream.
-                    for try await connection in inbound {
-                        group.addTask {
-                            await self.serve(connection)
-                        }
-                    }
-                }
-            }
+            try await listener.serveUntilCancelled { connection in await self.serve(connection) }
         } catch is CancellationError {
             // Cancellation is the normal way to stop.
         }
@@ -105,18 +104,29 @@ public struct AdminServer: Sendable {
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var pending: HTTPRequestHead?
+                var body = ByteBuffer()
+                var tooLarge = false
                 for try await part in inbound {
                     switch part {
                     case .head(let head):
                         pending = head
-                    case .body:
-                        // No route takes a body; drop it rather than buffer it.
-                        continue
+                        body.clear()
+                        tooLarge = false
+                    case .body(var chunk):
+                        // Kept only up to the limit; a larger body is answered 413 at its end.
+                        if body.readableBytes + chunk.readableBytes > Self.maxBodyBytes {
+                            tooLarge = true
+                        } else {
+                            body.writeBuffer(&chunk)
+                        }
                     case .end:
                         guard let head = pending else { continue }
                         pending = nil
                         let keepAlive = head.isKeepAlive
-                        try await self.respond(to: head, keepAlive: keepAlive, outbound: outbound)
+                        let response = tooLarge
+                            ? Response(status: .payloadTooLarge, body: ByteBuffer(string: "body larger than \(Self.maxBodyBytes) bytes\n"))
+                            : self.route(head, body: String(buffer: body))
+                        try await self.respond(response, to: head, keepAlive: keepAlive, outbound: outbound)
                         if !keepAlive { return }
                     }
                 }
@@ -127,11 +137,11 @@ public struct AdminServer: Sendable {
     }
 
     private func respond(
+        _ response: Response,
         to head: HTTPRequestHead,
         keepAlive: Bool,
         outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>
     ) async throws {
-        let response = self.route(head)
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: response.contentType)
         headers.add(name: "content-length", value: "\(response.body.readableBytes)")
@@ -153,11 +163,27 @@ public struct AdminServer: Sendable {
         var allow: String?
     }
 
-    private func route(_ head: HTTPRequestHead) -> Response {
+    private func route(_ head: HTTPRequestHead, body: String) -> Response {
+        let path = String(head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+        if let setting = self.settings[path] {
+            switch head.method {
+            case .GET:
+                return Response(status: .ok, body: ByteBuffer(string: setting.read() + "\n"))
+            case .PUT:
+                do {
+                    let value = try setting.write(String(body.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed()))
+                    self.logger.notice("admin setting changed", metadata: ["admin.path": "\(path)", "value": "\(value)"])
+                    return Response(status: .ok, body: ByteBuffer(string: value + "\n"))
+                } catch {
+                    return Response(status: .badRequest, body: ByteBuffer(string: "\(error)\n"))
+                }
+            default:
+                return Response(status: .methodNotAllowed, body: ByteBuffer(string: "method not allowed\n"), allow: "GET, PUT")
+            }
+        }
         guard head.method == .GET else {
             return Response(status: .methodNotAllowed, body: ByteBuffer(string: "method not allowed\n"), allow: "GET")
         }
-        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
         switch path {
         case "/metrics":
             var bytes: [UInt8] = []
@@ -172,5 +198,20 @@ public struct AdminServer: Sendable {
         default:
             return Response(status: .notFound, body: ByteBuffer(string: "not found\n"))
         }
+    }
+}
+
+/// A value an operator reads and changes through the admin server (`GET`/`PUT /NAME`), e.g. the
+/// fault plan of a process's connections.
+public struct AdminSetting: Sendable {
+    /// The current value as text.
+    public var read: @Sendable () -> String
+    /// Applies a new value given as text and returns it as now in force; throws (with a message naming
+    /// what is allowed) to refuse it, changing nothing.
+    public var write: @Sendable (String) throws -> String
+
+    public init(read: @escaping @Sendable () -> String, write: @escaping @Sendable (String) throws -> String) {
+        self.read = read
+        self.write = write
     }
 }

@@ -58,6 +58,9 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
     public var memory: Memory
     /// How many workers hold each sequence's cache; at most `cluster.workers`.
     public var replication: Int
+    /// Transport faults injected into the connections the coordinator accepts, in the compact form
+    /// of `--faults` (e.g. `drop=1,peer=worker-2`); `none` by default. Checked when the process starts.
+    public var faults: String
 
     /// The cluster-wide KV-cache memory budget (YAML section `coordinator.memory`).
     public struct Memory: Sendable, Codable, Equatable {
@@ -101,7 +104,8 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
         suspectAfterMillis: Int = 1000,
         deadAfterMillis: Int = 3000,
         memory: Memory = .defaults,
-        replication: Int = 2
+        replication: Int = 2,
+        faults: String = "none"
     ) {
         self.host = host
         self.port = port
@@ -111,6 +115,7 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
         self.deadAfterMillis = deadAfterMillis
         self.memory = memory
         self.replication = replication
+        self.faults = faults
     }
 
     public static var defaults: Self { Self() }
@@ -123,7 +128,7 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
     public var deadAfter: Duration { .milliseconds(self.deadAfterMillis) }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case host, port, adminPort, heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication
+        case host, port, adminPort, heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication, faults
     }
 
     public init(from decoder: any Decoder) throws {
@@ -141,6 +146,7 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
         self.deadAfterMillis = try container.decode(.deadAfterMillis, default: defaults.deadAfterMillis)
         self.memory = try container.decode(.memory, default: defaults.memory)
         self.replication = try container.decode(.replication, default: defaults.replication)
+        self.faults = try container.decode(.faults, default: defaults.faults)
     }
 }
 
@@ -178,6 +184,9 @@ public struct WorkerSettings: Sendable, Codable, Equatable {
     public var storage: Storage
     /// The KV-cache bytes one worker holds before it evicts or rejects.
     public var memoryCapacityBytes: UInt64
+    /// Transport faults injected into the connections every worker accepts (compact form of
+    /// `--faults`); `none` by default. Checked when the processes start.
+    public var faults: String
 
     public init(
         host: String = "127.0.0.1",
@@ -185,7 +194,8 @@ public struct WorkerSettings: Sendable, Codable, Equatable {
         adminPort: Int = 0,
         maxFrameBytes: Int = 64 << 20,
         storage: Storage = .f32,
-        memoryCapacityBytes: UInt64 = 8 << 30
+        memoryCapacityBytes: UInt64 = 8 << 30,
+        faults: String = "none"
     ) {
         self.host = host
         self.port = port
@@ -193,12 +203,13 @@ public struct WorkerSettings: Sendable, Codable, Equatable {
         self.maxFrameBytes = maxFrameBytes
         self.storage = storage
         self.memoryCapacityBytes = memoryCapacityBytes
+        self.faults = faults
     }
 
     public static var defaults: Self { Self() }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case host, port, adminPort, maxFrameBytes, storage, memoryCapacityBytes
+        case host, port, adminPort, maxFrameBytes, storage, memoryCapacityBytes, faults
     }
 
     public init(from decoder: any Decoder) throws {
@@ -211,6 +222,7 @@ public struct WorkerSettings: Sendable, Codable, Equatable {
         self.maxFrameBytes = try container.decode(.maxFrameBytes, default: defaults.maxFrameBytes)
         self.storage = try container.decode(.storage, default: defaults.storage)
         self.memoryCapacityBytes = try container.decode(.memoryCapacityBytes, default: defaults.memoryCapacityBytes)
+        self.faults = try container.decode(.faults, default: defaults.faults)
     }
 }
 

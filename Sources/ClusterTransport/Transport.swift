@@ -1,3 +1,4 @@
+import ClusterAdmin
 public import ClusterWire
 package import Logging
 package import NIOCore
@@ -49,15 +50,8 @@ package enum Transport {
                 }
             }
         await onBound(server.channel.localAddress?.port ?? address.port)
-        try await withThrowingDiscardingTaskGroup { group in
-            try await server.executeThenClose { inbound in
-                for try await channel in inbound {
-                    group.addTask {
-                        await accept(channel, handshake: handshake, handler: handler, logger: logger,
-                                     onConnection: onConnection)
-                    }
-                }
-            }
+        try await server.serveUntilCancelled { channel in
+            await accept(channel, handshake: handshake, handler: handler, logger: logger, onConnection: onConnection)
         }
     }
 

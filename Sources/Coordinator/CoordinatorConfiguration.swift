@@ -15,11 +15,14 @@ public struct CoordinatorConfiguration: Sendable {
     public var floorRatio: Double
     /// Copies of each shard of a sequence, on distinct workers.
     public var replication: Int
+    /// Faults to inject into the connections the coordinator accepts (none when nil).
+    public var faults: FaultInjector?
 
     public init(
         nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, maxFrameBytes: Int = 64 << 20,
         failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
-        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02, replication: Int = 2
+        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02, replication: Int = 2,
+        faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID
         self.incarnation = incarnation
@@ -30,5 +33,6 @@ public struct CoordinatorConfiguration: Sendable {
         self.tenantQuotaBytes = tenantQuotaBytes
         self.floorRatio = floorRatio
         self.replication = replication
+        self.faults = faults
     }
 }

@@ -34,7 +34,7 @@ public final class CoordinatorService: Sendable {
                     on: self.configuration.listen,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.worker, .client]),
                     maxFrameBytes: self.configuration.maxFrameBytes, handler: CoordinatorHandler(coordinator: self),
-                    logger: self.logger, onBound: onReady)
+                    logger: self.logger, faults: self.configuration.faults, onBound: onReady)
             }
             group.addTask { try await self.detectFailures() }
         }

@@ -44,7 +44,7 @@ struct ClusterCommand: AsyncParsableCommand {
                 binary: LocalCluster.currentBinary, workers: count, childArguments: ["--log-level", process.logLevel],
                 readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds))
             options.coordinatorArguments = CoordinatorCommand.arguments(settings.coordinator)
-            options.workerArguments = ["--storage", settings.worker.storage.rawValue]
+            options.workerArguments = ["--storage", settings.worker.storage.rawValue, "--faults", settings.worker.faults]
             let launch = options
             try await runServices(
                 [ClosureService {

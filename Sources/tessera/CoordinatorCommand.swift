@@ -32,6 +32,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Option(help: "Under memory pressure, admitted sequences are tightened down to this retention ratio, never below (0...1).")
     var floorRatio = 0.02
 
+    @OptionGroup var faults: FaultOptions
+
     @OptionGroup var process: ProcessOptions
 
     func run() async throws {
@@ -48,13 +50,14 @@ struct CoordinatorCommand: AsyncParsableCommand {
             }
             quotas[String(parts[0])] = bytes
         }
+        let injector = try faults.injector()
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
                 incarnation: wallClockIncarnation(), listen: address, memoryLimitBytes: memoryLimitBytes,
-                tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication),
+                tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication, faults: injector),
             logger: logger)
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, logger: logger) { adminPort.set($0) }
+        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) { adminPort.set($0) }
         try await runServices(
             [admin, ClosureService {
                 try await service.run { port in
@@ -70,7 +73,7 @@ extension CoordinatorCommand {
     static func arguments(_ settings: CoordinatorSettings) -> [String] {
         let memory = settings.memory
         return ["--replication", "\(settings.replication)", "--memory-limit-bytes", "\(memory.limitBytes)",
-                "--floor-ratio", "\(memory.floorRatio)"]
+                "--floor-ratio", "\(memory.floorRatio)", "--faults", settings.faults]
             + memory.tenantQuotas.sorted { $0.key < $1.key }.flatMap { ["--tenant-quota", "\($0.key)=\($0.value)"] }
     }
 }

@@ -15,7 +15,7 @@ struct ProcessOptions: ParsableArguments {
     @Flag(help: "Exit when standard input closes (the lifeline a parent process holds).")
     var exitOnStdinEof = false
 
-    @Option(help: "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz); 0 picks one.")
+    @Option(help: "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz, GET and PUT /faults); 0 picks one.")
     var adminPort = 0
 
     @Option(help: "Host the admin endpoint binds.")
@@ -49,7 +49,10 @@ struct ClosureService: Service {
 }
 
 /// The admin endpoint as a service; reports its bound port.
-func adminService(_ options: ProcessOptions, logger: Logger, onListening: @escaping @Sendable (Int) -> Void) throws
+func adminService(
+    _ options: ProcessOptions, settings: [String: AdminSetting] = [:], logger: Logger,
+    onListening: @escaping @Sendable (Int) -> Void
+) throws
     -> ClosureService
 {
     guard (0...65535).contains(options.adminPort) else {
@@ -57,7 +60,8 @@ func adminService(_ options: ProcessOptions, logger: Logger, onListening: @escap
     }
     let registry = MetricsBootstrap.bootstrap()
     let server = AdminServer(
-        host: options.adminHost, port: options.adminPort, registry: registry, logger: logger, onListening: onListening)
+        host: options.adminHost, port: options.adminPort, registry: registry, settings: settings, logger: logger,
+        onListening: onListening)
     return ClosureService { try await server.run() }
 }
 

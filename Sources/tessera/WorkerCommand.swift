@@ -27,11 +27,7 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "Storage type of cached rows: f32 or f16.")
     var storage = "f32"
 
-    @Option(help: ArgumentHelp(
-        "Inject faults into the connections this worker accepts, e.g. 'corrupt=0.02,direction=inbound,seed=7' "
-            + "(keys: drop, duplicate, reorder, corrupt, delay=5ms..20ms, close-after, peer, direction, seed).",
-        valueName: "plan"))
-    var faults: String?
+    @OptionGroup var faults: FaultOptions
 
     @OptionGroup var process: ProcessOptions
 
@@ -48,10 +44,7 @@ struct WorkerCommand: AsyncParsableCommand {
         guard let scalar = ScalarType(rawValue: storage) else {
             throw usageFailure("unknown storage '\(storage)'; allowed: f32, f16")
         }
-        var injector: FaultInjector?
-        if let faults {
-            do { injector = try FaultInjector(FaultPlan(parsing: faults)) } catch { throw usageFailure("--faults: \(error.message)") }
-        }
+        let injector = try faults.injector()
         let service = WorkerService(
             configuration: WorkerConfiguration(
                 nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
@@ -59,7 +52,7 @@ struct WorkerCommand: AsyncParsableCommand {
             logger: logger)
         let id = nodeID
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, logger: logger) { adminPort.set($0) }
+        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) { adminPort.set($0) }
         try await runServices(
             [admin, ClosureService {
                 try await service.run { port in

@@ -3,6 +3,7 @@ import Metrics
 import NIOCore
 import NIOPosix
 import Prometheus
+import Synchronization
 import Testing
 
 @Suite("AdminServer", .timeLimit(.minutes(1)))
@@ -146,6 +147,35 @@ struct AdminServerTests {
                 .connect(host: "127.0.0.1", port: port)
                 .get()
                 .close()
+        }
+    }
+
+    @Test("a setting is read with GET and changed with PUT; a refused value changes nothing")
+    func settings() async throws {
+        let value = Mutex("none")
+        let setting = AdminSetting(read: { value.withLock { $0 } }) { text in
+            guard text.hasPrefix("drop=") || text == "none" else {
+                throw HTTPTestError(message: "'\(text)' is not a plan; allowed: none, drop=P")
+            }
+            value.withLock { $0 = text }
+            return text
+        }
+        try await withAdminServer(settings: ["/faults": setting]) { port in
+            #expect(try await httpRequest(port: port, path: "/faults").body == "none\n")
+            let changed = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1\n")
+            #expect(changed.status == 200)
+            #expect(changed.body == "drop=1\n")
+            let refused = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "bogus")
+            #expect(refused.status == 400)
+            #expect(refused.body.contains("allowed: none, drop=P"))
+            #expect(try await httpRequest(port: port, path: "/faults").body == "drop=1\n")
+            let post = try await httpRequest(port: port, method: "POST", path: "/faults", body: "none")
+            #expect(post.status == 405)
+            #expect(post.header("allow") == "GET, PUT")
+            let huge = try await httpRequest(
+                port: port, method: "PUT", path: "/faults", body: String(repeating: "x", count: 64 * 1024 + 1))
+            #expect(huge.status == 413)
+            #expect(value.withLock { $0 } == "drop=1")
         }
     }
 

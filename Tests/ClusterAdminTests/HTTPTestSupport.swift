@@ -104,10 +104,11 @@ func httpRequest(port: Int, method: String = "GET", path: String, body: String =
 /// waits for `run()` to return.
 func withAdminServer<Result: Sendable>(
     registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+    settings: [String: AdminSetting] = [:],
     _ body: @Sendable (_ port: Int) async throws -> Result
 ) async throws -> Result {
     let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
-    let server = AdminServer(host: "127.0.0.1", port: 0, registry: registry) { port in
+    let server = AdminServer(host: "127.0.0.1", port: 0, registry: registry, settings: settings) { port in
         continuation.yield(port)
         continuation.finish()
     }
