@@ -119,6 +119,16 @@ public struct Admission: Sendable, Hashable {
         return .recorded(previousBytes: previous, bytes: kvBytes)
     }
 
+    /// Re-admits a sequence that a restarted coordinator learned from the workers, charging what they
+    /// report; never refused, since the bytes are already held. For an open sequence it is `record`.
+    public mutating func restore(tenant: String, sequenceID: UInt64, kvBytes: UInt64) {
+        if open[sequenceID] == nil {
+            open[sequenceID] = AdmittedSequence(tenant: tenant, sequenceID: sequenceID, estimatedBytes: 0, reportedBytes: nil)
+            usage[tenant, default: TenantUsage()].sequences += 1
+        }
+        _ = record(sequenceID: sequenceID, kvBytes: kvBytes)
+    }
+
     /// Closes a sequence and frees its charge.
     public mutating func release(sequenceID: UInt64) -> ReleaseOutcome {
         guard let sequence = open.removeValue(forKey: sequenceID) else {

@@ -105,6 +105,10 @@ extension Tessera_V1_Envelope.OneOf_Body {
         case .prefillAck: "prefill_ack"
         case .decode: "decode"
         case .decodeResult: "decode_result"
+        case .copyShard: "copy_shard"
+        case .copyShardAck: "copy_shard_ack"
+        case .shardTransfer: "shard_transfer"
+        case .shardTransferAck: "shard_transfer_ack"
         }
     }
 }

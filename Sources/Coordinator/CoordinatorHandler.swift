@@ -19,10 +19,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             guard message.endpoint.nodeID == connection.peer.nodeID else {
                 throw WireError(.badRequest, "register_worker.endpoint.node_id must match the Hello's node id")
             }
-            for change in try await state.register(message, connection: connection) {
+            let changes = try await state.register(message, connection: connection)
+            for change in changes {
                 coordinator.logger.info(
                     "membership changed", metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)"])
             }
+            // A restarted worker (same node id, higher incarnation) ends its previous incarnation: the
+            // copies that one held are gone.
+            let replaced = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
+            if !replaced.isEmpty { await coordinator.failOver(dead: replaced) }
             var ack = Tessera_V1_RegisterAck()
             ack.coordinatorID = coordinator.configuration.nodeID
             ack.coordinatorIncarnation = coordinator.configuration.incarnation

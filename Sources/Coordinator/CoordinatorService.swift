@@ -37,6 +37,7 @@ public final class CoordinatorService: Sendable {
                     logger: self.logger, faults: self.configuration.faults, onBound: onReady)
             }
             group.addTask { try await self.detectFailures() }
+            group.addTask { try await self.restoreReplication() }
         }
     }
 
@@ -51,9 +52,63 @@ public final class CoordinatorService: Sendable {
                     metadata: ["peer.id": "\(change.nodeID)", "from": "\(change.from.map(\.rawValue) ?? "-")",
                                "to": "\(change.to)"])
             }
-            let dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
+            var dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
+            // After a restart: holders that never re-registered died while the coordinator was down.
+            dead.formUnion(await state.unregisteredHolders(grace: configuration.failureDetector.deadAfter))
             if !dead.isEmpty { await failOver(dead: dead) }
         }
+    }
+
+    /// Restores the replication factor: every heartbeat interval, copies under-replicated shards of
+    /// compressed sequences from their primaries to workers that hold no shard of the sequence (a
+    /// worker that rejoined, or the least loaded), a few at a time, while traffic continues.
+    private func restoreReplication() async throws {
+        while true {
+            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval)
+            let plans = await state.replicationPlans(limit: 2)
+            await withDiscardingTaskGroup { group in
+                for plan in plans { group.addTask { await self.copy(plan) } }
+            }
+        }
+    }
+
+    private func copy(_ plan: ReplicationPlan) async {
+        var message = Tessera_V1_CopyShard()
+        message.sequenceID = plan.sequenceID
+        message.shardID = plan.shardID
+        message.epoch = plan.epoch
+        message.target = plan.target.endpoint
+        let metadata: Logger.Metadata = [
+            "sequence.id": "\(plan.sequenceID)", "shard.id": "\(plan.shardID)", "peer.id": "\(plan.target.node)",
+        ]
+        let started = ContinuousClock.now
+        var copied: Tessera_V1_CopyShardAck?
+        do {
+            let reply = try await state.connection(for: plan.primary.node).request(.copyShard(message), timeout: .seconds(120))
+            guard case .copyShardAck(let ack) = reply else {
+                throw WireError(.internal, "the primary answered copy_shard with \(reply)")
+            }
+            copied = ack
+        } catch {
+            logger.warning("re-replication failed; will retry", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        }
+        guard let copied else {
+            _ = await state.finishCopy(plan, succeeded: false)
+            return
+        }
+        if await state.finishCopy(plan, succeeded: true) {
+            logger.info(
+                "re-replicated",
+                metadata: metadata.merging([
+                    "bytes": "\(copied.transferredBytes)", "millis": "\((ContinuousClock.now - started) / .milliseconds(1))",
+                ]) { $1 })
+            return
+        }
+        // The sequence closed or moved to another epoch during the copy: nobody will write to the
+        // target's copy, so it goes.
+        var close = Tessera_V1_Close()
+        close.sequenceID = plan.sequenceID
+        _ = try? await state.connection(for: plan.target.node).request(.close(close))
     }
 
     /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
@@ -170,6 +225,10 @@ public final class CoordinatorService: Sendable {
 }
 
 extension ShardHolder {
+    init(_ endpoint: Tessera_V1_Endpoint) {
+        self.init(node: NodeID(endpoint.nodeID), address: NodeAddress(host: endpoint.host, port: Int(endpoint.port)))
+    }
+
     var endpoint: Tessera_V1_Endpoint {
         var endpoint = Tessera_V1_Endpoint()
         endpoint.nodeID = node.rawValue

@@ -53,6 +53,19 @@ struct OpenSequenceState: Sendable {
     var decodeAllowance: UInt64
     /// Copies of each shard (primary and replicas).
     var copies: Int
+    /// For a sequence rebuilt from the workers' registrations (coordinator restart): each shard's bytes
+    /// as its primary reported them.
+    var restoredBytes: [UInt32: UInt64]?
+}
+
+/// A copy of one shard to a worker that holds no shard of its sequence, to restore the replication
+/// factor after a loss.
+struct ReplicationPlan: Sendable {
+    var sequenceID: UInt64
+    var shardID: UInt32
+    var epoch: UInt64
+    var primary: ShardHolder
+    var target: ShardHolder
 }
 
 /// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
@@ -62,6 +75,8 @@ actor CoordinatorState {
     var admission: Admission
     var workers: [NodeID: WorkerLink] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
+    /// Sequences with a shard copy in flight (one at a time per sequence).
+    private var copying: Set<UInt64> = []
     private let clock = ContinuousClock()
     private let start: ContinuousClock.Instant
 
@@ -94,13 +109,136 @@ actor CoordinatorState {
             memoryCapacityBytes: message.memoryCapacityBytes, now: now)
         guard case .accepted = outcome else {
             if case .refused(let reason) = outcome {
-                throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
+                switch reason {
+                case .declaredDead, .staleIncarnation:
+                    // The worker's shards were failed over: it must drop them and rejoin as new.
+                    throw WireError(.staleEpoch, "registration of \(nodeID) refused: \(reason)")
+                case .invalidAddress:
+                    throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
+                }
             }
             return []
         }
         workers[nodeID] = WorkerLink(connection: connection, address: address)
         relayout()
+        restore(message.heldShards, from: nodeID)
         return outcome.changes
+    }
+
+    /// Rebuilds open sequences from the copies a registering worker reports, after a coordinator
+    /// restart: the newest epoch of a sequence wins, each shard's holders are as its copies say, and
+    /// admission charges each primary's bytes for every copy. Sequences this coordinator opened itself
+    /// are left alone. Rebuilt sequences have no layer statistics, so memory pressure cannot tighten them.
+    private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) {
+        for copy in held {
+            let a = copy.assignment
+            guard let geometry = try? ModelGeometry(proto: a.model), let layout = try? PromptLayout(proto: a.spans),
+                let (policy, retention) = try? CompressionPolicy.decode(proto: a.policy),
+                a.shard.layerCount >= 1, Int(a.shard.firstLayer + a.shard.layerCount) <= geometry.layers
+            else { continue }
+            let first = Int(a.shard.firstLayer)
+            let shard = SequenceShard(
+                id: a.shard.shardID, layers: first..<(first + Int(a.shard.layerCount)),
+                primary: ShardHolder(a.shard.primary), replicas: a.shard.replicas.map(ShardHolder.init))
+            var state: OpenSequenceState
+            if let known = sequences[a.sequenceID] {
+                guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
+                state = known
+                if a.epoch > state.epoch {
+                    state.epoch = a.epoch
+                    state.shards = []
+                    state.restoredBytes = [:]
+                }
+            } else {
+                var message = Tessera_V1_OpenSequence()
+                message.tenant = a.tenant
+                message.sequenceID = a.sequenceID
+                message.model = a.model
+                message.spans = a.spans
+                message.policy = a.policy
+                message.decodeTokens = a.decodeTokens
+                let copies = min(replication, 1 + a.shard.replicas.count)
+                state = OpenSequenceState(
+                    tenant: a.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
+                    retention: retention, epoch: a.epoch, shards: [], budgetAssigned: copy.compressed,
+                    compressed: copy.compressed,
+                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: copies).decodeAllowance,
+                    copies: copies, restoredBytes: [:])
+            }
+            state.shards.removeAll { $0.id == shard.id }
+            state.shards.append(shard)
+            state.shards.sort { $0.layers.lowerBound < $1.layers.lowerBound }
+            if shard.primary.node == nodeID { state.restoredBytes![shard.id] = copy.kvBytes }
+            sequences[a.sequenceID] = state
+            let primaries = state.restoredBytes!.values.reduce(0, +)
+            admission.restore(
+                tenant: state.tenant, sequenceID: a.sequenceID,
+                kvBytes: primaries * UInt64(state.copies) + state.decodeAllowance)
+        }
+    }
+
+    /// Holders of open sequences' shards that are not registered members once `grace` has passed since
+    /// this coordinator started (they died while it was down, so the failure detector never met them).
+    func unregisteredHolders(grace: Duration) -> Set<NodeID> {
+        guard clock.now - start > grace else { return [] }
+        var missing = Set<NodeID>()
+        for sequence in sequences.values {
+            for holder in sequence.shards.flatMap(\.holders) where membership.member(holder.node) == nil {
+                missing.insert(holder.node)
+            }
+        }
+        return missing
+    }
+
+    // MARK: Re-replication
+
+    /// Copies that would bring shards of compressed sequences back to the replication factor (or to
+    /// as many copies as there are placeable workers): at most `limit`, one per sequence, each from the
+    /// shard's primary to the placeable worker holding the fewest shard copies among those that hold
+    /// no shard of that sequence. The sequences are marked as copying until `finishCopy`.
+    func replicationPlans(limit: Int) -> [ReplicationPlan] {
+        let live = placeable
+        var load: [NodeID: Int] = [:]
+        for sequence in sequences.values {
+            for holder in sequence.shards.flatMap(\.holders) { load[holder.node, default: 0] += 1 }
+        }
+        var plans: [ReplicationPlan] = []
+        for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
+            guard sequence.compressed, !copying.contains(id) else { continue }
+            let wanted = min(replication, live.count)
+            let holding = Set(sequence.shards.flatMap(\.holders).map(\.node))
+            guard let shard = sequence.shards.first(where: { $0.holders.count < wanted }),
+                workers[shard.primary.node] != nil,
+                let target = live.filter({ !holding.contains($0) }).min(by: { (load[$0] ?? 0, $0) < (load[$1] ?? 0, $1) }),
+                let address = workers[target]?.address
+            else { continue }
+            load[target, default: 0] += 1
+            copying.insert(id)
+            plans.append(ReplicationPlan(
+                sequenceID: id, shardID: shard.id, epoch: sequence.epoch, primary: shard.primary,
+                target: ShardHolder(node: target, address: address)))
+        }
+        return plans
+    }
+
+    /// Ends a planned copy. A successful copy becomes a replica of the shard only if the sequence is
+    /// still open at the same epoch with the same primary; returns whether it did (otherwise the
+    /// target's copy is an orphan to close).
+    func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
+        copying.remove(plan.sequenceID)
+        guard succeeded, var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
+            let k = sequence.shards.firstIndex(where: { $0.id == plan.shardID }),
+            sequence.shards[k].primary == plan.primary
+        else { return false }
+        sequence.shards[k].replicas.append(plan.target)
+        sequences[plan.sequenceID] = sequence
+        return true
+    }
+
+    /// Shards of open sequences with fewer copies than the replication factor allows now.
+    var underReplicatedShards: Int {
+        let wanted = min(replication, placeable.count)
+        return sequences.values.reduce(0) { $0 + $1.shards.filter { $0.holders.count < wanted }.count }
     }
 
     /// While no sequence is open the map is split afresh over every live worker (one shard each);
@@ -116,7 +254,11 @@ actor CoordinatorState {
 
     func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID) throws(WireError) {
         let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
-        guard outcome.isAccepted else {
+        switch outcome {
+        case .refreshed, .recovered: break
+        case .declaredDead, .staleIncarnation:
+            throw WireError(.staleEpoch, "heartbeat from \(nodeID) refused: \(outcome); its shards were failed over")
+        case .unknownMember, .unregisteredIncarnation:
             throw WireError(.badRequest, "heartbeat from \(nodeID) refused: \(outcome); register again")
         }
         workers[nodeID]?.kvBytes = message.kvBytes
@@ -147,7 +289,7 @@ actor CoordinatorState {
             var changed = false
             for k in sequence.shards.indices {
                 let holders = sequence.shards[k].holders
-                let alive = holders.filter { !dead.contains($0.node) && workers[$0.node] != nil }
+                let alive = holders.filter { !dead.contains($0.node) }
                 guard alive.count != holders.count else { continue }
                 changed = true
                 guard let primary = alive.first else {
@@ -266,7 +408,10 @@ actor CoordinatorState {
     /// `tenant`'s when only its quota is short.
     func tightenable(floor: Double, tenant: String?) -> [(sequenceID: UInt64, sequence: OpenSequenceState)] {
         sequences
-            .filter { $0.value.compressed && $0.value.retention > floor && (tenant == nil || $0.value.tenant == tenant) }
+            .filter {
+                $0.value.compressed && $0.value.retention > floor && (tenant == nil || $0.value.tenant == tenant)
+                    && $0.value.statistics.count == $0.value.geometry.layers
+            }
             .map { (sequenceID: $0.key, sequence: $0.value) }
             .sorted {
                 let a = admission.sequence($0.sequenceID)?.chargedBytes ?? 0
@@ -350,6 +495,7 @@ actor CoordinatorState {
             reply.totalKvBytes += worker.kvBytes
         }
         reply.sequenceCount = UInt32(sequences.count)
+        reply.underReplicatedShards = UInt32(underReplicatedShards)
         reply.epoch = shardMap.placement.epoch
         return reply
     }

@@ -20,6 +20,18 @@ public struct HeadCache<S: KVScalar>: Sendable {
         tags.reserveCapacity(capacity)
     }
 
+    /// A head from its parts (a copy received from another node); nil when their lengths disagree.
+    public init?(headDim: Int, keys: [S], values: [S], positions: [Int32], tags: [ModalityTag]) {
+        guard headDim > 0, keys.count == positions.count * headDim, values.count == keys.count,
+            tags.count == positions.count
+        else { return nil }
+        self.headDim = headDim
+        self.keys = keys
+        self.values = values
+        self.positions = positions
+        self.tags = tags
+    }
+
     public var count: Int { positions.count }
 
     /// Bytes of key and value payload.

@@ -14,6 +14,9 @@ struct HeldSequence: Sendable {
     var layout: PromptLayout
     var policy: CompressionPolicy
     var retention: Double
+    /// The assignment as the coordinator last sent it (reported back when re-registering, and the
+    /// start of a copy to another worker).
+    var assignment: Tessera_V1_ShardAssignment
     /// Whether this worker is the shard's primary (accepts clients' writes and forwards them to
     /// `replicas`) or a replica (accepts writes forwarded by the primary).
     var isPrimary = true
@@ -43,6 +46,9 @@ struct HeldSequence: Sendable {
     var expanding = false
     var nextStep = 0
     var lastResult: (step: Int, body: Tessera_V1_DecodeResult)?
+    /// Set while the compressed shard is being copied to another worker: decode steps are refused
+    /// (UNAVAILABLE, retried by the client) so that the copy and every later write line up.
+    var transferring = false
 
     /// What the shard's layers would hold uncompressed with `rows` rows per head, in the storage type
     /// of the cache (Float32 before compression).
@@ -98,6 +104,7 @@ actor SequenceStore {
             if held.epoch >= existing.epoch {
                 sequences[sequenceID]!.isPrimary = held.isPrimary
                 sequences[sequenceID]!.replicas = held.replicas
+                sequences[sequenceID]!.assignment = held.assignment
             }
             sequences[sequenceID]!.epoch = max(existing.epoch, held.epoch)
             return
@@ -209,7 +216,7 @@ actor SequenceStore {
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
     func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: [String: Int])? {
-        while sequences[sequenceID]?.decoding != nil {
+        while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
             await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
         }
         guard var held = sequences[sequenceID], held.cache != nil else { return nil }
@@ -273,6 +280,11 @@ actor SequenceStore {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
         }
         if let last = held.lastResult, last.step == step { return .replay(last.body) }
+        guard !held.transferring else {
+            throw WireError(
+                .unavailable, "shard \(held.shardID) of sequence \(sequenceID) is being copied to a new replica; retry",
+                retryAfter: .milliseconds(20))
+        }
         guard held.decoding == nil else {
             throw WireError(
                 .unavailable, "decode step \(held.nextStep) of sequence \(sequenceID) is still running; retry",
@@ -320,6 +332,103 @@ actor SequenceStore {
         let waiters = sequences[job.sequenceID]!.idleWaiters
         sequences[job.sequenceID]!.idleWaiters = []
         for waiter in waiters { waiter.resume() }
+    }
+
+    // MARK: Re-replication
+
+    private var incoming: [UInt64: IncomingShard] = [:]
+
+    /// Starts copying a shard this worker is the primary of: waits for a running decode step to end,
+    /// then holds further steps back until `endTransfer`. Returns the shard with its cache.
+    func beginTransfer(_ sequenceID: UInt64, shardID: UInt32, epoch: UInt64) async throws(WireError) -> HeldSequence {
+        while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
+            await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
+        }
+        guard let held = sequences[sequenceID], held.shardID == shardID else {
+            throw WireError(.unknownSequence, "shard \(shardID) of sequence \(sequenceID) is not held by this worker")
+        }
+        guard held.isPrimary, held.epoch == epoch else {
+            throw WireError(
+                .staleEpoch,
+                "only the primary at epoch \(epoch) copies shard \(shardID) of sequence \(sequenceID); this copy is "
+                    + "\(held.isPrimary ? "primary" : "a replica") at epoch \(held.epoch)")
+        }
+        guard held.cache != nil else {
+            throw WireError(
+                .unavailable, "sequence \(sequenceID) is not compressed yet; copy it once its budget applied",
+                retryAfter: .milliseconds(200))
+        }
+        sequences[sequenceID]!.transferring = true
+        return held
+    }
+
+    /// Ends a copy; with `target`, the copy is installed there and every later write is forwarded to it.
+    func endTransfer(_ sequenceID: UInt64, adding target: Tessera_V1_Endpoint?) {
+        guard sequences[sequenceID] != nil else { return }
+        sequences[sequenceID]!.transferring = false
+        if let target, !sequences[sequenceID]!.assignment.shard.replicas.contains(where: { $0.nodeID == target.nodeID }) {
+            sequences[sequenceID]!.replicas.append(NodeAddress(host: target.host, port: Int(target.port)))
+            sequences[sequenceID]!.assignment.shard.replicas.append(target)
+        }
+        let waiters = sequences[sequenceID]!.idleWaiters
+        sequences[sequenceID]!.idleWaiters = []
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Takes one part of a copy sent by a shard's primary; at the commit the copy becomes a replica.
+    /// Returns the installed copy's digest at the commit.
+    func receive(_ transfer: Tessera_V1_ShardTransfer) throws(WireError) -> UInt64? {
+        let id = transfer.sequenceID
+        switch transfer.part {
+        case .begin(let begin):
+            if let held = sequences[id] {
+                throw WireError(.badRequest, "sequence \(id) already has shard \(held.shardID) here; a copy goes elsewhere")
+            }
+            incoming[id] = try IncomingShard(begin, sequenceID: id)
+            return nil
+        case .layer(let layer):
+            guard incoming[id] != nil else { throw WireError(.badRequest, "shard_transfer.layer of sequence \(id) before its begin") }
+            do {
+                try incoming[id]!.take(layer)
+            } catch {
+                incoming[id] = nil
+                throw error
+            }
+            return nil
+        case .commit(let commit):
+            guard let shard = incoming.removeValue(forKey: id) else {
+                throw WireError(.badRequest, "shard_transfer.commit of sequence \(id) without a transfer in progress")
+            }
+            let copy = try shard.finish(commit)
+            guard sequences[id] == nil else {
+                throw WireError(.badRequest, "sequence \(id) got another shard here during the copy")
+            }
+            sequences[id] = copy
+            return copy.cache?.digest
+        case nil:
+            throw WireError(.badRequest, "shard_transfer needs a part: begin, layer or commit")
+        }
+    }
+
+    /// Drops every sequence (and copy in progress): the coordinator declared this incarnation dead and
+    /// failed its shards over, so what it holds is stale. Returns how many were dropped.
+    func dropAll() -> Int {
+        let ids = Array(sequences.keys)
+        for id in ids { _ = close(id) }
+        incoming = [:]
+        return ids.count
+    }
+
+    /// Every held shard as reported when (re-)registering with the coordinator.
+    func heldShards() -> [Tessera_V1_HeldShard] {
+        sequences.sorted { $0.key < $1.key }.map { _, held in
+            var shard = Tessera_V1_HeldShard()
+            shard.assignment = held.assignment
+            shard.assignment.epoch = held.epoch
+            shard.compressed = held.isCompressed
+            shard.kvBytes = UInt64(held.bytes.total)
+            return shard
+        }
     }
 
     func close(_ sequenceID: UInt64) -> Int {

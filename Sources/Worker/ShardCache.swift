@@ -41,6 +41,12 @@ struct ShardCache: Sendable {
         return layers
     }
 
+    /// Puts one layer's heads in (a copy received from another worker).
+    mutating func insert(layer: Int, float32 heads: [HeadCache<Float>]) { float32[layer] = heads }
+    mutating func insert(layer: Int, float16 heads: [HeadCache<Float16>]) { float16[layer] = heads }
+
+    func holds(layer: Int) -> Bool { float32[layer] != nil || float16[layer] != nil }
+
     /// Decodes one step on `layer`, returning `queryHeads × headDim` outputs.
     mutating func decode(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) -> [Float]? {
         switch storage {

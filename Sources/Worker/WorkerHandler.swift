@@ -21,26 +21,26 @@ struct WorkerHandler: EnvelopeHandler {
         case .decode(let decode): return try await self.decode(decode, forwarded: forwarded)
         case .close(let close): return try await self.close(close)
         case .statusRequest(let request): return await status(request)
+        case .copyShard(let copy):
+            guard connection.peer.role == .coordinator else {
+                throw WireError(.badRequest, "copy_shard comes from the coordinator; this connection is a \(connection.peer.role)")
+            }
+            return try await self.copy(copy)
+        case .shardTransfer(let part):
+            guard forwarded else {
+                throw WireError(.badRequest, "shard_transfer comes from a shard's primary; this connection is a \(connection.peer.role)")
+            }
+            var ack = Tessera_V1_ShardTransferAck()
+            ack.sequenceID = part.sequenceID
+            ack.digest = try await worker.store.receive(part) ?? 0
+            return .shardTransferAck(ack)
         default:
             throw WireError(.badRequest, "a worker does not accept \(request.bodyName)")
         }
     }
 
     private func assign(_ message: Tessera_V1_ShardAssignment) async throws -> Tessera_V1_Envelope.OneOf_Body {
-        let geometry = try ModelGeometry(proto: message.model)
-        let layout = try PromptLayout(proto: message.spans)
-        let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
-        let first = Int(message.shard.firstLayer)
-        let count = Int(message.shard.layerCount)
-        guard count >= 1, first + count <= geometry.layers else {
-            throw WireError(.invalidShape, "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)")
-        }
-        var held = HeldSequence(
-            tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch,
-            layers: first..<(first + count), geometry: geometry, layout: layout, policy: policy, retention: retention)
-        held.isPrimary = message.shard.primary.nodeID == worker.configuration.nodeID
-        held.replicas = held.isPrimary
-            ? message.shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) } : []
+        let held = try HeldSequence(assignment: message, localNodeID: worker.configuration.nodeID)
         try await worker.store.assign(message.sequenceID, held)
         var ack = Tessera_V1_ShardAssignmentAck()
         ack.sequenceID = message.sequenceID
@@ -258,6 +258,35 @@ struct WorkerHandler: EnvelopeHandler {
             try await replicated
             return .decodeResult(result)
         }
+    }
+
+    /// Copies a shard this worker is the primary of to `message.target` (re-replication). Decode steps
+    /// of the sequence wait (clients retry) from the snapshot until the target installed the copy and
+    /// became a replica, so the copy misses no write.
+    private func copy(_ message: Tessera_V1_CopyShard) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        let id = message.sequenceID
+        let held = try await worker.store.beginTransfer(id, shardID: message.shardID, epoch: message.epoch)
+        let target = NodeAddress(host: message.target.host, port: Int(message.target.port))
+        var ack = Tessera_V1_CopyShardAck()
+        ack.sequenceID = id
+        ack.shardID = message.shardID
+        do {
+            let (parts, digest, bytes) = try await worker.offload(.prefill) {
+                (try held.transferParts(sequenceID: id), held.cache?.digest ?? 0, held.bytes.total)
+            }
+            let installed = try await worker.send(parts, to: target)
+            guard installed == digest else {
+                throw WireError(.internal, "\(target) installed digest \(installed), expected \(digest)")
+            }
+            ack.digest = digest
+            ack.kvBytes = UInt64(bytes)
+            ack.transferredBytes = parts.reduce(0) { $0 + $1.payloadBytes }
+        } catch {
+            await worker.store.endTransfer(id, adding: nil)
+            throw error
+        }
+        await worker.store.endTransfer(id, adding: message.target)
+        return .copyShardAck(ack)
     }
 
     private func close(_ message: Tessera_V1_Close) async throws -> Tessera_V1_Envelope.OneOf_Body {

@@ -26,6 +26,9 @@ public final class WorkerService: Sendable {
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
     private let peers = Mutex<ConnectionPool?>(nil)
     private let boundPort = Mutex<Int?>(nil)
+    /// Starts at the configured incarnation; a worker the coordinator declared dead drops what it held
+    /// and rejoins as the next one.
+    private let currentIncarnation: Mutex<UInt64>
 
     public init(configuration: WorkerConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -33,10 +36,13 @@ public final class WorkerService: Sendable {
         logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
         logger[metadataKey: "node.role"] = "worker"
         self.logger = logger
+        currentIncarnation = Mutex(configuration.incarnation)
     }
 
+    var incarnation: UInt64 { currentIncarnation.withLock { $0 } }
+
     var identity: NodeIdentity {
-        NodeIdentity(role: .worker, nodeID: configuration.nodeID, incarnation: configuration.incarnation)
+        NodeIdentity(role: .worker, nodeID: configuration.nodeID, incarnation: incarnation)
     }
 
     /// Serves until cancelled. `onReady` gets the bound data port once the coordinator has accepted
@@ -79,7 +85,10 @@ public final class WorkerService: Sendable {
         }
     }
 
-    /// Connects to the coordinator, registers and heartbeats; reconnects with backoff if it goes away.
+    /// Connects to the coordinator, registers (reporting every shard held, so that a restarted
+    /// coordinator can rebuild its state) and heartbeats; reconnects with backoff if it goes away.
+    /// When the coordinator answers STALE_EPOCH, it has declared this incarnation dead and failed its
+    /// shards over: the worker drops them and rejoins at once as a new incarnation.
     private func stayRegistered(port: Int, onReady: @escaping @Sendable (Int) async -> Void) async throws {
         let announced = Mutex(false)
         var backoff = Duration.milliseconds(100)
@@ -94,8 +103,9 @@ public final class WorkerService: Sendable {
                     register.endpoint.nodeID = self.configuration.nodeID
                     register.endpoint.host = self.configuration.listen.host
                     register.endpoint.port = UInt32(port)
-                    register.incarnation = self.configuration.incarnation
+                    register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
+                    register.heldShards = await self.store.heldShards()
                     let reply = try await connection.request(.registerWorker(register))
                     guard case .registerAck = reply else {
                         throw WireError(.badRequest, "the coordinator answered registration with \(reply)")
@@ -111,6 +121,16 @@ public final class WorkerService: Sendable {
                 backoff = .milliseconds(100)
             } catch is CancellationError {
                 return
+            } catch let error as WireError where error.code == .staleEpoch {
+                let dropped = await store.dropAll()
+                let next = currentIncarnation.withLock { value in
+                    value += 1
+                    return value
+                }
+                logger.warning(
+                    "declared dead by the coordinator; dropped every shard and rejoining",
+                    metadata: ["dropped": "\(dropped)", "incarnation": "\(next)", "error": "\(error.message)"])
+                continue
             } catch {
                 logger.warning("coordinator link down; retrying", metadata: ["error": "\(error)"])
             }
@@ -131,7 +151,7 @@ public final class WorkerService: Sendable {
             }
             Gauge(label: TesseraMetrics.liveSequences).record(totals.sequences)
             var beat = Tessera_V1_Heartbeat()
-            beat.incarnation = configuration.incarnation
+            beat.incarnation = incarnation
             beat.sequenceNumber = number
             beat.kvBytes = UInt64(totals.total)
             beat.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
@@ -161,6 +181,23 @@ public final class WorkerService: Sendable {
                 }
             }
         }
+    }
+
+    /// Streams a shard's copy to `target`, part by part; returns the digest of the copy it installed.
+    func send(_ parts: [Tessera_V1_ShardTransfer], to target: NodeAddress) async throws -> UInt64 {
+        guard let pool = peers.withLock({ $0 }) else {
+            throw WireError(.unavailable, "this worker is shutting down")
+        }
+        let connection = try await pool.connection(to: target)
+        var digest: UInt64 = 0
+        for part in parts {
+            let reply = try await connection.request(.shardTransfer(part), timeout: .seconds(60))
+            guard case .shardTransferAck(let ack) = reply else {
+                throw WireError(.internal, "\(target) answered a shard transfer with \(reply)")
+            }
+            digest = ack.digest
+        }
+        return digest
     }
 
     /// Sends a layer's statistics to the coordinator.

@@ -105,10 +105,11 @@ let envelopeSamples: [EnvelopeSample] = {
     register.incarnation = 7
     register.memoryCapacityBytes = 8 << 30
     var held = Tessera_V1_HeldShard()
-    held.shardID = 3
-    held.epoch = 9
-    held.primary = true
-    held.sequenceIds = [1, 2, UInt64.max]
+    held.assignment.sequenceID = UInt64.max
+    held.assignment.epoch = 9
+    held.assignment.shard.shardID = 3
+    held.assignment.decodeTokens = 32
+    held.compressed = true
     held.kvBytes = 123_456
     register.heldShards = [held, Tessera_V1_HeldShard()]
     bodies.append(.registerWorker(register))

@@ -138,31 +138,35 @@ package nonisolated enum Tessera_V1_SequenceState: SwiftProtobuf.Enum, Swift.Cas
 
 }
 
-/// A shard a worker holds when it (re-)registers, so that a restarted coordinator can rebuild its
-/// soft state from what the workers report.
+/// A copy of one shard of one sequence that a worker holds when it (re-)registers, so that a restarted
+/// coordinator can rebuild its sequences, placements, epochs and accounting from what the workers report.
 package nonisolated struct Tessera_V1_HeldShard: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The shard's id.
-  package var shardID: UInt32 = 0
+  /// The shard as the worker last had it assigned: tenant, sequence, epoch, layer range, primary and
+  /// replicas, model, prompt layout, policy and expected decode tokens.
+  package var assignment: Tessera_V1_ShardAssignment {
+    get {_assignment ?? Tessera_V1_ShardAssignment()}
+    set {_assignment = newValue}
+  }
+  /// Returns true if `assignment` has been explicitly set.
+  package var hasAssignment: Bool {self._assignment != nil}
+  /// Clears the value of `assignment`. Subsequent reads from it will return its default value.
+  package mutating func clearAssignment() {self._assignment = nil}
 
-  /// The shard-map epoch under which the worker got the shard.
-  package var epoch: UInt64 = 0
+  /// Whether the copy has applied its budget (decode may run).
+  package var compressed: Bool = false
 
-  /// True when the worker believes it is the shard's primary.
-  package var primary: Bool = false
-
-  /// The sequences that have K/V rows in this shard on this worker.
-  package var sequenceIds: [UInt64] = []
-
-  /// Accounted K/V bytes of this shard on this worker.
+  /// Accounted K/V bytes of this copy.
   package var kvBytes: UInt64 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _assignment: Tessera_V1_ShardAssignment? = nil
 }
 
 /// Worker -> coordinator, after the handshake and again whenever the worker reconnects.
@@ -396,6 +400,10 @@ package nonisolated struct Tessera_V1_StatusReply: Sendable {
   /// The cluster-wide memory cap used for admission; 0 means none.
   package var memoryCapacityBytes: UInt64 = 0
 
+  /// Shards of open sequences with fewer live copies than the replication factor allows (being
+  /// re-replicated).
+  package var underReplicatedShards: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -415,7 +423,7 @@ nonisolated extension Tessera_V1_SequenceState: SwiftProtobuf._ProtoNameProvidin
 
 nonisolated extension Tessera_V1_HeldShard: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".HeldShard"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}shard_id\0\u{1}epoch\0\u{1}primary\0\u{3}sequence_ids\0\u{3}kv_bytes\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}assignment\0\u{1}compressed\0\u{3}kv_bytes\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -423,40 +431,34 @@ nonisolated extension Tessera_V1_HeldShard: SwiftProtobuf.Message, SwiftProtobuf
       // allocates stack space for every case branch when no optimizations are
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
-      case 3: try { try decoder.decodeSingularBoolField(value: &self.primary) }()
-      case 4: try { try decoder.decodeRepeatedUInt64Field(value: &self.sequenceIds) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._assignment) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.compressed) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.shardID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.shardID, fieldNumber: 1)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
-    }
-    if self.primary != false {
-      try visitor.visitSingularBoolField(value: self.primary, fieldNumber: 3)
-    }
-    if !self.sequenceIds.isEmpty {
-      try visitor.visitPackedUInt64Field(value: self.sequenceIds, fieldNumber: 4)
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._assignment {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.compressed != false {
+      try visitor.visitSingularBoolField(value: self.compressed, fieldNumber: 2)
     }
     if self.kvBytes != 0 {
-      try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 5)
+      try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 3)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_HeldShard, rhs: Tessera_V1_HeldShard) -> Bool {
-    if lhs.shardID != rhs.shardID {return false}
-    if lhs.epoch != rhs.epoch {return false}
-    if lhs.primary != rhs.primary {return false}
-    if lhs.sequenceIds != rhs.sequenceIds {return false}
+    if lhs._assignment != rhs._assignment {return false}
+    if lhs.compressed != rhs.compressed {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -838,7 +840,7 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".StatusReply"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{1}epoch\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{1}epoch\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0\u{3}under_replicated_shards\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -853,6 +855,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.sequenceCount) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.totalKvBytes) }()
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.underReplicatedShards) }()
       default: break
       }
     }
@@ -880,6 +883,9 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
     if self.memoryCapacityBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.memoryCapacityBytes, fieldNumber: 7)
     }
+    if self.underReplicatedShards != 0 {
+      try visitor.visitSingularUInt32Field(value: self.underReplicatedShards, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -891,6 +897,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
     if lhs.sequenceCount != rhs.sequenceCount {return false}
     if lhs.totalKvBytes != rhs.totalKvBytes {return false}
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
+    if lhs.underReplicatedShards != rhs.underReplicatedShards {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

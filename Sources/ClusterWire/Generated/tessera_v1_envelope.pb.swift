@@ -242,6 +242,42 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     set {body = .decodeResult(newValue)}
   }
 
+  /// Coordinator -> primary: copy a shard to another worker.
+  package var copyShard: Tessera_V1_CopyShard {
+    get {
+      if case .copyShard(let v)? = body {return v}
+      return Tessera_V1_CopyShard()
+    }
+    set {body = .copyShard(newValue)}
+  }
+
+  /// Primary -> coordinator: the copy is installed and verified.
+  package var copyShardAck: Tessera_V1_CopyShardAck {
+    get {
+      if case .copyShardAck(let v)? = body {return v}
+      return Tessera_V1_CopyShardAck()
+    }
+    set {body = .copyShardAck(newValue)}
+  }
+
+  /// Primary -> target: one part of a shard's state.
+  package var shardTransfer: Tessera_V1_ShardTransfer {
+    get {
+      if case .shardTransfer(let v)? = body {return v}
+      return Tessera_V1_ShardTransfer()
+    }
+    set {body = .shardTransfer(newValue)}
+  }
+
+  /// Target -> primary: the part was taken.
+  package var shardTransferAck: Tessera_V1_ShardTransferAck {
+    get {
+      if case .shardTransferAck(let v)? = body {return v}
+      return Tessera_V1_ShardTransferAck()
+    }
+    set {body = .shardTransferAck(newValue)}
+  }
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   /// The message. An Envelope without a body (or with a body this receiver does not know) is
@@ -291,6 +327,14 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     case decode(Tessera_V1_Decode)
     /// Primary -> client: the step's attention outputs.
     case decodeResult(Tessera_V1_DecodeResult)
+    /// Coordinator -> primary: copy a shard to another worker.
+    case copyShard(Tessera_V1_CopyShard)
+    /// Primary -> coordinator: the copy is installed and verified.
+    case copyShardAck(Tessera_V1_CopyShardAck)
+    /// Primary -> target: one part of a shard's state.
+    case shardTransfer(Tessera_V1_ShardTransfer)
+    /// Target -> primary: the part was taken.
+    case shardTransferAck(Tessera_V1_ShardTransferAck)
 
   }
 
@@ -303,7 +347,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{4}\u{4}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{4}\u{4}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -611,6 +655,58 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
           self.body = .decodeResult(v)
         }
       }()
+      case 60: try {
+        var v: Tessera_V1_CopyShard?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .copyShard(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .copyShard(v)
+        }
+      }()
+      case 61: try {
+        var v: Tessera_V1_CopyShardAck?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .copyShardAck(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .copyShardAck(v)
+        }
+      }()
+      case 62: try {
+        var v: Tessera_V1_ShardTransfer?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .shardTransfer(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .shardTransfer(v)
+        }
+      }()
+      case 63: try {
+        var v: Tessera_V1_ShardTransferAck?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .shardTransferAck(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .shardTransferAck(v)
+        }
+      }()
       default: break
       }
     }
@@ -716,6 +812,22 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
     case .decodeResult?: try {
       guard case .decodeResult(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+    }()
+    case .copyShard?: try {
+      guard case .copyShard(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .copyShardAck?: try {
+      guard case .copyShardAck(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .shardTransfer?: try {
+      guard case .shardTransfer(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
+    case .shardTransferAck?: try {
+      guard case .shardTransferAck(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 63)
     }()
     case nil: break
     }

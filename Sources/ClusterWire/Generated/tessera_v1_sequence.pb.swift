@@ -328,6 +328,13 @@ package nonisolated struct Tessera_V1_ShardAssignment: @unchecked Sendable {
   /// Clears the value of `policy`. Subsequent reads from it will return its default value.
   package mutating func clearPolicy() {_uniqueStorage()._policy = nil}
 
+  /// Decode tokens the client said it would run (OpenSequence.decode_tokens), kept so that a restarted
+  /// coordinator can rebuild the sequence's admission charge.
+  package var decodeTokens: UInt32 {
+    get {_storage._decodeTokens}
+    set {_uniqueStorage()._decodeTokens = newValue}
+  }
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -791,7 +798,7 @@ nonisolated extension Tessera_V1_CloseAck: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".ShardAssignment"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}epoch\0\u{1}shard\0\u{1}model\0\u{1}spans\0\u{1}policy\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}epoch\0\u{1}shard\0\u{1}model\0\u{1}spans\0\u{1}policy\0\u{3}decode_tokens\0")
 
   fileprivate class _StorageClass {
     var _tenant: String = String()
@@ -801,6 +808,7 @@ nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftPr
     var _model: Tessera_V1_ModelGeometry? = nil
     var _spans: [Tessera_V1_ModalitySpan] = []
     var _policy: Tessera_V1_Policy? = nil
+    var _decodeTokens: UInt32 = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -818,6 +826,7 @@ nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftPr
       _model = source._model
       _spans = source._spans
       _policy = source._policy
+      _decodeTokens = source._decodeTokens
     }
   }
 
@@ -843,6 +852,7 @@ nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftPr
         case 5: try { try decoder.decodeSingularMessageField(value: &_storage._model) }()
         case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._spans) }()
         case 7: try { try decoder.decodeSingularMessageField(value: &_storage._policy) }()
+        case 8: try { try decoder.decodeSingularUInt32Field(value: &_storage._decodeTokens) }()
         default: break
         }
       }
@@ -876,6 +886,9 @@ nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftPr
       try { if let v = _storage._policy {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
       } }()
+      if _storage._decodeTokens != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._decodeTokens, fieldNumber: 8)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -892,6 +905,7 @@ nonisolated extension Tessera_V1_ShardAssignment: SwiftProtobuf.Message, SwiftPr
         if _storage._model != rhs_storage._model {return false}
         if _storage._spans != rhs_storage._spans {return false}
         if _storage._policy != rhs_storage._policy {return false}
+        if _storage._decodeTokens != rhs_storage._decodeTokens {return false}
         return true
       }
       if !storagesAreEqual {return false}

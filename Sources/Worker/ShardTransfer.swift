@@ -1,0 +1,187 @@
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+
+/// Copying a compressed shard to another worker (re-replication): the sender cuts the shard's state
+/// into transfer parts (begin, one per layer, commit with the cache's digest); the receiver assembles
+/// them in an `IncomingShard` and installs the copy only if its digest equals the sender's.
+extension HeldSequence {
+    /// The parts that copy this compressed shard to a worker that becomes one of its replicas.
+    func transferParts(sequenceID: UInt64) throws(WireError) -> [Tessera_V1_ShardTransfer] {
+        guard let cache else { throw WireError(.internal, "sequence \(sequenceID) has no compressed cache to copy") }
+        var begin = Tessera_V1_ShardTransferBegin()
+        begin.assignment = assignment
+        begin.assignment.epoch = epoch
+        begin.storage = cache.storage.wire.proto
+        begin.nextStep = UInt32(nextStep)
+        if let lastResult { begin.lastResult = lastResult.body }
+        begin.layers = UInt32(layers.count)
+        var parts = [Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .begin(begin))]
+        for layer in layers {
+            var state = Tessera_V1_ShardLayerState()
+            state.layer = UInt32(layer)
+            let scores = rowScores[layer] ?? []
+            switch cache.storage {
+            case .float32:
+                state.heads = try Self.encode(cache.float32[layer] ?? [], scores: scores) { values, shape throws(WireError) in
+                    try Tessera_V1_Tensor(float32: values, shape: shape)
+                }
+            case .float16:
+                state.heads = try Self.encode(cache.float16[layer] ?? [], scores: scores) { values, shape throws(WireError) in
+                    try Tessera_V1_Tensor(float16: values, shape: shape)
+                }
+            }
+            for input in syntheticDecode?[layer] ?? [] {
+                state.syntheticDecode.append(try input.proto(layer: layer, geometry: geometry))
+            }
+            parts.append(Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .layer(state)))
+        }
+        var commit = Tessera_V1_ShardTransferCommit()
+        commit.digest = cache.digest
+        parts.append(Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .commit(commit)))
+        return parts
+    }
+
+    private static func encode<S: KVScalar>(
+        _ heads: [HeadCache<S>], scores: [[Float]],
+        tensor: ([S], [Int]) throws(WireError) -> Tessera_V1_Tensor
+    ) throws(WireError) -> [Tessera_V1_HeadState] {
+        var states: [Tessera_V1_HeadState] = []
+        for (h, head) in heads.enumerated() {
+            var state = Tessera_V1_HeadState()
+            state.keys = try tensor(head.keys, [head.count, head.headDim])
+            state.values = try tensor(head.values, [head.count, head.headDim])
+            state.positions = head.positions
+            state.tags = head.tags.map(\.rawValue)
+            state.rowScores = h < scores.count ? scores[h] : []
+            states.append(state)
+        }
+        return states
+    }
+}
+
+/// A copy being received: the shard's assignment and step state from the begin part, then its layers.
+struct IncomingShard: Sendable {
+    var held: HeldSequence
+    var cache: ShardCache
+
+    /// Starts a copy from its begin part; the receiver holds it as a replica.
+    init(_ begin: Tessera_V1_ShardTransferBegin, sequenceID: UInt64) throws(WireError) {
+        held = try HeldSequence(assignment: begin.assignment, localNodeID: "")
+        guard Int(begin.layers) == held.layers.count else {
+            throw WireError(.badRequest, "shard_transfer.begin.layers is \(begin.layers); the shard has \(held.layers.count)")
+        }
+        cache = ShardCache(storage: try ScalarType(proto: begin.storage, field: "shard_transfer.begin.storage"))
+        held.nextStep = Int(begin.nextStep)
+        if begin.hasLastResult { held.lastResult = (Int(begin.lastResult.step), begin.lastResult) }
+        if held.nextStep > 0, held.lastResult == nil {
+            throw WireError(.badRequest, "shard_transfer.begin: step \(held.nextStep) is next but no last_result came")
+        }
+    }
+
+    /// Takes one layer's rows (checked against the geometry) and synthetic decode inputs.
+    mutating func take(_ state: Tessera_V1_ShardLayerState) throws(WireError) {
+        let layer = Int(state.layer)
+        let g = held.geometry
+        guard held.layers.contains(layer) else {
+            throw WireError(.badRequest, "shard_transfer.layer \(layer) is not in the shard's layers \(held.layers)")
+        }
+        guard state.heads.count == g.kvHeads else {
+            throw WireError(.invalidShape, "shard_transfer.layer \(layer) has \(state.heads.count) heads; the model has \(g.kvHeads)")
+        }
+        var scores: [[Float]] = []
+        switch cache.storage {
+        case .float32:
+            cache.insert(layer: layer, float32: try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+                try tensor.floatValues(name: name)
+            })
+        case .float16:
+            cache.insert(layer: layer, float16: try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+                try tensor.float16Values(name: name)
+            })
+        }
+        for head in state.heads { scores.append(head.rowScores) }
+        held.rowScores[layer] = scores
+        if !state.syntheticDecode.isEmpty {
+            var inputs: [DecodeStepInput] = []
+            for step in state.syntheticDecode { inputs.append(try DecodeStepInput(proto: step, geometry: g)) }
+            held.syntheticDecode = held.syntheticDecode ?? [:]
+            held.syntheticDecode![layer] = inputs
+        }
+    }
+
+    private static func decode<S: KVScalar>(
+        _ state: Tessera_V1_ShardLayerState, _ g: ModelGeometry, _ layer: Int,
+        values: (Tessera_V1_Tensor, String) throws(WireError) -> [S]
+    ) throws(WireError) -> [HeadCache<S>] {
+        var heads: [HeadCache<S>] = []
+        for (h, part) in state.heads.enumerated() {
+            let name = "shard_transfer.layer \(layer) head \(h)"
+            guard let head = HeadCache(
+                headDim: g.headDim, keys: try values(part.keys, "\(name) keys"), values: try values(part.values, "\(name) values"),
+                positions: part.positions, tags: part.tags.map(ModalityTag.init(rawValue:)))
+            else {
+                throw WireError(
+                    .invalidShape, "\(name): keys, values, positions and tags disagree on the row count (headDim \(g.headDim))")
+            }
+            guard part.rowScores.count == head.count else {
+                throw WireError(.invalidShape, "\(name): \(part.rowScores.count) row scores for \(head.count) rows")
+            }
+            heads.append(head)
+        }
+        return heads
+    }
+
+    /// The installed copy, once every layer arrived and its digest equals the sender's.
+    func finish(_ commit: Tessera_V1_ShardTransferCommit) throws(WireError) -> HeldSequence {
+        let missing = held.layers.filter { !cache.holds(layer: $0) }
+        guard missing.isEmpty else {
+            throw WireError(.badRequest, "shard_transfer.commit before layers \(missing) arrived")
+        }
+        guard cache.digest == commit.digest else {
+            throw WireError(
+                .invalidValue,
+                "the copied shard's digest \(cache.digest) differs from the sender's \(commit.digest); the copy is dropped")
+        }
+        var copy = held
+        copy.cache = cache
+        return copy
+    }
+}
+
+extension Tessera_V1_ShardTransfer {
+    init(sequenceID: UInt64, part: OneOf_Part) {
+        self.init()
+        self.sequenceID = sequenceID
+        self.part = part
+    }
+
+    /// Bytes of tensor data and per-row arrays in a layer part (what the copy moves).
+    var payloadBytes: UInt64 {
+        guard case .layer(let layer) = part else { return 0 }
+        return layer.heads.reduce(0) { total, head in
+            total + UInt64(head.keys.data.count + head.values.data.count)
+                + UInt64(4 * (head.positions.count + head.tags.count + head.rowScores.count))
+        }
+    }
+}
+
+extension HeldSequence {
+    /// The sequence as its shard assignment describes it; the worker `localNodeID` is its primary
+    /// when the assignment names it so.
+    init(assignment message: Tessera_V1_ShardAssignment, localNodeID: String) throws(WireError) {
+        let geometry = try ModelGeometry(proto: message.model)
+        let layout = try PromptLayout(proto: message.spans)
+        let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
+        let first = Int(message.shard.firstLayer)
+        let count = Int(message.shard.layerCount)
+        guard count >= 1, first + count <= geometry.layers else {
+            throw WireError(.invalidShape, "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)")
+        }
+        self.init(
+            tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch, layers: first..<(first + count),
+            geometry: geometry, layout: layout, policy: policy, retention: retention, assignment: message)
+        isPrimary = !localNodeID.isEmpty && message.shard.primary.nodeID == localNodeID
+        replicas = isPrimary ? message.shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) } : []
+    }
+}
