@@ -137,7 +137,7 @@ let package = Package(
         .target(
             name: "Chaos",
             dependencies: [
-                "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterLauncher", "ClusterTransport",
+                "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterAdmin", "ClusterLauncher", "ClusterTransport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Yams", package: "Yams"),

@@ -1,4 +1,5 @@
 import Client
+import ClusterAdmin
 import ClusterLauncher
 import ClusterTransport
 import Evaluation
@@ -36,35 +37,48 @@ public struct ChaosReport: Sendable, Codable {
     public var processesLeft: Int
     /// Per fault: from the fault until the next decode step of every sequence succeeded.
     public var recoveryMillis: [Int]
+    /// Writes the client sent again (after NOT_PRIMARY, STALE_EPOCH, UNAVAILABLE or a broken connection).
+    public var requestsRetried: Int
+    /// After the last step, every shard got back to the replication factor (or to as many copies as
+    /// there are live workers) by re-replication.
+    public var replicationRestored: Bool
+    /// After the last step, every running worker process is a live member (a restarted, resumed or
+    /// healed worker rejoined).
+    public var workersRejoined: Bool
+    /// From the last step until both held.
+    public var healedMillis: Int
     public var passed: Bool
 }
 
 /// Runs a scenario: a local cluster, lockstep decode traffic, the scenario's faults by signal, and
 /// the checks of the invariants (ARCHITECTURE §3) against a fault-free run computed in this process.
 public enum ChaosRunner {
+    /// Runs `scenario` with the cluster's processes logging at `childLogLevel` to this process's
+    /// standard error (nothing at `critical`, the default).
     public static func run(
-        _ scenario: ChaosScenario, binary: FilePath, logger: Logger, progress: @escaping @Sendable (String) -> Void = { _ in }
+        _ scenario: ChaosScenario, binary: FilePath, logger: Logger, childLogLevel: String = "critical",
+        progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws -> ChaosReport {
         var options = LocalCluster.Options(
-            binary: binary, workers: scenario.workers, childArguments: ["--log-level", "critical"],
-            inheritStandardError: false)
+            binary: binary, workers: scenario.workers, childArguments: ["--log-level", childLogLevel],
+            inheritStandardError: childLogLevel != "critical")
         options.coordinatorArguments = ["--replication", "\(scenario.replication)"]
         options.workerArguments = scenario.workerFaults.map { ["--faults", $0] } ?? []
         options.toleratesWorkerExits = true
         let launch = options
         let (report, pids) = try await LocalCluster.withCluster(launch, logger: logger) { cluster in
-            let pids = [cluster.coordinatorPID] + cluster.workers.map(\.pid)
             let report = try await TesseraClient.withClient(
                 coordinator: cluster.coordinator, tenant: "chaos", nodeID: "chaos", logger: logger
             ) { client in
                 try await drive(scenario, cluster: cluster, client: client, progress: progress)
             }
-            return (report, pids)
+            return (report, cluster.everyPID)
         }
         var final = report
         final.processesLeft = pids.filter { kill($0, 0) == 0 }.count
         final.passed = final.sequencesLost == 0 && final.missingWrites == 0 && final.outputsIdentical
-            && final.replicasConsistent && final.accountingConsistent && final.processesLeft == 0
+            && final.replicasConsistent && final.accountingConsistent && final.replicationRestored
+            && final.workersRejoined && final.processesLeft == 0
         return final
     }
 
@@ -98,8 +112,7 @@ public enum ChaosRunner {
         var previous: (nodeID: String, pid: Int32)?
         for step in 0..<scenario.decodeTokens {
             for fault in scenario.faults where fault.beforeStep == step {
-                let target = try await resolve(fault.target, cluster: cluster, client: client, previous: previous)
-                _ = kill(target.pid, fault.action.signal)
+                let target = try await apply(fault, cluster: cluster, client: client, previous: previous, progress: progress)
                 previous = target
                 applied.append(.init(beforeStep: step, action: fault.action.rawValue, worker: target.nodeID, pid: target.pid))
                 waitingSince.append(.now)
@@ -133,6 +146,10 @@ public enum ChaosRunner {
             recovery += waitingSince.map { Int($0.duration(to: .now) / .milliseconds(1)) }
             waitingSince = []
         }
+        let lastStep = ContinuousClock.now
+        progress("waiting for every worker to rejoin and every shard to get its copies back")
+        let health = try await waitUntilHealed(client, cluster: cluster, within: .seconds(30))
+        let healedMillis = Int(lastStep.duration(to: .now) / .milliseconds(1))
         var consistent = true
         let liveWorkers = try await client.status().workers.filter { $0.state == "alive" }.map(\.address)
         for index in 0..<traces.count where !lost.contains(index) {
@@ -161,7 +178,66 @@ public enum ChaosRunner {
         return ChaosReport(
             scenario: scenario.name, faults: applied, sequencesLost: lost.count, missingWrites: mismatches,
             outputsIdentical: mismatches == 0 && lost.isEmpty, replicasConsistent: consistent,
-            accountingConsistent: drained, processesLeft: 0, recoveryMillis: recovery, passed: false)
+            accountingConsistent: drained, processesLeft: 0, recoveryMillis: recovery,
+            requestsRetried: client.retriedRequests, replicationRestored: health.replicated,
+            workersRejoined: health.rejoined, healedMillis: healedMillis, passed: false)
+    }
+
+    /// Applies one fault; returns the process it hit (for a restart, the new one).
+    static func apply(
+        _ fault: ChaosScenario.Fault, cluster: LocalCluster, client: TesseraClient,
+        previous: (nodeID: String, pid: Int32)?, progress: @escaping @Sendable (String) -> Void
+    ) async throws -> (nodeID: String, pid: Int32) {
+        if fault.target == .coordinator {
+            let new = try await cluster.restartCoordinator()
+            return (new.nodeID, new.pid)
+        }
+        let target = try await resolve(fault.target, cluster: cluster, client: client, previous: previous)
+        switch fault.action {
+        case .kill, .pause, .resume, .terminate:
+            _ = kill(target.pid, fault.action.signal!)
+            return target
+        case .restart:
+            // As an operator would: take the next worker down only once the last one's shards are
+            // fully replicated again.
+            let health = try await waitUntilHealed(client, cluster: cluster, within: .seconds(30))
+            guard health.replicated && health.rejoined else {
+                throw ChaosError("the cluster had not recovered from the last restart 30 s later; not restarting \(target.nodeID)")
+            }
+            let new = try await cluster.restartWorker(target.nodeID)
+            return (new.nodeID, new.pid)
+        case .partition, .heal:
+            guard let worker = cluster.workers.first(where: { $0.nodeID == target.nodeID }) else {
+                throw ChaosError("\(target.nodeID) is not running")
+            }
+            let cut = fault.action == .partition
+            do {
+                _ = try await AdminClient.put(
+                    port: cluster.coordinatorProcess.adminPort, path: "/faults", body: cut ? "drop=1,peer=\(target.nodeID)" : "none")
+                _ = try await AdminClient.put(port: worker.adminPort, path: "/faults", body: cut ? "drop=1" : "none")
+            } catch {
+                throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID): \(error)")
+            }
+            return target
+        }
+    }
+
+    /// Polls the coordinator until no shard is under-replicated and every running worker process is a
+    /// live member, for at most `limit`; returns which of the two held at the end.
+    static func waitUntilHealed(
+        _ client: TesseraClient, cluster: LocalCluster, within limit: Duration
+    ) async throws -> (replicated: Bool, rejoined: Bool) {
+        let deadline = ContinuousClock.now + limit
+        var health = (replicated: false, rejoined: false)
+        while ContinuousClock.now < deadline {
+            if let status = try? await client.status() {
+                let running = cluster.workers.filter { kill($0.pid, 0) == 0 }.count
+                health = (status.underReplicatedShards == 0, status.workers.filter { $0.state == "alive" }.count == running)
+                if health.replicated && health.rejoined { break }
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return health
     }
 
     static func resolve(
@@ -190,17 +266,21 @@ public enum ChaosRunner {
                 throw ChaosError("the cluster has no \(id); it has \(cluster.workers.map(\.nodeID).joined(separator: ", "))")
             }
             return (worker.nodeID, worker.pid)
+        case .coordinator:
+            return ("coordinator", cluster.coordinatorPID)
         }
     }
 }
 
 extension ChaosScenario.Action {
-    var signal: Int32 {
+    /// The signal a process fault sends; nil for the other actions.
+    var signal: Int32? {
         switch self {
         case .kill: SIGKILL
         case .pause: SIGSTOP
         case .resume: SIGCONT
         case .terminate: SIGTERM
+        case .restart, .partition, .heal: nil
         }
     }
 }

@@ -6,7 +6,8 @@ import Yams
 /// A fault-injection scenario: the cluster, the traffic (every sequence decodes in lockstep, one step
 /// at a time) and the faults, each applied before a given decode step.
 public struct ChaosScenario: Sendable {
-    /// A process fault by signal.
+    /// A process fault (by signal or restart) or a network fault (through the transport's fault
+    /// injection, set on the admin endpoints).
     public enum Action: String, Sendable, CaseIterable {
         /// SIGKILL: the worker dies at once.
         case kill
@@ -16,6 +17,15 @@ public struct ChaosScenario: Sendable {
         case resume
         /// SIGTERM: a graceful stop.
         case terminate
+        /// SIGTERM, then a new process with the same node id (a new incarnation); for the
+        /// coordinator, SIGKILL and a new one on the same port. A worker restart first waits until
+        /// every shard has its full replication again, as a rolling restart would.
+        case restart
+        /// Cut the worker off: the coordinator drops every frame to and from it, and the worker drops
+        /// every frame it receives (from clients and from primaries), until `heal`.
+        case partition
+        /// End a partition: both fault plans back to none.
+        case heal
     }
 
     /// Which worker a fault hits, chosen when it is applied.
@@ -28,6 +38,8 @@ public struct ChaosScenario: Sendable {
         case previous
         /// A worker by node id, e.g. `worker-2`.
         case node(String)
+        /// The coordinator (only with `restart`).
+        case coordinator
     }
 
     public struct Fault: Sendable {
@@ -124,11 +136,16 @@ public struct ChaosScenario: Sendable {
             case "primary": .primary
             case "replica": .replica
             case "previous": .previous
+            case "coordinator": .coordinator
             default: .node(targetName)
             }
             if case .node(let id) = target, !id.hasPrefix("worker-") {
                 throw ChaosError(
-                    "\(source): faults[\(index)].target '\(id)' is not primary, replica, previous or a worker id (worker-N)")
+                    "\(source): faults[\(index)].target '\(id)' is not primary, replica, previous, coordinator or a "
+                        + "worker id (worker-N)")
+            }
+            if target == .coordinator, action != .restart {
+                throw ChaosError("\(source): faults[\(index)]: the coordinator can only be restarted (action: restart)")
             }
             scenario.faults.append(
                 Fault(

@@ -61,20 +61,27 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
     public var workers: [Worker]
     public var sequences: Int
     public var totalKVBytes: UInt64
+    /// Shards with fewer live copies than the replication factor allows (being re-replicated).
+    public var underReplicatedShards: Int
 }
 
 /// The client library: opens sequences through the coordinator, then talks to the workers directly,
-/// following the placement; retries once with a fresh placement on NOT_PRIMARY or STALE_EPOCH.
-/// Connections live inside `withClient`'s scope and close when it returns.
+/// following the placement; retries with a fresh placement while a shard fails over (see
+/// `onEveryShard`). Connections (the coordinator's too, reopened after a restart) live inside
+/// `withClient`'s scope and close when it returns.
 public final class TesseraClient: Sendable {
     public let tenant: String
-    private let coordinator: PeerConnection
+    private let coordinatorAddress: NodeAddress
     private let pool: ConnectionPool
     private let placements = Mutex<[UInt64: SequencePlacement]>([:])
+    private let retries = Atomic<Int>(0)
 
-    init(tenant: String, coordinator: PeerConnection, pool: ConnectionPool) {
+    /// Writes sent again after a failure a fresh placement or connection could cure (see `onEveryShard`).
+    public var retriedRequests: Int { retries.load(ordering: .relaxed) }
+
+    init(tenant: String, coordinator: NodeAddress, pool: ConnectionPool) {
         self.tenant = tenant
-        self.coordinator = coordinator
+        self.coordinatorAddress = coordinator
         self.pool = pool
     }
 
@@ -85,14 +92,15 @@ public final class TesseraClient: Sendable {
     ) async throws -> T {
         let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
         let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
-        return try await Transport.withConnection(
-            to: address, handshake: handshake, maxFrameBytes: maxFrameBytes, handler: RefuseRequests(),
-            logger: logger
-        ) { coordinator in
-            try await ConnectionPool.withPool(handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger) { pool in
-                try await body(TesseraClient(tenant: tenant, coordinator: coordinator, pool: pool))
-            }
+        return try await ConnectionPool.withPool(handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger) { pool in
+            _ = try await pool.connection(to: address)
+            return try await body(TesseraClient(tenant: tenant, coordinator: address, pool: pool))
         }
+    }
+
+    /// The connection to the coordinator, opened again if it closed (the coordinator restarted).
+    private var coordinator: PeerConnection {
+        get async throws { try await pool.connection(to: coordinatorAddress) }
     }
 
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
@@ -252,9 +260,11 @@ public final class TesseraClient: Sendable {
                                 sequenceID, current.shard, current.placement, timeout: timeout, make)
                         } catch {
                             guard Self.isRetryable(error), ContinuousClock.now + backoff < deadline else { throw error }
+                            self.retries.add(1, ordering: .relaxed)
                             try await Task.sleep(for: backoff)
                             backoff = min(backoff * 2, .seconds(1))
-                            let fresh = try await self.refreshPlacement(sequenceID)
+                            // While the coordinator is away (restarting) the old placement is retried.
+                            guard let fresh = try? await self.refreshPlacement(sequenceID) else { continue }
                             guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
                             current = (moved, fresh)
                         }
@@ -279,9 +289,10 @@ public final class TesseraClient: Sendable {
                 try await self.pool.connection(to: shard.primary).request(try make(shard, placement), timeout: timeout)
             }
             group.addTask {
+                // A placement that cannot be fetched (the coordinator is restarting) counts as unchanged.
                 repeat {
                     try await Task.sleep(for: .seconds(1))
-                } while try await self.refreshPlacement(sequenceID).epoch == placement.epoch
+                } while (try? await self.refreshPlacement(sequenceID))?.epoch ?? placement.epoch == placement.epoch
                 return nil
             }
             defer { group.cancelAll() }
@@ -338,5 +349,6 @@ extension ClusterStatus {
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes
+        underReplicatedShards = Int(reply.underReplicatedShards)
     }
 }

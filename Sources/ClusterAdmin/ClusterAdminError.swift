@@ -12,6 +12,7 @@ public struct ClusterAdminError: Error, Sendable, CustomStringConvertible {
             case unknownKey
             case invalidValue
             case bindFailed
+            case requestFailed
         }
 
         private let wrapped: Wrapped
@@ -30,6 +31,8 @@ public struct ClusterAdminError: Error, Sendable, CustomStringConvertible {
         public static var invalidValue: Self { Self(.invalidValue) }
         /// The admin server could not bind its listening socket.
         public static var bindFailed: Self { Self(.bindFailed) }
+        /// A request to another process's admin endpoint failed or was refused.
+        public static var requestFailed: Self { Self(.requestFailed) }
 
         public var description: String {
             switch self.wrapped {
@@ -38,6 +41,7 @@ public struct ClusterAdminError: Error, Sendable, CustomStringConvertible {
             case .unknownKey: "unknownKey"
             case .invalidValue: "invalidValue"
             case .bindFailed: "bindFailed"
+            case .requestFailed: "requestFailed"
             }
         }
     }

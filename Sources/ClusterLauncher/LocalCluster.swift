@@ -10,11 +10,39 @@ import Glibc
 
 /// A coordinator and N workers as child processes of this one, each started with a lifeline (they exit
 /// when their standard input closes, so none outlives this process even if it is killed) and stopped
-/// with SIGTERM, then SIGKILL, when the scope ends.
-public struct LocalCluster: Sendable {
-    public var coordinator: NodeAddress
-    public var coordinatorPID: Int32
-    public var workers: [(nodeID: String, address: NodeAddress, pid: Int32)]
+/// with SIGTERM, then SIGKILL, when the scope ends. Inside the scope a worker or the coordinator can be
+/// restarted (fault-injection scenarios): the old process is stopped and a new one started in its place.
+public final class LocalCluster: Sendable {
+    /// One running process of the cluster.
+    public struct Process: Sendable {
+        public var nodeID: String
+        public var address: NodeAddress
+        public var pid: Int32
+        /// The port of its admin HTTP endpoint (`/metrics`, `/healthz`, `/faults`).
+        public var adminPort: Int
+    }
+
+    public let coordinator: NodeAddress
+    private let processes: Mutex<(coordinator: Process, workers: [Process])>
+    private let options: Options
+    private let restarts: AsyncStream<Restart>.Continuation
+
+    /// The coordinator process now running.
+    public var coordinatorProcess: Process { processes.withLock { $0.coordinator } }
+    public var coordinatorPID: Int32 { coordinatorProcess.pid }
+    /// The workers now running, in node-id order (`worker-1`, …).
+    public var workers: [Process] { processes.withLock { $0.workers } }
+    /// Every process started so far, restarted ones included (to check none is left behind).
+    public var everyPID: [Int32] { started.withLock { $0 } }
+    private let started = Mutex<[Int32]>([])
+
+    private init(coordinator: Process, workers: [Process], options: Options, restarts: AsyncStream<Restart>.Continuation) {
+        self.coordinator = coordinator.address
+        processes = Mutex((coordinator, workers))
+        self.options = options
+        self.restarts = restarts
+        started.withLock { $0 = [coordinator.pid] + workers.map(\.pid) }
+    }
 
     public struct Options: Sendable {
         public var binary: FilePath
@@ -65,21 +93,31 @@ public struct LocalCluster: Sendable {
     ) async throws -> T {
         try await withThrowingTaskGroup(of: T?.self) { group in
             defer { group.cancelAll() }
-            let coordinator = try await spawn(
-                options, arguments: ["coordinator", "--listen", "127.0.0.1:0"] + options.coordinatorArguments,
-                name: "coordinator", in: &group)
-            let address = NodeAddress(host: "127.0.0.1", port: coordinator.port)
-            var workers: [(nodeID: String, address: NodeAddress, pid: Int32)] = []
+            let coordinatorReady = try await spawn(options, arguments: coordinatorArguments(options, port: 0), name: "coordinator", in: &group)
+            let address = NodeAddress(host: "127.0.0.1", port: coordinatorReady.port)
+            let coordinator = Process(nodeID: "coordinator", address: address, pid: coordinatorReady.pid, adminPort: coordinatorReady.adminPort)
+            var workers: [Process] = []
             for index in 0..<options.workers {
                 let nodeID = "worker-\(index + 1)"
-                let ready = try await spawn(
-                    options,
-                    arguments: ["worker", "--coordinator", address.description, "--listen", "127.0.0.1:0",
-                                "--node-id", nodeID] + options.workerArguments,
-                    name: nodeID, in: &group)
-                workers.append((nodeID, NodeAddress(host: "127.0.0.1", port: ready.port), ready.pid))
+                let ready = try await spawn(options, arguments: workerArguments(options, nodeID: nodeID, coordinator: address), name: nodeID, in: &group)
+                workers.append(Process(nodeID: nodeID, address: NodeAddress(host: "127.0.0.1", port: ready.port), pid: ready.pid, adminPort: ready.adminPort))
             }
-            let cluster = LocalCluster(coordinator: address, coordinatorPID: coordinator.pid, workers: workers)
+            let (requests, continuation) = AsyncStream.makeStream(of: Restart.self)
+            let cluster = LocalCluster(coordinator: coordinator, workers: workers, options: options, restarts: continuation)
+            // Restarted processes run in a group of their own, owned by this child task.
+            group.addTask {
+                await withThrowingTaskGroup(of: Void?.self) { restarted in
+                    for await request in requests {
+                        do {
+                            request.done.resume(returning: try await spawn(options, arguments: request.arguments, name: request.name, in: &restarted))
+                        } catch {
+                            request.done.resume(throwing: error)
+                        }
+                    }
+                    restarted.cancelAll()
+                }
+                return nil
+            }
             group.addTask { try await body(cluster) }
             while let result = try await group.next() {
                 if let value = result { return value }
@@ -90,14 +128,75 @@ public struct LocalCluster: Sendable {
         }
     }
 
+    private static func coordinatorArguments(_ options: Options, port: Int) -> [String] {
+        ["coordinator", "--listen", "127.0.0.1:\(port)"] + options.coordinatorArguments
+    }
+
+    private static func workerArguments(_ options: Options, nodeID: String, coordinator: NodeAddress) -> [String] {
+        ["worker", "--coordinator", coordinator.description, "--listen", "127.0.0.1:0", "--node-id", nodeID]
+            + options.workerArguments
+    }
+
+    /// Stops worker `nodeID` (SIGTERM when `graceful`, else SIGKILL; then waits until it is gone) and
+    /// starts a new process with the same node id, which registers as a new incarnation. Returns it.
+    public func restartWorker(_ nodeID: String, graceful: Bool = true) async throws -> Process {
+        guard let old = processes.withLock({ $0.workers.first { $0.nodeID == nodeID } }) else {
+            throw LaunchError("the cluster has no \(nodeID)")
+        }
+        try await Self.stop(old.pid, signal: graceful ? SIGTERM : SIGKILL, name: nodeID)
+        let ready = try await spawnAgain(Self.workerArguments(options, nodeID: nodeID, coordinator: coordinator), name: nodeID)
+        let new = Process(nodeID: nodeID, address: NodeAddress(host: "127.0.0.1", port: ready.port), pid: ready.pid, adminPort: ready.adminPort)
+        processes.withLock { state in
+            state.workers = state.workers.map { $0.nodeID == nodeID ? new : $0 }
+        }
+        return new
+    }
+
+    /// Stops the coordinator (SIGTERM when `graceful`, else SIGKILL; then waits until it is gone) and
+    /// starts a new one on the same port, which rebuilds its state from the workers' re-registrations.
+    /// Returns the new process.
+    public func restartCoordinator(graceful: Bool = false) async throws -> Process {
+        let old = coordinatorProcess
+        try await Self.stop(old.pid, signal: graceful ? SIGTERM : SIGKILL, name: "coordinator")
+        let ready = try await spawnAgain(Self.coordinatorArguments(options, port: coordinator.port), name: "coordinator")
+        let new = Process(nodeID: "coordinator", address: coordinator, pid: ready.pid, adminPort: ready.adminPort)
+        processes.withLock { $0.coordinator = new }
+        return new
+    }
+
+    private func spawnAgain(_ arguments: [String], name: String) async throws -> Ready {
+        let ready = try await withCheckedThrowingContinuation { continuation in
+            restarts.yield(Restart(arguments: arguments, name: name, done: continuation))
+        }
+        started.withLock { $0.append(ready.pid) }
+        return ready
+    }
+
+    /// Sends `signal` and waits (up to 10 s) until the process is gone (reaped by its runner).
+    private static func stop(_ pid: Int32, signal: Int32, name: String) async throws {
+        _ = kill(pid, signal)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while kill(pid, 0) == 0 {
+            guard ContinuousClock.now < deadline else { throw LaunchError("\(name) (pid \(pid)) did not exit within 10 s") }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    private struct Restart: Sendable {
+        var arguments: [String]
+        var name: String
+        var done: CheckedContinuation<Ready, any Error>
+    }
+
     private struct Ready: Sendable {
         var port: Int
         var pid: Int32
+        var adminPort: Int
     }
 
     /// Starts one child in `group` and returns once it printed `READY {...}` with its port.
-    private static func spawn<T: Sendable>(
-        _ options: Options, arguments: [String], name: String, in group: inout ThrowingTaskGroup<T?, any Error>
+    private static func spawn<R: Sendable>(
+        _ options: Options, arguments: [String], name: String, in group: inout ThrowingTaskGroup<R?, any Error>
     ) async throws -> Ready {
         let (readyStream, readyContinuation) = AsyncStream.makeStream(of: Ready.self)
         let platform = {
@@ -106,13 +205,13 @@ public struct LocalCluster: Sendable {
             return platform
         }()
         let all = arguments + ["--exit-on-stdin-eof"] + options.childArguments
-        let tolerated = options.toleratesWorkerExits && name != "coordinator"
+        let tolerated = options.toleratesWorkerExits
         group.addTask {
             defer { readyContinuation.finish() }
             do {
                 try await runChild()
             } catch where tolerated && !(error is CancellationError) {
-                // A killed worker is the point of the exercise.
+                // A killed process is the point of the exercise.
             }
             return nil
         }
@@ -127,8 +226,9 @@ public struct LocalCluster: Sendable {
                 // The lifeline: the child reads stdin and exits when it closes, which happens when this
                 // process goes away for any reason.
                 for try await line in execution.standardOutput.strings() {
-                    if let ready = parseReady(line) {
-                        readyContinuation.yield(Ready(port: ready, pid: execution.processIdentifier.value))
+                    if let port = readyField(line, "port") {
+                        readyContinuation.yield(Ready(
+                            port: port, pid: execution.processIdentifier.value, adminPort: readyField(line, "adminPort") ?? 0))
                     }
                 }
             }
@@ -140,9 +240,9 @@ public struct LocalCluster: Sendable {
         return ready
     }
 
-    /// The port in a line shaped `READY {"role":…,"port":P,…}`.
-    static func parseReady(_ line: String) -> Int? {
-        guard line.hasPrefix("READY "), let range = line.firstRange(of: "\"port\":") else { return nil }
+    /// The number in field `name` of a line shaped `READY {"role":…,"port":P,…}`.
+    static func readyField(_ line: String, _ name: String) -> Int? {
+        guard line.hasPrefix("READY "), let range = line.firstRange(of: "\"\(name)\":") else { return nil }
         let digits = line[range.upperBound...].prefix { $0.isNumber }
         return Int(digits)
     }

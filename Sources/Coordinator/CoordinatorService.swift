@@ -100,7 +100,7 @@ public final class CoordinatorService: Sendable {
             logger.info(
                 "re-replicated",
                 metadata: metadata.merging([
-                    "bytes": "\(copied.transferredBytes)", "millis": "\((ContinuousClock.now - started) / .milliseconds(1))",
+                    "bytes": "\(copied.transferredBytes)", "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
                 ]) { $1 })
             return
         }
@@ -149,6 +149,7 @@ public final class CoordinatorService: Sendable {
             assignment.model = sequence.message.model
             assignment.spans = sequence.message.spans
             assignment.policy = sequence.message.policy
+            assignment.decodeTokens = sequence.message.decodeTokens
             for holder in shard.holders {
                 _ = try await state.connection(for: holder.node).request(.shardAssignment(assignment))
             }

@@ -77,6 +77,8 @@ actor CoordinatorState {
     var sequences: [UInt64: OpenSequenceState] = [:]
     /// Sequences with a shard copy in flight (one at a time per sequence).
     private var copying: Set<UInt64> = []
+    /// Sequences whose last copy failed, and when to try again.
+    private var copyRetry: [UInt64: ContinuousClock.Instant] = [:]
     private let clock = ContinuousClock()
     private let start: ContinuousClock.Instant
 
@@ -204,7 +206,7 @@ actor CoordinatorState {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.compressed, !copying.contains(id) else { continue }
+            guard sequence.compressed, !copying.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else { continue }
             let wanted = min(replication, live.count)
             let holding = Set(sequence.shards.flatMap(\.holders).map(\.node))
             guard let shard = sequence.shards.first(where: { $0.holders.count < wanted }),
@@ -226,6 +228,7 @@ actor CoordinatorState {
     /// target's copy is an orphan to close).
     func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
         copying.remove(plan.sequenceID)
+        copyRetry[plan.sequenceID] = succeeded ? nil : clock.now + .seconds(1)
         guard succeeded, var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
             let k = sequence.shards.firstIndex(where: { $0.id == plan.shardID }),
             sequence.shards[k].primary == plan.primary
@@ -443,6 +446,7 @@ actor CoordinatorState {
     }
 
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
+        copyRetry[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         _ = admission.release(sequenceID: sequenceID)
         return state

@@ -124,7 +124,8 @@ struct IncomingShard: Sendable {
                 throw WireError(
                     .invalidShape, "\(name): keys, values, positions and tags disagree on the row count (headDim \(g.headDim))")
             }
-            guard part.rowScores.count == head.count else {
+            // Prompt rows have scores; rows appended by decode (always kept) do not.
+            guard part.rowScores.count <= head.count else {
                 throw WireError(.invalidShape, "\(name): \(part.rowScores.count) row scores for \(head.count) rows")
             }
             heads.append(head)

@@ -106,7 +106,9 @@ public final class WorkerService: Sendable {
                     register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
                     register.heldShards = await self.store.heldShards()
-                    let reply = try await connection.request(.registerWorker(register))
+                    // Short timeouts: a coordinator that stopped answering (partitioned, restarting) is
+                    // reconnected to soon after it is back.
+                    let reply = try await connection.request(.registerWorker(register), timeout: .seconds(5))
                     guard case .registerAck = reply else {
                         throw WireError(.badRequest, "the coordinator answered registration with \(reply)")
                     }
@@ -158,7 +160,7 @@ public final class WorkerService: Sendable {
             beat.rssBytes = ProcessMemory.residentBytes()
             beat.auditBytes = UInt64(totals.audit)
             beat.liveSequences = UInt32(totals.sequences)
-            _ = try await connection.request(.heartbeat(beat), timeout: .seconds(10))
+            _ = try await connection.request(.heartbeat(beat), timeout: max(.seconds(2), configuration.heartbeatInterval * 8))
         }
     }
 

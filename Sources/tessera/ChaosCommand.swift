@@ -10,12 +10,17 @@ struct ChaosCommand: AsyncParsableCommand {
         abstract: "Run a fault-injection scenario on a local cluster and check that nothing was lost.",
         discussion: """
             Starts a local cluster as the scenario describes (workers, replication), opens and prefills
-            its sequences, decodes them in lockstep and applies each fault (SIGKILL, SIGSTOP, SIGCONT or
-            SIGTERM to the primary or a replica of sequence 0's first shard, the previously hit worker,
-            or a worker by id) before its step. Then it checks: sequences lost (0), acknowledged writes
-            missing (0), decode outputs bit-identical to the same seed run fault-free in this process,
-            replicas' digests equal, accounting back to zero after closing, no process left behind;
-            and reports the recovery time per fault. Exit code 1 when an invariant fails.
+            its sequences, decodes them in lockstep and applies each fault before its step: kill, pause,
+            resume, terminate (SIGKILL, SIGSTOP, SIGCONT, SIGTERM), restart (a new process with the same
+            node id; the coordinator on the same port), partition and heal (fault plans set on the
+            admin endpoints: the coordinator and the worker drop each other's frames), aimed at the
+            primary or a replica of sequence 0's first shard, the previously hit worker, a worker by id
+            or the coordinator. Then it checks: sequences lost (0), acknowledged writes missing (0),
+            decode outputs bit-identical to the same seed run fault-free in this process, every shard
+            back to its replication factor, every running worker a live member again, replicas' digests
+            equal, accounting back to zero after
+            closing, no process left behind; and reports the recovery time per fault and the writes
+            retried. Exit code 1 when an invariant fails.
 
             Scenarios live in cluster/scenarios/, e.g.:
               tessera chaos --scenario cluster/scenarios/kill-primary.yaml --json chaos.json
@@ -28,14 +33,21 @@ struct ChaosCommand: AsyncParsableCommand {
     @Option(help: "Write the report as JSON to this path.")
     var json: String?
 
+    @Option(help: "Log level of the cluster's processes (their logs go to standard error): trace, debug, info, notice, warning, error or critical (silent).")
+    var logLevel = "critical"
+
     func run() async throws {
         let loaded: ChaosScenario
         do { loaded = try ChaosScenario.load(path: scenario) } catch { throw usageFailure("--scenario: \(error)") }
+        let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+        guard levels.contains(logLevel) else {
+            throw usageFailure("unknown --log-level '\(logLevel)'; allowed: \(levels.joined(separator: ", "))")
+        }
         Terminal.error(
             "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
                 + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n")
         let report = try await ChaosRunner.run(
-            loaded, binary: LocalCluster.currentBinary, logger: Logger(label: "tessera.chaos")
+            loaded, binary: LocalCluster.currentBinary, logger: Logger(label: "tessera.chaos"), childLogLevel: logLevel
         ) { Terminal.error("[tessera] \($0)\n") }
         let faults = report.faults.map { "\($0.action) \($0.worker) before step \($0.beforeStep)" }.joined(separator: "; ")
         Terminal.output(
@@ -46,9 +58,12 @@ struct ChaosCommand: AsyncParsableCommand {
             missing writes       \(report.missingWrites)
             outputs identical    \(report.outputsIdentical)
             replicas consistent  \(report.replicasConsistent)
+            replication restored \(report.replicationRestored)
+            workers rejoined     \(report.workersRejoined) (healed \(report.healedMillis) ms after the last step)
             accounting back to 0 \(report.accountingConsistent)
             processes left       \(report.processesLeft)
             recovery ms          \(report.recoveryMillis.map(String.init).joined(separator: ", "))
+            requests retried     \(report.requestsRetried)
             result               \(report.passed ? "PASSED" : "FAILED")
 
             """)

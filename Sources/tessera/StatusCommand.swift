@@ -42,7 +42,8 @@ struct StatusCommand: AsyncParsableCommand {
             return
         }
         Terminal.output("\(status.workers.count) workers, \(status.sequences) sequences, "
-            + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted\n")
+            + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted"
+            + (status.underReplicatedShards > 0 ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n"))
         let header = ["id", "address", "state", "shards", "kv bytes", "text", "image", "video"]
         let rows = status.workers.map { w in
             [w.id, w.address, w.state, w.shards.map(String.init).joined(separator: ","), ResultTable.bytes(Int(w.kvBytes)),
