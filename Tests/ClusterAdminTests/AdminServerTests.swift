@@ -130,18 +130,36 @@ struct AdminServerTests {
         }
     }
 
-    @Test("cancelling run() closes the listener and returns")
+    @Test("cancelling run() closes the listener and the idle connections, and returns")
     func cancellationStopsServer() async throws {
         let (port, idle) = try await withDeadline(seconds: 20) {
             try await withAdminServer { port in
-                // An idle keep-alive connection must not keep the server alive.
-                let idle = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                    .connect(host: "127.0.0.1", port: port)
-                    .get()
+                // An idle keep-alive connection must not keep the server alive. One request on it first,
+                // so that the server has accepted it before it is cancelled.
+                let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                    .connect(host: "127.0.0.1", port: port) { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                        }
+                    }
+                let (served, signal) = AsyncStream.makeStream(of: Void.self)
+                let idle = Task {
+                    try await channel.executeThenClose { inbound, outbound in
+                        try await outbound.write(ByteBuffer(string: "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+                        var received = ""
+                        for try await chunk in inbound {
+                            received += String(buffer: chunk)
+                            if received.hasSuffix("ok") { signal.finish() }
+                        }
+                        return received  // the server closed the connection
+                    }
+                }
+                for await _ in served {}
                 return (port, idle)
             }
         }
-        try? await idle.close()
+        let received = try await withDeadline(seconds: 10) { try await idle.value }
+        #expect(received.hasPrefix("HTTP/1.1 200 OK"))
         await #expect(throws: (any Error).self) {
             try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connect(host: "127.0.0.1", port: port)

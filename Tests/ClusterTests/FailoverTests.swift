@@ -14,7 +14,10 @@ import Testing
         return "/\(root)/cluster/scenarios/\(name).yaml"
     }
 
-    @Test(.timeLimit(.minutes(3)), arguments: ["kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames"])
+    @Test(.timeLimit(.minutes(3)), arguments: [
+        "kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames", "partition-worker",
+        "rolling-restart", "coordinator-restart",
+    ])
     func scenarioLosesNothing(name: String) async throws {
         let scenario = try ChaosScenario.load(path: Self.scenario(name))
         let report = try await ChaosRunner.run(scenario, binary: LocalCluster.siblingBinary, logger: Self.logger)
@@ -25,6 +28,8 @@ import Testing
         #expect(report.outputsIdentical, "\(context)")
         #expect(report.replicasConsistent, "\(context)")
         #expect(report.accountingConsistent, "\(context)")
+        #expect(report.replicationRestored, "\(context)")
+        #expect(report.workersRejoined, "\(context)")
         #expect(report.processesLeft == 0, "\(context)")
         #expect(report.passed, "\(context)")
     }
@@ -39,6 +44,7 @@ import Testing
             ("name: x\nfaults: [{beforeStep: 1, action: kill, target: leader}]", "faults[0].target 'leader'"),
             ("name: x\nwokers: 3\nfaults: [{beforeStep: 1, action: kill}]", "unknown key 'wokers'"),
             ("name: x\npolicy: lru\nfaults: [{beforeStep: 1, action: kill}]", "lru"),
+            ("name: x\nfaults: [{beforeStep: 1, action: kill, target: coordinator}]", "can only be restarted"),
         ]
         for (yaml, expected) in cases {
             do {
