@@ -343,7 +343,7 @@ struct ClusterConfigurationTests {
             (
                 "worker:\n  storage: f16\n  maxFrameByte: 10\n", "worker.maxFrameByte",
                 "unknown key worker.maxFrameByte; worker allows: host, port, adminPort, maxFrameBytes, storage, "
-                    + "memoryCapacityBytes",
+                    + "memoryCapacityBytes, faults",
                 3
             ),
             (
@@ -355,7 +355,7 @@ struct ClusterConfigurationTests {
             (
                 "coordinator:\n  heartbeat: 1\n", "coordinator.heartbeat",
                 "unknown key coordinator.heartbeat; coordinator allows: host, port, adminPort, "
-                    + "heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication",
+                    + "heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication, faults",
                 2
             ),
             (

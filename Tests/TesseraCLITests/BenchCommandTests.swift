@@ -17,6 +17,9 @@ import Glibc
         (["bench", "--policy", "full", "--policies", "vl-cache"], "not both"),
         (["bench", "--audit-fraction", "2"], "0...1"),
         (["bench", "--coordinator", "nowhere"], "--coordinator"),
+        (["coordinator", "--faults", "drop=2"], "drop=2 must be a probability in 0...1"),
+        (["worker", "--coordinator", "127.0.0.1:1", "--faults", "explode=1"], "allowed keys: drop, duplicate"),
+        (["chaos", "--scenario", "cluster/scenarios/kill-primary.yaml", "--log-level", "loud"], "allowed: trace"),
     ])
     func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
         let result = try await runTessera(arguments)
