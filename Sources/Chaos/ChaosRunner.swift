@@ -25,6 +25,8 @@ public struct ChaosReport: Sendable, Codable {
     public var faults: [AppliedFault]
     /// Sequences that failed a decode step (must be 0).
     public var sequencesLost: Int
+    /// Why each lost sequence was lost: its index, the step and the error.
+    public var losses: [String]
     /// Acknowledged decode steps whose outputs differ from the fault-free run (must be 0).
     public var missingWrites: Int
     /// Every acknowledged output equals the fault-free run of the same seed, bit for bit.
@@ -106,6 +108,7 @@ public enum ChaosRunner {
         }
         var applied: [ChaosReport.AppliedFault] = []
         var lost = Set<Int>()
+        var losses: [String] = []
         var mismatches = 0
         var recovery: [Int] = []
         var waitingSince: [ContinuousClock.Instant] = []
@@ -119,28 +122,30 @@ public enum ChaosRunner {
                 progress("step \(step): \(fault.action.rawValue) \(target.nodeID) (pid \(target.pid))")
             }
             let live = (0..<traces.count).filter { !lost.contains($0) }
-            let outcomes = await withTaskGroup(of: (Int, [Int: [Float]]?).self) { group in
+            let outcomes = await withTaskGroup(of: (Int, Result<[Int: [Float]], any Error>).self) { group in
                 for index in live {
                     group.addTask {
                         do {
-                            return (index, try await client.decode(UInt64(index), step: step, geometry: scenario.geometry))
+                            return (index, .success(try await client.decode(UInt64(index), step: step, geometry: scenario.geometry)))
                         } catch {
-                            progress("sequence \(index) failed at step \(step): \(error)")
-                            return (index, nil)
+                            return (index, .failure(error))
                         }
                     }
                 }
-                var all: [(Int, [Int: [Float]]?)] = []
+                var all: [(Int, Result<[Int: [Float]], any Error>)] = []
                 for await outcome in group { all.append(outcome) }
                 return all
             }
-            for (index, outputs) in outcomes {
-                guard let outputs else {
+            for (index, outcome) in outcomes.sorted(by: { $0.0 < $1.0 }) {
+                switch outcome {
+                case .failure(let error):
                     lost.insert(index)
-                    continue
-                }
-                for layer in 0..<scenario.geometry.layers where outputs[layer] != expected[index][step][layer] {
-                    mismatches += 1
+                    losses.append("sequence \(index) at step \(step): \(error)")
+                    progress(losses.last!)
+                case .success(let outputs):
+                    for layer in 0..<scenario.geometry.layers where outputs[layer] != expected[index][step][layer] {
+                        mismatches += 1
+                    }
                 }
             }
             recovery += waitingSince.map { Int($0.duration(to: .now) / .milliseconds(1)) }
@@ -176,7 +181,7 @@ public enum ChaosRunner {
             try await Task.sleep(for: .milliseconds(100))
         }
         return ChaosReport(
-            scenario: scenario.name, faults: applied, sequencesLost: lost.count, missingWrites: mismatches,
+            scenario: scenario.name, faults: applied, sequencesLost: lost.count, losses: losses, missingWrites: mismatches,
             outputsIdentical: mismatches == 0 && lost.isEmpty, replicasConsistent: consistent,
             accountingConsistent: drained, processesLeft: 0, recoveryMillis: recovery,
             requestsRetried: client.retriedRequests, replicationRestored: health.replicated,

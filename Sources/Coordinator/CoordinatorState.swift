@@ -130,7 +130,8 @@ actor CoordinatorState {
     /// Rebuilds open sequences from the copies a registering worker reports, after a coordinator
     /// restart: the newest epoch of a sequence wins, each shard's holders are as its copies say, and
     /// admission charges each primary's bytes for every copy. Sequences this coordinator opened itself
-    /// are left alone. Rebuilt sequences have no layer statistics, so memory pressure cannot tighten them.
+    /// are left alone. The workers send their layer statistics again right after registering: a
+    /// sequence still prefilling gets its budget, a compressed one can be tightened again.
     private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) {
         for copy in held {
             let a = copy.assignment
@@ -373,9 +374,17 @@ actor CoordinatorState {
         return state
     }
 
-    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once).
+    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once). A
+    /// sequence that already has its budget (one rebuilt after a restart, whose workers report their
+    /// statistics again) keeps them for tightening under memory pressure.
     func record(_ statistics: LayerStatistics, sequenceID: UInt64) -> OpenSequenceState? {
-        guard var state = sequences[sequenceID], !state.budgetAssigned else { return nil }
+        guard var state = sequences[sequenceID] else { return nil }
+        guard !state.budgetAssigned else {
+            if state.statistics[statistics.layer] == nil {
+                sequences[sequenceID]!.statistics[statistics.layer] = statistics
+            }
+            return nil
+        }
         state.statistics[statistics.layer] = statistics
         if state.statistics.count == state.geometry.layers {
             state.budgetAssigned = true

@@ -24,6 +24,9 @@ struct HeldSequence: Sendable {
 
     var prefills: [Int: LayerPrefill] = [:]
     var profiles: [Int: AttentionProfile] = [:]
+    /// The layer statistics sent to the coordinator after prefill (small; sent again when registering
+    /// with a restarted coordinator).
+    var statistics: [Tessera_V1_LayerStats] = []
     /// Synthetic decode inputs per layer, when the prefill came as a workload seed.
     var syntheticDecode: [Int: [DecodeStepInput]]?
     var cache: ShardCache?
@@ -162,7 +165,7 @@ actor SequenceStore {
 
     func storePrefill(
         _ sequenceID: UInt64, prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile],
-        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool
+        statistics: [Tessera_V1_LayerStats], syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool
     ) throws(WireError) -> Int {
         guard sequences[sequenceID] != nil else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was closed during its prefill")
@@ -173,6 +176,7 @@ actor SequenceStore {
         sequences[sequenceID]!.expanding = false
         sequences[sequenceID]!.prefills = prefills
         sequences[sequenceID]!.profiles = profiles
+        sequences[sequenceID]!.statistics = statistics
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
         sequences[sequenceID]!.needle = needle
         sequences[sequenceID]!.audited = audited
@@ -417,6 +421,11 @@ actor SequenceStore {
         for id in ids { _ = close(id) }
         incoming = [:]
         return ids.count
+    }
+
+    /// The layer statistics of every held shard, sent again after registering.
+    func layerStatistics() -> [Tessera_V1_LayerStats] {
+        sequences.keys.sorted().flatMap { sequences[$0]!.statistics }
     }
 
     /// Every held shard as reported when (re-)registering with the coordinator.

@@ -16,6 +16,7 @@ extension HeldSequence {
         begin.nextStep = UInt32(nextStep)
         if let lastResult { begin.lastResult = lastResult.body }
         begin.layers = UInt32(layers.count)
+        begin.statistics = statistics
         var parts = [Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .begin(begin))]
         for layer in layers {
             var state = Tessera_V1_ShardLayerState()
@@ -73,6 +74,7 @@ struct IncomingShard: Sendable {
         }
         cache = ShardCache(storage: try ScalarType(proto: begin.storage, field: "shard_transfer.begin.storage"))
         held.nextStep = Int(begin.nextStep)
+        held.statistics = begin.statistics
         if begin.hasLastResult { held.lastResult = (Int(begin.lastResult.step), begin.lastResult) }
         if held.nextStep > 0, held.lastResult == nil {
             throw WireError(.badRequest, "shard_transfer.begin: step \(held.nextStep) is next but no last_result came")

@@ -72,8 +72,8 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let (prefills, profiles, statistics, syntheticDecode, needle) = expanded
         let bytes = try await worker.store.storePrefill(
-            message.sequenceID, prefills: prefills, profiles: profiles, syntheticDecode: syntheticDecode,
-            needle: needle, audited: message.audit)
+            message.sequenceID, prefills: prefills, profiles: profiles, statistics: statistics,
+            syntheticDecode: syntheticDecode, needle: needle, audited: message.audit)
         try await replicated
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer.

@@ -115,6 +115,11 @@ public final class WorkerService: Sendable {
                     self.coordinatorLink.withLock { $0 = connection }
                     defer { self.coordinatorLink.withLock { $0 = nil } }
                     self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])
+                    // A restarted coordinator rebuilt the sequences from the registration; these let it
+                    // budget the ones still prefilling and tighten the others (a running one ignores them).
+                    for statistics in await self.store.layerStatistics() {
+                        try await connection.notify(.layerStats(statistics))
+                    }
                     if announced.withLock({ first in defer { first = true }; return !first }) {
                         await onReady(port)
                     }

@@ -51,11 +51,12 @@ struct ClusterCommand: AsyncParsableCommand {
                     try await LocalCluster.withCluster(launch, logger: logger) { cluster in
                         let workerList = cluster.workers.map { worker in
                             "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
-                                + "\"pid\":\(worker.pid)}"
+                                + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
                         }.joined(separator: ",")
                         Terminal.output(
                             "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
-                                + "\"coordinatorPid\":\(cluster.coordinatorPID),\"workers\":[\(workerList)]}\n")
+                                + "\"coordinatorPid\":\(cluster.coordinatorPID),"
+                                + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]}\n")
                         // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.
                         while true { try await Task.sleep(for: .seconds(3600)) }
                     }

@@ -172,6 +172,9 @@ package nonisolated struct Tessera_V1_ShardTransferBegin: Sendable {
   /// Layer parts that follow.
   package var layers: UInt32 = 0
 
+  /// The shard's layer statistics from its prefill (sent to a restarted coordinator again).
+  package var statistics: [Tessera_V1_LayerStats] = []
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -468,7 +471,7 @@ nonisolated extension Tessera_V1_ShardTransfer: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Tessera_V1_ShardTransferBegin: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".ShardTransferBegin"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}assignment\0\u{1}storage\0\u{3}next_step\0\u{3}last_result\0\u{1}layers\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}assignment\0\u{1}storage\0\u{3}next_step\0\u{3}last_result\0\u{1}layers\0\u{1}statistics\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -481,6 +484,7 @@ nonisolated extension Tessera_V1_ShardTransferBegin: SwiftProtobuf.Message, Swif
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.nextStep) }()
       case 4: try { try decoder.decodeSingularMessageField(value: &self._lastResult) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.layers) }()
+      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.statistics) }()
       default: break
       }
     }
@@ -506,6 +510,9 @@ nonisolated extension Tessera_V1_ShardTransferBegin: SwiftProtobuf.Message, Swif
     if self.layers != 0 {
       try visitor.visitSingularUInt32Field(value: self.layers, fieldNumber: 5)
     }
+    if !self.statistics.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.statistics, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -515,6 +522,7 @@ nonisolated extension Tessera_V1_ShardTransferBegin: SwiftProtobuf.Message, Swif
     if lhs.nextStep != rhs.nextStep {return false}
     if lhs._lastResult != rhs._lastResult {return false}
     if lhs.layers != rhs.layers {return false}
+    if lhs.statistics != rhs.statistics {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
