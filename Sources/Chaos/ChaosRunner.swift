@@ -112,10 +112,13 @@ public enum ChaosRunner {
         var mismatches = 0
         var recovery: [Int] = []
         var waitingSince: [ContinuousClock.Instant] = []
+        var lastFault: ContinuousClock.Instant?
         var previous: (nodeID: String, pid: Int32)?
         for step in 0..<scenario.decodeTokens {
             for fault in scenario.faults where fault.beforeStep == step {
+                if let lastFault { try await Task.sleep(until: lastFault + .milliseconds(fault.afterMillis)) }
                 let target = try await apply(fault, cluster: cluster, client: client, previous: previous, progress: progress)
+                lastFault = .now
                 previous = target
                 applied.append(.init(beforeStep: step, action: fault.action.rawValue, worker: target.nodeID, pid: target.pid))
                 waitingSince.append(.now)
@@ -193,7 +196,7 @@ public enum ChaosRunner {
         _ fault: ChaosScenario.Fault, cluster: LocalCluster, client: TesseraClient,
         previous: (nodeID: String, pid: Int32)?, progress: @escaping @Sendable (String) -> Void
     ) async throws -> (nodeID: String, pid: Int32) {
-        if fault.target == .coordinator {
+        if fault.target == .coordinator, fault.action == .restart {
             let new = try await cluster.restartCoordinator()
             return (new.nodeID, new.pid)
         }

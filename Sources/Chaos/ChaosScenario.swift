@@ -11,7 +11,7 @@ public struct ChaosScenario: Sendable {
     public enum Action: String, Sendable, CaseIterable {
         /// SIGKILL: the worker dies at once.
         case kill
-        /// SIGSTOP: the worker freezes (a gray failure) until `resume`.
+        /// SIGSTOP: the worker (or the coordinator) freezes, a gray failure, until `resume`.
         case pause
         /// SIGCONT after a pause.
         case resume
@@ -38,7 +38,7 @@ public struct ChaosScenario: Sendable {
         case previous
         /// A worker by node id, e.g. `worker-2`.
         case node(String)
-        /// The coordinator (only with `restart`).
+        /// The coordinator (with `restart`, `pause` or `resume`).
         case coordinator
     }
 
@@ -46,6 +46,10 @@ public struct ChaosScenario: Sendable {
         public var beforeStep: Int
         public var action: Action
         public var target: Target
+        /// The fault is applied no sooner than this long after the previous one (the steps before
+        /// `beforeStep` run meanwhile; the runner waits if they finish sooner), e.g. to hold a pause
+        /// past the failure detector's dead-after time.
+        public var afterMillis: Int
     }
 
     public var name: String
@@ -124,7 +128,7 @@ public struct ChaosScenario: Sendable {
                 throw ChaosError("\(source): faults[\(index)] must be a mapping {beforeStep, action, target}")
             }
             let fault = Fields(map, source: source, path: "faults[\(index)].")
-            try fault.only(["beforeStep", "action", "target"])
+            try fault.only(["beforeStep", "action", "target", "afterMillis"])
             let actionName = try fault.string("action", default: "")
             guard let action = Action(rawValue: actionName) else {
                 throw ChaosError(
@@ -144,13 +148,15 @@ public struct ChaosScenario: Sendable {
                     "\(source): faults[\(index)].target '\(id)' is not primary, replica, previous, coordinator or a "
                         + "worker id (worker-N)")
             }
-            if target == .coordinator, action != .restart {
-                throw ChaosError("\(source): faults[\(index)]: the coordinator can only be restarted (action: restart)")
+            if target == .coordinator, ![.restart, .pause, .resume].contains(action) {
+                throw ChaosError(
+                    "\(source): faults[\(index)]: the coordinator can only be restarted, paused or resumed (action: "
+                        + "restart, pause or resume)")
             }
             scenario.faults.append(
                 Fault(
                     beforeStep: try fault.int("beforeStep", default: 0, in: 0...(scenario.decodeTokens - 1)),
-                    action: action, target: target))
+                    action: action, target: target, afterMillis: try fault.int("afterMillis", default: 0, in: 0...600_000)))
         }
         return scenario
     }

@@ -13,11 +13,20 @@
 /// - Silence transitions happen only in `tick(now:)`: alive -> suspect after `suspectAfter`,
 ///   alive or suspect -> dead after `deadAfter`. A heartbeat or re-registration of a suspect
 ///   makes it alive again.
+/// - Only silence the detector was running to see counts. Ticks come every fraction of a heartbeat
+///   interval; a gap longer than `suspectAfter` since the previous tick means the shell itself was
+///   stopped or starved (a paused coordinator, an overloaded host), and the heartbeats it missed may
+///   be waiting in its sockets. That gap, less one heartbeat interval, is added to every member's
+///   last heartbeat (`lastPause` reports it), as Cassandra's gossiper ignores a local pause instead
+///   of marking every peer down.
 /// - Dead is final for an incarnation: its heartbeats and re-registrations are refused, and dead
 ///   entries are kept (as tombstones) so that they stay refused.
 public struct Membership: Sendable, Hashable {
     public let settings: FailureDetectorSettings
     private var table: [NodeID: Member] = [:]
+    private var lastTick: ClusterInstant?
+    /// The pause the latest `tick(now:)` found and forgave, if it found one.
+    public private(set) var lastPause: Duration?
 
     public init(settings: FailureDetectorSettings = .defaults) throws(ClusterStateError) {
         try settings.validate()
@@ -59,7 +68,7 @@ public struct Membership: Sendable, Hashable {
     }
 
     /// The earliest instant at which `tick(now:)` can change something, or nil when every member
-    /// is dead (or there are none). A shell may sleep until then instead of ticking blindly.
+    /// is dead (or there are none).
     public var nextDeadline: ClusterInstant? {
         table.values.compactMap { member -> ClusterInstant? in
             switch member.state {
@@ -138,8 +147,18 @@ public struct Membership: Sendable, Hashable {
 
     /// Applies the failure detector at `now`: alive members silent for `suspectAfter` become
     /// suspect, members silent for `deadAfter` become dead (an alive member silent that long goes
-    /// straight to dead in one change). Changes are ordered by node id.
+    /// straight to dead in one change). Changes are ordered by node id. A pause of the caller since
+    /// the previous tick is forgiven first (see the rules above).
     public mutating func tick(now: ClusterInstant) -> [MembershipChange] {
+        lastPause = nil
+        if let lastTick, now.duration(since: lastTick) > settings.suspectAfter {
+            let pause = now.duration(since: lastTick) - settings.heartbeatInterval
+            lastPause = pause
+            for nodeID in table.keys where table[nodeID]!.state != .dead {
+                table[nodeID]!.lastHeartbeat = min(table[nodeID]!.lastHeartbeat + pause, now)
+            }
+        }
+        lastTick = now
         var changes: [MembershipChange] = []
         for nodeID in table.keys.sorted() {
             guard var member = table[nodeID], member.state != .dead else { continue }

@@ -45,7 +45,12 @@ public final class CoordinatorService: Sendable {
         while true {
             try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
             await state.publishMetrics()
-            let changes = await state.tick()
+            let (changes, pause) = await state.tick()
+            if let pause {
+                logger.warning(
+                    "failure detector paused (this process was stopped or starved); silence not held against workers",
+                    metadata: ["pause.millis": "\(Int(pause / .milliseconds(1)))"])
+            }
             for change in changes {
                 logger.warning(
                     "membership changed",

@@ -272,14 +272,15 @@ actor CoordinatorState {
         workers[nodeID]?.liveSequences = message.liveSequences
     }
 
-    /// Advances the failure detector; dead workers leave the shard map.
-    func tick() -> [MembershipChange] {
+    /// Advances the failure detector; dead workers leave the shard map. Also returns the pause of
+    /// this process the detector forgave, if any.
+    func tick() -> (changes: [MembershipChange], pause: Duration?) {
         let changes = membership.tick(now: now)
         if changes.contains(where: { $0.to == .dead }) {
             for change in changes where change.to == .dead { workers[change.nodeID] = nil }
             relayout()
         }
-        return changes
+        return (changes, membership.lastPause)
     }
 
     /// Moves the shards that dead workers held: a shard whose primary died gets its first live

@@ -283,7 +283,7 @@ actor SequenceStore {
         guard let held = sequences[sequenceID], held.isCompressed else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
         }
-        if let last = held.lastResult, last.step == step { return .replay(last.body) }
+        if let last = held.lastResult, last.step == step { return .replay(last.body, replicas: held.replicas) }
         guard !held.transferring else {
             throw WireError(
                 .unavailable, "shard \(held.shardID) of sequence \(sequenceID) is being copied to a new replica; retry",
@@ -484,8 +484,9 @@ actor SequenceStore {
 }
 
 enum DecodeStart: Sendable {
-    /// The step was the last one done: its result again (an idempotent retry).
-    case replay(Tessera_V1_DecodeResult)
+    /// The step was the last one done: its result again (an idempotent retry), and the replicas to
+    /// send the retry to.
+    case replay(Tessera_V1_DecodeResult, replicas: [NodeAddress])
     case run(DecodeJob)
 }
 

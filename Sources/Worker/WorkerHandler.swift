@@ -239,13 +239,14 @@ struct WorkerHandler: EnvelopeHandler {
             try await self.worker.store.waitUntilCompressed(message.sequenceID)
         }
         // Replicas run the same step (they keep its result too, so a retry after a failover is
-        // answered the same); the reply waits for them.
-        async let replicated: Void = worker.replicate(.decode(message), to: held.replicas)
+        // answered the same); the reply waits for them. They are the replicas when the step began: a
+        // copy that becomes a replica later is snapshotted after the step, so it already holds it.
         switch try await worker.store.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs) {
-        case .replay(let result):
-            try await replicated
+        case .replay(let result, let replicas):
+            try await worker.replicate(.decode(message), to: replicas)
             return .decodeResult(result)
         case .run(let job):
+            async let replicated: Void = worker.replicate(.decode(message), to: job.held.replicas)
             // The job goes back to the store exactly once, whatever fails.
             let result: Tessera_V1_DecodeResult
             do {

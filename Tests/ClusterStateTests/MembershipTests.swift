@@ -92,16 +92,54 @@ import Testing
         var membership = try cluster(["a", "b"])
         #expect(membership.heartbeat(nodeID: "b", incarnation: 1, now: at(ms: 900)) == .refreshed)
         #expect(membership.tick(now: at(ms: 1200)) == [.init(nodeID: "a", incarnation: 1, from: .alive, to: .suspect)])
+        #expect(membership.tick(now: at(ms: 1850)).isEmpty)
         let outcome = membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: 2500))
         #expect(outcome == .recovered(.init(nodeID: "a", incarnation: 1, from: .suspect, to: .alive)))
         #expect(outcome.isAccepted)
         #expect(membership.member("a")?.state == .alive)
         // The silence restarts from the heartbeat: a is suspect again 1 s later, not dead at 3 s;
         // b, silent since 900 ms, goes its own way.
-        #expect(membership.tick(now: at(ms: 3400)) == [.init(nodeID: "b", incarnation: 1, from: .alive, to: .suspect)])
+        #expect(membership.tick(now: at(ms: 2700)) == [.init(nodeID: "b", incarnation: 1, from: .alive, to: .suspect)])
         #expect(membership.tick(now: at(ms: 3500)) == [.init(nodeID: "a", incarnation: 1, from: .alive, to: .suspect)])
         #expect(membership.tick(now: at(ms: 3900)) == [.init(nodeID: "b", incarnation: 1, from: .suspect, to: .dead)])
         #expect(membership.member("a")?.state == .suspect)
+        #expect(membership.lastPause == nil)
+    }
+
+    /// A detector that did not run (its process stopped or starved) has not seen silence: after a
+    /// 5 s gap between ticks nobody is declared dead, and a member that really stopped is declared
+    /// dead on the usual schedule counted without the gap.
+    @Test func aPauseOfTheDetectorIsNotSilence() throws {
+        var membership = try cluster(["a", "b"])
+        var now: UInt64 = 0
+        while now < 1000 {
+            now += 125
+            #expect(membership.tick(now: at(ms: now)).isEmpty, "t=\(now) ms")
+            if now % 250 == 0 {
+                _ = membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: now))
+                if now <= 500 { _ = membership.heartbeat(nodeID: "b", incarnation: 1, now: at(ms: now)) }
+            }
+        }
+        #expect(membership.lastPause == nil)
+        // No tick from 1 s to 6 s: b, silent 500 ms before the pause, counts 750 ms afterwards.
+        #expect(membership.tick(now: at(ms: 6000)).isEmpty)
+        #expect(membership.lastPause == .milliseconds(4750))
+        #expect(membership.member("a")?.lastHeartbeat == at(ms: 5750))
+        #expect(membership.member("b")?.lastHeartbeat == at(ms: 5250))
+        var changes: [UInt64: [MembershipChange]] = [:]
+        now = 6000
+        while now < 9000 {
+            now += 125
+            let tick = membership.tick(now: at(ms: now))
+            if !tick.isEmpty { changes[now] = tick }
+            if now % 250 == 0 { _ = membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: now)) }
+        }
+        #expect(membership.lastPause == nil)
+        #expect(changes == [
+            6250: [.init(nodeID: "b", incarnation: 1, from: .alive, to: .suspect)],
+            8250: [.init(nodeID: "b", incarnation: 1, from: .suspect, to: .dead)],
+        ])
+        #expect(membership.member("a")?.state == .alive)
     }
 
     @Test func aSuspectRecoversByReRegistering() throws {
@@ -207,6 +245,7 @@ import Testing
         }
         var model: [NodeID: Model] = [:]
         var now: UInt64 = 0
+        var lastTick: UInt64?
         for step in 0..<400 {
             now += UInt64.random(in: 0...400, using: &generator)
             let node = nodes.randomElement(using: &generator)!
@@ -232,6 +271,13 @@ import Testing
                 }
             default:
                 let changes = membership.tick(now: at(ms: now))
+                // A gap over 1 s since the previous tick is a pause; all but 250 ms of it is forgiven.
+                if let lastTick, now - lastTick > 1000 {
+                    for id in model.keys where model[id]!.state != .dead {
+                        model[id]!.last = min(model[id]!.last + (now - lastTick - 250), now)
+                    }
+                }
+                lastTick = now
                 var expected: [MembershipChange] = []
                 for id in model.keys.sorted() where model[id]!.state != .dead {
                     let silence = now - model[id]!.last

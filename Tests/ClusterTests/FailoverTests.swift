@@ -16,7 +16,7 @@ import Testing
 
     @Test(.timeLimit(.minutes(3)), arguments: [
         "kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames", "partition-worker",
-        "rolling-restart", "coordinator-restart",
+        "rolling-restart", "coordinator-restart", "pause-coordinator",
     ])
     func scenarioLosesNothing(name: String) async throws {
         let scenario = try ChaosScenario.load(path: Self.scenario(name))
@@ -44,7 +44,8 @@ import Testing
             ("name: x\nfaults: [{beforeStep: 1, action: kill, target: leader}]", "faults[0].target 'leader'"),
             ("name: x\nwokers: 3\nfaults: [{beforeStep: 1, action: kill}]", "unknown key 'wokers'"),
             ("name: x\npolicy: lru\nfaults: [{beforeStep: 1, action: kill}]", "lru"),
-            ("name: x\nfaults: [{beforeStep: 1, action: kill, target: coordinator}]", "can only be restarted"),
+            ("name: x\nfaults: [{beforeStep: 1, action: kill, target: coordinator}]", "can only be restarted, paused"),
+            ("name: x\nfaults: [{beforeStep: 1, action: kill, afterMillis: -5}]", "faults[0].afterMillis must be an integer"),
         ]
         for (yaml, expected) in cases {
             do {
