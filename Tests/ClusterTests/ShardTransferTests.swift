@@ -145,6 +145,24 @@ struct ShardTransferTests {
         let after = try await source.checked(7, tenant: "t", shardID: 1, epoch: 3)
         #expect(after.replicas.map(\.port) == [9, 10])
         #expect(await source.heldShards().first?.assignment.shard.replicas.map(\.nodeID) == ["worker-2", "worker-3"])
+        // A step is forwarded to the replicas of the moment it begins, so a step whose request was
+        // checked before the copy ended still reaches the new replica (its snapshot lacks the step).
+        guard case .replay(_, let replayTo) = try await source.beginDecode(7, step: 0, inputs: nil) else {
+            Issue.record("step 0 was done; a retry of it must be replayed")
+            return
+        }
+        #expect(replayTo.map(\.port) == [9, 10])
+        let g = Self.geometry
+        let input = try DecodeStepInput(
+            geometry: g, keys: .init(repeating: 0.1, count: g.kvHeads * g.headDim),
+            values: .init(repeating: 0.2, count: g.kvHeads * g.headDim),
+            queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim))
+        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input]) else {
+            Issue.record("step 1 is next; it must run")
+            return
+        }
+        #expect(job.held.replicas.map(\.port) == [9, 10])
+        await source.finishDecode(job, result: nil)
     }
 }
 
