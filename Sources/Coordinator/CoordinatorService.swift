@@ -202,11 +202,14 @@ public final class CoordinatorService: Sendable {
         guard short.memory > 0 || short.quota > 0 else { return }
         let floor = configuration.floorRatio
         for candidate in await state.tightenable(floor: floor, tenant: short.memory > 0 ? nil : tenant) {
-            let retention = max(floor, candidate.sequence.retention / 2)
+            // As it stands now (a copy may have added a replica since the list was made); one with a
+            // copy in flight is skipped.
+            guard let sequence = await state.beginTightening(candidate) else { continue }
+            let retention = max(floor, sequence.retention / 2)
             logger.info(
-                "tightening under memory pressure",
-                metadata: ["sequence.id": "\(candidate.sequenceID)", "retention": "\(retention)"])
-            await assignBudgets(sequenceID: candidate.sequenceID, candidate.sequence, retention: retention)
+                "tightening under memory pressure", metadata: ["sequence.id": "\(candidate)", "retention": "\(retention)"])
+            await assignBudgets(sequenceID: candidate, sequence, retention: retention)
+            await state.endTightening(candidate)
             let now = await state.shortfall(tenant: tenant, estimate: estimate)
             if now.memory == 0 && now.quota == 0 { return }
         }

@@ -75,8 +75,9 @@ actor CoordinatorState {
     var admission: Admission
     var workers: [NodeID: WorkerLink] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
-    /// Sequences with a shard copy in flight (one at a time per sequence).
-    private var copying: Set<UInt64> = []
+    /// Sequences whose copies are being changed, by a shard copy or a tightening, one change at a
+    /// time: a copy taken while a tighter budget is on its way would keep the looser one.
+    private var reshaping: Set<UInt64> = []
     /// Sequences whose last copy failed, and when to try again.
     private var copyRetry: [UInt64: ContinuousClock.Instant] = [:]
     private let clock = ContinuousClock()
@@ -198,7 +199,7 @@ actor CoordinatorState {
     /// Copies that would bring shards of compressed sequences back to the replication factor (or to
     /// as many copies as there are placeable workers): at most `limit`, one per sequence, each from the
     /// shard's primary to the placeable worker holding the fewest shard copies among those that hold
-    /// no shard of that sequence. The sequences are marked as copying until `finishCopy`.
+    /// no shard of that sequence. The sequences are marked as reshaping until `finishCopy`.
     func replicationPlans(limit: Int) -> [ReplicationPlan] {
         let live = placeable
         var load: [NodeID: Int] = [:]
@@ -207,7 +208,7 @@ actor CoordinatorState {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.compressed, !copying.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else { continue }
+            guard sequence.compressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else { continue }
             let wanted = min(replication, live.count)
             let holding = Set(sequence.shards.flatMap(\.holders).map(\.node))
             guard let shard = sequence.shards.first(where: { $0.holders.count < wanted }),
@@ -216,7 +217,7 @@ actor CoordinatorState {
                 let address = workers[target]?.address
             else { continue }
             load[target, default: 0] += 1
-            copying.insert(id)
+            reshaping.insert(id)
             plans.append(ReplicationPlan(
                 sequenceID: id, shardID: shard.id, epoch: sequence.epoch, primary: shard.primary,
                 target: ShardHolder(node: target, address: address)))
@@ -228,7 +229,7 @@ actor CoordinatorState {
     /// still open at the same epoch with the same primary; returns whether it did (otherwise the
     /// target's copy is an orphan to close).
     func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
-        copying.remove(plan.sequenceID)
+        reshaping.remove(plan.sequenceID)
         copyRetry[plan.sequenceID] = succeeded ? nil : clock.now + .seconds(1)
         guard succeeded, var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
             let k = sequence.shards.firstIndex(where: { $0.id == plan.shardID }),
@@ -418,19 +419,30 @@ actor CoordinatorState {
     }
 
     /// Compressed sequences that can still be tightened (above `floor`), largest charge first; only
-    /// `tenant`'s when only its quota is short.
-    func tightenable(floor: Double, tenant: String?) -> [(sequenceID: UInt64, sequence: OpenSequenceState)] {
+    /// `tenant`'s when only its quota is short. Sequences with a copy in flight are left alone.
+    func tightenable(floor: Double, tenant: String?) -> [UInt64] {
         sequences
             .filter {
                 $0.value.compressed && $0.value.retention > floor && (tenant == nil || $0.value.tenant == tenant)
-                    && $0.value.statistics.count == $0.value.geometry.layers
+                    && $0.value.statistics.count == $0.value.geometry.layers && !reshaping.contains($0.key)
             }
-            .map { (sequenceID: $0.key, sequence: $0.value) }
+            .map(\.key)
             .sorted {
-                let a = admission.sequence($0.sequenceID)?.chargedBytes ?? 0
-                let b = admission.sequence($1.sequenceID)?.chargedBytes ?? 0
-                return a != b ? a > b : $0.sequenceID < $1.sequenceID
+                let a = admission.sequence($0)?.chargedBytes ?? 0
+                let b = admission.sequence($1)?.chargedBytes ?? 0
+                return a != b ? a > b : $0 < $1
             }
+    }
+
+    /// Marks a sequence as being tightened and returns it as it stands now; nil once it closed or
+    /// while a copy of it (or another tightening) is in flight.
+    func beginTightening(_ sequenceID: UInt64) -> OpenSequenceState? {
+        guard let sequence = sequences[sequenceID], reshaping.insert(sequenceID).inserted else { return nil }
+        return sequence
+    }
+
+    func endTightening(_ sequenceID: UInt64) {
+        reshaping.remove(sequenceID)
     }
 
     /// Live workers with a connection: where sequences can be placed.
