@@ -52,6 +52,13 @@ public struct ChaosReport: Sendable, Codable {
     public var passed: Bool
 }
 
+/// One sequence's decode step under chaos: its outputs, or why it failed.
+struct StepOutcome: Sendable {
+    var index: Int
+    var outputs: [Int: [Float]]?
+    var failure: String?
+}
+
 /// Runs a scenario: a local cluster, lockstep decode traffic, the scenario's faults by signal, and
 /// the checks of the invariants (ARCHITECTURE §3) against a fault-free run computed in this process.
 public enum ChaosRunner {
@@ -125,30 +132,32 @@ public enum ChaosRunner {
                 progress("step \(step): \(fault.action.rawValue) \(target.nodeID) (pid \(target.pid))")
             }
             let live = (0..<traces.count).filter { !lost.contains($0) }
-            let outcomes = await withTaskGroup(of: (Int, Result<[Int: [Float]], any Error>).self) { group in
+            // Outcomes are a plain struct: a task group of (Int, Result<_, any Error>) tuples handed
+            // back garbage indices in release builds (Swift 6.3.1).
+            let outcomes = await withTaskGroup(of: StepOutcome.self) { group in
                 for index in live {
                     group.addTask {
                         do {
-                            return (index, .success(try await client.decode(UInt64(index), step: step, geometry: scenario.geometry)))
+                            let outputs = try await client.decode(UInt64(index), step: step, geometry: scenario.geometry)
+                            return StepOutcome(index: index, outputs: outputs, failure: nil)
                         } catch {
-                            return (index, .failure(error))
+                            return StepOutcome(index: index, outputs: nil, failure: "\(error)")
                         }
                     }
                 }
-                var all: [(Int, Result<[Int: [Float]], any Error>)] = []
+                var all: [StepOutcome] = []
                 for await outcome in group { all.append(outcome) }
-                return all
+                return all.sorted { $0.index < $1.index }
             }
-            for (index, outcome) in outcomes.sorted(by: { $0.0 < $1.0 }) {
-                switch outcome {
-                case .failure(let error):
-                    lost.insert(index)
-                    losses.append("sequence \(index) at step \(step): \(error)")
+            for outcome in outcomes {
+                guard let outputs = outcome.outputs else {
+                    lost.insert(outcome.index)
+                    losses.append("sequence \(outcome.index) at step \(step): \(outcome.failure ?? "no outputs")")
                     progress(losses.last!)
-                case .success(let outputs):
-                    for layer in 0..<scenario.geometry.layers where outputs[layer] != expected[index][step][layer] {
-                        mismatches += 1
-                    }
+                    continue
+                }
+                for layer in 0..<scenario.geometry.layers where outputs[layer] != expected[outcome.index][step][layer] {
+                    mismatches += 1
                 }
             }
             recovery += waitingSince.map { Int($0.duration(to: .now) / .milliseconds(1)) }
