@@ -13,14 +13,14 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Load-test a cluster with multimodal traffic and compare policies' footprint, fidelity and latency.",
         discussion: """
-            Runs the same seeded traffic once per policy against a running cluster (--coordinator) or a
-            local one it starts and stops (--local N, the default with 3 workers). Each sequence is opened
-            through the coordinator, prefilled from the workload's seed on every shard, decoded step by
-            step and closed. A fraction of the sequences is audited: the workers keep their full cache
-            too and score every decode step against it (output error, needle accuracy); audited steps
+            Runs the same seeded traffic once per policy against a running cluster (--coordinator) or a \
+            local one it starts and stops (--local N, the default with 3 workers). Each sequence is opened \
+            through the coordinator, prefilled from the workload's seed on every shard, decoded step by \
+            step and closed. A fraction of the sequences is audited: the workers keep their full cache \
+            too and score every decode step against it (output error, needle accuracy); audited steps \
             are left out of the latency figures because they decode twice.
 
-            Prints a live progress line on stderr and a table per policy on stdout; --json, --csv
+            Prints a live progress line on stderr and a table per policy on stdout; --json, --csv \
             (footprint every 250 ms per worker) and --report (one self-contained HTML file) write files.
 
             Examples:

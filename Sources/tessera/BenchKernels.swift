@@ -8,10 +8,10 @@ struct BenchKernels: AsyncParsableCommand {
         commandName: "bench-kernels",
         abstract: "Measure decode attention against this machine's memory read bandwidth, and compress time.",
         discussion: """
-            Run in release (swift run -c release tessera bench-kernels). On one core it measures the read
-            bandwidth of a SIMD sum over 1 GiB, then decode attention of one query over 32k-token heads
-            (1 GiB of K/V in all, so every pass streams from memory) in Float32 and Float16, and prints
-            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. Then it times each policy compressing
+            Run in release (swift run -c release tessera bench-kernels). On one core it measures the read \
+            bandwidth of a SIMD sum over 1 GiB, then decode attention of one query over 32k-token heads \
+            (1 GiB of K/V in all, so every pass streams from memory) in Float32 and Float16, and prints \
+            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. Then it times each policy compressing \
             one layer of an image-qa prompt on the chosen model at the chosen budget.
             """
     )

@@ -14,30 +14,30 @@ struct BenchWire: AsyncParsableCommand {
         commandName: "bench-wire",
         abstract: "Measure prefill ingest and decode round trips of a local cluster against plain TCP.",
         discussion: """
-            Run in release: swift build -c release --product tessera, then
-            .build/release/tessera bench-wire. Starts a coordinator and --workers workers
+            Run in release: swift build -c release --product tessera, then \
+            .build/release/tessera bench-wire. Starts a coordinator and --workers workers \
             from this binary on 127.0.0.1 and measures, in the same run:
 
-            Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB,
-            1 MiB and 4 MiB (one layer of 2 KV heads x 32 dims, float32, as long a prompt
-            as fills the frame; policy full, no queries), one and four requests in flight
-            on one connection. MB/s of tensor payload over the time the prefill requests
-            took; opening and closing the sequences through the coordinator is not
-            timed. The worker's share: decoding the frame, checking every element, the
+            Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB, \
+            1 MiB and 4 MiB (one layer of 2 KV heads x 32 dims, float32, as long a prompt \
+            as fills the frame; policy full, no queries), one and four requests in flight \
+            on one connection. MB/s of tensor payload over the time the prefill requests \
+            took; opening and closing the sequences through the coordinator is not \
+            timed. The worker's share: decoding the frame, checking every element, the \
             policy's (empty) profile and the layer statistics.
 
-            Plain TCP over loopback with the same payload bytes in the same frame sizes
-            (as many frames as the one-in-flight run sent, repeated until 0.5 s, or
-            --seconds-per-point if shorter, were timed): blocking sockets streaming to a
+            Plain TCP over loopback with the same payload bytes in the same frame sizes \
+            (as many frames as the one-in-flight run sent, repeated until 0.5 s, or \
+            --seconds-per-point if shorter, were timed): blocking sockets streaming to a \
             sink, and one frame in flight with a one-byte ack per frame.
 
-            Decode round trips on 1 and on 8 concurrent clients, each with its own
+            Decode round trips on 1 and on 8 concurrent clients, each with its own \
             connections and sequences (tiny, image-qa synthetic prefill, snapkv 0.2):
-            real steps, then retries of the last step, which the worker answers from its
+            real steps, then retries of the last step, which the worker answers from its \
             cache without running attention.
 
-            Prints a table and lines like
-            `ingest 1 MiB frames: 812.3 MB/s (plain TCP 1510.2 MB/s, 54%)`; MB is 10^6
+            Prints a table and lines like \
+            `ingest 1 MiB frames: 812.3 MB/s (plain TCP 1510.2 MB/s, 54%)`; MB is 10^6 \
             bytes. Progress goes to stderr. Every child process is stopped at the end.
             """
     )

@@ -9,18 +9,19 @@ struct ChaosCommand: AsyncParsableCommand {
         commandName: "chaos",
         abstract: "Run a fault-injection scenario on a local cluster and check that nothing was lost.",
         discussion: """
-            Starts a local cluster as the scenario describes (workers, replication), opens and prefills
-            its sequences, decodes them in lockstep and applies each fault before its step: kill, pause,
-            resume, terminate (SIGKILL, SIGSTOP, SIGCONT, SIGTERM), restart (a new process with the same
-            node id; the coordinator on the same port), partition and heal (fault plans set on the
-            admin endpoints: the coordinator and the worker drop each other's frames), aimed at the
-            primary or a replica of sequence 0's first shard, the previously hit worker, a worker by id
-            or the coordinator. Then it checks: sequences lost (0), acknowledged writes missing (0),
-            decode outputs bit-identical to the same seed run fault-free in this process, every shard
-            back to its replication factor, every running worker a live member again, replicas' digests
-            equal, accounting back to zero after
-            closing, no process left behind; and reports the recovery time per fault and the writes
-            retried. Exit code 1 when an invariant fails.
+            Starts a local cluster as the scenario describes (workers, replication), opens and prefills \
+            its sequences, decodes them in lockstep and applies each fault before its step: kill, pause, \
+            resume, terminate (SIGKILL, SIGSTOP, SIGCONT, SIGTERM), restart (a new process with the same \
+            node id; the coordinator on the same port), partition and heal (fault plans set on the \
+            admin endpoints: the coordinator and the worker drop each other's frames), aimed at the \
+            primary or a replica of sequence 0's first shard, the previously hit worker, a worker by id \
+            or the coordinator (restart, pause, resume); a fault's afterMillis holds it back until that \
+            long after the previous one. Then it checks: sequences lost (0, each with its reason), \
+            acknowledged writes missing (0), decode outputs bit-identical to the same seed run \
+            fault-free in this process, every shard back to its replication factor, every running \
+            worker a live member again, replicas' digests equal, accounting back to zero after closing, \
+            no process left behind; and reports the recovery time per fault and the writes retried. \
+            Exit code 1 when an invariant fails.
 
             Scenarios live in cluster/scenarios/, e.g.:
               tessera chaos --scenario cluster/scenarios/kill-primary.yaml --json chaos.json

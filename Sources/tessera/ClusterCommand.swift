@@ -16,8 +16,8 @@ struct ClusterCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Start a coordinator and N workers as child processes; stop them all on exit.",
             discussion: """
-                Prints one line `READY {"coordinator":"127.0.0.1:PORT","workers":[...]}` on stdout once every
-                worker has registered, then runs until SIGINT or SIGTERM and stops every child. Children
+                Prints one line `READY {"coordinator":"127.0.0.1:PORT","workers":[...]}` on stdout once every \
+                worker has registered, then runs until SIGINT or SIGTERM and stops every child. Children \
                 also watch a lifeline (their stdin), so none outlives this process even if it is killed.
                 """
         )

@@ -10,7 +10,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         commandName: "coordinator",
         abstract: "Run the coordinator: membership, placement, admission and per-layer budgets.",
         discussion: """
-            Prints `READY {"role":"coordinator","port":P,"pid":N}` on stdout once it listens. Workers and
+            Prints `READY {"role":"coordinator","port":P,"pid":N}` on stdout once it listens. Workers and \
             clients connect to that port. SIGINT or SIGTERM stops it gracefully (exit 0).
             """
     )

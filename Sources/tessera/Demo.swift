@@ -7,14 +7,14 @@ struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start a local cluster and compare the full cache, VL-Cache, MadaKV and LOOK-M at 10% on mixed traffic.",
         discussion: """
-            Starts a coordinator and 3 workers as processes, runs about a minute of `mixed` multimodal
-            traffic (single-image QA, multi-image, video and document prompts) once per policy, prints the
+            Starts a coordinator and 3 workers as processes, runs about a minute of `mixed` multimodal \
+            traffic (single-image QA, multi-image, video and document prompts) once per policy, prints the \
             comparison table and writes an HTML report, then stops every process.
 
-            So that a minute on a laptop covers dozens of sequences, images are pooled to 144 visual
-            tokens (as LLaVA-NeXT-Video pools frames) and documents carry 384-768 text tokens: LOOK-M
-            and VL-Cache on documents need the full prefill attention, which grows with the square of
-            the prompt. `tessera bench --workload cluster/workloads/mixed.yaml` runs full-size prompts.
+            So that a minute on a laptop covers dozens of sequences, images are pooled to 144 visual \
+            tokens (as LLaVA-NeXT-Video pools frames) and documents carry 384-768 text tokens: LOOK-M \
+            and VL-Cache on documents need the full prefill attention, which grows with the square of \
+            the prompt. `tessera bench --workload cluster/workloads/mixed.yaml` runs full-size prompts. \
             For the in-process comparison of all eight policies, see `tessera eval`.
             """
     )

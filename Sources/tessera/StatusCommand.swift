@@ -10,7 +10,7 @@ struct StatusCommand: AsyncParsableCommand {
         commandName: "status",
         abstract: "Show the cluster's members, their shards, live sequences and accounted KV bytes.",
         discussion: """
-            With --json prints {"workers":[{"id","address","state","shards","kvBytes",...}],"sequences":N,...}
+            With --json prints {"workers":[{"id","address","state","shards","kvBytes",...}],"sequences":N,...} \
             where state is alive, suspect or dead.
             """
     )

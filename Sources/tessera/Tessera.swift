@@ -6,8 +6,8 @@ struct Tessera: AsyncParsableCommand {
         commandName: "tessera",
         abstract: "Modality-aware KV-cache compression for vision-language models.",
         discussion: """
-            Tessera compresses the KV cache of VLM inference with modality-aware methods (VL-Cache, MadaKV,
-            LOOK-M) and their baselines, and measures what each saves and what it costs in fidelity.
+            Tessera compresses the KV cache of VLM inference with modality-aware methods (VL-Cache, MadaKV, \
+            LOOK-M) and their baselines, and measures what each saves and what it costs in fidelity. \
             Start with `tessera demo`; `tessera eval --help` lists the evaluation options.
             """,
         subcommands: [

@@ -10,7 +10,7 @@ struct WorkerCommand: AsyncParsableCommand {
         commandName: "worker",
         abstract: "Run a worker: holds KV-cache shards, compresses them to assigned budgets, serves decode.",
         discussion: """
-            Registers with the coordinator, then prints `READY {"role":"worker","port":P,"pid":N,...}` on
+            Registers with the coordinator, then prints `READY {"role":"worker","port":P,"pid":N,...}` on \
             stdout. Clients send prefill and decode to the printed port. SIGINT or SIGTERM stops it.
             """
     )
