@@ -151,8 +151,8 @@ public struct Membership: Sendable, Hashable {
     /// the previous tick is forgiven first (see the rules above).
     public mutating func tick(now: ClusterInstant) -> [MembershipChange] {
         lastPause = nil
-        if let lastTick, now.duration(since: lastTick) > settings.suspectAfter {
-            let pause = now.duration(since: lastTick) - settings.heartbeatInterval
+        if let lastTick, case let gap = now.duration(since: lastTick), gap > settings.suspectAfter {
+            let pause = gap - settings.heartbeatInterval
             lastPause = pause
             for nodeID in table.keys where table[nodeID]!.state != .dead {
                 table[nodeID]!.lastHeartbeat = min(table[nodeID]!.lastHeartbeat + pause, now)

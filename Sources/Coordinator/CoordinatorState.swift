@@ -376,25 +376,16 @@ actor CoordinatorState {
         return state
     }
 
-    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once). A
-    /// sequence that already has its budget (one rebuilt after a restart, whose workers report their
-    /// statistics again) keeps them for tightening under memory pressure.
+    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once).
+    /// Every copy reports the same statistics, and again after a coordinator restart: the first per
+    /// layer is kept, so a rebuilt sequence that already has its budget gets them for tightening.
     func record(_ statistics: LayerStatistics, sequenceID: UInt64) -> OpenSequenceState? {
         guard var state = sequences[sequenceID] else { return nil }
-        guard !state.budgetAssigned else {
-            if state.statistics[statistics.layer] == nil {
-                sequences[sequenceID]!.statistics[statistics.layer] = statistics
-            }
-            return nil
-        }
-        state.statistics[statistics.layer] = statistics
-        if state.statistics.count == state.geometry.layers {
-            state.budgetAssigned = true
-            sequences[sequenceID] = state
-            return state
-        }
+        if state.statistics[statistics.layer] == nil { state.statistics[statistics.layer] = statistics }
+        let complete = !state.budgetAssigned && state.statistics.count == state.geometry.layers
+        if complete { state.budgetAssigned = true }
         sequences[sequenceID] = state
-        return nil
+        return complete ? state : nil
     }
 
     /// Records what the shards' primaries hold after a budget (replicas hold the same), plus room for
