@@ -42,7 +42,8 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
-        .target(name: "KVCacheCore", swiftSettings: numericSettings),
+        .target(name: "KVKernels"),
+        .target(name: "KVCacheCore", dependencies: ["KVKernels"], swiftSettings: numericSettings),
         .target(
             name: "Workloads",
             dependencies: ["KVCacheCore", .product(name: "Yams", package: "Yams")],

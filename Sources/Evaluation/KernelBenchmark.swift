@@ -1,3 +1,4 @@
+import Dispatch
 public import KVCacheCore
 
 /// Measures the decode-attention kernel against the machine's own memory read bandwidth, on one core.
@@ -78,6 +79,38 @@ public enum KernelBenchmark {
         }
         blackHole(sink)
         return Double(heads * bytesPerHead) / best / 1e9
+    }
+
+    /// Floating-point operations per second of a register-only FMA loop running on `threads` threads
+    /// at once, at the score kernel's vector width: the compute peak the profile is measured against.
+    public static func fmaPeak(threads: Int, iterations: Int = 100_000_000, runs: Int = 3) -> Double {
+        var best = Double.infinity
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in blackHole(Kernels.fmaLoop(iterations: iterations)) }
+            best = min(best, (clock.now - start).seconds)
+        }
+        return Double(threads) * Kernels.fmaLoopFlops(iterations: iterations) / best
+    }
+
+    /// Floating-point operations per second of the attention profile that observes every prompt row
+    /// (H2O's and LOOK-M's) of `prefill` on `threads` threads, best of `runs`; counts only the score
+    /// products of the causal triangle, not the softmax or the tiles' skipped corners.
+    public static func profileThroughput(prefill: LayerPrefill, threads: Int, runs: Int = 3) throws -> (
+        flopsPerSecond: Double, seconds: Double
+    ) {
+        var best = Double.infinity
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            let profile = try AttentionProfile(
+                prefill: prefill, requirements: ProfileRequirements(suffixStarts: [0]), threads: threads)
+            best = min(best, (clock.now - start).seconds)
+            blackHole(profile.columnSums[0]![0])
+        }
+        let flops = AttentionProfile.flops(geometry: prefill.geometry, promptLength: prefill.promptLength, firstRow: 0)
+        return (flops / best, best)
     }
 
     @inline(never)

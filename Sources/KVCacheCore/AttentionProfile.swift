@@ -1,3 +1,6 @@
+import Dispatch
+import KVKernels
+
 /// What a layer's prefill attention tells the policies: column sums of the causal softmax over row
 /// suffixes `start..<m` (per query head), and VL-Cache's per-head sparsity. One backward pass over
 /// the rows yields every requested suffix, so policies that observe different rows share the work.
@@ -10,11 +13,17 @@ public struct AttentionProfile: Sendable {
     /// γ[h]: the fraction of causal entries in the sparsity rows below `threshold × row max`.
     public let headSparsity: [Double]
 
-    /// Computes the profile; the cost is one causal attention row per observed row and query head.
-    public init(prefill: LayerPrefill, requirements: ProfileRequirements) throws(KVCacheError) {
+    /// Query rows scored together: each packed key panel is read once per tile (from L1 for all of
+    /// the tile's row groups), and the tile's scores stay in L2.
+    static let tileRows = 24
+
+    /// Computes the profile: one causal attention row per observed row and query head, as tiles of
+    /// query rows against packed key panels (`kvk_scores`). KV heads are split across `threads`
+    /// threads in a fixed pattern; every head is computed the same way on any thread, so the result
+    /// does not depend on `threads`.
+    public init(prefill: LayerPrefill, requirements: ProfileRequirements, threads: Int = 1) throws(KVCacheError) {
         let g = prefill.geometry
         let m = prefill.promptLength
-        let d = g.headDim
         promptLength = m
         queryHeads = g.queryHeads
         groupSize = g.groupSize
@@ -29,63 +38,28 @@ public struct AttentionProfile: Sendable {
                 "the policy observes prompt rows from \(firstRow), but queries start at row "
                     + "\(prefill.firstQueryRow); send at least the last \(m - firstRow) query rows")
         }
-        let sparsityStart = requirements.sparsityStart ?? m
-        let threshold = requirements.sparsityThreshold
-        var sums = [Int: [Float]]()
-        for start in starts { sums[start] = [Float](repeating: 0, count: g.queryHeads * m) }
+        let pass = ProfilePass(
+            prefill: prefill, firstRow: firstRow, snapshots: starts.sorted(by: >),
+            sparsityStart: requirements.sparsityStart ?? m, threshold: requirements.sparsityThreshold)
+        var sums = [Float](repeating: 0, count: pass.snapshots.count * g.queryHeads * m)
         var sparsity = [Double](repeating: 0, count: g.queryHeads)
-        var running = [Float](repeating: 0, count: m)
-        var probabilities = [Float](repeating: 0, count: m)
-        let snapshots = starts.sorted(by: >)
-
-        prefill.keys.withUnsafeBufferPointer { keys in
-            prefill.queries.withUnsafeBufferPointer { queries in
-                for h in 0..<g.queryHeads {
-                    let keyBase = keys.baseAddress! + prefill.kvOffset(head: h / g.groupSize, position: 0)
-                    running.withUnsafeMutableBufferPointer { $0.update(repeating: 0) }
-                    var zeroed = 0
-                    var entries = 0
-                    var nextSnapshot = 0
-                    // Sums over start..<m are complete once every row ≥ start has been added.
-                    func snapshot(above row: Int) {
-                        while nextSnapshot < snapshots.count, snapshots[nextSnapshot] > row {
-                            let start = snapshots[nextSnapshot]
-                            running.withUnsafeBufferPointer { r in
-                                sums[start]!.withUnsafeMutableBufferPointer { out in
-                                    (out.baseAddress! + h * m).update(from: r.baseAddress!, count: m)
-                                }
-                            }
-                            nextSnapshot += 1
-                        }
-                    }
-                    for row in stride(from: m - 1, through: firstRow, by: -1) {
-                        snapshot(above: row)
-                        let count = row + 1
-                        probabilities.withUnsafeMutableBufferPointer { p in
-                            let p = p.baseAddress!
-                            Kernels.logits(
-                                query: queries.baseAddress! + prefill.queryOffset(head: h, row: row), keys: keyBase,
-                                rows: count, headDim: d, into: p)
-                            Kernels.softmax(p, count: count)
-                            if nextSnapshot < snapshots.count {
-                                running.withUnsafeMutableBufferPointer { r in
-                                    Kernels.accumulate(p, into: r.baseAddress!, count: count)
-                                }
-                            }
-                            if row >= sparsityStart {
-                                zeroed += Kernels.countBelow(p, count: count, fractionOfMax: threshold)
-                                entries += count
-                            }
-                        }
-                    }
-                    snapshot(above: firstRow - 1)
-                    if sparsityStart < m {
-                        sparsity[h] = entries == 0 ? 0 : Double(zeroed) / Double(entries)
-                    }
+        sums.withUnsafeMutableBufferPointer { sums in
+            sparsity.withUnsafeMutableBufferPointer { sparsity in
+                let output = ProfilePass.Output(sums: sums.baseAddress!, sparsity: sparsity.baseAddress!)
+                let workers = max(1, min(threads, g.kvHeads))
+                if workers == 1 {
+                    pass.run(worker: 0, of: 1, into: output)
+                } else {
+                    DispatchQueue.concurrentPerform(iterations: workers) { pass.run(worker: $0, of: workers, into: output) }
                 }
             }
         }
-        columnSums = sums
+        var columnSums = [Int: [Float]]()
+        let perStart = g.queryHeads * m
+        for (i, start) in pass.snapshots.enumerated() {
+            columnSums[start] = Array(sums[(i * perStart)..<((i + 1) * perStart)])
+        }
+        self.columnSums = columnSums
         headSparsity = sparsity
     }
 
@@ -113,10 +87,111 @@ public struct AttentionProfile: Sendable {
     /// for attributing one shared pass to the policies that needed less of it.
     public static func entries(promptLength m: Int, start: Int) -> Int { (m * (m + 1) - start * (start + 1)) / 2 }
 
+    /// Multiply-adds of the score products behind a profile that observes rows `firstRow..<m` of
+    /// every query head (what `bench-kernels` turns into GFLOP/s).
+    public static func flops(geometry: ModelGeometry, promptLength m: Int, firstRow: Int) -> Double {
+        2 * Double(entries(promptLength: m, start: firstRow)) * Double(geometry.headDim * geometry.queryHeads)
+    }
+
     /// VL-Cache's layer density `1 − mean_h γ[h]`.
     public var density: Double { 1 - headSparsity.reduce(0, +) / Double(max(1, headSparsity.count)) }
 }
 
+/// One layer's profile pass, head by head: for each query head, tiles of rows from the last one
+/// backwards; per row a softmax, its addition to the running column sums (copied out whenever the
+/// rows of a requested suffix are complete) and the sparsity count.
+private struct ProfilePass {
+    let prefill: LayerPrefill
+    let firstRow: Int
+    /// Suffix starts, largest first: the running sums are complete for `start` once every row ≥ start
+    /// has been added.
+    let snapshots: [Int]
+    let sparsityStart: Int
+    let threshold: Float
+
+    /// Where every head writes its results (disjoint ranges per head).
+    struct Output: @unchecked Sendable {
+        // SAFETY: each query head writes only its own ranges of both buffers, and the caller keeps
+        // them alive until every worker has returned.
+        let sums: UnsafeMutablePointer<Float>
+        let sparsity: UnsafeMutablePointer<Double>
+    }
+
+    /// Runs KV heads `worker, worker + workers, …` with buffers of its own.
+    func run(worker: Int, of workers: Int, into output: Output) {
+        // Nothing observed (the full cache, StreamingLLM): every sum and sparsity stays 0.
+        guard firstRow < prefill.promptLength else { return }
+        let g = prefill.geometry
+        let m = prefill.promptLength
+        let d = g.headDim
+        let stride = kvk_packed_floats(m, 1)
+        let packed = UnsafeMutablePointer<Float>.allocate(capacity: kvk_packed_floats(m, d))
+        let tile = UnsafeMutablePointer<Float>.allocate(capacity: AttentionProfile.tileRows * stride)
+        let running = UnsafeMutablePointer<Float>.allocate(capacity: m)
+        defer {
+            packed.deallocate()
+            tile.deallocate()
+            running.deallocate()
+        }
+        prefill.keys.withUnsafeBufferPointer { keys in
+            prefill.queries.withUnsafeBufferPointer { queries in
+                for kv in Swift.stride(from: worker, to: g.kvHeads, by: workers) {
+                    kvk_pack_keys(keys.baseAddress! + prefill.kvOffset(head: kv, position: 0), d, nil, m, packed)
+                    for h in (kv * g.groupSize)..<((kv + 1) * g.groupSize) {
+                        head(h, queries: queries.baseAddress!, packed: packed, tile: tile, stride: stride,
+                             running: running, into: output)
+                    }
+                }
+            }
+        }
+    }
+
+    private func head(
+        _ h: Int, queries: UnsafePointer<Float>, packed: UnsafePointer<Float>, tile: UnsafeMutablePointer<Float>,
+        stride: Int, running: UnsafeMutablePointer<Float>, into output: Output
+    ) {
+        let m = prefill.promptLength
+        let d = prefill.geometry.headDim
+        let scale = 1 / Float(d).squareRoot()
+        running.update(repeating: 0, count: m)
+        var zeroed = 0
+        var entries = 0
+        var nextSnapshot = 0
+        func snapshot(above row: Int) {
+            while nextSnapshot < snapshots.count, snapshots[nextSnapshot] > row {
+                let out = output.sums + (nextSnapshot * prefill.geometry.queryHeads + h) * m
+                out.update(from: running, count: m)
+                nextSnapshot += 1
+            }
+        }
+        var tileEnd = m
+        while tileEnd > firstRow {
+            let tileStart = max(firstRow, tileEnd - AttentionProfile.tileRows)
+            // Row `tileStart + i` attends to keys 0...tileStart + i.
+            kvk_scores(
+                queries + prefill.queryOffset(head: h, row: tileStart), d, tileEnd - tileStart, packed, tileEnd, d,
+                scale, tileStart + 1, tile, stride)
+            for row in Swift.stride(from: tileEnd - 1, through: tileStart, by: -1) {
+                snapshot(above: row)
+                let p = tile + (row - tileStart) * stride
+                let count = row + 1
+                Kernels.softmax(p, count: count)
+                if nextSnapshot < snapshots.count {
+                    Kernels.accumulate(p, into: running, count: count)
+                }
+                if row >= sparsityStart {
+                    zeroed += Kernels.countBelow(p, count: count, fractionOfMax: threshold)
+                    entries += count
+                }
+            }
+            tileEnd = tileStart
+        }
+        snapshot(above: firstRow - 1)
+        if sparsityStart < m {
+            output.sparsity[h] = entries == 0 ? 0 : Double(zeroed) / Double(entries)
+        }
+    }
+}
 extension Kernels {
     /// `out[i] += x[i]` for `count` elements.
     @inline(__always)
@@ -139,7 +214,7 @@ extension Kernels {
         var maxV = SIMD16<Float>(repeating: 0)
         var i = 0
         while i + 16 <= count {
-            maxV = pointwiseMax(maxV, load16(p + i))
+            maxV = lanewiseMax(maxV, load16(p + i))
             i += 16
         }
         var maxP = maxV.max()

@@ -1,3 +1,5 @@
+import KVKernels
+
 /// The hot loops: dot products, a vectorised exp, softmax, and decode attention. Everything works on
 /// contiguous rows through unsafe pointers and SIMD16, allocates nothing, and widens Float16 storage
 /// to Float32 sixteen lanes at a time.
@@ -40,6 +42,13 @@ public enum Kernels {
         return v2[0] + v2[1]
     }
 
+    /// The larger of each pair of lanes, as one compare and blend: the standard library's
+    /// `pointwiseMax` compiles to sixteen scalar steps through the stack.
+    @inline(__always)
+    public static func lanewiseMax(_ a: SIMD16<Float>, _ b: SIMD16<Float>) -> SIMD16<Float> {
+        a.replacing(with: b, where: b .> a)
+    }
+
     /// `e^x` lane by lane (Cephes' single-precision range reduction and polynomial, relative error
     /// below 2e-7 for x in [-87, 88]); inputs below -87 give 0 so that masked scores vanish.
     @inline(__always)
@@ -75,7 +84,7 @@ public enum Kernels {
         var maxV = SIMD16<Float>(repeating: -.infinity)
         var i = 0
         while i + 16 <= count {
-            maxV = pointwiseMax(maxV, load16(s + i))
+            maxV = lanewiseMax(maxV, load16(s + i))
             i += 16
         }
         var maxLogit = maxV.max()
@@ -196,4 +205,17 @@ public enum Kernels {
         let bb = dot(b, b, count: count)
         return ab / Swift.max((aa * bb).squareRoot(), 1e-12)
     }
+}
+
+extension Kernels {
+    /// The instruction set the compute-bound kernels (`KVKernels`) chose on this CPU: `avx2+fma` or
+    /// `portable`.
+    public static var computePath: String { String(cString: kvk_path()) }
+
+    /// Runs a register-only loop of fused multiply-adds at the score kernel's vector width; returns a
+    /// value that depends on every operation.
+    public static func fmaLoop(iterations: Int) -> Float { kvk_fma_loop(iterations) }
+
+    /// Floating-point operations `fmaLoop(iterations:)` performs.
+    public static func fmaLoopFlops(iterations: Int) -> Double { kvk_fma_loop_flops(iterations) }
 }

@@ -1,3 +1,5 @@
+import KVKernels
+
 /// A layer's key and value rows in Float32, with LOOK-M's merging applied in place to the kept ones.
 struct MergedRows {
     let prefill: LayerPrefill
@@ -38,28 +40,53 @@ struct MergedRows {
             var similarity: Float
         }
         var matches: [[Match]] = []
+        // Similarities as tiles of evicted rows against the packed kept keys (`kvk_scores`), one head
+        // at a time; each evicted row then takes the first kept row of highest similarity.
+        let tileRows = AttentionProfile.tileRows
+        let largestKept = kept.map(\.count).max() ?? 0
+        let stride = kvk_packed_floats(largestKept, 1)
+        let packed = UnsafeMutablePointer<Float>.allocate(capacity: kvk_packed_floats(largestKept, d))
+        let gathered = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * d)
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * stride)
+        defer {
+            packed.deallocate()
+            gathered.deallocate()
+            scores.deallocate()
+        }
         prefill.keys.withUnsafeBufferPointer { keys in
-            let keys = keys.baseAddress!
             for h in 0..<g.kvHeads {
+                let headKeys = keys.baseAddress! + prefill.kvOffset(head: h, position: 0)
                 var inverseNorm = [Float](repeating: 0, count: m)
                 for j in 0..<m {
-                    let row = keys + prefill.kvOffset(head: h, position: j)
+                    let row = headKeys + j * d
                     inverseNorm[j] = 1 / max(Kernels.dot(row, row, count: d).squareRoot(), 1e-12)
                 }
+                let pivots = kept[h]
                 var isKept = [Bool](repeating: false, count: m)
-                for c in kept[h] { isKept[c] = true }
+                for c in pivots { isKept[c] = true }
+                let evicted = (0..<m).filter { !isKept[$0] }
                 var headMatches: [Match] = []
-                for e in 0..<m where !isKept[e] {
-                    let row = keys + prefill.kvOffset(head: h, position: e)
-                    var best = Match(evicted: e, pivot: -1, similarity: -.infinity)
-                    for c in kept[h] {
-                        let similarity = Kernels.dot(row, keys + prefill.kvOffset(head: h, position: c), count: d)
-                            * inverseNorm[e] * inverseNorm[c]
-                        if similarity > best.similarity {
-                            best = Match(evicted: e, pivot: c, similarity: similarity)
+                if !pivots.isEmpty {
+                    kvk_pack_keys(headKeys, d, pivots, pivots.count, packed)
+                    for tileStart in Swift.stride(from: 0, to: evicted.count, by: tileRows) {
+                        let rows = min(tileRows, evicted.count - tileStart)
+                        for r in 0..<rows {
+                            (gathered + r * d).update(from: headKeys + evicted[tileStart + r] * d, count: d)
+                        }
+                        kvk_scores(gathered, d, rows, packed, pivots.count, d, 1, 0, scores, stride)
+                        for r in 0..<rows {
+                            let e = evicted[tileStart + r]
+                            let dots = scores + r * stride
+                            var best = Match(evicted: e, pivot: -1, similarity: -.infinity)
+                            for (i, c) in pivots.enumerated() {
+                                let similarity = dots[i] * inverseNorm[e] * inverseNorm[c]
+                                if similarity > best.similarity {
+                                    best = Match(evicted: e, pivot: c, similarity: similarity)
+                                }
+                            }
+                            if best.pivot >= 0 { headMatches.append(best) }
                         }
                     }
-                    if best.pivot >= 0 { headMatches.append(best) }
                 }
                 matches.append(headMatches)
             }
@@ -83,37 +110,53 @@ struct MergedRows {
         prefill.keys.withUnsafeBufferPointer { keys in
             prefill.values.withUnsafeBufferPointer { values in
                 for h in 0..<g.kvHeads {
-                    // Per pivot: running sums of key and value rows, seeded with the pivot itself.
-                    var sums: [Int: (key: [Float], value: [Float], joined: Int)] = [:]
-                    for match in matches[h] {
-                        let x = match.pivot
-                        let keyX = keys.baseAddress! + prefill.kvOffset(head: h, position: x)
-                        let valueX = values.baseAddress! + prefill.kvOffset(head: h, position: x)
-                        let keyY = keys.baseAddress! + prefill.kvOffset(head: h, position: match.evicted)
-                        let valueY = values.baseAddress! + prefill.kvOffset(head: h, position: match.evicted)
-                        if sums[x] == nil {
-                            sums[x] = (Array(UnsafeBufferPointer(start: keyX, count: d)),
-                                       Array(UnsafeBufferPointer(start: valueX, count: d)), 0)
-                        }
-                        sums[x]!.joined += 1
-                        for c in 0..<d {
-                            switch mode {
-                            case .averaged, .none:
-                                sums[x]!.key[c] += keyY[c]
-                                sums[x]!.value[c] += valueY[c]
-                            case .pivotal:
-                                sums[x]!.key[c] += (keyY[c] + keyX[c]) / 2
-                                sums[x]!.value[c] += (valueY[c] + valueX[c]) / 2
-                            case .weighted:
-                                sums[x]!.key[c] += match.similarity * keyY[c]
-                                sums[x]!.value[c] += match.similarity * valueY[c]
+                    // Per pivot: running sums of key and value rows, seeded with the pivot itself, in
+                    // flat rows by the order pivots are first matched.
+                    var slot = [Int: Int]()
+                    var pivots: [Int] = []
+                    var joined: [Int] = []
+                    var keySums: [Float] = []
+                    var valueSums: [Float] = []
+                    let keyBase = keys.baseAddress! + prefill.kvOffset(head: h, position: 0)
+                    let valueBase = values.baseAddress! + prefill.kvOffset(head: h, position: 0)
+                    for match in matches[h] where slot[match.pivot] == nil {
+                        slot[match.pivot] = pivots.count
+                        pivots.append(match.pivot)
+                        joined.append(0)
+                        keySums.append(contentsOf: UnsafeBufferPointer(start: keyBase + match.pivot * d, count: d))
+                        valueSums.append(contentsOf: UnsafeBufferPointer(start: valueBase + match.pivot * d, count: d))
+                    }
+                    keySums.withUnsafeMutableBufferPointer { keySums in
+                        valueSums.withUnsafeMutableBufferPointer { valueSums in
+                            for match in matches[h] {
+                                let s = slot[match.pivot]!
+                                joined[s] += 1
+                                let keyX = keyBase + match.pivot * d
+                                let valueX = valueBase + match.pivot * d
+                                let keyY = keyBase + match.evicted * d
+                                let valueY = valueBase + match.evicted * d
+                                let keySum = keySums.baseAddress! + s * d
+                                let valueSum = valueSums.baseAddress! + s * d
+                                for c in 0..<d {
+                                    switch mode {
+                                    case .averaged, .none:
+                                        keySum[c] += keyY[c]
+                                        valueSum[c] += valueY[c]
+                                    case .pivotal:
+                                        keySum[c] += (keyY[c] + keyX[c]) / 2
+                                        valueSum[c] += (valueY[c] + valueX[c]) / 2
+                                    case .weighted:
+                                        keySum[c] += match.similarity * keyY[c]
+                                        valueSum[c] += match.similarity * valueY[c]
+                                    }
+                                }
                             }
                         }
                     }
-                    for (x, sum) in sums {
-                        let scale = 1 / Float(sum.joined + 1)
-                        changedKeys[h][x] = sum.key.map { $0 * scale }
-                        changedValues[h][x] = sum.value.map { $0 * scale }
+                    for (s, x) in pivots.enumerated() {
+                        let scale = 1 / Float(joined[s] + 1)
+                        changedKeys[h][x] = keySums[(s * d)..<((s + 1) * d)].map { $0 * scale }
+                        changedValues[h][x] = valueSums[(s * d)..<((s + 1) * d)].map { $0 * scale }
                     }
                 }
             }

@@ -2,6 +2,7 @@ import ClusterAdmin
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
+import NIOCore
 import Workloads
 
 /// Answers the requests that reach a worker: shard assignments, budgets and closes from the
@@ -108,7 +109,7 @@ struct WorkerHandler: EnvelopeHandler {
         /// needed for the profile, and can outweigh the keys several times).
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
-                let profile = try AttentionProfile(prefill: prefill, requirements: requirements)
+                let profile = try AttentionProfile(prefill: prefill, requirements: requirements, threads: System.coreCount)
                 profiles[layer] = profile
                 let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
                 statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))

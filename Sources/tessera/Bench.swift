@@ -24,7 +24,7 @@ struct Bench: AsyncParsableCommand {
             (footprint every 250 ms per worker) and --report (one self-contained HTML file) write files.
 
             Examples:
-              tessera bench --local 3 --workload mixed --policies full,vl-cache --budget 0.1 --duration 20
+              tessera bench --local 3 --workload mixed --policies full,vl-cache --budget 0.1 --duration 20s
               tessera bench --coordinator 127.0.0.1:7400 --workload cluster/workloads/video-heavy.yaml
             """
     )
@@ -71,8 +71,8 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Open loop: at most this many sequences in flight; later arrivals wait (and their wait counts).")
     var maxInFlight = 64
 
-    @Option(help: "Seconds each policy's run starts sequences for (those in flight then finish).")
-    var duration: Double?
+    @Option(help: "How long each policy's run starts sequences for (those in flight then finish): 30, 30s, 2m, 1h.")
+    var duration: DurationArgument?
 
     @Option(help: "Sequences per policy instead of a duration.")
     var sequences: Int?
@@ -163,7 +163,8 @@ struct BenchOptions: ParsableArguments {
         let stop: BenchPlan.Stop
         switch (duration, sequences) {
         case (.some, .some): throw usageFailure("give --duration or --sequences, not both")
-        case (.some(let seconds), nil):
+        case (.some(let duration), nil):
+            let seconds = duration.seconds
             guard seconds > 0, seconds <= 86_400 else { throw usageFailure("--duration must be in (0, 86400] seconds, got \(seconds)") }
             stop = .after(.seconds(seconds))
         case (nil, .some(let n)):

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Evaluation
 import KVCacheCore
+import NIOCore
 import Workloads
 
 struct BenchKernels: AsyncParsableCommand {
@@ -42,6 +43,19 @@ struct BenchKernels: AsyncParsableCommand {
                 "decode \(scalar.rawValue): \(ResultTable.format(rate, 1)) GB/s, "
                     + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n")
         }
+
+        let threads = System.coreCount
+        Terminal.error("[tessera] measuring the FMA peak and the attention profile on \(threads) threads…\n")
+        let peak = KernelBenchmark.fmaPeak(threads: threads)
+        let long = TraceGenerator(preset: .multiImage, geometry: geometry, seed: seed).sequence(0)
+        let prefill = long.prefill(layer: geometry.layers / 2)
+        let profile = try KernelBenchmark.profileThroughput(prefill: prefill, threads: threads)
+        Terminal.output(
+            "profile f32: \(ResultTable.format(profile.flopsPerSecond / 1e9, 1)) GFLOP/s, "
+                + "\(Int((100 * profile.flopsPerSecond / peak).rounded()))% of FMA peak "
+                + "(\(ResultTable.format(peak / 1e9, 1)) GFLOP/s on \(threads) threads, \(Kernels.computePath)); "
+                + "every row of a multi-image layer, \(prefill.promptLength) tokens, in "
+                + "\(ResultTable.format(profile.seconds * 1000, 1)) ms\n")
 
         let trace = TraceGenerator(preset: .imageQA, geometry: geometry, seed: seed).sequence(0)
         let timings = try CompressTiming.measure(trace: trace, layer: geometry.layers / 2, retention: budget)

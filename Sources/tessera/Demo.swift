@@ -22,8 +22,8 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Model geometry: llava-1.5-7b, llava-1.6-mistral-7b, qwen2.5-vl-7b or tiny.")
     var model = "llava-1.6-mistral-7b"
 
-    @Option(help: "Seconds each policy's run starts sequences for.")
-    var duration = 12.0
+    @Option(help: "How long each policy's run starts sequences for: 12, 12s, 1m.")
+    var duration = DurationArgument(seconds: 12)
 
     @Option(help: "Where to write the HTML report.")
     var report = "tessera-demo.html"
