@@ -172,7 +172,7 @@ let package = Package(
             ],
             swiftSettings: numericSettings
         ),
-        .testTarget(name: "KVCacheCoreTests", dependencies: ["KVCacheCore"], swiftSettings: strictSettings),
+        .testTarget(name: "KVCacheCoreTests", dependencies: ["KVCacheCore", "KVKernels"], swiftSettings: strictSettings),
         .testTarget(name: "EvaluationTests", dependencies: ["Evaluation"], swiftSettings: strictSettings),
         .testTarget(
             name: "TesseraCLITests",

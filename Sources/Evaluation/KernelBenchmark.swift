@@ -69,7 +69,7 @@ public enum KernelBenchmark {
                 keys[h].withUnsafeBufferPointer { k in
                     values[h].withUnsafeBufferPointer { v in
                         Kernels.decodeAttention(
-                            query: query, keys: k.baseAddress!, values: v.baseAddress!, rows: tokens,
+                            queries: query, keys: k.baseAddress!, values: v.baseAddress!, rows: tokens,
                             headDim: headDim, scratch: &scratch, output: &output)
                     }
                 }

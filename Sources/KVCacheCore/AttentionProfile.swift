@@ -1,4 +1,3 @@
-import Dispatch
 import KVKernels
 
 /// What a layer's prefill attention tells the policies: column sums of the causal softmax over row
@@ -45,13 +44,9 @@ public struct AttentionProfile: Sendable {
         var sparsity = [Double](repeating: 0, count: g.queryHeads)
         sums.withUnsafeMutableBufferPointer { sums in
             sparsity.withUnsafeMutableBufferPointer { sparsity in
-                let output = ProfilePass.Output(sums: sums.baseAddress!, sparsity: sparsity.baseAddress!)
-                let workers = max(1, min(threads, g.kvHeads))
-                if workers == 1 {
-                    pass.run(worker: 0, of: 1, into: output)
-                } else {
-                    DispatchQueue.concurrentPerform(iterations: workers) { pass.run(worker: $0, of: workers, into: output) }
-                }
+                let output = ProfilePass.Output(
+                    sums: Kernels.SharedOutput(sums.baseAddress!), sparsity: Kernels.SharedOutput(sparsity.baseAddress!))
+                Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
             }
         }
         var columnSums = [Int: [Float]]()
@@ -110,11 +105,9 @@ private struct ProfilePass {
     let threshold: Float
 
     /// Where every head writes its results (disjoint ranges per head).
-    struct Output: @unchecked Sendable {
-        // SAFETY: each query head writes only its own ranges of both buffers, and the caller keeps
-        // them alive until every worker has returned.
-        let sums: UnsafeMutablePointer<Float>
-        let sparsity: UnsafeMutablePointer<Double>
+    struct Output {
+        let sums: Kernels.SharedOutput<Float>
+        let sparsity: Kernels.SharedOutput<Double>
     }
 
     /// Runs KV heads `worker, worker + workers, …` with buffers of its own.
@@ -159,7 +152,7 @@ private struct ProfilePass {
         var nextSnapshot = 0
         func snapshot(above row: Int) {
             while nextSnapshot < snapshots.count, snapshots[nextSnapshot] > row {
-                let out = output.sums + (nextSnapshot * prefill.geometry.queryHeads + h) * m
+                let out = output.sums.pointer + (nextSnapshot * prefill.geometry.queryHeads + h) * m
                 out.update(from: running, count: m)
                 nextSnapshot += 1
             }
@@ -188,7 +181,7 @@ private struct ProfilePass {
         }
         snapshot(above: firstRow - 1)
         if sparsityStart < m {
-            output.sparsity[h] = entries == 0 ? 0 : Double(zeroed) / Double(entries)
+            output.sparsity.pointer[h] = entries == 0 ? 0 : Double(zeroed) / Double(entries)
         }
     }
 }

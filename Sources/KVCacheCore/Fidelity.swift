@@ -86,20 +86,23 @@ public struct DecodeReference: Sendable {
         var cache = full
         var outputs = [Float](repeating: 0, count: steps.count * g.queryHeads * d)
         var attention = [Float](repeating: 0, count: steps.count * g.queryHeads * m)
-        var scratch = [Float](repeating: 0, count: m + steps.count)
+        var scratch = [Float](repeating: 0, count: g.groupSize * (m + steps.count))
         for (t, step) in steps.enumerated() {
             LayerDecoder.append(step, to: &cache, geometry: g, position: m + t)
             step.queries.withUnsafeBufferPointer { queries in
-                for qh in 0..<g.queryHeads {
-                    let row = t * g.queryHeads + qh
-                    scratch.withUnsafeMutableBufferPointer { p in
+                scratch.withUnsafeMutableBufferPointer { p in
+                    for kv in 0..<g.kvHeads {
+                        let first = t * g.queryHeads + kv * g.groupSize
                         outputs.withUnsafeMutableBufferPointer { out in
-                            cache[qh / g.groupSize].attend(
-                                query: queries.baseAddress! + qh * d, scratch: p.baseAddress!,
-                                output: out.baseAddress! + row * d)
+                            cache[kv].attend(
+                                queries: queries.baseAddress! + kv * g.groupSize * d, groups: g.groupSize,
+                                scratch: p.baseAddress!, output: out.baseAddress! + first * d)
                         }
-                        attention.withUnsafeMutableBufferPointer {
-                            ($0.baseAddress! + row * m).update(from: p.baseAddress!, count: m)
+                        attention.withUnsafeMutableBufferPointer { a in
+                            for member in 0..<g.groupSize {
+                                (a.baseAddress! + (first + member) * m).update(
+                                    from: p.baseAddress! + member * cache[kv].count, count: m)
+                            }
                         }
                     }
                 }

@@ -68,18 +68,20 @@ public struct HeadCache<S: KVScalar>: Sendable {
         }
     }
 
-    /// Attention of one Float32 query over every row; writes `headDim` outputs and leaves the
-    /// probabilities in `scratch` (at least `count` floats).
+    /// Attention of `groups` Float32 queries (a GQA group, back to back) over every row, reading each
+    /// row once; writes `groups × headDim` outputs and leaves query `g`'s probabilities at
+    /// `scratch + g × count` (at least `groups × count` floats).
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public func attend(
-        query: UnsafePointer<Float>, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>
+        queries: UnsafePointer<Float>, groups: Int, scratch: UnsafeMutablePointer<Float>,
+        output: UnsafeMutablePointer<Float>
     ) {
         keys.withUnsafeBufferPointer { k in
             values.withUnsafeBufferPointer { v in
                 Kernels.decodeAttention(
-                    query: query, keys: k.baseAddress!, values: v.baseAddress!, rows: count, headDim: headDim,
-                    scratch: scratch, output: output)
+                    queries: queries, groups: groups, keys: k.baseAddress!, values: v.baseAddress!, rows: count,
+                    headDim: headDim, scratch: scratch, output: output)
             }
         }
     }

@@ -1,3 +1,4 @@
+import Dispatch
 import KVKernels
 
 /// The hot loops: dot products, a vectorised exp, softmax, and decode attention. Everything works on
@@ -125,39 +126,18 @@ public enum Kernels {
         query: UnsafePointer<Float>, keys: UnsafePointer<S>, rows: Int, headDim: Int,
         into scores: UnsafeMutablePointer<Float>
     ) {
-        let scale = 1 / Float(headDim).squareRoot()
-        var j = 0
-        var k = keys
-        if headDim % 16 == 0 {
-            // Four rows at a time: each query chunk is loaded once for four keys, and the four
-            // independent accumulators keep the FMA units busy.
-            while j + 4 <= rows {
-                var a0 = SIMD16<Float>()
-                var a1 = SIMD16<Float>()
-                var a2 = SIMD16<Float>()
-                var a3 = SIMD16<Float>()
-                var c = 0
-                while c < headDim {
-                    let q = load16(query + c)
-                    a0 += q * S.load16(k + c)
-                    a1 += q * S.load16(k + headDim + c)
-                    a2 += q * S.load16(k + 2 * headDim + c)
-                    a3 += q * S.load16(k + 3 * headDim + c)
-                    c += 16
-                }
-                scores[j] = horizontalSum(a0) * scale
-                scores[j + 1] = horizontalSum(a1) * scale
-                scores[j + 2] = horizontalSum(a2) * scale
-                scores[j + 3] = horizontalSum(a3) * scale
-                k += 4 * headDim
-                j += 4
-            }
-        }
-        while j < rows {
-            scores[j] = dot(query, k, count: headDim) * scale
-            k += headDim
-            j += 1
-        }
+        logits(queries: query, groups: 1, keys: keys, rows: rows, headDim: headDim, into: scores, stride: rows)
+    }
+
+    /// Scaled logits of `groups` queries (back to back) against `rows` key rows, query `g`'s at
+    /// `scores + g * stride`: a GQA group reads its KV head once (`kvk_decode_logits`).
+    @inline(__always)
+    public static func logits<S: KVScalar>(
+        queries: UnsafePointer<Float>, groups: Int, keys: UnsafePointer<S>, rows: Int, headDim: Int,
+        into scores: UnsafeMutablePointer<Float>, stride: Int
+    ) {
+        kvk_decode_logits(
+            queries, groups, keys, S.isHalf, rows, headDim, 1 / Float(headDim).squareRoot(), scores, stride)
     }
 
     /// `out = Σ_j p_j · v_j` over `rows` value rows.
@@ -166,35 +146,21 @@ public enum Kernels {
         probabilities p: UnsafePointer<Float>, values: UnsafePointer<S>, rows: Int, headDim: Int,
         into out: UnsafeMutablePointer<Float>
     ) {
-        out.update(repeating: 0, count: headDim)
-        var v = values
-        for j in 0..<rows {
-            let w = p[j]
-            var c = 0
-            while c + 16 <= headDim {
-                let acc = load16(out + c) + w * S.load16(v + c)
-                UnsafeMutableRawPointer(out + c).storeBytes(of: acc, as: SIMD16<Float>.self)
-                c += 16
-            }
-            while c < headDim {
-                out[c] += w * Float(v[c])
-                c += 1
-            }
-            v += headDim
-        }
+        kvk_decode_weighted_sum(p, 1, rows, values, S.isHalf, rows, headDim, out)
     }
 
-    /// Decode attention of one query over one head: logits, softmax, weighted sum of values.
-    /// `scratch` needs `rows` floats and holds the probabilities afterwards.
+    /// Decode attention of a GQA group's `groups` queries (back to back) over one KV head: logits,
+    /// softmax, weighted sum of values. `scratch` needs `groups × rows` floats and holds query `g`'s
+    /// probabilities at `g × rows` afterwards; `output` gets `groups × headDim` floats.
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func decodeAttention<S: KVScalar>(
-        query: UnsafePointer<Float>, keys: UnsafePointer<S>, values: UnsafePointer<S>, rows: Int,
+        queries: UnsafePointer<Float>, groups: Int = 1, keys: UnsafePointer<S>, values: UnsafePointer<S>, rows: Int,
         headDim: Int, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>
     ) {
-        logits(query: query, keys: keys, rows: rows, headDim: headDim, into: scratch)
-        softmax(scratch, count: rows)
-        weightedSum(probabilities: scratch, values: values, rows: rows, headDim: headDim, into: output)
+        logits(queries: queries, groups: groups, keys: keys, rows: rows, headDim: headDim, into: scratch, stride: rows)
+        for g in 0..<groups { softmax(scratch + g * rows, count: rows) }
+        kvk_decode_weighted_sum(scratch, groups, rows, values, S.isHalf, rows, headDim, output)
     }
 
     /// Cosine similarity of two Float32 rows, with zero norms guarded by `epsilon`.
@@ -218,4 +184,25 @@ extension Kernels {
 
     /// Floating-point operations `fmaLoop(iterations:)` performs.
     public static func fmaLoopFlops(iterations: Int) -> Double { kvk_fma_loop_flops(iterations) }
+}
+
+extension Kernels {
+    /// Runs `body(worker, workers)` for every worker in `0..<workers` (at least one), on that many
+    /// threads at once, or inline for one: how a layer's heads are split across cores.
+    static func forEachWorker(_ workers: Int, _ body: @Sendable (_ worker: Int, _ workers: Int) -> Void) {
+        let workers = max(1, workers)
+        if workers == 1 {
+            body(0, 1)
+        } else {
+            DispatchQueue.concurrentPerform(iterations: workers) { body($0, workers) }
+        }
+    }
+
+    /// A buffer that several workers write at once, each to its own range.
+    struct SharedOutput<T>: @unchecked Sendable {
+        // SAFETY: every worker writes a range no other worker touches, and the owner keeps the
+        // buffer alive until `forEachWorker` returns.
+        let pointer: UnsafeMutablePointer<T>
+        init(_ pointer: UnsafeMutablePointer<T>) { self.pointer = pointer }
+    }
 }

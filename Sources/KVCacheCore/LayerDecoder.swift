@@ -2,23 +2,31 @@
 /// tokens are never evicted), then every query head attends over its KV head. The worker and the
 /// in-process reference both decode through here, so their outputs are bit-identical.
 public enum LayerDecoder {
-    /// Returns the attention outputs, `queryHeads × headDim` floats, query heads back to back.
+    /// Returns the attention outputs, `queryHeads × headDim` floats, query heads back to back. Each
+    /// KV head is read once for its whole GQA group; KV heads are split across `threads` threads in a
+    /// fixed pattern, and each head's outputs do not depend on the thread that computed them.
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func step<S: KVScalar>(
-        _ heads: inout [HeadCache<S>], geometry g: ModelGeometry, input: DecodeStepInput, position: Int
+        _ heads: inout [HeadCache<S>], geometry g: ModelGeometry, input: DecodeStepInput, position: Int,
+        threads: Int = 1
     ) -> [Float] {
         let d = g.headDim
         append(input, to: &heads, geometry: g, position: position)
         var outputs = [Float](repeating: 0, count: g.queryHeads * d)
-        var scratch = [Float](repeating: 0, count: heads.map(\.count).max() ?? 0)
-        input.queries.withUnsafeBufferPointer { queries in
-            scratch.withUnsafeMutableBufferPointer { p in
-                outputs.withUnsafeMutableBufferPointer { out in
-                    for qh in 0..<g.queryHeads {
-                        heads[qh / g.groupSize].attend(
-                            query: queries.baseAddress! + qh * d, scratch: p.baseAddress!,
-                            output: out.baseAddress! + qh * d)
+        let rows = heads.map(\.count).max() ?? 0
+        let frozen = heads
+        outputs.withUnsafeMutableBufferPointer { out in
+            let target = Kernels.SharedOutput(out.baseAddress!)
+            Kernels.forEachWorker(min(threads, g.kvHeads)) { worker, workers in
+                let scratch = UnsafeMutablePointer<Float>.allocate(capacity: g.groupSize * rows)
+                defer { scratch.deallocate() }
+                input.queries.withUnsafeBufferPointer { queries in
+                    for kv in stride(from: worker, to: g.kvHeads, by: workers) {
+                        let first = kv * g.groupSize * d
+                        frozen[kv].attend(
+                            queries: queries.baseAddress! + first, groups: g.groupSize, scratch: scratch,
+                            output: target.pointer + first)
                     }
                 }
             }

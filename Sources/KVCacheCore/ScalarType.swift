@@ -14,6 +14,8 @@ public enum ScalarType: String, Sendable, Hashable, Codable, CaseIterable {
 /// A storage element that the kernels can widen to Float32 sixteen lanes at a time.
 public protocol KVScalar: BinaryFloatingPoint, Sendable {
     static var scalarType: ScalarType { get }
+    /// Non-zero when the C kernels must read this type as IEEE half precision.
+    static var isHalf: Int32 { get }
     /// Sixteen consecutive elements from `pointer`, widened to Float32.
     static func load16(_ pointer: UnsafePointer<Self>) -> SIMD16<Float>
     /// Narrows `count` Float32 values into storage, sixteen lanes at a time.
@@ -23,6 +25,7 @@ public protocol KVScalar: BinaryFloatingPoint, Sendable {
 
 extension Float: KVScalar {
     public static var scalarType: ScalarType { .float32 }
+    public static var isHalf: Int32 { 0 }
 
     @inline(__always)
     public static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
@@ -37,6 +40,7 @@ extension Float: KVScalar {
 
 extension Float16: KVScalar {
     public static var scalarType: ScalarType { .float16 }
+    public static var isHalf: Int32 { 1 }
 
     @inline(__always)
     public static func load16(_ pointer: UnsafePointer<Float16>) -> SIMD16<Float> {

@@ -162,6 +162,11 @@ void kvk_scores(const float *queries, size_t queryStride, size_t rows, const flo
     scores_portable(queries, queryStride, rows, panels, keys, headDim, scale, causalEnd, scores, scoreStride);
 }
 
+void kvk_scores_portable(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
+                         size_t headDim, float scale, size_t causalEnd, float *scores, size_t scoreStride) {
+    scores_portable(queries, queryStride, rows, panels, keys, headDim, scale, causalEnd, scores, scoreStride);
+}
+
 double kvk_fma_loop_flops(size_t iterations) { return (double)iterations * 10 * 8 * 2; }
 
 float kvk_fma_loop(size_t iterations) {

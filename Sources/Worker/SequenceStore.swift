@@ -1,6 +1,7 @@
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
+import NIOCore
 import Workloads
 
 /// What a worker holds for one sequence: its shard assignment, the full prefill until the
@@ -310,11 +311,17 @@ actor SequenceStore {
                         + "synthetic step to expand")
             }
         }
+        // A step alone on the worker splits its heads across every core; with others running, each
+        // keeps to one thread.
+        let alone = !sequences.values.contains { $0.decoding != nil }
         let bytes = held.bytes
         sequences[sequenceID]!.decoding = (bytes.total, bytes.byModality, held.auditBytes)
         sequences[sequenceID]!.cache = nil
         sequences[sequenceID]!.audit = nil
-        return .run(DecodeJob(sequenceID: sequenceID, step: step, held: held, inputs: stepInputs))
+        return .run(
+            DecodeJob(
+                sequenceID: sequenceID, step: step, held: held, inputs: stepInputs,
+                threads: alone ? System.coreCount : 1))
     }
 
     /// Puts the job's cache back and, if it succeeded, records the step (unless the sequence was
@@ -499,12 +506,17 @@ final class DecodeJob: @unchecked Sendable {
     let step: Int
     var held: HeldSequence
     let inputs: [(layer: Int, input: DecodeStepInput)]
+    /// Threads the step's heads are split across.
+    let threads: Int
 
-    init(sequenceID: UInt64, step: Int, held: HeldSequence, inputs: [(layer: Int, input: DecodeStepInput)]) {
+    init(
+        sequenceID: UInt64, step: Int, held: HeldSequence, inputs: [(layer: Int, input: DecodeStepInput)], threads: Int
+    ) {
         self.sequenceID = sequenceID
         self.step = step
         self.held = held
         self.inputs = inputs
+        self.threads = threads
     }
 
     /// Appends the step to every layer and attends; audited sequences also score it.
@@ -527,7 +539,9 @@ final class DecodeJob: @unchecked Sendable {
         let position = held.layout.promptLength + step
         var fidelity = FidelityReport()
         for (layer, input) in inputs {
-            guard let outputs = cache.decode(layer: layer, geometry: geometry, input: input, position: position) else {
+            guard let outputs = cache.decode(
+                layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+            else {
                 throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
             }
             audit?.score(

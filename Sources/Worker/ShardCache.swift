@@ -47,11 +47,16 @@ struct ShardCache: Sendable {
 
     func holds(layer: Int) -> Bool { float32[layer] != nil || float16[layer] != nil }
 
-    /// Decodes one step on `layer`, returning `queryHeads × headDim` outputs.
-    mutating func decode(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) -> [Float]? {
+    /// Decodes one step on `layer` with its heads split across `threads`, returning
+    /// `queryHeads × headDim` outputs.
+    mutating func decode(
+        layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int, threads: Int = 1
+    ) -> [Float]? {
         switch storage {
-        case .float32: return Self.decode(&float32, layer: layer, geometry: geometry, input: input, position: position)
-        case .float16: return Self.decode(&float16, layer: layer, geometry: geometry, input: input, position: position)
+        case .float32:
+            Self.decode(&float32, layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+        case .float16:
+            Self.decode(&float16, layer: layer, geometry: geometry, input: input, position: position, threads: threads)
         }
     }
 
@@ -59,10 +64,10 @@ struct ShardCache: Sendable {
     /// dictionary so that they are uniquely referenced while they grow).
     static func decode<S: KVScalar>(
         _ layers: inout [Int: [HeadCache<S>]], layer: Int, geometry: ModelGeometry, input: DecodeStepInput,
-        position: Int
+        position: Int, threads: Int
     ) -> [Float]? {
         guard var heads = layers.removeValue(forKey: layer) else { return nil }
-        let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position)
+        let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position, threads: threads)
         layers[layer] = heads
         return outputs
     }
@@ -154,7 +159,7 @@ struct AuditCopy: Sendable {
         layer: Int, step: Int, geometry g: ModelGeometry, input: DecodeStepInput, position: Int, outputs: [Float],
         into report: inout FidelityReport
     ) {
-        guard let reference = ShardCache.decode(&full, layer: layer, geometry: g, input: input, position: position)
+        guard let reference = ShardCache.decode(&full, layer: layer, geometry: g, input: input, position: position, threads: 1)
         else { return }
         let d = g.headDim
         for qh in 0..<g.queryHeads {

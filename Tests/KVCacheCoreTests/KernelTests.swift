@@ -48,13 +48,13 @@ import Glibc
         var scratch = [Float](repeating: 0, count: rows)
         var out = [Float](repeating: 0, count: d)
         Kernels.decodeAttention(
-            query: query, keys: keys, values: values, rows: rows, headDim: d, scratch: &scratch, output: &out)
+            queries: query, keys: keys, values: values, rows: rows, headDim: d, scratch: &scratch, output: &out)
         for c in 0..<d { #expect(abs(Double(out[c]) - want[c]) < 1e-5, "seed \(seed) lane \(c)") }
 
         let keys16 = keys.map { Float16($0) }
         let values16 = values.map { Float16($0) }
         Kernels.decodeAttention(
-            query: query, keys: keys16, values: values16, rows: rows, headDim: d, scratch: &scratch, output: &out)
+            queries: query, keys: keys16, values: values16, rows: rows, headDim: d, scratch: &scratch, output: &out)
         for c in 0..<d { #expect(abs(Double(out[c]) - want[c]) < 2e-3, "f16 seed \(seed) lane \(c)") }
     }
 

@@ -26,10 +26,33 @@ void kvk_pack_keys(const float *rows, size_t headDim, const intptr_t *indices, s
 ///
 /// With `causalEnd` non-zero, query row `i` needs only keys `0 ..< causalEnd + i`: panels past the
 /// last key any row of a six-row group needs are skipped (their scores are left unwritten).
-/// Each score is one fused multiply-add chain over `c = 0 ..< headDim` in order, so results do not
-/// depend on tiling or threads; they may differ in the last bits between the AVX2 and portable paths.
+/// Each score is one fused multiply-add chain over `c = 0 ..< headDim` in order, so results depend
+/// neither on tiling nor on threads nor on the path (AVX2 or portable).
 void kvk_scores(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
                 size_t headDim, float scale, size_t causalEnd, float *scores, size_t scoreStride);
+
+/// The largest head size the decode kernels take (as `ModelGeometry` allows).
+#define KVK_MAX_HEAD_DIM 1024
+
+/// Decode logits of a GQA group: `scores[g * scoreStride + j] = scale * (query_g · key_j)` for
+/// `groups` queries (back to back, `headDim` floats each) against `rows` key rows, Float32 or, with
+/// `keysAreHalf`, IEEE half precision. Each key row is read once for the whole group.
+void kvk_decode_logits(const float *queries, size_t groups, const void *keys, int keysAreHalf, size_t rows,
+                       size_t headDim, float scale, float *scores, size_t scoreStride);
+
+/// `out[g * headDim + c] = Σ_j probabilities[g * probabilityStride + j] * value_j[c]` for a GQA group:
+/// each value row is read once for the whole group.
+void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t probabilityStride, const void *values,
+                             int valuesAreHalf, size_t rows, size_t headDim, float *out);
+
+/// The portable paths of the kernels above, whatever the CPU: tests check that both paths give the
+/// same bits.
+void kvk_scores_portable(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
+                         size_t headDim, float scale, size_t causalEnd, float *scores, size_t scoreStride);
+void kvk_decode_logits_portable(const float *queries, size_t groups, const void *keys, int keysAreHalf, size_t rows,
+                                size_t headDim, float scale, float *scores, size_t scoreStride);
+void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups, size_t probabilityStride,
+                                      const void *values, int valuesAreHalf, size_t rows, size_t headDim, float *out);
 
 /// Floating-point operations a register-only FMA loop performs in `iterations` (see `kvk_fma_loop`).
 double kvk_fma_loop_flops(size_t iterations);

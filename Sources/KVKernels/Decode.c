@@ -1,0 +1,209 @@
+#include "KVKernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVK_X86 1
+#endif
+
+// Decode attention streams every cached key and value row once per step, so these kernels are
+// memory-bound. Rows are read strictly in order, one whole row at a time (interleaving four rows
+// halved the bandwidth the hardware prefetcher delivers here), and each row serves every query head
+// of its GQA group while it is in L1.
+//
+// Both paths compute the same sums in the same order, so a cache decodes to the same bits on any CPU.
+// A dot product over d elements: 32 lane sums L[c mod 32], each a fused chain over c < 32⌊d/32⌋ in
+// order; t[i] = (L[i] + L[8 + i]) + (L[16 + i] + L[24 + i]); s = ((t0 + t1) + (t2 + t3)) +
+// ((t4 + t5) + (t6 + t7)); then the remaining elements fused into s in order; times the scale. A
+// weighted sum: per output element, one fused chain over the rows in order.
+
+static inline float from_half(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {  // subnormal: normalise
+        uint32_t shift = 0;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// MARK: - Portable path
+
+/// Row `j` as Float32: the row itself, or its widening into `buffer`.
+static inline const float *row_portable(const void *rows, int half, size_t j, size_t d, float *buffer) {
+    if (!half) return (const float *)rows + j * d;
+    const uint16_t *in = (const uint16_t *)rows + j * d;
+    for (size_t c = 0; c < d; c++) buffer[c] = from_half(in[c]);
+    return buffer;
+}
+
+static inline float dot_portable(const float *q, const float *k, size_t d) {
+    float lane[32] = {0}, t[8];
+    size_t body = d / 32 * 32;
+    for (size_t c = 0; c < body; c++) lane[c % 32] = fmaf(q[c], k[c], lane[c % 32]);
+    for (size_t i = 0; i < 8; i++) t[i] = (lane[i] + lane[8 + i]) + (lane[16 + i] + lane[24 + i]);
+    float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+    for (size_t c = body; c < d; c++) sum = fmaf(q[c], k[c], sum);
+    return sum;
+}
+
+static void logits_portable(const float *queries, size_t groups, const void *keys, int half, size_t rows, size_t d,
+                            float scale, float *scores, size_t scoreStride) {
+    float buffer[KVK_MAX_HEAD_DIM];
+    for (size_t j = 0; j < rows; j++) {
+        const float *k = row_portable(keys, half, j, d, buffer);
+        for (size_t g = 0; g < groups; g++) scores[g * scoreStride + j] = dot_portable(queries + g * d, k, d) * scale;
+    }
+}
+
+static void weighted_portable(const float *p, size_t groups, size_t pStride, const void *values, int half,
+                              size_t rows, size_t d, float *out) {
+    float buffer[KVK_MAX_HEAD_DIM];
+    for (size_t j = 0; j < rows; j++) {
+        const float *v = row_portable(values, half, j, d, buffer);
+        for (size_t g = 0; g < groups; g++) {
+            float w = p[g * pStride + j];
+            float *o = out + g * d;
+            for (size_t c = 0; c < d; c++) o[c] = fmaf(w, v[c], o[c]);
+        }
+    }
+}
+
+// MARK: - AVX2 + FMA + F16C
+
+#ifdef KVK_X86
+#define KVK_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/// Eight elements from `p`, Float32 or half precision widened.
+KVK_AVX2 static inline __m256 load8(const void *p, int half, size_t c) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + c)))
+                : _mm256_loadu_ps((const float *)p + c);
+}
+
+KVK_AVX2 static inline float element(const void *p, int half, size_t c) {
+    return half ? from_half(((const uint16_t *)p)[c]) : ((const float *)p)[c];
+}
+
+/// The canonical dot product of a Float32 query and a row of either type.
+KVK_AVX2 __attribute__((always_inline)) static inline float dot_avx2(const float *q, const void *k, int half, size_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    size_t body = d / 32 * 32;
+    for (size_t c = 0; c < body; c += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(k, half, c), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), load8(k, half, c + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 16), load8(k, half, c + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 24), load8(k, half, c + 24), a3);
+    }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m256 pairs = _mm256_hadd_ps(t, t);          // t0+t1 t2+t3 … | t4+t5 t6+t7 …
+    __m256 quads = _mm256_hadd_ps(pairs, pairs);  // (t0+t1)+(t2+t3) … | (t4+t5)+(t6+t7) …
+    float sum = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1)));
+    for (size_t c = body; c < d; c++) sum = fmaf(q[c], element(k, half, c), sum);
+    return sum;
+}
+
+/// One row of the weighted sum's chain: `out[c] = fma(w, v[c], out[c])`.
+KVK_AVX2 __attribute__((always_inline)) static inline void accumulate_avx2(float *out, float w, const void *v, int half, size_t d) {
+    size_t body = d / 8 * 8;
+    __m256 x = _mm256_set1_ps(w);
+    for (size_t c = 0; c < body; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_fmadd_ps(x, load8(v, half, c), _mm256_loadu_ps(out + c)));
+    for (size_t c = body; c < d; c++) out[c] = fmaf(w, element(v, half, c), out[c]);
+}
+
+/// Row `j` for a whole GQA group: half-precision rows are widened once when several queries share
+/// them; a single query widens as it reads (F16C is cheaper than a round trip through a buffer).
+KVK_AVX2 static inline const void *group_row(const void *rows, int *half, size_t j, size_t groups, size_t d,
+                                             float *buffer) {
+    if (!*half) return (const float *)rows + j * d;
+    const uint16_t *row = (const uint16_t *)rows + j * d;
+    if (groups == 1) return row;
+    size_t c = 0;
+    for (; c + 8 <= d; c += 8) _mm256_storeu_ps(buffer + c, load8(row, 1, c));
+    for (; c < d; c++) buffer[c] = from_half(row[c]);
+    *half = 0;
+    return buffer;
+}
+
+KVK_AVX2 static void logits_avx2(const float *queries, size_t groups, const void *keys, int half, size_t rows,
+                                 size_t d, float scale, float *scores, size_t scoreStride) {
+    float buffer[KVK_MAX_HEAD_DIM];
+    for (size_t j = 0; j < rows; j++) {
+        int rowHalf = half;
+        const void *k = group_row(keys, &rowHalf, j, groups, d, buffer);
+        // Constant `half` arguments, so each inlined loop is specialised to one storage type.
+        for (size_t g = 0; g < groups; g++)
+            scores[g * scoreStride + j] =
+                (rowHalf ? dot_avx2(queries + g * d, k, 1, d) : dot_avx2(queries + g * d, k, 0, d)) * scale;
+    }
+}
+
+KVK_AVX2 static void weighted_avx2(const float *p, size_t groups, size_t pStride, const void *values, int half,
+                                   size_t rows, size_t d, float *out) {
+    float buffer[KVK_MAX_HEAD_DIM];
+    for (size_t j = 0; j < rows; j++) {
+        int rowHalf = half;
+        const void *v = group_row(values, &rowHalf, j, groups, d, buffer);
+        for (size_t g = 0; g < groups; g++) {
+            if (rowHalf)
+                accumulate_avx2(out + g * d, p[g * pStride + j], v, 1, d);
+            else
+                accumulate_avx2(out + g * d, p[g * pStride + j], v, 0, d);
+        }
+    }
+}
+
+static int has_avx2_fma_f16c(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+static int has_avx2_fma_f16c(void) { return 0; }
+#endif
+
+void kvk_decode_logits(const float *queries, size_t groups, const void *keys, int keysAreHalf, size_t rows,
+                       size_t headDim, float scale, float *scores, size_t scoreStride) {
+#ifdef KVK_X86
+    if (has_avx2_fma_f16c()) {
+        logits_avx2(queries, groups, keys, keysAreHalf, rows, headDim, scale, scores, scoreStride);
+        return;
+    }
+#endif
+    logits_portable(queries, groups, keys, keysAreHalf, rows, headDim, scale, scores, scoreStride);
+}
+
+void kvk_decode_logits_portable(const float *queries, size_t groups, const void *keys, int keysAreHalf, size_t rows,
+                                size_t headDim, float scale, float *scores, size_t scoreStride) {
+    logits_portable(queries, groups, keys, keysAreHalf, rows, headDim, scale, scores, scoreStride);
+}
+
+void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups, size_t probabilityStride,
+                                      const void *values, int valuesAreHalf, size_t rows, size_t headDim, float *out) {
+    memset(out, 0, groups * headDim * sizeof(float));
+    weighted_portable(probabilities, groups, probabilityStride, values, valuesAreHalf, rows, headDim, out);
+}
+
+void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t probabilityStride, const void *values,
+                             int valuesAreHalf, size_t rows, size_t headDim, float *out) {
+    memset(out, 0, groups * headDim * sizeof(float));
+#ifdef KVK_X86
+    if (has_avx2_fma_f16c()) {
+        weighted_avx2(probabilities, groups, probabilityStride, values, valuesAreHalf, rows, headDim, out);
+        return;
+    }
+#endif
+    weighted_portable(probabilities, groups, probabilityStride, values, valuesAreHalf, rows, headDim, out);
+}

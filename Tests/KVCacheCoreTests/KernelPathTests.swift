@@ -1,0 +1,104 @@
+import KVKernels
+import Testing
+@testable import KVCacheCore
+
+/// The C kernels' promise: the same bits whatever path, grouping or thread count computed them, so
+/// replicas agree on any CPU.
+@Suite struct KernelPathTests {
+    @Test(arguments: [7, 33, 128])
+    func scorePathsAgree(headDim d: Int) {
+        var rng = SeededGenerator(seed: UInt64(d))
+        let keyCount = 45
+        let rows = 13
+        let keys = rng.floats(keyCount * d)
+        let queries = rng.floats(rows * d, scale: 2)
+        var packed = [Float](repeating: 0, count: kvk_packed_floats(keyCount, d))
+        kvk_pack_keys(keys, d, nil, keyCount, &packed)
+        let stride = kvk_packed_floats(keyCount, 1)
+        for causalEnd in [0, 20] {
+            var best = [Float](repeating: 0, count: rows * stride)
+            var portable = best
+            kvk_scores(queries, d, rows, packed, keyCount, d, 0.5, causalEnd, &best, stride)
+            kvk_scores_portable(queries, d, rows, packed, keyCount, d, 0.5, causalEnd, &portable, stride)
+            for i in 0..<rows {
+                let needed = causalEnd == 0 ? keyCount : min(keyCount, causalEnd + i)
+                for j in 0..<needed {
+                    #expect(best[i * stride + j].bitPattern == portable[i * stride + j].bitPattern, "seed \(d) \(i),\(j)")
+                }
+            }
+        }
+    }
+
+    @Test(arguments: [(7, 1), (40, 4), (128, 1), (128, 4)])
+    func decodePathsAgree(headDim d: Int, groups: Int) {
+        let seed = UInt64(d * 10 + groups)
+        var rng = SeededGenerator(seed: seed)
+        let rows = 37
+        let keys = rng.floats(rows * d)
+        let values = rng.floats(rows * d)
+        let queries = rng.floats(groups * d, scale: 2)
+        let weights = rng.floats(groups * rows).map { abs($0) }
+        func check<S: KVScalar>(_ keys: [S], _ values: [S]) {
+            var best = [Float](repeating: 0, count: groups * rows)
+            var portable = best
+            var out = [Float](repeating: 0, count: groups * d)
+            var outPortable = out
+            keys.withUnsafeBytes { k in
+                kvk_decode_logits(queries, groups, k.baseAddress, S.isHalf, rows, d, 0.25, &best, rows)
+                kvk_decode_logits_portable(queries, groups, k.baseAddress, S.isHalf, rows, d, 0.25, &portable, rows)
+            }
+            values.withUnsafeBytes { v in
+                kvk_decode_weighted_sum(weights, groups, rows, v.baseAddress, S.isHalf, rows, d, &out)
+                kvk_decode_weighted_sum_portable(weights, groups, rows, v.baseAddress, S.isHalf, rows, d, &outPortable)
+            }
+            #expect(best.map(\.bitPattern) == portable.map(\.bitPattern), "logits \(S.self) seed \(seed)")
+            #expect(out.map(\.bitPattern) == outPortable.map(\.bitPattern), "weighted sum \(S.self) seed \(seed)")
+        }
+        check(keys, values)
+        check(keys.map { Float16($0) }, values.map { Float16($0) })
+    }
+
+    /// A GQA group attends in one pass over its KV head; each query gets what it gets alone.
+    @Test func groupedAttendEqualsOneQueryAtATime() {
+        var rng = SeededGenerator(seed: 21)
+        let d = 64
+        let groups = 4
+        var head = HeadCache<Float16>(headDim: d)
+        for position in 0..<50 {
+            head.append(key: rng.floats(d), value: rng.floats(d), position: position, tag: .text)
+        }
+        let queries = rng.floats(groups * d, scale: 2)
+        var scratch = [Float](repeating: 0, count: groups * head.count)
+        var together = [Float](repeating: 0, count: groups * d)
+        head.attend(queries: queries, groups: groups, scratch: &scratch, output: &together)
+        for g in 0..<groups {
+            var alone = [Float](repeating: 0, count: d)
+            Array(queries[(g * d)..<((g + 1) * d)]).withUnsafeBufferPointer { q in
+                head.attend(queries: q.baseAddress!, groups: 1, scratch: &scratch, output: &alone)
+            }
+            #expect(alone.map(\.bitPattern) == together[(g * d)..<((g + 1) * d)].map(\.bitPattern), "query \(g)")
+        }
+    }
+
+    /// Replicas compare digests and outputs: a decode step must not depend on how many threads ran it.
+    @Test func decodeThreadsDoNotChangeTheBits() throws {
+        let g = geometry(layers: 1, queryHeads: 8, kvHeads: 4, headDim: 32)
+        var rng = SeededGenerator(seed: 5)
+        var heads = (0..<g.kvHeads).map { _ in HeadCache<Float>(headDim: g.headDim) }
+        for position in 0..<30 {
+            for h in heads.indices {
+                heads[h].append(key: rng.floats(g.headDim), value: rng.floats(g.headDim), position: position, tag: .text)
+            }
+        }
+        let input = try DecodeStepInput(
+            geometry: g, keys: rng.floats(g.kvHeads * g.headDim), values: rng.floats(g.kvHeads * g.headDim),
+            queries: rng.floats(g.queryHeads * g.headDim, scale: 2))
+        var one = heads
+        let expected = LayerDecoder.step(&one, geometry: g, input: input, position: 30, threads: 1)
+        for threads in [2, 3, 8] {
+            var many = heads
+            let got = LayerDecoder.step(&many, geometry: g, input: input, position: 30, threads: threads)
+            #expect(got.map(\.bitPattern) == expected.map(\.bitPattern), "threads \(threads)")
+        }
+    }
+}
