@@ -1,5 +1,5 @@
 public import ClusterTransport
-import ClusterWire
+public import ClusterWire
 public import KVCacheCore
 public import Logging
 public import Workloads
@@ -39,9 +39,12 @@ public struct DecodeStep: Sendable {
     public var fullKVBytes: UInt64 = 0
     /// For an audited sequence: the step's outputs scored against the full cache.
     public var fidelity: FidelityReport?
+    /// The compute the shards' primaries spent on the sequence before its first step, summed.
+    public var work = PrefillWork()
 
     public init() {}
 }
+
 
 /// What the cluster reports about itself.
 public struct ClusterStatus: Sendable, Codable, Hashable {
@@ -74,6 +77,8 @@ public final class TesseraClient: Sendable {
     private let coordinatorAddress: NodeAddress
     private let pool: ConnectionPool
     private let placements = Mutex<[UInt64: SequencePlacement]>([:])
+    /// Per opened sequence, how long its prefill may take (`prefillTimeout`).
+    private let prefillTimeouts = Mutex<[UInt64: Duration]>([:])
     private let retries = Atomic<Int>(0)
 
     /// Writes sent again after a failure a fresh placement or connection could cure (see `onEveryShard`).
@@ -116,7 +121,20 @@ public final class TesseraClient: Sendable {
         message.model = try geometry.proto()
         message.spans = try layout.proto()
         message.policy = try policy.proto(retention: retention)
-        return try remember(try await coordinator.request(.openSequence(message)))
+        let placement = try remember(try await coordinator.request(.openSequence(message)))
+        prefillTimeouts.withLock { $0[sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength) }
+        return placement
+    }
+
+    /// How long a prefill may take before the client gives up on a worker: 30 s, plus the work at
+    /// rates far below what the kernels reach here (K/V expanded at 20 MB/s, an attention profile of
+    /// every prompt row at 5 GFLOP/s, against ~160 GFLOP/s measured on 2 cores), so a worker busy with
+    /// other prefills is waited for and a stuck one is still found. The `tiny` model gets 30 s; a
+    /// 3,000-token multi-image prompt on LLaVA-1.6-Mistral-7B about five minutes.
+    public static func prefillTimeout(geometry g: ModelGeometry, promptLength m: Int) -> Duration {
+        let bytes = Double(2 * g.layers * g.kvHeads * m * g.headDim * MemoryLayout<Float>.size)
+        let flops = AttentionProfile.flops(geometry: g, promptLength: m, firstRow: 0) * Double(g.layers)
+        return .seconds(30 + bytes / 20e6 + flops / 5e9)
     }
 
     /// Asks the coordinator for the sequence's current placement.
@@ -140,7 +158,8 @@ public final class TesseraClient: Sendable {
         source.sequenceIndex = UInt32(index)
         if let settings { source.shape = settings.shape }
         let synthetic = source
-        let acks = try await onEveryShard(sequenceID, timeout: .seconds(300)) { shard, placement in
+        let timeout = prefillTimeouts.withLock { $0[sequenceID] } ?? .seconds(300)
+        let acks = try await onEveryShard(sequenceID, timeout: timeout) { shard, placement in
             var prefill = Tessera_V1_Prefill()
             prefill.tenant = self.tenant
             prefill.sequenceID = sequenceID
@@ -193,6 +212,7 @@ public final class TesseraClient: Sendable {
             }
             step.kvBytes += result.kvBytes
             step.fullKVBytes += result.fullKvBytes
+            step.work.add(PrefillWork(result))
             if result.hasAudit {
                 var fidelity = step.fidelity ?? FidelityReport()
                 fidelity.relativeErrorSum += result.audit.relativeErrorSum
@@ -212,6 +232,7 @@ public final class TesseraClient: Sendable {
         message.sequenceID = sequenceID
         let reply = try await coordinator.request(.close(message))
         _ = placements.withLock { $0.removeValue(forKey: sequenceID) }
+        _ = prefillTimeouts.withLock { $0.removeValue(forKey: sequenceID) }
         if case .closeAck(let ack) = reply { return ack.freedBytes }
         return 0
     }

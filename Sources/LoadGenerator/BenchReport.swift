@@ -73,6 +73,17 @@ public struct PolicyResult: Sendable, Codable, Hashable {
     public var workers: [WorkerPeak]
     /// The decode-latency distribution: (percentile, micros) points for charts.
     public var decodeLatencyPercentiles: [LatencyPoint]
+    /// Decode throughput of one sequence: timed decode steps ÷ the seconds they took, summed over
+    /// sequences (what a sequence decodes per second while it decodes, queueing between steps aside).
+    public var decodeThroughput: Double
+    /// Per completed sequence, the workers' compute before its first step (primaries, summed over
+    /// shards): expanding the synthetic prompt, the attention profiles, compressing to the budget.
+    public var synthesisMillis: Double
+    public var profileMillis: Double
+    public var compressMillis: Double
+    /// Per completed sequence, K/V bytes × seconds from its open to its close: its full size until
+    /// its first decode step returned (it sits uncompressed until then), then what each step reported.
+    public var kvByteSeconds: Double
 
     public init(
         policy: String, budget: Double, sequences: Int, decodeTokens: Int, durationSeconds: Double,
@@ -80,7 +91,8 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         prefillP50Micros: UInt64, prefillP99Micros: UInt64, peakKVBytes: UInt64, meanKVBytes: UInt64,
         fullKVBytes: UInt64, compressedKVBytes: UInt64, saving: Double, outputError: Double?,
         needleAccuracy: Double?, auditedSequences: Int, errors: Int, errorMessages: [String] = [], refusals: Int, retries: Int,
-        workers: [WorkerPeak], decodeLatencyPercentiles: [LatencyPoint]
+        workers: [WorkerPeak], decodeLatencyPercentiles: [LatencyPoint], decodeThroughput: Double = 0,
+        synthesisMillis: Double = 0, profileMillis: Double = 0, compressMillis: Double = 0, kvByteSeconds: Double = 0
     ) {
         self.policy = policy
         self.budget = budget
@@ -107,6 +119,11 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         self.retries = retries
         self.workers = workers
         self.decodeLatencyPercentiles = decodeLatencyPercentiles
+        self.decodeThroughput = decodeThroughput
+        self.synthesisMillis = synthesisMillis
+        self.profileMillis = profileMillis
+        self.compressMillis = compressMillis
+        self.kvByteSeconds = kvByteSeconds
     }
 }
 

@@ -29,6 +29,8 @@ public enum HTMLReport {
         let run = [report.workload, report.model, String(report.workers), String(report.seed), report.loop, load]
         html += table(header: ["workload", "model", "workers", "seed", "loop", "load"], rows: [run], textColumns: 6)
         html += "<h2>Policies</h2>\n" + comparisonTable(report.policies)
+        html += "<h2>Accounted K/V over time</h2>\n" + footprintComparison(report, samples)
+        html += "<h2>Prefill cost per sequence</h2>\n" + costTable(report.policies)
         html += "<h2>Decode-step latency</h2>\n" + latencyChart(report.policies)
         for policy in policyNames(report, samples) {
             html += "<h2>Footprint: \(escape(policy))</h2>\n"
@@ -73,6 +75,33 @@ public enum HTMLReport {
             ]
         }
         return table(header: header, rows: rows, textColumns: 1)
+    }
+
+    static func costTable(_ policies: [PolicyResult]) -> String {
+        let header = [
+            "policy", "decode tokens/s per sequence", "synthesis ms", "profile ms", "compress ms", "K/V GiB·s",
+        ]
+        let rows = policies.map { p in
+            [
+                p.policy, decimal(p.decodeThroughput, 1), decimal(p.synthesisMillis, 1), decimal(p.profileMillis, 1),
+                decimal(p.compressMillis, 1), decimal(p.kvByteSeconds / (mebibyte * 1024), 2),
+            ]
+        }
+        return table(header: header, rows: rows, textColumns: 1)
+    }
+
+    /// Every policy's total accounted K/V on shared axes, seconds from the start of its own run; the
+    /// full cache, when it ran, is the dashed reference.
+    static func footprintComparison(_ report: BenchReport, _ samples: [FootprintSample]) -> String {
+        let series = policyNames(report, samples).enumerated().map { i, policy in
+            ChartSeries(
+                name: policy, color: palette[i % palette.count],
+                points: footprintTotals(samples.filter { $0.policy == policy }).map { ChartPoint(x: $0.x, y: $0.kv) },
+                style: policy == "full" ? .dashed : .line)
+        }
+        return chart(
+            title: "Accounted K/V, all workers, per policy", x: ChartAxis(label: "seconds"),
+            y: ChartAxis(label: "MiB"), series: series)
     }
 
     static func peakTable(_ policies: [PolicyResult]) -> String {
@@ -127,7 +156,7 @@ public enum HTMLReport {
                 ChartSeries(
                     name: "\(worker) RSS", color: color, points: own.map { point($0, $0.rssBytes) }, style: .dashed))
         }
-        let totals = modalityTotals(samples)
+        let totals = footprintTotals(samples)
         // Stacked: each band's top is the running sum; drawn top band first so lower ones cover it.
         let stacked = [
             ChartSeries(
@@ -151,20 +180,21 @@ public enum HTMLReport {
         ChartPoint(x: Double(sample.elapsedMillis) / 1000, y: Double(bytes) / mebibyte)
     }
 
-    struct ModalityTotal {
+    struct FootprintTotal {
         var x: Double
+        var kv: Double
         var text: Double
         var image: Double
         var video: Double
     }
 
-    /// MiB per modality over all workers at each sample time (x in seconds). Workers are not sampled
-    /// at the same instant, so each worker's last sample is carried forward rather than summing only
-    /// equal times.
-    static func modalityTotals(_ samples: [FootprintSample]) -> [ModalityTotal] {
+    /// MiB in all and per modality over all workers at each sample time (x in seconds). Workers are
+    /// not sampled at the same instant, so each worker's last sample is carried forward rather than
+    /// summing only equal times.
+    static func footprintTotals(_ samples: [FootprintSample]) -> [FootprintTotal] {
         let sorted = samples.sorted { $0.elapsedMillis < $1.elapsedMillis }
         var latest: [String: FootprintSample] = [:]
-        var totals: [ModalityTotal] = []
+        var totals: [FootprintTotal] = []
         var i = 0
         while i < sorted.count {
             let t = sorted[i].elapsedMillis
@@ -176,8 +206,9 @@ public enum HTMLReport {
                 latest.values.reduce(0) { $0 + Double(bytes($1)) } / mebibyte
             }
             totals.append(
-                ModalityTotal(
-                    x: Double(t) / 1000, text: sum(\.textBytes), image: sum(\.imageBytes), video: sum(\.videoBytes)))
+                FootprintTotal(
+                    x: Double(t) / 1000, kv: sum(\.kvBytes), text: sum(\.textBytes), image: sum(\.imageBytes),
+                    video: sum(\.videoBytes)))
         }
         return totals
     }

@@ -192,13 +192,17 @@ struct SequenceDriver: Sendable {
         await recorder.started()
         do {
             try await open(sequenceID, geometry: geometry, layout: trace.layout, policy: policy, decodeTokens: trace.decodeSteps)
+            var footprint = Footprint(since: .now)
             _ = try await client.prefillSynthetic(
                 sequenceID, workload: preset.rawValue, seed: plan.seed, index: index, settings: settings, audit: audited)
             var last = DecodeStep()
             var fidelity: FidelityReport?
             for step in 0..<trace.decodeSteps {
                 let stepStart = ContinuousClock.now
+                let previous = last
                 last = try await client.decodeStep(sequenceID, step: step, geometry: geometry)
+                // Until its first step returns (with the budget applied), the sequence is held whole.
+                footprint.held(step == 0 ? last.fullKVBytes : previous.kvBytes, until: .now)
                 if step == 0 {
                     // The first step waits for the budget (gather, allocate, compress): it ends the
                     // time to first token, not a decode step of the compressed cache.
@@ -215,7 +219,10 @@ struct SequenceDriver: Sendable {
                 }
             }
             _ = try await client.close(sequenceID)
-            await recorder.completed(kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, fidelity: fidelity)
+            footprint.held(last.kvBytes, until: .now)
+            await recorder.completed(
+                kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, work: last.work, byteSeconds: footprint.byteSeconds,
+                fidelity: fidelity)
             return true
         } catch {
             _ = try? await client.close(sequenceID)
@@ -242,6 +249,21 @@ struct SequenceDriver: Sendable {
                 await recorder.retried()
             }
         }
+    }
+}
+
+/// One sequence's K/V bytes × seconds, accumulated interval by interval.
+struct Footprint {
+    private(set) var byteSeconds = 0.0
+    private var since: ContinuousClock.Instant
+
+    init(since start: ContinuousClock.Instant) { since = start }
+
+    /// Counts `bytes` as held from the end of the previous interval until `now`.
+    mutating func held(_ bytes: UInt64, until now: ContinuousClock.Instant) {
+        let (seconds, attoseconds) = (now - since).components
+        byteSeconds += Double(bytes) * (Double(seconds) + Double(attoseconds) * 1e-18)
+        since = now
     }
 }
 

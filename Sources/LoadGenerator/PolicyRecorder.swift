@@ -1,3 +1,4 @@
+import ClusterWire
 import Histogram
 import KVCacheCore
 
@@ -18,6 +19,10 @@ actor PolicyRecorder {
     private var fidelity = FidelityReport()
     private var fullBytes: UInt64 = 0
     private var compressedBytes: UInt64 = 0
+    private var timedSteps = 0
+    private var timedStepSeconds = 0.0
+    private var work = PrefillWork()
+    private var byteSeconds = 0.0
     private(set) var samples: [FootprintSample] = []
     private(set) var clusterBytes: UInt64 = 0
     private var finished: ContinuousClock.Instant?
@@ -43,15 +48,24 @@ actor PolicyRecorder {
 
     func decoded(after duration: Duration, timed: Bool) {
         decodeTokens += 1
-        if timed { _ = decode.record(Self.micros(duration)) }
+        guard timed else { return }
+        _ = decode.record(Self.micros(duration))
+        timedSteps += 1
+        timedStepSeconds += Double(Self.micros(duration)) / 1e6
     }
 
-    /// A sequence that ran to the end: its bytes at the last step, and its audit when it had one.
-    func completed(kvBytes: UInt64, fullKVBytes: UInt64, fidelity audit: FidelityReport?) {
+    /// A sequence that ran to the end: its bytes at the last step, the workers' prefill compute, its
+    /// footprint integral, and its audit when it had one.
+    func completed(
+        kvBytes: UInt64, fullKVBytes: UInt64, work sequenceWork: PrefillWork, byteSeconds footprint: Double,
+        fidelity audit: FidelityReport?
+    ) {
         live -= 1
         sequences += 1
         compressedBytes += kvBytes
         fullBytes += fullKVBytes
+        work.add(sequenceWork)
+        byteSeconds += footprint
         if let audit {
             audited += 1
             fidelity.merge(audit)
@@ -75,6 +89,8 @@ actor PolicyRecorder {
     }
 
     var elapsed: Duration { (finished ?? .now) - start }
+
+    private func perSequence(_ total: UInt64) -> Double { sequences == 0 ? 0 : Double(total) / Double(sequences) }
 
     /// The policy's figures once every sequence has ended.
     func result(budget: Double) -> PolicyResult {
@@ -104,6 +120,10 @@ actor PolicyRecorder {
             saving: fullBytes == 0 ? 0 : 1 - Double(compressedBytes) / Double(fullBytes),
             outputError: audited == 0 ? nil : fidelity.outputError, needleAccuracy: fidelity.needleAccuracy,
             auditedSequences: audited, errors: errors, errorMessages: errorMessages, refusals: refusals, retries: retries, workers: workers,
-            decodeLatencyPercentiles: percentiles)
+            decodeLatencyPercentiles: percentiles,
+            decodeThroughput: timedStepSeconds > 0 ? Double(timedSteps) / timedStepSeconds : 0,
+            synthesisMillis: perSequence(work.synthesisMicros) / 1000, profileMillis: perSequence(work.profileMicros) / 1000,
+            compressMillis: perSequence(work.compressMicros) / 1000,
+            kvByteSeconds: sequences == 0 ? 0 : byteSeconds / Double(sequences))
     }
 }

@@ -25,6 +25,8 @@ struct HeldSequence: Sendable {
 
     var prefills: [Int: LayerPrefill] = [:]
     var profiles: [Int: AttentionProfile] = [:]
+    /// Compute this copy spent on the shard before its first decode step (reported with every step).
+    var work = PrefillWork()
     /// The layer statistics sent to the coordinator after prefill (small; sent again when registering
     /// with a restarted coordinator).
     var statistics: [Tessera_V1_LayerStats] = []
@@ -166,7 +168,8 @@ actor SequenceStore {
 
     func storePrefill(
         _ sequenceID: UInt64, prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile],
-        statistics: [Tessera_V1_LayerStats], syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool
+        statistics: [Tessera_V1_LayerStats], syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool,
+        work: PrefillWork
     ) throws(WireError) -> Int {
         guard sequences[sequenceID] != nil else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was closed during its prefill")
@@ -181,6 +184,7 @@ actor SequenceStore {
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
         sequences[sequenceID]!.needle = needle
         sequences[sequenceID]!.audited = audited
+        sequences[sequenceID]!.work = work
         let waiting = sequences[sequenceID]!.prefillWaiters
         sequences[sequenceID]!.prefillWaiters = [:]
         for waiter in waiting.values { waiter.resume() }
@@ -203,11 +207,12 @@ actor SequenceStore {
 
     /// Keeps the compressed cache (once; a repeated budget changes nothing) and drops the prefill.
     func storeCache(
-        _ sequenceID: UInt64, _ cache: ShardCache, rowScores: [Int: [[Float]]], audit: AuditCopy?
+        _ sequenceID: UInt64, _ cache: ShardCache, rowScores: [Int: [[Float]]], audit: AuditCopy?, compressMicros: UInt64
     ) -> (total: Int, byModality: [String: Int])? {
         guard sequences[sequenceID] != nil else { return nil }
         if sequences[sequenceID]!.cache == nil {
             sequences[sequenceID]!.cache = cache
+            sequences[sequenceID]!.work.compressMicros = compressMicros
             sequences[sequenceID]!.rowScores = rowScores
             sequences[sequenceID]!.audit = audit
             sequences[sequenceID]!.prefills = [:]
@@ -550,6 +555,7 @@ final class DecodeJob: @unchecked Sendable {
             result.outputs.append(try Tessera_V1_LayerOutput(layer: layer, output: outputs, geometry: geometry))
         }
         result.kvBytes = UInt64(cache.totalBytes)
+        held.work.record(in: &result)
         result.fullKvBytes = UInt64(held.fullBytes(rows: position + 1, storage: cache.storage))
         if audit != nil {
             result.audit.relativeErrorSum = fidelity.relativeErrorSum

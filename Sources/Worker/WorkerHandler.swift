@@ -63,7 +63,7 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let expanded: (
             prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
-            syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?
+            syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
         )
         do {
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held) }
@@ -71,10 +71,10 @@ struct WorkerHandler: EnvelopeHandler {
             await worker.store.abandonExpansion(message.sequenceID)
             throw error
         }
-        let (prefills, profiles, statistics, syntheticDecode, needle) = expanded
+        let (prefills, profiles, statistics, syntheticDecode, needle, work) = expanded
         let bytes = try await worker.store.storePrefill(
             message.sequenceID, prefills: prefills, profiles: profiles, statistics: statistics,
-            syntheticDecode: syntheticDecode, needle: needle, audited: message.audit)
+            syntheticDecode: syntheticDecode, needle: needle, audited: message.audit, work: work)
         try await replicated
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer.
@@ -96,7 +96,7 @@ struct WorkerHandler: EnvelopeHandler {
     /// worker's compute threads.
     private static func expand(_ message: Tessera_V1_Prefill, _ held: HeldSequence) throws -> (
         prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
-        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?
+        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
     ) {
         let m = held.layout.promptLength
         var prefills: [Int: LayerPrefill] = [:]
@@ -105,11 +105,14 @@ struct WorkerHandler: EnvelopeHandler {
         let requirements = held.policy.requirements(layout: held.layout)
         var profiles: [Int: AttentionProfile] = [:]
         var statistics: [Tessera_V1_LayerStats] = []
+        var work = PrefillWork()
         /// Profiles one layer and keeps its K/V; the query rows are dropped at once (they are only
         /// needed for the profile, and can outweigh the keys several times).
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
-                let profile = try AttentionProfile(prefill: prefill, requirements: requirements, threads: System.coreCount)
+                let profile = try PrefillWork.timed(&work.profileMicros) { () throws(KVCacheError) in
+                    try AttentionProfile(prefill: prefill, requirements: requirements, threads: System.coreCount)
+                }
                 profiles[layer] = profile
                 let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
                 statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
@@ -139,7 +142,7 @@ struct WorkerHandler: EnvelopeHandler {
             }
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
-                let generated = trace.layerTrace(layer)
+                let generated = PrefillWork.timed(&work.synthesisMicros) { trace.layerTrace(layer) }
                 try take(layer, generated.prefill)
                 decode[layer] = generated.decode
             }
@@ -160,7 +163,7 @@ struct WorkerHandler: EnvelopeHandler {
         case nil:
             throw WireError(.badRequest, "prefill needs a source: inline_tensors or synthetic")
         }
-        return (prefills, profiles, statistics, syntheticDecode, needle)
+        return (prefills, profiles, statistics, syntheticDecode, needle, work)
     }
 
     /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory
@@ -180,10 +183,15 @@ struct WorkerHandler: EnvelopeHandler {
         } else {
             let storage = worker.configuration.storage
             let budgets = byLayer
-            let (cache, audit, scores) = try await worker.offload(.prefill) {
-                try Self.compress(held, budgets: budgets, storage: storage)
+            let ((cache, audit, scores), micros) = try await worker.offload(.prefill) {
+                var micros: UInt64 = 0
+                let compressed = try PrefillWork.timed(&micros) { () throws(WireError) in
+                    try Self.compress(held, budgets: budgets, storage: storage)
+                }
+                return (compressed, micros)
             }
-            stored = await worker.store.storeCache(message.sequenceID, cache, rowScores: scores, audit: audit)
+            stored = await worker.store.storeCache(
+                message.sequenceID, cache, rowScores: scores, audit: audit, compressMicros: micros)
         }
         guard let bytes = stored else {
             throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")

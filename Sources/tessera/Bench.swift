@@ -253,6 +253,15 @@ enum BenchTable {
         let title = "\(report.workload) on \(report.model), \(report.workers) workers, \(report.loop) loop "
             + "(\(report.loop == "closed" ? "concurrency" : "rate") \(ResultTable.format(report.load, report.loop == "closed" ? 0 : 2))), seed \(report.seed)\n"
         var out = title + ResultTable.table(header: header, rows: rows)
+        // What each method costs at prefill apart from what it saves at decode, per completed sequence.
+        let costHeader = ["policy", "decode tok/s/seq", "synthesis ms", "profile ms", "compress ms", "KV GiB·s"]
+        let costRows = report.policies.map { r in
+            [r.policy, ResultTable.format(r.decodeThroughput, 1), ResultTable.format(r.synthesisMillis, 1),
+             ResultTable.format(r.profileMillis, 1), ResultTable.format(r.compressMillis, 1),
+             ResultTable.format(r.kvByteSeconds / Double(1 << 30), 2)]
+        }
+        out += "\nper sequence: decode tokens per second of decode time; workers' prefill compute; K/V bytes × seconds\n"
+        out += ResultTable.table(header: costHeader, rows: costRows)
         for result in report.policies where !result.errorMessages.isEmpty {
             out += "\(result.policy) errors: " + result.errorMessages.joined(separator: "; ") + "\n"
         }

@@ -44,6 +44,7 @@ import Testing
         let keys = [
             "policy", "budget", "sequences", "tokensPerSecond", "decodeP50Micros", "decodeP99Micros", "peakKVBytes",
             "fullKVBytes", "saving", "outputError", "needleAccuracy", "errors", "refusals", "workers",
+            "decodeThroughput", "synthesisMillis", "profileMillis", "compressMillis", "kvByteSeconds",
         ]
         for policy in policies {
             for key in keys {
@@ -78,8 +79,10 @@ import Testing
         for forbidden in ["http://", "https://", "src=", "href=", "@import", "url("] {
             #expect(!html.contains(forbidden), "found \(forbidden)")
         }
-        // One latency chart, then K/V and modality charts per policy.
-        #expect(html.ranges(of: "<svg").count == 1 + 2 * 2)
+        // The policies' totals on shared axes, one latency chart, then K/V and modality charts per policy.
+        #expect(html.ranges(of: "<svg").count == 1 + 1 + 2 * 2)
+        #expect(html.contains("Accounted K/V, all workers, per policy"))
+        #expect(html.contains("Prefill cost per sequence"))
         #expect(html.contains("<path d=\"M"), "series drawn")
         #expect(html.contains("stroke-dasharray"), "RSS drawn dashed")
         expectFinite(html)
@@ -100,13 +103,16 @@ import Testing
     @Test func htmlRendersEmptyAndDegenerateInputs() {
         let empty = BenchReport(workload: "w", model: "m", workers: 0, seed: 0, loop: "closed", load: 0, policies: [])
         let emptyHTML = HTMLReport.render(empty, samples: [])
-        #expect(emptyHTML.ranges(of: "<svg").count == 1)
+        // The policies' footprint comparison and the latency chart, both empty.
+        #expect(emptyHTML.ranges(of: "<svg").count == 2)
         expectFinite(emptyHTML)
 
         // No samples for a policy, non-finite numbers, and zero peaks.
         var report = report()
         report.policies[0].saving = .nan
         report.policies[0].tokensPerSecond = .infinity
+        report.policies[0].decodeThroughput = .nan
+        report.policies[0].kvByteSeconds = .infinity
         report.policies[0].decodeLatencyPercentiles = [
             LatencyPoint(percentile: 100, micros: 0), LatencyPoint(percentile: .nan, micros: 5),
         ]
@@ -114,7 +120,7 @@ import Testing
         report.policies[1].decodeLatencyPercentiles = []
         let noSamples = HTMLReport.render(report, samples: [])
         #expect(noSamples.contains("no samples"))
-        #expect(noSamples.ranges(of: "<svg").count == 5)
+        #expect(noSamples.ranges(of: "<svg").count == 6)
         expectFinite(noSamples)
 
         // A single sample, and all-zero samples.
@@ -129,15 +135,16 @@ import Testing
         expectFinite(HTMLReport.render(report, samples: zeros))
     }
 
-    /// Workers sampled at different instants: the modality totals carry each worker's last sample.
-    @Test func modalityTotalsCarryWorkersForward() {
+    /// Workers sampled at different instants: the totals carry each worker's last sample.
+    @Test func footprintTotalsCarryWorkersForward() {
         let mib = UInt64(1_048_576)
-        let totals = HTMLReport.modalityTotals([
-            sample(policy: "p", at: 0, worker: "a", kv: 0, text: mib),
-            sample(policy: "p", at: 5, worker: "b", kv: 0, text: 2 * mib),
-            sample(policy: "p", at: 1000, worker: "a", kv: 0, text: 3 * mib),
+        let totals = HTMLReport.footprintTotals([
+            sample(policy: "p", at: 0, worker: "a", kv: 4 * mib, text: mib),
+            sample(policy: "p", at: 5, worker: "b", kv: 8 * mib, text: 2 * mib),
+            sample(policy: "p", at: 1000, worker: "a", kv: 2 * mib, text: 3 * mib),
         ])
         #expect(totals.map(\.x) == [0, 0.005, 1])
+        #expect(totals.map(\.kv) == [4, 12, 10])
         #expect(totals.map(\.text) == [1, 3, 5])
     }
 

@@ -475,6 +475,15 @@ package nonisolated struct Tessera_V1_DecodeResult: Sendable {
   /// Clears the value of `audit`. Subsequent reads from it will return its default value.
   package mutating func clearAudit() {self._audit = nil}
 
+  /// What the worker spent on this shard before its first decode step, in microseconds of compute:
+  /// expanding a synthetic prefill (0 for inline tensors), the attention profiles, and compressing to
+  /// its first budget. 0 where this copy did not do the work (a copied replica).
+  package var synthesisMicros: UInt64 = 0
+
+  package var profileMicros: UInt64 = 0
+
+  package var compressMicros: UInt64 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -1093,7 +1102,7 @@ nonisolated extension Tessera_V1_LayerOutput: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".DecodeResult"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0\u{3}kv_bytes\0\u{3}full_kv_bytes\0\u{1}audit\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0\u{3}kv_bytes\0\u{3}full_kv_bytes\0\u{1}audit\0\u{3}synthesis_micros\0\u{3}profile_micros\0\u{3}compress_micros\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1108,6 +1117,9 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.fullKvBytes) }()
       case 7: try { try decoder.decodeSingularMessageField(value: &self._audit) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.synthesisMicros) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.profileMicros) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.compressMicros) }()
       default: break
       }
     }
@@ -1139,6 +1151,15 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     try { if let v = self._audit {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
     } }()
+    if self.synthesisMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.synthesisMicros, fieldNumber: 8)
+    }
+    if self.profileMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.profileMicros, fieldNumber: 9)
+    }
+    if self.compressMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.compressMicros, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1150,6 +1171,9 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.fullKvBytes != rhs.fullKvBytes {return false}
     if lhs._audit != rhs._audit {return false}
+    if lhs.synthesisMicros != rhs.synthesisMicros {return false}
+    if lhs.profileMicros != rhs.profileMicros {return false}
+    if lhs.compressMicros != rhs.compressMicros {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

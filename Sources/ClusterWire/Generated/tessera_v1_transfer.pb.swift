@@ -138,49 +138,60 @@ package nonisolated struct Tessera_V1_ShardTransfer: Sendable {
 }
 
 /// The first part of a transfer.
-package nonisolated struct Tessera_V1_ShardTransferBegin: Sendable {
+package nonisolated struct Tessera_V1_ShardTransferBegin: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The shard as the target holds it: the target is one of its replicas.
   package var assignment: Tessera_V1_ShardAssignment {
-    get {_assignment ?? Tessera_V1_ShardAssignment()}
-    set {_assignment = newValue}
+    get {_storage._assignment ?? Tessera_V1_ShardAssignment()}
+    set {_uniqueStorage()._assignment = newValue}
   }
   /// Returns true if `assignment` has been explicitly set.
-  package var hasAssignment: Bool {self._assignment != nil}
+  package var hasAssignment: Bool {_storage._assignment != nil}
   /// Clears the value of `assignment`. Subsequent reads from it will return its default value.
-  package mutating func clearAssignment() {self._assignment = nil}
+  package mutating func clearAssignment() {_uniqueStorage()._assignment = nil}
 
   /// The element type of the cached rows.
-  package var storage: Tessera_V1_ScalarType = .unspecified
+  package var storage: Tessera_V1_ScalarType {
+    get {_storage._storage}
+    set {_uniqueStorage()._storage = newValue}
+  }
 
   /// The next decode step the copy expects.
-  package var nextStep: UInt32 = 0
+  package var nextStep: UInt32 {
+    get {_storage._nextStep}
+    set {_uniqueStorage()._nextStep = newValue}
+  }
 
   /// The result of the last decode step (replayed to a retry), when one ran.
   package var lastResult: Tessera_V1_DecodeResult {
-    get {_lastResult ?? Tessera_V1_DecodeResult()}
-    set {_lastResult = newValue}
+    get {_storage._lastResult ?? Tessera_V1_DecodeResult()}
+    set {_uniqueStorage()._lastResult = newValue}
   }
   /// Returns true if `lastResult` has been explicitly set.
-  package var hasLastResult: Bool {self._lastResult != nil}
+  package var hasLastResult: Bool {_storage._lastResult != nil}
   /// Clears the value of `lastResult`. Subsequent reads from it will return its default value.
-  package mutating func clearLastResult() {self._lastResult = nil}
+  package mutating func clearLastResult() {_uniqueStorage()._lastResult = nil}
 
   /// Layer parts that follow.
-  package var layers: UInt32 = 0
+  package var layers: UInt32 {
+    get {_storage._layers}
+    set {_uniqueStorage()._layers = newValue}
+  }
 
   /// The shard's layer statistics from its prefill (sent to a restarted coordinator again).
-  package var statistics: [Tessera_V1_LayerStats] = []
+  package var statistics: [Tessera_V1_LayerStats] {
+    get {_storage._statistics}
+    set {_uniqueStorage()._statistics = newValue}
+  }
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
 
-  fileprivate var _assignment: Tessera_V1_ShardAssignment? = nil
-  fileprivate var _lastResult: Tessera_V1_DecodeResult? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// One key/value head of one layer.
@@ -473,56 +484,102 @@ nonisolated extension Tessera_V1_ShardTransferBegin: SwiftProtobuf.Message, Swif
   package static let protoMessageName: String = _protobuf_package + ".ShardTransferBegin"
   package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}assignment\0\u{1}storage\0\u{3}next_step\0\u{3}last_result\0\u{1}layers\0\u{1}statistics\0")
 
+  fileprivate class _StorageClass {
+    var _assignment: Tessera_V1_ShardAssignment? = nil
+    var _storage: Tessera_V1_ScalarType = .unspecified
+    var _nextStep: UInt32 = 0
+    var _lastResult: Tessera_V1_DecodeResult? = nil
+    var _layers: UInt32 = 0
+    var _statistics: [Tessera_V1_LayerStats] = []
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _assignment = source._assignment
+      _storage = source._storage
+      _nextStep = source._nextStep
+      _lastResult = source._lastResult
+      _layers = source._layers
+      _statistics = source._statistics
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularMessageField(value: &self._assignment) }()
-      case 2: try { try decoder.decodeSingularEnumField(value: &self.storage) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.nextStep) }()
-      case 4: try { try decoder.decodeSingularMessageField(value: &self._lastResult) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.layers) }()
-      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.statistics) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularMessageField(value: &_storage._assignment) }()
+        case 2: try { try decoder.decodeSingularEnumField(value: &_storage._storage) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._nextStep) }()
+        case 4: try { try decoder.decodeSingularMessageField(value: &_storage._lastResult) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._layers) }()
+        case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._statistics) }()
+        default: break
+        }
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    try { if let v = self._assignment {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
-    } }()
-    if self.storage != .unspecified {
-      try visitor.visitSingularEnumField(value: self.storage, fieldNumber: 2)
-    }
-    if self.nextStep != 0 {
-      try visitor.visitSingularUInt32Field(value: self.nextStep, fieldNumber: 3)
-    }
-    try { if let v = self._lastResult {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
-    } }()
-    if self.layers != 0 {
-      try visitor.visitSingularUInt32Field(value: self.layers, fieldNumber: 5)
-    }
-    if !self.statistics.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.statistics, fieldNumber: 6)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      try { if let v = _storage._assignment {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+      } }()
+      if _storage._storage != .unspecified {
+        try visitor.visitSingularEnumField(value: _storage._storage, fieldNumber: 2)
+      }
+      if _storage._nextStep != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._nextStep, fieldNumber: 3)
+      }
+      try { if let v = _storage._lastResult {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 4)
+      } }()
+      if _storage._layers != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._layers, fieldNumber: 5)
+      }
+      if !_storage._statistics.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._statistics, fieldNumber: 6)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_ShardTransferBegin, rhs: Tessera_V1_ShardTransferBegin) -> Bool {
-    if lhs._assignment != rhs._assignment {return false}
-    if lhs.storage != rhs.storage {return false}
-    if lhs.nextStep != rhs.nextStep {return false}
-    if lhs._lastResult != rhs._lastResult {return false}
-    if lhs.layers != rhs.layers {return false}
-    if lhs.statistics != rhs.statistics {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._assignment != rhs_storage._assignment {return false}
+        if _storage._storage != rhs_storage._storage {return false}
+        if _storage._nextStep != rhs_storage._nextStep {return false}
+        if _storage._lastResult != rhs_storage._lastResult {return false}
+        if _storage._layers != rhs_storage._layers {return false}
+        if _storage._statistics != rhs_storage._statistics {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -1,0 +1,39 @@
+/// Microseconds of compute a sequence's prefill cost the workers before its first decode step:
+/// expanding a synthetic prompt from its seed, the attention profiles its policy needs, and
+/// compressing it to its first budget. A worker keeps one per shard and reports it with every
+/// `DecodeResult`; the client adds up the shards'.
+public struct PrefillWork: Sendable, Hashable {
+    public var synthesisMicros: UInt64 = 0
+    public var profileMicros: UInt64 = 0
+    public var compressMicros: UInt64 = 0
+
+    public init() {}
+
+    package init(_ result: Tessera_V1_DecodeResult) {
+        synthesisMicros = result.synthesisMicros
+        profileMicros = result.profileMicros
+        compressMicros = result.compressMicros
+    }
+
+    package func record(in result: inout Tessera_V1_DecodeResult) {
+        result.synthesisMicros = synthesisMicros
+        result.profileMicros = profileMicros
+        result.compressMicros = compressMicros
+    }
+
+    public mutating func add(_ other: PrefillWork) {
+        synthesisMicros += other.synthesisMicros
+        profileMicros += other.profileMicros
+        compressMicros += other.compressMicros
+    }
+
+    /// Runs `body`, adding the microseconds it took to `total`.
+    public static func timed<T, E: Error>(_ total: inout UInt64, _ body: () throws(E) -> T) throws(E) -> T {
+        let start = ContinuousClock.now
+        defer {
+            let (seconds, attoseconds) = (ContinuousClock.now - start).components
+            total += UInt64(seconds) * 1_000_000 + UInt64(attoseconds / 1_000_000_000_000)
+        }
+        return try body()
+    }
+}
