@@ -142,7 +142,10 @@ struct WorkerHandler: EnvelopeHandler {
             }
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
-                let generated = PrefillWork.timed(&work.synthesisMicros) { trace.layerTrace(layer) }
+                // Only the query rows the policy observes are synthesised.
+                let generated = PrefillWork.timed(&work.synthesisMicros) {
+                    trace.layerTrace(layer, firstQueryRow: requirements.firstRow ?? m)
+                }
                 try take(layer, generated.prefill)
                 decode[layer] = generated.decode
             }

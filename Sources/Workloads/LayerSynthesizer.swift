@@ -58,7 +58,9 @@ struct LayerSynthesizer {
 
     // MARK: Prefill
 
-    func prefill() -> LayerPrefill {
+    /// The layer's keys, values and the queries of prompt rows `firstQueryRow..<m` (identical to
+    /// those rows of a full prefill: the rows before are stepped over, not written).
+    func prefill(firstQueryRow: Int = 0) -> LayerPrefill {
         let geometry = trace.geometry
         let kvHeads = geometry.kvHeads
         let scratch = ScratchBuffers()
@@ -79,21 +81,24 @@ struct LayerSynthesizer {
         let values = Self.floats(kvHeads * m * d) { values in
             for kv in 0..<kvHeads { fillValues(kvHead: kv, into: values + kv * m * d, scratch: scratch) }
         }
+        let first = min(max(0, firstQueryRow), m)
+        let rows = m - first
         let queries = positional.withUnsafeBufferPointer { positional in
             keys.withUnsafeBufferPointer { keys in
-                Self.floats(geometry.queryHeads * m * d) { queries in
+                Self.floats(geometry.queryHeads * rows * d) { queries in
                     for head in 0..<geometry.queryHeads {
                         let kv = head / geometry.groupSize
                         fillQueries(
                             head: head, keys: keys.baseAddress! + kv * m * d,
-                            positional: positional.baseAddress! + kv * m * dc, into: queries + head * m * d)
+                            positional: positional.baseAddress! + kv * m * dc, from: first,
+                            into: queries + head * rows * d)
                     }
                 }
             }
         }
         do {
             return try LayerPrefill(
-                geometry: geometry, promptLength: m, keys: keys, values: values, queries: queries, queryRows: m)
+                geometry: geometry, promptLength: m, keys: keys, values: values, queries: queries, queryRows: rows)
         } catch {
             preconditionFailure("synthesised prefill of layer \(layer) is malformed: \(error)")
         }
@@ -223,14 +228,17 @@ struct LayerSynthesizer {
         }
     }
 
+    /// The query rows `first..<m` of `head` (row `first` at `queries`); the random draws of the rows
+    /// before are still made, so every written row is the same as in a full prefill.
     private func fillQueries(
-        head: Int, keys: UnsafePointer<Float>, positional p: UnsafePointer<Float>,
+        head: Int, keys: UnsafePointer<Float>, positional p: UnsafePointer<Float>, from first: Int,
         into queries: UnsafeMutablePointer<Float>
     ) {
         var stream = NormalStream(seed: StreamKind.queryNoise.seed(trace.seed, layer, head))
-        let z = [Float](unsafeUninitializedCapacity: m * dc) { buffer, count in
-            stream.fill(buffer)
-            count = m * dc
+        // The noise of rows first..<m.
+        let z = [Float](unsafeUninitializedCapacity: (m - first) * dc) { buffer, count in
+            if let base = buffer.baseAddress { stream.fill(base, range: (first * dc)..<(m * dc)) }
+            count = (m - first) * dc
         }
         var targetsRNG = StructureRNG(seed: StreamKind.rowTargets.seed(trace.seed, layer, head))
         let tags = trace.layout.tags
@@ -253,12 +261,13 @@ struct LayerSynthesizer {
 
         z.withUnsafeBufferPointer { z in
             for q in 0..<m {
-                let row = queries + q * d
-                (row + dc).update(repeating: 0, count: r)
-                let zq = z.baseAddress! + q * dc
+                let written = q >= first
+                let row = queries + (q - first) * d
+                let zq = z.baseAddress! + (q - first) * dc
                 let pq = p + q * dc
+                if written { (row + dc).update(repeating: 0, count: r) }
                 if q >= v {
-                    for k in 0..<dc { row[k] = postVisionRandom * zq[k] + positionalWeight * pq[k] }
+                    // The targets' draws are made for every row, written or not.
                     while visibleSalient < salient.count && salient[visibleSalient].position <= q { visibleSalient += 1 }
                     while visibleNeedle < needlePositions.count && needlePositions[visibleNeedle] <= q { visibleNeedle += 1 }
                     targets.reset()
@@ -269,7 +278,11 @@ struct LayerSynthesizer {
                         targets.needle(count: visibleNeedle, gap: targetsRNG.uniform(in: settings.needleGap), plan.calibrator)
                     }
                     while visibleMarked < marked.count && marked[visibleMarked] <= q { visibleMarked += 1 }
+                    guard written else { continue }
+                    for k in 0..<dc { row[k] = postVisionRandom * zq[k] + positionalWeight * pq[k] }
                     writeTargets(targets, causalCount: q + 1, visibleMarked: visibleMarked, into: row)
+                } else if !written {
+                    continue
                 } else if tags[q].isVisual {
                     let key = keys + q * d
                     for k in 0..<dc { row[k] = visualRandom * zq[k] + visualSelf * key[k] }

@@ -203,6 +203,23 @@ struct NormalStream {
         fill(base, count: buffer.count)
     }
 
+    /// Writes normals `range` of the stream to `out` (`range.count` of them), exactly as `fill` of
+    /// `range.upperBound` normals would have written them; the blocks wholly before the range only
+    /// step the generators (no transform), which is what makes a suffix cheap.
+    mutating func fill(_ out: UnsafeMutablePointer<Float>, range: Range<Int>) {
+        for _ in 0..<(range.lowerBound / 32) { _ = nextWords() }
+        let lead = range.lowerBound % 32
+        guard lead > 0 else {
+            fill(out, count: range.count)
+            return
+        }
+        // The block the range starts inside: its normals from `lead` on.
+        let (a, b) = nextBlock()
+        let taken = min(32 - lead, range.count)
+        for i in 0..<taken { out[i] = lead + i < 16 ? a[lead + i] : b[lead + i - 16] }
+        fill(out + taken, count: range.count - taken)
+    }
+
     /// A new array of `count` standard normals.
     mutating func normals(_ count: Int) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in

@@ -101,10 +101,11 @@ public struct SequenceTrace: Sendable {
         LayerSynthesizer(trace: self, layer: layer).decode()
     }
 
-    /// Both at once, sharing the layer plan.
-    public func layerTrace(_ layer: Int) -> (prefill: LayerPrefill, decode: [DecodeStepInput]) {
+    /// Both at once, sharing the layer plan. With `firstQueryRow`, only the query rows from there on
+    /// are synthesised (what a policy that observes those rows needs; they equal the full prefill's).
+    public func layerTrace(_ layer: Int, firstQueryRow: Int = 0) -> (prefill: LayerPrefill, decode: [DecodeStepInput]) {
         let synthesizer = LayerSynthesizer(trace: self, layer: layer)
-        return (synthesizer.prefill(), synthesizer.decode())
+        return (synthesizer.prefill(firstQueryRow: firstQueryRow), synthesizer.decode())
     }
 
     /// Whether query head `queryHead` of `layer` retrieves the needle.

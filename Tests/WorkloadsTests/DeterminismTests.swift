@@ -55,6 +55,32 @@ import Testing
                     && decode.map(\.values) == fullDecode.map(\.values), "seed \(seed): decode differs")
     }
 
+    /// A worker synthesises only the query rows its policy observes: those rows, the keys and the
+    /// values must be the same bits as in a full prefill, wherever the first row falls (before the
+    /// image, inside it, at and after the post-vision start, inside a 32-normal block or on its edge).
+    @Test(arguments: [WorkloadPreset.imageQA, .multiImage, .mixed])
+    func queryRowsFromASuffixEqualTheFullPrefill(preset: WorkloadPreset) {
+        let seed: UInt64 = 77
+        let trace = TraceGenerator(preset: preset, geometry: .tiny, settings: smallSettings(decodeSteps: 2), seed: seed)
+            .sequence(2)
+        let m = trace.layout.promptLength
+        let v = trace.layout.postVisionStart
+        let full = trace.prefill(layer: 3)
+        let d = ModelGeometry.tiny.headDim
+        for first in Set([0, 1, 5, v - 1, v, v + 3, m / 2, m - 1, m].filter { (0...m).contains($0) }) {
+            let partial = trace.layerTrace(3, firstQueryRow: first).prefill
+            #expect(partial.keys == full.keys && partial.values == full.values, "seed \(seed) first \(first)")
+            #expect(partial.firstQueryRow == first)
+            for head in 0..<ModelGeometry.tiny.queryHeads {
+                for row in first..<m {
+                    let got = partial.queries[partial.queryOffset(head: head, row: row)..<(partial.queryOffset(head: head, row: row) + d)]
+                    let want = full.queries[full.queryOffset(head: head, row: row)..<(full.queryOffset(head: head, row: row) + d)]
+                    #expect(got.elementsEqual(want), "seed \(seed) \(preset) first \(first) head \(head) row \(row)")
+                }
+            }
+        }
+    }
+
     @Test func differentSeedsAndIndicesGiveDifferentTraces() {
         let settings = smallSettings()
         let a = TraceGenerator(preset: .imageQA, geometry: .tiny, settings: settings, seed: 1)
