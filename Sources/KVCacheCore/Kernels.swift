@@ -1,9 +1,9 @@
 import Dispatch
 import KVKernels
 
-/// The hot loops: dot products, a vectorised exp, softmax, and decode attention. Everything works on
-/// contiguous rows through unsafe pointers and SIMD16, allocates nothing, and widens Float16 storage
-/// to Float32 sixteen lanes at a time.
+/// The hot loops: dot products, a vectorised exp and softmax in Swift (SIMD16 over contiguous rows,
+/// nothing allocated per element), and decode attention, whose memory-bound passes over the cached
+/// rows run in the C kernels (`KVKernels`) with the softmax between them here.
 public enum Kernels {
     @inline(__always)
     static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
