@@ -1,9 +1,9 @@
 import Dispatch
 import KVKernels
 
-/// The hot loops: dot products, a vectorised exp and softmax in Swift (SIMD16 over contiguous rows,
-/// nothing allocated per element), and decode attention, whose memory-bound passes over the cached
-/// rows run in the C kernels (`KVKernels`) with the softmax between them here.
+/// The hot loops: dot products and per-row sums in Swift (SIMD16 over contiguous rows, nothing
+/// allocated per element); the softmax and decode attention's passes over the cached rows in the C
+/// kernels (`KVKernels`).
 public enum Kernels {
     @inline(__always)
     static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
@@ -50,75 +50,11 @@ public enum Kernels {
         a.replacing(with: b, where: b .> a)
     }
 
-    /// `e^x` lane by lane (Cephes' single-precision range reduction and polynomial, relative error
-    /// below 2e-7 for x in [-87, 88]); inputs below -87 give 0 so that masked scores vanish.
-    @inline(__always)
-    public static func exp(_ x: SIMD16<Float>) -> SIMD16<Float> {
-        // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits: the same value as a
-        // float and as bits, without the stdlib's lane-by-lane `rounded` and Float → Int32 paths.
-        let magic: Float = 12_582_912
-        let tooSmall = x .< -87.0
-        var x = x.replacing(with: 88.3, where: x .> 88.3).replacing(with: -87.0, where: tooSmall)
-        let shifted = x * 1.442_695_04 + magic
-        let n = shifted - magic
-        x -= n * 0.693_359_375
-        x -= n * -2.121_944_4e-4
-        var y = SIMD16<Float>(repeating: 1.987_569_15e-4)
-        y = y * x + 1.398_199_95e-3
-        y = y * x + 8.333_451_9e-3
-        y = y * x + 4.166_579_59e-2
-        y = y * x + 1.666_666_55e-1
-        y = y * x + 5.000_000_12e-1
-        y = y * (x * x) + x + 1
-        let integral = unsafeBitCast(shifted, to: SIMD16<Int32>.self) &- 0x4B40_0000
-        let scale = unsafeBitCast((integral &+ 127) &<< 23, to: SIMD16<Float>.self)
-        return (y * scale).replacing(with: 0, where: tooSmall)
-    }
-
-    /// Scalar `e^x` through the vector path, for the odd tail element.
-    @inline(__always)
-    public static func exp(_ x: Float) -> Float { exp(SIMD16(repeating: x))[0] }
-
-    /// Turns `count` logits into probabilities in place; returns the largest logit.
+    /// Turns `count` logits into probabilities in place; returns the largest logit (`kvk_softmax`:
+    /// Cephes' e^x, every operation rounded on its own, the same bits on every path).
     @discardableResult
-    public static func softmax(_ s: UnsafeMutablePointer<Float>, count: Int) -> Float {
-        var maxV = SIMD16<Float>(repeating: -.infinity)
-        var i = 0
-        while i + 16 <= count {
-            maxV = lanewiseMax(maxV, load16(s + i))
-            i += 16
-        }
-        var maxLogit = maxV.max()
-        while i < count {
-            maxLogit = Swift.max(maxLogit, s[i])
-            i += 1
-        }
-        var sumV = SIMD16<Float>()
-        var sum: Float = 0
-        i = 0
-        while i + 16 <= count {
-            let e = exp(load16(s + i) - maxLogit)
-            UnsafeMutableRawPointer(s + i).storeBytes(of: e, as: SIMD16<Float>.self)
-            sumV += e
-            i += 16
-        }
-        while i < count {
-            s[i] = exp(s[i] - maxLogit)
-            sum += s[i]
-            i += 1
-        }
-        let inv = 1 / (sum + sumV.sum())
-        i = 0
-        while i + 16 <= count {
-            UnsafeMutableRawPointer(s + i).storeBytes(of: load16(s + i) * inv, as: SIMD16<Float>.self)
-            i += 16
-        }
-        while i < count {
-            s[i] *= inv
-            i += 1
-        }
-        return maxLogit
-    }
+    @inline(__always)
+    public static func softmax(_ s: UnsafeMutablePointer<Float>, count: Int) -> Float { kvk_softmax(s, count) }
 
     /// Scaled logits `q·k_j/√d` of one query against `rows` consecutive key rows.
     @inline(__always)

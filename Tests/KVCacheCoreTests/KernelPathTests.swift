@@ -58,6 +58,19 @@ import Testing
         check(keys.map { Float16($0) }, values.map { Float16($0) })
     }
 
+    @Test(arguments: [1, 15, 16, 17, 33, 257, 4099])
+    func softmaxPathsAgree(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count))
+        for scale: Float in [0.1, 5, 40, 150] {
+            var best = rng.floats(count, scale: scale)
+            var portable = best
+            let top = best.withUnsafeMutableBufferPointer { kvk_softmax($0.baseAddress!, count) }
+            let portableTop = portable.withUnsafeMutableBufferPointer { kvk_softmax_portable($0.baseAddress!, count) }
+            #expect(top == portableTop)
+            #expect(best.map(\.bitPattern) == portable.map(\.bitPattern), "seed \(count) scale \(scale)")
+        }
+    }
+
     /// A GQA group attends in one pass over its KV head; each query gets what it gets alone.
     @Test func groupedAttendEqualsOneQueryAtATime() {
         var rng = SeededGenerator(seed: 21)

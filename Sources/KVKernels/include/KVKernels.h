@@ -45,6 +45,13 @@ void kvk_decode_logits(const float *queries, size_t groups, const void *keys, in
 void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t probabilityStride, const void *values,
                              int valuesAreHalf, size_t rows, size_t headDim, float *out);
 
+/// Turns `count` logits into probabilities in place; returns the largest logit. e^x is Cephes'
+/// single-precision polynomial (`kvk_exp`), each operation rounded on its own, in a fixed order.
+float kvk_softmax(float *scores, size_t count);
+
+/// e^x as the softmax computes it: relative error below 2e-7 for x in [-87, 88], 0 below -87.
+float kvk_exp(float x);
+
 /// The portable paths of the kernels above, whatever the CPU: tests check that both paths give the
 /// same bits.
 void kvk_scores_portable(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
@@ -53,6 +60,7 @@ void kvk_decode_logits_portable(const float *queries, size_t groups, const void 
                                 size_t headDim, float scale, float *scores, size_t scoreStride);
 void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups, size_t probabilityStride,
                                       const void *values, int valuesAreHalf, size_t rows, size_t headDim, float *out);
+float kvk_softmax_portable(float *scores, size_t count);
 
 /// Floating-point operations a register-only FMA loop performs in `iterations` (see `kvk_fma_loop`).
 double kvk_fma_loop_flops(size_t iterations);
