@@ -45,7 +45,6 @@ public struct DecodeStep: Sendable {
     public init() {}
 }
 
-
 /// What the cluster reports about itself.
 public struct ClusterStatus: Sendable, Codable, Hashable {
     public struct Worker: Sendable, Codable, Hashable {

@@ -30,10 +30,16 @@ public struct PrefillWork: Sendable, Hashable {
     /// Runs `body`, adding the microseconds it took to `total`.
     public static func timed<T, E: Error>(_ total: inout UInt64, _ body: () throws(E) -> T) throws(E) -> T {
         let start = ContinuousClock.now
-        defer {
-            let (seconds, attoseconds) = (ContinuousClock.now - start).components
-            total += UInt64(seconds) * 1_000_000 + UInt64(attoseconds / 1_000_000_000_000)
-        }
+        defer { total += (ContinuousClock.now - start).wholeMicroseconds }
         return try body()
+    }
+}
+
+extension Duration {
+    /// Whole microseconds (the fraction dropped; a negative duration counts as 0): how the workers'
+    /// prefill work and the load generator's latencies are recorded.
+    package var wholeMicroseconds: UInt64 {
+        let (seconds, attoseconds) = components
+        return UInt64(max(0, seconds)) * 1_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000_000)
     }
 }

@@ -76,13 +76,14 @@ public enum Kernels {
             queries, groups, keys, S.isHalf, rows, headDim, 1 / Float(headDim).squareRoot(), scores, stride)
     }
 
-    /// `out = Σ_j p_j · v_j` over `rows` value rows.
+    /// `out = Σ_j p_j · v_j` over `rows` value rows, for `groups` probability rows (`rows` apart) into
+    /// `groups × headDim` outputs: a GQA group reads the values once (`kvk_decode_weighted_sum`).
     @inline(__always)
     public static func weightedSum<S: KVScalar>(
-        probabilities p: UnsafePointer<Float>, values: UnsafePointer<S>, rows: Int, headDim: Int,
+        probabilities p: UnsafePointer<Float>, groups: Int = 1, values: UnsafePointer<S>, rows: Int, headDim: Int,
         into out: UnsafeMutablePointer<Float>
     ) {
-        kvk_decode_weighted_sum(p, 1, rows, values, S.isHalf, rows, headDim, out)
+        kvk_decode_weighted_sum(p, groups, rows, values, S.isHalf, rows, headDim, out)
     }
 
     /// Decode attention of a GQA group's `groups` queries (back to back) over one KV head: logits,
@@ -96,7 +97,7 @@ public enum Kernels {
     ) {
         logits(queries: queries, groups: groups, keys: keys, rows: rows, headDim: headDim, into: scratch, stride: rows)
         for g in 0..<groups { softmax(scratch + g * rows, count: rows) }
-        kvk_decode_weighted_sum(scratch, groups, rows, values, S.isHalf, rows, headDim, output)
+        weightedSum(probabilities: scratch, groups: groups, values: values, rows: rows, headDim: headDim, into: output)
     }
 
     /// Cosine similarity of two Float32 rows, with zero norms guarded by `epsilon`.

@@ -83,7 +83,7 @@ public enum LoadRunner {
 
     static func snapshot(_ recorder: PolicyRecorder) async -> BenchProgress {
         let elapsed = await recorder.elapsed
-        let seconds = Double(PolicyRecorder.micros(elapsed)) / 1e6
+        let seconds = Double(elapsed.wholeMicroseconds) / 1e6
         return BenchProgress(
             policy: recorder.policy, elapsed: elapsed, sequencesDone: await recorder.sequences,
             live: await recorder.live,
@@ -105,7 +105,7 @@ public enum LoadRunner {
         _ client: TesseraClient, recorder: PolicyRecorder, since start: ContinuousClock.Instant
     ) async throws {
         let status = try await client.status()
-        let elapsed = Int(PolicyRecorder.micros(ContinuousClock.now - start) / 1000)
+        let elapsed = Int((ContinuousClock.now - start).wholeMicroseconds / 1000)
         await recorder.sampled(FootprintSampler.samples(status, policy: recorder.policy, elapsedMillis: elapsed))
     }
 }
@@ -261,8 +261,7 @@ struct Footprint {
 
     /// Counts `bytes` as held from the end of the previous interval until `now`.
     mutating func held(_ bytes: UInt64, until now: ContinuousClock.Instant) {
-        let (seconds, attoseconds) = (now - since).components
-        byteSeconds += Double(bytes) * (Double(seconds) + Double(attoseconds) * 1e-18)
+        byteSeconds += Double(bytes) * Double((now - since).wholeMicroseconds) / 1e6
         since = now
     }
 }

@@ -37,21 +37,18 @@ actor PolicyRecorder {
         Histogram(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)
     }
 
-    static func micros(_ duration: Duration) -> UInt64 {
-        let (seconds, attoseconds) = duration.components
-        return UInt64(max(0, seconds)) * 1_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000_000)
-    }
 
     func started() { live += 1 }
 
-    func prefilled(after duration: Duration) { _ = prefill.record(Self.micros(duration)) }
+    func prefilled(after duration: Duration) { _ = prefill.record(duration.wholeMicroseconds) }
 
     func decoded(after duration: Duration, timed: Bool) {
         decodeTokens += 1
         guard timed else { return }
-        _ = decode.record(Self.micros(duration))
+        let micros = duration.wholeMicroseconds
+        _ = decode.record(micros)
         timedSteps += 1
-        timedStepSeconds += Double(Self.micros(duration)) / 1e6
+        timedStepSeconds += Double(micros) / 1e6
     }
 
     /// A sequence that ran to the end: its bytes at the last step, the workers' prefill compute, its
@@ -90,11 +87,11 @@ actor PolicyRecorder {
 
     var elapsed: Duration { (finished ?? .now) - start }
 
-    private func perSequence(_ total: UInt64) -> Double { sequences == 0 ? 0 : Double(total) / Double(sequences) }
+    private func perSequence(_ total: Double) -> Double { sequences == 0 ? 0 : total / Double(sequences) }
 
     /// The policy's figures once every sequence has ended.
     func result(budget: Double) -> PolicyResult {
-        let seconds = Double(Self.micros(elapsed)) / 1e6
+        let seconds = Double(elapsed.wholeMicroseconds) / 1e6
         let instants = Dictionary(grouping: samples, by: \.elapsedMillis).values.map { batch in
             batch.reduce(UInt64(0)) { $0 + $1.kvBytes }
         }
@@ -122,8 +119,8 @@ actor PolicyRecorder {
             auditedSequences: audited, errors: errors, errorMessages: errorMessages, refusals: refusals, retries: retries, workers: workers,
             decodeLatencyPercentiles: percentiles,
             decodeThroughput: timedStepSeconds > 0 ? Double(timedSteps) / timedStepSeconds : 0,
-            synthesisMillis: perSequence(work.synthesisMicros) / 1000, profileMillis: perSequence(work.profileMicros) / 1000,
-            compressMillis: perSequence(work.compressMicros) / 1000,
-            kvByteSeconds: sequences == 0 ? 0 : byteSeconds / Double(sequences))
+            synthesisMillis: perSequence(Double(work.synthesisMicros)) / 1000,
+            profileMillis: perSequence(Double(work.profileMicros)) / 1000,
+            compressMillis: perSequence(Double(work.compressMicros)) / 1000, kvByteSeconds: perSequence(byteSeconds))
     }
 }
