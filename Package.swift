@@ -10,15 +10,10 @@ let strictSettings: [SwiftSetting] = [
     .treatAllWarnings(as: .error),
 ]
 
-/// The numeric core runs on x86-64 machines with AVX2/FMA/F16C (Haswell and later); without them
-/// `SIMD16.addProduct` becomes a library call and Float16 conversion is ~20x slower.
-/// They are optimised in debug builds too: the tests and the cluster's test processes run real tensor
-/// work, which is 20-50x slower unoptimised.
-let numericSettings: [SwiftSetting] =
-    strictSettings + [
-        .unsafeFlags(["-Xcc", "-march=haswell", "-target-cpu", "haswell"], .when(platforms: [.linux])),
-        .unsafeFlags(["-O"], .when(configuration: .debug)),
-    ]
+/// The numeric targets are optimised in debug builds too: the tests and the cluster's test processes
+/// run real tensor work, which is 20-50x slower unoptimised. (No instruction-set flags: `KVKernels`
+/// picks its AVX2/FMA/F16C paths at run time.)
+let numericSettings: [SwiftSetting] = strictSettings + [.unsafeFlags(["-O"], .when(configuration: .debug))]
 
 let package = Package(
     name: "Tessera",
@@ -46,7 +41,7 @@ let package = Package(
         .target(name: "KVCacheCore", dependencies: ["KVKernels"], swiftSettings: numericSettings),
         .target(
             name: "Workloads",
-            dependencies: ["KVCacheCore", .product(name: "Yams", package: "Yams")],
+            dependencies: ["KVKernels", "KVCacheCore", .product(name: "Yams", package: "Yams")],
             swiftSettings: numericSettings
         ),
         .target(name: "Evaluation", dependencies: ["KVCacheCore", "Workloads"], swiftSettings: numericSettings),
@@ -211,7 +206,7 @@ let package = Package(
             dependencies: ["LoadGenerator", "Workloads", "KVCacheCore"],
             swiftSettings: strictSettings
         ),
-        .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "KVCacheCore"], swiftSettings: strictSettings),
+        .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "KVCacheCore", "KVKernels"], swiftSettings: strictSettings),
         .testTarget(
             name: "ClusterWireTests",
             dependencies: [

@@ -186,47 +186,15 @@ private struct ProfilePass {
     }
 }
 extension Kernels {
-    /// `out[i] += x[i]` for `count` elements.
+    /// `out[i] += x[i]` for `count` elements (`kvk_accumulate`).
     @inline(__always)
     public static func accumulate(_ x: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>, count: Int) {
-        var i = 0
-        while i + 16 <= count {
-            let sum = load16(out + i) + load16(x + i)
-            UnsafeMutableRawPointer(out + i).storeBytes(of: sum, as: SIMD16<Float>.self)
-            i += 16
-        }
-        while i < count {
-            out[i] += x[i]
-            i += 1
-        }
+        kvk_accumulate(x, out, count)
     }
 
-    /// How many of `count` probabilities fall below `fraction × max`.
+    /// How many of `count` probabilities fall below `fraction × max` (`kvk_count_below`).
     @inline(__always)
     public static func countBelow(_ p: UnsafePointer<Float>, count: Int, fractionOfMax fraction: Float) -> Int {
-        var maxV = SIMD16<Float>(repeating: 0)
-        var i = 0
-        while i + 16 <= count {
-            maxV = lanewiseMax(maxV, load16(p + i))
-            i += 16
-        }
-        var maxP = maxV.max()
-        while i < count {
-            maxP = Swift.max(maxP, p[i])
-            i += 1
-        }
-        let cut = fraction * maxP
-        var below = SIMD16<Int32>()
-        i = 0
-        while i + 16 <= count {
-            below &+= SIMD16<Int32>().replacing(with: 1, where: load16(p + i) .< cut)
-            i += 16
-        }
-        var total = Int(below.wrappedSum())
-        while i < count {
-            if p[i] < cut { total += 1 }
-            i += 1
-        }
-        return total
+        kvk_count_below(p, count, fraction)
     }
 }

@@ -1,33 +1,33 @@
 import Dispatch
 import KVKernels
 
-/// The hot loops: dot products and per-row sums in Swift (SIMD16 over contiguous rows, nothing
-/// allocated per element); the softmax and decode attention's passes over the cached rows in the C
-/// kernels (`KVKernels`).
+/// The hot loops' Swift entry points. The passes that decide speed (scores, softmax, decode attention,
+/// column sums, half-precision narrowing) are C kernels (`KVKernels`) that choose AVX2/FMA/F16C or a
+/// portable path at run time and give the same bits on both; a few small row helpers stay here.
 public enum Kernels {
     @inline(__always)
     static func load16(_ pointer: UnsafePointer<Float>) -> SIMD16<Float> {
         UnsafeRawPointer(pointer).loadUnaligned(as: SIMD16<Float>.self)
     }
 
-    /// `q · k` over `count` elements, `q` in Float32 and `k` in any storage type.
+    /// `q · k` over `count` elements.
     @inline(__always)
-    public static func dot<S: KVScalar>(_ q: UnsafePointer<Float>, _ k: UnsafePointer<S>, count: Int) -> Float {
+    public static func dot(_ q: UnsafePointer<Float>, _ k: UnsafePointer<Float>, count: Int) -> Float {
         var a0 = SIMD16<Float>()
         var a1 = SIMD16<Float>()
         var i = 0
         while i + 32 <= count {
-            a0 += load16(q + i) * S.load16(k + i)
-            a1 += load16(q + i + 16) * S.load16(k + i + 16)
+            a0 += load16(q + i) * load16(k + i)
+            a1 += load16(q + i + 16) * load16(k + i + 16)
             i += 32
         }
         if i + 16 <= count {
-            a0 += load16(q + i) * S.load16(k + i)
+            a0 += load16(q + i) * load16(k + i)
             i += 16
         }
         var sum = horizontalSum(a0 + a1)
         while i < count {
-            sum += q[i] * Float(k[i])
+            sum += q[i] * k[i]
             i += 1
         }
         return sum

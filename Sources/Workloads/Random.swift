@@ -1,3 +1,5 @@
+import KVKernels
+
 /// Random streams of the generator. Every draw goes through integer arithmetic and the
 /// deterministic math in `DeterministicMath.swift`, never the platform's libm, so a layer expanded
 /// on another machine or in another process gives the same floats bit for bit.
@@ -125,77 +127,30 @@ struct StructureRNG {
 }
 
 /// Sixteen interleaved xoshiro256** generators feeding a vectorised Box–Muller transform: the bulk
-/// source of standard normals. Each 16-lane step yields 32 normals; a fill that is not a multiple
-/// of 32 discards the rest of its last block, so a stream's output depends only on the sequence of
-/// fill sizes.
+/// source of standard normals (`kvk_normal_blocks`, the same bits on every CPU). Each step of the
+/// sixteen lanes yields 32 normals; a fill that is not a multiple of 32 discards the rest of its last
+/// block, so a stream's output depends only on the sequence of fill sizes.
 struct NormalStream {
-    private var s0 = SIMD16<UInt64>()
-    private var s1 = SIMD16<UInt64>()
-    private var s2 = SIMD16<UInt64>()
-    private var s3 = SIMD16<UInt64>()
+    private static let block = 2 * Int(KVK_NORMAL_LANES)
+    private var state = kvk_normal_state()
 
     init(seed: UInt64) {
         var mixer = SplitMix64(state: seed)
-        for lane in 0..<16 {
-            s0[lane] = mixer.next()
-            s1[lane] = mixer.next()
-            s2[lane] = mixer.next()
-            s3[lane] = mixer.next()
+        withUnsafeMutableBytes(of: &state) { raw in
+            let words = raw.bindMemory(to: UInt64.self)
+            let lanes = Int(KVK_NORMAL_LANES)
+            for lane in 0..<lanes {
+                for word in 0..<4 { words[word * lanes + lane] = mixer.next() }
+            }
         }
-    }
-
-    @inline(__always)
-    private static func rotateLeft(_ x: SIMD16<UInt64>, _ k: UInt64) -> SIMD16<UInt64> {
-        (x &<< k) | (x &>> (64 - k))
-    }
-
-    /// One step of all sixteen generators. Multiplications by 5 and 9 are written as shift-adds
-    /// because AVX2 has no 64-bit vector multiply.
-    @inline(__always)
-    private mutating func nextWords() -> SIMD16<UInt64> {
-        let times5 = (s1 &<< 2) &+ s1
-        let rotated = Self.rotateLeft(times5, 7)
-        let result = (rotated &<< 3) &+ rotated
-        let t = s1 &<< 17
-        s2 ^= s0
-        s3 ^= s1
-        s1 ^= s2
-        s0 ^= s3
-        s2 ^= t
-        s3 = Self.rotateLeft(s3, 45)
-        return result
-    }
-
-    /// 32 standard normals: Box–Muller on the two 32-bit halves of each 64-bit word (23 bits of
-    /// each become a uniform).
-    @inline(__always)
-    private mutating func nextBlock() -> (SIMD16<Float>, SIMD16<Float>) {
-        let halves = unsafeBitCast(nextWords(), to: SIMD32<UInt32>.self)
-        let u1 = 1 - VectorMath.unitInterval(halves.evenHalf)  // in (0, 1], so the log is finite
-        let u2 = VectorMath.unitInterval(halves.oddHalf)
-        let radius = VectorMath.squareRoot(-2 * VectorMath.log(u1))
-        let (sine, cosine) = VectorMath.sinCosTwoPi(u2)
-        return (radius * cosine, radius * sine)
     }
 
     /// Writes `count` standard normals to `out`.
     mutating func fill(_ out: UnsafeMutablePointer<Float>, count: Int) {
-        var i = 0
-        while i + 32 <= count {
-            let (a, b) = nextBlock()
-            UnsafeMutableRawPointer(out + i).storeBytes(of: a, as: SIMD16<Float>.self)
-            UnsafeMutableRawPointer(out + i + 16).storeBytes(of: b, as: SIMD16<Float>.self)
-            i += 32
-        }
-        if i < count {
-            let (a, b) = nextBlock()
-            var lane = 0
-            while i < count {
-                out[i] = lane < 16 ? a[lane] : b[lane - 16]
-                lane += 1
-                i += 1
-            }
-        }
+        let whole = count / Self.block
+        kvk_normal_blocks(&state, out, whole)
+        let rest = count - whole * Self.block
+        if rest > 0 { lastBlock(into: out + whole * Self.block, from: 0, count: rest) }
     }
 
     mutating func fill(_ buffer: UnsafeMutableBufferPointer<Float>) {
@@ -207,17 +162,23 @@ struct NormalStream {
     /// `range.upperBound` normals would have written them; the blocks wholly before the range only
     /// step the generators (no transform), which is what makes a suffix cheap.
     mutating func fill(_ out: UnsafeMutablePointer<Float>, range: Range<Int>) {
-        for _ in 0..<(range.lowerBound / 32) { _ = nextWords() }
-        let lead = range.lowerBound % 32
+        kvk_normal_skip(&state, range.lowerBound / Self.block)
+        let lead = range.lowerBound % Self.block
         guard lead > 0 else {
             fill(out, count: range.count)
             return
         }
-        // The block the range starts inside: its normals from `lead` on.
-        let (a, b) = nextBlock()
-        let taken = min(32 - lead, range.count)
-        for i in 0..<taken { out[i] = lead + i < 16 ? a[lead + i] : b[lead + i - 16] }
+        let taken = min(Self.block - lead, range.count)
+        lastBlock(into: out, from: lead, count: taken)
         fill(out + taken, count: range.count - taken)
+    }
+
+    /// Normals `first ..< first + count` of the next block.
+    private mutating func lastBlock(into out: UnsafeMutablePointer<Float>, from first: Int, count: Int) {
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: Self.block) { block in
+            kvk_normal_blocks(&state, block.baseAddress!, 1)
+            out.update(from: block.baseAddress! + first, count: count)
+        }
     }
 
     /// A new array of `count` standard normals.

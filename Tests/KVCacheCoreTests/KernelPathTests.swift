@@ -71,6 +71,39 @@ import Testing
         }
     }
 
+    /// Narrowing to half precision: F16C and the portable rounding agree with Swift's `Float16(_:)` on
+    /// every class of input (ties, subnormals, overflow to infinity, signed zeros).
+    @Test func halfNarrowingPathsAgree() {
+        var rng = SeededGenerator(seed: 11)
+        var values = rng.floats(4099, scale: 3)
+        values += [0, -0, 65504, 65519, 65520, 1e9, -1e9, 6.0e-8, 2.98e-8, 2.99e-8, 1e-10, -3e-6, .infinity]
+        values += (0..<2000).map { Float(bitPattern: 0x3380_0000 &+ UInt32($0) &* 0x1_0001) }  // around half's subnormals
+        values += (0..<2000).map { Float(bitPattern: 0x3F80_0000 | UInt32($0) << 12 | 0x1000) }  // exact ties
+        var best = [UInt16](repeating: 0, count: values.count)
+        var portable = best
+        kvk_narrow_to_half(values, &best, values.count)
+        kvk_narrow_to_half_portable(values, &portable, values.count)
+        for i in values.indices {
+            let swift = Float16(values[i]).bitPattern
+            #expect(best[i] == swift && portable[i] == swift, "value \(values[i]): \(best[i]) \(portable[i]) \(swift)")
+        }
+    }
+
+    @Test func normalGeneratorPathsAgree() {
+        var best = kvk_normal_state()
+        withUnsafeMutableBytes(of: &best) { raw in
+            for (i, word) in raw.bindMemory(to: UInt64.self).indices.enumerated() {
+                raw.storeBytes(of: 0x9E37_79B9_7F4A_7C15 &* UInt64(i + 1), toByteOffset: word * 8, as: UInt64.self)
+            }
+        }
+        var portable = best
+        var a = [Float](repeating: 0, count: 32 * 40)
+        var b = a
+        kvk_normal_blocks(&best, &a, 40)
+        kvk_normal_blocks_portable(&portable, &b, 40)
+        #expect(a.map(\.bitPattern) == b.map(\.bitPattern))
+    }
+
     /// A GQA group attends in one pass over its KV head; each query gets what it gets alone.
     @Test func groupedAttendEqualsOneQueryAtATime() {
         var rng = SeededGenerator(seed: 21)

@@ -1,4 +1,5 @@
 import KVCacheCore
+import KVKernels
 import Testing
 @testable import Workloads
 
@@ -130,15 +131,15 @@ import Testing
         #expect(abs(DeterministicMath.normalUpperTail(1.959_963_985) - 0.025) < 1e-6)
         #expect(abs(DeterministicMath.normalQuantile(0.975) - 1.959_963_985) < 1e-6)
         #expect(abs(NormalTailTable.upperTail(-0.5) - DeterministicMath.normalUpperTail(-0.5)) < 1e-6)
-        let u = SIMD16<Float>((0..<16).map { (Float($0) + 0.5) / 16 })
-        let (sine, cosine) = VectorMath.sinCosTwoPi(u)
-        let logs = VectorMath.log(u)
-        let roots = VectorMath.squareRoot(u)
-        for lane in 0..<16 {
-            let angle = DeterministicMath.sinCosTwoPi(Double(u[lane]))
-            #expect(abs(Double(sine[lane]) - angle.sin) < 1e-6 && abs(Double(cosine[lane]) - angle.cos) < 1e-6)
-            #expect(abs(Double(logs[lane]) - DeterministicMath.log(Double(u[lane]))) < 1e-6)
-            #expect(abs(Double(roots[lane] * roots[lane]) - Double(u[lane])) < 1e-6)
+        for u in (0..<16).map({ (Float($0) + 0.5) / 16 }) {
+            var sine: Float = 0
+            var cosine: Float = 0
+            kvk_lane_sin_cos_two_pi(u, &sine, &cosine)
+            let angle = DeterministicMath.sinCosTwoPi(Double(u))
+            #expect(abs(Double(sine) - angle.sin) < 1e-6 && abs(Double(cosine) - angle.cos) < 1e-6)
+            #expect(abs(Double(kvk_lane_log(u)) - DeterministicMath.log(Double(u))) < 1e-6)
+            let root = kvk_lane_sqrt(u)
+            #expect(abs(Double(root * root) - Double(u)) < 1e-6)
         }
     }
 }

@@ -52,6 +52,37 @@ float kvk_softmax(float *scores, size_t count);
 /// e^x as the softmax computes it: relative error below 2e-7 for x in [-87, 88], 0 below -87.
 float kvk_exp(float x);
 
+/// `out[i] += x[i]` for `count` elements.
+void kvk_accumulate(const float *x, float *out, size_t count);
+
+/// How many of `count` probabilities fall below `fractionOfMax` times the largest of them (and 0).
+size_t kvk_count_below(const float *probabilities, size_t count, float fractionOfMax);
+
+/// IEEE half precision of `count` floats, rounded to nearest even (F16C where the CPU has it).
+void kvk_narrow_to_half(const float *source, uint16_t *destination, size_t count);
+
+/// Lanes of the normal generator.
+#define KVK_NORMAL_LANES 16
+
+/// Sixteen interleaved xoshiro256** generators (lane `l`'s state is `s0[l] ... s3[l]`).
+typedef struct {
+    uint64_t s0[KVK_NORMAL_LANES], s1[KVK_NORMAL_LANES], s2[KVK_NORMAL_LANES], s3[KVK_NORMAL_LANES];
+} kvk_normal_state;
+
+/// `blocks × 32` standard normals (Box–Muller on both halves of each lane's next word): block `b`
+/// writes `r·cos` of lanes 0–15 then `r·sin` of lanes 0–15 at `out + 32b`.
+void kvk_normal_blocks(kvk_normal_state *state, float *out, size_t blocks);
+
+/// Steps every generator `blocks` times without transforming: what skipping `32 × blocks` normals costs.
+void kvk_normal_skip(kvk_normal_state *state, size_t blocks);
+
+/// The generator's fixed-polynomial functions for one lane (relative error about 1e-7): the square
+/// root of a non-negative float below 2¹²⁶, the natural log of a positive normal float, and
+/// (sin 2πu, cos 2πu) for u in [0, 1).
+float kvk_lane_sqrt(float x);
+float kvk_lane_log(float x);
+void kvk_lane_sin_cos_two_pi(float u, float *sine, float *cosine);
+
 /// The portable paths of the kernels above, whatever the CPU: tests check that both paths give the
 /// same bits.
 void kvk_scores_portable(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
@@ -61,6 +92,8 @@ void kvk_decode_logits_portable(const float *queries, size_t groups, const void 
 void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups, size_t probabilityStride,
                                       const void *values, int valuesAreHalf, size_t rows, size_t headDim, float *out);
 float kvk_softmax_portable(float *scores, size_t count);
+void kvk_narrow_to_half_portable(const float *source, uint16_t *destination, size_t count);
+void kvk_normal_blocks_portable(kvk_normal_state *state, float *out, size_t blocks);
 
 /// Floating-point operations a register-only FMA loop performs in `iterations` (see `kvk_fma_loop`).
 double kvk_fma_loop_flops(size_t iterations);
