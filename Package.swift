@@ -13,7 +13,7 @@ let strictSettings: [SwiftSetting] = [
 /// The numeric targets are optimised in debug builds too: the tests and the cluster's test processes
 /// run real tensor work, which is 20-50x slower unoptimised. (No instruction-set flags: `KVKernels`
 /// picks its AVX2/FMA/F16C paths at run time.)
-let numericSettings: [SwiftSetting] = strictSettings + [.unsafeFlags(["-O"], .when(configuration: .debug))]
+let numericSettings: [SwiftSetting] = strictSettings
 
 let package = Package(
     name: "Tessera",
