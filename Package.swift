@@ -10,11 +10,6 @@ let strictSettings: [SwiftSetting] = [
     .treatAllWarnings(as: .error),
 ]
 
-/// The numeric targets are optimised in debug builds too: the tests and the cluster's test processes
-/// run real tensor work, which is 20-50x slower unoptimised. (No instruction-set flags: `KVKernels`
-/// picks its AVX2/FMA/F16C paths at run time.)
-let numericSettings: [SwiftSetting] = strictSettings
-
 let package = Package(
     name: "Tessera",
     platforms: [.macOS(.v15)],
@@ -38,13 +33,13 @@ let package = Package(
     ],
     targets: [
         .target(name: "KVKernels"),
-        .target(name: "KVCacheCore", dependencies: ["KVKernels"], swiftSettings: numericSettings),
+        .target(name: "KVCacheCore", dependencies: ["KVKernels"], swiftSettings: strictSettings),
         .target(
             name: "Workloads",
             dependencies: ["KVKernels", "KVCacheCore", .product(name: "Yams", package: "Yams")],
-            swiftSettings: numericSettings
+            swiftSettings: strictSettings
         ),
-        .target(name: "Evaluation", dependencies: ["KVCacheCore", "Workloads"], swiftSettings: numericSettings),
+        .target(name: "Evaluation", dependencies: ["KVCacheCore", "Workloads"], swiftSettings: strictSettings),
         .target(
             name: "ClusterWire",
             dependencies: [
@@ -89,7 +84,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
-            swiftSettings: numericSettings
+            swiftSettings: strictSettings
         ),
         .target(
             name: "Coordinator",
@@ -109,7 +104,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
-            swiftSettings: numericSettings
+            swiftSettings: strictSettings
         ),
         .target(
             name: "ClusterLauncher",
@@ -165,7 +160,7 @@ let package = Package(
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
-            swiftSettings: numericSettings
+            swiftSettings: strictSettings
         ),
         .testTarget(name: "KVCacheCoreTests", dependencies: ["KVCacheCore", "KVKernels"], swiftSettings: strictSettings),
         .testTarget(name: "EvaluationTests", dependencies: ["Evaluation"], swiftSettings: strictSettings),
