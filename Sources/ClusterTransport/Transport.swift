@@ -31,6 +31,11 @@ public struct NodeAddress: Sendable, Hashable, Codable, CustomStringConvertible 
 package enum Transport {
     package typealias WireChannel = NIOAsyncChannel<Tessera_V1_Envelope, Tessera_V1_Envelope>
 
+    /// Socket reads grow up to 1 MiB while frames are large (NIO's default stops at 64 KiB, so a
+    /// 4 MiB prefill frame took 64 reads, each a pass through the pipeline), and shrink back for
+    /// small messages.
+    static let receiveBuffers = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 20)
+
     /// Binds `address` (port 0 picks a free one), reports the bound port through `onBound`, and serves
     /// every accepted connection in its own child task until cancelled. A failing connection never
     /// stops the listener. With `faults`, every accepted connection applies its current plan.
@@ -42,6 +47,7 @@ package enum Transport {
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .bind(host: address.host, port: address.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)
@@ -126,6 +132,7 @@ package enum Transport {
         do {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.recvAllocator, value: Self.receiveBuffers)
                 .connect(host: address.host, port: address.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)

@@ -326,7 +326,7 @@ actor SequenceStore {
         return .run(
             DecodeJob(
                 sequenceID: sequenceID, step: step, held: held, inputs: stepInputs,
-                threads: alone ? System.coreCount : 1))
+                threads: alone ? WorkerService.cores : 1))
     }
 
     /// Puts the job's cache back and, if it succeeded, records the step (unless the sequence was

@@ -111,7 +111,7 @@ struct WorkerHandler: EnvelopeHandler {
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
                 let profile = try PrefillWork.timed(&work.profileMicros) { () throws(KVCacheError) in
-                    try AttentionProfile(prefill: prefill, requirements: requirements, threads: System.coreCount)
+                    try AttentionProfile(prefill: prefill, requirements: requirements, threads: WorkerService.cores)
                 }
                 profiles[layer] = profile
                 let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)

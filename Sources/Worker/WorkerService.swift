@@ -17,11 +17,14 @@ public final class WorkerService: Sendable {
     public let configuration: WorkerConfiguration
     let logger: Logger
     let store = SequenceStore()
+    /// The cores tensor work may use, read once: `System.coreCount` reads sysfs and cgroup files on
+    /// every call, which was two file reads per prefill frame and per decode step.
+    static let cores = System.coreCount
     /// Threads for tensor work, so that it never occupies the cooperative pool that serves
     /// connections and heartbeats: long prefill work (expansion, profiles, compression) on one pool,
     /// decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
-    private let prefillThreads = NIOThreadPool(numberOfThreads: System.coreCount)
-    private let decodeThreads = NIOThreadPool(numberOfThreads: System.coreCount)
+    private let prefillThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    private let decodeThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
     private let peers = Mutex<ConnectionPool?>(nil)
