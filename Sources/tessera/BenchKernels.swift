@@ -7,13 +7,15 @@ import Workloads
 struct BenchKernels: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench-kernels",
-        abstract: "Measure decode attention against this machine's memory read bandwidth, and compress time.",
+        abstract: "Measure decode attention and the prefill profile against this machine's limits, and compress time.",
         discussion: """
             Run in release (swift run -c release tessera bench-kernels). On one core it measures the read \
             bandwidth of a SIMD sum over 1 GiB, then decode attention of one query over 32k-token heads \
             (1 GiB of K/V in all, so every pass streams from memory) in Float32 and Float16, and prints \
-            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. Then it times each policy compressing \
-            one layer of an image-qa prompt on the chosen model at the chosen budget.
+            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. On every core it then measures the FMA \
+            peak (a register-only loop) and the attention profile of every row of a multi-image layer, \
+            and prints e.g. `profile f32: 157 GFLOP/s, 67% of FMA peak`. Last it times each policy \
+            compressing one layer of an image-qa prompt on the chosen model at the chosen budget.
             """
     )
 
