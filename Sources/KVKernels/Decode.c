@@ -1,12 +1,8 @@
 #include "KVKernels.h"
+#include "InstructionSet.h"
 
 #include <math.h>
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVK_X86 1
-#endif
 
 // Decode attention streams every cached key and value row once per step, so these kernels are
 // memory-bound. Rows are read strictly in order, one whole row at a time (interleaving four rows
@@ -36,9 +32,7 @@ static inline float from_half(uint16_t h) {
         }
         bits = sign | ((113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
     }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return kvk_as_float(bits);
 }
 
 // MARK: - Portable path
@@ -86,7 +80,6 @@ static void weighted_portable(const float *p, size_t groups, size_t pStride, con
 // MARK: - AVX2 + FMA + F16C
 
 #ifdef KVK_X86
-#define KVK_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 /// Eight elements from `p`, Float32 or half precision widened.
 KVK_AVX2 static inline __m256 load8(const void *p, int half, size_t c) {
@@ -167,17 +160,12 @@ KVK_AVX2 static void weighted_avx2(const float *p, size_t groups, size_t pStride
     }
 }
 
-static int has_avx2_fma_f16c(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-#else
-static int has_avx2_fma_f16c(void) { return 0; }
 #endif
 
 void kvk_decode_logits(const float *queries, size_t groups, const void *keys, int keysAreHalf, size_t rows,
                        size_t headDim, float scale, float *scores, size_t scoreStride) {
 #ifdef KVK_X86
-    if (has_avx2_fma_f16c()) {
+    if (kvk_has_avx2()) {
         logits_avx2(queries, groups, keys, keysAreHalf, rows, headDim, scale, scores, scoreStride);
         return;
     }
@@ -200,7 +188,7 @@ void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t p
                              int valuesAreHalf, size_t rows, size_t headDim, float *out) {
     memset(out, 0, groups * headDim * sizeof(float));
 #ifdef KVK_X86
-    if (has_avx2_fma_f16c()) {
+    if (kvk_has_avx2()) {
         weighted_avx2(probabilities, groups, probabilityStride, values, valuesAreHalf, rows, headDim, out);
         return;
     }

@@ -1,6 +1,6 @@
 #include "KVKernels.h"
+#include "InstructionSet.h"
 
-#include <string.h>
 
 // The synthetic traces' bulk source of standard normals: sixteen interleaved xoshiro256** generators
 // and a Box–Muller transform whose log, square root and sine/cosine are fixed polynomials (after
@@ -8,18 +8,6 @@
 // is rounded on its own (no contraction) and the bit tricks are exact, so a trace is the same on
 // every CPU and path.
 #pragma clang fp contract(off)
-
-static inline float as_float(uint32_t bits) {
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint32_t as_bits(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return bits;
-}
 
 static inline uint64_t rotate_left(uint64_t x, unsigned k) { return (x << k) | (x >> (64 - k)); }
 
@@ -42,11 +30,11 @@ static inline __attribute__((always_inline)) uint64_t next_word(kvk_normal_state
 }
 
 /// A uniform float in [0, 1) from the top 23 bits of `bits`.
-static inline float unit_interval(uint32_t bits) { return as_float((bits >> 9) | 0x3F800000u) - 1; }
+static inline float unit_interval(uint32_t bits) { return kvk_as_float((bits >> 9) | 0x3F800000u) - 1; }
 
 static inline __attribute__((always_inline)) float lane_sqrt(float x) {
     float v = x + 1e-30f;  // keeps 0 away from the division; no effect on normal inputs
-    float y = as_float((as_bits(v) >> 1) + 0x1FBD1DF5u);
+    float y = kvk_as_float((kvk_as_bits(v) >> 1) + 0x1FBD1DF5u);
     y = 0.5f * (y + v / y);
     y = 0.5f * (y + v / y);
     y = 0.5f * (y + v / y);
@@ -54,9 +42,9 @@ static inline __attribute__((always_inline)) float lane_sqrt(float x) {
 }
 
 static inline __attribute__((always_inline)) float lane_log(float x) {
-    uint32_t bits = as_bits(x) + (0x3F800000u - 0x3F3504F3u);
-    float exponent = (as_float((bits >> 23) | 0x4B000000u) - 8388608.0f) - 127;
-    float m = as_float((bits & 0x007FFFFFu) + 0x3F3504F3u) - 1;
+    uint32_t bits = kvk_as_bits(x) + (0x3F800000u - 0x3F3504F3u);
+    float exponent = (kvk_as_float((bits >> 23) | 0x4B000000u) - 8388608.0f) - 127;
+    float m = kvk_as_float((bits & 0x007FFFFFu) + 0x3F3504F3u) - 1;
     float z = m * m;
     float y = 7.0376836292e-2f;
     y = y * m - 1.1514610310e-1f;
@@ -77,7 +65,7 @@ static inline __attribute__((always_inline)) void lane_sin_cos_two_pi(float u, f
     static const float MAGIC = 12582912.0f, HALF_PI = 0x1.921fb4p+0f;  // 1.5·2²³; π rounded down, halved
     float t = u * 4;
     float shifted = t + MAGIC;  // rounds t to the nearest integer, left in the low mantissa bits
-    uint32_t quadrant = as_bits(shifted) & 3;
+    uint32_t quadrant = kvk_as_bits(shifted) & 3;
     float a = (t - (shifted - MAGIC)) * HALF_PI;
     float z = a * a;
     float s = -1.9515295891e-4f;
@@ -89,9 +77,9 @@ static inline __attribute__((always_inline)) void lane_sin_cos_two_pi(float u, f
     c = c * z + 4.166664568298827e-2f;
     c = c * z * z - 0.5f * z + 1;
     // Odd quadrants swap sine and cosine; quadrants 2, 3 negate the sine; 1, 2 the cosine.
-    uint32_t swap = 0u - (quadrant & 1), sBits = as_bits(s), cBits = as_bits(c);
-    *sine = as_float(((sBits & ~swap) | (cBits & swap)) ^ ((quadrant & 2) << 30));
-    *cosine = as_float(((cBits & ~swap) | (sBits & swap)) ^ (((quadrant + 1) & 2) << 30));
+    uint32_t swap = 0u - (quadrant & 1), sBits = kvk_as_bits(s), cBits = kvk_as_bits(c);
+    *sine = kvk_as_float(((sBits & ~swap) | (cBits & swap)) ^ ((quadrant & 2) << 30));
+    *cosine = kvk_as_float(((cBits & ~swap) | (sBits & swap)) ^ (((quadrant + 1) & 2) << 30));
 }
 
 /// Block `b`'s 32 normals: lane l's word gives out[l] = r·cos and out[16 + l] = r·sin, from its low
@@ -122,23 +110,21 @@ static inline __attribute__((always_inline)) void skip_body(kvk_normal_state *g,
         for (int l = 0; l < KVK_NORMAL_LANES; l++) (void)next_word(g, l);
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define KVK_AVX2 __attribute__((target("avx2")))
+#ifdef KVK_X86
 KVK_AVX2 static void blocks_avx2(kvk_normal_state *g, float *out, size_t blocks) { blocks_body(g, out, blocks); }
 KVK_AVX2 static void skip_avx2(kvk_normal_state *g, size_t blocks) { skip_body(g, blocks); }
-static int has_avx2(void) { return __builtin_cpu_supports("avx2"); }
 #endif
 
 void kvk_normal_blocks(kvk_normal_state *state, float *out, size_t blocks) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (has_avx2()) return blocks_avx2(state, out, blocks);
+#ifdef KVK_X86
+    if (kvk_has_avx2()) return blocks_avx2(state, out, blocks);
 #endif
     blocks_body(state, out, blocks);
 }
 
 void kvk_normal_skip(kvk_normal_state *state, size_t blocks) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (has_avx2()) return skip_avx2(state, blocks);
+#ifdef KVK_X86
+    if (kvk_has_avx2()) return skip_avx2(state, blocks);
 #endif
     skip_body(state, blocks);
 }

@@ -1,11 +1,7 @@
 #include "KVKernels.h"
+#include "InstructionSet.h"
 
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVK_X86 1
-#endif
 
 // Element-wise passes over rows: the profile's column sums and sparsity count, and the narrowing of
 // Float32 rows to half precision as a Float16 cache stores them. Each result is exact or rounded
@@ -16,8 +12,7 @@
 /// Round-to-nearest-even, as F16C's `vcvtps2ph` with rounding mode 0 and Swift's `Float16(_:)` do;
 /// NaNs stay NaNs (quiet, with the payload's top bits).
 static inline uint16_t to_half(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
+    uint32_t bits = kvk_as_bits(f);
     uint16_t sign = (uint16_t)((bits >> 16) & 0x8000);
     uint32_t exponent = (bits >> 23) & 0xff, mantissa = bits & 0x7fffff;
     if (exponent == 0xff) return sign | 0x7c00 | (mantissa ? (uint16_t)(0x200 | (mantissa >> 13)) : 0);
@@ -57,8 +52,6 @@ static void narrow_portable(const float *source, uint16_t *destination, size_t c
 // MARK: - AVX2 path (the same bodies, vectorised eight lanes wide by the compiler)
 
 #ifdef KVK_X86
-#define KVK_AVX2 __attribute__((target("avx2,f16c")))
-
 KVK_AVX2 static void accumulate_avx2(const float *x, float *out, size_t count) { accumulate_body(x, out, count); }
 
 KVK_AVX2 static size_t count_below_avx2(const float *p, size_t count, float fraction) {
@@ -72,29 +65,27 @@ KVK_AVX2 static void narrow_avx2(const float *source, uint16_t *destination, siz
                          _mm256_cvtps_ph(_mm256_loadu_ps(source + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < count; i++) destination[i] = to_half(source[i]);
 }
-
-static int has_avx2_f16c(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
 #endif
 
 // MARK: - Entry points
 
 void kvk_accumulate(const float *x, float *out, size_t count) {
 #ifdef KVK_X86
-    if (has_avx2_f16c()) return accumulate_avx2(x, out, count);
+    if (kvk_has_avx2()) return accumulate_avx2(x, out, count);
 #endif
     accumulate_body(x, out, count);
 }
 
 size_t kvk_count_below(const float *probabilities, size_t count, float fractionOfMax) {
 #ifdef KVK_X86
-    if (has_avx2_f16c()) return count_below_avx2(probabilities, count, fractionOfMax);
+    if (kvk_has_avx2()) return count_below_avx2(probabilities, count, fractionOfMax);
 #endif
     return count_below_body(probabilities, count, fractionOfMax);
 }
 
 void kvk_narrow_to_half(const float *source, uint16_t *destination, size_t count) {
 #ifdef KVK_X86
-    if (has_avx2_f16c()) return narrow_avx2(source, destination, count);
+    if (kvk_has_avx2()) return narrow_avx2(source, destination, count);
 #endif
     narrow_portable(source, destination, count);
 }

@@ -1,12 +1,8 @@
 #include "KVKernels.h"
+#include "InstructionSet.h"
 
 #include <math.h>
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVK_X86 1
-#endif
 
 enum { PANEL = KVK_PANEL_KEYS, GROUP = 6 };
 
@@ -60,7 +56,7 @@ static void scores_portable(const float *queries, size_t queryStride, size_t row
 // MARK: - AVX2 + FMA: six query rows × sixteen keys in twelve accumulators.
 
 #ifdef KVK_X86
-__attribute__((target("avx2,fma"))) static inline void
+KVK_AVX2 static inline void
 group6_avx2(const float *q, size_t queryStride, const float *panel, size_t headDim, float scale, float *out,
             size_t scoreStride) {
     // Fixed trip counts: the compiler unrolls these loops and keeps all twelve sums in registers.
@@ -83,7 +79,7 @@ group6_avx2(const float *q, size_t queryStride, const float *panel, size_t headD
 }
 
 /// One query row × sixteen keys, for the rows left over after whole groups of six.
-__attribute__((target("avx2,fma"))) static inline void
+KVK_AVX2 static inline void
 row_avx2(const float *q, const float *panel, size_t headDim, float scale, float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     for (size_t c = 0; c < headDim; c++) {
@@ -98,7 +94,7 @@ row_avx2(const float *q, const float *panel, size_t headDim, float scale, float 
 
 // Panels outer, row groups inner: a panel (16 keys, 8 KiB at headDim 128) stays in L1 while every
 // row group of the tile reads it.
-__attribute__((target("avx2,fma"))) static void
+KVK_AVX2 static void
 scores_avx2(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys, size_t headDim,
             float scale, size_t causalEnd, float *scores, size_t scoreStride) {
     size_t panelCount = (keys + PANEL - 1) / PANEL;
@@ -119,7 +115,7 @@ scores_avx2(const float *queries, size_t queryStride, size_t rows, const float *
     }
 }
 
-__attribute__((target("avx2,fma"))) static float fma_loop_avx2(size_t iterations) {
+KVK_AVX2 static float fma_loop_avx2(size_t iterations) {
     __m256 a[10];
     for (int i = 0; i < 10; i++) a[i] = _mm256_set1_ps((float)i * 1e-3f);
     const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
@@ -136,9 +132,6 @@ __attribute__((target("avx2,fma"))) static float fma_loop_avx2(size_t iterations
     return lanes[0] + lanes[7];
 }
 
-static int has_avx2_fma(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-#else
-static int has_avx2_fma(void) { return 0; }
 #endif
 
 static float fma_loop_portable(size_t iterations) {
@@ -154,7 +147,7 @@ static float fma_loop_portable(size_t iterations) {
 void kvk_scores(const float *queries, size_t queryStride, size_t rows, const float *panels, size_t keys,
                 size_t headDim, float scale, size_t causalEnd, float *scores, size_t scoreStride) {
 #ifdef KVK_X86
-    if (has_avx2_fma()) {
+    if (kvk_has_avx2()) {
         scores_avx2(queries, queryStride, rows, panels, keys, headDim, scale, causalEnd, scores, scoreStride);
         return;
     }
@@ -171,9 +164,9 @@ double kvk_fma_loop_flops(size_t iterations) { return (double)iterations * 10 * 
 
 float kvk_fma_loop(size_t iterations) {
 #ifdef KVK_X86
-    if (has_avx2_fma()) return fma_loop_avx2(iterations);
+    if (kvk_has_avx2()) return fma_loop_avx2(iterations);
 #endif
     return fma_loop_portable(iterations);
 }
 
-const char *kvk_path(void) { return has_avx2_fma() ? "avx2+fma" : "portable"; }
+const char *kvk_path(void) { return kvk_has_avx2() ? "avx2+fma" : "portable"; }

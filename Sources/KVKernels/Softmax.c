@@ -1,12 +1,8 @@
 #include "KVKernels.h"
+#include "InstructionSet.h"
 
 #include <stdint.h>
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KVK_X86 1
-#endif
 
 // The softmax of attention rows, as sixteen-lane blocks with a scalar tail. Every multiply and add
 // is rounded on its own (no fused multiply-add: contraction is off), in the same order on both
@@ -36,12 +32,8 @@ static inline float exp_portable(float x) {
     y = y * x + 1.66666655e-1f;
     y = y * x + 5.00000012e-1f;
     y = y * (x * x) + x + 1;
-    uint32_t bits;
-    memcpy(&bits, &shifted, sizeof bits);
-    int32_t integral = (int32_t)(bits - 0x4B400000u);
-    uint32_t scaleBits = (uint32_t)(integral + 127) << 23;
-    float scale;
-    memcpy(&scale, &scaleBits, sizeof scale);
+    int32_t integral = (int32_t)(kvk_as_bits(shifted) - 0x4B400000u);
+    float scale = kvk_as_float((uint32_t)(integral + 127) << 23);
     return tiny ? 0 : y * scale;
 }
 
@@ -72,7 +64,6 @@ static float softmax_portable(float *s, size_t count) {
 }
 
 #ifdef KVK_X86
-#define KVK_AVX2 __attribute__((target("avx2")))
 
 KVK_AVX2 static inline __m256 exp_avx2(__m256 x) {
     __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LOW), _CMP_LT_OQ);
@@ -133,7 +124,7 @@ KVK_AVX2 static float softmax_avx2(float *s, size_t count) {
 
 float kvk_softmax(float *scores, size_t count) {
 #ifdef KVK_X86
-    if (__builtin_cpu_supports("avx2")) return softmax_avx2(scores, count);
+    if (kvk_has_avx2()) return softmax_avx2(scores, count);
 #endif
     return softmax_portable(scores, count);
 }
