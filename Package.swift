@@ -30,6 +30,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.7.4"),
     ],
     targets: [
         .target(name: "KVKernels"),
@@ -51,6 +55,17 @@ let package = Package(
         ),
         .target(name: "ClusterState", swiftSettings: strictSettings),
         .target(
+            name: "ClusterSecurity",
+            dependencies: [
+                "ClusterWire",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
             name: "ClusterAdmin",
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -66,7 +81,8 @@ let package = Package(
         .target(
             name: "ClusterTransport",
             dependencies: [
-                "ClusterWire", "ClusterAdmin",
+                "ClusterWire", "ClusterAdmin", "ClusterSecurity",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -77,7 +93,7 @@ let package = Package(
         .target(
             name: "Worker",
             dependencies: [
-                "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport", "ClusterAdmin",
+                "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport", "ClusterAdmin", "ClusterSecurity",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -89,7 +105,7 @@ let package = Package(
         .target(
             name: "Coordinator",
             dependencies: [
-                "KVCacheCore", "ClusterWire", "ClusterTransport", "ClusterState", "ClusterAdmin",
+                "KVCacheCore", "ClusterWire", "ClusterTransport", "ClusterState", "ClusterAdmin", "ClusterSecurity",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -100,7 +116,7 @@ let package = Package(
         .target(
             name: "Client",
             dependencies: [
-                "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport",
+                "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport", "ClusterSecurity",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -109,7 +125,7 @@ let package = Package(
         .target(
             name: "ClusterLauncher",
             dependencies: [
-                "ClusterTransport", "Client",
+                "ClusterTransport", "ClusterSecurity", "ClusterAdmin", "Client",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -119,7 +135,7 @@ let package = Package(
         .target(
             name: "LoadGenerator",
             dependencies: [
-                "KVCacheCore", "Workloads", "Client", "ClusterTransport", "ClusterWire",
+                "KVCacheCore", "Workloads", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -129,6 +145,7 @@ let package = Package(
             name: "Chaos",
             dependencies: [
                 "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterAdmin", "ClusterLauncher", "ClusterTransport",
+                "ClusterSecurity",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Yams", package: "Yams"),
@@ -148,6 +165,7 @@ let package = Package(
                 "ClusterLauncher",
                 "ClusterTransport",
                 "ClusterWire",
+                "ClusterSecurity",
                 "LoadGenerator",
                 "Chaos",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -187,9 +205,11 @@ let package = Package(
         .testTarget(
             name: "ClusterTests",
             dependencies: [
-                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "KVCacheCore",
+                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity", "KVCacheCore",
                 "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator", "Chaos", "Evaluation",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Interop check: talk to a Tessera worker with Python's `protobuf` package instead of SwiftProtobuf.
 
-Usage: interop_client.py HOST:PORT
+Usage: interop_client.py HOST:PORT [CERT_DIR CERT_NAME]
 
 Generates Python code from Protos/ with `protoc` into a temporary directory, then on one TCP
-connection (frames: a 4-byte big-endian length, then one serialized tessera.v1.Envelope):
+connection (frames: a 4-byte big-endian length, then one serialized tessera.v1.Envelope), over
+mutual TLS with Python's `ssl` (OpenSSL) when given a certificate folder (CERT_DIR/ca.pem as the only
+root, CERT_DIR/CERT_NAME.pem and CERT_NAME-key.pem as the client's, whose node id is CERT_NAME):
   1. Hello (request_id 0)                      -> expects hello_ack
   2. StatusRequest (request_id 1)              -> expects status_reply
   3. Decode of unknown sequence 424242 (id 3)  -> expects error ERROR_CODE_UNKNOWN_SEQUENCE
@@ -17,6 +19,7 @@ import importlib
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -132,7 +135,20 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def run(address: str) -> dict:
+def connect(host: str, port: int, certs: tuple[str, str] | None):
+    sock = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT_SECONDS)
+    if certs is None:
+        return sock
+    folder, name = certs
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # peers are named by their certificates' subjects, not host names
+    context.load_verify_locations(os.path.join(folder, "ca.pem"))
+    context.load_cert_chain(os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem"))
+    return context.wrap_socket(sock)
+
+
+def run(address: str, certs: tuple[str, str] | None) -> dict:
     host, port = parse_address(address)
     with tempfile.TemporaryDirectory(prefix="tessera-interop-") as out_dir:
         generate_python_code(out_dir)
@@ -141,7 +157,7 @@ def run(address: str) -> dict:
         cluster_pb2, data_pb2, errors_pb2 = pb["cluster"], pb["data"], pb["errors"]
         Envelope = envelope_pb2.Envelope
 
-        with socket.create_connection((host, port), timeout=SOCKET_TIMEOUT_SECONDS) as sock:
+        with connect(host, port, certs) as sock:
             sock.settimeout(SOCKET_TIMEOUT_SECONDS)
 
             hello = Envelope(
@@ -149,7 +165,7 @@ def run(address: str) -> dict:
                 hello=handshake_pb2.Hello(
                     protocol_version=1,
                     role=handshake_pb2.NODE_ROLE_CLIENT,
-                    node_id="python-interop",
+                    node_id=certs[1] if certs else "python-interop",
                     incarnation=1,
                 ),
             )
@@ -186,11 +202,11 @@ def run(address: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: interop_client.py HOST:PORT", file=sys.stderr)
+    if len(argv) not in (2, 4):
+        print("usage: interop_client.py HOST:PORT [CERT_DIR CERT_NAME]", file=sys.stderr)
         return 2
     try:
-        result = run(argv[1])
+        result = run(argv[1], (argv[2], argv[3]) if len(argv) == 4 else None)
     except InteropError as error:
         fail(str(error))
     except socket.timeout:

@@ -1,6 +1,7 @@
 import Client
 import ClusterAdmin
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import Evaluation
 import KVCacheCore
@@ -77,7 +78,8 @@ public enum ChaosRunner {
         let launch = options
         let (report, pids) = try await LocalCluster.withCluster(launch, logger: logger) { cluster in
             let report = try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, tenant: "chaos", nodeID: "chaos", logger: logger
+                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "chaos", tenant: "chaos"),
+                tenant: "chaos", nodeID: "chaos", logger: logger
             ) { client in
                 try await drive(scenario, cluster: cluster, client: client, progress: progress)
             }
@@ -230,8 +232,10 @@ public enum ChaosRunner {
             let cut = fault.action == .partition
             do {
                 _ = try await AdminClient.put(
-                    port: cluster.coordinatorProcess.adminPort, path: "/faults", body: cut ? "drop=1,peer=\(target.nodeID)" : "none")
-                _ = try await AdminClient.put(port: worker.adminPort, path: "/faults", body: cut ? "drop=1" : "none")
+                    port: cluster.coordinatorProcess.adminPort, path: "/faults", body: cut ? "drop=1,peer=\(target.nodeID)" : "none",
+                    token: cluster.adminToken)
+                _ = try await AdminClient.put(
+                    port: worker.adminPort, path: "/faults", body: cut ? "drop=1" : "none", token: cluster.adminToken)
             } catch {
                 throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID): \(error)")
             }

@@ -1,3 +1,4 @@
+public import ClusterSecurity
 public import ClusterTransport
 public import ClusterWire
 public import KVCacheCore
@@ -90,16 +91,37 @@ public final class TesseraClient: Sendable {
     }
 
     /// Connects to the coordinator and runs `body` with a client; every connection closes afterwards.
+    /// Over mutual TLS the client is the node and tenant its certificate names (`tenant`, if given,
+    /// must be that one); insecure, it claims `nodeID` and `tenant` (default `default`).
     public static func withClient<T: Sendable>(
-        coordinator address: NodeAddress, tenant: String, nodeID: String = "client", logger: Logger,
-        maxFrameBytes: Int = 64 << 20, _ body: @escaping @Sendable (TesseraClient) async throws -> T
+        coordinator address: NodeAddress, security: TransportSecurity, tenant: String? = nil,
+        nodeID: String = "client", logger: Logger, maxFrameBytes: Int = 64 << 20,
+        _ body: @escaping @Sendable (TesseraClient) async throws -> T
     ) async throws -> T {
+        let (nodeID, tenant) = try clientIdentity(security: security, tenant: tenant, nodeID: nodeID)
         let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
         let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
-        return try await ConnectionPool.withPool(handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger) { pool in
+        return try await ConnectionPool.withPool(
+            handshake: handshake, security: security, maxFrameBytes: maxFrameBytes, logger: logger
+        ) { pool in
             _ = try await pool.connection(to: address)
             return try await body(TesseraClient(tenant: tenant, coordinator: address, pool: pool))
         }
+    }
+
+    private static func clientIdentity(
+        security: TransportSecurity, tenant: String?, nodeID: String
+    ) throws(WireError) -> (nodeID: String, tenant: String) {
+        guard let certified = security.identity else { return (nodeID, tenant ?? "default") }
+        guard certified.role == .client, let certifiedTenant = certified.tenant else {
+            throw WireError(.permissionDenied, "a client needs a client certificate; this one names \(certified)")
+        }
+        if let tenant, tenant != certifiedTenant {
+            throw WireError(
+                .permissionDenied,
+                "asked to act for tenant \(tenant), but the client certificate \(certified.nodeID) is for tenant \(certifiedTenant)")
+        }
+        return (certified.nodeID, certifiedTenant)
     }
 
     /// The connection to the coordinator, opened again if it closed (the coordinator restarted).

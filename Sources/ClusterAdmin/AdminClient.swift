@@ -4,13 +4,16 @@ import NIOPosix
 /// Reads and changes a process's admin settings over HTTP, as an operator would with
 /// `curl -X PUT --data 'drop=1,peer=worker-2' http://127.0.0.1:PORT/faults`.
 public enum AdminClient {
-    /// `PUT path` with `body` to the admin endpoint at `host:port`; returns the value now in force.
+    /// `PUT path` with `body` to the admin endpoint at `host:port`, presenting `token`; returns the
+    /// value now in force.
     ///
     /// - Throws: ``ClusterAdminError`` with code ``ClusterAdminError/Code/requestFailed`` when the
     ///   endpoint cannot be reached or answers anything but 200 (the message carries its answer).
-    public static func put(host: String = "127.0.0.1", port: Int, path: String, body: String) async throws -> String {
+    public static func put(
+        host: String = "127.0.0.1", port: Int, path: String, body: String, token: String
+    ) async throws -> String {
         let request = "PUT \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-            + "Content-Length: \(body.utf8.count)\r\n\r\n\(body)"
+            + "Authorization: Bearer \(token)\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
         let raw: String
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -10,7 +10,8 @@ public import Prometheus
 /// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`).
 /// - `GET /healthz`: `ok`.
 /// - for each ``AdminSetting`` at `/NAME`: `GET` reads it, `PUT` with a text body changes it (400 with
-///   the reason when the value is refused, 413 above 64 KiB).
+///   the reason when the value is refused, 413 above 64 KiB). A `PUT` needs `Authorization: Bearer
+///   TOKEN` with the server's token (401 without it, 403 when the server has none: nothing changes).
 /// - any other path: 404; a method a path does not take: 405 (with `Allow`).
 ///
 /// ``run()`` binds, reports the bound port through `onListening`, serves each connection in its own child
@@ -28,6 +29,7 @@ public struct AdminServer: Sendable {
     private let logger: Logger
     private let onListening: @Sendable (Int) -> Void
     private let settings: [String: AdminSetting]
+    private let token: AdminToken?
 
     /// - Parameters:
     ///   - host: The address to bind.
@@ -36,12 +38,14 @@ public struct AdminServer: Sendable {
     ///   - eventLoopGroup: The group to run on; `MultiThreadedEventLoopGroup.singleton` by default.
     ///   - logger: Where to log; the default discards everything.
     ///   - settings: Values an operator may read and change at run time, by path (e.g. `/faults`).
+    ///   - token: The bearer token a `PUT` must present; without one, settings are read-only.
     ///   - onListening: Called once with the bound port, before the first connection is accepted.
     public init(
         host: String,
         port: Int,
         registry: PrometheusCollectorRegistry,
         settings: [String: AdminSetting] = [:],
+        token: AdminToken? = nil,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "tessera.admin", factory: { _ in SwiftLogNoOpLogHandler() }),
         onListening: @escaping @Sendable (Int) -> Void = { _ in }
@@ -53,6 +57,7 @@ public struct AdminServer: Sendable {
         self.logger = logger
         self.onListening = onListening
         self.settings = settings
+        self.token = token
     }
 
     /// Largest request body a setting accepts.
@@ -170,6 +175,15 @@ public struct AdminServer: Sendable {
             case .GET:
                 return Response(status: .ok, body: ByteBuffer(string: setting.read() + "\n"))
             case .PUT:
+                guard let token else {
+                    return Response(
+                        status: .forbidden,
+                        body: ByteBuffer(string: "settings are read-only: this process has no admin token (--admin-token-file)\n"))
+                }
+                guard token.accepts(authorization: head.headers["Authorization"].first) else {
+                    return Response(
+                        status: .unauthorized, body: ByteBuffer(string: "PUT needs Authorization: Bearer TOKEN\n"))
+                }
                 do {
                     let value = try setting.write(String(body.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed()))
                     self.logger.notice("admin setting changed", metadata: ["admin.path": "\(path)", "value": "\(value)"])

@@ -1,4 +1,8 @@
+import ClusterAdmin
+public import ClusterSecurity
 public import ClusterTransport
+import ClusterWire
+import FoundationEssentials
 public import Logging
 import Subprocess
 public import SystemPackage
@@ -23,6 +27,10 @@ public final class LocalCluster: Sendable {
     }
 
     public let coordinator: NodeAddress
+    /// The folder of the cluster's certificates (nil when insecure).
+    public let certificates: CertificateDirectory?
+    /// The bearer token the processes' admin endpoints take for `PUT` (e.g. `/faults`).
+    public let adminToken: String
     private let processes: Mutex<(coordinator: Process, workers: [Process])>
     private let options: Options
     private let restarts: AsyncStream<Restart>.Continuation
@@ -36,8 +44,13 @@ public final class LocalCluster: Sendable {
     public var everyPID: [Int32] { started.withLock { $0 } }
     private let started = Mutex<[Int32]>([])
 
-    private init(coordinator: Process, workers: [Process], options: Options, restarts: AsyncStream<Restart>.Continuation) {
+    private init(
+        coordinator: Process, workers: [Process], certificates: CertificateDirectory?, adminToken: String,
+        options: Options, restarts: AsyncStream<Restart>.Continuation
+    ) {
         self.coordinator = coordinator.address
+        self.certificates = certificates
+        self.adminToken = adminToken
         processes = Mutex((coordinator, workers))
         self.options = options
         self.restarts = restarts
@@ -58,6 +71,8 @@ public final class LocalCluster: Sendable {
         /// Whether a worker process may exit while the cluster is in use (fault injection kills them);
         /// otherwise any exit ends the scope with an error.
         public var toleratesWorkerExits = false
+        /// How the processes authenticate each other (default: mutual TLS with a throw-away CA).
+        public var security = Security.throwawayCA
 
         public init(
             binary: FilePath, workers: Int, childArguments: [String] = [], inheritStandardError: Bool = true,
@@ -69,6 +84,23 @@ public final class LocalCluster: Sendable {
             self.inheritStandardError = inheritStandardError
             self.readyTimeout = readyTimeout
         }
+    }
+
+    /// How a local cluster's processes are secured.
+    public enum Security: Sendable {
+        /// A CA made for this cluster in a temporary folder, deleted when the cluster stops.
+        case throwawayCA
+        /// The certificates in a folder; missing ones are issued there when it holds the CA key.
+        case certificates(CertificateDirectory)
+        /// Plaintext: every child runs with `--insecure` and says so.
+        case insecure
+    }
+
+    /// Credentials for a client of this cluster acting as `name` for `tenant` (issued by the cluster's
+    /// CA when the folder has none), or `.insecure` for an insecure cluster.
+    public func clientSecurity(name: String, tenant: String) throws(CertificateError) -> TransportSecurity {
+        guard let certificates else { return .insecure }
+        return .mutualTLS(try certificates.credentials(for: CertifiedIdentity(role: .client, nodeID: name, tenant: tenant)))
     }
 
     /// The running `tessera` binary's path.
@@ -91,7 +123,36 @@ public final class LocalCluster: Sendable {
     public static func withCluster<T: Sendable>(
         _ options: Options, logger: Logger, _ body: @escaping @Sendable (LocalCluster) async throws -> T
     ) async throws -> T {
-        try await withThrowingTaskGroup(of: T?.self) { group in
+        // A folder of the cluster's own for its admin token and, unless given, its throw-away CA.
+        let scratch = try makeTemporaryFolder()
+        defer { try? FileManager.default.removeItem(atPath: scratch.path) }
+        let adminToken = AdminToken.random()
+        let tokenFile = "\(scratch.path)/admin-token"
+        guard FileManager.default.createFile(
+            atPath: tokenFile, contents: Data(adminToken.utf8), attributes: [.posixPermissions: 0o600])
+        else { throw LaunchError("cannot write \(tokenFile)") }
+        var options = options
+        options.childArguments += ["--admin-token-file", tokenFile]
+        if case .throwawayCA = options.security {
+            try CertificateAuthority.create().write(to: scratch)
+            options.security = .certificates(scratch)
+        }
+        let certificates: CertificateDirectory?
+        switch options.security {
+        case .throwawayCA:
+            preconditionFailure("the throw-away CA was made above")
+        case .certificates(let folder):
+            certificates = folder
+            _ = try folder.credentials(for: CertifiedIdentity(role: .coordinator, nodeID: "coordinator"))
+            for index in 0..<options.workers {
+                _ = try folder.credentials(for: CertifiedIdentity(role: .worker, nodeID: "worker-\(index + 1)"))
+            }
+            options.childArguments += ["--certs", folder.path]
+        case .insecure:
+            certificates = nil
+            options.childArguments += ["--insecure"]
+        }
+        return try await withThrowingTaskGroup(of: T?.self) { [options] group in
             defer { group.cancelAll() }
             let coordinatorReady = try await spawn(options, arguments: coordinatorArguments(options, port: 0), name: "coordinator", in: &group)
             let address = NodeAddress(host: "127.0.0.1", port: coordinatorReady.port)
@@ -103,7 +164,9 @@ public final class LocalCluster: Sendable {
                 workers.append(Process(nodeID: nodeID, address: NodeAddress(host: "127.0.0.1", port: ready.port), pid: ready.pid, adminPort: ready.adminPort))
             }
             let (requests, continuation) = AsyncStream.makeStream(of: Restart.self)
-            let cluster = LocalCluster(coordinator: coordinator, workers: workers, options: options, restarts: continuation)
+            let cluster = LocalCluster(
+                coordinator: coordinator, workers: workers, certificates: certificates, adminToken: adminToken,
+                options: options, restarts: continuation)
             // Restarted processes run in a group of their own, owned by this child task.
             group.addTask {
                 await withThrowingTaskGroup(of: Void?.self) { restarted in
@@ -238,6 +301,13 @@ public final class LocalCluster: Sendable {
             throw LaunchError("\(name) exited before it was ready")
         }
         return ready
+    }
+
+    /// A new folder only this user can read, for a throw-away CA.
+    private static func makeTemporaryFolder() throws -> CertificateDirectory {
+        var template = Array("/tmp/tessera-certs-XXXXXX".utf8CString)
+        guard let path = mkdtemp(&template) else { throw LaunchError("cannot create a temporary folder for certificates") }
+        return CertificateDirectory(String(cString: path))
     }
 
     /// The number in field `name` of a line shaped `READY {"role":…,"port":P,…}`.

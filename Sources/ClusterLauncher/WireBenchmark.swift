@@ -1,4 +1,5 @@
 import Client
+import ClusterSecurity
 import ClusterTransport
 public import Logging
 import Synchronization
@@ -16,14 +17,18 @@ public enum WireBenchmark {
     /// process's stderr), waits until every worker is alive in the coordinator's view, runs `body`,
     /// and stops every child when it returns or throws.
     public static func withCluster<T: Sendable>(
-        workers: Int, logger: Logger, _ body: @escaping @Sendable (LocalCluster) async throws -> T
+        workers: Int, security: LocalCluster.Security, logger: Logger,
+        _ body: @escaping @Sendable (LocalCluster) async throws -> T
     ) async throws -> T {
-        let options = LocalCluster.Options(
+        var options = LocalCluster.Options(
             binary: LocalCluster.currentBinary, workers: workers, childArguments: ["--log-level", "error"],
             inheritStandardError: true)
+        options.security = security
         return try await LocalCluster.withCluster(options, logger: logger) { cluster in
             try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, tenant: "bench-wire", nodeID: "bench-wire-probe", logger: logger
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "bench-wire-probe", tenant: "bench-wire"),
+                nodeID: "bench-wire-probe", logger: logger
             ) { client in
                 let clock = ContinuousClock()
                 let deadline = clock.now + .seconds(30)

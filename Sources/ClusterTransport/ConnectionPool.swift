@@ -1,3 +1,4 @@
+package import ClusterSecurity
 package import ClusterWire
 package import Logging
 import Synchronization
@@ -16,7 +17,7 @@ package final class ConnectionPool: Sendable {
     private init(opens: AsyncStream<NodeAddress>.Continuation) { self.opens = opens }
 
     package static func withPool<T: Sendable>(
-        handshake: Handshake, maxFrameBytes: Int, logger: Logger,
+        handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int, logger: Logger,
         _ body: @escaping @Sendable (ConnectionPool) async throws -> T
     ) async throws -> T {
         let (stream, continuation) = AsyncStream.makeStream(of: NodeAddress.self)
@@ -26,7 +27,9 @@ package final class ConnectionPool: Sendable {
                 await withDiscardingTaskGroup { connections in
                     for await address in stream {
                         connections.addTask {
-                            await pool.hold(address, handshake: handshake, maxFrameBytes: maxFrameBytes, logger: logger)
+                            await pool.hold(
+                                address, handshake: handshake, security: security, maxFrameBytes: maxFrameBytes,
+                                logger: logger)
                         }
                     }
                 }
@@ -63,11 +66,14 @@ package final class ConnectionPool: Sendable {
     }
 
     /// Opens the connection and keeps it until the pool is cancelled or the peer goes away.
-    private func hold(_ address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, logger: Logger) async {
+    private func hold(
+        _ address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int, logger: Logger
+    ) async {
+        var failure = WireError(.unavailable, "cannot connect to \(address)")
         do {
             try await Transport.withConnection(
-                to: address, handshake: handshake, maxFrameBytes: maxFrameBytes, handler: RefuseRequests(),
-                logger: logger
+                to: address, handshake: handshake, security: security, maxFrameBytes: maxFrameBytes,
+                handler: RefuseRequests(), logger: logger
             ) { connection in
                 let waiting = self.entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
                     defer { entries[address] = .ready(connection) }
@@ -79,14 +85,16 @@ package final class ConnectionPool: Sendable {
                 await connection.waitUntilClosed()
             }
         } catch {
-            logger.debug("worker connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])
+            logger.debug("connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])
+            // Waiters learn why (a refused handshake says which certificate or claim was wrong).
+            failure = error as? WireError ?? WireError(.unavailable, "cannot connect to \(address): \(error)", cause: error)
         }
         let waiting = entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
             defer { entries[address] = nil }
             if case .connecting(let waiting) = entries[address] { return waiting }
             return []
         }
-        for waiter in waiting { waiter.resume(throwing: WireError(.unavailable, "cannot connect to \(address)")) }
+        for waiter in waiting { waiter.resume(throwing: failure) }
     }
 }
 

@@ -15,11 +15,16 @@ package protocol EnvelopeHandler: Sendable {
 /// gets a fresh id (odd from the side that connected, even from the side that accepted, so the two
 /// never collide) and the reply with the same id resumes its caller.
 package final class PeerConnection: Sendable {
+    /// Unanswerable frames (stray replies, refused one-way messages), logged once in a while.
+    private static let unanswered = RateLimitedLog()
+
     package let peer: NodeIdentity
     package let remoteAddress: String
     private let outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>
     private let state: Mutex<State>
     private let logger: Logger
+    /// Bounds the peer's requests handled at once (see `TransportLimits.maxRequestsInFlight`).
+    private let requestSlots: AsyncSlots?
 
     /// A request in flight: registered before it is written, so that a fast reply finds it.
     private enum Slot {
@@ -42,12 +47,13 @@ package final class PeerConnection: Sendable {
 
     init(
         peer: NodeIdentity, remoteAddress: String, outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
-        connected: Bool, logger: Logger
+        connected: Bool, maxRequestsInFlight: Int? = nil, logger: Logger
     ) {
         self.peer = peer
         self.remoteAddress = remoteAddress
         self.outbound = outbound
         self.logger = logger
+        requestSlots = maxRequestsInFlight.map(AsyncSlots.init)
         state = Mutex(State(nextID: connected ? 1 : 2))
     }
 
@@ -163,14 +169,35 @@ package final class PeerConnection: Sendable {
     }
 
     /// Reads until the peer goes away: replies resume their requests, requests go to `handler`, each
-    /// in its own child task so a slow one does not hold up the rest.
+    /// in its own child task so a slow one does not hold up the rest. A reply that matches no
+    /// request of ours (an `Error` to a one-way message, a late answer) is dropped, never answered.
     func serve(inbound: Rest, handler: any EnvelopeHandler) async {
         var closeReason = WireError(.unavailable, "connection to \(peer) closed")
         await withDiscardingTaskGroup { group in
             do {
                 for try await envelope in inbound {
                     if deliver(envelope) { continue }
-                    group.addTask { await self.answer(envelope, handler: handler) }
+                    if envelope.requestID == 0, case .error(let error) = envelope.body {
+                        // The peer says why it is about to close the connection; requests in flight fail
+                        // as unavailable (they may be retried elsewhere) with that reason.
+                        let reason = WireError(proto: error)
+                        closeReason = WireError(.unavailable, "\(peer) closed the connection: \(reason)", cause: reason)
+                        logger.warning("the peer is closing the connection", metadata: ["peer.id": "\(peer)", "error": "\(reason)"])
+                        continue
+                    }
+                    if envelope.body?.kind == .reply {
+                        Self.unanswered.warning(
+                            "stray-\(envelope.bodyName)", "dropped a reply that answers no request of ours",
+                            metadata: ["peer.id": "\(peer)", "type": "\(envelope.bodyName)", "request.id": "\(envelope.requestID)"],
+                            logger: logger)
+                        continue
+                    }
+                    // Waiting for a slot stops reading: the peer's bytes stay in its socket, not here.
+                    await requestSlots?.acquire()
+                    group.addTask {
+                        defer { self.requestSlots?.release() }
+                        await self.answer(envelope, handler: handler)
+                    }
                 }
             } catch let error as WireError {
                 // The byte stream can no longer be trusted: say why, then close.
@@ -199,6 +226,13 @@ package final class PeerConnection: Sendable {
         do {
             guard let body = try await handler.handle(request, from: self) else { return }
             reply = Tessera_V1_Envelope(requestID: request.requestID, body)
+        } catch let error as WireError where request.body?.kind == .oneWay {
+            // The sender expects nothing back; an Error would only start an exchange of errors.
+            outcome = error.code.description
+            Self.unanswered.warning(
+                "refused-\(type)-\(error.code)", "refused a one-way message",
+                metadata: ["peer.id": "\(peer)", "type": "\(type)", "error": "\(error)"], logger: logger)
+            return
         } catch let error as WireError {
             outcome = error.code.description
             reply = Tessera_V1_Envelope(requestID: request.requestID, error: error)

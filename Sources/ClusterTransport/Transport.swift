@@ -1,4 +1,5 @@
 import ClusterAdmin
+package import ClusterSecurity
 public import ClusterWire
 package import Logging
 package import NIOCore
@@ -38,49 +39,91 @@ package enum Transport {
 
     /// Binds `address` (port 0 picks a free one), reports the bound port through `onBound`, and serves
     /// every accepted connection in its own child task until cancelled. A failing connection never
-    /// stops the listener. With `faults`, every accepted connection applies its current plan.
+    /// stops the listener. With `faults`, every accepted connection applies its current plan. Over
+    /// mutual TLS, a peer's Hello must claim the role and node id its certificate names.
     package static func listen(
-        on address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, handler: any EnvelopeHandler,
-        logger: Logger, faults: FaultInjector? = nil, onBound: @Sendable (Int) async -> Void,
+        on address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int,
+        limits: TransportLimits = .defaults, handler: any EnvelopeHandler, logger: Logger, faults: FaultInjector? = nil,
+        onBound: @Sendable (Int) async -> Void,
         onConnection: @escaping @Sendable (PeerConnection) async -> Void = { _ in }
     ) async throws {
+        let counter = ConnectionCounter(limits: limits)
+        let budget = FrameBudget(limit: limits.maxBufferedFrameBytes)
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .bind(host: address.host, port: address.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)
+                    try channel.pipeline.syncOperations.addHandlers(
+                        IdleStateHandler(allTimeout: TimeAmount(limits.idleTimeout)), CloseWhenIdle())
+                    if case .mutualTLS(let credentials) = security {
+                        try channel.pipeline.syncOperations.addHandler(credentials.serverHandler())
+                    }
+                    try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes, budget: budget)
                     if let faults { try channel.pipeline.syncOperations.addFaultInjection(faults) }
                     return try WireChannel(wrappingChannelSynchronously: channel)
                 }
             }
         await onBound(server.channel.localAddress?.port ?? address.port)
         try await server.serveUntilCancelled { channel in
-            await accept(channel, handshake: handshake, handler: handler, logger: logger, onConnection: onConnection)
+            await accept(
+                channel, handshake: handshake, security: security, limits: limits, counter: counter, handler: handler,
+                logger: logger, onConnection: onConnection)
         }
     }
 
     private static func accept(
-        _ channel: WireChannel, handshake: Handshake, handler: any EnvelopeHandler, logger: Logger,
+        _ channel: WireChannel, handshake: Handshake, security: TransportSecurity, limits: TransportLimits,
+        counter: ConnectionCounter, handler: any EnvelopeHandler, logger: Logger,
         onConnection: @escaping @Sendable (PeerConnection) async -> Void
     ) async {
         let remote = channel.channel.remoteAddress?.description ?? "?"
         do {
             try await channel.executeThenClose { inbound, outbound in
+                guard counter.open() else {
+                    logger.warning(
+                        "connection refused: too many connections",
+                        metadata: ["peer.address": "\(remote)", "limit": "\(limits.maxConnections)"])
+                    return
+                }
+                defer { counter.close() }
+                // A peer that connects and says nothing (or stalls the TLS handshake) is cut off.
+                let handshakeDeadline = channel.channel.eventLoop.scheduleTask(in: TimeAmount(limits.handshakeTimeout)) {
+                    channel.channel.close(promise: nil)
+                }
                 var iterator = inbound.makeAsyncIterator()
                 guard let first = try await iterator.next() else { return }
                 let outcome: HandshakeOutcome
                 do {
-                    outcome = try handshake.acceptHello(first)
+                    // The first frame arrives only after the TLS handshake, so the certificate is known.
+                    let certificate = try await security.peerIdentity(of: channel.channel)
+                    outcome = try handshake.acceptHello(first, certificate: certificate)
                 } catch {
+                    logger.warning(
+                        "handshake refused",
+                        metadata: ["peer.address": "\(remote)", "error": "\(error)"])
                     try await outbound.write(Tessera_V1_Envelope(
                         requestID: first.requestID, error: error as? WireError ?? WireError(.badRequest, "\(error)")))
                     return
                 }
+                handshakeDeadline.cancel()
+                guard counter.admit(outcome.peer.nodeID) else {
+                    try await outbound.write(Tessera_V1_Envelope(
+                        requestID: first.requestID,
+                        error: WireError(
+                            .resourceExhausted,
+                            "\(outcome.peer.nodeID) already has \(limits.maxConnectionsPerPeer) connections to this node",
+                            retryAfter: .seconds(1))))
+                    return
+                }
+                defer { counter.leave(outcome.peer.nodeID) }
                 try await outbound.write(handshake.helloAck(for: outcome, requestID: first.requestID))
                 let connection = PeerConnection(
-                    peer: outcome.peer, remoteAddress: remote, outbound: outbound, connected: false, logger: logger)
+                    peer: outcome.peer, remoteAddress: remote, outbound: outbound, connected: false,
+                    // Only clients: cluster nodes send requests both ways on one connection, and a
+                    // handler awaiting the peer's reply must never wait behind the reading it holds up.
+                    maxRequestsInFlight: outcome.peer.role == .client ? limits.maxRequestsInFlight : nil, logger: logger)
                 await withDiscardingTaskGroup { group in
                     group.addTask { await onConnection(connection) }
                     await connection.serve(inbound: Rest(iterator: iterator), handler: handler)
@@ -93,20 +136,34 @@ package enum Transport {
 
     /// Connects to `address`, exchanges Hello, and runs `body` with the connection while serving the
     /// peer's requests with `handler`. The connection closes when `body` returns. With `faults`, the
-    /// connection applies its current plan.
+    /// connection applies its current plan. Over mutual TLS, the peer's HelloAck must name the role
+    /// and node id of its certificate.
     package static func withConnection<T: Sendable>(
-        to address: NodeAddress, handshake: Handshake, maxFrameBytes: Int, handler: any EnvelopeHandler,
-        logger: Logger, faults: FaultInjector? = nil, _ body: @escaping @Sendable (PeerConnection) async throws -> T
+        to address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int,
+        handler: any EnvelopeHandler, logger: Logger, faults: FaultInjector? = nil,
+        _ body: @escaping @Sendable (PeerConnection) async throws -> T
     ) async throws -> T {
-        let channel = try await connect(to: address, maxFrameBytes: maxFrameBytes, faults: faults)
+        let channel = try await connect(to: address, security: security, maxFrameBytes: maxFrameBytes, faults: faults)
         return try await channel.executeThenClose { inbound, outbound in
             var iterator = inbound.makeAsyncIterator()
-            try await outbound.write(handshake.hello(requestID: 0))
-            guard let first = try await iterator.next() else {
-                throw WireError(.unavailable, "\(address) closed the connection during the handshake")
+            let mode = if case .mutualTLS = security { "over mutual TLS" } else { "in plaintext (--insecure)" }
+            let first: Tessera_V1_Envelope?
+            do {
+                try await outbound.write(handshake.hello(requestID: 0))
+                first = try await iterator.next()
+            } catch {
+                throw WireError(
+                    .unavailable, "the handshake with \(address) \(mode) failed: \(error); does it use the same cluster CA?",
+                    cause: error)
+            }
+            guard let first else {
+                throw WireError(
+                    .unavailable,
+                    "\(address) closed the connection during the handshake \(mode); does it run with the same security?")
             }
             let rest = Rest(iterator: iterator)
-            let outcome = try handshake.acceptHelloAck(first)
+            let outcome = try handshake.acceptHelloAck(
+                first, certificate: try await security.peerIdentity(of: channel.channel))
             let connection = PeerConnection(
                 peer: outcome.peer, remoteAddress: address.description, outbound: outbound, connected: true,
                 logger: logger)
@@ -127,7 +184,7 @@ package enum Transport {
     }
 
     private static func connect(
-        to address: NodeAddress, maxFrameBytes: Int, faults: FaultInjector?
+        to address: NodeAddress, security: TransportSecurity, maxFrameBytes: Int, faults: FaultInjector?
     ) async throws -> WireChannel {
         do {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -135,6 +192,9 @@ package enum Transport {
                 .channelOption(.recvAllocator, value: Self.receiveBuffers)
                 .connect(host: address.host, port: address.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if case .mutualTLS(let credentials) = security {
+                            try channel.pipeline.syncOperations.addHandler(try credentials.clientHandler())
+                        }
                         try channel.pipeline.syncOperations.addWireHandlers(maxFrameBytes: maxFrameBytes)
                         if let faults { try channel.pipeline.syncOperations.addFaultInjection(faults) }
                         return try WireChannel(wrappingChannelSynchronously: channel)

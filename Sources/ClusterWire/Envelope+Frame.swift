@@ -112,3 +112,28 @@ extension Tessera_V1_Envelope.OneOf_Body {
         }
     }
 }
+
+extension Tessera_V1_Envelope.OneOf_Body {
+    /// How a message travels, which decides whether it may be answered.
+    package enum Kind: Sendable {
+        /// Expects exactly one reply (or an `Error`) with its request id.
+        case request
+        /// Expects nothing back, not even an `Error` when it is refused.
+        case oneWay
+        /// Answers a request; never answered itself, so two peers cannot reply to each other forever.
+        case reply
+    }
+
+    package var kind: Kind {
+        switch self {
+        case .hello, .registerWorker, .heartbeat, .statusRequest, .openSequence, .placementRequest, .close,
+            .shardAssignment, .assignBudget, .prefill, .decode, .copyShard, .shardTransfer:
+            .request
+        case .layerStats:
+            .oneWay
+        case .helloAck, .error, .registerAck, .heartbeatAck, .statusReply, .placement, .closeAck, .shardAssignmentAck,
+            .budgetApplied, .prefillAck, .decodeResult, .copyShardAck, .shardTransferAck:
+            .reply
+        }
+    }
+}

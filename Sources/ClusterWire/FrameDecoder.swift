@@ -11,7 +11,10 @@ public import NIOCore
 /// `ByteToMessageHandler(FrameDecoder())`.
 ///
 /// The decoder is stateless between frames: the header stays in the buffer until the whole frame
-/// has arrived, so there is nothing to get out of step.
+/// has arrived, so there is nothing to get out of step. With a `FrameBudget`, a frame larger than
+/// `FrameBudget.reservedAbove` must reserve its length from the budget the process's connections
+/// share before its payload is buffered: a peer that declares large frames and trickles them cannot
+/// hold more than the budget, in all connections together.
 public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     public typealias InboundOut = ByteBuffer
 
@@ -24,20 +27,54 @@ public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     /// The largest payload accepted; the length prefix of a larger frame is rejected.
     public let maxFrameBytes: Int
 
-    /// - Parameter maxFrameBytes: the largest payload to accept, in 1...`UInt32.max`.
-    public init(maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes) {
+    private let budget: FrameBudget?
+    /// Bytes reserved from `budget` for the frame being received.
+    private var reserved = 0
+
+    /// - Parameters:
+    ///   - maxFrameBytes: the largest payload to accept, in 1...`UInt32.max`.
+    ///   - budget: the bytes of incomplete large frames the process will buffer, shared by its connections.
+    public init(maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes, budget: FrameBudget? = nil) {
         precondition(
             maxFrameBytes >= 1 && maxFrameBytes <= Int(UInt32.max),
             "maxFrameBytes must be in 1...\(UInt32.max), got \(maxFrameBytes)"
         )
         self.maxFrameBytes = maxFrameBytes
+        self.budget = budget
     }
 
     public mutating func decode(buffer: inout ByteBuffer) throws -> ByteBuffer? {
         guard let length = try self.peekLength(buffer) else { return nil }
-        guard buffer.readableBytes >= Self.headerBytes + length else { return nil }
+        guard buffer.readableBytes >= Self.headerBytes + length else {
+            try self.reserve(length)
+            return nil
+        }
+        self.release()
         buffer.moveReaderIndex(forwardBy: Self.headerBytes)
         return buffer.readSlice(length: length)
+    }
+
+    public mutating func decoderRemoved(context: ChannelHandlerContext) {
+        self.release()
+    }
+
+    private mutating func reserve(_ length: Int) throws(WireError) {
+        guard let budget, self.reserved == 0, length > FrameBudget.reservedAbove else { return }
+        guard budget.take(length) else {
+            throw WireError(
+                .resourceExhausted,
+                "this node already buffers \(budget.limit - budget.available) of its \(budget.limit) bytes for "
+                    + "incomplete frames; a frame of \(length) bytes does not fit now",
+                retryAfter: .seconds(1)
+            )
+        }
+        self.reserved = length
+    }
+
+    private mutating func release() {
+        guard self.reserved > 0 else { return }
+        self.budget?.give(self.reserved)
+        self.reserved = 0
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ByteBuffer? {

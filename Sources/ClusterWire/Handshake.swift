@@ -36,14 +36,39 @@ public struct NodeIdentity: Sendable, Hashable, Codable, CustomStringConvertible
     public var role: NodeRole
     public var nodeID: String
     public var incarnation: UInt64
+    /// The tenant a client's certificate names; nil for other roles and on insecure connections,
+    /// where the tenant in each message is taken on trust.
+    public var tenant: String?
+    /// Whether role and node id were checked against the peer's certificate.
+    public var isCertified: Bool
 
-    public init(role: NodeRole, nodeID: String, incarnation: UInt64) {
+    public init(role: NodeRole, nodeID: String, incarnation: UInt64, tenant: String? = nil, isCertified: Bool = false) {
         self.role = role
         self.nodeID = nodeID
         self.incarnation = incarnation
+        self.tenant = tenant
+        self.isCertified = isCertified
     }
 
     public var description: String { "\(self.role) \(self.nodeID)#\(self.incarnation)" }
+}
+
+/// What a peer's certificate says about it; the TLS layer reads it once the session is up.
+public struct CertifiedIdentity: Sendable, Hashable, CustomStringConvertible {
+    public var role: NodeRole
+    public var nodeID: String
+    /// For a client, the tenant whose sequences it may reach.
+    public var tenant: String?
+
+    public init(role: NodeRole, nodeID: String, tenant: String? = nil) {
+        self.role = role
+        self.nodeID = nodeID
+        self.tenant = tenant
+    }
+
+    public var description: String {
+        "\(self.role) \(self.nodeID)" + (self.tenant.map { " of tenant \($0)" } ?? "")
+    }
 }
 
 /// The peer an accepted handshake established, and the version both sides will speak.
@@ -95,8 +120,11 @@ public struct Handshake: Sendable {
     }
 
     /// Checks the accepting side's answer: a `HelloAck` with a version this side speaks, from a peer
-    /// whose role is accepted. An `Error` answer is rethrown as the `WireError` it carries.
-    package func acceptHelloAck(_ envelope: Tessera_V1_Envelope) throws(WireError) -> HandshakeOutcome {
+    /// whose role is accepted and, over TLS, whose role and node id are the ones its `certificate`
+    /// names. An `Error` answer is rethrown as the `WireError` it carries.
+    package func acceptHelloAck(
+        _ envelope: Tessera_V1_Envelope, certificate: CertifiedIdentity? = nil
+    ) throws(WireError) -> HandshakeOutcome {
         let ack: Tessera_V1_HelloAck
         switch envelope.body {
         case .helloAck(let value):
@@ -113,7 +141,8 @@ public struct Handshake: Sendable {
             version: ack.protocolVersion,
             role: ack.role,
             nodeID: ack.nodeID,
-            incarnation: ack.incarnation
+            incarnation: ack.incarnation,
+            certificate: certificate
         )
         return HandshakeOutcome(peer: peer, protocolVersion: ack.protocolVersion)
     }
@@ -126,11 +155,15 @@ public struct Handshake: Sendable {
     // MARK: Accepting side
 
     /// Checks the first envelope of a connection: a `Hello` with a version this side speaks, a role
-    /// this side accepts, and a non-empty node id of at most `NodeIdentity.maxNodeIDBytes` bytes.
+    /// this side accepts, and a non-empty node id of at most `NodeIdentity.maxNodeIDBytes` bytes;
+    /// over TLS, the role and node id its `certificate` names.
     ///
     /// - Throws: `WireError` with `.unsupportedVersion` for a version outside `supportedVersions`,
-    ///   otherwise `.badRequest`. Either way the connection must be closed after the rejection.
-    package func acceptHello(_ envelope: Tessera_V1_Envelope) throws(WireError) -> HandshakeOutcome {
+    ///   `.permissionDenied` for a claim the certificate does not back, otherwise `.badRequest`.
+    ///   Either way the connection must be closed after the rejection.
+    package func acceptHello(
+        _ envelope: Tessera_V1_Envelope, certificate: CertifiedIdentity? = nil
+    ) throws(WireError) -> HandshakeOutcome {
         guard case .hello(let hello) = envelope.body else {
             throw WireError(.badRequest, "expected hello as the first frame, got \(envelope.bodyName)")
         }
@@ -139,7 +172,8 @@ public struct Handshake: Sendable {
             version: hello.protocolVersion,
             role: hello.role,
             nodeID: hello.nodeID,
-            incarnation: hello.incarnation
+            incarnation: hello.incarnation,
+            certificate: certificate
         )
         return HandshakeOutcome(peer: peer, protocolVersion: hello.protocolVersion)
     }
@@ -176,7 +210,8 @@ public struct Handshake: Sendable {
         version: UInt32,
         role: Tessera_V1_NodeRole,
         nodeID: String,
-        incarnation: UInt64
+        incarnation: UInt64,
+        certificate: CertifiedIdentity?
     ) throws(WireError) -> NodeIdentity {
         guard self.supportedVersions.contains(version) else {
             throw WireError(
@@ -206,6 +241,15 @@ public struct Handshake: Sendable {
                 "\(what) has a node id of \(idBytes) bytes; expected 1...\(NodeIdentity.maxNodeIDBytes)"
             )
         }
-        return NodeIdentity(role: peerRole, nodeID: nodeID, incarnation: incarnation)
+        guard let certificate else { return NodeIdentity(role: peerRole, nodeID: nodeID, incarnation: incarnation) }
+        guard certificate.role == peerRole, certificate.nodeID == nodeID else {
+            throw WireError(
+                .permissionDenied,
+                "\(what) claims to be \(peerRole) \(nodeID), but the peer's certificate names \(certificate.role) "
+                    + "\(certificate.nodeID)"
+            )
+        }
+        return NodeIdentity(
+            role: peerRole, nodeID: nodeID, incarnation: incarnation, tenant: certificate.tenant, isCertified: true)
     }
 }

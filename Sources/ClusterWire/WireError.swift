@@ -21,6 +21,7 @@ public struct WireError: Error, Sendable, CustomStringConvertible {
             case malformedFrame = "MALFORMED_FRAME"
             case `internal` = "INTERNAL"
             case unavailable = "UNAVAILABLE"
+            case permissionDenied = "PERMISSION_DENIED"
         }
 
         let wrapped: Wrapped
@@ -53,6 +54,8 @@ public struct WireError: Error, Sendable, CustomStringConvertible {
         public static let `internal` = Code(.internal)
         /// Temporarily unable to serve; retry later.
         public static let unavailable = Code(.unavailable)
+        /// The peer's certificate does not allow the request (its role, node id or tenant).
+        public static let permissionDenied = Code(.permissionDenied)
 
         /// Every code, in the order of `tessera.v1.ErrorCode`.
         public static var allCodes: [Code] { Wrapped.allCases.map(Code.init) }
@@ -113,6 +116,7 @@ extension WireError.Code {
         case .malformedFrame: .malformedFrame
         case .internal: .internal
         case .unavailable: .unavailable
+        case .permissionDenied: .permissionDenied
         }
     }
 
@@ -134,6 +138,7 @@ extension WireError.Code {
         case .malformedFrame: self = .malformedFrame
         case .internal: self = .internal
         case .unavailable: self = .unavailable
+        case .permissionDenied: self = .permissionDenied
         }
     }
 }

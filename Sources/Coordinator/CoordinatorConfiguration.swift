@@ -1,3 +1,4 @@
+public import ClusterSecurity
 public import ClusterState
 public import ClusterTransport
 
@@ -17,9 +18,12 @@ public struct CoordinatorConfiguration: Sendable {
     public var replication: Int
     /// Faults to inject into the connections the coordinator accepts (none when nil).
     public var faults: FaultInjector?
+    /// Mutual TLS with the cluster's certificates, or insecure.
+    public var security: TransportSecurity
 
     public init(
-        nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, maxFrameBytes: Int = 64 << 20,
+        nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, security: TransportSecurity,
+        maxFrameBytes: Int = 64 << 20,
         failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
         tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02, replication: Int = 2,
         faults: FaultInjector? = nil
@@ -34,5 +38,6 @@ public struct CoordinatorConfiguration: Sendable {
         self.floorRatio = floorRatio
         self.replication = replication
         self.faults = faults
+        self.security = security
     }
 }

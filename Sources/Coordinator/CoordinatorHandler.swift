@@ -5,7 +5,8 @@ import KVCacheCore
 import Logging
 
 /// Answers what reaches the coordinator: registrations and heartbeats and layer statistics from
-/// workers; open, placement, close and status requests from clients.
+/// workers; open, placement and close requests from clients, for their own tenant; status from
+/// anyone. A request the peer's certified role may not send is refused with PERMISSION_DENIED.
 struct CoordinatorHandler: EnvelopeHandler {
     let coordinator: CoordinatorService
 
@@ -13,11 +14,14 @@ struct CoordinatorHandler: EnvelopeHandler {
         -> Tessera_V1_Envelope.OneOf_Body?
     {
         let state = coordinator.state
+        let peer = connection.peer
         switch request.body {
         case .registerWorker(let message):
-            try requireRole(.worker, connection, request)
-            guard message.endpoint.nodeID == connection.peer.nodeID else {
-                throw WireError(.badRequest, "register_worker.endpoint.node_id must match the Hello's node id")
+            try peer.require(.worker, for: request)
+            guard message.endpoint.nodeID == peer.nodeID else {
+                throw WireError(
+                    .permissionDenied,
+                    "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)")
             }
             let changes = try await state.register(message, connection: connection)
             for change in changes {
@@ -35,20 +39,22 @@ struct CoordinatorHandler: EnvelopeHandler {
                 coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1))
             return .registerAck(ack)
         case .heartbeat(let message):
-            try requireRole(.worker, connection, request)
+            try peer.require(.worker, for: request)
             try await state.heartbeat(message, from: NodeID(connection.peer.nodeID))
             var ack = Tessera_V1_HeartbeatAck()
             ack.sequenceNumber = message.sequenceNumber
             return .heartbeatAck(ack)
         case .layerStats(let message):
-            try requireRole(.worker, connection, request)
+            try peer.require(.worker, for: request)
             let sequence = try await state.sequence(message.sequenceID, tenant: nil)
             let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
             if let complete = await state.record(statistics, sequenceID: message.sequenceID) {
                 await coordinator.assignBudgets(sequenceID: message.sequenceID, complete)
             }
             return nil
-        case .openSequence(let message):
+        case .openSequence(var message):
+            try peer.require(.client, for: request)
+            message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await openTightening(message)
             do {
                 try await coordinator.announce(message.sequenceID, sequence)
@@ -57,10 +63,14 @@ struct CoordinatorHandler: EnvelopeHandler {
                 throw error
             }
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
-        case .placementRequest(let message):
+        case .placementRequest(var message):
+            try peer.require(.client, for: request)
+            message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await state.sequence(message.sequenceID, tenant: message.tenant)
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
-        case .close(let message):
+        case .close(var message):
+            try peer.require(.client, for: request)
+            message.tenant = try peer.tenant(claimed: message.tenant)
             _ = try await state.sequence(message.sequenceID, tenant: message.tenant)
             guard let sequence = await state.close(message.sequenceID) else {
                 throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")
@@ -103,11 +113,5 @@ struct CoordinatorHandler: EnvelopeHandler {
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
         return try await coordinator.state.open(message)
-    }
-
-    private func requireRole(_ role: NodeRole, _ connection: PeerConnection, _ request: Tessera_V1_Envelope) throws(WireError) {
-        guard connection.peer.role == role else {
-            throw WireError(.badRequest, "\(request.bodyName) is for \(role)s; this connection is a \(connection.peer.role)")
-        }
     }
 }

@@ -1,5 +1,6 @@
 import ClusterAdmin
 import ClusterState
+import ClusterSecurity
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
@@ -28,12 +29,13 @@ public final class CoordinatorService: Sendable {
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
         let identity = NodeIdentity(
             role: .coordinator, nodeID: configuration.nodeID, incarnation: configuration.incarnation)
+        try configuration.security.check(local: identity)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
                 try await Transport.listen(
                     on: self.configuration.listen,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.worker, .client]),
-                    maxFrameBytes: self.configuration.maxFrameBytes, handler: CoordinatorHandler(coordinator: self),
+                    security: self.configuration.security, maxFrameBytes: self.configuration.maxFrameBytes, handler: CoordinatorHandler(coordinator: self),
                     logger: self.logger, faults: self.configuration.faults, onBound: onReady)
             }
             group.addTask { try await self.detectFailures() }

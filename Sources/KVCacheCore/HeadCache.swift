@@ -68,6 +68,15 @@ public struct HeadCache<S: KVScalar>: Sendable {
         }
     }
 
+    /// Drops the last row (a decode step that was refused after it was appended).
+    public mutating func removeLastRow() {
+        guard count > 0 else { return }
+        keys.removeLast(headDim)
+        values.removeLast(headDim)
+        positions.removeLast()
+        tags.removeLast()
+    }
+
     /// Attention of `groups` Float32 queries (a GQA group, back to back) over every row, reading each
     /// row once; writes `groups × headDim` outputs and leaves query `g`'s probabilities at
     /// `scratch + g × count` (at least `groups × count` floats).

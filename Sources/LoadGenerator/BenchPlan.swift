@@ -41,13 +41,12 @@ public struct BenchPlan: Sendable {
     public var seed: UInt64
     /// The fraction of sequences audited (the same sequences under every policy).
     public var auditFraction: Double
-    public var tenant: String
     /// How often the cluster's footprint is sampled.
     public var sampleInterval: Duration
 
     public init(
         workloadName: String, workload: WorkloadFile, policies: [Policy], loop: Loop, stop: Stop, seed: UInt64,
-        auditFraction: Double = 0.25, tenant: String = "bench", sampleInterval: Duration = .milliseconds(250)
+        auditFraction: Double = 0.25, sampleInterval: Duration = .milliseconds(250)
     ) {
         self.workloadName = workloadName
         self.workload = workload
@@ -56,7 +55,6 @@ public struct BenchPlan: Sendable {
         self.stop = stop
         self.seed = seed
         self.auditFraction = auditFraction
-        self.tenant = tenant
         self.sampleInterval = sampleInterval
     }
 

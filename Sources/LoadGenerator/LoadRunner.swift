@@ -1,4 +1,5 @@
 public import Client
+public import ClusterSecurity
 public import ClusterTransport
 import ClusterWire
 import Foundation
@@ -21,14 +22,17 @@ public struct BenchProgress: Sendable {
 
 /// Drives a running cluster with a plan's traffic, once per policy, and measures each run.
 public enum LoadRunner {
-    /// Runs every policy of `plan` in turn against the coordinator at `coordinator`; `progress` is
-    /// called about once a second.
+    /// Runs every policy of `plan` in turn against the coordinator at `coordinator`, as the tenant of
+    /// the client certificate in `security` (insecure: tenant `bench`); `progress` is called about
+    /// once a second.
     public static func run(
-        _ plan: BenchPlan, coordinator: NodeAddress, workers: Int, logger: Logger,
+        _ plan: BenchPlan, coordinator: NodeAddress, security: TransportSecurity, workers: Int, logger: Logger,
         progress: @escaping @Sendable (BenchProgress) -> Void = { _ in }
     ) async throws -> (report: BenchReport, samples: [FootprintSample]) {
-        try await TesseraClient.withClient(coordinator: coordinator, tenant: plan.tenant, nodeID: "bench", logger: logger) {
-            client in
+        try await TesseraClient.withClient(
+            coordinator: coordinator, security: security, tenant: security.identity == nil ? "bench" : nil,
+            nodeID: "bench", logger: logger
+        ) { client in
             var results: [PolicyResult] = []
             var samples: [FootprintSample] = []
             for (index, policy) in plan.policies.enumerated() {

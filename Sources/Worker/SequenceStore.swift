@@ -120,9 +120,12 @@ actor SequenceStore {
 
     /// The sequence if `tenant` owns it and the write carries the current shard and epoch, and comes
     /// from a client to the primary or, `forwarded`, from the primary to a replica.
+    /// The held sequence a write may go to: the tenant, shard, epoch and role must match, and a
+    /// forwarded write (`forwardedBy` is the sending worker's node id) must come from the shard's primary.
     func checked(
-        _ sequenceID: UInt64, tenant: String, shardID: UInt32, epoch: UInt64, forwarded: Bool = false
+        _ sequenceID: UInt64, tenant: String, shardID: UInt32, epoch: UInt64, forwardedBy: String? = nil
     ) throws(WireError) -> HeldSequence {
+        let forwarded = forwardedBy != nil
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
@@ -141,6 +144,11 @@ actor SequenceStore {
                 forwarded
                     ? "this worker is the primary of shard \(shardID) of sequence \(sequenceID); it takes no forwarded writes"
                     : "this worker holds a replica of shard \(shardID) of sequence \(sequenceID); write to its primary")
+        }
+        if let forwardedBy, forwardedBy != held.assignment.shard.primary.nodeID {
+            throw WireError(
+                .permissionDenied,
+                "\(forwardedBy) is not the primary of shard \(shardID) of sequence \(sequenceID); only the primary forwards writes")
         }
         return held.withoutTensors
     }
@@ -393,14 +401,17 @@ actor SequenceStore {
 
     /// Takes one part of a copy sent by a shard's primary; at the commit the copy becomes a replica.
     /// Returns the installed copy's digest at the commit.
-    func receive(_ transfer: Tessera_V1_ShardTransfer) throws(WireError) -> UInt64? {
+    func receive(_ transfer: Tessera_V1_ShardTransfer, from sender: String) throws(WireError) -> UInt64? {
         let id = transfer.sequenceID
+        if let incoming = incoming[id], incoming.sender != sender {
+            throw WireError(.permissionDenied, "the copy of sequence \(id) in progress comes from another worker")
+        }
         switch transfer.part {
         case .begin(let begin):
             if let held = sequences[id] {
                 throw WireError(.badRequest, "sequence \(id) already has shard \(held.shardID) here; a copy goes elsewhere")
             }
-            incoming[id] = try IncomingShard(begin, sequenceID: id)
+            incoming[id] = try IncomingShard(begin, sequenceID: id, from: sender)
             return nil
         case .layer(let layer):
             guard incoming[id] != nil else { throw WireError(.badRequest, "shard_transfer.layer of sequence \(id) before its begin") }
@@ -479,8 +490,8 @@ actor SequenceStore {
     func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }
 
     /// Every held shard with its role, bytes and digest (for comparing replicas).
-    func sequenceStatuses() -> [Tessera_V1_SequenceStatus] {
-        sequences.sorted { $0.key < $1.key }.map { id, held in
+    func sequenceStatuses(tenant: String?) -> [Tessera_V1_SequenceStatus] {
+        sequences.filter { tenant == nil || $0.value.tenant == tenant }.sorted { $0.key < $1.key }.map { id, held in
             var status = Tessera_V1_SequenceStatus()
             status.tenant = held.tenant
             status.sequenceID = id
@@ -543,12 +554,29 @@ final class DecodeJob: @unchecked Sendable {
         result.step = UInt32(step)
         let position = held.layout.promptLength + step
         var fidelity = FidelityReport()
-        for (layer, input) in inputs {
-            guard let outputs = cache.decode(
-                layer: layer, geometry: geometry, input: input, position: position, threads: threads)
-            else {
-                throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
+        // Every layer runs before anything else is recorded, so that a refused step leaves the cache
+        // as it was: finite but huge inputs can overflow attention, and their rows must not stay.
+        var stepped: [(layer: Int, input: DecodeStepInput, outputs: [Float])] = []
+        do throws(WireError) {
+            for (layer, input) in inputs {
+                guard let outputs = cache.decode(
+                    layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+                else {
+                    throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
+                }
+                stepped.append((layer, input, outputs))
+                guard outputs.allSatisfy(\.isFinite) else {
+                    throw WireError(
+                        .invalidValue,
+                        "step \(step) of sequence \(sequenceID): layer \(layer)'s attention output is not finite "
+                            + "(inputs too large); the step was not applied")
+                }
             }
+        } catch {
+            for (layer, _, _) in stepped { cache.removeLastRow(layer: layer) }
+            throw error
+        }
+        for (layer, input, outputs) in stepped {
             audit?.score(
                 layer: layer, step: step, geometry: geometry, input: input, position: position, outputs: outputs,
                 into: &fidelity)

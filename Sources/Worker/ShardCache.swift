@@ -60,6 +60,19 @@ struct ShardCache: Sendable {
         }
     }
 
+    /// Takes back the row the last decode step appended to every head of `layer`.
+    mutating func removeLastRow(layer: Int) {
+        func drop<S>(_ layers: inout [Int: [HeadCache<S>]]) {
+            guard var heads = layers.removeValue(forKey: layer) else { return }
+            for head in heads.indices { heads[head].removeLastRow() }
+            layers[layer] = heads
+        }
+        switch storage {
+        case .float32: drop(&float32)
+        case .float16: drop(&float16)
+        }
+    }
+
     /// One decode step on `layer` of `layers`, in place (the layer's heads are taken out of the
     /// dictionary so that they are uniquely referenced while they grow).
     static func decode<S: KVScalar>(

@@ -65,10 +65,17 @@ extension HeldSequence {
 struct IncomingShard: Sendable {
     var held: HeldSequence
     var cache: ShardCache
+    /// The node id of the primary sending the copy; every part must come from it.
+    var sender: String
 
     /// Starts a copy from its begin part; the receiver holds it as a replica.
-    init(_ begin: Tessera_V1_ShardTransferBegin, sequenceID: UInt64) throws(WireError) {
+    init(_ begin: Tessera_V1_ShardTransferBegin, sequenceID: UInt64, from sender: String) throws(WireError) {
         held = try HeldSequence(assignment: begin.assignment, localNodeID: "")
+        guard begin.assignment.shard.primary.nodeID == sender else {
+            throw WireError(
+                .permissionDenied, "a shard copy comes from the shard's primary; \(sender) is not the primary it names")
+        }
+        self.sender = sender
         guard Int(begin.layers) == held.layers.count else {
             throw WireError(.badRequest, "shard_transfer.begin.layers is \(begin.layers); the shard has \(held.layers.count)")
         }
@@ -142,9 +149,8 @@ struct IncomingShard: Sendable {
             throw WireError(.badRequest, "shard_transfer.commit before layers \(missing) arrived")
         }
         guard cache.digest == commit.digest else {
-            throw WireError(
-                .invalidValue,
-                "the copied shard's digest \(cache.digest) differs from the sender's \(commit.digest); the copy is dropped")
+            // No digest in the message: it would tell a forger what to aim for.
+            throw WireError(.invalidValue, "the copied shard's bytes differ from the sender's; the copy is dropped")
         }
         var copy = held
         copy.cache = cache

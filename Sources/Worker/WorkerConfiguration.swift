@@ -1,3 +1,4 @@
+public import ClusterSecurity
 public import ClusterTransport
 public import KVCacheCore
 
@@ -14,9 +15,11 @@ public struct WorkerConfiguration: Sendable {
     public var heartbeatInterval: Duration
     /// Faults injected into connections this worker accepts (clients, and primaries forwarding to it).
     public var faults: FaultInjector?
+    /// Mutual TLS with the cluster's certificates, or insecure.
+    public var security: TransportSecurity
 
     public init(
-        nodeID: String, incarnation: UInt64, listen: NodeAddress, coordinator: NodeAddress,
+        nodeID: String, incarnation: UInt64, listen: NodeAddress, coordinator: NodeAddress, security: TransportSecurity,
         maxFrameBytes: Int = 64 << 20, storage: ScalarType = .float32, memoryCapacityBytes: UInt64 = 8 << 30,
         heartbeatInterval: Duration = .milliseconds(250), faults: FaultInjector? = nil
     ) {
@@ -29,5 +32,6 @@ public struct WorkerConfiguration: Sendable {
         self.memoryCapacityBytes = memoryCapacityBytes
         self.heartbeatInterval = heartbeatInterval
         self.faults = faults
+        self.security = security
     }
 }

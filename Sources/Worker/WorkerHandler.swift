@@ -5,36 +5,48 @@ import KVCacheCore
 import NIOCore
 import Workloads
 
-/// Answers the requests that reach a worker: shard assignments, budgets and closes from the
-/// coordinator; prefill and decode from clients; status from anyone.
+/// Answers the requests that reach a worker: shard assignments, budgets, copies and closes from the
+/// coordinator; prefill and decode from clients of the sequence's tenant and, forwarded, from the
+/// shard's primary; shard copies from the primary; status from anyone (a client sees only its
+/// tenant's sequences). Who sent a request is the peer's certified identity; a request its role may
+/// not send is refused with PERMISSION_DENIED before anything is read or changed.
 struct WorkerHandler: EnvelopeHandler {
     let worker: WorkerService
 
     func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
-        // Writes from another worker are a primary forwarding to this replica.
-        let forwarded = connection.peer.role == .worker
+        let peer = connection.peer
         switch request.body {
-        case .shardAssignment(let assignment): return try await assign(assignment)
-        case .prefill(let prefill): return try await self.prefill(prefill, forwarded: forwarded)
-        case .assignBudget(let budget): return try await apply(budget)
-        case .decode(let decode): return try await self.decode(decode, forwarded: forwarded)
-        case .close(let close): return try await self.close(close)
-        case .statusRequest(let request): return await status(request)
+        case .shardAssignment(let assignment):
+            try peer.require(.coordinator, for: request)
+            return try await assign(assignment)
+        case .assignBudget(let budget):
+            try peer.require(.coordinator, for: request)
+            return try await apply(budget)
+        case .close(let close):
+            try peer.require(.coordinator, for: request)
+            return try await self.close(close)
         case .copyShard(let copy):
-            guard connection.peer.role == .coordinator else {
-                throw WireError(.badRequest, "copy_shard comes from the coordinator; this connection is a \(connection.peer.role)")
-            }
+            try peer.require(.coordinator, for: request)
             return try await self.copy(copy)
+        case .prefill(var prefill):
+            try peer.require([.client, .worker], for: request)
+            prefill.tenant = try peer.tenant(claimed: prefill.tenant)
+            return try await self.prefill(prefill, forwardedBy: peer.role == .worker ? peer.nodeID : nil)
+        case .decode(var decode):
+            try peer.require([.client, .worker], for: request)
+            decode.tenant = try peer.tenant(claimed: decode.tenant)
+            return try await self.decode(decode, forwardedBy: peer.role == .worker ? peer.nodeID : nil)
         case .shardTransfer(let part):
-            guard forwarded else {
-                throw WireError(.badRequest, "shard_transfer comes from a shard's primary; this connection is a \(connection.peer.role)")
-            }
+            try peer.require(.worker, for: request)
             var ack = Tessera_V1_ShardTransferAck()
             ack.sequenceID = part.sequenceID
-            ack.digest = try await worker.store.receive(part) ?? 0
+            ack.digest = try await worker.store.receive(part, from: peer.nodeID) ?? 0
             return .shardTransferAck(ack)
+        case .statusRequest(let request):
+            // Insecure clients have no certified tenant and see everything, as insecure mode trusts all.
+            return await status(request, tenant: peer.role == .client ? peer.tenant : nil)
         default:
             throw WireError(.badRequest, "a worker does not accept \(request.bodyName)")
         }
@@ -51,10 +63,10 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// Takes the shard's prefill (inline tensors or a workload seed to expand), computes each layer's
     /// attention profile and statistics, and sends the statistics to the coordinator.
-    private func prefill(_ message: Tessera_V1_Prefill, forwarded: Bool) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func prefill(_ message: Tessera_V1_Prefill, forwardedBy: String?) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
             message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
-            forwarded: forwarded)
+            forwardedBy: forwardedBy)
         // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
         async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
         if let bytes = try await worker.store.beginExpansion(message.sequenceID) {
@@ -232,10 +244,10 @@ struct WorkerHandler: EnvelopeHandler {
             return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
     }
 
-    private func decode(_ message: Tessera_V1_Decode, forwarded: Bool) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func decode(_ message: Tessera_V1_Decode, forwardedBy: String?) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
             message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
-            forwarded: forwarded)
+            forwardedBy: forwardedBy)
         var inputs: [Int: DecodeStepInput]?
         if !message.layers.isEmpty {
             var given: [Int: DecodeStepInput] = [:]
@@ -310,7 +322,8 @@ struct WorkerHandler: EnvelopeHandler {
         return .closeAck(ack)
     }
 
-    private func status(_ request: Tessera_V1_StatusRequest) async -> Tessera_V1_Envelope.OneOf_Body {
+    /// The worker's figures; with `include_sequences`, its sequences (only `tenant`'s when given).
+    private func status(_ request: Tessera_V1_StatusRequest, tenant: String?) async -> Tessera_V1_Envelope.OneOf_Body {
         let totals = await worker.store.totals()
         var me = Tessera_V1_WorkerStatus()
         me.endpoint.nodeID = worker.configuration.nodeID
@@ -329,7 +342,7 @@ struct WorkerHandler: EnvelopeHandler {
         reply.workers = [me]
         reply.sequenceCount = UInt32(totals.sequences)
         reply.totalKvBytes = UInt64(totals.total)
-        if request.includeSequences { reply.sequences = await worker.store.sequenceStatuses() }
+        if request.includeSequences { reply.sequences = await worker.store.sequenceStatuses(tenant: tenant) }
         return .statusReply(reply)
     }
 }

@@ -1,3 +1,4 @@
+import ClusterSecurity
 import ClusterTransport
 import ClusterWire
 import ClusterAdmin
@@ -51,6 +52,7 @@ public final class WorkerService: Sendable {
     /// Serves until cancelled. `onReady` gets the bound data port once the coordinator has accepted
     /// the registration.
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
+        try configuration.security.check(local: identity)
         ProcessMemory.returnLargeFreesToTheSystem()
         prefillThreads.start()
         decodeThreads.start()
@@ -59,8 +61,8 @@ public final class WorkerService: Sendable {
             decodeThreads.shutdownGracefully { _ in }
         }
         try await ConnectionPool.withPool(
-            handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]), maxFrameBytes: configuration.maxFrameBytes,
-            logger: logger
+            handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]), security: configuration.security,
+            maxFrameBytes: configuration.maxFrameBytes, logger: logger
         ) { pool in
             self.peers.withLock { $0 = pool }
             defer { self.peers.withLock { $0 = nil } }
@@ -74,7 +76,7 @@ public final class WorkerService: Sendable {
             group.addTask {
                 try await Transport.listen(
                     on: self.configuration.listen, handshake: Handshake(local: self.identity),
-                    maxFrameBytes: self.configuration.maxFrameBytes, handler: WorkerHandler(worker: self),
+                    security: self.configuration.security, maxFrameBytes: self.configuration.maxFrameBytes, handler: WorkerHandler(worker: self),
                     logger: self.logger, faults: self.configuration.faults
                 ) { port in
                     self.boundPort.withLock { $0 = port }
@@ -100,7 +102,7 @@ public final class WorkerService: Sendable {
                 try await Transport.withConnection(
                     to: configuration.coordinator,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.coordinator]),
-                    maxFrameBytes: configuration.maxFrameBytes, handler: WorkerHandler(worker: self), logger: logger
+                    security: configuration.security, maxFrameBytes: configuration.maxFrameBytes, handler: WorkerHandler(worker: self), logger: logger
                 ) { connection in
                     var register = Tessera_V1_RegisterWorker()
                     register.endpoint.nodeID = self.configuration.nodeID

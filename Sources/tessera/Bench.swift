@@ -2,6 +2,7 @@ import ArgumentParser
 import Client
 import ClusterWire
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import FoundationEssentials
 import KVCacheCore
@@ -110,6 +111,9 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Log level of the cluster's processes with --local.")
     var logLevel = "error"
 
+    @OptionGroup(title: "Security (with --coordinator; --local makes a throw-away CA unless --insecure)")
+    var security: ClientSecurityOptions
+
     /// The plan these options describe, or a usage failure naming what is allowed.
     func plan() throws(ExitCode) -> BenchPlan {
         var file: WorkloadFile
@@ -195,8 +199,10 @@ struct BenchOptions: ParsableArguments {
             guard local == nil else { throw usageFailure("give --coordinator or --local, not both") }
             let address: NodeAddress
             do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure("--coordinator: \(error.message)") }
-            let client = try await workerCount(address, logger: logger)
-            return try await LoadRunner.run(plan, coordinator: address, workers: client, logger: logger, progress: progress)
+            let transport = try security.security(logger: logger)
+            let client = try await workerCount(address, security: transport, logger: logger)
+            return try await LoadRunner.run(
+                plan, coordinator: address, security: transport, workers: client, logger: logger, progress: progress)
         }
         let workers = local ?? 3
         guard (1...64).contains(workers) else { throw usageFailure("--local must be in 1...64, got \(workers)") }
@@ -206,17 +212,18 @@ struct BenchOptions: ParsableArguments {
             "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication", "\(replication)",
         ]
         launch.workerArguments = ["--storage", dtype]
+        if security.security.insecure { launch.security = .insecure }
         Terminal.error("[tessera] starting a local cluster: coordinator + \(workers) workers\n")
         let options = launch
         return try await LocalCluster.withCluster(options, logger: logger) { cluster in
             try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, workers: cluster.workers.count, logger: logger,
-                progress: progress)
+                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: cluster.workers.count, logger: logger, progress: progress)
         }
     }
 
-    private func workerCount(_ address: NodeAddress, logger: Logger) async throws -> Int {
-        try await TesseraClient.withClient(coordinator: address, tenant: "bench", logger: logger) { client in
+    private func workerCount(_ address: NodeAddress, security: TransportSecurity, logger: Logger) async throws -> Int {
+        try await TesseraClient.withClient(coordinator: address, security: security, logger: logger) { client in
             try await client.status().workers.filter { $0.state == "alive" }.count
         }
     }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Client
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import ClusterWire
 import FoundationEssentials
@@ -52,6 +53,9 @@ struct BenchWire: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Also write the figures as JSON to this path.", valueName: "path"))
     var json: String?
 
+    @Flag(help: "Run the cluster in plaintext instead of mutual TLS with a throw-away CA (to measure what TLS costs).")
+    var insecure = false
+
     func run() async throws {
         guard (1...64).contains(workers) else { throw usageFailure("--workers must be in 1...64, got \(workers)") }
         guard secondsPerPoint.isFinite, (0.1...60).contains(secondsPerPoint) else {
@@ -65,7 +69,10 @@ struct BenchWire: AsyncParsableCommand {
         let workers = workers
         let seconds = secondsPerPoint
         progress("starting a coordinator and \(workers) worker(s) from \(LocalCluster.currentBinary)")
-        let report = try await WireBenchmark.withCluster(workers: workers, logger: logger) { cluster in
+        progress(insecure ? "connections in plaintext (--insecure)" : "connections over mutual TLS (throw-away CA)")
+        let report = try await WireBenchmark.withCluster(
+            workers: workers, security: insecure ? .insecure : .throwawayCA, logger: logger
+        ) { cluster in
             let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
             let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
             return WireBenchmark.Report(
@@ -99,8 +106,10 @@ private enum IngestBenchmark {
     }
 
     static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.IngestPoint] {
-        try await TesseraClient.withClient(
-            coordinator: cluster.coordinator, tenant: benchTenant, nodeID: "bench-wire-ingest", logger: logger
+        let security = try cluster.clientSecurity(name: "bench-wire-ingest", tenant: benchTenant)
+        return try await TesseraClient.withClient(
+            coordinator: cluster.coordinator, security: security, tenant: benchTenant, nodeID: "bench-wire-ingest",
+            logger: logger
         ) { client in
             // Where one-layer sequences land: every one goes to the first shard's primary.
             let geometry = try geometry()
@@ -116,7 +125,8 @@ private enum IngestBenchmark {
                 local: NodeIdentity(role: .client, nodeID: "bench-wire-ingest", incarnation: 1),
                 acceptedPeerRoles: [.worker])
             return try await Transport.withConnection(
-                to: worker, handshake: handshake, maxFrameBytes: 64 << 20, handler: RefuseEveryRequest(), logger: logger
+                to: worker, handshake: handshake, security: security, maxFrameBytes: 64 << 20,
+                handler: RefuseEveryRequest(), logger: logger
             ) { connection in
                 var points: [WireBenchmark.IngestPoint] = []
                 var nextID: UInt64 = 2
@@ -289,7 +299,9 @@ private enum DecodeBenchmark {
         // A pilot sequence estimates how many real steps a second holds, to prepare enough sequences.
         progress("decode pilot: one tiny image-qa sequence (\(trace.layout.promptLength) tokens), \(setup.steps) steps")
         let pilotRate = try await TesseraClient.withClient(
-            coordinator: cluster.coordinator, tenant: benchTenant, nodeID: "bench-wire-pilot", logger: logger
+            coordinator: cluster.coordinator,
+            security: try cluster.clientSecurity(name: "bench-wire-pilot", tenant: benchTenant), tenant: benchTenant,
+            nodeID: "bench-wire-pilot", logger: logger
         ) { client in
             let id: UInt64 = 90_000_000
             try await setup.prepare(id, client: client)
@@ -378,9 +390,10 @@ private enum DecodeBenchmark {
             cached: WireBenchmark.StartLine
         ) async throws -> ClientFigures {
             do {
+                let name = "bench-wire-decode-\(connections)-\(index)"
                 return try await TesseraClient.withClient(
-                    coordinator: cluster.coordinator, tenant: benchTenant,
-                    nodeID: "bench-wire-decode-\(connections)-\(index)", logger: logger
+                    coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: name, tenant: benchTenant),
+                    tenant: benchTenant, nodeID: name, logger: logger
                 ) { client in
                     let ids = (0..<sequences).map { firstID + UInt64($0) }
                     for id in ids { try await prepare(id, client: client) }

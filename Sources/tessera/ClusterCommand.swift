@@ -1,6 +1,7 @@
 import ArgumentParser
 import ClusterAdmin
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import Logging
 import ServiceLifecycle
@@ -16,9 +17,15 @@ struct ClusterCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Start a coordinator and N workers as child processes; stop them all on exit.",
             discussion: """
-                Prints one line `READY {"coordinator":"127.0.0.1:PORT","workers":[...]}` on stdout once every \
-                worker has registered, then runs until SIGINT or SIGTERM and stops every child. Children \
-                also watch a lifeline (their stdin), so none outlives this process even if it is killed.
+                Prints one line `READY {"coordinator":"127.0.0.1:PORT","certs":"DIR","workers":[...]}` on \
+                stdout once every worker has registered, then runs until SIGINT or SIGTERM and stops every \
+                child. Children also watch a lifeline (their stdin), so none outlives this process even if \
+                it is killed.
+
+                Connections are mutual TLS. Without --certs the cluster gets a throw-away CA in a temporary \
+                folder (deleted at exit) with a client certificate `client` of tenant `default`, so \
+                `tessera status --coordinator ADDR --certs DIR` works while it runs. With --certs DIR, the \
+                CA there is used (created if the folder has none) and missing certificates are issued.
                 """
         )
 
@@ -27,6 +34,12 @@ struct ClusterCommand: AsyncParsableCommand {
 
         @Option(help: "Number of worker processes (default: the configuration's, else 3).")
         var workers: Int?
+
+        @Option(help: ArgumentHelp("A certificate folder to use (created with a new CA if it has none) instead of a throw-away CA.", valueName: "dir"))
+        var certs: String?
+
+        @Flag(help: "Plaintext connections: any peer can claim any role, node id or tenant.")
+        var insecure = false
 
         @OptionGroup var process: ProcessOptions
 
@@ -45,16 +58,33 @@ struct ClusterCommand: AsyncParsableCommand {
                 readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds))
             options.coordinatorArguments = CoordinatorCommand.arguments(settings.coordinator)
             options.workerArguments = ["--storage", settings.worker.storage.rawValue, "--faults", settings.worker.faults]
+            switch (certs, insecure) {
+            case (_?, true):
+                throw usageFailure("give --certs or --insecure, not both")
+            case (let path?, false):
+                let folder = CertificateDirectory(path)
+                if !folder.hasAuthority {
+                    do { try CertificateAuthority.create().write(to: folder) } catch { throw usageFailure(error.message) }
+                }
+                options.security = .certificates(folder)
+            case (nil, true):
+                logger.warning("\(TransportSecurity.insecureWarning)")
+                options.security = .insecure
+            case (nil, false):
+                options.security = .throwawayCA
+            }
             let launch = options
             try await runServices(
                 [ClosureService {
                     try await LocalCluster.withCluster(launch, logger: logger) { cluster in
+                        _ = try cluster.clientSecurity(name: "client", tenant: "default")
                         let workerList = cluster.workers.map { worker in
                             "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
                                 + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
                         }.joined(separator: ",")
                         Terminal.output(
                             "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
+                                + "\"certs\":\(cluster.certificates.map { jsonString($0.path) } ?? "null"),"
                                 + "\"coordinatorPid\":\(cluster.coordinatorPID),"
                                 + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]}\n")
                         // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.

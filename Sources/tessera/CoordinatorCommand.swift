@@ -34,6 +34,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
 
     @OptionGroup var faults: FaultOptions
 
+    @OptionGroup var security: SecurityOptions
+
     @OptionGroup var process: ProcessOptions
 
     func run() async throws {
@@ -53,7 +55,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let injector = try faults.injector()
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
-                incarnation: wallClockIncarnation(), listen: address, memoryLimitBytes: memoryLimitBytes,
+                incarnation: wallClockIncarnation(), listen: address,
+                security: try security.security(name: "coordinator", logger: logger), memoryLimitBytes: memoryLimitBytes,
                 tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication, faults: injector),
             logger: logger)
         let adminPort = AsyncValue<Int>()

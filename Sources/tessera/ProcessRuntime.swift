@@ -18,8 +18,13 @@ struct ProcessOptions: ParsableArguments {
     @Option(help: "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz, GET and PUT /faults); 0 picks one.")
     var adminPort = 0
 
-    @Option(help: "Host the admin endpoint binds.")
+    @Option(help: "Host the admin endpoint binds; another than loopback needs --admin-token-file.")
     var adminHost = "127.0.0.1"
+
+    @Option(help: ArgumentHelp(
+        "File holding the bearer token that PUT on the admin endpoint needs (at least 16 bytes); without it, settings are read-only.",
+        valueName: "path"))
+    var adminTokenFile: String?
 
     func bootstrapLogging() throws -> Logger {
         guard let level = Logger.Level(rawValue: logLevel) else {
@@ -58,9 +63,18 @@ func adminService(
     guard (0...65535).contains(options.adminPort) else {
         throw usageFailure("--admin-port must be in 0...65535, got \(options.adminPort)")
     }
+    var token: AdminToken?
+    if let path = options.adminTokenFile {
+        do { token = try AdminToken(file: path) } catch { throw usageFailure("--admin-token-file: \(error.message)") }
+    }
+    guard token != nil || ["127.0.0.1", "::1", "localhost"].contains(options.adminHost) else {
+        throw usageFailure(
+            "--admin-host \(options.adminHost) is reachable from other hosts; give --admin-token-file too, or bind 127.0.0.1")
+    }
     let registry = MetricsBootstrap.bootstrap()
     let server = AdminServer(
-        host: options.adminHost, port: options.adminPort, registry: registry, settings: settings, logger: logger,
+        host: options.adminHost, port: options.adminPort, registry: registry, settings: settings, token: token,
+        logger: logger,
         onListening: onListening)
     return ClosureService { try await server.run() }
 }

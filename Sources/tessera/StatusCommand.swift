@@ -1,5 +1,6 @@
 import ArgumentParser
 import Client
+import ClusterSecurity
 import ClusterTransport
 import ClusterWire
 import FoundationEssentials
@@ -21,14 +22,17 @@ struct StatusCommand: AsyncParsableCommand {
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
+    @OptionGroup var security: ClientSecurityOptions
+
     func run() async throws {
         let address: NodeAddress
         do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure(error.message) }
         let status: ClusterStatus
+        let logger = Logger(label: "tessera", factory: { _ in SwiftLogNoOpLogHandler() })
+        let transport = try security.security(logger: logger)
         do {
             status = try await TesseraClient.withClient(
-                coordinator: address, tenant: "status", nodeID: "status-\(processID)",
-                logger: Logger(label: "tessera", factory: { _ in SwiftLogNoOpLogHandler() })
+                coordinator: address, security: transport, nodeID: "status-\(processID)", logger: logger
             ) { client in try await client.status() }
         } catch {
             Terminal.error("error: cannot read the status of \(address): \(error)\n")

@@ -29,6 +29,8 @@ struct WorkerCommand: AsyncParsableCommand {
 
     @OptionGroup var faults: FaultOptions
 
+    @OptionGroup var security: SecurityOptions
+
     @OptionGroup var process: ProcessOptions
 
     func run() async throws {
@@ -48,7 +50,8 @@ struct WorkerCommand: AsyncParsableCommand {
         let service = WorkerService(
             configuration: WorkerConfiguration(
                 nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
-                coordinator: coordinatorAddress, storage: scalar, faults: injector),
+                coordinator: coordinatorAddress, security: try security.security(name: nodeID, logger: logger),
+                storage: scalar, faults: injector),
             logger: logger)
         let id = nodeID
         let adminPort = AsyncValue<Int>()

@@ -178,12 +178,19 @@ struct AdminServerTests {
             value.withLock { $0 = text }
             return text
         }
-        try await withAdminServer(settings: ["/faults": setting]) { port in
+        let token = "0123456789abcdef0123"
+        try await withAdminServer(settings: ["/faults": setting], token: try AdminToken(token)) { port in
             #expect(try await httpRequest(port: port, path: "/faults").body == "none\n")
-            let changed = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1\n")
+            // Without the token, or with a wrong one, nothing changes.
+            #expect(try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1").status == 401)
+            let wrong = try await httpRequest(
+                port: port, method: "PUT", path: "/faults", body: "drop=1", token: "0123456789abcdef0124")
+            #expect(wrong.status == 401)
+            #expect(value.withLock { $0 } == "none")
+            let changed = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1\n", token: token)
             #expect(changed.status == 200)
             #expect(changed.body == "drop=1\n")
-            let refused = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "bogus")
+            let refused = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "bogus", token: token)
             #expect(refused.status == 400)
             #expect(refused.body.contains("allowed: none, drop=P"))
             #expect(try await httpRequest(port: port, path: "/faults").body == "drop=1\n")
@@ -191,8 +198,14 @@ struct AdminServerTests {
             #expect(post.status == 405)
             #expect(post.header("allow") == "GET, PUT")
             let huge = try await httpRequest(
-                port: port, method: "PUT", path: "/faults", body: String(repeating: "x", count: 64 * 1024 + 1))
+                port: port, method: "PUT", path: "/faults", body: String(repeating: "x", count: 64 * 1024 + 1), token: token)
             #expect(huge.status == 413)
+            #expect(value.withLock { $0 } == "drop=1")
+        }
+        // A server without a token keeps its settings read-only.
+        try await withAdminServer(settings: ["/faults": setting]) { port in
+            let readOnly = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "none", token: token)
+            #expect(readOnly.status == 403)
             #expect(value.withLock { $0 } == "drop=1")
         }
     }

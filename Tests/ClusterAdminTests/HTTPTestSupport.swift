@@ -93,8 +93,11 @@ func rawHTTPExchange(port: Int, request: String) async throws -> String {
 }
 
 /// A one-request exchange with `Connection: close`, parsed.
-func httpRequest(port: Int, method: String = "GET", path: String, body: String = "") async throws -> HTTPTestResponse {
+func httpRequest(
+    port: Int, method: String = "GET", path: String, body: String = "", token: String? = nil
+) async throws -> HTTPTestResponse {
     var request = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    if let token { request += "Authorization: Bearer \(token)\r\n" }
     if !body.isEmpty { request += "Content-Length: \(body.utf8.count)\r\n" }
     request += "\r\n" + body
     return try HTTPTestResponse(parsing: try await rawHTTPExchange(port: port, request: request))
@@ -105,10 +108,11 @@ func httpRequest(port: Int, method: String = "GET", path: String, body: String =
 func withAdminServer<Result: Sendable>(
     registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
     settings: [String: AdminSetting] = [:],
+    token: AdminToken? = nil,
     _ body: @Sendable (_ port: Int) async throws -> Result
 ) async throws -> Result {
     let (ports, continuation) = AsyncStream.makeStream(of: Int.self)
-    let server = AdminServer(host: "127.0.0.1", port: 0, registry: registry, settings: settings) { port in
+    let server = AdminServer(host: "127.0.0.1", port: 0, registry: registry, settings: settings, token: token) { port in
         continuation.yield(port)
         continuation.finish()
     }

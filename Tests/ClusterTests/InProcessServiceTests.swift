@@ -1,4 +1,5 @@
 import Client
+import ClusterSecurity
 import ClusterTransport
 import ClusterWire
 import Coordinator
@@ -14,10 +15,16 @@ import Workloads
 
     @Test(.timeLimit(.minutes(2)))
     func servicesOnPortZeroServeASequence() async throws {
+        try await withTestCertificates { certificates in try await Self.serveASequence(certificates) }
+    }
+
+    static func serveASequence(_ certificates: CertificateDirectory) async throws {
         let seed: UInt64 = 77
         let coordinatorPort = AsyncStream.makeStream(of: Int.self)
         let coordinator = try CoordinatorService(
-            configuration: CoordinatorConfiguration(incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0)),
+            configuration: CoordinatorConfiguration(
+                incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
+                security: try certificates.security(.coordinator, "coordinator")),
             logger: Self.logger)
         try await withThrowingTaskGroup(of: Void.self) { group in
             defer { group.cancelAll() }
@@ -29,11 +36,13 @@ import Workloads
                 let worker = WorkerService(
                     configuration: WorkerConfiguration(
                         nodeID: "in-process-\(index)", incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
-                        coordinator: address, storage: .float16),
+                        coordinator: address, security: try certificates.security(.worker, "in-process-\(index)"),
+                        storage: .float16),
                     logger: Self.logger)
                 group.addTask { try await worker.run() }
             }
-            try await TesseraClient.withClient(coordinator: address, tenant: "t", logger: Self.logger) { client in
+            let owner = try certificates.security(.client, "owner", tenant: "t")
+            try await TesseraClient.withClient(coordinator: address, security: owner, logger: Self.logger) { client in
                 _ = try await eventually("two workers") {
                     let status = try await client.status()
                     return status.workers.filter { $0.state == "alive" }.count == 2 ? status : nil
@@ -51,7 +60,8 @@ import Workloads
                     #expect(outputs.values.allSatisfy { $0.count == 4 * 32 && $0.allSatisfy(\.isFinite) })
                 }
                 // Another tenant cannot touch the sequence; a step out of order is refused.
-                try await TesseraClient.withClient(coordinator: address, tenant: "other", logger: Self.logger) { other in
+                let other = try certificates.security(.client, "other", tenant: "other")
+                try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) { other in
                     do {
                         _ = try await other.refreshPlacement(5)
                         Issue.record("another tenant read the placement")

@@ -1,4 +1,5 @@
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import FoundationEssentials
 import Logging
@@ -41,8 +42,12 @@ import Glibc
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             let worker = try #require(cluster.workers.first)
             #expect(worker.nodeID == "worker-1")
+            // Mutual TLS from OpenSSL (Python's ssl) against the worker's BoringSSL.
+            _ = try cluster.clientSecurity(name: "python-interop", tenant: "python")
+            let certificates = try #require(cluster.certificates)
             let result = try await run(
-                .name("python3"), arguments: [script.string, worker.address.description], workingDirectory: root,
+                .name("python3"), arguments: [script.string, worker.address.description, certificates.path, "python-interop"],
+                workingDirectory: root,
                 output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
             let stdout = result.standardOutput
             let stderr = result.standardError

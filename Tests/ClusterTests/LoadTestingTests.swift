@@ -1,5 +1,6 @@
 import Client
 import ClusterLauncher
+import ClusterSecurity
 import ClusterTransport
 import Foundation
 import KVCacheCore
@@ -43,7 +44,8 @@ import Workloads
         let plan = try Self.plan(policies: ["full", "vl-cache"], sequences: 6, concurrency: 2, seed: seed)
         try await LocalCluster.withCluster(Self.cluster(), logger: Self.logger) { cluster in
             let (report, samples) = try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, workers: 3, logger: Self.logger)
+                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: 3, logger: Self.logger)
             let byName = Dictionary(uniqueKeysWithValues: report.policies.map { ($0.policy, $0) })
             let full = try #require(byName["full"], "seed \(seed)")
             let compressed = try #require(byName["vl-cache"], "seed \(seed)")
@@ -63,8 +65,10 @@ import Workloads
             #expect(samples.contains { $0.policy == "vl-cache" && $0.kvBytes > 0 }, "seed \(seed)")
 
             // Hold three compressed sequences open and compare the three views of the footprint.
-            try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "hold", logger: Self.logger) {
-                client in
+            try await TesseraClient.withClient(
+                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "hold", tenant: "hold"),
+                logger: Self.logger
+            ) { client in
                 let workload = WorkloadFile(preset: .imageQA, geometry: .tiny)
                 var held: UInt64 = 0
                 for index in 0..<3 {
@@ -84,7 +88,7 @@ import Workloads
                     return status.totalKVBytes == expected ? status : nil
                 }
                 let sampled = FootprintSampler.samples(status, policy: "hold", elapsedMillis: 0)
-                let printed = try await Self.statusJSON(cluster.coordinator)
+                let printed = try await Self.statusJSON(cluster)
                 #expect(sampled.reduce(0) { $0 + $1.kvBytes } == expected, "seed \(seed)")
                 for sample in sampled {
                     let worker = try #require(printed.workers.first { $0.id == sample.worker })
@@ -112,7 +116,8 @@ import Workloads
         let options = Self.cluster(coordinator: ["--memory-limit-bytes", "\(limit)", "--floor-ratio", "0.02"])
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             let (report, samples) = try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, workers: 3, logger: Self.logger)
+                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: 3, logger: Self.logger)
             let result = try #require(report.policies.first)
             #expect(result.refusals > 0, "seed \(seed): the limit should refuse some opens")
             #expect(result.errors == 0, "seed \(seed): refusals are retried, not errors: \(result.errorMessages)")
@@ -127,10 +132,14 @@ import Workloads
         }
     }
 
-    static func statusJSON(_ coordinator: NodeAddress) async throws -> ClusterStatus {
+    static func statusJSON(_ cluster: LocalCluster) async throws -> ClusterStatus {
+        let certificates = try #require(cluster.certificates)
         let result = try await run(
             .path(LocalCluster.siblingBinary),
-            arguments: ["status", "--coordinator", coordinator.description, "--json"], input: .none,
+            arguments: [
+                "status", "--coordinator", cluster.coordinator.description, "--json", "--certs", certificates.path,
+                "--cert-name", "hold",
+            ], input: .none,
             output: .string(limit: 1 << 20), error: .discarded)
         #expect(result.terminationStatus.isSuccess)
         return try JSONDecoder().decode(ClusterStatus.self, from: Data(result.standardOutput.utf8))

@@ -32,7 +32,10 @@ func referenceOutputs(
         let options = LocalCluster.Options(
             binary: LocalCluster.siblingBinary, workers: 3, childArguments: ["--log-level", "error"], inheritStandardError: true)
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
-            try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "test", logger: Self.logger) { client in
+            try await TesseraClient.withClient(
+                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "test", tenant: "test"),
+                logger: Self.logger
+            ) { client in
                 let status = try await eventually("three workers alive") {
                     let status = try await client.status()
                     return status.workers.filter { $0.state == "alive" }.count == 3 ? status : nil
@@ -89,7 +92,10 @@ func referenceOutputs(
         let options = LocalCluster.Options(
             binary: LocalCluster.siblingBinary, workers: 2, childArguments: ["--log-level", "error"], inheritStandardError: true)
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
-            try await TesseraClient.withClient(coordinator: cluster.coordinator, tenant: "a", logger: Self.logger) { client in
+            try await TesseraClient.withClient(
+                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "a", tenant: "a"),
+                logger: Self.logger
+            ) { client in
                 let layout = try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 40)])
                 await #expect(throws: WireError.self) {
                     _ = try await client.decode(7, step: 0, geometry: .tiny)

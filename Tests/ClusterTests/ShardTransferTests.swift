@@ -71,7 +71,7 @@ struct ShardTransferTests {
             Issue.record("parts are not begin, layers, commit: \(parts.map(\.part))")
             return
         }
-        var incoming = try IncomingShard(begin, sequenceID: 7)
+        var incoming = try IncomingShard(begin, sequenceID: 7, from: "worker-1")
         for part in parts[1...2] {
             guard case .layer(let layer) = part.part else { continue }
             try incoming.take(layer)
@@ -96,13 +96,17 @@ struct ShardTransferTests {
         bytes[0] ^= 0x40
         layer.heads[0].values.data = .init(bytes)
         parts[2].part = .layer(layer)
-        var damaged = try IncomingShard(begin, sequenceID: 7)
+        var damaged = try IncomingShard(begin, sequenceID: 7, from: "worker-1")
         for case .layer(let part) in parts[1...2].map(\.part) { try damaged.take(part) }
         #expect {
             try damaged.finish(commit)
-        } throws: { ($0 as? WireError)?.code == .invalidValue && "\($0)".contains("digest") }
+        } throws: { error in
+            // Refused without naming either digest (it would tell a forger what to aim for).
+            (error as? WireError)?.code == .invalidValue && "\(error)".contains("differ")
+                && !"\(error)".contains("\(held.cache?.digest ?? 0)")
+        }
 
-        var incomplete = try IncomingShard(begin, sequenceID: 7)
+        var incomplete = try IncomingShard(begin, sequenceID: 7, from: "worker-1")
         if case .layer(let first) = parts[1].part { try incomplete.take(first) }
         #expect {
             try incomplete.finish(commit)
@@ -111,7 +115,7 @@ struct ShardTransferTests {
         // Rows, positions and tags that disagree are refused at the layer.
         guard case .layer(var short) = try held.transferParts(sequenceID: 7)[1].part else { return }
         short.heads[0].positions.removeLast()
-        var mismatched = try IncomingShard(begin, sequenceID: 7)
+        var mismatched = try IncomingShard(begin, sequenceID: 7, from: "worker-1")
         #expect(throws: WireError.self) { try mismatched.take(short) }
     }
 
@@ -120,14 +124,25 @@ struct ShardTransferTests {
         let parts = try held.transferParts(sequenceID: 7)
 
         let target = SequenceStore()
-        for part in parts.dropLast() { #expect(try await target.receive(part) == nil) }
-        let digest = try await target.receive(parts.last!)
+        // Only the shard's primary may send a copy, and every part of it.
+        await #expect {
+            try await target.receive(parts[0], from: "worker-3")
+        } throws: { ($0 as? WireError)?.code == .permissionDenied }
+        #expect(try await target.receive(parts[0], from: "worker-1") == nil)
+        await #expect {
+            try await target.receive(parts[1], from: "worker-3")
+        } throws: { ($0 as? WireError)?.code == .permissionDenied }
+        for part in parts.dropFirst().dropLast() { #expect(try await target.receive(part, from: "worker-1") == nil) }
+        let digest = try await target.receive(parts.last!, from: "worker-1")
         #expect(digest == held.cache?.digest)
-        // A replica takes forwarded writes only, at the shard's epoch.
-        _ = try await target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwarded: true)
+        // A replica takes forwarded writes only, at the shard's epoch, from the shard's primary only.
+        _ = try await target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-1")
         await #expect(throws: WireError.self) { try await target.checked(7, tenant: "t", shardID: 1, epoch: 3) }
+        await #expect {
+            try await target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-3")
+        } throws: { ($0 as? WireError)?.code == .permissionDenied }
         // A second copy of any shard of the sequence is refused.
-        await #expect(throws: WireError.self) { try await target.receive(parts[0]) }
+        await #expect(throws: WireError.self) { try await target.receive(parts[0], from: "worker-1") }
 
         let source = SequenceStore()
         try await source.assign(7, held)

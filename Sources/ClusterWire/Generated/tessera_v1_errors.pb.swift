@@ -68,6 +68,9 @@ package nonisolated enum Tessera_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIte
 
   /// The receiver (or a node it depends on) is temporarily unable to serve; retry later.
   case unavailable // = 13
+
+  /// The peer's certificate (role, node id or tenant) does not allow this request; nothing changed.
+  case permissionDenied // = 14
   case UNRECOGNIZED(Int)
 
   package init() {
@@ -90,6 +93,7 @@ package nonisolated enum Tessera_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIte
     case 11: self = .malformedFrame
     case 12: self = .internal
     case 13: self = .unavailable
+    case 14: self = .permissionDenied
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -110,6 +114,7 @@ package nonisolated enum Tessera_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIte
     case .malformedFrame: return 11
     case .internal: return 12
     case .unavailable: return 13
+    case .permissionDenied: return 14
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -130,6 +135,7 @@ package nonisolated enum Tessera_V1_ErrorCode: SwiftProtobuf.Enum, Swift.CaseIte
     .malformedFrame,
     .internal,
     .unavailable,
+    .permissionDenied,
   ]
 
 }
@@ -159,7 +165,7 @@ package nonisolated struct Tessera_V1_Error: Sendable {
 fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_ErrorCode: SwiftProtobuf._ProtoNameProviding {
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}ERROR_CODE_BAD_REQUEST\0\u{1}ERROR_CODE_INVALID_SHAPE\0\u{1}ERROR_CODE_INVALID_VALUE\0\u{1}ERROR_CODE_UNKNOWN_SEQUENCE\0\u{1}ERROR_CODE_WRONG_TENANT\0\u{1}ERROR_CODE_NOT_PRIMARY\0\u{1}ERROR_CODE_STALE_EPOCH\0\u{1}ERROR_CODE_RESOURCE_EXHAUSTED\0\u{1}ERROR_CODE_UNSUPPORTED_VERSION\0\u{1}ERROR_CODE_FRAME_TOO_LARGE\0\u{1}ERROR_CODE_MALFORMED_FRAME\0\u{1}ERROR_CODE_INTERNAL\0\u{1}ERROR_CODE_UNAVAILABLE\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_CODE_UNSPECIFIED\0\u{1}ERROR_CODE_BAD_REQUEST\0\u{1}ERROR_CODE_INVALID_SHAPE\0\u{1}ERROR_CODE_INVALID_VALUE\0\u{1}ERROR_CODE_UNKNOWN_SEQUENCE\0\u{1}ERROR_CODE_WRONG_TENANT\0\u{1}ERROR_CODE_NOT_PRIMARY\0\u{1}ERROR_CODE_STALE_EPOCH\0\u{1}ERROR_CODE_RESOURCE_EXHAUSTED\0\u{1}ERROR_CODE_UNSUPPORTED_VERSION\0\u{1}ERROR_CODE_FRAME_TOO_LARGE\0\u{1}ERROR_CODE_MALFORMED_FRAME\0\u{1}ERROR_CODE_INTERNAL\0\u{1}ERROR_CODE_UNAVAILABLE\0\u{1}ERROR_CODE_PERMISSION_DENIED\0")
 }
 
 nonisolated extension Tessera_V1_Error: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {

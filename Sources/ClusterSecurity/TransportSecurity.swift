@@ -1,0 +1,106 @@
+public import ClusterWire
+package import NIOCore
+package import NIOSSL
+import SwiftASN1
+import X509
+
+/// How a process's connections are secured: mutual TLS with the cluster's certificates (the
+/// default everywhere), or plaintext, which trusts every role and tenant a peer claims.
+public enum TransportSecurity: Sendable {
+    case mutualTLS(NodeCredentials)
+    case insecure
+
+    /// What this process's own certificate says it is; nil when insecure.
+    public var identity: CertifiedIdentity? {
+        if case .mutualTLS(let credentials) = self { return credentials.identity }
+        return nil
+    }
+
+    /// The warning every process logs at start when it runs without TLS.
+    public static let insecureWarning =
+        "INSECURE: TLS is off (--insecure); any peer can claim any role, node id or tenant. Use only on a trusted host."
+}
+
+/// One node's TLS material: the cluster CA as the only trust root, and the node's own certificate
+/// and key, whose subject says what the node is.
+public struct NodeCredentials: Sendable {
+    public let identity: CertifiedIdentity
+    private let server: NIOSSLContext
+    private let client: NIOSSLContext
+
+    /// Loads `NAME.pem`, `NAME-key.pem` and `ca.pem` from `directory`.
+    public init(directory: CertificateDirectory, name: String) throws(CertificateError) {
+        let certificatePEM = try directory.read(directory.certificate(name), what: "the certificate of \(name)")
+        let keyPEM = try directory.read(directory.key(name), what: "the key of \(name)")
+        let caPEM = try directory.read(directory.caCertificate, what: "the CA certificate")
+        let certificate: Certificate
+        do {
+            certificate = try Certificate(pemEncoded: certificatePEM)
+        } catch {
+            throw CertificateError("cannot parse \(directory.certificate(name)): \(error)")
+        }
+        identity = try CertifiedIdentity(certificate: certificate)
+        do {
+            let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map { NIOSSLCertificateSource.certificate($0) }
+            let key = NIOSSLPrivateKeySource.privateKey(try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem))
+            let roots = NIOSSLTrustRoots.certificates(try NIOSSLCertificate.fromPEMBytes(Array(caPEM.utf8)))
+            var serverConfiguration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
+            var clientConfiguration = TLSConfiguration.makeClientConfiguration()
+            clientConfiguration.certificateChain = chain
+            clientConfiguration.privateKey = key
+            // Peers are named by their certificates' subjects, not by host names; the CA is the only root,
+            // and a client without a certificate is refused during the TLS handshake.
+            serverConfiguration.trustRoots = roots
+            serverConfiguration.certificateVerification = .noHostnameVerification
+            serverConfiguration.minimumTLSVersion = .tlsv13
+            clientConfiguration.trustRoots = roots
+            clientConfiguration.certificateVerification = .noHostnameVerification
+            clientConfiguration.minimumTLSVersion = .tlsv13
+            server = try NIOSSLContext(configuration: serverConfiguration)
+            client = try NIOSSLContext(configuration: clientConfiguration)
+        } catch {
+            throw CertificateError("cannot load the TLS credentials of \(name) from \(directory): \(error)")
+        }
+    }
+
+    /// The TLS handler that starts an accepted connection.
+    package func serverHandler() -> NIOSSLServerHandler { NIOSSLServerHandler(context: server) }
+
+    /// The TLS handler that starts a connection this node opens.
+    package func clientHandler() throws -> NIOSSLClientHandler {
+        try NIOSSLClientHandler(context: client, serverHostname: nil)
+    }
+
+    /// What the peer's certificate says, once the TLS handshake is done (the first frame has arrived).
+    package static func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity {
+        let peer: NIOSSLCertificate?
+        do {
+            peer = try await channel.nioSSL_peerCertificate().get()
+        } catch {
+            throw WireError(.permissionDenied, "the peer's certificate cannot be read: \(error)")
+        }
+        guard let peer else { throw WireError(.permissionDenied, "the peer presented no certificate") }
+        do {
+            return try CertifiedIdentity(certificate: try Certificate(derEncoded: try peer.toDERBytes()))
+        } catch let error as CertificateError {
+            throw WireError(.permissionDenied, "the peer's certificate: \(error.message)")
+        } catch {
+            throw WireError(.permissionDenied, "the peer's certificate cannot be parsed: \(error)")
+        }
+    }
+}
+
+extension TransportSecurity {
+    /// Refuses to start a process whose own certificate names another role or node id than it runs as.
+    public func check(local: NodeIdentity) throws(CertificateError) {
+        guard let identity, identity.role != local.role || identity.nodeID != local.nodeID else { return }
+        throw CertificateError(
+            "this \(local.role) runs as \(local.nodeID), but its certificate names \(identity.role) \(identity.nodeID)")
+    }
+
+    /// The peer's certificate identity over mutual TLS; nil when insecure.
+    package func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity? {
+        guard case .mutualTLS = self else { return nil }
+        return try await NodeCredentials.peerIdentity(of: channel)
+    }
+}

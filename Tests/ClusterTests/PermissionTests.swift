@@ -1,0 +1,258 @@
+import Client
+import ClusterSecurity
+import ClusterTransport
+import ClusterWire
+import Coordinator
+import KVCacheCore
+import Logging
+import Testing
+import Worker
+import Workloads
+
+/// The probes of a hostile peer against a cluster over mutual TLS: each is refused with
+/// PERMISSION_DENIED (or at the handshake) and changes nothing the owner can see. The services run
+/// in this process on port 0, with real sockets and real TLS.
+@Suite struct PermissionTests {
+    static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+    static let sequenceID: UInt64 = 5
+
+    /// A running cluster (coordinator, two workers, replication 2) with one prefilled sequence of
+    /// tenant `owner`, decoded one step.
+    struct Cluster: Sendable {
+        var certificates: CertificateDirectory
+        var coordinator: NodeAddress
+        var owner: TesseraClient
+        var placement: SequencePlacement
+        var primary: NodeAddress { placement.shards[0].primary }
+        var replica: NodeAddress { placement.shards[0].replicas[0] }
+
+        /// What the owner sees after decoding `step`: the shard's copies on both holders.
+        func ownerView(step: Int) async throws -> [ShardCopy] {
+            _ = try await owner.decode(PermissionTests.sequenceID, step: step, geometry: .tiny)
+            return try await owner.shardCopies(on: primary) + owner.shardCopies(on: replica)
+        }
+
+        /// Nothing was cut or dropped: each copy grew by the decoded row only, and the primary and
+        /// the replica still hold the same bytes.
+        static func expectUnharmed(before: [ShardCopy], after: [ShardCopy]) {
+            #expect(after.count == 2 && before.count == 2, "copies: \(after)")
+            #expect(zip(before, after).allSatisfy { $0.kvBytes < $1.kvBytes }, "before \(before), after \(after)")
+            #expect(Set(after.map(\.digest)).count == 1 && Set(after.map(\.kvBytes)).count == 1, "diverged: \(after)")
+        }
+
+        /// Opens a raw connection as `identity`, with the certificate `certificate` names (default:
+        /// the same identity), and runs `body` with it.
+        func connect<T: Sendable>(
+            to address: NodeAddress, as identity: NodeIdentity, certificate: CertifiedIdentity? = nil,
+            _ body: @escaping @Sendable (PeerConnection) async throws -> T
+        ) async throws -> T {
+            let credentials = try certificates.credentials(
+                for: certificate ?? CertifiedIdentity(role: identity.role, nodeID: identity.nodeID, tenant: identity.tenant))
+            return try await Transport.withConnection(
+                to: address, handshake: Handshake(local: identity), security: .mutualTLS(credentials),
+                maxFrameBytes: 1 << 20, handler: RefuseRequests(), logger: PermissionTests.logger, body)
+        }
+    }
+
+    static func withCluster(_ body: @escaping @Sendable (Cluster) async throws -> Void) async throws {
+        try await withTestCertificates { certificates in
+            let ports = AsyncStream.makeStream(of: Int.self)
+            let coordinator = try CoordinatorService(
+                configuration: CoordinatorConfiguration(
+                    incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
+                    security: try certificates.security(.coordinator, "coordinator")),
+                logger: logger)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                defer { group.cancelAll() }
+                group.addTask { try await coordinator.run { ports.continuation.yield($0) } }
+                var iterator = ports.stream.makeAsyncIterator()
+                let address = NodeAddress(host: "127.0.0.1", port: try #require(await iterator.next()))
+                for index in 1...2 {
+                    let worker = WorkerService(
+                        configuration: WorkerConfiguration(
+                            nodeID: "worker-\(index)", incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
+                            coordinator: address, security: try certificates.security(.worker, "worker-\(index)")),
+                        logger: logger)
+                    group.addTask { try await worker.run() }
+                }
+                let owner = try certificates.security(.client, "owner", tenant: "owner")
+                try await TesseraClient.withClient(coordinator: address, security: owner, logger: logger) { client in
+                    _ = try await eventually("two workers") {
+                        try await client.status().workers.filter { $0.state == "alive" }.count == 2 ? true : nil
+                    }
+                    let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 3).sequence(0)
+                    let placement = try await client.openSequence(
+                        sequenceID, geometry: .tiny, layout: trace.layout, policy: .snapKV(.init()), retention: 0.2)
+                    _ = try await client.prefillSynthetic(sequenceID, workload: "image-qa", seed: 3, index: 0)
+                    _ = try await client.decode(sequenceID, step: 0, geometry: .tiny)
+                    try await body(
+                        Cluster(certificates: certificates, coordinator: address, owner: client, placement: placement))
+                }
+            }
+        }
+    }
+
+    static func expectDenied(_ what: String, _ body: () async throws -> Void) async {
+        do {
+            try await body()
+            Issue.record("\(what) was accepted")
+        } catch let error as WireError {
+            #expect(error.code == .permissionDenied, "\(what): \(error)")
+        } catch {
+            Issue.record("\(what) failed with \(error), expected PERMISSION_DENIED")
+        }
+    }
+
+    static let client = NodeIdentity(role: .client, nodeID: "mallory", incarnation: 1, tenant: "mallory")
+
+    @Test(.timeLimit(.minutes(2)))
+    func aClientCannotSendCoordinatorMessagesToAWorker() async throws {
+        try await Self.withCluster { cluster in
+            let before = try await cluster.ownerView(step: 1)
+            try await cluster.connect(to: cluster.primary, as: Self.client) { worker in
+                var close = Tessera_V1_Close()
+                close.tenant = "owner"
+                close.sequenceID = Self.sequenceID
+                await Self.expectDenied("close from a client") { _ = try await worker.request(.close(close)) }
+                var budget = Tessera_V1_AssignBudget()
+                budget.sequenceID = Self.sequenceID
+                budget.epoch = cluster.placement.epoch
+                await Self.expectDenied("assign_budget from a client") { _ = try await worker.request(.assignBudget(budget)) }
+                var assignment = Tessera_V1_ShardAssignment()
+                assignment.tenant = "owner"
+                assignment.sequenceID = Self.sequenceID
+                assignment.epoch = cluster.placement.epoch + 1
+                await Self.expectDenied("shard_assignment from a client") {
+                    _ = try await worker.request(.shardAssignment(assignment))
+                }
+                var copy = Tessera_V1_CopyShard()
+                copy.sequenceID = Self.sequenceID
+                await Self.expectDenied("copy_shard from a client") { _ = try await worker.request(.copyShard(copy)) }
+            }
+            Cluster.expectUnharmed(before: before, after: try await cluster.ownerView(step: 2))
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aHelloMustClaimTheCertificatesRoleAndNodeID() async throws {
+        try await Self.withCluster { cluster in
+            let certificate = CertifiedIdentity(role: .client, nodeID: "mallory", tenant: "mallory")
+            for claim in [
+                NodeIdentity(role: .coordinator, nodeID: "coordinator", incarnation: 1),
+                NodeIdentity(role: .worker, nodeID: "worker-1", incarnation: 9),
+                NodeIdentity(role: .client, nodeID: "owner", incarnation: 1),
+            ] {
+                await Self.expectDenied("hello as \(claim) with a client certificate") {
+                    try await cluster.connect(to: cluster.primary, as: claim, certificate: certificate) { _ in }
+                }
+            }
+            _ = try await cluster.ownerView(step: 1)
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func onlyTheShardsPrimaryForwardsWrites() async throws {
+        try await Self.withCluster { cluster in
+            let before = try await cluster.ownerView(step: 1)
+            // A real worker certificate, but not the primary of the shard.
+            let stranger = NodeIdentity(role: .worker, nodeID: "worker-9", incarnation: 1)
+            try await cluster.connect(to: cluster.replica, as: stranger) { replica in
+                var decode = Tessera_V1_Decode()
+                decode.tenant = "owner"
+                decode.sequenceID = Self.sequenceID
+                decode.shardID = cluster.placement.shards[0].id
+                decode.epoch = cluster.placement.epoch
+                decode.step = 2
+                await Self.expectDenied("a forwarded decode from a non-primary") {
+                    _ = try await replica.request(.decode(decode))
+                }
+            }
+            Cluster.expectUnharmed(before: before, after: try await cluster.ownerView(step: 2))
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aWorkerRegistersOnlyItsOwnNodeID() async throws {
+        try await Self.withCluster { cluster in
+            let impostor = NodeIdentity(role: .worker, nodeID: "worker-9", incarnation: 1)
+            try await cluster.connect(to: cluster.coordinator, as: impostor) { coordinator in
+                var register = Tessera_V1_RegisterWorker()
+                register.endpoint.nodeID = "worker-1"
+                register.endpoint.host = "127.0.0.1"
+                register.endpoint.port = 1
+                register.incarnation = .max
+                await Self.expectDenied("register_worker for another node") {
+                    _ = try await coordinator.request(.registerWorker(register))
+                }
+            }
+            let status = try await cluster.owner.status()
+            #expect(status.workers.filter { $0.state == "alive" }.map(\.id).sorted() == ["worker-1", "worker-2"])
+            _ = try await cluster.ownerView(step: 1)
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aTenantReachesOnlyItsOwnSequences() async throws {
+        try await Self.withCluster { cluster in
+            let before = try await cluster.ownerView(step: 1)
+            try await cluster.connect(to: cluster.primary, as: Self.client) { worker in
+                // Claiming the owner's tenant is refused; claiming its own finds another tenant's sequence.
+                var decode = Tessera_V1_Decode()
+                decode.tenant = "owner"
+                decode.sequenceID = Self.sequenceID
+                decode.shardID = cluster.placement.shards[0].id
+                decode.epoch = cluster.placement.epoch
+                decode.step = 2
+                await Self.expectDenied("a decode claiming another tenant") { _ = try await worker.request(.decode(decode)) }
+                decode.tenant = ""
+                do {
+                    _ = try await worker.request(.decode(decode))
+                    Issue.record("another tenant's decode was accepted")
+                } catch let error as WireError {
+                    #expect(error.code == .wrongTenant, "\(error)")
+                }
+                // Status lists only the asking tenant's sequences.
+                var request = Tessera_V1_StatusRequest()
+                request.includeSequences = true
+                guard case .statusReply(let reply) = try await worker.request(.statusRequest(request)) else {
+                    Issue.record("no status reply")
+                    return
+                }
+                #expect(reply.sequences.isEmpty, "\(reply.sequences)")
+            }
+            try await cluster.connect(to: cluster.coordinator, as: Self.client) { coordinator in
+                var close = Tessera_V1_Close()
+                close.tenant = "owner"
+                close.sequenceID = Self.sequenceID
+                await Self.expectDenied("a close claiming another tenant") { _ = try await coordinator.request(.close(close)) }
+            }
+            Cluster.expectUnharmed(before: before, after: try await cluster.ownerView(step: 2))
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func aRefusedStepChangesNothing() async throws {
+        try await Self.withCluster { cluster in
+            let before = try await cluster.ownerView(step: 1)
+            // Finite, but attention over them overflows: the step is refused, and its rows must not stay.
+            let g = ModelGeometry.tiny
+            let huge = try DecodeStepInput(
+                geometry: g, keys: Array(repeating: 3e38, count: g.kvHeads * g.headDim),
+                values: Array(repeating: 3e38, count: g.kvHeads * g.headDim),
+                queries: Array(repeating: 3e38, count: g.queryHeads * g.headDim))
+            do {
+                _ = try await cluster.owner.decode(
+                    Self.sequenceID, step: 2, geometry: g,
+                    inputs: Dictionary(uniqueKeysWithValues: (0..<g.layers).map { ($0, huge) }))
+                Issue.record("a step with overflowing attention was accepted")
+            } catch let error as WireError {
+                #expect(error.code == .invalidValue, "\(error)")
+            }
+            let unchanged = try await cluster.owner.shardCopies(on: cluster.primary)
+                + cluster.owner.shardCopies(on: cluster.replica)
+            #expect(unchanged.map(\.kvBytes) == before.map(\.kvBytes) && unchanged.map(\.digest) == before.map(\.digest))
+            let outputs = try await cluster.owner.decode(Self.sequenceID, step: 2, geometry: g)
+            #expect(outputs.values.allSatisfy { $0.allSatisfy(\.isFinite) })
+        }
+    }
+}
