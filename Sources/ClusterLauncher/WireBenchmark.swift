@@ -340,13 +340,19 @@ public enum WireBenchmark {
     }
 
     public struct Report: Sendable, Codable, Hashable {
+        /// `mutual TLS` or `insecure`: how the cluster's connections ran.
+        public var security: String
         public var workers: Int
         public var secondsPerPoint: Double
         public var onlineProcessors: Int
         public var ingest: [IngestPoint]
         public var decode: [DecodePoint]
 
-        public init(workers: Int, secondsPerPoint: Double, onlineProcessors: Int, ingest: [IngestPoint], decode: [DecodePoint]) {
+        public init(
+            security: String, workers: Int, secondsPerPoint: Double, onlineProcessors: Int, ingest: [IngestPoint],
+            decode: [DecodePoint]
+        ) {
+            self.security = security
             self.workers = workers
             self.secondsPerPoint = secondsPerPoint
             self.onlineProcessors = onlineProcessors

@@ -50,11 +50,14 @@ struct BenchWire: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Seconds measured for each figure, in 0.1...60.", valueName: "seconds"))
     var secondsPerPoint = 2.0
 
-    @Option(help: ArgumentHelp("Also write the figures as JSON to this path.", valueName: "path"))
+    @Option(help: ArgumentHelp("Also write the figures as JSON to this path (an array: one report per security mode run).", valueName: "path"))
     var json: String?
 
-    @Flag(help: "Run the cluster in plaintext instead of mutual TLS with a throw-away CA (to measure what TLS costs).")
-    var insecure = false
+    @Option(help: ArgumentHelp(
+        "How the cluster's connections run: tls (mutual TLS, a throw-away CA), insecure (plaintext), or both, "
+            + "one after the other, with what TLS costs against plaintext.",
+        valueName: "tls|insecure|both"))
+    var security = "tls"
 
     func run() async throws {
         guard (1...64).contains(workers) else { throw usageFailure("--workers must be in 1...64, got \(workers)") }
@@ -69,19 +72,31 @@ struct BenchWire: AsyncParsableCommand {
         let workers = workers
         let seconds = secondsPerPoint
         progress("starting a coordinator and \(workers) worker(s) from \(LocalCluster.currentBinary)")
-        progress(insecure ? "connections in plaintext (--insecure)" : "connections over mutual TLS (throw-away CA)")
-        let report = try await WireBenchmark.withCluster(
-            workers: workers, security: insecure ? .insecure : .throwawayCA, logger: logger
-        ) { cluster in
-            let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
-            let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
-            return WireBenchmark.Report(
-                workers: workers, secondsPerPoint: seconds, onlineProcessors: Terminal.onlineProcessors,
-                ingest: ingest, decode: decode)
+        let modes: [Bool]
+        switch security {
+        case "tls": modes = [false]
+        case "insecure": modes = [true]
+        case "both": modes = [true, false]
+        default: throw usageFailure("--security must be tls, insecure or both, got '\(security)'")
         }
-        progress("every child process stopped")
-        Terminal.output(BenchWireOutput.render(report))
-        if let json { try BenchWireOutput.write(report, to: json) }
+        var reports: [WireBenchmark.Report] = []
+        for insecure in modes {
+            let mode = insecure ? "insecure" : "mutual TLS"
+            progress("connections: \(insecure ? "plaintext (insecure)" : "mutual TLS with a throw-away CA")")
+            reports.append(try await WireBenchmark.withCluster(
+                workers: workers, security: insecure ? .insecure : .throwawayCA, logger: logger
+            ) { cluster in
+                let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
+                let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
+                return WireBenchmark.Report(
+                    security: mode, workers: workers, secondsPerPoint: seconds,
+                    onlineProcessors: Terminal.onlineProcessors, ingest: ingest, decode: decode)
+            })
+            progress("every child process stopped")
+        }
+        Terminal.output(reports.map(BenchWireOutput.render).joined(separator: "\n"))
+        if reports.count == 2 { Terminal.output("\n" + BenchWireOutput.compare(tls: reports[1], insecure: reports[0])) }
+        if let json { try BenchWireOutput.write(reports, to: json) }
     }
 }
 
@@ -441,7 +456,8 @@ private enum DecodeBenchmark {
 
 private enum BenchWireOutput {
     static func render(_ report: WireBenchmark.Report) -> String {
-        var out = "bench-wire: \(report.workers) worker(s) over 127.0.0.1, \(ResultTable.format(report.secondsPerPoint, 1)) s "
+        var out = "bench-wire, \(report.security): \(report.workers) worker(s) over 127.0.0.1, "
+            + "\(ResultTable.format(report.secondsPerPoint, 1)) s "
             + "per point, \(report.onlineProcessors) online processors; MB = 10^6 bytes of tensor payload\n\n"
         out += "prefill ingest into one worker (inline float32 keys+values of one layer, 2 KV heads × 32 dims; "
             + "policy full, no queries)\n"
@@ -511,10 +527,37 @@ private enum BenchWireOutput {
         return line(header) + line(widths.map { String(repeating: "-", count: $0) }) + rows.map(line).joined()
     }
 
-    static func write(_ report: WireBenchmark.Report, to path: String) throws {
+    /// What mutual TLS costs against plaintext, figure by figure, from two runs of one invocation.
+    static func compare(tls: WireBenchmark.Report, insecure: WireBenchmark.Report) -> String {
+        func change(_ secure: Double, _ plain: Double) -> String {
+            plain > 0 ? (secure >= plain ? "+" : "") + ResultTable.format(100 * (secure - plain) / plain, 0) + "%" : "-"
+        }
+        var rows: [[String]] = []
+        for (secure, plain) in zip(tls.ingest, insecure.ingest) {
+            for (s, p) in zip(secure.tessera, plain.tessera) {
+                rows.append([
+                    "ingest \(frameLabel(secure.payloadBytesPerFrame)), \(s.inFlight) in flight", "MB/s",
+                    ResultTable.format(s.megabytesPerSecond, 1), ResultTable.format(p.megabytesPerSecond, 1),
+                    change(s.megabytesPerSecond, p.megabytesPerSecond),
+                ])
+            }
+        }
+        for (s, p) in zip(tls.decode, insecure.decode) {
+            rows.append([
+                "decode, \(s.connections) connection\(s.connections == 1 ? "" : "s"), "
+                    + (s.kind == "real" ? "real steps" : "cached retry"),
+                "per second", grouped(Int(s.perSecond.rounded())), grouped(Int(p.perSecond.rounded())),
+                change(s.perSecond, p.perSecond),
+            ])
+        }
+        return "mutual TLS against plaintext, same invocation (plaintext ran first):\n"
+            + table(["figure", "unit", "mutual TLS", "plaintext", "change"], rows)
+    }
+
+    static func write(_ reports: [WireBenchmark.Report], to path: String) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let data = try encoder.encode(report)
+        let data = try encoder.encode(reports)
         do {
             try data.write(to: URL(filePath: path))
         } catch {
