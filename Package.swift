@@ -193,6 +193,8 @@ let package = Package(
         ),
         .testTarget(name: "ClusterStateTests", dependencies: ["ClusterState"], swiftSettings: strictSettings),
         .testTarget(
+            name: "ClusterSecurityTests", dependencies: ["ClusterSecurity", "ClusterWire"], swiftSettings: strictSettings),
+        .testTarget(
             name: "ClusterAdminTests",
             dependencies: [
                 "ClusterAdmin",
@@ -205,7 +207,8 @@ let package = Package(
         .testTarget(
             name: "ClusterTests",
             dependencies: [
-                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity", "KVCacheCore",
+                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity", "ClusterState",
+                "KVCacheCore",
                 "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator", "Chaos", "Evaluation",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

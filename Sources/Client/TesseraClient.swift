@@ -231,8 +231,8 @@ public final class TesseraClient: Sendable {
             for output in result.outputs {
                 step.outputs[Int(output.layer)] = try output.outputValues(geometry: geometry)
             }
-            step.kvBytes += result.kvBytes
-            step.fullKVBytes += result.fullKvBytes
+            step.kvBytes = step.kvBytes.saturatingSum(result.kvBytes)
+            step.fullKVBytes = step.fullKVBytes.saturatingSum(result.fullKvBytes)
             step.work.add(PrefillWork(result))
             if result.hasAudit {
                 var fidelity = step.fidelity ?? FidelityReport()

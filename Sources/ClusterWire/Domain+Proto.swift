@@ -305,7 +305,8 @@ extension Array where Element == Tessera_V1_ModalityBytes {
         }
     }
 
-    /// The bytes keyed by modality bucket; entries of one bucket are added up.
+    /// The bytes keyed by modality bucket; entries of one bucket are added up (saturating: the
+    /// figures come from a peer).
     package var byModality: [String: UInt64] {
         reduce(into: [:]) { result, entry in
             let name = switch entry.kind {
@@ -313,7 +314,21 @@ extension Array where Element == Tessera_V1_ModalityBytes {
             case .videoFrame: "video"
             default: "text"
             }
-            result[name, default: 0] += entry.bytes
+            result[name] = result[name, default: 0].saturatingSum(entry.bytes)
         }
+    }
+}
+
+extension UInt64 {
+    /// `self + other`, or `UInt64.max` where that overflows: for figures a peer reports.
+    package func saturatingSum(_ other: UInt64) -> UInt64 {
+        let (sum, overflow) = addingReportingOverflow(other)
+        return overflow ? .max : sum
+    }
+
+    /// `self × other`, or `UInt64.max` where that overflows.
+    package func saturatingProduct(_ other: UInt64) -> UInt64 {
+        let (product, overflow) = multipliedReportingOverflow(by: other)
+        return overflow ? .max : product
     }
 }

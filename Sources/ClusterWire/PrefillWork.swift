@@ -21,10 +21,12 @@ public struct PrefillWork: Sendable, Hashable {
         result.compressMicros = compressMicros
     }
 
+    /// Adds another shard's work; sums that overflow (only a broken or hostile peer reports such
+    /// figures) stop at the largest value instead of trapping.
     public mutating func add(_ other: PrefillWork) {
-        synthesisMicros += other.synthesisMicros
-        profileMicros += other.profileMicros
-        compressMicros += other.compressMicros
+        synthesisMicros = synthesisMicros.saturatingSum(other.synthesisMicros)
+        profileMicros = profileMicros.saturatingSum(other.profileMicros)
+        compressMicros = compressMicros.saturatingSum(other.compressMicros)
     }
 
     /// Runs `body`, adding the microseconds it took to `total`.

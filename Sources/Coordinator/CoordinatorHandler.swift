@@ -47,6 +47,14 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .layerStats(let message):
             try peer.require(.worker, for: request)
             let sequence = try await state.sequence(message.sequenceID, tenant: nil)
+            // Only a holder of the layer's shard reports it; another worker could skew the budgets.
+            guard sequence.shards.contains(where: {
+                $0.layers.contains(Int(message.layer)) && $0.holders.contains { $0.node == NodeID(peer.nodeID) }
+            }) else {
+                throw WireError(
+                    .permissionDenied,
+                    "\(peer.nodeID) holds no copy of layer \(message.layer) of sequence \(message.sequenceID)")
+            }
             let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
             if let complete = await state.record(statistics, sequenceID: message.sequenceID) {
                 await coordinator.assignBudgets(sequenceID: message.sequenceID, complete)
@@ -82,7 +90,7 @@ struct CoordinatorHandler: EnvelopeHandler {
                     if let link = try? await state.connection(for: holder.node),
                         case .closeAck(let ack) = try? await link.request(.close(message)), holder == shard.primary
                     {
-                        freed += ack.freedBytes
+                        freed = freed.saturatingSum(ack.freedBytes)
                     }
                 }
             }

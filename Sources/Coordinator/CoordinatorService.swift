@@ -188,7 +188,7 @@ public final class CoordinatorService: Sendable {
                     }
                 }
                 let reply = try await state.connection(for: shard.primary.node).request(.assignBudget(message))
-                if case .budgetApplied(let applied) = reply { held += applied.kvBytes }
+                if case .budgetApplied(let applied) = reply { held = held.saturatingSum(applied.kvBytes) }
             }
             await state.recordCompressed(sequenceID, bytes: held, retention: retention)
         } catch {

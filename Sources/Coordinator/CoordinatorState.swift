@@ -174,10 +174,11 @@ actor CoordinatorState {
             state.shards.sort { $0.layers.lowerBound < $1.layers.lowerBound }
             if shard.primary.node == nodeID { state.restoredBytes![shard.id] = copy.kvBytes }
             sequences[a.sequenceID] = state
-            let primaries = state.restoredBytes!.values.reduce(0, +)
+            // Saturating: the figures are what workers report.
+            let primaries = state.restoredBytes!.values.reduce(UInt64(0)) { $0.saturatingSum($1) }
             admission.restore(
                 tenant: state.tenant, sequenceID: a.sequenceID,
-                kvBytes: primaries * UInt64(state.copies) + state.decodeAllowance)
+                kvBytes: primaries.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance))
         }
     }
 
@@ -395,7 +396,8 @@ actor CoordinatorState {
         sequences[sequenceID]!.compressed = true
         sequences[sequenceID]!.retention = retention
         _ = admission.record(
-            sequenceID: sequenceID, kvBytes: bytes * UInt64(sequence.copies) + sequence.decodeAllowance)
+            sequenceID: sequenceID,
+            kvBytes: bytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance))
     }
 
     /// What must be freed before a sequence of `estimate` bytes fits: under the memory limit, and
@@ -509,7 +511,7 @@ actor CoordinatorState {
             }
             worker.memoryCapacityBytes = member.memoryCapacityBytes
             reply.workers.append(worker)
-            reply.totalKvBytes += worker.kvBytes
+            reply.totalKvBytes = reply.totalKvBytes.saturatingSum(worker.kvBytes)
         }
         reply.sequenceCount = UInt32(sequences.count)
         reply.underReplicatedShards = UInt32(underReplicatedShards)

@@ -199,7 +199,7 @@ struct BenchOptions: ParsableArguments {
             guard local == nil else { throw usageFailure("give --coordinator or --local, not both") }
             let address: NodeAddress
             do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure("--coordinator: \(error.message)") }
-            let transport = try security.security(logger: logger)
+            let transport = try security.security()
             let client = try await workerCount(address, security: transport, logger: logger)
             return try await LoadRunner.run(
                 plan, coordinator: address, security: transport, workers: client, logger: logger, progress: progress)
@@ -212,7 +212,7 @@ struct BenchOptions: ParsableArguments {
             "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication", "\(replication)",
         ]
         launch.workerArguments = ["--storage", dtype]
-        if security.security.insecure { launch.security = .insecure }
+        if security.transport.insecure { launch.security = .insecure }
         Terminal.error("[tessera] starting a local cluster: coordinator + \(workers) workers\n")
         let options = launch
         return try await LocalCluster.withCluster(options, logger: logger) { cluster in

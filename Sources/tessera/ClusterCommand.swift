@@ -68,7 +68,7 @@ struct ClusterCommand: AsyncParsableCommand {
                 }
                 options.security = .certificates(folder)
             case (nil, true):
-                logger.warning("\(TransportSecurity.insecureWarning)")
+                Terminal.warnInsecure()
                 options.security = .insecure
             case (nil, false):
                 options.security = .throwawayCA

@@ -56,7 +56,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
                 incarnation: wallClockIncarnation(), listen: address,
-                security: try security.security(name: "coordinator", logger: logger), memoryLimitBytes: memoryLimitBytes,
+                security: try security.security(name: "coordinator"), memoryLimitBytes: memoryLimitBytes,
                 tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication, faults: injector),
             logger: logger)
         let adminPort = AsyncValue<Int>()

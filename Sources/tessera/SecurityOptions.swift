@@ -1,6 +1,5 @@
 import ArgumentParser
 import ClusterSecurity
-import Logging
 
 #if canImport(Glibc)
 import Glibc
@@ -24,10 +23,10 @@ struct SecurityOptions: ParsableArguments {
     }
 
     /// The process's security as the certificate `name` (its node id) in the folder.
-    func security(name: String, logger: Logger) throws -> TransportSecurity {
+    func security(name: String) throws -> TransportSecurity {
         if insecure {
             guard certificates == nil else { throw usageFailure("give --certs or --insecure, not both") }
-            logger.warning("\(TransportSecurity.insecureWarning)")
+            Terminal.warnInsecure()
             return .insecure
         }
         do {
@@ -40,10 +39,10 @@ struct SecurityOptions: ParsableArguments {
 
 /// The security options of a command that acts as a client of a running cluster.
 struct ClientSecurityOptions: ParsableArguments {
-    @OptionGroup var security: SecurityOptions
+    @OptionGroup var transport: SecurityOptions
 
     @Option(help: "The client certificate to use from the certificate folder (its node id); it names the tenant.")
     var certName = "client"
 
-    func security(logger: Logger) throws -> TransportSecurity { try security.security(name: certName, logger: logger) }
+    func security() throws -> TransportSecurity { try transport.security(name: certName) }
 }

@@ -29,7 +29,7 @@ struct StatusCommand: AsyncParsableCommand {
         do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure(error.message) }
         let status: ClusterStatus
         let logger = Logger(label: "tessera", factory: { _ in SwiftLogNoOpLogHandler() })
-        let transport = try security.security(logger: logger)
+        let transport = try security.security()
         do {
             status = try await TesseraClient.withClient(
                 coordinator: address, security: transport, nodeID: "status-\(processID)", logger: logger

@@ -1,3 +1,4 @@
+import ClusterSecurity
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -37,6 +38,11 @@ private func unistd_write(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int)
 }
 
 /// Refuses a command line: one line on stderr naming what was wrong and what is allowed, exit 64.
+extension Terminal {
+    /// The line every process started with `--insecure` prints on stderr, whatever its log level.
+    static func warnInsecure() { error("warning: \(TransportSecurity.insecureWarning)\n") }
+}
+
 func usageFailure(_ message: String) -> ExitCode {
     Terminal.error("error: \(message)\n")
     return ExitCode(64)

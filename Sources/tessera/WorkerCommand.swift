@@ -50,7 +50,7 @@ struct WorkerCommand: AsyncParsableCommand {
         let service = WorkerService(
             configuration: WorkerConfiguration(
                 nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
-                coordinator: coordinatorAddress, security: try security.security(name: nodeID, logger: logger),
+                coordinator: coordinatorAddress, security: try security.security(name: nodeID),
                 storage: scalar, faults: injector),
             logger: logger)
         let id = nodeID

@@ -1,5 +1,6 @@
 import Client
 import ClusterSecurity
+import ClusterState
 import ClusterTransport
 import ClusterWire
 import Coordinator
@@ -11,8 +12,9 @@ import Workloads
 
 /// The probes of a hostile peer against a cluster over mutual TLS: each is refused with
 /// PERMISSION_DENIED (or at the handshake) and changes nothing the owner can see. The services run
-/// in this process on port 0, with real sockets and real TLS.
-@Suite struct PermissionTests {
+/// in this process on port 0, with real sockets and real TLS; one at a time, with a failure detector
+/// that a loaded machine cannot trip (a worker declared dead would fail the sequence over mid-probe).
+@Suite(.serialized) struct PermissionTests {
     static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
     static let sequenceID: UInt64 = 5
 
@@ -60,7 +62,8 @@ import Workloads
             let coordinator = try CoordinatorService(
                 configuration: CoordinatorConfiguration(
                     incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
-                    security: try certificates.security(.coordinator, "coordinator")),
+                    security: try certificates.security(.coordinator, "coordinator"),
+                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60))),
                 logger: logger)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 defer { group.cancelAll() }
