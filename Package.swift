@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "tessera", targets: ["tessera"]),
         .library(name: "KVCacheCore", targets: ["KVCacheCore"]),
         .library(name: "Workloads", targets: ["Workloads"]),
+        .library(name: "WireFuzzing", targets: ["WireFuzzing"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
@@ -50,6 +51,14 @@ let package = Package(
                 "KVCacheCore", "Workloads",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
+            name: "WireFuzzing",
+            dependencies: [
+                "ClusterWire", "KVCacheCore", "Workloads",
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strictSettings
         ),
@@ -233,6 +242,14 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
+            name: "WireFuzzingTests",
+            dependencies: [
+                "WireFuzzing", "ClusterWire",
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strictSettings
         ),

@@ -84,6 +84,18 @@ struct WireFuzzingTests {
         }
     }
 
+    /// What the fuzzer found, kept: each input once trapped (an overflowing sum of figures a peer
+    /// reports); now each must run through like any other.
+    @Test("every crash input the fuzzer found runs through")
+    func crashInputsRunThrough() throws {
+        let crashes = Self.corpus.deletingLastPathComponent().appendingPathComponent("Crashes")
+        let found = try FileManager.default.contentsOfDirectory(atPath: crashes.path)
+        #expect(!found.isEmpty)
+        for name in found {
+            _ = Self.run(Array(try Data(contentsOf: crashes.appendingPathComponent(name))))
+        }
+    }
+
     @Test("broken streams are answered with errors", arguments: [
         ("empty", [UInt8]()),
         ("zero-length frame", [0, 0, 0, 0]),
