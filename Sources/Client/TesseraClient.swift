@@ -191,7 +191,7 @@ public final class TesseraClient: Sendable {
             return .prefill(prefill)
         }
         return acks.reduce(0) { total, ack in
-            if case .prefillAck(let ack) = ack { return total + ack.kvBytes }
+            if case .prefillAck(let ack) = ack { return total.saturatingSum(ack.kvBytes) }
             return total
         }
     }
@@ -365,7 +365,7 @@ public final class TesseraClient: Sendable {
             shards: message.shards.map { shard in
                 SequencePlacement.Shard(
                     id: shard.shardID,
-                    layers: Int(shard.firstLayer)..<Int(shard.firstLayer + shard.layerCount),
+                    layers: Int(shard.firstLayer)..<(Int(shard.firstLayer) + Int(shard.layerCount)),
                     primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)),
                     replicas: shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) })
             })

@@ -138,7 +138,7 @@ actor CoordinatorState {
             let a = copy.assignment
             guard let geometry = try? ModelGeometry(proto: a.model), let layout = try? PromptLayout(proto: a.spans),
                 let (policy, retention) = try? CompressionPolicy.decode(proto: a.policy),
-                a.shard.layerCount >= 1, Int(a.shard.firstLayer + a.shard.layerCount) <= geometry.layers
+                a.shard.layerCount >= 1, Int(a.shard.firstLayer) + Int(a.shard.layerCount) <= geometry.layers
             else { continue }
             let first = Int(a.shard.firstLayer)
             let shard = SequenceShard(
@@ -455,9 +455,10 @@ actor CoordinatorState {
     static func charge(
         _ g: ModelGeometry, _ layout: PromptLayout, decodeTokens: UInt32, copies: Int
     ) -> (estimate: UInt64, decodeAllowance: UInt64) {
-        let rowBytes = UInt64(2 * g.layers * g.kvHeads * g.headDim * 4) * UInt64(copies)
-        let decodeAllowance = rowBytes * UInt64(decodeTokens)
-        return (rowBytes * UInt64(layout.promptLength) + decodeAllowance, decodeAllowance)
+        // Saturating: decode tokens are the client's number; a sum past UInt64 is refused as too large.
+        let rowBytes = UInt64(2 * g.layers * g.kvHeads * g.headDim * 4).saturatingProduct(UInt64(copies))
+        let decodeAllowance = rowBytes.saturatingProduct(UInt64(decodeTokens))
+        return (rowBytes.saturatingProduct(UInt64(layout.promptLength)).saturatingSum(decodeAllowance), decodeAllowance)
     }
 
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
