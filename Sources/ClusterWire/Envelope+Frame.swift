@@ -22,13 +22,18 @@ extension Tessera_V1_Envelope {
         self.init(requestID: requestID, .error(error.proto))
     }
 
-    /// Parses one frame's payload (as produced by `FrameDecoder`).
+    /// Parses one frame's payload (as produced by `FrameDecoder`). Tensor data of prefills and shard
+    /// copies is not copied: it refers to the frame's bytes (see `FrameTensors`).
     ///
     /// - Throws: `WireError` with code `.malformedFrame` when the bytes are not a valid Envelope. An
     ///   Envelope without a body parses fine; see `requiredBody`.
     package init(frame: ByteBuffer) throws(WireError) {
         do {
-            try self.init(serializedBytes: ByteBufferBytes(frame))
+            if let envelope = try FrameTensors.decode(frame) {
+                self = envelope
+            } else {
+                try self.init(serializedBytes: ByteBufferBytes(frame))
+            }
         } catch {
             throw WireError(
                 .malformedFrame,

@@ -50,7 +50,7 @@ extension ChannelPipeline.SynchronousOperations {
     /// yield `Tessera_V1_Envelope`s and writes take them.
     package func addWireHandlers(maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes, budget: FrameBudget? = nil) throws {
         try self.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameBytes: maxFrameBytes, budget: budget)))
-        try self.addHandler(MessageToByteHandler(FrameEncoder(maxFrameBytes: maxFrameBytes)))
+        try self.addHandler(FrameEncodingHandler(FrameEncoder(maxFrameBytes: maxFrameBytes)))
         try self.addHandler(EnvelopeCodecHandler())
     }
 }

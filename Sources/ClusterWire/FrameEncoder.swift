@@ -4,8 +4,8 @@ public import NIOCore
 ///
 /// An empty payload or one above `maxFrameBytes` is a caller bug on this side of the wire and is
 /// refused with a `WireError` (the peer's `FrameDecoder` would reject it and close the connection).
-/// Use it through `MessageToByteHandler(FrameEncoder())`.
-public struct FrameEncoder: MessageToByteEncoder, Sendable {
+/// Use it through `FrameEncodingHandler(FrameEncoder())`, which does not copy payloads.
+public struct FrameEncoder: Sendable {
     public typealias OutboundIn = ByteBuffer
 
     /// The largest payload written.
@@ -22,7 +22,15 @@ public struct FrameEncoder: MessageToByteEncoder, Sendable {
     }
 
     public func encode(data: ByteBuffer, out: inout ByteBuffer) throws {
-        let length = data.readableBytes
+        let length = try self.checkedLength(of: data)
+        out.reserveCapacity(minimumWritableBytes: FrameDecoder.headerBytes + length)
+        out.writeInteger(UInt32(length), endianness: .big)
+        out.writeImmutableBuffer(data)
+    }
+
+    /// The payload's length, after refusing an empty or oversized one.
+    fileprivate func checkedLength(of payload: ByteBuffer) throws(WireError) -> Int {
+        let length = payload.readableBytes
         guard length > 0 else {
             throw WireError(.malformedFrame, "refusing to write a zero-length frame")
         }
@@ -32,8 +40,38 @@ public struct FrameEncoder: MessageToByteEncoder, Sendable {
                 "refusing to write a frame of \(length) bytes: the limit is \(self.maxFrameBytes) bytes"
             )
         }
-        out.reserveCapacity(minimumWritableBytes: FrameDecoder.headerBytes + length)
-        out.writeInteger(UInt32(length), endianness: .big)
-        out.writeImmutableBuffer(data)
+        return length
     }
 }
+
+/// `FrameEncoder` in a pipeline, without copying payloads: the length prefix goes out as a small
+/// buffer of its own, ahead of the payload buffer as it is (one `writev` when flushed). A frame that
+/// carries megabytes of tensors is then never copied on its way to the socket.
+package final class FrameEncodingHandler: ChannelOutboundHandler {
+    package typealias OutboundIn = ByteBuffer
+    package typealias OutboundOut = ByteBuffer
+
+    private let encoder: FrameEncoder
+
+    package init(_ encoder: FrameEncoder) {
+        self.encoder = encoder
+    }
+
+    package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let payload = Self.unwrapOutboundIn(data)
+        let length: Int
+        do {
+            length = try self.encoder.checkedLength(of: payload)
+        } catch {
+            promise?.fail(error)
+            return
+        }
+        var header = context.channel.allocator.buffer(capacity: FrameDecoder.headerBytes)
+        header.writeInteger(UInt32(length), endianness: .big)
+        context.write(Self.wrapOutboundOut(header), promise: nil)
+        context.write(Self.wrapOutboundOut(payload), promise: promise)
+    }
+}
+
+@available(*, unavailable)
+extension FrameEncodingHandler: Sendable {}

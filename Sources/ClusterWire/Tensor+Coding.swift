@@ -3,6 +3,7 @@
 #else
     internal import Foundation
 #endif
+internal import KVCacheCore
 
 /// The element type of a tensor on the wire (`tessera.v1.ScalarType`).
 public enum WireScalarType: String, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
@@ -122,16 +123,17 @@ extension Tessera_V1_Tensor {
     }
 
     /// The elements as Float32 (a float16 tensor is widened exactly), after the checks of
-    /// `validatedLayout(name:expectedShape:)` and a finiteness check (`.invalidValue`).
+    /// `validatedLayout(name:expectedShape:)` and a finiteness check (`.invalidValue`), in one pass
+    /// over the bytes.
     package func floatValues(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float] {
         let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
-        let values: [Float]
-        switch scalarType {
-        case .float32: values = Self.decodeLittleEndian(self.data, as: Float.self)
-        case .float16: values = Self.decodeLittleEndian(self.data, as: Float16.self).map(Float.init)
+        let checked = self.data.withUnsafeBytes { bytes in
+            switch scalarType {
+            case .float32: FiniteElements.float32(bytes)
+            case .float16: FiniteElements.widenedFloat16(bytes)
+            }
         }
-        try Self.checkFinite(values, shape: shape, name: name)
-        return values
+        return try self.finite(checked, shape: shape, name: name)
     }
 
     /// The elements of a float16 tensor, after the checks of `floatValues(name:expectedShape:)`.
@@ -142,9 +144,7 @@ extension Tessera_V1_Tensor {
         guard scalarType == .float16 else {
             throw WireError(.invalidValue, "\(name): expected dtype float16, got \(scalarType)")
         }
-        let values = Self.decodeLittleEndian(self.data, as: Float16.self)
-        try Self.checkFinite(values, shape: shape, name: name)
-        return values
+        return try self.finite(self.data.withUnsafeBytes(FiniteElements.float16), shape: shape, name: name)
     }
 
     // MARK: Checks
@@ -189,9 +189,31 @@ extension Tessera_V1_Tensor {
         name: String
     ) throws(WireError) {
         guard let index = values.firstIndex(where: { !$0.isFinite }) else { return }
-        let value = values[index]
+        throw nonFinite(values[index], at: index, shape: shape, name: name)
+    }
+
+    /// The elements of a checked copy, or `.invalidValue` naming the first non-finite one.
+    private func finite<Element>(
+        _ checked: FiniteElements.Checked<Element>, shape: [Int], name: String
+    ) throws(WireError) -> [Element] {
+        switch checked {
+        case .finite(let values):
+            return values
+        case .nonFinite(let index):
+            let value = self.data.withUnsafeBytes { bytes in
+                self.dtype == .float16
+                    ? Float(Float16(bitPattern: bytes.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
+                    : Float(bitPattern: bytes.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
+            }
+            throw Self.nonFinite(value, at: index, shape: shape, name: name)
+        }
+    }
+
+    private static func nonFinite<Element: BinaryFloatingPoint>(
+        _ value: Element, at index: Int, shape: [Int], name: String
+    ) -> WireError {
         let what = value.isNaN ? "NaN" : (value < 0 ? "-infinity" : "infinity")
-        throw WireError(
+        return WireError(
             .invalidValue,
             "\(name): element \(Self.position(of: index, in: shape)) is \(what); every element must be finite"
         )
@@ -211,64 +233,9 @@ extension Tessera_V1_Tensor {
 
     // MARK: Byte order
 
-    private static func littleEndianData<Element: BitPatternConvertible>(_ values: [Element]) -> Data {
-        var data = Data(count: values.count * MemoryLayout<Element>.size)
-        data.withUnsafeMutableBytes { raw in
-            #if _endian(little)
-                values.withUnsafeBytes { raw.copyMemory(from: $0) }
-            #else
-                for (index, value) in values.enumerated() {
-                    raw.storeBytes(
-                        of: value.bits.littleEndian,
-                        toByteOffset: index * MemoryLayout<Element>.size,
-                        as: Element.Bits.self
-                    )
-                }
-            #endif
-        }
-        return data
+    /// The elements' bytes, which are little-endian as the wire's because the host is (the ingest
+    /// kernels refuse to build for any other).
+    private static func littleEndianData<Element: BinaryFloatingPoint>(_ values: [Element]) -> Data {
+        values.withUnsafeBytes { Data($0) }
     }
-
-    /// Decodes `data.count / size` elements; the caller has checked the byte count.
-    private static func decodeLittleEndian<Element: BitPatternConvertible>(_ data: Data, as _: Element.Type)
-        -> [Element]
-    {
-        let count = data.count / MemoryLayout<Element>.size
-        return data.withUnsafeBytes { raw in
-            [Element](unsafeUninitializedCapacity: count) { buffer, initialized in
-                #if _endian(little)
-                    UnsafeMutableRawBufferPointer(buffer).copyMemory(
-                        from: UnsafeRawBufferPointer(rebasing: raw[..<(count * MemoryLayout<Element>.size)])
-                    )
-                #else
-                    for index in 0..<count {
-                        let bits = raw.loadUnaligned(
-                            fromByteOffset: index * MemoryLayout<Element>.size,
-                            as: Element.Bits.self
-                        )
-                        buffer.initializeElement(at: index, to: Element(bits: Element.Bits(littleEndian: bits)))
-                    }
-                #endif
-                initialized = count
-            }
-        }
-    }
-}
-
-/// A float type whose bit pattern is a fixed-width integer; lets one byte-order routine serve
-/// Float and Float16.
-private protocol BitPatternConvertible: BinaryFloatingPoint {
-    associatedtype Bits: FixedWidthInteger
-    var bits: Bits { get }
-    init(bits: Bits)
-}
-
-extension Float: BitPatternConvertible {
-    var bits: UInt32 { self.bitPattern }
-    init(bits: UInt32) { self.init(bitPattern: bits) }
-}
-
-extension Float16: BitPatternConvertible {
-    var bits: UInt16 { self.bitPattern }
-    init(bits: UInt16) { self.init(bitPattern: bits) }
 }

@@ -30,7 +30,7 @@ public struct LayerPrefill: Sendable {
                     + "floats with queryRows in 0...\(m), got \(queries.count) floats, queryRows \(queryRows)")
         }
         for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
-            if let bad = tensor.firstIndex(where: { !$0.isFinite }) {
+            if let bad = FiniteElements.firstNonFinite(tensor) {
                 throw KVCacheError(.invalidValue, "\(name)[\(bad)] is \(tensor[bad]); every element must be finite")
             }
         }
@@ -91,7 +91,7 @@ public struct DecodeStepInput: Sendable {
                     + "\(values.count), \(queries.count)")
         }
         for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
-            if let bad = tensor.firstIndex(where: { !$0.isFinite }) {
+            if let bad = FiniteElements.firstNonFinite(tensor) {
                 throw KVCacheError(.invalidValue, "decode \(name)[\(bad)] is \(tensor[bad]); values must be finite")
             }
         }

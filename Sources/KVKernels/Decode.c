@@ -15,33 +15,13 @@
 // ((t4 + t5) + (t6 + t7)); then the remaining elements fused into s in order; times the scale. A
 // weighted sum: per output element, one fused chain over the rows in order.
 
-static inline float from_half(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    uint32_t bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000 | (mantissa << 13);
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else {  // subnormal: normalise
-        uint32_t shift = 0;
-        while (!(mantissa & 0x400)) {
-            mantissa <<= 1;
-            shift++;
-        }
-        bits = sign | ((113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
-    }
-    return kvk_as_float(bits);
-}
-
 // MARK: - Portable path
 
 /// Row `j` as Float32: the row itself, or its widening into `buffer`.
 static inline const float *row_portable(const void *rows, int half, size_t j, size_t d, float *buffer) {
     if (!half) return (const float *)rows + j * d;
     const uint16_t *in = (const uint16_t *)rows + j * d;
-    for (size_t c = 0; c < d; c++) buffer[c] = from_half(in[c]);
+    for (size_t c = 0; c < d; c++) buffer[c] = kvk_from_half(in[c]);
     return buffer;
 }
 
@@ -88,7 +68,7 @@ KVK_AVX2 static inline __m256 load8(const void *p, int half, size_t c) {
 }
 
 KVK_AVX2 static inline float element(const void *p, int half, size_t c) {
-    return half ? from_half(((const uint16_t *)p)[c]) : ((const float *)p)[c];
+    return half ? kvk_from_half(((const uint16_t *)p)[c]) : ((const float *)p)[c];
 }
 
 /// The canonical dot product of a Float32 query and a row of either type.
@@ -127,7 +107,7 @@ KVK_AVX2 static inline const void *group_row(const void *rows, int *half, size_t
     if (groups == 1) return row;
     size_t c = 0;
     for (; c + 8 <= d; c += 8) _mm256_storeu_ps(buffer + c, load8(row, 1, c));
-    for (; c < d; c++) buffer[c] = from_half(row[c]);
+    for (; c < d; c++) buffer[c] = kvk_from_half(row[c]);
     *half = 0;
     return buffer;
 }

@@ -31,4 +31,25 @@ static inline uint32_t kvk_as_bits(float f) {
     return bits;
 }
 
+/// IEEE half precision widened to Float32 exactly (NaN payloads kept).
+static inline float kvk_from_half(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {  // subnormal: normalise
+        uint32_t shift = 0;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    return kvk_as_float(bits);
+}
+
 #endif

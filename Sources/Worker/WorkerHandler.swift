@@ -62,7 +62,7 @@ struct WorkerHandler: EnvelopeHandler {
     }
 
     /// Takes the shard's prefill (inline tensors or a workload seed to expand), computes each layer's
-    /// attention profile and statistics, and sends the statistics to the coordinator.
+    /// attention profile and statistics, and queues the statistics for the coordinator.
     private func prefill(_ message: Tessera_V1_Prefill, forwardedBy: String?) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
             message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
@@ -87,10 +87,10 @@ struct WorkerHandler: EnvelopeHandler {
         let bytes = try await worker.store.storePrefill(
             message.sequenceID, prefills: prefills, profiles: profiles, statistics: statistics,
             syntheticDecode: syntheticDecode, needle: needle, audited: message.audit, work: work)
-        try await replicated
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer.
-        for stats in statistics { try await worker.report(stats) }
+        worker.report(statistics)
+        try await replicated
         return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
     }
 

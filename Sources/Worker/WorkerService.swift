@@ -27,6 +27,7 @@ public final class WorkerService: Sendable {
     private let prefillThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
     private let decodeThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
+    private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
     private let peers = Mutex<ConnectionPool?>(nil)
     private let boundPort = Mutex<Int?>(nil)
@@ -86,6 +87,7 @@ public final class WorkerService: Sendable {
             }
             var ports = portStream.makeAsyncIterator()
             guard let port = await ports.next() else { return }
+            group.addTask { await self.sendStatistics() }
             group.addTask { try await self.stayRegistered(port: port, onReady: onReady) }
         }
     }
@@ -213,11 +215,22 @@ public final class WorkerService: Sendable {
     }
 
     /// Sends a layer's statistics to the coordinator.
-    func report(_ statistics: Tessera_V1_LayerStats) async throws {
-        guard let link = coordinatorLink.withLock({ $0 }) else {
-            throw WireError(.unavailable, "this worker has no connection to the coordinator right now; retry")
+    /// Queues layer statistics for the coordinator; `sendStatistics` sends them in order. A prefill is
+    /// acknowledged without waiting for them: statistics lost with a coordinator connection are sent
+    /// again when the worker registers anew (`SequenceStore.layerStatistics`).
+    func report(_ statistics: [Tessera_V1_LayerStats]) {
+        for layer in statistics { statisticsOutbox.continuation.yield(layer) }
+    }
+
+    private func sendStatistics() async {
+        for await statistics in statisticsOutbox.stream {
+            guard let link = coordinatorLink.withLock({ $0 }) else { continue }
+            do {
+                try await link.notify(.layerStats(statistics))
+            } catch {
+                logger.debug("layer statistics not sent; they go again on registering", metadata: ["error": "\(error)"])
+            }
         }
-        try await link.notify(.layerStats(statistics))
     }
 
     var port: Int? { boundPort.withLock { $0 } }

@@ -61,6 +61,17 @@ size_t kvk_count_below(const float *probabilities, size_t count, float fractionO
 /// IEEE half precision of `count` floats, rounded to nearest even (F16C where the CPU has it).
 void kvk_narrow_to_half(const float *source, uint16_t *destination, size_t count);
 
+/// Wire tensors into storage: `count` little-endian elements at `source` (any alignment) copied to
+/// `destination` as Float32, as half precision, or widened from half precision exactly, with the
+/// finiteness check fused into the copy. Each returns the index of the first element that is NaN or
+/// infinite (the destination's contents are then unspecified), or `count` when all are finite.
+size_t kvk_load_finite_f32(const void *source, float *destination, size_t count);
+size_t kvk_load_finite_f16(const void *source, uint16_t *destination, size_t count);
+size_t kvk_widen_finite_f16(const void *source, float *destination, size_t count);
+
+/// The index of the first element of `values` that is NaN or infinite, or `count`.
+size_t kvk_first_nonfinite_f32(const float *values, size_t count);
+
 /// Lanes of the normal generator.
 #define KVK_NORMAL_LANES 16
 
@@ -94,6 +105,9 @@ void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups,
 float kvk_softmax_portable(float *scores, size_t count);
 void kvk_narrow_to_half_portable(const float *source, uint16_t *destination, size_t count);
 void kvk_normal_blocks_portable(kvk_normal_state *state, float *out, size_t blocks);
+size_t kvk_load_finite_f32_portable(const void *source, float *destination, size_t count);
+size_t kvk_load_finite_f16_portable(const void *source, uint16_t *destination, size_t count);
+size_t kvk_widen_finite_f16_portable(const void *source, float *destination, size_t count);
 
 /// Floating-point operations a register-only FMA loop performs in `iterations` (see `kvk_fma_loop`).
 double kvk_fma_loop_flops(size_t iterations);
