@@ -59,6 +59,7 @@ let package = Package(
             dependencies: [
                 "ClusterWire", "KVCacheCore", "Workloads",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
             swiftSettings: strictSettings
         ),

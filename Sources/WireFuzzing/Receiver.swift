@@ -1,6 +1,7 @@
 import ClusterWire
 import KVCacheCore
 import NIOCore
+import SwiftProtobuf
 import Workloads
 
 /// What the coordinator, a worker and a client do with each frame a peer sends, short of acting on
@@ -16,12 +17,17 @@ struct Receiver {
 
     mutating func receive(_ frame: ByteBuffer) {
         let envelope: Tessera_V1_Envelope
+        // Nodes decode frames without copying their tensors; swift-protobuf's own decoding of the
+        // whole frame is the reference it must equal, in what it accepts and what it gives.
+        let reference = try? Tessera_V1_Envelope(serializedBytes: Array(frame.readableBytesView))
         do {
             envelope = try Tessera_V1_Envelope(frame: frame)
         } catch {
+            precondition(reference == nil, "the frame decoder refused a frame swift-protobuf parses: \(error)")
             self.answer(requestID: 0, error)
             return
         }
+        precondition(envelope == reference, "the frame decoder's envelope differs from swift-protobuf's")
         Self.checkReencoding(envelope)
         Handshakes.check(envelope)
         self.attempt(envelope.requestID) {

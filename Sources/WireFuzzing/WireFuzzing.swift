@@ -11,6 +11,8 @@ import NIOCore
 /// only a crash is a finding: a trap (overflow, out-of-range index, force unwrap), an address
 /// sanitizer report, or one of these properties failing as a `precondition`:
 ///
+/// - a frame parses to the same envelope (or fails the same way) as swift-protobuf parses it, though
+///   nodes leave the tensors of prefills and shard copies in the frame instead of copying them;
 /// - the stream gives the same frames, and the same error, when it arrives in two pieces cut at a
 ///   point the input chooses (partial headers and payloads) as in one;
 /// - a parsed envelope serializes, and parses back to the same bytes (nodes re-send what they

@@ -32,18 +32,17 @@ struct FrameCodecTests {
         var random = SeededGenerator.fromEnvironment()
         let payloads = [[UInt8(7)]] + (0..<20).map { _ in random.bytes(Int.random(in: 1...3000, using: &random)) }
 
-        let encoder = EmbeddedChannel(handler: MessageToByteHandler(FrameEncoder()))
+        let encoder = EmbeddedChannel(handler: FrameEncodingHandler(FrameEncoder()))
         let decoder = decoderChannel()
         for payload in payloads {
             try encoder.writeOutbound(ByteBuffer(bytes: payload))
-            while let framed = try encoder.readOutbound(as: ByteBuffer.self) {
-                #expect(framed.readableBytes == payload.count + 4, "\(random.replay)")
-                #expect(
-                    framed.getInteger(at: framed.readerIndex, endianness: .big, as: UInt32.self)
-                        == UInt32(payload.count)
-                )
-                try decoder.writeInbound(framed)
-            }
+            // The length prefix, then the payload buffer itself (not copied).
+            let header = try #require(try encoder.readOutbound(as: ByteBuffer.self))
+            let body = try #require(try encoder.readOutbound(as: ByteBuffer.self))
+            #expect(header == ByteBuffer(integer: UInt32(payload.count), endianness: .big), "\(random.replay)")
+            #expect(body == ByteBuffer(bytes: payload))
+            try decoder.writeInbound(header)
+            try decoder.writeInbound(body)
         }
         let decoded = try readAllFrames(decoder)
         #expect(decoded == payloads.map { ByteBuffer(bytes: $0) }, "\(random.replay)")
@@ -186,6 +185,16 @@ struct FrameCodecTests {
                 Issue.record("round \(round): unexpected error \(error). \(random.replay)")
             }
         }
+    }
+
+    @Test("the frame writer fails the write of an empty or oversized payload and sends nothing")
+    func writerLimits() throws {
+        let channel = EmbeddedChannel(handler: FrameEncodingHandler(FrameEncoder(maxFrameBytes: 4)))
+        for (payload, code) in [(ByteBuffer(), WireError.Code.malformedFrame), (ByteBuffer(bytes: [1, 2, 3, 4, 5]), .frameTooLarge)] {
+            #expect(wireError { try channel.writeOutbound(payload) }?.code == code)
+            #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        }
+        #expect(try channel.finish().isClean)
     }
 
     @Test("the encoder refuses empty and oversized payloads")

@@ -89,6 +89,51 @@ import Testing
         }
     }
 
+    /// Ingest: copying wire bytes (at an odd offset, as inside a frame) with the finiteness check fused
+    /// in gives Swift's own conversion on both paths, and both stop at the same first NaN or infinity,
+    /// wherever it falls (in an AVX2 block, at a block's edge, in the tail).
+    @Test(arguments: [0, 1, 63, 64, 65, 200, 4098])
+    func ingestPathsAgree(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(1000 + count))
+        let floats = rng.floats(count, scale: 70000)
+        let halves = floats.map { Float16(max(-65504, min(65504, $0))) }
+        func bytes<T>(_ values: [T]) -> [UInt8] { [0x55] + values.withUnsafeBytes { Array($0) } }
+        /// The kernel's answer and, when every element was finite, what it copied.
+        func copied<T>(_ bytes: [UInt8], _ kernel: (UnsafeRawPointer, UnsafeMutablePointer<T>, Int) -> Int) -> (Int, [T]) {
+            var index = 0
+            let values = bytes.withUnsafeBytes { raw in
+                [T](unsafeUninitializedCapacity: max(count, 1)) { buffer, initialized in
+                    index = kernel(raw.baseAddress! + 1, buffer.baseAddress!, count)
+                    initialized = index == count ? count : 0
+                }
+            }
+            return (index, values)
+        }
+        for poison in [0, count / 2, count - 1].filter({ $0 < count }) + [-1] {
+            var f32 = floats
+            var f16 = halves
+            if poison >= 0 {
+                f32[poison] = poison % 2 == 0 ? .nan : -.infinity
+                f16[poison] = poison % 2 == 0 ? .infinity : -.nan
+            }
+            let expected = poison >= 0 ? poison : count
+            let (best32, values32) = copied(bytes(f32)) { kvk_load_finite_f32($0, $1, $2) }
+            let (portable32, _) = copied(bytes(f32)) { kvk_load_finite_f32_portable($0, $1, $2) }
+            let (widen, widened) = copied(bytes(f16)) { kvk_widen_finite_f16($0, $1, $2) }
+            let (portableWiden, _) = copied(bytes(f16)) { kvk_widen_finite_f16_portable($0, $1, $2) }
+            let (half, kept): (Int, [UInt16]) = copied(bytes(f16)) { kvk_load_finite_f16($0, $1, $2) }
+            let (portableHalf, _): (Int, [UInt16]) = copied(bytes(f16)) { kvk_load_finite_f16_portable($0, $1, $2) }
+            #expect([best32, portable32, widen, portableWiden, half, portableHalf] == Array(repeating: expected, count: 6), "count \(count), poison \(poison)")
+            let firstBad = f32.withUnsafeBufferPointer { kvk_first_nonfinite_f32($0.baseAddress, count) }
+            #expect(firstBad == expected)
+            if poison < 0 {
+                #expect(values32.map(\.bitPattern) == f32.map(\.bitPattern))
+                #expect(widened.map(\.bitPattern) == f16.map { Float($0).bitPattern })
+                #expect(kept == f16.map(\.bitPattern))
+            }
+        }
+    }
+
     @Test func normalGeneratorPathsAgree() {
         var best = kvk_normal_state()
         withUnsafeMutableBytes(of: &best) { raw in
