@@ -21,6 +21,8 @@ package final class PeerConnection: Sendable {
     package let peer: NodeIdentity
     package let remoteAddress: String
     private let outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>
+    /// The channel's event loop, which times requests out.
+    private let eventLoop: any EventLoop
     private let state: Mutex<State>
     private let logger: Logger
     /// Bounds the peer's requests handled at once (see `TransportLimits.maxRequestsInFlight`).
@@ -30,6 +32,8 @@ package final class PeerConnection: Sendable {
     private enum Slot {
         case awaiting(CheckedContinuation<Tessera_V1_Envelope, any Error>?)
         case arrived(Tessera_V1_Envelope)
+        /// Timed out or cancelled before the request began waiting.
+        case failed(WireError)
     }
 
     private struct State {
@@ -47,11 +51,12 @@ package final class PeerConnection: Sendable {
 
     init(
         peer: NodeIdentity, remoteAddress: String, outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
-        connected: Bool, maxRequestsInFlight: Int? = nil, logger: Logger
+        eventLoop: any EventLoop, connected: Bool, maxRequestsInFlight: Int? = nil, logger: Logger
     ) {
         self.peer = peer
         self.remoteAddress = remoteAddress
         self.outbound = outbound
+        self.eventLoop = eventLoop
         self.logger = logger
         requestSlots = maxRequestsInFlight.map(AsyncSlots.init)
         state = Mutex(State(nextID: connected ? 1 : 2))
@@ -75,28 +80,33 @@ package final class PeerConnection: Sendable {
             _ = state.withLock { $0.pending.removeValue(forKey: id) }
             throw WireError(.unavailable, "cannot send \(what): \(error)", cause: error)
         }
-        let reply = try await withDeadline(timeout, what: what) {
-            try await withTaskCancellationHandler {
-                try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>) in
-                    let early: Result<Tessera_V1_Envelope, WireError>? = self.state.withLock { state in
-                        switch state.pending[id] {
-                        case .arrived(let reply):
-                            state.pending[id] = nil
-                            return .success(reply)
-                        case .awaiting:
-                            state.pending[id] = .awaiting(continuation)
-                            return nil
-                        case nil:
-                            return .failure(WireError(.unavailable, "connection to \(self.peer) closed"))
-                        }
+        // A timer on the connection's event loop rather than a racing task: a request is the hot path
+        // of every decode step, and a task group with a sleeping child cost two tasks and a timer each.
+        let deadline = eventLoop.scheduleTask(in: TimeAmount(timeout)) {
+            self.fail(id: id, WireError(.unavailable, "\(what): no answer within \(timeout)"))
+        }
+        defer { deadline.cancel() }
+        let reply = try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>) in
+                let early: Result<Tessera_V1_Envelope, WireError>? = self.state.withLock { state in
+                    switch state.pending[id] {
+                    case .arrived(let reply):
+                        state.pending[id] = nil
+                        return .success(reply)
+                    case .failed(let error):
+                        state.pending[id] = nil
+                        return .failure(error)
+                    case .awaiting:
+                        state.pending[id] = .awaiting(continuation)
+                        return nil
+                    case nil:
+                        return .failure(WireError(.unavailable, "connection to \(self.peer) closed"))
                     }
-                    if let early { continuation.resume(with: early) }
                 }
-            } onCancel: {
-                self.fail(id: id, WireError(.unavailable, "request \(id) to \(self.peer) was cancelled"))
+                if let early { continuation.resume(with: early) }
             }
-        } onTimeout: {
-            self.fail(id: id, WireError(.unavailable, "no reply from \(self.peer) within \(timeout)"))
+        } onCancel: {
+            self.fail(id: id, WireError(.unavailable, "request \(id) to \(self.peer) was cancelled"))
         }
         if case .error(let error) = reply.body { throw WireError(proto: error) }
         guard let body = reply.body else {
@@ -111,9 +121,21 @@ package final class PeerConnection: Sendable {
         try await outbound.write(Tessera_V1_Envelope(requestID: id, body))
     }
 
+    /// Ends request `id` with `error`; one still being set up keeps the error until it waits.
     private func fail(id: UInt64, _ error: WireError) {
-        let slot = state.withLock { $0.pending.removeValue(forKey: id) }
-        if case .awaiting(let continuation?) = slot { continuation.resume(throwing: error) }
+        let continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>? = state.withLock { state in
+            switch state.pending[id] {
+            case .awaiting(let continuation?):
+                state.pending[id] = nil
+                return continuation
+            case .awaiting(nil):
+                state.pending[id] = .failed(error)
+                return nil
+            case .arrived, .failed, nil:
+                return nil
+            }
+        }
+        continuation?.resume(throwing: error)
     }
 
     /// Hands a reply to its waiting request; false if `envelope` is not a reply to one of ours.
@@ -126,7 +148,7 @@ package final class PeerConnection: Sendable {
             case .awaiting(nil):
                 state.pending[envelope.requestID] = .arrived(envelope)
                 return .some(nil)
-            case .arrived, nil:
+            case .arrived, .failed, nil:
                 return nil
             }
         }

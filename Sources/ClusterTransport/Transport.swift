@@ -120,7 +120,8 @@ package enum Transport {
                 defer { counter.leave(outcome.peer.nodeID) }
                 try await outbound.write(handshake.helloAck(for: outcome, requestID: first.requestID))
                 let connection = PeerConnection(
-                    peer: outcome.peer, remoteAddress: remote, outbound: outbound, connected: false,
+                    peer: outcome.peer, remoteAddress: remote, outbound: outbound, eventLoop: channel.channel.eventLoop,
+                    connected: false,
                     // Only clients: cluster nodes send requests both ways on one connection, and a
                     // handler awaiting the peer's reply must never wait behind the reading it holds up.
                     maxRequestsInFlight: outcome.peer.role == .client ? limits.maxRequestsInFlight : nil, logger: logger)
@@ -165,7 +166,8 @@ package enum Transport {
             let outcome = try handshake.acceptHelloAck(
                 first, certificate: try await security.peerIdentity(of: channel.channel))
             let connection = PeerConnection(
-                peer: outcome.peer, remoteAddress: address.description, outbound: outbound, connected: true,
+                peer: outcome.peer, remoteAddress: address.description, outbound: outbound,
+                eventLoop: channel.channel.eventLoop, connected: true,
                 logger: logger)
             return try await withThrowingTaskGroup(of: T?.self) { group in
                 group.addTask {

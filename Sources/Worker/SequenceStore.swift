@@ -246,11 +246,15 @@ actor SequenceStore {
 
     /// Waits until the sequence's cache is compressed (the coordinator's budget has arrived).
     func waitUntilCompressed(_ sequenceID: UInt64) async throws {
+        if try isCompressed(sequenceID) { return }
+        try await wait(sequenceID, on: .compressed)
+    }
+
+    func isCompressed(_ sequenceID: UInt64) throws(WireError) -> Bool {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        if held.isCompressed { return }
-        try await wait(sequenceID, on: .compressed)
+        return held.isCompressed
     }
 
     private var nextWaiter: UInt64 = 0

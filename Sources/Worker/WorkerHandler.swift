@@ -259,8 +259,12 @@ struct WorkerHandler: EnvelopeHandler {
             }
             inputs = given
         }
-        try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
-            try await self.worker.store.waitUntilCompressed(message.sequenceID)
+        // Only a step that arrives before the sequence's budget waits (under a deadline, which costs
+        // two tasks and a timer: not something every step should pay).
+        if try await !worker.store.isCompressed(message.sequenceID) {
+            try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
+                try await self.worker.store.waitUntilCompressed(message.sequenceID)
+            }
         }
         // Replicas run the same step (they keep its result too, so a retry after a failover is
         // answered the same); the reply waits for them. They are the replicas when the step began: a
