@@ -1,6 +1,5 @@
 import ArgumentParser
 
-@main
 struct Tessera: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tessera",

@@ -1,0 +1,14 @@
+import ArgumentParser
+import NIOCore
+import NIOPosix
+
+// The serving processes run Swift concurrency on NIO's event loops rather than a thread pool of its
+// own, so a request moves from the socket to its handler and back without waking another thread at
+// each step. Nothing that blocks runs as a task there (a worker's tensor work has threads of its own).
+// The other commands keep the default pool: evaluations and reference computations run as tasks, and
+// on an event loop they would hold up that loop's sockets.
+if let command = CommandLine.arguments.dropFirst().first, ["worker", "coordinator"].contains(command) {
+    NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+}
+let command: () async -> Void = { await Tessera.main() }
+await command()
