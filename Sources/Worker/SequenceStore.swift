@@ -404,29 +404,25 @@ actor SequenceStore {
     }
 
     /// Takes one part of a copy sent by a shard's primary; at the commit the copy becomes a replica.
-    /// Returns the installed copy's digest at the commit.
+    /// Returns the installed copy's digest at the commit. A layer part is converted here, on the
+    /// actor; the worker converts it on its compute threads first (`incomingFormat`, then
+    /// `receive(_:sequenceID:from:)`).
     func receive(_ transfer: Tessera_V1_ShardTransfer, from sender: String) throws(WireError) -> UInt64? {
         let id = transfer.sequenceID
-        if let incoming = incoming[id], incoming.sender != sender {
-            throw WireError(.permissionDenied, "the copy of sequence \(id) in progress comes from another worker")
-        }
         switch transfer.part {
         case .begin(let begin):
+            try checkSender(of: id, sender)
             if let held = sequences[id] {
                 throw WireError(.badRequest, "sequence \(id) already has shard \(held.shardID) here; a copy goes elsewhere")
             }
             incoming[id] = try IncomingShard(begin, sequenceID: id, from: sender)
             return nil
-        case .layer(let layer):
-            guard incoming[id] != nil else { throw WireError(.badRequest, "shard_transfer.layer of sequence \(id) before its begin") }
-            do {
-                try incoming[id]!.take(layer)
-            } catch {
-                incoming[id] = nil
-                throw error
-            }
+        case .layer(let state):
+            let format = try incomingFormat(id, from: sender)
+            try receive(IncomingLayer(state, geometry: format.geometry, storage: format.storage), sequenceID: id, from: sender)
             return nil
         case .commit(let commit):
+            try checkSender(of: id, sender)
             guard let shard = incoming.removeValue(forKey: id) else {
                 throw WireError(.badRequest, "shard_transfer.commit of sequence \(id) without a transfer in progress")
             }
@@ -438,6 +434,35 @@ actor SequenceStore {
             return copy.cache?.digest
         case nil:
             throw WireError(.badRequest, "shard_transfer needs a part: begin, layer or commit")
+        }
+    }
+
+    /// What a layer of the copy in progress from `sender` is converted for.
+    func incomingFormat(_ sequenceID: UInt64, from sender: String) throws(WireError) -> (
+        geometry: ModelGeometry, storage: ScalarType
+    ) {
+        try checkSender(of: sequenceID, sender)
+        guard let shard = incoming[sequenceID] else {
+            throw WireError(.badRequest, "shard_transfer.layer of sequence \(sequenceID) before its begin")
+        }
+        return (shard.held.geometry, shard.cache.storage)
+    }
+
+    /// Takes a layer of the copy in progress, converted already.
+    func receive(_ layer: IncomingLayer, sequenceID: UInt64, from sender: String) throws(WireError) {
+        _ = try incomingFormat(sequenceID, from: sender)
+        do {
+            try incoming[sequenceID]!.take(layer)
+        } catch {
+            incoming[sequenceID] = nil
+            throw error
+        }
+    }
+
+    /// Every part of a copy comes from the worker that began it.
+    private func checkSender(of sequenceID: UInt64, _ sender: String) throws(WireError) {
+        if let incoming = incoming[sequenceID], incoming.sender != sender {
+            throw WireError(.permissionDenied, "the copy of sequence \(sequenceID) in progress comes from another worker")
         }
     }
 

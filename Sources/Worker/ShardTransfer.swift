@@ -90,32 +90,74 @@ struct IncomingShard: Sendable {
 
     /// Takes one layer's rows (checked against the geometry) and synthetic decode inputs.
     mutating func take(_ state: Tessera_V1_ShardLayerState) throws(WireError) {
-        let layer = Int(state.layer)
-        let g = held.geometry
-        guard held.layers.contains(layer) else {
-            throw WireError(.badRequest, "shard_transfer.layer \(layer) is not in the shard's layers \(held.layers)")
+        try self.take(IncomingLayer(state, geometry: held.geometry, storage: cache.storage))
+    }
+
+    /// Takes one layer converted already (`IncomingLayer`, off the store actor).
+    mutating func take(_ layer: IncomingLayer) throws(WireError) {
+        guard held.layers.contains(layer.layer) else {
+            throw WireError(.badRequest, "shard_transfer.layer \(layer.layer) is not in the shard's layers \(held.layers)")
         }
+        switch layer.heads {
+        case .float32(let heads): cache.insert(layer: layer.layer, float32: heads)
+        case .float16(let heads): cache.insert(layer: layer.layer, float16: heads)
+        }
+        held.rowScores[layer.layer] = layer.rowScores
+        if let inputs = layer.syntheticDecode {
+            held.syntheticDecode = held.syntheticDecode ?? [:]
+            held.syntheticDecode![layer.layer] = inputs
+        }
+    }
+
+    /// The installed copy, once every layer arrived and its digest equals the sender's.
+    func finish(_ commit: Tessera_V1_ShardTransferCommit) throws(WireError) -> HeldSequence {
+        let missing = held.layers.filter { !cache.holds(layer: $0) }
+        guard missing.isEmpty else {
+            throw WireError(.badRequest, "shard_transfer.commit before layers \(missing) arrived")
+        }
+        guard cache.digest == commit.digest else {
+            // No digest in the message: it would tell a forger what to aim for.
+            throw WireError(.invalidValue, "the copied shard's bytes differ from the sender's; the copy is dropped")
+        }
+        var copy = held
+        copy.cache = cache
+        return copy
+    }
+}
+
+/// One layer of a copy, checked against the shard's geometry and converted to cache rows: the
+/// per-byte work of receiving a copy, done on the worker's compute threads before the store takes it.
+struct IncomingLayer: Sendable {
+    enum Heads: Sendable {
+        case float32([HeadCache<Float>])
+        case float16([HeadCache<Float16>])
+    }
+
+    var layer: Int
+    var heads: Heads
+    var rowScores: [[Float]]
+    var syntheticDecode: [DecodeStepInput]?
+
+    init(_ state: Tessera_V1_ShardLayerState, geometry g: ModelGeometry, storage: ScalarType) throws(WireError) {
+        layer = Int(state.layer)
         guard state.heads.count == g.kvHeads else {
             throw WireError(.invalidShape, "shard_transfer.layer \(layer) has \(state.heads.count) heads; the model has \(g.kvHeads)")
         }
-        var scores: [[Float]] = []
-        switch cache.storage {
+        switch storage {
         case .float32:
-            cache.insert(layer: layer, float32: try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+            heads = .float32(try Self.decode(state, g, layer) { tensor, name throws(WireError) in
                 try tensor.floatValues(name: name)
             })
         case .float16:
-            cache.insert(layer: layer, float16: try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+            heads = .float16(try Self.decode(state, g, layer) { tensor, name throws(WireError) in
                 try tensor.float16Values(name: name)
             })
         }
-        for head in state.heads { scores.append(head.rowScores) }
-        held.rowScores[layer] = scores
+        rowScores = state.heads.map(\.rowScores)
         if !state.syntheticDecode.isEmpty {
             var inputs: [DecodeStepInput] = []
             for step in state.syntheticDecode { inputs.append(try DecodeStepInput(proto: step, geometry: g)) }
-            held.syntheticDecode = held.syntheticDecode ?? [:]
-            held.syntheticDecode![layer] = inputs
+            syntheticDecode = inputs
         }
     }
 
@@ -140,21 +182,6 @@ struct IncomingShard: Sendable {
             heads.append(head)
         }
         return heads
-    }
-
-    /// The installed copy, once every layer arrived and its digest equals the sender's.
-    func finish(_ commit: Tessera_V1_ShardTransferCommit) throws(WireError) -> HeldSequence {
-        let missing = held.layers.filter { !cache.holds(layer: $0) }
-        guard missing.isEmpty else {
-            throw WireError(.badRequest, "shard_transfer.commit before layers \(missing) arrived")
-        }
-        guard cache.digest == commit.digest else {
-            // No digest in the message: it would tell a forger what to aim for.
-            throw WireError(.invalidValue, "the copied shard's bytes differ from the sender's; the copy is dropped")
-        }
-        var copy = held
-        copy.cache = cache
-        return copy
     }
 }
 

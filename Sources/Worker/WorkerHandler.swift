@@ -42,7 +42,7 @@ struct WorkerHandler: EnvelopeHandler {
             try peer.require(.worker, for: request)
             var ack = Tessera_V1_ShardTransferAck()
             ack.sequenceID = part.sequenceID
-            ack.digest = try await worker.store.receive(part, from: peer.nodeID) ?? 0
+            ack.digest = try await receive(part, from: peer.nodeID) ?? 0
             return .shardTransferAck(ack)
         case .statusRequest(let request):
             // Insecure clients have no certified tenant and see everything, as insecure mode trusts all.
@@ -316,6 +316,17 @@ struct WorkerHandler: EnvelopeHandler {
         }
         await worker.store.endTransfer(id, adding: message.target)
         return .copyShardAck(ack)
+    }
+
+    /// Takes a part of a shard copy; a layer's rows are checked and converted on the compute threads,
+    /// so that several layers in flight convert at once and the store actor only keeps them.
+    private func receive(_ part: Tessera_V1_ShardTransfer, from sender: String) async throws -> UInt64? {
+        guard case .layer(let state) = part.part else { return try await worker.store.receive(part, from: sender) }
+        let id = part.sequenceID
+        let (geometry, storage) = try await worker.store.incomingFormat(id, from: sender)
+        let layer = try await worker.offload(.prefill) { try IncomingLayer(state, geometry: geometry, storage: storage) }
+        try await worker.store.receive(layer, sequenceID: id, from: sender)
+        return nil
     }
 
     private func close(_ message: Tessera_V1_Close) async throws -> Tessera_V1_Envelope.OneOf_Body {

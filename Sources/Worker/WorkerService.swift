@@ -197,24 +197,37 @@ public final class WorkerService: Sendable {
         }
     }
 
-    /// Streams a shard's copy to `target`, part by part; returns the digest of the copy it installed.
+    /// Streams a shard's copy to `target`: the begin part, its layers, the commit; returns the digest of
+    /// the copy the target installed.
     func send(_ parts: [Tessera_V1_ShardTransfer], to target: NodeAddress) async throws -> UInt64 {
         guard let pool = peers.withLock({ $0 }) else {
             throw WireError(.unavailable, "this worker is shutting down")
         }
         let connection = try await pool.connection(to: target)
-        var digest: UInt64 = 0
-        for part in parts {
+        @Sendable func deliver(_ part: Tessera_V1_ShardTransfer) async throws -> UInt64 {
             let reply = try await connection.request(.shardTransfer(part), timeout: .seconds(60))
             guard case .shardTransferAck(let ack) = reply else {
                 throw WireError(.internal, "\(target) answered a shard transfer with \(reply)")
             }
-            digest = ack.digest
+            return ack.digest
         }
-        return digest
+        guard let begin = parts.first, let commit = parts.last, parts.count >= 2 else { return 0 }
+        _ = try await deliver(begin)
+        // Layers in any order, a few at a time: the target converts them on its compute threads
+        // while the next ones are on the wire.
+        try await withThrowingTaskGroup(of: UInt64.self) { group in
+            for (index, layer) in parts.dropFirst().dropLast().enumerated() {
+                if index >= Self.layersInFlight { _ = try await group.next() }
+                group.addTask { try await deliver(layer) }
+            }
+            try await group.waitForAll()
+        }
+        return try await deliver(commit)
     }
 
-    /// Sends a layer's statistics to the coordinator.
+    /// Layer parts of a shard copy on the wire at once.
+    static let layersInFlight = 4
+
     /// Queues layer statistics for the coordinator; `sendStatistics` sends them in order. A prefill is
     /// acknowledged without waiting for them: statistics lost with a coordinator connection are sent
     /// again when the worker registers anew (`SequenceStore.layerStatistics`).

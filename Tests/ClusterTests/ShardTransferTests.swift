@@ -119,6 +119,30 @@ struct ShardTransferTests {
         #expect(throws: WireError.self) { try mismatched.take(short) }
     }
 
+    /// The worker's path: each layer converted apart from the store (on compute threads), layers in
+    /// any order (several are in flight), only from the worker that began the copy.
+    @Test(arguments: [ScalarType.float32, .float16])
+    func layersConvertedApartArriveInAnyOrder(storage: ScalarType) async throws {
+        let held = try Self.shard(storage: storage)
+        let parts = try held.transferParts(sequenceID: 7)
+        let target = SequenceStore()
+        _ = try await target.receive(parts[0], from: "worker-1")
+        await #expect {
+            _ = try await target.incomingFormat(7, from: "worker-3")
+        } throws: { ($0 as? WireError)?.code == .permissionDenied }
+        let format = try await target.incomingFormat(7, from: "worker-1")
+        #expect(format.storage == storage && format.geometry == Self.geometry)
+        for part in parts.dropFirst().dropLast().reversed() {
+            guard case .layer(let state) = part.part else { continue }
+            let layer = try IncomingLayer(state, geometry: format.geometry, storage: format.storage)
+            await #expect {
+                try await target.receive(layer, sequenceID: 7, from: "worker-3")
+            } throws: { ($0 as? WireError)?.code == .permissionDenied }
+            try await target.receive(layer, sequenceID: 7, from: "worker-1")
+        }
+        #expect(try await target.receive(parts.last!, from: "worker-1") == held.cache?.digest)
+    }
+
     @Test func theStoreInstallsACopyAsAReplicaAndHoldsDecodeBackWhileCopying() async throws {
         let held = try Self.shard(storage: .float32)
         let parts = try held.transferParts(sequenceID: 7)
