@@ -157,6 +157,9 @@ package final class PeerConnection: Sendable {
         return true
     }
 
+    /// Whether the connection has closed (the peer went away, or the stream broke).
+    package var isClosed: Bool { state.withLock { $0.closed } }
+
     /// Returns once the connection is closed (or the caller is cancelled, which closes it).
     package func waitUntilClosed() async {
         await withTaskCancellationHandler {

@@ -23,7 +23,7 @@ struct CoordinatorHandler: EnvelopeHandler {
                     .permissionDenied,
                     "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)")
             }
-            let changes = try await state.register(message, connection: connection)
+            let (changes, staleCopies) = try await state.register(message, connection: connection)
             for change in changes {
                 coordinator.logger.info(
                     "membership changed", metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)"])
@@ -32,6 +32,13 @@ struct CoordinatorHandler: EnvelopeHandler {
             // copies that one held are gone.
             let replaced = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             if !replaced.isEmpty { await coordinator.failOver(dead: replaced) }
+            // Copies of sequences closed while this worker could not be told: it is told now (on this
+            // connection, which serves its requests while it waits for the acknowledgement).
+            for close in staleCopies {
+                if case .closeAck = try? await connection.request(.close(close)) {
+                    await state.closeConfirmed(close.sequenceID, by: NodeID(peer.nodeID))
+                }
+            }
             var ack = Tessera_V1_RegisterAck()
             ack.coordinatorID = coordinator.configuration.nodeID
             ack.coordinatorIncarnation = coordinator.configuration.incarnation
@@ -40,7 +47,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             return .registerAck(ack)
         case .heartbeat(let message):
             try peer.require(.worker, for: request)
-            try await state.heartbeat(message, from: NodeID(connection.peer.nodeID))
+            try await state.heartbeat(message, on: connection)
             var ack = Tessera_V1_HeartbeatAck()
             ack.sequenceNumber = message.sequenceNumber
             return .heartbeatAck(ack)
@@ -87,11 +94,12 @@ struct CoordinatorHandler: EnvelopeHandler {
             var freed: UInt64 = 0
             for shard in sequence.shards {
                 for holder in shard.holders {
-                    if let link = try? await state.connection(for: holder.node),
-                        case .closeAck(let ack) = try? await link.request(.close(message)), holder == shard.primary
-                    {
-                        freed = freed.saturatingSum(ack.freedBytes)
-                    }
+                    // A holder that cannot be told now is told when it registers again.
+                    guard let link = try? await state.connection(for: holder.node),
+                        case .closeAck(let ack) = try? await link.request(.close(message))
+                    else { continue }
+                    await state.closeConfirmed(message.sequenceID, by: holder.node)
+                    if holder == shard.primary { freed = freed.saturatingSum(ack.freedBytes) }
                 }
             }
             var ack = Tessera_V1_CloseAck()

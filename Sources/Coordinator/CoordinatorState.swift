@@ -90,6 +90,11 @@ actor CoordinatorState {
     /// workers are live.
     let replication: Int
 
+    /// Closed sequences whose Close some holders have not answered (their connection was down): a
+    /// registration of theirs must not bring the sequence back, and they are told to close it again.
+    /// A holder declared dead leaves it (it rejoins as a new incarnation, holding nothing).
+    private var unconfirmedCloses: [UInt64: Set<NodeID>] = [:]
+
     init(configuration: CoordinatorConfiguration) throws {
         replication = configuration.replication
         membership = try Membership(settings: configuration.failureDetector)
@@ -101,11 +106,19 @@ actor CoordinatorState {
 
     var now: ClusterInstant { ClusterInstant(elapsed: clock.now - start) }
 
+    /// Registers a worker; returns the membership changes it caused and the copies it holds of
+    /// sequences closed since, which it must be told to close.
     func register(
         _ message: Tessera_V1_RegisterWorker, connection: PeerConnection
-    ) throws(WireError) -> [MembershipChange] {
+    ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close]) {
         let nodeID = NodeID(message.endpoint.nodeID)
         let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
+        // A worker that timed out against a paused coordinator has given up on that connection and
+        // registers again on a new one; the old registration, read before the pause, may only now be
+        // processed. It must not become the worker's link.
+        guard !connection.isClosed else {
+            throw WireError(.unavailable, "registration of \(nodeID) came on a connection that has closed since")
+        }
         let outcome = membership.join(
             nodeID: nodeID, incarnation: message.incarnation,
             address: MemberAddress(host: address.host, port: address.port),
@@ -120,12 +133,12 @@ actor CoordinatorState {
                     throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
                 }
             }
-            return []
+            return ([], [])
         }
         workers[nodeID] = WorkerLink(connection: connection, address: address)
         relayout()
-        restore(message.heldShards, from: nodeID)
-        return outcome.changes
+        let stale = restore(message.heldShards, from: nodeID)
+        return (outcome.changes, stale)
     }
 
     /// Rebuilds open sequences from the copies a registering worker reports, after a coordinator
@@ -133,9 +146,19 @@ actor CoordinatorState {
     /// admission charges each primary's bytes for every copy. Sequences this coordinator opened itself
     /// are left alone. The workers send their layer statistics again right after registering: a
     /// sequence still prefilling gets its budget, a compressed one can be tightened again.
-    private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) {
+    /// Rebuilds sequences from the copies a registering worker holds. Returns the copies of sequences
+    /// closed meanwhile (the Close did not reach this worker): the worker is told to drop them.
+    private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) -> [Tessera_V1_Close] {
+        var stale: [Tessera_V1_Close] = []
         for copy in held {
             let a = copy.assignment
+            if unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true {
+                var close = Tessera_V1_Close()
+                close.tenant = a.tenant
+                close.sequenceID = a.sequenceID
+                stale.append(close)
+                continue
+            }
             guard let geometry = try? ModelGeometry(proto: a.model), let layout = try? PromptLayout(proto: a.spans),
                 let (policy, retention) = try? CompressionPolicy.decode(proto: a.policy),
                 a.shard.layerCount >= 1, Int(a.shard.firstLayer) + Int(a.shard.layerCount) <= geometry.layers
@@ -180,6 +203,7 @@ actor CoordinatorState {
                 tenant: state.tenant, sequenceID: a.sequenceID,
                 kvBytes: primaries.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance))
         }
+        return stale
     }
 
     /// Holders of open sequences' shards that are not registered members once `grace` has passed since
@@ -258,7 +282,8 @@ actor CoordinatorState {
         }
     }
 
-    func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID) throws(WireError) {
+    func heartbeat(_ message: Tessera_V1_Heartbeat, on connection: PeerConnection) throws(WireError) {
+        let nodeID = NodeID(connection.peer.nodeID)
         let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
         switch outcome {
         case .refreshed, .recovered: break
@@ -266,6 +291,14 @@ actor CoordinatorState {
             throw WireError(.staleEpoch, "heartbeat from \(nodeID) refused: \(outcome); its shards were failed over")
         case .unknownMember, .unregisteredIncarnation:
             throw WireError(.badRequest, "heartbeat from \(nodeID) refused: \(outcome); register again")
+        }
+        // The link follows the connection the worker heartbeats on, so one left on a connection that
+        // closed (a registration processed late, see `register`) heals within a heartbeat interval.
+        if workers[nodeID]?.connection !== connection, let member = membership.member(nodeID) {
+            var link = workers[nodeID] ?? WorkerLink(
+                connection: connection, address: NodeAddress(host: member.address.host, port: member.address.port))
+            link.connection = connection
+            workers[nodeID] = link
         }
         workers[nodeID]?.kvBytes = message.kvBytes
         workers[nodeID]?.kvBytesByModality = message.kvBytesByModality
@@ -279,7 +312,10 @@ actor CoordinatorState {
     func tick() -> (changes: [MembershipChange], pause: Duration?) {
         let changes = membership.tick(now: now)
         if changes.contains(where: { $0.to == .dead }) {
-            for change in changes where change.to == .dead { workers[change.nodeID] = nil }
+            for change in changes where change.to == .dead {
+                workers[change.nodeID] = nil
+                for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: change.nodeID) }
+            }
             relayout()
         }
         return (changes, membership.lastPause)
@@ -465,7 +501,14 @@ actor CoordinatorState {
         copyRetry[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         _ = admission.release(sequenceID: sequenceID)
+        unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
         return state
+    }
+
+    /// A holder dropped its copies of a closed sequence (it answered the Close).
+    func closeConfirmed(_ sequenceID: UInt64, by nodeID: NodeID) {
+        unconfirmedCloses[sequenceID]?.remove(nodeID)
+        if unconfirmedCloses[sequenceID]?.isEmpty == true { unconfirmedCloses[sequenceID] = nil }
     }
 
     func connection(for nodeID: NodeID) throws(WireError) -> PeerConnection {
