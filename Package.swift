@@ -154,7 +154,8 @@ let package = Package(
         .target(
             name: "Chaos",
             dependencies: [
-                "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterAdmin", "ClusterLauncher", "ClusterTransport",
+                "KVCacheCore", "Workloads", "Evaluation", "Client", "ClusterAdmin", "ClusterLauncher",
+                "ClusterTransport",
                 "ClusterSecurity",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -190,7 +191,11 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
-        .testTarget(name: "KVCacheCoreTests", dependencies: ["KVCacheCore", "KVKernels"], swiftSettings: strictSettings),
+        .testTarget(
+            name: "KVCacheCoreTests",
+            dependencies: ["KVCacheCore", "KVKernels"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(name: "EvaluationTests", dependencies: ["Evaluation"], swiftSettings: strictSettings),
         .testTarget(
             name: "TesseraCLITests",
@@ -203,7 +208,10 @@ let package = Package(
         ),
         .testTarget(name: "ClusterStateTests", dependencies: ["ClusterState"], swiftSettings: strictSettings),
         .testTarget(
-            name: "ClusterSecurityTests", dependencies: ["ClusterSecurity", "ClusterWire"], swiftSettings: strictSettings),
+            name: "ClusterSecurityTests",
+            dependencies: ["ClusterSecurity", "ClusterWire"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(
             name: "ClusterAdminTests",
             dependencies: [
@@ -217,7 +225,8 @@ let package = Package(
         .testTarget(
             name: "ClusterTests",
             dependencies: [
-                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity", "ClusterState",
+                "tessera", "Coordinator", "Worker", "Client", "ClusterTransport", "ClusterWire", "ClusterSecurity",
+                "ClusterState",
                 "KVCacheCore",
                 "Workloads", "ClusterAdmin", "ClusterLauncher", "LoadGenerator", "Chaos", "Evaluation",
                 .product(name: "Logging", package: "swift-log"),
@@ -234,7 +243,11 @@ let package = Package(
             dependencies: ["LoadGenerator", "Workloads", "KVCacheCore"],
             swiftSettings: strictSettings
         ),
-        .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "KVCacheCore", "KVKernels"], swiftSettings: strictSettings),
+        .testTarget(
+            name: "WorkloadsTests",
+            dependencies: ["Workloads", "KVCacheCore", "KVKernels"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(
             name: "ClusterWireTests",
             dependencies: [

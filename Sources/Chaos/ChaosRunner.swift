@@ -66,20 +66,29 @@ public enum ChaosRunner {
     /// Runs `scenario` with the cluster's processes logging at `childLogLevel` to this process's
     /// standard error (nothing at `critical`, the default).
     public static func run(
-        _ scenario: ChaosScenario, binary: FilePath, logger: Logger, childLogLevel: String = "critical",
+        _ scenario: ChaosScenario,
+        binary: FilePath,
+        logger: Logger,
+        childLogLevel: String = "critical",
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws -> ChaosReport {
         var options = LocalCluster.Options(
-            binary: binary, workers: scenario.workers, childArguments: ["--log-level", childLogLevel],
-            inheritStandardError: childLogLevel != "critical")
+            binary: binary,
+            workers: scenario.workers,
+            childArguments: ["--log-level", childLogLevel],
+            inheritStandardError: childLogLevel != "critical"
+        )
         options.coordinatorArguments = ["--replication", "\(scenario.replication)"]
         options.workerArguments = scenario.workerFaults.map { ["--faults", $0] } ?? []
         options.toleratesWorkerExits = true
         let launch = options
         let (report, pids) = try await LocalCluster.withCluster(launch, logger: logger) { cluster in
             let report = try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "chaos", tenant: "chaos"),
-                tenant: "chaos", nodeID: "chaos", logger: logger
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "chaos", tenant: "chaos"),
+                tenant: "chaos",
+                nodeID: "chaos",
+                logger: logger
             ) { client in
                 try await drive(scenario, cluster: cluster, client: client, progress: progress)
             }
@@ -87,14 +96,17 @@ public enum ChaosRunner {
         }
         var final = report
         final.processesLeft = pids.filter { kill($0, 0) == 0 }.count
-        final.passed = final.sequencesLost == 0 && final.missingWrites == 0 && final.outputsIdentical
+        final.passed =
+            final.sequencesLost == 0 && final.missingWrites == 0 && final.outputsIdentical
             && final.replicasConsistent && final.accountingConsistent && final.replicationRestored
             && final.workersRejoined && final.processesLeft == 0
         return final
     }
 
     static func drive(
-        _ scenario: ChaosScenario, cluster: LocalCluster, client: TesseraClient,
+        _ scenario: ChaosScenario,
+        cluster: LocalCluster,
+        client: TesseraClient,
         progress: @escaping @Sendable (String) -> Void
     ) async throws -> ChaosReport {
         let deadline = ContinuousClock.now + .seconds(30)
@@ -104,16 +116,33 @@ public enum ChaosRunner {
         }
         var settings = TraceSettings()
         settings.decodeSteps = scenario.decodeTokens
-        let generator = TraceGenerator(preset: scenario.preset, geometry: scenario.geometry, settings: settings, seed: scenario.seed)
+        let generator = TraceGenerator(
+            preset: scenario.preset,
+            geometry: scenario.geometry,
+            settings: settings,
+            seed: scenario.seed
+        )
         let traces = (0..<scenario.sequences).map { generator.sequence($0) }
         progress("computing the fault-free run of \(scenario.sequences) sequences in this process")
-        let expected = try traces.map { try ReferenceDecode.outputs($0, policy: scenario.policy, retention: scenario.budget) }
+        let expected = try traces.map {
+            try ReferenceDecode.outputs($0, policy: scenario.policy, retention: scenario.budget)
+        }
         for (index, trace) in traces.enumerated() {
             _ = try await client.openSequence(
-                UInt64(index), geometry: scenario.geometry, layout: trace.layout, policy: scenario.policy,
-                retention: scenario.budget, decodeTokens: scenario.decodeTokens)
+                UInt64(index),
+                geometry: scenario.geometry,
+                layout: trace.layout,
+                policy: scenario.policy,
+                retention: scenario.budget,
+                decodeTokens: scenario.decodeTokens
+            )
             _ = try await client.prefillSynthetic(
-                UInt64(index), workload: scenario.preset.rawValue, seed: scenario.seed, index: index, settings: settings)
+                UInt64(index),
+                workload: scenario.preset.rawValue,
+                seed: scenario.seed,
+                index: index,
+                settings: settings
+            )
         }
         var applied: [ChaosReport.AppliedFault] = []
         var lost = Set<Int>()
@@ -126,10 +155,18 @@ public enum ChaosRunner {
         for step in 0..<scenario.decodeTokens {
             for fault in scenario.faults where fault.beforeStep == step {
                 if let lastFault { try await Task.sleep(until: lastFault + .milliseconds(fault.afterMillis)) }
-                let target = try await apply(fault, cluster: cluster, client: client, previous: previous, progress: progress)
+                let target = try await apply(
+                    fault,
+                    cluster: cluster,
+                    client: client,
+                    previous: previous,
+                    progress: progress
+                )
                 lastFault = .now
                 previous = target
-                applied.append(.init(beforeStep: step, action: fault.action.rawValue, worker: target.nodeID, pid: target.pid))
+                applied.append(
+                    .init(beforeStep: step, action: fault.action.rawValue, worker: target.nodeID, pid: target.pid)
+                )
                 waitingSince.append(.now)
                 progress("step \(step): \(fault.action.rawValue) \(target.nodeID) (pid \(target.pid))")
             }
@@ -140,7 +177,11 @@ public enum ChaosRunner {
                 for index in live {
                     group.addTask {
                         do {
-                            let outputs = try await client.decode(UInt64(index), step: step, geometry: scenario.geometry)
+                            let outputs = try await client.decode(
+                                UInt64(index),
+                                step: step,
+                                geometry: scenario.geometry
+                            )
                             return StepOutcome(index: index, outputs: outputs, failure: nil)
                         } catch {
                             return StepOutcome(index: index, outputs: nil, failure: "\(error)")
@@ -195,17 +236,31 @@ public enum ChaosRunner {
             try await Task.sleep(for: .milliseconds(100))
         }
         return ChaosReport(
-            scenario: scenario.name, faults: applied, sequencesLost: lost.count, losses: losses, missingWrites: mismatches,
-            outputsIdentical: mismatches == 0 && lost.isEmpty, replicasConsistent: consistent,
-            accountingConsistent: drained, processesLeft: 0, recoveryMillis: recovery,
-            requestsRetried: client.retriedRequests, replicationRestored: health.replicated,
-            workersRejoined: health.rejoined, healedMillis: healedMillis, passed: false)
+            scenario: scenario.name,
+            faults: applied,
+            sequencesLost: lost.count,
+            losses: losses,
+            missingWrites: mismatches,
+            outputsIdentical: mismatches == 0 && lost.isEmpty,
+            replicasConsistent: consistent,
+            accountingConsistent: drained,
+            processesLeft: 0,
+            recoveryMillis: recovery,
+            requestsRetried: client.retriedRequests,
+            replicationRestored: health.replicated,
+            workersRejoined: health.rejoined,
+            healedMillis: healedMillis,
+            passed: false
+        )
     }
 
     /// Applies one fault; returns the process it hit (for a restart, the new one).
     static func apply(
-        _ fault: ChaosScenario.Fault, cluster: LocalCluster, client: TesseraClient,
-        previous: (nodeID: String, pid: Int32)?, progress: @escaping @Sendable (String) -> Void
+        _ fault: ChaosScenario.Fault,
+        cluster: LocalCluster,
+        client: TesseraClient,
+        previous: (nodeID: String, pid: Int32)?,
+        progress: @escaping @Sendable (String) -> Void
     ) async throws -> (nodeID: String, pid: Int32) {
         if fault.target == .coordinator, fault.action == .restart {
             let new = try await cluster.restartCoordinator()
@@ -221,7 +276,9 @@ public enum ChaosRunner {
             // fully replicated again.
             let health = try await waitUntilHealed(client, cluster: cluster, within: .seconds(30))
             guard health.replicated && health.rejoined else {
-                throw ChaosError("the cluster had not recovered from the last restart 30 s later; not restarting \(target.nodeID)")
+                throw ChaosError(
+                    "the cluster had not recovered from the last restart 30 s later; not restarting \(target.nodeID)"
+                )
             }
             let new = try await cluster.restartWorker(target.nodeID)
             return (new.nodeID, new.pid)
@@ -232,10 +289,17 @@ public enum ChaosRunner {
             let cut = fault.action == .partition
             do {
                 _ = try await AdminClient.put(
-                    port: cluster.coordinatorProcess.adminPort, path: "/faults", body: cut ? "drop=1,peer=\(target.nodeID)" : "none",
-                    token: cluster.adminToken)
+                    port: cluster.coordinatorProcess.adminPort,
+                    path: "/faults",
+                    body: cut ? "drop=1,peer=\(target.nodeID)" : "none",
+                    token: cluster.adminToken
+                )
                 _ = try await AdminClient.put(
-                    port: worker.adminPort, path: "/faults", body: cut ? "drop=1" : "none", token: cluster.adminToken)
+                    port: worker.adminPort,
+                    path: "/faults",
+                    body: cut ? "drop=1" : "none",
+                    token: cluster.adminToken
+                )
             } catch {
                 throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID): \(error)")
             }
@@ -246,14 +310,18 @@ public enum ChaosRunner {
     /// Polls the coordinator until no shard is under-replicated and every running worker process is a
     /// live member, for at most `limit`; returns which of the two held at the end.
     static func waitUntilHealed(
-        _ client: TesseraClient, cluster: LocalCluster, within limit: Duration
+        _ client: TesseraClient,
+        cluster: LocalCluster,
+        within limit: Duration
     ) async throws -> (replicated: Bool, rejoined: Bool) {
         let deadline = ContinuousClock.now + limit
         var health = (replicated: false, rejoined: false)
         while ContinuousClock.now < deadline {
             if let status = try? await client.status() {
                 let running = cluster.workers.filter { kill($0.pid, 0) == 0 }.count
-                health = (status.underReplicatedShards == 0, status.workers.filter { $0.state == "alive" }.count == running)
+                health = (
+                    status.underReplicatedShards == 0, status.workers.filter { $0.state == "alive" }.count == running
+                )
                 if health.replicated && health.rejoined { break }
             }
             try await Task.sleep(for: .milliseconds(100))
@@ -262,7 +330,9 @@ public enum ChaosRunner {
     }
 
     static func resolve(
-        _ target: ChaosScenario.Target, cluster: LocalCluster, client: TesseraClient,
+        _ target: ChaosScenario.Target,
+        cluster: LocalCluster,
+        client: TesseraClient,
         previous: (nodeID: String, pid: Int32)?
     ) async throws -> (nodeID: String, pid: Int32) {
         func worker(at address: NodeAddress) throws -> (nodeID: String, pid: Int32) {
@@ -284,7 +354,9 @@ public enum ChaosRunner {
             return previous
         case .node(let id):
             guard let worker = cluster.workers.first(where: { $0.nodeID == id }) else {
-                throw ChaosError("the cluster has no \(id); it has \(cluster.workers.map(\.nodeID).joined(separator: ", "))")
+                throw ChaosError(
+                    "the cluster has no \(id); it has \(cluster.workers.map(\.nodeID).joined(separator: ", "))"
+                )
             }
             return (worker.nodeID, worker.pid)
         case .coordinator:

@@ -99,13 +99,20 @@ public struct ChaosScenario: Sendable {
         let model = try fields.string("model", default: "tiny")
         let policyName = try fields.string("policy", default: "madakv")
         var scenario = ChaosScenario(
-            name: try fields.string("name", default: source), workers: try fields.int("workers", default: 3, in: 1...16),
-            replication: try fields.int("replication", default: 2, in: 1...16), preset: .imageQA, geometry: .tiny,
-            policy: .full, policyName: policyName, budget: try fields.double("budget", default: 0.2, in: 0.01...1),
+            name: try fields.string("name", default: source),
+            workers: try fields.int("workers", default: 3, in: 1...16),
+            replication: try fields.int("replication", default: 2, in: 1...16),
+            preset: .imageQA,
+            geometry: .tiny,
+            policy: .full,
+            policyName: policyName,
+            budget: try fields.double("budget", default: 0.2, in: 0.01...1),
             sequences: try fields.int("sequences", default: 6, in: 1...256),
             decodeTokens: try fields.int("decodeTokens", default: 32, in: 2...4096),
-            seed: UInt64(try fields.int("seed", default: 1, in: 0...Int.max)), faults: [],
-            workerFaults: root["workerFaults"] == nil ? nil : try fields.string("workerFaults", default: ""))
+            seed: UInt64(try fields.int("seed", default: 1, in: 0...Int.max)),
+            faults: [],
+            workerFaults: root["workerFaults"] == nil ? nil : try fields.string("workerFaults", default: "")
+        )
         do {
             scenario.preset = try WorkloadPreset.named(try fields.string("workload", default: "image-qa"))
             scenario.geometry = try ModelGeometry.preset(named: model)
@@ -116,12 +123,15 @@ public struct ChaosScenario: Sendable {
             throw ChaosError("\(source): \(error)")
         }
         guard scenario.replication <= scenario.workers else {
-            throw ChaosError("\(source): replication (\(scenario.replication)) must not exceed workers (\(scenario.workers))")
+            throw ChaosError(
+                "\(source): replication (\(scenario.replication)) must not exceed workers (\(scenario.workers))"
+            )
         }
         let list = root["faults"] as? [Any] ?? []
         guard !list.isEmpty || scenario.workerFaults != nil else {
             throw ChaosError(
-                "\(source): faults must be a non-empty list of {beforeStep, action, target} (or set workerFaults)")
+                "\(source): faults must be a non-empty list of {beforeStep, action, target} (or set workerFaults)"
+            )
         }
         for (index, item) in list.enumerated() {
             guard let map = item as? [String: Any] else {
@@ -133,30 +143,38 @@ public struct ChaosScenario: Sendable {
             guard let action = Action(rawValue: actionName) else {
                 throw ChaosError(
                     "\(source): faults[\(index)].action '\(actionName)' is not one of "
-                        + Action.allCases.map(\.rawValue).joined(separator: ", "))
+                        + Action.allCases.map(\.rawValue).joined(separator: ", ")
+                )
             }
             let targetName = try fault.string("target", default: "primary")
-            let target: Target = switch targetName {
-            case "primary": .primary
-            case "replica": .replica
-            case "previous": .previous
-            case "coordinator": .coordinator
-            default: .node(targetName)
-            }
+            let target: Target =
+                switch targetName {
+                case "primary": .primary
+                case "replica": .replica
+                case "previous": .previous
+                case "coordinator": .coordinator
+                default: .node(targetName)
+                }
             if case .node(let id) = target, !id.hasPrefix("worker-") {
                 throw ChaosError(
                     "\(source): faults[\(index)].target '\(id)' is not primary, replica, previous, coordinator or a "
-                        + "worker id (worker-N)")
+                        + "worker id (worker-N)"
+                )
             }
             if target == .coordinator, ![.restart, .pause, .resume].contains(action) {
                 throw ChaosError(
                     "\(source): faults[\(index)]: the coordinator can only be restarted, paused or resumed (action: "
-                        + "restart, pause or resume)")
+                        + "restart, pause or resume)"
+                )
             }
             scenario.faults.append(
                 Fault(
                     beforeStep: try fault.int("beforeStep", default: 0, in: 0...(scenario.decodeTokens - 1)),
-                    action: action, target: target, afterMillis: try fault.int("afterMillis", default: 0, in: 0...600_000)))
+                    action: action,
+                    target: target,
+                    afterMillis: try fault.int("afterMillis", default: 0, in: 0...600_000)
+                )
+            )
         }
         return scenario
     }
@@ -183,7 +201,8 @@ private struct Fields {
     func only(_ keys: Set<String>) throws(ChaosError) {
         if let unknown = map.keys.sorted().first(where: { !keys.contains($0) }) {
             throw ChaosError(
-                "\(source): unknown key '\(path)\(unknown)'; allowed: \(keys.sorted().joined(separator: ", "))")
+                "\(source): unknown key '\(path)\(unknown)'; allowed: \(keys.sorted().joined(separator: ", "))"
+            )
         }
     }
 

@@ -3,8 +3,8 @@ public import ClusterTransport
 public import ClusterWire
 public import KVCacheCore
 public import Logging
-public import Workloads
 import Synchronization
+public import Workloads
 
 /// Where one open sequence lives: the placement epoch and each shard's layers and primary.
 public struct SequencePlacement: Sendable, Hashable {
@@ -94,15 +94,22 @@ public final class TesseraClient: Sendable {
     /// Over mutual TLS the client is the node and tenant its certificate names (`tenant`, if given,
     /// must be that one); insecure, it claims `nodeID` and `tenant` (default `default`).
     public static func withClient<T: Sendable>(
-        coordinator address: NodeAddress, security: TransportSecurity, tenant: String? = nil,
-        nodeID: String = "client", logger: Logger, maxFrameBytes: Int = 64 << 20,
+        coordinator address: NodeAddress,
+        security: TransportSecurity,
+        tenant: String? = nil,
+        nodeID: String = "client",
+        logger: Logger,
+        maxFrameBytes: Int = 64 << 20,
         _ body: @escaping @Sendable (TesseraClient) async throws -> T
     ) async throws -> T {
         let (nodeID, tenant) = try clientIdentity(security: security, tenant: tenant, nodeID: nodeID)
         let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
         let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
         return try await ConnectionPool.withPool(
-            handshake: handshake, security: security, maxFrameBytes: maxFrameBytes, logger: logger
+            handshake: handshake,
+            security: security,
+            maxFrameBytes: maxFrameBytes,
+            logger: logger
         ) { pool in
             _ = try await pool.connection(to: address)
             return try await body(TesseraClient(tenant: tenant, coordinator: address, pool: pool))
@@ -110,7 +117,9 @@ public final class TesseraClient: Sendable {
     }
 
     private static func clientIdentity(
-        security: TransportSecurity, tenant: String?, nodeID: String
+        security: TransportSecurity,
+        tenant: String?,
+        nodeID: String
     ) throws(WireError) -> (nodeID: String, tenant: String) {
         guard let certified = security.identity else { return (nodeID, tenant ?? "default") }
         guard certified.role == .client, let certifiedTenant = certified.tenant else {
@@ -119,7 +128,8 @@ public final class TesseraClient: Sendable {
         if let tenant, tenant != certifiedTenant {
             throw WireError(
                 .permissionDenied,
-                "asked to act for tenant \(tenant), but the client certificate \(certified.nodeID) is for tenant \(certifiedTenant)")
+                "asked to act for tenant \(tenant), but the client certificate \(certified.nodeID) is for tenant \(certifiedTenant)"
+            )
         }
         return (certified.nodeID, certifiedTenant)
     }
@@ -132,8 +142,12 @@ public final class TesseraClient: Sendable {
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
     /// `decodeTokens` is how many steps the client expects to decode (admission reserves their rows).
     public func openSequence(
-        _ sequenceID: UInt64, geometry: ModelGeometry, layout: PromptLayout, policy: CompressionPolicy,
-        retention: Double, decodeTokens: Int = 0
+        _ sequenceID: UInt64,
+        geometry: ModelGeometry,
+        layout: PromptLayout,
+        policy: CompressionPolicy,
+        retention: Double,
+        decodeTokens: Int = 0
     ) async throws -> SequencePlacement {
         var message = Tessera_V1_OpenSequence()
         message.tenant = tenant
@@ -143,7 +157,9 @@ public final class TesseraClient: Sendable {
         message.spans = try layout.proto()
         message.policy = try policy.proto(retention: retention)
         let placement = try remember(try await coordinator.request(.openSequence(message)))
-        prefillTimeouts.withLock { $0[sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength) }
+        prefillTimeouts.withLock {
+            $0[sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength)
+        }
         return placement
     }
 
@@ -170,7 +186,11 @@ public final class TesseraClient: Sendable {
     /// `settings`' prompt shape when given). `audit` has the workers keep the full cache beside the
     /// compressed one and score every decode step against it.
     public func prefillSynthetic(
-        _ sequenceID: UInt64, workload: String, seed: UInt64, index: Int, settings: TraceSettings? = nil,
+        _ sequenceID: UInt64,
+        workload: String,
+        seed: UInt64,
+        index: Int,
+        settings: TraceSettings? = nil,
         audit: Bool = false
     ) async throws -> UInt64 {
         var source = Tessera_V1_SyntheticSource()
@@ -199,14 +219,20 @@ public final class TesseraClient: Sendable {
     /// Runs one decode step on every shard. With `inputs` nil the workers expand the step from the
     /// prefill's workload seed. Returns each layer's attention outputs (`queryHeads × headDim`).
     public func decode(
-        _ sequenceID: UInt64, step: Int, geometry: ModelGeometry, inputs: [Int: DecodeStepInput]? = nil
+        _ sequenceID: UInt64,
+        step: Int,
+        geometry: ModelGeometry,
+        inputs: [Int: DecodeStepInput]? = nil
     ) async throws -> [Int: [Float]] {
         try await decodeStep(sequenceID, step: step, geometry: geometry, inputs: inputs).outputs
     }
 
     /// `decode`, with what the shards hold afterwards and, for an audited sequence, the step's fidelity.
     public func decodeStep(
-        _ sequenceID: UInt64, step: Int, geometry: ModelGeometry, inputs: [Int: DecodeStepInput]? = nil
+        _ sequenceID: UInt64,
+        step: Int,
+        geometry: ModelGeometry,
+        inputs: [Int: DecodeStepInput]? = nil
     ) async throws -> DecodeStep {
         let replies = try await onEveryShard(sequenceID) { shard, placement in
             var decode = Tessera_V1_Decode()
@@ -262,13 +288,18 @@ public final class TesseraClient: Sendable {
     public func shardCopies(on worker: NodeAddress) async throws -> [ShardCopy] {
         var request = Tessera_V1_StatusRequest()
         request.includeSequences = true
-        guard case .statusReply(let reply) = try await pool.connection(to: worker).request(.statusRequest(request)) else {
+        guard case .statusReply(let reply) = try await pool.connection(to: worker).request(.statusRequest(request))
+        else {
             throw WireError(.badRequest, "the worker answered status with something else")
         }
         return reply.sequences.map { sequence in
             ShardCopy(
-                sequenceID: sequence.sequenceID, shardID: sequence.shardID, isPrimary: sequence.primary,
-                kvBytes: sequence.kvBytes, digest: sequence.digest)
+                sequenceID: sequence.sequenceID,
+                shardID: sequence.shardID,
+                isPrimary: sequence.primary,
+                kvBytes: sequence.kvBytes,
+                digest: sequence.digest
+            )
         }
     }
 
@@ -284,8 +315,10 @@ public final class TesseraClient: Sendable {
     /// it refreshes the placement and retries that shard with backoff, for up to `failoverPatience`.
     /// Writes are idempotent (a prefill or a decode step already applied is answered, not reapplied).
     private func onEveryShard(
-        _ sequenceID: UInt64, timeout: Duration = .seconds(60),
-        _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+        _ sequenceID: UInt64,
+        timeout: Duration = .seconds(60),
+        _ make:
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
     ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
         guard let placement = placements.withLock({ $0[sequenceID] }) else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was not opened by this client")
@@ -299,7 +332,12 @@ public final class TesseraClient: Sendable {
                     while true {
                         do {
                             return try await self.attempt(
-                                sequenceID, current.shard, current.placement, timeout: timeout, make)
+                                sequenceID,
+                                current.shard,
+                                current.placement,
+                                timeout: timeout,
+                                make
+                            )
                         } catch {
                             guard Self.isRetryable(error), ContinuousClock.now + backoff < deadline else { throw error }
                             self.retries.add(1, ordering: .relaxed)
@@ -323,8 +361,12 @@ public final class TesseraClient: Sendable {
     /// second: a primary that froze (a gray failure) never answers, and once the coordinator has
     /// moved the shard to a new epoch the request is abandoned for a retry there.
     private func attempt(
-        _ sequenceID: UInt64, _ shard: SequencePlacement.Shard, _ placement: SequencePlacement, timeout: Duration,
-        _ make: @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+        _ sequenceID: UInt64,
+        _ shard: SequencePlacement.Shard,
+        _ placement: SequencePlacement,
+        timeout: Duration,
+        _ make:
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body?.self) { group in
             group.addTask {
@@ -339,7 +381,10 @@ public final class TesseraClient: Sendable {
             }
             defer { group.cancelAll() }
             guard let reply = try await group.next()! else {
-                throw WireError(.staleEpoch, "shard \(shard.id) of sequence \(sequenceID) moved while the request was in flight")
+                throw WireError(
+                    .staleEpoch,
+                    "shard \(shard.id) of sequence \(sequenceID) moved while the request was in flight"
+                )
             }
             return reply
         }
@@ -361,14 +406,17 @@ public final class TesseraClient: Sendable {
             throw WireError(.badRequest, "expected a placement, got \(reply)")
         }
         let placement = SequencePlacement(
-            sequenceID: message.sequenceID, epoch: message.epoch,
+            sequenceID: message.sequenceID,
+            epoch: message.epoch,
             shards: message.shards.map { shard in
                 SequencePlacement.Shard(
                     id: shard.shardID,
                     layers: Int(shard.firstLayer)..<(Int(shard.firstLayer) + Int(shard.layerCount)),
                     primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)),
-                    replicas: shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) })
-            })
+                    replicas: shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) }
+                )
+            }
+        )
         placements.withLock { $0[placement.sequenceID] = placement }
         return placement
     }
@@ -377,17 +425,23 @@ public final class TesseraClient: Sendable {
 extension ClusterStatus {
     init(_ reply: Tessera_V1_StatusReply) {
         workers = reply.workers.map { worker in
-            let state = switch worker.state {
-            case .up, .joining: "alive"
-            case .suspect: "suspect"
-            default: "dead"
-            }
+            let state =
+                switch worker.state {
+                case .up, .joining: "alive"
+                case .suspect: "suspect"
+                default: "dead"
+                }
             return Worker(
-                id: worker.endpoint.nodeID, address: "\(worker.endpoint.host):\(worker.endpoint.port)",
+                id: worker.endpoint.nodeID,
+                address: "\(worker.endpoint.host):\(worker.endpoint.port)",
                 state: state,
-                shards: worker.primaryShardIds, kvBytes: worker.kvBytes,
-                kvBytesByModality: worker.kvBytesByModality.byModality, rssBytes: worker.rssBytes,
-                auditBytes: worker.auditBytes, liveSequences: Int(worker.liveSequences))
+                shards: worker.primaryShardIds,
+                kvBytes: worker.kvBytes,
+                kvBytesByModality: worker.kvBytesByModality.byModality,
+                rssBytes: worker.rssBytes,
+                auditBytes: worker.auditBytes,
+                liveSequences: Int(worker.liveSequences)
+            )
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes

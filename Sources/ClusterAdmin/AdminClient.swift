@@ -10,9 +10,14 @@ public enum AdminClient {
     /// - Throws: ``ClusterAdminError`` with code ``ClusterAdminError/Code/requestFailed`` when the
     ///   endpoint cannot be reached or answers anything but 200 (the message carries its answer).
     public static func put(
-        host: String = "127.0.0.1", port: Int, path: String, body: String, token: String
+        host: String = "127.0.0.1",
+        port: Int,
+        path: String,
+        body: String,
+        token: String
     ) async throws -> String {
-        let request = "PUT \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+        let request =
+            "PUT \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\nContent-Type: text/plain\r\n"
             + "Authorization: Bearer \(token)\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)"
         let raw: String
         do {
@@ -30,7 +35,10 @@ public enum AdminClient {
             }
         } catch {
             throw ClusterAdminError(
-                code: .requestFailed, message: "PUT \(path) to \(host):\(port) failed: \(error)", cause: error)
+                code: .requestFailed,
+                message: "PUT \(path) to \(host):\(port) failed: \(error)",
+                cause: error
+            )
         }
         // Parsed as bytes: a Swift String treats "\r\n" as one Character.
         let bytes = Array(raw.utf8)
@@ -41,7 +49,8 @@ public enum AdminClient {
         guard statusLine.split(separator: " ").dropFirst().first == "200" else {
             throw ClusterAdminError(
                 code: .requestFailed,
-                message: "PUT \(path) to \(host):\(port) was refused: \(statusLine): \(answer.filter { $0 != "\n" })")
+                message: "PUT \(path) to \(host):\(port) was refused: \(statusLine): \(answer.filter { $0 != "\n" })"
+            )
         }
         return String(answer.drop { $0 == "\n" }.reversed().drop { $0 == "\n" }.reversed())
     }

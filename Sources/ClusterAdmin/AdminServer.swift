@@ -128,8 +128,12 @@ public struct AdminServer: Sendable {
                         guard let head = pending else { continue }
                         pending = nil
                         let keepAlive = head.isKeepAlive
-                        let response = tooLarge
-                            ? Response(status: .payloadTooLarge, body: ByteBuffer(string: "body larger than \(Self.maxBodyBytes) bytes\n"))
+                        let response =
+                            tooLarge
+                            ? Response(
+                                status: .payloadTooLarge,
+                                body: ByteBuffer(string: "body larger than \(Self.maxBodyBytes) bytes\n")
+                            )
                             : self.route(head, body: String(buffer: body))
                         try await self.respond(response, to: head, keepAlive: keepAlive, outbound: outbound)
                         if !keepAlive { return }
@@ -178,21 +182,35 @@ public struct AdminServer: Sendable {
                 guard let token else {
                     return Response(
                         status: .forbidden,
-                        body: ByteBuffer(string: "settings are read-only: this process has no admin token (--admin-token-file)\n"))
+                        body: ByteBuffer(
+                            string: "settings are read-only: this process has no admin token (--admin-token-file)\n"
+                        )
+                    )
                 }
                 guard token.accepts(authorization: head.headers["Authorization"].first) else {
                     return Response(
-                        status: .unauthorized, body: ByteBuffer(string: "PUT needs Authorization: Bearer TOKEN\n"))
+                        status: .unauthorized,
+                        body: ByteBuffer(string: "PUT needs Authorization: Bearer TOKEN\n")
+                    )
                 }
                 do {
-                    let value = try setting.write(String(body.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed()))
-                    self.logger.notice("admin setting changed", metadata: ["admin.path": "\(path)", "value": "\(value)"])
+                    let value = try setting.write(
+                        String(body.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+                    )
+                    self.logger.notice(
+                        "admin setting changed",
+                        metadata: ["admin.path": "\(path)", "value": "\(value)"]
+                    )
                     return Response(status: .ok, body: ByteBuffer(string: value + "\n"))
                 } catch {
                     return Response(status: .badRequest, body: ByteBuffer(string: "\(error)\n"))
                 }
             default:
-                return Response(status: .methodNotAllowed, body: ByteBuffer(string: "method not allowed\n"), allow: "GET, PUT")
+                return Response(
+                    status: .methodNotAllowed,
+                    body: ByteBuffer(string: "method not allowed\n"),
+                    allow: "GET, PUT"
+                )
             }
         }
         guard head.method == .GET else {

@@ -11,7 +11,8 @@ public struct AdminToken: Sendable {
         guard secret.utf8.count >= Self.minimumBytes, !secret.contains(where: \.isWhitespace) else {
             throw ClusterAdminError(
                 code: .invalidValue,
-                message: "an admin token needs at least \(Self.minimumBytes) bytes and no white space")
+                message: "an admin token needs at least \(Self.minimumBytes) bytes and no white space"
+            )
         }
         self.secret = Array(secret.utf8)
     }

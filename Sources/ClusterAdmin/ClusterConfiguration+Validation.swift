@@ -126,7 +126,11 @@ extension LaunchSettings {
 
 private let portRange = 0...65535
 
-private func check(_ condition: Bool, _ path: String, _ requirement: @autoclosure () -> String)
+private func check(
+    _ condition: Bool,
+    _ path: String,
+    _ requirement: @autoclosure () -> String
+)
     throws(ClusterAdminError)
 {
     guard condition else {

@@ -1,9 +1,9 @@
 import Yams
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 extension ClusterConfiguration {
@@ -45,7 +45,11 @@ extension ClusterConfiguration {
     ///   - yaml: The YAML text.
     ///   - file: The name errors report as their `file`.
     ///   - validate: Whether to run ``validate()``; pass `false` to merge flags first and validate after.
-    public static func decode(yaml: String, file: String? = nil, validate: Bool = true) throws(ClusterAdminError)
+    public static func decode(
+        yaml: String,
+        file: String? = nil,
+        validate: Bool = true
+    ) throws(ClusterAdminError)
         -> Self
     {
         let parser: Parser

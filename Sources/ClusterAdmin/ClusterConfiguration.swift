@@ -128,7 +128,8 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
     public var deadAfter: Duration { .milliseconds(self.deadAfterMillis) }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case host, port, adminPort, heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication, faults
+        case host, port, adminPort, heartbeatIntervalMillis, suspectAfterMillis, deadAfterMillis, memory, replication,
+            faults
     }
 
     public init(from decoder: any Decoder) throws {

@@ -5,8 +5,8 @@ import ClusterWire
 import FoundationEssentials
 public import Logging
 import Subprocess
-public import SystemPackage
 import Synchronization
+public import SystemPackage
 
 #if canImport(Glibc)
 import Glibc
@@ -45,8 +45,12 @@ public final class LocalCluster: Sendable {
     private let started = Mutex<[Int32]>([])
 
     private init(
-        coordinator: Process, workers: [Process], certificates: CertificateDirectory?, adminToken: String,
-        options: Options, restarts: AsyncStream<Restart>.Continuation
+        coordinator: Process,
+        workers: [Process],
+        certificates: CertificateDirectory?,
+        adminToken: String,
+        options: Options,
+        restarts: AsyncStream<Restart>.Continuation
     ) {
         self.coordinator = coordinator.address
         self.certificates = certificates
@@ -75,7 +79,10 @@ public final class LocalCluster: Sendable {
         public var security = Security.throwawayCA
 
         public init(
-            binary: FilePath, workers: Int, childArguments: [String] = [], inheritStandardError: Bool = true,
+            binary: FilePath,
+            workers: Int,
+            childArguments: [String] = [],
+            inheritStandardError: Bool = true,
             readyTimeout: Duration = .seconds(60)
         ) {
             self.binary = binary
@@ -100,7 +107,9 @@ public final class LocalCluster: Sendable {
     /// CA when the folder has none), or `.insecure` for an insecure cluster.
     public func clientSecurity(name: String, tenant: String) throws(CertificateError) -> TransportSecurity {
         guard let certificates else { return .insecure }
-        return .mutualTLS(try certificates.credentials(for: CertifiedIdentity(role: .client, nodeID: name, tenant: tenant)))
+        return .mutualTLS(
+            try certificates.credentials(for: CertifiedIdentity(role: .client, nodeID: name, tenant: tenant))
+        )
     }
 
     /// The running `tessera` binary's path.
@@ -121,15 +130,21 @@ public final class LocalCluster: Sendable {
 
     /// Starts the cluster, waits until every process printed its READY line, runs `body`, stops them.
     public static func withCluster<T: Sendable>(
-        _ options: Options, logger: Logger, _ body: @escaping @Sendable (LocalCluster) async throws -> T
+        _ options: Options,
+        logger: Logger,
+        _ body: @escaping @Sendable (LocalCluster) async throws -> T
     ) async throws -> T {
         // A folder of the cluster's own for its admin token and, unless given, its throw-away CA.
         let scratch = try makeTemporaryFolder()
         defer { try? FileManager.default.removeItem(atPath: scratch.path) }
         let adminToken = AdminToken.random()
         let tokenFile = "\(scratch.path)/admin-token"
-        guard FileManager.default.createFile(
-            atPath: tokenFile, contents: Data(adminToken.utf8), attributes: [.posixPermissions: 0o600])
+        guard
+            FileManager.default.createFile(
+                atPath: tokenFile,
+                contents: Data(adminToken.utf8),
+                attributes: [.posixPermissions: 0o600]
+            )
         else { throw LaunchError("cannot write \(tokenFile)") }
         var options = options
         options.childArguments += ["--admin-token-file", tokenFile]
@@ -154,25 +169,59 @@ public final class LocalCluster: Sendable {
         }
         return try await withThrowingTaskGroup(of: T?.self) { [options] group in
             defer { group.cancelAll() }
-            let coordinatorReady = try await spawn(options, arguments: coordinatorArguments(options, port: 0), name: "coordinator", in: &group)
+            let coordinatorReady = try await spawn(
+                options,
+                arguments: coordinatorArguments(options, port: 0),
+                name: "coordinator",
+                in: &group
+            )
             let address = NodeAddress(host: "127.0.0.1", port: coordinatorReady.port)
-            let coordinator = Process(nodeID: "coordinator", address: address, pid: coordinatorReady.pid, adminPort: coordinatorReady.adminPort)
+            let coordinator = Process(
+                nodeID: "coordinator",
+                address: address,
+                pid: coordinatorReady.pid,
+                adminPort: coordinatorReady.adminPort
+            )
             var workers: [Process] = []
             for index in 0..<options.workers {
                 let nodeID = "worker-\(index + 1)"
-                let ready = try await spawn(options, arguments: workerArguments(options, nodeID: nodeID, coordinator: address), name: nodeID, in: &group)
-                workers.append(Process(nodeID: nodeID, address: NodeAddress(host: "127.0.0.1", port: ready.port), pid: ready.pid, adminPort: ready.adminPort))
+                let ready = try await spawn(
+                    options,
+                    arguments: workerArguments(options, nodeID: nodeID, coordinator: address),
+                    name: nodeID,
+                    in: &group
+                )
+                workers.append(
+                    Process(
+                        nodeID: nodeID,
+                        address: NodeAddress(host: "127.0.0.1", port: ready.port),
+                        pid: ready.pid,
+                        adminPort: ready.adminPort
+                    )
+                )
             }
             let (requests, continuation) = AsyncStream.makeStream(of: Restart.self)
             let cluster = LocalCluster(
-                coordinator: coordinator, workers: workers, certificates: certificates, adminToken: adminToken,
-                options: options, restarts: continuation)
+                coordinator: coordinator,
+                workers: workers,
+                certificates: certificates,
+                adminToken: adminToken,
+                options: options,
+                restarts: continuation
+            )
             // Restarted processes run in a group of their own, owned by this child task.
             group.addTask {
                 await withThrowingTaskGroup(of: Void?.self) { restarted in
                     for await request in requests {
                         do {
-                            request.done.resume(returning: try await spawn(options, arguments: request.arguments, name: request.name, in: &restarted))
+                            request.done.resume(
+                                returning: try await spawn(
+                                    options,
+                                    arguments: request.arguments,
+                                    name: request.name,
+                                    in: &restarted
+                                )
+                            )
                         } catch {
                             request.done.resume(throwing: error)
                         }
@@ -207,8 +256,16 @@ public final class LocalCluster: Sendable {
             throw LaunchError("the cluster has no \(nodeID)")
         }
         try await Self.stop(old.pid, signal: graceful ? SIGTERM : SIGKILL, name: nodeID)
-        let ready = try await spawnAgain(Self.workerArguments(options, nodeID: nodeID, coordinator: coordinator), name: nodeID)
-        let new = Process(nodeID: nodeID, address: NodeAddress(host: "127.0.0.1", port: ready.port), pid: ready.pid, adminPort: ready.adminPort)
+        let ready = try await spawnAgain(
+            Self.workerArguments(options, nodeID: nodeID, coordinator: coordinator),
+            name: nodeID
+        )
+        let new = Process(
+            nodeID: nodeID,
+            address: NodeAddress(host: "127.0.0.1", port: ready.port),
+            pid: ready.pid,
+            adminPort: ready.adminPort
+        )
         processes.withLock { state in
             state.workers = state.workers.map { $0.nodeID == nodeID ? new : $0 }
         }
@@ -221,7 +278,10 @@ public final class LocalCluster: Sendable {
     public func restartCoordinator(graceful: Bool = false) async throws -> Process {
         let old = coordinatorProcess
         try await Self.stop(old.pid, signal: graceful ? SIGTERM : SIGKILL, name: "coordinator")
-        let ready = try await spawnAgain(Self.coordinatorArguments(options, port: coordinator.port), name: "coordinator")
+        let ready = try await spawnAgain(
+            Self.coordinatorArguments(options, port: coordinator.port),
+            name: "coordinator"
+        )
         let new = Process(nodeID: "coordinator", address: coordinator, pid: ready.pid, adminPort: ready.adminPort)
         processes.withLock { $0.coordinator = new }
         return new
@@ -240,7 +300,9 @@ public final class LocalCluster: Sendable {
         _ = kill(pid, signal)
         let deadline = ContinuousClock.now + .seconds(10)
         while kill(pid, 0) == 0 {
-            guard ContinuousClock.now < deadline else { throw LaunchError("\(name) (pid \(pid)) did not exit within 10 s") }
+            guard ContinuousClock.now < deadline else {
+                throw LaunchError("\(name) (pid \(pid)) did not exit within 10 s")
+            }
             try await Task.sleep(for: .milliseconds(20))
         }
     }
@@ -259,7 +321,10 @@ public final class LocalCluster: Sendable {
 
     /// Starts one child in `group` and returns once it printed `READY {...}` with its port.
     private static func spawn<R: Sendable>(
-        _ options: Options, arguments: [String], name: String, in group: inout ThrowingTaskGroup<R?, any Error>
+        _ options: Options,
+        arguments: [String],
+        name: String,
+        in group: inout ThrowingTaskGroup<R?, any Error>
     ) async throws -> Ready {
         let (readyStream, readyContinuation) = AsyncStream.makeStream(of: Ready.self)
         let platform = {
@@ -273,25 +338,35 @@ public final class LocalCluster: Sendable {
             defer { readyContinuation.finish() }
             do {
                 try await runChild()
-            } catch where tolerated && !(error is CancellationError) {
+            } catch  where tolerated && !(error is CancellationError) {
                 // A killed process is the point of the exercise.
             }
             return nil
         }
         @Sendable func runChild() async throws {
-            let errorOutput: FileDescriptorOutput = options.inheritStandardError
+            let errorOutput: FileDescriptorOutput =
+                options.inheritStandardError
                 ? .fileDescriptor(.standardError, closeAfterSpawningProcess: false)
                 : .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
             _ = try await run(
-                .path(options.binary), arguments: Arguments(all), platformOptions: platform, input: .inputWriter,
-                output: .sequence, error: errorOutput
+                .path(options.binary),
+                arguments: Arguments(all),
+                platformOptions: platform,
+                input: .inputWriter,
+                output: .sequence,
+                error: errorOutput
             ) { execution in
                 // The lifeline: the child reads stdin and exits when it closes, which happens when this
                 // process goes away for any reason.
                 for try await line in execution.standardOutput.strings() {
                     if let port = readyField(line, "port") {
-                        readyContinuation.yield(Ready(
-                            port: port, pid: execution.processIdentifier.value, adminPort: readyField(line, "adminPort") ?? 0))
+                        readyContinuation.yield(
+                            Ready(
+                                port: port,
+                                pid: execution.processIdentifier.value,
+                                adminPort: readyField(line, "adminPort") ?? 0
+                            )
+                        )
                     }
                 }
             }
@@ -306,7 +381,9 @@ public final class LocalCluster: Sendable {
     /// A new folder only this user can read, for a throw-away CA.
     private static func makeTemporaryFolder() throws -> CertificateDirectory {
         var template = Array("/tmp/tessera-certs-XXXXXX".utf8CString)
-        guard let path = mkdtemp(&template) else { throw LaunchError("cannot create a temporary folder for certificates") }
+        guard let path = mkdtemp(&template) else {
+            throw LaunchError("cannot create a temporary folder for certificates")
+        }
         return CertificateDirectory(String(cString: path))
     }
 

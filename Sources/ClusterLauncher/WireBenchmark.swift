@@ -17,18 +17,24 @@ public enum WireBenchmark {
     /// process's stderr), waits until every worker is alive in the coordinator's view, runs `body`,
     /// and stops every child when it returns or throws.
     public static func withCluster<T: Sendable>(
-        workers: Int, security: LocalCluster.Security, logger: Logger,
+        workers: Int,
+        security: LocalCluster.Security,
+        logger: Logger,
         _ body: @escaping @Sendable (LocalCluster) async throws -> T
     ) async throws -> T {
         var options = LocalCluster.Options(
-            binary: LocalCluster.currentBinary, workers: workers, childArguments: ["--log-level", "error"],
-            inheritStandardError: true)
+            binary: LocalCluster.currentBinary,
+            workers: workers,
+            childArguments: ["--log-level", "error"],
+            inheritStandardError: true
+        )
         options.security = security
         return try await LocalCluster.withCluster(options, logger: logger) { cluster in
             try await TesseraClient.withClient(
                 coordinator: cluster.coordinator,
                 security: try cluster.clientSecurity(name: "bench-wire-probe", tenant: "bench-wire"),
-                nodeID: "bench-wire-probe", logger: logger
+                nodeID: "bench-wire-probe",
+                logger: logger
             ) { client in
                 let clock = ContinuousClock()
                 let deadline = clock.now + .seconds(30)
@@ -72,7 +78,12 @@ public enum WireBenchmark {
     /// Transfers `frames` frames of `frameBytes` bytes as `transfer(frameBytes:frames:ackEveryFrame:)`
     /// does, repeating the whole transfer until the passes took `minimumSeconds` together: the same
     /// bytes a tessera measurement moved may take plain TCP only milliseconds, too short to time alone.
-    public static func plainTCP(frameBytes: Int, frames: Int, ackEveryFrame: Bool, minimumSeconds: Double)
+    public static func plainTCP(
+        frameBytes: Int,
+        frames: Int,
+        ackEveryFrame: Bool,
+        minimumSeconds: Double
+    )
         async throws -> Transfer
     {
         var bytes = 0
@@ -99,7 +110,11 @@ public enum WireBenchmark {
     /// rest of the process. The sockets are TCP_NODELAY like the cluster's own connections, with the
     /// kernel's default buffer sizes, and time out after 30 s of silence so a failing end cannot hang
     /// the other.
-    private static func transfer(frameBytes: Int, frames: Int, ackEveryFrame: Bool) async throws
+    private static func transfer(
+        frameBytes: Int,
+        frames: Int,
+        ackEveryFrame: Bool
+    ) async throws
         -> (bytes: Int, seconds: Double)
     {
         precondition(frameBytes >= 1 && frames >= 1)
@@ -128,7 +143,12 @@ public enum WireBenchmark {
     }
 
     /// Reads until `total` bytes arrived; answers each frame (with `ackEveryFrame`) and the end with one byte.
-    private static func sink(_ connection: Socket, total: Int, frameBytes: Int, ackEveryFrame: Bool) throws(SocketError)
+    private static func sink(
+        _ connection: Socket,
+        total: Int,
+        frameBytes: Int,
+        ackEveryFrame: Bool
+    ) throws(SocketError)
         -> Int
     {
         let chunk = 1 << 20
@@ -154,7 +174,12 @@ public enum WireBenchmark {
     }
 
     /// Sends the frames and returns the seconds from the first write until the final byte came back.
-    private static func source(_ connection: Socket, frameBytes: Int, frames: Int, ackEveryFrame: Bool)
+    private static func source(
+        _ connection: Socket,
+        frameBytes: Int,
+        frames: Int,
+        ackEveryFrame: Bool
+    )
         throws(SocketError) -> Double
     {
         let payload = UnsafeMutableRawPointer.allocate(byteCount: frameBytes, alignment: 64)
@@ -173,18 +198,24 @@ public enum WireBenchmark {
     }
 
     /// Runs `work` on a new detached POSIX thread and returns its result to the awaiting task.
-    private static func onThread<T: Sendable>(_ work: @escaping @Sendable () throws(SocketError) -> T) async throws -> T {
+    private static func onThread<T: Sendable>(_ work: @escaping @Sendable () throws(SocketError) -> T) async throws -> T
+    {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let job = ThreadJob {
                 do { continuation.resume(returning: try work()) } catch { continuation.resume(throwing: error) }
             }
             let retained = Unmanaged.passRetained(job).toOpaque()
             var thread = pthread_t()
-            let status = pthread_create(&thread, nil, { argument in
-                let job = Unmanaged<ThreadJob>.fromOpaque(argument!).takeRetainedValue()
-                job.run()
-                return nil
-            }, retained)
+            let status = pthread_create(
+                &thread,
+                nil,
+                { argument in
+                    let job = Unmanaged<ThreadJob>.fromOpaque(argument!).takeRetainedValue()
+                    job.run()
+                    return nil
+                },
+                retained
+            )
             if status == 0 {
                 pthread_detach(thread)
             } else {
@@ -216,7 +247,8 @@ public enum WireBenchmark {
 
         public func arrive() async throws -> ContinuousClock.Instant {
             try await withCheckedThrowingContinuation { continuation in
-                let release = state.withLock { state -> (ContinuousClock.Instant, [CheckedContinuation<ContinuousClock.Instant, any Error>])? in
+                let release = state.withLock {
+                    state -> (ContinuousClock.Instant, [CheckedContinuation<ContinuousClock.Instant, any Error>])? in
                     if let failure = state.failure {
                         continuation.resume(throwing: failure)
                         return nil
@@ -301,8 +333,12 @@ public enum WireBenchmark {
         public var percentOfPlainTCP: Double
 
         public init(
-            payloadBytesPerFrame: Int, wireBytesPerFrame: Int, promptLength: Int, tessera: [IngestRate],
-            plainTCP: Transfer, plainTCPAcked: Transfer
+            payloadBytesPerFrame: Int,
+            wireBytesPerFrame: Int,
+            promptLength: Int,
+            tessera: [IngestRate],
+            plainTCP: Transfer,
+            plainTCPAcked: Transfer
         ) {
             self.payloadBytesPerFrame = payloadBytesPerFrame
             self.wireBytesPerFrame = wireBytesPerFrame
@@ -328,7 +364,14 @@ public enum WireBenchmark {
         /// Whether a client used up its prepared sequences before the phase's time was over.
         public var ranOutOfSequences: Bool
 
-        public init(connections: Int, kind: String, roundTrips: Int, seconds: Double, latency: Latency, ranOutOfSequences: Bool) {
+        public init(
+            connections: Int,
+            kind: String,
+            roundTrips: Int,
+            seconds: Double,
+            latency: Latency,
+            ranOutOfSequences: Bool
+        ) {
             self.connections = connections
             self.kind = kind
             self.roundTrips = roundTrips
@@ -349,7 +392,11 @@ public enum WireBenchmark {
         public var decode: [DecodePoint]
 
         public init(
-            security: String, workers: Int, secondsPerPoint: Double, onlineProcessors: Int, ingest: [IngestPoint],
+            security: String,
+            workers: Int,
+            secondsPerPoint: Double,
+            onlineProcessors: Int,
+            ingest: [IngestPoint],
             decode: [DecodePoint]
         ) {
             self.security = security
@@ -446,7 +493,8 @@ private struct Socket: Sendable {
             }
         }
         guard connected == 0,
-            setsockopt(socket.descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size)) == 0
+            setsockopt(socket.descriptor, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                == 0
         else {
             let error = SocketError.last("connect to 127.0.0.1:\(port)")
             socket.release()

@@ -34,8 +34,11 @@ public struct CertificateDirectory: Sendable, Hashable, CustomStringConvertible 
     }
 
     func read(_ file: String, what: String) throws(CertificateError) -> String {
-        guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
-            throw CertificateError("cannot read \(what) at \(file) (make one with `tessera certs init` and `tessera certs issue`)")
+        guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8)
+        else {
+            throw CertificateError(
+                "cannot read \(what) at \(file) (make one with `tessera certs init` and `tessera certs issue`)"
+            )
         }
         return text
     }
@@ -70,21 +73,30 @@ public struct CertificateAuthority: Sendable {
     }
 
     /// A new CA, valid for `days` from now.
-    public static func create(name: String = "Tessera cluster CA", days: Int = 10 * 365) throws(CertificateError) -> Self {
+    public static func create(
+        name: String = "Tessera cluster CA",
+        days: Int = 10 * 365
+    ) throws(CertificateError) -> Self {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         do {
             let subject = try DistinguishedName { CommonName(name) }
             let now = Date()
             let certificate = try Certificate(
-                version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
-                notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(days) * 86_400),
-                issuer: subject, subject: subject, signatureAlgorithm: .ecdsaWithSHA256,
+                version: .v3,
+                serialNumber: Certificate.SerialNumber(),
+                publicKey: key.publicKey,
+                notValidBefore: now.addingTimeInterval(-300),
+                notValidAfter: now.addingTimeInterval(Double(days) * 86_400),
+                issuer: subject,
+                subject: subject,
+                signatureAlgorithm: .ecdsaWithSHA256,
                 extensions: try Certificate.Extensions {
                     Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
                     Critical(KeyUsage(keyCertSign: true, cRLSign: true))
                     SubjectKeyIdentifier(hash: key.publicKey)
                 },
-                issuerPrivateKey: key)
+                issuerPrivateKey: key
+            )
             return Self(certificate: certificate, privateKey: key)
         } catch {
             throw CertificateError("cannot create a CA certificate: \(error)")
@@ -96,7 +108,10 @@ public struct CertificateAuthority: Sendable {
         let certificatePEM = try directory.read(directory.caCertificate, what: "the CA certificate")
         let keyPEM = try directory.read(directory.caKey, what: "the CA key")
         do {
-            return Self(certificate: try Certificate(pemEncoded: certificatePEM), privateKey: try Certificate.PrivateKey(pemEncoded: keyPEM))
+            return Self(
+                certificate: try Certificate(pemEncoded: certificatePEM),
+                privateKey: try Certificate.PrivateKey(pemEncoded: keyPEM)
+            )
         } catch {
             throw CertificateError("cannot parse the CA in \(directory): \(error)")
         }
@@ -118,25 +133,39 @@ public struct CertificateAuthority: Sendable {
     /// `directory` as `NODE.pem` and `NODE-key.pem`. Returns the certificate.
     @discardableResult
     public func issue(
-        _ identity: CertifiedIdentity, days: Int = defaultValidityDays, into directory: CertificateDirectory
+        _ identity: CertifiedIdentity,
+        days: Int = defaultValidityDays,
+        into directory: CertificateDirectory
     ) throws(CertificateError) -> Certificate {
         try CertifiedIdentity.validate(identity)
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         do {
             let now = Date()
             let certificate = try Certificate(
-                version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: key.publicKey,
-                notValidBefore: now.addingTimeInterval(-300), notValidAfter: now.addingTimeInterval(Double(days) * 86_400),
-                issuer: self.certificate.subject, subject: try identity.subject, signatureAlgorithm: .ecdsaWithSHA256,
+                version: .v3,
+                serialNumber: Certificate.SerialNumber(),
+                publicKey: key.publicKey,
+                notValidBefore: now.addingTimeInterval(-300),
+                notValidAfter: now.addingTimeInterval(Double(days) * 86_400),
+                issuer: self.certificate.subject,
+                subject: try identity.subject,
+                signatureAlgorithm: .ecdsaWithSHA256,
                 extensions: try Certificate.Extensions {
                     Critical(BasicConstraints.notCertificateAuthority)
                     Critical(KeyUsage(digitalSignature: true))
                     try ExtendedKeyUsage([.serverAuth, .clientAuth])
                     SubjectKeyIdentifier(hash: key.publicKey)
-                    AuthorityKeyIdentifier(keyIdentifier: SubjectKeyIdentifier(hash: privateKey.publicKey).keyIdentifier)
+                    AuthorityKeyIdentifier(
+                        keyIdentifier: SubjectKeyIdentifier(hash: privateKey.publicKey).keyIdentifier
+                    )
                 },
-                issuerPrivateKey: privateKey)
-            try directory.write(certificate.serializeAsPEM().pemString, to: directory.certificate(identity.nodeID), secret: false)
+                issuerPrivateKey: privateKey
+            )
+            try directory.write(
+                certificate.serializeAsPEM().pemString,
+                to: directory.certificate(identity.nodeID),
+                secret: false
+            )
             try directory.write(key.serializeAsPEM().pemString, to: directory.key(identity.nodeID), secret: true)
             return certificate
         } catch let error as CertificateError {
@@ -169,14 +198,17 @@ extension CertifiedIdentity {
         }
         func single(_ type: ASN1ObjectIdentifier, _ what: String) throws(CertificateError) -> String? {
             let found = values[type] ?? []
-            guard found.count <= 1 else { throw CertificateError("the certificate names \(found.count) \(what)s; expected one") }
+            guard found.count <= 1 else {
+                throw CertificateError("the certificate names \(found.count) \(what)s; expected one")
+            }
             return found.first
         }
         guard let roleName = try single(.RDNAttributeType.organizationalUnitName, "role (OU)"),
             let role = NodeRole(rawValue: roleName)
         else {
             throw CertificateError(
-                "the certificate's subject \(certificate.subject) has no role; expected OU=coordinator, OU=worker or OU=client")
+                "the certificate's subject \(certificate.subject) has no role; expected OU=coordinator, OU=worker or OU=client"
+            )
         }
         guard let nodeID = try single(.RDNAttributeType.commonName, "node id (CN)") else {
             throw CertificateError("the certificate's subject \(certificate.subject) has no node id (CN)")
@@ -190,7 +222,8 @@ extension CertifiedIdentity {
         let idBytes = identity.nodeID.utf8.count
         guard idBytes > 0, idBytes <= NodeIdentity.maxNodeIDBytes, !identity.nodeID.contains("/") else {
             throw CertificateError(
-                "node id '\(identity.nodeID)' must be 1...\(NodeIdentity.maxNodeIDBytes) bytes without '/'")
+                "node id '\(identity.nodeID)' must be 1...\(NodeIdentity.maxNodeIDBytes) bytes without '/'"
+            )
         }
         switch (identity.role, identity.tenant) {
         case (.client, let tenant?) where !tenant.isEmpty && tenant.utf8.count <= 256: return
@@ -210,7 +243,8 @@ extension CertificateDirectory {
         }
         guard hasAuthority else {
             throw CertificateError(
-                "\(path) has no certificate for \(identity) and no CA key to issue one (tessera certs issue)")
+                "\(path) has no certificate for \(identity) and no CA key to issue one (tessera certs issue)"
+            )
         }
         try CertificateAuthority.load(from: self).issue(identity, into: self)
         return try NodeCredentials(directory: self, name: identity.nodeID)

@@ -41,7 +41,9 @@ public struct NodeCredentials: Sendable {
         }
         identity = try CertifiedIdentity(certificate: certificate)
         do {
-            let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map { NIOSSLCertificateSource.certificate($0) }
+            let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map {
+                NIOSSLCertificateSource.certificate($0)
+            }
             let key = NIOSSLPrivateKeySource.privateKey(try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem))
             let roots = NIOSSLTrustRoots.certificates(try NIOSSLCertificate.fromPEMBytes(Array(caPEM.utf8)))
             var serverConfiguration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
@@ -95,7 +97,8 @@ extension TransportSecurity {
     public func check(local: NodeIdentity) throws(CertificateError) {
         guard let identity, identity.role != local.role || identity.nodeID != local.nodeID else { return }
         throw CertificateError(
-            "this \(local.role) runs as \(local.nodeID), but its certificate names \(identity.role) \(identity.nodeID)")
+            "this \(local.role) runs as \(local.nodeID), but its certificate names \(identity.role) \(identity.nodeID)"
+        )
     }
 
     /// The peer's certificate identity over mutual TLS; nil when insecure.

@@ -25,7 +25,9 @@ public struct Admission: Sendable, Hashable {
     public private(set) var totalBytes: UInt64 = 0
 
     public init(
-        memoryLimitBytes: UInt64 = 0, tenantQuotaBytes: [String: UInt64] = [:], defaultTenantQuotaBytes: UInt64 = 0,
+        memoryLimitBytes: UInt64 = 0,
+        tenantQuotaBytes: [String: UInt64] = [:],
+        defaultTenantQuotaBytes: UInt64 = 0,
         retryAfterMillis: UInt32 = 250
     ) {
         self.memoryLimitBytes = memoryLimitBytes
@@ -83,26 +85,39 @@ public struct Admission: Sendable, Hashable {
         if quota != 0, estimatedBytes > quota {
             return .refused(
                 .exceedsTenantQuota(tenant: tenant, requestedBytes: estimatedBytes, quotaBytes: quota),
-                retryAfterMillis: 0)
+                retryAfterMillis: 0
+            )
         }
         if memoryLimitBytes != 0, estimatedBytes > memoryLimitBytes {
             return .refused(
-                .exceedsMemoryLimit(requestedBytes: estimatedBytes, limitBytes: memoryLimitBytes), retryAfterMillis: 0)
+                .exceedsMemoryLimit(requestedBytes: estimatedBytes, limitBytes: memoryLimitBytes),
+                retryAfterMillis: 0
+            )
         }
         let tenantBytes = bytes(forTenant: tenant)
         if quota != 0, Self.sum(tenantBytes, estimatedBytes) > quota {
             return .refused(
                 .tenantQuotaInUse(
-                    tenant: tenant, requestedBytes: estimatedBytes, usedBytes: tenantBytes, quotaBytes: quota),
-                retryAfterMillis: retryAfterMillis)
+                    tenant: tenant,
+                    requestedBytes: estimatedBytes,
+                    usedBytes: tenantBytes,
+                    quotaBytes: quota
+                ),
+                retryAfterMillis: retryAfterMillis
+            )
         }
         if memoryLimitBytes != 0, Self.sum(totalBytes, estimatedBytes) > memoryLimitBytes {
             return .refused(
                 .memoryInUse(requestedBytes: estimatedBytes, usedBytes: totalBytes, limitBytes: memoryLimitBytes),
-                retryAfterMillis: retryAfterMillis)
+                retryAfterMillis: retryAfterMillis
+            )
         }
         open[sequenceID] = AdmittedSequence(
-            tenant: tenant, sequenceID: sequenceID, estimatedBytes: estimatedBytes, reportedBytes: nil)
+            tenant: tenant,
+            sequenceID: sequenceID,
+            estimatedBytes: estimatedBytes,
+            reportedBytes: nil
+        )
         usage[tenant, default: TenantUsage()].sequences += 1
         charge(tenant: tenant, from: 0, to: estimatedBytes)
         return .admitted
@@ -123,7 +138,12 @@ public struct Admission: Sendable, Hashable {
     /// report; never refused, since the bytes are already held. For an open sequence it is `record`.
     public mutating func restore(tenant: String, sequenceID: UInt64, kvBytes: UInt64) {
         if open[sequenceID] == nil {
-            open[sequenceID] = AdmittedSequence(tenant: tenant, sequenceID: sequenceID, estimatedBytes: 0, reportedBytes: nil)
+            open[sequenceID] = AdmittedSequence(
+                tenant: tenant,
+                sequenceID: sequenceID,
+                estimatedBytes: 0,
+                reportedBytes: nil
+            )
             usage[tenant, default: TenantUsage()].sequences += 1
         }
         _ = record(sequenceID: sequenceID, kvBytes: kvBytes)

@@ -30,11 +30,14 @@ public struct FailureDetectorSettings: Sendable, Hashable {
         guard suspectAfter > heartbeatInterval else {
             throw ClusterStateError(
                 .invalidSetting,
-                "suspectAfter (\(suspectAfter)) must be longer than heartbeatInterval (\(heartbeatInterval))")
+                "suspectAfter (\(suspectAfter)) must be longer than heartbeatInterval (\(heartbeatInterval))"
+            )
         }
         guard deadAfter > suspectAfter else {
             throw ClusterStateError(
-                .invalidSetting, "deadAfter (\(deadAfter)) must be longer than suspectAfter (\(suspectAfter))")
+                .invalidSetting,
+                "deadAfter (\(deadAfter)) must be longer than suspectAfter (\(suspectAfter))"
+            )
         }
     }
 }

@@ -25,7 +25,10 @@ public struct Member: Sendable, Hashable, CustomStringConvertible {
     public internal(set) var stateChangedAt: ClusterInstant
 
     init(
-        nodeID: NodeID, incarnation: UInt64, address: MemberAddress, memoryCapacityBytes: UInt64,
+        nodeID: NodeID,
+        incarnation: UInt64,
+        address: MemberAddress,
+        memoryCapacityBytes: UInt64,
         now: ClusterInstant
     ) {
         self.nodeID = nodeID

@@ -90,13 +90,20 @@ public struct Membership: Sendable, Hashable {
     ///   already was) and the new one joins alive.
     /// - A lower incarnation, or an address that is not valid, is refused.
     public mutating func join(
-        nodeID: NodeID, incarnation: UInt64, address: MemberAddress, memoryCapacityBytes: UInt64,
+        nodeID: NodeID,
+        incarnation: UInt64,
+        address: MemberAddress,
+        memoryCapacityBytes: UInt64,
         now: ClusterInstant
     ) -> JoinOutcome {
         guard address.isValid else { return .refused(.invalidAddress(address)) }
         let fresh = Member(
-            nodeID: nodeID, incarnation: incarnation, address: address, memoryCapacityBytes: memoryCapacityBytes,
-            now: now)
+            nodeID: nodeID,
+            incarnation: incarnation,
+            address: address,
+            memoryCapacityBytes: memoryCapacityBytes,
+            now: now
+        )
         guard var existing = table[nodeID] else {
             table[nodeID] = fresh
             return .accepted(fresh, changes: [.init(nodeID: nodeID, incarnation: incarnation, from: nil, to: .alive)])
@@ -192,7 +199,11 @@ public struct Membership: Sendable, Hashable {
 
     private func transition(_ member: inout Member, to state: MemberState, now: ClusterInstant) -> MembershipChange {
         let change = MembershipChange(
-            nodeID: member.nodeID, incarnation: member.incarnation, from: member.state, to: state)
+            nodeID: member.nodeID,
+            incarnation: member.incarnation,
+            from: member.state,
+            to: state
+        )
         member.state = state
         member.stateChangedAt = now
         return change

@@ -20,7 +20,9 @@ public struct ShardMapSettings: Sendable, Hashable {
         }
         if let shardCount, !(1...layerCount).contains(shardCount) {
             throw ClusterStateError(
-                .invalidSetting, "shardCount must be in 1...\(layerCount) (the layer count), got \(shardCount)")
+                .invalidSetting,
+                "shardCount must be in 1...\(layerCount) (the layer count), got \(shardCount)"
+            )
         }
     }
 }
@@ -77,8 +79,12 @@ public struct ShardMap: Sendable, Hashable {
             let workers = Self.normalized(alive)
             _ = apply(
                 Self.layout(
-                    layerCount: layerCount, shardCount: resolvedShardCount(workers: workers.count),
-                    workers: workers, replication: settings.replication))
+                    layerCount: layerCount,
+                    shardCount: resolvedShardCount(workers: workers.count),
+                    workers: workers,
+                    replication: settings.replication
+                )
+            )
         }
     }
 
@@ -147,11 +153,18 @@ public struct ShardMap: Sendable, Hashable {
             guard !workers.isEmpty else { return ShardMapUpdate(epoch: epoch, changes: []) }
             return apply(
                 Self.layout(
-                    layerCount: layerCount, shardCount: resolvedShardCount(workers: workers.count),
-                    workers: workers, replication: settings.replication))
+                    layerCount: layerCount,
+                    shardCount: resolvedShardCount(workers: workers.count),
+                    workers: workers,
+                    replication: settings.replication
+                )
+            )
         }
         let owners = Self.balancedOwners(
-            current: shards.map(\.owners), workers: workers, replication: settings.replication)
+            current: shards.map(\.owners),
+            workers: workers,
+            replication: settings.replication
+        )
         return apply(zip(shards, owners).map { (layers: $0.layers, owners: $1) })
     }
 
@@ -165,16 +178,24 @@ public struct ShardMap: Sendable, Hashable {
                 ?? (workers.isEmpty ? nil : resolvedShardCount(workers: workers.count))
         else {
             throw ClusterStateError(
-                .invalidArgument, "cannot choose a shard count without live workers; pass shardCount")
+                .invalidArgument,
+                "cannot choose a shard count without live workers; pass shardCount"
+            )
         }
         guard (1...layerCount).contains(count) else {
             throw ClusterStateError(
-                .invalidArgument, "shardCount must be in 1...\(layerCount) (the layer count), got \(count)")
+                .invalidArgument,
+                "shardCount must be in 1...\(layerCount) (the layer count), got \(count)"
+            )
         }
         return apply(
             Self.layout(
-                layerCount: layerCount, shardCount: count, workers: workers,
-                replication: settings.replication))
+                layerCount: layerCount,
+                shardCount: count,
+                workers: workers,
+                replication: settings.replication
+            )
+        )
     }
 
     /// Fails a shard over to a replica after its primary died: the replica (by default the first)
@@ -217,8 +238,11 @@ public struct ShardMap: Sendable, Hashable {
             if index == highestShardEpochs.count { highestShardEpochs.append(0) }
             highestShardEpochs[index] += 1
             let shard = Shard(
-                id: ShardID(UInt32(index)), layers: proposal.layers, owners: proposal.owners,
-                epoch: highestShardEpochs[index])
+                id: ShardID(UInt32(index)),
+                layers: proposal.layers,
+                owners: proposal.owners,
+                epoch: highestShardEpochs[index]
+            )
             next.append(shard)
             changes.append(ShardChange(before: old, after: shard))
         }
@@ -242,7 +266,9 @@ public struct ShardMap: Sendable, Hashable {
     /// larger ranges first.
     public static func split(layerCount: Int, shardCount: Int) -> [Range<Int>] {
         precondition(
-            layerCount >= 1 && (1...layerCount).contains(shardCount), "split needs 1 <= shardCount <= layerCount")
+            layerCount >= 1 && (1...layerCount).contains(shardCount),
+            "split needs 1 <= shardCount <= layerCount"
+        )
         let base = layerCount / shardCount
         let larger = layerCount % shardCount
         var ranges: [Range<Int>] = []
@@ -259,7 +285,10 @@ public struct ShardMap: Sendable, Hashable {
     /// A fresh layout: shard `i` on workers `i, i+1, …, i+R-1` (mod N, workers sorted), then
     /// evened out by `balancedOwners` when the shard count does not divide evenly.
     static func layout(
-        layerCount: Int, shardCount: Int, workers: [NodeID], replication: Int
+        layerCount: Int,
+        shardCount: Int,
+        workers: [NodeID],
+        replication: Int
     ) -> [(layers: Range<Int>, owners: [NodeID])] {
         let ranges = split(layerCount: layerCount, shardCount: shardCount)
         let n = workers.count

@@ -17,7 +17,10 @@ package final class ConnectionPool: Sendable {
     private init(opens: AsyncStream<NodeAddress>.Continuation) { self.opens = opens }
 
     package static func withPool<T: Sendable>(
-        handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int, logger: Logger,
+        handshake: Handshake,
+        security: TransportSecurity,
+        maxFrameBytes: Int,
+        logger: Logger,
         _ body: @escaping @Sendable (ConnectionPool) async throws -> T
     ) async throws -> T {
         let (stream, continuation) = AsyncStream.makeStream(of: NodeAddress.self)
@@ -28,8 +31,12 @@ package final class ConnectionPool: Sendable {
                     for await address in stream {
                         connections.addTask {
                             await pool.hold(
-                                address, handshake: handshake, security: security, maxFrameBytes: maxFrameBytes,
-                                logger: logger)
+                                address,
+                                handshake: handshake,
+                                security: security,
+                                maxFrameBytes: maxFrameBytes,
+                                logger: logger
+                            )
                         }
                     }
                 }
@@ -67,13 +74,21 @@ package final class ConnectionPool: Sendable {
 
     /// Opens the connection and keeps it until the pool is cancelled or the peer goes away.
     private func hold(
-        _ address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int, logger: Logger
+        _ address: NodeAddress,
+        handshake: Handshake,
+        security: TransportSecurity,
+        maxFrameBytes: Int,
+        logger: Logger
     ) async {
         var failure = WireError(.unavailable, "cannot connect to \(address)")
         do {
             try await Transport.withConnection(
-                to: address, handshake: handshake, security: security, maxFrameBytes: maxFrameBytes,
-                handler: RefuseRequests(), logger: logger
+                to: address,
+                handshake: handshake,
+                security: security,
+                maxFrameBytes: maxFrameBytes,
+                handler: RefuseRequests(),
+                logger: logger
             ) { connection in
                 let waiting = self.entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
                     defer { entries[address] = .ready(connection) }
@@ -87,7 +102,8 @@ package final class ConnectionPool: Sendable {
         } catch {
             logger.debug("connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])
             // Waiters learn why (a refused handshake says which certificate or claim was wrong).
-            failure = error as? WireError ?? WireError(.unavailable, "cannot connect to \(address): \(error)", cause: error)
+            failure =
+                error as? WireError ?? WireError(.unavailable, "cannot connect to \(address): \(error)", cause: error)
         }
         let waiting = entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
             defer { entries[address] = nil }
@@ -102,7 +118,10 @@ package final class ConnectionPool: Sendable {
 package struct RefuseRequests: EnvelopeHandler {
     package init() {}
 
-    package func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+    package func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
         throw WireError(.badRequest, "this peer does not accept \(request.bodyName)")

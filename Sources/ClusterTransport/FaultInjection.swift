@@ -41,9 +41,15 @@ public struct FaultPlan: Sendable, Hashable, CustomStringConvertible {
     public var seed: UInt64
 
     public init(
-        drop: Double = 0, duplicate: Double = 0, reorder: Double = 0, corrupt: Double = 0,
-        delay: ClosedRange<Duration> = Duration.zero...Duration.zero, closeAfterFrames: Int? = nil,
-        peer: String? = nil, direction: Direction = .both, seed: UInt64 = 0
+        drop: Double = 0,
+        duplicate: Double = 0,
+        reorder: Double = 0,
+        corrupt: Double = 0,
+        delay: ClosedRange<Duration> = Duration.zero...Duration.zero,
+        closeAfterFrames: Int? = nil,
+        peer: String? = nil,
+        direction: Direction = .both,
+        seed: UInt64 = 0
     ) {
         self.drop = drop
         self.duplicate = duplicate
@@ -163,7 +169,8 @@ public struct FaultPlan: Sendable, Hashable, CustomStringConvertible {
             throw WireError(
                 .badRequest,
                 "fault delay=\(value) must be a duration or a range like 5ms..20ms: whole numbers, not negative, "
-                    + "with ns, us, ms or s")
+                    + "with ns, us, ms or s"
+            )
         }
         guard lower <= upper else {
             throw WireError(.badRequest, "fault delay=\(value): the lower bound exceeds the upper bound")

@@ -1,5 +1,5 @@
-package import ClusterWire
 import ClusterAdmin
+package import ClusterWire
 import Logging
 import Metrics
 import NIOCore
@@ -8,7 +8,10 @@ import Synchronization
 /// Answers requests that arrive on a connection. Returning nil sends nothing back (for one-way
 /// messages); throwing a `WireError` sends it as an error frame with the request's id.
 package protocol EnvelopeHandler: Sendable {
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws -> Tessera_V1_Envelope.OneOf_Body?
+    func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body?
 }
 
 /// A handshaken connection that carries requests both ways, several in flight at once: a request
@@ -50,8 +53,13 @@ package final class PeerConnection: Sendable {
     }
 
     init(
-        peer: NodeIdentity, remoteAddress: String, outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
-        eventLoop: any EventLoop, connected: Bool, maxRequestsInFlight: Int? = nil, logger: Logger
+        peer: NodeIdentity,
+        remoteAddress: String,
+        outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
+        eventLoop: any EventLoop,
+        connected: Bool,
+        maxRequestsInFlight: Int? = nil,
+        logger: Logger
     ) {
         self.peer = peer
         self.remoteAddress = remoteAddress
@@ -64,7 +72,8 @@ package final class PeerConnection: Sendable {
 
     /// Sends `body` and waits for the reply; an error frame is thrown as its `WireError`.
     package func request(
-        _ body: Tessera_V1_Envelope.OneOf_Body, timeout: Duration = .seconds(30)
+        _ body: Tessera_V1_Envelope.OneOf_Body,
+        timeout: Duration = .seconds(30)
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let id = try state.withLock { state throws(WireError) in
             guard !state.closed else { throw WireError(.unavailable, "connection to \(peer) is closed") }
@@ -87,7 +96,8 @@ package final class PeerConnection: Sendable {
         }
         defer { deadline.cancel() }
         let reply = try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>) in
+            try await withCheckedThrowingContinuation {
+                (continuation: CheckedContinuation<Tessera_V1_Envelope, any Error>) in
                 let early: Result<Tessera_V1_Envelope, WireError>? = self.state.withLock { state in
                     switch state.pending[id] {
                     case .arrived(let reply):
@@ -207,14 +217,22 @@ package final class PeerConnection: Sendable {
                         // as unavailable (they may be retried elsewhere) with that reason.
                         let reason = WireError(proto: error)
                         closeReason = WireError(.unavailable, "\(peer) closed the connection: \(reason)", cause: reason)
-                        logger.warning("the peer is closing the connection", metadata: ["peer.id": "\(peer)", "error": "\(reason)"])
+                        logger.warning(
+                            "the peer is closing the connection",
+                            metadata: ["peer.id": "\(peer)", "error": "\(reason)"]
+                        )
                         continue
                     }
                     if envelope.body?.kind == .reply {
                         Self.unanswered.warning(
-                            "stray-\(envelope.bodyName)", "dropped a reply that answers no request of ours",
-                            metadata: ["peer.id": "\(peer)", "type": "\(envelope.bodyName)", "request.id": "\(envelope.requestID)"],
-                            logger: logger)
+                            "stray-\(envelope.bodyName)",
+                            "dropped a reply that answers no request of ours",
+                            metadata: [
+                                "peer.id": "\(peer)", "type": "\(envelope.bodyName)",
+                                "request.id": "\(envelope.requestID)",
+                            ],
+                            logger: logger
+                        )
                         continue
                     }
                     // Waiting for a slot stops reading: the peer's bytes stay in its socket, not here.
@@ -255,8 +273,11 @@ package final class PeerConnection: Sendable {
             // The sender expects nothing back; an Error would only start an exchange of errors.
             outcome = error.code.description
             Self.unanswered.warning(
-                "refused-\(type)-\(error.code)", "refused a one-way message",
-                metadata: ["peer.id": "\(peer)", "type": "\(type)", "error": "\(error)"], logger: logger)
+                "refused-\(type)-\(error.code)",
+                "refused a one-way message",
+                metadata: ["peer.id": "\(peer)", "type": "\(type)", "error": "\(error)"],
+                logger: logger
+            )
             return
         } catch let error as WireError {
             outcome = error.code.description
@@ -278,7 +299,9 @@ package final class PeerConnection: Sendable {
 
 /// Runs `body`, failing with `WireError.unavailable` if it takes longer than `timeout`.
 package func withDeadline<T: Sendable>(
-    _ timeout: Duration, what: String, _ body: @escaping @Sendable () async throws -> T,
+    _ timeout: Duration,
+    what: String,
+    _ body: @escaping @Sendable () async throws -> T,
     onTimeout: @escaping @Sendable () -> Void = {}
 ) async throws -> T {
     try await withThrowingTaskGroup(of: T?.self) { group in

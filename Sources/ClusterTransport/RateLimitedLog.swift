@@ -15,7 +15,12 @@ package final class RateLimitedLog: Sendable {
     package init(interval: Duration = .seconds(10)) { self.interval = interval }
 
     /// Logs `message` at warning level unless the same `key` was logged within the interval.
-    package func warning(_ key: String, _ message: @autoclosure () -> Logger.Message, metadata: Logger.Metadata, logger: Logger) {
+    package func warning(
+        _ key: String,
+        _ message: @autoclosure () -> Logger.Message,
+        metadata: Logger.Metadata,
+        logger: Logger
+    ) {
         let now = ContinuousClock.now
         let suppressed: Int? = entries.withLock { entries in
             if var entry = entries[key], now - entry.last < interval {

@@ -42,8 +42,14 @@ package enum Transport {
     /// stops the listener. With `faults`, every accepted connection applies its current plan. Over
     /// mutual TLS, a peer's Hello must claim the role and node id its certificate names.
     package static func listen(
-        on address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int,
-        limits: TransportLimits = .defaults, handler: any EnvelopeHandler, logger: Logger, faults: FaultInjector? = nil,
+        on address: NodeAddress,
+        handshake: Handshake,
+        security: TransportSecurity,
+        maxFrameBytes: Int,
+        limits: TransportLimits = .defaults,
+        handler: any EnvelopeHandler,
+        logger: Logger,
+        faults: FaultInjector? = nil,
         onBound: @Sendable (Int) async -> Void,
         onConnection: @escaping @Sendable (PeerConnection) async -> Void = { _ in }
     ) async throws {
@@ -56,7 +62,9 @@ package enum Transport {
             .bind(host: address.host, port: address.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandlers(
-                        IdleStateHandler(allTimeout: TimeAmount(limits.idleTimeout)), CloseWhenIdle())
+                        IdleStateHandler(allTimeout: TimeAmount(limits.idleTimeout)),
+                        CloseWhenIdle()
+                    )
                     if case .mutualTLS(let credentials) = security {
                         try channel.pipeline.syncOperations.addHandler(credentials.serverHandler())
                     }
@@ -68,14 +76,26 @@ package enum Transport {
         await onBound(server.channel.localAddress?.port ?? address.port)
         try await server.serveUntilCancelled { channel in
             await accept(
-                channel, handshake: handshake, security: security, limits: limits, counter: counter, handler: handler,
-                logger: logger, onConnection: onConnection)
+                channel,
+                handshake: handshake,
+                security: security,
+                limits: limits,
+                counter: counter,
+                handler: handler,
+                logger: logger,
+                onConnection: onConnection
+            )
         }
     }
 
     private static func accept(
-        _ channel: WireChannel, handshake: Handshake, security: TransportSecurity, limits: TransportLimits,
-        counter: ConnectionCounter, handler: any EnvelopeHandler, logger: Logger,
+        _ channel: WireChannel,
+        handshake: Handshake,
+        security: TransportSecurity,
+        limits: TransportLimits,
+        counter: ConnectionCounter,
+        handler: any EnvelopeHandler,
+        logger: Logger,
         onConnection: @escaping @Sendable (PeerConnection) async -> Void
     ) async {
         let remote = channel.channel.remoteAddress?.description ?? "?"
@@ -84,12 +104,14 @@ package enum Transport {
                 guard counter.open() else {
                     logger.warning(
                         "connection refused: too many connections",
-                        metadata: ["peer.address": "\(remote)", "limit": "\(limits.maxConnections)"])
+                        metadata: ["peer.address": "\(remote)", "limit": "\(limits.maxConnections)"]
+                    )
                     return
                 }
                 defer { counter.close() }
                 // A peer that connects and says nothing (or stalls the TLS handshake) is cut off.
-                let handshakeDeadline = channel.channel.eventLoop.scheduleTask(in: TimeAmount(limits.handshakeTimeout)) {
+                let handshakeDeadline = channel.channel.eventLoop.scheduleTask(in: TimeAmount(limits.handshakeTimeout))
+                {
                     channel.channel.close(promise: nil)
                 }
                 var iterator = inbound.makeAsyncIterator()
@@ -102,29 +124,43 @@ package enum Transport {
                 } catch {
                     logger.warning(
                         "handshake refused",
-                        metadata: ["peer.address": "\(remote)", "error": "\(error)"])
-                    try await outbound.write(Tessera_V1_Envelope(
-                        requestID: first.requestID, error: error as? WireError ?? WireError(.badRequest, "\(error)")))
+                        metadata: ["peer.address": "\(remote)", "error": "\(error)"]
+                    )
+                    try await outbound.write(
+                        Tessera_V1_Envelope(
+                            requestID: first.requestID,
+                            error: error as? WireError ?? WireError(.badRequest, "\(error)")
+                        )
+                    )
                     return
                 }
                 handshakeDeadline.cancel()
                 guard counter.admit(outcome.peer.nodeID) else {
-                    try await outbound.write(Tessera_V1_Envelope(
-                        requestID: first.requestID,
-                        error: WireError(
-                            .resourceExhausted,
-                            "\(outcome.peer.nodeID) already has \(limits.maxConnectionsPerPeer) connections to this node",
-                            retryAfter: .seconds(1))))
+                    try await outbound.write(
+                        Tessera_V1_Envelope(
+                            requestID: first.requestID,
+                            error: WireError(
+                                .resourceExhausted,
+                                "\(outcome.peer.nodeID) already has \(limits.maxConnectionsPerPeer) connections to this node",
+                                retryAfter: .seconds(1)
+                            )
+                        )
+                    )
                     return
                 }
                 defer { counter.leave(outcome.peer.nodeID) }
                 try await outbound.write(handshake.helloAck(for: outcome, requestID: first.requestID))
                 let connection = PeerConnection(
-                    peer: outcome.peer, remoteAddress: remote, outbound: outbound, eventLoop: channel.channel.eventLoop,
+                    peer: outcome.peer,
+                    remoteAddress: remote,
+                    outbound: outbound,
+                    eventLoop: channel.channel.eventLoop,
                     connected: false,
                     // Only clients: cluster nodes send requests both ways on one connection, and a
                     // handler awaiting the peer's reply must never wait behind the reading it holds up.
-                    maxRequestsInFlight: outcome.peer.role == .client ? limits.maxRequestsInFlight : nil, logger: logger)
+                    maxRequestsInFlight: outcome.peer.role == .client ? limits.maxRequestsInFlight : nil,
+                    logger: logger
+                )
                 await withDiscardingTaskGroup { group in
                     group.addTask { await onConnection(connection) }
                     await connection.serve(inbound: Rest(iterator: iterator), handler: handler)
@@ -140,8 +176,13 @@ package enum Transport {
     /// connection applies its current plan. Over mutual TLS, the peer's HelloAck must name the role
     /// and node id of its certificate.
     package static func withConnection<T: Sendable>(
-        to address: NodeAddress, handshake: Handshake, security: TransportSecurity, maxFrameBytes: Int,
-        handler: any EnvelopeHandler, logger: Logger, faults: FaultInjector? = nil,
+        to address: NodeAddress,
+        handshake: Handshake,
+        security: TransportSecurity,
+        maxFrameBytes: Int,
+        handler: any EnvelopeHandler,
+        logger: Logger,
+        faults: FaultInjector? = nil,
         _ body: @escaping @Sendable (PeerConnection) async throws -> T
     ) async throws -> T {
         let channel = try await connect(to: address, security: security, maxFrameBytes: maxFrameBytes, faults: faults)
@@ -154,21 +195,30 @@ package enum Transport {
                 first = try await iterator.next()
             } catch {
                 throw WireError(
-                    .unavailable, "the handshake with \(address) \(mode) failed: \(error); does it use the same cluster CA?",
-                    cause: error)
+                    .unavailable,
+                    "the handshake with \(address) \(mode) failed: \(error); does it use the same cluster CA?",
+                    cause: error
+                )
             }
             guard let first else {
                 throw WireError(
                     .unavailable,
-                    "\(address) closed the connection during the handshake \(mode); does it run with the same security?")
+                    "\(address) closed the connection during the handshake \(mode); does it run with the same security?"
+                )
             }
             let rest = Rest(iterator: iterator)
             let outcome = try handshake.acceptHelloAck(
-                first, certificate: try await security.peerIdentity(of: channel.channel))
+                first,
+                certificate: try await security.peerIdentity(of: channel.channel)
+            )
             let connection = PeerConnection(
-                peer: outcome.peer, remoteAddress: address.description, outbound: outbound,
-                eventLoop: channel.channel.eventLoop, connected: true,
-                logger: logger)
+                peer: outcome.peer,
+                remoteAddress: address.description,
+                outbound: outbound,
+                eventLoop: channel.channel.eventLoop,
+                connected: true,
+                logger: logger
+            )
             return try await withThrowingTaskGroup(of: T?.self) { group in
                 group.addTask {
                     await connection.serve(inbound: rest, handler: handler)
@@ -186,7 +236,10 @@ package enum Transport {
     }
 
     private static func connect(
-        to address: NodeAddress, security: TransportSecurity, maxFrameBytes: Int, faults: FaultInjector?
+        to address: NodeAddress,
+        security: TransportSecurity,
+        maxFrameBytes: Int,
+        faults: FaultInjector?
     ) async throws -> WireChannel {
         do {
             return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

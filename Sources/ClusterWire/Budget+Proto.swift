@@ -125,7 +125,11 @@ extension LayerStatistics {
     /// The statistics as the message a worker sends for `sequenceID` under shard-map `epoch`.
     ///
     /// - Throws: as `validate(geometry:field:)`.
-    package func proto(sequenceID: UInt64, epoch: UInt64, field: String = "stats") throws(WireError)
+    package func proto(
+        sequenceID: UInt64,
+        epoch: UInt64,
+        field: String = "stats"
+    ) throws(WireError)
         -> Tessera_V1_LayerStats
     {
         try self.validate(field: field)
@@ -265,7 +269,11 @@ extension Array where Element == LayerBudget {
     /// The budgets as the `AssignBudget` for `sequenceID` under shard-map `epoch`.
     ///
     /// - Throws: as `init(proto:geometry:field:)`.
-    package func proto(sequenceID: UInt64, epoch: UInt64, field: String = "assign_budget") throws(WireError)
+    package func proto(
+        sequenceID: UInt64,
+        epoch: UInt64,
+        field: String = "assign_budget"
+    ) throws(WireError)
         -> Tessera_V1_AssignBudget
     {
         try Self.checkDistinctLayers(self, field: field)

@@ -295,11 +295,12 @@ extension Array where Element == Tessera_V1_ModalityBytes {
     package init(byModality: [String: Int]) {
         self = byModality.keys.sorted().map { name in
             var entry = Tessera_V1_ModalityBytes()
-            entry.kind = switch name {
-            case "image": .image
-            case "video": .videoFrame
-            default: .text
-            }
+            entry.kind =
+                switch name {
+                case "image": .image
+                case "video": .videoFrame
+                default: .text
+                }
             entry.bytes = UInt64(byModality[name]!)
             return entry
         }
@@ -309,11 +310,12 @@ extension Array where Element == Tessera_V1_ModalityBytes {
     /// figures come from a peer).
     package var byModality: [String: UInt64] {
         reduce(into: [:]) { result, entry in
-            let name = switch entry.kind {
-            case .image: "image"
-            case .videoFrame: "video"
-            default: "text"
-            }
+            let name =
+                switch entry.kind {
+                case .image: "image"
+                case .videoFrame: "video"
+                default: "text"
+                }
             result[name] = result[name, default: 0].saturatingSum(entry.bytes)
         }
     }

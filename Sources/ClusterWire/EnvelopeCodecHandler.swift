@@ -48,7 +48,10 @@ extension ChannelPipeline.SynchronousOperations {
     /// Adds the Tessera wire stack: `FrameDecoder` and `FrameEncoder` (4-byte big-endian length
     /// prefix, at most `maxFrameBytes` of payload each way), then `EnvelopeCodecHandler`. Reads then
     /// yield `Tessera_V1_Envelope`s and writes take them.
-    package func addWireHandlers(maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes, budget: FrameBudget? = nil) throws {
+    package func addWireHandlers(
+        maxFrameBytes: Int = FrameDecoder.defaultMaxFrameBytes,
+        budget: FrameBudget? = nil
+    ) throws {
         try self.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameBytes: maxFrameBytes, budget: budget)))
         try self.addHandler(FrameEncodingHandler(FrameEncoder(maxFrameBytes: maxFrameBytes)))
         try self.addHandler(EnvelopeCodecHandler())

@@ -23,7 +23,10 @@ public final class FrameBudget: Sendable {
         var current = free.load(ordering: .relaxed)
         while current >= bytes {
             let (exchanged, original) = free.compareExchange(
-                expected: current, desired: current - bytes, ordering: .relaxed)
+                expected: current,
+                desired: current - bytes,
+                ordering: .relaxed
+            )
             if exchanged { return true }
             current = original
         }

@@ -1,10 +1,11 @@
-#if canImport(FoundationEssentials)
-    internal import FoundationEssentials
-#else
-    internal import Foundation
-#endif
 internal import NIOCore
 internal import SwiftProtobuf
+
+#if canImport(FoundationEssentials)
+internal import FoundationEssentials
+#else
+internal import Foundation
+#endif
 
 /// Decoding a frame without copying the tensor bytes it carries.
 ///
@@ -98,7 +99,11 @@ enum FrameTensors {
 
         /// Appends the message in `range` to `out`, recursing into the fields `path` names. Returns
         /// whether it met any of them.
-        private mutating func copy(_ range: Range<Int>, along path: Path, into out: inout [UInt8]) throws(Uncuttable)
+        private mutating func copy(
+            _ range: Range<Int>,
+            along path: Path,
+            into out: inout [UInt8]
+        ) throws(Uncuttable)
             -> Bool
         {
             var position = range.lowerBound

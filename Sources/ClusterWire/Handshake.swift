@@ -123,7 +123,8 @@ public struct Handshake: Sendable {
     /// whose role is accepted and, over TLS, whose role and node id are the ones its `certificate`
     /// names. An `Error` answer is rethrown as the `WireError` it carries.
     package func acceptHelloAck(
-        _ envelope: Tessera_V1_Envelope, certificate: CertifiedIdentity? = nil
+        _ envelope: Tessera_V1_Envelope,
+        certificate: CertifiedIdentity? = nil
     ) throws(WireError) -> HandshakeOutcome {
         let ack: Tessera_V1_HelloAck
         switch envelope.body {
@@ -162,7 +163,8 @@ public struct Handshake: Sendable {
     ///   `.permissionDenied` for a claim the certificate does not back, otherwise `.badRequest`.
     ///   Either way the connection must be closed after the rejection.
     package func acceptHello(
-        _ envelope: Tessera_V1_Envelope, certificate: CertifiedIdentity? = nil
+        _ envelope: Tessera_V1_Envelope,
+        certificate: CertifiedIdentity? = nil
     ) throws(WireError) -> HandshakeOutcome {
         guard case .hello(let hello) = envelope.body else {
             throw WireError(.badRequest, "expected hello as the first frame, got \(envelope.bodyName)")
@@ -250,6 +252,11 @@ public struct Handshake: Sendable {
             )
         }
         return NodeIdentity(
-            role: peerRole, nodeID: nodeID, incarnation: incarnation, tenant: certificate.tenant, isCertified: true)
+            role: peerRole,
+            nodeID: nodeID,
+            incarnation: incarnation,
+            tenant: certificate.tenant,
+            isCertified: true
+        )
     }
 }

@@ -14,7 +14,11 @@ package import KVCacheCore
 // Error messages start with "layer <n> keys" and the like.
 
 /// The tensor in a message field, or `.badRequest` when the field is unset.
-private func requireTensor(_ isSet: Bool, _ tensor: Tessera_V1_Tensor, name: String) throws(WireError)
+private func requireTensor(
+    _ isSet: Bool,
+    _ tensor: Tessera_V1_Tensor,
+    name: String
+) throws(WireError)
     -> Tessera_V1_Tensor
 {
     guard isSet else { throw WireError(.badRequest, "\(name) is missing") }
@@ -22,7 +26,12 @@ private func requireTensor(_ isSet: Bool, _ tensor: Tessera_V1_Tensor, name: Str
 }
 
 /// `values` as a tensor of `scalarType` (float16 rounds to nearest and must stay in range).
-private func makeTensor(_ values: [Float], shape: [Int], scalarType: ScalarType, name: String) throws(WireError)
+private func makeTensor(
+    _ values: [Float],
+    shape: [Int],
+    scalarType: ScalarType,
+    name: String
+) throws(WireError)
     -> Tessera_V1_Tensor
 {
     switch scalarType {

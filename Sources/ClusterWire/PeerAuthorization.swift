@@ -5,7 +5,9 @@ extension NodeIdentity {
         guard roles.contains(role) else {
             let allowed = NodeRole.allCases.filter(roles.contains).map(\.rawValue).joined(separator: " or ")
             throw WireError(
-                .permissionDenied, "\(request.bodyName) is accepted from a \(allowed) only; this peer is \(self)")
+                .permissionDenied,
+                "\(request.bodyName) is accepted from a \(allowed) only; this peer is \(self)"
+            )
         }
     }
 

@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-    internal import FoundationEssentials
-#else
-    internal import Foundation
-#endif
 internal import KVCacheCore
+
+#if canImport(FoundationEssentials)
+internal import FoundationEssentials
+#else
+internal import Foundation
+#endif
 
 /// The element type of a tensor on the wire (`tessera.v1.ScalarType`).
 public enum WireScalarType: String, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
@@ -194,7 +195,9 @@ extension Tessera_V1_Tensor {
 
     /// The elements of a checked copy, or `.invalidValue` naming the first non-finite one.
     private func finite<Element>(
-        _ checked: FiniteElements.Checked<Element>, shape: [Int], name: String
+        _ checked: FiniteElements.Checked<Element>,
+        shape: [Int],
+        name: String
     ) throws(WireError) -> [Element] {
         switch checked {
         case .finite(let values):
@@ -210,7 +213,10 @@ extension Tessera_V1_Tensor {
     }
 
     private static func nonFinite<Element: BinaryFloatingPoint>(
-        _ value: Element, at index: Int, shape: [Int], name: String
+        _ value: Element,
+        at index: Int,
+        shape: [Int],
+        name: String
     ) -> WireError {
         let what = value.isNaN ? "NaN" : (value < 0 ? "-infinity" : "infinity")
         return WireError(

@@ -22,10 +22,16 @@ public struct CoordinatorConfiguration: Sendable {
     public var security: TransportSecurity
 
     public init(
-        nodeID: String = "coordinator", incarnation: UInt64, listen: NodeAddress, security: TransportSecurity,
+        nodeID: String = "coordinator",
+        incarnation: UInt64,
+        listen: NodeAddress,
+        security: TransportSecurity,
         maxFrameBytes: Int = 64 << 20,
-        failureDetector: FailureDetectorSettings = .defaults, memoryLimitBytes: UInt64 = 0,
-        tenantQuotaBytes: [String: UInt64] = [:], floorRatio: Double = 0.02, replication: Int = 2,
+        failureDetector: FailureDetectorSettings = .defaults,
+        memoryLimitBytes: UInt64 = 0,
+        tenantQuotaBytes: [String: UInt64] = [:],
+        floorRatio: Double = 0.02,
+        replication: Int = 2,
         faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID

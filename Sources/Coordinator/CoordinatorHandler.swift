@@ -10,7 +10,10 @@ import Logging
 struct CoordinatorHandler: EnvelopeHandler {
     let coordinator: CoordinatorService
 
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+    func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
         let state = coordinator.state
@@ -21,12 +24,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             guard message.endpoint.nodeID == peer.nodeID else {
                 throw WireError(
                     .permissionDenied,
-                    "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)")
+                    "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)"
+                )
             }
             let (changes, staleCopies) = try await state.register(message, connection: connection)
             for change in changes {
                 coordinator.logger.info(
-                    "membership changed", metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)"])
+                    "membership changed",
+                    metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)"]
+                )
             }
             // A restarted worker (same node id, higher incarnation) ends its previous incarnation: the
             // copies that one held are gone.
@@ -43,7 +49,8 @@ struct CoordinatorHandler: EnvelopeHandler {
             ack.coordinatorID = coordinator.configuration.nodeID
             ack.coordinatorIncarnation = coordinator.configuration.incarnation
             ack.heartbeatIntervalMillis = UInt32(
-                coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1))
+                coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1)
+            )
             return .registerAck(ack)
         case .heartbeat(let message):
             try peer.require(.worker, for: request)
@@ -55,12 +62,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             try peer.require(.worker, for: request)
             let sequence = try await state.sequence(message.sequenceID, tenant: nil)
             // Only a holder of the layer's shard reports it; another worker could skew the budgets.
-            guard sequence.shards.contains(where: {
-                $0.layers.contains(Int(message.layer)) && $0.holders.contains { $0.node == NodeID(peer.nodeID) }
-            }) else {
+            guard
+                sequence.shards.contains(where: {
+                    $0.layers.contains(Int(message.layer)) && $0.holders.contains { $0.node == NodeID(peer.nodeID) }
+                })
+            else {
                 throw WireError(
                     .permissionDenied,
-                    "\(peer.nodeID) holds no copy of layer \(message.layer) of sequence \(message.sequenceID)")
+                    "\(peer.nodeID) holds no copy of layer \(message.layer) of sequence \(message.sequenceID)"
+                )
             }
             let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
             if let complete = await state.record(statistics, sequenceID: message.sequenceID) {

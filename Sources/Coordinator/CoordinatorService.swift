@@ -1,6 +1,6 @@
 import ClusterAdmin
-import ClusterState
 import ClusterSecurity
+import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
@@ -28,15 +28,23 @@ public final class CoordinatorService: Sendable {
     /// Serves until cancelled; `onReady` gets the bound port.
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
         let identity = NodeIdentity(
-            role: .coordinator, nodeID: configuration.nodeID, incarnation: configuration.incarnation)
+            role: .coordinator,
+            nodeID: configuration.nodeID,
+            incarnation: configuration.incarnation
+        )
         try configuration.security.check(local: identity)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
                 try await Transport.listen(
                     on: self.configuration.listen,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.worker, .client]),
-                    security: self.configuration.security, maxFrameBytes: self.configuration.maxFrameBytes, handler: CoordinatorHandler(coordinator: self),
-                    logger: self.logger, faults: self.configuration.faults, onBound: onReady)
+                    security: self.configuration.security,
+                    maxFrameBytes: self.configuration.maxFrameBytes,
+                    handler: CoordinatorHandler(coordinator: self),
+                    logger: self.logger,
+                    faults: self.configuration.faults,
+                    onBound: onReady
+                )
             }
             group.addTask { try await self.detectFailures() }
             group.addTask { try await self.restoreReplication() }
@@ -51,13 +59,17 @@ public final class CoordinatorService: Sendable {
             if let pause {
                 logger.warning(
                     "failure detector paused (this process was stopped or starved); silence not held against workers",
-                    metadata: ["pause.millis": "\(Int(pause / .milliseconds(1)))"])
+                    metadata: ["pause.millis": "\(Int(pause / .milliseconds(1)))"]
+                )
             }
             for change in changes {
                 logger.warning(
                     "membership changed",
-                    metadata: ["peer.id": "\(change.nodeID)", "from": "\(change.from.map(\.rawValue) ?? "-")",
-                               "to": "\(change.to)"])
+                    metadata: [
+                        "peer.id": "\(change.nodeID)", "from": "\(change.from.map(\.rawValue) ?? "-")",
+                        "to": "\(change.to)",
+                    ]
+                )
             }
             var dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             // After a restart: holders that never re-registered died while the coordinator was down.
@@ -91,13 +103,19 @@ public final class CoordinatorService: Sendable {
         let started = ContinuousClock.now
         var copied: Tessera_V1_CopyShardAck?
         do {
-            let reply = try await state.connection(for: plan.primary.node).request(.copyShard(message), timeout: .seconds(120))
+            let reply = try await state.connection(for: plan.primary.node).request(
+                .copyShard(message),
+                timeout: .seconds(120)
+            )
             guard case .copyShardAck(let ack) = reply else {
                 throw WireError(.internal, "the primary answered copy_shard with \(reply)")
             }
             copied = ack
         } catch {
-            logger.warning("re-replication failed; will retry", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+            logger.warning(
+                "re-replication failed; will retry",
+                metadata: metadata.merging(["error": "\(error)"]) { $1 }
+            )
         }
         guard let copied else {
             _ = await state.finishCopy(plan, succeeded: false)
@@ -107,8 +125,10 @@ public final class CoordinatorService: Sendable {
             logger.info(
                 "re-replicated",
                 metadata: metadata.merging([
-                    "bytes": "\(copied.transferredBytes)", "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
-                ]) { $1 })
+                    "bytes": "\(copied.transferredBytes)",
+                    "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
+                ]) { $1 }
+            )
             return
         }
         // The sequence closed or moved to another epoch during the copy: nobody will write to the
@@ -132,10 +152,15 @@ public final class CoordinatorService: Sendable {
                 group.addTask {
                     do {
                         try await self.announce(id, sequence)
-                        self.logger.info("failed over", metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"])
+                        self.logger.info(
+                            "failed over",
+                            metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"]
+                        )
                     } catch {
                         self.logger.error(
-                            "failover announcement failed", metadata: ["sequence.id": "\(id)", "error": "\(error)"])
+                            "failover announcement failed",
+                            metadata: ["sequence.id": "\(id)", "error": "\(error)"]
+                        )
                     }
                     if sequence.budgetAssigned { await self.assignBudgets(sequenceID: id, sequence) }
                 }
@@ -170,8 +195,11 @@ public final class CoordinatorService: Sendable {
         let retention = retention ?? sequence.retention
         do {
             let budgets = try BudgetAllocator.allocate(
-                policy: sequence.policy, retention: retention, geometry: sequence.geometry,
-                statistics: statistics)
+                policy: sequence.policy,
+                retention: retention,
+                geometry: sequence.geometry,
+                statistics: statistics
+            )
             // Every copy of every shard gets its budget; compression is deterministic, so replicas
             // end up with the same bytes. Accounting counts one copy (the primary's).
             var held: UInt64 = 0
@@ -184,7 +212,10 @@ public final class CoordinatorService: Sendable {
                     } catch {
                         logger.warning(
                             "a replica did not apply its budget",
-                            metadata: ["sequence.id": "\(sequenceID)", "peer.id": "\(replica.node)", "error": "\(error)"])
+                            metadata: [
+                                "sequence.id": "\(sequenceID)", "peer.id": "\(replica.node)", "error": "\(error)",
+                            ]
+                        )
                     }
                 }
                 let reply = try await state.connection(for: shard.primary.node).request(.assignBudget(message))
@@ -209,7 +240,9 @@ public final class CoordinatorService: Sendable {
             guard let sequence = await state.beginTightening(candidate) else { continue }
             let retention = max(floor, sequence.retention / 2)
             logger.info(
-                "tightening under memory pressure", metadata: ["sequence.id": "\(candidate)", "retention": "\(retention)"])
+                "tightening under memory pressure",
+                metadata: ["sequence.id": "\(candidate)", "retention": "\(retention)"]
+            )
             await assignBudgets(sequenceID: candidate, sequence, retention: retention)
             await state.endTightening(candidate)
             let now = await state.shortfall(tenant: tenant, estimate: estimate)

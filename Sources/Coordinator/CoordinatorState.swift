@@ -100,7 +100,9 @@ actor CoordinatorState {
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
         admission = Admission(
-            memoryLimitBytes: configuration.memoryLimitBytes, tenantQuotaBytes: configuration.tenantQuotaBytes)
+            memoryLimitBytes: configuration.memoryLimitBytes,
+            tenantQuotaBytes: configuration.tenantQuotaBytes
+        )
         start = clock.now
     }
 
@@ -109,7 +111,8 @@ actor CoordinatorState {
     /// Registers a worker; returns the membership changes it caused and the copies it holds of
     /// sequences closed since, which it must be told to close.
     func register(
-        _ message: Tessera_V1_RegisterWorker, connection: PeerConnection
+        _ message: Tessera_V1_RegisterWorker,
+        connection: PeerConnection
     ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close]) {
         let nodeID = NodeID(message.endpoint.nodeID)
         let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
@@ -120,9 +123,12 @@ actor CoordinatorState {
             throw WireError(.unavailable, "registration of \(nodeID) came on a connection that has closed since")
         }
         let outcome = membership.join(
-            nodeID: nodeID, incarnation: message.incarnation,
+            nodeID: nodeID,
+            incarnation: message.incarnation,
             address: MemberAddress(host: address.host, port: address.port),
-            memoryCapacityBytes: message.memoryCapacityBytes, now: now)
+            memoryCapacityBytes: message.memoryCapacityBytes,
+            now: now
+        )
         guard case .accepted = outcome else {
             if case .refused(let reason) = outcome {
                 switch reason {
@@ -165,8 +171,11 @@ actor CoordinatorState {
             else { continue }
             let first = Int(a.shard.firstLayer)
             let shard = SequenceShard(
-                id: a.shard.shardID, layers: first..<(first + Int(a.shard.layerCount)),
-                primary: ShardHolder(a.shard.primary), replicas: a.shard.replicas.map(ShardHolder.init))
+                id: a.shard.shardID,
+                layers: first..<(first + Int(a.shard.layerCount)),
+                primary: ShardHolder(a.shard.primary),
+                replicas: a.shard.replicas.map(ShardHolder.init)
+            )
             var state: OpenSequenceState
             if let known = sequences[a.sequenceID] {
                 guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
@@ -186,11 +195,21 @@ actor CoordinatorState {
                 message.decodeTokens = a.decodeTokens
                 let copies = min(replication, 1 + a.shard.replicas.count)
                 state = OpenSequenceState(
-                    tenant: a.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
-                    retention: retention, epoch: a.epoch, shards: [], budgetAssigned: copy.compressed,
+                    tenant: a.tenant,
+                    geometry: geometry,
+                    layout: layout,
+                    message: message,
+                    policy: policy,
+                    retention: retention,
+                    epoch: a.epoch,
+                    shards: [],
+                    budgetAssigned: copy.compressed,
                     compressed: copy.compressed,
-                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: copies).decodeAllowance,
-                    copies: copies, restoredBytes: [:])
+                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: copies)
+                        .decodeAllowance,
+                    copies: copies,
+                    restoredBytes: [:]
+                )
             }
             state.shards.removeAll { $0.id == shard.id }
             state.shards.append(shard)
@@ -200,8 +219,10 @@ actor CoordinatorState {
             // Saturating: the figures are what workers report.
             let primaries = state.restoredBytes!.values.reduce(UInt64(0)) { $0.saturatingSum($1) }
             admission.restore(
-                tenant: state.tenant, sequenceID: a.sequenceID,
-                kvBytes: primaries.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance))
+                tenant: state.tenant,
+                sequenceID: a.sequenceID,
+                kvBytes: primaries.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance)
+            )
         }
         return stale
     }
@@ -233,19 +254,29 @@ actor CoordinatorState {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.compressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else { continue }
+            guard sequence.compressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else {
+                continue
+            }
             let wanted = min(replication, live.count)
             let holding = Set(sequence.shards.flatMap(\.holders).map(\.node))
             guard let shard = sequence.shards.first(where: { $0.holders.count < wanted }),
                 workers[shard.primary.node] != nil,
-                let target = live.filter({ !holding.contains($0) }).min(by: { (load[$0] ?? 0, $0) < (load[$1] ?? 0, $1) }),
+                let target = live.filter({ !holding.contains($0) }).min(by: {
+                    (load[$0] ?? 0, $0) < (load[$1] ?? 0, $1)
+                }),
                 let address = workers[target]?.address
             else { continue }
             load[target, default: 0] += 1
             reshaping.insert(id)
-            plans.append(ReplicationPlan(
-                sequenceID: id, shardID: shard.id, epoch: sequence.epoch, primary: shard.primary,
-                target: ShardHolder(node: target, address: address)))
+            plans.append(
+                ReplicationPlan(
+                    sequenceID: id,
+                    shardID: shard.id,
+                    epoch: sequence.epoch,
+                    primary: shard.primary,
+                    target: ShardHolder(node: target, address: address)
+                )
+            )
         }
         return plans
     }
@@ -295,8 +326,12 @@ actor CoordinatorState {
         // The link follows the connection the worker heartbeats on, so one left on a connection that
         // closed (a registration processed late, see `register`) heals within a heartbeat interval.
         if workers[nodeID]?.connection !== connection, let member = membership.member(nodeID) {
-            var link = workers[nodeID] ?? WorkerLink(
-                connection: connection, address: NodeAddress(host: member.address.host, port: member.address.port))
+            var link =
+                workers[nodeID]
+                ?? WorkerLink(
+                    connection: connection,
+                    address: NodeAddress(host: member.address.host, port: member.address.port)
+                )
             link.connection = connection
             workers[nodeID] = link
         }
@@ -369,30 +404,56 @@ actor CoordinatorState {
         // sequence: as many shards as whole replica sets fit, rotated by sequence id to spread load.
         let live = placeable
         guard !live.isEmpty else {
-            throw WireError(.unavailable, "no live worker holds a shard yet; retry once workers have registered",
-                            retryAfter: .milliseconds(500))
+            throw WireError(
+                .unavailable,
+                "no live worker holds a shard yet; retry once workers have registered",
+                retryAfter: .milliseconds(500)
+            )
         }
         let copies = min(replication, live.count)
         let shardCount = min(max(1, live.count / copies), geometry.layers)
         let offset = Int(message.sequenceID % UInt64(live.count))
-        let rotated = Array(live[offset...] + live[..<offset]).map { ShardHolder(node: $0, address: workers[$0]!.address) }
+        let rotated = Array(live[offset...] + live[..<offset]).map {
+            ShardHolder(node: $0, address: workers[$0]!.address)
+        }
         let ranges = ShardMap.split(layerCount: geometry.layers, shardCount: shardCount)
         let shards = ranges.enumerated().map { index, layers in
             let set = rotated[(index * copies)..<(index * copies + copies)]
-            return SequenceShard(id: UInt32(index), layers: layers, primary: set.first!, replicas: Array(set.dropFirst()))
+            return SequenceShard(
+                id: UInt32(index),
+                layers: layers,
+                primary: set.first!,
+                replicas: Array(set.dropFirst())
+            )
         }
         // Every copy is charged: the limit bounds what the workers hold together.
-        let (estimate, decodeAllowance) = Self.charge(geometry, layout, decodeTokens: message.decodeTokens, copies: copies)
+        let (estimate, decodeAllowance) = Self.charge(
+            geometry,
+            layout,
+            decodeTokens: message.decodeTokens,
+            copies: copies
+        )
         switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
         case .admitted: break
         case .refused(let reason, let retryAfterMillis):
-            throw WireError(.resourceExhausted, "sequence \(message.sequenceID) refused: \(reason)",
-                            retryAfter: retryAfterMillis == 0 ? nil : .milliseconds(Int64(retryAfterMillis)))
+            throw WireError(
+                .resourceExhausted,
+                "sequence \(message.sequenceID) refused: \(reason)",
+                retryAfter: retryAfterMillis == 0 ? nil : .milliseconds(Int64(retryAfterMillis))
+            )
         }
         let state = OpenSequenceState(
-            tenant: message.tenant, geometry: geometry, layout: layout, message: message, policy: policy,
-            retention: retention, epoch: shardMap.placement.epoch, shards: shards, decodeAllowance: decodeAllowance,
-            copies: copies)
+            tenant: message.tenant,
+            geometry: geometry,
+            layout: layout,
+            message: message,
+            policy: policy,
+            retention: retention,
+            epoch: shardMap.placement.epoch,
+            shards: shards,
+            decodeAllowance: decodeAllowance,
+            copies: copies
+        )
         sequences[message.sequenceID] = state
         return state
     }
@@ -433,7 +494,8 @@ actor CoordinatorState {
         sequences[sequenceID]!.retention = retention
         _ = admission.record(
             sequenceID: sequenceID,
-            kvBytes: bytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance))
+            kvBytes: bytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance)
+        )
     }
 
     /// What must be freed before a sequence of `estimate` bytes fits: under the memory limit, and
@@ -489,7 +551,10 @@ actor CoordinatorState {
     /// What admission charges a new sequence: while prefilled and not yet compressed it holds its full
     /// cache in Float32 on every copy, and decode then appends one row per token (the allowance).
     static func charge(
-        _ g: ModelGeometry, _ layout: PromptLayout, decodeTokens: UInt32, copies: Int
+        _ g: ModelGeometry,
+        _ layout: PromptLayout,
+        decodeTokens: UInt32,
+        copies: Int
     ) -> (estimate: UInt64, decodeAllowance: UInt64) {
         // Saturating: decode tokens are the client's number; a sum past UInt64 is refused as too large.
         let rowBytes = UInt64(2 * g.layers * g.kvHeads * g.headDim * 4).saturatingProduct(UInt64(copies))
@@ -539,11 +604,12 @@ actor CoordinatorState {
             worker.endpoint.host = member.address.host
             worker.endpoint.port = UInt32(member.address.port)
             worker.incarnation = member.incarnation
-            worker.state = switch member.state {
-            case .alive: .up
-            case .suspect: .suspect
-            case .dead: .dead
-            }
+            worker.state =
+                switch member.state {
+                case .alive: .up
+                case .suspect: .suspect
+                case .dead: .dead
+                }
             worker.primaryShardIds = shardMap.shards(ownedBy: member.nodeID, as: .primary).map(\.id.rawValue)
             worker.replicaShardIds = shardMap.shards(ownedBy: member.nodeID, as: .replica).map(\.id.rawValue)
             if member.state != .dead, let link = workers[member.nodeID] {

@@ -16,21 +16,35 @@ public enum CompressTiming {
             let policy = try CompressionPolicy.named(name)
             let clock = ContinuousClock()
             let start = clock.now
-            let profile = try AttentionProfile(prefill: prefill, requirements: policy.requirements(layout: trace.layout))
+            let profile = try AttentionProfile(
+                prefill: prefill,
+                requirements: policy.requirements(layout: trace.layout)
+            )
             let profiled = clock.now
             let statistics = LayerStatistics(layer: layer, profile: profile, layout: trace.layout, policy: policy)
             // One layer alone: every layer is given its statistics, so the allocators see a flat model.
             let budget = try BudgetAllocator.allocate(
-                policy: policy, retention: retention, geometry: trace.geometry,
+                policy: policy,
+                retention: retention,
+                geometry: trace.geometry,
                 statistics: (0..<trace.geometry.layers).map {
                     LayerStatistics(layer: $0, promptLength: m, density: statistics.density, heads: statistics.heads)
-                })[layer]
+                }
+            )[layer]
             _ = try LayerCompressor.compress(
-                prefill, layout: trace.layout, profile: profile, budget: budget, policy: policy,
-                as: Float.self)
+                prefill,
+                layout: trace.layout,
+                profile: profile,
+                budget: budget,
+                policy: policy,
+                as: Float.self
+            )
             let done = clock.now
-            return Row(policy: name, profileMillis: (profiled - start).seconds * 1000,
-                       compressMillis: (done - profiled).seconds * 1000)
+            return Row(
+                policy: name,
+                profileMillis: (profiled - start).seconds * 1000,
+                compressMillis: (done - profiled).seconds * 1000
+            )
         }
     }
 }

@@ -13,8 +13,14 @@ public struct EvaluationRequest: Sendable {
     public var traceSettings: TraceSettings
 
     public init(
-        preset: WorkloadPreset, geometry: ModelGeometry, policies: [CompressionPolicy], budgets: [Double],
-        sequences: Int, seed: UInt64, scalar: ScalarType = .float32, traceSettings: TraceSettings = .defaults
+        preset: WorkloadPreset,
+        geometry: ModelGeometry,
+        policies: [CompressionPolicy],
+        budgets: [Double],
+        sequences: Int,
+        seed: UInt64,
+        scalar: ScalarType = .float32,
+        traceSettings: TraceSettings = .defaults
     ) {
         self.preset = preset
         self.geometry = geometry
@@ -72,7 +78,8 @@ public struct EvaluationRunner: Sendable {
 
     /// Runs on up to `parallelism` layers at a time and reports progress after each layer.
     public func run(
-        parallelism: Int, progress: @escaping @Sendable (EvaluationProgress) -> Void = { _ in }
+        parallelism: Int,
+        progress: @escaping @Sendable (EvaluationProgress) -> Void = { _ in }
     ) async throws -> [EvaluationResult] {
         switch request.scalar {
         case .float32: try await run(Float.self, parallelism: parallelism, progress: progress)
@@ -108,11 +115,17 @@ public struct EvaluationRunner: Sendable {
     }
 
     private func run<S: KVScalar>(
-        _: S.Type, parallelism: Int, progress: @escaping @Sendable (EvaluationProgress) -> Void
+        _: S.Type,
+        parallelism: Int,
+        progress: @escaping @Sendable (EvaluationProgress) -> Void
     ) async throws -> [EvaluationResult] {
         let geometry = request.geometry
         let generator = TraceGenerator(
-            preset: request.preset, geometry: geometry, settings: request.traceSettings, seed: request.seed)
+            preset: request.preset,
+            geometry: geometry,
+            settings: request.traceSettings,
+            seed: request.seed
+        )
         var totals: [Key: Tally] = [:]
         for index in 0..<request.sequences {
             let trace = generator.sequence(index)
@@ -133,8 +146,15 @@ public struct EvaluationRunner: Sendable {
                 }
                 return Profiled(profile: profile, statistics: statistics, seconds: (clock.now - generated).seconds)
             } progress: { done in
-                progress(.init(sequence: index, sequences: request.sequences, phase: "profile", layersDone: done,
-                               layers: geometry.layers))
+                progress(
+                    .init(
+                        sequence: index,
+                        sequences: request.sequences,
+                        phase: "profile",
+                        layersDone: done,
+                        layers: geometry.layers
+                    )
+                )
             }
             // The shared pass is charged to each policy in proportion to the attention rows it needed.
             let totalEntries = union.firstRow.map { AttentionProfile.entries(promptLength: m, start: $0) } ?? 0
@@ -153,7 +173,11 @@ public struct EvaluationRunner: Sendable {
                     let clock = ContinuousClock()
                     let start = clock.now
                     budgets[Key(policy: p, budget: b)] = try BudgetAllocator.allocate(
-                        policy: policy, retention: retention, geometry: geometry, statistics: statistics)
+                        policy: policy,
+                        retention: retention,
+                        geometry: geometry,
+                        statistics: statistics
+                    )
                     allocationSeconds[Key(policy: p, budget: b)] = (clock.now - start).seconds
                 }
             }
@@ -167,17 +191,27 @@ public struct EvaluationRunner: Sendable {
                 let steps = trace.decode(layer: layer)
                 let profile = profiles[layer].profile
                 let full = try LayerCompressor.compress(
-                    prefill, layout: layout, profile: nil,
-                    budget: LayerBudget(layer: layer, heads: Array(repeating: HeadBudget(capacity: m),
-                                                                   count: geometry.kvHeads)),
-                    policy: .full, as: S.self
+                    prefill,
+                    layout: layout,
+                    profile: nil,
+                    budget: LayerBudget(
+                        layer: layer,
+                        heads: Array(
+                            repeating: HeadBudget(capacity: m),
+                            count: geometry.kvHeads
+                        )
+                    ),
+                    policy: .full,
+                    as: S.self
                 ).heads
                 let fullBytes = full.reduce(0) { $0 + $1.payloadBytes }
                 let reference = DecodeReference(geometry: geometry, promptLength: m, full: full, steps: steps)
                 let check = needle.map { needle in
                     NeedleCheck(
                         probes: needle.probes.filter { $0.layer == layer }.map { ($0.queryHead, $0.step) },
-                        answer: needle.answer, decode: { needle.decodeAnswer(output: $0) })
+                        answer: needle.answer,
+                        decode: { needle.decodeAnswer(output: $0) }
+                    )
                 }
                 var tallies: [Key: Tally] = [:]
                 for (p, policy) in policies.enumerated() {
@@ -186,23 +220,43 @@ public struct EvaluationRunner: Sendable {
                         let clock = ContinuousClock()
                         let start = clock.now
                         let result = try LayerCompressor.compress(
-                            prefill, layout: layout, profile: profile, budget: frozenBudgets[key]![layer],
-                            policy: policy, as: S.self)
+                            prefill,
+                            layout: layout,
+                            profile: profile,
+                            budget: frozenBudgets[key]![layer],
+                            policy: policy,
+                            as: S.self
+                        )
                         let seconds = (clock.now - start).seconds
                         var compressed = result.heads
                         let keptBytes = compressed.reduce(0) { $0 + $1.payloadBytes }
                         let fidelity = FidelityEvaluator.evaluate(
-                            geometry: geometry, reference: reference, compressed: &compressed, steps: steps,
-                            needle: check)
+                            geometry: geometry,
+                            reference: reference,
+                            compressed: &compressed,
+                            steps: steps,
+                            needle: check
+                        )
                         tallies[key] = Tally(
-                            kept: keptBytes, full: fullBytes, fidelity: fidelity, seconds: seconds,
-                            merged: result.mergedRows)
+                            kept: keptBytes,
+                            full: fullBytes,
+                            fidelity: fidelity,
+                            seconds: seconds,
+                            merged: result.mergedRows
+                        )
                     }
                 }
                 return tallies
             } progress: { done in
-                progress(.init(sequence: index, sequences: request.sequences, phase: "compress", layersDone: done,
-                               layers: geometry.layers))
+                progress(
+                    .init(
+                        sequence: index,
+                        sequences: request.sequences,
+                        phase: "compress",
+                        layersDone: done,
+                        layers: geometry.layers
+                    )
+                )
             }
             for tallies in layerTallies {
                 for (key, tally) in tallies { totals[key, default: Tally()].merge(tally) }
@@ -216,12 +270,21 @@ public struct EvaluationRunner: Sendable {
         for (p, policy) in request.policies.enumerated() {
             for (b, retention) in request.budgets.enumerated() {
                 let t = totals[Key(policy: p, budget: b)] ?? Tally()
-                results.append(EvaluationResult(
-                    policy: policy.name, budget: retention, keptBytes: Int((Double(t.kept) / n).rounded()),
-                    fullBytes: Int((Double(t.full) / n).rounded()), outputError: t.fidelity.outputError,
-                    outputCosine: t.fidelity.outputCosine, massRecall: t.fidelity.massRecall,
-                    needleAccuracy: t.fidelity.needleAccuracy, hitRate: t.fidelity.hitRate,
-                    compressMillis: t.seconds * 1000 / n, mergedRows: Int((Double(t.merged) / n).rounded())))
+                results.append(
+                    EvaluationResult(
+                        policy: policy.name,
+                        budget: retention,
+                        keptBytes: Int((Double(t.kept) / n).rounded()),
+                        fullBytes: Int((Double(t.full) / n).rounded()),
+                        outputError: t.fidelity.outputError,
+                        outputCosine: t.fidelity.outputCosine,
+                        massRecall: t.fidelity.massRecall,
+                        needleAccuracy: t.fidelity.needleAccuracy,
+                        hitRate: t.fidelity.hitRate,
+                        compressMillis: t.seconds * 1000 / n,
+                        mergedRows: Int((Double(t.merged) / n).rounded())
+                    )
+                )
             }
         }
         return results
@@ -229,7 +292,8 @@ public struct EvaluationRunner: Sendable {
 
     /// Runs `body` for every layer with at most `parallelism` in flight; results in layer order.
     private func forEachLayer<T: Sendable>(
-        parallelism: Int, _ body: @escaping @Sendable (Int) throws -> T,
+        parallelism: Int,
+        _ body: @escaping @Sendable (Int) throws -> T,
         progress: @escaping @Sendable (Int) -> Void
     ) async throws -> [T] {
         let layers = request.geometry.layers

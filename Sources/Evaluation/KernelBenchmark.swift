@@ -50,7 +50,11 @@ public enum KernelBenchmark {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func decodeThroughput<S: KVScalar>(
-        _: S.Type, tokens: Int = 32_768, headDim: Int = 128, totalBytes: Int = 1 << 30, runs: Int = 3
+        _: S.Type,
+        tokens: Int = 32_768,
+        headDim: Int = 128,
+        totalBytes: Int = 1 << 30,
+        runs: Int = 3
     ) -> Double {
         let bytesPerHead = 2 * tokens * headDim * MemoryLayout<S>.size
         let heads = max(2, totalBytes / bytesPerHead)
@@ -69,8 +73,14 @@ public enum KernelBenchmark {
                 keys[h].withUnsafeBufferPointer { k in
                     values[h].withUnsafeBufferPointer { v in
                         Kernels.decodeAttention(
-                            queries: query, keys: k.baseAddress!, values: v.baseAddress!, rows: tokens,
-                            headDim: headDim, scratch: &scratch, output: &output)
+                            queries: query,
+                            keys: k.baseAddress!,
+                            values: v.baseAddress!,
+                            rows: tokens,
+                            headDim: headDim,
+                            scratch: &scratch,
+                            output: &output
+                        )
                     }
                 }
                 sink += output[0]
@@ -88,7 +98,9 @@ public enum KernelBenchmark {
         for _ in 0..<runs {
             let clock = ContinuousClock()
             let start = clock.now
-            DispatchQueue.concurrentPerform(iterations: threads) { _ in blackHole(Kernels.fmaLoop(iterations: iterations)) }
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                blackHole(Kernels.fmaLoop(iterations: iterations))
+            }
             best = min(best, (clock.now - start).seconds)
         }
         return Double(threads) * Kernels.fmaLoopFlops(iterations: iterations) / best
@@ -97,7 +109,11 @@ public enum KernelBenchmark {
     /// Floating-point operations per second of the attention profile that observes every prompt row
     /// (H2O's and LOOK-M's) of `prefill` on `threads` threads, best of `runs`; counts only the score
     /// products of the causal triangle, not the softmax or the tiles' skipped corners.
-    public static func profileThroughput(prefill: LayerPrefill, threads: Int, runs: Int = 3) throws -> (
+    public static func profileThroughput(
+        prefill: LayerPrefill,
+        threads: Int,
+        runs: Int = 3
+    ) throws -> (
         flopsPerSecond: Double, seconds: Double
     ) {
         var best = Double.infinity
@@ -105,7 +121,10 @@ public enum KernelBenchmark {
             let clock = ContinuousClock()
             let start = clock.now
             let profile = try AttentionProfile(
-                prefill: prefill, requirements: ProfileRequirements(suffixStarts: [0]), threads: threads)
+                prefill: prefill,
+                requirements: ProfileRequirements(suffixStarts: [0]),
+                threads: threads
+            )
             best = min(best, (clock.now - start).seconds)
             blackHole(profile.columnSums[0]![0])
         }

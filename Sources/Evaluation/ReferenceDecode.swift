@@ -7,7 +7,9 @@ public import Workloads
 public enum ReferenceDecode {
     /// `outputs[step][layer]`: each decode step's attention outputs (`queryHeads × headDim`).
     public static func outputs(
-        _ trace: SequenceTrace, policy: CompressionPolicy, retention: Double
+        _ trace: SequenceTrace,
+        policy: CompressionPolicy,
+        retention: Double
     ) throws -> [[Int: [Float]]] {
         let g = trace.geometry
         let layout = trace.layout
@@ -21,15 +23,29 @@ public enum ReferenceDecode {
         let statistics = (0..<g.layers).map {
             LayerStatistics(layer: $0, profile: profiles[$0], layout: layout, policy: policy)
         }
-        let budgets = try BudgetAllocator.allocate(policy: policy, retention: retention, geometry: g, statistics: statistics)
+        let budgets = try BudgetAllocator.allocate(
+            policy: policy,
+            retention: retention,
+            geometry: g,
+            statistics: statistics
+        )
         var steps = [[Int: [Float]]](repeating: [:], count: trace.decodeSteps)
         for layer in 0..<g.layers {
             var heads = try LayerCompressor.compress(
-                prefills[layer], layout: layout, profile: profiles[layer], budget: budgets[layer], policy: policy,
+                prefills[layer],
+                layout: layout,
+                profile: profiles[layer],
+                budget: budgets[layer],
+                policy: policy,
                 as: Float.self
             ).heads
             for (t, input) in trace.decode(layer: layer).enumerated() {
-                steps[t][layer] = LayerDecoder.step(&heads, geometry: g, input: input, position: layout.promptLength + t)
+                steps[t][layer] = LayerDecoder.step(
+                    &heads,
+                    geometry: g,
+                    input: input,
+                    position: layout.promptLength + t
+                )
             }
         }
         return steps

@@ -35,17 +35,24 @@ public struct AttentionProfile: Sendable {
             throw KVCacheError(
                 .invalidShape,
                 "the policy observes prompt rows from \(firstRow), but queries start at row "
-                    + "\(prefill.firstQueryRow); send at least the last \(m - firstRow) query rows")
+                    + "\(prefill.firstQueryRow); send at least the last \(m - firstRow) query rows"
+            )
         }
         let pass = ProfilePass(
-            prefill: prefill, firstRow: firstRow, snapshots: starts.sorted(by: >),
-            sparsityStart: requirements.sparsityStart ?? m, threshold: requirements.sparsityThreshold)
+            prefill: prefill,
+            firstRow: firstRow,
+            snapshots: starts.sorted(by: >),
+            sparsityStart: requirements.sparsityStart ?? m,
+            threshold: requirements.sparsityThreshold
+        )
         var sums = [Float](repeating: 0, count: pass.snapshots.count * g.queryHeads * m)
         var sparsity = [Double](repeating: 0, count: g.queryHeads)
         sums.withUnsafeMutableBufferPointer { sums in
             sparsity.withUnsafeMutableBufferPointer { sparsity in
                 let output = ProfilePass.Output(
-                    sums: Kernels.SharedOutput(sums.baseAddress!), sparsity: Kernels.SharedOutput(sparsity.baseAddress!))
+                    sums: Kernels.SharedOutput(sums.baseAddress!),
+                    sparsity: Kernels.SharedOutput(sparsity.baseAddress!)
+                )
                 Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
             }
         }
@@ -131,8 +138,15 @@ private struct ProfilePass {
                 for kv in Swift.stride(from: worker, to: g.kvHeads, by: workers) {
                     kvk_pack_keys(keys.baseAddress! + prefill.kvOffset(head: kv, position: 0), d, nil, m, packed)
                     for h in (kv * g.groupSize)..<((kv + 1) * g.groupSize) {
-                        head(h, queries: queries.baseAddress!, packed: packed, tile: tile, stride: stride,
-                             running: running, into: output)
+                        head(
+                            h,
+                            queries: queries.baseAddress!,
+                            packed: packed,
+                            tile: tile,
+                            stride: stride,
+                            running: running,
+                            into: output
+                        )
                     }
                 }
             }
@@ -140,8 +154,13 @@ private struct ProfilePass {
     }
 
     private func head(
-        _ h: Int, queries: UnsafePointer<Float>, packed: UnsafePointer<Float>, tile: UnsafeMutablePointer<Float>,
-        stride: Int, running: UnsafeMutablePointer<Float>, into output: Output
+        _ h: Int,
+        queries: UnsafePointer<Float>,
+        packed: UnsafePointer<Float>,
+        tile: UnsafeMutablePointer<Float>,
+        stride: Int,
+        running: UnsafeMutablePointer<Float>,
+        into output: Output
     ) {
         let m = prefill.promptLength
         let d = prefill.geometry.headDim
@@ -162,8 +181,17 @@ private struct ProfilePass {
             let tileStart = max(firstRow, tileEnd - AttentionProfile.tileRows)
             // Row `tileStart + i` attends to keys 0...tileStart + i.
             kvk_scores(
-                queries + prefill.queryOffset(head: h, row: tileStart), d, tileEnd - tileStart, packed, tileEnd, d,
-                scale, tileStart + 1, tile, stride)
+                queries + prefill.queryOffset(head: h, row: tileStart),
+                d,
+                tileEnd - tileStart,
+                packed,
+                tileEnd,
+                d,
+                scale,
+                tileStart + 1,
+                tile,
+                stride
+            )
             for row in Swift.stride(from: tileEnd - 1, through: tileStart, by: -1) {
                 snapshot(above: row)
                 let p = tile + (row - tileStart) * stride

@@ -3,7 +3,10 @@
 /// processes.
 public enum BudgetAllocator {
     public static func allocate(
-        policy: CompressionPolicy, retention: Double, geometry: ModelGeometry, statistics: [LayerStatistics]
+        policy: CompressionPolicy,
+        retention: Double,
+        geometry: ModelGeometry,
+        statistics: [LayerStatistics]
     ) throws(KVCacheError) -> [LayerBudget] {
         guard retention > 0, retention <= 1, retention.isFinite else {
             throw KVCacheError(.invalidBudget, "budget must be in (0, 1], got \(retention)")
@@ -13,7 +16,8 @@ public enum BudgetAllocator {
         else {
             throw KVCacheError(
                 .invalidShape,
-                "need statistics for layers 0..<\(geometry.layers) in order, got \(statistics.map(\.layer))")
+                "need statistics for layers 0..<\(geometry.layers) in order, got \(statistics.map(\.layer))"
+            )
         }
         let m = statistics[0].promptLength
         guard m >= 1, statistics.allSatisfy({ $0.promptLength == m }) else {
@@ -66,7 +70,10 @@ public enum BudgetAllocator {
 
     /// VL-Cache: denser layers get more, `β[l] = clip(d[l]/Σd · α·L, lo, hi)`.
     static func sparsityAware(
-        m: Int, retention: Double, statistics: [LayerStatistics], settings s: VLCacheSettings
+        m: Int,
+        retention: Double,
+        statistics: [LayerStatistics],
+        settings s: VLCacheSettings
     ) -> [Int] {
         let densities = statistics.map { max($0.density, 1e-9) }
         let total = densities.reduce(0, +)
@@ -81,16 +88,22 @@ public enum BudgetAllocator {
             let lower = Int((s.minFraction * Double(m)).rounded(.up))
             let upper = Int((s.maxFraction * Double(m)).rounded(.down))
             return apportion(
-                total: Int((retention * Double(m) * layers).rounded()), weights: densities,
+                total: Int((retention * Double(m) * layers).rounded()),
+                weights: densities,
                 lower: Array(repeating: max(1, min(lower, upper)), count: densities.count),
-                upper: Array(repeating: max(1, upper), count: densities.count))
+                upper: Array(repeating: max(1, upper), count: densities.count)
+            )
         }
     }
 
     /// MadaKV: per-head modality demand, with each layer's over- or under-spend compensated by the
     /// layers after it (HCC), and the budget split by modality per head (MPA).
     static func madaKV(
-        m: Int, kvHeads: Int, retention: Double, statistics: [LayerStatistics], settings s: MadaKVSettings
+        m: Int,
+        kvHeads: Int,
+        retention: Double,
+        statistics: [LayerStatistics],
+        settings s: MadaKVSettings
     ) -> [LayerBudget] {
         let layers = statistics.count
         let w = min(s.proxyWindow, m)
@@ -109,11 +122,14 @@ public enum BudgetAllocator {
         // Proportional compensation in one step: water-filling every head's demand to the whole
         // budget is what the layer-by-layer update converges to when each layer's over- or underspend
         // is spread over the layers after it, and clipping at a floor or at m is handled exactly.
-        let proportional = s.compensation == .proportional && s.components != .mpaOnly
+        let proportional =
+            s.compensation == .proportional && s.components != .mpaOnly
             ? apportion(
-                total: remaining, weights: wants.joined().map(Double.init),
+                total: remaining,
+                weights: wants.joined().map(Double.init),
                 lower: Array(repeating: floor, count: layers * kvHeads),
-                upper: Array(repeating: m, count: layers * kvHeads))
+                upper: Array(repeating: m, count: layers * kvHeads)
+            )
             : []
         var result: [LayerBudget] = []
         for (l, stats) in statistics.enumerated() {
@@ -126,14 +142,20 @@ public enum BudgetAllocator {
             } else if l == layers - 1 {
                 // The last layer takes whatever remains.
                 kept = apportion(
-                    total: max(remaining, kvHeads * floor), weights: want.map(Double.init),
-                    lower: Array(repeating: floor, count: kvHeads), upper: Array(repeating: m, count: kvHeads))
+                    total: max(remaining, kvHeads * floor),
+                    weights: want.map(Double.init),
+                    lower: Array(repeating: floor, count: kvHeads),
+                    upper: Array(repeating: m, count: kvHeads)
+                )
             } else {
                 // Keep the demand, but leave every later layer at least its floor.
                 let cap = max(kvHeads * floor, remaining - (layers - l - 1) * kvHeads * floor)
                 kept = apportion(
-                    total: min(cap, want.reduce(0, +)), weights: want.map(Double.init),
-                    lower: Array(repeating: floor, count: kvHeads), upper: want)
+                    total: min(cap, want.reduce(0, +)),
+                    weights: want.map(Double.init),
+                    lower: Array(repeating: floor, count: kvHeads),
+                    upper: want
+                )
             }
             remaining -= kept.reduce(0, +)
             let heads = zip(kept, stats.heads).map { capacity, h in
@@ -154,10 +176,14 @@ public enum BudgetAllocator {
     /// Splits `count` rows in proportion to the two weights, rounding remainder to the larger share,
     /// and moves any excess over a modality's token count to the other modality.
     static func modalitySplit(
-        _ count: Int, _ visualWeight: Double, _ textWeight: Double, _ h: HeadModalityStatistics
+        _ count: Int,
+        _ visualWeight: Double,
+        _ textWeight: Double,
+        _ h: HeadModalityStatistics
     ) -> ModalitySplit {
         let sum = visualWeight + textWeight
-        let exact = sum > 0
+        let exact =
+            sum > 0
             ? Double(count) * visualWeight / sum
             : Double(count) * Double(h.visualCount) / Double(max(1, h.visualCount + h.textCount))
         var visual = Int(exact.rounded(.down))

@@ -12,7 +12,9 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
     case lookM(LookMSettings)
 
     /// The CLI names, in the order tables list them.
-    public static let allNames = ["full", "streaming-llm", "h2o", "snapkv", "pyramidkv", "vl-cache", "madakv", "look-m"]
+    public static let allNames = [
+        "full", "streaming-llm", "h2o", "snapkv", "pyramidkv", "vl-cache", "madakv", "look-m",
+    ]
 
     /// The policy of that CLI name with its default settings.
     public static func named(_ name: String) throws(KVCacheError) -> CompressionPolicy {
@@ -27,7 +29,9 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case "look-m": return .lookM(.init())
         default:
             throw KVCacheError(
-                .unknownName, "unknown policy '\(name)'; allowed: \(allNames.joined(separator: ", "))")
+                .unknownName,
+                "unknown policy '\(name)'; allowed: \(allNames.joined(separator: ", "))"
+            )
         }
     }
 
@@ -80,8 +84,10 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             try require(s.beta >= 1, "beta must be ≥ 1, got \(s.beta)")
         case .vlCache(let s):
             try require(s.threshold > 0 && s.threshold < 1, "threshold must be in (0, 1), got \(s.threshold)")
-            try require(s.minFraction > 0 && s.minFraction <= s.maxFraction && s.maxFraction <= 1,
-                        "clip bounds must satisfy 0 < min ≤ max ≤ 1, got [\(s.minFraction), \(s.maxFraction)]")
+            try require(
+                s.minFraction > 0 && s.minFraction <= s.maxFraction && s.maxFraction <= 1,
+                "clip bounds must satisfy 0 < min ≤ max ≤ 1, got [\(s.minFraction), \(s.maxFraction)]"
+            )
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
             if case .lastRows(let n) = s.observation { try require(n >= 1, "lastRows must be ≥ 1, got \(n)") }
         case .madaKV(let s):

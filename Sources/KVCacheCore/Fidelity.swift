@@ -60,7 +60,9 @@ public struct NeedleCheck: Sendable {
     public var decode: @Sendable (UnsafeBufferPointer<Float>) -> Int
 
     public init(
-        probes: [(queryHead: Int, step: Int)], answer: Int, decode: @escaping @Sendable (UnsafeBufferPointer<Float>) -> Int
+        probes: [(queryHead: Int, step: Int)],
+        answer: Int,
+        decode: @escaping @Sendable (UnsafeBufferPointer<Float>) -> Int
     ) {
         self.probes = probes
         self.answer = answer
@@ -81,7 +83,12 @@ public struct DecodeReference: Sendable {
     /// Replays `steps` over `full`, which holds every prompt row (decoded rows are appended to a copy).
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
-    public init<S: KVScalar>(geometry g: ModelGeometry, promptLength m: Int, full: [HeadCache<S>], steps: [DecodeStepInput]) {
+    public init<S: KVScalar>(
+        geometry g: ModelGeometry,
+        promptLength m: Int,
+        full: [HeadCache<S>],
+        steps: [DecodeStepInput]
+    ) {
         let d = g.headDim
         var cache = full
         var outputs = [Float](repeating: 0, count: steps.count * g.queryHeads * d)
@@ -95,13 +102,18 @@ public struct DecodeReference: Sendable {
                         let first = t * g.queryHeads + kv * g.groupSize
                         outputs.withUnsafeMutableBufferPointer { out in
                             cache[kv].attend(
-                                queries: queries.baseAddress! + kv * g.groupSize * d, groups: g.groupSize,
-                                scratch: p.baseAddress!, output: out.baseAddress! + first * d)
+                                queries: queries.baseAddress! + kv * g.groupSize * d,
+                                groups: g.groupSize,
+                                scratch: p.baseAddress!,
+                                output: out.baseAddress! + first * d
+                            )
                         }
                         attention.withUnsafeMutableBufferPointer { a in
                             for member in 0..<g.groupSize {
                                 (a.baseAddress! + (first + member) * m).update(
-                                    from: p.baseAddress! + member * cache[kv].count, count: m)
+                                    from: p.baseAddress! + member * cache[kv].count,
+                                    count: m
+                                )
                             }
                         }
                     }
@@ -121,8 +133,11 @@ public enum FidelityEvaluator {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func evaluate<S: KVScalar>(
-        geometry g: ModelGeometry, reference: DecodeReference, compressed: inout [HeadCache<S>],
-        steps: [DecodeStepInput], needle: NeedleCheck? = nil
+        geometry g: ModelGeometry,
+        reference: DecodeReference,
+        compressed: inout [HeadCache<S>],
+        steps: [DecodeStepInput],
+        needle: NeedleCheck? = nil
     ) -> FidelityReport {
         precondition(steps.count == reference.steps, "the reference replays a different number of steps")
         var report = FidelityReport()

@@ -36,7 +36,8 @@ public enum FiniteElements {
     }
 
     private static func copy<Element>(
-        _ bytes: UnsafeRawBufferPointer, width: Int,
+        _ bytes: UnsafeRawBufferPointer,
+        width: Int,
         _ kernel: (UnsafeRawPointer?, UnsafeMutablePointer<Element>, Int) -> Int
     ) -> Checked<Element> {
         let count = bytes.count / width

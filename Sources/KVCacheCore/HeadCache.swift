@@ -44,7 +44,10 @@ public struct HeadCache<S: KVScalar>: Sendable {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public mutating func append(
-        key: UnsafeBufferPointer<Float>, value: UnsafeBufferPointer<Float>, position: Int, tag: ModalityTag
+        key: UnsafeBufferPointer<Float>,
+        value: UnsafeBufferPointer<Float>,
+        position: Int,
+        tag: ModalityTag
     ) {
         precondition(key.count == headDim && value.count == headDim, "row length must equal headDim")
         Self.appendRow(key, to: &keys)
@@ -57,7 +60,9 @@ public struct HeadCache<S: KVScalar>: Sendable {
     private static func appendRow(_ row: UnsafeBufferPointer<Float>, to storage: inout [S]) {
         let start = storage.count
         storage.append(contentsOf: repeatElement(S.zero, count: row.count))
-        storage.withUnsafeMutableBufferPointer { S.store(row.baseAddress!, into: $0.baseAddress! + start, count: row.count) }
+        storage.withUnsafeMutableBufferPointer {
+            S.store(row.baseAddress!, into: $0.baseAddress! + start, count: row.count)
+        }
     }
 
     @_specialize(where S == Float)
@@ -83,14 +88,23 @@ public struct HeadCache<S: KVScalar>: Sendable {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public func attend(
-        queries: UnsafePointer<Float>, groups: Int, scratch: UnsafeMutablePointer<Float>,
+        queries: UnsafePointer<Float>,
+        groups: Int,
+        scratch: UnsafeMutablePointer<Float>,
         output: UnsafeMutablePointer<Float>
     ) {
         keys.withUnsafeBufferPointer { k in
             values.withUnsafeBufferPointer { v in
                 Kernels.decodeAttention(
-                    queries: queries, groups: groups, keys: k.baseAddress!, values: v.baseAddress!, rows: count,
-                    headDim: headDim, scratch: scratch, output: output)
+                    queries: queries,
+                    groups: groups,
+                    keys: k.baseAddress!,
+                    values: v.baseAddress!,
+                    rows: count,
+                    headDim: headDim,
+                    scratch: scratch,
+                    output: output
+                )
             }
         }
     }
@@ -137,7 +151,8 @@ extension HeadCache {
         precondition(scores.count <= count, "at most one score per row")
         let prompt = (0..<scores.count).filter { Int(positions[$0]) < promptLength }
         guard prompt.count > capacity else { return (self, scores) }
-        let kept = Selection.top(max(0, capacity), of: scores, among: prompt)
+        let kept =
+            Selection.top(max(0, capacity), of: scores, among: prompt)
             + (0..<scores.count).filter { Int(positions[$0]) >= promptLength }
         let scored = kept.sorted()
         return (retaining(rows: scored + Array(scores.count..<count)), scored.map { scores[$0] })

@@ -59,7 +59,10 @@ public enum Kernels {
     /// Scaled logits `q·k_j/√d` of one query against `rows` consecutive key rows.
     @inline(__always)
     public static func logits<S: KVScalar>(
-        query: UnsafePointer<Float>, keys: UnsafePointer<S>, rows: Int, headDim: Int,
+        query: UnsafePointer<Float>,
+        keys: UnsafePointer<S>,
+        rows: Int,
+        headDim: Int,
         into scores: UnsafeMutablePointer<Float>
     ) {
         logits(queries: query, groups: 1, keys: keys, rows: rows, headDim: headDim, into: scores, stride: rows)
@@ -69,18 +72,36 @@ public enum Kernels {
     /// `scores + g * stride`: a GQA group reads its KV head once (`kvk_decode_logits`).
     @inline(__always)
     public static func logits<S: KVScalar>(
-        queries: UnsafePointer<Float>, groups: Int, keys: UnsafePointer<S>, rows: Int, headDim: Int,
-        into scores: UnsafeMutablePointer<Float>, stride: Int
+        queries: UnsafePointer<Float>,
+        groups: Int,
+        keys: UnsafePointer<S>,
+        rows: Int,
+        headDim: Int,
+        into scores: UnsafeMutablePointer<Float>,
+        stride: Int
     ) {
         kvk_decode_logits(
-            queries, groups, keys, S.isHalf, rows, headDim, 1 / Float(headDim).squareRoot(), scores, stride)
+            queries,
+            groups,
+            keys,
+            S.isHalf,
+            rows,
+            headDim,
+            1 / Float(headDim).squareRoot(),
+            scores,
+            stride
+        )
     }
 
     /// `out = Σ_j p_j · v_j` over `rows` value rows, for `groups` probability rows (`rows` apart) into
     /// `groups × headDim` outputs: a GQA group reads the values once (`kvk_decode_weighted_sum`).
     @inline(__always)
     public static func weightedSum<S: KVScalar>(
-        probabilities p: UnsafePointer<Float>, groups: Int = 1, values: UnsafePointer<S>, rows: Int, headDim: Int,
+        probabilities p: UnsafePointer<Float>,
+        groups: Int = 1,
+        values: UnsafePointer<S>,
+        rows: Int,
+        headDim: Int,
         into out: UnsafeMutablePointer<Float>
     ) {
         kvk_decode_weighted_sum(p, groups, rows, values, S.isHalf, rows, headDim, out)
@@ -92,8 +113,14 @@ public enum Kernels {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func decodeAttention<S: KVScalar>(
-        queries: UnsafePointer<Float>, groups: Int = 1, keys: UnsafePointer<S>, values: UnsafePointer<S>, rows: Int,
-        headDim: Int, scratch: UnsafeMutablePointer<Float>, output: UnsafeMutablePointer<Float>
+        queries: UnsafePointer<Float>,
+        groups: Int = 1,
+        keys: UnsafePointer<S>,
+        values: UnsafePointer<S>,
+        rows: Int,
+        headDim: Int,
+        scratch: UnsafeMutablePointer<Float>,
+        output: UnsafeMutablePointer<Float>
     ) {
         logits(queries: queries, groups: groups, keys: keys, rows: rows, headDim: headDim, into: scratch, stride: rows)
         for g in 0..<groups { softmax(scratch + g * rows, count: rows) }

@@ -10,8 +10,12 @@ public enum LayerCompressor {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func compress<S: KVScalar>(
-        _ prefill: LayerPrefill, layout: PromptLayout, profile: AttentionProfile?, budget: LayerBudget,
-        policy: CompressionPolicy, as _: S.Type = S.self
+        _ prefill: LayerPrefill,
+        layout: PromptLayout,
+        profile: AttentionProfile?,
+        budget: LayerBudget,
+        policy: CompressionPolicy,
+        as _: S.Type = S.self
     ) throws(KVCacheError) -> Result<S> {
         let g = prefill.geometry
         let m = prefill.promptLength
@@ -28,7 +32,9 @@ public enum LayerCompressor {
         if !needed.isEmpty {
             guard let profile, needed.isSubset(of: Set(profile.columnSums.keys)), profile.promptLength == m else {
                 throw KVCacheError(
-                    .invalidShape, "\(policy.name) needs attention sums over rows from \(needed.sorted())")
+                    .invalidShape,
+                    "\(policy.name) needs attention sums over rows from \(needed.sorted())"
+                )
             }
         }
         var kept: [[Int]] = []
@@ -36,8 +42,17 @@ public enum LayerCompressor {
         let scoreCache = ScoreCache(profile: profile)
         for h in 0..<g.kvHeads {
             let k = min(m, budget.heads[h].capacity)
-            kept.append(select(policy: policy, head: h, capacity: k, split: budget.heads[h].split,
-                               m: m, layout: layout, scores: scoreCache))
+            kept.append(
+                select(
+                    policy: policy,
+                    head: h,
+                    capacity: k,
+                    split: budget.heads[h].split,
+                    m: m,
+                    layout: layout,
+                    scores: scoreCache
+                )
+            )
         }
         var rows = MergedRows(prefill: prefill)
         var merged = 0
@@ -73,8 +88,13 @@ public enum LayerCompressor {
 
     /// Kept prompt positions of one head, ascending.
     static func select(
-        policy: CompressionPolicy, head h: Int, capacity k: Int, split: ModalitySplit?, m: Int,
-        layout: PromptLayout, scores cache: ScoreCache
+        policy: CompressionPolicy,
+        head h: Int,
+        capacity k: Int,
+        split: ModalitySplit?,
+        m: Int,
+        layout: PromptLayout,
+        scores cache: ScoreCache
     ) -> [Int] {
         if k >= m { return Array(0..<m) }
         /// The last `count` positions plus the top `k − count` of `scores` before them.
@@ -108,7 +128,8 @@ public enum LayerCompressor {
             if let split {
                 let visual = candidates.filter { layout.tags[$0].isVisual }
                 let text = candidates.filter { !layout.tags[$0].isVisual }
-                chosen = Selection.top(split.visual, of: scores, among: visual)
+                chosen =
+                    Selection.top(split.visual, of: scores, among: visual)
                     + Selection.top(split.text, of: scores, among: text)
             } else {
                 chosen = Selection.top(k - w, of: scores, among: candidates)
@@ -141,8 +162,11 @@ public enum LayerCompressor {
     static func snap(_ s: SnapKVSettings, head: Int, window: Int, k: Int, m: Int, cache: ScoreCache) -> [Int] {
         let start = max(0, m - s.window)
         let votes = cache.scores(start: start, head: head)
-        let pooled = Selection.pool(votes[votes.startIndex..<(votes.startIndex + m - window)], kernel: s.kernel,
-                                    mode: s.pooling)
+        let pooled = Selection.pool(
+            votes[votes.startIndex..<(votes.startIndex + m - window)],
+            kernel: s.kernel,
+            mode: s.pooling
+        )
         return Selection.top(k - window, of: pooled, among: Array(0..<(m - window))) + Array((m - window)..<m)
     }
 }

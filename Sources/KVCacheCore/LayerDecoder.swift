@@ -8,7 +8,10 @@ public enum LayerDecoder {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func step<S: KVScalar>(
-        _ heads: inout [HeadCache<S>], geometry g: ModelGeometry, input: DecodeStepInput, position: Int,
+        _ heads: inout [HeadCache<S>],
+        geometry g: ModelGeometry,
+        input: DecodeStepInput,
+        position: Int,
         threads: Int = 1
     ) -> [Float] {
         let d = g.headDim
@@ -25,8 +28,11 @@ public enum LayerDecoder {
                     for kv in stride(from: worker, to: g.kvHeads, by: workers) {
                         let first = kv * g.groupSize * d
                         frozen[kv].attend(
-                            queries: queries.baseAddress! + first, groups: g.groupSize, scratch: scratch,
-                            output: target.pointer + first)
+                            queries: queries.baseAddress! + first,
+                            groups: g.groupSize,
+                            scratch: scratch,
+                            output: target.pointer + first
+                        )
                     }
                 }
             }
@@ -40,7 +46,10 @@ extension LayerDecoder {
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func append<S: KVScalar>(
-        _ input: DecodeStepInput, to heads: inout [HeadCache<S>], geometry g: ModelGeometry, position: Int
+        _ input: DecodeStepInput,
+        to heads: inout [HeadCache<S>],
+        geometry g: ModelGeometry,
+        position: Int
     ) {
         let d = g.headDim
         input.keys.withUnsafeBufferPointer { keys in
@@ -48,8 +57,10 @@ extension LayerDecoder {
                 for h in 0..<g.kvHeads {
                     heads[h].append(
                         key: UnsafeBufferPointer(rebasing: keys[(h * d)..<(h * d + d)]),
-                        value: UnsafeBufferPointer(rebasing: values[(h * d)..<(h * d + d)]), position: position,
-                        tag: .text)
+                        value: UnsafeBufferPointer(rebasing: values[(h * d)..<(h * d + d)]),
+                        position: position,
+                        tag: .text
+                    )
                 }
             }
         }

@@ -12,7 +12,12 @@ public struct LayerPrefill: Sendable {
     public let queries: [Float]
 
     public init(
-        geometry: ModelGeometry, promptLength m: Int, keys: [Float], values: [Float], queries: [Float], queryRows: Int
+        geometry: ModelGeometry,
+        promptLength m: Int,
+        keys: [Float],
+        values: [Float],
+        queries: [Float],
+        queryRows: Int
     ) throws(KVCacheError) {
         let d = geometry.headDim
         let kvCount = geometry.kvHeads * m * d
@@ -21,13 +26,15 @@ public struct LayerPrefill: Sendable {
             throw KVCacheError(
                 .invalidShape,
                 "keys and values must hold kvHeads×promptLength×headDim = \(geometry.kvHeads)×\(m)×\(d) = "
-                    + "\(kvCount) floats, got \(keys.count) and \(values.count)")
+                    + "\(kvCount) floats, got \(keys.count) and \(values.count)"
+            )
         }
         guard (0...m).contains(queryRows), queries.count == geometry.queryHeads * queryRows * d else {
             throw KVCacheError(
                 .invalidShape,
                 "queries must hold queryHeads×queryRows×headDim = \(geometry.queryHeads)×\(queryRows)×\(d) "
-                    + "floats with queryRows in 0...\(m), got \(queries.count) floats, queryRows \(queryRows)")
+                    + "floats with queryRows in 0...\(m), got \(queries.count) floats, queryRows \(queryRows)"
+            )
         }
         for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
             if let bad = FiniteElements.firstNonFinite(tensor) {
@@ -88,7 +95,8 @@ public struct DecodeStepInput: Sendable {
                 .invalidShape,
                 "a decode step needs kvHeads×headDim = \(geometry.kvHeads * d) key and value floats and "
                     + "queryHeads×headDim = \(geometry.queryHeads * d) query floats, got \(keys.count), "
-                    + "\(values.count), \(queries.count)")
+                    + "\(values.count), \(queries.count)"
+            )
         }
         for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
             if let bad = FiniteElements.firstNonFinite(tensor) {

@@ -32,7 +32,10 @@ public struct LayerStatistics: Sendable, Hashable, Codable {
             let kvHeads = profile.queryHeads / profile.groupSize
             heads = (0..<kvHeads).map { h in
                 HeadModalityStatistics(
-                    scores: scores[(h * m)..<(h * m + m - window)], tags: layout.tags, theta: s.theta)
+                    scores: scores[(h * m)..<(h * m + m - window)],
+                    tags: layout.tags,
+                    theta: s.theta
+                )
             }
         default:
             break
@@ -53,8 +56,13 @@ public struct HeadModalityStatistics: Sendable, Hashable, Codable {
     public var textCount: Int
 
     public init(
-        visualMass: Double, textMass: Double, visualDemand: Int, textDemand: Int, jointDemand: Int,
-        visualCount: Int, textCount: Int
+        visualMass: Double,
+        textMass: Double,
+        visualDemand: Int,
+        textDemand: Int,
+        jointDemand: Int,
+        visualCount: Int,
+        textCount: Int
     ) {
         self.visualMass = visualMass
         self.textMass = textMass
@@ -88,7 +96,13 @@ public struct HeadModalityStatistics: Sendable, Hashable, Codable {
         let v = demand(visual)
         let t = demand(text)
         self.init(
-            visualMass: v.mass, textMass: t.mass, visualDemand: v.count, textDemand: t.count,
-            jointDemand: demand(visual + text).count, visualCount: visual.count, textCount: text.count)
+            visualMass: v.mass,
+            textMass: t.mass,
+            visualDemand: v.count,
+            textDemand: t.count,
+            jointDemand: demand(visual + text).count,
+            visualCount: visual.count,
+            textCount: text.count
+        )
     }
 }

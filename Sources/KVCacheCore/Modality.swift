@@ -95,7 +95,8 @@ public struct PromptLayout: Sendable, Hashable {
                 throw KVCacheError(
                     .invalidShape,
                     "modality spans must tile the prompt without gaps or overlaps: expected a span "
-                        + "starting at \(next), got start \(span.start) count \(span.count)")
+                        + "starting at \(next), got start \(span.start) count \(span.count)"
+                )
             }
             tags.append(contentsOf: repeatElement(ModalityTag(span.modality), count: span.count))
             next = span.end

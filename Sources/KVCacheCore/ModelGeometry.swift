@@ -9,7 +9,12 @@ public struct ModelGeometry: Sendable, Hashable, Codable {
     public var tokensPerImage: Int
 
     public init(
-        name: String, layers: Int, queryHeads: Int, kvHeads: Int, headDim: Int, tokensPerImage: Int
+        name: String,
+        layers: Int,
+        queryHeads: Int,
+        kvHeads: Int,
+        headDim: Int,
+        tokensPerImage: Int
     ) throws(KVCacheError) {
         self.name = name
         self.layers = layers
@@ -32,11 +37,15 @@ public struct ModelGeometry: Sendable, Hashable, Codable {
         }
         try require(layers >= 1 && layers <= 512, "layers must be in 1...512, got \(layers)")
         try require(kvHeads >= 1 && kvHeads <= 256, "kvHeads must be in 1...256, got \(kvHeads)")
-        try require(queryHeads >= kvHeads && queryHeads % kvHeads == 0,
-                    "queryHeads (\(queryHeads)) must be a positive multiple of kvHeads (\(kvHeads))")
+        try require(
+            queryHeads >= kvHeads && queryHeads % kvHeads == 0,
+            "queryHeads (\(queryHeads)) must be a positive multiple of kvHeads (\(kvHeads))"
+        )
         try require(headDim >= 1 && headDim <= 1024, "headDim must be in 1...1024, got \(headDim)")
-        try require(tokensPerImage >= 1 && tokensPerImage <= 16384,
-                    "tokensPerImage must be in 1...16384, got \(tokensPerImage)")
+        try require(
+            tokensPerImage >= 1 && tokensPerImage <= 16384,
+            "tokensPerImage must be in 1...16384, got \(tokensPerImage)"
+        )
     }
 }
 
@@ -62,7 +71,8 @@ extension ModelGeometry {
         guard let found = presets.first(where: { $0.name == name }) else {
             throw KVCacheError(
                 .unknownName,
-                "unknown model '\(name)'; allowed: \(presets.map(\.name).joined(separator: ", "))")
+                "unknown model '\(name)'; allowed: \(presets.map(\.name).joined(separator: ", "))"
+            )
         }
         return found
     }

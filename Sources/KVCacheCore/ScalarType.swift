@@ -28,7 +28,8 @@ extension Float: KVScalar {
     public static var isHalf: Int32 { 0 }
 
     @inline(__always)
-    public static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float>, count: Int) {
+    public static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float>, count: Int)
+    {
         destination.update(from: source, count: count)
     }
 }
@@ -39,7 +40,11 @@ extension Float16: KVScalar {
 
     /// Rounds to nearest even (`kvk_narrow_to_half`: F16C where the CPU has it).
     @inline(__always)
-    public static func store(_ source: UnsafePointer<Float>, into destination: UnsafeMutablePointer<Float16>, count: Int) {
+    public static func store(
+        _ source: UnsafePointer<Float>,
+        into destination: UnsafeMutablePointer<Float16>,
+        count: Int
+    ) {
         UnsafeMutableRawPointer(destination).withMemoryRebound(to: UInt16.self, capacity: count) {
             kvk_narrow_to_half(source, $0, count)
         }

@@ -45,8 +45,14 @@ public struct BenchPlan: Sendable {
     public var sampleInterval: Duration
 
     public init(
-        workloadName: String, workload: WorkloadFile, policies: [Policy], loop: Loop, stop: Stop, seed: UInt64,
-        auditFraction: Double = 0.25, sampleInterval: Duration = .milliseconds(250)
+        workloadName: String,
+        workload: WorkloadFile,
+        policies: [Policy],
+        loop: Loop,
+        stop: Stop,
+        seed: UInt64,
+        auditFraction: Double = 0.25,
+        sampleInterval: Duration = .milliseconds(250)
     ) {
         self.workloadName = workloadName
         self.workload = workload

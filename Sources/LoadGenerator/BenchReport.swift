@@ -15,7 +15,12 @@ public struct BenchReport: Sendable, Codable, Hashable {
     public var policies: [PolicyResult]
 
     public init(
-        workload: String, model: String, workers: Int, seed: UInt64, loop: String, load: Double,
+        workload: String,
+        model: String,
+        workers: Int,
+        seed: UInt64,
+        loop: String,
+        load: Double,
         policies: [PolicyResult]
     ) {
         self.workload = workload
@@ -86,13 +91,36 @@ public struct PolicyResult: Sendable, Codable, Hashable {
     public var kvByteSeconds: Double
 
     public init(
-        policy: String, budget: Double, sequences: Int, decodeTokens: Int, durationSeconds: Double,
-        tokensPerSecond: Double, decodeP50Micros: UInt64, decodeP99Micros: UInt64, decodeMaxMicros: UInt64,
-        prefillP50Micros: UInt64, prefillP99Micros: UInt64, peakKVBytes: UInt64, meanKVBytes: UInt64,
-        fullKVBytes: UInt64, compressedKVBytes: UInt64, saving: Double, outputError: Double?,
-        needleAccuracy: Double?, auditedSequences: Int, errors: Int, errorMessages: [String] = [], refusals: Int, retries: Int,
-        workers: [WorkerPeak], decodeLatencyPercentiles: [LatencyPoint], decodeThroughput: Double = 0,
-        synthesisMillis: Double = 0, profileMillis: Double = 0, compressMillis: Double = 0, kvByteSeconds: Double = 0
+        policy: String,
+        budget: Double,
+        sequences: Int,
+        decodeTokens: Int,
+        durationSeconds: Double,
+        tokensPerSecond: Double,
+        decodeP50Micros: UInt64,
+        decodeP99Micros: UInt64,
+        decodeMaxMicros: UInt64,
+        prefillP50Micros: UInt64,
+        prefillP99Micros: UInt64,
+        peakKVBytes: UInt64,
+        meanKVBytes: UInt64,
+        fullKVBytes: UInt64,
+        compressedKVBytes: UInt64,
+        saving: Double,
+        outputError: Double?,
+        needleAccuracy: Double?,
+        auditedSequences: Int,
+        errors: Int,
+        errorMessages: [String] = [],
+        refusals: Int,
+        retries: Int,
+        workers: [WorkerPeak],
+        decodeLatencyPercentiles: [LatencyPoint],
+        decodeThroughput: Double = 0,
+        synthesisMillis: Double = 0,
+        profileMillis: Double = 0,
+        compressMillis: Double = 0,
+        kvByteSeconds: Double = 0
     ) {
         self.policy = policy
         self.budget = budget
@@ -169,8 +197,16 @@ public struct FootprintSample: Sendable, Codable, Hashable {
     public var liveSequences: Int
 
     public init(
-        policy: String, elapsedMillis: Int, worker: String, kvBytes: UInt64, textBytes: UInt64, imageBytes: UInt64,
-        videoBytes: UInt64, auditBytes: UInt64, rssBytes: UInt64, liveSequences: Int
+        policy: String,
+        elapsedMillis: Int,
+        worker: String,
+        kvBytes: UInt64,
+        textBytes: UInt64,
+        imageBytes: UInt64,
+        videoBytes: UInt64,
+        auditBytes: UInt64,
+        rssBytes: UInt64,
+        liveSequences: Int
     ) {
         self.policy = policy
         self.elapsedMillis = elapsedMillis

@@ -1,9 +1,9 @@
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #elseif canImport(Darwin)
-    import Darwin
+import Darwin
 #endif
 
 /// Renders a bench run as one self-contained HTML page (the `--html` file): inline CSS and SVG
@@ -95,13 +95,18 @@ public enum HTMLReport {
     static func footprintComparison(_ report: BenchReport, _ samples: [FootprintSample]) -> String {
         let series = policyNames(report, samples).enumerated().map { i, policy in
             ChartSeries(
-                name: policy, color: palette[i % palette.count],
+                name: policy,
+                color: palette[i % palette.count],
                 points: footprintTotals(samples.filter { $0.policy == policy }).map { ChartPoint(x: $0.x, y: $0.kv) },
-                style: policy == "full" ? .dashed : .line)
+                style: policy == "full" ? .dashed : .line
+            )
         }
         return chart(
-            title: "Accounted K/V, all workers, per policy", x: ChartAxis(label: "seconds"),
-            y: ChartAxis(label: "MiB"), series: series)
+            title: "Accounted K/V, all workers, per policy",
+            x: ChartAxis(label: "seconds"),
+            y: ChartAxis(label: "MiB"),
+            series: series
+        )
     }
 
     static func peakTable(_ policies: [PolicyResult]) -> String {
@@ -120,7 +125,8 @@ public enum HTMLReport {
     static func latencyChart(_ policies: [PolicyResult]) -> String {
         let series = policies.enumerated().map { i, p in
             ChartSeries(
-                name: p.policy, color: palette[i % palette.count],
+                name: p.policy,
+                color: palette[i % palette.count],
                 points: p.decodeLatencyPercentiles.sorted { $0.percentile < $1.percentile }.map {
                     ChartPoint(x: nines($0.percentile), y: Double($0.micros) / 1000)
                 }
@@ -131,11 +137,15 @@ public enum HTMLReport {
         let ticks = (0...max(2, Int((maxNines - 1e-9).rounded(.up)))).map { k in
             Tick(
                 value: Double(k),
-                label: k == 0 ? "0" : k == 1 ? "90" : "99" + (k > 2 ? "." + String(repeating: "9", count: k - 2) : ""))
+                label: k == 0 ? "0" : k == 1 ? "90" : "99" + (k > 2 ? "." + String(repeating: "9", count: k - 2) : "")
+            )
         }
         return chart(
             title: "Decode-step latency by percentile",
-            x: ChartAxis(label: "percentile (%)", ticks: ticks), y: ChartAxis(label: "ms"), series: series)
+            x: ChartAxis(label: "percentile (%)", ticks: ticks),
+            y: ChartAxis(label: "ms"),
+            series: series
+        )
     }
 
     static func nines(_ percentile: Double) -> Double {
@@ -154,26 +164,47 @@ public enum HTMLReport {
             perWorker.append(ChartSeries(name: "\(worker) KV", color: color, points: own.map { point($0, $0.kvBytes) }))
             perWorker.append(
                 ChartSeries(
-                    name: "\(worker) RSS", color: color, points: own.map { point($0, $0.rssBytes) }, style: .dashed))
+                    name: "\(worker) RSS",
+                    color: color,
+                    points: own.map { point($0, $0.rssBytes) },
+                    style: .dashed
+                )
+            )
         }
         let totals = footprintTotals(samples)
         // Stacked: each band's top is the running sum; drawn top band first so lower ones cover it.
         let stacked = [
             ChartSeries(
-                name: "video", color: "#59a14f",
-                points: totals.map { ChartPoint(x: $0.x, y: $0.text + $0.image + $0.video) }, style: .area),
+                name: "video",
+                color: "#59a14f",
+                points: totals.map { ChartPoint(x: $0.x, y: $0.text + $0.image + $0.video) },
+                style: .area
+            ),
             ChartSeries(
-                name: "image", color: "#f28e2b", points: totals.map { ChartPoint(x: $0.x, y: $0.text + $0.image) },
-                style: .area),
+                name: "image",
+                color: "#f28e2b",
+                points: totals.map { ChartPoint(x: $0.x, y: $0.text + $0.image) },
+                style: .area
+            ),
             ChartSeries(
-                name: "text", color: "#4e79a7", points: totals.map { ChartPoint(x: $0.x, y: $0.text) }, style: .area),
+                name: "text",
+                color: "#4e79a7",
+                points: totals.map { ChartPoint(x: $0.x, y: $0.text) },
+                style: .area
+            ),
         ]
         return chart(
             title: "Accounted K/V (solid) and RSS (dashed) per worker",
-            x: ChartAxis(label: "seconds"), y: ChartAxis(label: "MiB"), series: perWorker)
+            x: ChartAxis(label: "seconds"),
+            y: ChartAxis(label: "MiB"),
+            series: perWorker
+        )
             + chart(
-                title: "K/V bytes by modality, all workers", x: ChartAxis(label: "seconds"),
-                y: ChartAxis(label: "MiB"), series: samples.isEmpty ? [] : stacked)
+                title: "K/V bytes by modality, all workers",
+                x: ChartAxis(label: "seconds"),
+                y: ChartAxis(label: "MiB"),
+                series: samples.isEmpty ? [] : stacked
+            )
     }
 
     static func point(_ sample: FootprintSample, _ bytes: UInt64) -> ChartPoint {
@@ -207,8 +238,13 @@ public enum HTMLReport {
             }
             totals.append(
                 FootprintTotal(
-                    x: Double(t) / 1000, kv: sum(\.kvBytes), text: sum(\.textBytes), image: sum(\.imageBytes),
-                    video: sum(\.videoBytes)))
+                    x: Double(t) / 1000,
+                    kv: sum(\.kvBytes),
+                    text: sum(\.textBytes),
+                    image: sum(\.imageBytes),
+                    video: sum(\.videoBytes)
+                )
+            )
         }
         return totals
     }
@@ -318,17 +354,25 @@ public enum HTMLReport {
             svg += element("text", ["x": x, "y": n(bottom + 18), "text-anchor": "middle"], text: tick.label)
         }
         svg += element(
-            "path", ["d": "M\(n(left)),\(n(top)) V\(n(bottom)) H\(n(right))", "fill": "none", "stroke": "#444"])
+            "path",
+            ["d": "M\(n(left)),\(n(top)) V\(n(bottom)) H\(n(right))", "fill": "none", "stroke": "#444"]
+        )
         svg += element(
-            "text", ["x": n((left + right) / 2), "y": n(bottom + 36), "text-anchor": "middle"], text: xAxis.label)
+            "text",
+            ["x": n((left + right) / 2), "y": n(bottom + 36), "text-anchor": "middle"],
+            text: xAxis.label
+        )
         svg += element(
-            "text", ["transform": "translate(16 \(n((top + bottom) / 2))) rotate(-90)", "text-anchor": "middle"],
-            text: yAxis.label)
+            "text",
+            ["transform": "translate(16 \(n((top + bottom) / 2))) rotate(-90)", "text-anchor": "middle"],
+            text: yAxis.label
+        )
         if points.isEmpty {
             svg += element(
                 "text",
                 ["x": n((left + right) / 2), "y": n((top + bottom) / 2), "text-anchor": "middle", "fill": "#888"],
-                text: "no samples")
+                text: "no samples"
+            )
         }
         for s in series where !s.points.isEmpty {
             let line = s.points.enumerated().map { i, p in "\(i == 0 ? "M" : "L")\(px(p.x)),\(py(p.y))" }
@@ -336,14 +380,16 @@ public enum HTMLReport {
             case .line:
                 svg += element(
                     "path",
-                    ["d": line.joined(separator: " "), "fill": "none", "stroke": s.color, "stroke-width": "1.5"])
+                    ["d": line.joined(separator: " "), "fill": "none", "stroke": s.color, "stroke-width": "1.5"]
+                )
             case .dashed:
                 svg += element(
                     "path",
                     [
                         "d": line.joined(separator: " "), "fill": "none", "stroke": s.color, "stroke-width": "1.5",
                         "stroke-dasharray": dash,
-                    ])
+                    ]
+                )
             case .area:
                 // Close the line down to the zero baseline.
                 let base = py(max(ys.lo, 0))
@@ -363,7 +409,8 @@ public enum HTMLReport {
                     [
                         "x1": n(x), "x2": n(x + 20), "y1": n(y), "y2": n(y), "stroke": s.color, "stroke-width": "2",
                         "stroke-dasharray": s.style == .dashed ? dash : "none",
-                    ])
+                    ]
+                )
             case .area:
                 svg += element("rect", ["x": n(x), "y": n(y - 5), "width": "20", "height": "10", "fill": s.color])
             }

@@ -26,12 +26,19 @@ public enum LoadRunner {
     /// the client certificate in `security` (insecure: tenant `bench`); `progress` is called about
     /// once a second.
     public static func run(
-        _ plan: BenchPlan, coordinator: NodeAddress, security: TransportSecurity, workers: Int, logger: Logger,
+        _ plan: BenchPlan,
+        coordinator: NodeAddress,
+        security: TransportSecurity,
+        workers: Int,
+        logger: Logger,
         progress: @escaping @Sendable (BenchProgress) -> Void = { _ in }
     ) async throws -> (report: BenchReport, samples: [FootprintSample]) {
         try await TesseraClient.withClient(
-            coordinator: coordinator, security: security, tenant: security.identity == nil ? "bench" : nil,
-            nodeID: "bench", logger: logger
+            coordinator: coordinator,
+            security: security,
+            tenant: security.identity == nil ? "bench" : nil,
+            nodeID: "bench",
+            logger: logger
         ) { client in
             var results: [PolicyResult] = []
             var samples: [FootprintSample] = []
@@ -41,13 +48,20 @@ public enum LoadRunner {
                 results.append(await recorder.result(budget: policy.retention))
                 samples += await recorder.samples
             }
-            let (loop, load): (String, Double) = switch plan.loop {
-            case .closed(let concurrency): ("closed", Double(concurrency))
-            case .open(let rate, _): ("open", rate)
-            }
+            let (loop, load): (String, Double) =
+                switch plan.loop {
+                case .closed(let concurrency): ("closed", Double(concurrency))
+                case .open(let rate, _): ("open", rate)
+                }
             let report = BenchReport(
-                workload: plan.workloadName, model: plan.workload.geometry.name, workers: workers, seed: plan.seed,
-                loop: loop, load: load, policies: results)
+                workload: plan.workloadName,
+                model: plan.workload.geometry.name,
+                workers: workers,
+                seed: plan.seed,
+                loop: loop,
+                load: load,
+                policies: results
+            )
             return (report, samples)
         }
     }
@@ -63,7 +77,9 @@ public enum LoadRunner {
     }
 
     static func runPolicy(
-        _ plan: BenchPlan, index policyIndex: Int, client: TesseraClient,
+        _ plan: BenchPlan,
+        index policyIndex: Int,
+        client: TesseraClient,
         progress: @escaping @Sendable (BenchProgress) -> Void
     ) async throws -> PolicyRecorder {
         let start = ContinuousClock.now
@@ -89,15 +105,23 @@ public enum LoadRunner {
         let elapsed = await recorder.elapsed
         let seconds = Double(elapsed.wholeMicroseconds) / 1e6
         return BenchProgress(
-            policy: recorder.policy, elapsed: elapsed, sequencesDone: await recorder.sequences,
+            policy: recorder.policy,
+            elapsed: elapsed,
+            sequencesDone: await recorder.sequences,
             live: await recorder.live,
             tokensPerSecond: seconds > 0 ? Double(await recorder.decodeTokens) / seconds : 0,
-            kvBytes: await recorder.clusterBytes, errors: await recorder.errors, refusals: await recorder.refusals)
+            kvBytes: await recorder.clusterBytes,
+            errors: await recorder.errors,
+            refusals: await recorder.refusals
+        )
     }
 
     /// Samples the cluster's footprint every `interval` until cancelled.
     static func sample(
-        _ client: TesseraClient, recorder: PolicyRecorder, every interval: Duration, since start: ContinuousClock.Instant
+        _ client: TesseraClient,
+        recorder: PolicyRecorder,
+        every interval: Duration,
+        since start: ContinuousClock.Instant
     ) async throws {
         while true {
             try await sampleOnce(client, recorder: recorder, since: start)
@@ -106,7 +130,9 @@ public enum LoadRunner {
     }
 
     static func sampleOnce(
-        _ client: TesseraClient, recorder: PolicyRecorder, since start: ContinuousClock.Instant
+        _ client: TesseraClient,
+        recorder: PolicyRecorder,
+        since start: ContinuousClock.Instant
     ) async throws {
         let status = try await client.status()
         let elapsed = Int((ContinuousClock.now - start).wholeMicroseconds / 1000)
@@ -119,10 +145,17 @@ public enum FootprintSampler {
     public static func samples(_ status: ClusterStatus, policy: String, elapsedMillis: Int) -> [FootprintSample] {
         status.workers.filter { $0.state != "dead" }.map { worker in
             FootprintSample(
-                policy: policy, elapsedMillis: elapsedMillis, worker: worker.id, kvBytes: worker.kvBytes,
-                textBytes: worker.kvBytesByModality["text"] ?? 0, imageBytes: worker.kvBytesByModality["image"] ?? 0,
-                videoBytes: worker.kvBytesByModality["video"] ?? 0, auditBytes: worker.auditBytes,
-                rssBytes: worker.rssBytes, liveSequences: worker.liveSequences)
+                policy: policy,
+                elapsedMillis: elapsedMillis,
+                worker: worker.id,
+                kvBytes: worker.kvBytes,
+                textBytes: worker.kvBytesByModality["text"] ?? 0,
+                imageBytes: worker.kvBytesByModality["image"] ?? 0,
+                videoBytes: worker.kvBytesByModality["video"] ?? 0,
+                auditBytes: worker.auditBytes,
+                rssBytes: worker.rssBytes,
+                liveSequences: worker.liveSequences
+            )
         }
     }
 }
@@ -187,7 +220,9 @@ struct SequenceDriver: Sendable {
         let preset = workload.preset(forSequence: index, seed: plan.seed)
         let settings = workload.traceSettings
         let geometry = workload.geometry
-        let trace = TraceGenerator(preset: preset, geometry: geometry, settings: settings, seed: plan.seed).sequence(index)
+        let trace = TraceGenerator(preset: preset, geometry: geometry, settings: settings, seed: plan.seed).sequence(
+            index
+        )
         let policy = plan.policies[policyIndex]
         let sequenceID = UInt64(policyIndex + 1) << 32 | UInt64(index)
         let audited = plan.isAudited(index)
@@ -195,10 +230,22 @@ struct SequenceDriver: Sendable {
         let begin = due ?? .now
         await recorder.started()
         do {
-            try await open(sequenceID, geometry: geometry, layout: trace.layout, policy: policy, decodeTokens: trace.decodeSteps)
+            try await open(
+                sequenceID,
+                geometry: geometry,
+                layout: trace.layout,
+                policy: policy,
+                decodeTokens: trace.decodeSteps
+            )
             var footprint = Footprint(since: .now)
             _ = try await client.prefillSynthetic(
-                sequenceID, workload: preset.rawValue, seed: plan.seed, index: index, settings: settings, audit: audited)
+                sequenceID,
+                workload: preset.rawValue,
+                seed: plan.seed,
+                index: index,
+                settings: settings,
+                audit: audited
+            )
             var last = DecodeStep()
             var fidelity: FidelityReport?
             for step in 0..<trace.decodeSteps {
@@ -225,8 +272,12 @@ struct SequenceDriver: Sendable {
             _ = try await client.close(sequenceID)
             footprint.held(last.kvBytes, until: .now)
             await recorder.completed(
-                kvBytes: last.kvBytes, fullKVBytes: last.fullKVBytes, work: last.work, byteSeconds: footprint.byteSeconds,
-                fidelity: fidelity)
+                kvBytes: last.kvBytes,
+                fullKVBytes: last.fullKVBytes,
+                work: last.work,
+                byteSeconds: footprint.byteSeconds,
+                fidelity: fidelity
+            )
             return true
         } catch {
             _ = try? await client.close(sequenceID)
@@ -237,14 +288,23 @@ struct SequenceDriver: Sendable {
 
     /// Opens the sequence, waiting out RESOURCE_EXHAUSTED refusals for their retry-after hint.
     func open(
-        _ sequenceID: UInt64, geometry: ModelGeometry, layout: PromptLayout, policy: BenchPlan.Policy, decodeTokens: Int
+        _ sequenceID: UInt64,
+        geometry: ModelGeometry,
+        layout: PromptLayout,
+        policy: BenchPlan.Policy,
+        decodeTokens: Int
     ) async throws {
         let deadline = ContinuousClock.now + Self.admissionPatience
         while true {
             do {
                 _ = try await client.openSequence(
-                    sequenceID, geometry: geometry, layout: layout, policy: policy.policy, retention: policy.retention,
-                    decodeTokens: decodeTokens)
+                    sequenceID,
+                    geometry: geometry,
+                    layout: layout,
+                    policy: policy.policy,
+                    retention: policy.retention,
+                    decodeTokens: decodeTokens
+                )
                 return
             } catch let error as WireError where error.code == .resourceExhausted {
                 await recorder.refused()

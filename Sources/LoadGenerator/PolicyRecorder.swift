@@ -37,7 +37,6 @@ actor PolicyRecorder {
         Histogram(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)
     }
 
-
     func started() { live += 1 }
 
     func prefilled(after duration: Duration) { _ = prefill.record(duration.wholeMicroseconds) }
@@ -54,7 +53,10 @@ actor PolicyRecorder {
     /// A sequence that ran to the end: its bytes at the last step, the workers' prefill compute, its
     /// footprint integral, and its audit when it had one.
     func completed(
-        kvBytes: UInt64, fullKVBytes: UInt64, work sequenceWork: PrefillWork, byteSeconds footprint: Double,
+        kvBytes: UInt64,
+        fullKVBytes: UInt64,
+        work sequenceWork: PrefillWork,
+        byteSeconds footprint: Double,
         fidelity audit: FidelityReport?
     ) {
         live -= 1
@@ -97,14 +99,21 @@ actor PolicyRecorder {
         }
         let workers = Dictionary(grouping: samples, by: \.worker).map { id, rows in
             WorkerPeak(
-                id: id, peakKVBytes: rows.map(\.kvBytes).max() ?? 0, peakRSSBytes: rows.map(\.rssBytes).max() ?? 0,
-                peakAuditBytes: rows.map(\.auditBytes).max() ?? 0)
+                id: id,
+                peakKVBytes: rows.map(\.kvBytes).max() ?? 0,
+                peakRSSBytes: rows.map(\.rssBytes).max() ?? 0,
+                peakAuditBytes: rows.map(\.auditBytes).max() ?? 0
+            )
         }.sorted { $0.id < $1.id }
         let percentiles = [0, 50, 75, 90, 95, 99, 99.9, 99.99, 100].map { p in
             LatencyPoint(percentile: p, micros: decode.totalCount == 0 ? 0 : decode.valueAtPercentile(p))
         }
         return PolicyResult(
-            policy: policy, budget: budget, sequences: sequences, decodeTokens: decodeTokens, durationSeconds: seconds,
+            policy: policy,
+            budget: budget,
+            sequences: sequences,
+            decodeTokens: decodeTokens,
+            durationSeconds: seconds,
             tokensPerSecond: seconds > 0 ? Double(decodeTokens) / seconds : 0,
             decodeP50Micros: decode.totalCount == 0 ? 0 : decode.valueAtPercentile(50),
             decodeP99Micros: decode.totalCount == 0 ? 0 : decode.valueAtPercentile(99),
@@ -113,14 +122,23 @@ actor PolicyRecorder {
             prefillP99Micros: prefill.totalCount == 0 ? 0 : prefill.valueAtPercentile(99),
             peakKVBytes: instants.max() ?? 0,
             meanKVBytes: instants.isEmpty ? 0 : instants.reduce(0, +) / UInt64(instants.count),
-            fullKVBytes: fullBytes, compressedKVBytes: compressedBytes,
+            fullKVBytes: fullBytes,
+            compressedKVBytes: compressedBytes,
             saving: fullBytes == 0 ? 0 : 1 - Double(compressedBytes) / Double(fullBytes),
-            outputError: audited == 0 ? nil : fidelity.outputError, needleAccuracy: fidelity.needleAccuracy,
-            auditedSequences: audited, errors: errors, errorMessages: errorMessages, refusals: refusals, retries: retries, workers: workers,
+            outputError: audited == 0 ? nil : fidelity.outputError,
+            needleAccuracy: fidelity.needleAccuracy,
+            auditedSequences: audited,
+            errors: errors,
+            errorMessages: errorMessages,
+            refusals: refusals,
+            retries: retries,
+            workers: workers,
             decodeLatencyPercentiles: percentiles,
             decodeThroughput: timedStepSeconds > 0 ? Double(timedSteps) / timedStepSeconds : 0,
             synthesisMillis: perSequence(Double(work.synthesisMicros)) / 1000,
             profileMillis: perSequence(Double(work.profileMicros)) / 1000,
-            compressMillis: perSequence(Double(work.compressMicros)) / 1000, kvByteSeconds: perSequence(byteSeconds))
+            compressMillis: perSequence(Double(work.compressMicros)) / 1000,
+            kvByteSeconds: perSequence(byteSeconds)
+        )
     }
 }

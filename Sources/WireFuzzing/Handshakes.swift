@@ -39,7 +39,9 @@ enum Handshakes {
                     "the \(dialer.local.role) read the \(listener.local.role)'s hello_ack as \(accepted)"
                 )
             } catch {
-                preconditionFailure("the \(dialer.local.role) refused the hello_ack of a hello that was accepted: \(error)")
+                preconditionFailure(
+                    "the \(dialer.local.role) refused the hello_ack of a hello that was accepted: \(error)"
+                )
             }
         }
         for dialer in [client, workerToCoordinator] {

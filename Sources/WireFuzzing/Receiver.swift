@@ -30,7 +30,8 @@ struct Receiver {
         // Compared as bytes: a message holding a NaN double is not equal to itself.
         precondition(
             (try? envelope.serializedFrame()) == reference.flatMap { try? $0.serializedFrame() },
-            "the frame decoder's envelope differs from swift-protobuf's")
+            "the frame decoder's envelope differs from swift-protobuf's"
+        )
         Self.checkReencoding(envelope)
         Handshakes.check(envelope)
         self.attempt(envelope.requestID) {
@@ -161,7 +162,11 @@ struct Receiver {
     /// or the seeds' where those are invalid.
     private mutating func prefill(_ message: Tessera_V1_Prefill, _ id: UInt64) {
         let (geometry, layout) = self.sequence(
-            model: message.model, spans: message.spans, policy: message.policy, id)
+            model: message.model,
+            spans: message.spans,
+            policy: message.policy,
+            id
+        )
         switch message.source {
         case .inlineTensors(let tensors):
             let promptLength = (layout ?? Seeds.layout).promptLength
@@ -202,38 +207,57 @@ struct Receiver {
     private static func geometry(kvHeads: UInt32?, queryHeads: UInt32?, headDim: UInt32?) -> ModelGeometry {
         guard let kvHeads, let queryHeads, let headDim,
             let geometry = try? ModelGeometry(
-                name: "claimed", layers: 512, queryHeads: Int(queryHeads), kvHeads: Int(kvHeads),
-                headDim: Int(headDim), tokensPerImage: 1)
+                name: "claimed",
+                layers: 512,
+                queryHeads: Int(queryHeads),
+                kvHeads: Int(kvHeads),
+                headDim: Int(headDim),
+                tokensPerImage: 1
+            )
         else { return Seeds.geometry }
         return geometry
     }
 
-    private static func prefill(_ message: Tessera_V1_LayerTensors, _ geometry: ModelGeometry, _ promptLength: Int)
+    private static func prefill(
+        _ message: Tessera_V1_LayerTensors,
+        _ geometry: ModelGeometry,
+        _ promptLength: Int
+    )
         throws(WireError)
     {
         let value = try LayerPrefill(proto: message, geometry: geometry, promptLength: promptLength)
         reencodes([value.keys, value.values, value.queries], "layer \(message.layer) prefill") { _ throws(WireError) in
             let again = try LayerPrefill(
-                proto: value.proto(layer: Int(message.layer)), geometry: geometry, promptLength: promptLength)
+                proto: value.proto(layer: Int(message.layer)),
+                geometry: geometry,
+                promptLength: promptLength
+            )
             return [again.keys, again.values, again.queries]
         }
     }
 
     private static func decodeStep(_ message: Tessera_V1_LayerDecode) throws(WireError) {
         let geometry = Self.geometry(
-            kvHeads: message.keys.shape.first, queryHeads: message.queries.shape.first,
-            headDim: message.keys.shape.last)
+            kvHeads: message.keys.shape.first,
+            queryHeads: message.queries.shape.first,
+            headDim: message.keys.shape.last
+        )
         let value = try DecodeStepInput(proto: message, geometry: geometry)
         reencodes([value.keys, value.values, value.queries], "layer \(message.layer) decode") { _ throws(WireError) in
             let again = try DecodeStepInput(
-                proto: value.proto(layer: Int(message.layer), geometry: geometry), geometry: geometry)
+                proto: value.proto(layer: Int(message.layer), geometry: geometry),
+                geometry: geometry
+            )
             return [again.keys, again.values, again.queries]
         }
     }
 
     private static func output(_ message: Tessera_V1_LayerOutput) throws(WireError) {
         let geometry = Self.geometry(
-            kvHeads: 1, queryHeads: message.output.shape.first, headDim: message.output.shape.last)
+            kvHeads: 1,
+            queryHeads: message.output.shape.first,
+            headDim: message.output.shape.last
+        )
         let values = try message.outputValues(geometry: geometry)
         reencodes(values, "layer \(message.layer) output") { values throws(WireError) in
             try Tessera_V1_LayerOutput(layer: Int(message.layer), output: values, geometry: geometry)
@@ -248,15 +272,23 @@ struct Receiver {
         let rows: Int?
         switch message.keys.dtype {
         case .float16:
-            rows = HeadCache(
-                headDim: headDim, keys: try message.keys.float16Values(name: "keys"),
-                values: try message.values.float16Values(name: "values"), positions: message.positions, tags: tags
-            )?.count
+            rows =
+                HeadCache(
+                    headDim: headDim,
+                    keys: try message.keys.float16Values(name: "keys"),
+                    values: try message.values.float16Values(name: "values"),
+                    positions: message.positions,
+                    tags: tags
+                )?.count
         default:
-            rows = HeadCache(
-                headDim: headDim, keys: try message.keys.floatValues(name: "keys"),
-                values: try message.values.floatValues(name: "values"), positions: message.positions, tags: tags
-            )?.count
+            rows =
+                HeadCache(
+                    headDim: headDim,
+                    keys: try message.keys.floatValues(name: "keys"),
+                    values: try message.values.floatValues(name: "values"),
+                    positions: message.positions,
+                    tags: tags
+                )?.count
         }
         guard let rows else {
             throw WireError(.invalidShape, "keys, values, positions and tags disagree on the row count")

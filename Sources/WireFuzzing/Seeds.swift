@@ -51,27 +51,43 @@ enum Seeds {
         let queryRows = 4
         let prefill = try self.core { () throws(KVCacheError) in
             try LayerPrefill(
-                geometry: geometry, promptLength: layout.promptLength,
-                keys: values(kvShape.reduce(1, *)), values: values(kvShape.reduce(1, *), offset: 1),
-                queries: values(geometry.queryHeads * queryRows * geometry.headDim, offset: -1), queryRows: queryRows)
+                geometry: geometry,
+                promptLength: layout.promptLength,
+                keys: values(kvShape.reduce(1, *)),
+                values: values(kvShape.reduce(1, *), offset: 1),
+                queries: values(geometry.queryHeads * queryRows * geometry.headDim, offset: -1),
+                queryRows: queryRows
+            )
         }
         let step = try self.core { () throws(KVCacheError) in
             try DecodeStepInput(
-                geometry: geometry, keys: values(geometry.kvHeads * geometry.headDim),
+                geometry: geometry,
+                keys: values(geometry.kvHeads * geometry.headDim),
                 values: values(geometry.kvHeads * geometry.headDim, offset: 0.5),
-                queries: values(geometry.queryHeads * geometry.headDim, offset: -0.5))
+                queries: values(geometry.queryHeads * geometry.headDim, offset: -0.5)
+            )
         }
         let statistics = LayerStatistics(
-            layer: 2, promptLength: layout.promptLength, density: 0.25,
+            layer: 2,
+            promptLength: layout.promptLength,
+            density: 0.25,
             heads: (0..<geometry.kvHeads).map { head in
                 HeadModalityStatistics(
-                    visualMass: 0.6 + Double(head) / 10, textMass: 0.4 - Double(head) / 10, visualDemand: 5,
-                    textDemand: 3, jointDemand: 7, visualCount: 8, textCount: 8)
-            })
+                    visualMass: 0.6 + Double(head) / 10,
+                    textMass: 0.4 - Double(head) / 10,
+                    visualDemand: 5,
+                    textDemand: 3,
+                    jointDemand: 7,
+                    visualCount: 8,
+                    textCount: 8
+                )
+            }
+        )
         let budgets = (2..<4).map { layer in
             LayerBudget(
                 layer: layer,
-                heads: [HeadBudget(capacity: 8, split: ModalitySplit(visual: 5, text: 3)), HeadBudget(capacity: 6)])
+                heads: [HeadBudget(capacity: 8, split: ModalitySplit(visual: 5, text: 3)), HeadBudget(capacity: 6)]
+            )
         }
         let sequenceID: UInt64 = 5
         let epoch: UInt64 = 11
@@ -233,7 +249,10 @@ enum Seeds {
         result.step = 1
         result.outputs = [
             try Tessera_V1_LayerOutput(
-                layer: 2, output: values(geometry.queryHeads * geometry.headDim), geometry: geometry)
+                layer: 2,
+                output: values(geometry.queryHeads * geometry.headDim),
+                geometry: geometry
+            )
         ]
         result.kvBytes = 1 << 18
         result.fullKvBytes = 1 << 20
@@ -271,9 +290,13 @@ enum Seeds {
             var state = Tessera_V1_HeadState()
             let shape = [rows.count, geometry.headDim]
             state.keys = try Tessera_V1_Tensor(
-                float16Converting: values(rows.count * geometry.headDim, offset: Float(head)), shape: shape)
+                float16Converting: values(rows.count * geometry.headDim, offset: Float(head)),
+                shape: shape
+            )
             state.values = try Tessera_V1_Tensor(
-                float16Converting: values(rows.count * geometry.headDim, offset: -Float(head)), shape: shape)
+                float16Converting: values(rows.count * geometry.headDim, offset: -Float(head)),
+                shape: shape
+            )
             state.positions = rows.map(\.position)
             state.tags = rows.map(\.tag.rawValue)
             state.rowScores = [0.5, 0.25, 0.125]
@@ -338,7 +361,11 @@ enum Seeds {
         return shard
     }
 
-    private static func assignment(_ sequenceID: UInt64, _ epoch: UInt64, policy name: String) throws(WireError)
+    private static func assignment(
+        _ sequenceID: UInt64,
+        _ epoch: UInt64,
+        policy name: String
+    ) throws(WireError)
         -> Tessera_V1_ShardAssignment
     {
         var assignment = Tessera_V1_ShardAssignment()
@@ -353,7 +380,10 @@ enum Seeds {
         return assignment
     }
 
-    private static func transfer(_ sequenceID: UInt64, _ part: Tessera_V1_ShardTransfer.OneOf_Part)
+    private static func transfer(
+        _ sequenceID: UInt64,
+        _ part: Tessera_V1_ShardTransfer.OneOf_Part
+    )
         -> Tessera_V1_ShardTransfer
     {
         var transfer = Tessera_V1_ShardTransfer()

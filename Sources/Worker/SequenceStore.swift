@@ -123,7 +123,11 @@ actor SequenceStore {
     /// The held sequence a write may go to: the tenant, shard, epoch and role must match, and a
     /// forwarded write (`forwardedBy` is the sending worker's node id) must come from the shard's primary.
     func checked(
-        _ sequenceID: UInt64, tenant: String, shardID: UInt32, epoch: UInt64, forwardedBy: String? = nil
+        _ sequenceID: UInt64,
+        tenant: String,
+        shardID: UInt32,
+        epoch: UInt64,
+        forwardedBy: String? = nil
     ) throws(WireError) -> HeldSequence {
         let forwarded = forwardedBy != nil
         guard let held = sequences[sequenceID] else {
@@ -133,7 +137,10 @@ actor SequenceStore {
             throw WireError(.wrongTenant, "sequence \(sequenceID) belongs to another tenant")
         }
         guard held.shardID == shardID else {
-            throw WireError(.notPrimary, "this worker holds shard \(held.shardID) of sequence \(sequenceID), not \(shardID)")
+            throw WireError(
+                .notPrimary,
+                "this worker holds shard \(held.shardID) of sequence \(sequenceID), not \(shardID)"
+            )
         }
         guard held.epoch == epoch else {
             throw WireError(.staleEpoch, "sequence \(sequenceID) is at epoch \(held.epoch), the write carries \(epoch)")
@@ -143,12 +150,14 @@ actor SequenceStore {
                 .notPrimary,
                 forwarded
                     ? "this worker is the primary of shard \(shardID) of sequence \(sequenceID); it takes no forwarded writes"
-                    : "this worker holds a replica of shard \(shardID) of sequence \(sequenceID); write to its primary")
+                    : "this worker holds a replica of shard \(shardID) of sequence \(sequenceID); write to its primary"
+            )
         }
         if let forwardedBy, forwardedBy != held.assignment.shard.primary.nodeID {
             throw WireError(
                 .permissionDenied,
-                "\(forwardedBy) is not the primary of shard \(shardID) of sequence \(sequenceID); only the primary forwards writes")
+                "\(forwardedBy) is not the primary of shard \(shardID) of sequence \(sequenceID); only the primary forwards writes"
+            )
         }
         return held.withoutTensors
     }
@@ -162,8 +171,10 @@ actor SequenceStore {
         }
         guard !held.expanding else {
             throw WireError(
-                .unavailable, "the prefill of sequence \(sequenceID) is still being expanded; retry",
-                retryAfter: .milliseconds(200))
+                .unavailable,
+                "the prefill of sequence \(sequenceID) is still being expanded; retry",
+                retryAfter: .milliseconds(200)
+            )
         }
         if !held.prefills.isEmpty || held.isCompressed { return held.bytes.total }
         sequences[sequenceID]!.expanding = true
@@ -175,8 +186,13 @@ actor SequenceStore {
     }
 
     func storePrefill(
-        _ sequenceID: UInt64, prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile],
-        statistics: [Tessera_V1_LayerStats], syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, audited: Bool,
+        _ sequenceID: UInt64,
+        prefills: [Int: LayerPrefill],
+        profiles: [Int: AttentionProfile],
+        statistics: [Tessera_V1_LayerStats],
+        syntheticDecode: [Int: [DecodeStepInput]]?,
+        needle: Needle?,
+        audited: Bool,
         work: PrefillWork
     ) throws(WireError) -> Int {
         guard sequences[sequenceID] != nil else {
@@ -215,7 +231,11 @@ actor SequenceStore {
 
     /// Keeps the compressed cache (once; a repeated budget changes nothing) and drops the prefill.
     func storeCache(
-        _ sequenceID: UInt64, _ cache: ShardCache, rowScores: [Int: [[Float]]], audit: AuditCopy?, compressMicros: UInt64
+        _ sequenceID: UInt64,
+        _ cache: ShardCache,
+        rowScores: [Int: [[Float]]],
+        audit: AuditCopy?,
+        compressMicros: UInt64
     ) -> (total: Int, byModality: [String: Int])? {
         guard sequences[sequenceID] != nil else { return nil }
         if sequences[sequenceID]!.cache == nil {
@@ -233,13 +253,18 @@ actor SequenceStore {
     }
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
-    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: [String: Int])? {
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: [String: Int])?
+    {
         while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
             await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
         }
         guard var held = sequences[sequenceID], held.cache != nil else { return nil }
         sequences[sequenceID]!.cache = nil
-        held.rowScores = held.cache!.tighten(to: budgets, scores: held.rowScores, promptLength: held.layout.promptLength)
+        held.rowScores = held.cache!.tighten(
+            to: budgets,
+            scores: held.rowScores,
+            promptLength: held.layout.promptLength
+        )
         sequences[sequenceID] = held
         return held.bytes
     }
@@ -296,7 +321,9 @@ actor SequenceStore {
     /// inputs are checked (a refused step changes nothing) and the cache moves into the returned job,
     /// to run off the actor. `finishDecode` puts it back.
     func beginDecode(
-        _ sequenceID: UInt64, step: Int, inputs: [Int: DecodeStepInput]?
+        _ sequenceID: UInt64,
+        step: Int,
+        inputs: [Int: DecodeStepInput]?
     ) throws(WireError) -> DecodeStart {
         guard let held = sequences[sequenceID], held.isCompressed else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
@@ -304,16 +331,23 @@ actor SequenceStore {
         if let last = held.lastResult, last.step == step { return .replay(last.body, replicas: held.replicas) }
         guard !held.transferring else {
             throw WireError(
-                .unavailable, "shard \(held.shardID) of sequence \(sequenceID) is being copied to a new replica; retry",
-                retryAfter: .milliseconds(20))
+                .unavailable,
+                "shard \(held.shardID) of sequence \(sequenceID) is being copied to a new replica; retry",
+                retryAfter: .milliseconds(20)
+            )
         }
         guard held.decoding == nil else {
             throw WireError(
-                .unavailable, "decode step \(held.nextStep) of sequence \(sequenceID) is still running; retry",
-                retryAfter: .milliseconds(10))
+                .unavailable,
+                "decode step \(held.nextStep) of sequence \(sequenceID) is still running; retry",
+                retryAfter: .milliseconds(10)
+            )
         }
         guard step == held.nextStep else {
-            throw WireError(.badRequest, "decode step \(step) of sequence \(sequenceID) is out of order; expected \(held.nextStep)")
+            throw WireError(
+                .badRequest,
+                "decode step \(step) of sequence \(sequenceID) is out of order; expected \(held.nextStep)"
+            )
         }
         var stepInputs: [(layer: Int, input: DecodeStepInput)] = []
         for layer in held.layers {
@@ -325,7 +359,8 @@ actor SequenceStore {
                 throw WireError(
                     .badRequest,
                     "decode step \(step) of sequence \(sequenceID) has no tensors for layer \(layer) and no "
-                        + "synthetic step to expand")
+                        + "synthetic step to expand"
+                )
             }
         }
         // A step alone on the worker splits its heads across every core; with others running, each
@@ -337,8 +372,13 @@ actor SequenceStore {
         sequences[sequenceID]!.audit = nil
         return .run(
             DecodeJob(
-                sequenceID: sequenceID, step: step, held: held, inputs: stepInputs,
-                threads: alone ? WorkerService.cores : 1))
+                sequenceID: sequenceID,
+                step: step,
+                held: held,
+                inputs: stepInputs,
+                threads: alone ? WorkerService.cores : 1
+            )
+        )
     }
 
     /// Puts the job's cache back and, if it succeeded, records the step (unless the sequence was
@@ -379,12 +419,15 @@ actor SequenceStore {
             throw WireError(
                 .staleEpoch,
                 "only the primary at epoch \(epoch) copies shard \(shardID) of sequence \(sequenceID); this copy is "
-                    + "\(held.isPrimary ? "primary" : "a replica") at epoch \(held.epoch)")
+                    + "\(held.isPrimary ? "primary" : "a replica") at epoch \(held.epoch)"
+            )
         }
         guard held.cache != nil else {
             throw WireError(
-                .unavailable, "sequence \(sequenceID) is not compressed yet; copy it once its budget applied",
-                retryAfter: .milliseconds(200))
+                .unavailable,
+                "sequence \(sequenceID) is not compressed yet; copy it once its budget applied",
+                retryAfter: .milliseconds(200)
+            )
         }
         sequences[sequenceID]!.transferring = true
         return held
@@ -394,7 +437,8 @@ actor SequenceStore {
     func endTransfer(_ sequenceID: UInt64, adding target: Tessera_V1_Endpoint?) {
         guard sequences[sequenceID] != nil else { return }
         sequences[sequenceID]!.transferring = false
-        if let target, !sequences[sequenceID]!.assignment.shard.replicas.contains(where: { $0.nodeID == target.nodeID }) {
+        if let target, !sequences[sequenceID]!.assignment.shard.replicas.contains(where: { $0.nodeID == target.nodeID })
+        {
             sequences[sequenceID]!.replicas.append(NodeAddress(host: target.host, port: Int(target.port)))
             sequences[sequenceID]!.assignment.shard.replicas.append(target)
         }
@@ -413,13 +457,20 @@ actor SequenceStore {
         case .begin(let begin):
             try checkSender(of: id, sender)
             if let held = sequences[id] {
-                throw WireError(.badRequest, "sequence \(id) already has shard \(held.shardID) here; a copy goes elsewhere")
+                throw WireError(
+                    .badRequest,
+                    "sequence \(id) already has shard \(held.shardID) here; a copy goes elsewhere"
+                )
             }
             incoming[id] = try IncomingShard(begin, sequenceID: id, from: sender)
             return nil
         case .layer(let state):
             let format = try incomingFormat(id, from: sender)
-            try receive(IncomingLayer(state, geometry: format.geometry, storage: format.storage), sequenceID: id, from: sender)
+            try receive(
+                IncomingLayer(state, geometry: format.geometry, storage: format.storage),
+                sequenceID: id,
+                from: sender
+            )
             return nil
         case .commit(let commit):
             try checkSender(of: id, sender)
@@ -438,7 +489,10 @@ actor SequenceStore {
     }
 
     /// What a layer of the copy in progress from `sender` is converted for.
-    func incomingFormat(_ sequenceID: UInt64, from sender: String) throws(WireError) -> (
+    func incomingFormat(
+        _ sequenceID: UInt64,
+        from sender: String
+    ) throws(WireError) -> (
         geometry: ModelGeometry, storage: ScalarType
     ) {
         try checkSender(of: sequenceID, sender)
@@ -462,7 +516,10 @@ actor SequenceStore {
     /// Every part of a copy comes from the worker that began it.
     private func checkSender(of sequenceID: UInt64, _ sender: String) throws(WireError) {
         if let incoming = incoming[sequenceID], incoming.sender != sender {
-            throw WireError(.permissionDenied, "the copy of sequence \(sequenceID) in progress comes from another worker")
+            throw WireError(
+                .permissionDenied,
+                "the copy of sequence \(sequenceID) in progress comes from another worker"
+            )
         }
     }
 
@@ -555,7 +612,11 @@ final class DecodeJob: @unchecked Sendable {
     let threads: Int
 
     init(
-        sequenceID: UInt64, step: Int, held: HeldSequence, inputs: [(layer: Int, input: DecodeStepInput)], threads: Int
+        sequenceID: UInt64,
+        step: Int,
+        held: HeldSequence,
+        inputs: [(layer: Int, input: DecodeStepInput)],
+        threads: Int
     ) {
         self.sequenceID = sequenceID
         self.step = step
@@ -588,8 +649,14 @@ final class DecodeJob: @unchecked Sendable {
         var stepped: [(layer: Int, input: DecodeStepInput, outputs: [Float])] = []
         do throws(WireError) {
             for (layer, input) in inputs {
-                guard let outputs = cache.decode(
-                    layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+                guard
+                    let outputs = cache.decode(
+                        layer: layer,
+                        geometry: geometry,
+                        input: input,
+                        position: position,
+                        threads: threads
+                    )
                 else {
                     throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
                 }
@@ -598,7 +665,8 @@ final class DecodeJob: @unchecked Sendable {
                     throw WireError(
                         .invalidValue,
                         "step \(step) of sequence \(sequenceID): layer \(layer)'s attention output is not finite "
-                            + "(inputs too large); the step was not applied")
+                            + "(inputs too large); the step was not applied"
+                    )
                 }
             }
         } catch {
@@ -607,8 +675,14 @@ final class DecodeJob: @unchecked Sendable {
         }
         for (layer, input, outputs) in stepped {
             audit?.score(
-                layer: layer, step: step, geometry: geometry, input: input, position: position, outputs: outputs,
-                into: &fidelity)
+                layer: layer,
+                step: step,
+                geometry: geometry,
+                input: input,
+                position: position,
+                outputs: outputs,
+                into: &fidelity
+            )
             result.outputs.append(try Tessera_V1_LayerOutput(layer: layer, output: outputs, geometry: geometry))
         }
         result.kvBytes = UInt64(cache.totalBytes)

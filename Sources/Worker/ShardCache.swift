@@ -11,23 +11,43 @@ struct ShardCache: Sendable {
 
     /// Compresses every layer of `prefills` to its budget.
     static func compress(
-        _ prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], budgets: [Int: LayerBudget],
-        layout: PromptLayout, policy: CompressionPolicy, storage: ScalarType
+        _ prefills: [Int: LayerPrefill],
+        profiles: [Int: AttentionProfile],
+        budgets: [Int: LayerBudget],
+        layout: PromptLayout,
+        policy: CompressionPolicy,
+        storage: ScalarType
     ) throws(KVCacheError) -> ShardCache {
         var cache = ShardCache(storage: storage)
         switch storage {
         case .float32:
-            cache.float32 = try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy)
+            cache.float32 = try compressLayers(
+                prefills,
+                profiles: profiles,
+                budgets: budgets,
+                layout: layout,
+                policy: policy
+            )
         case .float16:
-            cache.float16 = try compressLayers(prefills, profiles: profiles, budgets: budgets, layout: layout, policy: policy)
+            cache.float16 = try compressLayers(
+                prefills,
+                profiles: profiles,
+                budgets: budgets,
+                layout: layout,
+                policy: policy
+            )
         }
         return cache
     }
 
     /// Every layer of `prefills` compressed to its budget, as `S`.
     static func compressLayers<S: KVScalar>(
-        _ prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], budgets: [Int: LayerBudget],
-        layout: PromptLayout, policy: CompressionPolicy, as _: S.Type = S.self
+        _ prefills: [Int: LayerPrefill],
+        profiles: [Int: AttentionProfile],
+        budgets: [Int: LayerBudget],
+        layout: PromptLayout,
+        policy: CompressionPolicy,
+        as _: S.Type = S.self
     ) throws(KVCacheError) -> [Int: [HeadCache<S>]] {
         var layers: [Int: [HeadCache<S>]] = [:]
         for (layer, prefill) in prefills {
@@ -35,7 +55,12 @@ struct ShardCache: Sendable {
                 throw KVCacheError(.invalidShape, "no budget for layer \(layer)")
             }
             layers[layer] = try LayerCompressor.compress(
-                prefill, layout: layout, profile: profiles[layer], budget: budget, policy: policy, as: S.self
+                prefill,
+                layout: layout,
+                profile: profiles[layer],
+                budget: budget,
+                policy: policy,
+                as: S.self
             ).heads
         }
         return layers
@@ -50,7 +75,11 @@ struct ShardCache: Sendable {
     /// Decodes one step on `layer` with its heads split across `threads`, returning
     /// `queryHeads × headDim` outputs.
     mutating func decode(
-        layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int, threads: Int = 1
+        layer: Int,
+        geometry: ModelGeometry,
+        input: DecodeStepInput,
+        position: Int,
+        threads: Int = 1
     ) -> [Float]? {
         switch storage {
         case .float32:
@@ -76,8 +105,12 @@ struct ShardCache: Sendable {
     /// One decode step on `layer` of `layers`, in place (the layer's heads are taken out of the
     /// dictionary so that they are uniquely referenced while they grow).
     static func decode<S: KVScalar>(
-        _ layers: inout [Int: [HeadCache<S>]], layer: Int, geometry: ModelGeometry, input: DecodeStepInput,
-        position: Int, threads: Int
+        _ layers: inout [Int: [HeadCache<S>]],
+        layer: Int,
+        geometry: ModelGeometry,
+        input: DecodeStepInput,
+        position: Int,
+        threads: Int
     ) -> [Float]? {
         guard var heads = layers.removeValue(forKey: layer) else { return nil }
         let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position, threads: threads)
@@ -109,14 +142,23 @@ struct ShardCache: Sendable {
     }
 
     /// Cuts each head to its capacity in `budgets` (never grows it); returns the kept rows' scores.
-    mutating func tighten(to budgets: [Int: LayerBudget], scores: [Int: [[Float]]], promptLength m: Int) -> [Int: [[Float]]] {
+    mutating func tighten(
+        to budgets: [Int: LayerBudget],
+        scores: [Int: [[Float]]],
+        promptLength m: Int
+    ) -> [Int: [[Float]]] {
         func cut<S>(_ layers: inout [Int: [HeadCache<S>]]) -> [Int: [[Float]]] {
             var keptScores = scores
             for layer in Array(layers.keys) {
-                guard let budget = budgets[layer], let layerScores = scores[layer], var heads = layers.removeValue(forKey: layer)
+                guard let budget = budgets[layer], let layerScores = scores[layer],
+                    var heads = layers.removeValue(forKey: layer)
                 else { continue }
                 for h in heads.indices where h < budget.heads.count {
-                    let cut = heads[h].tightened(promptLength: m, capacity: budget.heads[h].capacity, scores: layerScores[h])
+                    let cut = heads[h].tightened(
+                        promptLength: m,
+                        capacity: budget.heads[h].capacity,
+                        scores: layerScores[h]
+                    )
                     heads[h] = cut.cache
                     keptScores[layer]![h] = cut.scores
                 }
@@ -143,7 +185,8 @@ struct ShardCache: Sendable {
 
     /// Bytes of K/V payload held (cheap: no walk over rows).
     var totalBytes: Int {
-        float32.values.joined().reduce(0) { $0 + $1.payloadBytes } + float16.values.joined().reduce(0) { $0 + $1.payloadBytes }
+        float32.values.joined().reduce(0) { $0 + $1.payloadBytes }
+            + float16.values.joined().reduce(0) { $0 + $1.payloadBytes }
     }
 
     /// Digest of every layer's bytes in layer order, for comparing replicas.
@@ -169,10 +212,23 @@ struct AuditCopy: Sendable {
     /// Decodes the step on the full cache of `layer` and scores `outputs` (the compressed cache's)
     /// against it, with the needle probes of this layer and step.
     mutating func score(
-        layer: Int, step: Int, geometry g: ModelGeometry, input: DecodeStepInput, position: Int, outputs: [Float],
+        layer: Int,
+        step: Int,
+        geometry g: ModelGeometry,
+        input: DecodeStepInput,
+        position: Int,
+        outputs: [Float],
         into report: inout FidelityReport
     ) {
-        guard let reference = ShardCache.decode(&full, layer: layer, geometry: g, input: input, position: position, threads: 1)
+        guard
+            let reference = ShardCache.decode(
+                &full,
+                layer: layer,
+                geometry: g,
+                input: input,
+                position: position,
+                threads: 1
+            )
         else { return }
         let d = g.headDim
         for qh in 0..<g.queryHeads {

@@ -24,11 +24,15 @@ extension HeldSequence {
             let scores = rowScores[layer] ?? []
             switch cache.storage {
             case .float32:
-                state.heads = try Self.encode(cache.float32[layer] ?? [], scores: scores) { values, shape throws(WireError) in
+                state.heads = try Self.encode(cache.float32[layer] ?? [], scores: scores) {
+                    values,
+                    shape throws(WireError) in
                     try Tessera_V1_Tensor(float32: values, shape: shape)
                 }
             case .float16:
-                state.heads = try Self.encode(cache.float16[layer] ?? [], scores: scores) { values, shape throws(WireError) in
+                state.heads = try Self.encode(cache.float16[layer] ?? [], scores: scores) {
+                    values,
+                    shape throws(WireError) in
                     try Tessera_V1_Tensor(float16: values, shape: shape)
                 }
             }
@@ -44,7 +48,8 @@ extension HeldSequence {
     }
 
     private static func encode<S: KVScalar>(
-        _ heads: [HeadCache<S>], scores: [[Float]],
+        _ heads: [HeadCache<S>],
+        scores: [[Float]],
         tensor: ([S], [Int]) throws(WireError) -> Tessera_V1_Tensor
     ) throws(WireError) -> [Tessera_V1_HeadState] {
         var states: [Tessera_V1_HeadState] = []
@@ -73,11 +78,16 @@ struct IncomingShard: Sendable {
         held = try HeldSequence(assignment: begin.assignment, localNodeID: "")
         guard begin.assignment.shard.primary.nodeID == sender else {
             throw WireError(
-                .permissionDenied, "a shard copy comes from the shard's primary; \(sender) is not the primary it names")
+                .permissionDenied,
+                "a shard copy comes from the shard's primary; \(sender) is not the primary it names"
+            )
         }
         self.sender = sender
         guard Int(begin.layers) == held.layers.count else {
-            throw WireError(.badRequest, "shard_transfer.begin.layers is \(begin.layers); the shard has \(held.layers.count)")
+            throw WireError(
+                .badRequest,
+                "shard_transfer.begin.layers is \(begin.layers); the shard has \(held.layers.count)"
+            )
         }
         cache = ShardCache(storage: try ScalarType(proto: begin.storage, field: "shard_transfer.begin.storage"))
         held.nextStep = Int(begin.nextStep)
@@ -96,7 +106,10 @@ struct IncomingShard: Sendable {
     /// Takes one layer converted already (`IncomingLayer`, off the store actor).
     mutating func take(_ layer: IncomingLayer) throws(WireError) {
         guard held.layers.contains(layer.layer) else {
-            throw WireError(.badRequest, "shard_transfer.layer \(layer.layer) is not in the shard's layers \(held.layers)")
+            throw WireError(
+                .badRequest,
+                "shard_transfer.layer \(layer.layer) is not in the shard's layers \(held.layers)"
+            )
         }
         switch layer.heads {
         case .float32(let heads): cache.insert(layer: layer.layer, float32: heads)
@@ -141,17 +154,24 @@ struct IncomingLayer: Sendable {
     init(_ state: Tessera_V1_ShardLayerState, geometry g: ModelGeometry, storage: ScalarType) throws(WireError) {
         layer = Int(state.layer)
         guard state.heads.count == g.kvHeads else {
-            throw WireError(.invalidShape, "shard_transfer.layer \(layer) has \(state.heads.count) heads; the model has \(g.kvHeads)")
+            throw WireError(
+                .invalidShape,
+                "shard_transfer.layer \(layer) has \(state.heads.count) heads; the model has \(g.kvHeads)"
+            )
         }
         switch storage {
         case .float32:
-            heads = .float32(try Self.decode(state, g, layer) { tensor, name throws(WireError) in
-                try tensor.floatValues(name: name)
-            })
+            heads = .float32(
+                try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+                    try tensor.floatValues(name: name)
+                }
+            )
         case .float16:
-            heads = .float16(try Self.decode(state, g, layer) { tensor, name throws(WireError) in
-                try tensor.float16Values(name: name)
-            })
+            heads = .float16(
+                try Self.decode(state, g, layer) { tensor, name throws(WireError) in
+                    try tensor.float16Values(name: name)
+                }
+            )
         }
         rowScores = state.heads.map(\.rowScores)
         if !state.syntheticDecode.isEmpty {
@@ -162,18 +182,27 @@ struct IncomingLayer: Sendable {
     }
 
     private static func decode<S: KVScalar>(
-        _ state: Tessera_V1_ShardLayerState, _ g: ModelGeometry, _ layer: Int,
+        _ state: Tessera_V1_ShardLayerState,
+        _ g: ModelGeometry,
+        _ layer: Int,
         values: (Tessera_V1_Tensor, String) throws(WireError) -> [S]
     ) throws(WireError) -> [HeadCache<S>] {
         var heads: [HeadCache<S>] = []
         for (h, part) in state.heads.enumerated() {
             let name = "shard_transfer.layer \(layer) head \(h)"
-            guard let head = HeadCache(
-                headDim: g.headDim, keys: try values(part.keys, "\(name) keys"), values: try values(part.values, "\(name) values"),
-                positions: part.positions, tags: part.tags.map(ModalityTag.init(rawValue:)))
+            guard
+                let head = HeadCache(
+                    headDim: g.headDim,
+                    keys: try values(part.keys, "\(name) keys"),
+                    values: try values(part.values, "\(name) values"),
+                    positions: part.positions,
+                    tags: part.tags.map(ModalityTag.init(rawValue:))
+                )
             else {
                 throw WireError(
-                    .invalidShape, "\(name): keys, values, positions and tags disagree on the row count (headDim \(g.headDim))")
+                    .invalidShape,
+                    "\(name): keys, values, positions and tags disagree on the row count (headDim \(g.headDim))"
+                )
             }
             // Prompt rows have scores; rows appended by decode (always kept) do not.
             guard part.rowScores.count <= head.count else {
@@ -212,11 +241,22 @@ extension HeldSequence {
         let first = Int(message.shard.firstLayer)
         let count = Int(message.shard.layerCount)
         guard count >= 1, first + count <= geometry.layers else {
-            throw WireError(.invalidShape, "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)")
+            throw WireError(
+                .invalidShape,
+                "shard layers \(first)..<\(first + count) are outside 0..<\(geometry.layers)"
+            )
         }
         self.init(
-            tenant: message.tenant, shardID: message.shard.shardID, epoch: message.epoch, layers: first..<(first + count),
-            geometry: geometry, layout: layout, policy: policy, retention: retention, assignment: message)
+            tenant: message.tenant,
+            shardID: message.shard.shardID,
+            epoch: message.epoch,
+            layers: first..<(first + count),
+            geometry: geometry,
+            layout: layout,
+            policy: policy,
+            retention: retention,
+            assignment: message
+        )
         isPrimary = !localNodeID.isEmpty && message.shard.primary.nodeID == localNodeID
         replicas = isPrimary ? message.shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) } : []
     }

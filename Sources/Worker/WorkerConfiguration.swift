@@ -19,9 +19,16 @@ public struct WorkerConfiguration: Sendable {
     public var security: TransportSecurity
 
     public init(
-        nodeID: String, incarnation: UInt64, listen: NodeAddress, coordinator: NodeAddress, security: TransportSecurity,
-        maxFrameBytes: Int = 64 << 20, storage: ScalarType = .float32, memoryCapacityBytes: UInt64 = 8 << 30,
-        heartbeatInterval: Duration = .milliseconds(250), faults: FaultInjector? = nil
+        nodeID: String,
+        incarnation: UInt64,
+        listen: NodeAddress,
+        coordinator: NodeAddress,
+        security: TransportSecurity,
+        maxFrameBytes: Int = 64 << 20,
+        storage: ScalarType = .float32,
+        memoryCapacityBytes: UInt64 = 8 << 30,
+        heartbeatInterval: Duration = .milliseconds(250),
+        faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID
         self.incarnation = incarnation

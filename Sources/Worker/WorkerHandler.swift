@@ -13,7 +13,10 @@ import Workloads
 struct WorkerHandler: EnvelopeHandler {
     let worker: WorkerService
 
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+    func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
         let peer = connection.peer
@@ -63,20 +66,28 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// Takes the shard's prefill (inline tensors or a workload seed to expand), computes each layer's
     /// attention profile and statistics, and queues the statistics for the coordinator.
-    private func prefill(_ message: Tessera_V1_Prefill, forwardedBy: String?) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func prefill(
+        _ message: Tessera_V1_Prefill,
+        forwardedBy: String?
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
-            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
-            forwardedBy: forwardedBy)
+            message.sequenceID,
+            tenant: message.tenant,
+            shardID: message.shardID,
+            epoch: message.epoch,
+            forwardedBy: forwardedBy
+        )
         // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
         async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
         if let bytes = try await worker.store.beginExpansion(message.sequenceID) {
             try await replicated
             return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
         }
-        let expanded: (
-            prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
-            syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
-        )
+        let expanded:
+            (
+                prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
+                syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
+            )
         do {
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held) }
         } catch {
@@ -85,8 +96,15 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let (prefills, profiles, statistics, syntheticDecode, needle, work) = expanded
         let bytes = try await worker.store.storePrefill(
-            message.sequenceID, prefills: prefills, profiles: profiles, statistics: statistics,
-            syntheticDecode: syntheticDecode, needle: needle, audited: message.audit, work: work)
+            message.sequenceID,
+            prefills: prefills,
+            profiles: profiles,
+            statistics: statistics,
+            syntheticDecode: syntheticDecode,
+            needle: needle,
+            audited: message.audit,
+            work: work
+        )
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer.
         worker.report(statistics)
@@ -106,7 +124,10 @@ struct WorkerHandler: EnvelopeHandler {
     /// The shard's prefill tensors (given inline or expanded from a workload seed), their attention
     /// profiles and the statistics the coordinator allocates budgets from. CPU-heavy: runs on the
     /// worker's compute threads.
-    private static func expand(_ message: Tessera_V1_Prefill, _ held: HeldSequence) throws -> (
+    private static func expand(
+        _ message: Tessera_V1_Prefill,
+        _ held: HeldSequence
+    ) throws -> (
         prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
         syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
     ) {
@@ -140,7 +161,10 @@ struct WorkerHandler: EnvelopeHandler {
                 throw WireError(.badRequest, "prefill.synthetic.workload: \(error.message)")
             }
             guard held.geometry.headDim >= 8 else {
-                throw WireError(.badRequest, "synthetic workloads need headDim ≥ 8, the model has \(held.geometry.headDim)")
+                throw WireError(
+                    .badRequest,
+                    "synthetic workloads need headDim ≥ 8, the model has \(held.geometry.headDim)"
+                )
             }
             let settings = source.hasShape ? try TraceSettings(shape: source.shape) : .defaults
             let trace = TraceGenerator(preset: preset, geometry: held.geometry, settings: settings, seed: source.seed)
@@ -150,7 +174,8 @@ struct WorkerHandler: EnvelopeHandler {
                 throw WireError(
                     .invalidShape,
                     "the synthetic sequence has a different modality layout (\(trace.layout.promptLength) "
-                        + "positions) than the one the sequence was opened with (\(m))")
+                        + "positions) than the one the sequence was opened with (\(m))"
+                )
             }
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
@@ -185,7 +210,8 @@ struct WorkerHandler: EnvelopeHandler {
     /// pressure) cuts the compressed cache further.
     private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let (held, compressed) = try await withDeadline(
-            .seconds(60), what: "waiting for the prefill of sequence \(message.sequenceID)"
+            .seconds(60),
+            what: "waiting for the prefill of sequence \(message.sequenceID)"
         ) {
             try await self.worker.store.prefillForCompression(message.sequenceID)
         }
@@ -206,7 +232,12 @@ struct WorkerHandler: EnvelopeHandler {
                 return (compressed, micros)
             }
             stored = await worker.store.storeCache(
-                message.sequenceID, cache, rowScores: scores, audit: audit, compressMicros: micros)
+                message.sequenceID,
+                cache,
+                rowScores: scores,
+                audit: audit,
+                compressMicros: micros
+            )
         }
         guard let bytes = stored else {
             throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")
@@ -222,32 +253,51 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// The compressed cache, the full copy of an audited sequence and the kept rows' scores.
     private static func compress(
-        _ held: HeldSequence, budgets byLayer: [Int: LayerBudget], storage: ScalarType
+        _ held: HeldSequence,
+        budgets byLayer: [Int: LayerBudget],
+        storage: ScalarType
     ) throws(WireError) -> (ShardCache, AuditCopy?, [Int: [[Float]]]) {
-            let m = held.layout.promptLength
-            let cache: ShardCache
-            var audit: AuditCopy?
-            do {
-                cache = try ShardCache.compress(
-                    held.prefills, profiles: held.profiles, budgets: byLayer, layout: held.layout,
-                    policy: held.policy, storage: storage)
-                if held.audited {
-                    let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
-                    let full = try ShardCache.compressLayers(
-                        held.prefills, profiles: [:], budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
-                        layout: held.layout, policy: .full, as: Float.self)
-                    audit = AuditCopy(full: full, needle: held.needle)
-                }
-            } catch {
-                throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
+        let m = held.layout.promptLength
+        let cache: ShardCache
+        var audit: AuditCopy?
+        do {
+            cache = try ShardCache.compress(
+                held.prefills,
+                profiles: held.profiles,
+                budgets: byLayer,
+                layout: held.layout,
+                policy: held.policy,
+                storage: storage
+            )
+            if held.audited {
+                let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
+                let full = try ShardCache.compressLayers(
+                    held.prefills,
+                    profiles: [:],
+                    budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
+                    layout: held.layout,
+                    policy: .full,
+                    as: Float.self
+                )
+                audit = AuditCopy(full: full, needle: held.needle)
             }
-            return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
+        } catch {
+            throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
+        }
+        return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
     }
 
-    private func decode(_ message: Tessera_V1_Decode, forwardedBy: String?) async throws -> Tessera_V1_Envelope.OneOf_Body {
+    private func decode(
+        _ message: Tessera_V1_Decode,
+        forwardedBy: String?
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try await worker.store.checked(
-            message.sequenceID, tenant: message.tenant, shardID: message.shardID, epoch: message.epoch,
-            forwardedBy: forwardedBy)
+            message.sequenceID,
+            tenant: message.tenant,
+            shardID: message.shardID,
+            epoch: message.epoch,
+            forwardedBy: forwardedBy
+        )
         var inputs: [Int: DecodeStepInput]?
         if !message.layers.isEmpty {
             var given: [Int: DecodeStepInput] = [:]
@@ -324,7 +374,9 @@ struct WorkerHandler: EnvelopeHandler {
         guard case .layer(let state) = part.part else { return try await worker.store.receive(part, from: sender) }
         let id = part.sequenceID
         let (geometry, storage) = try await worker.store.incomingFormat(id, from: sender)
-        let layer = try await worker.offload(.prefill) { try IncomingLayer(state, geometry: geometry, storage: storage) }
+        let layer = try await worker.offload(.prefill) {
+            try IncomingLayer(state, geometry: geometry, storage: storage)
+        }
         try await worker.store.receive(layer, sequenceID: id, from: sender)
         return nil
     }

@@ -1,7 +1,7 @@
+import ClusterAdmin
 import ClusterSecurity
 import ClusterTransport
 import ClusterWire
-import ClusterAdmin
 import KVCacheCore
 public import Logging
 import Metrics
@@ -62,8 +62,10 @@ public final class WorkerService: Sendable {
             decodeThreads.shutdownGracefully { _ in }
         }
         try await ConnectionPool.withPool(
-            handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]), security: configuration.security,
-            maxFrameBytes: configuration.maxFrameBytes, logger: logger
+            handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]),
+            security: configuration.security,
+            maxFrameBytes: configuration.maxFrameBytes,
+            logger: logger
         ) { pool in
             self.peers.withLock { $0 = pool }
             defer { self.peers.withLock { $0 = nil } }
@@ -76,9 +78,13 @@ public final class WorkerService: Sendable {
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
                 try await Transport.listen(
-                    on: self.configuration.listen, handshake: Handshake(local: self.identity),
-                    security: self.configuration.security, maxFrameBytes: self.configuration.maxFrameBytes, handler: WorkerHandler(worker: self),
-                    logger: self.logger, faults: self.configuration.faults
+                    on: self.configuration.listen,
+                    handshake: Handshake(local: self.identity),
+                    security: self.configuration.security,
+                    maxFrameBytes: self.configuration.maxFrameBytes,
+                    handler: WorkerHandler(worker: self),
+                    logger: self.logger,
+                    faults: self.configuration.faults
                 ) { port in
                     self.boundPort.withLock { $0 = port }
                     portContinuation.yield(port)
@@ -104,7 +110,10 @@ public final class WorkerService: Sendable {
                 try await Transport.withConnection(
                     to: configuration.coordinator,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.coordinator]),
-                    security: configuration.security, maxFrameBytes: configuration.maxFrameBytes, handler: WorkerHandler(worker: self), logger: logger
+                    security: configuration.security,
+                    maxFrameBytes: configuration.maxFrameBytes,
+                    handler: WorkerHandler(worker: self),
+                    logger: logger
                 ) { connection in
                     var register = Tessera_V1_RegisterWorker()
                     register.endpoint.nodeID = self.configuration.nodeID
@@ -127,7 +136,10 @@ public final class WorkerService: Sendable {
                     for statistics in await self.store.layerStatistics() {
                         try await connection.notify(.layerStats(statistics))
                     }
-                    if announced.withLock({ first in defer { first = true }; return !first }) {
+                    if announced.withLock({ first in
+                        defer { first = true }
+                        return !first
+                    }) {
                         await onReady(port)
                     }
                     try await self.heartbeat(over: connection)
@@ -143,7 +155,8 @@ public final class WorkerService: Sendable {
                 }
                 logger.warning(
                     "declared dead by the coordinator; dropped every shard and rejoining",
-                    metadata: ["dropped": "\(dropped)", "incarnation": "\(next)", "error": "\(error.message)"])
+                    metadata: ["dropped": "\(dropped)", "incarnation": "\(next)", "error": "\(error.message)"]
+                )
                 continue
             } catch {
                 logger.warning("coordinator link down; retrying", metadata: ["error": "\(error)"])
@@ -160,8 +173,11 @@ public final class WorkerService: Sendable {
             number += 1
             let totals = await store.totals()
             for modality in ["text", "image", "video"] {
-                Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", configuration.nodeID), ("modality", modality)])
-                    .record(totals.byModality[modality] ?? 0)
+                Gauge(
+                    label: TesseraMetrics.kvBytes,
+                    dimensions: [("node", configuration.nodeID), ("modality", modality)]
+                )
+                .record(totals.byModality[modality] ?? 0)
             }
             Gauge(label: TesseraMetrics.liveSequences).record(totals.sequences)
             var beat = Tessera_V1_Heartbeat()
@@ -172,7 +188,10 @@ public final class WorkerService: Sendable {
             beat.rssBytes = ProcessMemory.residentBytes()
             beat.auditBytes = UInt64(totals.audit)
             beat.liveSequences = UInt32(totals.sequences)
-            _ = try await connection.request(.heartbeat(beat), timeout: max(.seconds(2), configuration.heartbeatInterval * 8))
+            _ = try await connection.request(
+                .heartbeat(beat),
+                timeout: max(.seconds(2), configuration.heartbeatInterval * 8)
+            )
         }
     }
 
@@ -190,7 +209,10 @@ public final class WorkerService: Sendable {
                         _ = try await pool.connection(to: replica).request(write, timeout: .seconds(300))
                     } catch {
                         throw WireError(
-                            .unavailable, "replica \(replica) did not apply the write: \(error)", retryAfter: .milliseconds(200))
+                            .unavailable,
+                            "replica \(replica) did not apply the write: \(error)",
+                            retryAfter: .milliseconds(200)
+                        )
                     }
                 }
             }

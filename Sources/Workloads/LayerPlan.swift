@@ -108,13 +108,18 @@ struct LayerPlan {
         var spread = zMax > zSparsity ? room / (zMax - zSparsity) : settings.maxBulkLogitStd
         spread = min(settings.maxBulkLogitStd, max(Synthesis.minBulkLogitStd, spread))
         // The query's positional component alone contributes this much spread.
-        let floor = QueryScales.positionalWeight(space: space, recency: recency)
+        let floor =
+            QueryScales.positionalWeight(space: space, recency: recency)
             * (Double(space.contentDims) / Double(space.headDim)).squareRoot()
         spread = max(spread, floor)
         bulkLogitStd = spread
         calibrator = SinkCalibrator(
-            density: 1 - sparsity, bulkStd: spread, codedStd: Synthesis.codedContentScale * spread,
-            recencyBoost: recency, recencyCorrelation: settings.recencyCorrelation)
+            density: 1 - sparsity,
+            bulkStd: spread,
+            codedStd: Synthesis.codedContentScale * spread,
+            recencyBoost: recency,
+            recencyCorrelation: settings.recencyCorrelation
+        )
 
         // Salient sets.
         var rng = StructureRNG(seed: StreamKind.layerPlan.seed(trace.seed, layer))
@@ -128,9 +133,12 @@ struct LayerPlan {
         }
         let groupSize = geometry.groupSize
         let sizes = Self.salientSizes(
-            desired: max(1, Int((settings.salientFraction * Double(m)).rounded())), groupSize: groupSize,
-            sharing: settings.gqaSharing, agreement: settings.decodeAgreement,
-            capacity: min(space.codeCapacity, visual.count + text.count))
+            desired: max(1, Int((settings.salientFraction * Double(m)).rounded())),
+            groupSize: groupSize,
+            sharing: settings.gqaSharing,
+            agreement: settings.decodeAgreement,
+            capacity: min(space.codeCapacity, visual.count + text.count)
+        )
 
         var salient = [[CodedKey]](repeating: [], count: geometry.queryHeads)
         var decodeOnly = [[CodedKey]](repeating: [], count: geometry.kvHeads)
@@ -173,14 +181,20 @@ struct LayerPlan {
     /// Shared, per-head and decode-only counts: as close to `desired` salient keys per head as the
     /// reserved axes of one KV head allow.
     private static func salientSizes(
-        desired: Int, groupSize: Int, sharing: Double, agreement: Double, capacity: Int
+        desired: Int,
+        groupSize: Int,
+        sharing: Double,
+        agreement: Double,
+        capacity: Int
     ) -> (shared: Int, own: Int, decodeOnly: Int) {
         var size = desired
         while size >= 1 {
             let shared = groupSize == 1 ? size : Int((sharing * Double(size)).rounded())
             let own = size - shared
             // Decode-only keys in the proportion (1 − a) : a to the salient ones, at most as many.
-            let extra = agreement >= 1 ? 0 : max(1, Int((Double(size) * min(1, (1 - agreement) / max(agreement, 1e-9))).rounded()))
+            let extra =
+                agreement >= 1
+                ? 0 : max(1, Int((Double(size) * min(1, (1 - agreement) / max(agreement, 1e-9))).rounded()))
             if shared + groupSize * own + extra <= capacity { return (shared, own, extra) }
             size -= 1
         }
@@ -292,7 +306,8 @@ struct SinkCalibrator {
             var high = highT
             for _ in 0..<40 {
                 let middle = 0.5 * (low + high)
-                let above = bulkAbove(middle, count: max(bulk, 0))
+                let above =
+                    bulkAbove(middle, count: max(bulk, 0))
                     + Double(inertCount) * NormalTailTable.upperTail(middle / max(codedStd, 1e-6))
                 if above > wanted { low = middle } else { high = middle }
             }

@@ -22,7 +22,10 @@ struct LayerSynthesizer {
     private let settings: TraceSettings
 
     init(trace: SequenceTrace, layer: Int) {
-        precondition((0..<trace.geometry.layers).contains(layer), "layer \(layer) is outside 0..<\(trace.geometry.layers)")
+        precondition(
+            (0..<trace.geometry.layers).contains(layer),
+            "layer \(layer) is outside 0..<\(trace.geometry.layers)"
+        )
         self.trace = trace
         self.layer = layer
         space = HeadSpace(headDim: trace.geometry.headDim)
@@ -38,8 +41,12 @@ struct LayerSynthesizer {
     // MARK: Shared scales
 
     private var positionalKeyWeight: Float { Float(Synthesis.keyPositionalWeight) }
-    private var textKeyNoiseWeight: Float { Float((1 - Synthesis.keyPositionalWeight * Synthesis.keyPositionalWeight).squareRoot()) }
-    private var recencyWeight: Double { QueryScales.positionalWeight(space: space, recency: settings.recencyLogitBoost) }
+    private var textKeyNoiseWeight: Float {
+        Float((1 - Synthesis.keyPositionalWeight * Synthesis.keyPositionalWeight).squareRoot())
+    }
+    private var recencyWeight: Double {
+        QueryScales.positionalWeight(space: space, recency: settings.recencyLogitBoost)
+    }
 
     /// Weights of field and noise in visual key content so that adjacent patches have the
     /// configured cosine (the positional part contributes c²·ρ of it).
@@ -73,8 +80,11 @@ struct LayerSynthesizer {
             Self.floats(kvHeads * m * d) { keys in
                 for kv in 0..<kvHeads {
                     fillKeys(
-                        kvHead: kv, positional: positional.baseAddress! + kv * m * dc, into: keys + kv * m * d,
-                        scratch: scratch)
+                        kvHead: kv,
+                        positional: positional.baseAddress! + kv * m * dc,
+                        into: keys + kv * m * d,
+                        scratch: scratch
+                    )
                 }
             }
         }
@@ -89,16 +99,25 @@ struct LayerSynthesizer {
                     for head in 0..<geometry.queryHeads {
                         let kv = head / geometry.groupSize
                         fillQueries(
-                            head: head, keys: keys.baseAddress! + kv * m * d,
-                            positional: positional.baseAddress! + kv * m * dc, from: first,
-                            into: queries + head * rows * d)
+                            head: head,
+                            keys: keys.baseAddress! + kv * m * d,
+                            positional: positional.baseAddress! + kv * m * dc,
+                            from: first,
+                            into: queries + head * rows * d
+                        )
                     }
                 }
             }
         }
         do {
             return try LayerPrefill(
-                geometry: geometry, promptLength: m, keys: keys, values: values, queries: queries, queryRows: rows)
+                geometry: geometry,
+                promptLength: m,
+                keys: keys,
+                values: values,
+                queries: queries,
+                queryRows: rows
+            )
         } catch {
             preconditionFailure("synthesised prefill of layer \(layer) is malformed: \(error)")
         }
@@ -128,7 +147,9 @@ struct LayerSynthesizer {
     }
 
     private func fillKeys(
-        kvHead kv: Int, positional p: UnsafePointer<Float>, into keys: UnsafeMutablePointer<Float>,
+        kvHead kv: Int,
+        positional p: UnsafePointer<Float>,
+        into keys: UnsafeMutablePointer<Float>,
         scratch: ScratchBuffers
     ) {
         var stream = NormalStream(seed: StreamKind.keyNoise.seed(trace.seed, layer, kv))
@@ -205,7 +226,9 @@ struct LayerSynthesizer {
     /// to `body` (`span.count × dims` floats). Consecutive video frames are chained so that each
     /// frame correlates with the previous one.
     private func forEachVisualField(
-        dims: Int, stream: inout NormalStream, scratch: ScratchBuffers,
+        dims: Int,
+        stream: inout NormalStream,
+        scratch: ScratchBuffers,
         _ body: (ModalitySpan, UnsafePointer<Float>) -> Void
     ) {
         var previousFrameTokens = -1
@@ -231,7 +254,10 @@ struct LayerSynthesizer {
     /// The query rows `first..<m` of `head` (row `first` at `queries`); the random draws of the rows
     /// before are still made, so every written row is the same as in a full prefill.
     private func fillQueries(
-        head: Int, keys: UnsafePointer<Float>, positional p: UnsafePointer<Float>, from first: Int,
+        head: Int,
+        keys: UnsafePointer<Float>,
+        positional p: UnsafePointer<Float>,
+        from first: Int,
         into queries: UnsafeMutablePointer<Float>
     ) {
         var stream = NormalStream(seed: StreamKind.queryNoise.seed(trace.seed, layer, head))
@@ -243,9 +269,16 @@ struct LayerSynthesizer {
         var targetsRNG = StructureRNG(seed: StreamKind.rowTargets.seed(trace.seed, layer, head))
         let tags = trace.layout.tags
         let recency = recencyWeight
-        let postVisionRandom = Float(QueryScales.randomWeight(space: space, spread: plan.bulkLogitStd, positionalWeight: recency))
-        let preVisionRandom = Float(QueryScales.randomWeight(
-            space: space, spread: Synthesis.preVisionLogitStd, positionalWeight: recency))
+        let postVisionRandom = Float(
+            QueryScales.randomWeight(space: space, spread: plan.bulkLogitStd, positionalWeight: recency)
+        )
+        let preVisionRandom = Float(
+            QueryScales.randomWeight(
+                space: space,
+                spread: Synthesis.preVisionLogitStd,
+                positionalWeight: recency
+            )
+        )
         let ratio = (Double(d) / Double(dc)).squareRoot()
         let visualRandom = Float(Synthesis.visualLogitStd * ratio)
         let visualSelf = Float(Synthesis.visualSelfLogit * Double(d).squareRoot() / Double(dc))
@@ -268,14 +301,27 @@ struct LayerSynthesizer {
                 if written { (row + dc).update(repeating: 0, count: r) }
                 if q >= v {
                     // The targets' draws are made for every row, written or not.
-                    while visibleSalient < salient.count && salient[visibleSalient].position <= q { visibleSalient += 1 }
-                    while visibleNeedle < needlePositions.count && needlePositions[visibleNeedle] <= q { visibleNeedle += 1 }
+                    while visibleSalient < salient.count && salient[visibleSalient].position <= q {
+                        visibleSalient += 1
+                    }
+                    while visibleNeedle < needlePositions.count && needlePositions[visibleNeedle] <= q {
+                        visibleNeedle += 1
+                    }
                     targets.reset()
                     chooseTargets(
-                        from: salient, visible: visibleSalient, causalCount: q + 1, rng: &targetsRNG, into: &targets)
+                        from: salient,
+                        visible: visibleSalient,
+                        causalCount: q + 1,
+                        rng: &targetsRNG,
+                        into: &targets
+                    )
                     if isRetrieval && visibleNeedle > 0 {
                         // The question refers to the needle, so retrieval heads look at it here too.
-                        targets.needle(count: visibleNeedle, gap: targetsRNG.uniform(in: settings.needleGap), plan.calibrator)
+                        targets.needle(
+                            count: visibleNeedle,
+                            gap: targetsRNG.uniform(in: settings.needleGap),
+                            plan.calibrator
+                        )
                     }
                     while visibleMarked < marked.count && marked[visibleMarked] <= q { visibleMarked += 1 }
                     guard written else { continue }
@@ -298,7 +344,10 @@ struct LayerSynthesizer {
     /// A random subset of the visible salient keys, sized to `salientShareOfDense` of the row's
     /// expected above-threshold entries, at random gaps below the sink.
     private func chooseTargets(
-        from salient: [CodedKey], visible: Int, causalCount n: Int, rng: inout StructureRNG,
+        from salient: [CodedKey],
+        visible: Int,
+        causalCount n: Int,
+        rng: inout StructureRNG,
         into targets: inout TargetScratch
     ) {
         guard visible > 0 else { return }
@@ -306,17 +355,27 @@ struct LayerSynthesizer {
         let count = min(max(wanted, 1), visible)
         targets.pickSubset(of: visible, count: count, rng: &rng)
         for i in 0..<count {
-            targets.add(axis: salient[targets.index(i)].axis, gap: rng.uniform(in: settings.salientGap), plan.calibrator)
+            targets.add(
+                axis: salient[targets.index(i)].axis,
+                gap: rng.uniform(in: settings.salientGap),
+                plan.calibrator
+            )
         }
     }
 
     /// Sets the reserved axes of a query row: the sink at the calibrated M, targets below it.
     private func writeTargets(
-        _ targets: TargetScratch, causalCount n: Int, visibleMarked: Int, into row: UnsafeMutablePointer<Float>
+        _ targets: TargetScratch,
+        causalCount n: Int,
+        visibleMarked: Int,
+        into row: UnsafeMutablePointer<Float>
     ) {
         let sink = plan.calibrator.sinkLogit(
-            causalCount: n, targetCount: targets.totalTargets, inertCount: max(0, visibleMarked - targets.totalTargets),
-            expectedDenseTargets: targets.expectedDense)
+            causalCount: n,
+            targetCount: targets.totalTargets,
+            inertCount: max(0, visibleMarked - targets.totalTargets),
+            expectedDenseTargets: targets.expectedDense
+        )
         row[space.sinkAxis] = Float(sink)
         for (axis, gap) in targets.aimed { row[axis] = Float(sink - gap) }
         if let gap = targets.needleGap { row[space.needleAxis] = Float(sink - gap) }
@@ -350,14 +409,18 @@ struct LayerSynthesizer {
             var stream = NormalStream(seed: StreamKind.decodeQueries.seed(trace.seed, layer, head))
             return stream.normals(steps * dc)
         }
-        var targetRNGs = (0..<queryHeads).map { StructureRNG(seed: StreamKind.decodeTargets.seed(trace.seed, layer, $0)) }
+        var targetRNGs = (0..<queryHeads).map {
+            StructureRNG(seed: StreamKind.decodeTargets.seed(trace.seed, layer, $0))
+        }
 
         let rho = Float(settings.recencyCorrelation)
         let innovation = Float((1 - settings.recencyCorrelation * settings.recencyCorrelation).squareRoot())
         let c = positionalKeyWeight
         let textWeight = textKeyNoiseWeight
         let recency = recencyWeight
-        let randomWeight = Float(QueryScales.randomWeight(space: space, spread: plan.bulkLogitStd, positionalWeight: recency))
+        let randomWeight = Float(
+            QueryScales.randomWeight(space: space, spread: plan.bulkLogitStd, positionalWeight: recency)
+        )
         let positionalWeight = Float(recency)
         let needle = trace.needle
         let probeInterval = settings.needleProbeInterval
@@ -399,10 +462,18 @@ struct LayerSynthesizer {
                     if plan.retrieval[head], let needle, (t + 1) % probeInterval == 0 {
                         // A probe step: the token being generated is the answer, read from the needle.
                         targets.needle(
-                            count: needle.positions.count, gap: targetRNGs[head].uniform(in: settings.needleGap),
-                            plan.calibrator)
+                            count: needle.positions.count,
+                            gap: targetRNGs[head].uniform(in: settings.needleGap),
+                            plan.calibrator
+                        )
                     } else {
-                        chooseDecodeTargets(head: head, kvHead: kv, causalCount: n, rng: &targetRNGs[head], into: &targets)
+                        chooseDecodeTargets(
+                            head: head,
+                            kvHead: kv,
+                            causalCount: n,
+                            rng: &targetRNGs[head],
+                            into: &targets
+                        )
                     }
                     writeTargets(targets, causalCount: n, visibleMarked: plan.markedPositions[kv].count, into: row)
                 }
@@ -420,7 +491,11 @@ struct LayerSynthesizer {
     /// otherwise from its KV head's decode-only keys, so post-vision attention predicts decode
     /// attention well but not perfectly.
     private func chooseDecodeTargets(
-        head: Int, kvHead: Int, causalCount n: Int, rng: inout StructureRNG, into targets: inout TargetScratch
+        head: Int,
+        kvHead: Int,
+        causalCount n: Int,
+        rng: inout StructureRNG,
+        into targets: inout TargetScratch
     ) {
         let salient = plan.salient[head]
         let others = plan.decodeOnly[kvHead]
@@ -440,7 +515,11 @@ struct LayerSynthesizer {
         }
         targets.pickSubset(of: salient.count, count: fromSalient, rng: &rng)
         for i in 0..<fromSalient {
-            targets.add(axis: salient[targets.index(i)].axis, gap: rng.uniform(in: settings.salientGap), plan.calibrator)
+            targets.add(
+                axis: salient[targets.index(i)].axis,
+                gap: rng.uniform(in: settings.salientGap),
+                plan.calibrator
+            )
         }
         targets.pickSubset(of: others.count, count: fromOthers, rng: &rng)
         for i in 0..<fromOthers {

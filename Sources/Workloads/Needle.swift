@@ -33,7 +33,12 @@ public struct Needle: Sendable, Hashable {
     public let probes: [NeedleProbe]
 
     public init(
-        positions: [Int], modality: Modality, answer: Int, answerCount: Int, codebook: [Float], headDim: Int,
+        positions: [Int],
+        modality: Modality,
+        answer: Int,
+        answerCount: Int,
+        codebook: [Float],
+        headDim: Int,
         probes: [NeedleProbe]
     ) {
         precondition(codebook.count == answerCount * headDim, "codebook must hold answerCount × headDim floats")

@@ -16,7 +16,10 @@ enum PromptPlanner {
     /// The modality spans of one prompt. Every layout starts with text, so position 0 (the
     /// attention sink) is a BOS/system token as in every LLaVA-style prompt.
     static func spans(
-        preset: WorkloadPreset, geometry: ModelGeometry, settings: TraceSettings, rng: inout StructureRNG
+        preset: WorkloadPreset,
+        geometry: ModelGeometry,
+        settings: TraceSettings,
+        rng: inout StructureRNG
     ) -> [ModalitySpan] {
         var spans: [ModalitySpan] = []
         var next = 0
@@ -65,8 +68,13 @@ enum PromptPlanner {
     /// Where the needle goes: documents hide it in the long text; other presets in a patch block
     /// of one image or frame, or with `textNeedleProbability` in the text before the visual tokens.
     static func needle(
-        preset: WorkloadPreset, layout: PromptLayout, geometry: ModelGeometry, settings: TraceSettings,
-        model: ModelPlan, decodeSteps: Int, seed: UInt64
+        preset: WorkloadPreset,
+        layout: PromptLayout,
+        geometry: ModelGeometry,
+        settings: TraceSettings,
+        model: ModelPlan,
+        decodeSteps: Int,
+        seed: UInt64
     ) -> Needle? {
         var rng = StructureRNG(seed: StreamKind.needle.seed(seed))
         let spans = layout.spans
@@ -83,7 +91,8 @@ enum PromptPlanner {
                     && (preset == .document ? span.start >= v : span.end <= max(v, 1))
             }
             guard !candidates.isEmpty else { return nil }
-            let span = preset == .document
+            let span =
+                preset == .document
                 ? candidates.max { $0.count < $1.count }!
                 : candidates[rng.int(below: candidates.count)]
             let first = max(span.start, 1)
@@ -127,8 +136,14 @@ enum PromptPlanner {
             }
         }
         return Needle(
-            positions: positions, modality: modality, answer: answer, answerCount: answers, codebook: codebook,
-            headDim: d, probes: probes)
+            positions: positions,
+            modality: modality,
+            answer: answer,
+            answerCount: answers,
+            codebook: codebook,
+            headDim: d,
+            probes: probes
+        )
     }
 
     /// Gram–Schmidt on the first `min(rows, dimension)` rows; every row ends with unit norm.

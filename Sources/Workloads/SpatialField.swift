@@ -31,7 +31,10 @@ final class ScratchBuffers {
 enum SpatialField {
     /// Writes `tokens × dims` floats (token-major, row-major over the grid) to `field`.
     static func generate(
-        tokens: Int, dims: Int, stream: inout NormalStream, scratch: ScratchBuffers,
+        tokens: Int,
+        dims: Int,
+        stream: inout NormalStream,
+        scratch: ScratchBuffers,
         into field: UnsafeMutablePointer<Float>
     ) {
         let (width, height) = PromptPlanner.grid(tokens: tokens)

@@ -63,12 +63,26 @@ public struct TraceGenerator: Sendable {
             return min(range.upperBound, max(range.lowerBound, value + rng.uniform(in: -0.015...0.015)))
         }
         let needle = PromptPlanner.needle(
-            preset: concrete, layout: layout, geometry: geometry, settings: settings, model: model,
-            decodeSteps: settings.decodeSteps, seed: sequenceSeed)
+            preset: concrete,
+            layout: layout,
+            geometry: geometry,
+            settings: settings,
+            model: model,
+            decodeSteps: settings.decodeSteps,
+            seed: sequenceSeed
+        )
         return SequenceTrace(
-            geometry: geometry, preset: concrete, layout: layout, decodeSteps: settings.decodeSteps,
-            seed: sequenceSeed, index: index, needle: needle, targetSparsity: targets, settings: settings,
-            model: model)
+            geometry: geometry,
+            preset: concrete,
+            layout: layout,
+            decodeSteps: settings.decodeSteps,
+            seed: sequenceSeed,
+            index: index,
+            needle: needle,
+            targetSparsity: targets,
+            settings: settings,
+            model: model
+        )
     }
 }
 

@@ -82,47 +82,72 @@ public struct TraceSettings: Sendable, Hashable, Codable {
         try require(textScale > 0 && textScale <= 16, "textScale must be in (0, 16], got \(textScale)")
         try require((0...4096).contains(decodeSteps), "decodeSteps must be in 0...4096, got \(decodeSteps)")
         try require(
-            within(imagesPerRequest, 1...64), "imagesPerRequest must lie within 1...64, got \(imagesPerRequest)")
+            within(imagesPerRequest, 1...64),
+            "imagesPerRequest must lie within 1...64, got \(imagesPerRequest)"
+        )
         try require(within(framesPerVideo, 1...256), "framesPerVideo must lie within 1...256, got \(framesPerVideo)")
         try require(
             within(documentTextTokens, 1...32768),
-            "documentTextTokens must lie within 1...32768, got \(documentTextTokens)")
+            "documentTextTokens must lie within 1...32768, got \(documentTextTokens)"
+        )
         try require(denseLayerCount >= 0, "denseLayerCount must be non-negative, got \(denseLayerCount)")
         try require(unit(denseSparsity), "denseSparsity must lie in [0, 1), got \(denseSparsity)")
         try require(unit(sparseSparsity), "sparseSparsity must lie in [0, 1), got \(sparseSparsity)")
         try require(
-            (0.5...4).contains(maxBulkLogitStd), "maxBulkLogitStd must be in 0.5...4, got \(maxBulkLogitStd)")
+            (0.5...4).contains(maxBulkLogitStd),
+            "maxBulkLogitStd must be in 0.5...4, got \(maxBulkLogitStd)"
+        )
         try require(
-            salientFraction > 0 && salientFraction <= 0.5, "salientFraction must be in (0, 0.5], got \(salientFraction)")
+            salientFraction > 0 && salientFraction <= 0.5,
+            "salientFraction must be in (0, 0.5], got \(salientFraction)"
+        )
         try require(
             salientShareOfDense > 0 && salientShareOfDense <= 1,
-            "salientShareOfDense must be in (0, 1], got \(salientShareOfDense)")
+            "salientShareOfDense must be in (0, 1], got \(salientShareOfDense)"
+        )
         try require(
             salientGap.lowerBound >= 0 && salientGap.upperBound < 4.6,
-            "salientGap must lie in [0, 4.6) (below the 1% threshold), got \(salientGap)")
+            "salientGap must lie in [0, 4.6) (below the 1% threshold), got \(salientGap)"
+        )
         try require((0...1).contains(decodeAgreement), "decodeAgreement must be in 0...1, got \(decodeAgreement)")
         try require((0...1).contains(gqaSharing), "gqaSharing must be in 0...1, got \(gqaSharing)")
         try require(
             headPreferenceConcentration > 0 && headPreferenceConcentration <= 2,
-            "headPreferenceConcentration must be in (0, 2], got \(headPreferenceConcentration)")
+            "headPreferenceConcentration must be in (0, 2], got \(headPreferenceConcentration)"
+        )
         try require(
-            (0...0.999).contains(recencyCorrelation), "recencyCorrelation must be in 0...0.999, got \(recencyCorrelation)")
+            (0...0.999).contains(recencyCorrelation),
+            "recencyCorrelation must be in 0...0.999, got \(recencyCorrelation)"
+        )
         try require(
-            (0...3).contains(recencyLogitBoost), "recencyLogitBoost must be in 0...3, got \(recencyLogitBoost)")
+            (0...3).contains(recencyLogitBoost),
+            "recencyLogitBoost must be in 0...3, got \(recencyLogitBoost)"
+        )
         try require(
             (0.3...0.95).contains(imageNeighbourSimilarity),
-            "imageNeighbourSimilarity must be in 0.3...0.95, got \(imageNeighbourSimilarity)")
-        try require((0...0.99).contains(frameCorrelation), "frameCorrelation must be in 0...0.99, got \(frameCorrelation)")
+            "imageNeighbourSimilarity must be in 0.3...0.95, got \(imageNeighbourSimilarity)"
+        )
         try require(
-            (0...1).contains(retrievalHeadFraction), "retrievalHeadFraction must be in 0...1, got \(retrievalHeadFraction)")
+            (0...0.99).contains(frameCorrelation),
+            "frameCorrelation must be in 0...0.99, got \(frameCorrelation)"
+        )
+        try require(
+            (0...1).contains(retrievalHeadFraction),
+            "retrievalHeadFraction must be in 0...1, got \(retrievalHeadFraction)"
+        )
         try require(needleProbeInterval >= 1, "needleProbeInterval must be at least 1, got \(needleProbeInterval)")
         try require(
-            (0...1).contains(textNeedleProbability), "textNeedleProbability must be in 0...1, got \(textNeedleProbability)")
+            (0...1).contains(textNeedleProbability),
+            "textNeedleProbability must be in 0...1, got \(textNeedleProbability)"
+        )
         try require(
-            (2...256).contains(needleAnswerCount), "needleAnswerCount must be in 2...256, got \(needleAnswerCount)")
+            (2...256).contains(needleAnswerCount),
+            "needleAnswerCount must be in 2...256, got \(needleAnswerCount)"
+        )
         try require(
             needleGap.lowerBound >= 0 && needleGap.upperBound < 4.6,
-            "needleGap must lie in [0, 4.6), got \(needleGap)")
+            "needleGap must lie in [0, 4.6), got \(needleGap)"
+        )
         try require((0.5...16).contains(needleValueGain), "needleValueGain must be in 0.5...16, got \(needleValueGain)")
     }
 

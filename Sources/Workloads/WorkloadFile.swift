@@ -2,9 +2,9 @@ public import KVCacheCore
 import Yams
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 /// A load-test workload: which model, which mix of request kinds, their prompt shapes and how
@@ -40,7 +40,9 @@ public struct WorkloadFile: Sendable, Hashable {
 
     /// A built-in preset as a workload of one share; `.mixed` becomes its `mixtureWeights`.
     public init(
-        preset: WorkloadPreset, geometry: ModelGeometry, settings: TraceSettings = .defaults,
+        preset: WorkloadPreset,
+        geometry: ModelGeometry,
+        settings: TraceSettings = .defaults,
         arrival: Arrival = .closed(concurrency: 4)
     ) {
         name = preset.rawValue
@@ -246,7 +248,9 @@ private struct WorkloadFileReader {
             return .poisson(ratePerSecond: rate)
         case let other:
             throw error(
-                "arrival.process must be one of closed, poisson, got '\(other)'", at: fields.values["process"])
+                "arrival.process must be one of closed, poisson, got '\(other)'",
+                at: fields.values["process"]
+            )
         }
     }
 
@@ -286,7 +290,8 @@ private struct WorkloadFileReader {
                     let place = path.isEmpty ? "" : " in \(path)"
                     throw reader.error(
                         "unknown key \(reader.describe(key))\(place); allowed: \(allowed.joined(separator: ", "))",
-                        at: key)
+                        at: key
+                    )
                 }
                 if !Self.isNull(value) { values[name] = value }
             }
@@ -332,7 +337,11 @@ private struct WorkloadFileReader {
 extension WorkloadFile {
     /// Memberwise, for the reader (which validates first).
     fileprivate init(
-        name: String, geometry: ModelGeometry, traceSettings: TraceSettings, arrival: Arrival, mix: [Share]
+        name: String,
+        geometry: ModelGeometry,
+        traceSettings: TraceSettings,
+        arrival: Arrival,
+        mix: [Share]
     ) {
         self.name = name
         self.geometry = geometry

@@ -42,7 +42,8 @@ public enum WorkloadPreset: String, CaseIterable, Sendable, Hashable, Codable {
         guard let preset = WorkloadPreset(rawValue: name) else {
             throw WorkloadError(
                 .unknownPreset,
-                "unknown workload preset '\(name)'; allowed: \(allCases.map(\.rawValue).joined(separator: ", "))")
+                "unknown workload preset '\(name)'; allowed: \(allCases.map(\.rawValue).joined(separator: ", "))"
+            )
         }
         return preset
     }

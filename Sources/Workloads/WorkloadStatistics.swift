@@ -71,8 +71,13 @@ public struct WorkloadStatistics: Sendable, CustomStringConvertible {
                     for q in rows {
                         let query = queries.baseAddress! + prefill.queryOffset(head: head, row: q)
                         cache.attend(
-                            kvHead: kv, query: query, rows: q + 1, scratch: &scratch, output: &output,
-                            computeOutput: false)
+                            kvHead: kv,
+                            query: query,
+                            rows: q + 1,
+                            scratch: &scratch,
+                            output: &output,
+                            computeOutput: false
+                        )
                         counter.add(probabilities: scratch, count: q + 1)
                     }
                 }
@@ -86,8 +91,13 @@ public struct WorkloadStatistics: Sendable, CustomStringConvertible {
                     input.queries.withUnsafeBufferPointer { queries in
                         let query = queries.baseAddress! + head * geometry.headDim
                         cache.attend(
-                            kvHead: kv, query: query, rows: visible, scratch: &scratch, output: &output,
-                            computeOutput: isProbe)
+                            kvHead: kv,
+                            query: query,
+                            rows: visible,
+                            scratch: &scratch,
+                            output: &output,
+                            computeOutput: isProbe
+                        )
                     }
                     decodeCounter.add(probabilities: scratch, count: visible)
                     if isProbe, let needle = trace.needle {
@@ -101,16 +111,27 @@ public struct WorkloadStatistics: Sendable, CustomStringConvertible {
             let heads = Double(geometry.queryHeads)
             layers.append(
                 Layer(
-                    layer: layer, targetSparsity: trace.targetSparsity[layer], sparsity: sparsitySum / heads,
+                    layer: layer,
+                    targetSparsity: trace.targetSparsity[layer],
+                    sparsity: sparsitySum / heads,
                     decodeSparsity: decode.isEmpty ? .nan : decodeSparsitySum / heads,
                     imageShare: headShares.reduce(0, +) / heads,
-                    decodeImageShare: decode.isEmpty ? .nan : decodeShareSum / heads, headImageShares: headShares))
+                    decodeImageShare: decode.isEmpty ? .nan : decodeShareSum / heads,
+                    headImageShares: headShares
+                )
+            )
         }
         return WorkloadStatistics(
-            preset: trace.preset, modelName: geometry.name, promptLength: m, visualCount: trace.layout.visualCount,
-            postVisionStart: v, decodeSteps: trace.decodeSteps, layers: layers,
+            preset: trace.preset,
+            modelName: geometry.name,
+            promptLength: m,
+            visualCount: trace.layout.visualCount,
+            postVisionStart: v,
+            decodeSteps: trace.decodeSteps,
+            layers: layers,
             needleAccuracy: probesTotal == 0 ? nil : Double(probesRight) / Double(probesTotal),
-            needleProbeCount: probesTotal)
+            needleProbeCount: probesTotal
+        )
     }
 
     static func sampledRows(from start: Int, to end: Int, limit: Int) -> [Int] {
@@ -136,7 +157,8 @@ public struct WorkloadStatistics: Sendable, CustomStringConvertible {
         var lines: [String] = []
         lines.append(
             "workload \(preset.rawValue) on \(modelName): prompt \(promptLength) tokens (\(visualCount) visual, "
-                + "post-vision from \(postVisionStart)), \(decodeSteps) decode steps")
+                + "post-vision from \(postVisionStart)), \(decodeSteps) decode steps"
+        )
         let header = ["layer", "target γ", "γ", "decode γ", "image", "dec image", "head min", "head max", "spread"]
         let widths = [5, 9, 7, 9, 7, 10, 9, 9, 7]
         lines.append(zip(header, widths).map { pad($0, $1) }.joined(separator: " "))
@@ -191,22 +213,34 @@ struct FullCache {
     /// Softmax attention of `query` over the first `rows` rows of `kvHead`; probabilities are left
     /// in `scratch`, the head output in `output` when `computeOutput`.
     func attend(
-        kvHead: Int, query: UnsafePointer<Float>, rows: Int, scratch: inout [Float], output: inout [Float],
+        kvHead: Int,
+        query: UnsafePointer<Float>,
+        rows: Int,
+        scratch: inout [Float],
+        output: inout [Float],
         computeOutput: Bool
     ) {
         let base = kvHead * capacity * headDim
         keys.withUnsafeBufferPointer { keys in
             scratch.withUnsafeMutableBufferPointer { scratch in
                 Kernels.logits(
-                    query: query, keys: keys.baseAddress! + base, rows: rows, headDim: headDim,
-                    into: scratch.baseAddress!)
+                    query: query,
+                    keys: keys.baseAddress! + base,
+                    rows: rows,
+                    headDim: headDim,
+                    into: scratch.baseAddress!
+                )
                 Kernels.softmax(scratch.baseAddress!, count: rows)
                 if computeOutput {
                     values.withUnsafeBufferPointer { values in
                         output.withUnsafeMutableBufferPointer { out in
                             Kernels.weightedSum(
-                                probabilities: scratch.baseAddress!, values: values.baseAddress! + base, rows: rows,
-                                headDim: headDim, into: out.baseAddress!)
+                                probabilities: scratch.baseAddress!,
+                                values: values.baseAddress! + base,
+                                rows: rows,
+                                headDim: headDim,
+                                into: out.baseAddress!
+                            )
                         }
                     }
                 }

@@ -1,9 +1,9 @@
 import ArgumentParser
 import Client
-import ClusterWire
 import ClusterLauncher
 import ClusterSecurity
 import ClusterTransport
+import ClusterWire
 import FoundationEssentials
 import KVCacheCore
 import LoadGenerator
@@ -51,7 +51,10 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "A workload preset (image-qa, multi-image, video, document, mixed) or a workload file (YAML).")
     var workload = "mixed"
 
-    @Option(help: "Model geometry for a preset workload (a file names its own): llava-1.5-7b, llava-1.6-mistral-7b, qwen2.5-vl-7b or tiny.")
+    @Option(
+        help:
+            "Model geometry for a preset workload (a file names its own): llava-1.5-7b, llava-1.6-mistral-7b, qwen2.5-vl-7b or tiny."
+    )
     var model = "llava-1.6-mistral-7b"
 
     @Option(help: "One policy: full, streaming-llm, h2o, snapkv, pyramidkv, vl-cache, madakv, look-m.")
@@ -90,7 +93,10 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "With --local: workers' storage type, f32 or f16.")
     var dtype = "f32"
 
-    @Option(help: "With --local: copies of each shard (primary and replicas) on distinct workers; 1 measures compression alone, as replicas repeat every prefill and decode.")
+    @Option(
+        help:
+            "With --local: copies of each shard (primary and replicas) on distinct workers; 1 measures compression alone, as replicas repeat every prefill and decode."
+    )
     var replication = 1
 
     @Option(help: "With --local: the coordinator's cluster-wide limit on accounted KV bytes (0 = none).")
@@ -122,7 +128,10 @@ struct BenchOptions: ParsableArguments {
             if isFile {
                 file = try WorkloadFile.load(path: workload)
             } else {
-                file = WorkloadFile(preset: try WorkloadPreset.named(workload), geometry: try ModelGeometry.preset(named: model))
+                file = WorkloadFile(
+                    preset: try WorkloadPreset.named(workload),
+                    geometry: try ModelGeometry.preset(named: model)
+                )
             }
         } catch let error as WorkloadError {
             throw usageFailure("--workload: \(error.message)")
@@ -163,25 +172,43 @@ struct BenchOptions: ParsableArguments {
             case .poisson(let r): loop = .open(ratePerSecond: r, maxInFlight: maxInFlight)
             }
         }
-        guard (1...4096).contains(maxInFlight) else { throw usageFailure("--max-in-flight must be in 1...4096, got \(maxInFlight)") }
+        guard (1...4096).contains(maxInFlight) else {
+            throw usageFailure("--max-in-flight must be in 1...4096, got \(maxInFlight)")
+        }
         let stop: BenchPlan.Stop
         switch (duration, sequences) {
         case (.some, .some): throw usageFailure("give --duration or --sequences, not both")
         case (.some(let duration), nil):
             let seconds = duration.seconds
-            guard seconds > 0, seconds <= 86_400 else { throw usageFailure("--duration must be in (0, 86400] seconds, got \(seconds)") }
+            guard seconds > 0, seconds <= 86_400 else {
+                throw usageFailure("--duration must be in (0, 86400] seconds, got \(seconds)")
+            }
             stop = .after(.seconds(seconds))
         case (nil, .some(let n)):
-            guard (1...1_000_000).contains(n) else { throw usageFailure("--sequences must be in 1...1000000, got \(n)") }
+            guard (1...1_000_000).contains(n) else {
+                throw usageFailure("--sequences must be in 1...1000000, got \(n)")
+            }
             stop = .sequences(n)
         case (nil, nil): stop = .after(.seconds(20))
         }
-        guard (0...1).contains(auditFraction) else { throw usageFailure("--audit-fraction must be in 0...1, got \(auditFraction)") }
-        guard ScalarType(rawValue: dtype) != nil else { throw usageFailure("unknown --dtype '\(dtype)'; allowed: f32, f16") }
-        guard (0...1).contains(floorRatio) else { throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)") }
+        guard (0...1).contains(auditFraction) else {
+            throw usageFailure("--audit-fraction must be in 0...1, got \(auditFraction)")
+        }
+        guard ScalarType(rawValue: dtype) != nil else {
+            throw usageFailure("unknown --dtype '\(dtype)'; allowed: f32, f16")
+        }
+        guard (0...1).contains(floorRatio) else {
+            throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)")
+        }
         return BenchPlan(
-            workloadName: isFile ? file.name : workload, workload: file, policies: chosen, loop: loop, stop: stop,
-            seed: seed, auditFraction: auditFraction)
+            workloadName: isFile ? file.name : workload,
+            workload: file,
+            policies: chosen,
+            loop: loop,
+            stop: stop,
+            seed: seed,
+            auditFraction: auditFraction
+        )
     }
 
     /// Runs the plan against the given coordinator, or a local cluster started and stopped around it.
@@ -193,23 +220,36 @@ struct BenchOptions: ParsableArguments {
             line.draw(
                 "\(p.policy)  \(p.elapsed.components.seconds) s  sequences \(p.sequencesDone) (\(p.live) live)  "
                     + "\(ResultTable.format(p.tokensPerSecond, 1)) tok/s  KV \(ResultTable.bytes(Int(p.kvBytes)))  "
-                    + "errors \(p.errors)  refusals \(p.refusals)")
+                    + "errors \(p.errors)  refusals \(p.refusals)"
+            )
         }
         if let coordinator {
             guard local == nil else { throw usageFailure("give --coordinator or --local, not both") }
             let address: NodeAddress
-            do { address = try NodeAddress(parsing: coordinator) } catch { throw usageFailure("--coordinator: \(error.message)") }
+            do { address = try NodeAddress(parsing: coordinator) } catch {
+                throw usageFailure("--coordinator: \(error.message)")
+            }
             let transport = try security.security()
             let client = try await workerCount(address, security: transport, logger: logger)
             return try await LoadRunner.run(
-                plan, coordinator: address, security: transport, workers: client, logger: logger, progress: progress)
+                plan,
+                coordinator: address,
+                security: transport,
+                workers: client,
+                logger: logger,
+                progress: progress
+            )
         }
         let workers = local ?? 3
         guard (1...64).contains(workers) else { throw usageFailure("--local must be in 1...64, got \(workers)") }
         var launch = LocalCluster.Options(
-            binary: LocalCluster.currentBinary, workers: workers, childArguments: ["--log-level", logLevel])
+            binary: LocalCluster.currentBinary,
+            workers: workers,
+            childArguments: ["--log-level", logLevel]
+        )
         launch.coordinatorArguments = [
-            "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication", "\(replication)",
+            "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication",
+            "\(replication)",
         ]
         launch.workerArguments = ["--storage", dtype]
         if security.transport.insecure { launch.security = .insecure }
@@ -217,8 +257,13 @@ struct BenchOptions: ParsableArguments {
         let options = launch
         return try await LocalCluster.withCluster(options, logger: logger) { cluster in
             try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
-                workers: cluster.workers.count, logger: logger, progress: progress)
+                plan,
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: cluster.workers.count,
+                logger: logger,
+                progress: progress
+            )
         }
     }
 
@@ -248,26 +293,35 @@ struct BenchOptions: ParsableArguments {
 /// The per-policy table printed at the end of a run.
 enum BenchTable {
     static func render(_ report: BenchReport) -> String {
-        let header = ["policy", "budget", "seqs", "tok/s", "p50 ms", "p99 ms", "max ms", "ttft p50 ms", "peak KV",
-                      "mean KV", "saving %", "out err", "needle", "errors", "refusals"]
+        let header = [
+            "policy", "budget", "seqs", "tok/s", "p50 ms", "p99 ms", "max ms", "ttft p50 ms", "peak KV",
+            "mean KV", "saving %", "out err", "needle", "errors", "refusals",
+        ]
         let rows = report.policies.map { r in
-            [r.policy, ResultTable.format(r.budget, 2), "\(r.sequences)", ResultTable.format(r.tokensPerSecond, 1),
-             millis(r.decodeP50Micros), millis(r.decodeP99Micros), millis(r.decodeMaxMicros), millis(r.prefillP50Micros),
-             ResultTable.bytes(Int(r.peakKVBytes)), ResultTable.bytes(Int(r.meanKVBytes)),
-             ResultTable.format(100 * r.saving, 1), r.outputError.map { ResultTable.format($0, 4) } ?? "-",
-             r.needleAccuracy.map { ResultTable.format($0, 3) } ?? "-", "\(r.errors)", "\(r.refusals)"]
+            [
+                r.policy, ResultTable.format(r.budget, 2), "\(r.sequences)", ResultTable.format(r.tokensPerSecond, 1),
+                millis(r.decodeP50Micros), millis(r.decodeP99Micros), millis(r.decodeMaxMicros),
+                millis(r.prefillP50Micros),
+                ResultTable.bytes(Int(r.peakKVBytes)), ResultTable.bytes(Int(r.meanKVBytes)),
+                ResultTable.format(100 * r.saving, 1), r.outputError.map { ResultTable.format($0, 4) } ?? "-",
+                r.needleAccuracy.map { ResultTable.format($0, 3) } ?? "-", "\(r.errors)", "\(r.refusals)",
+            ]
         }
-        let title = "\(report.workload) on \(report.model), \(report.workers) workers, \(report.loop) loop "
+        let title =
+            "\(report.workload) on \(report.model), \(report.workers) workers, \(report.loop) loop "
             + "(\(report.loop == "closed" ? "concurrency" : "rate") \(ResultTable.format(report.load, report.loop == "closed" ? 0 : 2))), seed \(report.seed)\n"
         var out = title + ResultTable.table(header: header, rows: rows)
         // What each method costs at prefill apart from what it saves at decode, per completed sequence.
         let costHeader = ["policy", "decode tok/s/seq", "synthesis ms", "profile ms", "compress ms", "KV GiB·s"]
         let costRows = report.policies.map { r in
-            [r.policy, ResultTable.format(r.decodeThroughput, 1), ResultTable.format(r.synthesisMillis, 1),
-             ResultTable.format(r.profileMillis, 1), ResultTable.format(r.compressMillis, 1),
-             ResultTable.format(r.kvByteSeconds / Double(1 << 30), 2)]
+            [
+                r.policy, ResultTable.format(r.decodeThroughput, 1), ResultTable.format(r.synthesisMillis, 1),
+                ResultTable.format(r.profileMillis, 1), ResultTable.format(r.compressMillis, 1),
+                ResultTable.format(r.kvByteSeconds / Double(1 << 30), 2),
+            ]
         }
-        out += "\nper sequence: decode tokens per second of decode time; workers' prefill compute; K/V bytes × seconds\n"
+        out +=
+            "\nper sequence: decode tokens per second of decode time; workers' prefill compute; K/V bytes × seconds\n"
         out += ResultTable.table(header: costHeader, rows: costRows)
         for result in report.policies where !result.errorMessages.isEmpty {
             out += "\(result.policy) errors: " + result.errorMessages.joined(separator: "; ") + "\n"

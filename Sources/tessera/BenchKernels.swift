@@ -37,13 +37,15 @@ struct BenchKernels: AsyncParsableCommand {
         let read = KernelBenchmark.readBandwidth()
         Terminal.output("read bandwidth: \(ResultTable.format(read, 1)) GB/s (one core, SIMD sum over 1 GiB)\n")
         for scalar in ScalarType.allCases {
-            let rate = switch scalar {
-            case .float32: KernelBenchmark.decodeThroughput(Float.self)
-            case .float16: KernelBenchmark.decodeThroughput(Float16.self)
-            }
+            let rate =
+                switch scalar {
+                case .float32: KernelBenchmark.decodeThroughput(Float.self)
+                case .float16: KernelBenchmark.decodeThroughput(Float16.self)
+                }
             Terminal.output(
                 "decode \(scalar.rawValue): \(ResultTable.format(rate, 1)) GB/s, "
-                    + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n")
+                    + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n"
+            )
         }
 
         let threads = System.coreCount
@@ -57,17 +59,20 @@ struct BenchKernels: AsyncParsableCommand {
                 + "\(Int((100 * profile.flopsPerSecond / peak).rounded()))% of FMA peak "
                 + "(\(ResultTable.format(peak / 1e9, 1)) GFLOP/s on \(threads) threads, \(Kernels.computePath)); "
                 + "every row of a multi-image layer, \(prefill.promptLength) tokens, in "
-                + "\(ResultTable.format(profile.seconds * 1000, 1)) ms\n")
+                + "\(ResultTable.format(profile.seconds * 1000, 1)) ms\n"
+        )
 
         let trace = TraceGenerator(preset: .imageQA, geometry: geometry, seed: seed).sequence(0)
         let timings = try CompressTiming.measure(trace: trace, layer: geometry.layers / 2, retention: budget)
         Terminal.output(
             "compress one layer (\(geometry.name), image-qa, \(trace.layout.promptLength) tokens, "
-                + "budget \(budget)):\n")
+                + "budget \(budget)):\n"
+        )
         for t in timings {
             Terminal.output(
                 "  \(t.policy.padding(14)) profile \(ResultTable.format(t.profileMillis, 2)) ms, select+merge "
-                    + "\(ResultTable.format(t.compressMillis, 2)) ms\n")
+                    + "\(ResultTable.format(t.compressMillis, 2)) ms\n"
+            )
         }
     }
 }

@@ -43,20 +43,32 @@ struct BenchWire: AsyncParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp(
-        "Worker processes in the local cluster, in 1...64 (ingest always goes to one of them).", valueName: "n"))
+    @Option(
+        help: ArgumentHelp(
+            "Worker processes in the local cluster, in 1...64 (ingest always goes to one of them).",
+            valueName: "n"
+        )
+    )
     var workers = 1
 
     @Option(help: ArgumentHelp("Seconds measured for each figure, in 0.1...60.", valueName: "seconds"))
     var secondsPerPoint = 2.0
 
-    @Option(help: ArgumentHelp("Also write the figures as JSON to this path (an array: one report per security mode run).", valueName: "path"))
+    @Option(
+        help: ArgumentHelp(
+            "Also write the figures as JSON to this path (an array: one report per security mode run).",
+            valueName: "path"
+        )
+    )
     var json: String?
 
-    @Option(help: ArgumentHelp(
-        "How the cluster's connections run: tls (mutual TLS, a throw-away CA), insecure (plaintext), or both, "
-            + "one after the other, with what TLS costs against plaintext.",
-        valueName: "tls|insecure|both"))
+    @Option(
+        help: ArgumentHelp(
+            "How the cluster's connections run: tls (mutual TLS, a throw-away CA), insecure (plaintext), or both, "
+                + "one after the other, with what TLS costs against plaintext.",
+            valueName: "tls|insecure|both"
+        )
+    )
     var security = "tls"
 
     func run() async throws {
@@ -83,15 +95,24 @@ struct BenchWire: AsyncParsableCommand {
         for insecure in modes {
             let mode = insecure ? "insecure" : "mutual TLS"
             progress("connections: \(insecure ? "plaintext (insecure)" : "mutual TLS with a throw-away CA")")
-            reports.append(try await WireBenchmark.withCluster(
-                workers: workers, security: insecure ? .insecure : .throwawayCA, logger: logger
-            ) { cluster in
-                let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
-                let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
-                return WireBenchmark.Report(
-                    security: mode, workers: workers, secondsPerPoint: seconds,
-                    onlineProcessors: Terminal.onlineProcessors, ingest: ingest, decode: decode)
-            })
+            reports.append(
+                try await WireBenchmark.withCluster(
+                    workers: workers,
+                    security: insecure ? .insecure : .throwawayCA,
+                    logger: logger
+                ) { cluster in
+                    let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
+                    let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
+                    return WireBenchmark.Report(
+                        security: mode,
+                        workers: workers,
+                        secondsPerPoint: seconds,
+                        onlineProcessors: Terminal.onlineProcessors,
+                        ingest: ingest,
+                        decode: decode
+                    )
+                }
+            )
             progress("every child process stopped")
         }
         Terminal.output(reports.map(BenchWireOutput.render).joined(separator: "\n"))
@@ -120,17 +141,25 @@ private enum IngestBenchmark {
         try ModelGeometry(name: "tiny-1-layer", layers: 1, queryHeads: 4, kvHeads: 2, headDim: 32, tokensPerImage: 64)
     }
 
-    static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.IngestPoint] {
+    static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.IngestPoint]
+    {
         let security = try cluster.clientSecurity(name: "bench-wire-ingest", tenant: benchTenant)
         return try await TesseraClient.withClient(
-            coordinator: cluster.coordinator, security: security, tenant: benchTenant, nodeID: "bench-wire-ingest",
+            coordinator: cluster.coordinator,
+            security: security,
+            tenant: benchTenant,
+            nodeID: "bench-wire-ingest",
             logger: logger
         ) { client in
             // Where one-layer sequences land: every one goes to the first shard's primary.
             let geometry = try geometry()
             let probe = try await client.openSequence(
-                1, geometry: geometry, layout: try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 1)]),
-                policy: .full, retention: 1)
+                1,
+                geometry: geometry,
+                layout: try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 1)]),
+                policy: .full,
+                retention: 1
+            )
             _ = try await client.close(1)
             guard probe.shards.count == 1 else {
                 throw BenchWireError("a one-layer sequence was placed on \(probe.shards.count) shards")
@@ -138,10 +167,15 @@ private enum IngestBenchmark {
             let worker = probe.shards[0].primary
             let handshake = Handshake(
                 local: NodeIdentity(role: .client, nodeID: "bench-wire-ingest", incarnation: 1),
-                acceptedPeerRoles: [.worker])
+                acceptedPeerRoles: [.worker]
+            )
             return try await Transport.withConnection(
-                to: worker, handshake: handshake, security: security, maxFrameBytes: 64 << 20,
-                handler: RefuseEveryRequest(), logger: logger
+                to: worker,
+                handshake: handshake,
+                security: security,
+                maxFrameBytes: 64 << 20,
+                handler: RefuseEveryRequest(),
+                logger: logger
             ) { connection in
                 var points: [WireBenchmark.IngestPoint] = []
                 var nextID: UInt64 = 2
@@ -151,22 +185,46 @@ private enum IngestBenchmark {
                     for window in inFlight {
                         progress(
                             "ingest \(frameLabel(size)) frames (\(frame.promptLength) positions), \(window) in flight "
-                                + "for \(seconds) s")
-                        rates.append(try await measure(
-                            frame, window: window, seconds: seconds, client: client, connection: connection,
-                            worker: worker, nextID: &nextID))
+                                + "for \(seconds) s"
+                        )
+                        rates.append(
+                            try await measure(
+                                frame,
+                                window: window,
+                                seconds: seconds,
+                                client: client,
+                                connection: connection,
+                                worker: worker,
+                                nextID: &nextID
+                            )
+                        )
                     }
                     let frames = rates[0].frames
                     progress("plain TCP: \(frames) frames of \(frameLabel(size)), streamed and then acked one by one")
                     // The same bytes once, or repeated until 0.5 s (at most the point's seconds) were timed.
                     let minimum = min(0.5, seconds)
                     let stream = try await WireBenchmark.plainTCP(
-                        frameBytes: size, frames: frames, ackEveryFrame: false, minimumSeconds: minimum)
+                        frameBytes: size,
+                        frames: frames,
+                        ackEveryFrame: false,
+                        minimumSeconds: minimum
+                    )
                     let acked = try await WireBenchmark.plainTCP(
-                        frameBytes: size, frames: frames, ackEveryFrame: true, minimumSeconds: minimum)
-                    points.append(WireBenchmark.IngestPoint(
-                        payloadBytesPerFrame: size, wireBytesPerFrame: frame.wireBytes, promptLength: frame.promptLength,
-                        tessera: rates, plainTCP: stream, plainTCPAcked: acked))
+                        frameBytes: size,
+                        frames: frames,
+                        ackEveryFrame: true,
+                        minimumSeconds: minimum
+                    )
+                    points.append(
+                        WireBenchmark.IngestPoint(
+                            payloadBytesPerFrame: size,
+                            wireBytesPerFrame: frame.wireBytes,
+                            promptLength: frame.promptLength,
+                            tessera: rates,
+                            plainTCP: stream,
+                            plainTCPAcked: acked
+                        )
+                    )
                 }
                 return points
             }
@@ -177,8 +235,13 @@ private enum IngestBenchmark {
     /// is opened (untimed), prefilled with `window` requests in flight (timed), then closed (untimed),
     /// so the worker holds at most one batch (≤ 64 MiB) at a time.
     static func measure(
-        _ frame: InlineFrame, window: Int, seconds: Double, client: TesseraClient, connection: PeerConnection,
-        worker: NodeAddress, nextID: inout UInt64
+        _ frame: InlineFrame,
+        window: Int,
+        seconds: Double,
+        client: TesseraClient,
+        connection: PeerConnection,
+        worker: NodeAddress,
+        nextID: inout UInt64
     ) async throws -> WireBenchmark.IngestRate {
         let batch = max(4, min(64, (64 << 20) / frame.payloadBytes))
         let clock = ContinuousClock()
@@ -191,7 +254,12 @@ private enum IngestBenchmark {
                 let id = nextID
                 nextID += 1
                 let placement = try await client.openSequence(
-                    id, geometry: frame.geometry, layout: frame.layout, policy: .full, retention: 1)
+                    id,
+                    geometry: frame.geometry,
+                    layout: frame.layout,
+                    policy: .full,
+                    retention: 1
+                )
                 guard placement.shards.count == 1, placement.shards[0].primary == worker else {
                     throw BenchWireError("sequence \(id) was placed elsewhere than \(worker): \(placement.shards)")
                 }
@@ -204,12 +272,20 @@ private enum IngestBenchmark {
             for message in messages { _ = try await client.close(message.sequenceID) }
         }
         return WireBenchmark.IngestRate(
-            inFlight: window, frames: frames, payloadBytes: frames * frame.payloadBytes, seconds: elapsed.inSeconds,
-            latency: WireBenchmark.Latency(latencies))
+            inFlight: window,
+            frames: frames,
+            payloadBytes: frames * frame.payloadBytes,
+            seconds: elapsed.inSeconds,
+            latency: WireBenchmark.Latency(latencies)
+        )
     }
 
     /// Sends the prefills keeping `window` in flight; returns each one's time until its ack.
-    static func send(_ messages: [Tessera_V1_Prefill], window: Int, over connection: PeerConnection) async throws
+    static func send(
+        _ messages: [Tessera_V1_Prefill],
+        window: Int,
+        over connection: PeerConnection
+    ) async throws
         -> [Duration]
     {
         @Sendable func prefill(_ message: Tessera_V1_Prefill) async throws -> Duration {
@@ -264,7 +340,12 @@ private struct InlineFrame: Sendable {
         let keys = (0..<count).map { _ in Float.random(in: -1...1, using: &generator) }
         let values = (0..<count).map { _ in Float.random(in: -1...1, using: &generator) }
         tensors = try LayerPrefill(
-            geometry: geometry, promptLength: promptLength, keys: keys, values: values, queries: [], queryRows: 0
+            geometry: geometry,
+            promptLength: promptLength,
+            keys: keys,
+            values: values,
+            queries: [],
+            queryRows: 0
         ).proto(layer: 0)
         self.payloadBytes = payloadBytes
         var sample = Tessera_V1_Prefill()
@@ -272,7 +353,8 @@ private struct InlineFrame: Sendable {
         sample.sequenceID = UInt64(Int64.max)
         sample.epoch = UInt64(Int64.max)
         sample.inlineTensors.layers = [tensors]
-        wireBytes = try Tessera_V1_Envelope(requestID: UInt64(Int64.max), .prefill(sample)).serializedFrame()
+        wireBytes =
+            try Tessera_V1_Envelope(requestID: UInt64(Int64.max), .prefill(sample)).serializedFrame()
             .readableBytes + FrameDecoder.headerBytes
     }
 
@@ -289,7 +371,10 @@ private struct InlineFrame: Sendable {
 
 /// Our connection to the worker only sends requests.
 private struct RefuseEveryRequest: EnvelopeHandler {
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+    func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
         throw WireError(.badRequest, "the benchmark client does not accept \(request.bodyName)")
@@ -306,17 +391,25 @@ private enum DecodeBenchmark {
     static let seed: UInt64 = 1
     static let retention = 0.2
 
-    static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.DecodePoint] {
+    static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.DecodePoint]
+    {
         let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
         let setup = Setup(
-            cluster: cluster, logger: logger, layout: trace.layout, steps: trace.decodeSteps, seconds: seconds)
+            cluster: cluster,
+            logger: logger,
+            layout: trace.layout,
+            steps: trace.decodeSteps,
+            seconds: seconds
+        )
 
         // A pilot sequence estimates how many real steps a second holds, to prepare enough sequences.
         progress("decode pilot: one tiny image-qa sequence (\(trace.layout.promptLength) tokens), \(setup.steps) steps")
         let pilotRate = try await TesseraClient.withClient(
             coordinator: cluster.coordinator,
-            security: try cluster.clientSecurity(name: "bench-wire-pilot", tenant: benchTenant), tenant: benchTenant,
-            nodeID: "bench-wire-pilot", logger: logger
+            security: try cluster.clientSecurity(name: "bench-wire-pilot", tenant: benchTenant),
+            tenant: benchTenant,
+            nodeID: "bench-wire-pilot",
+            logger: logger
         ) { client in
             let id: UInt64 = 90_000_000
             try await setup.prepare(id, client: client)
@@ -338,7 +431,8 @@ private enum DecodeBenchmark {
             let perClient = min(3000 / connections, Int((steps / Double(connections * setup.steps)).rounded(.up)) + 1)
             progress(
                 "decode on \(connections) connection(s): preparing \(perClient) sequence(s) per connection, then "
-                    + "\(seconds) s of real steps and \(seconds) s of cached retries")
+                    + "\(seconds) s of real steps and \(seconds) s of cached retries"
+            )
             let real = WireBenchmark.StartLine(parties: connections)
             let cached = WireBenchmark.StartLine(parties: connections)
             let preparing = ContinuousClock.now
@@ -347,7 +441,13 @@ private enum DecodeBenchmark {
                     let firstID = UInt64(100_000_000 * (round + 1) + 1_000_000 * index)
                     group.addTask {
                         try await setup.client(
-                            index, of: connections, sequences: perClient, firstID: firstID, real: real, cached: cached)
+                            index,
+                            of: connections,
+                            sequences: perClient,
+                            firstID: firstID,
+                            real: real,
+                            cached: cached
+                        )
                     }
                 }
                 var all: [ClientFigures] = []
@@ -356,15 +456,22 @@ private enum DecodeBenchmark {
             }
             progress(
                 "decode on \(connections) connection(s): preparing took "
-                    + "\(ResultTable.format((figures[0].realStart - preparing).inSeconds, 1)) s")
+                    + "\(ResultTable.format((figures[0].realStart - preparing).inSeconds, 1)) s"
+            )
             for kind in ["real", "cached"] {
                 let start = kind == "real" ? figures[0].realStart : figures[0].cachedStart
                 let end = figures.map { kind == "real" ? $0.realEnd : $0.cachedEnd }.max()!
                 let latencies = figures.flatMap { kind == "real" ? $0.realLatencies : $0.cachedLatencies }
-                points.append(WireBenchmark.DecodePoint(
-                    connections: connections, kind: kind, roundTrips: latencies.count, seconds: (end - start).inSeconds,
-                    latency: WireBenchmark.Latency(latencies),
-                    ranOutOfSequences: kind == "real" && figures.contains(where: \.ranOut)))
+                points.append(
+                    WireBenchmark.DecodePoint(
+                        connections: connections,
+                        kind: kind,
+                        roundTrips: latencies.count,
+                        seconds: (end - start).inSeconds,
+                        latency: WireBenchmark.Latency(latencies),
+                        ranOutOfSequences: kind == "real" && figures.contains(where: \.ranOut)
+                    )
+                )
             }
             if connections == 1, let measured = points.first(where: { $0.kind == "real" }) {
                 bestRate = max(bestRate, measured.perSecond)
@@ -393,7 +500,12 @@ private enum DecodeBenchmark {
         /// Opens and prefills a sequence: seed-expanded on the workers, so little crosses the wire.
         func prepare(_ id: UInt64, client: TesseraClient) async throws {
             _ = try await client.openSequence(
-                id, geometry: .tiny, layout: layout, policy: .snapKV(SnapKVSettings()), retention: retention)
+                id,
+                geometry: .tiny,
+                layout: layout,
+                policy: .snapKV(SnapKVSettings()),
+                retention: retention
+            )
             _ = try await client.prefillSynthetic(id, workload: WorkloadPreset.imageQA.rawValue, seed: seed, index: 0)
         }
 
@@ -401,21 +513,32 @@ private enum DecodeBenchmark {
         /// sequence, step after step) for `seconds`, then at the next common start re-sends the last step
         /// it ran for `seconds` (the worker answers a repeated last step from its cache).
         func client(
-            _ index: Int, of connections: Int, sequences: Int, firstID: UInt64, real: WireBenchmark.StartLine,
+            _ index: Int,
+            of connections: Int,
+            sequences: Int,
+            firstID: UInt64,
+            real: WireBenchmark.StartLine,
             cached: WireBenchmark.StartLine
         ) async throws -> ClientFigures {
             do {
                 let name = "bench-wire-decode-\(connections)-\(index)"
                 return try await TesseraClient.withClient(
-                    coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: name, tenant: benchTenant),
-                    tenant: benchTenant, nodeID: name, logger: logger
+                    coordinator: cluster.coordinator,
+                    security: try cluster.clientSecurity(name: name, tenant: benchTenant),
+                    tenant: benchTenant,
+                    nodeID: name,
+                    logger: logger
                 ) { client in
                     let ids = (0..<sequences).map { firstID + UInt64($0) }
                     for id in ids { try await prepare(id, client: client) }
                     let clock = ContinuousClock()
                     let realStart = try await real.arrive()
                     var figures = ClientFigures(
-                        realStart: realStart, realEnd: realStart, cachedStart: realStart, cachedEnd: realStart)
+                        realStart: realStart,
+                        realEnd: realStart,
+                        cachedStart: realStart,
+                        cachedEnd: realStart
+                    )
                     var last: (id: UInt64, step: Int)?
                     var deadline = realStart + .seconds(seconds)
                     running: for id in ids {
@@ -456,14 +579,18 @@ private enum DecodeBenchmark {
 
 private enum BenchWireOutput {
     static func render(_ report: WireBenchmark.Report) -> String {
-        var out = "bench-wire, \(report.security): \(report.workers) worker(s) over 127.0.0.1, "
+        var out =
+            "bench-wire, \(report.security): \(report.workers) worker(s) over 127.0.0.1, "
             + "\(ResultTable.format(report.secondsPerPoint, 1)) s "
             + "per point, \(report.onlineProcessors) online processors; MB = 10^6 bytes of tensor payload\n\n"
-        out += "prefill ingest into one worker (inline float32 keys+values of one layer, 2 KV heads × 32 dims; "
+        out +=
+            "prefill ingest into one worker (inline float32 keys+values of one layer, 2 KV heads × 32 dims; "
             + "policy full, no queries)\n"
         var rows: [[String]] = []
         for point in report.ingest {
-            var row = [frameLabel(point.payloadBytesPerFrame), "\(point.promptLength)", grouped(point.wireBytesPerFrame)]
+            var row = [
+                frameLabel(point.payloadBytesPerFrame), "\(point.promptLength)", grouped(point.wireBytesPerFrame),
+            ]
             row.append(grouped(point.tessera.first?.frames ?? 0))
             for rate in point.tessera {
                 row.append(ResultTable.format(rate.megabytesPerSecond, 1))
@@ -481,31 +608,39 @@ private enum BenchWireOutput {
         out += table(header, rows)
         for point in report.ingest {
             guard let first = point.tessera.first else { continue }
-            var line = "ingest \(frameLabel(point.payloadBytesPerFrame)) frames: "
+            var line =
+                "ingest \(frameLabel(point.payloadBytesPerFrame)) frames: "
                 + "\(ResultTable.format(first.megabytesPerSecond, 1)) MB/s (plain TCP "
                 + "\(ResultTable.format(point.plainTCP.megabytesPerSecond, 1)) MB/s, "
                 + "\(ResultTable.format(point.percentOfPlainTCP, 0))%)"
             for rate in point.tessera.dropFirst() {
-                let share = point.plainTCP.megabytesPerSecond > 0
+                let share =
+                    point.plainTCP.megabytesPerSecond > 0
                     ? 100 * rate.megabytesPerSecond / point.plainTCP.megabytesPerSecond : 0
-                line += "; \(rate.inFlight) in flight \(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s "
+                line +=
+                    "; \(rate.inFlight) in flight \(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s "
                     + "(\(ResultTable.format(share, 0))%)"
             }
             line += "; plain TCP acked per frame \(ResultTable.format(point.plainTCPAcked.megabytesPerSecond, 1)) MB/s"
             out += line + "\n"
         }
 
-        out += "\ndecode round trips through TesseraClient (tiny, image-qa synthetic prefill, snapkv 0.2; one step "
+        out +=
+            "\ndecode round trips through TesseraClient (tiny, image-qa synthetic prefill, snapkv 0.2; one step "
             + "in flight per connection; a step goes to every shard on \(report.workers) worker(s))\n"
         let decodeRows = report.decode.map { point in
             [
                 "\(point.connections)", point.kind == "real" ? "real steps" : "cached retry",
-                grouped(point.roundTrips), ResultTable.format(point.seconds, 2), grouped(Int(point.perSecond.rounded())),
+                grouped(point.roundTrips), ResultTable.format(point.seconds, 2),
+                grouped(Int(point.perSecond.rounded())),
                 ResultTable.format(point.latency.p50Micros, 0), ResultTable.format(point.latency.p99Micros, 0),
                 point.ranOutOfSequences ? "ran out of prepared sequences" : "",
             ]
         }
-        out += table(["connections", "kind", "round trips", "seconds", "per second", "p50 µs", "p99 µs", "note"], decodeRows)
+        out += table(
+            ["connections", "kind", "round trips", "seconds", "per second", "p50 µs", "p99 µs", "note"],
+            decodeRows
+        )
         func rates(_ kind: String) -> String {
             report.decode.filter { $0.kind == kind }.map { point in
                 "\(point.connections) connection\(point.connections == 1 ? "" : "s") "

@@ -18,11 +18,14 @@ struct CertsCommand: ParsableCommand {
               tessera certs issue --dir certs --role worker --name worker-1
               tessera certs issue --dir certs --role client --name alice --tenant alice
             """,
-        subcommands: [Initialize.self, Issue.self])
+        subcommands: [Initialize.self, Issue.self]
+    )
 
     struct Initialize: ParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "init", abstract: "Create a cluster CA: DIR/ca.pem and DIR/ca-key.pem (readable by you only).")
+            commandName: "init",
+            abstract: "Create a cluster CA: DIR/ca.pem and DIR/ca-key.pem (readable by you only)."
+        )
 
         @Option(help: "The certificate folder.")
         var dir = "certs"
@@ -50,7 +53,8 @@ struct CertsCommand: ParsableCommand {
 
     struct Issue: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Issue DIR/NAME.pem and DIR/NAME-key.pem, signed by the CA in DIR.")
+            abstract: "Issue DIR/NAME.pem and DIR/NAME-key.pem, signed by the CA in DIR."
+        )
 
         @Option(help: "The certificate folder holding the CA.")
         var dir = "certs"

@@ -34,7 +34,10 @@ struct ChaosCommand: AsyncParsableCommand {
     @Option(help: "Write the report as JSON to this path.")
     var json: String?
 
-    @Option(help: "Log level of the cluster's processes (their logs go to standard error): trace, debug, info, notice, warning, error or critical (silent).")
+    @Option(
+        help:
+            "Log level of the cluster's processes (their logs go to standard error): trace, debug, info, notice, warning, error or critical (silent)."
+    )
     var logLevel = "critical"
 
     func run() async throws {
@@ -46,11 +49,17 @@ struct ChaosCommand: AsyncParsableCommand {
         }
         Terminal.error(
             "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
-                + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n")
+                + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n"
+        )
         let report = try await ChaosRunner.run(
-            loaded, binary: LocalCluster.currentBinary, logger: Logger(label: "tessera.chaos"), childLogLevel: logLevel
+            loaded,
+            binary: LocalCluster.currentBinary,
+            logger: Logger(label: "tessera.chaos"),
+            childLogLevel: logLevel
         ) { Terminal.error("[tessera] \($0)\n") }
-        let faults = report.faults.map { "\($0.action) \($0.worker) before step \($0.beforeStep)" }.joined(separator: "; ")
+        let faults = report.faults.map { "\($0.action) \($0.worker) before step \($0.beforeStep)" }.joined(
+            separator: "; "
+        )
         Terminal.output(
             """
             scenario             \(report.scenario)
@@ -67,7 +76,8 @@ struct ChaosCommand: AsyncParsableCommand {
             requests retried     \(report.requestsRetried)
             result               \(report.passed ? "PASSED" : "FAILED")
 
-            """)
+            """
+        )
         if let json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -35,7 +35,12 @@ struct ClusterCommand: AsyncParsableCommand {
         @Option(help: "Number of worker processes (default: the configuration's, else 3).")
         var workers: Int?
 
-        @Option(help: ArgumentHelp("A certificate folder to use (created with a new CA if it has none) instead of a throw-away CA.", valueName: "dir"))
+        @Option(
+            help: ArgumentHelp(
+                "A certificate folder to use (created with a new CA if it has none) instead of a throw-away CA.",
+                valueName: "dir"
+            )
+        )
         var certs: String?
 
         @Flag(help: "Plaintext connections: any peer can claim any role, node id or tenant.")
@@ -54,17 +59,24 @@ struct ClusterCommand: AsyncParsableCommand {
             guard (1...64).contains(count) else { throw usageFailure("--workers must be in 1...64, got \(count)") }
             let logger = try process.bootstrapLogging()
             var options = LocalCluster.Options(
-                binary: LocalCluster.currentBinary, workers: count, childArguments: ["--log-level", process.logLevel],
-                readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds))
+                binary: LocalCluster.currentBinary,
+                workers: count,
+                childArguments: ["--log-level", process.logLevel],
+                readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds)
+            )
             options.coordinatorArguments = CoordinatorCommand.arguments(settings.coordinator)
-            options.workerArguments = ["--storage", settings.worker.storage.rawValue, "--faults", settings.worker.faults]
+            options.workerArguments = [
+                "--storage", settings.worker.storage.rawValue, "--faults", settings.worker.faults,
+            ]
             switch (certs, insecure) {
             case (_?, true):
                 throw usageFailure("give --certs or --insecure, not both")
             case (let path?, false):
                 let folder = CertificateDirectory(path)
                 if !folder.hasAuthority {
-                    do { try CertificateAuthority.create().write(to: folder) } catch { throw usageFailure(error.message) }
+                    do { try CertificateAuthority.create().write(to: folder) } catch {
+                        throw usageFailure(error.message)
+                    }
                 }
                 options.security = .certificates(folder)
             case (nil, true):
@@ -75,22 +87,28 @@ struct ClusterCommand: AsyncParsableCommand {
             }
             let launch = options
             try await runServices(
-                [ClosureService {
-                    try await LocalCluster.withCluster(launch, logger: logger) { cluster in
-                        _ = try cluster.clientSecurity(name: "client", tenant: "default")
-                        let workerList = cluster.workers.map { worker in
-                            "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
-                                + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
-                        }.joined(separator: ",")
-                        Terminal.output(
-                            "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
-                                + "\"certs\":\(cluster.certificates.map { jsonString($0.path) } ?? "null"),"
-                                + "\"coordinatorPid\":\(cluster.coordinatorPID),"
-                                + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]}\n")
-                        // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.
-                        while true { try await Task.sleep(for: .seconds(3600)) }
+                [
+                    ClosureService {
+                        try await LocalCluster.withCluster(launch, logger: logger) { cluster in
+                            _ = try cluster.clientSecurity(name: "client", tenant: "default")
+                            let workerList = cluster.workers.map { worker in
+                                "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
+                                    + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
+                            }.joined(separator: ",")
+                            Terminal.output(
+                                "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
+                                    + "\"certs\":\(cluster.certificates.map { jsonString($0.path) } ?? "null"),"
+                                    + "\"coordinatorPid\":\(cluster.coordinatorPID),"
+                                    + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]}\n"
+                            )
+                            // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.
+                            while true { try await Task.sleep(for: .seconds(3600)) }
+                        }
                     }
-                }], options: process, logger: logger)
+                ],
+                options: process,
+                logger: logger
+            )
         }
     }
 }

@@ -23,13 +23,22 @@ struct CoordinatorCommand: AsyncParsableCommand {
 
     @Option(
         name: .customLong("tenant-quota"),
-        help: ArgumentHelp("A tenant's limit on accounted KV bytes, TENANT=BYTES (repeatable).", valueName: "tenant=bytes"))
+        help: ArgumentHelp(
+            "A tenant's limit on accounted KV bytes, TENANT=BYTES (repeatable).",
+            valueName: "tenant=bytes"
+        )
+    )
     var tenantQuotas: [String] = []
 
-    @Option(help: "Copies of each shard of a sequence, on distinct workers (1...16; fewer while fewer workers are live).")
+    @Option(
+        help: "Copies of each shard of a sequence, on distinct workers (1...16; fewer while fewer workers are live)."
+    )
     var replication = 2
 
-    @Option(help: "Under memory pressure, admitted sequences are tightened down to this retention ratio, never below (0...1).")
+    @Option(
+        help:
+            "Under memory pressure, admitted sequences are tightened down to this retention ratio, never below (0...1)."
+    )
     var floorRatio = 0.02
 
     @OptionGroup var faults: FaultOptions
@@ -42,8 +51,12 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let logger = try process.bootstrapLogging()
         let address: NodeAddress
         do { address = try NodeAddress(parsing: listen) } catch { throw usageFailure("--listen: \(error.message)") }
-        guard (1...16).contains(replication) else { throw usageFailure("--replication must be in 1...16, got \(replication)") }
-        guard (0...1).contains(floorRatio) else { throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)") }
+        guard (1...16).contains(replication) else {
+            throw usageFailure("--replication must be in 1...16, got \(replication)")
+        }
+        guard (0...1).contains(floorRatio) else {
+            throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)")
+        }
         var quotas: [String: UInt64] = [:]
         for quota in tenantQuotas {
             let parts = quota.split(separator: "=", maxSplits: 1)
@@ -55,19 +68,36 @@ struct CoordinatorCommand: AsyncParsableCommand {
         let injector = try faults.injector()
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
-                incarnation: wallClockIncarnation(), listen: address,
-                security: try security.security(name: "coordinator"), memoryLimitBytes: memoryLimitBytes,
-                tenantQuotaBytes: quotas, floorRatio: floorRatio, replication: replication, faults: injector),
-            logger: logger)
+                incarnation: wallClockIncarnation(),
+                listen: address,
+                security: try security.security(name: "coordinator"),
+                memoryLimitBytes: memoryLimitBytes,
+                tenantQuotaBytes: quotas,
+                floorRatio: floorRatio,
+                replication: replication,
+                faults: injector
+            ),
+            logger: logger
+        )
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) { adminPort.set($0) }
+        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) {
+            adminPort.set($0)
+        }
         try await runServices(
-            [admin, ClosureService {
-                try await service.run { port in
-                    printReady([("role", jsonString("coordinator")), ("port", "\(port)"),
-                                ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)")])
-                }
-            }], options: process, logger: logger)
+            [
+                admin,
+                ClosureService {
+                    try await service.run { port in
+                        printReady([
+                            ("role", jsonString("coordinator")), ("port", "\(port)"),
+                            ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
+                        ])
+                    }
+                },
+            ],
+            options: process,
+            logger: logger
+        )
     }
 }
 
@@ -75,8 +105,10 @@ extension CoordinatorCommand {
     /// The coordinator flags that carry a configuration file's coordinator section.
     static func arguments(_ settings: CoordinatorSettings) -> [String] {
         let memory = settings.memory
-        return ["--replication", "\(settings.replication)", "--memory-limit-bytes", "\(memory.limitBytes)",
-                "--floor-ratio", "\(memory.floorRatio)", "--faults", settings.faults]
+        return [
+            "--replication", "\(settings.replication)", "--memory-limit-bytes", "\(memory.limitBytes)",
+            "--floor-ratio", "\(memory.floorRatio)", "--faults", settings.faults,
+        ]
             + memory.tenantQuotas.sorted { $0.key < $1.key }.flatMap { ["--tenant-quota", "\($0.key)=\($0.value)"] }
     }
 }

@@ -5,7 +5,8 @@ import Workloads
 
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Start a local cluster and compare the full cache, VL-Cache, MadaKV and LOOK-M at 10% on mixed traffic.",
+        abstract:
+            "Start a local cluster and compare the full cache, VL-Cache, MadaKV and LOOK-M at 10% on mixed traffic.",
         discussion: """
             Starts a coordinator and 3 workers as processes, runs about a minute of `mixed` multimodal \
             traffic (single-image QA, multi-image, video and document prompts) once per policy, prints the \
@@ -35,10 +36,12 @@ struct Demo: AsyncParsableCommand {
     var json: String?
 
     func run() async throws {
-        let options = try BenchOptions.parse([
-            "--local", "3", "--workload", "mixed", "--model", model, "--policies", "full,vl-cache,madakv,look-m",
-            "--budget", "0.1", "--duration", "\(duration)", "--report", report, "--seed", "\(seed)",
-        ] + (json.map { ["--json", $0] } ?? []))
+        let options = try BenchOptions.parse(
+            [
+                "--local", "3", "--workload", "mixed", "--model", model, "--policies", "full,vl-cache,madakv,look-m",
+                "--budget", "0.1", "--duration", "\(duration)", "--report", report, "--seed", "\(seed)",
+            ] + (json.map { ["--json", $0] } ?? [])
+        )
         var plan = try options.plan()
         plan.workload.geometry.tokensPerImage = 144
         plan.workload.traceSettings.documentTextTokens = 384...768

@@ -55,8 +55,14 @@ struct EvaluationOptions: ParsableArguments {
                 throw usageFailure("--sequences must be in 1...10000, got \(sequences)")
             }
             return EvaluationRequest(
-                preset: preset, geometry: geometry, policies: chosen, budgets: ratios, sequences: sequences,
-                seed: seed, scalar: scalar)
+                preset: preset,
+                geometry: geometry,
+                policies: chosen,
+                budgets: ratios,
+                sequences: sequences,
+                seed: seed,
+                scalar: scalar
+            )
         } catch let error as KVCacheError {
             throw usageFailure(error.message)
         } catch let error as WorkloadError {
@@ -92,8 +98,11 @@ struct Eval: AsyncParsableCommand {
         let request = try options.request()
         if describe {
             let generator = TraceGenerator(
-                preset: request.preset, geometry: request.geometry, settings: request.traceSettings,
-                seed: request.seed)
+                preset: request.preset,
+                geometry: request.geometry,
+                settings: request.traceSettings,
+                seed: request.seed
+            )
             for index in 0..<request.sequences {
                 let trace = generator.sequence(index)
                 Terminal.output("sequence \(index) (\(trace.preset.rawValue), \(trace.layout.promptLength) tokens)\n")
@@ -123,7 +132,8 @@ func runWithProgress(_ request: EvaluationRequest, parallelism: Int) async throw
         guard elapsed > .seconds(1) else { return }
         shown.draw(
             "sequence \(p.sequence + 1)/\(p.sequences), \(p.phase) \(p.layersDone)/\(p.layers) layers, "
-                + "\(Int(elapsed.components.seconds)) s")
+                + "\(Int(elapsed.components.seconds)) s"
+        )
     }
     shown.finish()
     return results

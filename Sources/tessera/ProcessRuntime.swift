@@ -4,8 +4,8 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
-import UnixSignals
 import Synchronization
+import UnixSignals
 
 /// Options every long-running process takes.
 struct ProcessOptions: ParsableArguments {
@@ -15,21 +15,28 @@ struct ProcessOptions: ParsableArguments {
     @Flag(help: "Exit when standard input closes (the lifeline a parent process holds).")
     var exitOnStdinEof = false
 
-    @Option(help: "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz, GET and PUT /faults); 0 picks one.")
+    @Option(
+        help:
+            "Port of the admin HTTP endpoint (GET /metrics in Prometheus text, GET /healthz, GET and PUT /faults); 0 picks one."
+    )
     var adminPort = 0
 
     @Option(help: "Host the admin endpoint binds; another than loopback needs --admin-token-file.")
     var adminHost = "127.0.0.1"
 
-    @Option(help: ArgumentHelp(
-        "File holding the bearer token that PUT on the admin endpoint needs (at least 16 bytes); without it, settings are read-only.",
-        valueName: "path"))
+    @Option(
+        help: ArgumentHelp(
+            "File holding the bearer token that PUT on the admin endpoint needs (at least 16 bytes); without it, settings are read-only.",
+            valueName: "path"
+        )
+    )
     var adminTokenFile: String?
 
     func bootstrapLogging() throws -> Logger {
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw usageFailure(
-                "unknown log level '\(logLevel)'; allowed: trace, debug, info, notice, warning, error, critical")
+                "unknown log level '\(logLevel)'; allowed: trace, debug, info, notice, warning, error, critical"
+            )
         }
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -55,7 +62,9 @@ struct ClosureService: Service {
 
 /// The admin endpoint as a service; reports its bound port.
 func adminService(
-    _ options: ProcessOptions, settings: [String: AdminSetting] = [:], logger: Logger,
+    _ options: ProcessOptions,
+    settings: [String: AdminSetting] = [:],
+    logger: Logger,
     onListening: @escaping @Sendable (Int) -> Void
 ) throws
     -> ClosureService
@@ -69,13 +78,19 @@ func adminService(
     }
     guard token != nil || ["127.0.0.1", "::1", "localhost"].contains(options.adminHost) else {
         throw usageFailure(
-            "--admin-host \(options.adminHost) is reachable from other hosts; give --admin-token-file too, or bind 127.0.0.1")
+            "--admin-host \(options.adminHost) is reachable from other hosts; give --admin-token-file too, or bind 127.0.0.1"
+        )
     }
     let registry = MetricsBootstrap.bootstrap()
     let server = AdminServer(
-        host: options.adminHost, port: options.adminPort, registry: registry, settings: settings, token: token,
+        host: options.adminHost,
+        port: options.adminPort,
+        registry: registry,
+        settings: settings,
+        token: token,
         logger: logger,
-        onListening: onListening)
+        onListening: onListening
+    )
     return ClosureService { try await server.run() }
 }
 
@@ -83,14 +98,23 @@ func adminService(
 func runServices(_ services: [any Service], options: ProcessOptions, logger: Logger) async throws {
     var all = services.map {
         ServiceGroupConfiguration.ServiceConfiguration(
-            service: $0, successTerminationBehavior: .gracefullyShutdownGroup,
-            failureTerminationBehavior: .gracefullyShutdownGroup)
+            service: $0,
+            successTerminationBehavior: .gracefullyShutdownGroup,
+            failureTerminationBehavior: .gracefullyShutdownGroup
+        )
     }
     if options.exitOnStdinEof {
-        all.append(.init(service: ClosureService(body: waitForStdinEOF), successTerminationBehavior: .gracefullyShutdownGroup))
+        all.append(
+            .init(service: ClosureService(body: waitForStdinEOF), successTerminationBehavior: .gracefullyShutdownGroup)
+        )
     }
     let group = ServiceGroup(
-        configuration: ServiceGroupConfiguration(services: all, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        configuration: ServiceGroupConfiguration(
+            services: all,
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger
+        )
+    )
     try await group.run()
 }
 

@@ -5,8 +5,10 @@ import Workloads
 /// The evaluation table, one row per policy and budget.
 enum ResultTable {
     static func render(_ results: [EvaluationResult], request: EvaluationRequest) -> String {
-        let header = ["policy", "budget", "kept bytes", "% of full", "output err", "needle acc", "hit rate",
-                      "compress ms"]
+        let header = [
+            "policy", "budget", "kept bytes", "% of full", "output err", "needle acc", "hit rate",
+            "compress ms",
+        ]
         var rows: [[String]] = []
         for r in results {
             rows.append([
@@ -20,7 +22,8 @@ enum ResultTable {
                 format(r.compressMillis, 1),
             ])
         }
-        let title = "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
+        let title =
+            "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
             + "seed \(request.seed), \(request.scalar.rawValue)\n"
         return title + table(header: header, rows: rows)
     }

@@ -12,10 +12,15 @@ struct SecurityOptions: ParsableArguments {
         help: ArgumentHelp(
             "Folder of the cluster's certificates: ca.pem, and NAME.pem with NAME-key.pem for this process "
                 + "(make them with `tessera certs`). Default: $TESSERA_CERTS, else ./certs.",
-            valueName: "dir"))
+            valueName: "dir"
+        )
+    )
     var certificates: String?
 
-    @Flag(help: "Plaintext connections without certificates: any peer can claim any role, node id or tenant. Logged loudly at start.")
+    @Flag(
+        help:
+            "Plaintext connections without certificates: any peer can claim any role, node id or tenant. Logged loudly at start."
+    )
     var insecure = false
 
     var folder: CertificateDirectory {

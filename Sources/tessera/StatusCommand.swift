@@ -32,7 +32,10 @@ struct StatusCommand: AsyncParsableCommand {
         let transport = try security.security()
         do {
             status = try await TesseraClient.withClient(
-                coordinator: address, security: transport, nodeID: "status-\(processID)", logger: logger
+                coordinator: address,
+                security: transport,
+                nodeID: "status-\(processID)",
+                logger: logger
             ) { client in try await client.status() }
         } catch {
             Terminal.error("error: cannot read the status of \(address): \(error)\n")
@@ -45,19 +48,27 @@ struct StatusCommand: AsyncParsableCommand {
             Terminal.output(String(decoding: data, as: UTF8.self) + "\n")
             return
         }
-        Terminal.output("\(status.workers.count) workers, \(status.sequences) sequences, "
-            + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted"
-            + (status.underReplicatedShards > 0 ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n"))
+        Terminal.output(
+            "\(status.workers.count) workers, \(status.sequences) sequences, "
+                + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted"
+                + (status.underReplicatedShards > 0
+                    ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n")
+        )
         let header = ["id", "address", "state", "shards", "kv bytes", "text", "image", "video"]
         let rows = status.workers.map { w in
-            [w.id, w.address, w.state, w.shards.map(String.init).joined(separator: ","), ResultTable.bytes(Int(w.kvBytes)),
-             ResultTable.bytes(Int(w.kvBytesByModality["text"] ?? 0)),
-             ResultTable.bytes(Int(w.kvBytesByModality["image"] ?? 0)),
-             ResultTable.bytes(Int(w.kvBytesByModality["video"] ?? 0))]
+            [
+                w.id, w.address, w.state, w.shards.map(String.init).joined(separator: ","),
+                ResultTable.bytes(Int(w.kvBytes)),
+                ResultTable.bytes(Int(w.kvBytesByModality["text"] ?? 0)),
+                ResultTable.bytes(Int(w.kvBytesByModality["image"] ?? 0)),
+                ResultTable.bytes(Int(w.kvBytesByModality["video"] ?? 0)),
+            ]
         }
         let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }
         for row in [header] + rows {
-            Terminal.output(row.enumerated().map { $0.element.padding(widths[$0.offset]) }.joined(separator: "  ") + "\n")
+            Terminal.output(
+                row.enumerated().map { $0.element.padding(widths[$0.offset]) }.joined(separator: "  ") + "\n"
+            )
         }
     }
 }

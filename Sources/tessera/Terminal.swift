@@ -1,4 +1,6 @@
+import ArgumentParser
 import ClusterSecurity
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -6,7 +8,6 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import ArgumentParser
 
 /// Writing to the standard streams without Foundation: stdout carries results, stderr progress and errors.
 enum Terminal {

@@ -49,21 +49,37 @@ struct WorkerCommand: AsyncParsableCommand {
         let injector = try faults.injector()
         let service = WorkerService(
             configuration: WorkerConfiguration(
-                nodeID: nodeID, incarnation: wallClockIncarnation(), listen: listenAddress,
-                coordinator: coordinatorAddress, security: try security.security(name: nodeID),
-                storage: scalar, faults: injector),
-            logger: logger)
+                nodeID: nodeID,
+                incarnation: wallClockIncarnation(),
+                listen: listenAddress,
+                coordinator: coordinatorAddress,
+                security: try security.security(name: nodeID),
+                storage: scalar,
+                faults: injector
+            ),
+            logger: logger
+        )
         let id = nodeID
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) { adminPort.set($0) }
+        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) {
+            adminPort.set($0)
+        }
         try await runServices(
-            [admin, ClosureService {
-                try await service.run { port in
-                    printReady([("role", jsonString("worker")), ("port", "\(port)"),
-                                ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
-                                ("nodeID", jsonString(id))])
-                }
-            }], options: process, logger: logger)
+            [
+                admin,
+                ClosureService {
+                    try await service.run { port in
+                        printReady([
+                            ("role", jsonString("worker")), ("port", "\(port)"),
+                            ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
+                            ("nodeID", jsonString(id)),
+                        ])
+                    }
+                },
+            ],
+            options: process,
+            logger: logger
+        )
     }
 }
 

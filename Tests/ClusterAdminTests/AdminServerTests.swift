@@ -171,23 +171,37 @@ struct AdminServerTests {
     @Test("a setting is read with GET and changed with PUT; a refused value changes nothing")
     func settings() async throws {
         let value = Mutex("none")
-        let setting = AdminSetting(read: { value.withLock { $0 } }) { text in
-            guard text.hasPrefix("drop=") || text == "none" else {
-                throw HTTPTestError(message: "'\(text)' is not a plan; allowed: none, drop=P")
+        let setting = AdminSetting(
+            read: { value.withLock { $0 } },
+            write: { text in
+                guard text.hasPrefix("drop=") || text == "none" else {
+                    throw HTTPTestError(message: "'\(text)' is not a plan; allowed: none, drop=P")
+                }
+                value.withLock { $0 = text }
+                return text
             }
-            value.withLock { $0 = text }
-            return text
-        }
+        )
         let token = "0123456789abcdef0123"
         try await withAdminServer(settings: ["/faults": setting], token: try AdminToken(token)) { port in
             #expect(try await httpRequest(port: port, path: "/faults").body == "none\n")
             // Without the token, or with a wrong one, nothing changes.
             #expect(try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1").status == 401)
             let wrong = try await httpRequest(
-                port: port, method: "PUT", path: "/faults", body: "drop=1", token: "0123456789abcdef0124")
+                port: port,
+                method: "PUT",
+                path: "/faults",
+                body: "drop=1",
+                token: "0123456789abcdef0124"
+            )
             #expect(wrong.status == 401)
             #expect(value.withLock { $0 } == "none")
-            let changed = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "drop=1\n", token: token)
+            let changed = try await httpRequest(
+                port: port,
+                method: "PUT",
+                path: "/faults",
+                body: "drop=1\n",
+                token: token
+            )
             #expect(changed.status == 200)
             #expect(changed.body == "drop=1\n")
             let refused = try await httpRequest(port: port, method: "PUT", path: "/faults", body: "bogus", token: token)
@@ -198,7 +212,12 @@ struct AdminServerTests {
             #expect(post.status == 405)
             #expect(post.header("allow") == "GET, PUT")
             let huge = try await httpRequest(
-                port: port, method: "PUT", path: "/faults", body: String(repeating: "x", count: 64 * 1024 + 1), token: token)
+                port: port,
+                method: "PUT",
+                path: "/faults",
+                body: String(repeating: "x", count: 64 * 1024 + 1),
+                token: token
+            )
             #expect(huge.status == 413)
             #expect(value.withLock { $0 } == "drop=1")
         }

@@ -3,9 +3,9 @@ import Logging
 import Testing
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 /// `/…/Tests/ClusterAdminTests/<this file>` → the package root.

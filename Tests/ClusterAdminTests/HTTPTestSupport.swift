@@ -42,7 +42,9 @@ struct HTTPTestResponse {
         self.body = body
     }
 
-    private static func parse(_ bytes: ArraySlice<UInt8>) throws -> (
+    private static func parse(
+        _ bytes: ArraySlice<UInt8>
+    ) throws -> (
         response: HTTPTestResponse, rest: ArraySlice<UInt8>
     ) {
         guard let headerRange = bytes.firstRange(of: Array("\r\n\r\n".utf8)) else {
@@ -94,7 +96,11 @@ func rawHTTPExchange(port: Int, request: String) async throws -> String {
 
 /// A one-request exchange with `Connection: close`, parsed.
 func httpRequest(
-    port: Int, method: String = "GET", path: String, body: String = "", token: String? = nil
+    port: Int,
+    method: String = "GET",
+    path: String,
+    body: String = "",
+    token: String? = nil
 ) async throws -> HTTPTestResponse {
     var request = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
     if let token { request += "Authorization: Bearer \(token)\r\n" }

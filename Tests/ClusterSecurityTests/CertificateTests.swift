@@ -76,7 +76,8 @@ import Glibc
         try Self.withFolder { folder in
             try CertificateAuthority.create().write(to: folder)
             let security = TransportSecurity.mutualTLS(
-                try folder.credentials(for: CertifiedIdentity(role: .worker, nodeID: "worker-1")))
+                try folder.credentials(for: CertifiedIdentity(role: .worker, nodeID: "worker-1"))
+            )
             try security.check(local: NodeIdentity(role: .worker, nodeID: "worker-1", incarnation: 3))
             #expect(throws: CertificateError.self) {
                 try security.check(local: NodeIdentity(role: .worker, nodeID: "worker-2", incarnation: 3))

@@ -18,7 +18,8 @@ import Testing
         let refused = admission.admit(tenant: "b", sequenceID: 3, estimatedBytes: 1)
         #expect(
             refused
-                == .refused(.memoryInUse(requestedBytes: 1, usedBytes: 1000, limitBytes: 1000), retryAfterMillis: 40))
+                == .refused(.memoryInUse(requestedBytes: 1, usedBytes: 1000, limitBytes: 1000), retryAfterMillis: 40)
+        )
         if case .refused(let reason, _) = refused {
             #expect(reason.isRetryable)
             #expect(reason.description == "the cluster holds 1000 of its 1000 bytes; 1 more do not fit")
@@ -30,7 +31,8 @@ import Testing
         #expect(admission.totalBytes == 1000 && admission.sequenceCount == 2 && admission.sequence(3) == nil)
         #expect(
             admission.release(sequenceID: 2)
-                == .released(.init(tenant: "b", sequenceID: 2, estimatedBytes: 400, reportedBytes: nil)))
+                == .released(.init(tenant: "b", sequenceID: 2, estimatedBytes: 400, reportedBytes: nil))
+        )
         #expect(admission.admit(tenant: "b", sequenceID: 3, estimatedBytes: 400) == .admitted)
     }
 
@@ -42,11 +44,16 @@ import Testing
             admission.admit(tenant: "small", sequenceID: 2, estimatedBytes: 50)
                 == .refused(
                     .tenantQuotaInUse(tenant: "small", requestedBytes: 50, usedBytes: 60, quotaBytes: 100),
-                    retryAfterMillis: 250))
+                    retryAfterMillis: 250
+                )
+        )
         #expect(
             admission.admit(tenant: "small", sequenceID: 2, estimatedBytes: 101)
                 == .refused(
-                    .exceedsTenantQuota(tenant: "small", requestedBytes: 101, quotaBytes: 100), retryAfterMillis: 0))
+                    .exceedsTenantQuota(tenant: "small", requestedBytes: 101, quotaBytes: 100),
+                    retryAfterMillis: 0
+                )
+        )
         // Another tenant is not affected by small's quota, only by its own (the default).
         #expect(admission.admit(tenant: "big", sequenceID: 2, estimatedBytes: 500) == .admitted)
         #expect(admission.admit(tenant: "big", sequenceID: 3, estimatedBytes: 1).isAdmitted == false)
@@ -54,7 +61,8 @@ import Testing
         #expect(
             admission.usageByTenant == [
                 "small": TenantUsage(bytes: 60, sequences: 1), "big": TenantUsage(bytes: 500, sequences: 1),
-            ])
+            ]
+        )
         // Quotas can change at run time.
         admission.tenantQuotaBytes["small"] = 0
         #expect(admission.admit(tenant: "small", sequenceID: 4, estimatedBytes: 10_000) == .admitted)
@@ -66,7 +74,8 @@ import Testing
         let decision = admission.admit(tenant: "t", sequenceID: 2, estimatedBytes: 60)
         #expect(
             decision
-                == .refused(.exceedsTenantQuota(tenant: "t", requestedBytes: 60, quotaBytes: 50), retryAfterMillis: 0))
+                == .refused(.exceedsTenantQuota(tenant: "t", requestedBytes: 60, quotaBytes: 50), retryAfterMillis: 0)
+        )
     }
 
     @Test func duplicateSequenceIDsAreRefused() {
@@ -141,7 +150,9 @@ import Testing
                 let outcome = admission.record(sequenceID: id, kvBytes: bytes)
                 if let previous = charges[id] {
                     #expect(
-                        outcome == .recorded(previousBytes: previous.bytes, bytes: bytes), "seed \(seed) step \(step)")
+                        outcome == .recorded(previousBytes: previous.bytes, bytes: bytes),
+                        "seed \(seed) step \(step)"
+                    )
                     charges[id]!.bytes = bytes
                 } else {
                     #expect(outcome == .unknownSequence(sequenceID: id), "seed \(seed) step \(step)")

@@ -7,7 +7,12 @@ import Testing
         var membership = try Membership()
         for (index, node) in nodes.enumerated() {
             let outcome = membership.join(
-                nodeID: node, incarnation: 1, address: address(7000 + index), memoryCapacityBytes: 1 << 30, now: start)
+                nodeID: node,
+                incarnation: 1,
+                address: address(7000 + index),
+                memoryCapacityBytes: 1 << 30,
+                now: start
+            )
             #expect(outcome.changes == [MembershipChange(nodeID: node, incarnation: 1, from: nil, to: .alive)])
         }
         return membership
@@ -65,7 +70,12 @@ import Testing
         #expect(membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: 60_001)) == .declaredDead)
         #expect(membership.member("a")?.state == .dead)
         let rejoin = membership.join(
-            nodeID: "a", incarnation: 1, address: address(7000), memoryCapacityBytes: 0, now: at(ms: 60_002))
+            nodeID: "a",
+            incarnation: 1,
+            address: address(7000),
+            memoryCapacityBytes: 0,
+            now: at(ms: 60_002)
+        )
         #expect(rejoin == .refused(.declaredDead(incarnation: 1)))
         #expect(membership.count(.dead) == 1)
     }
@@ -135,10 +145,12 @@ import Testing
             if now % 250 == 0 { _ = membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: now)) }
         }
         #expect(membership.lastPause == nil)
-        #expect(changes == [
-            6250: [.init(nodeID: "b", incarnation: 1, from: .alive, to: .suspect)],
-            8250: [.init(nodeID: "b", incarnation: 1, from: .suspect, to: .dead)],
-        ])
+        #expect(
+            changes == [
+                6250: [.init(nodeID: "b", incarnation: 1, from: .alive, to: .suspect)],
+                8250: [.init(nodeID: "b", incarnation: 1, from: .suspect, to: .dead)],
+            ]
+        )
         #expect(membership.member("a")?.state == .alive)
     }
 
@@ -146,26 +158,42 @@ import Testing
         var membership = try cluster()
         _ = membership.tick(now: at(ms: 1500))
         let outcome = membership.join(
-            nodeID: "a", incarnation: 1, address: address(7100), memoryCapacityBytes: 5, now: at(ms: 1600))
+            nodeID: "a",
+            incarnation: 1,
+            address: address(7100),
+            memoryCapacityBytes: 5,
+            now: at(ms: 1600)
+        )
         #expect(outcome.changes == [.init(nodeID: "a", incarnation: 1, from: .suspect, to: .alive)])
         let member = try #require(outcome.member)
         #expect(member.state == .alive && member.address == address(7100) && member.memoryCapacityBytes == 5)
         #expect(member.joinedAt == .zero && member.lastHeartbeat == at(ms: 1600))
         // Re-registering while alive changes nothing but the details.
         let again = membership.join(
-            nodeID: "a", incarnation: 1, address: address(7100), memoryCapacityBytes: 5, now: at(ms: 1700))
+            nodeID: "a",
+            incarnation: 1,
+            address: address(7100),
+            memoryCapacityBytes: 5,
+            now: at(ms: 1700)
+        )
         #expect(again.member != nil && again.changes.isEmpty)
     }
 
     @Test func aHigherIncarnationReplacesTheMember() throws {
         var membership = try cluster(["a", "b"])
         let restart = membership.join(
-            nodeID: "a", incarnation: 2, address: address(7200), memoryCapacityBytes: 9, now: at(ms: 400))
+            nodeID: "a",
+            incarnation: 2,
+            address: address(7200),
+            memoryCapacityBytes: 9,
+            now: at(ms: 400)
+        )
         #expect(
             restart.changes == [
                 .init(nodeID: "a", incarnation: 1, from: .alive, to: .dead),
                 .init(nodeID: "a", incarnation: 2, from: nil, to: .alive),
-            ])
+            ]
+        )
         let member = try #require(membership.member("a"))
         #expect(member.incarnation == 2 && member.state == .alive && member.address == address(7200))
         #expect(member.joinedAt == at(ms: 400))
@@ -173,9 +201,14 @@ import Testing
         #expect(membership.heartbeat(nodeID: "a", incarnation: 1, now: at(ms: 500)) == .staleIncarnation(known: 2))
         #expect(
             membership.join(
-                nodeID: "a", incarnation: 1, address: address(7000), memoryCapacityBytes: 0, now: at(ms: 500)
+                nodeID: "a",
+                incarnation: 1,
+                address: address(7000),
+                memoryCapacityBytes: 0,
+                now: at(ms: 500)
             )
-            .refusal == .staleIncarnation(offered: 1, known: 2))
+            .refusal == .staleIncarnation(offered: 1, known: 2)
+        )
         #expect(membership.heartbeat(nodeID: "a", incarnation: 2, now: at(ms: 500)) == .refreshed)
         #expect(membership.members.count == 2)
     }
@@ -184,7 +217,12 @@ import Testing
         var membership = try cluster()
         _ = membership.tick(now: at(ms: 3000))
         let restart = membership.join(
-            nodeID: "a", incarnation: 7, address: address(7000), memoryCapacityBytes: 0, now: at(ms: 4000))
+            nodeID: "a",
+            incarnation: 7,
+            address: address(7000),
+            memoryCapacityBytes: 0,
+            now: at(ms: 4000)
+        )
         // The old incarnation was already reported dead: only the join is new.
         #expect(restart.changes == [.init(nodeID: "a", incarnation: 7, from: nil, to: .alive)])
         #expect(membership.member("a")?.state == .alive)
@@ -219,7 +257,8 @@ import Testing
         #expect(membership.declareDead(nodeID: "zz", incarnation: 1, now: at(ms: 1)) == nil)
         #expect(
             membership.declareDead(nodeID: "a", incarnation: 1, now: at(ms: 1))
-                == .init(nodeID: "a", incarnation: 1, from: .alive, to: .dead))
+                == .init(nodeID: "a", incarnation: 1, from: .alive, to: .dead)
+        )
         #expect(membership.declareDead(nodeID: "a", incarnation: 1, now: at(ms: 2)) == nil)
         #expect(membership.aliveNodeIDs == ["b"])
         #expect(membership.members(in: [.dead]).map(\.nodeID) == ["a"])
@@ -254,8 +293,12 @@ import Testing
                 // (Re)start with a higher incarnation.
                 let incarnation = (model[node]?.incarnation ?? 0) + UInt64.random(in: 1...2, using: &generator)
                 let outcome = membership.join(
-                    nodeID: node, incarnation: incarnation, address: address(7000), memoryCapacityBytes: 0,
-                    now: at(ms: now))
+                    nodeID: node,
+                    incarnation: incarnation,
+                    address: address(7000),
+                    memoryCapacityBytes: 0,
+                    now: at(ms: now)
+                )
                 #expect(outcome.member?.incarnation == incarnation, "seed \(seed) step \(step)")
                 model[node] = Model(incarnation: incarnation, last: now, state: .alive)
             case 1...6:
@@ -284,7 +327,8 @@ import Testing
                     let next: MemberState = silence >= 3000 ? .dead : silence >= 1000 ? .suspect : model[id]!.state
                     if next != model[id]!.state {
                         expected.append(
-                            .init(nodeID: id, incarnation: model[id]!.incarnation, from: model[id]!.state, to: next))
+                            .init(nodeID: id, incarnation: model[id]!.incarnation, from: model[id]!.state, to: next)
+                        )
                         model[id]!.state = next
                     }
                 }

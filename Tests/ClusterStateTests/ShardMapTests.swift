@@ -61,7 +61,10 @@ import Testing
             let nodes = workers(count)
             let label = "\(layers) layers, \(count) workers, R=\(replication)"
             let map = try ShardMap(
-                layerCount: layers, alive: nodes.reversed(), settings: .init(replication: replication))
+                layerCount: layers,
+                alive: nodes.reversed(),
+                settings: .init(replication: replication)
+            )
             #expect(Self.violations(map, alive: nodes).isEmpty, "\(label): \(Self.violations(map, alive: nodes))")
             #expect(map.shards.count == min(layers, count), "\(label)")
             #expect(map.epoch == 1 && map.shards.allSatisfy { $0.epoch == 1 }, "\(label)")
@@ -255,7 +258,10 @@ import Testing
         var alive = (0..<Int.random(in: 1...6, using: &generator)).map { _ in newNode() }
         let fixedCount: Int? = Bool.random(using: &generator) ? Int.random(in: 1...layers, using: &generator) : nil
         var map = try ShardMap(
-            layerCount: layers, alive: alive, settings: .init(replication: replication, shardCount: fixedCount))
+            layerCount: layers,
+            alive: alive,
+            settings: .init(replication: replication, shardCount: fixedCount)
+        )
         let label = "seed \(seed): \(layers) layers R=\(replication) shards=\(fixedCount.map(String.init) ?? "auto")"
         for step in 0..<60 {
             let before = map
@@ -300,7 +306,8 @@ import Testing
             var again = map
             #expect(
                 again.rebalance(alive: alive.shuffled(using: &generator)).isEmpty,
-                "\(label) step \(step): not idempotent")
+                "\(label) step \(step): not idempotent"
+            )
         }
     }
 }

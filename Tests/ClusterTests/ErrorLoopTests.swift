@@ -19,7 +19,10 @@ import Testing
     final class RefusingHandler: EnvelopeHandler {
         let handled = Atomic<Int>(0)
 
-        func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        func handle(
+            _ request: Tessera_V1_Envelope,
+            from connection: PeerConnection
+        ) async throws
             -> Tessera_V1_Envelope.OneOf_Body?
         {
             handled.add(1, ordering: .relaxed)
@@ -41,9 +44,15 @@ import Testing
             group.addTask {
                 try await Transport.listen(
                     on: NodeAddress(host: "127.0.0.1", port: 0),
-                    handshake: Handshake(local: NodeIdentity(role: .coordinator, nodeID: "coordinator", incarnation: 1)),
-                    security: .insecure, maxFrameBytes: 1 << 20, handler: handler, logger: Self.logger,
-                    onBound: { port.yield($0) })
+                    handshake: Handshake(
+                        local: NodeIdentity(role: .coordinator, nodeID: "coordinator", incarnation: 1)
+                    ),
+                    security: .insecure,
+                    maxFrameBytes: 1 << 20,
+                    handler: handler,
+                    logger: Self.logger,
+                    onBound: { port.yield($0) }
+                )
             }
             var bound = ports.makeAsyncIterator()
             let address = try #require(await bound.next())
@@ -66,7 +75,8 @@ import Testing
                 stats.sequenceID = 99
                 try await outbound.write(Tessera_V1_Envelope(requestID: 1, .layerStats(stats)))
                 try await outbound.write(
-                    Tessera_V1_Envelope(requestID: 3, error: WireError(.unknownSequence, "a stray error")))
+                    Tessera_V1_Envelope(requestID: 3, error: WireError(.unknownSequence, "a stray error"))
+                )
                 var beat = Tessera_V1_Heartbeat()
                 beat.sequenceNumber = 7
                 try await outbound.write(Tessera_V1_Envelope(requestID: 5, .heartbeat(beat)))

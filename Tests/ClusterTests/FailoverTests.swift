@@ -14,10 +14,13 @@ import Testing
         return "/\(root)/cluster/scenarios/\(name).yaml"
     }
 
-    @Test(.timeLimit(.minutes(3)), arguments: [
-        "kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames", "partition-worker",
-        "rolling-restart", "coordinator-restart", "pause-coordinator",
-    ])
+    @Test(
+        .timeLimit(.minutes(3)),
+        arguments: [
+            "kill-primary", "kill-replica", "kill-two", "pause-primary", "corrupt-frames", "partition-worker",
+            "rolling-restart", "coordinator-restart", "pause-coordinator",
+        ]
+    )
     func scenarioLosesNothing(name: String) async throws {
         let scenario = try ChaosScenario.load(path: Self.scenario(name))
         let report = try await ChaosRunner.run(scenario, binary: LocalCluster.siblingBinary, logger: Self.logger)
@@ -45,7 +48,10 @@ import Testing
             ("name: x\nwokers: 3\nfaults: [{beforeStep: 1, action: kill}]", "unknown key 'wokers'"),
             ("name: x\npolicy: lru\nfaults: [{beforeStep: 1, action: kill}]", "lru"),
             ("name: x\nfaults: [{beforeStep: 1, action: kill, target: coordinator}]", "can only be restarted, paused"),
-            ("name: x\nfaults: [{beforeStep: 1, action: kill, afterMillis: -5}]", "faults[0].afterMillis must be an integer"),
+            (
+                "name: x\nfaults: [{beforeStep: 1, action: kill, afterMillis: -5}]",
+                "faults[0].afterMillis must be an integer"
+            ),
         ]
         for (yaml, expected) in cases {
             do {

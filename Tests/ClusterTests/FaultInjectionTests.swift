@@ -25,15 +25,24 @@ import Testing
 
     @Test func compactFormFields() throws {
         let plan = try FaultPlan(
-            parsing: "drop=0.1,delay=5ms..20ms,corrupt=0.01,close-after=100,peer=worker-2,direction=outbound,seed=7")
+            parsing: "drop=0.1,delay=5ms..20ms,corrupt=0.01,close-after=100,peer=worker-2,direction=outbound,seed=7"
+        )
         #expect(
             plan
                 == FaultPlan(
-                    drop: 0.1, corrupt: 0.01, delay: Duration.milliseconds(5)...Duration.milliseconds(20),
-                    closeAfterFrames: 100, peer: "worker-2", direction: .outbound, seed: 7))
+                    drop: 0.1,
+                    corrupt: 0.01,
+                    delay: Duration.milliseconds(5)...Duration.milliseconds(20),
+                    closeAfterFrames: 100,
+                    peer: "worker-2",
+                    direction: .outbound,
+                    seed: 7
+                )
+        )
         #expect(
             plan.description
-                == "drop=0.1,corrupt=0.01,delay=5ms..20ms,close-after=100,peer=worker-2,direction=outbound,seed=7")
+                == "drop=0.1,corrupt=0.01,delay=5ms..20ms,close-after=100,peer=worker-2,direction=outbound,seed=7"
+        )
         #expect(try FaultPlan(parsing: "delay=3ms").delay == Duration.milliseconds(3)...Duration.milliseconds(3))
         #expect(try FaultPlan(parsing: "") == .none)
         #expect(FaultPlan.none.description == "none")
@@ -85,8 +94,13 @@ import Testing
     @Test(arguments: [UInt64(1), 7, 0xDEAD_BEEF])
     func sameSeedGivesSameFaults(seed: UInt64) {
         let plan = FaultPlan(
-            drop: 0.3, duplicate: 0.1, reorder: 0.1, corrupt: 0.05,
-            delay: Duration.milliseconds(1)...Duration.milliseconds(9), seed: seed)
+            drop: 0.3,
+            duplicate: 0.1,
+            reorder: 0.1,
+            corrupt: 0.05,
+            delay: Duration.milliseconds(1)...Duration.milliseconds(9),
+            seed: seed
+        )
         let faults = (0..<1000).map { plan.fault(direction: .inbound, frame: $0) }
         #expect(faults == (0..<1000).map { plan.fault(direction: .inbound, frame: $0) }, "seed \(seed)")
 
@@ -155,7 +169,10 @@ import Testing
                 let error = try await #require(throws: WireError.self, "seed \(seed)") {
                     try await connection.request(Self.heartbeat(1), timeout: .seconds(20))
                 }
-                #expect(error.code == .unavailable && error.message.contains("MALFORMED_FRAME"), "seed \(seed): \(error)")
+                #expect(
+                    error.code == .unavailable && error.message.contains("MALFORMED_FRAME"),
+                    "seed \(seed): \(error)"
+                )
             }
             // The server is still up and serves a clean connection.
             try await Self.withClient(port: port) { connection, _ in
@@ -229,7 +246,8 @@ import Testing
         let seed: UInt64 = 15
         // reorder=1 swaps frames in pairs, so an even number of requests and of replies all arrive.
         let faults = try FaultInjector(
-            FaultPlan(reorder: 1, delay: Duration.milliseconds(20)...Duration.milliseconds(40), seed: seed))
+            FaultPlan(reorder: 1, delay: Duration.milliseconds(20)...Duration.milliseconds(40), seed: seed)
+        )
         try await Self.withServer(faults: faults) { port, _ in
             try await Self.withClient(port: port) { connection, _ in
                 let start = ContinuousClock.now
@@ -266,7 +284,8 @@ import Testing
         let received: AsyncStream<Tessera_V1_Envelope>.Continuation
 
         func handle(
-            _ request: Tessera_V1_Envelope, from connection: PeerConnection
+            _ request: Tessera_V1_Envelope,
+            from connection: PeerConnection
         ) async throws -> Tessera_V1_Envelope.OneOf_Body? {
             received.yield(request)
             guard case .heartbeat(let beat) = request.body else { return nil }
@@ -287,10 +306,15 @@ import Testing
             defer { group.cancelAll() }
             group.addTask {
                 try await Transport.listen(
-                    on: NodeAddress(host: "127.0.0.1", port: 0), handshake: handshake, security: .insecure,
+                    on: NodeAddress(host: "127.0.0.1", port: 0),
+                    handshake: handshake,
+                    security: .insecure,
                     maxFrameBytes: 1 << 20,
-                    handler: RecordingHandler(received: receivedContinuation), logger: logger, faults: faults,
-                    onBound: { portContinuation.yield($0) })
+                    handler: RecordingHandler(received: receivedContinuation),
+                    logger: logger,
+                    faults: faults,
+                    onBound: { portContinuation.yield($0) }
+                )
             }
             var iterator = ports.makeAsyncIterator()
             let port = try #require(await iterator.next())
@@ -301,15 +325,20 @@ import Testing
     /// Connects to `port` with `faults`; `body` gets the connection and the envelopes the client's
     /// handler was handed (frames from the server that answer none of our requests).
     static func withClient(
-        port: Int, faults: FaultInjector? = nil,
+        port: Int,
+        faults: FaultInjector? = nil,
         _ body: @escaping @Sendable (PeerConnection, AsyncStream<Tessera_V1_Envelope>) async throws -> Void
     ) async throws {
         let (received, continuation) = AsyncStream.makeStream(of: Tessera_V1_Envelope.self)
         let handshake = Handshake(local: NodeIdentity(role: .client, nodeID: "client-1", incarnation: 1))
         try await Transport.withConnection(
-            to: NodeAddress(host: "127.0.0.1", port: port), handshake: handshake, security: .insecure,
+            to: NodeAddress(host: "127.0.0.1", port: port),
+            handshake: handshake,
+            security: .insecure,
             maxFrameBytes: 1 << 20,
-            handler: RecordingHandler(received: continuation), logger: logger, faults: faults
+            handler: RecordingHandler(received: continuation),
+            logger: logger,
+            faults: faults
         ) { connection in
             try await body(connection, received)
         }

@@ -23,9 +23,12 @@ import Workloads
         let coordinatorPort = AsyncStream.makeStream(of: Int.self)
         let coordinator = try CoordinatorService(
             configuration: CoordinatorConfiguration(
-                incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
-                security: try certificates.security(.coordinator, "coordinator")),
-            logger: Self.logger)
+                incarnation: 1,
+                listen: NodeAddress(host: "127.0.0.1", port: 0),
+                security: try certificates.security(.coordinator, "coordinator")
+            ),
+            logger: Self.logger
+        )
         try await withThrowingTaskGroup(of: Void.self) { group in
             defer { group.cancelAll() }
             group.addTask { try await coordinator.run { coordinatorPort.continuation.yield($0) } }
@@ -35,10 +38,15 @@ import Workloads
             for index in 1...2 {
                 let worker = WorkerService(
                     configuration: WorkerConfiguration(
-                        nodeID: "in-process-\(index)", incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
-                        coordinator: address, security: try certificates.security(.worker, "in-process-\(index)"),
-                        storage: .float16),
-                    logger: Self.logger)
+                        nodeID: "in-process-\(index)",
+                        incarnation: 1,
+                        listen: NodeAddress(host: "127.0.0.1", port: 0),
+                        coordinator: address,
+                        security: try certificates.security(.worker, "in-process-\(index)"),
+                        storage: .float16
+                    ),
+                    logger: Self.logger
+                )
                 group.addTask { try await worker.run() }
             }
             let owner = try certificates.security(.client, "owner", tenant: "t")
@@ -49,7 +57,12 @@ import Workloads
                 }
                 let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
                 let placement = try await client.openSequence(
-                    5, geometry: .tiny, layout: trace.layout, policy: .vlCache(.init()), retention: 0.2)
+                    5,
+                    geometry: .tiny,
+                    layout: trace.layout,
+                    policy: .vlCache(.init()),
+                    retention: 0.2
+                )
                 // Two workers and two copies of each shard: one shard, on both.
                 #expect(placement.shards.map(\.layers) == [0..<6])
                 let held = try await client.prefillSynthetic(5, workload: "image-qa", seed: seed, index: 0)
@@ -61,7 +74,8 @@ import Workloads
                 }
                 // Another tenant cannot touch the sequence; a step out of order is refused.
                 let other = try certificates.security(.client, "other", tenant: "other")
-                try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) { other in
+                try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) {
+                    other in
                     do {
                         _ = try await other.refreshPlacement(5)
                         Issue.record("another tenant read the placement")

@@ -38,7 +38,11 @@ import Glibc
         try await requirePythonProtobuf(in: root)
 
         let options = LocalCluster.Options(
-            binary: LocalCluster.siblingBinary, workers: 1, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary,
+            workers: 1,
+            childArguments: ["--log-level", "error"],
+            inheritStandardError: true
+        )
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             let worker = try #require(cluster.workers.first)
             #expect(worker.nodeID == "worker-1")
@@ -46,16 +50,22 @@ import Glibc
             _ = try cluster.clientSecurity(name: "python-interop", tenant: "python")
             let certificates = try #require(cluster.certificates)
             let result = try await run(
-                .name("python3"), arguments: [script.string, worker.address.description, certificates.path, "python-interop"],
+                .name("python3"),
+                arguments: [script.string, worker.address.description, certificates.path, "python-interop"],
                 workingDirectory: root,
-                output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
+                output: .string(limit: 1 << 20),
+                error: .string(limit: 1 << 20)
+            )
             let stdout = result.standardOutput
             let stderr = result.standardError
             try #require(
                 result.terminationStatus == .exited(0),
-                "interop_client.py \(result.terminationStatus): stderr: \(stderr) stdout: \(stdout)")
+                "interop_client.py \(result.terminationStatus): stderr: \(stderr) stdout: \(stdout)"
+            )
             let line = try #require(
-                stdout.split(separator: "\n").last(where: { !$0.isEmpty }), "interop_client.py printed nothing")
+                stdout.split(separator: "\n").last(where: { !$0.isEmpty }),
+                "interop_client.py printed nothing"
+            )
             let report = try JSONDecoder().decode(ClientReport.self, from: Data(line.utf8))
             #expect(report.ok, "\(line)")
             #expect(report.workers.map(\.node_id) == ["worker-1"], "\(line)")
@@ -71,8 +81,12 @@ import Glibc
         let stderr: String
         do {
             let probe = try await run(
-                .name("python3"), arguments: ["-c", "import google.protobuf; print(google.protobuf.__version__)"],
-                workingDirectory: root, output: .string(limit: 1 << 16), error: .string(limit: 1 << 16))
+                .name("python3"),
+                arguments: ["-c", "import google.protobuf; print(google.protobuf.__version__)"],
+                workingDirectory: root,
+                output: .string(limit: 1 << 16),
+                error: .string(limit: 1 << 16)
+            )
             status = probe.terminationStatus
             stderr = probe.standardError
         } catch {
@@ -84,7 +98,8 @@ import Glibc
             """
             the Python 'protobuf' package is missing: python3 -m pip install the version .ci/run pins \
             (\(status): \(stderr))
-            """)
+            """
+        )
     }
 
     /// The folder holding Package.swift, found by walking up from this file.

@@ -15,22 +15,34 @@ import Workloads
     static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
 
     static func plan(
-        policies: [String], sequences: Int, concurrency: Int, seed: UInt64, audit: Double = 0.5,
+        policies: [String],
+        sequences: Int,
+        concurrency: Int,
+        seed: UInt64,
+        audit: Double = 0.5,
         preset: WorkloadPreset = .mixed
     ) throws -> BenchPlan {
         let workload = WorkloadFile(preset: preset, geometry: .tiny)
         return BenchPlan(
-            workloadName: preset.rawValue, workload: workload,
+            workloadName: preset.rawValue,
+            workload: workload,
             policies: try policies.map { name in
                 let policy = try CompressionPolicy.named(name)
                 return .init(name: name, policy: policy, retention: policy == .full ? 1 : 0.1)
             },
-            loop: .closed(concurrency: concurrency), stop: .sequences(sequences), seed: seed, auditFraction: audit)
+            loop: .closed(concurrency: concurrency),
+            stop: .sequences(sequences),
+            seed: seed,
+            auditFraction: audit
+        )
     }
 
     static func cluster(workers: Int = 3, coordinator: [String] = []) -> LocalCluster.Options {
         var options = LocalCluster.Options(
-            binary: LocalCluster.siblingBinary, workers: workers, childArguments: ["--log-level", "error"])
+            binary: LocalCluster.siblingBinary,
+            workers: workers,
+            childArguments: ["--log-level", "error"]
+        )
         options.coordinatorArguments = coordinator
         return options
     }
@@ -44,8 +56,12 @@ import Workloads
         let plan = try Self.plan(policies: ["full", "vl-cache"], sequences: 6, concurrency: 2, seed: seed)
         try await LocalCluster.withCluster(Self.cluster(), logger: Self.logger) { cluster in
             let (report, samples) = try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
-                workers: 3, logger: Self.logger)
+                plan,
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: 3,
+                logger: Self.logger
+            )
             let byName = Dictionary(uniqueKeysWithValues: report.policies.map { ($0.policy, $0) })
             let full = try #require(byName["full"], "seed \(seed)")
             let compressed = try #require(byName["vl-cache"], "seed \(seed)")
@@ -66,7 +82,8 @@ import Workloads
 
             // Hold three compressed sequences open and compare the three views of the footprint.
             try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "hold", tenant: "hold"),
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "hold", tenant: "hold"),
                 logger: Self.logger
             ) { client in
                 let workload = WorkloadFile(preset: .imageQA, geometry: .tiny)
@@ -75,10 +92,20 @@ import Workloads
                     let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(index)
                     let id = UInt64(90 + index)
                     _ = try await client.openSequence(
-                        id, geometry: .tiny, layout: trace.layout, policy: try CompressionPolicy.named("vl-cache"),
-                        retention: 0.1, decodeTokens: 1)
+                        id,
+                        geometry: .tiny,
+                        layout: trace.layout,
+                        policy: try CompressionPolicy.named("vl-cache"),
+                        retention: 0.1,
+                        decodeTokens: 1
+                    )
                     _ = try await client.prefillSynthetic(
-                        id, workload: "image-qa", seed: seed, index: index, settings: workload.traceSettings)
+                        id,
+                        workload: "image-qa",
+                        seed: seed,
+                        index: index,
+                        settings: workload.traceSettings
+                    )
                     held += try await client.decodeStep(id, step: 0, geometry: .tiny).kvBytes
                 }
                 // Each shard has two copies (replication 2), each holding what the decode replies report.
@@ -110,14 +137,24 @@ import Workloads
         let seed: UInt64 = 7_002
         let limit: UInt64 = 1_500_000
         var tight = try Self.plan(
-            policies: ["vl-cache"], sequences: 16, concurrency: 6, seed: seed, audit: 0, preset: .imageQA)
+            policies: ["vl-cache"],
+            sequences: 16,
+            concurrency: 6,
+            seed: seed,
+            audit: 0,
+            preset: .imageQA
+        )
         tight.sampleInterval = .milliseconds(50)
         let plan = tight
         let options = Self.cluster(coordinator: ["--memory-limit-bytes", "\(limit)", "--floor-ratio", "0.02"])
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             let (report, samples) = try await LoadRunner.run(
-                plan, coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
-                workers: 3, logger: Self.logger)
+                plan,
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                workers: 3,
+                logger: Self.logger
+            )
             let result = try #require(report.policies.first)
             #expect(result.refusals > 0, "seed \(seed): the limit should refuse some opens")
             #expect(result.errors == 0, "seed \(seed): refusals are retried, not errors: \(result.errorMessages)")
@@ -139,8 +176,11 @@ import Workloads
             arguments: [
                 "status", "--coordinator", cluster.coordinator.description, "--json", "--certs", certificates.path,
                 "--cert-name", "hold",
-            ], input: .none,
-            output: .string(limit: 1 << 20), error: .discarded)
+            ],
+            input: .none,
+            output: .string(limit: 1 << 20),
+            error: .discarded
+        )
         #expect(result.terminationStatus.isSuccess)
         return try JSONDecoder().decode(ClusterStatus.self, from: Data(result.standardOutput.utf8))
     }

@@ -15,7 +15,9 @@ import Glibc
 
 /// What one process computes for the sequence (see `ReferenceDecode`).
 func referenceOutputs(
-    _ trace: SequenceTrace, policy: CompressionPolicy, retention: Double
+    _ trace: SequenceTrace,
+    policy: CompressionPolicy,
+    retention: Double
 ) throws -> [[Int: [Float]]] {
     try ReferenceDecode.outputs(trace, policy: policy, retention: retention)
 }
@@ -30,10 +32,15 @@ func referenceOutputs(
     func decodeOutputsMatchOneProcessBitForBit() async throws {
         let seed: UInt64 = 20_261_122
         let options = LocalCluster.Options(
-            binary: LocalCluster.siblingBinary, workers: 3, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary,
+            workers: 3,
+            childArguments: ["--log-level", "error"],
+            inheritStandardError: true
+        )
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "test", tenant: "test"),
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "test", tenant: "test"),
                 logger: Self.logger
             ) { client in
                 let status = try await eventually("three workers alive") {
@@ -49,29 +56,48 @@ func referenceOutputs(
                     let retention = [0.1, 0.2, 0.3][index % 3]
                     let id = UInt64(1000 + index)
                     let placement = try await client.openSequence(
-                        id, geometry: .tiny, layout: trace.layout, policy: policy, retention: retention)
+                        id,
+                        geometry: .tiny,
+                        layout: trace.layout,
+                        policy: policy,
+                        retention: retention
+                    )
                     // Three workers, two copies of each shard: one shard per sequence, on two workers.
                     #expect(placement.shards.count == 1)
                     _ = try await client.prefillSynthetic(
-                        id, workload: "mixed", seed: seed, index: index)
+                        id,
+                        workload: "mixed",
+                        seed: seed,
+                        index: index
+                    )
                     let expected = try referenceOutputs(trace, policy: policy, retention: retention)
                     for step in 0..<trace.decodeSteps {
                         let outputs = try await client.decode(id, step: step, geometry: .tiny)
                         #expect(outputs.count == trace.geometry.layers)
                         for layer in 0..<trace.geometry.layers where outputs[layer] != expected[step][layer] {
-                            Issue.record("seed \(seed) sequence \(index) (\(policy.name)) step \(step) layer \(layer) differs")
+                            Issue.record(
+                                "seed \(seed) sequence \(index) (\(policy.name)) step \(step) layer \(layer) differs"
+                            )
                         }
                     }
                 }
                 // Every shard has a primary and a replica with the same bytes.
                 var copies: [UInt64: [ShardCopy]] = [:]
                 for worker in cluster.workers {
-                    for copy in try await client.shardCopies(on: worker.address) { copies[copy.sequenceID, default: []].append(copy) }
+                    for copy in try await client.shardCopies(on: worker.address) {
+                        copies[copy.sequenceID, default: []].append(copy)
+                    }
                 }
                 #expect(copies.count == 20, "seed \(seed)")
                 for (id, held) in copies {
-                    #expect(held.count == 2 && held.filter(\.isPrimary).count == 1, "seed \(seed) sequence \(id): \(held)")
-                    #expect(Set(held.map(\.digest)).count == 1 && held[0].digest != 0, "seed \(seed) sequence \(id): \(held)")
+                    #expect(
+                        held.count == 2 && held.filter(\.isPrimary).count == 1,
+                        "seed \(seed) sequence \(id): \(held)"
+                    )
+                    #expect(
+                        Set(held.map(\.digest)).count == 1 && held[0].digest != 0,
+                        "seed \(seed) sequence \(id): \(held)"
+                    )
                 }
                 let open = try await client.status()
                 #expect(open.sequences == 20)
@@ -90,10 +116,15 @@ func referenceOutputs(
     @Test(.timeLimit(.minutes(3)))
     func badRequestsAreRefusedClearly() async throws {
         let options = LocalCluster.Options(
-            binary: LocalCluster.siblingBinary, workers: 2, childArguments: ["--log-level", "error"], inheritStandardError: true)
+            binary: LocalCluster.siblingBinary,
+            workers: 2,
+            childArguments: ["--log-level", "error"],
+            inheritStandardError: true
+        )
         try await LocalCluster.withCluster(options, logger: Self.logger) { cluster in
             try await TesseraClient.withClient(
-                coordinator: cluster.coordinator, security: try cluster.clientSecurity(name: "a", tenant: "a"),
+                coordinator: cluster.coordinator,
+                security: try cluster.clientSecurity(name: "a", tenant: "a"),
                 logger: Self.logger
             ) { client in
                 let layout = try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 40)])
@@ -123,7 +154,9 @@ func referenceOutputs(
 
 /// Polls `probe` until it returns a value, or fails after `timeout` (scaled by TESSERA_TEST_TIME_SCALE).
 func eventually<T: Sendable>(
-    _ what: String, timeout: Duration = .seconds(20), _ probe: @Sendable () async throws -> T?
+    _ what: String,
+    timeout: Duration = .seconds(20),
+    _ probe: @Sendable () async throws -> T?
 ) async throws -> T {
     let scale = getenv("TESSERA_TEST_TIME_SCALE").flatMap { Double(String(cString: $0)) } ?? 1
     let deadline = ContinuousClock.now + timeout * scale

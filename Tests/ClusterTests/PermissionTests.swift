@@ -45,14 +45,24 @@ import Workloads
         /// Opens a raw connection as `identity`, with the certificate `certificate` names (default:
         /// the same identity), and runs `body` with it.
         func connect<T: Sendable>(
-            to address: NodeAddress, as identity: NodeIdentity, certificate: CertifiedIdentity? = nil,
+            to address: NodeAddress,
+            as identity: NodeIdentity,
+            certificate: CertifiedIdentity? = nil,
             _ body: @escaping @Sendable (PeerConnection) async throws -> T
         ) async throws -> T {
             let credentials = try certificates.credentials(
-                for: certificate ?? CertifiedIdentity(role: identity.role, nodeID: identity.nodeID, tenant: identity.tenant))
+                for: certificate
+                    ?? CertifiedIdentity(role: identity.role, nodeID: identity.nodeID, tenant: identity.tenant)
+            )
             return try await Transport.withConnection(
-                to: address, handshake: Handshake(local: identity), security: .mutualTLS(credentials),
-                maxFrameBytes: 1 << 20, handler: RefuseRequests(), logger: PermissionTests.logger, body)
+                to: address,
+                handshake: Handshake(local: identity),
+                security: .mutualTLS(credentials),
+                maxFrameBytes: 1 << 20,
+                handler: RefuseRequests(),
+                logger: PermissionTests.logger,
+                body
+            )
         }
     }
 
@@ -61,10 +71,13 @@ import Workloads
             let ports = AsyncStream.makeStream(of: Int.self)
             let coordinator = try CoordinatorService(
                 configuration: CoordinatorConfiguration(
-                    incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
+                    incarnation: 1,
+                    listen: NodeAddress(host: "127.0.0.1", port: 0),
                     security: try certificates.security(.coordinator, "coordinator"),
-                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60))),
-                logger: logger)
+                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60))
+                ),
+                logger: logger
+            )
             try await withThrowingTaskGroup(of: Void.self) { group in
                 defer { group.cancelAll() }
                 group.addTask { try await coordinator.run { ports.continuation.yield($0) } }
@@ -73,9 +86,14 @@ import Workloads
                 for index in 1...2 {
                     let worker = WorkerService(
                         configuration: WorkerConfiguration(
-                            nodeID: "worker-\(index)", incarnation: 1, listen: NodeAddress(host: "127.0.0.1", port: 0),
-                            coordinator: address, security: try certificates.security(.worker, "worker-\(index)")),
-                        logger: logger)
+                            nodeID: "worker-\(index)",
+                            incarnation: 1,
+                            listen: NodeAddress(host: "127.0.0.1", port: 0),
+                            coordinator: address,
+                            security: try certificates.security(.worker, "worker-\(index)")
+                        ),
+                        logger: logger
+                    )
                     group.addTask { try await worker.run() }
                 }
                 let owner = try certificates.security(.client, "owner", tenant: "owner")
@@ -85,11 +103,17 @@ import Workloads
                     }
                     let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 3).sequence(0)
                     let placement = try await client.openSequence(
-                        sequenceID, geometry: .tiny, layout: trace.layout, policy: .snapKV(.init()), retention: 0.2)
+                        sequenceID,
+                        geometry: .tiny,
+                        layout: trace.layout,
+                        policy: .snapKV(.init()),
+                        retention: 0.2
+                    )
                     _ = try await client.prefillSynthetic(sequenceID, workload: "image-qa", seed: 3, index: 0)
                     _ = try await client.decode(sequenceID, step: 0, geometry: .tiny)
                     try await body(
-                        Cluster(certificates: certificates, coordinator: address, owner: client, placement: placement))
+                        Cluster(certificates: certificates, coordinator: address, owner: client, placement: placement)
+                    )
                 }
             }
         }
@@ -120,7 +144,9 @@ import Workloads
                 var budget = Tessera_V1_AssignBudget()
                 budget.sequenceID = Self.sequenceID
                 budget.epoch = cluster.placement.epoch
-                await Self.expectDenied("assign_budget from a client") { _ = try await worker.request(.assignBudget(budget)) }
+                await Self.expectDenied("assign_budget from a client") {
+                    _ = try await worker.request(.assignBudget(budget))
+                }
                 var assignment = Tessera_V1_ShardAssignment()
                 assignment.tenant = "owner"
                 assignment.sequenceID = Self.sequenceID
@@ -206,7 +232,9 @@ import Workloads
                 decode.shardID = cluster.placement.shards[0].id
                 decode.epoch = cluster.placement.epoch
                 decode.step = 2
-                await Self.expectDenied("a decode claiming another tenant") { _ = try await worker.request(.decode(decode)) }
+                await Self.expectDenied("a decode claiming another tenant") {
+                    _ = try await worker.request(.decode(decode))
+                }
                 decode.tenant = ""
                 do {
                     _ = try await worker.request(.decode(decode))
@@ -227,7 +255,9 @@ import Workloads
                 var close = Tessera_V1_Close()
                 close.tenant = "owner"
                 close.sequenceID = Self.sequenceID
-                await Self.expectDenied("a close claiming another tenant") { _ = try await coordinator.request(.close(close)) }
+                await Self.expectDenied("a close claiming another tenant") {
+                    _ = try await coordinator.request(.close(close))
+                }
             }
             Cluster.expectUnharmed(before: before, after: try await cluster.ownerView(step: 2))
         }
@@ -240,20 +270,28 @@ import Workloads
             // Finite, but attention over them overflows: the step is refused, and its rows must not stay.
             let g = ModelGeometry.tiny
             let huge = try DecodeStepInput(
-                geometry: g, keys: Array(repeating: 3e38, count: g.kvHeads * g.headDim),
+                geometry: g,
+                keys: Array(repeating: 3e38, count: g.kvHeads * g.headDim),
                 values: Array(repeating: 3e38, count: g.kvHeads * g.headDim),
-                queries: Array(repeating: 3e38, count: g.queryHeads * g.headDim))
+                queries: Array(repeating: 3e38, count: g.queryHeads * g.headDim)
+            )
             do {
                 _ = try await cluster.owner.decode(
-                    Self.sequenceID, step: 2, geometry: g,
-                    inputs: Dictionary(uniqueKeysWithValues: (0..<g.layers).map { ($0, huge) }))
+                    Self.sequenceID,
+                    step: 2,
+                    geometry: g,
+                    inputs: Dictionary(uniqueKeysWithValues: (0..<g.layers).map { ($0, huge) })
+                )
                 Issue.record("a step with overflowing attention was accepted")
             } catch let error as WireError {
                 #expect(error.code == .invalidValue, "\(error)")
             }
-            let unchanged = try await cluster.owner.shardCopies(on: cluster.primary)
+            let unchanged =
+                try await cluster.owner.shardCopies(on: cluster.primary)
                 + cluster.owner.shardCopies(on: cluster.replica)
-            #expect(unchanged.map(\.kvBytes) == before.map(\.kvBytes) && unchanged.map(\.digest) == before.map(\.digest))
+            #expect(
+                unchanged.map(\.kvBytes) == before.map(\.kvBytes) && unchanged.map(\.digest) == before.map(\.digest)
+            )
             let outputs = try await cluster.owner.decode(Self.sequenceID, step: 2, geometry: g)
             #expect(outputs.values.allSatisfy { $0.allSatisfy(\.isFinite) })
         }

@@ -1,6 +1,6 @@
 import ClusterTransport
-import FoundationEssentials
 import ClusterWire
+import FoundationEssentials
 import KVCacheCore
 import Testing
 
@@ -14,7 +14,9 @@ struct ShardTransferTests {
     /// A compressed shard of sequence 7 (layers 0 and 1) held by worker-1 as primary, with a decode
     /// step done: every head has 6 rows, the last one appended by decode (so unscored).
     static func shard(storage: ScalarType, seed: UInt64 = 1) throws -> HeldSequence {
-        let layout = try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 2), ModalitySpan(.image(0), start: 2, count: 3)])
+        let layout = try PromptLayout(spans: [
+            ModalitySpan(.text, start: 0, count: 2), ModalitySpan(.image(0), start: 2, count: 3),
+        ])
         var assignment = Tessera_V1_ShardAssignment()
         assignment.tenant = "t"
         assignment.sequenceID = 7
@@ -41,8 +43,11 @@ struct ShardTransferTests {
                     for row in 0..<6 {
                         let tag = ModalityTag(row < 2 || row == 5 ? .text : .image(0))
                         head.append(
-                            key: (0..<geometry.headDim).map { _ in random.unit() }, value: (0..<geometry.headDim).map { _ in random.unit() },
-                            position: row, tag: tag)
+                            key: (0..<geometry.headDim).map { _ in random.unit() },
+                            value: (0..<geometry.headDim).map { _ in random.unit() },
+                            position: row,
+                            tag: tag
+                        )
                     }
                     return head
                 }
@@ -193,9 +198,11 @@ struct ShardTransferTests {
         #expect(replayTo.map(\.port) == [9, 10])
         let g = Self.geometry
         let input = try DecodeStepInput(
-            geometry: g, keys: .init(repeating: 0.1, count: g.kvHeads * g.headDim),
+            geometry: g,
+            keys: .init(repeating: 0.1, count: g.kvHeads * g.headDim),
             values: .init(repeating: 0.2, count: g.kvHeads * g.headDim),
-            queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim))
+            queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim)
+        )
         guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input]) else {
             Issue.record("step 1 is next; it must run")
             return

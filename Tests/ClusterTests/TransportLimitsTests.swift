@@ -18,7 +18,10 @@ import Testing
         let peak = Atomic<Int>(0)
         let open = Atomic<Bool>(false)
 
-        func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws
+        func handle(
+            _ request: Tessera_V1_Envelope,
+            from connection: PeerConnection
+        ) async throws
             -> Tessera_V1_Envelope.OneOf_Body?
         {
             let now = active.add(1, ordering: .relaxed).newValue
@@ -30,7 +33,8 @@ import Testing
     }
 
     static func withListener(
-        _ limits: TransportLimits, handler: any EnvelopeHandler = GatedHandler(),
+        _ limits: TransportLimits,
+        handler: any EnvelopeHandler = GatedHandler(),
         _ body: @escaping @Sendable (Int) async throws -> Void
     ) async throws {
         let (ports, port) = AsyncStream.makeStream(of: Int.self)
@@ -40,8 +44,13 @@ import Testing
                 try await Transport.listen(
                     on: NodeAddress(host: "127.0.0.1", port: 0),
                     handshake: Handshake(local: NodeIdentity(role: .worker, nodeID: "worker-1", incarnation: 1)),
-                    security: .insecure, maxFrameBytes: 1 << 20, limits: limits, handler: handler, logger: Self.logger,
-                    onBound: { port.yield($0) })
+                    security: .insecure,
+                    maxFrameBytes: 1 << 20,
+                    limits: limits,
+                    handler: handler,
+                    logger: Self.logger,
+                    onBound: { port.yield($0) }
+                )
             }
             var bound = ports.makeAsyncIterator()
             try await body(try #require(await bound.next()))
@@ -146,7 +155,8 @@ import Testing
                 let requests = 50
                 for id in 0..<requests {
                     try await outbound.write(
-                        Tessera_V1_Envelope(requestID: UInt64(2 * id + 1), .heartbeat(Tessera_V1_Heartbeat())))
+                        Tessera_V1_Envelope(requestID: UInt64(2 * id + 1), .heartbeat(Tessera_V1_Heartbeat()))
+                    )
                 }
                 // Every request was sent; only four are taken while none is answered.
                 _ = try await eventually("four requests in the handler") {

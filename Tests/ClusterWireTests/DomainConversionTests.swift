@@ -3,7 +3,12 @@ import KVCacheCore
 import SwiftProtobuf
 import Testing
 
-private func span(_ kind: Tessera_V1_ModalityKind, _ index: UInt32, _ start: UInt32, _ count: UInt32)
+private func span(
+    _ kind: Tessera_V1_ModalityKind,
+    _ index: UInt32,
+    _ start: UInt32,
+    _ count: UInt32
+)
     -> Tessera_V1_ModalitySpan
 {
     var message = Tessera_V1_ModalitySpan()

@@ -190,7 +190,9 @@ struct FrameCodecTests {
     @Test("the frame writer fails the write of an empty or oversized payload and sends nothing")
     func writerLimits() throws {
         let channel = EmbeddedChannel(handler: FrameEncodingHandler(FrameEncoder(maxFrameBytes: 4)))
-        for (payload, code) in [(ByteBuffer(), WireError.Code.malformedFrame), (ByteBuffer(bytes: [1, 2, 3, 4, 5]), .frameTooLarge)] {
+        for (payload, code) in [
+            (ByteBuffer(), WireError.Code.malformedFrame), (ByteBuffer(bytes: [1, 2, 3, 4, 5]), .frameTooLarge),
+        ] {
             #expect(wireError { try channel.writeOutbound(payload) }?.code == code)
             #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
         }

@@ -5,9 +5,9 @@ import SwiftProtobuf
 import Testing
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 /// A frame's payload as a buffer of its own, as `FrameDecoder` hands it over.
@@ -32,9 +32,13 @@ private func prefill(_ random: inout SeededGenerator, promptLength m: Int = 40) 
     for layer in 0..<3 {
         let rows = layer == 1 ? 0 : min(8, m)
         let prefill = try LayerPrefill(
-            geometry: g, promptLength: m, keys: floats(g.kvHeads * m * g.headDim, &random),
-            values: floats(g.kvHeads * m * g.headDim, &random), queries: floats(g.queryHeads * rows * g.headDim, &random),
-            queryRows: rows)
+            geometry: g,
+            promptLength: m,
+            keys: floats(g.kvHeads * m * g.headDim, &random),
+            values: floats(g.kvHeads * m * g.headDim, &random),
+            queries: floats(g.queryHeads * rows * g.headDim, &random),
+            queryRows: rows
+        )
         inline.layers.append(try prefill.proto(layer: layer, scalarType: layer == 2 ? .float16 : .float32))
     }
     var message = Tessera_V1_Prefill()
@@ -78,7 +82,10 @@ private func refers(_ data: Data, into frame: ByteBuffer) -> Bool {
 /// bytes (a longer encoding than needed is still valid protobuf).
 private func appendField(_ number: Int, _ contents: [UInt8], lengthBytes: Int = 1, to bytes: inout [UInt8]) {
     bytes.append(UInt8(truncatingIfNeeded: number << 3 | 2))
-    if number >= 16 { bytes[bytes.count - 1] |= 0x80; bytes.append(UInt8(number >> 4)) }
+    if number >= 16 {
+        bytes[bytes.count - 1] |= 0x80
+        bytes.append(UInt8(number >> 4))
+    }
     var length = contents.count
     let needed = max(1, (Int.bitWidth - length.leadingZeroBitCount + 6) / 7)
     let lengthBytes = max(lengthBytes, needed)
@@ -109,7 +116,9 @@ struct FrameTensorsTests {
                 for head in transfer.layer.heads { tensors += [head.keys, head.values] }
             }
             #expect(tensors.count == (envelope.bodyName == "prefill" ? 8 : 4))
-            for tensor in tensors { #expect(refers(tensor.data, into: bytes), "a tensor of \(envelope.bodyName) was copied") }
+            for tensor in tensors {
+                #expect(refers(tensor.data, into: bytes), "a tensor of \(envelope.bodyName) was copied")
+            }
         }
     }
 
@@ -178,7 +187,8 @@ struct FrameTensorsTests {
     @Test("damaged frames are decoded, or refused, as swift-protobuf decodes or refuses them")
     func damagedFrames() throws {
         var random = SeededGenerator.fromEnvironment()
-        let original = Array(try frame(try prefill(&random, promptLength: 3)).readableBytesView)
+        let original =
+            Array(try frame(try prefill(&random, promptLength: 3)).readableBytesView)
             + Array(try frame(try shardLayer(&random)).readableBytesView)
         var refused = 0
         for _ in 0..<3000 {
@@ -210,13 +220,20 @@ struct FrameTensorsTests {
         let m = 70
         func refusal(_ edit: (inout Tessera_V1_LayerTensors) -> Void) throws -> WireError? {
             let good = try LayerPrefill(
-                geometry: g, promptLength: m, keys: floats(g.kvHeads * m * g.headDim, &random),
-                values: floats(g.kvHeads * m * g.headDim, &random), queries: [], queryRows: 0)
+                geometry: g,
+                promptLength: m,
+                keys: floats(g.kvHeads * m * g.headDim, &random),
+                values: floats(g.kvHeads * m * g.headDim, &random),
+                queries: [],
+                queryRows: 0
+            )
             var layer = try good.proto(layer: 0)
             edit(&layer)
             var prefill = Tessera_V1_Prefill()
             prefill.inlineTensors.layers = [layer]
-            let decoded = try Tessera_V1_Envelope(frame: try frame(Tessera_V1_Envelope(requestID: 1, .prefill(prefill))))
+            let decoded = try Tessera_V1_Envelope(
+                frame: try frame(Tessera_V1_Envelope(requestID: 1, .prefill(prefill)))
+            )
             guard case .prefill(let received) = decoded.body else { return nil }
             do {
                 _ = try LayerPrefill(proto: received.inlineTensors.layers[0], geometry: g, promptLength: m)
@@ -226,19 +243,32 @@ struct FrameTensorsTests {
             }
         }
         func poison(_ tensor: inout Tessera_V1_Tensor, at index: Int, _ value: Float) {
-            withUnsafeBytes(of: value.bitPattern.littleEndian) { tensor.data.replaceSubrange(index * 4..<index * 4 + 4, with: $0) }
+            withUnsafeBytes(of: value.bitPattern.littleEndian) {
+                tensor.data.replaceSubrange(index * 4..<index * 4 + 4, with: $0)
+            }
         }
         let short = try refusal { $0.keys.data.removeLast(4) }
         #expect(short?.code == .invalidShape)
-        #expect(short?.message.contains("needs 17920 bytes, got 17916") == true, "\(short.map { "\($0)" } ?? "accepted")")
-        for (index, value, word) in [(0, Float.nan, "NaN"), (64, .infinity, "infinity"), (4479, -.infinity, "-infinity")] {
+        #expect(
+            short?.message.contains("needs 17920 bytes, got 17916") == true,
+            "\(short.map { "\($0)" } ?? "accepted")"
+        )
+        for (index, value, word) in [
+            (0, Float.nan, "NaN"), (64, .infinity, "infinity"), (4479, -.infinity, "-infinity"),
+        ] {
             let error = try refusal { poison(&$0.values, at: index, value) }
             #expect(error?.code == .invalidValue, "element \(index)")
             #expect(error?.message.contains("layer 0 values: element") == true)
-            #expect(error?.message.contains("(flat \(index)) is \(word)") == true, "\(error.map { "\($0)" } ?? "accepted")")
+            #expect(
+                error?.message.contains("(flat \(index)) is \(word)") == true,
+                "\(error.map { "\($0)" } ?? "accepted")"
+            )
         }
         let halfInfinity = try refusal { layer in
-            layer.keys = try! Tessera_V1_Tensor(float16Converting: Array(repeating: 1, count: g.kvHeads * m * g.headDim), shape: [g.kvHeads, m, g.headDim])
+            layer.keys = try! Tessera_V1_Tensor(
+                float16Converting: Array(repeating: 1, count: g.kvHeads * m * g.headDim),
+                shape: [g.kvHeads, m, g.headDim]
+            )
             layer.keys.data.replaceSubrange(200..<202, with: [0x00, 0x7c])  // element 100: +infinity
         }
         #expect(halfInfinity?.code == .invalidValue)

@@ -13,7 +13,11 @@ struct HandshakeTests {
         acceptedPeerRoles: [.coordinator]
     )
 
-    private func hello(version: UInt32 = 1, role: Tessera_V1_NodeRole = .worker, nodeID: String = "worker-1")
+    private func hello(
+        version: UInt32 = 1,
+        role: Tessera_V1_NodeRole = .worker,
+        nodeID: String = "worker-1"
+    )
         -> ByteBuffer
     {
         var hello = Tessera_V1_Hello()

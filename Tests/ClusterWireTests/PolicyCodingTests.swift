@@ -86,7 +86,11 @@ private func setting(_ key: String, _ value: String) -> Tessera_V1_PolicySetting
     return entry
 }
 
-private func policyMessage(_ name: String, retention: Double = 0.25, _ settings: [(String, String)] = [])
+private func policyMessage(
+    _ name: String,
+    retention: Double = 0.25,
+    _ settings: [(String, String)] = []
+)
     -> Tessera_V1_Policy
 {
     var message = Tessera_V1_Policy()

@@ -2,11 +2,11 @@ import ClusterWire
 import Testing
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #elseif canImport(Darwin)
-    import Darwin
+import Darwin
 #endif
 
 /// A small deterministic generator (SplitMix64) so that randomized tests can be replayed.

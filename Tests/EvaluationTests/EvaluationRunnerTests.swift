@@ -6,9 +6,14 @@ import Workloads
 @Suite struct EvaluationRunnerTests {
     static func run(budgets: [Double], seed: UInt64, scalar: ScalarType = .float32) async throws -> [EvaluationResult] {
         let request = EvaluationRequest(
-            preset: .imageQA, geometry: .tiny,
-            policies: try CompressionPolicy.allNames.map { try CompressionPolicy.named($0) }, budgets: budgets,
-            sequences: 2, seed: seed, scalar: scalar)
+            preset: .imageQA,
+            geometry: .tiny,
+            policies: try CompressionPolicy.allNames.map { try CompressionPolicy.named($0) },
+            budgets: budgets,
+            sequences: 2,
+            seed: seed,
+            scalar: scalar
+        )
         return try await EvaluationRunner(request: request).run(parallelism: 2)
     }
 
@@ -52,7 +57,13 @@ import Workloads
 
     @Test func badRequestsAreRefused() throws {
         let request = EvaluationRequest(
-            preset: .imageQA, geometry: .tiny, policies: [.full], budgets: [0.1, 1.2], sequences: 1, seed: 1)
+            preset: .imageQA,
+            geometry: .tiny,
+            policies: [.full],
+            budgets: [0.1, 1.2],
+            sequences: 1,
+            seed: 1
+        )
         #expect(throws: KVCacheError.self) { try EvaluationRunner(request: request) }
     }
 }

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import KVCacheCore
 
 /// Properties that must hold for every policy over many seeds.
@@ -19,10 +20,14 @@ import Testing
                 for (layer, heads) in run.heads.enumerated() {
                     for (h, head) in heads.enumerated() {
                         let positions = head.positions.map(Int.init)
-                        #expect(positions == positions.sorted() && Set(positions).count == positions.count,
-                                "seed \(seed) \(policy.name) layer \(layer) head \(h): positions not ascending")
-                        #expect(head.count == min(m, run.budgets[layer].heads[h].capacity),
-                                "seed \(seed) \(policy.name) α \(retention) layer \(layer) head \(h)")
+                        #expect(
+                            positions == positions.sorted() && Set(positions).count == positions.count,
+                            "seed \(seed) \(policy.name) layer \(layer) head \(h): positions not ascending"
+                        )
+                        #expect(
+                            head.count == min(m, run.budgets[layer].heads[h].capacity),
+                            "seed \(seed) \(policy.name) α \(retention) layer \(layer) head \(h)"
+                        )
                         #expect(positions.allSatisfy { head.tags[positions.firstIndex(of: $0)!] == l.tags[$0] })
                     }
                 }
@@ -64,19 +69,29 @@ import Testing
                 var rng = SeededGenerator(seed: seed &* 31)
                 for layer in 0..<g.layers {
                     let full = try LayerCompressor.compress(
-                        run.prefills[layer], layout: l, profile: nil,
+                        run.prefills[layer],
+                        layout: l,
+                        profile: nil,
                         budget: LayerBudget(layer: layer, heads: Array(repeating: HeadBudget(capacity: m), count: 2)),
-                        policy: .full, as: Float.self
+                        policy: .full,
+                        as: Float.self
                     ).heads
                     var compressed = run.heads[layer]
                     let steps = try (0..<4).map { _ in
                         try DecodeStepInput(
-                            geometry: g, keys: rng.floats(2 * 16), values: rng.floats(2 * 16),
-                            queries: rng.floats(4 * 16, scale: 3))
+                            geometry: g,
+                            keys: rng.floats(2 * 16),
+                            values: rng.floats(2 * 16),
+                            queries: rng.floats(4 * 16, scale: 3)
+                        )
                     }
                     let reference = DecodeReference(geometry: g, promptLength: m, full: full, steps: steps)
                     let report = FidelityEvaluator.evaluate(
-                        geometry: g, reference: reference, compressed: &compressed, steps: steps)
+                        geometry: g,
+                        reference: reference,
+                        compressed: &compressed,
+                        steps: steps
+                    )
                     errors[retention, default: 0] += report.outputError
                     if case .full = policy {
                         #expect(report.outputError == 0, "seed \(seed)")
@@ -110,8 +125,10 @@ import Testing
         #expect(f16.payloadBytes == 10 * 128 * 2 * 2)
         #expect(f32.metadataBytes == 10 * 8)
         #expect(f16.tags[3].modality == .image(2))
-        #expect(f32.keys.count * MemoryLayout<Float>.size + f32.values.count * MemoryLayout<Float>.size
-                == f32.payloadBytes)
+        #expect(
+            f32.keys.count * MemoryLayout<Float>.size + f32.values.count * MemoryLayout<Float>.size
+                == f32.payloadBytes
+        )
     }
 
     @Test func bytesAreAccountedPerModality() {
@@ -119,7 +136,12 @@ import Testing
         #expect(ModalityTag.bytesByKind(tags, rowBytes: 10) == ["text": 10, "image": 20, "video": 10])
         var head = HeadCache<Float16>(headDim: 8)
         for tag in tags {
-            head.append(key: [Float](repeating: 1, count: 8), value: [Float](repeating: 1, count: 8), position: 0, tag: tag)
+            head.append(
+                key: [Float](repeating: 1, count: 8),
+                value: [Float](repeating: 1, count: 8),
+                position: 0,
+                tag: tag
+            )
         }
         #expect(head.payloadBytesByModality == ["text": 32, "image": 64, "video": 32])
         #expect(head.payloadBytesByModality.values.reduce(0, +) == head.payloadBytes)
@@ -131,7 +153,9 @@ import Testing
             #expect(ModalityTag(modality).isVisual == modality.isVisual)
         }
         #expect(throws: KVCacheError.self) {
-            try PromptLayout(spans: [ModalitySpan(.text, start: 0, count: 3), ModalitySpan(.image(0), start: 4, count: 2)])
+            try PromptLayout(spans: [
+                ModalitySpan(.text, start: 0, count: 3), ModalitySpan(.image(0), start: 4, count: 2),
+            ])
         }
     }
 }

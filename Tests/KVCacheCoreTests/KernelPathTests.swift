@@ -1,5 +1,6 @@
 import KVKernels
 import Testing
+
 @testable import KVCacheCore
 
 /// The C kernels' promise: the same bits whatever path, grouping or thread count computed them, so
@@ -23,7 +24,10 @@ import Testing
             for i in 0..<rows {
                 let needed = causalEnd == 0 ? keyCount : min(keyCount, causalEnd + i)
                 for j in 0..<needed {
-                    #expect(best[i * stride + j].bitPattern == portable[i * stride + j].bitPattern, "seed \(d) \(i),\(j)")
+                    #expect(
+                        best[i * stride + j].bitPattern == portable[i * stride + j].bitPattern,
+                        "seed \(d) \(i),\(j)"
+                    )
                 }
             }
         }
@@ -77,7 +81,8 @@ import Testing
         var rng = SeededGenerator(seed: 11)
         var values = rng.floats(4099, scale: 3)
         values += [0, -0, 65504, 65519, 65520, 1e9, -1e9, 6.0e-8, 2.98e-8, 2.99e-8, 1e-10, -3e-6, .infinity]
-        values += (0..<2000).map { Float(bitPattern: 0x3380_0000 &+ UInt32($0) &* 0x1_0001) }  // around half's subnormals
+        // Around half precision's subnormals.
+        values += (0..<2000).map { Float(bitPattern: 0x3380_0000 &+ UInt32($0) &* 0x1_0001) }
         values += (0..<2000).map { Float(bitPattern: 0x3F80_0000 | UInt32($0) << 12 | 0x1000) }  // exact ties
         var best = [UInt16](repeating: 0, count: values.count)
         var portable = best
@@ -99,7 +104,10 @@ import Testing
         let halves = floats.map { Float16(max(-65504, min(65504, $0))) }
         func bytes<T>(_ values: [T]) -> [UInt8] { [0x55] + values.withUnsafeBytes { Array($0) } }
         /// The kernel's answer and, when every element was finite, what it copied.
-        func copied<T>(_ bytes: [UInt8], _ kernel: (UnsafeRawPointer, UnsafeMutablePointer<T>, Int) -> Int) -> (Int, [T]) {
+        func copied<T>(
+            _ bytes: [UInt8],
+            _ kernel: (UnsafeRawPointer, UnsafeMutablePointer<T>, Int) -> Int
+        ) -> (Int, [T]) {
             var index = 0
             let values = bytes.withUnsafeBytes { raw in
                 [T](unsafeUninitializedCapacity: max(count, 1)) { buffer, initialized in
@@ -123,7 +131,10 @@ import Testing
             let (portableWiden, _) = copied(bytes(f16)) { kvk_widen_finite_f16_portable($0, $1, $2) }
             let (half, kept): (Int, [UInt16]) = copied(bytes(f16)) { kvk_load_finite_f16($0, $1, $2) }
             let (portableHalf, _): (Int, [UInt16]) = copied(bytes(f16)) { kvk_load_finite_f16_portable($0, $1, $2) }
-            #expect([best32, portable32, widen, portableWiden, half, portableHalf] == Array(repeating: expected, count: 6), "count \(count), poison \(poison)")
+            #expect(
+                [best32, portable32, widen, portableWiden, half, portableHalf] == Array(repeating: expected, count: 6),
+                "count \(count), poison \(poison)"
+            )
             let firstBad = f32.withUnsafeBufferPointer { kvk_first_nonfinite_f32($0.baseAddress, count) }
             #expect(firstBad == expected)
             if poison < 0 {
@@ -178,12 +189,20 @@ import Testing
         var heads = (0..<g.kvHeads).map { _ in HeadCache<Float>(headDim: g.headDim) }
         for position in 0..<30 {
             for h in heads.indices {
-                heads[h].append(key: rng.floats(g.headDim), value: rng.floats(g.headDim), position: position, tag: .text)
+                heads[h].append(
+                    key: rng.floats(g.headDim),
+                    value: rng.floats(g.headDim),
+                    position: position,
+                    tag: .text
+                )
             }
         }
         let input = try DecodeStepInput(
-            geometry: g, keys: rng.floats(g.kvHeads * g.headDim), values: rng.floats(g.kvHeads * g.headDim),
-            queries: rng.floats(g.queryHeads * g.headDim, scale: 2))
+            geometry: g,
+            keys: rng.floats(g.kvHeads * g.headDim),
+            values: rng.floats(g.kvHeads * g.headDim),
+            queries: rng.floats(g.queryHeads * g.headDim, scale: 2)
+        )
         var one = heads
         let expected = LayerDecoder.step(&one, geometry: g, input: input, position: 30, threads: 1)
         for threads in [2, 3, 8] {

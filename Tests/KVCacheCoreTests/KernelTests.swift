@@ -1,5 +1,6 @@
 import KVKernels
 import Testing
+
 @testable import KVCacheCore
 
 #if canImport(Glibc)
@@ -49,13 +50,27 @@ import Glibc
         var scratch = [Float](repeating: 0, count: rows)
         var out = [Float](repeating: 0, count: d)
         Kernels.decodeAttention(
-            queries: query, keys: keys, values: values, rows: rows, headDim: d, scratch: &scratch, output: &out)
+            queries: query,
+            keys: keys,
+            values: values,
+            rows: rows,
+            headDim: d,
+            scratch: &scratch,
+            output: &out
+        )
         for c in 0..<d { #expect(abs(Double(out[c]) - want[c]) < 1e-5, "seed \(seed) lane \(c)") }
 
         let keys16 = keys.map { Float16($0) }
         let values16 = values.map { Float16($0) }
         Kernels.decodeAttention(
-            queries: query, keys: keys16, values: values16, rows: rows, headDim: d, scratch: &scratch, output: &out)
+            queries: query,
+            keys: keys16,
+            values: values16,
+            rows: rows,
+            headDim: d,
+            scratch: &scratch,
+            output: &out
+        )
         for c in 0..<d { #expect(abs(Double(out[c]) - want[c]) < 2e-3, "f16 seed \(seed) lane \(c)") }
     }
 

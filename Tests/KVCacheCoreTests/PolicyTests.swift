@@ -1,4 +1,5 @@
 import Testing
+
 @testable import KVCacheCore
 
 /// Hand-worked cases: each expected kept set, schedule or row can be computed on paper.
@@ -23,8 +24,13 @@ import Testing
         let l = layout(m: m, textBefore: 4, visual: 8)
         let prefill = randomPrefill(g, m: m, seed: 1)
         let result = try LayerCompressor.compress(
-            prefill, layout: l, profile: nil, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 8)]),
-            policy: .streamingLLM(.init()), as: Float.self)
+            prefill,
+            layout: l,
+            profile: nil,
+            budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 8)]),
+            policy: .streamingLLM(.init()),
+            as: Float.self
+        )
         #expect(result.heads[0].positions == [0, 1, 2, 3, 16, 17, 18, 19])
         #expect(result.heads[0].tags[4] == .text)
     }
@@ -39,8 +45,13 @@ import Testing
         let sums = profile.columnSums[0]!
         let heavy = Array(0..<8).sorted { sums[$0] != sums[$1] ? sums[$0] > sums[$1] : $0 < $1 }.prefix(2).sorted()
         let result = try LayerCompressor.compress(
-            prefill, layout: l, profile: profile, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 4)]),
-            policy: .h2o(.init()), as: Float.self)
+            prefill,
+            layout: l,
+            profile: profile,
+            budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 4)]),
+            policy: .h2o(.init()),
+            as: Float.self
+        )
         #expect(result.heads[0].positions.map(Int.init) == heavy + [8, 9])
     }
 
@@ -67,11 +78,21 @@ import Testing
             LayerStatistics(layer: $0.offset, promptLength: 100, density: $0.element, heads: [])
         }
         let g = geometry(layers: 4, queryHeads: 2, kvHeads: 1)
-        let clipped = try BudgetAllocator.allocate(policy: .vlCache(.init()), retention: 0.5, geometry: g, statistics: stats)
+        let clipped = try BudgetAllocator.allocate(
+            policy: .vlCache(.init()),
+            retention: 0.5,
+            geometry: g,
+            statistics: stats
+        )
         #expect(clipped.map(\.total) == [100, 66, 1, 1])
         var exact = VLCacheSettings()
         exact.apportionment = .largestRemainder
-        let filled = try BudgetAllocator.allocate(policy: .vlCache(exact), retention: 0.5, geometry: g, statistics: stats)
+        let filled = try BudgetAllocator.allocate(
+            policy: .vlCache(exact),
+            retention: 0.5,
+            geometry: g,
+            statistics: stats
+        )
         #expect(filled.map(\.total) == [100, 96, 2, 2])
     }
 
@@ -79,8 +100,15 @@ import Testing
     /// Wants: 4 + 20 + 10 = 34, 4 + 5 + 3 = 12, 4 + 2 + 2 = 8 (54 in all).
     static func madaStatistics() -> [LayerStatistics] {
         func head(_ v: Int, _ t: Int) -> HeadModalityStatistics {
-            HeadModalityStatistics(visualMass: Double(v), textMass: Double(t), visualDemand: v, textDemand: t,
-                                   jointDemand: v + t, visualCount: 60, textCount: 36)
+            HeadModalityStatistics(
+                visualMass: Double(v),
+                textMass: Double(t),
+                visualDemand: v,
+                textDemand: t,
+                jointDemand: v + t,
+                visualCount: 60,
+                textCount: 36
+            )
         }
         return [head(20, 10), head(5, 3), head(2, 2)].enumerated().map {
             LayerStatistics(layer: $0.offset, promptLength: 100, density: 1, heads: [$0.element])
@@ -93,8 +121,11 @@ import Testing
         settings.proxyWindow = 4
         settings.compensation = .keepDemand
         let budgets = try BudgetAllocator.allocate(
-            policy: .madaKV(settings), retention: 0.2, geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
-            statistics: Self.madaStatistics())
+            policy: .madaKV(settings),
+            retention: 0.2,
+            geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
+            statistics: Self.madaStatistics()
+        )
         #expect(budgets.map(\.total) == [34, 12, 14])
         #expect(budgets[0].heads[0].split == ModalitySplit(visual: 20, text: 10))
         #expect(budgets[1].heads[0].split == ModalitySplit(visual: 5, text: 3))
@@ -108,22 +139,42 @@ import Testing
         var settings = MadaKVSettings()
         settings.proxyWindow = 4
         let budgets = try BudgetAllocator.allocate(
-            policy: .madaKV(settings), retention: 0.2, geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
-            statistics: Self.madaStatistics())
+            policy: .madaKV(settings),
+            retention: 0.2,
+            geometry: geometry(layers: 3, queryHeads: 1, kvHeads: 1),
+            statistics: Self.madaStatistics()
+        )
         #expect(budgets.map(\.total) == [38, 13, 9])
-        #expect(budgets.map { $0.heads[0].split } == [
-            ModalitySplit(visual: 23, text: 11), ModalitySplit(visual: 6, text: 3), ModalitySplit(visual: 3, text: 2),
-        ])
+        #expect(
+            budgets.map { $0.heads[0].split } == [
+                ModalitySplit(visual: 23, text: 11), ModalitySplit(visual: 6, text: 3),
+                ModalitySplit(visual: 3, text: 2),
+            ]
+        )
     }
 
     @Test func madaKVModalitySplitRoundsTowardsTheLargerShare() {
-        let h = HeadModalityStatistics(visualMass: 2, textMass: 1, visualDemand: 0, textDemand: 0, jointDemand: 0,
-                                       visualCount: 50, textCount: 50)
+        let h = HeadModalityStatistics(
+            visualMass: 2,
+            textMass: 1,
+            visualDemand: 0,
+            textDemand: 0,
+            jointDemand: 0,
+            visualCount: 50,
+            textCount: 50
+        )
         // 10 × 2/3 = 6.67 → 6 + 3, remainder to visual.
         #expect(BudgetAllocator.modalitySplit(10, 2, 1, h) == ModalitySplit(visual: 7, text: 3))
         // More visual rows than exist spill over to text.
-        let few = HeadModalityStatistics(visualMass: 9, textMass: 1, visualDemand: 0, textDemand: 0, jointDemand: 0,
-                                         visualCount: 4, textCount: 50)
+        let few = HeadModalityStatistics(
+            visualMass: 9,
+            textMass: 1,
+            visualDemand: 0,
+            textDemand: 0,
+            jointDemand: 0,
+            visualCount: 4,
+            textCount: 50
+        )
         #expect(BudgetAllocator.modalitySplit(10, 9, 1, few) == ModalitySplit(visual: 4, text: 6))
     }
 
@@ -138,17 +189,23 @@ import Testing
     func lookMMergeFormulas(mode: LookMSettings.Merge) throws {
         let g = try ModelGeometry(name: "merge", layers: 1, queryHeads: 1, kvHeads: 1, headDim: 2, tokensPerImage: 1)
         let prefill = try LayerPrefill(
-            geometry: g, promptLength: 3, keys: [1, 0, 0, 1, 1, 0.1], values: [2, 0, 0, 2, 4, 4],
-            queries: [], queryRows: 0)
+            geometry: g,
+            promptLength: 3,
+            keys: [1, 0, 0, 1, 1, 0.1],
+            values: [2, 0, 0, 2, 4, 4],
+            queries: [],
+            queryRows: 0
+        )
         var rows = MergedRows(prefill: prefill)
         let merged = rows.merge(kept: [[0, 1]], mode: mode, filterBelowMean: true)
         #expect(merged == 1)
         let s = Float(1 / (1.01).squareRoot())
-        let (key, value): ([Float], [Float]) = switch mode {
-        case .averaged: ([1, 0.05], [3, 2])
-        case .pivotal: ([1, 0.025], [2.5, 1])
-        default: ([(1 + s) / 2, 0.05 * s], [1 + 2 * s, 2 * s])
-        }
+        let (key, value): ([Float], [Float]) =
+            switch mode {
+            case .averaged: ([1, 0.05], [3, 2])
+            case .pivotal: ([1, 0.025], [2.5, 1])
+            default: ([(1 + s) / 2, 0.05 * s], [1 + 2 * s, 2 * s])
+            }
         rows.withRow(head: 0, position: 0) { k, v in
             for c in 0..<2 {
                 #expect(abs(k[c] - key[c]) < 1e-6, "\(mode) key")
@@ -174,8 +231,13 @@ import Testing
         let policy = CompressionPolicy.lookM(settings)
         let profile = try AttentionProfile(prefill: prefill, requirements: policy.requirements(layout: l))
         let result = try LayerCompressor.compress(
-            prefill, layout: l, profile: profile, budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 16)]),
-            policy: policy, as: Float.self)
+            prefill,
+            layout: l,
+            profile: profile,
+            budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 16)]),
+            policy: policy,
+            as: Float.self
+        )
         let kept = Set(result.heads[0].positions.map(Int.init))
         // 8 recent (32..<40) and 8 heavy: the 6 leading text tokens, then the 2 best image tokens.
         #expect(kept.isSuperset(of: Set(0..<6).union(32..<40)))
@@ -186,7 +248,9 @@ import Testing
         let g = geometry(layers: 1, queryHeads: 4, kvHeads: 2)
         let m = 24
         let profile = try AttentionProfile(
-            prefill: randomPrefill(g, m: m, seed: 5), requirements: ProfileRequirements(suffixStarts: [0, 20]))
+            prefill: randomPrefill(g, m: m, seed: 5),
+            requirements: ProfileRequirements(suffixStarts: [0, 20])
+        )
         for start in [0, 20] {
             let sums = profile.columnSums[start]!
             let kv = profile.kvHeadScores(start: start)

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import KVCacheCore
 
 #if canImport(Glibc)
@@ -9,7 +10,12 @@ import Glibc
 /// against a row-at-a-time double-precision reference.
 @Suite struct ProfileKernelTests {
     /// Column sums and sparsity of the causal softmax, in Double, one row at a time.
-    func reference(_ prefill: LayerPrefill, starts: [Int], sparsityStart: Int, threshold: Double) -> (
+    func reference(
+        _ prefill: LayerPrefill,
+        starts: [Int],
+        sparsityStart: Int,
+        threshold: Double
+    ) -> (
         sums: [Int: [Double]], sparsity: [Double]
     ) {
         let g = prefill.geometry
@@ -60,7 +66,10 @@ import Glibc
         for start in starts {
             let got = try #require(profile.columnSums[start])
             for i in got.indices {
-                #expect(abs(Double(got[i]) - want.sums[start]![i]) < 2e-5 * Double(m), "seed \(seed) start \(start) i \(i)")
+                #expect(
+                    abs(Double(got[i]) - want.sums[start]![i]) < 2e-5 * Double(m),
+                    "seed \(seed) start \(start) i \(i)"
+                )
             }
         }
         // A probability within rounding of the cut may land on either side.

@@ -19,7 +19,13 @@ struct SeededGenerator: RandomNumberGenerator {
 
 func geometry(layers: Int = 3, queryHeads: Int = 4, kvHeads: Int = 2, headDim: Int = 16) -> ModelGeometry {
     try! ModelGeometry(
-        name: "test", layers: layers, queryHeads: queryHeads, kvHeads: kvHeads, headDim: headDim, tokensPerImage: 16)
+        name: "test",
+        layers: layers,
+        queryHeads: queryHeads,
+        kvHeads: kvHeads,
+        headDim: headDim,
+        tokensPerImage: 16
+    )
 }
 
 /// A random layer whose queries are scaled up so attention is peaked, and a layout of text, one image
@@ -28,8 +34,13 @@ func randomPrefill(_ g: ModelGeometry, m: Int, seed: UInt64) -> LayerPrefill {
     var rng = SeededGenerator(seed: seed)
     let kv = g.kvHeads * m * g.headDim
     return try! LayerPrefill(
-        geometry: g, promptLength: m, keys: rng.floats(kv), values: rng.floats(kv),
-        queries: rng.floats(g.queryHeads * m * g.headDim, scale: 3), queryRows: m)
+        geometry: g,
+        promptLength: m,
+        keys: rng.floats(kv),
+        values: rng.floats(kv),
+        queries: rng.floats(g.queryHeads * m * g.headDim, scale: 3),
+        queryRows: m
+    )
 }
 
 func layout(m: Int, textBefore: Int, visual: Int) -> PromptLayout {
@@ -42,7 +53,12 @@ func layout(m: Int, textBefore: Int, visual: Int) -> PromptLayout {
 
 /// Profiles, allocates and compresses every layer of random prefills, as a worker and coordinator do.
 func compressAll(
-    _ g: ModelGeometry, m: Int, layout: PromptLayout, policy: CompressionPolicy, retention: Double, seed: UInt64
+    _ g: ModelGeometry,
+    m: Int,
+    layout: PromptLayout,
+    policy: CompressionPolicy,
+    retention: Double,
+    seed: UInt64
 ) throws -> (prefills: [LayerPrefill], budgets: [LayerBudget], heads: [[HeadCache<Float>]]) {
     let prefills = (0..<g.layers).map { randomPrefill(g, m: m, seed: seed &+ UInt64($0)) }
     let profiles = try prefills.map {
@@ -51,10 +67,20 @@ func compressAll(
     let statistics = profiles.enumerated().map {
         LayerStatistics(layer: $0.offset, profile: $0.element, layout: layout, policy: policy)
     }
-    let budgets = try BudgetAllocator.allocate(policy: policy, retention: retention, geometry: g, statistics: statistics)
+    let budgets = try BudgetAllocator.allocate(
+        policy: policy,
+        retention: retention,
+        geometry: g,
+        statistics: statistics
+    )
     let heads = try (0..<g.layers).map { l in
         try LayerCompressor.compress(
-            prefills[l], layout: layout, profile: profiles[l], budget: budgets[l], policy: policy, as: Float.self
+            prefills[l],
+            layout: layout,
+            profile: profiles[l],
+            budget: budgets[l],
+            policy: policy,
+            as: Float.self
         ).heads
     }
     return (prefills, budgets, heads)

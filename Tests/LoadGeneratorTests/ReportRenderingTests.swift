@@ -3,9 +3,9 @@ import Testing
 @testable import LoadGenerator
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 /// The bench's output files: CSV, JSON and the self-contained HTML report.
@@ -93,7 +93,9 @@ import Testing
         report.workload = "a&b"
         report.policies[0].policy = "<script>alert('x')</script>"
         let html = HTMLReport.render(
-            report, samples: [sample(policy: "<script>alert('x')</script>", at: 0, worker: "\"w\"", kv: 1)])
+            report,
+            samples: [sample(policy: "<script>alert('x')</script>", at: 0, worker: "\"w\"", kv: 1)]
+        )
         #expect(!html.contains("<script"))
         #expect(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"))
         #expect(html.contains("a&amp;b"))
@@ -129,8 +131,17 @@ import Testing
         expectFinite(single)
         let zeros = (0..<3).map { t in
             FootprintSample(
-                policy: "snapkv", elapsedMillis: t * 100, worker: "w1", kvBytes: 0, textBytes: 0, imageBytes: 0,
-                videoBytes: 0, auditBytes: 0, rssBytes: 0, liveSequences: 0)
+                policy: "snapkv",
+                elapsedMillis: t * 100,
+                worker: "w1",
+                kvBytes: 0,
+                textBytes: 0,
+                imageBytes: 0,
+                videoBytes: 0,
+                auditBytes: 0,
+                rssBytes: 0,
+                liveSequences: 0
+            )
         }
         expectFinite(HTMLReport.render(report, samples: zeros))
     }
@@ -173,11 +184,24 @@ import Testing
     }
 
     func sample(
-        policy: String, at millis: Int, worker: String, kv: UInt64, text: UInt64 = 512
+        policy: String,
+        at millis: Int,
+        worker: String,
+        kv: UInt64,
+        text: UInt64 = 512
     ) -> FootprintSample {
         FootprintSample(
-            policy: policy, elapsedMillis: millis, worker: worker, kvBytes: kv, textBytes: text, imageBytes: 256,
-            videoBytes: 256, auditBytes: 0, rssBytes: 4096, liveSequences: 3)
+            policy: policy,
+            elapsedMillis: millis,
+            worker: worker,
+            kvBytes: kv,
+            textBytes: text,
+            imageBytes: 256,
+            videoBytes: 256,
+            auditBytes: 0,
+            rssBytes: 4096,
+            liveSequences: 3
+        )
     }
 
     /// Two policies, two workers sampled 7 ms apart, growing by 1 MiB per modality per sample.
@@ -190,9 +214,18 @@ import Testing
                     let grown = UInt64(t) * mib
                     samples.append(
                         FootprintSample(
-                            policy: policy, elapsedMillis: t * 200 + offset, worker: worker, kvBytes: 3 * grown,
-                            textBytes: grown, imageBytes: grown, videoBytes: grown, auditBytes: mib,
-                            rssBytes: 40 * mib + grown, liveSequences: t))
+                            policy: policy,
+                            elapsedMillis: t * 200 + offset,
+                            worker: worker,
+                            kvBytes: 3 * grown,
+                            textBytes: grown,
+                            imageBytes: grown,
+                            videoBytes: grown,
+                            auditBytes: mib,
+                            rssBytes: 40 * mib + grown,
+                            liveSequences: t
+                        )
+                    )
                 }
             }
         }
@@ -202,11 +235,27 @@ import Testing
     func report() -> BenchReport {
         func result(_ name: String, budget: Double, outputError: Double?, needle: Double?) -> PolicyResult {
             PolicyResult(
-                policy: name, budget: budget, sequences: 12, decodeTokens: 384, durationSeconds: 2,
-                tokensPerSecond: 192, decodeP50Micros: 1500, decodeP99Micros: 4200, decodeMaxMicros: 9000,
-                prefillP50Micros: 20_000, prefillP99Micros: 41_000, peakKVBytes: 12 << 20, meanKVBytes: 6 << 20,
-                fullKVBytes: 30 << 20, compressedKVBytes: UInt64(Double(30 << 20) * budget), saving: 1 - budget,
-                outputError: outputError, needleAccuracy: needle, auditedSequences: 2, errors: 0, refusals: 1,
+                policy: name,
+                budget: budget,
+                sequences: 12,
+                decodeTokens: 384,
+                durationSeconds: 2,
+                tokensPerSecond: 192,
+                decodeP50Micros: 1500,
+                decodeP99Micros: 4200,
+                decodeMaxMicros: 9000,
+                prefillP50Micros: 20_000,
+                prefillP99Micros: 41_000,
+                peakKVBytes: 12 << 20,
+                meanKVBytes: 6 << 20,
+                fullKVBytes: 30 << 20,
+                compressedKVBytes: UInt64(Double(30 << 20) * budget),
+                saving: 1 - budget,
+                outputError: outputError,
+                needleAccuracy: needle,
+                auditedSequences: 2,
+                errors: 0,
+                refusals: 1,
                 retries: 1,
                 workers: [
                     WorkerPeak(id: "w1", peakKVBytes: 6 << 20, peakRSSBytes: 80 << 20, peakAuditBytes: 1 << 20),
@@ -214,14 +263,21 @@ import Testing
                 ],
                 decodeLatencyPercentiles: [0, 50, 90, 99, 99.9, 100].enumerated().map {
                     LatencyPoint(percentile: $1, micros: UInt64(1000 * ($0 + 1)))
-                })
+                }
+            )
         }
         return BenchReport(
-            workload: "image-qa", model: "tiny", workers: 2, seed: 42, loop: "closed", load: 4,
+            workload: "image-qa",
+            model: "tiny",
+            workers: 2,
+            seed: 42,
+            loop: "closed",
+            load: 4,
             policies: [
                 result("full", budget: 1, outputError: nil, needle: nil),
                 result("snapkv", budget: 0.2, outputError: 0.0125, needle: 0.75),
-            ])
+            ]
+        )
     }
 }
 

@@ -45,12 +45,15 @@ import Glibc
         #expect(result.status == .exited(0), "\(result.stderr)")
         #expect(result.stdout.contains("\nfull "), "\(result.stdout)")
         #expect(result.stdout.contains("\nmadakv "), "\(result.stdout)")
-        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(filePath: "\(base).json"))) as? [String: Any]
+        let json =
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(filePath: "\(base).json"))) as? [String: Any]
         let policies = try #require(json?["policies"] as? [[String: Any]])
         #expect(policies.count == 2)
-        for key in ["policy", "budget", "sequences", "tokensPerSecond", "decodeP50Micros", "decodeP99Micros",
-                    "peakKVBytes", "fullKVBytes", "saving", "outputError", "needleAccuracy", "errors", "refusals",
-                    "workers"] {
+        for key in [
+            "policy", "budget", "sequences", "tokensPerSecond", "decodeP50Micros", "decodeP99Micros",
+            "peakKVBytes", "fullKVBytes", "saving", "outputError", "needleAccuracy", "errors", "refusals",
+            "workers",
+        ] {
             #expect(policies[0][key] != nil, "missing \(key)")
         }
         // The workers' prefill compute and the footprint integral reach the report: MadaKV profiles

@@ -16,10 +16,17 @@ struct CommandResult {
 
 func runTessera(_ arguments: [String]) async throws -> CommandResult {
     let result = try await run(
-        .path(LocalCluster.siblingBinary), arguments: Arguments(arguments), input: .none,
-        output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
+        .path(LocalCluster.siblingBinary),
+        arguments: Arguments(arguments),
+        input: .none,
+        output: .string(limit: 1 << 20),
+        error: .string(limit: 1 << 20)
+    )
     return CommandResult(
-        status: result.terminationStatus, stdout: result.standardOutput, stderr: result.standardError)
+        status: result.terminationStatus,
+        stdout: result.standardOutput,
+        stderr: result.standardError
+    )
 }
 
 @Suite struct EvalCommandTests {

@@ -96,15 +96,18 @@ struct WireFuzzingTests {
         }
     }
 
-    @Test("broken streams are answered with errors", arguments: [
-        ("empty", [UInt8]()),
-        ("zero-length frame", [0, 0, 0, 0]),
-        ("frame above the limit", [0xFF, 0xFF, 0xFF, 0xFF, 1]),
-        ("stream ends inside a header", [0, 0]),
-        ("stream ends inside a payload", [0, 0, 0, 9, 1, 2]),
-        ("payload that is not an Envelope", [0, 0, 0, 3, 0xFF, 0xFF, 0xFF]),
-        ("Envelope without a body", [0, 0, 0, 2, 0x08, 0x07]),
-    ])
+    @Test(
+        "broken streams are answered with errors",
+        arguments: [
+            ("empty", [UInt8]()),
+            ("zero-length frame", [0, 0, 0, 0]),
+            ("frame above the limit", [0xFF, 0xFF, 0xFF, 0xFF, 1]),
+            ("stream ends inside a header", [0, 0]),
+            ("stream ends inside a payload", [0, 0, 0, 9, 1, 2]),
+            ("payload that is not an Envelope", [0, 0, 0, 3, 0xFF, 0xFF, 0xFF]),
+            ("Envelope without a body", [0, 0, 0, 2, 0x08, 0x07]),
+        ]
+    )
     func brokenStreams(name: String, bytes: [UInt8]) {
         let answered = Self.run(bytes)
         #expect(answered.count == (name == "empty" ? 0 : 1), "\(answered)")

@@ -1,5 +1,6 @@
 import KVCacheCore
 import Testing
+
 @testable import Workloads
 
 /// The papers' observations, measured on generated traces with full attention.
@@ -29,8 +30,10 @@ import Testing
         }
         for layer in 0..<layers {
             let error = mean(measured[layer]) - mean(targets[layer])
-            #expect(abs(error) < 0.08,
-                    "seed \(seed) layer \(layer): measured \(mean(measured[layer])) target \(mean(targets[layer]))")
+            #expect(
+                abs(error) < 0.08,
+                "seed \(seed) layer \(layer): measured \(mean(measured[layer])) target \(mean(targets[layer]))"
+            )
         }
     }
 
@@ -39,7 +42,12 @@ import Testing
     @Test(arguments: [UInt64(1), 2, 3])
     func firstLayersAreDenseAndSparsityIsNotMonotonic(seed: UInt64) {
         let geometry = ModelGeometry.tiny
-        let generator = TraceGenerator(preset: .imageQA, geometry: geometry, settings: smallSettings(decodeSteps: 0), seed: seed)
+        let generator = TraceGenerator(
+            preset: .imageQA,
+            geometry: geometry,
+            settings: smallSettings(decodeSteps: 0),
+            seed: seed
+        )
         let stats = WorkloadStatistics.measure(generator.sequence(0))
         let sparsity = stats.layers.map(\.sparsity)
         let later = sparsity[2...].sorted()
@@ -65,7 +73,11 @@ import Testing
         // Image-qa keeps the all-rows attention affordable in debug builds.
         for preset in [WorkloadPreset.imageQA] {
             let generator = TraceGenerator(
-                preset: preset, geometry: .tiny, settings: smallSettings(decodeSteps: 1), seed: seed)
+                preset: preset,
+                geometry: .tiny,
+                settings: smallSettings(decodeSteps: 1),
+                seed: seed
+            )
             for index in 0..<4 {
                 let trace = generator.sequence(index)
                 let m = trace.promptLength
@@ -100,8 +112,13 @@ import Testing
         var shares: [Double] = []
         var preferences: [Double] = []
         for index in 0..<3 {
-            let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, settings: smallSettings(decodeSteps: 0), seed: seed)
-                .sequence(index)
+            let trace = TraceGenerator(
+                preset: .imageQA,
+                geometry: .tiny,
+                settings: smallSettings(decodeSteps: 0),
+                seed: seed
+            )
+            .sequence(index)
             let stats = WorkloadStatistics.measure(trace)
             for layer in stats.layers where layer.layer >= 2 {
                 for (head, share) in layer.headImageShares.enumerated() {
@@ -155,16 +172,23 @@ import Testing
             }
             let near = mean(neighbours)
             let far = mean(distant)
-            #expect(near > 0.45 && near > far + 0.25,
-                    "seed \(seed) \(preset.rawValue) \(name): neighbour cosine \(near), distant pairs \(far)")
+            #expect(
+                near > 0.45 && near > far + 0.25,
+                "seed \(seed) \(preset.rawValue) \(name): neighbour cosine \(near), distant pairs \(far)"
+            )
         }
     }
 
     /// Visual query rows spread their attention; post-vision rows concentrate it.
     @Test func visualRowsAreFlatterThanPostVisionRows() {
         let seed: UInt64 = 23
-        let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, settings: smallSettings(decodeSteps: 0), seed: seed)
-            .sequence(0)
+        let trace = TraceGenerator(
+            preset: .imageQA,
+            geometry: .tiny,
+            settings: smallSettings(decodeSteps: 0),
+            seed: seed
+        )
+        .sequence(0)
         let v = trace.layout.postVisionStart
         let visualRows = trace.layout.spans.first { $0.modality.isVisual }!
         var visualMax: [Double] = []
@@ -179,7 +203,9 @@ import Testing
                 postVisionMax.append(mean((v..<trace.promptLength).map(peak)))
             }
         }
-        #expect(mean(postVisionMax) > 2 * mean(visualMax),
-                "seed \(seed): post-vision peak \(mean(postVisionMax)), visual peak \(mean(visualMax))")
+        #expect(
+            mean(postVisionMax) > 2 * mean(visualMax),
+            "seed \(seed): post-vision peak \(mean(postVisionMax)), visual peak \(mean(visualMax))"
+        )
     }
 }

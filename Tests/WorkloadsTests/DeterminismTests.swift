@@ -1,6 +1,7 @@
 import KVCacheCore
 import KVKernels
 import Testing
+
 @testable import Workloads
 
 /// Every (sequence, layer) is a pure function of the generator's inputs, whatever else was expanded
@@ -20,13 +21,17 @@ import Testing
             for layer in [0, 4] {
                 let pa = ta.prefill(layer: layer)
                 let pb = tb.prefill(layer: layer)
-                #expect(pa.keys == pb.keys && pa.values == pb.values && pa.queries == pb.queries,
-                        "seed \(seed) #\(index) layer \(layer): prefill differs")
+                #expect(
+                    pa.keys == pb.keys && pa.values == pb.values && pa.queries == pb.queries,
+                    "seed \(seed) #\(index) layer \(layer): prefill differs"
+                )
                 let da = ta.decode(layer: layer)
                 let db = tb.decode(layer: layer)
                 #expect(da.count == db.count)
-                #expect(zip(da, db).allSatisfy { $0.keys == $1.keys && $0.values == $1.values && $0.queries == $1.queries },
-                        "seed \(seed) #\(index) layer \(layer): decode differs")
+                #expect(
+                    zip(da, db).allSatisfy { $0.keys == $1.keys && $0.values == $1.values && $0.queries == $1.queries },
+                    "seed \(seed) #\(index) layer \(layer): decode differs"
+                )
             }
         }
     }
@@ -52,8 +57,11 @@ import Testing
         #expect(prefill.keys == fullPrefill.keys, "seed \(seed): keys differ")
         #expect(prefill.values == fullPrefill.values, "seed \(seed): values differ")
         #expect(prefill.queries == fullPrefill.queries, "seed \(seed): queries differ")
-        #expect(decode.map(\.keys) == fullDecode.map(\.keys) && decode.map(\.queries) == fullDecode.map(\.queries)
-                    && decode.map(\.values) == fullDecode.map(\.values), "seed \(seed): decode differs")
+        #expect(
+            decode.map(\.keys) == fullDecode.map(\.keys) && decode.map(\.queries) == fullDecode.map(\.queries)
+                && decode.map(\.values) == fullDecode.map(\.values),
+            "seed \(seed): decode differs"
+        )
     }
 
     /// A worker synthesises only the query rows its policy observes: those rows, the keys and the
@@ -74,8 +82,12 @@ import Testing
             #expect(partial.firstQueryRow == first)
             for head in 0..<ModelGeometry.tiny.queryHeads {
                 for row in first..<m {
-                    let got = partial.queries[partial.queryOffset(head: head, row: row)..<(partial.queryOffset(head: head, row: row) + d)]
-                    let want = full.queries[full.queryOffset(head: head, row: row)..<(full.queryOffset(head: head, row: row) + d)]
+                    let got = partial.queries[
+                        partial.queryOffset(head: head, row: row)..<(partial.queryOffset(head: head, row: row) + d)
+                    ]
+                    let want = full.queries[
+                        full.queryOffset(head: head, row: row)..<(full.queryOffset(head: head, row: row) + d)
+                    ]
                     #expect(got.elementsEqual(want), "seed \(seed) \(preset) first \(first) head \(head) row \(row)")
                 }
             }
@@ -94,8 +106,13 @@ import Testing
 
     @Test func shapesMatchTheGeometry() {
         let geometry = ModelGeometry.tiny
-        let trace = TraceGenerator(preset: .video, geometry: geometry, settings: smallSettings(decodeSteps: 5), seed: 12)
-            .sequence(0)
+        let trace = TraceGenerator(
+            preset: .video,
+            geometry: geometry,
+            settings: smallSettings(decodeSteps: 5),
+            seed: 12
+        )
+        .sequence(0)
         let prefill = trace.prefill(layer: 0)
         let m = trace.promptLength
         #expect(prefill.promptLength == m && prefill.queryRows == m && prefill.firstQueryRow == 0)

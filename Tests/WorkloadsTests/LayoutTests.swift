@@ -27,8 +27,10 @@ import Workloads
             #expect(trace.preset == .imageQA)
             #expect(shape.visualSpans.map(\.modality) == [.image(0)], "seed \(seed) #\(index)")
             #expect(shape.visualSpans.map(\.count) == [576], "seed \(seed) #\(index)")
-            #expect(shape.textSpans.count == 2 && shape.textSpans.allSatisfy { (16...48).contains($0.count) },
-                    "seed \(seed) #\(index): text spans \(shape.textSpans.map(\.count))")
+            #expect(
+                shape.textSpans.count == 2 && shape.textSpans.allSatisfy { (16...48).contains($0.count) },
+                "seed \(seed) #\(index): text spans \(shape.textSpans.map(\.count))"
+            )
             #expect(trace.layout.spans.first?.modality == .text, "position 0 (the sink) must be text")
             #expect(trace.decodeSteps == 32)
         }
@@ -48,8 +50,10 @@ import Workloads
             #expect(images.allSatisfy { $0.count == 576 })
             // Every image is preceded by 8–24 text tokens; the question follows the last one.
             for (i, span) in spans.enumerated() where span.modality.isVisual {
-                #expect(i > 0 && spans[i - 1].modality == .text && (8...24).contains(spans[i - 1].count),
-                        "seed \(seed) #\(index): span \(i)")
+                #expect(
+                    i > 0 && spans[i - 1].modality == .text && (8...24).contains(spans[i - 1].count),
+                    "seed \(seed) #\(index): span \(i)"
+                )
             }
             #expect(spans.last!.modality == .text && (16...48).contains(spans.last!.count))
         }
@@ -134,8 +138,10 @@ import Workloads
                 let needle = try #require(trace.needle, "\(preset.rawValue) #\(index) has no needle")
                 #expect(!needle.positions.contains(0), "the sink is never part of the needle")
                 for position in needle.positions {
-                    #expect(trace.layout.tags[position].modality == needle.modality,
-                            "\(preset.rawValue) #\(index): position \(position)")
+                    #expect(
+                        trace.layout.tags[position].modality == needle.modality,
+                        "\(preset.rawValue) #\(index): position \(position)"
+                    )
                 }
                 if needle.modality.isVisual {
                     #expect([4, 9].contains(needle.positions.count), "a 2×2 or 3×3 block")

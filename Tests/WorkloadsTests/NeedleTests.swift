@@ -21,7 +21,11 @@ import Workloads
         for (layer, probes) in Dictionary(grouping: needle.probes, by: \.layer) {
             let (prefill, decode) = trace.layerTrace(layer)
             for probe in probes {
-                let cache = FullCacheHead(prefill: prefill, decode: decode, kvHead: probe.queryHead / geometry.groupSize)
+                let cache = FullCacheHead(
+                    prefill: prefill,
+                    decode: decode,
+                    kvHead: probe.queryHead / geometry.groupSize
+                )
                 let query = decode[probe.step].queries[probe.queryHead * d..<(probe.queryHead + 1) * d]
                 let rows = m + probe.step + 1
                 let full = cache.attend(query: query, rows: rows)
@@ -52,7 +56,10 @@ import Workloads
             }
             try #require(total.total > 0, "seed \(seed) \(preset.rawValue): no probes")
             let accuracy = Double(total.right) / Double(total.total)
-            #expect(accuracy >= 0.85, "seed \(seed) \(preset.rawValue): full-cache accuracy \(accuracy) over \(total.total)")
+            #expect(
+                accuracy >= 0.85,
+                "seed \(seed) \(preset.rawValue): full-cache accuracy \(accuracy) over \(total.total)"
+            )
             pooled.right += total.right
             pooled.rightWithoutNeedle += total.rightWithoutNeedle
             pooled.total += total.total
@@ -97,7 +104,9 @@ import Workloads
             for layer in 0..<geometry.layers {
                 for head in 0..<geometry.queryHeads {
                     let isRetrieval = generator.isRetrievalHead(layer: layer, queryHead: head)
-                    if layer < geometry.layers / 2 { #expect(!isRetrieval) } else {
+                    if layer < geometry.layers / 2 {
+                        #expect(!isRetrieval)
+                    } else {
                         total += 1
                         if isRetrieval { retrieval += 1 }
                     }

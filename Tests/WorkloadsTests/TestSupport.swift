@@ -1,4 +1,5 @@
 import KVCacheCore
+
 @testable import Workloads
 
 /// Settings that keep `.tiny` traces small enough for debug builds: a few hundred tokens at most.
@@ -24,8 +25,11 @@ struct PrefillAttention {
                 scores.withUnsafeMutableBufferPointer { scores in
                     Kernels.logits(
                         query: queries.baseAddress! + prefill.queryOffset(head: head, row: row),
-                        keys: keys.baseAddress! + prefill.kvOffset(head: kv, position: 0), rows: row + 1,
-                        headDim: d, into: scores.baseAddress!)
+                        keys: keys.baseAddress! + prefill.kvOffset(head: kv, position: 0),
+                        rows: row + 1,
+                        headDim: d,
+                        into: scores.baseAddress!
+                    )
                     Kernels.softmax(scores.baseAddress!, count: row + 1)
                 }
             }
@@ -73,7 +77,13 @@ struct FullCacheHead {
         query.withUnsafeBufferPointer { q in
             keys.withUnsafeBufferPointer { k in
                 scores.withUnsafeMutableBufferPointer { s in
-                    Kernels.logits(query: q.baseAddress!, keys: k.baseAddress!, rows: rows, headDim: d, into: s.baseAddress!)
+                    Kernels.logits(
+                        query: q.baseAddress!,
+                        keys: k.baseAddress!,
+                        rows: rows,
+                        headDim: d,
+                        into: s.baseAddress!
+                    )
                     // A dropped row gets no attention at all, as if evicted from the cache.
                     for j in skipped where j < rows { s[j] = -.infinity }
                     Kernels.softmax(s.baseAddress!, count: rows)
@@ -84,8 +94,12 @@ struct FullCacheHead {
             values.withUnsafeBufferPointer { v in
                 output.withUnsafeMutableBufferPointer { out in
                     Kernels.weightedSum(
-                        probabilities: p.baseAddress!, values: v.baseAddress!, rows: rows, headDim: d,
-                        into: out.baseAddress!)
+                        probabilities: p.baseAddress!,
+                        values: v.baseAddress!,
+                        rows: rows,
+                        headDim: d,
+                        into: out.baseAddress!
+                    )
                 }
             }
         }

@@ -3,9 +3,9 @@ import Testing
 import Workloads
 
 #if canImport(FoundationEssentials)
-    import FoundationEssentials
+import FoundationEssentials
 #else
-    import Foundation
+import Foundation
 #endif
 
 /// Workload files: the shipped ones parse, every rule has a message naming its field, the mix draw
@@ -101,7 +101,9 @@ import Workloads
 
     @Test func onlyNameAndMixAreRequired() throws {
         let file = try WorkloadFile.parse(
-            yaml: "name: small\nmix:\n  - {preset: video, weight: 1}\nmodel: ~\n", source: "small.yaml")
+            yaml: "name: small\nmix:\n  - {preset: video, weight: 1}\nmodel: ~\n",
+            source: "small.yaml"
+        )
         #expect(file == WorkloadFile(preset: .video, geometry: .llava16Mistral7b).renamed("small"))
     }
 
@@ -124,90 +126,147 @@ import Workloads
         Broken(
             label: "unknown preset",
             yaml: replacing("preset: multi-image", with: "preset: multi-imgae"),
-            expected: ["mix[1].preset", "multi-imgae", "allowed: image-qa, multi-image, video, document"]),
+            expected: ["mix[1].preset", "multi-imgae", "allowed: image-qa, multi-image, video, document"]
+        ),
         Broken(
-            label: "mixed inside mix", yaml: replacing("preset: multi-image", with: "preset: mixed"),
-            expected: ["mix[1].preset", "'mixed' is itself a mix", "allowed: image-qa"]),
+            label: "mixed inside mix",
+            yaml: replacing("preset: multi-image", with: "preset: mixed"),
+            expected: ["mix[1].preset", "'mixed' is itself a mix", "allowed: image-qa"]
+        ),
         Broken(
-            label: "duplicate preset", yaml: replacing("preset: multi-image", with: "preset: image-qa"),
-            expected: ["mix[1].preset", "already appears in mix[0]"]),
+            label: "duplicate preset",
+            yaml: replacing("preset: multi-image", with: "preset: image-qa"),
+            expected: ["mix[1].preset", "already appears in mix[0]"]
+        ),
         Broken(
-            label: "empty mix", yaml: "name: x\nmix: []\n", expected: ["mix must list at least one preset"]),
+            label: "empty mix",
+            yaml: "name: x\nmix: []\n",
+            expected: ["mix must list at least one preset"]
+        ),
         Broken(label: "missing mix", yaml: "name: x\n", expected: ["mix is required"]),
         Broken(label: "missing name", yaml: "mix:\n  - {preset: video, weight: 1}\n", expected: ["name is required"]),
         Broken(
-            label: "non-positive weight", yaml: replacing("weight: 2", with: "weight: 0"),
-            expected: ["mix[0].weight", "> 0", "got 0"]),
+            label: "non-positive weight",
+            yaml: replacing("weight: 2", with: "weight: 0"),
+            expected: ["mix[0].weight", "> 0", "got 0"]
+        ),
         Broken(
-            label: "non-finite weight", yaml: replacing("weight: 2", with: "weight: .nan"),
-            expected: ["mix[0].weight", "finite"]),
+            label: "non-finite weight",
+            yaml: replacing("weight: 2", with: "weight: .nan"),
+            expected: ["mix[0].weight", "finite"]
+        ),
         Broken(
-            label: "unknown key in arrival", yaml: replacing("rate: 2.5", with: "rate: 2.5\n  concurency: 3"),
-            expected: ["unknown key 'concurency' in arrival; allowed: process, concurrency, rate"]),
+            label: "unknown key in arrival",
+            yaml: replacing("rate: 2.5", with: "rate: 2.5\n  concurency: 3"),
+            expected: ["unknown key 'concurency' in arrival; allowed: process, concurrency, rate"]
+        ),
         Broken(
-            label: "unknown key at the top", yaml: replacing("textScale: 0.5", with: "textscale: 0.5"),
-            expected: ["unknown key 'textscale'", "allowed: name, model", "textScale"]),
+            label: "unknown key at the top",
+            yaml: replacing("textScale: 0.5", with: "textscale: 0.5"),
+            expected: ["unknown key 'textscale'", "allowed: name, model", "textScale"]
+        ),
         Broken(
-            label: "unknown key in a range", yaml: replacing("{min: 2, max: 3}", with: "{min: 2, mx: 3}"),
-            expected: ["unknown key 'mx' in imagesPerRequest; allowed: min, max"]),
+            label: "unknown key in a range",
+            yaml: replacing("{min: 2, max: 3}", with: "{min: 2, mx: 3}"),
+            expected: ["unknown key 'mx' in imagesPerRequest; allowed: min, max"]
+        ),
         Broken(
-            label: "range out of bounds", yaml: replacing("{min: 2, max: 3}", with: "{min: 0, max: 3}"),
-            expected: ["imagesPerRequest", "1...64", "got 0...3"]),
+            label: "range out of bounds",
+            yaml: replacing("{min: 2, max: 3}", with: "{min: 0, max: 3}"),
+            expected: ["imagesPerRequest", "1...64", "got 0...3"]
+        ),
         Broken(
-            label: "frames out of bounds", yaml: replacing("{min: 5, max: 9}", with: "{min: 5, max: 300}"),
-            expected: ["framesPerVideo", "1...256"]),
+            label: "frames out of bounds",
+            yaml: replacing("{min: 5, max: 9}", with: "{min: 5, max: 300}"),
+            expected: ["framesPerVideo", "1...256"]
+        ),
         Broken(
-            label: "min above max", yaml: replacing("{min: 300, max: 400}", with: "{min: 400, max: 300}"),
-            expected: ["documentTextTokens", "min (400) must not exceed max (300)"]),
+            label: "min above max",
+            yaml: replacing("{min: 300, max: 400}", with: "{min: 400, max: 300}"),
+            expected: ["documentTextTokens", "min (400) must not exceed max (300)"]
+        ),
         Broken(
-            label: "range without max", yaml: replacing("{min: 5, max: 9}", with: "{min: 5}"),
-            expected: ["framesPerVideo.max is required"]),
+            label: "range without max",
+            yaml: replacing("{min: 5, max: 9}", with: "{min: 5}"),
+            expected: ["framesPerVideo.max is required"]
+        ),
         Broken(
-            label: "zero rate", yaml: replacing("rate: 2.5", with: "rate: 0"),
-            expected: ["arrival.rate", "(0, 10000]", "got 0"]),
+            label: "zero rate",
+            yaml: replacing("rate: 2.5", with: "rate: 0"),
+            expected: ["arrival.rate", "(0, 10000]", "got 0"]
+        ),
         Broken(
-            label: "negative rate", yaml: replacing("rate: 2.5", with: "rate: -1"), expected: ["arrival.rate"]),
+            label: "negative rate",
+            yaml: replacing("rate: 2.5", with: "rate: -1"),
+            expected: ["arrival.rate"]
+        ),
         Broken(
-            label: "poisson without rate", yaml: replacing("  rate: 2.5", with: ""),
-            expected: ["arrival.rate is required"]),
+            label: "poisson without rate",
+            yaml: replacing("  rate: 2.5", with: ""),
+            expected: ["arrival.rate is required"]
+        ),
         Broken(
             label: "concurrency out of bounds",
             yaml: replacing("process: poisson\n  rate: 2.5", with: "process: closed\n  concurrency: 0"),
-            expected: ["arrival.concurrency", "1...1024", "got 0"]),
+            expected: ["arrival.concurrency", "1...1024", "got 0"]
+        ),
         Broken(
-            label: "concurrency with poisson", yaml: replacing("rate: 2.5", with: "rate: 2.5\n  concurrency: 2"),
-            expected: ["arrival.concurrency", "only allowed with process: closed"]),
+            label: "concurrency with poisson",
+            yaml: replacing("rate: 2.5", with: "rate: 2.5\n  concurrency: 2"),
+            expected: ["arrival.concurrency", "only allowed with process: closed"]
+        ),
         Broken(
-            label: "unknown process", yaml: replacing("process: poisson", with: "process: burst"),
-            expected: ["arrival.process", "closed, poisson", "burst"]),
+            label: "unknown process",
+            yaml: replacing("process: poisson", with: "process: burst"),
+            expected: ["arrival.process", "closed, poisson", "burst"]
+        ),
         Broken(
-            label: "not a number", yaml: replacing("rate: 2.5", with: "rate: fast"),
-            expected: ["arrival.rate must be a number", "fast"]),
+            label: "not a number",
+            yaml: replacing("rate: 2.5", with: "rate: fast"),
+            expected: ["arrival.rate must be a number", "fast"]
+        ),
         Broken(
-            label: "not an integer", yaml: replacing("decodeTokens: 7", with: "decodeTokens: 7.5"),
-            expected: ["decodeTokens must be an integer"]),
+            label: "not an integer",
+            yaml: replacing("decodeTokens: 7", with: "decodeTokens: 7.5"),
+            expected: ["decodeTokens must be an integer"]
+        ),
         Broken(
-            label: "decodeTokens zero", yaml: replacing("decodeTokens: 7", with: "decodeTokens: 0"),
-            expected: ["decodeTokens", "1...4096", "got 0"]),
+            label: "decodeTokens zero",
+            yaml: replacing("decodeTokens: 7", with: "decodeTokens: 0"),
+            expected: ["decodeTokens", "1...4096", "got 0"]
+        ),
         Broken(
-            label: "textScale", yaml: replacing("textScale: 0.5", with: "textScale: 40"),
-            expected: ["textScale", "(0, 16]"]),
+            label: "textScale",
+            yaml: replacing("textScale: 0.5", with: "textScale: 40"),
+            expected: ["textScale", "(0, 16]"]
+        ),
         Broken(
-            label: "unknown model", yaml: replacing("model: qwen2.5-vl-7b", with: "model: gpt-9"),
-            expected: ["model", "gpt-9", "allowed: llava-1.5-7b"]),
+            label: "unknown model",
+            yaml: replacing("model: qwen2.5-vl-7b", with: "model: gpt-9"),
+            expected: ["model", "gpt-9", "allowed: llava-1.5-7b"]
+        ),
         Broken(
-            label: "tokensPerImage", yaml: replacing("tokensPerImage: 324", with: "tokensPerImage: 0"),
-            expected: ["tokensPerImage", "1...16384"]),
+            label: "tokensPerImage",
+            yaml: replacing("tokensPerImage: 324", with: "tokensPerImage: 0"),
+            expected: ["tokensPerImage", "1...16384"]
+        ),
         Broken(
-            label: "mix not a list", yaml: "name: x\nmix: video\n", expected: ["mix must be a list"]),
+            label: "mix not a list",
+            yaml: "name: x\nmix: video\n",
+            expected: ["mix must be a list"]
+        ),
         Broken(label: "not a mapping", yaml: "- a\n- b\n", expected: ["must be a mapping"]),
         Broken(label: "empty file", yaml: "# nothing\n", expected: ["empty"]),
         Broken(
-            label: "malformed YAML", yaml: replacing("  - preset: multi-image", with: "  - preset: [multi-image"),
-            expected: ["invalid YAML"]),
+            label: "malformed YAML",
+            yaml: replacing("  - preset: multi-image", with: "  - preset: [multi-image"),
+            expected: ["invalid YAML"]
+        ),
         Broken(
-            label: "duplicate key", yaml: replacing("decodeTokens: 7", with: "decodeTokens: 7\ndecodeTokens: 8"),
-            expected: ["invalid YAML", "duplicate key decodeTokens"]),
+            label: "duplicate key",
+            yaml: replacing("decodeTokens: 7", with: "decodeTokens: 7\ndecodeTokens: 8"),
+            expected: ["invalid YAML", "duplicate key decodeTokens"]
+        ),
     ]
 
     @Test(arguments: broken)
@@ -246,7 +305,8 @@ import Workloads
             let drawn = Double(draws.count(where: { $0 == share.preset })) / Double(draws.count)
             #expect(
                 abs(drawn - share.weight / total) < 0.04,
-                "seed \(seed): \(share.preset.rawValue) drawn \(drawn), weight \(share.weight)")
+                "seed \(seed): \(share.preset.rawValue) drawn \(drawn), weight \(share.weight)"
+            )
         }
     }
 
@@ -306,19 +366,23 @@ import Workloads
         Golden(
             preset: .multiImage,
             promptLengths: [4791, 4788, 2995, 4178, 4754, 3581, 4786, 4750, 2387, 2985, 3601, 2386],
-            checksum: 0x1d00_54f8_54ab_03bc),
+            checksum: 0x1d00_54f8_54ab_03bc
+        ),
         Golden(
             preset: .video,
             promptLengths: [4239, 2789, 2924, 3943, 3094, 3932, 3534, 2642, 2514, 4100, 4097, 2779],
-            checksum: 0x33f7_e205_ba97_6976),
+            checksum: 0x33f7_e205_ba97_6976
+        ),
         Golden(
             preset: .document,
             promptLengths: [2478, 1852, 1890, 2381, 2040, 2354, 2231, 1786, 1741, 2413, 2442, 1828],
-            checksum: 0x33f7_e205_ba97_6976),
+            checksum: 0x33f7_e205_ba97_6976
+        ),
         Golden(
             preset: .mixed,
             promptLengths: [2147, 1830, 623, 4165, 2410, 4172, 2668, 1760, 641, 662, 4206, 621],
-            checksum: 0x7f3e_2d60_f573_4d10),
+            checksum: 0x7f3e_2d60_f573_4d10
+        ),
     ])
     func defaultsKeepTheOldLayouts(_ golden: Golden) {
         let generator = TraceGenerator(preset: golden.preset, geometry: .llava16Mistral7b, seed: 42)

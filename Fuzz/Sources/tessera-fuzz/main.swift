@@ -1,9 +1,9 @@
 import WireFuzzing
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Darwin)
-    import Darwin
+import Darwin
 #endif
 
 /// One input, run through the wire layer (see `WireFuzzing.run`).
