@@ -20,10 +20,6 @@ private func reference(_ bytes: ByteBuffer) -> Tessera_V1_Envelope? {
     try? Tessera_V1_Envelope(serializedBytes: Array(bytes.readableBytesView))
 }
 
-private func floats(_ count: Int, _ random: inout SeededGenerator) -> [Float] {
-    (0..<count).map { _ in Float.random(in: -4...4, using: &random) }
-}
-
 /// A prefill of three layers of the tiny model: float32 and float16 tensors, one layer without
 /// queries.
 private func prefill(_ random: inout SeededGenerator, promptLength m: Int = 40) throws -> Tessera_V1_Envelope {
@@ -31,14 +27,7 @@ private func prefill(_ random: inout SeededGenerator, promptLength m: Int = 40) 
     var inline = Tessera_V1_InlineTensors()
     for layer in 0..<3 {
         let rows = layer == 1 ? 0 : min(8, m)
-        let prefill = try LayerPrefill(
-            geometry: g,
-            promptLength: m,
-            keys: floats(g.kvHeads * m * g.headDim, &random),
-            values: floats(g.kvHeads * m * g.headDim, &random),
-            queries: floats(g.queryHeads * rows * g.headDim, &random),
-            queryRows: rows
-        )
+        let prefill = try random.prefill(geometry: g, promptLength: m, queryRows: rows)
         inline.layers.append(try prefill.proto(layer: layer, scalarType: layer == 2 ? .float16 : .float32))
     }
     var message = Tessera_V1_Prefill()
@@ -56,10 +45,10 @@ private func shardLayer(_ random: inout SeededGenerator) throws -> Tessera_V1_En
     part.layer = 4
     for _ in 0..<2 {
         var head = Tessera_V1_HeadState()
-        head.keys = try Tessera_V1_Tensor(float16Converting: floats(24 * 32, &random), shape: [24, 32])
-        head.values = try Tessera_V1_Tensor(float16Converting: floats(24 * 32, &random), shape: [24, 32])
+        head.keys = try Tessera_V1_Tensor(float16Converting: random.floats(24 * 32), shape: [24, 32])
+        head.values = try Tessera_V1_Tensor(float16Converting: random.floats(24 * 32), shape: [24, 32])
         head.positions = (0..<24).map { Int32($0 * 3) }
-        head.rowScores = floats(24, &random)
+        head.rowScores = random.floats(24)
         part.heads.append(head)
     }
     var transfer = Tessera_V1_ShardTransfer()
@@ -144,7 +133,7 @@ struct FrameTensorsTests {
     @Test("unusual but valid encodings decode as swift-protobuf decodes them")
     func protobufRules() throws {
         var random = SeededGenerator.fromEnvironment()
-        let tensor = try Tessera_V1_Tensor(float32: floats(64, &random), shape: [2, 1, 32])
+        let tensor = try Tessera_V1_Tensor(float32: random.floats(64), shape: [2, 1, 32])
         let tensorBytes: [UInt8] = try tensor.serializedBytes()
         var layer: [UInt8] = [0x08, 0x02]  // layer 2
         appendField(2, tensorBytes, lengthBytes: 3, to: &layer)  // keys, length padded
@@ -219,14 +208,7 @@ struct FrameTensorsTests {
         let g = ModelGeometry.tiny
         let m = 70
         func refusal(_ edit: (inout Tessera_V1_LayerTensors) -> Void) throws -> WireError? {
-            let good = try LayerPrefill(
-                geometry: g,
-                promptLength: m,
-                keys: floats(g.kvHeads * m * g.headDim, &random),
-                values: floats(g.kvHeads * m * g.headDim, &random),
-                queries: [],
-                queryRows: 0
-            )
+            let good = try random.prefill(geometry: g, promptLength: m, queryRows: 0)
             var layer = try good.proto(layer: 0)
             edit(&layer)
             var prefill = Tessera_V1_Prefill()

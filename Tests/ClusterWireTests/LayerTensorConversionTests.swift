@@ -15,10 +15,6 @@ private func poisoned(_ tensor: Tessera_V1_Tensor, at flatIndex: Int, with value
     return tensor
 }
 
-private func randomFloats(_ count: Int, _ random: inout SeededGenerator) -> [Float] {
-    (0..<count).map { _ in Float.random(in: -4...4, using: &random) }
-}
-
 @Suite("Prefill and decode tensors <-> proto")
 struct LayerTensorConversionTests {
     static let geometry = ModelGeometry.tiny  // 4 query heads, 2 KV heads, headDim 32
@@ -27,21 +23,9 @@ struct LayerTensorConversionTests {
         let g = Self.geometry
         return try DecodeStepInput(
             geometry: g,
-            keys: randomFloats(g.kvHeads * g.headDim, &random),
-            values: randomFloats(g.kvHeads * g.headDim, &random),
-            queries: randomFloats(g.queryHeads * g.headDim, &random)
-        )
-    }
-
-    private func prefill(_ random: inout SeededGenerator, promptLength m: Int, queryRows: Int) throws -> LayerPrefill {
-        let g = Self.geometry
-        return try LayerPrefill(
-            geometry: g,
-            promptLength: m,
-            keys: randomFloats(g.kvHeads * m * g.headDim, &random),
-            values: randomFloats(g.kvHeads * m * g.headDim, &random),
-            queries: randomFloats(g.queryHeads * queryRows * g.headDim, &random),
-            queryRows: queryRows
+            keys: random.floats(g.kvHeads * g.headDim),
+            values: random.floats(g.kvHeads * g.headDim),
+            queries: random.floats(g.queryHeads * g.headDim)
         )
     }
 
@@ -89,7 +73,7 @@ struct LayerTensorConversionTests {
 
         // Query heads swapped for KV heads.
         var queries = try step(&random).proto(layer: 4, geometry: Self.geometry)
-        queries.queries = try Tessera_V1_Tensor(float32: randomFloats(64, &random), shape: [2, 1, 32])
+        queries.queries = try Tessera_V1_Tensor(float32: random.floats(64), shape: [2, 1, 32])
         let queryError = wireError { _ = try DecodeStepInput(proto: queries, geometry: Self.geometry) }
         #expect(queryError?.code == .invalidShape)
         #expect(queryError?.message == "layer 4 queries: expected shape [4, 1, 32], got [2, 1, 32]")
@@ -137,7 +121,7 @@ struct LayerTensorConversionTests {
     @Test("a layer output round-trips as a float32 [queryHeads, 1, headDim] tensor")
     func outputRoundTrip() throws {
         var random = SeededGenerator.fromEnvironment()
-        let output = randomFloats(4 * 32, &random)
+        let output = random.floats(4 * 32)
         let message = try Tessera_V1_LayerOutput(layer: 5, output: output, geometry: Self.geometry)
         #expect(message.layer == 5)
         #expect(message.output.shape == [4, 1, 32])
@@ -149,27 +133,27 @@ struct LayerTensorConversionTests {
     func badOutput() throws {
         var random = SeededGenerator.fromEnvironment()
         let wrongCount = wireError {
-            _ = try Tessera_V1_LayerOutput(layer: 5, output: randomFloats(64, &random), geometry: Self.geometry)
+            _ = try Tessera_V1_LayerOutput(layer: 5, output: random.floats(64), geometry: Self.geometry)
         }
         #expect(wrongCount?.code == .invalidShape)
 
-        var nan = randomFloats(128, &random)
+        var nan = random.floats(128)
         nan[0] = .nan
         #expect(
             wireError { _ = try Tessera_V1_LayerOutput(layer: 5, output: nan, geometry: Self.geometry) }?.code
                 == .invalidValue
         )
 
-        var message = try Tessera_V1_LayerOutput(layer: 5, output: randomFloats(128, &random), geometry: Self.geometry)
+        var message = try Tessera_V1_LayerOutput(layer: 5, output: random.floats(128), geometry: Self.geometry)
         message.output = poisoned(message.output, at: 127)
         #expect(wireError { _ = try message.outputValues(geometry: Self.geometry) }?.code == .invalidValue)
 
-        message.output = try Tessera_V1_Tensor(float16Converting: randomFloats(128, &random), shape: [4, 1, 32])
+        message.output = try Tessera_V1_Tensor(float16Converting: random.floats(128), shape: [4, 1, 32])
         let half = wireError { _ = try message.outputValues(geometry: Self.geometry) }
         #expect(half?.code == .invalidValue)
         #expect(half?.message == "layer 5 output: dtype must be float32, got float16")
 
-        message.output = try Tessera_V1_Tensor(float32: randomFloats(128, &random), shape: [4, 32])
+        message.output = try Tessera_V1_Tensor(float32: random.floats(128), shape: [4, 32])
         #expect(wireError { _ = try message.outputValues(geometry: Self.geometry) }?.code == .invalidShape)
 
         message.clearOutput()
@@ -184,7 +168,7 @@ struct LayerTensorConversionTests {
     )
     func prefillRoundTrip(promptLength: Int, queryRows: Int) throws {
         var random = SeededGenerator.fromEnvironment()
-        let input = try prefill(&random, promptLength: promptLength, queryRows: queryRows)
+        let input = try random.prefill(geometry: Self.geometry, promptLength: promptLength, queryRows: queryRows)
         let message = try input.proto(layer: 1)
         #expect(message.layer == 1)
         #expect(message.keys.shape == [2, UInt32(promptLength), 32])
@@ -207,7 +191,7 @@ struct LayerTensorConversionTests {
     @Test("float16 keys and values with float32 queries")
     func prefillFloat16() throws {
         var random = SeededGenerator.fromEnvironment()
-        let input = try prefill(&random, promptLength: 10, queryRows: 4)
+        let input = try random.prefill(geometry: Self.geometry, promptLength: 10, queryRows: 4)
         let message = try input.proto(layer: 0, scalarType: .float16)
         #expect(message.keys.dtype == .float16)
         #expect(message.values.dtype == .float16)
@@ -220,7 +204,7 @@ struct LayerTensorConversionTests {
     @Test("wrong prefill shapes are .invalidShape naming the tensor")
     func prefillWrongShape() throws {
         var random = SeededGenerator.fromEnvironment()
-        let message = try prefill(&random, promptLength: 12, queryRows: 4).proto(layer: 7)
+        let message = try random.prefill(geometry: Self.geometry, promptLength: 12, queryRows: 4).proto(layer: 7)
 
         // The layout says 13 positions, the tensors hold 12.
         let length = wireError { _ = try LayerPrefill(proto: message, geometry: Self.geometry, promptLength: 13) }
@@ -229,7 +213,7 @@ struct LayerTensorConversionTests {
 
         // More query rows than positions.
         var rows = message
-        rows.queries = try Tessera_V1_Tensor(float32: randomFloats(4 * 13 * 32, &random), shape: [4, 13, 32])
+        rows.queries = try Tessera_V1_Tensor(float32: random.floats(4 * 13 * 32), shape: [4, 13, 32])
         let rowsError = wireError { _ = try LayerPrefill(proto: rows, geometry: Self.geometry, promptLength: 12) }
         #expect(rowsError?.code == .invalidShape)
         #expect(
@@ -238,7 +222,7 @@ struct LayerTensorConversionTests {
 
         // Queries of KV-head count.
         var heads = message
-        heads.queries = try Tessera_V1_Tensor(float32: randomFloats(2 * 4 * 32, &random), shape: [2, 4, 32])
+        heads.queries = try Tessera_V1_Tensor(float32: random.floats(2 * 4 * 32), shape: [2, 4, 32])
         #expect(
             wireError { _ = try LayerPrefill(proto: heads, geometry: Self.geometry, promptLength: 12) }?.code
                 == .invalidShape
@@ -268,7 +252,7 @@ struct LayerTensorConversionTests {
     @Test("a NaN in prefill keys, values or queries is .invalidValue")
     func prefillNaN() throws {
         var random = SeededGenerator.fromEnvironment()
-        let message = try prefill(&random, promptLength: 6, queryRows: 2).proto(layer: 1)
+        let message = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2).proto(layer: 1)
         var keys = message
         keys.keys = poisoned(keys.keys, at: 100)
         var values = message
@@ -282,7 +266,7 @@ struct LayerTensorConversionTests {
         }
 
         // And on the sending side, float16 overflow.
-        var big = try prefill(&random, promptLength: 6, queryRows: 2)
+        var big = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2)
         big = try LayerPrefill(
             geometry: Self.geometry,
             promptLength: 6,

@@ -1,4 +1,5 @@
 import ClusterWire
+import KVCacheCore
 import Testing
 
 #if canImport(Glibc)
@@ -40,6 +41,24 @@ struct SeededGenerator: RandomNumberGenerator {
 
     mutating func bytes(_ count: Int) -> [UInt8] {
         (0..<count).map { _ in UInt8.random(in: .min ... .max, using: &self) }
+    }
+
+    /// `count` floats in -4...4.
+    mutating func floats(_ count: Int) -> [Float] {
+        (0..<count).map { _ in Float.random(in: -4...4, using: &self) }
+    }
+
+    /// One layer's random prefill tensors: keys and values of `promptLength` positions, the last
+    /// `queryRows` queries.
+    mutating func prefill(geometry g: ModelGeometry, promptLength m: Int, queryRows: Int) throws -> LayerPrefill {
+        try LayerPrefill(
+            geometry: g,
+            promptLength: m,
+            keys: floats(g.kvHeads * m * g.headDim),
+            values: floats(g.kvHeads * m * g.headDim),
+            queries: floats(g.queryHeads * queryRows * g.headDim),
+            queryRows: queryRows
+        )
     }
 
     /// Describes the seed for failure messages.
