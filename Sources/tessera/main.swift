@@ -10,5 +10,7 @@ import NIOPosix
 if let command = CommandLine.arguments.dropFirst().first, ["worker", "coordinator"].contains(command) {
     NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
 }
-let command: () async -> Void = { await Tessera.main() }
-await command()
+// Called from an async closure so that the asynchronous `main()` is chosen: at top level Swift picks
+// the synchronous one of `ParsableCommand`, which cannot run an `AsyncParsableCommand`.
+let run: () async -> Void = { await Tessera.main() }
+await run()
