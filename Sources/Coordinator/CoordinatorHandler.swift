@@ -72,9 +72,17 @@ struct CoordinatorHandler: EnvelopeHandler {
                     "\(peer.nodeID) holds no copy of layer \(message.layer) of sequence \(message.sequenceID)"
                 )
             }
+            // Statistics of another epoch come from before (or, forged, after) a failover; a copy that
+            // moved to the new epoch sends its statistics again stamped with it.
+            guard message.epoch == sequence.epoch else {
+                throw WireError(
+                    .staleEpoch,
+                    "sequence \(message.sequenceID) is at epoch \(sequence.epoch), the statistics carry \(message.epoch)"
+                )
+            }
             let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
-            if let complete = await state.record(statistics, sequenceID: message.sequenceID) {
-                await coordinator.assignBudgets(sequenceID: message.sequenceID, complete)
+            if let (complete, assign) = await state.record(statistics, sequenceID: message.sequenceID) {
+                await coordinator.assignBudgets(sequenceID: message.sequenceID, complete, assign)
             }
             return nil
         case .openSequence(var message):

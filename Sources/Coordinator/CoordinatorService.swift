@@ -48,6 +48,7 @@ public final class CoordinatorService: Sendable {
             }
             group.addTask { try await self.detectFailures() }
             group.addTask { try await self.restoreReplication() }
+            group.addTask { try await self.retryAssignments() }
         }
     }
 
@@ -87,6 +88,20 @@ public final class CoordinatorService: Sendable {
             let plans = await state.replicationPlans(limit: 2)
             await withDiscardingTaskGroup { group in
                 for plan in plans { group.addTask { await self.copy(plan) } }
+            }
+        }
+    }
+
+    /// Sends again, every half heartbeat interval, the budgets that did not reach every copy (see
+    /// `BudgetLifecycle`), once their backoff has passed.
+    private func retryAssignments() async throws {
+        while true {
+            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
+            let due = await state.dueAssignments()
+            await withDiscardingTaskGroup { group in
+                for (id, sequence, assign) in due {
+                    group.addTask { await self.assignBudgets(sequenceID: id, sequence, assign) }
+                }
             }
         }
     }
@@ -138,9 +153,9 @@ public final class CoordinatorService: Sendable {
         _ = try? await state.connection(for: plan.target.node).request(.close(close))
     }
 
-    /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
-    /// and epoch, and re-sends the budget of sequences that had one (a promoted replica may have
-    /// missed it; applying a budget twice changes nothing).
+    /// Promotes replicas of the shards dead workers held and tells every remaining holder its new
+    /// role and epoch. A compressed sequence's copies all hold its budget already; one whose
+    /// assignment is in flight has it retried at the new epoch if it missed a copy.
     func failOver(dead: Set<NodeID>) async {
         let (moved, lost) = await state.failOver(dead: dead)
         for id in lost {
@@ -162,7 +177,6 @@ public final class CoordinatorService: Sendable {
                             metadata: ["sequence.id": "\(id)", "error": "\(error)"]
                         )
                     }
-                    if sequence.budgetAssigned { await self.assignBudgets(sequenceID: id, sequence) }
                 }
             }
         }
@@ -188,42 +202,50 @@ public final class CoordinatorService: Sendable {
         }
     }
 
-    /// Sends every shard owner its layers' budgets (at `retention`, by default the sequence's own)
-    /// and records the bytes each holds afterwards.
-    func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState, retention: Double? = nil) async {
-        let statistics = (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
-        let retention = retention ?? sequence.retention
+    /// Carries out a budget assignment: allocates the layers' budgets at `assign.retention` from the
+    /// statistics and sends every copy of every shard its layers' budgets, then tells the state
+    /// whether every copy applied them (compression is deterministic, so replicas end up with the
+    /// primary's bytes; accounting counts the primaries').
+    func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState, _ assign: BudgetLifecycle.Assign) async {
+        let metadata: Logger.Metadata = ["sequence.id": "\(sequenceID)", "retention": "\(assign.retention)"]
+        var everyCopyApplied = true
+        var held: UInt64 = 0
         do {
             let budgets = try BudgetAllocator.allocate(
                 policy: sequence.policy,
-                retention: retention,
+                retention: assign.retention,
                 geometry: sequence.geometry,
-                statistics: statistics
+                statistics: (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
             )
-            // Every copy of every shard gets its budget; compression is deterministic, so replicas
-            // end up with the same bytes. Accounting counts one copy (the primary's).
-            var held: UInt64 = 0
             for shard in sequence.shards {
-                let mine = budgets.filter { shard.layers.contains($0.layer) }
-                let message = try mine.proto(sequenceID: sequenceID, epoch: sequence.epoch)
-                for replica in shard.replicas {
+                let message = try budgets.filter { shard.layers.contains($0.layer) }
+                    .proto(sequenceID: sequenceID, epoch: sequence.epoch)
+                for holder in shard.holders {
                     do {
-                        _ = try await state.connection(for: replica.node).request(.assignBudget(message))
+                        let reply = try await state.connection(for: holder.node).request(.assignBudget(message))
+                        guard case .budgetApplied(let applied) = reply else {
+                            throw WireError(.internal, "\(holder.node) answered assign_budget with \(reply)")
+                        }
+                        if holder == shard.primary { held = held.saturatingSum(applied.kvBytes) }
                     } catch {
+                        everyCopyApplied = false
                         logger.warning(
-                            "a replica did not apply its budget",
-                            metadata: [
-                                "sequence.id": "\(sequenceID)", "peer.id": "\(replica.node)", "error": "\(error)",
-                            ]
+                            "a copy did not apply its budget",
+                            metadata: metadata.merging(["peer.id": "\(holder.node)", "error": "\(error)"]) { $1 }
                         )
                     }
                 }
-                let reply = try await state.connection(for: shard.primary.node).request(.assignBudget(message))
-                if case .budgetApplied(let applied) = reply { held = held.saturatingSum(applied.kvBytes) }
             }
-            await state.recordCompressed(sequenceID, bytes: held, retention: retention)
         } catch {
-            logger.error("budget assignment failed", metadata: ["sequence.id": "\(sequenceID)", "error": "\(error)"])
+            everyCopyApplied = false
+            logger.error("budget allocation failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        }
+        let phase = await state.finishAssignment(sequenceID, everyCopyApplied: everyCopyApplied, primaryBytes: held)
+        if case .retrying(_, let attempt, let due) = phase {
+            logger.warning(
+                "budget assignment will be retried",
+                metadata: metadata.merging(["attempt": "\(attempt)", "due": "\(due)"]) { $1 }
+            )
         }
     }
 
@@ -236,15 +258,13 @@ public final class CoordinatorService: Sendable {
         let floor = configuration.floorRatio
         for candidate in await state.tightenable(floor: floor, tenant: short.memory > 0 ? nil : tenant) {
             // As it stands now (a copy may have added a replica since the list was made); one with a
-            // copy in flight is skipped.
-            guard let sequence = await state.beginTightening(candidate) else { continue }
-            let retention = max(floor, sequence.retention / 2)
+            // copy or another assignment in flight is skipped.
+            guard let (sequence, assign) = await state.beginTightening(candidate, floor: floor) else { continue }
             logger.info(
                 "tightening under memory pressure",
-                metadata: ["sequence.id": "\(candidate)", "retention": "\(retention)"]
+                metadata: ["sequence.id": "\(candidate)", "retention": "\(assign.retention)"]
             )
-            await assignBudgets(sequenceID: candidate, sequence, retention: retention)
-            await state.endTightening(candidate)
+            await assignBudgets(sequenceID: candidate, sequence, assign)
             let now = await state.shortfall(tenant: tenant, estimate: estimate)
             if now.memory == 0 && now.quota == 0 { return }
         }

@@ -41,13 +41,12 @@ struct OpenSequenceState: Sendable {
     var layout: PromptLayout
     var message: Tessera_V1_OpenSequence
     var policy: CompressionPolicy
-    var retention: Double
     var epoch: UInt64
     var shards: [SequenceShard]
     var statistics: [Int: LayerStatistics] = [:]
-    var budgetAssigned = false
-    /// Set once every shard has applied a budget: only then can memory pressure tighten it.
-    var compressed = false
+    /// Statistics gathered, budget sent, compressed once every copy applied it; only then can it be
+    /// copied or tightened.
+    var budget: BudgetLifecycle
     /// Bytes reserved for the rows decode will append (the client's expected decode tokens, Float32,
     /// every copy).
     var decodeAllowance: UInt64
@@ -75,8 +74,9 @@ actor CoordinatorState {
     var admission: Admission
     var workers: [NodeID: WorkerLink] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
-    /// Sequences whose copies are being changed, by a shard copy or a tightening, one change at a
-    /// time: a copy taken while a tighter budget is on its way would keep the looser one.
+    /// Sequences with a shard copy in flight. A copy starts only from a compressed sequence, and a
+    /// tightening (which leaves the compressed phase) only without a copy in flight: a copy taken
+    /// while a tighter budget is on its way would keep the looser one.
     private var reshaping: Set<UInt64> = []
     /// Sequences whose last copy failed, and when to try again.
     private var copyRetry: [UInt64: ContinuousClock.Instant] = [:]
@@ -200,17 +200,16 @@ actor CoordinatorState {
                     layout: layout,
                     message: message,
                     policy: policy,
-                    retention: retention,
                     epoch: a.epoch,
                     shards: [],
-                    budgetAssigned: copy.compressed,
-                    compressed: copy.compressed,
+                    budget: BudgetLifecycle(restoredCompressed: copy.compressed, retention: retention),
                     decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: copies)
                         .decodeAllowance,
                     copies: copies,
                     restoredBytes: [:]
                 )
             }
+            if !copy.compressed { state.budget.copyUncompressed() }
             state.shards.removeAll { $0.id == shard.id }
             state.shards.append(shard)
             state.shards.sort { $0.layers.lowerBound < $1.layers.lowerBound }
@@ -254,7 +253,8 @@ actor CoordinatorState {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.compressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true else {
+            guard sequence.budget.isCompressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true
+            else {
                 continue
             }
             let wanted = min(replication, live.count)
@@ -448,9 +448,9 @@ actor CoordinatorState {
             layout: layout,
             message: message,
             policy: policy,
-            retention: retention,
             epoch: shardMap.placement.epoch,
             shards: shards,
+            budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
             copies: copies
         )
@@ -474,28 +474,51 @@ actor CoordinatorState {
         return state
     }
 
-    /// Records a layer's statistics; returns the sequence once every layer's have arrived (once).
-    /// Every copy reports the same statistics, and again after a coordinator restart: the first per
-    /// layer is kept, so a rebuilt sequence that already has its budget gets them for tightening.
-    func record(_ statistics: LayerStatistics, sequenceID: UInt64) -> OpenSequenceState? {
+    /// Records a layer's statistics; once every layer's are in, returns the first budget to assign,
+    /// with the sequence as it stands (once: see `BudgetLifecycle`). Every copy reports the same
+    /// statistics, and again after a coordinator restart: the first per layer is kept, so a rebuilt
+    /// sequence that already has its budget gets them for tightening.
+    func record(
+        _ statistics: LayerStatistics,
+        sequenceID: UInt64
+    ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
         guard var state = sequences[sequenceID] else { return nil }
         if state.statistics[statistics.layer] == nil { state.statistics[statistics.layer] = statistics }
-        let complete = !state.budgetAssigned && state.statistics.count == state.geometry.layers
-        if complete { state.budgetAssigned = true }
+        guard state.statistics.count == state.geometry.layers, let assign = state.budget.statisticsComplete() else {
+            sequences[sequenceID] = state
+            return nil
+        }
         sequences[sequenceID] = state
-        return complete ? state : nil
+        return (state, assign)
     }
 
-    /// Records what the shards' primaries hold after a budget (replicas hold the same), plus room for
-    /// the decode rows still to come, at the retention the budget was allocated for.
-    func recordCompressed(_ sequenceID: UInt64, bytes: UInt64, retention: Double) {
-        guard let sequence = sequences[sequenceID] else { return }
-        sequences[sequenceID]!.compressed = true
-        sequences[sequenceID]!.retention = retention
-        _ = admission.record(
-            sequenceID: sequenceID,
-            kvBytes: bytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance)
-        )
+    /// Ends an assignment. When every copy applied it, admission charges what the shards' primaries
+    /// hold (replicas hold the same) plus room for the decode rows still to come; otherwise the
+    /// charge stays as it was (never below what the copies hold) and the assignment is retried.
+    /// Returns the phase the sequence moved to; nil once it closed.
+    func finishAssignment(_ sequenceID: UInt64, everyCopyApplied: Bool, primaryBytes: UInt64) -> BudgetLifecycle.Phase?
+    {
+        guard var sequence = sequences[sequenceID] else { return nil }
+        let phase = sequence.budget.assignmentFinished(everyCopyApplied: everyCopyApplied, now: now)
+        sequences[sequenceID] = sequence
+        if everyCopyApplied {
+            _ = admission.record(
+                sequenceID: sequenceID,
+                kvBytes: primaryBytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance)
+            )
+        }
+        return phase
+    }
+
+    /// Assignments whose retry is due, with their sequences as they stand.
+    func dueAssignments() -> [(id: UInt64, sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)] {
+        let instant = now
+        var due: [(id: UInt64, sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)] = []
+        for id in sequences.keys.sorted() {
+            guard let assign = sequences[id]!.budget.tick(now: instant) else { continue }
+            due.append((id, sequences[id]!, assign))
+        }
+        return due
     }
 
     /// What must be freed before a sequence of `estimate` bytes fits: under the memory limit, and
@@ -514,7 +537,7 @@ actor CoordinatorState {
     func tightenable(floor: Double, tenant: String?) -> [UInt64] {
         sequences
             .filter {
-                $0.value.compressed && $0.value.retention > floor && (tenant == nil || $0.value.tenant == tenant)
+                ($0.value.budget.compressedRetention ?? 0) > floor && (tenant == nil || $0.value.tenant == tenant)
                     && $0.value.statistics.count == $0.value.geometry.layers && !reshaping.contains($0.key)
             }
             .map(\.key)
@@ -525,15 +548,19 @@ actor CoordinatorState {
             }
     }
 
-    /// Marks a sequence as being tightened and returns it as it stands now; nil once it closed or
-    /// while a copy of it (or another tightening) is in flight.
-    func beginTightening(_ sequenceID: UInt64) -> OpenSequenceState? {
-        guard let sequence = sequences[sequenceID], reshaping.insert(sequenceID).inserted else { return nil }
-        return sequence
-    }
-
-    func endTightening(_ sequenceID: UInt64) {
-        reshaping.remove(sequenceID)
+    /// Starts cutting a compressed sequence to half its retention (not below `floor`); returns it as
+    /// it stands now with the assignment to make, or nil once it closed, while a copy of it is in
+    /// flight, or while it is not compressed (another assignment is on its way).
+    func beginTightening(
+        _ sequenceID: UInt64,
+        floor: Double
+    ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
+        guard var sequence = sequences[sequenceID], !reshaping.contains(sequenceID),
+            let held = sequence.budget.compressedRetention,
+            let assign = sequence.budget.tighten(to: max(floor, held / 2))
+        else { return nil }
+        sequences[sequenceID] = sequence
+        return (sequence, assign)
     }
 
     /// Live workers with a connection: where sequences can be placed.

@@ -30,6 +30,14 @@ struct HeldSequence: Sendable {
     /// The layer statistics sent to the coordinator after prefill (small; sent again when registering
     /// with a restarted coordinator).
     var statistics: [Tessera_V1_LayerStats] = []
+    /// `statistics` at the epoch this copy is at now: the coordinator takes only those.
+    var currentStatistics: [Tessera_V1_LayerStats] {
+        statistics.map {
+            var layer = $0
+            layer.epoch = epoch
+            return layer
+        }
+    }
     /// Synthetic decode inputs per layer, when the prefill came as a workload seed.
     var syntheticDecode: [Int: [DecodeStepInput]]?
     var cache: ShardCache?
@@ -101,21 +109,24 @@ struct HeldSequence: Sendable {
 actor SequenceStore {
     private var sequences: [UInt64: HeldSequence] = [:]
 
-    func assign(_ sequenceID: UInt64, _ held: HeldSequence) throws(WireError) {
-        if let existing = sequences[sequenceID] {
-            guard existing.tenant == held.tenant, existing.shardID == held.shardID else {
-                throw WireError(.badRequest, "sequence \(sequenceID) already holds shard \(existing.shardID) here")
-            }
-            // A newer assignment (a failover) may change the roles.
-            if held.epoch >= existing.epoch {
-                sequences[sequenceID]!.isPrimary = held.isPrimary
-                sequences[sequenceID]!.replicas = held.replicas
-                sequences[sequenceID]!.assignment = held.assignment
-            }
-            sequences[sequenceID]!.epoch = max(existing.epoch, held.epoch)
-            return
+    /// Takes a shard assignment: a new sequence, or a newer epoch of a held one (a failover may
+    /// change the roles). Returns the statistics to send the coordinator again: those of a copy not
+    /// yet compressed whose epoch moved, stamped with the new epoch, since the coordinator refuses
+    /// statistics of an older one.
+    func assign(_ sequenceID: UInt64, _ held: HeldSequence) throws(WireError) -> [Tessera_V1_LayerStats] {
+        guard let existing = sequences[sequenceID] else {
+            sequences[sequenceID] = held
+            return []
         }
-        sequences[sequenceID] = held
+        guard existing.tenant == held.tenant, existing.shardID == held.shardID else {
+            throw WireError(.badRequest, "sequence \(sequenceID) already holds shard \(existing.shardID) here")
+        }
+        guard held.epoch >= existing.epoch else { return [] }
+        sequences[sequenceID]!.isPrimary = held.isPrimary
+        sequences[sequenceID]!.replicas = held.replicas
+        sequences[sequenceID]!.assignment = held.assignment
+        sequences[sequenceID]!.epoch = held.epoch
+        return held.epoch == existing.epoch || existing.isCompressed ? [] : sequences[sequenceID]!.currentStatistics
     }
 
     /// The sequence if `tenant` owns it and the write carries the current shard and epoch, and comes
@@ -185,6 +196,8 @@ actor SequenceStore {
         sequences[sequenceID]?.expanding = false
     }
 
+    /// Keeps an expanded prefill; returns the bytes it holds and its statistics, stamped with the
+    /// sequence's epoch now (a failover during the expansion moved it).
     func storePrefill(
         _ sequenceID: UInt64,
         prefills: [Int: LayerPrefill],
@@ -194,7 +207,7 @@ actor SequenceStore {
         needle: Needle?,
         audited: Bool,
         work: PrefillWork
-    ) throws(WireError) -> Int {
+    ) throws(WireError) -> (bytes: Int, statistics: [Tessera_V1_LayerStats]) {
         guard sequences[sequenceID] != nil else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was closed during its prefill")
         }
@@ -212,7 +225,7 @@ actor SequenceStore {
         let waiting = sequences[sequenceID]!.prefillWaiters
         sequences[sequenceID]!.prefillWaiters = [:]
         for waiter in waiting.values { waiter.resume() }
-        return sequences[sequenceID]!.bytes.total
+        return (sequences[sequenceID]!.bytes.total, sequences[sequenceID]!.currentStatistics)
     }
 
     /// The prefill, for compressing outside the actor.
@@ -534,7 +547,7 @@ actor SequenceStore {
 
     /// The layer statistics of every held shard, sent again after registering.
     func layerStatistics() -> [Tessera_V1_LayerStats] {
-        sequences.keys.sorted().flatMap { sequences[$0]!.statistics }
+        sequences.keys.sorted().flatMap { sequences[$0]!.currentStatistics }
     }
 
     /// Every held shard as reported when (re-)registering with the coordinator.

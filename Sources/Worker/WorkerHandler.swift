@@ -26,7 +26,9 @@ struct WorkerHandler: EnvelopeHandler {
             return try await assign(assignment)
         case .assignBudget(let budget):
             try peer.require(.coordinator, for: request)
-            return try await apply(budget)
+            let applied = try await apply(budget)
+            await worker.releaseRetainedPages()
+            return applied
         case .close(let close):
             try peer.require(.coordinator, for: request)
             return try await self.close(close)
@@ -57,7 +59,7 @@ struct WorkerHandler: EnvelopeHandler {
 
     private func assign(_ message: Tessera_V1_ShardAssignment) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try HeldSequence(assignment: message, localNodeID: worker.configuration.nodeID)
-        try await worker.store.assign(message.sequenceID, held)
+        worker.report(try await worker.store.assign(message.sequenceID, held))
         var ack = Tessera_V1_ShardAssignmentAck()
         ack.sequenceID = message.sequenceID
         ack.shardID = message.shard.shardID
@@ -95,7 +97,7 @@ struct WorkerHandler: EnvelopeHandler {
             throw error
         }
         let (prefills, profiles, statistics, syntheticDecode, needle, work) = expanded
-        let bytes = try await worker.store.storePrefill(
+        let (bytes, current) = try await worker.store.storePrefill(
             message.sequenceID,
             prefills: prefills,
             profiles: profiles,
@@ -107,7 +109,7 @@ struct WorkerHandler: EnvelopeHandler {
         )
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer.
-        worker.report(statistics)
+        worker.report(current)
         try await replicated
         return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
     }
@@ -214,6 +216,13 @@ struct WorkerHandler: EnvelopeHandler {
             what: "waiting for the prefill of sequence \(message.sequenceID)"
         ) {
             try await self.worker.store.prefillForCompression(message.sequenceID)
+        }
+        // A budget from before a failover: the coordinator sends it again at the new epoch.
+        guard message.epoch >= held.epoch else {
+            throw WireError(
+                .staleEpoch,
+                "sequence \(message.sequenceID) is at epoch \(held.epoch), the budget carries \(message.epoch)"
+            )
         }
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
@@ -385,7 +394,7 @@ struct WorkerHandler: EnvelopeHandler {
         var ack = Tessera_V1_CloseAck()
         ack.sequenceID = message.sequenceID
         ack.freedBytes = UInt64(await worker.store.close(message.sequenceID))
-        if ack.freedBytes > 0 { _ = try? await worker.offload(.prefill) { ProcessMemory.releaseFreePages() } }
+        if ack.freedBytes > 0 { await worker.releaseRetainedPages() }
         return .closeAck(ack)
     }
 

@@ -34,6 +34,8 @@ public final class WorkerService: Sendable {
     /// Starts at the configured incarnation; a worker the coordinator declared dead drops what it held
     /// and rejoins as the next one.
     private let currentIncarnation: Mutex<UInt64>
+    /// Resident bytes once the service started, before it held anything (code, stacks, runtime).
+    private let baseResidentBytes = Mutex<UInt64>(0)
 
     public init(configuration: WorkerConfiguration, logger: Logger) {
         self.configuration = configuration
@@ -54,9 +56,10 @@ public final class WorkerService: Sendable {
     /// the registration.
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
         try configuration.security.check(local: identity)
-        ProcessMemory.returnLargeFreesToTheSystem()
+        ProcessMemory.reuseLargeFrees()
         prefillThreads.start()
         decodeThreads.start()
+        baseResidentBytes.withLock { $0 = ProcessMemory.residentBytes() }
         defer {
             prefillThreads.shutdownGracefully { _ in }
             decodeThreads.shutdownGracefully { _ in }
@@ -192,7 +195,25 @@ public final class WorkerService: Sendable {
                 .heartbeat(beat),
                 timeout: max(.seconds(2), configuration.heartbeatInterval * 8)
             )
+            await releaseRetainedPages()
         }
+    }
+
+    /// Free heap memory this process may keep for reuse, beyond what it holds and what it was resident
+    /// with before holding anything: 64 MiB and 1/8 of the held bytes.
+    static func retainedAllowance(held: Int) -> UInt64 { UInt64(64 << 20) + UInt64(held / 8) }
+
+    /// Gives the heap's free pages back to the kernel once resident memory exceeds the bytes held
+    /// (cache, prefills, audit copies) by more than `retainedAllowance`: freed tensors stay in the
+    /// heap for reuse (`ProcessMemory.reuseLargeFrees`), and this keeps the footprint a load test
+    /// measures close to what the worker holds. Checked every heartbeat and after a budget or a close
+    /// frees a sequence's rows.
+    func releaseRetainedPages() async {
+        let totals = await store.totals()
+        let held = totals.total + totals.audit
+        let base = baseResidentBytes.withLock { $0 }
+        guard ProcessMemory.residentBytes() > base + UInt64(held) + Self.retainedAllowance(held: held) else { return }
+        _ = try? await offload(.prefill) { ProcessMemory.releaseFreePages() }
     }
 
     /// Applies a write on every replica (concurrently); throws UNAVAILABLE naming the first replica

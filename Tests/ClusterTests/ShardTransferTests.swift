@@ -174,7 +174,7 @@ struct ShardTransferTests {
         await #expect(throws: WireError.self) { try await target.receive(parts[0], from: "worker-1") }
 
         let source = SequenceStore()
-        try await source.assign(7, held)
+        _ = try await source.assign(7, held)
         // Only the primary at the current epoch copies.
         await #expect(throws: WireError.self) { try await source.beginTransfer(7, shardID: 1, epoch: 2) }
         _ = try await source.beginTransfer(7, shardID: 1, epoch: 3)

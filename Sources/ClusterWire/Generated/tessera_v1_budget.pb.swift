@@ -77,7 +77,9 @@ package nonisolated struct Tessera_V1_LayerStats: Sendable {
   /// One entry per head, in head order.
   package var heads: [Tessera_V1_HeadStats] = []
 
-  /// The shard-map epoch the worker held the layer under.
+  /// The sequence's epoch the worker's copy is at (it moves at every failover). The coordinator takes
+  /// statistics only at the sequence's current epoch and only from a holder of the layer; a copy whose
+  /// epoch moves before it is compressed sends its statistics again with the new one.
   package var epoch: UInt64 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -156,7 +158,8 @@ package nonisolated struct Tessera_V1_AssignBudget: Sendable {
   /// The sequence.
   package var sequenceID: UInt64 = 0
 
-  /// The shard-map epoch the budget was computed under.
+  /// The sequence's epoch when the budget was sent; a copy at a newer epoch refuses it (STALE_EPOCH)
+  /// and the coordinator sends it again at the current one.
   package var epoch: UInt64 = 0
 
   /// The shard's layers, each once.
@@ -179,7 +182,7 @@ package nonisolated struct Tessera_V1_BudgetApplied: Sendable {
   /// The shard.
   package var shardID: UInt32 = 0
 
-  /// The epoch of the AssignBudget that was applied.
+  /// The epoch of the copy that applied it.
   package var epoch: UInt64 = 0
 
   /// Accounted K/V bytes of the sequence in this shard after compression.
