@@ -69,14 +69,14 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
 }
 
 /// The client library: opens sequences through the coordinator, then talks to the workers directly,
-/// following the placement; retries with a fresh placement while a shard fails over (see
-/// `onEveryShard`). Connections (the coordinator's too, reopened after a restart) live inside
-/// `withClient`'s scope and close when it returns.
+/// following the placement, which the coordinator pushes when a failover moves it; retries with a
+/// fresh placement while a shard fails over (see `onEveryShard`). Connections (the coordinator's
+/// too, reopened after a restart) live inside `withClient`'s scope and close when it returns.
 public final class TesseraClient: Sendable {
     public let tenant: String
     private let coordinatorAddress: NodeAddress
     private let pool: ConnectionPool
-    private let placements = Mutex<[UInt64: SequencePlacement]>([:])
+    private let book: PlacementBook
     /// Per opened sequence, how long its prefill may take (`prefillTimeout`).
     private let prefillTimeouts = Mutex<[UInt64: Duration]>([:])
     private let retries = Atomic<Int>(0)
@@ -84,10 +84,11 @@ public final class TesseraClient: Sendable {
     /// Writes sent again after a failure a fresh placement or connection could cure (see `onEveryShard`).
     public var retriedRequests: Int { retries.load(ordering: .relaxed) }
 
-    init(tenant: String, coordinator: NodeAddress, pool: ConnectionPool) {
+    init(tenant: String, coordinator: NodeAddress, pool: ConnectionPool, book: PlacementBook) {
         self.tenant = tenant
         self.coordinatorAddress = coordinator
         self.pool = pool
+        self.book = book
     }
 
     /// Connects to the coordinator and runs `body` with a client; every connection closes afterwards.
@@ -105,14 +106,47 @@ public final class TesseraClient: Sendable {
         let (nodeID, tenant) = try clientIdentity(security: security, tenant: tenant, nodeID: nodeID)
         let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
         let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
+        let book = PlacementBook()
         return try await ConnectionPool.withPool(
             handshake: handshake,
             security: security,
             maxFrameBytes: maxFrameBytes,
+            handler: PlacementPushes(book: book),
             logger: logger
         ) { pool in
             _ = try await pool.connection(to: address)
-            return try await body(TesseraClient(tenant: tenant, coordinator: address, pool: pool))
+            let client = TesseraClient(tenant: tenant, coordinator: address, pool: pool, book: book)
+            return try await withThrowingTaskGroup(of: T?.self) { group in
+                group.addTask {
+                    try await client.keepWatching()
+                    return nil
+                }
+                defer { group.cancelAll() }
+                return try await body(client)
+            }
+        }
+    }
+
+    /// Keeps the coordinator's placement pushes coming: whenever the connection to it is opened
+    /// again (the coordinator restarted, or the link broke), asks for the placement of every open
+    /// sequence, which makes this connection their watcher on the coordinator and catches up on a
+    /// move whose push was lost.
+    private func keepWatching() async throws {
+        var backoff = Duration.milliseconds(100)
+        var first = true
+        while true {
+            guard let connection = try? await coordinator else {
+                try await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(1))
+                continue
+            }
+            backoff = .milliseconds(100)
+            if !first {
+                for id in book.sequenceIDs { _ = try? await refreshPlacement(id) }
+            }
+            first = false
+            await connection.waitUntilClosed()
+            try Task.checkCancellation()
         }
     }
 
@@ -278,7 +312,7 @@ public final class TesseraClient: Sendable {
         message.tenant = tenant
         message.sequenceID = sequenceID
         let reply = try await coordinator.request(.close(message))
-        _ = placements.withLock { $0.removeValue(forKey: sequenceID) }
+        book.forget(sequenceID)
         _ = prefillTimeouts.withLock { $0.removeValue(forKey: sequenceID) }
         if case .closeAck(let ack) = reply { return ack.freedBytes }
         return 0
@@ -320,7 +354,7 @@ public final class TesseraClient: Sendable {
         _ make:
             @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
     ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
-        guard let placement = placements.withLock({ $0[sequenceID] }) else {
+        guard let placement = book.placement(sequenceID) else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was not opened by this client")
         }
         return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { group in
@@ -357,9 +391,8 @@ public final class TesseraClient: Sendable {
         }
     }
 
-    /// One request to the shard's primary. While it is outstanding the placement is checked every
-    /// second: a primary that froze (a gray failure) never answers, and once the coordinator has
-    /// moved the shard to a new epoch the request is abandoned for a retry there.
+    /// One request to the shard's primary. A primary that froze (a gray failure) never answers: once
+    /// the coordinator pushes a placement at a newer epoch, the request is abandoned for a retry there.
     private func attempt(
         _ sequenceID: UInt64,
         _ shard: SequencePlacement.Shard,
@@ -373,10 +406,8 @@ public final class TesseraClient: Sendable {
                 try await self.pool.connection(to: shard.primary).request(try make(shard, placement), timeout: timeout)
             }
             group.addTask {
-                // A placement that cannot be fetched (the coordinator is restarting) counts as unchanged.
-                repeat {
-                    try await Task.sleep(for: .seconds(1))
-                } while (try? await self.refreshPlacement(sequenceID))?.epoch ?? placement.epoch == placement.epoch
+                await self.book.waitForMove(of: sequenceID, from: placement.epoch)
+                try Task.checkCancellation()
                 return nil
             }
             defer { group.cancelAll() }
@@ -405,20 +436,7 @@ public final class TesseraClient: Sendable {
         guard case .placement(let message) = reply else {
             throw WireError(.badRequest, "expected a placement, got \(reply)")
         }
-        let placement = SequencePlacement(
-            sequenceID: message.sequenceID,
-            epoch: message.epoch,
-            shards: message.shards.map { shard in
-                SequencePlacement.Shard(
-                    id: shard.shardID,
-                    layers: Int(shard.firstLayer)..<(Int(shard.firstLayer) + Int(shard.layerCount)),
-                    primary: NodeAddress(host: shard.primary.host, port: Int(shard.primary.port)),
-                    replicas: shard.replicas.map { NodeAddress(host: $0.host, port: Int($0.port)) }
-                )
-            }
-        )
-        placements.withLock { $0[placement.sequenceID] = placement }
-        return placement
+        return book.remember(SequencePlacement(message))
     }
 }
 

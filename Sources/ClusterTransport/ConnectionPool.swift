@@ -16,10 +16,13 @@ package final class ConnectionPool: Sendable {
 
     private init(opens: AsyncStream<NodeAddress>.Continuation) { self.opens = opens }
 
+    /// Runs `body` with a pool whose connections answer what peers send on them with `handler`
+    /// (by default, refusing it).
     package static func withPool<T: Sendable>(
         handshake: Handshake,
         security: TransportSecurity,
         maxFrameBytes: Int,
+        handler: any EnvelopeHandler = RefuseRequests(),
         logger: Logger,
         _ body: @escaping @Sendable (ConnectionPool) async throws -> T
     ) async throws -> T {
@@ -35,6 +38,7 @@ package final class ConnectionPool: Sendable {
                                 handshake: handshake,
                                 security: security,
                                 maxFrameBytes: maxFrameBytes,
+                                handler: handler,
                                 logger: logger
                             )
                         }
@@ -78,6 +82,7 @@ package final class ConnectionPool: Sendable {
         handshake: Handshake,
         security: TransportSecurity,
         maxFrameBytes: Int,
+        handler: any EnvelopeHandler,
         logger: Logger
     ) async {
         var failure = WireError(.unavailable, "cannot connect to \(address)")
@@ -87,7 +92,7 @@ package final class ConnectionPool: Sendable {
                 handshake: handshake,
                 security: security,
                 maxFrameBytes: maxFrameBytes,
-                handler: RefuseRequests(),
+                handler: handler,
                 logger: logger
             ) { connection in
                 let waiting = self.entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in

@@ -103,6 +103,7 @@ extension Tessera_V1_Envelope.OneOf_Body {
         case .closeAck: "close_ack"
         case .shardAssignment: "shard_assignment"
         case .shardAssignmentAck: "shard_assignment_ack"
+        case .placementMoved: "placement_moved"
         case .layerStats: "layer_stats"
         case .assignBudget: "assign_budget"
         case .budgetApplied: "budget_applied"
@@ -134,7 +135,7 @@ extension Tessera_V1_Envelope.OneOf_Body {
         case .hello, .registerWorker, .heartbeat, .statusRequest, .openSequence, .placementRequest, .close,
             .shardAssignment, .assignBudget, .prefill, .decode, .copyShard, .shardTransfer:
             .request
-        case .layerStats:
+        case .layerStats, .placementMoved:
             .oneWay
         case .helloAck, .error, .registerAck, .heartbeatAck, .statusReply, .placement, .closeAck, .shardAssignmentAck,
             .budgetApplied, .prefillAck, .decodeResult, .copyShardAck, .shardTransferAck:

@@ -95,11 +95,13 @@ struct CoordinatorHandler: EnvelopeHandler {
                 await state.abandon(message.sequenceID)
                 throw error
             }
+            await state.watch(message.sequenceID, from: connection)
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
         case .placementRequest(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await state.sequence(message.sequenceID, tenant: message.tenant)
+            await state.watch(message.sequenceID, from: connection)
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
         case .close(var message):
             try peer.require(.client, for: request)

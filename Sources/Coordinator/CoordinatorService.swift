@@ -153,8 +153,8 @@ public final class CoordinatorService: Sendable {
         _ = try? await state.connection(for: plan.target.node).request(.close(close))
     }
 
-    /// Promotes replicas of the shards dead workers held and tells every remaining holder its new
-    /// role and epoch. A compressed sequence's copies all hold its budget already; one whose
+    /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
+    /// and epoch, and pushes the new placement to the clients watching the sequence. A compressed sequence's copies all hold its budget already; one whose
     /// assignment is in flight has it retried at the new epoch if it missed a copy.
     func failOver(dead: Set<NodeID>) async {
         let (moved, lost) = await state.failOver(dead: dead)
@@ -176,6 +176,13 @@ public final class CoordinatorService: Sendable {
                             "failover announcement failed",
                             metadata: ["sequence.id": "\(id)", "error": "\(error)"]
                         )
+                    }
+                    // One-way: a client that does not hear it learns the placement when its next
+                    // request to the old primary is refused, or when it reconnects to the coordinator.
+                    var moved = Tessera_V1_PlacementMoved()
+                    moved.placement = Self.placement(id, sequence)
+                    for client in await self.state.watchers(of: id) {
+                        try? await client.notify(.placementMoved(moved))
                     }
                 }
             }

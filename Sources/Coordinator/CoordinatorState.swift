@@ -90,6 +90,10 @@ actor CoordinatorState {
     /// workers are live.
     let replication: Int
 
+    /// Per open sequence, the client connections to tell when a failover moves it: those that opened
+    /// it or asked for its placement.
+    private var watchers: [UInt64: [PeerConnection]] = [:]
+
     /// Closed sequences whose Close some holders have not answered (their connection was down): a
     /// registration of theirs must not bring the sequence back, and they are told to close it again.
     /// A holder declared dead leaves it (it rejoins as a new incarnation, holding nothing).
@@ -385,11 +389,6 @@ actor CoordinatorState {
         return (moved, lost)
     }
 
-    func connectionClosed(_ connection: PeerConnection) {
-        let nodeID = NodeID(connection.peer.nodeID)
-        if workers[nodeID]?.connection === connection { workers[nodeID] = nil }
-    }
-
     /// Admits and places a new sequence: its layers split into as many contiguous shards as the
     /// cluster map has, each held by that shard's primary.
     func open(_ message: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
@@ -458,7 +457,21 @@ actor CoordinatorState {
         return state
     }
 
+    /// Tells `connection` about later moves of the sequence (see `watchers(of:)`).
+    func watch(_ sequenceID: UInt64, from connection: PeerConnection) {
+        guard sequences[sequenceID] != nil, watchers[sequenceID]?.contains(where: { $0 === connection }) != true
+        else { return }
+        watchers[sequenceID, default: []].append(connection)
+    }
+
+    /// The open connections watching the sequence; closed ones are dropped.
+    func watchers(of sequenceID: UInt64) -> [PeerConnection] {
+        watchers[sequenceID]?.removeAll { $0.isClosed }
+        return watchers[sequenceID] ?? []
+    }
+
     func abandon(_ sequenceID: UInt64) {
+        watchers[sequenceID] = nil
         sequences[sequenceID] = nil
         _ = admission.release(sequenceID: sequenceID)
     }
@@ -591,6 +604,7 @@ actor CoordinatorState {
 
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         copyRetry[sequenceID] = nil
+        watchers[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         _ = admission.release(sequenceID: sequenceID)
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })

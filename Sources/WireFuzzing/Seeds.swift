@@ -114,14 +114,12 @@ enum Seeds {
         var registerAck = Tessera_V1_RegisterAck()
         registerAck.coordinatorID = "coordinator"
         registerAck.coordinatorIncarnation = 2
-        registerAck.epoch = epoch
         registerAck.heartbeatIntervalMillis = 500
         add(.registerAck(registerAck))
 
         var heartbeat = Tessera_V1_Heartbeat()
         heartbeat.incarnation = 7
         heartbeat.sequenceNumber = 99
-        heartbeat.epoch = epoch
         heartbeat.kvBytes = 1 << 20
         heartbeat.kvBytesByModality = byModality()
         heartbeat.rssBytes = 1 << 28
@@ -130,7 +128,6 @@ enum Seeds {
 
         var heartbeatAck = Tessera_V1_HeartbeatAck()
         heartbeatAck.sequenceNumber = 99
-        heartbeatAck.epoch = epoch
         add(.heartbeatAck(heartbeatAck))
 
         var statusRequest = Tessera_V1_StatusRequest()
@@ -181,6 +178,10 @@ enum Seeds {
         placement.epoch = epoch
         placement.shards = [shard()]
         add(.placement(placement))
+
+        var moved = Tessera_V1_PlacementMoved()
+        moved.placement = placement
+        add(.placementMoved(moved))
 
         var close = Tessera_V1_Close()
         close.tenant = "acme"

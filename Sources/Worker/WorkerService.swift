@@ -26,6 +26,10 @@ public final class WorkerService: Sendable {
     /// decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
     private let prefillThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
     private let decodeThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    /// Runs `malloc_trim`, which can take milliseconds on a large heap: never queued behind a prefill
+    /// (the heartbeat loop waits for it) and never on an event loop.
+    private let trimThread = NIOThreadPool(numberOfThreads: 1)
+    private let trimming = Atomic<Bool>(false)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
@@ -59,10 +63,12 @@ public final class WorkerService: Sendable {
         ProcessMemory.reuseLargeFrees()
         prefillThreads.start()
         decodeThreads.start()
+        trimThread.start()
         baseResidentBytes.withLock { $0 = ProcessMemory.residentBytes() }
         defer {
             prefillThreads.shutdownGracefully { _ in }
             decodeThreads.shutdownGracefully { _ in }
+            trimThread.shutdownGracefully { _ in }
         }
         try await ConnectionPool.withPool(
             handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]),
@@ -212,8 +218,11 @@ public final class WorkerService: Sendable {
         let totals = await store.totals()
         let held = totals.total + totals.audit
         let base = baseResidentBytes.withLock { $0 }
-        guard ProcessMemory.residentBytes() > base + UInt64(held) + Self.retainedAllowance(held: held) else { return }
-        _ = try? await offload(.prefill) { ProcessMemory.releaseFreePages() }
+        guard ProcessMemory.residentBytes() > base + UInt64(held) + Self.retainedAllowance(held: held),
+            trimming.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
+        else { return }
+        defer { trimming.store(false, ordering: .releasing) }
+        _ = try? await trimThread.runIfActive { ProcessMemory.releaseFreePages() }
     }
 
     /// Applies a write on every replica (concurrently); throws UNAVAILABLE naming the first replica

@@ -11,7 +11,7 @@ struct EnvelopeSample: Sendable, CustomTestStringConvertible {
 let allBodyNames: Set<String> = [
     "hello", "hello_ack", "error",
     "register_worker", "register_ack", "heartbeat", "heartbeat_ack", "status_request", "status_reply",
-    "open_sequence", "placement_request", "placement", "close", "close_ack",
+    "open_sequence", "placement_request", "placement", "placement_moved", "close", "close_ack",
     "layer_stats", "assign_budget", "budget_applied",
     "prefill", "prefill_ack", "decode", "decode_result",
 ]
@@ -117,21 +117,18 @@ let envelopeSamples: [EnvelopeSample] = {
     var registerAck = Tessera_V1_RegisterAck()
     registerAck.coordinatorID = "coordinator"
     registerAck.coordinatorIncarnation = 2
-    registerAck.epoch = 10
     registerAck.heartbeatIntervalMillis = 500
     bodies.append(.registerAck(registerAck))
 
     var heartbeat = Tessera_V1_Heartbeat()
     heartbeat.incarnation = 7
     heartbeat.sequenceNumber = 99
-    heartbeat.epoch = 10
     heartbeat.kvBytes = 1 << 20
     heartbeat.kvBytesByModality = modalityBytes()
     bodies.append(.heartbeat(heartbeat))
 
     var heartbeatAck = Tessera_V1_HeartbeatAck()
     heartbeatAck.sequenceNumber = 99
-    heartbeatAck.epoch = 11
     bodies.append(.heartbeatAck(heartbeatAck))
 
     var statusRequest = Tessera_V1_StatusRequest()
@@ -189,6 +186,10 @@ let envelopeSamples: [EnvelopeSample] = {
         return shard
     }
     bodies.append(.placement(placement))
+
+    var moved = Tessera_V1_PlacementMoved()
+    moved.placement = placement
+    bodies.append(.placementMoved(moved))
 
     var close = Tessera_V1_Close()
     close.tenant = "acme"

@@ -213,9 +213,6 @@ package nonisolated struct Tessera_V1_RegisterAck: Sendable {
   /// The coordinator's incarnation; a change tells the worker the coordinator restarted.
   package var coordinatorIncarnation: UInt64 = 0
 
-  /// The current shard-map epoch.
-  package var epoch: UInt64 = 0
-
   /// How often the worker must send Heartbeat.
   package var heartbeatIntervalMillis: UInt32 = 0
 
@@ -235,9 +232,6 @@ package nonisolated struct Tessera_V1_Heartbeat: Sendable {
 
   /// Increases by one with every heartbeat of this incarnation.
   package var sequenceNumber: UInt64 = 0
-
-  /// The newest shard-map epoch the worker has seen.
-  package var epoch: UInt64 = 0
 
   /// Accounted K/V bytes on the worker, all shards.
   package var kvBytes: UInt64 = 0
@@ -266,9 +260,6 @@ package nonisolated struct Tessera_V1_HeartbeatAck: Sendable {
 
   /// The acknowledged Heartbeat.sequence_number.
   package var sequenceNumber: UInt64 = 0
-
-  /// The coordinator's current shard-map epoch; newer than the worker's means "fetch the shard map".
-  package var epoch: UInt64 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -382,7 +373,8 @@ package nonisolated struct Tessera_V1_StatusReply: Sendable {
   /// The coordinator's node id.
   package var coordinatorID: String = String()
 
-  /// The current shard-map epoch.
+  /// The epoch of the cluster's shard map, which moves when workers join or leave (each sequence has
+  /// an epoch of its own, moved by its failovers).
   package var epoch: UInt64 = 0
 
   /// Every worker the coordinator knows, dead ones included.
@@ -516,7 +508,7 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".RegisterAck"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}coordinator_incarnation\0\u{1}epoch\0\u{3}heartbeat_interval_millis\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}coordinator_incarnation\0\u{4}\u{2}heartbeat_interval_millis\0\u{b}epoch\0\u{c}\u{3}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -526,7 +518,6 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.coordinatorID) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.coordinatorIncarnation) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMillis) }()
       default: break
       }
@@ -540,9 +531,6 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
     if self.coordinatorIncarnation != 0 {
       try visitor.visitSingularUInt64Field(value: self.coordinatorIncarnation, fieldNumber: 2)
     }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 3)
-    }
     if self.heartbeatIntervalMillis != 0 {
       try visitor.visitSingularUInt32Field(value: self.heartbeatIntervalMillis, fieldNumber: 4)
     }
@@ -552,7 +540,6 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
   package static func ==(lhs: Tessera_V1_RegisterAck, rhs: Tessera_V1_RegisterAck) -> Bool {
     if lhs.coordinatorID != rhs.coordinatorID {return false}
     if lhs.coordinatorIncarnation != rhs.coordinatorIncarnation {return false}
-    if lhs.epoch != rhs.epoch {return false}
     if lhs.heartbeatIntervalMillis != rhs.heartbeatIntervalMillis {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -561,7 +548,7 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Heartbeat"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}incarnation\0\u{3}sequence_number\0\u{1}epoch\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}incarnation\0\u{3}sequence_number\0\u{4}\u{2}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0\u{b}epoch\0\u{c}\u{3}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -571,7 +558,6 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.incarnation) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceNumber) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.kvBytesByModality) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.rssBytes) }()
@@ -588,9 +574,6 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
     }
     if self.sequenceNumber != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceNumber, fieldNumber: 2)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 3)
     }
     if self.kvBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 4)
@@ -613,7 +596,6 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
   package static func ==(lhs: Tessera_V1_Heartbeat, rhs: Tessera_V1_Heartbeat) -> Bool {
     if lhs.incarnation != rhs.incarnation {return false}
     if lhs.sequenceNumber != rhs.sequenceNumber {return false}
-    if lhs.epoch != rhs.epoch {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.kvBytesByModality != rhs.kvBytesByModality {return false}
     if lhs.rssBytes != rhs.rssBytes {return false}
@@ -626,7 +608,7 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".HeartbeatAck"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_number\0\u{1}epoch\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_number\0\u{b}epoch\0\u{c}\u{2}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -635,7 +617,6 @@ nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProto
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceNumber) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       default: break
       }
     }
@@ -645,15 +626,11 @@ nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProto
     if self.sequenceNumber != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceNumber, fieldNumber: 1)
     }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
-    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_HeartbeatAck, rhs: Tessera_V1_HeartbeatAck) -> Bool {
     if lhs.sequenceNumber != rhs.sequenceNumber {return false}
-    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

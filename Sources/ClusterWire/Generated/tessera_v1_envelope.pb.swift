@@ -179,6 +179,15 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     set {body = .shardAssignmentAck(newValue)}
   }
 
+  /// Coordinator -> client, one-way: a failover moved a sequence.
+  package var placementMoved: Tessera_V1_PlacementMoved {
+    get {
+      if case .placementMoved(let v)? = body {return v}
+      return Tessera_V1_PlacementMoved()
+    }
+    set {body = .placementMoved(newValue)}
+  }
+
   /// Worker -> coordinator: prefill statistics of one layer.
   package var layerStats: Tessera_V1_LayerStats {
     get {
@@ -313,6 +322,8 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     case closeAck(Tessera_V1_CloseAck)
     case shardAssignment(Tessera_V1_ShardAssignment)
     case shardAssignmentAck(Tessera_V1_ShardAssignmentAck)
+    /// Coordinator -> client, one-way: a failover moved a sequence.
+    case placementMoved(Tessera_V1_PlacementMoved)
     /// Worker -> coordinator: prefill statistics of one layer.
     case layerStats(Tessera_V1_LayerStats)
     /// Coordinator -> workers: per-layer, per-head budgets.
@@ -347,7 +358,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{4}\u{4}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -562,6 +573,19 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.body = .shardAssignmentAck(v)
+        }
+      }()
+      case 37: try {
+        var v: Tessera_V1_PlacementMoved?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .placementMoved(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .placementMoved(v)
         }
       }()
       case 40: try {
@@ -784,6 +808,10 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
     case .shardAssignmentAck?: try {
       guard case .shardAssignmentAck(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 36)
+    }()
+    case .placementMoved?: try {
+      guard case .placementMoved(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 37)
     }()
     case .layerStats?: try {
       guard case .layerStats(let v)? = self.body else { preconditionFailure() }

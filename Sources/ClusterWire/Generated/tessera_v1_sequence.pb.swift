@@ -213,7 +213,8 @@ package nonisolated struct Tessera_V1_ShardPlacement: Sendable {
   fileprivate var _primary: Tessera_V1_Endpoint? = nil
 }
 
-/// Coordinator -> client: where a sequence lives, valid for one shard-map epoch.
+/// Coordinator -> client: where a sequence lives, valid for one epoch of the sequence. The answer to
+/// OpenSequence and PlacementRequest.
 package nonisolated struct Tessera_V1_Placement: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -222,7 +223,7 @@ package nonisolated struct Tessera_V1_Placement: Sendable {
   /// The sequence.
   package var sequenceID: UInt64 = 0
 
-  /// The shard-map epoch this placement belongs to; data-plane requests carry it.
+  /// The sequence's epoch (it moves at every failover); data-plane requests carry it.
   package var epoch: UInt64 = 0
 
   /// The shards covering every layer of the model, ordered by first_layer.
@@ -231,6 +232,31 @@ package nonisolated struct Tessera_V1_Placement: Sendable {
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+}
+
+/// Coordinator -> client, one-way: a failover moved a sequence to a new epoch. Sent to the client
+/// connections that opened the sequence or asked for its placement, so that a request outstanding at
+/// a primary that froze is abandoned for a retry at the new one without the client polling.
+package nonisolated struct Tessera_V1_PlacementMoved: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The sequence's placement at its new epoch.
+  package var placement: Tessera_V1_Placement {
+    get {_placement ?? Tessera_V1_Placement()}
+    set {_placement = newValue}
+  }
+  /// Returns true if `placement` has been explicitly set.
+  package var hasPlacement: Bool {self._placement != nil}
+  /// Clears the value of `placement`. Subsequent reads from it will return its default value.
+  package mutating func clearPlacement() {self._placement = nil}
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+
+  fileprivate var _placement: Tessera_V1_Placement? = nil
 }
 
 /// Client -> coordinator (and coordinator -> workers): free a sequence everywhere.
@@ -721,6 +747,40 @@ nonisolated extension Tessera_V1_Placement: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.sequenceID != rhs.sequenceID {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.shards != rhs.shards {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_PlacementMoved: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".PlacementMoved"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}placement\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._placement) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._placement {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_PlacementMoved, rhs: Tessera_V1_PlacementMoved) -> Bool {
+    if lhs._placement != rhs._placement {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
