@@ -10,7 +10,9 @@ struct PlacementBookTests {
         SequencePlacement(
             sequenceID: id,
             epoch: epoch,
-            shards: [.init(id: 0, layers: 0..<4, primary: NodeAddress(host: "127.0.0.1", port: primaryPort), replicas: [])]
+            shards: [
+                .init(id: 0, layers: 0..<4, primary: NodeAddress(host: "127.0.0.1", port: primaryPort), replicas: [])
+            ]
         )
     }
 
