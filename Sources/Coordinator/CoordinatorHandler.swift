@@ -54,7 +54,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             return .registerAck(ack)
         case .heartbeat(let message):
             try peer.require(.worker, for: request)
-            try await state.heartbeat(message, on: connection)
+            try await state.heartbeat(message, from: NodeID(peer.nodeID), on: connection)
             var ack = Tessera_V1_HeartbeatAck()
             ack.sequenceNumber = message.sequenceNumber
             return .heartbeatAck(ack)

@@ -14,7 +14,7 @@ import Metrics
 public final class CoordinatorService: Sendable {
     public let configuration: CoordinatorConfiguration
     let logger: Logger
-    let state: CoordinatorState
+    let state: CoordinatorState<PeerConnection>
 
     public init(configuration: CoordinatorConfiguration, logger: Logger) throws {
         self.configuration = configuration
@@ -49,6 +49,7 @@ public final class CoordinatorService: Sendable {
             group.addTask { try await self.detectFailures() }
             group.addTask { try await self.restoreReplication() }
             group.addTask { try await self.retryAssignments() }
+            group.addTask { try await self.retryCloses() }
         }
     }
 
@@ -101,6 +102,29 @@ public final class CoordinatorService: Sendable {
             await withDiscardingTaskGroup { group in
                 for (id, sequence, assign) in due {
                     group.addTask { await self.assignBudgets(sequenceID: id, sequence, assign) }
+                }
+            }
+        }
+    }
+
+    /// Tells again, every heartbeat interval, the connected holders of closed sequences that have not
+    /// confirmed dropping them (a Close that timed out): the sequence stays charged until they have.
+    private func retryCloses() async throws {
+        while true {
+            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval)
+            await withDiscardingTaskGroup { group in
+                for (id, holders) in await state.unconfirmedCloseHolders() {
+                    var message = Tessera_V1_Close()
+                    message.sequenceID = id
+                    let close = message
+                    for holder in holders {
+                        group.addTask {
+                            guard let link = try? await self.state.connection(for: holder),
+                                case .closeAck = try? await link.request(.close(close))
+                            else { return }
+                            await self.state.closeConfirmed(id, by: holder)
+                        }
+                    }
                 }
             }
         }

@@ -5,10 +5,19 @@ import ClusterWire
 import KVCacheCore
 import Metrics
 
+/// What the coordinator's state keeps of a connection: which one it is, and whether it has closed.
+/// The service passes its `PeerConnection`s; tests pass inert tokens, so that the state's decisions
+/// run without sockets.
+protocol CoordinatorLink: AnyObject, Sendable {
+    var isClosed: Bool { get }
+}
+
+extension PeerConnection: CoordinatorLink {}
+
 /// A worker the coordinator knows: its membership entry lives in `Membership`; this holds the live
 /// connection and what its heartbeats last reported.
-struct WorkerLink: Sendable {
-    var connection: PeerConnection
+struct WorkerLink<Link: CoordinatorLink>: Sendable {
+    var connection: Link
     var address: NodeAddress
     var kvBytes: UInt64 = 0
     var kvBytesByModality: [Tessera_V1_ModalityBytes] = []
@@ -68,23 +77,25 @@ struct ReplicationPlan: Sendable {
 }
 
 /// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
-actor CoordinatorState {
+/// It holds no clock (time is `elapsed` since it started, read from the closure it is given) and
+/// sends nothing: the service carries out what it decides.
+actor CoordinatorState<Link: CoordinatorLink> {
     var membership: Membership
     var shardMap: ShardMap
     var admission: Admission
-    var workers: [NodeID: WorkerLink] = [:]
+    var workers: [NodeID: WorkerLink<Link>] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
     /// Sequences with a shard copy in flight. A copy starts only from a compressed sequence, and a
     /// tightening (which leaves the compressed phase) only without a copy in flight: a copy taken
     /// while a tighter budget is on its way would keep the looser one.
     private var reshaping: Set<UInt64> = []
     /// Sequences whose last copy failed, and when to try again.
-    private var copyRetry: [UInt64: ContinuousClock.Instant] = [:]
-    private let clock = ContinuousClock()
-    private let start: ContinuousClock.Instant
+    private var copyRetry: [UInt64: ClusterInstant] = [:]
+    /// Time since this coordinator started.
+    private let elapsed: @Sendable () -> Duration
 
     /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
-    static let mapLayers = 4096
+    static var mapLayers: Int { 4096 }
 
     /// Copies of every shard of a sequence (one primary and `replication − 1` replicas), when enough
     /// workers are live.
@@ -92,14 +103,16 @@ actor CoordinatorState {
 
     /// Per open sequence, the client connections to tell when a failover moves it: those that opened
     /// it or asked for its placement.
-    private var watchers: [UInt64: [PeerConnection]] = [:]
+    private var watchers: [UInt64: [Link]] = [:]
 
     /// Closed sequences whose Close some holders have not answered (their connection was down): a
     /// registration of theirs must not bring the sequence back, and they are told to close it again.
     /// A holder declared dead leaves it (it rejoins as a new incarnation, holding nothing).
     private var unconfirmedCloses: [UInt64: Set<NodeID>] = [:]
 
-    init(configuration: CoordinatorConfiguration) throws {
+    /// - Parameter elapsed: time since this coordinator started; by default measured from now on the
+    ///   continuous clock.
+    init(configuration: CoordinatorConfiguration, elapsed: (@Sendable () -> Duration)? = nil) throws {
         replication = configuration.replication
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
@@ -107,16 +120,21 @@ actor CoordinatorState {
             memoryLimitBytes: configuration.memoryLimitBytes,
             tenantQuotaBytes: configuration.tenantQuotaBytes
         )
-        start = clock.now
+        if let elapsed {
+            self.elapsed = elapsed
+        } else {
+            let start = ContinuousClock.now
+            self.elapsed = { ContinuousClock.now - start }
+        }
     }
 
-    var now: ClusterInstant { ClusterInstant(elapsed: clock.now - start) }
+    var now: ClusterInstant { ClusterInstant(elapsed: elapsed()) }
 
     /// Registers a worker; returns the membership changes it caused and the copies it holds of
     /// sequences closed since, which it must be told to close.
     func register(
         _ message: Tessera_V1_RegisterWorker,
-        connection: PeerConnection
+        connection: Link
     ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close]) {
         let nodeID = NodeID(message.endpoint.nodeID)
         let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
@@ -233,7 +251,7 @@ actor CoordinatorState {
     /// Holders of open sequences' shards that are not registered members once `grace` has passed since
     /// this coordinator started (they died while it was down, so the failure detector never met them).
     func unregisteredHolders(grace: Duration) -> Set<NodeID> {
-        guard clock.now - start > grace else { return [] }
+        guard elapsed() > grace else { return [] }
         var missing = Set<NodeID>()
         for sequence in sequences.values {
             for holder in sequence.shards.flatMap(\.holders) where membership.member(holder.node) == nil {
@@ -257,7 +275,7 @@ actor CoordinatorState {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.budget.isCompressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= clock.now }) ?? true
+            guard sequence.budget.isCompressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= now }) ?? true
             else {
                 continue
             }
@@ -290,7 +308,7 @@ actor CoordinatorState {
     /// target's copy is an orphan to close).
     func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
         reshaping.remove(plan.sequenceID)
-        copyRetry[plan.sequenceID] = succeeded ? nil : clock.now + .seconds(1)
+        copyRetry[plan.sequenceID] = succeeded ? nil : now + .seconds(1)
         guard succeeded, var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
             let k = sequence.shards.firstIndex(where: { $0.id == plan.shardID }),
             sequence.shards[k].primary == plan.primary
@@ -317,8 +335,7 @@ actor CoordinatorState {
         }
     }
 
-    func heartbeat(_ message: Tessera_V1_Heartbeat, on connection: PeerConnection) throws(WireError) {
-        let nodeID = NodeID(connection.peer.nodeID)
+    func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID, on connection: Link) throws(WireError) {
         let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
         switch outcome {
         case .refreshed, .recovered: break
@@ -396,6 +413,13 @@ actor CoordinatorState {
         guard sequences[message.sequenceID] == nil else {
             throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
         }
+        if let closing = unconfirmedCloses[message.sequenceID] {
+            throw WireError(
+                .unavailable,
+                "sequence \(message.sequenceID) is still being closed on \(closing.sorted().map(\.rawValue)); retry",
+                retryAfter: .milliseconds(500)
+            )
+        }
         let geometry = try ModelGeometry(proto: message.model)
         let layout = try PromptLayout(proto: message.spans)
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
@@ -458,14 +482,14 @@ actor CoordinatorState {
     }
 
     /// Tells `connection` about later moves of the sequence (see `watchers(of:)`).
-    func watch(_ sequenceID: UInt64, from connection: PeerConnection) {
+    func watch(_ sequenceID: UInt64, from connection: Link) {
         guard sequences[sequenceID] != nil, watchers[sequenceID]?.contains(where: { $0 === connection }) != true
         else { return }
         watchers[sequenceID, default: []].append(connection)
     }
 
     /// The open connections watching the sequence; closed ones are dropped.
-    func watchers(of sequenceID: UInt64) -> [PeerConnection] {
+    func watchers(of sequenceID: UInt64) -> [Link] {
         watchers[sequenceID]?.removeAll { $0.isClosed }
         return watchers[sequenceID] ?? []
     }
@@ -602,22 +626,37 @@ actor CoordinatorState {
         return (rowBytes.saturatingProduct(UInt64(layout.promptLength)).saturatingSum(decodeAllowance), decodeAllowance)
     }
 
+    /// Ends a sequence: it takes no more requests, but admission keeps charging it until every holder
+    /// has dropped its copies (`closeConfirmed`), so that a sequence admitted meanwhile cannot make
+    /// the workers hold more than the limit.
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         copyRetry[sequenceID] = nil
         watchers[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
-        _ = admission.release(sequenceID: sequenceID)
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
+        if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
         return state
     }
 
-    /// A holder dropped its copies of a closed sequence (it answered the Close).
-    func closeConfirmed(_ sequenceID: UInt64, by nodeID: NodeID) {
-        unconfirmedCloses[sequenceID]?.remove(nodeID)
-        if unconfirmedCloses[sequenceID]?.isEmpty == true { unconfirmedCloses[sequenceID] = nil }
+    /// A holder dropped its copies of a closed sequence (it answered the Close, or it was declared
+    /// dead); once none is left the sequence's charge is released.
+    func closeConfirmed(_ sequenceID: UInt64, by nodeID: NodeID?) {
+        if let nodeID { unconfirmedCloses[sequenceID]?.remove(nodeID) }
+        // Released once: a late second answer must not release a sequence opened under the id since.
+        guard let remaining = unconfirmedCloses[sequenceID], remaining.isEmpty else { return }
+        unconfirmedCloses[sequenceID] = nil
+        _ = admission.release(sequenceID: sequenceID)
     }
 
-    func connection(for nodeID: NodeID) throws(WireError) -> PeerConnection {
+    /// Closed sequences and the connected holders that have not confirmed dropping them, to tell again.
+    func unconfirmedCloseHolders() -> [(sequenceID: UInt64, holders: [NodeID])] {
+        unconfirmedCloses.keys.sorted().compactMap { id in
+            let connected = unconfirmedCloses[id]!.filter { workers[$0] != nil }.sorted()
+            return connected.isEmpty ? nil : (id, connected)
+        }
+    }
+
+    func connection(for nodeID: NodeID) throws(WireError) -> Link {
         guard let link = workers[nodeID] else {
             throw WireError(.unavailable, "worker \(nodeID) is not connected")
         }

@@ -342,6 +342,15 @@ actor SequenceStore {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
         }
         if let last = held.lastResult, last.step == step { return .replay(last.body, replicas: held.replicas) }
+        // Admission charged the rows of the decode tokens the client declared, no more.
+        let declared = Int(held.assignment.decodeTokens)
+        guard declared == 0 || step < declared else {
+            throw WireError(
+                .resourceExhausted,
+                "sequence \(sequenceID) was admitted for \(declared) decode steps (open_sequence.decode_tokens); "
+                    + "step \(step) would hold rows the memory limit does not count"
+            )
+        }
         guard !held.transferring else {
             throw WireError(
                 .unavailable,

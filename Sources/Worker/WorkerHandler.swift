@@ -340,6 +340,9 @@ struct WorkerHandler: EnvelopeHandler {
                 result = try await worker.offload(.decode) { try job.run() }
             } catch {
                 await worker.store.finishDecode(job, result: nil)
+                // The replicas refuse the same step; the answer waits for them (instead of cancelling
+                // the forward), so the client never finds a copy still holding the refused step's rows.
+                try? await replicated
                 throw error
             }
             await worker.store.finishDecode(job, result: result)

@@ -4,9 +4,10 @@ import Testing
 
 @testable import Worker
 
-/// How a worker's copy follows its sequence's epoch: the coordinator takes layer statistics only at
-/// the current epoch, so a copy that moves to a new one before it is compressed must report again.
-struct SequenceStoreEpochTests {
+/// The worker store's rules the coordinator relies on: a copy follows its sequence's epoch (the
+/// coordinator takes layer statistics only at the current one, so a copy that moves before it is
+/// compressed reports again), and decode stays within the steps admission charged.
+struct SequenceStoreTests {
     /// Sequence 7's shard as `ShardTransferTests.shard` builds it (epoch 3), before compression, with
     /// the statistics its prefill produced at that epoch.
     static func prefilled() throws -> HeldSequence {
@@ -51,5 +52,17 @@ struct SequenceStoreEpochTests {
         let store = SequenceStore()
         _ = try await store.assign(7, held)
         #expect(try await store.assign(7, Self.moved(held, to: 4)).isEmpty)
+    }
+
+    /// Admission charges the rows of the decode tokens a client declares; a step past them would make
+    /// the workers hold more than the memory limit counts.
+    @Test func aStepPastTheDeclaredDecodeTokensIsRefused() async throws {
+        var held = try ShardTransferTests.shard(storage: .float32)
+        held.assignment.decodeTokens = 1
+        let store = SequenceStore()
+        _ = try await store.assign(7, held)
+        await #expect {
+            try await store.beginDecode(7, step: 1, inputs: nil)
+        } throws: { ($0 as? WireError)?.code == .resourceExhausted }
     }
 }

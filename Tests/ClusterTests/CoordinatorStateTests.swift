@@ -1,0 +1,191 @@
+import ClusterSecurity
+import ClusterState
+import ClusterTransport
+import ClusterWire
+import KVCacheCore
+import Synchronization
+import Testing
+
+@testable import Coordinator
+
+/// A connection as the coordinator's state sees it: something to tell apart, which may close.
+private final class TestLink: CoordinatorLink {
+    private let closed = Atomic<Bool>(false)
+    var isClosed: Bool { closed.load(ordering: .relaxed) }
+    func close() { closed.store(true, ordering: .relaxed) }
+}
+
+/// The coordinator's time, moved by the test.
+private final class ManualTime: Sendable {
+    private let nanoseconds = Atomic<Int64>(0)
+    var elapsed: Duration { .nanoseconds(nanoseconds.load(ordering: .relaxed)) }
+    func advance(_ duration: Duration) {
+        nanoseconds.add(duration.clampedNanoseconds, ordering: .relaxed)
+    }
+}
+
+extension Duration {
+    fileprivate var clampedNanoseconds: Int64 {
+        Int64(components.seconds) * 1_000_000_000 + components.attoseconds / 1_000_000_000
+    }
+}
+
+/// The coordinator's decisions without sockets or clocks: admission and the charge of a closing
+/// sequence, budgets retried until every copy applied them, failover and the clients told of it.
+struct CoordinatorStateTests {
+    static let geometry = ModelGeometry.tiny
+    static let layout = try! PromptLayout(spans: [
+        ModalitySpan(.text, start: 0, count: 8), ModalitySpan(.image(0), start: 8, count: 24),
+    ])
+
+    private static func coordinator(
+        limit: UInt64 = 0,
+        replication: Int = 2,
+        workers: Int = 3,
+        time: ManualTime = ManualTime()
+    ) async throws -> CoordinatorState<TestLink> {
+        let configuration = CoordinatorConfiguration(
+            incarnation: 1,
+            listen: NodeAddress(host: "127.0.0.1", port: 0),
+            security: .insecure,
+            memoryLimitBytes: limit,
+            replication: replication
+        )
+        let state = try CoordinatorState<TestLink>(configuration: configuration, elapsed: { time.elapsed })
+        for index in 1...workers {
+            var message = Tessera_V1_RegisterWorker()
+            message.endpoint.nodeID = "worker-\(index)"
+            message.endpoint.host = "127.0.0.1"
+            message.endpoint.port = UInt32(9000 + index)
+            message.incarnation = 1
+            _ = try await state.register(message, connection: TestLink())
+        }
+        return state
+    }
+
+    static func opening(_ id: UInt64, decodeTokens: UInt32 = 4) throws -> Tessera_V1_OpenSequence {
+        var message = Tessera_V1_OpenSequence()
+        message.tenant = "t"
+        message.sequenceID = id
+        message.decodeTokens = decodeTokens
+        message.model = try geometry.proto()
+        message.spans = try layout.proto()
+        message.policy = try CompressionPolicy.snapKV(.init()).proto(retention: 0.2)
+        return message
+    }
+
+    /// What admission charges a sequence of `opening` on 2 copies before its budget.
+    static let estimate = CoordinatorState<TestLink>.charge(geometry, layout, decodeTokens: 4, copies: 2).estimate
+
+    static func statistics(layer: Int) -> LayerStatistics {
+        LayerStatistics(layer: layer, promptLength: layout.promptLength, density: 1, heads: [])
+    }
+
+    @Test func aClosingSequenceStaysChargedUntilEveryHolderDroppedIt() async throws {
+        let state = try await Self.coordinator(limit: Self.estimate)
+        let first = try await state.open(Self.opening(1))
+        let holders = first.shards.flatMap(\.holders).map(\.node)
+        #expect(holders.count == 2)
+        await #expect { try await state.open(Self.opening(2)) } throws: {
+            ($0 as? WireError)?.code == .resourceExhausted
+        }
+
+        _ = await state.close(1)
+        // The workers may still hold it: nothing new fits yet, and the id is not free.
+        await #expect { try await state.open(Self.opening(2)) } throws: {
+            ($0 as? WireError)?.code == .resourceExhausted
+        }
+        await #expect { try await state.open(Self.opening(1)) } throws: {
+            ($0 as? WireError)?.code == .unavailable && ($0 as? WireError)?.retryAfter != nil
+        }
+        await state.closeConfirmed(1, by: holders[0])
+        #expect(await state.admission.totalBytes == Self.estimate)
+        await state.closeConfirmed(1, by: holders[1])
+        #expect(await state.admission.totalBytes == 0)
+
+        // The id is free again; a late second answer to the old Close releases nothing of the new one.
+        _ = try await state.open(Self.opening(1))
+        await state.closeConfirmed(1, by: holders[1])
+        #expect(await state.admission.totalBytes == Self.estimate)
+    }
+
+    @Test func aHolderThatDiesConfirmsItsCloses() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(time: time)
+        let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+        _ = await state.close(1)
+        await state.closeConfirmed(1, by: holders[0])
+        #expect(await state.unconfirmedCloseHolders().map { $0.holders } == [[holders[1]]])
+        // Only the other workers keep heartbeating; the silent holder is declared dead.
+        for _ in 0..<50 {
+            time.advance(.milliseconds(100))
+            for node in ["worker-1", "worker-2", "worker-3"] where node != holders[1].rawValue {
+                var beat = Tessera_V1_Heartbeat()
+                beat.incarnation = 1
+                try await state.heartbeat(beat, from: NodeID(node), on: TestLink())
+            }
+            _ = await state.tick()
+        }
+        #expect(await state.unconfirmedCloseHolders().isEmpty)
+        #expect(await state.admission.totalBytes == 0)
+    }
+
+    @Test func aBudgetAnyCopyMissedIsSentAgainUntilEveryCopyAppliedIt() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(time: time)
+        _ = try await state.open(Self.opening(1))
+        var assignment: BudgetLifecycle.Assign?
+        for layer in 0..<Self.geometry.layers {
+            #expect(assignment == nil, "the budget goes out once every layer is in")
+            assignment = await state.record(Self.statistics(layer: layer), sequenceID: 1)?.assign
+        }
+        #expect(assignment == BudgetLifecycle.Assign(retention: 0.2))
+        #expect(await state.record(Self.statistics(layer: 0), sequenceID: 1) == nil, "only once")
+
+        // One copy did not apply it: the charge stays the full estimate, and it is not tightenable.
+        let phase = await state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
+        #expect(phase == .retrying(retention: 0.2, attempt: 1, due: ClusterInstant.zero + .milliseconds(250)))
+        #expect(await state.admission.totalBytes == Self.estimate)
+        #expect(await state.tightenable(floor: 0.02, tenant: nil).isEmpty)
+        #expect(await state.dueAssignments().isEmpty)
+        time.advance(.milliseconds(250))
+        let due = await state.dueAssignments()
+        #expect(due.map { $0.id } == [1] && due.map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.2)])
+        #expect(await state.dueAssignments().isEmpty, "one assignment in flight")
+
+        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1000)
+        let decodeAllowance = CoordinatorState<TestLink>.charge(
+            Self.geometry,
+            Self.layout,
+            decodeTokens: 4,
+            copies: 2
+        ).decodeAllowance
+        #expect(await state.admission.totalBytes == 2 * 1000 + decodeAllowance, "both copies hold the primary's bytes")
+        #expect(await state.tightenable(floor: 0.02, tenant: nil) == [1])
+        // A tightening that fails goes back to be retried at the tighter retention.
+        let tightening = try #require(await state.beginTightening(1, floor: 0.02))
+        #expect(tightening.assign == BudgetLifecycle.Assign(retention: 0.1))
+        #expect(await state.beginTightening(1, floor: 0.02) == nil, "not twice at once")
+        _ = await state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
+        time.advance(.milliseconds(250))
+        #expect(await state.dueAssignments().map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.1)])
+    }
+
+    @Test func clientsWatchingASequenceAreToldOfItsFailover() async throws {
+        let state = try await Self.coordinator()
+        let opened = try await state.open(Self.opening(1))
+        let (opener, asker, gone) = (TestLink(), TestLink(), TestLink())
+        for link in [opener, asker, gone, opener] { await state.watch(1, from: link) }
+        gone.close()
+        #expect(await state.watchers(of: 1).map(ObjectIdentifier.init) == [opener, asker].map(ObjectIdentifier.init))
+        await state.watch(2, from: opener)
+        #expect(await state.watchers(of: 2).isEmpty, "only open sequences are watched")
+
+        let primary = opened.shards[0].primary.node
+        let (moved, lost) = await state.failOver(dead: [primary])
+        #expect(lost.isEmpty && moved.map { $0.id } == [1])
+        #expect(moved[0].sequence.epoch == opened.epoch + 1 && moved[0].sequence.shards[0].primary.node != primary)
+        _ = await state.close(1)
+        #expect(await state.watchers(of: 1).isEmpty)
+    }
+}
