@@ -68,14 +68,14 @@ extension CoordinatorSettings.Memory {
         for (tenant, quota) in self.tenantQuotas.sorted(by: { $0.key < $1.key }) {
             let path = "coordinator.memory.tenantQuotas.\(tenant)"
             try check(!tenant.isEmpty, path, "must name a tenant, got an empty name")
-            if self.limitBytes == 0 {
-                try check(quota > 0, path, "must be at least 1, got \(quota)")
-            } else {
+            if let limit = self.limitBytes, limit > 0 {
                 try check(
-                    quota > 0 && quota <= self.limitBytes,
+                    quota > 0 && quota <= limit,
                     path,
-                    "must be in 1...coordinator.memory.limitBytes (\(self.limitBytes)), got \(quota)"
+                    "must be in 1...coordinator.memory.limitBytes (\(limit)), got \(quota)"
                 )
+            } else {
+                try check(quota > 0, path, "must be at least 1, got \(quota)")
             }
         }
     }

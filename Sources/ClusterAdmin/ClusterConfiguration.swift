@@ -64,23 +64,21 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
 
     /// The cluster-wide KV-cache memory budget (YAML section `coordinator.memory`).
     public struct Memory: Sendable, Codable, Equatable {
-        /// Total bytes of KV cache the coordinator admits across workers; 0 means unlimited.
-        public var limitBytes: UInt64
+        /// Total bytes of KV cache the coordinator admits across workers; 0 means unlimited, absent
+        /// half of the coordinator machine's memory (`ProcessMemory.defaultLimitBytes`).
+        public var limitBytes: UInt64?
         /// Per-tenant caps in bytes, keyed by tenant name; a tenant not listed is capped only by ``limitBytes``.
         public var tenantQuotas: [String: UInt64]
         /// The fraction of a sequence's budget every modality keeps, however low its scores (0...1).
         public var floorRatio: Double
 
-        public init(limitBytes: UInt64 = 0, tenantQuotas: [String: UInt64] = [:], floorRatio: Double = 0.02) {
+        public init(limitBytes: UInt64? = nil, tenantQuotas: [String: UInt64] = [:], floorRatio: Double = 0.02) {
             self.limitBytes = limitBytes
             self.tenantQuotas = tenantQuotas
             self.floorRatio = floorRatio
         }
 
         public static var defaults: Self { Self() }
-
-        /// Whether ``limitBytes`` is 0.
-        public var isUnlimited: Bool { self.limitBytes == 0 }
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case limitBytes, tenantQuotas, floorRatio
@@ -90,7 +88,7 @@ public struct CoordinatorSettings: Sendable, Codable, Equatable {
             try decoder.rejectUnknownKeys(CodingKeys.self, section: "coordinator.memory")
             let container = try decoder.container(keyedBy: CodingKeys.self)
             let defaults = Self.defaults
-            self.limitBytes = try container.decode(.limitBytes, default: defaults.limitBytes)
+            self.limitBytes = try container.decodeIfPresent(UInt64.self, forKey: .limitBytes)
             self.tenantQuotas = try container.decode(.tenantQuotas, default: defaults.tenantQuotas)
             self.floorRatio = try container.decode(.floorRatio, default: defaults.floorRatio)
         }

@@ -7,19 +7,35 @@ public enum ProcessMemory {
     /// Resident set size in bytes (second field of `/proc/self/statm`, in pages); 0 where unavailable.
     public static func residentBytes() -> UInt64 {
         #if os(Linux)
-        let fd = open("/proc/self/statm", O_RDONLY)
-        guard fd >= 0 else { return 0 }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 128)
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return 0 }
-        let fields = buffer[0..<count].split(separator: UInt8(ascii: " "))
-        guard fields.count >= 2, let pages = UInt64(String(decoding: fields[1], as: UTF8.self)) else { return 0 }
+        guard let statm = contents(of: "/proc/self/statm") else { return 0 }
+        let fields = statm.split(separator: " ")
+        guard fields.count >= 2, let pages = UInt64(fields[1]) else { return 0 }
         return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
         #else
         return 0
         #endif
     }
+
+    /// The memory this process may use: the machine's physical memory, or its control group's limit
+    /// (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`) when that is lower, as in a container.
+    public static func availableBytes() -> UInt64 {
+        #if os(Linux)
+        let physical = UInt64(max(0, sysconf(Int32(_SC_PHYS_PAGES)))) * UInt64(max(0, sysconf(Int32(_SC_PAGESIZE))))
+        // "max" (no limit) does not parse, and is left out.
+        let limits = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"].compactMap {
+            contents(of: $0).flatMap { UInt64($0.split(separator: "\n").first ?? "") }
+        }
+        return ([physical] + limits).filter { $0 > 0 }.min() ?? physical
+        #else
+        return 0
+        #endif
+    }
+
+    /// The coordinator's memory limit when none is configured: half of `availableBytes()` for the
+    /// accounted K/V bytes of all workers, which leaves room for what the processes hold beside them
+    /// (RSS ran up to 1.2 × the accounted bytes + 64 MiB in the measurements in README). 0 (unlimited)
+    /// where the machine's memory cannot be read.
+    public static func defaultLimitBytes() -> UInt64 { availableBytes() / 2 }
 
     /// Has glibc keep freed blocks of up to 32 MiB (tensors, frames) in the heap for the next
     /// allocation instead of mapping and unmapping each one: every fresh mapping costs a page fault
@@ -45,6 +61,17 @@ public enum ProcessMemory {
     }
 
     #if os(Linux)
+    /// The first 128 bytes of a small file (a /proc or /sys entry); nil when it cannot be read.
+    private static func contents(of path: String) -> String? {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 128)
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return nil }
+        return String(decoding: buffer[0..<count], as: UTF8.self)
+    }
+
     /// glibc's malloc tuning functions are not in the Swift Glibc module; they are looked up by name.
     private static func glibc<F>(_ name: String, as _: F.Type) -> F? {
         guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), name) else { return nil }

@@ -3,6 +3,7 @@ import ClusterAdmin
 import ClusterTransport
 import ClusterWire
 import Coordinator
+import Logging
 import ServiceLifecycle
 
 struct CoordinatorCommand: AsyncParsableCommand {
@@ -18,8 +19,11 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Option(help: "Address to listen on, host:port (port 0 picks a free port).")
     var listen = "127.0.0.1:0"
 
-    @Option(help: "Cluster-wide limit on accounted KV bytes (0 = unlimited).")
-    var memoryLimitBytes: UInt64 = 0
+    @Option(
+        help:
+            "Cluster-wide limit on accounted KV bytes; 0 = unlimited. Default: half of this machine's memory (or of its cgroup's limit), logged at start."
+    )
+    var memoryLimitBytes: UInt64?
 
     @Option(
         name: .customLong("tenant-quota"),
@@ -66,12 +70,20 @@ struct CoordinatorCommand: AsyncParsableCommand {
             quotas[String(parts[0])] = bytes
         }
         let injector = try faults.injector()
+        let limit = memoryLimitBytes ?? ProcessMemory.defaultLimitBytes()
+        logger.info(
+            "memory limit",
+            metadata: [
+                "bytes": "\(limit)",
+                "source": "\(memoryLimitBytes == nil ? "half of this machine's memory" : "--memory-limit-bytes")",
+            ]
+        )
         let service = try CoordinatorService(
             configuration: CoordinatorConfiguration(
                 incarnation: wallClockIncarnation(),
                 listen: address,
                 security: try security.security(name: "coordinator"),
-                memoryLimitBytes: memoryLimitBytes,
+                memoryLimitBytes: limit,
                 tenantQuotaBytes: quotas,
                 floorRatio: floorRatio,
                 replication: replication,
@@ -106,9 +118,10 @@ extension CoordinatorCommand {
     static func arguments(_ settings: CoordinatorSettings) -> [String] {
         let memory = settings.memory
         return [
-            "--replication", "\(settings.replication)", "--memory-limit-bytes", "\(memory.limitBytes)",
-            "--floor-ratio", "\(memory.floorRatio)", "--faults", settings.faults,
+            "--replication", "\(settings.replication)", "--floor-ratio", "\(memory.floorRatio)", "--faults",
+            settings.faults,
         ]
+            + (memory.limitBytes.map { ["--memory-limit-bytes", "\($0)"] } ?? [])
             + memory.tenantQuotas.sorted { $0.key < $1.key }.flatMap { ["--tenant-quota", "\($0.key)=\($0.value)"] }
     }
 }
