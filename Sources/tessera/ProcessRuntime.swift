@@ -118,7 +118,10 @@ func runServices(_ services: [any Service], options: ProcessOptions, logger: Log
     try await group.run()
 }
 
-/// Returns when standard input reaches end-of-file.
+/// Returns when standard input reaches end-of-file: the parent holding the other end is gone. Nobody
+/// waits for this process's answers any more, so if the graceful shutdown that follows has not ended
+/// within `lifelineGrace` (a prefill computing on a worker's thread pool does not observe
+/// cancellation; killed launchers left workers behind for half a minute), the process exits anyway.
 @Sendable func waitForStdinEOF() async throws {
     let channel = try await NIOPipeBootstrap(group: MultiThreadedEventLoopGroup.singleton)
         .takingOwnershipOfDescriptor(input: 0) { channel in
@@ -129,7 +132,15 @@ func runServices(_ services: [any Service], options: ProcessOptions, logger: Log
     try await channel.executeThenClose { inbound, _ in
         for try await _ in inbound.cancelOnGracefulShutdown() {}
     }
+    guard !Task.isShuttingDownGracefully else { return }
+    MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: lifelineGrace) {
+        Terminal.error("the parent process is gone and shutting down took over \(lifelineGrace); exiting\n")
+        exit(0)
+    }
 }
+
+/// How long a process whose parent is gone may take to shut down gracefully.
+let lifelineGrace = TimeAmount.seconds(5)
 
 /// Prints the one machine-readable line a parent waits for.
 func printReady(_ fields: [(String, String)]) {
