@@ -63,6 +63,9 @@ struct StepOutcome: Sendable {
 /// Runs a scenario: a local cluster, lockstep decode traffic, the scenario's faults by signal, and
 /// the checks of the invariants (ARCHITECTURE §3) against a fault-free run computed in this process.
 public enum ChaosRunner {
+    /// The id of the scenario's sequence `index` (0 would ask the coordinator to choose one).
+    static func sequenceID(_ index: Int) -> UInt64 { UInt64(index) + 1 }
+
     /// Runs `scenario` with the cluster's processes logging at `childLogLevel` to this process's
     /// standard error (nothing at `critical`, the default).
     public static func run(
@@ -129,7 +132,7 @@ public enum ChaosRunner {
         }
         for (index, trace) in traces.enumerated() {
             _ = try await client.openSequence(
-                UInt64(index),
+                Self.sequenceID(index),
                 geometry: scenario.geometry,
                 layout: trace.layout,
                 policy: scenario.policy,
@@ -137,7 +140,7 @@ public enum ChaosRunner {
                 decodeTokens: scenario.decodeTokens
             )
             _ = try await client.prefillSynthetic(
-                UInt64(index),
+                Self.sequenceID(index),
                 workload: scenario.preset.rawValue,
                 seed: scenario.seed,
                 index: index,
@@ -178,7 +181,7 @@ public enum ChaosRunner {
                     group.addTask {
                         do {
                             let outputs = try await client.decode(
-                                UInt64(index),
+                                Self.sequenceID(index),
                                 step: step,
                                 geometry: scenario.geometry
                             )
@@ -213,18 +216,19 @@ public enum ChaosRunner {
         var consistent = true
         let liveWorkers = try await client.status().workers.filter { $0.state == "alive" }.map(\.address)
         for index in 0..<traces.count where !lost.contains(index) {
-            let placement = try await client.refreshPlacement(UInt64(index))
+            let placement = try await client.refreshPlacement(Self.sequenceID(index))
             for shard in placement.shards {
                 var digests = Set<UInt64>()
                 for holder in [shard.primary] + shard.replicas where liveWorkers.contains(holder.description) {
-                    for copy in try await client.shardCopies(on: holder) where copy.sequenceID == UInt64(index) {
+                    for copy in try await client.shardCopies(on: holder) where copy.sequenceID == Self.sequenceID(index)
+                    {
                         digests.insert(copy.digest)
                     }
                 }
                 if digests.count != 1 { consistent = false }
             }
         }
-        for index in 0..<traces.count { _ = try? await client.close(UInt64(index)) }
+        for index in 0..<traces.count { _ = try? await client.close(Self.sequenceID(index)) }
         var drained = false
         let drainDeadline = ContinuousClock.now + .seconds(15)
         while ContinuousClock.now < drainDeadline {
@@ -343,9 +347,9 @@ public enum ChaosRunner {
         }
         switch target {
         case .primary:
-            return try worker(at: try await client.refreshPlacement(0).shards[0].primary)
+            return try worker(at: try await client.refreshPlacement(Self.sequenceID(0)).shards[0].primary)
         case .replica:
-            guard let replica = try await client.refreshPlacement(0).shards[0].replicas.first else {
+            guard let replica = try await client.refreshPlacement(Self.sequenceID(0)).shards[0].replicas.first else {
                 throw ChaosError("sequence 0's first shard has no replica to hit")
             }
             return try worker(at: replica)

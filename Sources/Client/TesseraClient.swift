@@ -175,6 +175,8 @@ public final class TesseraClient: Sendable {
 
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
     /// `decodeTokens` is how many steps the client expects to decode (admission reserves their rows).
+    /// Ids are unique in the cluster, not per tenant: with `sequenceID` 0 the coordinator chooses a
+    /// free one, which no other tenant can have taken, returned as the placement's `sequenceID`.
     public func openSequence(
         _ sequenceID: UInt64,
         geometry: ModelGeometry,
@@ -192,7 +194,7 @@ public final class TesseraClient: Sendable {
         message.policy = try policy.proto(retention: retention)
         let placement = try remember(try await coordinator.request(.openSequence(message)))
         prefillTimeouts.withLock {
-            $0[sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength)
+            $0[placement.sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength)
         }
         return placement
     }

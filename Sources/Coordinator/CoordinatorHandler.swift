@@ -89,14 +89,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await openTightening(message)
+            let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
             do {
-                try await coordinator.announce(message.sequenceID, sequence)
+                try await coordinator.announce(id, sequence)
             } catch {
-                await state.abandon(message.sequenceID)
+                await state.abandon(id)
                 throw error
             }
-            await state.watch(message.sequenceID, from: connection)
-            return .placement(CoordinatorService.placement(message.sequenceID, sequence))
+            await state.watch(id, from: connection)
+            return .placement(CoordinatorService.placement(id, sequence))
         case .placementRequest(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)

@@ -104,6 +104,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Per open sequence, the client connections to tell when a failover moves it: those that opened
     /// it or asked for its placement.
     private var watchers: [UInt64: [Link]] = [:]
+    /// Where `freeSequenceID` looks next.
+    private var nextChosenID: UInt64 = 1 << 62
 
     /// Closed sequences whose Close some holders have not answered (their connection was down): a
     /// registration of theirs must not bring the sequence back, and they are told to close it again.
@@ -408,8 +410,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// Admits and places a new sequence: its layers split into as many contiguous shards as the
     /// cluster map has, each held by that shard's primary.
-    func open(_ message: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
-        guard !message.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
+    /// An id of 0 asks the coordinator to choose a free one (in the returned state's message).
+    func open(_ request: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
+        guard !request.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
+        var message = request
+        if message.sequenceID == 0 { message.sequenceID = freeSequenceID() }
         guard sequences[message.sequenceID] == nil else {
             throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
         }
@@ -492,6 +497,18 @@ actor CoordinatorState<Link: CoordinatorLink> {
     func watchers(of sequenceID: UInt64) -> [Link] {
         watchers[sequenceID]?.removeAll { $0.isClosed }
         return watchers[sequenceID] ?? []
+    }
+
+    /// The next id no sequence uses, counting up from 2^62 (far from the small ids clients choose
+    /// themselves). It is taken at the moment of opening, so no other tenant can have squatted it.
+    private func freeSequenceID() -> UInt64 {
+        while nextChosenID == 0 || sequences[nextChosenID] != nil || unconfirmedCloses[nextChosenID] != nil
+            || admission.sequence(nextChosenID) != nil
+        {
+            nextChosenID &+= 1
+        }
+        defer { nextChosenID &+= 1 }
+        return nextChosenID
     }
 
     func abandon(_ sequenceID: UInt64) {

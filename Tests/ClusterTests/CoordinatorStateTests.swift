@@ -188,4 +188,16 @@ struct CoordinatorStateTests {
         _ = await state.close(1)
         #expect(await state.watchers(of: 1).isEmpty)
     }
+
+    /// Id 0 lets the coordinator choose: ids no sequence uses, so no tenant can squat them beforehand.
+    @Test func theCoordinatorChoosesFreeIdsForIdZero() async throws {
+        let state = try await Self.coordinator()
+        // A tenant takes the id the coordinator would choose next.
+        _ = try await state.open(Self.opening(1 << 62))
+        let first = try await state.open(Self.opening(0)).message.sequenceID
+        let second = try await state.open(Self.opening(0)).message.sequenceID
+        #expect(first == (1 << 62) + 1 && second == first + 1)
+        #expect(await state.sequences.keys.sorted() == [1 << 62, first, second])
+        #expect(await state.admission.sequence(first) != nil, "charged under the chosen id")
+    }
 }

@@ -56,19 +56,22 @@ import Workloads
                     return status.workers.filter { $0.state == "alive" }.count == 2 ? status : nil
                 }
                 let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
+                // Id 0: the coordinator chooses one that no tenant can have taken.
                 let placement = try await client.openSequence(
-                    5,
+                    0,
                     geometry: .tiny,
                     layout: trace.layout,
                     policy: .vlCache(.init()),
                     retention: 0.2
                 )
+                let id = placement.sequenceID
+                #expect(id >= 1 << 62)
                 // Two workers and two copies of each shard: one shard, on both.
                 #expect(placement.shards.map(\.layers) == [0..<6])
-                let held = try await client.prefillSynthetic(5, workload: "image-qa", seed: seed, index: 0)
+                let held = try await client.prefillSynthetic(id, workload: "image-qa", seed: seed, index: 0)
                 #expect(held > 0)
                 for step in 0..<4 {
-                    let outputs = try await client.decode(5, step: step, geometry: .tiny)
+                    let outputs = try await client.decode(id, step: step, geometry: .tiny)
                     #expect(outputs.count == 6, "seed \(seed)")
                     #expect(outputs.values.allSatisfy { $0.count == 4 * 32 && $0.allSatisfy(\.isFinite) })
                 }
@@ -77,19 +80,19 @@ import Workloads
                 try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) {
                     other in
                     do {
-                        _ = try await other.refreshPlacement(5)
+                        _ = try await other.refreshPlacement(id)
                         Issue.record("another tenant read the placement")
                     } catch let error as WireError {
                         #expect(error.code == .wrongTenant)
                     }
                 }
                 do {
-                    _ = try await client.decode(5, step: 9, geometry: .tiny)
+                    _ = try await client.decode(id, step: 9, geometry: .tiny)
                     Issue.record("a step out of order was accepted")
                 } catch let error as WireError {
                     #expect(error.message.contains("out of order"))
                 }
-                #expect(try await client.close(5) > 0)
+                #expect(try await client.close(id) > 0)
             }
         }
     }

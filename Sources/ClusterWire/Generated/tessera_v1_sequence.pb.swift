@@ -123,7 +123,9 @@ package nonisolated struct Tessera_V1_OpenSequence: Sendable {
   /// The tenant that owns the sequence.
   package var tenant: String = String()
 
-  /// The client-chosen id, unique per tenant.
+  /// The sequence's id, unique in the cluster (not per tenant: an id another tenant holds is refused).
+  /// 0 asks the coordinator to choose a free one, returned in Placement.sequence_id; an id chosen
+  /// there cannot have been taken by another tenant beforehand.
   package var sequenceID: UInt64 = 0
 
   /// The model whose cache this is.
