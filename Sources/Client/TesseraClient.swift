@@ -133,7 +133,6 @@ public final class TesseraClient: Sendable {
     /// move whose push was lost.
     private func keepWatching() async throws {
         var backoff = Duration.milliseconds(100)
-        var first = true
         while true {
             guard let connection = try? await coordinator else {
                 try await Task.sleep(for: backoff)
@@ -141,10 +140,8 @@ public final class TesseraClient: Sendable {
                 continue
             }
             backoff = .milliseconds(100)
-            if !first {
-                for id in book.sequenceIDs { _ = try? await refreshPlacement(id) }
-            }
-            first = false
+            // Nothing on the first connection: no sequence is open yet.
+            for id in book.sequenceIDs { _ = try? await refreshPlacement(id) }
             await connection.waitUntilClosed()
             try Task.checkCancellation()
         }

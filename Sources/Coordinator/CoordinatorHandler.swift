@@ -115,11 +115,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             var freed: UInt64 = 0
             for shard in sequence.shards {
                 for holder in shard.holders {
-                    // A holder that cannot be told now is told when it registers again.
-                    guard let link = try? await state.connection(for: holder.node),
-                        case .closeAck(let ack) = try? await link.request(.close(message))
-                    else { continue }
-                    await state.closeConfirmed(message.sequenceID, by: holder.node)
+                    guard let ack = await coordinator.tellClose(message, to: holder.node) else { continue }
                     if holder == shard.primary { freed = freed.saturatingSum(ack.freedBytes) }
                 }
             }

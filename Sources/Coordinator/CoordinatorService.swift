@@ -118,16 +118,21 @@ public final class CoordinatorService: Sendable {
                     message.sequenceID = id
                     let close = message
                     for holder in holders {
-                        group.addTask {
-                            guard let link = try? await self.state.connection(for: holder),
-                                case .closeAck = try? await link.request(.close(close))
-                            else { return }
-                            await self.state.closeConfirmed(id, by: holder)
-                        }
+                        group.addTask { _ = await self.tellClose(close, to: holder) }
                     }
                 }
             }
         }
+    }
+
+    /// Tells `holder` to drop its copies of a closed sequence and records that it did; nil when it
+    /// cannot be told now (`retryCloses` tells it again, and so does its next registration).
+    func tellClose(_ close: Tessera_V1_Close, to holder: NodeID) async -> Tessera_V1_CloseAck? {
+        guard let link = try? await state.connection(for: holder),
+            case .closeAck(let ack) = try? await link.request(.close(close))
+        else { return nil }
+        await state.closeConfirmed(close.sequenceID, by: holder)
+        return ack
     }
 
     private func copy(_ plan: ReplicationPlan) async {
@@ -178,8 +183,9 @@ public final class CoordinatorService: Sendable {
     }
 
     /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
-    /// and epoch, and pushes the new placement to the clients watching the sequence. A compressed sequence's copies all hold its budget already; one whose
-    /// assignment is in flight has it retried at the new epoch if it missed a copy.
+    /// and epoch, and pushes the new placement to the clients watching the sequence. A compressed
+    /// sequence's copies all hold its budget already; one whose assignment is in flight has it
+    /// retried at the new epoch if it missed a copy.
     func failOver(dead: Set<NodeID>) async {
         let (moved, lost) = await state.failOver(dead: dead)
         for id in lost {
