@@ -77,6 +77,9 @@ public final class TesseraClient: Sendable {
     private let coordinatorAddress: NodeAddress
     private let pool: ConnectionPool
     private let book: PlacementBook
+    /// The network's clock, which times retries and backoffs, and the time since the client started.
+    private let clock: any Clock<Duration>
+    private let elapsed: @Sendable () -> Duration
     /// Per opened sequence, how long its prefill may take (`prefillTimeout`).
     private let prefillTimeouts = Mutex<[UInt64: Duration]>([:])
     private let retries = Atomic<Int>(0)
@@ -84,11 +87,13 @@ public final class TesseraClient: Sendable {
     /// Writes sent again after a failure a fresh placement or connection could cure (see `onEveryShard`).
     public var retriedRequests: Int { retries.load(ordering: .relaxed) }
 
-    init(tenant: String, coordinator: NodeAddress, pool: ConnectionPool, book: PlacementBook) {
+    init(tenant: String, coordinator: NodeAddress, pool: ConnectionPool, book: PlacementBook, network: any Network) {
         self.tenant = tenant
         self.coordinatorAddress = coordinator
         self.pool = pool
         self.book = book
+        self.clock = network.clock
+        self.elapsed = network.elapsedTime()
     }
 
     /// Connects to the coordinator and runs `body` with a client; every connection closes afterwards.
@@ -104,18 +109,36 @@ public final class TesseraClient: Sendable {
         _ body: @escaping @Sendable (TesseraClient) async throws -> T
     ) async throws -> T {
         let (nodeID, tenant) = try clientIdentity(security: security, tenant: tenant, nodeID: nodeID)
+        return try await withClient(
+            coordinator: address,
+            network: TCPNetwork(security: security, maxFrameBytes: maxFrameBytes),
+            tenant: tenant,
+            nodeID: nodeID,
+            logger: logger,
+            body
+        )
+    }
+
+    /// `withClient` over any network (the simulator's too), as `nodeID` of `tenant`.
+    package static func withClient<T: Sendable>(
+        coordinator address: NodeAddress,
+        network: any Network,
+        tenant: String,
+        nodeID: String,
+        logger: Logger,
+        _ body: @escaping @Sendable (TesseraClient) async throws -> T
+    ) async throws -> T {
         let identity = NodeIdentity(role: .client, nodeID: nodeID, incarnation: 1)
         let handshake = Handshake(local: identity, acceptedPeerRoles: [.coordinator, .worker])
         let book = PlacementBook()
         return try await ConnectionPool.withPool(
+            network: network,
             handshake: handshake,
-            security: security,
-            maxFrameBytes: maxFrameBytes,
             handler: PlacementPushes(book: book),
             logger: logger
         ) { pool in
             _ = try await pool.connection(to: address)
-            let client = TesseraClient(tenant: tenant, coordinator: address, pool: pool, book: book)
+            let client = TesseraClient(tenant: tenant, coordinator: address, pool: pool, book: book, network: network)
             return try await withThrowingTaskGroup(of: T?.self) { group in
                 group.addTask {
                     try await client.keepWatching()
@@ -135,7 +158,7 @@ public final class TesseraClient: Sendable {
         var backoff = Duration.milliseconds(100)
         while true {
             guard let connection = try? await coordinator else {
-                try await Task.sleep(for: backoff)
+                try await clock.sleep(for: backoff)
                 backoff = min(backoff * 2, .seconds(1))
                 continue
             }
@@ -361,7 +384,7 @@ public final class TesseraClient: Sendable {
                 group.addTask {
                     var current = (shard: shard, placement: placement)
                     var backoff = Duration.milliseconds(50)
-                    let deadline = ContinuousClock.now + Self.failoverPatience
+                    let deadline = self.elapsed() + Self.failoverPatience
                     while true {
                         do {
                             return try await self.attempt(
@@ -372,9 +395,9 @@ public final class TesseraClient: Sendable {
                                 make
                             )
                         } catch {
-                            guard Self.isRetryable(error), ContinuousClock.now + backoff < deadline else { throw error }
+                            guard Self.isRetryable(error), self.elapsed() + backoff < deadline else { throw error }
                             self.retries.add(1, ordering: .relaxed)
-                            try await Task.sleep(for: backoff)
+                            try await self.clock.sleep(for: backoff)
                             backoff = min(backoff * 2, .seconds(1))
                             // While the coordinator is away (restarting) the old placement is retried.
                             guard let fresh = try? await self.refreshPlacement(sequenceID) else { continue }

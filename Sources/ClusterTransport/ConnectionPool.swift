@@ -1,4 +1,3 @@
-package import ClusterSecurity
 package import ClusterWire
 package import Logging
 import Synchronization
@@ -19,9 +18,8 @@ package final class ConnectionPool: Sendable {
     /// Runs `body` with a pool whose connections answer what peers send on them with `handler`
     /// (by default, refusing it).
     package static func withPool<T: Sendable>(
+        network: any Network,
         handshake: Handshake,
-        security: TransportSecurity,
-        maxFrameBytes: Int,
         handler: any EnvelopeHandler = RefuseRequests(),
         logger: Logger,
         _ body: @escaping @Sendable (ConnectionPool) async throws -> T
@@ -35,9 +33,8 @@ package final class ConnectionPool: Sendable {
                         connections.addTask {
                             await pool.hold(
                                 address,
+                                network: network,
                                 handshake: handshake,
-                                security: security,
-                                maxFrameBytes: maxFrameBytes,
                                 handler: handler,
                                 logger: logger
                             )
@@ -79,19 +76,16 @@ package final class ConnectionPool: Sendable {
     /// Opens the connection and keeps it until the pool is cancelled or the peer goes away.
     private func hold(
         _ address: NodeAddress,
+        network: any Network,
         handshake: Handshake,
-        security: TransportSecurity,
-        maxFrameBytes: Int,
         handler: any EnvelopeHandler,
         logger: Logger
     ) async {
         var failure = WireError(.unavailable, "cannot connect to \(address)")
         do {
-            try await Transport.withConnection(
+            try await network.withConnection(
                 to: address,
                 handshake: handshake,
-                security: security,
-                maxFrameBytes: maxFrameBytes,
                 handler: handler,
                 logger: logger
             ) { connection in

@@ -1,8 +1,7 @@
 import ClusterAdmin
 package import ClusterWire
-import Logging
+package import Logging
 import Metrics
-import NIOCore
 import Synchronization
 
 /// Answers requests that arrive on a connection. Returning nil sends nothing back (for one-way
@@ -23,9 +22,7 @@ package final class PeerConnection: Sendable {
 
     package let peer: NodeIdentity
     package let remoteAddress: String
-    private let outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>
-    /// The channel's event loop, which times requests out.
-    private let eventLoop: any EventLoop
+    private let outbound: any FrameOutbound
     private let state: Mutex<State>
     private let logger: Logger
     /// Bounds the peer's requests handled at once (see `TransportLimits.maxRequestsInFlight`).
@@ -52,11 +49,10 @@ package final class PeerConnection: Sendable {
         }
     }
 
-    init(
+    package init(
         peer: NodeIdentity,
         remoteAddress: String,
-        outbound: NIOAsyncChannelOutboundWriter<Tessera_V1_Envelope>,
-        eventLoop: any EventLoop,
+        outbound: any FrameOutbound,
         connected: Bool,
         maxRequestsInFlight: Int? = nil,
         logger: Logger
@@ -64,7 +60,6 @@ package final class PeerConnection: Sendable {
         self.peer = peer
         self.remoteAddress = remoteAddress
         self.outbound = outbound
-        self.eventLoop = eventLoop
         self.logger = logger
         requestSlots = maxRequestsInFlight.map(AsyncSlots.init)
         state = Mutex(State(nextID: connected ? 1 : 2))
@@ -89,9 +84,7 @@ package final class PeerConnection: Sendable {
             _ = state.withLock { $0.pending.removeValue(forKey: id) }
             throw WireError(.unavailable, "cannot send \(what): \(error)", cause: error)
         }
-        // A timer on the connection's event loop rather than a racing task: a request is the hot path
-        // of every decode step, and a task group with a sleeping child cost two tasks and a timer each.
-        let deadline = eventLoop.scheduleTask(in: TimeAmount(timeout)) {
+        let deadline = outbound.schedule(after: timeout) {
             self.fail(id: id, WireError(.unavailable, "\(what): no answer within \(timeout)"))
         }
         defer { deadline.cancel() }
@@ -186,7 +179,7 @@ package final class PeerConnection: Sendable {
     }
 
     /// Marks the connection closed and fails every request still waiting.
-    func close(_ error: WireError) {
+    package func close(_ error: WireError) {
         let (waiting, closeWaiters) = state.withLock { state in
             state.closed = true
             defer {
@@ -206,7 +199,10 @@ package final class PeerConnection: Sendable {
     /// Reads until the peer goes away: replies resume their requests, requests go to `handler`, each
     /// in its own child task so a slow one does not hold up the rest. A reply that matches no
     /// request of ours (an `Error` to a one-way message, a late answer) is dropped, never answered.
-    func serve(inbound: Rest, handler: any EnvelopeHandler) async {
+    package func serve<Inbound: AsyncSequence<Tessera_V1_Envelope, any Error>>(
+        inbound: Inbound,
+        handler: any EnvelopeHandler
+    ) async {
         var closeReason = WireError(.unavailable, "connection to \(peer) closed")
         await withDiscardingTaskGroup { group in
             do {

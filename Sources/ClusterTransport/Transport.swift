@@ -153,8 +153,7 @@ package enum Transport {
                 let connection = PeerConnection(
                     peer: outcome.peer,
                     remoteAddress: remote,
-                    outbound: outbound,
-                    eventLoop: channel.channel.eventLoop,
+                    outbound: ChannelOutbound(writer: outbound, eventLoop: channel.channel.eventLoop),
                     connected: false,
                     // Only clients: cluster nodes send requests both ways on one connection, and a
                     // handler awaiting the peer's reply must never wait behind the reading it holds up.
@@ -214,8 +213,7 @@ package enum Transport {
             let connection = PeerConnection(
                 peer: outcome.peer,
                 remoteAddress: address.description,
-                outbound: outbound,
-                eventLoop: channel.channel.eventLoop,
+                outbound: ChannelOutbound(writer: outbound, eventLoop: channel.channel.eventLoop),
                 connected: true,
                 logger: logger
             )

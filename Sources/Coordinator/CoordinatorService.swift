@@ -1,7 +1,7 @@
 import ClusterAdmin
 import ClusterSecurity
 import ClusterState
-import ClusterTransport
+package import ClusterTransport
 import ClusterWire
 import KVCacheCore
 public import Logging
@@ -15,14 +15,29 @@ public final class CoordinatorService: Sendable {
     public let configuration: CoordinatorConfiguration
     let logger: Logger
     let state: CoordinatorState<PeerConnection>
+    /// Where it listens, and the clock of its loops (TCP unless the simulator runs it).
+    let network: any Network
 
-    public init(configuration: CoordinatorConfiguration, logger: Logger) throws {
+    public convenience init(configuration: CoordinatorConfiguration, logger: Logger) throws {
+        try self.init(
+            configuration: configuration,
+            logger: logger,
+            network: TCPNetwork(
+                security: configuration.security,
+                maxFrameBytes: configuration.maxFrameBytes,
+                faults: configuration.faults
+            )
+        )
+    }
+
+    package init(configuration: CoordinatorConfiguration, logger: Logger, network: any Network) throws {
         self.configuration = configuration
+        self.network = network
         var logger = logger
         logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
         logger[metadataKey: "node.role"] = "coordinator"
         self.logger = logger
-        state = try CoordinatorState(configuration: configuration)
+        state = try CoordinatorState(configuration: configuration, elapsed: network.elapsedTime())
     }
 
     /// Serves until cancelled; `onReady` gets the bound port.
@@ -35,14 +50,11 @@ public final class CoordinatorService: Sendable {
         try configuration.security.check(local: identity)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
-                try await Transport.listen(
+                try await self.network.listen(
                     on: self.configuration.listen,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.worker, .client]),
-                    security: self.configuration.security,
-                    maxFrameBytes: self.configuration.maxFrameBytes,
                     handler: CoordinatorHandler(coordinator: self),
                     logger: self.logger,
-                    faults: self.configuration.faults,
                     onBound: onReady
                 )
             }
@@ -55,7 +67,7 @@ public final class CoordinatorService: Sendable {
 
     private func detectFailures() async throws {
         while true {
-            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
+            try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
             await state.publishMetrics()
             let (changes, pause) = await state.tick()
             if let pause {
@@ -85,7 +97,7 @@ public final class CoordinatorService: Sendable {
     /// worker that rejoined, or the least loaded), a few at a time, while traffic continues.
     private func restoreReplication() async throws {
         while true {
-            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval)
+            try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
             let plans = await state.replicationPlans(limit: 2)
             await withDiscardingTaskGroup { group in
                 for plan in plans { group.addTask { await self.copy(plan) } }
@@ -97,7 +109,7 @@ public final class CoordinatorService: Sendable {
     /// `BudgetLifecycle`), once their backoff has passed.
     private func retryAssignments() async throws {
         while true {
-            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
+            try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
             let due = await state.dueAssignments()
             await withDiscardingTaskGroup { group in
                 for (id, sequence, assign) in due {
@@ -111,7 +123,7 @@ public final class CoordinatorService: Sendable {
     /// confirmed dropping them (a Close that timed out): the sequence stays charged until they have.
     private func retryCloses() async throws {
         while true {
-            try await Task.sleep(for: configuration.failureDetector.heartbeatInterval)
+            try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
             await withDiscardingTaskGroup { group in
                 for (id, holders) in await state.unconfirmedCloseHolders() {
                     var message = Tessera_V1_Close()

@@ -1,6 +1,6 @@
 import ClusterAdmin
 import ClusterSecurity
-import ClusterTransport
+package import ClusterTransport
 import ClusterWire
 import KVCacheCore
 public import Logging
@@ -21,14 +21,10 @@ public final class WorkerService: Sendable {
     /// The cores tensor work may use, read once: `System.coreCount` reads sysfs and cgroup files on
     /// every call, which was two file reads per prefill frame and per decode step.
     static let cores = System.coreCount
-    /// Threads for tensor work, so that it never occupies the cooperative pool that serves
-    /// connections and heartbeats: long prefill work (expansion, profiles, compression) on one pool,
-    /// decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
-    private let prefillThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
-    private let decodeThreads = NIOThreadPool(numberOfThreads: WorkerService.cores)
-    /// Runs `malloc_trim`, which can take milliseconds on a large heap: never queued behind a prefill
-    /// (the heartbeat loop waits for it) and never on an event loop.
-    private let trimThread = NIOThreadPool(numberOfThreads: 1)
+    /// Nil when simulated: many workers share one thread, and tensor work runs where it is asked for.
+    private let threads: ComputeThreads?
+    /// Where it listens and connects, and the clock of its loops.
+    let network: any Network
     private let trimming = Atomic<Bool>(false)
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
@@ -41,8 +37,26 @@ public final class WorkerService: Sendable {
     /// Resident bytes once the service started, before it held anything (code, stacks, runtime).
     private let baseResidentBytes = Mutex<UInt64>(0)
 
-    public init(configuration: WorkerConfiguration, logger: Logger) {
+    /// A worker process of its own: tensor work on its own threads, over TCP.
+    public convenience init(configuration: WorkerConfiguration, logger: Logger) {
+        self.init(
+            configuration: configuration,
+            logger: logger,
+            network: TCPNetwork(
+                security: configuration.security,
+                maxFrameBytes: configuration.maxFrameBytes,
+                faults: configuration.faults
+            ),
+            threads: ComputeThreads()
+        )
+    }
+
+    /// - Parameter threads: nil runs tensor work inline and leaves the process's memory alone (the
+    ///   simulator runs several workers in one process).
+    package init(configuration: WorkerConfiguration, logger: Logger, network: any Network, threads: ComputeThreads?) {
         self.configuration = configuration
+        self.network = network
+        self.threads = threads
         var logger = logger
         logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
         logger[metadataKey: "node.role"] = "worker"
@@ -60,20 +74,15 @@ public final class WorkerService: Sendable {
     /// the registration.
     public func run(onReady: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
         try configuration.security.check(local: identity)
-        ProcessMemory.reuseLargeFrees()
-        prefillThreads.start()
-        decodeThreads.start()
-        trimThread.start()
-        baseResidentBytes.withLock { $0 = ProcessMemory.residentBytes() }
-        defer {
-            prefillThreads.shutdownGracefully { _ in }
-            decodeThreads.shutdownGracefully { _ in }
-            trimThread.shutdownGracefully { _ in }
+        if let threads {
+            ProcessMemory.reuseLargeFrees()
+            threads.start()
+            baseResidentBytes.withLock { $0 = ProcessMemory.residentBytes() }
         }
+        defer { threads?.shutdown() }
         try await ConnectionPool.withPool(
+            network: network,
             handshake: Handshake(local: identity, acceptedPeerRoles: [.worker]),
-            security: configuration.security,
-            maxFrameBytes: configuration.maxFrameBytes,
             logger: logger
         ) { pool in
             self.peers.withLock { $0 = pool }
@@ -86,14 +95,11 @@ public final class WorkerService: Sendable {
         let (portStream, portContinuation) = AsyncStream.makeStream(of: Int.self)
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
-                try await Transport.listen(
+                try await self.network.listen(
                     on: self.configuration.listen,
                     handshake: Handshake(local: self.identity),
-                    security: self.configuration.security,
-                    maxFrameBytes: self.configuration.maxFrameBytes,
                     handler: WorkerHandler(worker: self),
-                    logger: self.logger,
-                    faults: self.configuration.faults
+                    logger: self.logger
                 ) { port in
                     self.boundPort.withLock { $0 = port }
                     portContinuation.yield(port)
@@ -116,11 +122,9 @@ public final class WorkerService: Sendable {
         var backoff = Duration.milliseconds(100)
         while !Task.isCancelled {
             do {
-                try await Transport.withConnection(
+                try await network.withConnection(
                     to: configuration.coordinator,
                     handshake: Handshake(local: identity, acceptedPeerRoles: [.coordinator]),
-                    security: configuration.security,
-                    maxFrameBytes: configuration.maxFrameBytes,
                     handler: WorkerHandler(worker: self),
                     logger: logger
                 ) { connection in
@@ -170,7 +174,7 @@ public final class WorkerService: Sendable {
             } catch {
                 logger.warning("coordinator link down; retrying", metadata: ["error": "\(error)"])
             }
-            try await Task.sleep(for: backoff)
+            try await network.clock.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(2))
         }
     }
@@ -178,7 +182,7 @@ public final class WorkerService: Sendable {
     private func heartbeat(over connection: PeerConnection) async throws {
         var number: UInt64 = 0
         while true {
-            try await Task.sleep(for: configuration.heartbeatInterval)
+            try await network.clock.sleep(for: configuration.heartbeatInterval)
             number += 1
             let totals = await store.totals()
             for modality in ["text", "image", "video"] {
@@ -194,7 +198,7 @@ public final class WorkerService: Sendable {
             beat.sequenceNumber = number
             beat.kvBytes = UInt64(totals.total)
             beat.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
-            beat.rssBytes = ProcessMemory.residentBytes()
+            beat.rssBytes = threads == nil ? 0 : ProcessMemory.residentBytes()
             beat.auditBytes = UInt64(totals.audit)
             beat.liveSequences = UInt32(totals.sequences)
             _ = try await connection.request(
@@ -215,6 +219,7 @@ public final class WorkerService: Sendable {
     /// measures close to what the worker holds. Checked every heartbeat and after a budget or a close
     /// frees a sequence's rows.
     func releaseRetainedPages() async {
+        guard let threads else { return }
         let totals = await store.totals()
         let held = totals.total + totals.audit
         let base = baseResidentBytes.withLock { $0 }
@@ -222,7 +227,7 @@ public final class WorkerService: Sendable {
             trimming.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
         else { return }
         defer { trimming.store(false, ordering: .releasing) }
-        _ = try? await trimThread.runIfActive { ProcessMemory.releaseFreePages() }
+        _ = try? await threads.trim.runIfActive { ProcessMemory.releaseFreePages() }
     }
 
     /// Applies a write on every replica (concurrently); throws UNAVAILABLE naming the first replica
@@ -302,8 +307,30 @@ public final class WorkerService: Sendable {
 
     enum Work { case prefill, decode }
 
-    /// Runs `work` on the threads for its kind.
+    /// Runs `work` on the threads for its kind (inline when simulated).
     func offload<T: Sendable>(_ kind: Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await (kind == .decode ? decodeThreads : prefillThreads).runIfActive(work)
+        guard let threads else { return try work() }
+        return try await (kind == .decode ? threads.decode : threads.prefill).runIfActive(work)
+    }
+}
+
+/// A worker process's threads for tensor work, so that it never occupies the cooperative pool that
+/// serves connections and heartbeats: long prefill work (expansion, profiles, compression) on one
+/// pool, decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
+package struct ComputeThreads: Sendable {
+    let prefill = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    let decode = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    /// Runs `malloc_trim`, which can take milliseconds on a large heap: never queued behind a prefill
+    /// (the heartbeat loop waits for it) and never on an event loop.
+    let trim = NIOThreadPool(numberOfThreads: 1)
+
+    package init() {}
+
+    func start() {
+        for pool in [prefill, decode, trim] { pool.start() }
+    }
+
+    func shutdown() {
+        for pool in [prefill, decode, trim] { pool.shutdownGracefully { _ in } }
     }
 }
