@@ -133,6 +133,15 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         .target(
+            name: "Simulation",
+            dependencies: [
+                "KVCacheCore", "Workloads", "Evaluation", "ClusterWire", "ClusterTransport", "ClusterSecurity",
+                "Coordinator", "Worker", "Client",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSettings
+        ),
+        .target(
             name: "ClusterLauncher",
             dependencies: [
                 "ClusterTransport", "ClusterSecurity", "ClusterAdmin", "Client",
@@ -169,6 +178,7 @@ let package = Package(
                 "KVCacheCore",
                 "Workloads",
                 "Evaluation",
+                "Simulation",
                 "ClusterAdmin",
                 "Coordinator",
                 "Worker",

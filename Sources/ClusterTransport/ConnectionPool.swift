@@ -57,14 +57,15 @@ package final class ConnectionPool: Sendable {
         try await withCheckedThrowingContinuation { continuation in
             let open = entries.withLock { entries -> Bool in
                 switch entries[address] {
-                case .ready(let connection):
+                case .ready(let connection) where !connection.isClosed:
                     continuation.resume(returning: connection)
                     return false
                 case .connecting(var waiting):
                     waiting.append(continuation)
                     entries[address] = .connecting(waiting)
                     return false
-                case nil:
+                case .ready, nil:
+                    // A closed connection's holder may not have let go of it yet: connect anew.
                     entries[address] = .connecting([continuation])
                     return true
                 }
@@ -97,17 +98,22 @@ package final class ConnectionPool: Sendable {
                 for waiter in waiting { waiter.resume(returning: connection) }
                 // Held until the peer closes it (the next request reconnects) or the pool's scope ends.
                 await connection.waitUntilClosed()
+                self.entries.withLock { entries in
+                    if case .ready(let held) = entries[address], held === connection { entries[address] = nil }
+                }
             }
+            return
         } catch {
             logger.debug("connection ended", metadata: ["peer.address": "\(address)", "error": "\(error)"])
             // Waiters learn why (a refused handshake says which certificate or claim was wrong).
             failure =
                 error as? WireError ?? WireError(.unavailable, "cannot connect to \(address): \(error)", cause: error)
         }
+        // The attempt failed before connecting: its waiters learn why.
         let waiting = entries.withLock { entries -> [CheckedContinuation<PeerConnection, any Error>] in
-            defer { entries[address] = nil }
-            if case .connecting(let waiting) = entries[address] { return waiting }
-            return []
+            guard case .connecting(let waiting) = entries[address] else { return [] }
+            entries[address] = nil
+            return waiting
         }
         for waiter in waiting { waiter.resume(throwing: failure) }
     }

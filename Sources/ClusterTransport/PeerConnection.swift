@@ -252,6 +252,28 @@ package final class PeerConnection: Sendable {
         }
     }
 
+    /// Serves the peer's frames (`inbound`, after the handshake) while `body` runs with this
+    /// connection, as the side that connected does; returns what `body` returns.
+    package func serving<T: Sendable, Inbound: AsyncSequence<Tessera_V1_Envelope, any Error> & Sendable>(
+        _ inbound: Inbound,
+        handler: any EnvelopeHandler,
+        _ body: @escaping @Sendable (PeerConnection) async throws -> T
+    ) async throws -> T {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask {
+                await self.serve(inbound: inbound, handler: handler)
+                return nil
+            }
+            group.addTask { try await body(self) }
+            defer { group.cancelAll() }
+            while let result = try await group.next() {
+                if let value = result { return value }
+                // The peer went away first; `body` sees its requests fail and finishes.
+            }
+            throw WireError(.unavailable, "connection to \(remoteAddress) ended")
+        }
+    }
+
     private func answer(_ request: Tessera_V1_Envelope, handler: any EnvelopeHandler) async {
         let start = ContinuousClock.now
         let type = request.bodyName

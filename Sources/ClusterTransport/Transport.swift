@@ -217,19 +217,7 @@ package enum Transport {
                 connected: true,
                 logger: logger
             )
-            return try await withThrowingTaskGroup(of: T?.self) { group in
-                group.addTask {
-                    await connection.serve(inbound: rest, handler: handler)
-                    return nil
-                }
-                group.addTask { try await body(connection) }
-                defer { group.cancelAll() }
-                while let result = try await group.next() {
-                    if let value = result { return value }
-                    // The peer went away first; `body` sees its requests fail and finishes.
-                }
-                throw WireError(.unavailable, "connection to \(address) ended")
-            }
+            return try await connection.serving(rest, handler: handler, body)
         }
     }
 

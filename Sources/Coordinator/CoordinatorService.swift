@@ -319,6 +319,15 @@ public final class CoordinatorService: Sendable {
         }
     }
 
+    /// The bytes admission charges for open sequences (and for closed ones whose holders have not
+    /// confirmed dropping them), and how many sequences it charges.
+    package func accountedBytes() async -> (bytes: UInt64, sequences: Int) {
+        await state.accounted()
+    }
+
+    /// Workers the coordinator believes alive.
+    package func liveWorkers() async -> Int { await state.membership.liveNodeIDs.count }
+
     /// The placement message a client gets for an open sequence.
     static func placement(_ sequenceID: UInt64, _ sequence: OpenSequenceState) -> Tessera_V1_Placement {
         var placement = Tessera_V1_Placement()

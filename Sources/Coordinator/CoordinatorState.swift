@@ -693,6 +693,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
     }
 
+    func accounted() -> (bytes: UInt64, sequences: Int) { (admission.totalBytes, admission.sequenceCount) }
+
     func status() -> Tessera_V1_StatusReply {
         var reply = Tessera_V1_StatusReply()
         for member in membership.members {

@@ -305,6 +305,12 @@ public final class WorkerService: Sendable {
 
     var port: Int? { boundPort.withLock { $0 } }
 
+    /// K/V bytes of every copy this worker holds (primaries and replicas), and of how many sequences.
+    package func heldBytes() async -> (bytes: Int, sequences: Int) {
+        let totals = await store.totals()
+        return (totals.total, totals.sequences)
+    }
+
     enum Work { case prefill, decode }
 
     /// Runs `work` on the threads for its kind (inline when simulated).

@@ -6,11 +6,13 @@ import KVKernels
 
 /// SplitMix64: expands one 64-bit seed into well-mixed words; used to seed the other generators and
 /// to derive per-stream seeds.
-struct SplitMix64 {
-    var state: UInt64
+package struct SplitMix64: Sendable {
+    package var state: UInt64
+
+    package init(state: UInt64) { self.state = state }
 
     @inline(__always)
-    mutating func next() -> UInt64 {
+    package mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

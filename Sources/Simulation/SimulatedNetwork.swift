@@ -1,0 +1,342 @@
+package import ClusterTransport
+package import ClusterWire
+package import Logging
+import Synchronization
+import Workloads
+
+/// Connections between the simulation's nodes, in memory, on the scheduler's clock. A connection
+/// behaves as TCP does: frames arrive in order, each after a random latency; a partition or a crash
+/// resets every connection it cuts (both ends see the stream fail) and refuses new ones until it
+/// heals. What reaches a node is what the real transport would hand it after the handshake, which
+/// runs here too (in plaintext: the simulation trusts each node's claimed identity).
+package final class SimulatedNetwork: Sendable {
+    package struct Settings: Sendable {
+        /// One-way latency of a frame, drawn uniformly.
+        package var latency: ClosedRange<Duration> = .microseconds(50)...(.milliseconds(2))
+        package var maxFrameBytes = 64 << 20
+
+        package init() {}
+    }
+
+    let scheduler: Scheduler
+    let settings: Settings
+    private let state: Mutex<State>
+
+    private struct Listener {
+        var node: String
+        var incoming: AsyncStream<Accepted>.Continuation
+    }
+
+    private struct State {
+        var random: SplitMix64
+        var listeners: [NodeAddress: Listener] = [:]
+        var links: [ObjectIdentifier: SimulatedLink] = [:]
+        /// Unordered pairs of node names that cannot reach each other.
+        var partitions: Set<[String]> = []
+        var nextPort = 20_000
+        var frames = 0
+
+        func cut(_ a: String, _ b: String) -> Bool { partitions.contains([a, b].sorted()) }
+    }
+
+    /// Sees every reply as it arrives, with the request it answers and who asked and answered. Only
+    /// requests that change a shard are followed (prefill, decode, shard assignment).
+    let onReply: @Sendable (_ request: Tessera_V1_Envelope, _ reply: Tessera_V1_Envelope, _ from: String, _ to: String) -> Void
+
+    package init(
+        scheduler: Scheduler,
+        seed: UInt64,
+        settings: Settings = .init(),
+        onReply: @escaping @Sendable (Tessera_V1_Envelope, Tessera_V1_Envelope, String, String) -> Void = {
+            _,
+            _,
+            _,
+            _ in
+        }
+    ) {
+        self.scheduler = scheduler
+        self.settings = settings
+        self.onReply = onReply
+        state = Mutex(State(random: SplitMix64(state: seed)))
+    }
+
+    /// The network as `node` sees it (its listeners and connections are its own).
+    package func node(_ name: String) -> SimulatedNode { SimulatedNode(network: self, name: name) }
+
+    /// Frames sent so far.
+    package var frames: Int { state.withLock { $0.frames } }
+
+    /// Cuts `a` off from `b` both ways, resetting their connections, until `heal`.
+    package func partition(_ a: String, _ b: String) {
+        let cut = state.withLock { state in
+            state.partitions.insert([a, b].sorted())
+            return state.links.values.filter { Set([$0.dialer, $0.listener]) == Set([a, b]) }
+        }
+        for link in cut { reset(link, "partitioned") }
+    }
+
+    package func heal() { state.withLock { $0.partitions.removeAll() } }
+
+    package func heal(_ a: String, _ b: String) { _ = state.withLock { $0.partitions.remove([a, b].sorted()) } }
+
+    /// What a process's death does to the network: its connections reset, its ports stop listening.
+    package func crash(_ node: String) {
+        let (links, listeners) = state.withLock { state in
+            let links = state.links.values.filter { $0.dialer == node || $0.listener == node }
+            let addresses = state.listeners.filter { $0.value.node == node }
+            for address in addresses.keys { state.listeners[address] = nil }
+            return (links, addresses.values.map(\.incoming))
+        }
+        for link in links { reset(link, "\(node) crashed") }
+        for listener in listeners { listener.finish() }
+    }
+
+    private func reset(_ link: SimulatedLink, _ why: String) {
+        _ = state.withLock { $0.links.removeValue(forKey: ObjectIdentifier(link)) }
+        link.reset(WireError(.unavailable, "connection reset (\(why))"))
+    }
+
+    fileprivate func bind(_ address: NodeAddress, node: String) throws(WireError) -> (
+        NodeAddress, AsyncStream<Accepted>
+    ) {
+        let (stream, continuation) = AsyncStream.makeStream(of: Accepted.self)
+        let bound = try state.withLock { state throws(WireError) in
+            var bound = address
+            if bound.port == 0 {
+                bound.port = state.nextPort
+                state.nextPort += 1
+            }
+            guard state.listeners[bound] == nil else { throw WireError(.unavailable, "\(bound) is in use") }
+            state.listeners[bound] = Listener(node: node, incoming: continuation)
+            return bound
+        }
+        return (bound, stream)
+    }
+
+    fileprivate func unbind(_ address: NodeAddress, node: String) {
+        state.withLock { state in
+            if state.listeners[address]?.node == node { state.listeners[address] = nil }
+        }
+    }
+
+    fileprivate func connect(from node: String, to address: NodeAddress) throws(WireError) -> SimulatedLink {
+        let (link, listener) = try state.withLock { state throws(WireError) in
+            guard let listener = state.listeners[address], !state.cut(node, listener.node) else {
+                throw WireError(.unavailable, "cannot connect to \(address): connection refused")
+            }
+            let link = SimulatedLink(network: self, dialer: node, listener: listener.node)
+            state.links[ObjectIdentifier(link)] = link
+            return (link, listener)
+        }
+        listener.incoming.yield(Accepted(link: link))
+        return link
+    }
+
+    fileprivate func forget(_ link: SimulatedLink) {
+        _ = state.withLock { $0.links.removeValue(forKey: ObjectIdentifier(link)) }
+    }
+
+    /// When a frame sent now arrives (latency drawn from the seeded stream).
+    fileprivate func arrival(after previous: Duration) -> Duration {
+        let span = settings.latency.upperBound - settings.latency.lowerBound
+        let draw = state.withLock { state in
+            state.frames += 1
+            return state.random.next()
+        }
+        let latency = settings.latency.lowerBound + span * (Double(draw >> 11) / Double(1 << 53))
+        return max(previous, scheduler.now + latency)
+    }
+}
+
+/// A connection being accepted: the listener's end of a new link.
+fileprivate struct Accepted: Sendable {
+    var link: SimulatedLink
+}
+
+/// One connection: a stream of frames each way.
+final class SimulatedLink: Sendable {
+    enum End: Sendable { case dialer, listener }
+
+    let dialer: String
+    let listener: String
+    let network: SimulatedNetwork
+    private let toListener = AsyncThrowingStream.makeStream(of: Tessera_V1_Envelope.self)
+    private let toDialer = AsyncThrowingStream.makeStream(of: Tessera_V1_Envelope.self)
+    /// When the last frame sent each way arrives (frames keep their order); nil once reset.
+    private let lastArrival = Mutex<(toListener: Duration, toDialer: Duration)?>((.zero, .zero))
+    /// Followed requests that arrived and await their reply, by request id (ids of the two ends differ
+    /// in parity, so one table serves both).
+    private let followed = Mutex<[UInt64: Tessera_V1_Envelope]>([:])
+
+    fileprivate init(network: SimulatedNetwork, dialer: String, listener: String) {
+        self.network = network
+        self.dialer = dialer
+        self.listener = listener
+    }
+
+    func inbound(at end: End) -> AsyncThrowingStream<Tessera_V1_Envelope, any Error> {
+        end == .dialer ? toDialer.stream : toListener.stream
+    }
+
+    func outbound(from end: End) -> SimulatedOutbound { SimulatedOutbound(link: self, end: end) }
+
+    /// Delivers `envelope` to the other end after the network's latency, or at `close` ends its stream.
+    fileprivate func send(_ envelope: Tessera_V1_Envelope?, from end: End) throws(WireError) {
+        let arrival = try lastArrival.withLock { last throws(WireError) -> Duration in
+            guard var times = last else { throw WireError(.unavailable, "connection reset") }
+            let previous = end == .dialer ? times.toListener : times.toDialer
+            let arrival = network.arrival(after: previous)
+            if end == .dialer { times.toListener = arrival } else { times.toDialer = arrival }
+            last = times
+            return arrival
+        }
+        let continuation = end == .dialer ? toListener.continuation : toDialer.continuation
+        network.scheduler.schedule(at: arrival) {
+            guard let envelope else { return continuation.finish() }
+            self.follow(envelope, from: end)
+            continuation.yield(envelope)
+        }
+        if envelope == nil { network.forget(self) }
+    }
+
+    private func follow(_ envelope: Tessera_V1_Envelope, from end: End) {
+        switch envelope.body {
+        case .prefill, .decode, .shardAssignment:
+            followed.withLock { $0[envelope.requestID] = envelope }
+        case .prefillAck, .decodeResult, .shardAssignmentAck:
+            guard let request = followed.withLock({ $0.removeValue(forKey: envelope.requestID) }) else { return }
+            network.onReply(request, envelope, end == .dialer ? dialer : listener, end == .dialer ? listener : dialer)
+        case .error:
+            _ = followed.withLock { $0.removeValue(forKey: envelope.requestID) }
+        default:
+            break
+        }
+    }
+
+    fileprivate func reset(_ error: WireError) {
+        lastArrival.withLock { $0 = nil }
+        toListener.continuation.finish(throwing: error)
+        toDialer.continuation.finish(throwing: error)
+    }
+}
+
+/// One end's writes into a link, timed on the scheduler.
+struct SimulatedOutbound: FrameOutbound {
+    let link: SimulatedLink
+    let end: SimulatedLink.End
+
+    func write(_ envelope: Tessera_V1_Envelope) async throws { try link.send(envelope, from: end) }
+
+    func finish() { try? link.send(nil, from: end) }
+
+    func schedule(after delay: Duration, _ action: @escaping @Sendable () -> Void) -> any ScheduledAction {
+        let scheduler = link.network.scheduler
+        return ScheduledTimer(scheduler: scheduler, token: scheduler.schedule(after: delay, action))
+    }
+}
+
+private struct ScheduledTimer: ScheduledAction {
+    let scheduler: Scheduler
+    let token: UInt64
+
+    func cancel() { scheduler.cancel(token) }
+}
+
+/// What one node of the simulation listens and connects with.
+package struct SimulatedNode: Network {
+    let network: SimulatedNetwork
+    let name: String
+
+    package var clock: any Clock<Duration> { SimulatedClock(scheduler: network.scheduler) }
+
+    package func listen(
+        on address: NodeAddress,
+        handshake: Handshake,
+        handler: any EnvelopeHandler,
+        logger: Logger,
+        onBound: @escaping @Sendable (Int) async -> Void,
+        onConnection: @escaping @Sendable (PeerConnection) async -> Void
+    ) async throws {
+        let (bound, incoming) = try network.bind(address, node: name)
+        defer { network.unbind(bound, node: name) }
+        await onBound(bound.port)
+        await withDiscardingTaskGroup { group in
+            for await accepted in incoming {
+                group.addTask {
+                    await accept(accepted.link, handshake: handshake, handler: handler, logger: logger, onConnection)
+                }
+            }
+            group.cancelAll()
+        }
+        try Task.checkCancellation()
+    }
+
+    /// The accepting side of the handshake, then serving the connection, as `Transport.listen` does.
+    private func accept(
+        _ link: SimulatedLink,
+        handshake: Handshake,
+        handler: any EnvelopeHandler,
+        logger: Logger,
+        _ onConnection: @escaping @Sendable (PeerConnection) async -> Void
+    ) async {
+        let outbound = link.outbound(from: .listener)
+        defer { outbound.finish() }
+        var frames = link.inbound(at: .listener).makeAsyncIterator()
+        guard let first = try? await frames.next() else { return }
+        let outcome: HandshakeOutcome
+        do {
+            outcome = try handshake.acceptHello(first)
+        } catch {
+            try? await outbound.write(Tessera_V1_Envelope(requestID: first.requestID, error: error))
+            return
+        }
+        try? await outbound.write(handshake.helloAck(for: outcome, requestID: first.requestID))
+        let connection = PeerConnection(
+            peer: outcome.peer,
+            remoteAddress: link.dialer,
+            outbound: outbound,
+            connected: false,
+            maxRequestsInFlight: outcome.peer.role == .client ? TransportLimits.defaults.maxRequestsInFlight : nil,
+            logger: logger
+        )
+        await withDiscardingTaskGroup { group in
+            group.addTask { await onConnection(connection) }
+            await connection.serve(inbound: Remainder(iterator: frames), handler: handler)
+        }
+    }
+
+    package func withConnection<T: Sendable>(
+        to address: NodeAddress,
+        handshake: Handshake,
+        handler: any EnvelopeHandler,
+        logger: Logger,
+        _ body: @escaping @Sendable (PeerConnection) async throws -> T
+    ) async throws -> T {
+        let link = try network.connect(from: name, to: address)
+        let outbound = link.outbound(from: .dialer)
+        defer { outbound.finish() }
+        try await outbound.write(handshake.hello(requestID: 0))
+        var frames = link.inbound(at: .dialer).makeAsyncIterator()
+        guard let first = try await frames.next() else {
+            throw WireError(.unavailable, "\(address) closed the connection during the handshake")
+        }
+        let outcome = try handshake.acceptHelloAck(first)
+        let connection = PeerConnection(
+            peer: outcome.peer,
+            remoteAddress: address.description,
+            outbound: outbound,
+            connected: true,
+            logger: logger
+        )
+        return try await connection.serving(Remainder(iterator: frames), handler: handler, body)
+    }
+}
+
+/// The frames of a connection after its handshake frame.
+// SAFETY: the iterator passes from the handshake to the one task that serves the connection and is
+// never used by two tasks at once.
+private struct Remainder: AsyncSequence, @unchecked Sendable {
+    let iterator: AsyncThrowingStream<Tessera_V1_Envelope, any Error>.Iterator
+
+    func makeAsyncIterator() -> AsyncThrowingStream<Tessera_V1_Envelope, any Error>.Iterator { iterator }
+}

@@ -1,0 +1,556 @@
+import Client
+import ClusterSecurity
+import ClusterTransport
+import ClusterWire
+import Coordinator
+import Evaluation
+import KVCacheCore
+import Logging
+import Synchronization
+import Worker
+import Workloads
+
+/// What one simulated schedule runs.
+package struct SimulationSettings: Sendable {
+    package var workers = 3
+    package var clients = 2
+    package var sequencesPerClient = 4
+    package var decodeSteps = 4
+    package var replication = 2
+    /// Crashes, restarts and partitions while the clients run; none when false.
+    package var faults = true
+    /// Faults stop this long after the start (or when the clients finish, if sooner).
+    package var faultWindow: Duration = .seconds(20)
+    /// Simulated time by which the schedule must have ended (clients done, cluster drained).
+    package var limit: Duration = .seconds(900)
+    /// The coordinator's memory limit: small enough that admission refuses and clients wait.
+    package var memoryLimitBytes: UInt64 = 3 << 20
+
+    package init() {}
+}
+
+/// How one schedule went.
+package struct SimulationReport: Sendable {
+    package var seed: UInt64
+    /// Invariants that failed, each with the simulated time it was seen.
+    package var violations: [String] = []
+    /// What happened, in order: faults, sequences, violations.
+    package var trace: [String] = []
+    package var sequencesCompleted = 0
+    /// Sequences a client gave up on (every copy of a shard lost, or a wait ran out): allowed under
+    /// faults, as long as no acknowledged step was lost or changed.
+    package var sequencesFailed = 0
+    package var faults = 0
+    package var simulatedTime = Duration.zero
+    package var jobs = 0
+    package var frames = 0
+
+    package var passed: Bool { violations.isEmpty }
+}
+
+package enum Simulation {
+    /// Runs the schedule `seed` to its end on the calling thread; the same seed gives the same report.
+    package static func run(seed: UInt64, settings: SimulationSettings = .init()) -> SimulationReport {
+        World(seed: seed, settings: settings).run()
+    }
+
+    /// A sequence the clients may run: a prompt of the `image-qa` workload on the `tiny` model, a
+    /// policy and a retention. Their fault-free outputs are computed once per process.
+    struct Spec: Hashable {
+        var index: Int
+        var policy: String
+        var retention: Double
+    }
+
+    static let workloadSeed: UInt64 = 0x7E55_E7A
+    static let policies = ["snapkv", "vl-cache", "madakv", "look-m", "h2o", "pyramidkv"]
+    static let retentions = [0.2, 0.5]
+    static let prompts = 3
+
+    static func traceSettings(decodeSteps: Int) -> TraceSettings {
+        var settings = TraceSettings()
+        settings.decodeSteps = decodeSteps
+        settings.imagesPerRequest = 1...2
+        settings.documentTextTokens = 64...128
+        return settings
+    }
+
+    private static let references = Mutex<[Spec: [[Int: [Float]]]]>([:])
+
+    /// The outputs of every decode step of `spec` on one process with no faults (`ReferenceDecode`,
+    /// which the chaos tests hold the cluster to bit for bit).
+    static func reference(_ spec: Spec, trace: SequenceTrace) throws -> [[Int: [Float]]] {
+        if let known = references.withLock({ $0[spec] }) { return known }
+        let outputs = try ReferenceDecode.outputs(
+            trace,
+            policy: try CompressionPolicy.named(spec.policy),
+            retention: spec.retention
+        )
+        references.withLock { $0[spec] = outputs }
+        return outputs
+    }
+}
+
+/// One schedule: the coordinator, the workers and the clients as tasks on one scheduler, over the
+/// simulated network; faults drawn from the seed.
+private final class World: Sendable {
+    let seed: UInt64
+    let settings: SimulationSettings
+    let scheduler = Scheduler()
+    let network: SimulatedNetwork
+    private let random: Mutex<SplitMix64>
+    private let ledger: Ledger
+    /// The processes running now; a crashed one is absent until it restarts.
+    private let processes = Mutex<[String: Process]>([:])
+    private let incarnations = Mutex<[String: UInt64]>([:])
+    private let quiet = Logger(label: "tessera.simulation") { _ in SwiftLogNoOpLogHandler() }
+    let coordinatorAddress = NodeAddress(host: "coordinator", port: 7000)
+
+    struct Process {
+        var task: Task<Void, Never>
+        var worker: WorkerService?
+        var coordinator: CoordinatorService?
+    }
+
+    init(seed: UInt64, settings: SimulationSettings) {
+        self.seed = seed
+        self.settings = settings
+        random = Mutex(SplitMix64(state: seed))
+        let ledger = Ledger(seed: seed, scheduler: scheduler)
+        self.ledger = ledger
+        network = SimulatedNetwork(scheduler: scheduler, seed: seed ^ 0x5EED) { request, reply, from, to in
+            ledger.check(request, reply, from: from, to: to)
+        }
+    }
+
+    func run() -> SimulationReport {
+        let finished = Flag()
+        let main = Task(executorPreference: scheduler) {
+            await self.schedule()
+            finished.raise()
+        }
+        let ended = scheduler.run(until: settings.limit) { finished.isRaised }
+        if !ended {
+            violate("liveness: the schedule did not end within \(settings.limit) of simulated time")
+            // Unwind every task so none outlives the run (they hold the scheduler).
+            main.cancel()
+            for process in processes.withLock({ Array($0.values) }) { process.task.cancel() }
+            _ = scheduler.run(until: .seconds(Int64.max / 2_000_000_000_000)) { finished.isRaised }
+        }
+        return ledger.report.withLock { report in
+            report.simulatedTime = scheduler.now
+            report.jobs = scheduler.jobsRun
+            report.frames = network.frames
+            return report
+        }
+    }
+
+    // MARK: The schedule
+
+    private func schedule() async {
+        start("coordinator")
+        for index in 1...settings.workers { start(workerName(index)) }
+        guard await waitUntil("every worker registered", within: .seconds(30), { await self.registered() }) else { return }
+        let clientsDone = Flag()
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                await withDiscardingTaskGroup { clients in
+                    for index in 1...self.settings.clients { clients.addTask { await self.client(index) } }
+                }
+                clientsDone.raise()
+            }
+            if settings.faults {
+                group.addTask { await self.injectFaults(until: { clientsDone.isRaised }) }
+            }
+            group.addTask { await self.watchMemory(until: { clientsDone.isRaised }) }
+        }
+        // Faults are over: every node back, the network whole; everything the clients closed must
+        // drain from the accounting and the workers.
+        network.heal()
+        for name in ["coordinator"] + (1...settings.workers).map(workerName) where processes.withLock({ $0[name] == nil }) {
+            log("restart \(name) (faults over)")
+            start(name)
+        }
+        let drained = await waitUntil("drain", within: .seconds(120)) { await self.drained() }
+        if !drained {
+            violate("liveness: after the faults, the cluster still accounts or holds closed sequences (\(await drainState()))")
+        }
+        for name in processes.withLock({ Array($0.keys) }).sorted() { await stop(name) }
+    }
+
+    private func workerName(_ index: Int) -> String { "worker-\(index)" }
+
+    // MARK: Processes
+
+    private func start(_ name: String) {
+        let node = network.node(name)
+        let incarnation = incarnations.withLock { known in
+            known[name, default: 0] += 1
+            return known[name]!
+        }
+        let process: Process
+        if name == "coordinator" {
+            let configuration = CoordinatorConfiguration(
+                incarnation: incarnation,
+                listen: coordinatorAddress,
+                security: .insecure,
+                memoryLimitBytes: settings.memoryLimitBytes,
+                // No tightening: the fault-free reference keeps each sequence's own retention.
+                floorRatio: 1,
+                replication: settings.replication
+            )
+            // The configuration above is valid by construction.
+            let service = try! CoordinatorService(configuration: configuration, logger: quiet, network: node)
+            process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, coordinator: service)
+        } else {
+            let configuration = WorkerConfiguration(
+                nodeID: name,
+                incarnation: incarnation,
+                listen: NodeAddress(host: name, port: 0),
+                coordinator: coordinatorAddress,
+                security: .insecure
+            )
+            let service = WorkerService(configuration: configuration, logger: quiet, network: node, threads: nil)
+            process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, worker: service)
+        }
+        processes.withLock { $0[name] = process }
+    }
+
+    /// Kills the process: its connections reset at once, its tasks unwind, its memory is gone.
+    private func stop(_ name: String) async {
+        guard let process = processes.withLock({ $0.removeValue(forKey: name) }) else { return }
+        network.crash(name)
+        process.task.cancel()
+        await process.task.value
+    }
+
+    private var running: [String: Process] { processes.withLock { $0 } }
+
+    private func registered() async -> Bool {
+        guard let coordinator = running["coordinator"]?.coordinator else { return false }
+        return await coordinator.liveWorkers() == settings.workers
+    }
+
+    /// Closed sequences gone everywhere: nothing accounted, nothing held.
+    private func drained() async -> Bool {
+        let state = await drainState()
+        return state.accounted == 0 && state.held == 0
+    }
+
+    private func drainState() async -> (accounted: UInt64, held: Int) {
+        let accounted = await running["coordinator"]?.coordinator?.accountedBytes().bytes ?? 0
+        var held = 0
+        for (_, process) in running.sorted(by: { $0.key < $1.key }) {
+            held += await process.worker?.heldBytes().bytes ?? 0
+        }
+        return (accounted, held)
+    }
+
+    // MARK: Clients
+
+    private func client(_ index: Int) async {
+        let name = "client-\(index)"
+        do {
+            try await TesseraClient.withClient(
+                coordinator: coordinatorAddress,
+                network: network.node(name),
+                tenant: "tenant-\(index)",
+                nodeID: name,
+                logger: quiet
+            ) { client in
+                for k in 0..<self.settings.sequencesPerClient {
+                    let spec = self.draw { random in
+                        Simulation.Spec(
+                            index: Int(random.next() % UInt64(Simulation.prompts)),
+                            policy: Simulation.policies[Int(random.next() % UInt64(Simulation.policies.count))],
+                            retention: Simulation.retentions[Int(random.next() % UInt64(Simulation.retentions.count))]
+                        )
+                    }
+                    await self.drive(UInt64(index) << 16 | UInt64(k + 1), spec, client: client)
+                }
+            }
+        } catch {
+            log("\(name) could not reach the coordinator: \(error)")
+        }
+    }
+
+    /// Opens, prefills, decodes and closes one sequence, checking every acknowledged step against
+    /// the fault-free outputs. Waits out refusals and unavailability as a patient client would.
+    private func drive(_ id: UInt64, _ spec: Simulation.Spec, client: TesseraClient) async {
+        let trace = TraceGenerator(
+            preset: .imageQA,
+            geometry: .tiny,
+            settings: Simulation.traceSettings(decodeSteps: settings.decodeSteps),
+            seed: Simulation.workloadSeed
+        ).sequence(spec.index)
+        let expected: [[Int: [Float]]]
+        do {
+            expected = try Simulation.reference(spec, trace: trace)
+        } catch {
+            violate("the reference decode of \(spec) failed: \(error)")
+            return
+        }
+        log("sequence \(id): open (\(spec.policy) at \(spec.retention), prompt \(spec.index))")
+        do {
+            var attempts = 0
+            try await patiently("open \(id)") {
+                attempts += 1
+                do {
+                    _ = try await client.openSequence(
+                        id,
+                        geometry: .tiny,
+                        layout: trace.layout,
+                        policy: try CompressionPolicy.named(spec.policy),
+                        retention: spec.retention,
+                        decodeTokens: self.settings.decodeSteps
+                    )
+                } catch let error as WireError where error.code == .badRequest && attempts > 1 {
+                    // An earlier attempt was admitted but its answer was lost.
+                    _ = try await client.refreshPlacement(id)
+                }
+            }
+            _ = try await client.prefillSynthetic(
+                id,
+                workload: WorkloadPreset.imageQA.rawValue,
+                seed: Simulation.workloadSeed,
+                index: spec.index,
+                settings: Simulation.traceSettings(decodeSteps: settings.decodeSteps)
+            )
+            let clock = SimulatedClock(scheduler: scheduler)
+            for step in 0..<settings.decodeSteps {
+                // Tokens arrive at a client's pace, so faults land between and during steps.
+                try await clock.sleep(for: .milliseconds(Int64(draw { $0.next() % 400 })))
+                let outputs = try await client.decode(id, step: step, geometry: .tiny)
+                if !Self.identical(outputs, expected[step]) {
+                    violate("sequence \(id) step \(step) was acknowledged with outputs that differ from the fault-free run")
+                }
+            }
+            ledger.report.withLock { $0.sequencesCompleted += 1 }
+            log("sequence \(id): decoded \(settings.decodeSteps) steps")
+        } catch {
+            ledger.report.withLock { $0.sequencesFailed += 1 }
+            log("sequence \(id): gave up: \(error)")
+        }
+        do {
+            try await patiently("close \(id)") {
+                do {
+                    _ = try await client.close(id)
+                } catch let error as WireError where error.code == .unknownSequence {
+                    return  // never admitted, or closed by an attempt whose answer was lost
+                }
+            }
+        } catch {
+            violate("liveness: sequence \(id) could not be closed: \(error)")
+        }
+    }
+
+    /// Retries `body` while the cluster is unavailable or full, for up to two simulated minutes.
+    private func patiently(_ what: String, _ body: () async throws -> Void) async throws {
+        let clock = SimulatedClock(scheduler: scheduler)
+        let deadline = clock.now.advanced(by: .seconds(120))
+        var backoff = Duration.milliseconds(100)
+        while true {
+            do {
+                return try await body()
+            } catch let error as WireError
+                where [.unavailable, .resourceExhausted, .notPrimary, .staleEpoch].contains(error.code)
+                && clock.now < deadline
+            {
+                try await clock.sleep(for: error.retryAfter ?? backoff)
+                backoff = min(backoff * 2, .seconds(2))
+            }
+        }
+    }
+
+    private static func identical(_ a: [Int: [Float]], _ b: [Int: [Float]]) -> Bool {
+        a.count == b.count
+            && a.allSatisfy { layer, values in
+                guard let other = b[layer], other.count == values.count else { return false }
+                return zip(values, other).allSatisfy { $0.bitPattern == $1.bitPattern }
+            }
+    }
+
+    // MARK: Faults
+
+    /// Until the clients are done (or the fault window closes): every 0.2–1.5 s one fault, undone
+    /// 0.3–4 s later. At most one worker is down at a time, so a replicated shard keeps a copy.
+    private func injectFaults(until done: @escaping @Sendable () -> Bool) async {
+        let clock = SimulatedClock(scheduler: scheduler)
+        await withDiscardingTaskGroup { group in
+            while !done(), scheduler.now < settings.faultWindow {
+                let (pause, kind, pick, duration) = draw { random in
+                    (
+                        Duration.milliseconds(200 + Int64(random.next() % 1_300)), random.next() % 4,
+                        random.next(), Duration.milliseconds(300 + Int64(random.next() % 3_700))
+                    )
+                }
+                guard (try? await clock.sleep(for: pause)) != nil else { return }
+                let workers = (1...settings.workers).map(workerName)
+                let down = workers.filter { running[$0] == nil }
+                switch kind {
+                case 0 where down.isEmpty:
+                    let victim = workers[Int(pick % UInt64(workers.count))]
+                    log("crash \(victim)")
+                    await stop(victim)
+                    group.addTask {
+                        try? await clock.sleep(for: duration)
+                        self.log("restart \(victim)")
+                        self.start(victim)
+                    }
+                case 1 where running["coordinator"] != nil:
+                    log("crash coordinator")
+                    await stop("coordinator")
+                    group.addTask {
+                        try? await clock.sleep(for: duration)
+                        self.log("restart coordinator")
+                        self.start("coordinator")
+                    }
+                case 2, 3:
+                    let nodes =
+                        ["coordinator"] + workers + (1...settings.clients).map { "client-\($0)" }
+                    let a = nodes[Int(pick % UInt64(nodes.count))]
+                    let b = nodes[Int((pick >> 32) % UInt64(nodes.count))]
+                    guard a != b, !(a.hasPrefix("client") && b.hasPrefix("client")) else { continue }
+                    log("partition \(a) | \(b)")
+                    network.partition(a, b)
+                    group.addTask {
+                        try? await clock.sleep(for: duration)
+                        self.log("heal \(a) | \(b)")
+                        self.network.heal(a, b)
+                    }
+                default:
+                    continue
+                }
+                ledger.report.withLock { $0.faults += 1 }
+            }
+        }
+    }
+
+    // MARK: Invariants
+
+    /// Every 100 ms: the coordinator's accounting within its memory limit.
+    private func watchMemory(until done: @escaping @Sendable () -> Bool) async {
+        let clock = SimulatedClock(scheduler: scheduler)
+        while !done() {
+            guard (try? await clock.sleep(for: .milliseconds(100))) != nil else { return }
+            guard let coordinator = running["coordinator"]?.coordinator else { continue }
+            let accounted = await coordinator.accountedBytes().bytes
+            if accounted > settings.memoryLimitBytes {
+                violate("the coordinator accounts \(accounted) bytes, over its limit of \(settings.memoryLimitBytes)")
+            }
+        }
+    }
+
+    // MARK: Journal
+
+    private func draw<T>(_ body: (inout SplitMix64) -> T) -> T { random.withLock { body(&$0) } }
+
+    private func log(_ line: String) { ledger.log(line) }
+
+    private func violate(_ violation: String) { ledger.violate(violation) }
+
+    /// Polls `condition` every 50 ms of simulated time; false if it did not hold within `limit`.
+    private func waitUntil(_ what: String, within limit: Duration, _ condition: () async -> Bool) async -> Bool {
+        let clock = SimulatedClock(scheduler: scheduler)
+        let deadline = clock.now.advanced(by: limit)
+        while clock.now < deadline {
+            if await condition() { return true }
+            guard (try? await clock.sleep(for: .milliseconds(50))) != nil else { return false }
+        }
+        return await condition()
+    }
+}
+
+/// The schedule's record: its report and trace, and the invariants checked on replies as they
+/// reach their requesters.
+private final class Ledger: Sendable {
+    let report: Mutex<SimulationReport>
+    let scheduler: Scheduler
+    /// Which node acknowledged writes to a shard at an epoch (at most one may).
+    private let writers = Mutex<[WriteKey: String]>([:])
+    /// The newest epoch each worker accepted for each sequence (never goes back).
+    private let epochs = Mutex<[EpochKey: UInt64]>([:])
+
+    struct WriteKey: Hashable {
+        var sequence: UInt64
+        var shard: UInt32
+        var epoch: UInt64
+    }
+
+    struct EpochKey: Hashable {
+        var node: String
+        var sequence: UInt64
+    }
+
+    init(seed: UInt64, scheduler: Scheduler) {
+        report = Mutex(SimulationReport(seed: seed))
+        self.scheduler = scheduler
+    }
+
+    func log(_ line: String) {
+        let stamped = "\(Self.format(scheduler.now)) \(line)"
+        report.withLock { $0.trace.append(stamped) }
+    }
+
+    func violate(_ violation: String) {
+        let line = "\(Self.format(scheduler.now)) VIOLATION \(violation)"
+        report.withLock {
+            $0.violations.append(line)
+            $0.trace.append(line)
+        }
+    }
+
+    static func format(_ time: Duration) -> String {
+        let millis = Int64(time / .milliseconds(1))
+        let fraction = String(millis % 1000)
+        return "t=\(millis / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)s"
+    }
+
+    /// Checks a reply as it reaches the requester: at most one copy of a shard acknowledges a client's
+    /// writes in an epoch (a replica acknowledging its primary's forward is not one), and a worker
+    /// never accepts an assignment older than one it accepted.
+    func check(_ request: Tessera_V1_Envelope, _ reply: Tessera_V1_Envelope, from node: String, to requester: String) {
+        let fromClient = requester.hasPrefix("client-")
+        switch request.body {
+        case .prefill(let write) where fromClient:
+            checkWriter(WriteKey(sequence: write.sequenceID, shard: write.shardID, epoch: write.epoch), node)
+        case .decode(let write) where fromClient:
+            checkWriter(WriteKey(sequence: write.sequenceID, shard: write.shardID, epoch: write.epoch), node)
+        case .shardAssignment(let assignment):
+            let key = EpochKey(node: node, sequence: assignment.sequenceID)
+            let previous = epochs.withLock { epochs in
+                defer { epochs[key] = max(epochs[key] ?? 0, assignment.epoch) }
+                return epochs[key]
+            }
+            if let previous, assignment.epoch < previous {
+                violate(
+                    "\(node) accepted epoch \(assignment.epoch) of sequence \(assignment.sequenceID) after epoch \(previous)"
+                )
+            }
+        default:
+            break
+        }
+    }
+
+    private func checkWriter(_ key: WriteKey, _ node: String) {
+        let first = writers.withLock { writers in
+            if writers[key] == nil { writers[key] = node }
+            return writers[key]!
+        }
+        if first != node {
+            violate(
+                "\(first) and \(node) both acknowledged writes to shard \(key.shard) of sequence \(key.sequence) in epoch \(key.epoch)"
+            )
+        }
+    }
+
+}
+
+/// A flag one task raises and others read.
+private final class Flag: Sendable {
+    private let raised = Atomic(false)
+
+    var isRaised: Bool { raised.load(ordering: .relaxed) }
+
+    func raise() { raised.store(true, ordering: .relaxed) }
+}
