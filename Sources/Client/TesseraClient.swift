@@ -153,7 +153,9 @@ public final class TesseraClient: Sendable {
     /// Keeps the coordinator's placement pushes coming: whenever the connection to it is opened
     /// again (the coordinator restarted, or the link broke), asks for the placement of every open
     /// sequence, which makes this connection their watcher on the coordinator and catches up on a
-    /// move whose push was lost.
+    /// move whose push was lost. A restarted coordinator knows a sequence only once its workers have
+    /// registered again, so each is asked for until it answers; an unwatched sequence is closed by
+    /// the coordinator after its orphan grace.
     private func keepWatching() async throws {
         var backoff = Duration.milliseconds(100)
         while true {
@@ -164,9 +166,26 @@ public final class TesseraClient: Sendable {
             }
             backoff = .milliseconds(100)
             // Nothing on the first connection: no sequence is open yet.
-            for id in book.sequenceIDs { _ = try? await refreshPlacement(id) }
+            for id in book.sequenceIDs { try await watchAgain(id, over: connection) }
             await connection.waitUntilClosed()
             try Task.checkCancellation()
+        }
+    }
+
+    /// Asks for the sequence's placement until the coordinator answers (or the connection closes,
+    /// or the sequence is gone).
+    private func watchAgain(_ sequenceID: UInt64, over connection: PeerConnection) async throws {
+        var backoff = Duration.milliseconds(100)
+        while !connection.isClosed, book.placement(sequenceID) != nil {
+            do {
+                _ = try await refreshPlacement(sequenceID)
+                return
+            } catch let error as WireError where error.code == .unavailable {
+                try await clock.sleep(for: error.retryAfter ?? backoff)
+                backoff = min(backoff * 2, .seconds(1))
+            } catch {
+                return
+            }
         }
     }
 

@@ -16,6 +16,9 @@ public struct CoordinatorConfiguration: Sendable {
     public var floorRatio: Double
     /// Copies of each shard of a sequence, on distinct workers.
     public var replication: Int
+    /// An open sequence that no client connection watches for this long is closed: its client is
+    /// gone (a lease; clients of `TesseraClient` watch every sequence they opened).
+    public var orphanGrace: Duration
     /// Faults to inject into the connections the coordinator accepts (none when nil).
     public var faults: FaultInjector?
     /// Mutual TLS with the cluster's certificates, or insecure.
@@ -32,6 +35,7 @@ public struct CoordinatorConfiguration: Sendable {
         tenantQuotaBytes: [String: UInt64] = [:],
         floorRatio: Double = 0.02,
         replication: Int = 2,
+        orphanGrace: Duration = .seconds(30),
         faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID
@@ -43,6 +47,7 @@ public struct CoordinatorConfiguration: Sendable {
         self.tenantQuotaBytes = tenantQuotaBytes
         self.floorRatio = floorRatio
         self.replication = replication
+        self.orphanGrace = orphanGrace
         self.faults = faults
         self.security = security
     }

@@ -93,7 +93,9 @@ struct CoordinatorHandler: EnvelopeHandler {
             do {
                 try await coordinator.announce(id, sequence)
             } catch {
-                await state.abandon(id)
+                // Holders the assignment reached must drop it: closed like any sequence, it stays
+                // charged until they have.
+                _ = await coordinator.closeEverywhere(id)
                 throw error
             }
             await state.watch(id, from: connection)
@@ -108,16 +110,8 @@ struct CoordinatorHandler: EnvelopeHandler {
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
             _ = try await state.sequence(message.sequenceID, tenant: message.tenant)
-            guard let sequence = await state.close(message.sequenceID) else {
+            guard let freed = await coordinator.closeEverywhere(message.sequenceID) else {
                 throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")
-            }
-            // Freed bytes count the primaries' copies, as the accounting does.
-            var freed: UInt64 = 0
-            for shard in sequence.shards {
-                for holder in shard.holders {
-                    guard let ack = await coordinator.tellClose(message, to: holder.node) else { continue }
-                    if holder == shard.primary { freed = freed.saturatingSum(ack.freedBytes) }
-                }
             }
             var ack = Tessera_V1_CloseAck()
             ack.sequenceID = message.sequenceID

@@ -87,7 +87,7 @@ public final class CoordinatorService: Sendable {
             }
             var dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             // After a restart: holders that never re-registered died while the coordinator was down.
-            dead.formUnion(await state.unregisteredHolders(grace: configuration.failureDetector.deadAfter))
+            dead.formUnion(await state.unregisteredHolders())
             if !dead.isEmpty { await failOver(dead: dead) }
         }
     }
@@ -119,11 +119,19 @@ public final class CoordinatorService: Sendable {
         }
     }
 
-    /// Tells again, every heartbeat interval, the connected holders of closed sequences that have not
+    /// Every heartbeat interval: closes the sequences whose lease is up (`orphanGrace` without a
+    /// watching client), and tells again the connected holders of closed sequences that have not
     /// confirmed dropping them (a Close that timed out): the sequence stays charged until they have.
     private func retryCloses() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
+            for id in await state.orphans(grace: configuration.orphanGrace) {
+                logger.warning(
+                    "closing a sequence no client has watched for the orphan grace",
+                    metadata: ["sequence.id": "\(id)", "grace": "\(configuration.orphanGrace)"]
+                )
+                _ = await closeEverywhere(id)
+            }
             await withDiscardingTaskGroup { group in
                 for (id, holders) in await state.unconfirmedCloseHolders() {
                     var message = Tessera_V1_Close()
@@ -135,6 +143,24 @@ public final class CoordinatorService: Sendable {
                 }
             }
         }
+    }
+
+    /// Closes the sequence and tells every holder to drop its copies; returns the bytes the primaries
+    /// freed, or nil if it was not open. A holder that cannot be told now is told again later.
+    func closeEverywhere(_ sequenceID: UInt64) async -> UInt64? {
+        guard let sequence = await state.close(sequenceID) else { return nil }
+        var message = Tessera_V1_Close()
+        message.tenant = sequence.tenant
+        message.sequenceID = sequenceID
+        // Freed bytes count the primaries' copies, as the accounting does.
+        var freed: UInt64 = 0
+        for shard in sequence.shards {
+            for holder in shard.holders {
+                guard let ack = await tellClose(message, to: holder.node) else { continue }
+                if holder == shard.primary { freed = freed.saturatingSum(ack.freedBytes) }
+            }
+        }
+        return freed
     }
 
     /// Tells `holder` to drop its copies of a closed sequence and records that it did; nil when it
@@ -320,8 +346,8 @@ public final class CoordinatorService: Sendable {
     }
 
     /// The bytes admission charges for open sequences (and for closed ones whose holders have not
-    /// confirmed dropping them), and how many sequences it charges.
-    package func accountedBytes() async -> (bytes: UInt64, sequences: Int) {
+    /// confirmed dropping them), and which sequences it charges.
+    package func accounted() async -> (bytes: UInt64, sequences: [UInt64]) {
         await state.accounted()
     }
 

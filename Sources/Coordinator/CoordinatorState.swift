@@ -93,6 +93,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
     private var copyRetry: [UInt64: ClusterInstant] = [:]
     /// Time since this coordinator started.
     private let elapsed: @Sendable () -> Duration
+    private let rebuildGrace: Duration
+    /// A new sequence's epoch: this coordinator's incarnation (wall-clock nanoseconds when it
+    /// started), so that epochs never go back across restarts, even for a sequence id reopened after
+    /// a restart that lost it; failovers count up from there, one each.
+    private let firstEpoch: UInt64
 
     /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
     static var mapLayers: Int { 4096 }
@@ -104,6 +109,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Per open sequence, the client connections to tell when a failover moves it: those that opened
     /// it or asked for its placement.
     private var watchers: [UInt64: [Link]] = [:]
+    /// Since when (elapsed time) each open sequence has had no watcher; see `orphans(grace:)`.
+    private var unwatchedSince: [UInt64: Duration] = [:]
     /// Where `freeSequenceID` looks next.
     private var nextChosenID: UInt64 = 1 << 62
 
@@ -116,6 +123,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
     ///   continuous clock.
     init(configuration: CoordinatorConfiguration, elapsed: (@Sendable () -> Duration)? = nil) throws {
         replication = configuration.replication
+        rebuildGrace = configuration.failureDetector.deadAfter
+        firstEpoch = configuration.incarnation
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
         admission = Admission(
@@ -131,6 +140,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     var now: ClusterInstant { ClusterInstant(elapsed: elapsed()) }
+
+    /// After a start, until the failure detector would have declared a silent worker dead: workers
+    /// that outlived a previous coordinator are still registering, and their copies rebuild the
+    /// sequences it had open.
+    var isRebuilding: Bool { elapsed() <= rebuildGrace }
 
     /// Registers a worker; returns the membership changes it caused and the copies it holds of
     /// sequences closed since, which it must be told to close.
@@ -176,13 +190,17 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// admission charges each primary's bytes for every copy. Sequences this coordinator opened itself
     /// are left alone. The workers send their layer statistics again right after registering: a
     /// sequence still prefilling gets its budget, a compressed one can be tightened again.
-    /// Rebuilds sequences from the copies a registering worker holds. Returns the copies of sequences
-    /// closed meanwhile (the Close did not reach this worker): the worker is told to drop them.
+    ///
+    /// Returns the copies the worker must drop: of sequences closed meanwhile (the Close did not reach
+    /// it), and, once the rebuild is over, of sequences this coordinator does not know (closed before
+    /// a restart that lost the record, or given up as unknown by their clients).
     private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) -> [Tessera_V1_Close] {
         var stale: [Tessera_V1_Close] = []
         for copy in held {
             let a = copy.assignment
-            if unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true {
+            if unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true
+                || (sequences[a.sequenceID] == nil && !isRebuilding) || isLeftBehind(a.sequenceID, on: nodeID)
+            {
                 var close = Tessera_V1_Close()
                 close.tenant = a.tenant
                 close.sequenceID = a.sequenceID
@@ -194,12 +212,18 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 a.shard.layerCount >= 1, Int(a.shard.firstLayer) + Int(a.shard.layerCount) <= geometry.layers
             else { continue }
             let first = Int(a.shard.firstLayer)
-            let shard = SequenceShard(
+            var shard = SequenceShard(
                 id: a.shard.shardID,
                 layers: first..<(first + Int(a.shard.layerCount)),
                 primary: ShardHolder(a.shard.primary),
                 replicas: a.shard.replicas.map(ShardHolder.init)
             )
+            // A copy's assignment may predate copies made from it (a replica installed by
+            // re-replication lists the holders as they were before it): every copy reported is a
+            // holder, the reporting worker included.
+            if !shard.holders.contains(where: { $0.node == nodeID }), let address = workers[nodeID]?.address {
+                shard.replicas.append(ShardHolder(node: nodeID, address: address))
+            }
             var state: OpenSequenceState
             if let known = sequences[a.sequenceID] {
                 guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
@@ -234,6 +258,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 )
             }
             if !copy.compressed { state.budget.copyUncompressed() }
+            if let known = state.shards.first(where: { $0.id == shard.id }) {
+                for holder in known.holders where !shard.holders.contains(where: { $0.node == holder.node }) {
+                    shard.replicas.append(holder)
+                }
+            }
             state.shards.removeAll { $0.id == shard.id }
             state.shards.append(shard)
             state.shards.sort { $0.layers.lowerBound < $1.layers.lowerBound }
@@ -250,10 +279,20 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return stale
     }
 
-    /// Holders of open sequences' shards that are not registered members once `grace` has passed since
-    /// this coordinator started (they died while it was down, so the failure detector never met them).
-    func unregisteredHolders(grace: Duration) -> Set<NodeID> {
-        guard elapsed() > grace else { return [] }
+    /// Whether `nodeID` holds a copy of a sequence this coordinator opened that places no shard on
+    /// it: an assignment from an open that failed half way, or from an older placement. A copy being
+    /// made to it right now is not one.
+    private func isLeftBehind(_ sequenceID: UInt64, on nodeID: NodeID) -> Bool {
+        guard let known = sequences[sequenceID], known.restoredBytes == nil, !reshaping.contains(sequenceID) else {
+            return false
+        }
+        return !known.shards.contains { $0.holders.contains { $0.node == nodeID } }
+    }
+
+    /// Holders of open sequences' shards that are not registered members once the rebuild is over
+    /// (they died while the coordinator was down, so the failure detector never met them).
+    func unregisteredHolders() -> Set<NodeID> {
+        guard !isRebuilding else { return [] }
         var missing = Set<NodeID>()
         for sequence in sequences.values {
             for holder in sequence.shards.flatMap(\.holders) where membership.member(holder.node) == nil {
@@ -476,7 +515,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             layout: layout,
             message: message,
             policy: policy,
-            epoch: shardMap.placement.epoch,
+            epoch: firstEpoch,
             shards: shards,
             budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
@@ -484,6 +523,23 @@ actor CoordinatorState<Link: CoordinatorLink> {
         )
         sequences[message.sequenceID] = state
         return state
+    }
+
+    /// Open sequences that no client connection has watched for `grace`: their client is gone (it
+    /// crashed, or it lost them across a coordinator restart), so their lease is up.
+    func orphans(grace: Duration) -> [UInt64] {
+        let now = elapsed()
+        var expired: [UInt64] = []
+        for id in sequences.keys.sorted() {
+            guard watchers(of: id).isEmpty else {
+                unwatchedSince[id] = nil
+                continue
+            }
+            let since = unwatchedSince[id] ?? now
+            unwatchedSince[id] = since
+            if now - since >= grace { expired.append(id) }
+        }
+        return expired
     }
 
     /// Tells `connection` about later moves of the sequence (see `watchers(of:)`).
@@ -511,15 +567,18 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return nextChosenID
     }
 
-    func abandon(_ sequenceID: UInt64) {
-        watchers[sequenceID] = nil
-        sequences[sequenceID] = nil
-        _ = admission.release(sequenceID: sequenceID)
-    }
-
-    /// The open sequence; with a tenant, only if that tenant owns it.
+    /// The open sequence; with a tenant, only if that tenant owns it. While rebuilding, a sequence
+    /// not heard of yet may still come back with its workers' registrations: UNAVAILABLE, not unknown
+    /// (a client that took "unknown" for "closed" would leave its copies behind for good).
     func sequence(_ sequenceID: UInt64, tenant: String?) throws(WireError) -> OpenSequenceState {
         guard let state = sequences[sequenceID] else {
+            if isRebuilding {
+                throw WireError(
+                    .unavailable,
+                    "sequence \(sequenceID) is not known yet: the coordinator started \(elapsed()) ago and is still hearing from its workers",
+                    retryAfter: .milliseconds(250)
+                )
+            }
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not open")
         }
         guard tenant == nil || state.tenant == tenant else {
@@ -649,6 +708,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         copyRetry[sequenceID] = nil
         watchers[sequenceID] = nil
+        unwatchedSince[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
         if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
@@ -693,7 +753,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
     }
 
-    func accounted() -> (bytes: UInt64, sequences: Int) { (admission.totalBytes, admission.sequenceCount) }
+    func accounted() -> (bytes: UInt64, sequences: [UInt64]) {
+        (admission.totalBytes, admission.sequences.map(\.sequenceID).sorted())
+    }
 
     func status() -> Tessera_V1_StatusReply {
         var reply = Tessera_V1_StatusReply()

@@ -5,7 +5,7 @@ import ClusterWire
 import Coordinator
 import Evaluation
 import KVCacheCore
-import Logging
+package import Logging
 import Synchronization
 import Worker
 import Workloads
@@ -25,6 +25,8 @@ package struct SimulationSettings: Sendable {
     package var limit: Duration = .seconds(900)
     /// The coordinator's memory limit: small enough that admission refuses and clients wait.
     package var memoryLimitBytes: UInt64 = 3 << 20
+    /// The nodes' own log lines at this level and above go into the trace; none when nil.
+    package var logLevel: Logger.Level?
 
     package init() {}
 }
@@ -103,7 +105,6 @@ private final class World: Sendable {
     /// The processes running now; a crashed one is absent until it restarts.
     private let processes = Mutex<[String: Process]>([:])
     private let incarnations = Mutex<[String: UInt64]>([:])
-    private let quiet = Logger(label: "tessera.simulation") { _ in SwiftLogNoOpLogHandler() }
     let coordinatorAddress = NodeAddress(host: "coordinator", port: 7000)
 
     struct Process {
@@ -173,7 +174,7 @@ private final class World: Sendable {
         }
         let drained = await waitUntil("drain", within: .seconds(120)) { await self.drained() }
         if !drained {
-            violate("liveness: after the faults, the cluster still accounts or holds closed sequences (\(await drainState()))")
+            violate("liveness: closed sequences never drained: \(await leftovers().joined(separator: "; "))")
         }
         for name in processes.withLock({ Array($0.keys) }).sorted() { await stop(name) }
     }
@@ -191,7 +192,8 @@ private final class World: Sendable {
         let process: Process
         if name == "coordinator" {
             let configuration = CoordinatorConfiguration(
-                incarnation: incarnation,
+                // As a coordinator process's: nanoseconds of the (simulated) clock when it starts.
+                incarnation: UInt64(scheduler.now / .nanoseconds(1)) + incarnation,
                 listen: coordinatorAddress,
                 security: .insecure,
                 memoryLimitBytes: settings.memoryLimitBytes,
@@ -200,7 +202,7 @@ private final class World: Sendable {
                 replication: settings.replication
             )
             // The configuration above is valid by construction.
-            let service = try! CoordinatorService(configuration: configuration, logger: quiet, network: node)
+            let service = try! CoordinatorService(configuration: configuration, logger: logger(name), network: node)
             process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, coordinator: service)
         } else {
             let configuration = WorkerConfiguration(
@@ -210,7 +212,7 @@ private final class World: Sendable {
                 coordinator: coordinatorAddress,
                 security: .insecure
             )
-            let service = WorkerService(configuration: configuration, logger: quiet, network: node, threads: nil)
+            let service = WorkerService(configuration: configuration, logger: logger(name), network: node, threads: nil)
             process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, worker: service)
         }
         processes.withLock { $0[name] = process }
@@ -232,18 +234,20 @@ private final class World: Sendable {
     }
 
     /// Closed sequences gone everywhere: nothing accounted, nothing held.
-    private func drained() async -> Bool {
-        let state = await drainState()
-        return state.accounted == 0 && state.held == 0
-    }
+    private func drained() async -> Bool { await leftovers().isEmpty }
 
-    private func drainState() async -> (accounted: UInt64, held: Int) {
-        let accounted = await running["coordinator"]?.coordinator?.accountedBytes().bytes ?? 0
-        var held = 0
-        for (_, process) in running.sorted(by: { $0.key < $1.key }) {
-            held += await process.worker?.heldBytes().bytes ?? 0
+    /// What is still accounted or held, by node.
+    private func leftovers() async -> [String] {
+        var left: [String] = []
+        for (name, process) in running.sorted(by: { $0.key < $1.key }) {
+            if let accounted = await process.coordinator?.accounted(), accounted.bytes > 0 {
+                left.append("\(name) accounts \(accounted.bytes) bytes for \(accounted.sequences)")
+            }
+            if let held = await process.worker?.held(), held.bytes > 0 || !held.sequences.isEmpty {
+                left.append("\(name) holds \(held.bytes) bytes of \(held.sequences)")
+            }
         }
-        return (accounted, held)
+        return left
     }
 
     // MARK: Clients
@@ -256,7 +260,7 @@ private final class World: Sendable {
                 network: network.node(name),
                 tenant: "tenant-\(index)",
                 nodeID: name,
-                logger: quiet
+                logger: logger(name)
             ) { client in
                 for k in 0..<self.settings.sequencesPerClient {
                     let spec = self.draw { random in
@@ -434,7 +438,7 @@ private final class World: Sendable {
         while !done() {
             guard (try? await clock.sleep(for: .milliseconds(100))) != nil else { return }
             guard let coordinator = running["coordinator"]?.coordinator else { continue }
-            let accounted = await coordinator.accountedBytes().bytes
+            let accounted = await coordinator.accounted().bytes
             if accounted > settings.memoryLimitBytes {
                 violate("the coordinator accounts \(accounted) bytes, over its limit of \(settings.memoryLimitBytes)")
             }
@@ -446,6 +450,15 @@ private final class World: Sendable {
     private func draw<T>(_ body: (inout SplitMix64) -> T) -> T { random.withLock { body(&$0) } }
 
     private func log(_ line: String) { ledger.log(line) }
+
+    /// A node's logger: its lines go into the trace, stamped with simulated time, at `logLevel`.
+    private func logger(_ node: String) -> Logger {
+        guard let level = settings.logLevel else { return Logger(label: node) { _ in SwiftLogNoOpLogHandler() } }
+        let ledger = self.ledger
+        var logger = Logger(label: node) { _ in TraceLogHandler(node: node, ledger: ledger) }
+        logger.logLevel = level
+        return logger
+    }
 
     private func violate(_ violation: String) { ledger.violate(violation) }
 
@@ -553,4 +566,23 @@ private final class Flag: Sendable {
     var isRaised: Bool { raised.load(ordering: .relaxed) }
 
     func raise() { raised.store(true, ordering: .relaxed) }
+}
+
+/// Writes a node's log lines into the schedule's trace.
+private struct TraceLogHandler: LogHandler {
+    let node: String
+    let ledger: Ledger
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        let all = metadata.merging(event.metadata ?? [:]) { $1 }.filter { $0.key != "node.id" && $0.key != "node.role" }
+        let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        ledger.log("[\(node)] \(event.level): \(event.message)\(fields.isEmpty ? "" : " " + fields)")
+    }
 }

@@ -595,6 +595,9 @@ actor SequenceStore {
         return (total, byModality, audit, sequences.count)
     }
 
+    /// The ids of the sequences held (any shard, primary or replica).
+    var sequenceIDs: [UInt64] { sequences.keys.sorted() }
+
     func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }
 
     /// Every held shard with its role, bytes and digest (for comparing replicas).

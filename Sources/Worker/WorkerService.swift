@@ -305,10 +305,9 @@ public final class WorkerService: Sendable {
 
     var port: Int? { boundPort.withLock { $0 } }
 
-    /// K/V bytes of every copy this worker holds (primaries and replicas), and of how many sequences.
-    package func heldBytes() async -> (bytes: Int, sequences: Int) {
-        let totals = await store.totals()
-        return (totals.total, totals.sequences)
+    /// K/V bytes of every copy this worker holds (primaries and replicas), and of which sequences.
+    package func held() async -> (bytes: Int, sequences: [UInt64]) {
+        (await store.totals().total, await store.sequenceIDs)
     }
 
     enum Work { case prefill, decode }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import Logging
 import Simulation
 
 #if canImport(Glibc)
@@ -42,18 +43,24 @@ struct SimulateCommand: ParsableCommand {
     @Flag(help: "Print every schedule's trace, not only failing ones.")
     var trace = false
 
-    @Option(help: "Write a JSON summary to this path.")
-    var json: String?
+    @Option(help: "Put the nodes' own log lines at this level and above into the trace: trace, debug, info, notice, warning, error.")
+    var logLevel: String?
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1, got \(seeds)") }
         guard (2...16).contains(workers) else { throw ValidationError("--workers must be in 2...16, got \(workers)") }
+        if let logLevel, Logger.Level(rawValue: logLevel) == nil {
+            throw ValidationError(
+                "unknown --log-level '\(logLevel)'; allowed: \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))"
+            )
+        }
     }
 
     func run() throws {
         Self.hashDeterministically()
         var settings = SimulationSettings()
         settings.workers = workers
+        settings.logLevel = logLevel.flatMap(Logger.Level.init(rawValue:))
         let chosen = seed.map { [$0] } ?? Array(first..<(first + UInt64(seeds)))
         let started = ContinuousClock.now
         var failures: [SimulationReport] = []
