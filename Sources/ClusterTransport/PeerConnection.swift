@@ -315,9 +315,10 @@ package final class PeerConnection: Sendable {
     }
 }
 
-/// Runs `body`, failing with `WireError.unavailable` if it takes longer than `timeout`.
+/// Runs `body`, failing with `WireError.unavailable` if it takes longer than `timeout` on `clock`.
 package func withDeadline<T: Sendable>(
     _ timeout: Duration,
+    on clock: any Clock<Duration> = ContinuousClock(),
     what: String,
     _ body: @escaping @Sendable () async throws -> T,
     onTimeout: @escaping @Sendable () -> Void = {}
@@ -325,7 +326,7 @@ package func withDeadline<T: Sendable>(
     try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { try await body() }
         group.addTask {
-            try await Task.sleep(for: timeout)
+            try await clock.sleep(for: timeout)
             return nil
         }
         defer { group.cancelAll() }

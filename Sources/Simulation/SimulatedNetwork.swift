@@ -30,13 +30,18 @@ package final class SimulatedNetwork: Sendable {
     private struct State {
         var random: SplitMix64
         var listeners: [NodeAddress: Listener] = [:]
-        var links: [ObjectIdentifier: SimulatedLink] = [:]
+        /// Open connections by the order they were made (walked in that order, so resets are
+        /// deterministic).
+        var links: [UInt64: SimulatedLink] = [:]
+        var nextLink: UInt64 = 0
         /// Unordered pairs of node names that cannot reach each other.
         var partitions: Set<[String]> = []
         var nextPort = 20_000
         var frames = 0
 
         func cut(_ a: String, _ b: String) -> Bool { partitions.contains([a, b].sorted()) }
+
+        var linksInOrder: [SimulatedLink] { links.sorted { $0.key < $1.key }.map(\.value) }
     }
 
     /// Sees every reply as it arrives, with the request it answers and who asked and answered. Only
@@ -70,7 +75,7 @@ package final class SimulatedNetwork: Sendable {
     package func partition(_ a: String, _ b: String) {
         let cut = state.withLock { state in
             state.partitions.insert([a, b].sorted())
-            return state.links.values.filter { Set([$0.dialer, $0.listener]) == Set([a, b]) }
+            return state.linksInOrder.filter { Set([$0.dialer, $0.listener]) == Set([a, b]) }
         }
         for link in cut { reset(link, "partitioned") }
     }
@@ -82,17 +87,17 @@ package final class SimulatedNetwork: Sendable {
     /// What a process's death does to the network: its connections reset, its ports stop listening.
     package func crash(_ node: String) {
         let (links, listeners) = state.withLock { state in
-            let links = state.links.values.filter { $0.dialer == node || $0.listener == node }
-            let addresses = state.listeners.filter { $0.value.node == node }
-            for address in addresses.keys { state.listeners[address] = nil }
-            return (links, addresses.values.map(\.incoming))
+            let links = state.linksInOrder.filter { $0.dialer == node || $0.listener == node }
+            let addresses = state.listeners.filter { $0.value.node == node }.sorted { $0.key.port < $1.key.port }
+            for (address, _) in addresses { state.listeners[address] = nil }
+            return (links, addresses.map(\.value.incoming))
         }
         for link in links { reset(link, "\(node) crashed") }
         for listener in listeners { listener.finish() }
     }
 
     private func reset(_ link: SimulatedLink, _ why: String) {
-        _ = state.withLock { $0.links.removeValue(forKey: ObjectIdentifier(link)) }
+        _ = state.withLock { $0.links.removeValue(forKey: link.id) }
         link.reset(WireError(.unavailable, "connection reset (\(why))"))
     }
 
@@ -124,8 +129,9 @@ package final class SimulatedNetwork: Sendable {
             guard let listener = state.listeners[address], !state.cut(node, listener.node) else {
                 throw WireError(.unavailable, "cannot connect to \(address): connection refused")
             }
-            let link = SimulatedLink(network: self, dialer: node, listener: listener.node)
-            state.links[ObjectIdentifier(link)] = link
+            let link = SimulatedLink(id: state.nextLink, network: self, dialer: node, listener: listener.node)
+            state.nextLink += 1
+            state.links[link.id] = link
             return (link, listener)
         }
         listener.incoming.yield(Accepted(link: link))
@@ -133,7 +139,7 @@ package final class SimulatedNetwork: Sendable {
     }
 
     fileprivate func forget(_ link: SimulatedLink) {
-        _ = state.withLock { $0.links.removeValue(forKey: ObjectIdentifier(link)) }
+        _ = state.withLock { $0.links.removeValue(forKey: link.id) }
     }
 
     /// When a frame sent now arrives (latency drawn from the seeded stream).
@@ -157,6 +163,7 @@ fileprivate struct Accepted: Sendable {
 final class SimulatedLink: Sendable {
     enum End: Sendable { case dialer, listener }
 
+    let id: UInt64
     let dialer: String
     let listener: String
     let network: SimulatedNetwork
@@ -168,7 +175,8 @@ final class SimulatedLink: Sendable {
     /// in parity, so one table serves both).
     private let followed = Mutex<[UInt64: Tessera_V1_Envelope]>([:])
 
-    fileprivate init(network: SimulatedNetwork, dialer: String, listener: String) {
+    fileprivate init(id: UInt64, network: SimulatedNetwork, dialer: String, listener: String) {
+        self.id = id
         self.network = network
         self.dialer = dialer
         self.listener = listener

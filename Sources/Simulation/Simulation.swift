@@ -72,8 +72,8 @@ package enum Simulation {
     static func traceSettings(decodeSteps: Int) -> TraceSettings {
         var settings = TraceSettings()
         settings.decodeSteps = decodeSteps
-        settings.imagesPerRequest = 1...2
-        settings.documentTextTokens = 64...128
+        settings.imagesPerRequest = 1...1
+        settings.documentTextTokens = 32...64
         return settings
     }
 
@@ -135,7 +135,7 @@ private final class World: Sendable {
             violate("liveness: the schedule did not end within \(settings.limit) of simulated time")
             // Unwind every task so none outlives the run (they hold the scheduler).
             main.cancel()
-            for process in processes.withLock({ Array($0.values) }) { process.task.cancel() }
+            for (_, process) in running.sorted(by: { $0.key < $1.key }) { process.task.cancel() }
             _ = scheduler.run(until: .seconds(Int64.max / 2_000_000_000_000)) { finished.isRaised }
         }
         return ledger.report.withLock { report in

@@ -213,6 +213,7 @@ struct WorkerHandler: EnvelopeHandler {
     private func apply(_ message: Tessera_V1_AssignBudget) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let (held, compressed) = try await withDeadline(
             .seconds(60),
+            on: worker.network.clock,
             what: "waiting for the prefill of sequence \(message.sequenceID)"
         ) {
             try await self.worker.store.prefillForCompression(message.sequenceID)
@@ -321,7 +322,11 @@ struct WorkerHandler: EnvelopeHandler {
         // Only a step that arrives before the sequence's budget waits (under a deadline, which costs
         // two tasks and a timer: not something every step should pay).
         if try await !worker.store.isCompressed(message.sequenceID) {
-            try await withDeadline(.seconds(60), what: "waiting for the budget of sequence \(message.sequenceID)") {
+            try await withDeadline(
+                .seconds(60),
+                on: worker.network.clock,
+                what: "waiting for the budget of sequence \(message.sequenceID)"
+            ) {
                 try await self.worker.store.waitUntilCompressed(message.sequenceID)
             }
         }

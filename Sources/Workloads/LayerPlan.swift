@@ -1,4 +1,5 @@
 import KVCacheCore
+import Synchronization
 
 /// How a head's `d` dimensions are split. Keys carry their content (text noise, image field,
 /// positional component) in the first `contentDims`; the rest are near-empty "reserved" axes, one
@@ -251,7 +252,7 @@ struct SinkCalibrator {
     let codedStd: Double
     private let lowT: Double
     private let highT: Double
-    private let gridCount = 256
+    private static let gridCount = 256
     /// Number of distances with a recency boost worth counting.
     private let recencyLength: Int
     /// `prefix[c * gridCount + i]`: Σ_{Δ<c} P(Z > (t_i − R·ρ^Δ)/s).
@@ -263,15 +264,34 @@ struct SinkCalibrator {
         self.codedStd = codedStd
         lowT = -6 * bulkStd
         highT = recencyBoost + 6 * bulkStd
+        prefix = Self.prefixTable(bulkStd: bulkStd, recencyBoost: recencyBoost, recencyCorrelation: recencyCorrelation)
+        recencyLength = prefix.count / Self.gridCount - 1
+    }
+
+    private struct TableKey: Hashable {
+        var bulkStd: Double
+        var recencyBoost: Double
+        var recencyCorrelation: Double
+    }
+
+    /// Recent tables: building one is ~80,000 tail evaluations, and the same prompt's layers are
+    /// synthesised again for every copy of a shard and every policy a load test compares. A few
+    /// dozen tables of at most ~2 MB each; cleared when full.
+    private static let tables = Mutex<[TableKey: [Double]]>([:])
+    private static let maxTables = 32
+
+    private static func prefixTable(bulkStd: Double, recencyBoost: Double, recencyCorrelation: Double) -> [Double] {
+        let key = TableKey(bulkStd: bulkStd, recencyBoost: recencyBoost, recencyCorrelation: recencyCorrelation)
+        if let known = tables.withLock({ $0[key] }) { return known }
         var means: [Double] = []
         var mean = recencyBoost
         while mean > 0.003 * bulkStd && means.count < 1024 {
             means.append(mean)
             mean *= recencyCorrelation
         }
-        recencyLength = means.count
         let grid = gridCount
-        let step = (highT - lowT) / Double(grid - 1)
+        let lowT = -6 * bulkStd
+        let step = (recencyBoost + 6 * bulkStd - lowT) / Double(grid - 1)
         var table = [Double](repeating: 0, count: (means.count + 1) * grid)
         for i in 0..<grid {
             let t = lowT + Double(i) * step
@@ -282,7 +302,11 @@ struct SinkCalibrator {
             }
             table[means.count * grid + i] = running
         }
-        prefix = table
+        tables.withLock { tables in
+            if tables.count >= maxTables { tables.removeAll(keepingCapacity: true) }
+            tables[key] = table
+        }
+        return table
     }
 
     /// Probability that a key aimed at `gap` below the sink lands above the threshold.
@@ -319,10 +343,10 @@ struct SinkCalibrator {
     /// Expected number of `count` bulk keys (at distances 0, 1, …) above threshold `t`.
     private func bulkAbove(_ t: Double, count: Int) -> Double {
         let boosted = min(count, recencyLength)
-        let position = (t - lowT) / (highT - lowT) * Double(gridCount - 1)
-        let index = min(max(Int(position), 0), gridCount - 2)
+        let position = (t - lowT) / (highT - lowT) * Double(Self.gridCount - 1)
+        let index = min(max(Int(position), 0), Self.gridCount - 2)
         let fraction = position - Double(index)
-        let row = boosted * gridCount + index
+        let row = boosted * Self.gridCount + index
         let near = prefix[row] + fraction * (prefix[row + 1] - prefix[row])
         let far = Double(count - boosted) * NormalTailTable.upperTail(t / bulkStd)
         return near + far
