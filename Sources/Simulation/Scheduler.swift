@@ -1,5 +1,11 @@
 import Synchronization
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// The simulated world's single thread of control: every task of a simulation runs as a job on this
 /// executor, one at a time in the order they became ready, and time moves only when no job is ready,
 /// straight to the next timer. Given the same seed, the same jobs run in the same order, so a run
@@ -22,6 +28,10 @@ package final class Scheduler: TaskExecutor, Sendable {
         var cancelled: Set<UInt64> = []
         var nextOrder: UInt64 = 0
         var jobsRun = 0
+        /// The thread `run` drives the world on; work arriving from any other thread came from a
+        /// real clock or thread in the code under test, which would make the run irreproducible.
+        var driver: pthread_t?
+        var foreignJobs = 0
 
         mutating func push(_ timer: Timer) {
             timers.append(timer)
@@ -77,8 +87,15 @@ package final class Scheduler: TaskExecutor, Sendable {
 
     package func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
-        state.withLock { $0.jobs.append(job) }
+        let current = pthread_self()
+        state.withLock { state in
+            state.jobs.append(job)
+            if let driver = state.driver, pthread_equal(driver, current) == 0 { state.foreignJobs += 1 }
+        }
     }
+
+    /// Jobs that arrived from another thread than the one running the world (see `State.driver`).
+    package var foreignJobs: Int { state.withLock { $0.foreignJobs } }
 
     /// Runs `action` once simulated time reaches `deadline` (at once if it has); the returned token
     /// cancels it.
@@ -103,6 +120,7 @@ package final class Scheduler: TaskExecutor, Sendable {
     /// Runs jobs and timers until `done` holds (checked whenever no job is ready) or the next timer
     /// lies past `limit`; returns whether `done` held.
     package func run(until limit: Duration, done: () -> Bool) -> Bool {
+        state.withLock { $0.driver = pthread_self() }
         while true {
             while let job = state.withLock({ $0.popJob() }) {
                 job.runSynchronously(on: asUnownedTaskExecutor())

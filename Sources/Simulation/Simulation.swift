@@ -138,6 +138,11 @@ private final class World: Sendable {
             for (_, process) in running.sorted(by: { $0.key < $1.key }) { process.task.cancel() }
             _ = scheduler.run(until: .seconds(Int64.max / 2_000_000_000_000)) { finished.isRaised }
         }
+        if scheduler.foreignJobs > 0 {
+            violate(
+                "determinism: \(scheduler.foreignJobs) jobs arrived from outside the simulation's thread (a real clock or thread in the code under test)"
+            )
+        }
         return ledger.report.withLock { report in
             report.simulatedTime = scheduler.now
             report.jobs = scheduler.jobsRun

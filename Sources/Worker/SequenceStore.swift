@@ -2,6 +2,7 @@ import ClusterTransport
 import ClusterWire
 import KVCacheCore
 import NIOCore
+import Synchronization
 import Workloads
 
 /// What a worker holds for one sequence: its shard assignment, the full prefill until the
@@ -48,9 +49,10 @@ struct HeldSequence: Sendable {
     var audit: AuditCopy?
     /// The planted answer of a synthetic sequence (kept for audits).
     var needle: Needle?
-    var waiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+    /// Decode steps waiting for the budget to be applied.
+    let compressedWaiters = Waiters()
     /// Budgets waiting for this copy's prefill.
-    var prefillWaiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+    let prefillWaiters = Waiters()
     /// While a decode step runs off the actor, its cache (and audit copy) are out of the store; the
     /// bytes they held are kept here for accounting, and tightening waits in `idleWaiters`.
     var decoding: (total: Int, byModality: [String: Int], audit: Int)?
@@ -222,9 +224,7 @@ actor SequenceStore {
         sequences[sequenceID]!.needle = needle
         sequences[sequenceID]!.audited = audited
         sequences[sequenceID]!.work = work
-        let waiting = sequences[sequenceID]!.prefillWaiters
-        sequences[sequenceID]!.prefillWaiters = [:]
-        for waiter in waiting.values { waiter.resume() }
+        sequences[sequenceID]!.prefillWaiters.resumeAll()
         return (sequences[sequenceID]!.bytes.total, sequences[sequenceID]!.currentStatistics)
     }
 
@@ -234,7 +234,7 @@ actor SequenceStore {
     /// Returns the sequence with its prefill, or, once compressed, without tensors and `compressed`.
     func prefillForCompression(_ sequenceID: UInt64) async throws -> (held: HeldSequence, compressed: Bool) {
         while let held = sequences[sequenceID], !held.isCompressed, held.prefills.isEmpty {
-            try await wait(sequenceID, on: .prefill)
+            try await held.prefillWaiters.wait()
         }
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
@@ -259,9 +259,7 @@ actor SequenceStore {
             sequences[sequenceID]!.prefills = [:]
             sequences[sequenceID]!.profiles = [:]
         }
-        let waiters = sequences[sequenceID]!.waiters
-        sequences[sequenceID]!.waiters = [:]
-        for waiter in waiters.values { waiter.resume() }
+        sequences[sequenceID]!.compressedWaiters.resumeAll()
         return sequences[sequenceID]!.bytes
     }
 
@@ -285,7 +283,7 @@ actor SequenceStore {
     /// Waits until the sequence's cache is compressed (the coordinator's budget has arrived).
     func waitUntilCompressed(_ sequenceID: UInt64) async throws {
         if try isCompressed(sequenceID) { return }
-        try await wait(sequenceID, on: .compressed)
+        try await sequences[sequenceID]!.compressedWaiters.wait()
     }
 
     func isCompressed(_ sequenceID: UInt64) throws(WireError) -> Bool {
@@ -295,48 +293,14 @@ actor SequenceStore {
         return held.isCompressed
     }
 
-    private var nextWaiter: UInt64 = 0
-
-    /// Parks the caller in one of the sequence's waiter lists until it is resumed, the sequence is
-    /// closed, or the caller's task is cancelled (a deadline gave up on it).
-    enum WaitList: Sendable {
-        case compressed, prefill
-
-        var keyPath: WritableKeyPath<HeldSequence, [UInt64: CheckedContinuation<Void, any Error>]> {
-            switch self {
-            case .compressed: \.waiters
-            case .prefill: \.prefillWaiters
-            }
-        }
-    }
-
-    private func wait(_ sequenceID: UInt64, on list: WaitList) async throws {
-        nextWaiter += 1
-        let id = nextWaiter
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                guard !Task.isCancelled, sequences[sequenceID] != nil else {
-                    continuation.resume(throwing: CancellationError())
-                    return
-                }
-                sequences[sequenceID]![keyPath: list.keyPath][id] = continuation
-            }
-        } onCancel: {
-            Task { await self.cancelWaiter(sequenceID, id, on: list) }
-        }
-    }
-
-    private func cancelWaiter(_ sequenceID: UInt64, _ id: UInt64, on list: WaitList) {
-        sequences[sequenceID]?[keyPath: list.keyPath].removeValue(forKey: id)?.resume(throwing: CancellationError())
-    }
-
     /// Starts one decode step: a retry of the last step gets its result again; otherwise the step's
     /// inputs are checked (a refused step changes nothing) and the cache moves into the returned job,
     /// to run off the actor. `finishDecode` puts it back.
     func beginDecode(
         _ sequenceID: UInt64,
         step: Int,
-        inputs: [Int: DecodeStepInput]?
+        inputs: [Int: DecodeStepInput]?,
+        threads: Int
     ) throws(WireError) -> DecodeStart {
         guard let held = sequences[sequenceID], held.isCompressed else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
@@ -385,8 +349,8 @@ actor SequenceStore {
                 )
             }
         }
-        // A step alone on the worker splits its heads across every core; with others running, each
-        // keeps to one thread.
+        // A step alone on the worker splits its heads across `threads` (every core); with others
+        // running, each keeps to one thread.
         let alone = !sequences.values.contains { $0.decoding != nil }
         let bytes = held.bytes
         sequences[sequenceID]!.decoding = (bytes.total, bytes.byModality, held.auditBytes)
@@ -398,7 +362,7 @@ actor SequenceStore {
                 step: step,
                 held: held,
                 inputs: stepInputs,
-                threads: alone ? WorkerService.cores : 1
+                threads: alone ? threads : 1
             )
         )
     }
@@ -548,7 +512,7 @@ actor SequenceStore {
     /// Drops every sequence (and copy in progress): the coordinator declared this incarnation dead and
     /// failed its shards over, so what it holds is stale. Returns how many were dropped.
     func dropAll() -> Int {
-        let ids = Array(sequences.keys)
+        let ids = sequences.keys.sorted()
         for id in ids { _ = close(id) }
         incoming = [:]
         return ids.count
@@ -573,8 +537,8 @@ actor SequenceStore {
 
     func close(_ sequenceID: UInt64) -> Int {
         guard let held = sequences.removeValue(forKey: sequenceID) else { return 0 }
-        for waiter in Array(held.waiters.values) + Array(held.prefillWaiters.values) {
-            waiter.resume(throwing: WireError(.unknownSequence, "sequence \(sequenceID) was closed"))
+        for waiters in [held.compressedWaiters, held.prefillWaiters] {
+            waiters.failAll(WireError(.unknownSequence, "sequence \(sequenceID) was closed"))
         }
         for waiter in held.idleWaiters { waiter.resume() }
         return held.bytes.total
@@ -720,5 +684,57 @@ final class DecodeJob: @unchecked Sendable {
             result.audit.needleCorrect = UInt32(fidelity.needleCorrect)
         }
         return result
+    }
+}
+
+/// Callers parked until something happens to a sequence, each resumed exactly once: when it happens
+/// (`resumeAll`), when the sequence goes (`failAll`), or when the caller's task is cancelled (a
+/// deadline gave up on it), which resumes it at once from the cancelling side, starting no task.
+final class Waiters: Sendable {
+    private struct State {
+        var next: UInt64 = 0
+        var parked: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+        var failure: WireError?
+    }
+
+    private let state = Mutex(State())
+
+    /// Parks the caller. Runs on the caller's actor until it is parked, so an event the caller has
+    /// just checked for cannot slip in before it.
+    func wait(isolation: isolated (any Actor)? = #isolation) async throws {
+        let id = state.withLock { state in
+            state.next += 1
+            return state.next
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let refusal: (any Error)? = state.withLock { state in
+                    if Task.isCancelled { return CancellationError() }
+                    if let failure = state.failure { return failure }
+                    state.parked[id] = continuation
+                    return nil
+                }
+                if let refusal { continuation.resume(throwing: refusal) }
+            }
+        } onCancel: {
+            state.withLock { $0.parked.removeValue(forKey: id) }?.resume(throwing: CancellationError())
+        }
+    }
+
+    func resumeAll() {
+        for waiter in take() { waiter.resume() }
+    }
+
+    /// Fails every parked caller, and every later one, with `error`.
+    func failAll(_ error: WireError) {
+        state.withLock { $0.failure = error }
+        for waiter in take() { waiter.resume(throwing: error) }
+    }
+
+    private func take() -> [CheckedContinuation<Void, any Error>] {
+        state.withLock { state in
+            defer { state.parked = [:] }
+            return state.parked.sorted { $0.key < $1.key }.map(\.value)
+        }
     }
 }

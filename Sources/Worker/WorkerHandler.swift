@@ -91,7 +91,8 @@ struct WorkerHandler: EnvelopeHandler {
                 syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
             )
         do {
-            expanded = try await worker.offload(.prefill) { try Self.expand(message, held) }
+            let threads = worker.computeThreads
+            expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
         } catch {
             await worker.store.abandonExpansion(message.sequenceID)
             throw error
@@ -125,10 +126,11 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// The shard's prefill tensors (given inline or expanded from a workload seed), their attention
     /// profiles and the statistics the coordinator allocates budgets from. CPU-heavy: runs on the
-    /// worker's compute threads.
+    /// worker's compute threads, each profile split across `threads`.
     private static func expand(
         _ message: Tessera_V1_Prefill,
-        _ held: HeldSequence
+        _ held: HeldSequence,
+        threads: Int
     ) throws -> (
         prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
         syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
@@ -146,7 +148,7 @@ struct WorkerHandler: EnvelopeHandler {
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
                 let profile = try PrefillWork.timed(&work.profileMicros) { () throws(KVCacheError) in
-                    try AttentionProfile(prefill: prefill, requirements: requirements, threads: WorkerService.cores)
+                    try AttentionProfile(prefill: prefill, requirements: requirements, threads: threads)
                 }
                 profiles[layer] = profile
                 let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
@@ -333,7 +335,12 @@ struct WorkerHandler: EnvelopeHandler {
         // Replicas run the same step (they keep its result too, so a retry after a failover is
         // answered the same); the reply waits for them. They are the replicas when the step began: a
         // copy that becomes a replica later is snapshotted after the step, so it already holds it.
-        switch try await worker.store.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs) {
+        switch try await worker.store.beginDecode(
+            message.sequenceID,
+            step: Int(message.step),
+            inputs: inputs,
+            threads: worker.computeThreads
+        ) {
         case .replay(let result, let replicas):
             try await worker.replicate(.decode(message), to: replicas)
             return .decodeResult(result)

@@ -66,6 +66,9 @@ public final class WorkerService: Sendable {
 
     var incarnation: UInt64 { currentIncarnation.withLock { $0 } }
 
+    /// Threads one piece of tensor work may split across: every core, or one when simulated.
+    var computeThreads: Int { threads == nil ? 1 : Self.cores }
+
     var identity: NodeIdentity {
         NodeIdentity(role: .worker, nodeID: configuration.nodeID, incarnation: incarnation)
     }

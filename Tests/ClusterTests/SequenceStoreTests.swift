@@ -62,7 +62,7 @@ struct SequenceStoreTests {
         let store = SequenceStore()
         _ = try await store.assign(7, held)
         await #expect {
-            try await store.beginDecode(7, step: 1, inputs: nil)
+            try await store.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .resourceExhausted }
     }
 }

@@ -179,7 +179,7 @@ struct ShardTransferTests {
         await #expect(throws: WireError.self) { try await source.beginTransfer(7, shardID: 1, epoch: 2) }
         _ = try await source.beginTransfer(7, shardID: 1, epoch: 3)
         await #expect {
-            try await source.beginDecode(7, step: 1, inputs: nil)
+            try await source.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .unavailable }
         var endpoint = Tessera_V1_Endpoint()
         endpoint.nodeID = "worker-3"
@@ -191,7 +191,7 @@ struct ShardTransferTests {
         #expect(await source.heldShards().first?.assignment.shard.replicas.map(\.nodeID) == ["worker-2", "worker-3"])
         // A step is forwarded to the replicas of the moment it begins, so a step whose request was
         // checked before the copy ended still reaches the new replica (its snapshot lacks the step).
-        guard case .replay(_, let replayTo) = try await source.beginDecode(7, step: 0, inputs: nil) else {
+        guard case .replay(_, let replayTo) = try await source.beginDecode(7, step: 0, inputs: nil, threads: 1) else {
             Issue.record("step 0 was done; a retry of it must be replayed")
             return
         }
@@ -203,7 +203,7 @@ struct ShardTransferTests {
             values: .init(repeating: 0.2, count: g.kvHeads * g.headDim),
             queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim)
         )
-        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input]) else {
+        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input], threads: 1) else {
             Issue.record("step 1 is next; it must run")
             return
         }
