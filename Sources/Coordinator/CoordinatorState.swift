@@ -199,7 +199,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         for copy in held {
             let a = copy.assignment
             if unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true
-                || (sequences[a.sequenceID] == nil && !isRebuilding) || isLeftBehind(a.sequenceID, on: nodeID)
+                || (sequences[a.sequenceID] == nil && !isRebuilding) || isLeftBehind(a, on: nodeID)
             {
                 var close = Tessera_V1_Close()
                 close.tenant = a.tenant
@@ -279,14 +279,16 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return stale
     }
 
-    /// Whether `nodeID` holds a copy of a sequence this coordinator opened that places no shard on
-    /// it: an assignment from an open that failed half way, or from an older placement. A copy being
-    /// made to it right now is not one.
-    private func isLeftBehind(_ sequenceID: UInt64, on nodeID: NodeID) -> Bool {
-        guard let known = sequences[sequenceID], known.restoredBytes == nil, !reshaping.contains(sequenceID) else {
-            return false
-        }
-        return !known.shards.contains { $0.holders.contains { $0.node == nodeID } }
+    /// Whether `nodeID`'s copy (as `assignment` describes it) belongs to no current placement: the
+    /// sequence places no shard on the node, and either this coordinator opened it (an open that
+    /// failed half way, an older placement) or the copy is older than the sequence's epoch (failed
+    /// over while the node was away). A copy being made to it right now is not one, nor is a copy
+    /// at least as new as a rebuilt sequence (it rebuilds it).
+    private func isLeftBehind(_ assignment: Tessera_V1_ShardAssignment, on nodeID: NodeID) -> Bool {
+        guard let known = sequences[assignment.sequenceID], !reshaping.contains(assignment.sequenceID),
+            !known.shards.contains(where: { $0.holders.contains { $0.node == nodeID } })
+        else { return false }
+        return known.restoredBytes == nil || assignment.epoch < known.epoch
     }
 
     /// Holders of open sequences' shards that are not registered members once the rebuild is over
