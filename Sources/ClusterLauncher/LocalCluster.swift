@@ -171,7 +171,7 @@ public final class LocalCluster: Sendable {
             defer { group.cancelAll() }
             let coordinatorReady = try await spawn(
                 options,
-                arguments: coordinatorArguments(options, port: 0),
+                arguments: coordinatorArguments(options, port: 0) + ["--new-cluster"],
                 name: "coordinator",
                 in: &group
             )

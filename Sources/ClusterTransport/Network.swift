@@ -151,3 +151,15 @@ struct ChannelOutbound: FrameOutbound {
 }
 
 extension Scheduled: ScheduledAction {}
+
+/// Protections the simulator can switch off, one at a time, to show that its invariants catch the
+/// defect each one prevents (`tessera simulate --weaken NAME`). Never off in a real process.
+package enum Protection: String, CaseIterable, Sendable {
+    /// A primary answers a decode step only once every replica applied it.
+    case replicateBeforeAck = "ack-before-replicating"
+    /// A closed sequence stays charged until every holder confirmed dropping it.
+    case chargeUntilDropped = "release-before-dropped"
+
+    /// The name `--weaken` takes: what the system does without the protection.
+    package var weakness: String { rawValue }
+}

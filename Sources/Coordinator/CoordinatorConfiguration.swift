@@ -19,10 +19,17 @@ public struct CoordinatorConfiguration: Sendable {
     /// An open sequence that no client connection watches for this long is closed: its client is
     /// gone (a lease; clients of `TesseraClient` watch every sequence they opened).
     public var orphanGrace: Duration
+    /// Whether this coordinator starts a new cluster rather than replacing one: a replacement admits
+    /// nothing for the failure detector's dead-after time, while the workers that outlived its
+    /// predecessor re-register and their copies are charged (also when a worker says it had
+    /// registered with another coordinator).
+    public var startsNewCluster: Bool
     /// Faults to inject into the connections the coordinator accepts (none when nil).
     public var faults: FaultInjector?
     /// Mutual TLS with the cluster's certificates, or insecure.
     public var security: TransportSecurity
+    /// Protections switched off (only the simulator does, to test that it notices).
+    package var weakened: Set<Protection> = []
 
     public init(
         nodeID: String = "coordinator",
@@ -36,6 +43,7 @@ public struct CoordinatorConfiguration: Sendable {
         floorRatio: Double = 0.02,
         replication: Int = 2,
         orphanGrace: Duration = .seconds(30),
+        startsNewCluster: Bool = false,
         faults: FaultInjector? = nil
     ) {
         self.nodeID = nodeID
@@ -48,6 +56,7 @@ public struct CoordinatorConfiguration: Sendable {
         self.floorRatio = floorRatio
         self.replication = replication
         self.orphanGrace = orphanGrace
+        self.startsNewCluster = startsNewCluster
         self.faults = faults
         self.security = security
     }

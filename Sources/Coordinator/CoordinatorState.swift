@@ -59,10 +59,10 @@ struct OpenSequenceState: Sendable {
     /// Bytes reserved for the rows decode will append (the client's expected decode tokens, Float32,
     /// every copy).
     var decodeAllowance: UInt64
-    /// Copies of each shard (primary and replicas).
+    /// Copies of each shard charged for: the replication factor, which re-replication restores.
     var copies: Int
     /// For a sequence rebuilt from the workers' registrations (coordinator restart): each shard's bytes
-    /// as its primary reported them.
+    /// as its copies reported them.
     var restoredBytes: [UInt32: UInt64]?
 }
 
@@ -98,6 +98,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// started), so that epochs never go back across restarts, even for a sequence id reopened after
     /// a restart that lost it; failovers count up from there, one each.
     private let firstEpoch: UInt64
+    private let weakened: Set<Protection>
+    private let incarnation: UInt64
+    /// Whether this coordinator replaces another (it was not told it starts a new cluster, or a
+    /// worker registered that had registered with another coordinator before).
+    private var replacesAnother: Bool
 
     /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
     static var mapLayers: Int { 4096 }
@@ -125,6 +130,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
         replication = configuration.replication
         rebuildGrace = configuration.failureDetector.deadAfter
         firstEpoch = configuration.incarnation
+        weakened = configuration.weakened
+        incarnation = configuration.incarnation
+        replacesAnother = !configuration.startsNewCluster
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
         admission = Admission(
@@ -180,6 +188,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
             return ([], [])
         }
         workers[nodeID] = WorkerLink(connection: connection, address: address)
+        let previous = message.previousCoordinatorIncarnation
+        if previous != 0 && previous != incarnation { replacesAnother = true }
         relayout()
         let stale = restore(message.heldShards, from: nodeID)
         return (outcome.changes, stale)
@@ -241,7 +251,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 message.spans = a.spans
                 message.policy = a.policy
                 message.decodeTokens = a.decodeTokens
-                let copies = min(replication, 1 + a.shard.replicas.count)
                 state = OpenSequenceState(
                     tenant: a.tenant,
                     geometry: geometry,
@@ -251,9 +260,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     epoch: a.epoch,
                     shards: [],
                     budget: BudgetLifecycle(restoredCompressed: copy.compressed, retention: retention),
-                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: copies)
+                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication)
                         .decodeAllowance,
-                    copies: copies,
+                    copies: replication,
                     restoredBytes: [:]
                 )
             }
@@ -266,14 +275,16 @@ actor CoordinatorState<Link: CoordinatorLink> {
             state.shards.removeAll { $0.id == shard.id }
             state.shards.append(shard)
             state.shards.sort { $0.layers.lowerBound < $1.layers.lowerBound }
-            if shard.primary.node == nodeID { state.restoredBytes![shard.id] = copy.kvBytes }
+            // Any copy tells the shard's size (copies of a shard are alike); the largest reported
+            // counts, so a shard whose primary died with the old coordinator is still charged.
+            state.restoredBytes![shard.id] = max(state.restoredBytes![shard.id] ?? 0, copy.kvBytes)
             sequences[a.sequenceID] = state
             // Saturating: the figures are what workers report.
-            let primaries = state.restoredBytes!.values.reduce(UInt64(0)) { $0.saturatingSum($1) }
+            let shards = state.restoredBytes!.values.reduce(UInt64(0)) { $0.saturatingSum($1) }
             admission.restore(
                 tenant: state.tenant,
                 sequenceID: a.sequenceID,
-                kvBytes: primaries.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance)
+                kvBytes: shards.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance)
             )
         }
         return stale
@@ -459,6 +470,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         guard sequences[message.sequenceID] == nil else {
             throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
         }
+        // After a restart, until the workers have re-registered, the bytes they hold are not charged
+        // yet: admitting now could take memory that copies of rebuilt sequences already hold.
+        guard !(isRebuilding && replacesAnother) else {
+            throw WireError(
+                .unavailable,
+                "the coordinator started \(elapsed()) ago and is still hearing from its workers; retry",
+                retryAfter: .milliseconds(250)
+            )
+        }
         if let closing = unconfirmedCloses[message.sequenceID] {
             throw WireError(
                 .unavailable,
@@ -495,12 +515,13 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 replicas: Array(set.dropFirst())
             )
         }
-        // Every copy is charged: the limit bounds what the workers hold together.
+        // Every copy is charged, as many as re-replication will make once workers join (not only the
+        // ones placed now): the limit bounds what the workers hold together.
         let (estimate, decodeAllowance) = Self.charge(
             geometry,
             layout,
             decodeTokens: message.decodeTokens,
-            copies: copies
+            copies: replication
         )
         switch admission.admit(tenant: message.tenant, sequenceID: message.sequenceID, estimatedBytes: estimate) {
         case .admitted: break
@@ -521,7 +542,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             shards: shards,
             budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
-            copies: copies
+            copies: replication
         )
         sequences[message.sequenceID] = state
         return state
@@ -713,7 +734,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
         unwatchedSince[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
-        if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
+        if unconfirmedCloses[sequenceID]!.isEmpty {
+            closeConfirmed(sequenceID, by: nil)
+        } else if weakened.contains(.chargeUntilDropped) {
+            _ = admission.release(sequenceID: sequenceID)
+        }
         return state
     }
 

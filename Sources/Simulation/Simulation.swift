@@ -1,6 +1,6 @@
 import Client
 import ClusterSecurity
-import ClusterTransport
+package import ClusterTransport
 import ClusterWire
 import Coordinator
 import Evaluation
@@ -24,9 +24,11 @@ package struct SimulationSettings: Sendable {
     /// Simulated time by which the schedule must have ended (clients done, cluster drained).
     package var limit: Duration = .seconds(900)
     /// The coordinator's memory limit: small enough that admission refuses and clients wait.
-    package var memoryLimitBytes: UInt64 = 3 << 20
+    package var memoryLimitBytes: UInt64 = 1_000_000
     /// The nodes' own log lines at this level and above go into the trace; none when nil.
     package var logLevel: Logger.Level?
+    /// Protections switched off in every node, to show the invariants catch their absence.
+    package var weakened: Set<Protection> = []
 
     package init() {}
 }
@@ -196,7 +198,7 @@ private final class World: Sendable {
         }
         let process: Process
         if name == "coordinator" {
-            let configuration = CoordinatorConfiguration(
+            var configuration = CoordinatorConfiguration(
                 // As a coordinator process's: nanoseconds of the (simulated) clock when it starts.
                 incarnation: UInt64(scheduler.now / .nanoseconds(1)) + incarnation,
                 listen: coordinatorAddress,
@@ -204,19 +206,22 @@ private final class World: Sendable {
                 memoryLimitBytes: settings.memoryLimitBytes,
                 // No tightening: the fault-free reference keeps each sequence's own retention.
                 floorRatio: 1,
-                replication: settings.replication
+                replication: settings.replication,
+                startsNewCluster: incarnation == 1
             )
+            configuration.weakened = settings.weakened
             // The configuration above is valid by construction.
             let service = try! CoordinatorService(configuration: configuration, logger: logger(name), network: node)
             process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, coordinator: service)
         } else {
-            let configuration = WorkerConfiguration(
+            var configuration = WorkerConfiguration(
                 nodeID: name,
                 incarnation: incarnation,
                 listen: NodeAddress(host: name, port: 0),
                 coordinator: coordinatorAddress,
                 security: .insecure
             )
+            configuration.weakened = settings.weakened
             let service = WorkerService(configuration: configuration, logger: logger(name), network: node, threads: nil)
             process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, worker: service)
         }
@@ -339,6 +344,9 @@ private final class World: Sendable {
         } catch {
             ledger.report.withLock { $0.sequencesFailed += 1 }
             log("sequence \(id): gave up: \(error)")
+            if let error = error as? WireError, !Self.faultsExplain(error) {
+                violate("sequence \(id): a well-formed request was refused with \(error.code), which no fault explains: \(error)")
+            }
         }
         do {
             try await patiently("close \(id)") {
@@ -365,10 +373,18 @@ private final class World: Sendable {
                 where [.unavailable, .resourceExhausted, .notPrimary, .staleEpoch].contains(error.code)
                 && clock.now < deadline
             {
+                if error.code == .resourceExhausted { log("\(what): refused, the cluster is full; waiting") }
                 try await clock.sleep(for: error.retryAfter ?? backoff)
                 backoff = min(backoff * 2, .seconds(2))
             }
         }
+    }
+
+    /// What crashes and partitions can make a patient client give up with: no answer in time, every
+    /// copy gone, the cluster full, a placement that kept moving. Anything else (BAD_REQUEST for a
+    /// step out of order, INVALID_VALUE, INTERNAL, ...) means the cluster lost or broke state.
+    private static func faultsExplain(_ error: WireError) -> Bool {
+        [.unavailable, .unknownSequence, .resourceExhausted, .staleEpoch, .notPrimary].contains(error.code)
     }
 
     private static func identical(_ a: [Int: [Float]], _ b: [Int: [Float]]) -> Bool {
@@ -437,15 +453,27 @@ private final class World: Sendable {
 
     // MARK: Invariants
 
-    /// Every 100 ms: the coordinator's accounting within its memory limit.
+    /// Every 100 ms: the coordinator's accounting, and what the running workers hold, within the
+    /// memory limit.
     private func watchMemory(until done: @escaping @Sendable () -> Bool) async {
         let clock = SimulatedClock(scheduler: scheduler)
+        let limit = settings.memoryLimitBytes
         while !done() {
             guard (try? await clock.sleep(for: .milliseconds(100))) != nil else { return }
-            guard let coordinator = running["coordinator"]?.coordinator else { continue }
-            let accounted = await coordinator.accounted().bytes
-            if accounted > settings.memoryLimitBytes {
-                violate("the coordinator accounts \(accounted) bytes, over its limit of \(settings.memoryLimitBytes)")
+            if let accounted = await running["coordinator"]?.coordinator?.accounted().bytes, accounted > limit {
+                violate("the coordinator accounts \(accounted) bytes, over its limit of \(limit)")
+            }
+            var held = 0
+            var holders: [String] = []
+            for (name, process) in running.sorted(by: { $0.key < $1.key }) {
+                guard let copies = await process.worker?.held() else { continue }
+                held += copies.bytes
+                holders.append("\(name) \(copies.bytes) of \(copies.sequences)")
+            }
+            if held > limit {
+                violate(
+                    "the workers hold \(held) bytes together, over the limit of \(limit): \(holders.joined(separator: "; "))"
+                )
             }
         }
     }

@@ -17,6 +17,8 @@ public struct WorkerConfiguration: Sendable {
     public var faults: FaultInjector?
     /// Mutual TLS with the cluster's certificates, or insecure.
     public var security: TransportSecurity
+    /// Protections switched off (only the simulator does, to test that it notices).
+    package var weakened: Set<Protection> = []
 
     public init(
         nodeID: String,

@@ -345,7 +345,8 @@ struct WorkerHandler: EnvelopeHandler {
             try await worker.replicate(.decode(message), to: replicas)
             return .decodeResult(result)
         case .run(let job):
-            async let replicated: Void = worker.replicate(.decode(message), to: job.held.replicas)
+            let replicas = worker.configuration.weakened.contains(.replicateBeforeAck) ? [] : job.held.replicas
+            async let replicated: Void = worker.replicate(.decode(message), to: replicas)
             // The job goes back to the store exactly once, whatever fails.
             let result: Tessera_V1_DecodeResult
             do {

@@ -34,6 +34,8 @@ public final class WorkerService: Sendable {
     /// Starts at the configured incarnation; a worker the coordinator declared dead drops what it held
     /// and rejoins as the next one.
     private let currentIncarnation: Mutex<UInt64>
+    /// The incarnation of the coordinator that last accepted this worker's registration (0: none yet).
+    private let lastCoordinator = Mutex<UInt64>(0)
     /// Resident bytes once the service started, before it held anything (code, stacks, runtime).
     private let baseResidentBytes = Mutex<UInt64>(0)
 
@@ -138,12 +140,14 @@ public final class WorkerService: Sendable {
                     register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
                     register.heldShards = await self.store.heldShards()
+                    register.previousCoordinatorIncarnation = self.lastCoordinator.withLock { $0 }
                     // Short timeouts: a coordinator that stopped answering (partitioned, restarting) is
                     // reconnected to soon after it is back.
                     let reply = try await connection.request(.registerWorker(register), timeout: .seconds(5))
-                    guard case .registerAck = reply else {
+                    guard case .registerAck(let ack) = reply else {
                         throw WireError(.badRequest, "the coordinator answered registration with \(reply)")
                     }
+                    self.lastCoordinator.withLock { $0 = ack.coordinatorIncarnation }
                     self.coordinatorLink.withLock { $0 = connection }
                     defer { self.coordinatorLink.withLock { $0 = nil } }
                     self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])

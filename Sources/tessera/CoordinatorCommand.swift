@@ -45,6 +45,12 @@ struct CoordinatorCommand: AsyncParsableCommand {
     )
     var floorRatio = 0.02
 
+    @Flag(
+        help:
+            "This coordinator starts a new cluster: it admits sequences at once. Without it, it may be replacing a coordinator, and admits nothing for the failure detector's dead-after time (3 s) while workers re-register."
+    )
+    var newCluster = false
+
     @OptionGroup var faults: FaultOptions
 
     @OptionGroup var security: SecurityOptions
@@ -87,6 +93,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
                 tenantQuotaBytes: quotas,
                 floorRatio: floorRatio,
                 replication: replication,
+                startsNewCluster: newCluster,
                 faults: injector
             ),
             logger: logger

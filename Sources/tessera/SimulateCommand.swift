@@ -1,4 +1,5 @@
 import ArgumentParser
+import ClusterTransport
 import FoundationEssentials
 import Logging
 import Simulation
@@ -40,6 +41,17 @@ struct SimulateCommand: ParsableCommand {
     @Option(help: "Workers in the cluster (replication 2).")
     var workers = 3
 
+    @Option(help: "The coordinator's memory limit in bytes (small, so that admission refuses and clients wait).")
+    var memoryLimitBytes: UInt64 = SimulationSettings().memoryLimitBytes
+
+    @Option(
+        help: ArgumentHelp(
+            "Switch off one protection in every node, to see the invariants catch its absence: \(Protection.allCases.map(\.weakness).joined(separator: ", ")).",
+            valueName: "name"
+        )
+    )
+    var weaken: String?
+
     @Flag(help: "Print every schedule's trace, not only failing ones.")
     var trace = false
 
@@ -49,6 +61,11 @@ struct SimulateCommand: ParsableCommand {
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1, got \(seeds)") }
         guard (2...16).contains(workers) else { throw ValidationError("--workers must be in 2...16, got \(workers)") }
+        if let weaken, !Protection.allCases.contains(where: { $0.weakness == weaken }) {
+            throw ValidationError(
+                "unknown --weaken '\(weaken)'; allowed: \(Protection.allCases.map(\.weakness).joined(separator: ", "))"
+            )
+        }
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError(
                 "unknown --log-level '\(logLevel)'; allowed: \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))"
@@ -60,7 +77,9 @@ struct SimulateCommand: ParsableCommand {
         Self.hashDeterministically()
         var settings = SimulationSettings()
         settings.workers = workers
+        settings.memoryLimitBytes = memoryLimitBytes
         settings.logLevel = logLevel.flatMap(Logger.Level.init(rawValue:))
+        settings.weakened = Set(Protection.allCases.filter { $0.weakness == weaken })
         let chosen = seed.map { [$0] } ?? Array(first..<(first + UInt64(seeds)))
         let started = ContinuousClock.now
         var failures: [SimulationReport] = []

@@ -49,7 +49,8 @@ struct CoordinatorStateTests {
             listen: NodeAddress(host: "127.0.0.1", port: 0),
             security: .insecure,
             memoryLimitBytes: limit,
-            replication: replication
+            replication: replication,
+            startsNewCluster: true
         )
         let state = try CoordinatorState<TestLink>(configuration: configuration, elapsed: { time.elapsed })
         for index in 1...workers {

@@ -25,7 +25,8 @@ import Workloads
             configuration: CoordinatorConfiguration(
                 incarnation: 1,
                 listen: NodeAddress(host: "127.0.0.1", port: 0),
-                security: try certificates.security(.coordinator, "coordinator")
+                security: try certificates.security(.coordinator, "coordinator"),
+                startsNewCluster: true
             ),
             logger: Self.logger
         )

@@ -74,7 +74,8 @@ import Workloads
                     incarnation: 1,
                     listen: NodeAddress(host: "127.0.0.1", port: 0),
                     security: try certificates.security(.coordinator, "coordinator"),
-                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60))
+                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60)),
+                    startsNewCluster: true
                 ),
                 logger: logger
             )

@@ -194,6 +194,11 @@ package nonisolated struct Tessera_V1_RegisterWorker: Sendable {
   /// What the worker already holds (empty for a fresh process).
   package var heldShards: [Tessera_V1_HeldShard] = []
 
+  /// The incarnation of the coordinator this worker registered with before, 0 if none: a coordinator
+  /// that a worker has outlived knows it restarted, and admits nothing until its workers have
+  /// re-registered (their copies are charged first).
+  package var previousCoordinatorIncarnation: UInt64 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -459,7 +464,7 @@ nonisolated extension Tessera_V1_HeldShard: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".RegisterWorker"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{3}memory_capacity_bytes\0\u{3}held_shards\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{3}memory_capacity_bytes\0\u{3}held_shards\0\u{3}previous_coordinator_incarnation\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -471,6 +476,7 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.incarnation) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.heldShards) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.previousCoordinatorIncarnation) }()
       default: break
       }
     }
@@ -493,6 +499,9 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
     if !self.heldShards.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.heldShards, fieldNumber: 4)
     }
+    if self.previousCoordinatorIncarnation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.previousCoordinatorIncarnation, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -501,6 +510,7 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
     if lhs.incarnation != rhs.incarnation {return false}
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
     if lhs.heldShards != rhs.heldShards {return false}
+    if lhs.previousCoordinatorIncarnation != rhs.previousCoordinatorIncarnation {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
