@@ -218,6 +218,11 @@ let package = Package(
         ),
         .testTarget(name: "ClusterStateTests", dependencies: ["ClusterState"], swiftSettings: strictSettings),
         .testTarget(
+            name: "SimulationTests",
+            dependencies: ["Simulation", "ClusterTransport"],
+            swiftSettings: strictSettings
+        ),
+        .testTarget(
             name: "ClusterSecurityTests",
             dependencies: ["ClusterSecurity", "ClusterWire"],
             swiftSettings: strictSettings

@@ -157,8 +157,9 @@ extension Scheduled: ScheduledAction {}
 package enum Protection: String, CaseIterable, Sendable {
     /// A primary answers a decode step only once every replica applied it.
     case replicateBeforeAck = "ack-before-replicating"
-    /// A closed sequence stays charged until every holder confirmed dropping it.
-    case chargeUntilDropped = "release-before-dropped"
+    /// A coordinator that replaces another admits nothing until the workers that outlived its
+    /// predecessor have re-registered and their copies are charged.
+    case rebuildBeforeAdmitting = "admit-while-rebuilding"
 
     /// The name `--weaken` takes: what the system does without the protection.
     package var weakness: String { rawValue }

@@ -472,7 +472,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
         // After a restart, until the workers have re-registered, the bytes they hold are not charged
         // yet: admitting now could take memory that copies of rebuilt sequences already hold.
-        guard !(isRebuilding && replacesAnother) else {
+        guard !(isRebuilding && replacesAnother) || weakened.contains(.rebuildBeforeAdmitting) else {
             throw WireError(
                 .unavailable,
                 "the coordinator started \(elapsed()) ago and is still hearing from its workers; retry",
@@ -734,11 +734,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         unwatchedSince[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
-        if unconfirmedCloses[sequenceID]!.isEmpty {
-            closeConfirmed(sequenceID, by: nil)
-        } else if weakened.contains(.chargeUntilDropped) {
-            _ = admission.release(sequenceID: sequenceID)
-        }
+        if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
         return state
     }
 

@@ -46,7 +46,8 @@ package final class SimulatedNetwork: Sendable {
 
     /// Sees every reply as it arrives, with the request it answers and who asked and answered. Only
     /// requests that change a shard are followed (prefill, decode, shard assignment).
-    let onReply: @Sendable (_ request: Tessera_V1_Envelope, _ reply: Tessera_V1_Envelope, _ from: String, _ to: String) -> Void
+    let onReply:
+        @Sendable (_ request: Tessera_V1_Envelope, _ reply: Tessera_V1_Envelope, _ from: String, _ to: String) -> Void
 
     package init(
         scheduler: Scheduler,
@@ -101,7 +102,10 @@ package final class SimulatedNetwork: Sendable {
         link.reset(WireError(.unavailable, "connection reset (\(why))"))
     }
 
-    fileprivate func bind(_ address: NodeAddress, node: String) throws(WireError) -> (
+    fileprivate func bind(
+        _ address: NodeAddress,
+        node: String
+    ) throws(WireError) -> (
         NodeAddress, AsyncStream<Accepted>
     ) {
         let (stream, continuation) = AsyncStream.makeStream(of: Accepted.self)
@@ -155,7 +159,7 @@ package final class SimulatedNetwork: Sendable {
 }
 
 /// A connection being accepted: the listener's end of a new link.
-fileprivate struct Accepted: Sendable {
+private struct Accepted: Sendable {
     var link: SimulatedLink
 }
 

@@ -158,7 +158,9 @@ private final class World: Sendable {
     private func schedule() async {
         start("coordinator")
         for index in 1...settings.workers { start(workerName(index)) }
-        guard await waitUntil("every worker registered", within: .seconds(30), { await self.registered() }) else { return }
+        guard await waitUntil("every worker registered", within: .seconds(30), { await self.registered() }) else {
+            return
+        }
         let clientsDone = Flag()
         await withDiscardingTaskGroup { group in
             group.addTask {
@@ -175,7 +177,8 @@ private final class World: Sendable {
         // Faults are over: every node back, the network whole; everything the clients closed must
         // drain from the accounting and the workers.
         network.heal()
-        for name in ["coordinator"] + (1...settings.workers).map(workerName) where processes.withLock({ $0[name] == nil }) {
+        for name in ["coordinator"] + (1...settings.workers).map(workerName)
+        where processes.withLock({ $0[name] == nil }) {
             log("restart \(name) (faults over)")
             start(name)
         }
@@ -212,7 +215,10 @@ private final class World: Sendable {
             configuration.weakened = settings.weakened
             // The configuration above is valid by construction.
             let service = try! CoordinatorService(configuration: configuration, logger: logger(name), network: node)
-            process = Process(task: Task(executorPreference: scheduler) { try? await service.run() }, coordinator: service)
+            process = Process(
+                task: Task(executorPreference: scheduler) { try? await service.run() },
+                coordinator: service
+            )
         } else {
             var configuration = WorkerConfiguration(
                 nodeID: name,
@@ -336,7 +342,9 @@ private final class World: Sendable {
                 try await clock.sleep(for: .milliseconds(Int64(draw { $0.next() % 400 })))
                 let outputs = try await client.decode(id, step: step, geometry: .tiny)
                 if !Self.identical(outputs, expected[step]) {
-                    violate("sequence \(id) step \(step) was acknowledged with outputs that differ from the fault-free run")
+                    violate(
+                        "sequence \(id) step \(step) was acknowledged with outputs that differ from the fault-free run"
+                    )
                 }
             }
             ledger.report.withLock { $0.sequencesCompleted += 1 }
@@ -345,7 +353,9 @@ private final class World: Sendable {
             ledger.report.withLock { $0.sequencesFailed += 1 }
             log("sequence \(id): gave up: \(error)")
             if let error = error as? WireError, !Self.faultsExplain(error) {
-                violate("sequence \(id): a well-formed request was refused with \(error.code), which no fault explains: \(error)")
+                violate(
+                    "sequence \(id): a well-formed request was refused with \(error.code), which no fault explains: \(error)"
+                )
             }
         }
         do {

@@ -1,17 +1,20 @@
 import ArgumentParser
 import ClusterTransport
+import Dispatch
 import FoundationEssentials
 import Logging
 import Simulation
+import Synchronization
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #endif
 
 struct SimulateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "simulate",
-        abstract: "Run the cluster's real code under seeded faults in one thread on a simulated clock, checking invariants.",
+        abstract:
+            "Run the cluster's real code under seeded faults in one thread on a simulated clock, checking invariants.",
         discussion: """
             Each seed is one schedule: the coordinator, the workers and the clients (the same services \
             and client library the processes run) as tasks on one thread, connected by a simulated \
@@ -52,15 +55,31 @@ struct SimulateCommand: ParsableCommand {
     )
     var weaken: String?
 
+    @Option(help: "Schedules run at once, each on its own thread (1 ... cores).")
+    var jobs = 1
+
+    @Flag(help: "Succeed only if some schedule fails (stops at the first): checks that --weaken is caught.")
+    var expectViolation = false
+
+    @Option(help: "Write a JSON summary (seeds, failing seeds, faults, schedules per minute) to this path.")
+    var json: String?
+
     @Flag(help: "Print every schedule's trace, not only failing ones.")
     var trace = false
 
-    @Option(help: "Put the nodes' own log lines at this level and above into the trace: trace, debug, info, notice, warning, error.")
+    @Option(
+        help:
+            "Put the nodes' own log lines at this level and above into the trace: trace, debug, info, notice, warning, error."
+    )
     var logLevel: String?
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1, got \(seeds)") }
         guard (2...16).contains(workers) else { throw ValidationError("--workers must be in 2...16, got \(workers)") }
+        guard (1...256).contains(jobs) else { throw ValidationError("--jobs must be in 1...256, got \(jobs)") }
+        if expectViolation && weaken == nil {
+            throw ValidationError("--expect-violation needs --weaken NAME (a sound cluster must pass)")
+        }
         if let weaken, !Protection.allCases.contains(where: { $0.weakness == weaken }) {
             throw ValidationError(
                 "unknown --weaken '\(weaken)'; allowed: \(Protection.allCases.map(\.weakness).joined(separator: ", "))"
@@ -82,36 +101,78 @@ struct SimulateCommand: ParsableCommand {
         settings.weakened = Set(Protection.allCases.filter { $0.weakness == weaken })
         let chosen = seed.map { [$0] } ?? Array(first..<(first + UInt64(seeds)))
         let started = ContinuousClock.now
-        var failures: [SimulationReport] = []
-        var totals = (completed: 0, failed: 0, faults: 0, jobs: 0, simulated: Duration.zero)
-        for (index, seed) in chosen.enumerated() {
-            let report = Simulation.run(seed: seed, settings: settings)
-            totals.completed += report.sequencesCompleted
-            totals.failed += report.sequencesFailed
-            totals.faults += report.faults
-            totals.jobs += report.jobs
-            totals.simulated += report.simulatedTime
-            if trace || !report.passed {
-                print("seed \(seed): \(report.passed ? "passed" : "FAILED")")
-                for line in report.trace { print("  \(line)") }
-            }
-            if !report.passed { failures.append(report) }
-            if chosen.count > 1, (index + 1) % 50 == 0 {
-                Terminal.error("[tessera] \(index + 1)/\(chosen.count) schedules, \(failures.count) failed\n")
+        let reports = Self.runAll(
+            chosen,
+            settings: settings,
+            jobs: min(jobs, chosen.count),
+            stopAtFailure: expectViolation
+        )
+        let elapsed = ContinuousClock.now - started
+        let failures = reports.filter { !$0.passed }
+        for report in reports where trace || !report.passed {
+            print("seed \(report.seed): \(report.passed ? "passed" : "FAILED")")
+            for line in report.trace { print("  \(line)") }
+        }
+        let summary = SimulationSummary(reports, elapsed: elapsed, jobs: jobs, weakened: weaken)
+        print(
+            "\(summary.schedules) schedules, \(summary.failingSeeds.count) failed; \(summary.faults) faults, "
+                + "\(summary.sequencesCompleted) sequences completed, \(summary.sequencesGivenUp) given up; "
+                + "\(summary.schedulesPerMinutePerCore) schedules per minute per core (\(jobs) job\(jobs == 1 ? "" : "s"))"
+        )
+        if let json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            do {
+                try encoder.encode(summary).write(to: URL(filePath: json))
+            } catch {
+                throw ValidationError("cannot write \(json): \(error)")
             }
         }
-        let elapsed = ContinuousClock.now - started
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        let perMinute = Double(chosen.count) / seconds * 60
-        print(
-            "\(chosen.count) schedules, \(failures.count) failed; \(totals.faults) faults, "
-                + "\(totals.completed) sequences completed, \(totals.failed) given up; "
-                + "\(Int(perMinute.rounded())) schedules per minute on one core"
-        )
+        if expectViolation {
+            guard let caught = failures.first else {
+                print("--weaken \(weaken ?? "(none)"): no violation in \(reports.count) schedules")
+                throw ExitCode(1)
+            }
+            print("caught at seed \(caught.seed): \(caught.violations.first ?? "")")
+            return
+        }
         if !failures.isEmpty {
-            print("failing seeds: \(failures.map { String($0.seed) }.joined(separator: " ")) (replay: tessera simulate --seed S --trace)")
+            print(
+                "failing seeds: \(summary.failingSeeds.map(String.init).joined(separator: " ")) (replay: tessera simulate --seed S --trace)"
+            )
             throw ExitCode(1)
         }
+    }
+
+    /// Runs the schedules on `jobs` threads, each schedule alone on one; returns their reports in
+    /// seed order (with `stopAtFailure`, those up to the first failing seed).
+    private static func runAll(
+        _ seeds: [UInt64],
+        settings: SimulationSettings,
+        jobs: Int,
+        stopAtFailure: Bool
+    ) -> [SimulationReport] {
+        let next = Atomic(0)
+        let stop = Atomic(false)
+        let reports = Mutex<[SimulationReport]>([])
+        DispatchQueue.concurrentPerform(iterations: jobs) { _ in
+            while !stop.load(ordering: .relaxed) {
+                let index = next.add(1, ordering: .relaxed).oldValue
+                guard index < seeds.count else { return }
+                let report = Simulation.run(seed: seeds[index], settings: settings)
+                let done = reports.withLock { reports in
+                    reports.append(report)
+                    return reports.count
+                }
+                if stopAtFailure && !report.passed { stop.store(true, ordering: .relaxed) }
+                if seeds.count > 1, done % 500 == 0 {
+                    Terminal.error("[tessera] \(done)/\(seeds.count) schedules\n")
+                }
+            }
+        }
+        var all = reports.withLock { $0 }.sorted { $0.seed < $1.seed }
+        if stopAtFailure, let first = all.firstIndex(where: { !$0.passed }) { all = Array(all[...first]) }
+        return all
     }
 
     /// Swift seeds its hash functions per process, which changes the order of dictionary walks and
@@ -124,4 +185,36 @@ struct SimulateCommand: ParsableCommand {
         // Not reached unless exec failed; the run goes on, replayable only within this process.
         Terminal.error("[tessera] could not re-run with deterministic hashing; seeds replay only in this process\n")
     }
+}
+
+/// What `tessera simulate --json` writes.
+struct SimulationSummary: Codable {
+    var schedules: Int
+    var failingSeeds: [UInt64]
+    var faults: Int
+    var sequencesCompleted: Int
+    var sequencesGivenUp: Int
+    var simulatedSeconds: Double
+    var wallSeconds: Double
+    var jobs: Int
+    var schedulesPerMinutePerCore: Int
+    var weakened: String?
+
+    init(_ reports: [SimulationReport], elapsed: Duration, jobs: Int, weakened: String?) {
+        schedules = reports.count
+        failingSeeds = reports.filter { !$0.passed }.map(\.seed)
+        faults = reports.reduce(0) { $0 + $1.faults }
+        sequencesCompleted = reports.reduce(0) { $0 + $1.sequencesCompleted }
+        sequencesGivenUp = reports.reduce(0) { $0 + $1.sequencesFailed }
+        simulatedSeconds = reports.reduce(0) { $0 + $1.simulatedTime.seconds }
+        wallSeconds = elapsed.seconds
+        self.jobs = jobs
+        schedulesPerMinutePerCore =
+            wallSeconds > 0 ? Int((Double(schedules) / wallSeconds * 60 / Double(jobs)).rounded()) : 0
+        self.weakened = weakened
+    }
+}
+
+extension Duration {
+    fileprivate var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -203,7 +203,8 @@ struct ShardTransferTests {
             values: .init(repeating: 0.2, count: g.kvHeads * g.headDim),
             queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim)
         )
-        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input], threads: 1) else {
+        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input], threads: 1)
+        else {
             Issue.record("step 1 is next; it must run")
             return
         }
