@@ -272,7 +272,12 @@ public final class CoordinatorService: Sendable {
             assignment.policy = sequence.message.policy
             assignment.decodeTokens = sequence.message.decodeTokens
             for holder in shard.holders {
-                _ = try await state.connection(for: holder.node).request(.shardAssignment(assignment))
+                guard let link = try await state.connection(for: holder.node, holding: sequenceID, at: sequence.epoch)
+                else {
+                    // Moved on meanwhile: the move announces its own epoch to the holders it keeps.
+                    continue
+                }
+                _ = try await link.request(.shardAssignment(assignment))
             }
         }
     }

@@ -763,6 +763,16 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return link.connection
     }
 
+    /// The connection to `nodeID` if it still holds a shard of the sequence at `epoch`; nil once the
+    /// sequence moved on (a failover, or the node's restart as a new incarnation, which must not get
+    /// the old incarnation's assignment).
+    func connection(for nodeID: NodeID, holding sequenceID: UInt64, at epoch: UInt64) throws(WireError) -> Link? {
+        guard let sequence = sequences[sequenceID], sequence.epoch == epoch,
+            sequence.shards.contains(where: { $0.holders.contains { $0.node == nodeID } })
+        else { return nil }
+        return try connection(for: nodeID)
+    }
+
     /// Accounted bytes per worker and modality, and open sequences, for the Prometheus endpoint.
     func publishMetrics() {
         Gauge(label: TesseraMetrics.liveSequences).record(sequences.count)
