@@ -351,8 +351,8 @@ public final class CoordinatorService: Sendable {
     }
 
     /// The bytes admission charges for open sequences (and for closed ones whose holders have not
-    /// confirmed dropping them), and which sequences it charges.
-    package func accounted() async -> (bytes: UInt64, sequences: [UInt64]) {
+    /// confirmed dropping them), and what it charges each sequence.
+    package func accounted() async -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
         await state.accounted()
     }
 

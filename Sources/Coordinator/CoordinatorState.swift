@@ -279,12 +279,17 @@ actor CoordinatorState<Link: CoordinatorLink> {
             // counts, so a shard whose primary died with the old coordinator is still charged.
             state.restoredBytes![shard.id] = max(state.restoredBytes![shard.id] ?? 0, copy.kvBytes)
             sequences[a.sequenceID] = state
-            // Saturating: the figures are what workers report.
+            // Saturating: the figures are what workers report. Until every copy is compressed, the
+            // sequence is charged its full size, as at admission: a copy not prefilled yet reports
+            // nothing, and its prefill is still to come.
             let shards = state.restoredBytes!.values.reduce(UInt64(0)) { $0.saturatingSum($1) }
+            let reported = shards.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance)
             admission.restore(
                 tenant: state.tenant,
                 sequenceID: a.sequenceID,
-                kvBytes: shards.saturatingProduct(UInt64(state.copies)).saturatingSum(state.decodeAllowance)
+                kvBytes: state.budget.isCompressed
+                    ? reported
+                    : max(reported, Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication).estimate)
             )
         }
         return stale
@@ -636,6 +641,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     {
         guard var sequence = sequences[sequenceID] else { return nil }
         let phase = sequence.budget.assignmentFinished(everyCopyApplied: everyCopyApplied, now: now)
+        // Every copy answered this coordinator: later registrations no longer rebuild (or re-charge)
+        // the sequence from what they report.
+        if everyCopyApplied { sequence.restoredBytes = nil }
         sequences[sequenceID] = sequence
         if everyCopyApplied {
             _ = admission.record(
@@ -786,8 +794,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
     }
 
-    func accounted() -> (bytes: UInt64, sequences: [UInt64]) {
-        (admission.totalBytes, admission.sequences.map(\.sequenceID).sorted())
+    func accounted() -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
+        (admission.totalBytes, Dictionary(uniqueKeysWithValues: admission.sequences.map { ($0.sequenceID, $0.chargedBytes) }))
     }
 
     func status() -> Tessera_V1_StatusReply {

@@ -257,7 +257,7 @@ private final class World: Sendable {
         var left: [String] = []
         for (name, process) in running.sorted(by: { $0.key < $1.key }) {
             if let accounted = await process.coordinator?.accounted(), accounted.bytes > 0 {
-                left.append("\(name) accounts \(accounted.bytes) bytes for \(accounted.sequences)")
+                left.append("\(name) accounts \(accounted.bytes) bytes for \(accounted.sequences.keys.sorted())")
             }
             if let held = await process.worker?.held(), held.bytes > 0 || !held.sequences.isEmpty {
                 left.append("\(name) holds \(held.bytes) bytes of \(held.sequences)")
@@ -470,8 +470,11 @@ private final class World: Sendable {
         let limit = settings.memoryLimitBytes
         while !done() {
             guard (try? await clock.sleep(for: .milliseconds(100))) != nil else { return }
-            if let accounted = await running["coordinator"]?.coordinator?.accounted().bytes, accounted > limit {
-                violate("the coordinator accounts \(accounted) bytes, over its limit of \(limit)")
+            if let accounted = await running["coordinator"]?.coordinator?.accounted(), accounted.bytes > limit {
+                let charges = accounted.sequences.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }
+                violate(
+                    "the coordinator accounts \(accounted.bytes) bytes, over its limit of \(limit): \(charges.joined(separator: ", "))"
+                )
             }
             var held = 0
             var holders: [String] = []
