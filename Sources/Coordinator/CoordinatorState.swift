@@ -289,7 +289,10 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 sequenceID: a.sequenceID,
                 kvBytes: state.budget.isCompressed
                     ? reported
-                    : max(reported, Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication).estimate)
+                    : max(
+                        reported,
+                        Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication).estimate
+                    )
             )
         }
         return stale
@@ -795,7 +798,10 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     func accounted() -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
-        (admission.totalBytes, Dictionary(uniqueKeysWithValues: admission.sequences.map { ($0.sequenceID, $0.chargedBytes) }))
+        (
+            admission.totalBytes,
+            Dictionary(uniqueKeysWithValues: admission.sequences.map { ($0.sequenceID, $0.chargedBytes) })
+        )
     }
 
     func status() -> Tessera_V1_StatusReply {
