@@ -13,7 +13,6 @@ package final class SimulatedNetwork: Sendable {
     package struct Settings: Sendable {
         /// One-way latency of a frame, drawn uniformly.
         package var latency: ClosedRange<Duration> = .microseconds(50)...(.milliseconds(2))
-        package var maxFrameBytes = 64 << 20
 
         package init() {}
     }

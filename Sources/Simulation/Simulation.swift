@@ -158,7 +158,9 @@ private final class World: Sendable {
     private func schedule() async {
         start("coordinator")
         for index in 1...settings.workers { start(workerName(index)) }
-        guard await waitUntil("every worker registered", within: .seconds(30), { await self.registered() }) else {
+        guard await waitUntil(within: .seconds(30), { await self.registered() }) else {
+            violate("liveness: the workers did not all register within 30 s of starting")
+            for name in running.keys.sorted() { await stop(name) }
             return
         }
         let clientsDone = Flag()
@@ -182,11 +184,11 @@ private final class World: Sendable {
             log("restart \(name) (faults over)")
             start(name)
         }
-        let drained = await waitUntil("drain", within: .seconds(120)) { await self.drained() }
+        let drained = await waitUntil(within: .seconds(120)) { await self.drained() }
         if !drained {
             violate("liveness: closed sequences never drained: \(await leftovers().joined(separator: "; "))")
         }
-        for name in processes.withLock({ Array($0.keys) }).sorted() { await stop(name) }
+        for name in running.keys.sorted() { await stop(name) }
     }
 
     private func workerName(_ index: Int) -> String { "worker-\(index)" }
@@ -509,7 +511,7 @@ private final class World: Sendable {
     private func violate(_ violation: String) { ledger.violate(violation) }
 
     /// Polls `condition` every 50 ms of simulated time; false if it did not hold within `limit`.
-    private func waitUntil(_ what: String, within limit: Duration, _ condition: () async -> Bool) async -> Bool {
+    private func waitUntil(within limit: Duration, _ condition: () async -> Bool) async -> Bool {
         let clock = SimulatedClock(scheduler: scheduler)
         let deadline = clock.now.advanced(by: limit)
         while clock.now < deadline {
