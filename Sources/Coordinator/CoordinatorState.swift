@@ -94,11 +94,10 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Time since this coordinator started.
     private let elapsed: @Sendable () -> Duration
     private let rebuildGrace: Duration
-    /// A new sequence's epoch: this coordinator's incarnation (wall-clock nanoseconds when it
-    /// started), so that epochs never go back across restarts, even for a sequence id reopened after
-    /// a restart that lost it; failovers count up from there, one each.
-    private let firstEpoch: UInt64
     private let weakened: Set<Protection>
+    /// This coordinator's incarnation (wall-clock nanoseconds when it started). A new sequence's
+    /// epoch starts there, so that epochs never go back across restarts, even for a sequence id
+    /// reopened after a restart that lost it; failovers count up from there, one each.
     private let incarnation: UInt64
     /// Whether this coordinator replaces another (it was not told it starts a new cluster, or a
     /// worker registered that had registered with another coordinator before).
@@ -124,12 +123,10 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// A holder declared dead leaves it (it rejoins as a new incarnation, holding nothing).
     private var unconfirmedCloses: [UInt64: Set<NodeID>] = [:]
 
-    /// - Parameter elapsed: time since this coordinator started; by default measured from now on the
-    ///   continuous clock.
-    init(configuration: CoordinatorConfiguration, elapsed: (@Sendable () -> Duration)? = nil) throws {
+    /// - Parameter elapsed: time since this coordinator started, on the clock of its network.
+    init(configuration: CoordinatorConfiguration, elapsed: @escaping @Sendable () -> Duration) throws {
         replication = configuration.replication
         rebuildGrace = configuration.failureDetector.deadAfter
-        firstEpoch = configuration.incarnation
         weakened = configuration.weakened
         incarnation = configuration.incarnation
         replacesAnother = !configuration.startsNewCluster
@@ -139,12 +136,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             memoryLimitBytes: configuration.memoryLimitBytes,
             tenantQuotaBytes: configuration.tenantQuotaBytes
         )
-        if let elapsed {
-            self.elapsed = elapsed
-        } else {
-            let start = ContinuousClock.now
-            self.elapsed = { ContinuousClock.now - start }
-        }
+        self.elapsed = elapsed
     }
 
     var now: ClusterInstant { ClusterInstant(elapsed: elapsed()) }
@@ -153,6 +145,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// that outlived a previous coordinator are still registering, and their copies rebuild the
     /// sequences it had open.
     var isRebuilding: Bool { elapsed() <= rebuildGrace }
+
+    /// What a request that must wait for the rebuild is told: retry shortly.
+    private func stillRebuilding(_ detail: String) -> WireError {
+        WireError(
+            .unavailable,
+            "the coordinator started \(elapsed()) ago and is still hearing from its workers: \(detail); retry",
+            retryAfter: .milliseconds(250)
+        )
+    }
 
     /// Registers a worker; returns the membership changes it caused and the copies it holds of
     /// sequences closed since, which it must be told to close.
@@ -234,6 +235,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             if !shard.holders.contains(where: { $0.node == nodeID }), let address = workers[nodeID]?.address {
                 shard.replicas.append(ShardHolder(node: nodeID, address: address))
             }
+            let full = Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication)
             var state: OpenSequenceState
             if let known = sequences[a.sequenceID] {
                 guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
@@ -260,8 +262,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     epoch: a.epoch,
                     shards: [],
                     budget: BudgetLifecycle(restoredCompressed: copy.compressed, retention: retention),
-                    decodeAllowance: Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication)
-                        .decodeAllowance,
+                    decodeAllowance: full.decodeAllowance,
                     copies: replication,
                     restoredBytes: [:]
                 )
@@ -287,12 +288,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             admission.restore(
                 tenant: state.tenant,
                 sequenceID: a.sequenceID,
-                kvBytes: state.budget.isCompressed
-                    ? reported
-                    : max(
-                        reported,
-                        Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication).estimate
-                    )
+                kvBytes: state.budget.isCompressed ? reported : max(reported, full.estimate)
             )
         }
         return stale
@@ -481,11 +477,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         // After a restart, until the workers have re-registered, the bytes they hold are not charged
         // yet: admitting now could take memory that copies of rebuilt sequences already hold.
         guard !(isRebuilding && replacesAnother) || weakened.contains(.rebuildBeforeAdmitting) else {
-            throw WireError(
-                .unavailable,
-                "the coordinator started \(elapsed()) ago and is still hearing from its workers; retry",
-                retryAfter: .milliseconds(250)
-            )
+            throw stillRebuilding("it admits nothing until then")
         }
         if let closing = unconfirmedCloses[message.sequenceID] {
             throw WireError(
@@ -546,7 +538,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             layout: layout,
             message: message,
             policy: policy,
-            epoch: firstEpoch,
+            epoch: incarnation,
             shards: shards,
             budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
@@ -603,13 +595,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// (a client that took "unknown" for "closed" would leave its copies behind for good).
     func sequence(_ sequenceID: UInt64, tenant: String?) throws(WireError) -> OpenSequenceState {
         guard let state = sequences[sequenceID] else {
-            if isRebuilding {
-                throw WireError(
-                    .unavailable,
-                    "sequence \(sequenceID) is not known yet: the coordinator started \(elapsed()) ago and is still hearing from its workers",
-                    retryAfter: .milliseconds(250)
-                )
-            }
+            if isRebuilding { throw stillRebuilding("sequence \(sequenceID) is not known yet") }
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not open")
         }
         guard tenant == nil || state.tenant == tenant else {

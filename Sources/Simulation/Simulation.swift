@@ -98,7 +98,6 @@ package enum Simulation {
 /// One schedule: the coordinator, the workers and the clients as tasks on one scheduler, over the
 /// simulated network; faults drawn from the seed.
 private final class World: Sendable {
-    let seed: UInt64
     let settings: SimulationSettings
     let scheduler = Scheduler()
     let network: SimulatedNetwork
@@ -116,7 +115,6 @@ private final class World: Sendable {
     }
 
     init(seed: UInt64, settings: SimulationSettings) {
-        self.seed = seed
         self.settings = settings
         random = Mutex(SplitMix64(state: seed))
         let ledger = Ledger(seed: seed, scheduler: scheduler)
@@ -137,7 +135,7 @@ private final class World: Sendable {
             violate("liveness: the schedule did not end within \(settings.limit) of simulated time")
             // Unwind every task so none outlives the run (they hold the scheduler).
             main.cancel()
-            for (_, process) in running.sorted(by: { $0.key < $1.key }) { process.task.cancel() }
+            for (_, process) in runningInOrder { process.task.cancel() }
             _ = scheduler.run(until: .seconds(Int64.max / 2_000_000_000_000)) { finished.isRaised }
         }
         if scheduler.foreignJobs > 0 {
@@ -160,7 +158,7 @@ private final class World: Sendable {
         for index in 1...settings.workers { start(workerName(index)) }
         guard await waitUntil(within: .seconds(30), { await self.registered() }) else {
             violate("liveness: the workers did not all register within 30 s of starting")
-            for name in running.keys.sorted() { await stop(name) }
+            await stopAll()
             return
         }
         let clientsDone = Flag()
@@ -188,7 +186,7 @@ private final class World: Sendable {
         if !drained {
             violate("liveness: closed sequences never drained: \(await leftovers().joined(separator: "; "))")
         }
-        for name in running.keys.sorted() { await stop(name) }
+        await stopAll()
     }
 
     private func workerName(_ index: Int) -> String { "worker-\(index)" }
@@ -246,6 +244,15 @@ private final class World: Sendable {
 
     private var running: [String: Process] { processes.withLock { $0 } }
 
+    /// The running processes by name, in name order (a walk in a fixed order keeps runs reproducible).
+    private var runningInOrder: [(name: String, process: Process)] {
+        running.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
+    private func stopAll() async {
+        for (name, _) in runningInOrder { await stop(name) }
+    }
+
     private func registered() async -> Bool {
         guard let coordinator = running["coordinator"]?.coordinator else { return false }
         return await coordinator.liveWorkers() == settings.workers
@@ -257,7 +264,7 @@ private final class World: Sendable {
     /// What is still accounted or held, by node.
     private func leftovers() async -> [String] {
         var left: [String] = []
-        for (name, process) in running.sorted(by: { $0.key < $1.key }) {
+        for (name, process) in runningInOrder {
             if let accounted = await process.coordinator?.accounted(), accounted.bytes > 0 {
                 left.append("\(name) accounts \(accounted.bytes) bytes for \(accounted.sequences.keys.sorted())")
             }
@@ -480,7 +487,7 @@ private final class World: Sendable {
             }
             var held = 0
             var holders: [String] = []
-            for (name, process) in running.sorted(by: { $0.key < $1.key }) {
+            for (name, process) in runningInOrder {
                 guard let copies = await process.worker?.held() else { continue }
                 held += copies.bytes
                 holders.append("\(name) \(copies.bytes) of \(copies.sequences)")

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Chaos
 import ClusterLauncher
-import FoundationEssentials
 import Logging
 
 struct ChaosCommand: AsyncParsableCommand {
@@ -78,15 +77,7 @@ struct ChaosCommand: AsyncParsableCommand {
 
             """
         )
-        if let json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            do {
-                try encoder.encode(report).write(to: URL(filePath: json))
-            } catch {
-                throw ValidationError("cannot write \(json): \(error)")
-            }
-        }
+        if let json { try writeJSONReport(report, to: json) }
         if !report.passed { throw ExitCode(1) }
     }
 }

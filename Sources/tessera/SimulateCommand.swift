@@ -1,7 +1,6 @@
 import ArgumentParser
 import ClusterTransport
 import Dispatch
-import FoundationEssentials
 import Logging
 import Simulation
 import Synchronization
@@ -119,15 +118,7 @@ struct SimulateCommand: ParsableCommand {
                 + "\(summary.sequencesCompleted) sequences completed, \(summary.sequencesGivenUp) given up; "
                 + "\(summary.schedulesPerMinutePerCore) schedules per minute per core (\(jobs) job\(jobs == 1 ? "" : "s"))"
         )
-        if let json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            do {
-                try encoder.encode(summary).write(to: URL(filePath: json))
-            } catch {
-                throw ValidationError("cannot write \(json): \(error)")
-            }
-        }
+        if let json { try writeJSONReport(summary, to: json) }
         if expectViolation {
             guard let caught = failures.first else {
                 print("--weaken \(weaken ?? "(none)"): no violation in \(reports.count) schedules")
