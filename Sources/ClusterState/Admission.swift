@@ -20,6 +20,9 @@ public struct Admission: Sendable, Hashable {
     /// The retry hint of a refusal that may succeed later (memory or quota in use).
     public var retryAfterMillis: UInt32
 
+    /// Bytes held outside every charge: copies that workers declared dead may still hold until their
+    /// lease lapses. A new sequence is admitted only if it fits beside them too.
+    public var reservedBytes: UInt64 = 0
     private var open: [UInt64: AdmittedSequence] = [:]
     private var usage: [String: TenantUsage] = [:]
     public private(set) var totalBytes: UInt64 = 0
@@ -65,7 +68,9 @@ public struct Admission: Sendable, Hashable {
 
     /// Bytes still available under the memory limit, or nil when unlimited.
     public var availableBytes: UInt64? {
-        memoryLimitBytes == 0 ? nil : memoryLimitBytes - min(memoryLimitBytes, totalBytes)
+        guard memoryLimitBytes != 0 else { return nil }
+        let used = Self.sum(totalBytes, reservedBytes)
+        return memoryLimitBytes - min(memoryLimitBytes, used)
     }
 
     /// True when reports have pushed the charged bytes past the memory limit (admission never
@@ -106,9 +111,10 @@ public struct Admission: Sendable, Hashable {
                 retryAfterMillis: retryAfterMillis
             )
         }
-        if memoryLimitBytes != 0, Self.sum(totalBytes, estimatedBytes) > memoryLimitBytes {
+        let used = Self.sum(totalBytes, reservedBytes)
+        if memoryLimitBytes != 0, Self.sum(used, estimatedBytes) > memoryLimitBytes {
             return .refused(
-                .memoryInUse(requestedBytes: estimatedBytes, usedBytes: totalBytes, limitBytes: memoryLimitBytes),
+                .memoryInUse(requestedBytes: estimatedBytes, usedBytes: used, limitBytes: memoryLimitBytes),
                 retryAfterMillis: retryAfterMillis
             )
         }

@@ -19,6 +19,11 @@ public struct CoordinatorConfiguration: Sendable {
     /// An open sequence that no client connection watches for this long is closed: its client is
     /// gone (a lease; clients of `TesseraClient` watch every sequence they opened).
     public var orphanGrace: Duration
+    /// How long a worker keeps its copies without an acknowledged heartbeat before it drops them
+    /// (told at registration). Until twice this has passed since a dead worker's last heartbeat, the
+    /// copies it may still hold are reserved out of the memory limit. It also bounds how long the
+    /// coordinator may be away before the workers drop everything.
+    public var workerLease: Duration
     /// Whether this coordinator starts a new cluster rather than replacing one: a replacement admits
     /// nothing for the failure detector's dead-after time, while the workers that outlived its
     /// predecessor re-register and their copies are charged (also when a worker says it had
@@ -43,6 +48,7 @@ public struct CoordinatorConfiguration: Sendable {
         floorRatio: Double = 0.02,
         replication: Int = 2,
         orphanGrace: Duration = .seconds(30),
+        workerLease: Duration = .seconds(30),
         startsNewCluster: Bool = false,
         faults: FaultInjector? = nil
     ) {
@@ -56,6 +62,7 @@ public struct CoordinatorConfiguration: Sendable {
         self.floorRatio = floorRatio
         self.replication = replication
         self.orphanGrace = orphanGrace
+        self.workerLease = workerLease
         self.startsNewCluster = startsNewCluster
         self.faults = faults
         self.security = security

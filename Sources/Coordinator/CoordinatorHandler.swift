@@ -42,7 +42,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             // connection, which serves its requests while it waits for the acknowledgement).
             for close in staleCopies {
                 if case .closeAck = try? await connection.request(.close(close)) {
-                    await state.closeConfirmed(close.sequenceID, by: NodeID(peer.nodeID))
+                    await state.closeAnswered(close, by: NodeID(peer.nodeID))
                 }
             }
             var ack = Tessera_V1_RegisterAck()
@@ -51,12 +51,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             ack.heartbeatIntervalMillis = UInt32(
                 coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1)
             )
+            ack.leaseMillis = UInt32(min(coordinator.configuration.workerLease / .milliseconds(1), Double(UInt32.max)))
+            if let view = await state.view() { ack.view = view }
             return .registerAck(ack)
         case .heartbeat(let message):
             try peer.require(.worker, for: request)
             try await state.heartbeat(message, from: NodeID(peer.nodeID), on: connection)
             var ack = Tessera_V1_HeartbeatAck()
             ack.sequenceNumber = message.sequenceNumber
+            if let view = await state.view() { ack.view = view }
             return .heartbeatAck(ack)
         case .layerStats(let message):
             try peer.require(.worker, for: request)

@@ -120,8 +120,9 @@ public final class CoordinatorService: Sendable {
     }
 
     /// Every heartbeat interval: closes the sequences whose lease is up (`orphanGrace` without a
-    /// watching client), and tells again the connected holders of closed sequences that have not
-    /// confirmed dropping them (a Close that timed out): the sequence stays charged until they have.
+    /// watching client), and sends the Closes owed to connected workers: to holders of closed
+    /// sequences that have not confirmed dropping them (a Close that timed out; the sequence stays
+    /// charged until they have), and to holders of copies a rebuild left behind.
     private func retryCloses() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
@@ -133,13 +134,8 @@ public final class CoordinatorService: Sendable {
                 _ = await closeEverywhere(id)
             }
             await withDiscardingTaskGroup { group in
-                for (id, holders) in await state.unconfirmedCloseHolders() {
-                    var message = Tessera_V1_Close()
-                    message.sequenceID = id
-                    let close = message
-                    for holder in holders {
-                        group.addTask { _ = await self.tellClose(close, to: holder) }
-                    }
+                for (holder, close) in await state.owedCloses() {
+                    group.addTask { _ = await self.tellClose(close, to: holder) }
                 }
             }
         }
@@ -169,7 +165,7 @@ public final class CoordinatorService: Sendable {
         guard let link = try? await state.connection(for: holder),
             case .closeAck(let ack) = try? await link.request(.close(close))
         else { return nil }
-        await state.closeConfirmed(close.sequenceID, by: holder)
+        await state.closeAnswered(close, by: holder)
         return ack
     }
 

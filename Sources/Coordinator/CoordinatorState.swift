@@ -66,6 +66,14 @@ struct OpenSequenceState: Sendable {
     var restoredBytes: [UInt32: UInt64]?
 }
 
+/// What a worker declared dead may still hold: the copies it had, until its lease lapses (it cannot
+/// be told it is dead, if it is only cut off).
+struct LapsingCopies: Sendable {
+    var incarnation: UInt64
+    var until: ClusterInstant
+    var bytes: UInt64
+}
+
 /// A copy of one shard to a worker that holds no shard of its sequence, to restore the replication
 /// factor after a loss.
 struct ReplicationPlan: Sendable {
@@ -95,10 +103,12 @@ actor CoordinatorState<Link: CoordinatorLink> {
     private let elapsed: @Sendable () -> Duration
     private let rebuildGrace: Duration
     private let weakened: Set<Protection>
-    /// This coordinator's incarnation (wall-clock nanoseconds when it started). A new sequence's
-    /// epoch starts there, so that epochs never go back across restarts, even for a sequence id
-    /// reopened after a restart that lost it; failovers count up from there, one each.
+    /// This coordinator's incarnation (wall-clock nanoseconds when it started). Epochs it gives
+    /// count up from there (see `nextEpoch`), so that they never go back across restarts, even for a
+    /// sequence id reopened after a restart that lost it.
     private let incarnation: UInt64
+    /// The last epoch this coordinator gave a sequence.
+    private var lastEpoch: UInt64
     /// Whether this coordinator replaces another (it was not told it starts a new cluster, or a
     /// worker registered that had registered with another coordinator before).
     private var replacesAnother: Bool
@@ -122,13 +132,38 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// registration of theirs must not bring the sequence back, and they are told to close it again.
     /// A holder declared dead leaves it (it rejoins as a new incarnation, holding nothing).
     private var unconfirmedCloses: [UInt64: Set<NodeID>] = [:]
+    /// Copies a rebuild superseded, per holder: the sequence and the copy's epoch. A worker that
+    /// registered with a copy before another reported a newer epoch of the same sequence holds a copy
+    /// no placement names; it is told to drop it (up to that epoch, so that a newer copy made to it
+    /// since survives) until it confirms, registers again or is declared dead.
+    private var leftBehind: [NodeID: [UInt64: UInt64]] = [:]
+
+    /// Counts the changes to this coordinator's members; it versions the views it sends.
+    private var membershipVersion: UInt64 = 0
+    /// While rebuilding: the newest membership view a registering worker brought from an earlier
+    /// coordinator. A worker that view does not count as live missed that coordinator's decisions
+    /// (closes, failovers): its copies are not rebuilt from, and it rejoins holding nothing.
+    private var inheritedView: Tessera_V1_MembershipView?
+    /// Members declared dead outside `tick` (see `inherit`), for the next tick to report.
+    private var pendingChanges: [MembershipChange] = []
+    /// The workers whose registrations reported copies of each rebuilt sequence.
+    private var rebuiltFrom: [UInt64: Set<NodeID>] = [:]
+    /// Workers declared dead whose copies are reserved out of the memory limit until their lease
+    /// lapses (see `CoordinatorConfiguration.workerLease`).
+    private var lapsing: [NodeID: LapsingCopies] = [:]
+    private let workerLease: Duration
+    /// While rebuilding: per sequence, the newest epoch a worker reported dropping it on a Close at.
+    /// Copies at that epoch or older belong to a sequence closed before the restart.
+    private var closedThrough: [UInt64: UInt64] = [:]
 
     /// - Parameter elapsed: time since this coordinator started, on the clock of its network.
     init(configuration: CoordinatorConfiguration, elapsed: @escaping @Sendable () -> Duration) throws {
         replication = configuration.replication
         rebuildGrace = configuration.failureDetector.deadAfter
+        workerLease = configuration.workerLease
         weakened = configuration.weakened
         incarnation = configuration.incarnation
+        lastEpoch = configuration.incarnation - 1
         replacesAnother = !configuration.startsNewCluster
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
@@ -140,6 +175,14 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     var now: ClusterInstant { ClusterInstant(elapsed: elapsed()) }
+
+    /// A new epoch for a sequence at `current`: above it, and above every epoch given before, so that
+    /// a sequence id closed and opened again never repeats an epoch of its earlier life (a worker's
+    /// record of a closed copy names one).
+    private func nextEpoch(after current: UInt64) -> UInt64 {
+        lastEpoch = max(lastEpoch, current) + 1
+        return lastEpoch
+    }
 
     /// After a start, until the failure detector would have declared a silent worker dead: workers
     /// that outlived a previous coordinator are still registering, and their copies rebuild the
@@ -169,6 +212,16 @@ actor CoordinatorState<Link: CoordinatorLink> {
         guard !connection.isClosed else {
             throw WireError(.unavailable, "registration of \(nodeID) came on a connection that has closed since")
         }
+        if isRebuilding, message.hasLastView { inherit(message.lastView) }
+        if isRebuilding, let view = inheritedView, !message.heldShards.isEmpty,
+            !view.counts(nodeID.rawValue, incarnation: message.incarnation)
+        {
+            throw WireError(
+                .staleEpoch,
+                "registration of \(nodeID) refused: coordinator \(view.coordinatorIncarnation) no longer counted "
+                    + "incarnation \(message.incarnation) as live, so the copies it holds are stale"
+            )
+        }
         let outcome = membership.join(
             nodeID: nodeID,
             incarnation: message.incarnation,
@@ -188,12 +241,73 @@ actor CoordinatorState<Link: CoordinatorLink> {
             }
             return ([], [])
         }
+        membershipVersion += 1
+        // A later incarnation holds nothing of the dead one's: it restarted, or dropped everything.
+        if let dead = lapsing[nodeID], message.incarnation > dead.incarnation {
+            lapsing[nodeID] = nil
+            reserveLapsingCopies()
+        }
         workers[nodeID] = WorkerLink(connection: connection, address: address)
+        // What it reports now is judged afresh below.
+        leftBehind[nodeID] = nil
         let previous = message.previousCoordinatorIncarnation
         if previous != 0 && previous != incarnation { replacesAnother = true }
         relayout()
-        let stale = restore(message.heldShards, from: nodeID)
+        let stale = restore(message.heldShards, closed: message.closedSequences, from: nodeID)
         return (outcome.changes, stale)
+    }
+
+    /// Takes `view` if it is newer than the one inherited so far. Workers registered already that it
+    /// does not count as live are declared dead (the next tick fails their shards over, and they drop
+    /// their copies when refused); sequences rebuilt from their copies alone were given up by that
+    /// coordinator, and are forgotten.
+    private func inherit(_ view: Tessera_V1_MembershipView) {
+        guard view.coordinatorIncarnation != incarnation, view.isNewer(than: inheritedView) else { return }
+        inheritedView = view
+        let stale = Set(
+            membership.members.filter {
+                $0.state != .dead && !view.counts($0.nodeID.rawValue, incarnation: $0.incarnation)
+            }
+            .map(\.nodeID)
+        )
+        guard !stale.isEmpty else { return }
+        for (id, reporters) in rebuiltFrom where reporters.isSubset(of: stale) { forgetRebuilt(id) }
+        for nodeID in stale.sorted() {
+            guard let member = membership.member(nodeID),
+                let change = membership.declareDead(nodeID: nodeID, incarnation: member.incarnation, now: now)
+            else { continue }
+            pendingChanges.append(change)
+        }
+    }
+
+    /// Forgets a sequence rebuilt from copies that turned out stale (a worker reported it closed, or
+    /// every copy came from workers an earlier coordinator had given up): nothing is charged for it,
+    /// and the workers that reported copies are told to drop them.
+    private func forgetRebuilt(_ sequenceID: UInt64) {
+        guard let sequence = sequences[sequenceID], sequence.restoredBytes != nil else { return }
+        for node in rebuiltFrom[sequenceID] ?? [] {
+            leftBehind[node, default: [:]][sequenceID] = sequence.epoch
+        }
+        sequences[sequenceID] = nil
+        rebuiltFrom[sequenceID] = nil
+        watchers[sequenceID] = nil
+        unwatchedSince[sequenceID] = nil
+        _ = admission.release(sequenceID: sequenceID)
+    }
+
+    /// This coordinator's membership view, once its rebuild is over: the workers it counts as live.
+    func view() -> Tessera_V1_MembershipView? {
+        guard !isRebuilding else { return nil }
+        var view = Tessera_V1_MembershipView()
+        view.coordinatorIncarnation = incarnation
+        view.version = membershipVersion
+        view.members = membership.members.filter { $0.state != .dead }.map { member in
+            var entry = Tessera_V1_ViewMember()
+            entry.nodeID = member.nodeID.rawValue
+            entry.incarnation = member.incarnation
+            return entry
+        }
+        return view
     }
 
     /// Rebuilds open sequences from the copies a registering worker reports, after a coordinator
@@ -203,18 +317,35 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// sequence still prefilling gets its budget, a compressed one can be tightened again.
     ///
     /// Returns the copies the worker must drop: of sequences closed meanwhile (the Close did not reach
-    /// it), and, once the rebuild is over, of sequences this coordinator does not know (closed before
+    /// it), of sequences another worker reports it dropped on a Close before the restart (see
+    /// `closedThrough`: a sequence rebuilt from such copies is forgotten), and, once the rebuild is over, of sequences this coordinator does not know (closed before
     /// a restart that lost the record, or given up as unknown by their clients).
-    private func restore(_ held: [Tessera_V1_HeldShard], from nodeID: NodeID) -> [Tessera_V1_Close] {
+    private func restore(
+        _ held: [Tessera_V1_HeldShard],
+        closed: [Tessera_V1_ClosedSequence],
+        from nodeID: NodeID
+    ) -> [Tessera_V1_Close] {
+        if isRebuilding {
+            for record in closed {
+                closedThrough[record.sequenceID] = max(closedThrough[record.sequenceID] ?? 0, record.epoch)
+                if let known = sequences[record.sequenceID], known.epoch <= record.epoch {
+                    forgetRebuilt(record.sequenceID)
+                }
+            }
+        }
         var stale: [Tessera_V1_Close] = []
         for copy in held {
             let a = copy.assignment
-            if unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true
-                || (sequences[a.sequenceID] == nil && !isRebuilding) || isLeftBehind(a, on: nodeID)
+            let closing = unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true
+            if closing || (sequences[a.sequenceID] == nil && !isRebuilding) || isLeftBehind(a, on: nodeID)
+                || a.epoch <= closedThrough[a.sequenceID] ?? 0
             {
                 var close = Tessera_V1_Close()
                 close.tenant = a.tenant
                 close.sequenceID = a.sequenceID
+                // Up to this copy's epoch: a copy made to the worker after it registered is kept. A
+                // closed sequence's Close carries none, as it confirms the close (`closeAnswered`).
+                if !closing { close.epoch = a.epoch }
                 stale.append(close)
                 continue
             }
@@ -241,9 +372,13 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
                 state = known
                 if a.epoch > state.epoch {
+                    for holder in Set(state.shards.flatMap(\.holders).map(\.node)) where holder != nodeID {
+                        leftBehind[holder, default: [:]][a.sequenceID] = state.epoch
+                    }
                     state.epoch = a.epoch
                     state.shards = []
                     state.restoredBytes = [:]
+                    rebuiltFrom[a.sequenceID] = []
                 }
             } else {
                 var message = Tessera_V1_OpenSequence()
@@ -280,6 +415,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             // counts, so a shard whose primary died with the old coordinator is still charged.
             state.restoredBytes![shard.id] = max(state.restoredBytes![shard.id] ?? 0, copy.kvBytes)
             sequences[a.sequenceID] = state
+            rebuiltFrom[a.sequenceID, default: []].insert(nodeID)
             // Saturating: the figures are what workers report. Until every copy is compressed, the
             // sequence is charged its full size, as at admission: a copy not prefilled yet reports
             // nothing, and its prefill is still to come.
@@ -324,8 +460,13 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Copies that would bring shards of compressed sequences back to the replication factor (or to
     /// as many copies as there are placeable workers): at most `limit`, one per sequence, each from the
     /// shard's primary to the placeable worker holding the fewest shard copies among those that hold
-    /// no shard of that sequence. The sequences are marked as reshaping until `finishCopy`.
+    /// no shard of that sequence. The sequences are marked as reshaping until `finishCopy`. None while
+    /// the charges and the copies dead workers may still hold exceed the memory limit.
     func replicationPlans(limit: Int) -> [ReplicationPlan] {
+        // Charges count every copy a sequence should have, so a new copy fits under them; but a dead
+        // worker may still hold the copy it replaces, until its lease lapses.
+        let used = admission.totalBytes.saturatingSum(admission.reservedBytes)
+        guard admission.memoryLimitBytes == 0 || used <= admission.memoryLimitBytes else { return [] }
         let live = placeable
         var load: [NodeID: Int] = [:]
         for sequence in sequences.values {
@@ -424,15 +565,43 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Advances the failure detector; dead workers leave the shard map. Also returns the pause of
     /// this process the detector forgave, if any.
     func tick() -> (changes: [MembershipChange], pause: Duration?) {
-        let changes = membership.tick(now: now)
+        let changes = pendingChanges + membership.tick(now: now)
+        pendingChanges = []
+        if !changes.isEmpty { membershipVersion += 1 }
+        let lapsed = lapsing.filter { $0.value.until <= now }.keys
+        for nodeID in lapsed { lapsing[nodeID] = nil }
         if changes.contains(where: { $0.to == .dead }) {
             for change in changes where change.to == .dead {
+                lapsing[change.nodeID] = copiesHeld(by: change)
                 workers[change.nodeID] = nil
+                leftBehind[change.nodeID] = nil
                 for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: change.nodeID) }
             }
             relayout()
         }
+        if !lapsed.isEmpty || changes.contains(where: { $0.to == .dead }) { reserveLapsingCopies() }
         return (changes, membership.lastPause)
+    }
+
+    /// What the worker that `change` declared dead may still hold: a copy's share of the charge of
+    /// every sequence it held, open or closing, until twice the lease after its last heartbeat (it
+    /// drops them once the lease has passed, or within a reconnection attempt after).
+    private func copiesHeld(by change: MembershipChange) -> LapsingCopies {
+        var bytes: UInt64 = 0
+        let node = change.nodeID
+        for (id, sequence) in sequences
+        where sequence.shards.contains(where: { $0.holders.contains { $0.node == node } }) {
+            bytes = bytes.saturatingSum((admission.sequence(id)?.chargedBytes ?? 0) / UInt64(max(sequence.copies, 1)))
+        }
+        for (id, holders) in unconfirmedCloses where holders.contains(node) {
+            bytes = bytes.saturatingSum((admission.sequence(id)?.chargedBytes ?? 0) / UInt64(replication))
+        }
+        let heard = membership.member(node)?.lastHeartbeat ?? now
+        return LapsingCopies(incarnation: change.incarnation, until: heard + workerLease * 2, bytes: bytes)
+    }
+
+    private func reserveLapsingCopies() {
+        admission.reservedBytes = lapsing.values.reduce(UInt64(0)) { $0.saturatingSum($1.bytes) }
     }
 
     /// Moves the shards that dead workers held: a shard whose primary died gets its first live
@@ -457,7 +626,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 sequence.shards[k].replicas = Array(alive.dropFirst())
             }
             guard changed else { continue }
-            sequence.epoch += 1
+            sequence.epoch = nextEpoch(after: sequence.epoch)
             sequences[id] = sequence
             moved.append((id, sequence))
         }
@@ -538,7 +707,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             layout: layout,
             message: message,
             policy: policy,
-            epoch: incarnation,
+            epoch: nextEpoch(after: 0),
             shards: shards,
             budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
@@ -729,10 +898,21 @@ actor CoordinatorState<Link: CoordinatorLink> {
         copyRetry[sequenceID] = nil
         watchers[sequenceID] = nil
         unwatchedSince[sequenceID] = nil
+        rebuiltFrom[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
         if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
         return state
+    }
+
+    /// A holder answered `close`: of a left-behind copy (it carries the copy's epoch), or of a closed
+    /// sequence (see `closeConfirmed(_:by:)`).
+    func closeAnswered(_ close: Tessera_V1_Close, by nodeID: NodeID) {
+        if close.epoch != 0 {
+            if leftBehind[nodeID]?[close.sequenceID] == close.epoch { leftBehind[nodeID]![close.sequenceID] = nil }
+        } else {
+            closeConfirmed(close.sequenceID, by: nodeID)
+        }
     }
 
     /// A holder dropped its copies of a closed sequence (it answered the Close, or it was declared
@@ -745,12 +925,26 @@ actor CoordinatorState<Link: CoordinatorLink> {
         _ = admission.release(sequenceID: sequenceID)
     }
 
-    /// Closed sequences and the connected holders that have not confirmed dropping them, to tell again.
-    func unconfirmedCloseHolders() -> [(sequenceID: UInt64, holders: [NodeID])] {
-        unconfirmedCloses.keys.sorted().compactMap { id in
-            let connected = unconfirmedCloses[id]!.filter { workers[$0] != nil }.sorted()
-            return connected.isEmpty ? nil : (id, connected)
+    /// The Closes owed to connected workers: to holders of closed sequences that have not confirmed
+    /// dropping them, and to holders of left-behind copies (with the copy's epoch).
+    func owedCloses() -> [(holder: NodeID, close: Tessera_V1_Close)] {
+        var owed: [(holder: NodeID, close: Tessera_V1_Close)] = []
+        for id in unconfirmedCloses.keys.sorted() {
+            for holder in unconfirmedCloses[id]!.sorted() where workers[holder] != nil {
+                var close = Tessera_V1_Close()
+                close.sequenceID = id
+                owed.append((holder, close))
+            }
         }
+        for holder in leftBehind.keys.sorted() where workers[holder] != nil {
+            for (id, epoch) in leftBehind[holder]!.sorted(by: { $0.key < $1.key }) {
+                var close = Tessera_V1_Close()
+                close.sequenceID = id
+                close.epoch = epoch
+                owed.append((holder, close))
+            }
+        }
+        return owed
     }
 
     func connection(for nodeID: NodeID) throws(WireError) -> Link {

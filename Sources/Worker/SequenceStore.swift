@@ -535,7 +535,28 @@ actor SequenceStore {
         }
     }
 
-    func close(_ sequenceID: UInt64) -> Int {
+    /// Sequences dropped because they were closed, with the epoch of the copy, oldest first; reported
+    /// when registering (see `Tessera_V1_RegisterWorker.closedSequences`).
+    private(set) var closedSequences: [Tessera_V1_ClosedSequence] = []
+    /// How many `closedSequences` are kept.
+    static let closedSequencesKept = 1024
+
+    /// Drops a closed sequence's copy, remembering that it was closed; returns the bytes it held.
+    func closeSequence(_ sequenceID: UInt64) -> Int {
+        if let held = sequences[sequenceID] {
+            var record = Tessera_V1_ClosedSequence()
+            record.sequenceID = sequenceID
+            record.epoch = held.epoch
+            closedSequences.append(record)
+            if closedSequences.count > Self.closedSequencesKept { closedSequences.removeFirst() }
+        }
+        return close(sequenceID)
+    }
+
+    /// Drops the sequence's copy and returns the bytes it held; with `through`, only a copy at that
+    /// epoch or older (a newer copy is kept, and 0 returned).
+    func close(_ sequenceID: UInt64, through epoch: UInt64? = nil) -> Int {
+        if let epoch, let held = sequences[sequenceID], held.epoch > epoch { return 0 }
         guard let held = sequences.removeValue(forKey: sequenceID) else { return 0 }
         for waiters in [held.compressedWaiters, held.prefillWaiters] {
             waiters.failAll(WireError(.unknownSequence, "sequence \(sequenceID) was closed"))

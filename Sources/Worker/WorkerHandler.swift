@@ -409,7 +409,12 @@ struct WorkerHandler: EnvelopeHandler {
     private func close(_ message: Tessera_V1_Close) async throws -> Tessera_V1_Envelope.OneOf_Body {
         var ack = Tessera_V1_CloseAck()
         ack.sequenceID = message.sequenceID
-        ack.freedBytes = UInt64(await worker.store.close(message.sequenceID))
+        // An epoch names a copy left behind, not a closed sequence.
+        let freed =
+            message.epoch == 0
+            ? await worker.store.closeSequence(message.sequenceID)
+            : await worker.store.close(message.sequenceID, through: message.epoch)
+        ack.freedBytes = UInt64(freed)
         if ack.freedBytes > 0 { await worker.releaseRetainedPages() }
         return .closeAck(ack)
     }

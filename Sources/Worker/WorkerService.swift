@@ -36,6 +36,13 @@ public final class WorkerService: Sendable {
     private let currentIncarnation: Mutex<UInt64>
     /// The incarnation of the coordinator that last accepted this worker's registration (0: none yet).
     private let lastCoordinator = Mutex<UInt64>(0)
+    /// The newest membership view a coordinator sent (see `Tessera_V1_MembershipView`).
+    private let lastView = Mutex<Tessera_V1_MembershipView?>(nil)
+    /// The coordinator's lease on this worker's copies (see `Tessera_V1_RegisterAck.leaseMillis`):
+    /// its length, and when the last acknowledged registration or heartbeat was sent (`uptime`).
+    private let lease = Mutex<(length: Duration, confirmedAt: Duration)?>(nil)
+    /// Time since the service was made, on its network's clock.
+    private let uptime: @Sendable () -> Duration
     /// Resident bytes once the service started, before it held anything (code, stacks, runtime).
     private let baseResidentBytes = Mutex<UInt64>(0)
 
@@ -64,6 +71,7 @@ public final class WorkerService: Sendable {
         logger[metadataKey: "node.role"] = "worker"
         self.logger = logger
         currentIncarnation = Mutex(configuration.incarnation)
+        uptime = network.elapsedTime()
     }
 
     var incarnation: UInt64 { currentIncarnation.withLock { $0 } }
@@ -126,6 +134,9 @@ public final class WorkerService: Sendable {
         let announced = Mutex(false)
         var backoff = Duration.milliseconds(100)
         while !Task.isCancelled {
+            if let lapsed = leaseLapsed() {
+                await rejoinEmpty("no heartbeat acknowledged within the coordinator's lease of \(lapsed)")
+            }
             do {
                 try await network.withConnection(
                     to: configuration.coordinator,
@@ -140,14 +151,21 @@ public final class WorkerService: Sendable {
                     register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
                     register.heldShards = await self.store.heldShards()
+                    register.closedSequences = await self.store.closedSequences
                     register.previousCoordinatorIncarnation = self.lastCoordinator.withLock { $0 }
+                    if let view = self.lastView.withLock({ $0 }) { register.lastView = view }
                     // Short timeouts: a coordinator that stopped answering (partitioned, restarting) is
                     // reconnected to soon after it is back.
+                    let sent = self.uptime()
                     let reply = try await connection.request(.registerWorker(register), timeout: .seconds(5))
                     guard case .registerAck(let ack) = reply else {
                         throw WireError(.badRequest, "the coordinator answered registration with \(reply)")
                     }
+                    self.lease.withLock {
+                        $0 = ack.leaseMillis == 0 ? nil : (.milliseconds(ack.leaseMillis), sent)
+                    }
                     self.lastCoordinator.withLock { $0 = ack.coordinatorIncarnation }
+                    if ack.hasView { self.keep(ack.view) }
                     self.coordinatorLink.withLock { $0 = connection }
                     defer { self.coordinatorLink.withLock { $0 = nil } }
                     self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])
@@ -168,15 +186,7 @@ public final class WorkerService: Sendable {
             } catch is CancellationError {
                 return
             } catch let error as WireError where error.code == .staleEpoch {
-                let dropped = await store.dropAll()
-                let next = currentIncarnation.withLock { value in
-                    value += 1
-                    return value
-                }
-                logger.warning(
-                    "declared dead by the coordinator; dropped every shard and rejoining",
-                    metadata: ["dropped": "\(dropped)", "incarnation": "\(next)", "error": "\(error.message)"]
-                )
+                await rejoinEmpty("declared dead by the coordinator (\(error.message))")
                 continue
             } catch {
                 logger.warning("coordinator link down; retrying", metadata: ["error": "\(error)"])
@@ -184,6 +194,29 @@ public final class WorkerService: Sendable {
             try await network.clock.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(2))
         }
+    }
+
+    /// The lease's length if it has lapsed: the coordinator may have declared this incarnation dead.
+    private func leaseLapsed() -> Duration? {
+        lease.withLock { lease in
+            guard let lease, uptime() - lease.confirmedAt > lease.length else { return nil }
+            return lease.length
+        }
+    }
+
+    /// Drops every copy and takes the next incarnation, to rejoin holding nothing: the coordinator
+    /// declared this incarnation dead and failed its shards over, or may have (the lease lapsed).
+    private func rejoinEmpty(_ reason: String) async {
+        let dropped = await store.dropAll()
+        let next = currentIncarnation.withLock { value in
+            value += 1
+            return value
+        }
+        lease.withLock { $0 = nil }
+        logger.warning(
+            "dropped every shard to rejoin as a new incarnation",
+            metadata: ["reason": "\(reason)", "dropped": "\(dropped)", "incarnation": "\(next)"]
+        )
     }
 
     private func heartbeat(over connection: PeerConnection) async throws {
@@ -208,11 +241,21 @@ public final class WorkerService: Sendable {
             beat.rssBytes = threads == nil ? 0 : ProcessMemory.residentBytes()
             beat.auditBytes = UInt64(totals.audit)
             beat.liveSequences = UInt32(totals.sequences)
-            _ = try await connection.request(
+            let sent = uptime()
+            let reply = try await connection.request(
                 .heartbeat(beat),
                 timeout: max(.seconds(2), configuration.heartbeatInterval * 8)
             )
+            lease.withLock { $0?.confirmedAt = sent }
+            if case .heartbeatAck(let ack) = reply, ack.hasView { keep(ack.view) }
             await releaseRetainedPages()
+        }
+    }
+
+    /// Keeps the coordinator's membership view if it is the newest seen, to report when registering.
+    private func keep(_ view: Tessera_V1_MembershipView) {
+        lastView.withLock { kept in
+            if view.isNewer(than: kept) { kept = view }
         }
     }
 

@@ -36,6 +36,20 @@ import Testing
         #expect(admission.admit(tenant: "b", sequenceID: 3, estimatedBytes: 400) == .admitted)
     }
 
+    @Test func bytesReservedForADeadWorkersCopiesAreNotAdmittedOver() {
+        var admission = Admission(memoryLimitBytes: 1000)
+        #expect(admission.admit(tenant: "a", sequenceID: 1, estimatedBytes: 600) == .admitted)
+        admission.reservedBytes = 300
+        #expect(admission.availableBytes == 100)
+        #expect(
+            admission.admit(tenant: "a", sequenceID: 2, estimatedBytes: 200)
+                == .refused(.memoryInUse(requestedBytes: 200, usedBytes: 900, limitBytes: 1000), retryAfterMillis: 250)
+        )
+        admission.reservedBytes = 0
+        #expect(admission.admit(tenant: "a", sequenceID: 2, estimatedBytes: 200) == .admitted)
+        #expect(admission.totalBytes == 800, "a reservation is not a charge")
+    }
+
     @Test func tenantQuotas() {
         var admission = Admission(tenantQuotaBytes: ["small": 100], defaultTenantQuotaBytes: 500)
         #expect(admission.quotaBytes(forTenant: "small") == 100 && admission.quotaBytes(forTenant: "other") == 500)

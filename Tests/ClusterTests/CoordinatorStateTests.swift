@@ -42,7 +42,8 @@ struct CoordinatorStateTests {
         limit: UInt64 = 0,
         replication: Int = 2,
         workers: Int = 3,
-        time: ManualTime = ManualTime()
+        time: ManualTime = ManualTime(),
+        startsNewCluster: Bool = true
     ) async throws -> CoordinatorState<TestLink> {
         let configuration = CoordinatorConfiguration(
             incarnation: 1,
@@ -50,18 +51,49 @@ struct CoordinatorStateTests {
             security: .insecure,
             memoryLimitBytes: limit,
             replication: replication,
-            startsNewCluster: true
+            startsNewCluster: startsNewCluster
         )
         let state = try CoordinatorState<TestLink>(configuration: configuration, elapsed: { time.elapsed })
-        for index in 1...workers {
-            var message = Tessera_V1_RegisterWorker()
-            message.endpoint.nodeID = "worker-\(index)"
-            message.endpoint.host = "127.0.0.1"
-            message.endpoint.port = UInt32(9000 + index)
-            message.incarnation = 1
-            _ = try await state.register(message, connection: TestLink())
+        for index in 0..<workers {
+            _ = try await state.register(registration(index + 1), connection: TestLink())
         }
         return state
+    }
+
+    static func registration(_ index: Int, holding held: [Tessera_V1_HeldShard] = []) -> Tessera_V1_RegisterWorker {
+        var message = Tessera_V1_RegisterWorker()
+        message.endpoint = endpoint(index)
+        message.incarnation = 1
+        message.heldShards = held
+        return message
+    }
+
+    static func endpoint(_ index: Int) -> Tessera_V1_Endpoint {
+        var endpoint = Tessera_V1_Endpoint()
+        endpoint.nodeID = "worker-\(index)"
+        endpoint.host = "127.0.0.1"
+        endpoint.port = UInt32(9000 + index)
+        return endpoint
+    }
+
+    /// A compressed copy of the whole of sequence `id` at `epoch`, as its holder reports it when it
+    /// registers: `primary` first, then `replicas` (worker indices).
+    static func held(_ id: UInt64, epoch: UInt64, primary: Int, replicas: [Int]) throws -> Tessera_V1_HeldShard {
+        let opening = try opening(id)
+        var copy = Tessera_V1_HeldShard()
+        copy.assignment.tenant = opening.tenant
+        copy.assignment.sequenceID = id
+        copy.assignment.epoch = epoch
+        copy.assignment.model = opening.model
+        copy.assignment.spans = opening.spans
+        copy.assignment.policy = opening.policy
+        copy.assignment.decodeTokens = opening.decodeTokens
+        copy.assignment.shard.layerCount = UInt32(geometry.layers)
+        copy.assignment.shard.primary = endpoint(primary)
+        copy.assignment.shard.replicas = replicas.map(endpoint)
+        copy.compressed = true
+        copy.kvBytes = 1000
+        return copy
     }
 
     static func opening(_ id: UInt64, decodeTokens: UInt32 = 4) throws -> Tessera_V1_OpenSequence {
@@ -116,7 +148,7 @@ struct CoordinatorStateTests {
         let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
         _ = await state.close(1)
         await state.closeConfirmed(1, by: holders[0])
-        #expect(await state.unconfirmedCloseHolders().map { $0.holders } == [[holders[1]]])
+        #expect(await state.owedCloses().map(\.holder) == [holders[1]])
         // Only the other workers keep heartbeating; the silent holder is declared dead.
         for _ in 0..<50 {
             time.advance(.milliseconds(100))
@@ -127,8 +159,31 @@ struct CoordinatorStateTests {
             }
             _ = await state.tick()
         }
-        #expect(await state.unconfirmedCloseHolders().isEmpty)
+        #expect(await state.owedCloses().isEmpty)
         #expect(await state.admission.totalBytes == 0)
+    }
+
+    @Test func aCopyARebuildSupersedesIsToldToCloseUpToItsEpoch() async throws {
+        // A restarted coordinator hears first from worker-1, holding sequence 7 at epoch 10 with
+        // worker-2 as its replica; then from worker-2, which a failover since made the only holder, at 11.
+        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        let first = try await state.register(
+            Self.registration(1, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
+            connection: TestLink()
+        )
+        #expect(first.staleCopies.isEmpty)
+        let second = try await state.register(
+            Self.registration(2, holding: [Self.held(7, epoch: 11, primary: 2, replicas: [])]),
+            connection: TestLink()
+        )
+        #expect(second.staleCopies.isEmpty)
+        #expect(try await state.sequence(7, tenant: "t").shards.flatMap(\.holders).map(\.node) == [NodeID("worker-2")])
+
+        let owed = await state.owedCloses()
+        #expect(owed.map(\.holder) == [NodeID("worker-1")])
+        #expect(owed.map(\.close.sequenceID) == [7] && owed.map(\.close.epoch) == [10])
+        await state.closeAnswered(owed[0].close, by: NodeID("worker-1"))
+        #expect(await state.owedCloses().isEmpty)
     }
 
     @Test func aBudgetAnyCopyMissedIsSentAgainUntilEveryCopyAppliedIt() async throws {

@@ -54,6 +54,18 @@ struct SequenceStoreTests {
         #expect(try await store.assign(7, Self.moved(held, to: 4)).isEmpty)
     }
 
+    /// The coordinator drops a copy a failover left behind only up to its epoch: a newer copy made to
+    /// the same worker since is kept.
+    @Test func aCloseUpToAnEpochKeepsANewerCopy() async throws {
+        let held = try ShardTransferTests.shard(storage: .float32)
+        let store = SequenceStore()
+        _ = try await store.assign(7, Self.moved(held, to: 4))
+        #expect(await store.close(7, through: 3) == 0)
+        #expect(await store.heldShards().map(\.assignment.epoch) == [4])
+        #expect(await store.close(7, through: 4) > 0)
+        #expect(await store.heldShards().isEmpty)
+    }
+
     /// Admission charges the rows of the decode tokens a client declares; a step past them would make
     /// the workers hold more than the memory limit counts.
     @Test func aStepPastTheDeclaredDecodeTokensIsRefused() async throws {

@@ -169,6 +169,44 @@ package nonisolated struct Tessera_V1_HeldShard: Sendable {
   fileprivate var _assignment: Tessera_V1_ShardAssignment? = nil
 }
 
+/// The workers a coordinator past its rebuild counted as live, with their incarnations. Workers keep
+/// the newest they were sent and report it when they register, so that a restarted coordinator knows
+/// which workers an earlier coordinator had declared dead or never heard from: their copies may be of
+/// sequences closed or failed over since, and are dropped rather than rebuilt from.
+package nonisolated struct Tessera_V1_MembershipView: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The incarnation of the coordinator that made the view.
+  package var coordinatorIncarnation: UInt64 = 0
+
+  /// Counts up with every change to that coordinator's members; with the incarnation it orders views.
+  package var version: UInt64 = 0
+
+  /// The live workers.
+  package var members: [Tessera_V1_ViewMember] = []
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
+/// One live worker of a MembershipView.
+package nonisolated struct Tessera_V1_ViewMember: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  package var nodeID: String = String()
+
+  package var incarnation: UInt64 = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
 /// Worker -> coordinator, after the handshake and again whenever the worker reconnects.
 package nonisolated struct Tessera_V1_RegisterWorker: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -199,11 +237,43 @@ package nonisolated struct Tessera_V1_RegisterWorker: Sendable {
   /// re-registered (their copies are charged first).
   package var previousCoordinatorIncarnation: UInt64 = 0
 
+  /// The newest membership view this worker was sent (unset if none).
+  package var lastView: Tessera_V1_MembershipView {
+    get {_lastView ?? Tessera_V1_MembershipView()}
+    set {_lastView = newValue}
+  }
+  /// Returns true if `lastView` has been explicitly set.
+  package var hasLastView: Bool {self._lastView != nil}
+  /// Clears the value of `lastView`. Subsequent reads from it will return its default value.
+  package mutating func clearLastView() {self._lastView = nil}
+
+  /// Sequences this worker dropped because they were closed, most recent last (a bounded number): a
+  /// restarted coordinator does not rebuild a sequence from a copy another worker kept because its
+  /// Close never arrived.
+  package var closedSequences: [Tessera_V1_ClosedSequence] = []
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
 
   fileprivate var _endpoint: Tessera_V1_Endpoint? = nil
+  fileprivate var _lastView: Tessera_V1_MembershipView? = nil
+}
+
+/// A sequence a worker dropped on a Close, and the epoch its copy was at: copies of that sequence at
+/// this epoch or older are stale.
+package nonisolated struct Tessera_V1_ClosedSequence: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  package var sequenceID: UInt64 = 0
+
+  package var epoch: UInt64 = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
 }
 
 /// Coordinator -> worker: registration accepted.
@@ -221,9 +291,27 @@ package nonisolated struct Tessera_V1_RegisterAck: Sendable {
   /// How often the worker must send Heartbeat.
   package var heartbeatIntervalMillis: UInt32 = 0
 
+  /// The coordinator's membership view, once its rebuild is over (unset before).
+  package var view: Tessera_V1_MembershipView {
+    get {_view ?? Tessera_V1_MembershipView()}
+    set {_view = newValue}
+  }
+  /// Returns true if `view` has been explicitly set.
+  package var hasView: Bool {self._view != nil}
+  /// Clears the value of `view`. Subsequent reads from it will return its default value.
+  package mutating func clearView() {self._view = nil}
+
+  /// How long the worker keeps its copies without an acknowledged heartbeat (0: for ever). A worker
+  /// cut off that long may have been declared dead and its memory given to other sequences: it drops
+  /// every copy and rejoins as a new incarnation. Counted from when it sent the last acknowledged
+  /// heartbeat (or registration).
+  package var leaseMillis: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _view: Tessera_V1_MembershipView? = nil
 }
 
 /// Worker -> coordinator, periodically.
@@ -266,9 +354,21 @@ package nonisolated struct Tessera_V1_HeartbeatAck: Sendable {
   /// The acknowledged Heartbeat.sequence_number.
   package var sequenceNumber: UInt64 = 0
 
+  /// The coordinator's membership view, once its rebuild is over (unset before).
+  package var view: Tessera_V1_MembershipView {
+    get {_view ?? Tessera_V1_MembershipView()}
+    set {_view = newValue}
+  }
+  /// Returns true if `view` has been explicitly set.
+  package var hasView: Bool {self._view != nil}
+  /// Clears the value of `view`. Subsequent reads from it will return its default value.
+  package mutating func clearView() {self._view = nil}
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _view: Tessera_V1_MembershipView? = nil
 }
 
 /// Any node -> coordinator: describe the cluster.
@@ -462,9 +562,84 @@ nonisolated extension Tessera_V1_HeldShard: SwiftProtobuf.Message, SwiftProtobuf
   }
 }
 
+nonisolated extension Tessera_V1_MembershipView: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".MembershipView"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_incarnation\0\u{1}version\0\u{1}members\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.coordinatorIncarnation) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.version) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.members) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.coordinatorIncarnation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.coordinatorIncarnation, fieldNumber: 1)
+    }
+    if self.version != 0 {
+      try visitor.visitSingularUInt64Field(value: self.version, fieldNumber: 2)
+    }
+    if !self.members.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.members, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_MembershipView, rhs: Tessera_V1_MembershipView) -> Bool {
+    if lhs.coordinatorIncarnation != rhs.coordinatorIncarnation {return false}
+    if lhs.version != rhs.version {return false}
+    if lhs.members != rhs.members {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_ViewMember: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".ViewMember"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}node_id\0\u{1}incarnation\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.nodeID) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.incarnation) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.nodeID.isEmpty {
+      try visitor.visitSingularStringField(value: self.nodeID, fieldNumber: 1)
+    }
+    if self.incarnation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.incarnation, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_ViewMember, rhs: Tessera_V1_ViewMember) -> Bool {
+    if lhs.nodeID != rhs.nodeID {return false}
+    if lhs.incarnation != rhs.incarnation {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".RegisterWorker"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{3}memory_capacity_bytes\0\u{3}held_shards\0\u{3}previous_coordinator_incarnation\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{3}memory_capacity_bytes\0\u{3}held_shards\0\u{3}previous_coordinator_incarnation\0\u{3}last_view\0\u{3}closed_sequences\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -477,6 +652,8 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.heldShards) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.previousCoordinatorIncarnation) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._lastView) }()
+      case 7: try { try decoder.decodeRepeatedMessageField(value: &self.closedSequences) }()
       default: break
       }
     }
@@ -502,6 +679,12 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
     if self.previousCoordinatorIncarnation != 0 {
       try visitor.visitSingularUInt64Field(value: self.previousCoordinatorIncarnation, fieldNumber: 5)
     }
+    try { if let v = self._lastView {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if !self.closedSequences.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.closedSequences, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -511,6 +694,43 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
     if lhs.heldShards != rhs.heldShards {return false}
     if lhs.previousCoordinatorIncarnation != rhs.previousCoordinatorIncarnation {return false}
+    if lhs._lastView != rhs._lastView {return false}
+    if lhs.closedSequences != rhs.closedSequences {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_ClosedSequence: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".ClosedSequence"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{1}epoch\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceID) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.sequenceID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_ClosedSequence, rhs: Tessera_V1_ClosedSequence) -> Bool {
+    if lhs.sequenceID != rhs.sequenceID {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -518,7 +738,7 @@ nonisolated extension Tessera_V1_RegisterWorker: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".RegisterAck"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}coordinator_incarnation\0\u{4}\u{2}heartbeat_interval_millis\0\u{b}epoch\0\u{c}\u{3}\u{1}")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}coordinator_incarnation\0\u{4}\u{2}heartbeat_interval_millis\0\u{1}view\0\u{3}lease_millis\0\u{b}epoch\0\u{c}\u{3}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -529,12 +749,18 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
       case 1: try { try decoder.decodeSingularStringField(value: &self.coordinatorID) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.coordinatorIncarnation) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMillis) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._view) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.leaseMillis) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.coordinatorID.isEmpty {
       try visitor.visitSingularStringField(value: self.coordinatorID, fieldNumber: 1)
     }
@@ -544,6 +770,12 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
     if self.heartbeatIntervalMillis != 0 {
       try visitor.visitSingularUInt32Field(value: self.heartbeatIntervalMillis, fieldNumber: 4)
     }
+    try { if let v = self._view {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    if self.leaseMillis != 0 {
+      try visitor.visitSingularUInt32Field(value: self.leaseMillis, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -551,6 +783,8 @@ nonisolated extension Tessera_V1_RegisterAck: SwiftProtobuf.Message, SwiftProtob
     if lhs.coordinatorID != rhs.coordinatorID {return false}
     if lhs.coordinatorIncarnation != rhs.coordinatorIncarnation {return false}
     if lhs.heartbeatIntervalMillis != rhs.heartbeatIntervalMillis {return false}
+    if lhs._view != rhs._view {return false}
+    if lhs.leaseMillis != rhs.leaseMillis {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -618,7 +852,7 @@ nonisolated extension Tessera_V1_Heartbeat: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".HeartbeatAck"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_number\0\u{b}epoch\0\u{c}\u{2}\u{1}")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_number\0\u{2}\u{2}view\0\u{b}epoch\0\u{c}\u{2}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -627,20 +861,29 @@ nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProto
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceNumber) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._view) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.sequenceNumber != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceNumber, fieldNumber: 1)
     }
+    try { if let v = self._view {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_HeartbeatAck, rhs: Tessera_V1_HeartbeatAck) -> Bool {
     if lhs.sequenceNumber != rhs.sequenceNumber {return false}
+    if lhs._view != rhs._view {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

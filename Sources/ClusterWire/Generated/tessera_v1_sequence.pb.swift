@@ -273,6 +273,11 @@ package nonisolated struct Tessera_V1_Close: Sendable {
   /// The sequence.
   package var sequenceID: UInt64 = 0
 
+  /// Coordinator -> worker only: when non-zero, the worker drops its copy only if the copy's epoch is
+  /// this one or older. The coordinator sets it to drop a copy a failover left behind, so that a newer
+  /// copy made to the same worker since is kept. Zero drops whatever copy is held.
+  package var epoch: UInt64 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -790,7 +795,7 @@ nonisolated extension Tessera_V1_PlacementMoved: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_Close: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Close"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}epoch\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -800,6 +805,7 @@ nonisolated extension Tessera_V1_Close: SwiftProtobuf.Message, SwiftProtobuf._Me
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.tenant) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceID) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       default: break
       }
     }
@@ -812,12 +818,16 @@ nonisolated extension Tessera_V1_Close: SwiftProtobuf.Message, SwiftProtobuf._Me
     if self.sequenceID != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 2)
     }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_Close, rhs: Tessera_V1_Close) -> Bool {
     if lhs.tenant != rhs.tenant {return false}
     if lhs.sequenceID != rhs.sequenceID {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
