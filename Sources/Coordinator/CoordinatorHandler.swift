@@ -27,7 +27,7 @@ struct CoordinatorHandler: EnvelopeHandler {
                     "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)"
                 )
             }
-            let (changes, staleCopies) = try await state.register(message, connection: connection)
+            let (changes, staleCopies, lostCopies) = try await state.register(message, connection: connection)
             for change in changes {
                 coordinator.logger.info(
                     "membership changed",
@@ -38,6 +38,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             // copies that one held are gone.
             let replaced = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             if !replaced.isEmpty { await coordinator.failOver(dead: replaced) }
+            if !lostCopies.isEmpty { await coordinator.failOver(dead: [NodeID(peer.nodeID)], only: lostCopies) }
             // Copies of sequences closed while this worker could not be told: it is told now (on this
             // connection, which serves its requests while it waits for the acknowledgement).
             for close in staleCopies {
@@ -93,6 +94,8 @@ struct CoordinatorHandler: EnvelopeHandler {
             message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await openTightening(message)
             let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
+            let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
+            coordinator.logger.debug("admitted", metadata: ["sequence.id": "\(id)", "charged": "\(charged)"])
             do {
                 try await coordinator.announce(id, sequence)
             } catch {

@@ -220,10 +220,13 @@ public final class CoordinatorService: Sendable {
     /// and epoch, and pushes the new placement to the clients watching the sequence. A compressed
     /// sequence's copies all hold its budget already; one whose assignment is in flight has it
     /// retried at the new epoch if it missed a copy.
-    func failOver(dead: Set<NodeID>) async {
-        let (moved, lost) = await state.failOver(dead: dead)
-        for id in lost {
-            logger.error("a shard lost every copy", metadata: ["sequence.id": "\(id)"])
+    func failOver(dead: Set<NodeID>, only sequences: Set<UInt64>? = nil) async {
+        let (moved, lost) = await state.failOver(dead: dead, only: sequences)
+        for (id, holders) in lost {
+            logger.error("a shard lost every copy; the sequence is closed", metadata: ["sequence.id": "\(id)"])
+            var close = Tessera_V1_Close()
+            close.sequenceID = id
+            for holder in holders { _ = await tellClose(close, to: holder) }
         }
         // Every sequence at once: one slow copy must not hold up the others' new epoch.
         await withDiscardingTaskGroup { group in

@@ -198,12 +198,13 @@ actor CoordinatorState<Link: CoordinatorLink> {
         )
     }
 
-    /// Registers a worker; returns the membership changes it caused and the copies it holds of
-    /// sequences closed since, which it must be told to close.
+    /// Registers a worker; returns the membership changes it caused, the copies it holds of
+    /// sequences closed since, which it must be told to close, and the rebuilt sequences that name it
+    /// as a holder although it reported no copy of them (to fail over off it).
     func register(
         _ message: Tessera_V1_RegisterWorker,
         connection: Link
-    ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close]) {
+    ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close], lostCopies: Set<UInt64>) {
         let nodeID = NodeID(message.endpoint.nodeID)
         let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
         // A worker that timed out against a paused coordinator has given up on that connection and
@@ -239,7 +240,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
                 }
             }
-            return ([], [])
+            return ([], [], [])
         }
         membershipVersion += 1
         // A later incarnation holds nothing of the dead one's: it restarted, or dropped everything.
@@ -254,7 +255,16 @@ actor CoordinatorState<Link: CoordinatorLink> {
         if previous != 0 && previous != incarnation { replacesAnother = true }
         relayout()
         let stale = restore(message.heldShards, closed: message.closedSequences, from: nodeID)
-        return (outcome.changes, stale)
+        // Rebuilt placements name holders by node id: a worker that restarted since holds nothing of
+        // its earlier incarnation's copies, and must not be taken for their holder.
+        let reported = Set(message.heldShards.map(\.assignment.sequenceID))
+        let lost = Set(
+            sequences.filter { id, sequence in
+                sequence.restoredBytes != nil && !reported.contains(id) && !reshaping.contains(id)
+                    && sequence.shards.contains { $0.holders.contains { $0.node == nodeID } }
+            }.keys
+        )
+        return (outcome.changes, stale, lost)
     }
 
     /// Takes `view` if it is newer than the one inherited so far. Workers registered already that it
@@ -262,7 +272,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// their copies when refused); sequences rebuilt from their copies alone were given up by that
     /// coordinator, and are forgotten.
     private func inherit(_ view: Tessera_V1_MembershipView) {
-        guard view.coordinatorIncarnation != incarnation, view.isNewer(than: inheritedView) else { return }
+        guard view.coordinatorIncarnation < incarnation, view.isNewer(than: inheritedView) else { return }
         inheritedView = view
         let stale = Set(
             membership.members.filter {
@@ -293,6 +303,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         watchers[sequenceID] = nil
         unwatchedSince[sequenceID] = nil
         _ = admission.release(sequenceID: sequenceID)
+    }
+
+    /// Workers the inherited view counts as live that have not registered with this coordinator: they
+    /// may hold copies nobody charges (of sequences only they held), until they register or their
+    /// lease lapses (twice the lease after this coordinator started, as their predecessor's last
+    /// acknowledgement came before). Nothing is admitted meanwhile.
+    func unheardFromPredecessor() -> [NodeID] {
+        guard let view = inheritedView, elapsed() < workerLease * 2 else { return [] }
+        return view.members.map { NodeID($0.nodeID) }.filter { membership.member($0) == nil }.sorted()
     }
 
     /// This coordinator's membership view, once its rebuild is over: the workers it counts as live.
@@ -607,22 +626,36 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Moves the shards that dead workers held: a shard whose primary died gets its first live
     /// replica as primary, a dead replica leaves the replica set; each sequence so changed moves to a
     /// new epoch, so writes still carrying the old one are refused (fencing). Returns those sequences,
-    /// to announce, and the ids of sequences that lost every copy of a shard.
-    func failOver(dead: Set<NodeID>) -> (moved: [(id: UInt64, sequence: OpenSequenceState)], lost: [UInt64]) {
+    /// to announce, and the sequences that lost every copy of a shard: those are closed, with the
+    /// holders of their other shards to tell. Closes the dead workers had not confirmed are confirmed.
+    /// With `only`, just those sequences (a worker that lost its copies of them, see `register`).
+    func failOver(
+        dead: Set<NodeID>,
+        only: Set<UInt64>? = nil
+    ) -> (moved: [(id: UInt64, sequence: OpenSequenceState)], lost: [(id: UInt64, holders: [NodeID])]) {
+        if only == nil {
+            for node in dead {
+                for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: node) }
+            }
+        }
         var moved: [(id: UInt64, sequence: OpenSequenceState)] = []
-        var lost: [UInt64] = []
-        for (id, var sequence) in sequences.sorted(by: { $0.key < $1.key }) {
+        var lost: [(id: UInt64, holders: [NodeID])] = []
+        for (id, var sequence) in sequences.sorted(by: { $0.key < $1.key }) where only?.contains(id) ?? true {
+            if sequence.shards.contains(where: { $0.holders.allSatisfy { dead.contains($0.node) } }) {
+                // Announcing a new epoch to these holders' node ids could reach a later incarnation,
+                // which would take it for a new, empty copy.
+                _ = close(id)
+                for node in dead { closeConfirmed(id, by: node) }
+                lost.append((id, unconfirmedCloses[id].map { $0.sorted() } ?? []))
+                continue
+            }
             var changed = false
             for k in sequence.shards.indices {
                 let holders = sequence.shards[k].holders
                 let alive = holders.filter { !dead.contains($0.node) }
                 guard alive.count != holders.count else { continue }
                 changed = true
-                guard let primary = alive.first else {
-                    lost.append(id)
-                    continue
-                }
-                sequence.shards[k].primary = primary
+                sequence.shards[k].primary = alive[0]
                 sequence.shards[k].replicas = Array(alive.dropFirst())
             }
             guard changed else { continue }
@@ -647,6 +680,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         // yet: admitting now could take memory that copies of rebuilt sequences already hold.
         guard !(isRebuilding && replacesAnother) || weakened.contains(.rebuildBeforeAdmitting) else {
             throw stillRebuilding("it admits nothing until then")
+        }
+        let unheard = unheardFromPredecessor()
+        guard unheard.isEmpty || weakened.contains(.rebuildBeforeAdmitting) else {
+            throw WireError(
+                .unavailable,
+                "the coordinator restarted and has not heard from \(unheard.map(\.rawValue)) yet; until they "
+                    + "register or their lease lapses, the copies they may hold are not counted; retry",
+                retryAfter: .milliseconds(500)
+            )
         }
         if let closing = unconfirmedCloses[message.sequenceID] {
             throw WireError(

@@ -46,7 +46,7 @@ struct CoordinatorStateTests {
         startsNewCluster: Bool = true
     ) async throws -> CoordinatorState<TestLink> {
         let configuration = CoordinatorConfiguration(
-            incarnation: 1,
+            incarnation: 100,
             listen: NodeAddress(host: "127.0.0.1", port: 0),
             security: .insecure,
             memoryLimitBytes: limit,
@@ -150,17 +150,119 @@ struct CoordinatorStateTests {
         await state.closeConfirmed(1, by: holders[0])
         #expect(await state.owedCloses().map(\.holder) == [holders[1]])
         // Only the other workers keep heartbeating; the silent holder is declared dead.
-        for _ in 0..<50 {
+        try await Self.pass(.seconds(5), on: state, time: time, silent: [holders[1]])
+        #expect(await state.owedCloses().isEmpty)
+        #expect(await state.admission.totalBytes == 0)
+    }
+
+    /// Lets `duration` pass in steps of 100 ms, every worker but `silent` heartbeating, and ticks.
+    private static func pass(
+        _ duration: Duration,
+        on state: CoordinatorState<TestLink>,
+        time: ManualTime,
+        silent: Set<NodeID>
+    ) async throws {
+        for _ in 0..<Int(duration / .milliseconds(100)) {
             time.advance(.milliseconds(100))
-            for node in ["worker-1", "worker-2", "worker-3"] where node != holders[1].rawValue {
+            for index in 1...3 where !silent.contains(NodeID("worker-\(index)")) {
                 var beat = Tessera_V1_Heartbeat()
                 beat.incarnation = 1
-                try await state.heartbeat(beat, from: NodeID(node), on: TestLink())
+                try await state.heartbeat(beat, from: NodeID("worker-\(index)"), on: TestLink())
             }
             _ = await state.tick()
         }
-        #expect(await state.owedCloses().isEmpty)
-        #expect(await state.admission.totalBytes == 0)
+    }
+
+    /// A worker declared dead may only be cut off, still holding its copies: they stay reserved out
+    /// of the memory limit until its lease lapses (twice the lease after its last heartbeat, since it
+    /// drops them within one), or until it registers as a new incarnation.
+    @Test func aDeadWorkersCopiesStayReservedUntilItsLeaseLapses() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(limit: 2 * Self.estimate, time: time)
+        let holders = try await state.open(Self.opening(1)).shards[0].holders.map(\.node)
+        let holder = holders[0]
+        _ = await state.close(1)
+        await state.closeConfirmed(1, by: holders[1])
+        try await Self.pass(.seconds(5), on: state, time: time, silent: [holder])
+        #expect(await state.admission.totalBytes == 0, "the close is confirmed by the death")
+        #expect(await state.admission.reservedBytes == Self.estimate / 2, "one copy of two")
+
+        try await Self.pass(.seconds(50), on: state, time: time, silent: [holder])
+        #expect(await state.admission.reservedBytes == Self.estimate / 2)
+        try await Self.pass(.seconds(6), on: state, time: time, silent: [holder])
+        #expect(await state.admission.reservedBytes == 0, "60 s after its last heartbeat")
+
+        // A restart (a later incarnation) ends the reservation at once.
+        _ = try await state.open(Self.opening(2))
+        let next = try await state.sequence(2, tenant: nil).shards[0].primary.node
+        try await Self.pass(.seconds(5), on: state, time: time, silent: [holder, next])
+        #expect(await state.admission.reservedBytes > 0)
+        var again = Self.registration(Int(next.rawValue.dropFirst("worker-".count))!)
+        again.incarnation = 2
+        _ = try await state.register(again, connection: TestLink())
+        #expect(await state.admission.reservedBytes == 0)
+    }
+
+    /// A restarted coordinator learns from the workers' membership views which workers its
+    /// predecessor had given up: their copies may be of sequences closed since, so nothing is rebuilt
+    /// from them, whichever registers first.
+    @Test func copiesOfAWorkerAnEarlierCoordinatorGaveUpAreNotRebuiltFrom() async throws {
+        var view = Tessera_V1_MembershipView()
+        view.coordinatorIncarnation = 1
+        view.version = 4
+        view.members = [2, 3].map { index in
+            var member = Tessera_V1_ViewMember()
+            member.nodeID = "worker-\(index)"
+            member.incarnation = 1
+            return member
+        }
+        // The view arrives first: worker-1, holding copies, is refused; it drops them and rejoins.
+        let time = ManualTime()
+        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        var counted = Self.registration(2)
+        counted.lastView = view
+        _ = try await state.register(counted, connection: TestLink())
+        let stale = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])])
+        await #expect { _ = try await state.register(stale, connection: TestLink()) } throws: {
+            ($0 as? WireError)?.code == .staleEpoch
+        }
+        var empty = Self.registration(1)
+        empty.incarnation = 2
+        _ = try await state.register(empty, connection: TestLink())
+
+        // worker-1 registers first: its sequence is rebuilt, then forgotten once the view arrives, and
+        // worker-1 is declared dead at the next tick.
+        let other = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        _ = try await other.register(stale, connection: TestLink())
+        #expect(await other.admission.totalBytes > 0)
+        _ = try await other.register(counted, connection: TestLink())
+        #expect(await other.admission.totalBytes == 0)
+        await #expect { _ = try await other.sequence(7, tenant: nil) } throws: {
+            ($0 as? WireError)?.code == .unavailable
+        }
+        #expect(await other.tick().changes.map(\.nodeID) == [NodeID("worker-1")])
+    }
+
+    /// A worker that dropped a sequence on a Close says so when it registers: a copy another worker
+    /// kept (its Close never arrived) does not bring the sequence back after a coordinator restart.
+    @Test func aSequenceAWorkerReportsClosedIsNotRebuilt() async throws {
+        var closed = Tessera_V1_ClosedSequence()
+        closed.sequenceID = 7
+        closed.epoch = 10
+        var reporting = Self.registration(2)
+        reporting.closedSequences = [closed]
+        let keeping = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [2])])
+
+        for order in [[keeping, reporting], [reporting, keeping]] {
+            let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+            var stale: [Tessera_V1_Close] = []
+            for registration in order {
+                stale += try await state.register(registration, connection: TestLink()).staleCopies
+            }
+            let owed = stale + (await state.owedCloses().map(\.close))
+            #expect(owed.map(\.sequenceID) == [7] && owed.map(\.epoch) == [10])
+            #expect(await state.admission.totalBytes == 0)
+        }
     }
 
     @Test func aCopyARebuildSupersedesIsToldToCloseUpToItsEpoch() async throws {

@@ -64,6 +64,12 @@ struct SequenceStoreTests {
         #expect(await store.heldShards().map(\.assignment.epoch) == [4])
         #expect(await store.close(7, through: 4) > 0)
         #expect(await store.heldShards().isEmpty)
+        #expect(await store.closedSequences.isEmpty, "a copy left behind is not a closed sequence")
+
+        _ = try await store.assign(7, Self.moved(held, to: 5))
+        #expect(await store.closeSequence(7) > 0)
+        let closed = await store.closedSequences
+        #expect(closed.map(\.sequenceID) == [7] && closed.map(\.epoch) == [5])
     }
 
     /// Admission charges the rows of the decode tokens a client declares; a step past them would make
