@@ -347,6 +347,39 @@ struct CoordinatorStateTests {
         #expect(await state.watchers(of: 1).isEmpty)
     }
 
+    /// A sequence with a shard that lost every copy is closed, not moved: announcing a new epoch to
+    /// the dead holders' node ids could reach a later incarnation, which would take it for a new,
+    /// empty copy. The holders of its other shards are to be told.
+    @Test func aSequenceThatLostEveryCopyOfAShardIsClosed() async throws {
+        let state = try await Self.coordinator()
+        let opened = try await state.open(Self.opening(1))
+        let dead = Set(opened.shards[0].holders.map(\.node))
+        let (moved, lost) = await state.failOver(dead: dead)
+        #expect(moved.isEmpty && lost.map(\.id) == [1])
+        let others = Set(opened.shards.flatMap(\.holders).map(\.node)).subtracting(dead)
+        #expect(Set(lost[0].holders) == others)
+        #expect(await state.owedCloses().map(\.holder).allSatisfy { others.contains($0) })
+        #expect(await state.sequences[1] == nil)
+    }
+
+    /// A rebuilt placement names holders by node id; a worker that restarted since registers without
+    /// the copies its earlier incarnation held, and the sequences naming it are failed over off it.
+    @Test func aRestartedWorkerIsNotTakenForTheHolderOfItsEarlierCopies() async throws {
+        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        _ = try await state.register(
+            Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
+            connection: TestLink()
+        )
+        var restarted = Self.registration(1)
+        restarted.incarnation = 2
+        let registered = try await state.register(restarted, connection: TestLink())
+        #expect(registered.lostCopies == [7])
+        let (moved, _) = await state.failOver(dead: [NodeID("worker-1")], only: registered.lostCopies)
+        #expect(moved.map(\.id) == [7])
+        #expect(moved[0].sequence.shards[0].holders.map(\.node) == [NodeID("worker-2")])
+        #expect(moved[0].sequence.epoch > 10)
+    }
+
     /// Id 0 lets the coordinator choose: ids no sequence uses, so no tenant can squat them beforehand.
     @Test func theCoordinatorChoosesFreeIdsForIdZero() async throws {
         let state = try await Self.coordinator()
