@@ -1,4 +1,5 @@
 public import KVCacheCore
+import Synchronization
 
 /// A seeded source of synthetic multimodal prefill and decode traces.
 ///
@@ -117,9 +118,24 @@ public struct SequenceTrace: Sendable {
 
     /// Both at once, sharing the layer plan. With `firstQueryRow`, only the query rows from there on
     /// are synthesised (what a policy that observes those rows needs; they equal the full prefill's).
+    /// Small layers are kept for reuse (see `RecentLayers`).
     public func layerTrace(_ layer: Int, firstQueryRow: Int = 0) -> (prefill: LayerPrefill, decode: [DecodeStepInput]) {
+        let key = RecentLayers.Key(
+            geometry: geometry,
+            preset: preset,
+            layout: layout,
+            decodeSteps: decodeSteps,
+            seed: seed,
+            index: index,
+            settings: settings,
+            layer: layer,
+            firstQueryRow: firstQueryRow
+        )
+        if let known = RecentLayers.find(key) { return known }
         let synthesizer = LayerSynthesizer(trace: self, layer: layer)
-        return (synthesizer.prefill(firstQueryRow: firstQueryRow), synthesizer.decode())
+        let synthesised = (prefill: synthesizer.prefill(firstQueryRow: firstQueryRow), decode: synthesizer.decode())
+        RecentLayers.keep(synthesised, for: key)
+        return synthesised
     }
 
     /// Whether query head `queryHead` of `layer` retrieves the needle.
@@ -130,5 +146,45 @@ public struct SequenceTrace: Sendable {
     /// The modality preference π the generator drew for (layer, query head).
     public func headPreference(layer: Int, queryHead: Int) -> Double {
         model.headPreference[layer * geometry.queryHeads + queryHead]
+    }
+}
+
+/// Layers synthesised recently, when small: every copy of a shard synthesises the same prompt, and
+/// a simulation or a load test runs the same few prompts under every policy it compares, so the
+/// same layers come back often. Synthesis is deterministic, so a kept layer equals a new one bit for
+/// bit. Layers over 1 MiB (real model geometries) are never kept, so a worker's memory stays what
+/// its cache holds; the kept ones, at most 16 MiB, are dropped together when full.
+enum RecentLayers {
+    struct Key: Hashable {
+        var geometry: ModelGeometry
+        var preset: WorkloadPreset
+        var layout: PromptLayout
+        var decodeSteps: Int
+        var seed: UInt64
+        var index: Int
+        var settings: TraceSettings
+        var layer: Int
+        var firstQueryRow: Int
+    }
+
+    typealias Layer = (prefill: LayerPrefill, decode: [DecodeStepInput])
+
+    private static let maxLayerBytes = 1 << 20
+    private static let maxBytes = 16 << 20
+    private static let kept = Mutex<(layers: [Key: Layer], bytes: Int)>(([:], 0))
+
+    static func find(_ key: Key) -> Layer? { kept.withLock { $0.layers[key] } }
+
+    static func keep(_ layer: Layer, for key: Key) {
+        let floats =
+            layer.prefill.keys.count + layer.prefill.values.count + layer.prefill.queries.count
+            + layer.decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
+        let bytes = floats * MemoryLayout<Float>.stride
+        guard bytes <= maxLayerBytes else { return }
+        kept.withLock { kept in
+            if kept.bytes + bytes > maxBytes { kept = ([:], 0) }
+            kept.layers[key] = layer
+            kept.bytes += bytes
+        }
     }
 }
