@@ -6,8 +6,9 @@
 #                            non-zero on a crash, naming the input that caused it
 #   scripts/fuzz.sh seed     rewrites Fuzz/Corpus/ from WireFuzzing.seedCorpus()
 #
-# FUZZ_OPTIONS adds libFuzzer options, e.g. FUZZ_OPTIONS="-fork=2 -ignore_crashes=1" for a long run
-# on both cores that goes on past a crash.
+# FUZZ_JOBS=N splits the RUNS over N processes run at once (CI uses both cores); FUZZ_OPTIONS adds
+# libFuzzer options, e.g. FUZZ_OPTIONS="-fork=2 -ignore_crashes=1" for a long run on both cores that
+# goes on past a crash.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -37,13 +38,21 @@ touch "$marker"
 # a handler), and then libFuzzer saves no crash input.
 export SWIFT_BACKTRACE=enable=no
 status=0
-# shellcheck disable=SC2086 # FUZZ_OPTIONS is a list of options
-"$binary" -runs="$runs" -max_len=1048576 -timeout=30 -print_final_stats=1 \
-    -artifact_prefix="$scratch/crashes/" ${FUZZ_OPTIONS:-} "$work/corpus" 2>&1 | tee "$work/log" || status=$?
-
-# A single process prints its count in the final stats; -fork prints the total as it wraps up.
-executed="$(sed -n -e 's/^stat::number_of_executed_units: *//p' -e 's/^INFO: fuzzed for \([0-9]*\) iterations.*/\1/p' \
-    "$work/log" | tail -1)"
+jobs="${FUZZ_JOBS:-1}"
+options=(-max_len=1048576 -timeout=30 -print_final_stats=1 -artifact_prefix="$scratch/crashes/")
+if [ "$jobs" -gt 1 ]; then
+    # Each job writes its log to fuzz-<job>.log in the working directory; they share the corpus.
+    # shellcheck disable=SC2086 # FUZZ_OPTIONS is a list of options
+    (cd "$work" && "$binary" -jobs="$jobs" -workers="$jobs" -runs=$(((runs + jobs - 1) / jobs)) "${options[@]}" \
+        ${FUZZ_OPTIONS:-} "$work/corpus") 2>&1 | tee "$work/log" || status=$?
+    executed="$(cat "$work"/fuzz-*.log | sed -n 's/^stat::number_of_executed_units: *//p' | awk '{ s += $1 } END { print s }')"
+else
+    # shellcheck disable=SC2086 # FUZZ_OPTIONS is a list of options
+    "$binary" -runs="$runs" "${options[@]}" ${FUZZ_OPTIONS:-} "$work/corpus" 2>&1 | tee "$work/log" || status=$?
+    # A single process prints its count in the final stats; -fork prints the total as it wraps up.
+    executed="$(sed -n -e 's/^stat::number_of_executed_units: *//p' \
+        -e 's/^INFO: fuzzed for \([0-9]*\) iterations.*/\1/p' "$work/log" | tail -1)"
+fi
 found="$(find "$scratch/crashes" -type f -newer "$marker")"
 echo "--- fuzzing: $executed inputs executed, exit status $status"
 if [ "$status" -ne 0 ] || [ -n "$found" ]; then
