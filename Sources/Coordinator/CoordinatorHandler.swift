@@ -94,8 +94,10 @@ struct CoordinatorHandler: EnvelopeHandler {
             message.tenant = try peer.tenant(claimed: message.tenant)
             let sequence = try await openTightening(message)
             let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
-            let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
-            coordinator.logger.debug("admitted", metadata: ["sequence.id": "\(id)", "charged": "\(charged)"])
+            if coordinator.logger.logLevel <= .debug {
+                let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
+                coordinator.logger.debug("admitted", metadata: ["sequence.id": "\(id)", "charged": "\(charged)"])
+            }
             do {
                 try await coordinator.announce(id, sequence)
             } catch {

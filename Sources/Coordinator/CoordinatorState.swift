@@ -163,7 +163,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         workerLease = configuration.workerLease
         weakened = configuration.weakened
         incarnation = configuration.incarnation
-        lastEpoch = configuration.incarnation - 1
+        lastEpoch = max(configuration.incarnation, 1) - 1
         replacesAnother = !configuration.startsNewCluster
         membership = try Membership(settings: configuration.failureDetector)
         shardMap = try ShardMap(layerCount: Self.mapLayers)
@@ -337,8 +337,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     ///
     /// Returns the copies the worker must drop: of sequences closed meanwhile (the Close did not reach
     /// it), of sequences another worker reports it dropped on a Close before the restart (see
-    /// `closedThrough`: a sequence rebuilt from such copies is forgotten), and, once the rebuild is over, of sequences this coordinator does not know (closed before
-    /// a restart that lost the record, or given up as unknown by their clients).
+    /// `closedThrough`: a sequence rebuilt from such copies is forgotten), and, once the rebuild is
+    /// over, of sequences this coordinator does not know (closed before a restart that lost the
+    /// record, or given up as unknown by their clients).
     private func restore(
         _ held: [Tessera_V1_HeldShard],
         closed: [Tessera_V1_ClosedSequence],
@@ -589,16 +590,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         if !changes.isEmpty { membershipVersion += 1 }
         let lapsed = lapsing.filter { $0.value.until <= now }.keys
         for nodeID in lapsed { lapsing[nodeID] = nil }
-        if changes.contains(where: { $0.to == .dead }) {
-            for change in changes where change.to == .dead {
-                lapsing[change.nodeID] = copiesHeld(by: change)
-                workers[change.nodeID] = nil
-                leftBehind[change.nodeID] = nil
-                for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: change.nodeID) }
-            }
-            relayout()
+        let deaths = changes.filter { $0.to == .dead }
+        for change in deaths {
+            lapsing[change.nodeID] = copiesHeld(by: change)
+            workers[change.nodeID] = nil
+            leftBehind[change.nodeID] = nil
+            confirmCloses(by: change.nodeID)
         }
-        if !lapsed.isEmpty || changes.contains(where: { $0.to == .dead }) { reserveLapsingCopies() }
+        if !deaths.isEmpty { relayout() }
+        if !lapsed.isEmpty || !deaths.isEmpty { reserveLapsingCopies() }
         return (changes, membership.lastPause)
     }
 
@@ -634,9 +634,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         only: Set<UInt64>? = nil
     ) -> (moved: [(id: UInt64, sequence: OpenSequenceState)], lost: [(id: UInt64, holders: [NodeID])]) {
         if only == nil {
-            for node in dead {
-                for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: node) }
-            }
+            for node in dead { confirmCloses(by: node) }
         }
         var moved: [(id: UInt64, sequence: OpenSequenceState)] = []
         var lost: [(id: UInt64, holders: [NodeID])] = []
@@ -965,6 +963,12 @@ actor CoordinatorState<Link: CoordinatorLink> {
         guard let remaining = unconfirmedCloses[sequenceID], remaining.isEmpty else { return }
         unconfirmedCloses[sequenceID] = nil
         _ = admission.release(sequenceID: sequenceID)
+    }
+
+    /// A holder declared dead confirms every close it owed: it rejoins holding nothing, and what it
+    /// may hold meanwhile is reserved (`LapsingCopies`).
+    private func confirmCloses(by nodeID: NodeID) {
+        for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: nodeID) }
     }
 
     /// The Closes owed to connected workers: to holders of closed sequences that have not confirmed
