@@ -53,6 +53,8 @@ public struct AttentionProfile: Sendable {
                     sums: Kernels.SharedOutput(sums.baseAddress!),
                     sparsity: Kernels.SharedOutput(sparsity.baseAddress!)
                 )
+                // A policy that observes no rows (the full cache) costs no pass at all.
+                guard firstRow < m else { return }
                 Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
             }
         }

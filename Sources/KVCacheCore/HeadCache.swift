@@ -58,6 +58,11 @@ public struct HeadCache<S: KVScalar>: Sendable {
 
     @inline(__always)
     private static func appendRow(_ row: UnsafeBufferPointer<Float>, to storage: inout [S]) {
+        if S.self == Float.self {
+            // No conversion: copy the row in, instead of zero-filling it first.
+            row.withMemoryRebound(to: S.self) { storage.append(contentsOf: $0) }
+            return
+        }
         let start = storage.count
         storage.append(contentsOf: repeatElement(S.zero, count: row.count))
         storage.withUnsafeMutableBufferPointer {

