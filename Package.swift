@@ -138,6 +138,7 @@ let package = Package(
                 "KVCacheCore", "Workloads", "Evaluation", "ClusterWire", "ClusterTransport", "ClusterSecurity",
                 "Coordinator", "Worker", "Client",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ],
             swiftSettings: strictSettings
         ),

@@ -145,6 +145,13 @@ public final class CoordinatorService: Sendable {
     /// freed, or nil if it was not open. A holder that cannot be told now is told again later.
     func closeEverywhere(_ sequenceID: UInt64) async -> UInt64? {
         guard let sequence = await state.close(sequenceID) else { return nil }
+        logger.debug(
+            "closed",
+            metadata: [
+                "sequence.id": "\(sequenceID)",
+                "holders": "\(Set(sequence.shards.flatMap { $0.holders.map(\.node) }).sorted())",
+            ]
+        )
         var message = Tessera_V1_Close()
         message.tenant = sequence.tenant
         message.sequenceID = sequenceID
@@ -199,21 +206,14 @@ public final class CoordinatorService: Sendable {
             _ = await state.finishCopy(plan, succeeded: false)
             return
         }
-        if await state.finishCopy(plan, succeeded: true) {
-            logger.info(
-                "re-replicated",
-                metadata: metadata.merging([
-                    "bytes": "\(copied.transferredBytes)",
-                    "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
-                ]) { $1 }
-            )
-            return
-        }
-        // The sequence closed or moved to another epoch during the copy: nobody will write to the
-        // target's copy, so it goes.
-        var close = Tessera_V1_Close()
-        close.sequenceID = plan.sequenceID
-        _ = try? await state.connection(for: plan.target.node).request(.close(close))
+        guard await state.finishCopy(plan, succeeded: true) else { return }
+        logger.info(
+            "re-replicated",
+            metadata: metadata.merging([
+                "bytes": "\(copied.transferredBytes)",
+                "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
+            ]) { $1 }
+        )
     }
 
     /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role

@@ -152,8 +152,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// lapses (see `CoordinatorConfiguration.workerLease`).
     private var lapsing: [NodeID: LapsingCopies] = [:]
     private let workerLease: Duration
-    /// While rebuilding: per sequence, the newest epoch a worker reported dropping it on a Close at.
-    /// Copies at that epoch or older belong to a sequence closed before the restart.
+    /// While rebuilding: per sequence, the newest epoch a worker reported dropping it on a Close at,
+    /// or this coordinator closed it at. Copies at that epoch or older belong to a closed sequence.
     private var closedThrough: [UInt64: UInt64] = [:]
 
     /// - Parameter elapsed: time since this coordinator started, on the clock of its network.
@@ -295,7 +295,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// and the workers that reported copies are told to drop them.
     private func forgetRebuilt(_ sequenceID: UInt64) {
         guard let sequence = sequences[sequenceID], sequence.restoredBytes != nil else { return }
-        for node in rebuiltFrom[sequenceID] ?? [] {
+        // The reporters, and any copy made since (a failover's re-replication).
+        let holders = Set(sequence.shards.flatMap(\.holders).map(\.node))
+        for node in holders.union(rebuiltFrom[sequenceID] ?? []) {
             leftBehind[node, default: [:]][sequenceID] = sequence.epoch
         }
         sequences[sequenceID] = nil
@@ -453,13 +455,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Whether `nodeID`'s copy (as `assignment` describes it) belongs to no current placement: the
     /// sequence places no shard on the node, and either this coordinator opened it (an open that
     /// failed half way, an older placement) or the copy is older than the sequence's epoch (failed
-    /// over while the node was away). A copy being made to it right now is not one, nor is a copy
-    /// at least as new as a rebuilt sequence (it rebuilds it).
+    /// over while the node was away). A copy at the sequence's epoch being made to it right now is
+    /// not one, nor is a copy at least as new as a rebuilt sequence (it rebuilds it).
     private func isLeftBehind(_ assignment: Tessera_V1_ShardAssignment, on nodeID: NodeID) -> Bool {
-        guard let known = sequences[assignment.sequenceID], !reshaping.contains(assignment.sequenceID),
+        guard let known = sequences[assignment.sequenceID],
             !known.shards.contains(where: { $0.holders.contains { $0.node == nodeID } })
         else { return false }
-        return known.restoredBytes == nil || assignment.epoch < known.epoch
+        // A copy being made now is reported before it becomes a holder, at the sequence's epoch; an
+        // older copy is stale whatever is under way.
+        return assignment.epoch < known.epoch || (known.restoredBytes == nil && !reshaping.contains(assignment.sequenceID))
     }
 
     /// Holders of open sequences' shards that are not registered members once the rebuild is over
@@ -524,14 +528,20 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// Ends a planned copy. A successful copy becomes a replica of the shard only if the sequence is
     /// still open at the same epoch with the same primary; returns whether it did (otherwise the
-    /// target's copy is an orphan to close).
+    /// target's copy is owed a Close, sent with the close retries).
     func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
         reshaping.remove(plan.sequenceID)
         copyRetry[plan.sequenceID] = succeeded ? nil : now + .seconds(1)
-        guard succeeded, var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
+        guard succeeded else { return false }
+        guard var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
             let k = sequence.shards.firstIndex(where: { $0.id == plan.shardID }),
             sequence.shards[k].primary == plan.primary
-        else { return false }
+        else {
+            // The sequence closed or moved to another epoch during the copy: nobody will write to the
+            // target's copy, so it is owed a Close (retried until answered).
+            leftBehind[plan.target.node, default: [:]][plan.sequenceID] = plan.epoch
+            return false
+        }
         sequence.shards[k].replicas.append(plan.target)
         sequences[plan.sequenceID] = sequence
         return true
@@ -940,6 +950,12 @@ actor CoordinatorState<Link: CoordinatorLink> {
         unwatchedSince[sequenceID] = nil
         rebuiltFrom[sequenceID] = nil
         guard let state = sequences.removeValue(forKey: sequenceID) else { return nil }
+        // A worker yet to register may hold a copy the rebuild has not seen, at any epoch an earlier
+        // coordinator gave (all below this one's): it must not bring the sequence back. (After the
+        // rebuild, copies of unknown sequences are closed anyway.)
+        if isRebuilding {
+            closedThrough[sequenceID] = max(closedThrough[sequenceID] ?? 0, state.epoch, lastEpoch)
+        }
         unconfirmedCloses[sequenceID] = Set(state.shards.flatMap { $0.holders.map(\.node) })
         if unconfirmedCloses[sequenceID]!.isEmpty { closeConfirmed(sequenceID, by: nil) }
         return state

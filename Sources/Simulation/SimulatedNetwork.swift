@@ -7,8 +7,11 @@ import Workloads
 /// Connections between the simulation's nodes, in memory, on the scheduler's clock. A connection
 /// behaves as TCP does: frames arrive in order, each after a random latency; a partition or a crash
 /// resets every connection it cuts (both ends see the stream fail) and refuses new ones until it
-/// heals. What reaches a node is what the real transport would hand it after the handshake, which
-/// runs here too (in plaintext: the simulation trusts each node's claimed identity).
+/// heals. A stall (a congested link, or a node paused as by a long garbage collection or SIGSTOP)
+/// keeps the connections up and holds every frame across them until it ends, then delivers them in
+/// order. What reaches a node is what the real transport would hand it after the handshake, which
+/// runs here too, in plaintext: a node `certify` named proves its identity as its certificate would
+/// over mutual TLS (the peer's role, node id and tenant come from it); any other is taken at its word.
 package final class SimulatedNetwork: Sendable {
     package struct Settings: Sendable {
         /// One-way latency of a frame, drawn uniformly.
@@ -35,10 +38,24 @@ package final class SimulatedNetwork: Sendable {
         var nextLink: UInt64 = 0
         /// Unordered pairs of node names that cannot reach each other.
         var partitions: Set<[String]> = []
+        /// Until when frames between an unordered pair of nodes are held.
+        var stalledLinks: [[String]: Duration] = [:]
+        /// Until when frames to and from a node are held.
+        var pausedNodes: [String: Duration] = [:]
         var nextPort = 20_000
         var frames = 0
+        /// What each node's certificate would name.
+        var certificates: [String: CertifiedIdentity] = [:]
+        /// The last requests sent on the network (a ring), for an intruder to replay.
+        var recentRequests: [Tessera_V1_Envelope] = []
+        var requestsSeen = 0
 
         func cut(_ a: String, _ b: String) -> Bool { partitions.contains([a, b].sorted()) }
+
+        /// The earliest a frame between `a` and `b` may arrive because of stalls and pauses.
+        func heldUntil(_ a: String, _ b: String) -> Duration {
+            max(stalledLinks[[a, b].sorted()] ?? .zero, pausedNodes[a] ?? .zero, pausedNodes[b] ?? .zero)
+        }
 
         var linksInOrder: [SimulatedLink] { links.sorted { $0.key < $1.key }.map(\.value) }
     }
@@ -71,6 +88,43 @@ package final class SimulatedNetwork: Sendable {
     /// Frames sent so far.
     package var frames: Int { state.withLock { $0.frames } }
 
+    /// How many recent requests `recentRequest(_:)` picks from.
+    static let recentRequestsKept = 512
+
+    /// From now on `node` proves `identity` in every handshake, as its certificate would.
+    package func certify(_ node: String, as identity: CertifiedIdentity) {
+        state.withLock { $0.certificates[node] = identity }
+    }
+
+    fileprivate func certificate(of node: String) -> CertifiedIdentity? { state.withLock { $0.certificates[node] } }
+
+    /// One of the last requests any node sent (chosen by `pick`); nil before the first.
+    package func recentRequest(_ pick: UInt64) -> Tessera_V1_Envelope? {
+        state.withLock { state in
+            state.recentRequests.isEmpty ? nil : state.recentRequests[Int(pick % UInt64(state.recentRequests.count))]
+        }
+    }
+
+    fileprivate func record(_ envelope: Tessera_V1_Envelope) {
+        guard let body = envelope.body, body.kind != .reply else { return }
+        if case .hello = body { return }
+        state.withLock { state in
+            if state.recentRequests.count < Self.recentRequestsKept {
+                state.recentRequests.append(envelope)
+            } else {
+                state.recentRequests[state.requestsSeen % Self.recentRequestsKept] = envelope
+            }
+            state.requestsSeen += 1
+        }
+    }
+
+    /// Where `node` listens now (its first listener), if it does.
+    package func address(of node: String) -> NodeAddress? {
+        state.withLock { state in
+            state.listeners.filter { $0.value.node == node }.keys.min { $0.port < $1.port }
+        }
+    }
+
     /// Cuts `a` off from `b` both ways, resetting their connections, until `heal`.
     package func partition(_ a: String, _ b: String) {
         let cut = state.withLock { state in
@@ -80,7 +134,27 @@ package final class SimulatedNetwork: Sendable {
         for link in cut { reset(link, "partitioned") }
     }
 
-    package func heal() { state.withLock { $0.partitions.removeAll() } }
+    /// Ends every partition, stall and pause (frames already held still arrive when they were due).
+    package func heal() {
+        state.withLock { state in
+            state.partitions.removeAll()
+            state.stalledLinks.removeAll()
+            state.pausedNodes.removeAll()
+        }
+    }
+
+    /// Holds the frames between `a` and `b`, both ways, until `end` (connections stay up).
+    package func stall(_ a: String, _ b: String, until end: Duration) {
+        state.withLock { state in
+            let pair = [a, b].sorted()
+            state.stalledLinks[pair] = max(state.stalledLinks[pair] ?? .zero, end)
+        }
+    }
+
+    /// Holds every frame to and from `node` until `end`, as a paused process's peers see it.
+    package func pause(_ node: String, until end: Duration) {
+        state.withLock { $0.pausedNodes[node] = max($0.pausedNodes[node] ?? .zero, end) }
+    }
 
     package func heal(_ a: String, _ b: String) { _ = state.withLock { $0.partitions.remove([a, b].sorted()) } }
 
@@ -145,15 +219,16 @@ package final class SimulatedNetwork: Sendable {
         _ = state.withLock { $0.links.removeValue(forKey: link.id) }
     }
 
-    /// When a frame sent now arrives (latency drawn from the seeded stream).
-    fileprivate func arrival(after previous: Duration) -> Duration {
+    /// When a frame sent now from `sender` to `receiver` arrives: after the previous frame that way,
+    /// a latency drawn from the seeded stream, and any stall or pause between them.
+    fileprivate func arrival(after previous: Duration, from sender: String, to receiver: String) -> Duration {
         let span = settings.latency.upperBound - settings.latency.lowerBound
-        let draw = state.withLock { state in
+        let (draw, held) = state.withLock { state in
             state.frames += 1
-            return state.random.next()
+            return (state.random.next(), state.heldUntil(sender, receiver))
         }
         let latency = settings.latency.lowerBound + span * (Double(draw >> 11) / Double(1 << 53))
-        return max(previous, scheduler.now + latency)
+        return max(previous, scheduler.now + latency, held)
     }
 }
 
@@ -196,12 +271,16 @@ final class SimulatedLink: Sendable {
         let arrival = try lastArrival.withLock { last throws(WireError) -> Duration in
             guard var times = last else { throw WireError(.unavailable, "connection reset") }
             let previous = end == .dialer ? times.toListener : times.toDialer
-            let arrival = network.arrival(after: previous)
+            let arrival =
+                end == .dialer
+                ? network.arrival(after: previous, from: dialer, to: listener)
+                : network.arrival(after: previous, from: listener, to: dialer)
             if end == .dialer { times.toListener = arrival } else { times.toDialer = arrival }
             last = times
             return arrival
         }
         let continuation = end == .dialer ? toListener.continuation : toDialer.continuation
+        if let envelope { network.record(envelope) }
         network.scheduler.schedule(at: arrival) {
             guard let envelope else { return continuation.finish() }
             self.follow(envelope, from: end)
@@ -296,7 +375,7 @@ package struct SimulatedNode: Network {
         guard let first = try? await frames.next() else { return }
         let outcome: HandshakeOutcome
         do {
-            outcome = try handshake.acceptHello(first)
+            outcome = try handshake.acceptHello(first, certificate: network.certificate(of: link.dialer))
         } catch {
             try? await outbound.write(Tessera_V1_Envelope(requestID: first.requestID, error: error))
             return
@@ -331,7 +410,7 @@ package struct SimulatedNode: Network {
         guard let first = try await frames.next() else {
             throw WireError(.unavailable, "\(address) closed the connection during the handshake")
         }
-        let outcome = try handshake.acceptHelloAck(first)
+        let outcome = try handshake.acceptHelloAck(first, certificate: network.certificate(of: link.listener))
         let connection = PeerConnection(
             peer: outcome.peer,
             remoteAddress: address.description,

@@ -6,9 +6,30 @@ import Coordinator
 import Evaluation
 import KVCacheCore
 package import Logging
+import SwiftProtobuf
 import Synchronization
 import Worker
 import Workloads
+
+/// A kind of fault the simulation injects, each undone a while later.
+package enum FaultKind: String, CaseIterable, Sendable, Comparable {
+    /// A worker, or the coordinator, crashes and restarts as a new incarnation.
+    case crash
+    /// Two nodes cannot reach each other: their connections reset, new ones are refused.
+    case partition
+    /// The frames between two nodes are held, connections up, then delivered in order.
+    case stall
+    /// Every frame to and from one node is held, as its peers see a paused process.
+    case pause
+
+    /// What `tessera simulate` injects unless told otherwise: the kinds every seed of CI's 10,000
+    /// passes under.
+    package static let standard: Set<FaultKind> = [.crash, .partition]
+
+    package static func < (lhs: Self, rhs: Self) -> Bool {
+        allCases.firstIndex(of: lhs)! < allCases.firstIndex(of: rhs)!
+    }
+}
 
 /// What one simulated schedule runs.
 package struct SimulationSettings: Sendable {
@@ -17,8 +38,11 @@ package struct SimulationSettings: Sendable {
     package var sequencesPerClient = 4
     package var decodeSteps = 4
     package var replication = 2
-    /// Crashes, restarts and partitions while the clients run; none when false.
-    package var faults = true
+    /// The kinds of fault injected while the clients run; none when empty.
+    package var faults: Set<FaultKind> = FaultKind.standard
+    /// A client of its own tenant replays the cluster's recent requests, a few bytes changed, to
+    /// the coordinator and the workers while the clients run; none when false.
+    package var intruder = true
     /// Faults stop this long after the start (or when the clients finish, if sooner).
     package var faultWindow: Duration = .seconds(20)
     /// Simulated time by which the schedule must have ended (clients done, cluster drained).
@@ -45,6 +69,10 @@ package struct SimulationReport: Sendable {
     /// faults, as long as no acknowledged step was lost or changed.
     package var sequencesFailed = 0
     package var faults = 0
+    /// The intruder's messages by how they ended: the refusal's code (`UNAVAILABLE` also when no
+    /// answer came within 2 s or a fault cut it off), `status` (a status listing no sequence),
+    /// `one-way` (sent, no answer expected) or `answered` (a violation).
+    package var intrusions: [String: Int] = [:]
     package var simulatedTime = Duration.zero
     package var jobs = 0
     package var frames = 0
@@ -122,6 +150,15 @@ private final class World: Sendable {
         network = SimulatedNetwork(scheduler: scheduler, seed: seed ^ 0x5EED) { request, reply, from, to in
             ledger.check(request, reply, from: from, to: to)
         }
+        // Every node proves who it is, as over mutual TLS: the handlers authorize as in production.
+        network.certify("coordinator", as: CertifiedIdentity(role: .coordinator, nodeID: "coordinator"))
+        for index in 1...settings.workers {
+            network.certify(workerName(index), as: CertifiedIdentity(role: .worker, nodeID: workerName(index)))
+        }
+        for index in 1...settings.clients {
+            network.certify("client-\(index)", as: CertifiedIdentity(role: .client, nodeID: "client-\(index)", tenant: "tenant-\(index)"))
+        }
+        network.certify(Self.intruder, as: CertifiedIdentity(role: .client, nodeID: Self.intruder, tenant: Self.intruder))
     }
 
     func run() -> SimulationReport {
@@ -169,8 +206,11 @@ private final class World: Sendable {
                 }
                 clientsDone.raise()
             }
-            if settings.faults {
+            if !settings.faults.isEmpty {
                 group.addTask { await self.injectFaults(until: { clientsDone.isRaised }) }
+            }
+            if settings.intruder {
+                group.addTask { await self.intrude(until: { clientsDone.isRaised }) }
             }
             group.addTask { await self.watchMemory(until: { clientsDone.isRaised }) }
         }
@@ -417,20 +457,25 @@ private final class World: Sendable {
     // MARK: Faults
 
     /// Until the clients are done (or the fault window closes): every 0.2–1.5 s one fault, undone
-    /// 0.3–4 s later. At most one worker is down at a time, so a replicated shard keeps a copy.
+    /// 0.3–4 s later: a crash (worker or coordinator), a partition between two nodes, a stalled link
+    /// between two nodes, or a paused node. At most one worker is down at a time, so a replicated
+    /// shard keeps a copy.
     private func injectFaults(until done: @escaping @Sendable () -> Bool) async {
         let clock = SimulatedClock(scheduler: scheduler)
         await withDiscardingTaskGroup { group in
             while !done(), scheduler.now < settings.faultWindow {
                 let (pause, kind, pick, duration) = draw { random in
                     (
-                        Duration.milliseconds(200 + Int64(random.next() % 1_300)), random.next() % 4,
+                        Duration.milliseconds(200 + Int64(random.next() % 1_300)), random.next() % 6,
                         random.next(), Duration.milliseconds(300 + Int64(random.next() % 3_700))
                     )
                 }
                 guard (try? await clock.sleep(for: pause)) != nil else { return }
                 let workers = (1...settings.workers).map(workerName)
+                let clients = (1...settings.clients).map { "client-\($0)" }
                 let down = workers.filter { running[$0] == nil }
+                let allowed: [FaultKind] = [.crash, .crash, .partition, .partition, .stall, .pause]
+                guard settings.faults.contains(allowed[Int(kind)]) else { continue }
                 switch kind {
                 case 0 where down.isEmpty:
                     let victim = workers[Int(pick % UInt64(workers.count))]
@@ -449,12 +494,16 @@ private final class World: Sendable {
                         self.log("restart coordinator")
                         self.start("coordinator")
                     }
-                case 2, 3:
-                    let nodes =
-                        ["coordinator"] + workers + (1...settings.clients).map { "client-\($0)" }
+                case 2, 3, 4:
+                    let nodes = ["coordinator"] + workers + clients
                     let a = nodes[Int(pick % UInt64(nodes.count))]
                     let b = nodes[Int((pick >> 32) % UInt64(nodes.count))]
                     guard a != b, !(a.hasPrefix("client") && b.hasPrefix("client")) else { continue }
+                    if kind == 4 {
+                        log("stall \(a) | \(b) for \(duration)")
+                        network.stall(a, b, until: scheduler.now + duration)
+                        break
+                    }
                     log("partition \(a) | \(b)")
                     network.partition(a, b)
                     group.addTask {
@@ -462,12 +511,91 @@ private final class World: Sendable {
                         self.log("heal \(a) | \(b)")
                         self.network.heal(a, b)
                     }
+                case 5:
+                    let nodes = ["coordinator"] + workers + clients
+                    let victim = nodes[Int(pick % UInt64(nodes.count))]
+                    log("pause \(victim) for \(duration)")
+                    network.pause(victim, until: scheduler.now + duration)
                 default:
                     continue
                 }
                 ledger.report.withLock { $0.faults += 1 }
             }
         }
+    }
+
+    // MARK: Intruder
+
+    static let intruder = "intruder"
+
+    /// Every 20–300 ms until the clients are done: one of the network's recent requests, up to three
+    /// of its bytes changed, sent by a client certified for a tenant of its own to the coordinator or
+    /// a worker, on a new connection. It is what a tenant with a valid certificate could try, and it
+    /// opens nothing, so nothing may succeed: a reply other than an `Error` (or a status that lists no
+    /// sequence) is a violation, and so is `INTERNAL` (a handler that failed on input it should have
+    /// refused). What it does to the other tenants' sequences, the other invariants see.
+    private func intrude(until done: @escaping @Sendable () -> Bool) async {
+        let clock = SimulatedClock(scheduler: scheduler)
+        let node = network.node(Self.intruder)
+        let handshake = Handshake(
+            local: NodeIdentity(role: .client, nodeID: Self.intruder, incarnation: 1),
+            acceptedPeerRoles: [.coordinator, .worker]
+        )
+        let targets = ["coordinator"] + (1...settings.workers).map(workerName)
+        while !done() {
+            let (pause, pick, target, flips) = draw { random in
+                (
+                    Duration.milliseconds(20 + Int64(random.next() % 280)), random.next(), random.next(),
+                    [random.next(), random.next(), random.next()]
+                )
+            }
+            guard (try? await clock.sleep(for: pause)) != nil else { return }
+            guard let body = network.recentRequest(pick).map({ Self.mutated($0, flips) })?.body, body.kind != .reply
+            else { continue }
+            if case .openSequence = body { continue }
+            let name = targets[Int(target % UInt64(targets.count))]
+            guard let address = network.address(of: name) else { continue }
+            let what = Tessera_V1_Envelope(requestID: 0, body).bodyName
+            let outcome: String
+            do {
+                outcome = try await node.withConnection(
+                    to: address,
+                    handshake: handshake,
+                    handler: Unanswering(),
+                    logger: logger(Self.intruder)
+                ) { connection in
+                    guard body.kind == .request else {
+                        try await connection.notify(body)
+                        return "one-way"
+                    }
+                    let reply = try await connection.request(body, timeout: .seconds(2))
+                    if case .statusReply(let status) = reply, status.sequences.isEmpty { return "status" }
+                    self.violate(
+                        "the intruder's \(what) to \(name) was answered with \(Tessera_V1_Envelope(requestID: 0, reply).bodyName): \(body)"
+                    )
+                    return "answered"
+                }
+            } catch let error as WireError {
+                // Refused, as it must be (or cut off by a fault), unless the handler failed.
+                outcome = "\(error.code)"
+                if error.code == .internal {
+                    violate("the intruder's \(what) to \(name) failed inside the handler: \(error)")
+                }
+            } catch {
+                outcome = "unavailable"
+            }
+            ledger.report.withLock { $0.intrusions[outcome, default: 0] += 1 }
+        }
+    }
+
+    /// `envelope` with the bytes at up to three positions flipped (each draw changes one byte three
+    /// times in four); the original when the result does not parse.
+    private static func mutated(_ envelope: Tessera_V1_Envelope, _ draws: [UInt64]) -> Tessera_V1_Envelope {
+        guard var bytes: [UInt8] = try? envelope.serializedBytes(), !bytes.isEmpty else { return envelope }
+        for draw in draws where draw % 4 != 0 {
+            bytes[Int((draw >> 2) % UInt64(bytes.count))] ^= UInt8(truncatingIfNeeded: draw >> 32) | 1
+        }
+        return (try? Tessera_V1_Envelope(serializedBytes: bytes)) ?? envelope
     }
 
     // MARK: Invariants
@@ -639,5 +767,12 @@ private struct TraceLogHandler: LogHandler {
         let all = metadata.merging(event.metadata ?? [:]) { $1 }.filter { $0.key != "node.id" && $0.key != "node.role" }
         let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         ledger.log("[\(node)] \(event.level): \(event.message)\(fields.isEmpty ? "" : " " + fields)")
+    }
+}
+
+/// Answers nothing the peer asks: the intruder serves no requests.
+private struct Unanswering: EnvelopeHandler {
+    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws -> Tessera_V1_Envelope.OneOf_Body? {
+        nil
     }
 }

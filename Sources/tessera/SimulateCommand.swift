@@ -54,6 +54,20 @@ struct SimulateCommand: ParsableCommand {
     )
     var weaken: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "The kinds of fault to inject, comma-separated, from \(FaultKind.allCases.map(\.rawValue).joined(separator: ", ")); or none.",
+            valueName: "kinds"
+        )
+    )
+    var faults = FaultKind.standard.sorted().map(\.rawValue).joined(separator: ",")
+
+    @Flag(
+        inversion: .prefixedNo,
+        help: "Run the intruder: a client of its own tenant that replays the cluster's recent requests, a few bytes changed, to every node; none of it may succeed."
+    )
+    var intruder = true
+
     @Option(help: "Schedules run at once, each on its own thread (1 ... cores).")
     var jobs = 1
 
@@ -84,6 +98,7 @@ struct SimulateCommand: ParsableCommand {
                 "unknown --weaken '\(weaken)'; allowed: \(Protection.allCases.map(\.weakness).joined(separator: ", "))"
             )
         }
+        _ = try faultKinds()
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError(
                 "unknown --log-level '\(logLevel)'; allowed: \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))"
@@ -91,11 +106,29 @@ struct SimulateCommand: ParsableCommand {
         }
     }
 
+    /// `--faults` as a set; a kind not known is refused, naming the allowed ones.
+    private func faultKinds() throws -> Set<FaultKind> {
+        guard faults != "none" else { return [] }
+        return Set(
+            try faults.split(separator: ",").map { name in
+                guard let kind = FaultKind(rawValue: String(name)) else {
+                    throw ValidationError(
+                        "unknown fault kind '\(name)' in --faults; allowed: "
+                            + FaultKind.allCases.map(\.rawValue).joined(separator: ", ") + ", or none"
+                    )
+                }
+                return kind
+            }
+        )
+    }
+
     func run() throws {
         Self.hashDeterministically()
         var settings = SimulationSettings()
         settings.workers = workers
         settings.memoryLimitBytes = memoryLimitBytes
+        settings.intruder = intruder
+        settings.faults = try faultKinds()
         settings.logLevel = logLevel.flatMap(Logger.Level.init(rawValue:))
         settings.weakened = Set(Protection.allCases.filter { $0.weakness == weaken })
         let chosen = seed.map { [$0] } ?? Array(first..<(first + UInt64(seeds)))
@@ -118,6 +151,13 @@ struct SimulateCommand: ParsableCommand {
                 + "\(summary.sequencesCompleted) sequences completed, \(summary.sequencesGivenUp) given up; "
                 + "\(summary.schedulesPerMinutePerCore) schedules per minute per core (\(jobs) job\(jobs == 1 ? "" : "s"))"
         )
+        if !summary.intrusions.isEmpty {
+            let outcomes = summary.intrusions.sorted { ($1.value, $0.key) < ($0.value, $1.key) }
+            print(
+                "intruder: \(summary.intrusions.values.reduce(0, +)) messages; "
+                    + outcomes.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+            )
+        }
         if let json { try writeJSONReport(summary, to: json) }
         if expectViolation {
             guard let caught = failures.first else {
@@ -190,6 +230,8 @@ struct SimulationSummary: Codable {
     var jobs: Int
     var schedulesPerMinutePerCore: Int
     var weakened: String?
+    /// The intruder's messages, summed over the schedules, by how they ended.
+    var intrusions: [String: Int]
 
     init(_ reports: [SimulationReport], elapsed: Duration, jobs: Int, weakened: String?) {
         schedules = reports.count
@@ -203,6 +245,7 @@ struct SimulationSummary: Codable {
         schedulesPerMinutePerCore =
             wallSeconds > 0 ? Int((Double(schedules) / wallSeconds * 60 / Double(jobs)).rounded()) : 0
         self.weakened = weakened
+        intrusions = reports.reduce(into: [:]) { sum, report in sum.merge(report.intrusions, uniquingKeysWith: +) }
     }
 }
 
