@@ -112,6 +112,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Whether this coordinator replaces another (it was not told it starts a new cluster, or a
     /// worker registered that had registered with another coordinator before).
     private var replacesAnother: Bool
+    /// When the first worker registered with this coordinator (time since it started).
+    private var firstRegistration: Duration?
 
     /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
     static var mapLayers: Int { 4096 }
@@ -186,8 +188,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// After a start, until the failure detector would have declared a silent worker dead: workers
     /// that outlived a previous coordinator are still registering, and their copies rebuild the
-    /// sequences it had open.
-    var isRebuilding: Bool { elapsed() <= rebuildGrace }
+    /// sequences it had open. A coordinator replacing another also waits that long after the first
+    /// worker registered: when its links are slow (every frame held for seconds), silence at start
+    /// says nothing about what the workers hold.
+    var isRebuilding: Bool {
+        let elapsed = elapsed()
+        guard elapsed > rebuildGrace else { return true }
+        guard replacesAnother else { return false }
+        return firstRegistration.map { elapsed <= $0 + rebuildGrace } ?? true
+    }
 
     /// What a request that must wait for the rebuild is told: retry shortly.
     private func stillRebuilding(_ detail: String) -> WireError {
@@ -249,6 +258,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             reserveLapsingCopies()
         }
         workers[nodeID] = WorkerLink(connection: connection, address: address)
+        if firstRegistration == nil { firstRegistration = elapsed() }
         // What it reports now is judged afresh below.
         leftBehind[nodeID] = nil
         let previous = message.previousCoordinatorIncarnation

@@ -528,7 +528,7 @@ private final class World: Sendable {
 
     static let intruder = "intruder"
 
-    /// Every 20–300 ms until the clients are done: one of the network's recent requests, up to three
+    /// Every 0.1–0.6 s until the clients are done: one of the network's recent requests, up to three
     /// of its bytes changed, sent by a client certified for a tenant of its own to the coordinator or
     /// a worker, on a new connection. It is what a tenant with a valid certificate could try, and it
     /// opens nothing, so nothing may succeed: a reply other than an `Error` (or a status that lists no
@@ -545,7 +545,7 @@ private final class World: Sendable {
         while !done() {
             let (pause, pick, target, flips) = draw { random in
                 (
-                    Duration.milliseconds(20 + Int64(random.next() % 280)), random.next(), random.next(),
+                    Duration.milliseconds(100 + Int64(random.next() % 500)), random.next(), random.next(),
                     [random.next(), random.next(), random.next()]
                 )
             }

@@ -273,6 +273,27 @@ struct CoordinatorStateTests {
         #expect(await other.admission.totalBytes > 0)
     }
 
+    /// A coordinator replacing another that hears from no worker within the rebuild grace (its links
+    /// slow, every frame held) keeps rebuilding until the grace has passed after the first one
+    /// registers: it neither admits into memory it cannot see nor closes the copies it then hears of.
+    @Test func theRebuildRunsFromTheFirstRegistrationWhenTheLinksAreSlow() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        time.advance(.seconds(10))
+        #expect(await state.isRebuilding)
+        _ = try await state.register(
+            Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])]),
+            connection: TestLink()
+        )
+        _ = try await state.register(Self.registration(2), connection: TestLink())
+        await #expect { _ = try await state.open(Self.opening(8)) } throws: {
+            ($0 as? WireError)?.code == .unavailable
+        }
+        #expect(await state.admission.totalBytes > 0, "the copy reported late is rebuilt, not closed")
+        time.advance(.seconds(4))
+        #expect(await !state.isRebuilding)
+    }
+
     /// A sequence closed while the rebuild is still going on stays closed: a copy reported later by
     /// a worker that registers only then (a re-replicated copy the closing coordinator did not know)
     /// is told to go, and nothing is charged for it.

@@ -45,6 +45,27 @@ import Testing
         #expect(report.faults > 0 && report.sequencesCompleted > 0, "seed \(seed) exercised nothing")
     }
 
+    /// The intruder is refused by every node it reaches, and the refusals are the authorization's
+    /// (a tenant's certificate reaches only its own tenant's sequences, a client no worker or
+    /// coordinator operation), not only malformed input.
+    @Test func theIntrudersRequestsAreAllRefused() {
+        let report = Simulation.run(seed: 4)
+        #expect(report.passed, "\(report.violations.joined(separator: "\n"))")
+        #expect(report.intrusions["answered", default: 0] == 0)
+        #expect(report.intrusions["PERMISSION_DENIED", default: 0] > 0, "\(report.intrusions)")
+    }
+
+    /// A stalled link and a paused node hold frames without resetting connections: requests still
+    /// complete, later, and nothing is lost.
+    @Test func stallsAndPausesDelayWithoutLosing() {
+        var settings = SimulationSettings()
+        settings.faults = [.stall, .pause]
+        let report = Simulation.run(seed: 5, settings: settings)
+        #expect(report.passed, "\(report.violations.joined(separator: "\n"))")
+        #expect(report.faults > 0 && report.sequencesCompleted > 0)
+        #expect(report.trace.contains { $0.contains("stall ") } && report.trace.contains { $0.contains("pause ") })
+    }
+
     @Test func aSeedReplaysExactly() {
         let first = Simulation.run(seed: 3)
         let again = Simulation.run(seed: 3)
