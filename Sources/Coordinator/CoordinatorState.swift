@@ -473,7 +473,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
         else { return false }
         // A copy being made now is reported before it becomes a holder, at the sequence's epoch; an
         // older copy is stale whatever is under way.
-        return assignment.epoch < known.epoch || (known.restoredBytes == nil && !reshaping.contains(assignment.sequenceID))
+        return assignment.epoch < known.epoch
+            || (known.restoredBytes == nil && !reshaping.contains(assignment.sequenceID))
     }
 
     /// Holders of open sequences' shards that are not registered members once the rebuild is over

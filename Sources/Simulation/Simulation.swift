@@ -156,9 +156,15 @@ private final class World: Sendable {
             network.certify(workerName(index), as: CertifiedIdentity(role: .worker, nodeID: workerName(index)))
         }
         for index in 1...settings.clients {
-            network.certify("client-\(index)", as: CertifiedIdentity(role: .client, nodeID: "client-\(index)", tenant: "tenant-\(index)"))
+            network.certify(
+                "client-\(index)",
+                as: CertifiedIdentity(role: .client, nodeID: "client-\(index)", tenant: "tenant-\(index)")
+            )
         }
-        network.certify(Self.intruder, as: CertifiedIdentity(role: .client, nodeID: Self.intruder, tenant: Self.intruder))
+        network.certify(
+            Self.intruder,
+            as: CertifiedIdentity(role: .client, nodeID: Self.intruder, tenant: Self.intruder)
+        )
     }
 
     func run() -> SimulationReport {
@@ -772,7 +778,10 @@ private struct TraceLogHandler: LogHandler {
 
 /// Answers nothing the peer asks: the intruder serves no requests.
 private struct Unanswering: EnvelopeHandler {
-    func handle(_ request: Tessera_V1_Envelope, from connection: PeerConnection) async throws -> Tessera_V1_Envelope.OneOf_Body? {
+    func handle(
+        _ request: Tessera_V1_Envelope,
+        from connection: PeerConnection
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body? {
         nil
     }
 }

@@ -64,7 +64,8 @@ struct SimulateCommand: ParsableCommand {
 
     @Flag(
         inversion: .prefixedNo,
-        help: "Run the intruder: a client of its own tenant that replays the cluster's recent requests, a few bytes changed, to every node; none of it may succeed."
+        help:
+            "Run the intruder: a client of its own tenant that replays the cluster's recent requests, a few bytes changed, to every node; none of it may succeed."
     )
     var intruder = true
 
