@@ -326,6 +326,11 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return view.members.map { NodeID($0.nodeID) }.filter { membership.member($0) == nil }.sorted()
     }
 
+    /// Whether this coordinator replaces another and no registering worker brought a membership view
+    /// (the predecessor stopped before its own rebuild was over): any worker not yet registered may
+    /// hold copies nobody charges, so nothing is admitted until their leases have lapsed.
+    var predecessorLeftNoView: Bool { replacesAnother && inheritedView == nil && elapsed() < workerLease * 2 }
+
     /// This coordinator's membership view, once its rebuild is over: the workers it counts as live.
     func view() -> Tessera_V1_MembershipView? {
         guard !isRebuilding else { return nil }
@@ -699,6 +704,14 @@ actor CoordinatorState<Link: CoordinatorLink> {
         // yet: admitting now could take memory that copies of rebuilt sequences already hold.
         guard !(isRebuilding && replacesAnother) || weakened.contains(.rebuildBeforeAdmitting) else {
             throw stillRebuilding("it admits nothing until then")
+        }
+        guard !predecessorLeftNoView || weakened.contains(.rebuildBeforeAdmitting) else {
+            throw WireError(
+                .unavailable,
+                "the coordinator restarted and no worker has reported its predecessor's membership view; "
+                    + "until the workers' leases lapse, copies of workers not registered yet are not counted; retry",
+                retryAfter: .seconds(1)
+            )
         }
         let unheard = unheardFromPredecessor()
         guard unheard.isEmpty || weakened.contains(.rebuildBeforeAdmitting) else {

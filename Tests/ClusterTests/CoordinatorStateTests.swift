@@ -294,6 +294,21 @@ struct CoordinatorStateTests {
         #expect(await !state.isRebuilding)
     }
 
+    /// A coordinator replacing one that left no membership view (no registering worker reports one)
+    /// cannot know which workers may still hold copies: it admits nothing until their leases lapse,
+    /// and admits as soon as a view arrives whose workers have all registered.
+    @Test func noViewFromThePredecessorHoldsAdmissionForTheLease() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(workers: 2, time: time, startsNewCluster: false)
+        time.advance(.seconds(10))
+        #expect(await !state.isRebuilding)
+        await #expect { _ = try await state.open(Self.opening(8)) } throws: {
+            ($0 as? WireError)?.message.contains("membership view") == true
+        }
+        time.advance(.seconds(60))  // twice the default lease of 30 s
+        _ = try await state.open(Self.opening(8))
+    }
+
     /// A sequence closed while the rebuild is still going on stays closed: a copy reported later by
     /// a worker that registers only then (a re-replicated copy the closing coordinator did not know)
     /// is told to go, and nothing is charged for it.
