@@ -466,6 +466,34 @@ struct CoordinatorStateTests {
         #expect(moved[0].sequence.epoch > 10)
     }
 
+    /// While a copy of a sequence is being made, a worker that holds no shard of it and reports an
+    /// older copy (one failed over while it was away) is told to drop it: only a copy at the
+    /// sequence's epoch can be the one in progress. A copy that finishes after its sequence closed is
+    /// owed a Close, retried until answered.
+    @Test func copiesAroundAReplicationInProgressAreClosed() async throws {
+        let time = ManualTime()
+        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        _ = try await state.register(
+            Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])]),
+            connection: TestLink()
+        )
+        _ = try await state.register(Self.registration(2), connection: TestLink())
+        time.advance(.seconds(4))
+        let plans = await state.replicationPlans(limit: 1)
+        #expect(plans.map(\.sequenceID) == [7] && plans.first?.target.node == NodeID("worker-2"))
+
+        let older = try await state.register(
+            Self.registration(3, holding: [try Self.held(7, epoch: 9, primary: 3, replicas: [])]),
+            connection: TestLink()
+        )
+        #expect(older.staleCopies.map(\.sequenceID) == [7] && older.staleCopies.map(\.epoch) == [9])
+
+        #expect(await state.close(7) != nil)
+        #expect(await !state.finishCopy(plans[0], succeeded: true))
+        let owed = await state.owedCloses().filter { $0.holder == NodeID("worker-2") }.map(\.close)
+        #expect(owed.map(\.sequenceID) == [7] && owed.map(\.epoch) == [10])
+    }
+
     /// Id 0 lets the coordinator choose: ids no sequence uses, so no tenant can squat them beforehand.
     @Test func theCoordinatorChoosesFreeIdsForIdZero() async throws {
         let state = try await Self.coordinator()
