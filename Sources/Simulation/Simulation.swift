@@ -157,8 +157,8 @@ private final class World: Sendable {
         }
         for index in 1...settings.clients {
             network.certify(
-                "client-\(index)",
-                as: CertifiedIdentity(role: .client, nodeID: "client-\(index)", tenant: "tenant-\(index)")
+                clientName(index),
+                as: CertifiedIdentity(role: .client, nodeID: clientName(index), tenant: "tenant-\(index)")
             )
         }
         network.certify(
@@ -236,6 +236,8 @@ private final class World: Sendable {
     }
 
     private func workerName(_ index: Int) -> String { "worker-\(index)" }
+
+    private func clientName(_ index: Int) -> String { "client-\(index)" }
 
     // MARK: Processes
 
@@ -324,7 +326,7 @@ private final class World: Sendable {
     // MARK: Clients
 
     private func client(_ index: Int) async {
-        let name = "client-\(index)"
+        let name = clientName(index)
         do {
             try await TesseraClient.withClient(
                 coordinator: coordinatorAddress,
@@ -478,7 +480,7 @@ private final class World: Sendable {
                 }
                 guard (try? await clock.sleep(for: pause)) != nil else { return }
                 let workers = (1...settings.workers).map(workerName)
-                let clients = (1...settings.clients).map { "client-\($0)" }
+                let nodes = ["coordinator"] + workers + (1...settings.clients).map(clientName)
                 let down = workers.filter { running[$0] == nil }
                 let allowed: [FaultKind] = [.crash, .crash, .partition, .partition, .stall, .pause]
                 guard settings.faults.contains(allowed[Int(kind)]) else { continue }
@@ -501,7 +503,6 @@ private final class World: Sendable {
                         self.start("coordinator")
                     }
                 case 2, 3, 4:
-                    let nodes = ["coordinator"] + workers + clients
                     let a = nodes[Int(pick % UInt64(nodes.count))]
                     let b = nodes[Int((pick >> 32) % UInt64(nodes.count))]
                     guard a != b, !(a.hasPrefix("client") && b.hasPrefix("client")) else { continue }
@@ -518,7 +519,6 @@ private final class World: Sendable {
                         self.network.heal(a, b)
                     }
                 case 5:
-                    let nodes = ["coordinator"] + workers + clients
                     let victim = nodes[Int(pick % UInt64(nodes.count))]
                     log("pause \(victim) for \(duration)")
                     network.pause(victim, until: scheduler.now + duration)

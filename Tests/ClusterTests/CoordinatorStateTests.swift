@@ -68,6 +68,20 @@ struct CoordinatorStateTests {
         return message
     }
 
+    /// A membership view of `coordinator` counting incarnation 1 of each of `liveWorkers` as live.
+    static func view(coordinator: UInt64, version: UInt64, liveWorkers: [Int]) -> Tessera_V1_MembershipView {
+        var view = Tessera_V1_MembershipView()
+        view.coordinatorIncarnation = coordinator
+        view.version = version
+        view.members = liveWorkers.map { index in
+            var member = Tessera_V1_ViewMember()
+            member.nodeID = "worker-\(index)"
+            member.incarnation = 1
+            return member
+        }
+        return view
+    }
+
     static func endpoint(_ index: Int) -> Tessera_V1_Endpoint {
         var endpoint = Tessera_V1_Endpoint()
         endpoint.nodeID = "worker-\(index)"
@@ -207,15 +221,7 @@ struct CoordinatorStateTests {
     /// predecessor had given up: their copies may be of sequences closed since, so nothing is rebuilt
     /// from them, whichever registers first.
     @Test func copiesOfAWorkerAnEarlierCoordinatorGaveUpAreNotRebuiltFrom() async throws {
-        var view = Tessera_V1_MembershipView()
-        view.coordinatorIncarnation = 1
-        view.version = 4
-        view.members = [2, 3].map { index in
-            var member = Tessera_V1_ViewMember()
-            member.nodeID = "worker-\(index)"
-            member.incarnation = 1
-            return member
-        }
+        let view = Self.view(coordinator: 1, version: 4, liveWorkers: [2, 3])
         // The view arrives first: worker-1, holding copies, is refused; it drops them and rejoins.
         let time = ManualTime()
         let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
@@ -247,15 +253,7 @@ struct CoordinatorStateTests {
     /// lists) was never given up by that view's coordinator: it is neither declared dead when the
     /// view arrives nor refused with the copies it holds.
     @Test func aWorkerRestartedSinceTheViewStaysLive() async throws {
-        var view = Tessera_V1_MembershipView()
-        view.coordinatorIncarnation = 1
-        view.version = 4
-        view.members = [1, 2].map { index in
-            var member = Tessera_V1_ViewMember()
-            member.nodeID = "worker-\(index)"
-            member.incarnation = 1
-            return member
-        }
+        let view = Self.view(coordinator: 1, version: 4, liveWorkers: [1, 2])
         let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
         var restarted = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])])
         restarted.incarnation = 2
