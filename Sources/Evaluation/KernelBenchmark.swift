@@ -91,6 +91,31 @@ public enum KernelBenchmark {
         return Double(heads * bytesPerHead) / best / 1e9
     }
 
+    /// GB/s of the digest replicas compare (`HeadCache.digest`, which a shard copy computes on both
+    /// sides) over one head of `bytes` of keys and values, best of `runs`.
+    public static func digestThroughput(bytes: Int = 1 << 30, runs: Int = 3) -> Double {
+        let headDim = 128
+        let rows = bytes / (2 * headDim * MemoryLayout<Float>.size)
+        let keys = (0..<(rows * headDim)).map { Float($0 & 1023) * 1e-3 }
+        let head = HeadCache(
+            headDim: headDim,
+            keys: keys,
+            values: keys.reversed(),
+            positions: (0..<Int32(rows)).map { $0 },
+            tags: [ModalityTag](repeating: ModalityTag(.text), count: rows)
+        )!
+        var best = Double.infinity
+        var sink: UInt64 = 0
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            sink ^= head.digest
+            best = min(best, (clock.now - start).seconds)
+        }
+        blackHole(Float(sink & 1))
+        return Double(head.payloadBytes) / best / 1e9
+    }
+
     /// Floating-point operations per second of a register-only FMA loop running on `threads` threads
     /// at once, at the score kernel's vector width: the compute peak the profile is measured against.
     public static func fmaPeak(threads: Int, iterations: Int = 100_000_000, runs: Int = 3) -> Double {

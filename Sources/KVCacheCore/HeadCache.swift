@@ -1,3 +1,5 @@
+import KVKernels
+
 /// The cached rows of one KV head of one layer: keys and values in storage type `S`, contiguous and
 /// row-major, with the original position and modality of every row. Heads of one layer may hold
 /// different numbers of rows.
@@ -128,15 +130,11 @@ public struct HeadCache<S: KVScalar>: Sendable {
         return kept
     }
 
-    /// An order-sensitive 64-bit FNV-1a digest of every byte held, for comparing replicas.
+    /// An order-sensitive 64-bit digest of every byte held, for comparing replicas (`kvk_digest`).
     public var digest: UInt64 {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         func mix<T>(_ array: [T]) {
-            array.withUnsafeBytes { bytes in
-                for byte in bytes {
-                    hash = (hash ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
-                }
-            }
+            hash = array.withUnsafeBytes { kvk_digest(hash, $0.baseAddress, $0.count) }
         }
         mix(positions)
         mix(tags.map(\.rawValue))

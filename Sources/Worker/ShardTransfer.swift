@@ -5,46 +5,83 @@ import KVCacheCore
 /// Copying a compressed shard to another worker (re-replication): the sender cuts the shard's state
 /// into transfer parts (begin, one per layer, commit with the cache's digest); the receiver assembles
 /// them in an `IncomingShard` and installs the copy only if its digest equals the sender's.
-extension HeldSequence {
-    /// The parts that copy this compressed shard to a worker that becomes one of its replicas.
-    func transferParts(sequenceID: UInt64) throws(WireError) -> [Tessera_V1_ShardTransfer] {
-        guard let cache else { throw WireError(.internal, "sequence \(sequenceID) has no compressed cache to copy") }
-        var begin = Tessera_V1_ShardTransferBegin()
-        begin.assignment = assignment
-        begin.assignment.epoch = epoch
-        begin.storage = cache.storage.wire.proto
-        begin.nextStep = UInt32(nextStep)
-        if let lastResult { begin.lastResult = lastResult.body }
-        begin.layers = UInt32(layers.count)
-        begin.statistics = statistics
-        var parts = [Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .begin(begin))]
-        for layer in layers {
-            var state = Tessera_V1_ShardLayerState()
-            state.layer = UInt32(layer)
-            let scores = rowScores[layer] ?? []
-            switch cache.storage {
-            case .float32:
-                state.heads = try Self.encode(cache.float32[layer] ?? [], scores: scores) {
-                    values,
-                    shape throws(WireError) in
-                    try Tessera_V1_Tensor(float32: values, shape: shape)
-                }
-            case .float16:
-                state.heads = try Self.encode(cache.float16[layer] ?? [], scores: scores) {
-                    values,
-                    shape throws(WireError) in
-                    try Tessera_V1_Tensor(float16: values, shape: shape)
-                }
-            }
-            for input in syntheticDecode?[layer] ?? [] {
-                state.syntheticDecode.append(try input.proto(layer: layer, geometry: geometry))
-            }
-            parts.append(Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .layer(state)))
+///
+/// A layer's part is cut only when it is about to be sent: the sender never holds a second copy of
+/// the whole shard, and cutting the next layers overlaps sending the first.
+struct ShardCopy: Sendable {
+    let sequenceID: UInt64
+    /// The digest of the shard's cache, which the target's copy must match (it reads every byte:
+    /// make a `ShardCopy` off the event loop).
+    let digest: UInt64
+    private let held: HeldSequence
+    private let cache: ShardCache
+
+    /// A copy of `held`, which must be compressed (it has a cache).
+    init(_ held: HeldSequence, sequenceID: UInt64) throws(WireError) {
+        guard let cache = held.cache else {
+            throw WireError(.internal, "sequence \(sequenceID) has no compressed cache to copy")
         }
+        self.sequenceID = sequenceID
+        self.held = held
+        self.cache = cache
+        digest = cache.digest
+    }
+
+    /// The shard's assignment at its epoch, its step state and its layer count.
+    var begin: Tessera_V1_ShardTransfer {
+        var begin = Tessera_V1_ShardTransferBegin()
+        begin.assignment = held.assignment
+        begin.assignment.epoch = held.epoch
+        begin.storage = cache.storage.wire.proto
+        begin.nextStep = UInt32(held.nextStep)
+        if let lastResult = held.lastResult { begin.lastResult = lastResult.body }
+        begin.layers = UInt32(held.layers.count)
+        begin.statistics = held.statistics
+        return Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .begin(begin))
+    }
+
+    /// The layers to send, one part each.
+    var layers: Range<Int> { held.layers }
+
+    /// The part of `layer`: its rows, their scores and its synthetic decode inputs.
+    func part(layer: Int) throws(WireError) -> Tessera_V1_ShardTransfer {
+        var state = Tessera_V1_ShardLayerState()
+        state.layer = UInt32(layer)
+        let scores = held.rowScores[layer] ?? []
+        switch cache.storage {
+        case .float32:
+            state.heads = try Self.encode(cache.float32[layer] ?? [], scores: scores) {
+                values,
+                shape throws(WireError) in
+                try Tessera_V1_Tensor(float32: values, shape: shape)
+            }
+        case .float16:
+            state.heads = try Self.encode(cache.float16[layer] ?? [], scores: scores) {
+                values,
+                shape throws(WireError) in
+                try Tessera_V1_Tensor(float16: values, shape: shape)
+            }
+        }
+        for input in held.syntheticDecode?[layer] ?? [] {
+            state.syntheticDecode.append(try input.proto(layer: layer, geometry: held.geometry))
+        }
+        return Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .layer(state))
+    }
+
+    /// The digest the receiver's copy must have to be installed.
+    var commit: Tessera_V1_ShardTransfer {
         var commit = Tessera_V1_ShardTransferCommit()
-        commit.digest = cache.digest
-        parts.append(Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .commit(commit)))
-        return parts
+        commit.digest = digest
+        return Tessera_V1_ShardTransfer(sequenceID: sequenceID, part: .commit(commit))
+    }
+
+    /// Every part in order: begin, the layers, commit.
+    var parts: [Tessera_V1_ShardTransfer] {
+        get throws(WireError) {
+            var parts = [begin]
+            for layer in layers { parts.append(try part(layer: layer)) }
+            return parts + [commit]
+        }
     }
 
     private static func encode<S: KVScalar>(

@@ -375,16 +375,14 @@ struct WorkerHandler: EnvelopeHandler {
         ack.sequenceID = id
         ack.shardID = message.shardID
         do {
-            let (parts, digest, bytes) = try await worker.offload(.prefill) {
-                (try held.transferParts(sequenceID: id), held.cache?.digest ?? 0, held.bytes.total)
+            let copy = try await worker.offload(.prefill) { try ShardCopy(held, sequenceID: id) }
+            let (installed, transferred) = try await worker.send(copy, to: target)
+            guard installed == copy.digest else {
+                throw WireError(.internal, "\(target) installed digest \(installed), expected \(copy.digest)")
             }
-            let installed = try await worker.send(parts, to: target)
-            guard installed == digest else {
-                throw WireError(.internal, "\(target) installed digest \(installed), expected \(digest)")
-            }
-            ack.digest = digest
-            ack.kvBytes = UInt64(bytes)
-            ack.transferredBytes = parts.reduce(0) { $0 + $1.payloadBytes }
+            ack.digest = copy.digest
+            ack.kvBytes = UInt64(held.bytes.total)
+            ack.transferredBytes = transferred
         } catch {
             await worker.store.endTransfer(id, adding: nil)
             throw error

@@ -304,8 +304,8 @@ public final class WorkerService: Sendable {
     }
 
     /// Streams a shard's copy to `target`: the begin part, its layers, the commit; returns the digest of
-    /// the copy the target installed.
-    func send(_ parts: [Tessera_V1_ShardTransfer], to target: NodeAddress) async throws -> UInt64 {
+    /// the copy the target installed and the bytes of tensor data and row arrays it carried.
+    func send(_ copy: ShardCopy, to target: NodeAddress) async throws -> (digest: UInt64, bytes: UInt64) {
         guard let pool = peers.withLock({ $0 }) else {
             throw WireError(.unavailable, "this worker is shutting down")
         }
@@ -317,18 +317,23 @@ public final class WorkerService: Sendable {
             }
             return ack.digest
         }
-        guard let begin = parts.first, let commit = parts.last, parts.count >= 2 else { return 0 }
-        _ = try await deliver(begin)
-        // Layers in any order, a few at a time: the target converts them on its compute threads
-        // while the next ones are on the wire.
-        try await withThrowingTaskGroup(of: UInt64.self) { group in
-            for (index, layer) in parts.dropFirst().dropLast().enumerated() {
-                if index >= Self.layersInFlight { _ = try await group.next() }
-                group.addTask { try await deliver(layer) }
+        _ = try await deliver(copy.begin)
+        // Layers in any order, a few at a time: each is cut on the compute threads just before it
+        // goes, and the target converts it on its own while the next ones are on the wire.
+        let bytes = try await withThrowingTaskGroup(of: UInt64.self) { group in
+            var bytes: UInt64 = 0
+            for (index, layer) in copy.layers.enumerated() {
+                if index >= Self.layersInFlight, let sent = try await group.next() { bytes += sent }
+                group.addTask {
+                    let part = try await self.offload(.prefill) { try copy.part(layer: layer) }
+                    _ = try await deliver(part)
+                    return part.payloadBytes
+                }
             }
-            try await group.waitForAll()
+            for try await sent in group { bytes += sent }
+            return bytes
         }
-        return try await deliver(commit)
+        return (try await deliver(copy.commit), bytes)
     }
 
     /// Layer parts of a shard copy on the wire at once.

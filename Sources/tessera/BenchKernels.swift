@@ -12,7 +12,8 @@ struct BenchKernels: AsyncParsableCommand {
             Run in release (swift run -c release tessera bench-kernels). On one core it measures the read \
             bandwidth of a SIMD sum over 1 GiB, then decode attention of one query over 32k-token heads \
             (1 GiB of K/V in all, so every pass streams from memory) in Float32 and Float16, and prints \
-            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`. On every core it then measures the FMA \
+            e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`, and the digest replicas compare the same \
+            way. On every core it then measures the FMA \
             peak (a register-only loop) and the attention profile of every row of a multi-image layer, \
             and prints e.g. `profile f32: 157 GFLOP/s, 67% of FMA peak`. Last it times each policy \
             compressing one layer of an image-qa prompt on the chosen model at the chosen budget.
@@ -47,6 +48,12 @@ struct BenchKernels: AsyncParsableCommand {
                     + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n"
             )
         }
+
+        let digest = KernelBenchmark.digestThroughput()
+        Terminal.output(
+            "replica digest: \(ResultTable.format(digest, 1)) GB/s, "
+                + "\(Int((100 * digest / read).rounded()))% of read bandwidth (what a shard copy checks, on both sides)\n"
+        )
 
         let threads = System.coreCount
         Terminal.error("[tessera] measuring the FMA peak and the attention profile on \(threads) threads…\n")

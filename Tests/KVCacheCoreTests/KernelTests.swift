@@ -19,6 +19,30 @@ import Glibc
         #expect(kvk_exp(-200) == 0)
     }
 
+    /// Replicas compare digests: any one flipped bit, at any offset (each of the four lanes, the word
+    /// tail and the byte tail), and any change of length must change the digest.
+    @Test(arguments: [1, 7, 8, 31, 32, 33, 100, 1000])
+    func digestSeesEveryBitAndTheLength(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count))
+        let bytes = (0..<count).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        func digest(_ b: [UInt8], seed: UInt64 = 1) -> UInt64 {
+            b.withUnsafeBytes { kvk_digest(seed, $0.baseAddress, $0.count) }
+        }
+        let reference = digest(bytes)
+        #expect(digest(bytes) == reference)
+        var seen: Set<UInt64> = [reference]
+        for offset in 0..<count {
+            for bit in [0, 3, 7] {
+                var flipped = bytes
+                flipped[offset] ^= 1 << bit
+                seen.insert(digest(flipped))
+            }
+        }
+        #expect(seen.count == 1 + 3 * count, "a flipped bit left the digest unchanged (seed \(count))")
+        #expect(digest(bytes + [0]) != reference)
+        #expect(digest(bytes, seed: 2) != reference)
+    }
+
     @Test(arguments: [1, 15, 16, 17, 100, 257])
     func softmaxSumsToOneAndKeepsOrder(count: Int) {
         var rng = SeededGenerator(seed: UInt64(count))

@@ -45,6 +45,10 @@ void kvk_decode_logits(const float *queries, size_t groups, const void *keys, in
 void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t probabilityStride, const void *values,
                              int valuesAreHalf, size_t rows, size_t headDim, float *out);
 
+/// A 64-bit digest of `count` bytes continuing from `seed` (the digest of what came before), for
+/// comparing replicas: order-sensitive, the same bits on every CPU, about a word per cycle.
+uint64_t kvk_digest(uint64_t seed, const void *bytes, size_t count);
+
 /// Turns `count` logits into probabilities in place; returns the largest logit. e^x is Cephes'
 /// single-precision polynomial (`kvk_exp`), each operation rounded on its own, in a fixed order.
 float kvk_softmax(float *scores, size_t count);
