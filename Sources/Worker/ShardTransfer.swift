@@ -8,10 +8,10 @@ import KVCacheCore
 ///
 /// A layer's part is cut only when it is about to be sent: the sender never holds a second copy of
 /// the whole shard, and cutting the next layers overlaps sending the first.
-struct ShardCopy: Sendable {
+struct OutgoingShard: Sendable {
     let sequenceID: UInt64
     /// The digest of the shard's cache, which the target's copy must match (it reads every byte:
-    /// make a `ShardCopy` off the event loop).
+    /// make an `OutgoingShard` off the event loop).
     let digest: UInt64
     private let held: HeldSequence
     private let cache: ShardCache

@@ -375,7 +375,7 @@ struct WorkerHandler: EnvelopeHandler {
         ack.sequenceID = id
         ack.shardID = message.shardID
         do {
-            let copy = try await worker.offload(.prefill) { try ShardCopy(held, sequenceID: id) }
+            let copy = try await worker.offload(.prefill) { try OutgoingShard(held, sequenceID: id) }
             let (installed, transferred) = try await worker.send(copy, to: target)
             guard installed == copy.digest else {
                 throw WireError(.internal, "\(target) installed digest \(installed), expected \(copy.digest)")

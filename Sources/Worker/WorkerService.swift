@@ -305,7 +305,7 @@ public final class WorkerService: Sendable {
 
     /// Streams a shard's copy to `target`: the begin part, its layers, the commit; returns the digest of
     /// the copy the target installed and the bytes of tensor data and row arrays it carried.
-    func send(_ copy: ShardCopy, to target: NodeAddress) async throws -> (digest: UInt64, bytes: UInt64) {
+    func send(_ copy: OutgoingShard, to target: NodeAddress) async throws -> (digest: UInt64, bytes: UInt64) {
         guard let pool = peers.withLock({ $0 }) else {
             throw WireError(.unavailable, "this worker is shutting down")
         }

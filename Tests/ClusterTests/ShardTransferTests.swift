@@ -70,7 +70,7 @@ struct ShardTransferTests {
     @Test(arguments: [ScalarType.float32, .float16])
     func aCopyArrivesWithTheSameBytesAndStepState(storage: ScalarType) throws {
         let held = try Self.shard(storage: storage)
-        let parts = try ShardCopy(held, sequenceID: 7).parts
+        let parts = try OutgoingShard(held, sequenceID: 7).parts
         #expect(parts.count == 4)
         guard case .begin(let begin) = parts[0].part, case .commit(let commit) = parts[3].part else {
             Issue.record("parts are not begin, layers, commit: \(parts.map(\.part))")
@@ -92,7 +92,7 @@ struct ShardTransferTests {
 
     @Test func aDamagedOrIncompleteCopyIsNeverInstalled() throws {
         let held = try Self.shard(storage: .float32)
-        var parts = try ShardCopy(held, sequenceID: 7).parts
+        var parts = try OutgoingShard(held, sequenceID: 7).parts
         guard case .begin(let begin) = parts[0].part, case .commit(let commit) = parts[3].part,
             case .layer(var layer) = parts[2].part
         else { return }
@@ -118,7 +118,7 @@ struct ShardTransferTests {
         } throws: { "\($0)".contains("before layers [1] arrived") }
 
         // Rows, positions and tags that disagree are refused at the layer.
-        guard case .layer(var short) = try ShardCopy(held, sequenceID: 7).parts[1].part else { return }
+        guard case .layer(var short) = try OutgoingShard(held, sequenceID: 7).parts[1].part else { return }
         short.heads[0].positions.removeLast()
         var mismatched = try IncomingShard(begin, sequenceID: 7, from: "worker-1")
         #expect(throws: WireError.self) { try mismatched.take(short) }
@@ -129,7 +129,7 @@ struct ShardTransferTests {
     @Test(arguments: [ScalarType.float32, .float16])
     func layersConvertedApartArriveInAnyOrder(storage: ScalarType) async throws {
         let held = try Self.shard(storage: storage)
-        let parts = try ShardCopy(held, sequenceID: 7).parts
+        let parts = try OutgoingShard(held, sequenceID: 7).parts
         let target = SequenceStore()
         _ = try await target.receive(parts[0], from: "worker-1")
         await #expect {
@@ -150,7 +150,7 @@ struct ShardTransferTests {
 
     @Test func theStoreInstallsACopyAsAReplicaAndHoldsDecodeBackWhileCopying() async throws {
         let held = try Self.shard(storage: .float32)
-        let parts = try ShardCopy(held, sequenceID: 7).parts
+        let parts = try OutgoingShard(held, sequenceID: 7).parts
 
         let target = SequenceStore()
         // Only the shard's primary may send a copy, and every part of it.
