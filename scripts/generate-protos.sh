@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the committed Swift code for the wire contract:
+# Regenerates the committed code for the wire contract:
 #   Protos/tessera/v1/*.proto  ->  Sources/ClusterWire/Generated/tessera_v1_*.pb.swift
+#                              ->  python/tessera/v1/*_pb2.py (the Python client's messages)
 #
 # Requires `protoc` on PATH (Debian: `apt-get install -y protobuf-compiler`, protoc 3.21.12); this
 # script installs nothing. The plugin, protoc-gen-swift, is built from the swift-protobuf version
@@ -16,6 +17,7 @@ cd "$root"
 
 proto_root="Protos"
 output_dir="Sources/ClusterWire/Generated"
+python_dir="python/tessera/v1"
 
 if ! command -v protoc > /dev/null 2>&1; then
     echo "error: protoc not found on PATH; install it (Debian: apt-get install -y protobuf-compiler)" >&2
@@ -52,12 +54,16 @@ protoc \
     --swift_opt=Visibility=Package \
     --swift_opt=FileNaming=PathToUnderscores \
     --swift_opt=UseAccessLevelOnImports=true \
+    --python_out="$scratch" \
     --fatal_warnings \
     "${protos[@]}"
 
 mkdir -p "$output_dir"
 find "$output_dir" -maxdepth 1 -name '*.pb.swift' -type f -delete
 cp "$scratch"/*.pb.swift "$output_dir"/
+mkdir -p "$python_dir"
+find "$python_dir" -maxdepth 1 -name '*_pb2.py' -type f -delete
+cp "$scratch"/tessera/v1/*_pb2.py "$python_dir"/
 
-echo "generated ${#protos[@]} file(s) into $output_dir:" >&2
-ls -1 "$output_dir" >&2
+echo "generated ${#protos[@]} file(s) into $output_dir and $python_dir:" >&2
+ls -1 "$output_dir" "$python_dir" >&2

@@ -234,6 +234,8 @@ public final class LocalCluster: Sendable {
             while let result = try await group.next() {
                 if let value = result { return value }
                 if options.toleratesWorkerExits { continue }
+                // Cancelled (SIGTERM to `cluster up`), children stop before the body notices: not a failure.
+                try Task.checkCancellation()
                 throw LaunchError("a cluster process exited while the cluster was in use")
             }
             throw LaunchError("the cluster ended unexpectedly")

@@ -1,0 +1,28 @@
+"""Tessera's Python client: drive a cluster that compresses multimodal KV caches (VL-Cache, MadaKV,
+LOOK-M and the baselines) from asyncio code. See ``tessera.client``."""
+
+from tessera.client import (
+    LLAVA_1_5_7B,
+    LLAVA_1_6_MISTRAL_7B,
+    QWEN2_5_VL_7B,
+    TINY,
+    Client,
+    Connection,
+    DecodeStep,
+    Geometry,
+    Span,
+    TesseraError,
+)
+
+__all__ = [
+    "Client",
+    "Connection",
+    "DecodeStep",
+    "Geometry",
+    "Span",
+    "TesseraError",
+    "TINY",
+    "LLAVA_1_5_7B",
+    "LLAVA_1_6_MISTRAL_7B",
+    "QWEN2_5_VL_7B",
+]

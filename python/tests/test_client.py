@@ -1,0 +1,145 @@
+"""The Python client against a real cluster: every request goes over mutual TLS to real processes."""
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+from tessera import TINY, Client, Span, TesseraError
+
+SEED = int(os.environ.get("TESSERA_TEST_SEED", "20261204"))
+IMAGE_TOKENS = TINY.tokens_per_image
+TEXT_TOKENS = 24
+PROMPT = IMAGE_TOKENS + TEXT_TOKENS
+SPANS = [Span("image", 0, IMAGE_TOKENS), Span("text", IMAGE_TOKENS, TEXT_TOKENS)]
+
+
+def prompt(rng):
+    g = TINY
+    keys = rng.standard_normal((g.layers, g.kv_heads, PROMPT, g.head_dim), dtype=np.float32)
+    values = rng.standard_normal((g.layers, g.kv_heads, PROMPT, g.head_dim), dtype=np.float32)
+    queries = rng.standard_normal((g.layers, g.query_heads, PROMPT, g.head_dim), dtype=np.float32)
+    return keys, values, queries
+
+
+def step(rng):
+    g = TINY
+    return (
+        rng.standard_normal((g.layers, g.kv_heads, g.head_dim), dtype=np.float32),
+        rng.standard_normal((g.layers, g.kv_heads, g.head_dim), dtype=np.float32),
+        rng.standard_normal((g.layers, g.query_heads, g.head_dim), dtype=np.float32),
+    )
+
+
+def attention(query, keys, values):
+    """Softmax(q·Kᵀ/√d)·V in float64: the reference for one query head over its KV head's rows."""
+    logits = keys.astype(np.float64) @ query.astype(np.float64) / np.sqrt(query.shape[-1])
+    weights = np.exp(logits - logits.max())
+    return (weights / weights.sum()) @ values.astype(np.float64)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_status_lists_the_workers(cluster):
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            status = await client.status()
+            assert sorted(w.endpoint.node_id for w in status.workers) == ["worker-1", "worker-2"]
+
+    run(body())
+
+
+def test_the_full_cache_decodes_exact_attention(cluster):
+    """With the full cache every decode output equals attention over every row sent so far."""
+    rng = np.random.default_rng(SEED)
+    g = TINY
+    keys, values, queries = prompt(rng)
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="full", retention=1.0, decode_tokens=3)
+            sequence = placement.sequence_id
+            assert sequence != 0 and placement.shards
+            held = await client.prefill(sequence, keys, values)
+            assert held >= 2 * keys.nbytes  # every shard on its primary and its replica
+            all_keys, all_values = keys, values
+            for number in range(3):
+                k, v, q = step(rng)
+                outputs = (await client.decode(sequence, number, k, v, q)).outputs
+                all_keys = np.concatenate([all_keys, k[:, :, None, :]], axis=2)
+                all_values = np.concatenate([all_values, v[:, :, None, :]], axis=2)
+                group = g.query_heads // g.kv_heads
+                for layer in range(g.layers):
+                    for head in range(g.query_heads):
+                        want = attention(q[layer, head], all_keys[layer, head // group], all_values[layer, head // group])
+                        np.testing.assert_allclose(
+                            outputs[layer, head], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED} step {number}"
+                        )
+                # A step already applied is answered again, not appended twice.
+                again = await client.decode(sequence, number, k, v, q)
+                np.testing.assert_array_equal(again.outputs, outputs)
+            assert await client.close_sequence(sequence) > 0
+
+    run(body())
+
+
+def test_a_compressing_policy_keeps_its_budget(cluster):
+    rng = np.random.default_rng(SEED + 1)
+    keys, values, queries = prompt(rng)
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="vl-cache", retention=0.25, decode_tokens=4)
+            sequence = placement.sequence_id
+            await client.prefill(sequence, keys, values, queries)
+            for number in range(4):
+                decoded = await client.decode(sequence, number, *step(rng))
+                assert np.isfinite(decoded.outputs).all() and np.abs(decoded.outputs).sum() > 0, f"seed {SEED}"
+            # Compressed to about a quarter of the prompt, plus the decoded rows.
+            assert decoded.full_kv_bytes == 2 * keys.nbytes // PROMPT * (PROMPT + 4)
+            assert 0 < decoded.kv_bytes < 0.35 * decoded.full_kv_bytes, f"seed {SEED}: {decoded}"
+            await client.close_sequence(sequence)
+
+    run(body())
+
+
+def test_errors_carry_the_wire_code(cluster):
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            with pytest.raises(TesseraError) as refused:
+                await client.close_sequence(987654321)
+            assert refused.value.code_name == "UNKNOWN_SEQUENCE", str(refused.value)
+            with pytest.raises(TesseraError) as unknown:
+                await client.decode(987654321, 0, *step(np.random.default_rng(SEED)))
+            assert unknown.value.code_name == "UNKNOWN_SEQUENCE"
+        # The certificate names tenant "default": claiming another is refused by the coordinator.
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"], tenant="mallory") as client:
+            with pytest.raises(TesseraError) as denied:
+                await client.open_sequence(TINY, SPANS, policy="full", retention=1.0)
+            assert denied.value.code_name == "PERMISSION_DENIED", str(denied.value)
+
+    run(body())
+
+
+def test_bad_tensors_are_refused_before_anything_is_sent(cluster):
+    rng = np.random.default_rng(SEED + 2)
+    keys, values, queries = prompt(rng)
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="snapkv", retention=0.5)
+            sequence = placement.sequence_id
+            with pytest.raises(ValueError, match=r"keys has shape"):
+                await client.prefill(sequence, keys[:, :1], values, queries)
+            poisoned = values.copy()
+            poisoned[2, 1, 5, 7] = np.nan
+            with pytest.raises(ValueError, match=r"layer 2 values has a non-finite element"):
+                await client.prefill(sequence, keys, poisoned, queries)
+            # The sequence is untouched: a valid prefill still goes through.
+            assert await client.prefill(sequence, keys, values, queries) > 0
+            await client.close_sequence(sequence)
+
+    run(body())
