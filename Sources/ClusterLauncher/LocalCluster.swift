@@ -173,6 +173,7 @@ public final class LocalCluster: Sendable {
                 options,
                 arguments: coordinatorArguments(options, port: 0) + ["--new-cluster"],
                 name: "coordinator",
+                logger: logger,
                 in: &group
             )
             let address = NodeAddress(host: "127.0.0.1", port: coordinatorReady.port)
@@ -189,6 +190,7 @@ public final class LocalCluster: Sendable {
                     options,
                     arguments: workerArguments(options, nodeID: nodeID, coordinator: address),
                     name: nodeID,
+                    logger: logger,
                     in: &group
                 )
                 workers.append(
@@ -219,6 +221,7 @@ public final class LocalCluster: Sendable {
                                     options,
                                     arguments: request.arguments,
                                     name: request.name,
+                                    logger: logger,
                                     in: &restarted
                                 )
                             )
@@ -326,6 +329,7 @@ public final class LocalCluster: Sendable {
         _ options: Options,
         arguments: [String],
         name: String,
+        logger: Logger,
         in group: inout ThrowingTaskGroup<R?, any Error>
     ) async throws -> Ready {
         let (readyStream, readyContinuation) = AsyncStream.makeStream(of: Ready.self)
@@ -339,18 +343,20 @@ public final class LocalCluster: Sendable {
         group.addTask {
             defer { readyContinuation.finish() }
             do {
-                try await runChild()
+                let status = try await runChild()
+                if tolerated { logger.warning("\(name) exited (\(status)); the rest of the cluster keeps running") }
             } catch  where tolerated && !(error is CancellationError) {
                 // A killed process is the point of the exercise.
+                logger.warning("\(name) ended: \(error); the rest of the cluster keeps running")
             }
             return nil
         }
-        @Sendable func runChild() async throws {
+        @Sendable func runChild() async throws -> TerminationStatus {
             let errorOutput: FileDescriptorOutput =
                 options.inheritStandardError
                 ? .fileDescriptor(.standardError, closeAfterSpawningProcess: false)
                 : .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
-            _ = try await run(
+            return try await run(
                 .path(options.binary),
                 arguments: Arguments(all),
                 platformOptions: platform,
@@ -371,7 +377,7 @@ public final class LocalCluster: Sendable {
                         )
                     }
                 }
-            }
+            }.terminationStatus
         }
         let ready = try await withDeadline(options.readyTimeout, what: "waiting for \(name) to print READY") {
             for await ready in readyStream { return ready }

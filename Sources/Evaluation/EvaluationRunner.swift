@@ -11,6 +11,9 @@ public struct EvaluationRequest: Sendable {
     public var seed: UInt64
     public var scalar: ScalarType
     public var traceSettings: TraceSettings
+    /// Traces read from files (`tessera eval --traces`): when any are given they are evaluated instead
+    /// of generated ones, `geometry` must be theirs and `sequences` their count.
+    public var traceFiles: [TraceFile]
 
     public init(
         preset: WorkloadPreset,
@@ -20,7 +23,8 @@ public struct EvaluationRequest: Sendable {
         sequences: Int,
         seed: UInt64,
         scalar: ScalarType = .float32,
-        traceSettings: TraceSettings = .defaults
+        traceSettings: TraceSettings = .defaults,
+        traceFiles: [TraceFile] = []
     ) {
         self.preset = preset
         self.geometry = geometry
@@ -30,6 +34,7 @@ public struct EvaluationRequest: Sendable {
         self.seed = seed
         self.scalar = scalar
         self.traceSettings = traceSettings
+        self.traceFiles = traceFiles
     }
 }
 
@@ -72,6 +77,18 @@ public struct EvaluationRunner: Sendable {
         }
         guard request.sequences >= 1 else {
             throw KVCacheError(.invalidSetting, "sequences must be ≥ 1, got \(request.sequences)")
+        }
+        if let other = request.traceFiles.first(where: { $0.geometry != request.geometry }) {
+            throw KVCacheError(
+                .invalidSetting,
+                "\(other.path) is a trace of \(other.geometry.name), not \(request.geometry.name): evaluate one model at a time"
+            )
+        }
+        guard request.traceFiles.isEmpty || request.traceFiles.count == request.sequences else {
+            throw KVCacheError(
+                .invalidSetting,
+                "sequences must be the number of trace files, \(request.traceFiles.count)"
+            )
         }
         self.request = request
     }
@@ -126,9 +143,10 @@ public struct EvaluationRunner: Sendable {
             settings: request.traceSettings,
             seed: request.seed
         )
+        let traces: [any PromptTrace] =
+            request.traceFiles.isEmpty ? (0..<request.sequences).map(generator.sequence) : request.traceFiles
         var totals: [Key: Tally] = [:]
-        for index in 0..<request.sequences {
-            let trace = generator.sequence(index)
+        for (index, trace) in traces.enumerated() {
             let layout = trace.layout
             let m = layout.promptLength
             let requirements = request.policies.map { $0.requirements(layout: layout) }
@@ -137,7 +155,7 @@ public struct EvaluationRunner: Sendable {
 
             // Pass 1: profile each layer once; per-policy statistics.
             let profiles: [Profiled] = try await forEachLayer(parallelism: parallelism) { layer in
-                let prefill = trace.prefill(layer: layer)
+                let prefill = try trace.prefill(layer: layer)
                 let clock = ContinuousClock()
                 let generated = clock.now
                 let profile = try AttentionProfile(prefill: prefill, requirements: union)
@@ -187,8 +205,8 @@ public struct EvaluationRunner: Sendable {
             let budgetCount = request.budgets.count
             let needle = trace.needle
             let layerTallies: [[Key: Tally]] = try await forEachLayer(parallelism: parallelism) { layer in
-                let prefill = trace.prefill(layer: layer)
-                let steps = trace.decode(layer: layer)
+                let prefill = try trace.prefill(layer: layer)
+                let steps = try trace.decode(layer: layer)
                 let profile = profiles[layer].profile
                 let full = try LayerCompressor.compress(
                     prefill,

@@ -20,7 +20,8 @@ struct ClusterCommand: AsyncParsableCommand {
                 Prints one line `READY {"coordinator":"127.0.0.1:PORT","certs":"DIR","workers":[...]}` on \
                 stdout once every worker has registered, then runs until SIGINT or SIGTERM and stops every \
                 child. Children also watch a lifeline (their stdin), so none outlives this process even if \
-                it is killed.
+                it is killed. A child that exits meanwhile (a worker killed to test a failover: the pids are \
+                on the READY line) is logged, and the rest of the cluster keeps running.
 
                 Connections are mutual TLS. Without --certs the cluster gets a throw-away CA in a temporary \
                 folder (deleted at exit) with a client certificate `client` of tenant `default`, so \
@@ -64,6 +65,8 @@ struct ClusterCommand: AsyncParsableCommand {
                 childArguments: ["--log-level", process.logLevel],
                 readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds)
             )
+            // A process killed to test a fault is logged; the rest of the cluster keeps serving.
+            options.toleratesWorkerExits = true
             options.coordinatorArguments = CoordinatorCommand.arguments(settings.coordinator)
             options.workerArguments = [
                 "--storage", settings.worker.storage.rawValue, "--faults", settings.worker.faults,

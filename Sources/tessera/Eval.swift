@@ -94,8 +94,26 @@ struct Eval: AsyncParsableCommand {
     @Flag(help: "Print the generated traces' statistics (per-layer sparsity, modality share of attention) and exit.")
     var describe = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Evaluate the trace files here (a .safetensors file, or every one in a folder; see `tessera trace export`) "
+                + "instead of generated traces; --workload, --model, --seed and --sequences are then not used.",
+            valueName: "path"
+        )
+    )
+    var traces: String?
+
     func run() async throws {
-        let request = try options.request()
+        var request = try options.request()
+        if let traces {
+            guard !describe else {
+                throw usageFailure("--describe measures generated traces; it does not take --traces")
+            }
+            let files = try TraceFile.all(at: traces)
+            request.geometry = files[0].geometry
+            request.sequences = files.count
+            request.traceFiles = files
+        }
         if describe {
             let generator = TraceGenerator(
                 preset: request.preset,

@@ -23,8 +23,10 @@ enum ResultTable {
             ])
         }
         let title =
-            "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
-            + "seed \(request.seed), \(request.scalar.rawValue)\n"
+            request.traceFiles.isEmpty
+            ? "\(request.preset.rawValue) on \(request.geometry.name), \(request.sequences) sequence(s), "
+                + "seed \(request.seed), \(request.scalar.rawValue)\n"
+            : "\(request.traceFiles.count) trace file(s) of \(request.geometry.name), \(request.scalar.rawValue)\n"
         return title + table(header: header, rows: rows)
     }
 

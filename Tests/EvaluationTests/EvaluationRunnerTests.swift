@@ -3,6 +3,12 @@ import KVCacheCore
 import Testing
 import Workloads
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 @Suite struct EvaluationRunnerTests {
     static func run(budgets: [Double], seed: UInt64, scalar: ScalarType = .float32) async throws -> [EvaluationResult] {
         let request = EvaluationRequest(
@@ -65,5 +71,37 @@ import Workloads
             seed: 1
         )
         #expect(throws: KVCacheError.self) { try EvaluationRunner(request: request) }
+    }
+}
+
+/// `tessera eval --traces`: the same traces read from files give the same table as generated.
+@Suite struct TraceFileEvaluationTests {
+    @Test func exportedTracesEvaluateExactlyAsGenerated() async throws {
+        let seed: UInt64 = 21
+        let policies = try ["snapkv", "vl-cache", "look-m"].map { try CompressionPolicy.named($0) }
+        var request = EvaluationRequest(
+            preset: .multiImage,
+            geometry: .tiny,
+            policies: policies,
+            budgets: [0.2],
+            sequences: 2,
+            seed: seed
+        )
+        let generated = try await EvaluationRunner(request: request).run(parallelism: 2)
+        let generator = TraceGenerator(preset: .multiImage, geometry: .tiny, seed: seed)
+        let folder = FileManager.default.temporaryDirectory.path
+        var files: [TraceFile] = []
+        for index in 0..<2 {
+            let path = "\(folder)/tessera-eval-\(ProcessInfo.processInfo.processIdentifier)-\(index).safetensors"
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            try TraceFile.write(generator.sequence(index), to: path)
+            files.append(try TraceFile(contentsOf: path))
+        }
+        request.traceFiles = files
+        let read = try await EvaluationRunner(request: request).run(parallelism: 2)
+        #expect(read.map(\.keptBytes) == generated.map(\.keptBytes), "seed \(seed)")
+        #expect(read.map(\.outputError) == generated.map(\.outputError), "seed \(seed)")
+        #expect(read.map(\.needleAccuracy) == generated.map(\.needleAccuracy), "seed \(seed)")
+        #expect(read.map(\.hitRate) == generated.map(\.hitRate), "seed \(seed)")
     }
 }

@@ -535,12 +535,19 @@ class Client:
 
         return await asyncio.gather(*(one(shard.shard_id) for shard in placement.shards))
 
+    async def refresh_placement(self, sequence_id: int) -> sequence_pb2.Placement:
+        """Asks the coordinator where the sequence lives now (its epoch moves at every failover)."""
+        fresh = await self._ask_coordinator(
+            placement_request=sequence_pb2.PlacementRequest(tenant=self.tenant, sequence_id=sequence_id)
+        )
+        self._placements[sequence_id] = fresh
+        return fresh
+
     async def _refresh(self, sequence_id: int) -> None:
         try:
             coordinator = await self._coordinator_connection()
-            fresh = await coordinator.request(
+            self._placements[sequence_id] = await coordinator.request(
                 placement_request=sequence_pb2.PlacementRequest(tenant=self.tenant, sequence_id=sequence_id)
             )
-            self._placements[sequence_id] = fresh
         except (TesseraError, ConnectionError, OSError):
             pass  # the coordinator may be restarting: retry at the placement known

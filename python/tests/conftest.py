@@ -1,6 +1,7 @@
 """A real local cluster for the client's tests: `tessera cluster up` as a child process (mutual TLS
 with a throw-away CA), stopped with SIGTERM and reaped after the session, even when a test fails."""
 
+import contextlib
 import json
 import os
 import signal
@@ -21,12 +22,12 @@ def tessera_binary() -> Path:
     return binary
 
 
-@pytest.fixture(scope="session")
-def cluster():
+@contextlib.contextmanager
+def local_cluster(workers: int):
     """The READY line's fields: `coordinator` (HOST:PORT), `certs` (the CA folder, with a client
-    certificate `client` of tenant `default`) and `workers`."""
+    certificate `client` of tenant `default`) and `workers` (each with `id`, `address` and `pid`)."""
     process = subprocess.Popen(
-        [str(tessera_binary()), "cluster", "up", "--workers", "2", "--log-level", "error"],
+        [str(tessera_binary()), "cluster", "up", "--workers", str(workers), "--log-level", "error"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -50,3 +51,17 @@ def cluster():
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two workers, shared by the tests that leave it as they found it."""
+    with local_cluster(2) as ready:
+        yield ready
+
+
+@pytest.fixture
+def own_cluster():
+    """Three workers for one test that kills some."""
+    with local_cluster(3) as ready:
+        yield ready

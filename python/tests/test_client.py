@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -39,6 +40,16 @@ def attention(query, keys, values):
     return (weights / weights.sum()) @ values.astype(np.float64)
 
 
+def expect_exact_attention(outputs, queries, keys, values, context):
+    """Every query head's output is attention over every row of its KV head (GQA groups in order)."""
+    g = TINY
+    group = g.query_heads // g.kv_heads
+    for layer in range(g.layers):
+        for head in range(g.query_heads):
+            want = attention(queries[layer, head], keys[layer, head // group], values[layer, head // group])
+            np.testing.assert_allclose(outputs[layer, head], want, rtol=1e-4, atol=1e-5, err_msg=context)
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
@@ -71,13 +82,7 @@ def test_the_full_cache_decodes_exact_attention(cluster):
                 outputs = (await client.decode(sequence, number, k, v, q)).outputs
                 all_keys = np.concatenate([all_keys, k[:, :, None, :]], axis=2)
                 all_values = np.concatenate([all_values, v[:, :, None, :]], axis=2)
-                group = g.query_heads // g.kv_heads
-                for layer in range(g.layers):
-                    for head in range(g.query_heads):
-                        want = attention(q[layer, head], all_keys[layer, head // group], all_values[layer, head // group])
-                        np.testing.assert_allclose(
-                            outputs[layer, head], want, rtol=1e-4, atol=1e-5, err_msg=f"seed {SEED} step {number}"
-                        )
+                expect_exact_attention(outputs, q, all_keys, all_values, f"seed {SEED} step {number}")
                 # A step already applied is answered again, not appended twice.
                 again = await client.decode(sequence, number, k, v, q)
                 np.testing.assert_array_equal(again.outputs, outputs)
@@ -140,6 +145,35 @@ def test_bad_tensors_are_refused_before_anything_is_sent(cluster):
                 await client.prefill(sequence, keys, poisoned, queries)
             # The sequence is untouched: a valid prefill still goes through.
             assert await client.prefill(sequence, keys, values, queries) > 0
+            await client.close_sequence(sequence)
+
+    run(body())
+
+
+def test_decoding_goes_on_after_the_primary_is_killed(own_cluster):
+    """SIGKILL the primary of a shard between two steps: the next step waits for the failover (the
+    client retries with a fresh placement) and the replica, now primary, holds every row."""
+    rng = np.random.default_rng(SEED + 3)
+    keys, values, _ = prompt(rng)
+
+    async def body():
+        async with await Client.connect(own_cluster["coordinator"], certs=own_cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="full", retention=1.0, decode_tokens=3)
+            sequence = placement.sequence_id
+            await client.prefill(sequence, keys, values)
+            all_keys, all_values = keys, values
+            for number in range(3):
+                if number == 1:
+                    victim = placement.shards[0].primary.node_id
+                    pid = next(w["pid"] for w in own_cluster["workers"] if w["id"] == victim)
+                    os.kill(pid, signal.SIGKILL)
+                k, v, q = step(rng)
+                outputs = (await client.decode(sequence, number, k, v, q)).outputs
+                all_keys = np.concatenate([all_keys, k[:, :, None, :]], axis=2)
+                all_values = np.concatenate([all_values, v[:, :, None, :]], axis=2)
+                expect_exact_attention(outputs, q, all_keys, all_values, f"seed {SEED} step {number}")
+            moved = await client.refresh_placement(sequence)
+            assert moved.epoch > placement.epoch and moved.shards[0].primary.node_id != victim
             await client.close_sequence(sequence)
 
     run(body())

@@ -1,0 +1,111 @@
+import KVCacheCore
+import Testing
+import Workloads
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Trace files: a generated trace written as safetensors reads back bit for bit, and every kind of
+/// damaged or inconsistent file is refused with a message naming the file and what was wrong.
+@Suite struct TraceFileTests {
+    static func temporaryPath(_ name: String) -> String {
+        "\(FileManager.default.temporaryDirectory.path)/tessera-\(ProcessInfo.processInfo.processIdentifier)-\(name)"
+    }
+
+    static func written(_ trace: SequenceTrace, dtype: SafeTensors.DType = .f32, queryRows: Int? = nil) throws -> SafeTensors {
+        let path = temporaryPath("trace-\(trace.seed)-\(dtype.rawValue).safetensors")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try TraceFile.write(trace, queryRows: queryRows, as: dtype, to: path)
+        return try SafeTensors(contentsOf: path)
+    }
+
+    @Test(arguments: [WorkloadPreset.imageQA, .video])
+    func aGeneratedTraceReadsBackBitForBit(preset: WorkloadPreset) throws {
+        let seed: UInt64 = 11
+        let trace = TraceGenerator(preset: preset, geometry: .tiny, seed: seed).sequence(0)
+        let file = try TraceFile(try Self.written(trace))
+        #expect(file.geometry == trace.geometry && file.layout == trace.layout, "seed \(seed)")
+        #expect(file.decodeSteps == trace.decodeSteps && file.needle == trace.needle, "seed \(seed)")
+        for layer in [0, trace.geometry.layers - 1] {
+            let (want, got) = (trace.prefill(layer: layer), try file.prefill(layer: layer))
+            #expect(got.keys == want.keys && got.values == want.values && got.queries == want.queries, "seed \(seed)")
+            let (steps, read) = (trace.decode(layer: layer), try file.decode(layer: layer))
+            #expect(read.map(\.keys) == steps.map(\.keys) && read.map(\.queries) == steps.map(\.queries), "seed \(seed)")
+            #expect(read.map(\.values) == steps.map(\.values), "seed \(seed)")
+        }
+    }
+
+    @Test func halfPrecisionAndFewerQueryRowsAreReadAsWritten() throws {
+        let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 12).sequence(0)
+        for dtype in [SafeTensors.DType.f16, .bf16] {
+            let file = try TraceFile(try Self.written(trace, dtype: dtype, queryRows: 8))
+            #expect(file.queryRows == 8)
+            let (want, got) = (trace.prefill(layer: 1), try file.prefill(layer: 1))
+            let error = zip(want.keys, got.keys).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
+            #expect(error < (dtype == .f16 ? 1e-3 : 1e-2), "\(dtype): largest relative error \(error)")
+            #expect(got.queries.count == trace.geometry.queryHeads * 8 * trace.geometry.headDim)
+        }
+    }
+
+    /// A file's bytes with the header replaced by `header`.
+    static func file(header: String, data: [UInt8] = []) -> [UInt8] {
+        let bytes = Array(header.utf8)
+        return (0..<8).map { UInt8(truncatingIfNeeded: UInt64(bytes.count) >> (8 * $0)) } + bytes + data
+    }
+
+    @Test(arguments: [
+        ([UInt8](repeating: 0, count: 5), "too short"),
+        ([255, 255, 255, 255, 0, 0, 0, 0] + [UInt8](repeating: 32, count: 8), "header length"),
+        (Self.file(header: "[1, 2]"), "not a JSON object"),
+        (Self.file(header: #"{"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "dtype F64"),
+        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 4)), "data's size"),
+        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "holds 8 bytes"),
+        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "overflows"),
+        (
+            Self.file(
+                header: #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#,
+                data: [UInt8](repeating: 0, count: 8)
+            ), "overlap"
+        ),
+    ])
+    func damagedFilesAreRefused(bytes: [UInt8], expected: String) {
+        #expect {
+            _ = try SafeTensors(bytes: bytes, file: "bad.safetensors")
+        } throws: { error in
+            "\(error)".hasPrefix("bad.safetensors: ") && "\(error)".contains(expected)
+        }
+    }
+
+    @Test func tracesThatDisagreeWithThemselvesAreRefused() throws {
+        let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 13).sequence(0)
+        let good = try Self.written(trace)
+        func refused(_ change: (inout SafeTensors) -> Void, _ expected: String, sourceLocation: SourceLocation = #_sourceLocation) {
+            var file = good
+            change(&file)
+            #expect(sourceLocation: sourceLocation) {
+                _ = try TraceFile(try SafeTensors(bytes: file.serialized(), file: "t.safetensors"))
+            } throws: { "\($0)".contains(expected) }
+        }
+        refused({ $0.setMetadata("format", "other") }, "expected 'tessera.trace.v1'")
+        refused({ $0.setMetadata("spans", #"[{"kind":"text","index":0,"start":0,"count":5}]"#) }, "the geometry and spans need")
+        refused(
+            { $0.setMetadata("spans", #"[{"kind":"text","index":0,"start":3,"count":5}]"#) },
+            "without gaps or overlaps"
+        )
+        refused({ $0.setMetadata("spans", #"[{"kind":"audio","index":0,"start":0,"count":5}]"#) }, "kind 'audio'")
+        refused({ $0.setMetadata("geometry", #"{"name":"x"}"#) }, "__metadata__.geometry")
+        refused({ $0.setMetadata("decode_steps", "-1") }, "decode_steps")
+        var poisoned = good
+        let shape = try good.shape("layers.2.values")
+        var values = try good.floats("layers.2.values", shape: shape)
+        values[17] = .nan
+        poisoned.add("layers.2.values", floats: values, shape: shape)
+        let file = try TraceFile(try SafeTensors(bytes: poisoned.serialized(), file: "p.safetensors"))
+        #expect {
+            _ = try file.prefill(layer: 2)
+        } throws: { "\($0)".contains("layers.2.values element 17 is nan") }
+    }
+}
