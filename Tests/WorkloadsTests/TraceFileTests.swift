@@ -1,12 +1,19 @@
 import KVCacheCore
 import Testing
-import Workloads
+
+@testable import Workloads
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
+
+/// Seeded random draws for the mutation test.
+private struct Seeded: RandomNumberGenerator {
+    var mix: SplitMix64
+    mutating func next() -> UInt64 { mix.next() }
+}
 
 /// Trace files: a generated trace written as safetensors reads back bit for bit, and every kind of
 /// damaged or inconsistent file is refused with a message naming the file and what was wrong.
@@ -77,6 +84,44 @@ import Foundation
         } throws: { error in
             "\(error)".hasPrefix("bad.safetensors: ") && "\(error)".contains(expected)
         }
+    }
+
+    /// Seeded mutations of a valid file (bytes flipped in the header length, the header and the data,
+    /// or the file cut short): each is read or refused with a `TraceFileError`, never a crash, and a
+    /// file that is read yields its layers or refuses them the same way.
+    @Test func mutatedFilesAreReadOrRefusedNeverCrash() throws {
+        let seed: UInt64 = 14
+        var rng = Seeded(mix: SplitMix64(state: seed))
+        let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
+        let valid = try Self.written(trace, queryRows: 4).serialized()
+        let headerEnd = 8 + Int(valid[0]) + Int(valid[1]) << 8
+        var read = 0
+        for round in 0..<2_000 {
+            var bytes = valid
+            for _ in 0..<Int.random(in: 1...4, using: &rng) {
+                let region = Int.random(in: 0..<3, using: &rng)
+                let index =
+                    region == 0
+                    ? Int.random(in: 0..<8, using: &rng)
+                    : region == 1
+                        ? Int.random(in: 8..<headerEnd, using: &rng) : Int.random(in: headerEnd..<bytes.count, using: &rng)
+                bytes[index] = UInt8.random(in: 0...255, using: &rng)
+            }
+            if round % 10 == 0 { bytes.removeLast(Int.random(in: 1..<bytes.count, using: &rng)) }
+            guard let file = try? SafeTensors(bytes: bytes, file: "m.safetensors"), let trace = try? TraceFile(file) else {
+                continue
+            }
+            read += 1
+            for layer in 0..<trace.geometry.layers {
+                do {
+                    _ = try trace.prefill(layer: layer)
+                    _ = try trace.decode(layer: layer)
+                } catch {
+                    #expect(error is TraceFileError || error is KVCacheError, "seed \(seed) round \(round): \(error)")
+                }
+            }
+        }
+        #expect(read > 0, "seed \(seed): no mutation left the file readable, so layers were never read")
     }
 
     @Test func tracesThatDisagreeWithThemselvesAreRefused() throws {
