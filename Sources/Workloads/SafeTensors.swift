@@ -99,7 +99,14 @@ public struct SafeTensors: Sendable {
             case (_, .metadata):
                 throw TraceFileError(file, "tensor \(name) needs dtype, shape and data_offsets")
             case (_, .tensor(let dtype, let shape, let offsets)):
-                entries[name] = try Self.entry(name, dtype: dtype, shape: shape, offsets: offsets, data: data.count, file)
+                entries[name] = try Self.entry(
+                    name,
+                    dtype: dtype,
+                    shape: shape,
+                    offsets: offsets,
+                    data: data.count,
+                    file
+                )
             }
         }
         let ordered = entries.sorted { $0.value.range.lowerBound < $1.value.range.lowerBound }
@@ -167,11 +174,20 @@ public struct SafeTensors: Sendable {
             let base = raw.baseAddress! + entry.range.lowerBound
             return (0..<count).map { i in
                 switch entry.dtype {
-                case .f32: Float(bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))
+                case .f32:
+                    Float(bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))
                 case .f16:
-                    Float(Float16(bitPattern: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))))
+                    Float(
+                        Float16(
+                            bitPattern: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
+                        )
+                    )
                 case .bf16:
-                    Float(bitPattern: UInt32(UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) << 16)
+                    Float(
+                        bitPattern: UInt32(
+                            UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
+                        ) << 16
+                    )
                 case .i32: .nan  // refused above
                 }
             }
@@ -203,7 +219,10 @@ public struct SafeTensors: Sendable {
 
     /// Appends tensor `name` in `dtype` (F32, F16 or BF16; BF16 rounds to nearest even).
     public mutating func add(_ name: String, floats: [Float], shape: [Int], as dtype: DType = .f32) {
-        precondition(floats.count == shape.reduce(1, *) && dtype != .i32, "\(name): shape \(shape), \(floats.count) floats")
+        precondition(
+            floats.count == shape.reduce(1, *) && dtype != .i32,
+            "\(name): shape \(shape), \(floats.count) floats"
+        )
         let start = data.count
         for value in floats {
             switch dtype {

@@ -125,7 +125,8 @@ public struct TraceFile: PromptTrace {
             promptLength: m,
             keys: try file.floats("\(prefix).keys", shape: [g.kvHeads, m, g.headDim]),
             values: try file.floats("\(prefix).values", shape: [g.kvHeads, m, g.headDim]),
-            queries: queryRows == 0 ? [] : try file.floats("\(prefix).queries", shape: [g.queryHeads, queryRows, g.headDim]),
+            queries: queryRows == 0
+                ? [] : try file.floats("\(prefix).queries", shape: [g.queryHeads, queryRows, g.headDim]),
             queryRows: queryRows
         )
     }
@@ -149,7 +150,8 @@ public struct TraceFile: PromptTrace {
     }
 
     /// Rows `first ..< first + count` of every head of a `[heads, total, d]` tensor: `[heads, count, d]`.
-    private static func rows(_ tensor: [Float], heads: Int, total: Int, d: Int, from first: Int, count: Int) -> [Float] {
+    private static func rows(_ tensor: [Float], heads: Int, total: Int, d: Int, from first: Int, count: Int) -> [Float]
+    {
         var rows: [Float] = []
         rows.reserveCapacity(heads * count * d)
         for h in 0..<heads {
@@ -196,15 +198,32 @@ public struct TraceFile: PromptTrace {
             file.add("layers.\(layer).values", floats: prefill.values, shape: [g.kvHeads, m, d], as: dtype)
             if rows > 0 {
                 let total = prefill.queryRows
-                let queries = Self.rows(prefill.queries, heads: g.queryHeads, total: total, d: d, from: total - rows, count: rows)
+                let queries = Self.rows(
+                    prefill.queries,
+                    heads: g.queryHeads,
+                    total: total,
+                    d: d,
+                    from: total - rows,
+                    count: rows
+                )
                 file.add("layers.\(layer).queries", floats: queries, shape: [g.queryHeads, rows, d], as: dtype)
             }
             let steps = try trace.decode(layer: layer)
             guard !steps.isEmpty else { continue }
             let decode = "layers.\(layer).decode"
             let kv = [g.kvHeads, steps.count, d]
-            file.add("\(decode).keys", floats: Self.stacked(steps.map(\.keys), heads: g.kvHeads, d: d), shape: kv, as: dtype)
-            file.add("\(decode).values", floats: Self.stacked(steps.map(\.values), heads: g.kvHeads, d: d), shape: kv, as: dtype)
+            file.add(
+                "\(decode).keys",
+                floats: Self.stacked(steps.map(\.keys), heads: g.kvHeads, d: d),
+                shape: kv,
+                as: dtype
+            )
+            file.add(
+                "\(decode).values",
+                floats: Self.stacked(steps.map(\.values), heads: g.kvHeads, d: d),
+                shape: kv,
+                as: dtype
+            )
             file.add(
                 "\(decode).queries",
                 floats: Self.stacked(steps.map(\.queries), heads: g.queryHeads, d: d),

@@ -38,7 +38,9 @@ struct TraceCommand: AsyncParsableCommand {
         @Option(help: "Tensor type in the files: f32, f16 or bf16.")
         var dtype = "f32"
 
-        @Option(help: "Query rows kept per layer, the prompt's last ones (default: every row, which H2O and LOOK-M need).")
+        @Option(
+            help: "Query rows kept per layer, the prompt's last ones (default: every row, which H2O and LOOK-M need)."
+        )
         var queryRows: Int?
 
         @Option(help: "The folder to write into (created if missing).")
@@ -58,7 +60,9 @@ struct TraceCommand: AsyncParsableCommand {
                 throw usageFailure(error.message)
             }
             let types: [String: SafeTensors.DType] = ["f32": .f32, "f16": .f16, "bf16": .bf16]
-            guard let type = types[dtype] else { throw usageFailure("unknown dtype '\(dtype)'; allowed: f32, f16, bf16") }
+            guard let type = types[dtype] else {
+                throw usageFailure("unknown dtype '\(dtype)'; allowed: f32, f16, bf16")
+            }
             guard (1...10_000).contains(sequences) else {
                 throw usageFailure("--sequences must be in 1...10000, got \(sequences)")
             }

@@ -22,7 +22,11 @@ private struct Seeded: RandomNumberGenerator {
         "\(FileManager.default.temporaryDirectory.path)/tessera-\(ProcessInfo.processInfo.processIdentifier)-\(name)"
     }
 
-    static func written(_ trace: SequenceTrace, dtype: SafeTensors.DType = .f32, queryRows: Int? = nil) throws -> SafeTensors {
+    static func written(
+        _ trace: SequenceTrace,
+        dtype: SafeTensors.DType = .f32,
+        queryRows: Int? = nil
+    ) throws -> SafeTensors {
         let path = temporaryPath("trace-\(trace.seed)-\(dtype.rawValue).safetensors")
         defer { try? FileManager.default.removeItem(atPath: path) }
         try TraceFile.write(trace, queryRows: queryRows, as: dtype, to: path)
@@ -40,7 +44,10 @@ private struct Seeded: RandomNumberGenerator {
             let (want, got) = (trace.prefill(layer: layer), try file.prefill(layer: layer))
             #expect(got.keys == want.keys && got.values == want.values && got.queries == want.queries, "seed \(seed)")
             let (steps, read) = (trace.decode(layer: layer), try file.decode(layer: layer))
-            #expect(read.map(\.keys) == steps.map(\.keys) && read.map(\.queries) == steps.map(\.queries), "seed \(seed)")
+            #expect(
+                read.map(\.keys) == steps.map(\.keys) && read.map(\.queries) == steps.map(\.queries),
+                "seed \(seed)"
+            )
             #expect(read.map(\.values) == steps.map(\.values), "seed \(seed)")
         }
     }
@@ -67,13 +74,34 @@ private struct Seeded: RandomNumberGenerator {
         ([UInt8](repeating: 0, count: 5), "too short"),
         ([255, 255, 255, 255, 0, 0, 0, 0] + [UInt8](repeating: 32, count: 8), "header length"),
         (Self.file(header: "[1, 2]"), "not a JSON object"),
-        (Self.file(header: #"{"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "dtype F64"),
-        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 4)), "data's size"),
-        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "holds 8 bytes"),
-        (Self.file(header: #"{"a": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 8]}}"#, data: [UInt8](repeating: 0, count: 8)), "overflows"),
         (
             Self.file(
-                header: #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#,
+                header: #"{"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}"#,
+                data: [UInt8](repeating: 0, count: 8)
+            ), "dtype F64"
+        ),
+        (
+            Self.file(
+                header: #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#,
+                data: [UInt8](repeating: 0, count: 4)
+            ), "data's size"
+        ),
+        (
+            Self.file(
+                header: #"{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#,
+                data: [UInt8](repeating: 0, count: 8)
+            ), "holds 8 bytes"
+        ),
+        (
+            Self.file(
+                header: #"{"a": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 8]}}"#,
+                data: [UInt8](repeating: 0, count: 8)
+            ), "overflows"
+        ),
+        (
+            Self.file(
+                header:
+                    #"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#,
                 data: [UInt8](repeating: 0, count: 8)
             ), "overlap"
         ),
@@ -104,11 +132,13 @@ private struct Seeded: RandomNumberGenerator {
                     region == 0
                     ? Int.random(in: 0..<8, using: &rng)
                     : region == 1
-                        ? Int.random(in: 8..<headerEnd, using: &rng) : Int.random(in: headerEnd..<bytes.count, using: &rng)
+                        ? Int.random(in: 8..<headerEnd, using: &rng)
+                        : Int.random(in: headerEnd..<bytes.count, using: &rng)
                 bytes[index] = UInt8.random(in: 0...255, using: &rng)
             }
             if round % 10 == 0 { bytes.removeLast(Int.random(in: 1..<bytes.count, using: &rng)) }
-            guard let file = try? SafeTensors(bytes: bytes, file: "m.safetensors"), let trace = try? TraceFile(file) else {
+            guard let file = try? SafeTensors(bytes: bytes, file: "m.safetensors"), let trace = try? TraceFile(file)
+            else {
                 continue
             }
             read += 1
@@ -127,7 +157,11 @@ private struct Seeded: RandomNumberGenerator {
     @Test func tracesThatDisagreeWithThemselvesAreRefused() throws {
         let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 13).sequence(0)
         let good = try Self.written(trace)
-        func refused(_ change: (inout SafeTensors) -> Void, _ expected: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        func refused(
+            _ change: (inout SafeTensors) -> Void,
+            _ expected: String,
+            sourceLocation: SourceLocation = #_sourceLocation
+        ) {
             var file = good
             change(&file)
             #expect(sourceLocation: sourceLocation) {
@@ -135,7 +169,10 @@ private struct Seeded: RandomNumberGenerator {
             } throws: { "\($0)".contains(expected) }
         }
         refused({ $0.setMetadata("format", "other") }, "expected 'tessera.trace.v1'")
-        refused({ $0.setMetadata("spans", #"[{"kind":"text","index":0,"start":0,"count":5}]"#) }, "the geometry and spans need")
+        refused(
+            { $0.setMetadata("spans", #"[{"kind":"text","index":0,"start":0,"count":5}]"#) },
+            "the geometry and spans need"
+        )
         refused(
             { $0.setMetadata("spans", #"[{"kind":"text","index":0,"start":3,"count":5}]"#) },
             "without gaps or overlaps"
