@@ -184,7 +184,7 @@ public struct TraceFile: PromptTrace {
         let d = g.headDim
         var file = SafeTensors(file: path)
         file.setMetadata("format", format)
-        file.setMetadata("geometry", try encode(GeometryRecord(g)))
+        file.setMetadata("geometry", try geometryJSON(g))
         file.setMetadata("spans", try encode(trace.layout.spans.map(SpanRecord.init)))
         file.setMetadata("decode_steps", "\(trace.decodeSteps)")
         if let needle = trace.needle {
@@ -232,6 +232,11 @@ public struct TraceFile: PromptTrace {
             )
         }
         try file.write(to: path)
+    }
+
+    /// `geometry` as the JSON a trace file's `__metadata__.geometry` holds.
+    public static func geometryJSON(_ geometry: ModelGeometry) throws -> String {
+        try encode(GeometryRecord(geometry))
     }
 
     private static func expect(_ file: SafeTensors, _ name: String, _ shape: [Int]) throws(TraceFileError) {

@@ -12,7 +12,7 @@ struct Tessera: AsyncParsableCommand {
         subcommands: [
             Demo.self, Eval.self, BenchKernels.self, ClusterCommand.self, CoordinatorCommand.self, WorkerCommand.self,
             StatusCommand.self, Bench.self, ChaosCommand.self, BenchWire.self, CertsCommand.self,
-            SimulateCommand.self, TraceCommand.self,
+            SimulateCommand.self, TraceCommand.self, Compress.self,
         ]
     )
 }

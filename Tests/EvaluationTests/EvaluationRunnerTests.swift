@@ -105,3 +105,48 @@ import Foundation
         #expect(read.map(\.hitRate) == generated.map(\.hitRate), "seed \(seed)")
     }
 }
+
+/// `tessera compress`: one policy's pipeline over one trace keeps what the evaluation keeps, in
+/// position order, and writes it so that it reads back.
+@Suite struct TraceCompressorTests {
+    @Test func itKeepsWhatTheEvaluationKeepsAndWritesItBack() async throws {
+        let seed: UInt64 = 22
+        let names = ["streaming-llm", "h2o", "snapkv", "pyramidkv", "vl-cache", "madakv", "look-m"]
+        let policies = try names.map { try CompressionPolicy.named($0) }
+        let request = EvaluationRequest(
+            preset: .imageQA,
+            geometry: .tiny,
+            policies: policies,
+            budgets: [0.25],
+            sequences: 1,
+            seed: seed
+        )
+        let evaluated = try await EvaluationRunner(request: request).run(parallelism: 2)
+        let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: seed).sequence(0)
+        let m = trace.layout.promptLength
+        for (policy, result) in zip(policies, evaluated) {
+            let kept = try TraceCompressor.compress(trace, policy: policy, retention: 0.25, threads: 2)
+            let heads = kept.layers.joined()
+            #expect(heads.reduce(0) { $0 + $1.payloadBytes } == result.keptBytes, "seed \(seed): \(policy.name)")
+            for head in heads {
+                #expect(head.positions == head.positions.sorted(), "seed \(seed): \(policy.name)")
+                #expect(head.positions.allSatisfy { (0..<Int32(m)).contains($0) }, "seed \(seed): \(policy.name)")
+            }
+        }
+        // StreamingLLM keeps the 4 sinks and the most recent rows, nothing in between.
+        let streaming = try TraceCompressor.compress(trace, policy: policies[0], retention: 0.25).layers[0][0]
+        let recent = streaming.count - 4
+        #expect(streaming.positions == Array(0..<4) + ((m - recent)..<m).map(Int32.init), "seed \(seed)")
+
+        let path =
+            "\(FileManager.default.temporaryDirectory.path)/tessera-kept-\(ProcessInfo.processInfo.processIdentifier).safetensors"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let snap = try TraceCompressor.compress(trace, policy: policies[2], retention: 0.25)
+        try snap.write(to: path, geometry: .tiny, policy: "snapkv", retention: 0.25)
+        let file = try SafeTensors(contentsOf: path)
+        let head = snap.layers[3][1]
+        #expect(try file.int32s("layers.3.heads.1.kept", shape: [head.count]) == head.positions)
+        #expect(try file.floats("layers.3.heads.1.values", shape: [head.count, head.headDim]) == head.values)
+        #expect(file.metadata["policy"] == "snapkv" && file.metadata["format"] == "tessera.kept.v1")
+    }
+}
