@@ -13,6 +13,7 @@ from tessera.client import (
     Span,
     TesseraError,
 )
+from tessera.trace import Trace, load_trace, read_safetensors
 
 __all__ = [
     "Client",
@@ -21,6 +22,9 @@ __all__ = [
     "Geometry",
     "Span",
     "TesseraError",
+    "Trace",
+    "load_trace",
+    "read_safetensors",
     "TINY",
     "LLAVA_1_5_7B",
     "LLAVA_1_6_MISTRAL_7B",

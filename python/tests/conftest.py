@@ -22,6 +22,12 @@ def tessera_binary() -> Path:
     return binary
 
 
+@pytest.fixture(scope="session")
+def tessera():
+    """The tessera binary the tests run."""
+    return tessera_binary()
+
+
 @contextlib.contextmanager
 def local_cluster(workers: int):
     """The READY line's fields: `coordinator` (HOST:PORT), `certs` (the CA folder, with a client

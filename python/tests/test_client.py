@@ -3,11 +3,12 @@
 import asyncio
 import os
 import signal
+import subprocess
 
 import numpy as np
 import pytest
 
-from tessera import TINY, Client, Span, TesseraError
+from tessera import TINY, Client, Span, TesseraError, load_trace
 
 SEED = int(os.environ.get("TESSERA_TEST_SEED", "20261204"))
 IMAGE_TOKENS = TINY.tokens_per_image
@@ -174,6 +175,35 @@ def test_decoding_goes_on_after_the_primary_is_killed(own_cluster):
                 expect_exact_attention(outputs, q, all_keys, all_values, f"seed {SEED} step {number}")
             moved = await client.refresh_placement(sequence)
             assert moved.epoch > placement.epoch and moved.shards[0].primary.node_id != victim
+            await client.close_sequence(sequence)
+
+    run(body())
+
+
+def test_an_exported_trace_is_prefilled_and_decoded(cluster, tessera, tmp_path):
+    """`tessera trace export` writes a trace; the client prefills it and decodes its own steps, and
+    with the full cache every output is exact attention over the file's rows."""
+    subprocess.run(
+        [str(tessera), "trace", "export", "--workload", "image-qa", "--model", "tiny", "--seed", str(SEED)]
+        + ["--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    trace = load_trace(str(tmp_path / "sequence-0.safetensors"))
+    assert trace.geometry == TINY and trace.decode_steps > 2
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(trace.geometry, trace.spans, policy="full", retention=1.0)
+            sequence = placement.sequence_id
+            await client.prefill(sequence, trace.keys, trace.values, trace.queries)
+            keys, values = trace.keys, trace.values
+            for number in range(2):
+                k, v, q = trace.step(number)
+                outputs = (await client.decode(sequence, number, k, v, q)).outputs
+                keys = np.concatenate([keys, k[:, :, None, :]], axis=2)
+                values = np.concatenate([values, v[:, :, None, :]], axis=2)
+                expect_exact_attention(outputs, q, keys, values, f"seed {SEED} step {number}")
             await client.close_sequence(sequence)
 
     run(body())
