@@ -29,12 +29,21 @@ public enum TraceCompressor {
         var profiles: [AttentionProfile] = []
         var statistics: [LayerStatistics] = []
         for layer in 0..<g.layers {
-            let profile = try AttentionProfile(prefill: try trace.prefill(layer: layer), requirements: requirements, threads: threads)
+            let profile = try AttentionProfile(
+                prefill: try trace.prefill(layer: layer),
+                requirements: requirements,
+                threads: threads
+            )
             profiles.append(profile)
             statistics.append(LayerStatistics(layer: layer, profile: profile, layout: layout, policy: policy))
         }
         let profiled = clock.now
-        let budgets = try BudgetAllocator.allocate(policy: policy, retention: retention, geometry: g, statistics: statistics)
+        let budgets = try BudgetAllocator.allocate(
+            policy: policy,
+            retention: retention,
+            geometry: g,
+            statistics: statistics
+        )
         var layers: [[HeadCache<Float>]] = []
         var merged = 0
         for layer in 0..<g.layers {

@@ -36,7 +36,12 @@ struct Compress: AsyncParsableCommand {
         guard file.count == 1 else { throw usageFailure("--trace takes one file; \(trace) holds \(file.count)") }
         let result: TraceCompressor.Compressed
         do {
-            result = try TraceCompressor.compress(file[0], policy: chosen, retention: budget, threads: Terminal.onlineProcessors)
+            result = try TraceCompressor.compress(
+                file[0],
+                policy: chosen,
+                retention: budget,
+                threads: Terminal.onlineProcessors
+            )
         } catch let error as TraceFileError {
             throw usageFailure(error.message)
         } catch let error as KVCacheError {
