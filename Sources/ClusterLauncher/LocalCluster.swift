@@ -344,10 +344,15 @@ public final class LocalCluster: Sendable {
             defer { readyContinuation.finish() }
             do {
                 let status = try await runChild()
-                if tolerated { logger.warning("\(name) exited (\(status)); the rest of the cluster keeps running") }
+                // Cancelled, the cluster is stopping: every child exits, and that is no news.
+                if tolerated && !Task.isCancelled {
+                    logger.warning("\(name) exited (\(status)); the rest of the cluster keeps running")
+                }
             } catch  where tolerated && !(error is CancellationError) {
                 // A killed process is the point of the exercise.
-                logger.warning("\(name) ended: \(error); the rest of the cluster keeps running")
+                if !Task.isCancelled {
+                    logger.warning("\(name) ended: \(error); the rest of the cluster keeps running")
+                }
             }
             return nil
         }
