@@ -43,32 +43,47 @@ public struct HeadCache<S: KVScalar>: Sendable {
     public var metadataBytes: Int { count * (MemoryLayout<Int32>.size + MemoryLayout<ModalityTag>.size) }
 
     /// Appends one row, converting from Float32.
-    @_specialize(where S == Float)
-    @_specialize(where S == Float16)
     public mutating func append(
         key: UnsafeBufferPointer<Float>,
         value: UnsafeBufferPointer<Float>,
         position: Int,
         tag: ModalityTag
     ) {
-        precondition(key.count == headDim && value.count == headDim, "row length must equal headDim")
-        Self.appendRow(key, to: &keys)
-        Self.appendRow(value, to: &values)
-        positions.append(Int32(truncatingIfNeeded: position))
-        tags.append(tag)
+        append(keys: key, values: value, positions: position..<(position + 1), tags: CollectionOfOne(tag))
+    }
+
+    /// Appends the rows of consecutive prompt positions, back to back in `keys` and `values`,
+    /// converting from Float32: one copy per run, however many rows it has.
+    @_specialize(where S == Float, Tags == ArraySlice<ModalityTag>)
+    @_specialize(where S == Float16, Tags == ArraySlice<ModalityTag>)
+    public mutating func append<Tags: Collection<ModalityTag>>(
+        keys rowKeys: UnsafeBufferPointer<Float>,
+        values rowValues: UnsafeBufferPointer<Float>,
+        positions: Range<Int>,
+        tags rowTags: Tags
+    ) {
+        precondition(
+            rowKeys.count == positions.count * headDim && rowValues.count == rowKeys.count
+                && rowTags.count == positions.count,
+            "rows must be headDim elements per position, with one tag each"
+        )
+        Self.appendRows(rowKeys, to: &keys)
+        Self.appendRows(rowValues, to: &values)
+        self.positions.append(contentsOf: positions.lazy.map { Int32(truncatingIfNeeded: $0) })
+        tags.append(contentsOf: rowTags)
     }
 
     @inline(__always)
-    private static func appendRow(_ row: UnsafeBufferPointer<Float>, to storage: inout [S]) {
+    private static func appendRows(_ rows: UnsafeBufferPointer<Float>, to storage: inout [S]) {
         if S.self == Float.self {
-            // No conversion: copy the row in, instead of zero-filling it first.
-            row.withMemoryRebound(to: S.self) { storage.append(contentsOf: $0) }
+            // No conversion: copy the rows in, instead of zero-filling them first.
+            rows.withMemoryRebound(to: S.self) { storage.append(contentsOf: $0) }
             return
         }
         let start = storage.count
-        storage.append(contentsOf: repeatElement(S.zero, count: row.count))
+        storage.append(contentsOf: repeatElement(S.zero, count: rows.count))
         storage.withUnsafeMutableBufferPointer {
-            S.store(row.baseAddress!, into: $0.baseAddress! + start, count: row.count)
+            S.store(rows.baseAddress!, into: $0.baseAddress! + start, count: rows.count)
         }
     }
 

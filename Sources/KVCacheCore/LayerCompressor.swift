@@ -62,10 +62,8 @@ public enum LayerCompressor {
         var heads: [HeadCache<S>] = []
         for h in 0..<g.kvHeads {
             var cache = HeadCache<S>(headDim: g.headDim, capacity: kept[h].count)
-            for j in kept[h] {
-                rows.withRow(head: h, position: j) { key, value in
-                    cache.append(key: key, value: value, position: j, tag: layout.tags[j])
-                }
+            rows.forEachRun(head: h, of: kept[h]) { positions, keys, values in
+                cache.append(keys: keys, values: values, positions: positions, tags: layout.tags[positions])
             }
             heads.append(cache)
         }

@@ -13,18 +13,61 @@ struct MergedRows {
         changedValues = changedKeys
     }
 
-    func withRow(head: Int, position: Int, _ body: (UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) -> Void) {
+    /// Calls `body` with the key and value rows of `head` at the ascending positions `kept`: one call
+    /// per run of consecutive positions that merging left unchanged (read in place from the prefill,
+    /// so a head kept whole is one call), and one per changed row.
+    func forEachRun(
+        head: Int,
+        of kept: [Int],
+        _ body: (Range<Int>, UnsafeBufferPointer<Float>, UnsafeBufferPointer<Float>) -> Void
+    ) {
+        let changedKeys = changedKeys[head]
+        let changedValues = changedValues[head]
+        let base = prefill.kvOffset(head: head, position: 0)
         let d = prefill.geometry.headDim
-        let offset = prefill.kvOffset(head: head, position: position)
-        func row(_ changed: [Float]?, _ original: [Float], _ next: (UnsafeBufferPointer<Float>) -> Void) {
-            if let changed {
-                changed.withUnsafeBufferPointer(next)
-            } else {
-                original.withUnsafeBufferPointer { next(UnsafeBufferPointer(rebasing: $0[offset..<(offset + d)])) }
-            }
+        /// The elements of `positions`' rows in `prefill.keys` and `prefill.values`.
+        func elements(_ positions: Range<Int>) -> Range<Int> {
+            (base + positions.lowerBound * d)..<(base + positions.upperBound * d)
         }
-        row(changedKeys[head][position], prefill.keys) { key in
-            row(changedValues[head][position], prefill.values) { value in body(key, value) }
+        prefill.keys.withUnsafeBufferPointer { keys in
+            prefill.values.withUnsafeBufferPointer { values in
+                func original(_ positions: Range<Int>) {
+                    let rows = elements(positions)
+                    body(
+                        positions,
+                        UnsafeBufferPointer(rebasing: keys[rows]),
+                        UnsafeBufferPointer(rebasing: values[rows])
+                    )
+                }
+                func either(
+                    _ changed: [Float]?,
+                    _ original: UnsafeBufferPointer<Float>,
+                    row: Int,
+                    _ next: (UnsafeBufferPointer<Float>) -> Void
+                ) {
+                    if let changed {
+                        changed.withUnsafeBufferPointer(next)
+                    } else {
+                        next(UnsafeBufferPointer(rebasing: original[elements(row..<(row + 1))]))
+                    }
+                }
+                var run: Range<Int>?
+                for j in kept {
+                    if changedKeys[j] != nil || changedValues[j] != nil {
+                        if let pending = run { original(pending) }
+                        run = nil
+                        either(changedKeys[j], keys, row: j) { key in
+                            either(changedValues[j], values, row: j) { value in body(j..<(j + 1), key, value) }
+                        }
+                    } else if let pending = run, pending.upperBound == j {
+                        run = pending.lowerBound..<(j + 1)
+                    } else {
+                        if let pending = run { original(pending) }
+                        run = j..<(j + 1)
+                    }
+                }
+                if let pending = run { original(pending) }
+            }
         }
     }
 

@@ -26,6 +26,7 @@ public final class WorkerService: Sendable {
     /// Where it listens and connects, and the clock of its loops.
     let network: any Network
     private let trimming = Atomic<Bool>(false)
+    private let retainedPages = Mutex(RetainedPages())
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
@@ -259,20 +260,16 @@ public final class WorkerService: Sendable {
         }
     }
 
-    /// Free heap memory this process may keep for reuse, beyond what it holds and what it was resident
-    /// with before holding anything: 64 MiB and 1/8 of the held bytes.
-    static func retainedAllowance(held: Int) -> UInt64 { UInt64(64 << 20) + UInt64(held / 8) }
-
-    /// Gives the heap's free pages back to the kernel once resident memory exceeds the bytes held
-    /// (cache, prefills, audit copies) by more than `retainedAllowance`: freed tensors stay in the
-    /// heap for reuse (`ProcessMemory.reuseLargeFrees`), and this keeps the footprint a load test
-    /// measures close to what the worker holds. Checked every heartbeat and after a budget or a close
-    /// frees a sequence's rows.
+    /// Gives the heap's free pages back to the kernel once resident memory has exceeded the bytes
+    /// held (cache, prefills, audit copies) by more than the allowance for a second (`RetainedPages`).
+    /// Checked every heartbeat and after a budget or a close frees a sequence's rows.
     func releaseRetainedPages() async {
         guard let threads else { return }
         let held = await store.heldBytes()
         let base = baseResidentBytes.withLock { $0 }
-        guard ProcessMemory.residentBytes() > base + UInt64(held) + Self.retainedAllowance(held: held),
+        let resident = ProcessMemory.residentBytes()
+        let now = uptime()
+        guard retainedPages.withLock({ $0.observe(resident: resident, base: base, held: held, at: now) }),
             trimming.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
         else { return }
         defer { trimming.store(false, ordering: .releasing) }

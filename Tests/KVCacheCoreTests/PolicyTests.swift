@@ -206,16 +206,21 @@ import Testing
             case .pivotal: ([1, 0.025], [2.5, 1])
             default: ([(1 + s) / 2, 0.05 * s], [1 + 2 * s, 2 * s])
             }
-        rows.withRow(head: 0, position: 0) { k, v in
-            for c in 0..<2 {
-                #expect(abs(k[c] - key[c]) < 1e-6, "\(mode) key")
-                #expect(abs(v[c] - value[c]) < 1e-6, "\(mode) value")
-            }
+        var runs: [(positions: Range<Int>, keys: [Float], values: [Float])] = []
+        rows.forEachRun(head: 0, of: [0, 1]) { runs.append(($0, Array($1), Array($2))) }
+        // The merged row on its own, then the untouched one read from the prefill.
+        #expect(runs.map(\.positions) == [0..<1, 1..<2])
+        for c in 0..<2 {
+            #expect(abs(runs[0].keys[c] - key[c]) < 1e-6, "\(mode) key")
+            #expect(abs(runs[0].values[c] - value[c]) < 1e-6, "\(mode) value")
         }
-        rows.withRow(head: 0, position: 1) { k, v in
-            #expect(Array(k) == [0, 1])
-            #expect(Array(v) == [0, 2])
-        }
+        #expect(runs[1].keys == [0, 1])
+        #expect(runs[1].values == [0, 2])
+        // Without merging, consecutive kept rows come as one run.
+        runs = []
+        MergedRows(prefill: prefill).forEachRun(head: 0, of: [0, 1, 2]) { runs.append(($0, Array($1), Array($2))) }
+        #expect(runs.map(\.positions) == [0..<3])
+        #expect(runs.first?.keys == prefill.keys)
     }
 
     /// The text prior ranks every text token above every image token inside the heavy budget.
