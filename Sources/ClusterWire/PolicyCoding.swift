@@ -12,6 +12,7 @@ package import KVCacheCore
 // | `streaming-llm` | sinks                                                                    |
 // | `h2o`           | recentShare, normalizeByQueryCount                                       |
 // | `snapkv`        | window, kernel, pooling                                                  |
+// | `adakv`         | window, kernel, pooling, safeguard                                       |
 // | `pyramidkv`     | window, kernel, pooling, beta                                            |
 // | `vl-cache`      | threshold, minFraction, maxFraction, recentShare, observation, apportionment |
 // | `madakv`        | proxyWindow, theta, minRatio, components, compensation                   |
@@ -113,6 +114,15 @@ private enum PolicySettingCodings {
             .int("window", \.window),
             .int("kernel", \.kernel),
             .cases("pooling", \.pooling, [Pooling.average, .max, .none]),
+        ]
+    }
+
+    static var adaKV: [SettingCoding<AdaKVSettings>] {
+        [
+            .int("window", \.snap.window),
+            .int("kernel", \.snap.kernel),
+            .cases("pooling", \.snap.pooling, [Pooling.average, .max, .none]),
+            .double("safeguard", \.safeguard),
         ]
     }
 
@@ -227,6 +237,7 @@ extension CompressionPolicy {
         case .streamingLLM(let s): PolicySettingCodings.encode(s, PolicySettingCodings.streamingLLM)
         case .h2o(let s): PolicySettingCodings.encode(s, PolicySettingCodings.h2o)
         case .snapKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.snapKV)
+        case .adaKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.adaKV)
         case .pyramidKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.pyramidKV)
         case .vlCache(let s): PolicySettingCodings.encode(s, PolicySettingCodings.vlCache)
         case .madaKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.madaKV)
@@ -291,6 +302,16 @@ extension CompressionPolicy {
                 try PolicySettingCodings.decode(
                     s,
                     PolicySettingCodings.snapKV,
+                    settings,
+                    policy: name,
+                    field: settingsField
+                )
+            )
+        case .adaKV(let s):
+            policy = .adaKV(
+                try PolicySettingCodings.decode(
+                    s,
+                    PolicySettingCodings.adaKV,
                     settings,
                     policy: name,
                     field: settingsField

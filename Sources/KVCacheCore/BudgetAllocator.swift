@@ -33,7 +33,7 @@ public enum BudgetAllocator {
         switch policy {
         case .full:
             return layers(Array(repeating: m, count: geometry.layers))
-        case .streamingLLM, .h2o, .snapKV, .lookM:
+        case .streamingLLM, .h2o, .snapKV, .adaKV, .lookM:
             return layers(Array(repeating: uniform, count: geometry.layers))
         case .pyramidKV(let s):
             return layers(pyramid(m: m, layers: geometry.layers, retention: retention, settings: s))

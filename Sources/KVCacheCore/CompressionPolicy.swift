@@ -6,6 +6,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
     case streamingLLM(StreamingLLMSettings)
     case h2o(H2OSettings)
     case snapKV(SnapKVSettings)
+    case adaKV(AdaKVSettings)
     case pyramidKV(PyramidKVSettings)
     case vlCache(VLCacheSettings)
     case madaKV(MadaKVSettings)
@@ -13,7 +14,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
 
     /// The CLI names, in the order tables list them.
     public static let allNames = [
-        "full", "streaming-llm", "h2o", "snapkv", "pyramidkv", "vl-cache", "madakv", "look-m",
+        "full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m",
     ]
 
     /// The policy of that CLI name with its default settings.
@@ -23,6 +24,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case "streaming-llm": return .streamingLLM(.init())
         case "h2o": return .h2o(.init())
         case "snapkv": return .snapKV(.init())
+        case "adakv": return .adaKV(.init())
         case "pyramidkv": return .pyramidKV(.init())
         case "vl-cache": return .vlCache(.init())
         case "madakv": return .madaKV(.init())
@@ -41,6 +43,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .streamingLLM: "streaming-llm"
         case .h2o: "h2o"
         case .snapKV: "snapkv"
+        case .adaKV: "adakv"
         case .pyramidKV: "pyramidkv"
         case .vlCache: "vl-cache"
         case .madaKV: "madakv"
@@ -58,6 +61,8 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             return ProfileRequirements(suffixStarts: [0])
         case .snapKV(let s):
             return ProfileRequirements(suffixStarts: [max(0, m - s.window)])
+        case .adaKV(let s):
+            return ProfileRequirements(suffixStarts: [max(0, m - s.snap.window)])
         case .pyramidKV(let s):
             return ProfileRequirements(suffixStarts: [max(0, m - s.snap.window)])
         case .madaKV(let s):
@@ -79,6 +84,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .h2o(let s):
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
         case .snapKV(let s): try s.validate(require)
+        case .adaKV(let s): try s.validate(require)
         case .pyramidKV(let s):
             try s.snap.validate(require)
             try require(s.beta >= 1, "beta must be ≥ 1, got \(s.beta)")

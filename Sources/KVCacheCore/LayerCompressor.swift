@@ -37,22 +37,24 @@ public enum LayerCompressor {
                 )
             }
         }
-        var kept: [[Int]] = []
-        kept.reserveCapacity(g.kvHeads)
         let scoreCache = ScoreCache(profile: profile)
-        for h in 0..<g.kvHeads {
-            let k = min(m, budget.heads[h].capacity)
-            kept.append(
+        let kept: [[Int]]
+        if case .adaKV(let s) = policy {
+            kept = adaptive(s, capacities: budget.heads.map(\.capacity), m: m) { h in
+                scoreCache.scores(start: max(0, m - s.snap.window), head: h)
+            }
+        } else {
+            kept = (0..<g.kvHeads).map { h in
                 select(
                     policy: policy,
                     head: h,
-                    capacity: k,
+                    capacity: min(m, budget.heads[h].capacity),
                     split: budget.heads[h].split,
                     m: m,
                     layout: layout,
                     scores: scoreCache
                 )
-            )
+            }
         }
         var rows = MergedRows(prefill: prefill)
         var merged = 0
@@ -113,6 +115,9 @@ public enum LayerCompressor {
             return recentPlusTop(Int(s.recentShare * Double(k)), scores)
         case .snapKV(let s):
             return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
+        case .adaKV(let s):
+            // AdaKV selects a whole layer at once (`adaptive`); one head on its own is SnapKV's.
+            return snap(s.snap, head: h, window: min(s.snap.window, k), k: k, m: m, cache: cache)
         case .pyramidKV(let s):
             return snap(s.snap, head: h, window: min(s.snap.window, k), k: k, m: m, cache: cache)
         case .vlCache(let s):

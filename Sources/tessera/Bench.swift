@@ -57,7 +57,7 @@ struct BenchOptions: ParsableArguments {
     )
     var model = "llava-1.6-mistral-7b"
 
-    @Option(help: "One policy: full, streaming-llm, h2o, snapkv, pyramidkv, vl-cache, madakv, look-m.")
+    @Option(help: "One policy: \(CompressionPolicy.allNames.joined(separator: ", ")).")
     var policy: String?
 
     @Option(help: "Comma-separated policies, each run over the same seeded traffic.")

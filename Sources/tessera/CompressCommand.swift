@@ -19,7 +19,7 @@ struct Compress: AsyncParsableCommand {
     @Option(help: "The trace file (safetensors, as `tessera trace export` writes it).")
     var trace: String
 
-    @Option(help: "Policy: full, streaming-llm, h2o, snapkv, pyramidkv, vl-cache, madakv or look-m.")
+    @Option(help: "Policy: \(CompressionPolicy.allNames.joined(separator: ", ")).")
     var policy: String
 
     @Option(help: "Retention ratio, in (0, 1].")

@@ -13,7 +13,7 @@ struct EvaluationOptions: ParsableArguments {
     @Option(help: "Model geometry: llava-1.5-7b, llava-1.6-mistral-7b, qwen2.5-vl-7b or tiny.")
     var model = "llava-1.5-7b"
 
-    @Option(help: "Comma-separated policies: full, streaming-llm, h2o, snapkv, pyramidkv, vl-cache, madakv, look-m.")
+    @Option(help: "Comma-separated policies: \(CompressionPolicy.allNames.joined(separator: ", ")).")
     var policies = CompressionPolicy.allNames.joined(separator: ",")
 
     @Option(help: "Comma-separated retention ratios, each in (0, 1].")

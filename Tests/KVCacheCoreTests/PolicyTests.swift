@@ -178,6 +178,60 @@ import Testing
         #expect(BudgetAllocator.modalitySplit(10, 9, 1, few) == ModalitySplit(visual: 4, text: 6))
     }
 
+    /// m = 8, window 2, no pooling, two heads of capacity 5, α = 0.34 (one guaranteed row each): head
+    /// 0's votes sit on position 0, head 1's are spread, so the four contested rows all go to head 1.
+    @Test func adaKVGivesTheContestedRowsToTheSpreadHead() {
+        var settings = AdaKVSettings()
+        settings.snap.window = 2
+        settings.snap.kernel = 1
+        settings.safeguard = 0.34
+        let votes: [[Float]] = [[5, 0.1, 0.1, 0.1, 0.1, 0.1, 1, 1], [1, 0.9, 0.8, 0.7, 0.6, 0.5, 1, 1]]
+        let kept = LayerCompressor.adaptive(settings, capacities: [5, 5], m: 8) { votes[$0][...] }
+        #expect(kept == [[0, 6, 7], [0, 1, 2, 3, 4, 6, 7]])
+    }
+
+    /// Equal votes everywhere and no safeguard: the lower head wins every tie, up to all it has.
+    @Test func adaKVBreaksTiesTowardsTheLowerHead() {
+        var settings = AdaKVSettings()
+        settings.snap.window = 2
+        settings.snap.kernel = 1
+        settings.safeguard = 0
+        let kept = LayerCompressor.adaptive(settings, capacities: [5, 5], m: 8) { _ in
+            [Float](repeating: 1, count: 8)[...]
+        }
+        #expect(kept == [Array(0..<8), [6, 7]])
+    }
+
+    /// With α = 1 every head keeps its own even share: exactly SnapKV's choice.
+    @Test func adaKVWithAFullSafeguardIsSnapKV() throws {
+        let g = geometry(layers: 1, queryHeads: 4, kvHeads: 2)
+        let m = 60
+        let l = layout(m: m, textBefore: 6, visual: 40)
+        let prefill = randomPrefill(g, m: m, seed: 5)
+        var ada = AdaKVSettings()
+        ada.snap.window = 8
+        ada.safeguard = 1
+        let profile = try AttentionProfile(
+            prefill: prefill,
+            requirements: CompressionPolicy.adaKV(ada).requirements(layout: l)
+        )
+        let budget = LayerBudget(layer: 0, heads: Array(repeating: HeadBudget(capacity: 20), count: 2))
+        func positions(_ policy: CompressionPolicy) throws -> [[Int32]] {
+            try LayerCompressor.compress(
+                prefill,
+                layout: l,
+                profile: profile,
+                budget: budget,
+                policy: policy,
+                as: Float.self
+            ).heads.map(\.positions)
+        }
+        #expect(try positions(.adaKV(ada)) == positions(.snapKV(ada.snap)))
+        ada.safeguard = 0.2
+        let adaptive = try positions(.adaKV(ada))
+        #expect(adaptive.map(\.count).reduce(0, +) == 40, "the layer keeps SnapKV's total")
+    }
+
     @Test func apportionRespectsBoundsAndTotal() {
         let result = BudgetAllocator.apportion(total: 10, weights: [1, 1, 1], lower: [0, 0, 0], upper: [9, 9, 9])
         #expect(result == [4, 3, 3])
