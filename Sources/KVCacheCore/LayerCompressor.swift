@@ -15,6 +15,7 @@ public enum LayerCompressor {
         profile: AttentionProfile?,
         budget: LayerBudget,
         policy: CompressionPolicy,
+        decodeRows: Int = 0,
         as _: S.Type = S.self
     ) throws(KVCacheError) -> Result<S> {
         let g = prefill.geometry
@@ -63,7 +64,8 @@ public enum LayerCompressor {
         }
         var heads: [HeadCache<S>] = []
         for h in 0..<g.kvHeads {
-            var cache = HeadCache<S>(headDim: g.headDim, capacity: kept[h].count)
+            // Room for the decoded rows to come: growing later would copy the whole head.
+            var cache = HeadCache<S>(headDim: g.headDim, capacity: kept[h].count + max(0, decodeRows))
             rows.forEachRun(head: h, of: kept[h]) { positions, keys, values in
                 cache.append(keys: keys, values: values, positions: positions, tags: layout.tags[positions])
             }

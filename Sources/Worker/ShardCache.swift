@@ -9,14 +9,15 @@ struct ShardCache: Sendable {
     private(set) var float16: [Int: [HeadCache<Float16>]] = [:]
     let storage: ScalarType
 
-    /// Compresses every layer of `prefills` to its budget.
+    /// Compresses every layer of `prefills` to its budget, with room for `decodeRows` decoded rows.
     static func compress(
         _ prefills: [Int: LayerPrefill],
         profiles: [Int: AttentionProfile],
         budgets: [Int: LayerBudget],
         layout: PromptLayout,
         policy: CompressionPolicy,
-        storage: ScalarType
+        storage: ScalarType,
+        decodeRows: Int
     ) throws(KVCacheError) -> ShardCache {
         var cache = ShardCache(storage: storage)
         switch storage {
@@ -26,7 +27,8 @@ struct ShardCache: Sendable {
                 profiles: profiles,
                 budgets: budgets,
                 layout: layout,
-                policy: policy
+                policy: policy,
+                decodeRows: decodeRows
             )
         case .float16:
             cache.float16 = try compressLayers(
@@ -34,7 +36,8 @@ struct ShardCache: Sendable {
                 profiles: profiles,
                 budgets: budgets,
                 layout: layout,
-                policy: policy
+                policy: policy,
+                decodeRows: decodeRows
             )
         }
         return cache
@@ -47,6 +50,7 @@ struct ShardCache: Sendable {
         budgets: [Int: LayerBudget],
         layout: PromptLayout,
         policy: CompressionPolicy,
+        decodeRows: Int,
         as _: S.Type = S.self
     ) throws(KVCacheError) -> [Int: [HeadCache<S>]] {
         var layers: [Int: [HeadCache<S>]] = [:]
@@ -60,6 +64,7 @@ struct ShardCache: Sendable {
                 profile: profiles[layer],
                 budget: budget,
                 policy: policy,
+                decodeRows: decodeRows,
                 as: S.self
             ).heads
         }

@@ -279,7 +279,8 @@ struct WorkerHandler: EnvelopeHandler {
                 budgets: byLayer,
                 layout: held.layout,
                 policy: held.policy,
-                storage: storage
+                storage: storage,
+                decodeRows: Int(held.assignment.decodeTokens)
             )
             if held.audited {
                 let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
@@ -289,6 +290,7 @@ struct WorkerHandler: EnvelopeHandler {
                     budgets: byLayer.mapValues { LayerBudget(layer: $0.layer, heads: whole) },
                     layout: held.layout,
                     policy: .full,
+                    decodeRows: Int(held.assignment.decodeTokens),
                     as: Float.self
                 )
                 audit = AuditCopy(full: full, needle: held.needle)

@@ -90,6 +90,40 @@ struct FrameCodecTests {
         }
     }
 
+    @Test("large frames gathered across reads of any size decode to the same bytes")
+    func largeFramesAcrossReads() throws {
+        var random = SeededGenerator.fromEnvironment()
+        for round in 0..<20 {
+            let sizes = (0..<4).map { _ in
+                Bool.random(using: &random)
+                    ? Int.random(in: 1...FrameDecoder.assembledAbove, using: &random)
+                    : Int.random(in: (FrameDecoder.assembledAbove + 1)...(400 << 10), using: &random)
+            }
+            let (stream, expected) = framedStream(sizes.map { random.bytes($0) })
+            let channel = decoderChannel()
+            var offset = 0
+            while offset < stream.count {
+                let end = min(stream.count, offset + Int.random(in: 1...(150 << 10), using: &random))
+                try channel.writeInbound(ByteBuffer(bytes: stream[offset..<end]))
+                offset = end
+            }
+            #expect(try readAllFrames(channel) == expected, "round \(round), sizes \(sizes). \(random.replay)")
+            #expect(try channel.finish().isClean)
+        }
+    }
+
+    @Test("a stream that ends inside a large frame being gathered is an error")
+    func truncatedLargeFrame() throws {
+        let (stream, _) = framedStream([[UInt8](repeating: 3, count: 200 << 10)])
+        let channel = decoderChannel()
+        try channel.writeInbound(ByteBuffer(bytes: stream[..<(100 << 10)]))
+        try channel.writeInbound(ByteBuffer(bytes: stream[(100 << 10)..<(150 << 10)]))
+        #expect(try readAllFrames(channel).isEmpty)
+        let error = wireError { _ = try channel.finish() }
+        #expect(error?.code == .malformedFrame)
+        #expect(error?.message.contains("a frame of \(200 << 10) bytes had only \((150 << 10) - 4) payload bytes") == true)
+    }
+
     @Test("a frame of exactly maxFrameBytes is accepted")
     func frameAtLimit() throws {
         let (stream, expected) = framedStream([[UInt8](repeating: 0xAB, count: 16)])
