@@ -272,91 +272,23 @@ extension CompressionPolicy {
             )
         }
         let settingsField = "\(field).settings"
+        /// `defaults` with the settings given applied.
+        func decode<S>(_ defaults: S, _ codings: [SettingCoding<S>]) throws(WireError) -> S {
+            try PolicySettingCodings.decode(defaults, codings, settings, policy: name, field: settingsField)
+        }
         let policy: CompressionPolicy
         switch defaults {
         case .full:
-            _ = try PolicySettingCodings.decode((), [], settings, policy: name, field: settingsField)
+            _ = try decode((), [])
             policy = .full
-        case .streamingLLM(let s):
-            policy = .streamingLLM(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.streamingLLM,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .h2o(let s):
-            policy = .h2o(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.h2o,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .snapKV(let s):
-            policy = .snapKV(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.snapKV,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .adaKV(let s):
-            policy = .adaKV(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.adaKV,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .pyramidKV(let s):
-            policy = .pyramidKV(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.pyramidKV,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .vlCache(let s):
-            policy = .vlCache(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.vlCache,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .madaKV(let s):
-            policy = .madaKV(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.madaKV,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
-        case .lookM(let s):
-            policy = .lookM(
-                try PolicySettingCodings.decode(
-                    s,
-                    PolicySettingCodings.lookM,
-                    settings,
-                    policy: name,
-                    field: settingsField
-                )
-            )
+        case .streamingLLM(let s): policy = .streamingLLM(try decode(s, PolicySettingCodings.streamingLLM))
+        case .h2o(let s): policy = .h2o(try decode(s, PolicySettingCodings.h2o))
+        case .snapKV(let s): policy = .snapKV(try decode(s, PolicySettingCodings.snapKV))
+        case .adaKV(let s): policy = .adaKV(try decode(s, PolicySettingCodings.adaKV))
+        case .pyramidKV(let s): policy = .pyramidKV(try decode(s, PolicySettingCodings.pyramidKV))
+        case .vlCache(let s): policy = .vlCache(try decode(s, PolicySettingCodings.vlCache))
+        case .madaKV(let s): policy = .madaKV(try decode(s, PolicySettingCodings.madaKV))
+        case .lookM(let s): policy = .lookM(try decode(s, PolicySettingCodings.lookM))
         }
         try mapCoreError(field: settingsField) { () throws(KVCacheError) in try policy.validate() }
         self = policy

@@ -49,12 +49,7 @@ extension LayerCompressor {
             let k = min(m, capacities[h])
             let w = min(s.snap.window, k)
             windows.append(w)
-            let window = windowVotes(h)
-            let pooled = Selection.pool(
-                window[window.startIndex..<(window.startIndex + m - w)],
-                kernel: s.snap.kernel,
-                mode: s.snap.pooling
-            )
+            let pooled = pooledVotes(s.snap, windowVotes(h), before: m - w)
             votes.replaceSubrange((h * m)..<(h * m + m - w), with: pooled)
             let guaranteed = Int(s.safeguard * Double(k - w))
             let own = Selection.top(guaranteed, of: pooled, among: Array(0..<(m - w)))

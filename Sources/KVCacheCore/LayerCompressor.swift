@@ -165,13 +165,12 @@ public enum LayerCompressor {
 
     /// SnapKV: pooled votes of the window rows, top `k − window` before the window, plus the window.
     static func snap(_ s: SnapKVSettings, head: Int, window: Int, k: Int, m: Int, cache: ScoreCache) -> [Int] {
-        let start = max(0, m - s.window)
-        let votes = cache.scores(start: start, head: head)
-        let pooled = Selection.pool(
-            votes[votes.startIndex..<(votes.startIndex + m - window)],
-            kernel: s.kernel,
-            mode: s.pooling
-        )
+        let pooled = pooledVotes(s, cache.scores(start: max(0, m - s.window), head: head), before: m - window)
         return Selection.top(k - window, of: pooled, among: Array(0..<(m - window))) + Array((m - window)..<m)
+    }
+
+    /// SnapKV's pooled votes of positions `0 ..< count` (those before the kept window).
+    static func pooledVotes(_ s: SnapKVSettings, _ votes: ArraySlice<Float>, before count: Int) -> [Float] {
+        Selection.pool(votes[votes.startIndex..<(votes.startIndex + count)], kernel: s.kernel, mode: s.pooling)
     }
 }
