@@ -7,7 +7,8 @@ public import Prometheus
 /// A small HTTP/1.1 server for operators and scrapers.
 ///
 /// Routes:
-/// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`).
+/// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`),
+///   with the standard process metrics (``ProcessMetrics``) read at that moment.
 /// - `GET /healthz`: `ok`.
 /// - for each ``AdminSetting`` at `/NAME`: `GET` reads it, `PUT` with a text body changes it (400 with
 ///   the reason when the value is refused, 413 above 64 KiB). A `PUT` needs `Authorization: Bearer
@@ -25,6 +26,7 @@ public struct AdminServer: Sendable {
     public var port: Int
 
     private let registry: PrometheusCollectorRegistry
+    private let processMetrics: ProcessMetrics
     private let eventLoopGroup: any EventLoopGroup
     private let logger: Logger
     private let onListening: @Sendable (Int) -> Void
@@ -53,6 +55,7 @@ public struct AdminServer: Sendable {
         self.host = host
         self.port = port
         self.registry = registry
+        processMetrics = ProcessMetrics(registry: registry)
         self.eventLoopGroup = eventLoopGroup
         self.logger = logger
         self.onListening = onListening
@@ -218,6 +221,7 @@ public struct AdminServer: Sendable {
         }
         switch path {
         case "/metrics":
+            processMetrics.update()
             var bytes: [UInt8] = []
             self.registry.emit(into: &bytes)
             return Response(

@@ -29,6 +29,9 @@ public enum MetricsBootstrap {
     public static func makeFactory(registry: PrometheusCollectorRegistry) -> PrometheusMetricsFactory {
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.durationHistogramBuckets[TesseraMetrics.requestDurationSeconds] = TesseraMetrics.requestDurationBuckets
+        for name in [TesseraMetrics.profileDurationSeconds, TesseraMetrics.compressDurationSeconds] {
+            factory.durationHistogramBuckets[name] = TesseraMetrics.computeDurationBuckets
+        }
         return factory
     }
 }

@@ -61,13 +61,19 @@ public enum ProcessMemory {
     }
 
     #if os(Linux)
-    /// The first 128 bytes of a small file (a /proc or /sys entry); nil when it cannot be read.
-    private static func contents(of path: String) -> String? {
+    /// The first `limit` bytes of a small file (a /proc or /sys entry); nil when it cannot be read.
+    static func contents(of path: String, limit: Int = 128) -> String? {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 128)
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        var buffer = [UInt8](repeating: 0, count: limit)
+        var count = 0
+        // /proc files can come in several reads.
+        while count < limit {
+            let got = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + count, limit - count) }
+            guard got > 0 else { break }
+            count += got
+        }
         guard count > 0 else { return nil }
         return String(decoding: buffer[0..<count], as: UTF8.self)
     }

@@ -1,8 +1,10 @@
+import ClusterAdmin
 import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
 import Logging
+import Metrics
 
 /// Answers what reaches the coordinator: registrations and heartbeats and layer statistics from
 /// workers; open, placement and close requests from clients, for their own tenant; status from
@@ -147,6 +149,15 @@ struct CoordinatorHandler: EnvelopeHandler {
             let estimate = await coordinator.state.estimate(message)
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
-        return try await coordinator.state.open(message)
+        do {
+            return try await coordinator.state.open(message)
+        } catch  where error.code == .resourceExhausted {
+            let short = await coordinator.state.shortfall(tenant: message.tenant, estimate: estimate)
+            Counter(
+                label: TesseraMetrics.admissionRefusalsTotal,
+                dimensions: [("reason", short.memory > 0 ? "memory" : "quota")]
+            ).increment()
+            throw error
+        }
     }
 }

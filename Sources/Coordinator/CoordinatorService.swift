@@ -77,6 +77,8 @@ public final class CoordinatorService: Sendable {
                 )
             }
             for change in changes {
+                Counter(label: TesseraMetrics.memberTransitionsTotal, dimensions: [("state", change.to.rawValue)])
+                    .increment()
                 logger.warning(
                     "membership changed",
                     metadata: [
@@ -204,9 +206,15 @@ public final class CoordinatorService: Sendable {
         }
         guard let copied else {
             _ = await state.finishCopy(plan, succeeded: false)
+            Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "error")]).increment()
             return
         }
-        guard await state.finishCopy(plan, succeeded: true) else { return }
+        guard await state.finishCopy(plan, succeeded: true) else {
+            Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "superseded")]).increment()
+            return
+        }
+        Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "ok")]).increment()
+        Counter(label: TesseraMetrics.reReplicatedBytesTotal).increment(by: Int64(clamping: copied.transferredBytes))
         logger.info(
             "re-replicated",
             metadata: metadata.merging([
@@ -222,6 +230,8 @@ public final class CoordinatorService: Sendable {
     /// retried at the new epoch if it missed a copy.
     func failOver(dead: Set<NodeID>, only sequences: Set<UInt64>? = nil) async {
         let (moved, lost) = await state.failOver(dead: dead, only: sequences)
+        Counter(label: TesseraMetrics.failoversTotal).increment(by: Int64(moved.count))
+        Counter(label: TesseraMetrics.lostSequencesTotal).increment(by: Int64(lost.count))
         for (id, holders) in lost {
             logger.error("a shard lost every copy; the sequence is closed", metadata: ["sequence.id": "\(id)"])
             var close = Tessera_V1_Close()
@@ -339,6 +349,7 @@ public final class CoordinatorService: Sendable {
             // As it stands now (a copy may have added a replica since the list was made); one with a
             // copy or another assignment in flight is skipped.
             guard let (sequence, assign) = await state.beginTightening(candidate, floor: floor) else { continue }
+            Counter(label: TesseraMetrics.tighteningsTotal).increment()
             logger.info(
                 "tightening under memory pressure",
                 metadata: ["sequence.id": "\(candidate)", "retention": "\(assign.retention)"]

@@ -1050,7 +1050,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return try connection(for: nodeID)
     }
 
-    /// Accounted bytes per worker and modality, and open sequences, for the Prometheus endpoint.
+    /// The coordinator's gauges for the Prometheus endpoint: bytes the workers report per modality,
+    /// accounted bytes per tenant and policy, open sequences, workers by state, the memory limit and
+    /// under-replicated shards.
     func publishMetrics() {
         Gauge(label: TesseraMetrics.liveSequences).record(sequences.count)
         for (nodeID, link) in workers {
@@ -1061,7 +1063,35 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     .record(bytes)
             }
         }
+        var accounted: [AccountKey: UInt64] = [:]
+        for charge in admission.sequences {
+            // A closed sequence stays charged until its holders confirm they dropped it.
+            let policy = sequences[charge.sequenceID]?.policy.name ?? "closing"
+            accounted[AccountKey(tenant: charge.tenant, policy: policy), default: 0] += charge.chargedBytes
+        }
+        // Label sets that emptied read 0 rather than their last value.
+        for key in publishedAccounts.subtracting(accounted.keys) { accounted[key] = 0 }
+        publishedAccounts = Set(accounted.keys)
+        for (key, bytes) in accounted {
+            Gauge(label: TesseraMetrics.accountedKVBytes, dimensions: [("tenant", key.tenant), ("policy", key.policy)])
+                .record(bytes)
+        }
+        Gauge(label: TesseraMetrics.memoryLimitBytes).record(admission.memoryLimitBytes)
+        Gauge(label: TesseraMetrics.underReplicatedShards).record(underReplicatedShards)
+        for state in MemberState.allCases {
+            Gauge(label: TesseraMetrics.workers, dimensions: [("state", state.rawValue)])
+                .record(membership.members.filter { $0.state == state }.count)
+        }
     }
+
+    /// A label set of `tessera_accounted_kv_bytes`.
+    private struct AccountKey: Hashable {
+        var tenant: String
+        var policy: String
+    }
+
+    /// The label sets `publishMetrics` last wrote.
+    private var publishedAccounts: Set<AccountKey> = []
 
     func accounted() -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
         (

@@ -2,6 +2,7 @@ import ClusterAdmin
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
+import Metrics
 import NIOCore
 import Workloads
 
@@ -98,6 +99,10 @@ struct WorkerHandler: EnvelopeHandler {
             throw error
         }
         let (prefills, profiles, statistics, syntheticDecode, needle, work) = expanded
+        if work.profileMicros > 0 {
+            Metrics.Timer(label: TesseraMetrics.profileDurationSeconds, dimensions: [("policy", held.policy.name)])
+                .recordMicroseconds(work.profileMicros)
+        }
         let (bytes, current) = try await worker.store.storePrefill(
             message.sequenceID,
             prefills: prefills,
@@ -250,6 +255,15 @@ struct WorkerHandler: EnvelopeHandler {
                 audit: audit,
                 compressMicros: micros
             )
+            if let stored {
+                let policy = [("policy", held.policy.name)]
+                Metrics.Timer(label: TesseraMetrics.compressDurationSeconds, dimensions: policy)
+                    .recordMicroseconds(micros)
+                Counter(label: TesseraMetrics.compressionInputBytesTotal, dimensions: policy)
+                    .increment(by: held.fullBytes(rows: held.layout.promptLength))
+                Counter(label: TesseraMetrics.compressionOutputBytesTotal, dimensions: policy)
+                    .increment(by: stored.total)
+            }
         }
         guard let bytes = stored else {
             throw WireError(.unknownSequence, "sequence \(message.sequenceID) was closed")

@@ -1,4 +1,5 @@
 import ClusterAdmin
+import Foundation
 import Metrics
 import Prometheus
 import Testing
@@ -28,6 +29,8 @@ struct MetricsBootstrapTests {
         #expect(exposition.contains(#"tessera_request_duration_seconds_bucket{type="x",le="0.0001"} 0"#))
         #expect(exposition.contains(#"tessera_request_duration_seconds_bucket{type="x",le="0.005"} 1"#))
         #expect(exposition.contains(#"tessera_request_duration_seconds_count{type="x"} 1"#))
+        // Compute per shard runs to minutes: its own buckets, up to 5 min.
+        #expect(exposition.contains(#"tessera_profile_duration_seconds_bucket{policy="x",le="300.0"} 1"#))
     }
 
     @Test("the metric names match the documented ones")
@@ -35,9 +38,15 @@ struct MetricsBootstrapTests {
         #expect(
             TesseraMetrics.all.map(\.name) == [
                 "tessera_kv_bytes", "tessera_live_sequences", "tessera_requests_total",
-                "tessera_request_duration_seconds",
+                "tessera_request_duration_seconds", "tessera_accounted_kv_bytes", "tessera_memory_limit_bytes",
+                "tessera_tightenings_total", "tessera_admission_refusals_total", "tessera_workers",
+                "tessera_member_transitions_total", "tessera_failovers_total", "tessera_lost_sequences_total",
+                "tessera_rereplications_total", "tessera_rereplicated_bytes_total", "tessera_under_replicated_shards",
+                "tessera_compression_input_bytes_total", "tessera_compression_output_bytes_total",
+                "tessera_profile_duration_seconds", "tessera_compress_duration_seconds",
             ]
         )
+        #expect(TesseraMetrics.computeDurationBuckets == TesseraMetrics.computeDurationBuckets.sorted())
         #expect(TesseraMetrics.requestDurationBuckets == TesseraMetrics.requestDurationBuckets.sorted())
     }
 
@@ -56,5 +65,42 @@ struct MetricsBootstrapTests {
                 "global swift-metrics counter missing from the registry: \(exposition)"
             )
         }
+    }
+}
+
+@Suite("ProcessMetrics")
+struct ProcessMetricsTests {
+    /// The value of the sample line that starts with `name ` in an exposition.
+    static func value(_ name: String, in exposition: String) -> Double? {
+        exposition.split(separator: "\n").first { $0.hasPrefix("\(name) ") }.flatMap {
+            Double($0.split(separator: " ")[1])
+        }
+    }
+
+    @Test("the process metrics read this process's figures, and CPU time only counts up")
+    func processFigures() throws {
+        #if os(Linux)
+        let registry = PrometheusCollectorRegistry()
+        let metrics = ProcessMetrics(registry: registry)
+        metrics.update()
+        let first = registry.emitToString()
+        for name in ProcessMetrics.names { #expect(Self.value(name, in: first) != nil, "\(name) missing") }
+        #expect(first.contains("# TYPE process_cpu_seconds_total counter"))
+        let resident = try #require(Self.value("process_resident_memory_bytes", in: first))
+        #expect(resident > 1_000_000)
+        #expect(try #require(Self.value("process_open_fds", in: first)) >= 3)
+        let started = try #require(Self.value("process_start_time_seconds", in: first))
+        let now = Date().timeIntervalSince1970
+        #expect(started <= now + 1 && started > now - 7 * 86_400, "start \(started), now \(now)")
+
+        // Burn some CPU: the counter moves up by about that much, never down.
+        let before = try #require(Self.value("process_cpu_seconds_total", in: first))
+        var sum = 0.0
+        for i in 0..<20_000_000 { sum += Double(i & 7) }
+        #expect(sum > 0)
+        metrics.update()
+        let after = try #require(Self.value("process_cpu_seconds_total", in: registry.emitToString()))
+        #expect(after > before)
+        #endif
     }
 }

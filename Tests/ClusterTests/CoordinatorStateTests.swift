@@ -1,8 +1,11 @@
+import ClusterAdmin
 import ClusterSecurity
 import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
+import Metrics
+import Prometheus
 import Synchronization
 import Testing
 
@@ -167,6 +170,32 @@ struct CoordinatorStateTests {
         try await Self.pass(.seconds(5), on: state, time: time, silent: [holders[1]])
         #expect(await state.owedCloses().isEmpty)
         #expect(await state.admission.totalBytes == 0)
+    }
+
+    /// The gauges an operator reads: accounted bytes by tenant and policy (a label set that emptied
+    /// reads 0, not its last value), the limit, workers by state.
+    @Test func theMetricsShowWhatEachTenantAndPolicyIsCharged() async throws {
+        let registry = PrometheusCollectorRegistry()
+        let state = try await Self.coordinator(limit: 3 * Self.estimate)
+        try await withMetricsFactory(MetricsBootstrap.makeFactory(registry: registry)) {
+            let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+            await state.publishMetrics()
+            var exposition = registry.emitToString()
+            #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="snapkv"} \#(Self.estimate)"#))
+            #expect(exposition.contains("tessera_memory_limit_bytes \(3 * Self.estimate)"))
+            #expect(exposition.contains(#"tessera_workers{state="alive"} 3"#))
+            #expect(exposition.contains(#"tessera_workers{state="dead"} 0"#))
+
+            _ = await state.close(1)
+            await state.publishMetrics()
+            exposition = registry.emitToString()
+            // Closed, but charged until its holders confirm.
+            #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="closing"} \#(Self.estimate)"#))
+            #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="snapkv"} 0"#))
+            for holder in holders { await state.closeConfirmed(1, by: holder) }
+            await state.publishMetrics()
+            #expect(registry.emitToString().contains(#"tessera_accounted_kv_bytes{tenant="t",policy="closing"} 0"#))
+        }
     }
 
     /// Lets `duration` pass in steps of 100 ms, every worker but `silent` heartbeating, and ticks.

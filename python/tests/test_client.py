@@ -4,9 +4,12 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
+import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tessera import TINY, Client, Span, TesseraError, load_trace
 
@@ -204,6 +207,62 @@ def test_an_exported_trace_is_prefilled_and_decoded(cluster, tessera, tmp_path):
                 keys = np.concatenate([keys, k[:, :, None, :]], axis=2)
                 values = np.concatenate([values, v[:, :, None, :]], axis=2)
                 expect_exact_attention(outputs, q, keys, values, f"seed {SEED} step {number}")
+            await client.close_sequence(sequence)
+
+    run(body())
+
+
+def scrape(port):
+    """Every sample of a process's /metrics, parsed by the Prometheus client library's own parser:
+    {(name, frozenset(labels)): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_tell_an_operator_what_is_held_compressed_and_alive(cluster):
+    """The coordinator's and the workers' /metrics parse cleanly and show an open sequence's charge
+    by tenant and policy, the workers alive, the process figures, and the compression the workers did."""
+    rng = np.random.default_rng(SEED + 3)
+    keys, values, queries = prompt(rng)
+
+    snapkv = frozenset({"policy": "snapkv"}.items())
+
+    def compressed():
+        """Bytes the workers compressed with SnapKV so far, before and after."""
+        totals = [0, 0]
+        for worker in cluster["workers"]:
+            figures = scrape(worker["adminPort"])
+            totals[0] += figures.get(("tessera_compression_input_bytes_total", snapkv), 0)
+            totals[1] += figures.get(("tessera_compression_output_bytes_total", snapkv), 0)
+            assert figures[("process_cpu_seconds_total", frozenset())] > 0
+        return totals
+
+    async def body():
+        before = compressed()
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="snapkv", retention=0.25, decode_tokens=2)
+            sequence = placement.sequence_id
+            await client.prefill(sequence, keys, values, queries)
+            await client.decode(sequence, 0, *step(rng))
+            # The coordinator publishes its gauges every half heartbeat interval.
+            charged = ("tessera_accounted_kv_bytes", frozenset({"tenant": "default", "policy": "snapkv"}.items()))
+            deadline = time.monotonic() + 10
+            while (coordinator := scrape(cluster["coordinatorAdminPort"])).get(charged, 0) <= 0:
+                assert time.monotonic() < deadline, "the coordinator never showed the sequence's charge"
+                await asyncio.sleep(0.1)
+            assert coordinator[("tessera_workers", frozenset({"state": "alive"}.items()))] == 2
+            assert coordinator[("process_resident_memory_bytes", frozenset())] > 1e6
+            assert coordinator[("process_open_fds", frozenset())] >= 3
+            after = compressed()
+            taken, kept = after[0] - before[0], after[1] - before[1]
+            # Every copy of every shard compressed the prompt to about a quarter.
+            assert taken == 2 * (keys.nbytes + values.nbytes)
+            assert 0 < kept < 0.35 * taken
             await client.close_sequence(sequence)
 
     run(body())
