@@ -17,6 +17,7 @@ package import KVCacheCore
 // | `vl-cache`      | threshold, minFraction, maxFraction, recentShare, observation, apportionment |
 // | `madakv`        | proxyWindow, theta, minRatio, components, compensation                   |
 // | `look-m`        | recentShare, textPrior, merge, sinks, filterBelowMeanSimilarity          |
+// | `tgv`           | sinks, recent                                                            |
 //
 // Values: integers in decimal; numbers as Swift's `description` of the Double (Float for
 // `threshold`), which parses back bit-identically; booleans `true`/`false`; enumerations by their
@@ -189,6 +190,10 @@ private enum PolicySettingCodings {
         ]
     }
 
+    static var tgv: [SettingCoding<TGVSettings>] {
+        [.int("sinks", \.sinks), .int("recent", \.recent)]
+    }
+
     static func encode<S>(_ settings: S, _ codings: [SettingCoding<S>]) -> [(key: String, value: String)] {
         codings.map { (key: $0.key, value: $0.encode(settings)) }
     }
@@ -242,6 +247,7 @@ extension CompressionPolicy {
         case .vlCache(let s): PolicySettingCodings.encode(s, PolicySettingCodings.vlCache)
         case .madaKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.madaKV)
         case .lookM(let s): PolicySettingCodings.encode(s, PolicySettingCodings.lookM)
+        case .tgv(let s): PolicySettingCodings.encode(s, PolicySettingCodings.tgv)
         }
     }
 
@@ -289,6 +295,7 @@ extension CompressionPolicy {
         case .vlCache(let s): policy = .vlCache(try decode(s, PolicySettingCodings.vlCache))
         case .madaKV(let s): policy = .madaKV(try decode(s, PolicySettingCodings.madaKV))
         case .lookM(let s): policy = .lookM(try decode(s, PolicySettingCodings.lookM))
+        case .tgv(let s): policy = .tgv(try decode(s, PolicySettingCodings.tgv))
         }
         try mapCoreError(field: settingsField) { () throws(KVCacheError) in try policy.validate() }
         self = policy

@@ -11,6 +11,10 @@ public struct AttentionProfile: Sendable {
     public let columnSums: [Int: [Float]]
     /// γ[h]: the fraction of causal entries in the sparsity rows below `threshold × row max`.
     public let headSparsity: [Double]
+    /// TGV-KV's text-weighted attention (empty unless required): `[h * m + j]` = Σ_{q ≥ t} w[q] ·
+    /// A[h][q, j] over the rows from `t = textWeightedStart`, where w[q] = Σ_{r ≥ q} A[h][r, q] / (m − q)
+    /// is the mean attention row q receives from the rows of that suffix.
+    public let textWeightedSums: [Float]
 
     /// Query rows scored together: each packed key panel is read once per tile (from L1 for all of
     /// the tile's row groups), and the tile's scores stay in L2.
@@ -30,6 +34,9 @@ public struct AttentionProfile: Sendable {
         if let bad = starts.first(where: { !(0...m).contains($0) }) {
             throw KVCacheError(.invalidShape, "observation start \(bad) is outside 0...\(m)")
         }
+        if let start = requirements.textWeightedStart, !starts.contains(start) {
+            throw KVCacheError(.invalidShape, "text-weighted rows from \(start) need the column sums from \(start) too")
+        }
         let firstRow = requirements.firstRow ?? m
         guard firstRow >= prefill.firstQueryRow else {
             throw KVCacheError(
@@ -43,21 +50,27 @@ public struct AttentionProfile: Sendable {
             firstRow: firstRow,
             snapshots: starts.sorted(by: >),
             sparsityStart: requirements.sparsityStart ?? m,
-            threshold: requirements.sparsityThreshold
+            threshold: requirements.sparsityThreshold,
+            weightedStart: requirements.textWeightedStart ?? m
         )
         var sums = [Float](repeating: 0, count: pass.snapshots.count * g.queryHeads * m)
         var sparsity = [Double](repeating: 0, count: g.queryHeads)
+        var weighted = [Float](repeating: 0, count: requirements.textWeightedStart == nil ? 0 : g.queryHeads * m)
         sums.withUnsafeMutableBufferPointer { sums in
             sparsity.withUnsafeMutableBufferPointer { sparsity in
-                let output = ProfilePass.Output(
-                    sums: Kernels.SharedOutput(sums.baseAddress!),
-                    sparsity: Kernels.SharedOutput(sparsity.baseAddress!)
-                )
-                // A policy that observes no rows (the full cache) costs no pass at all.
-                guard firstRow < m else { return }
-                Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
+                weighted.withUnsafeMutableBufferPointer { weighted in
+                    let output = ProfilePass.Output(
+                        sums: Kernels.SharedOutput(sums.baseAddress!),
+                        sparsity: Kernels.SharedOutput(sparsity.baseAddress!),
+                        weighted: weighted.baseAddress.map { Kernels.SharedOutput($0) }
+                    )
+                    // A policy that observes no rows (the full cache) costs no pass at all.
+                    guard firstRow < m else { return }
+                    Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
+                }
             }
         }
+        textWeightedSums = weighted
         var columnSums = [Int: [Float]]()
         let perStart = g.queryHeads * m
         for (i, start) in pass.snapshots.enumerated() {
@@ -72,6 +85,17 @@ public struct AttentionProfile: Sendable {
         guard let sums = columnSums[start] else {
             preconditionFailure("profile has no column sums for rows \(start)..<\(promptLength)")
         }
+        return groupMeans(sums)
+    }
+
+    /// Per KV head text-weighted scores: the mean over each GQA group of `textWeightedSums`.
+    public func kvHeadTextWeightedScores() -> [Float] {
+        precondition(!textWeightedSums.isEmpty, "profile has no text-weighted sums")
+        return groupMeans(textWeightedSums)
+    }
+
+    /// `[kv * m + j]`: the mean of `sums[h * m + j]` over the query heads h of KV head kv.
+    private func groupMeans(_ sums: [Float]) -> [Float] {
         let m = promptLength
         let kvHeads = queryHeads / groupSize
         var result = [Float](repeating: 0, count: kvHeads * m)
@@ -112,11 +136,15 @@ private struct ProfilePass {
     let snapshots: [Int]
     let sparsityStart: Int
     let threshold: Float
+    /// First row of TGV-KV's text-weighted sums (`m`: none); always a snapshot, so the running sums
+    /// cover every row from it.
+    let weightedStart: Int
 
     /// Where every head writes its results (disjoint ranges per head).
     struct Output {
         let sums: Kernels.SharedOutput<Float>
         let sparsity: Kernels.SharedOutput<Double>
+        let weighted: Kernels.SharedOutput<Float>?
     }
 
     /// Runs KV heads `worker, worker + workers, …` with buffers of its own.
@@ -201,6 +229,13 @@ private struct ProfilePass {
                 Kernels.softmax(p, count: count)
                 if nextSnapshot < snapshots.count {
                     Kernels.accumulate(p, into: running, count: count)
+                }
+                if row >= weightedStart, let weighted = output.weighted {
+                    // Rows are taken last to first, so `running[row]` now holds all the attention
+                    // row `row` receives from the rows from `weightedStart`.
+                    let weight = running[row] / Float(m - row)
+                    let out = weighted.pointer + h * m
+                    for j in 0..<count { out[j] += weight * p[j] }
                 }
                 if row >= sparsityStart {
                     zeroed += Kernels.countBelow(p, count: count, fractionOfMax: threshold)

@@ -44,6 +44,11 @@ public enum BudgetAllocator {
                 throw KVCacheError(.invalidShape, "MadaKV needs modality statistics for all \(kvHeads) KV heads")
             }
             return madaKV(m: m, kvHeads: kvHeads, retention: retention, statistics: statistics, settings: s)
+        case .tgv(let s):
+            guard statistics.allSatisfy({ $0.heads.count == kvHeads }) else {
+                throw KVCacheError(.invalidShape, "TGV-KV needs modality statistics for all \(kvHeads) KV heads")
+            }
+            return layers(textVision(m: m, retention: retention, statistics: statistics, settings: s))
         }
     }
 

@@ -11,10 +11,11 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
     case vlCache(VLCacheSettings)
     case madaKV(MadaKVSettings)
     case lookM(LookMSettings)
+    case tgv(TGVSettings)
 
     /// The CLI names, in the order tables list them.
     public static let allNames = [
-        "full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m",
+        "full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m", "tgv",
     ]
 
     /// The policy of that CLI name with its default settings.
@@ -29,6 +30,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case "vl-cache": return .vlCache(.init())
         case "madakv": return .madaKV(.init())
         case "look-m": return .lookM(.init())
+        case "tgv": return .tgv(.init())
         default:
             throw KVCacheError(
                 .unknownName,
@@ -48,6 +50,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .vlCache: "vl-cache"
         case .madaKV: "madakv"
         case .lookM: "look-m"
+        case .tgv: "tgv"
         }
     }
 
@@ -70,6 +73,9 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .vlCache(let s):
             let start = s.observationStart(layout: layout)
             return ProfileRequirements(suffixStarts: [start], sparsityStart: start, sparsityThreshold: s.threshold)
+        case .tgv:
+            let start = TGVSettings.textStart(layout: layout)
+            return ProfileRequirements(suffixStarts: [start], textWeightedStart: start)
         }
     }
 
@@ -103,6 +109,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .lookM(let s):
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
             try require(s.sinks >= 0, "sinks must be ≥ 0, got \(s.sinks)")
+        case .tgv(let s): try s.validate(require)
         }
     }
 }
@@ -239,20 +246,29 @@ public struct LookMSettings: Sendable, Hashable, Codable {
     public init() {}
 }
 
-/// The prefill attention rows a policy needs: column sums over rows `start..<m` for each start, and
-/// VL-Cache's sparsity over rows `sparsityStart..<m`.
+/// The prefill attention rows a policy needs: column sums over rows `start..<m` for each start,
+/// VL-Cache's sparsity over rows `sparsityStart..<m`, and TGV-KV's text-weighted column sums over
+/// rows `textWeightedStart..<m` (which must also be a suffix start).
 public struct ProfileRequirements: Sendable, Hashable {
     public var suffixStarts: Set<Int>
     public var sparsityStart: Int?
     public var sparsityThreshold: Float
+    public var textWeightedStart: Int?
 
-    public init(suffixStarts: Set<Int> = [], sparsityStart: Int? = nil, sparsityThreshold: Float = 0.01) {
+    public init(
+        suffixStarts: Set<Int> = [],
+        sparsityStart: Int? = nil,
+        sparsityThreshold: Float = 0.01,
+        textWeightedStart: Int? = nil
+    ) {
         self.suffixStarts = suffixStarts
         self.sparsityStart = sparsityStart
         self.sparsityThreshold = sparsityThreshold
+        self.textWeightedStart = textWeightedStart
     }
 
-    /// The rows several policies need together (sparsity settings must agree; the first wins).
+    /// The rows several policies need together (sparsity settings must agree, and so must the
+    /// text-weighted start; the first wins).
     public func union(_ other: ProfileRequirements) -> ProfileRequirements {
         var result = self
         result.suffixStarts.formUnion(other.suffixStarts)
@@ -260,6 +276,7 @@ public struct ProfileRequirements: Sendable, Hashable {
             result.sparsityStart = other.sparsityStart
             result.sparsityThreshold = other.sparsityThreshold
         }
+        result.textWeightedStart = result.textWeightedStart ?? other.textWeightedStart
         return result
     }
 

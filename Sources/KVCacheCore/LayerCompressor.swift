@@ -29,9 +29,12 @@ public enum LayerCompressor {
         if let bad = budget.heads.first(where: { $0.capacity < 1 }) {
             throw KVCacheError(.invalidBudget, "a head's capacity must be ≥ 1, got \(bad.capacity)")
         }
-        let needed = policy.requirements(layout: layout).suffixStarts
+        let requirements = policy.requirements(layout: layout)
+        let needed = requirements.suffixStarts
         if !needed.isEmpty {
-            guard let profile, needed.isSubset(of: Set(profile.columnSums.keys)), profile.promptLength == m else {
+            guard let profile, needed.isSubset(of: Set(profile.columnSums.keys)), profile.promptLength == m,
+                requirements.textWeightedStart == nil || !profile.textWeightedSums.isEmpty
+            else {
                 throw KVCacheError(
                     .invalidShape,
                     "\(policy.name) needs attention sums over rows from \(needed.sorted())"
@@ -86,6 +89,15 @@ public enum LayerCompressor {
             if byStart[start] == nil { byStart[start] = profile!.kvHeadScores(start: start) }
             return byStart[start]![(head * m)..<(head * m + m)]
         }
+
+        private var textWeighted: [Float]?
+
+        /// TGV-KV's text-weighted scores of one KV head.
+        func textWeightedScores(head: Int) -> ArraySlice<Float> {
+            let m = profile!.promptLength
+            if textWeighted == nil { textWeighted = profile!.kvHeadTextWeightedScores() }
+            return textWeighted![(head * m)..<(head * m + m)]
+        }
     }
 
     /// Kept prompt positions of one head, ascending.
@@ -117,6 +129,15 @@ public enum LayerCompressor {
             return recentPlusTop(Int(s.recentShare * Double(k)), scores)
         case .snapKV(let s):
             return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
+        case .tgv(let s):
+            return textGrounded(
+                s,
+                capacity: k,
+                m: m,
+                tags: layout.tags,
+                textScores: cache.scores(start: TGVSettings.textStart(layout: layout), head: h),
+                visualScores: cache.textWeightedScores(head: h)
+            )
         case .adaKV(let s):
             // AdaKV selects a whole layer at once (`adaptive`); one head on its own is SnapKV's.
             return snap(s.snap, head: h, window: min(s.snap.window, k), k: k, m: m, cache: cache)

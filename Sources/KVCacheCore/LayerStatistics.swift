@@ -6,7 +6,8 @@ public struct LayerStatistics: Sendable, Hashable, Codable {
     public var promptLength: Int
     /// VL-Cache's `1 − γ[l]` over the observed rows (1 when the policy does not measure it).
     public var density: Double
-    /// Per KV head modality masses and demands (MadaKV); empty for other policies.
+    /// Per KV head modality masses and demands (MadaKV; TGV-KV uses the masses); empty for other
+    /// policies.
     public var heads: [HeadModalityStatistics]
 
     public init(layer: Int, promptLength: Int, density: Double, heads: [HeadModalityStatistics]) {
@@ -36,6 +37,14 @@ public struct LayerStatistics: Sendable, Hashable, Codable {
                     tags: layout.tags,
                     theta: s.theta
                 )
+            }
+        case .tgv:
+            // The question's attention mass on each modality, per KV head (TGV-KV's layer weight is
+            // the visual mass).
+            let m = profile.promptLength
+            let scores = profile.kvHeadScores(start: TGVSettings.textStart(layout: layout))
+            heads = (0..<(profile.queryHeads / profile.groupSize)).map { h in
+                HeadModalityStatistics(scores: scores[(h * m)..<(h * m + m)], tags: layout.tags, theta: 1)
             }
         default:
             break

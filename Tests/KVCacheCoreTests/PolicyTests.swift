@@ -303,6 +303,103 @@ import Testing
         #expect(kept.count == 16)
     }
 
+    /// Positions 0..<6 text, 6..<36 image, 36..<40 the question. TGV-KV keeps sinks 0...3 and the
+    /// last row, then text (4, 5, 36, 37, 38), then the images the question weighs most.
+    @Test func tgvKeepsSinksAndRecentThenTextThenTextWeightedImages() throws {
+        let g = geometry(layers: 1, queryHeads: 2, kvHeads: 1)
+        let m = 40
+        let l = layout(m: m, textBefore: 6, visual: 30)
+        let prefill = randomPrefill(g, m: m, seed: 12)
+        let policy = CompressionPolicy.tgv(.init())
+        #expect(policy.requirements(layout: l).textWeightedStart == 36)
+        let profile = try AttentionProfile(prefill: prefill, requirements: policy.requirements(layout: l))
+        func kept(_ capacity: Int) throws -> [Int] {
+            try LayerCompressor.compress(
+                prefill,
+                layout: l,
+                profile: profile,
+                budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: capacity)]),
+                policy: policy,
+                as: Float.self
+            ).heads[0].positions.map(Int.init)
+        }
+        let weighted = profile.kvHeadTextWeightedScores()
+        let images = Selection.top(6, of: weighted, among: Array(6..<36))
+        #expect(try kept(16) == [0, 1, 2, 3, 4, 5] + images + [36, 37, 38, 39])
+        // Room for 3 of the 5 free text positions: ranked by the question's attention, no image.
+        let question = profile.kvHeadScores(start: 36)
+        let text = Selection.top(3, of: question, among: [4, 5, 36, 37, 38])
+        #expect(try kept(8) == [0, 1, 2, 3] + text + [39])
+    }
+
+    /// The text-weighted sums equal a direct causal softmax in double precision: each question row's
+    /// attention, weighted by the mean attention the question's rows pay that row.
+    @Test func textWeightedSumsMatchDirectAttention() throws {
+        let g = geometry(layers: 1, queryHeads: 1, kvHeads: 1, headDim: 16)
+        let m = 30
+        let start = 24
+        let prefill = randomPrefill(g, m: m, seed: 13)
+        let profile = try AttentionProfile(
+            prefill: prefill,
+            requirements: ProfileRequirements(suffixStarts: [start], textWeightedStart: start)
+        )
+        var attention = [[Double]](repeating: [Double](repeating: 0, count: m), count: m)
+        for q in start..<m {
+            let logits: [Double] = (0...q).map { j in
+                var sum = 0.0
+                for c in 0..<16 { sum += Double(prefill.queries[q * 16 + c]) * Double(prefill.keys[j * 16 + c]) }
+                return sum / 4
+            }
+            let top = logits.max()!
+            let e = logits.map { exp($0 - top) }
+            let z = e.reduce(0, +)
+            for j in 0...q { attention[q][j] = e[j] / z }
+        }
+        for j in 0..<m {
+            var want = 0.0
+            for q in start..<m {
+                let weight = (q..<m).reduce(0.0) { $0 + attention[$1][q] } / Double(m - q)
+                want += weight * attention[q][j]
+            }
+            #expect(abs(Double(profile.textWeightedSums[j]) - want) < 1e-5, "position \(j)")
+        }
+        #expect(throws: KVCacheError.self) {
+            try AttentionProfile(prefill: prefill, requirements: ProfileRequirements(textWeightedStart: start))
+        }
+    }
+
+    /// Layers get rows in proportion to the question's attention on images: masses 1 and 3, 40 rows
+    /// → 10 and 30; no attention on images at all → uniform.
+    @Test func tgvLayerBudgetsFollowTextToVisualMass() throws {
+        func statistics(_ masses: [Double]) -> [LayerStatistics] {
+            masses.enumerated().map { l, mass in
+                let head = HeadModalityStatistics(
+                    visualMass: mass,
+                    textMass: 1,
+                    visualDemand: 0,
+                    textDemand: 0,
+                    jointDemand: 0,
+                    visualCount: 60,
+                    textCount: 40
+                )
+                return LayerStatistics(layer: l, promptLength: 100, density: 1, heads: [head])
+            }
+        }
+        let g = geometry(layers: 2, queryHeads: 1, kvHeads: 1)
+        func capacities(_ masses: [Double]) throws -> [Int] {
+            try BudgetAllocator.allocate(
+                policy: .tgv(.init()),
+                retention: 0.2,
+                geometry: g,
+                statistics: statistics(masses)
+            ).map { $0.heads[0].capacity }
+        }
+        #expect(try capacities([1, 3]) == [10, 30])
+        #expect(try capacities([0, 0]) == [20, 20])
+        // Never below the sinks and the last row.
+        #expect(try capacities([0.001, 3]) == [5, 35])
+    }
+
     @Test func gqaScoresAreTheGroupMean() throws {
         let g = geometry(layers: 1, queryHeads: 4, kvHeads: 2)
         let m = 24
