@@ -18,6 +18,7 @@ package import KVCacheCore
 // | `madakv`        | proxyWindow, theta, minRatio, components, compensation                   |
 // | `look-m`        | recentShare, textPrior, merge, sinks, filterBelowMeanSimilarity          |
 // | `tgv`           | sinks, recent                                                            |
+// | `composite`     | layerBudgets, headSplit, merge                                           |
 //
 // Values: integers in decimal; numbers as Swift's `description` of the Double (Float for
 // `threshold`), which parses back bit-identically; booleans `true`/`false`; enumerations by their
@@ -194,6 +195,14 @@ private enum PolicySettingCodings {
         [.int("sinks", \.sinks), .int("recent", \.recent)]
     }
 
+    static var composite: [SettingCoding<CompositeSettings>] {
+        [
+            .bool("layerBudgets", \.layerBudgets),
+            .bool("headSplit", \.headSplit),
+            .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .none]),
+        ]
+    }
+
     static func encode<S>(_ settings: S, _ codings: [SettingCoding<S>]) -> [(key: String, value: String)] {
         codings.map { (key: $0.key, value: $0.encode(settings)) }
     }
@@ -248,6 +257,7 @@ extension CompressionPolicy {
         case .madaKV(let s): PolicySettingCodings.encode(s, PolicySettingCodings.madaKV)
         case .lookM(let s): PolicySettingCodings.encode(s, PolicySettingCodings.lookM)
         case .tgv(let s): PolicySettingCodings.encode(s, PolicySettingCodings.tgv)
+        case .composite(let s): PolicySettingCodings.encode(s, PolicySettingCodings.composite)
         }
     }
 
@@ -296,6 +306,7 @@ extension CompressionPolicy {
         case .madaKV(let s): policy = .madaKV(try decode(s, PolicySettingCodings.madaKV))
         case .lookM(let s): policy = .lookM(try decode(s, PolicySettingCodings.lookM))
         case .tgv(let s): policy = .tgv(try decode(s, PolicySettingCodings.tgv))
+        case .composite(let s): policy = .composite(try decode(s, PolicySettingCodings.composite))
         }
         try mapCoreError(field: settingsField) { () throws(KVCacheError) in try policy.validate() }
         self = policy

@@ -290,7 +290,7 @@ public struct EvaluationRunner: Sendable {
                 let t = totals[Key(policy: p, budget: b)] ?? Tally()
                 results.append(
                     EvaluationResult(
-                        policy: policy.name,
+                        policy: policy.label,
                         budget: retention,
                         keptBytes: Int((Double(t.kept) / n).rounded()),
                         fullBytes: Int((Double(t.full) / n).rounded()),

@@ -49,6 +49,11 @@ public enum BudgetAllocator {
                 throw KVCacheError(.invalidShape, "TGV-KV needs modality statistics for all \(kvHeads) KV heads")
             }
             return layers(textVision(m: m, retention: retention, statistics: statistics, settings: s))
+        case .composite(let s):
+            guard !s.headSplit || statistics.allSatisfy({ $0.heads.count == kvHeads }) else {
+                throw KVCacheError(.invalidShape, "the composite needs modality statistics for all \(kvHeads) KV heads")
+            }
+            return composite(m: m, kvHeads: kvHeads, retention: retention, statistics: statistics, settings: s)
         }
     }
 

@@ -12,10 +12,12 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
     case madaKV(MadaKVSettings)
     case lookM(LookMSettings)
     case tgv(TGVSettings)
+    case composite(CompositeSettings)
 
     /// The CLI names, in the order tables list them.
     public static let allNames = [
         "full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m", "tgv",
+        "composite",
     ]
 
     /// The policy of that CLI name with its default settings.
@@ -31,6 +33,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case "madakv": return .madaKV(.init())
         case "look-m": return .lookM(.init())
         case "tgv": return .tgv(.init())
+        case "composite": return .composite(.init())
         default:
             throw KVCacheError(
                 .unknownName,
@@ -51,7 +54,15 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
         case .madaKV: "madakv"
         case .lookM: "look-m"
         case .tgv: "tgv"
+        case .composite: "composite"
         }
+    }
+
+    /// The name, with the composite's parts when some are off (`composite[layers+merge]`), so that
+    /// tables tell the variants apart.
+    public var label: String {
+        if case .composite(let s) = self, s != CompositeSettings() { return "composite[\(s.parts)]" }
+        return name
     }
 
     /// Which prefill attention rows the policy observes, for a prompt of this layout.
@@ -70,12 +81,23 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             return ProfileRequirements(suffixStarts: [max(0, m - s.snap.window)])
         case .madaKV(let s):
             return ProfileRequirements(suffixStarts: [max(0, m - s.proxyWindow)])
+        case .composite:
+            return CompressionPolicy.vlCache(CompositeSettings.vlCache).requirements(layout: layout)
         case .vlCache(let s):
             let start = s.observationStart(layout: layout)
             return ProfileRequirements(suffixStarts: [start], sparsityStart: start, sparsityThreshold: s.threshold)
         case .tgv:
             let start = TGVSettings.textStart(layout: layout)
             return ProfileRequirements(suffixStarts: [start], textWeightedStart: start)
+        }
+    }
+
+    /// How the policy merges evicted rows into kept ones, if it does (LOOK-M, the composite).
+    public var merging: (mode: LookMSettings.Merge, filterBelowMean: Bool)? {
+        switch self {
+        case .lookM(let s) where s.merge != .none: (s.merge, s.filterBelowMeanSimilarity)
+        case .composite(let s) where s.merge != .none: (s.merge, LookMSettings().filterBelowMeanSimilarity)
+        default: nil
         }
     }
 
@@ -110,6 +132,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
             try require(s.sinks >= 0, "sinks must be ≥ 0, got \(s.sinks)")
         case .tgv(let s): try s.validate(require)
+        case .composite: break
         }
     }
 }

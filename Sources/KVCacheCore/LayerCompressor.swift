@@ -62,8 +62,8 @@ public enum LayerCompressor {
         }
         var rows = MergedRows(prefill: prefill)
         var merged = 0
-        if case .lookM(let s) = policy, s.merge != .none {
-            merged = rows.merge(kept: kept, mode: s.merge, filterBelowMean: s.filterBelowMeanSimilarity)
+        if let (mode, filterBelowMean) = policy.merging {
+            merged = rows.merge(kept: kept, mode: mode, filterBelowMean: filterBelowMean)
         }
         var heads: [HeadCache<S>] = []
         for h in 0..<g.kvHeads {
@@ -129,6 +129,15 @@ public enum LayerCompressor {
             return recentPlusTop(Int(s.recentShare * Double(k)), scores)
         case .snapKV(let s):
             return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
+        case .composite:
+            let start = CompositeSettings.vlCache.observationStart(layout: layout)
+            return composite(
+                capacity: k,
+                split: split,
+                m: m,
+                tags: layout.tags,
+                scores: cache.scores(start: start, head: h)
+            )
         case .tgv(let s):
             return textGrounded(
                 s,

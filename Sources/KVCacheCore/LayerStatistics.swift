@@ -41,13 +41,30 @@ public struct LayerStatistics: Sendable, Hashable, Codable {
         case .tgv:
             // The question's attention mass on each modality, per KV head (TGV-KV's layer weight is
             // the visual mass).
-            let m = profile.promptLength
-            let scores = profile.kvHeadScores(start: TGVSettings.textStart(layout: layout))
-            heads = (0..<(profile.queryHeads / profile.groupSize)).map { h in
-                HeadModalityStatistics(scores: scores[(h * m)..<(h * m + m)], tags: layout.tags, theta: 1)
-            }
+            heads = Self.modalities(profile, start: TGVSettings.textStart(layout: layout), layout: layout, theta: 1)
+        case .composite:
+            density = profile.density
+            let start = CompositeSettings.vlCache.observationStart(layout: layout)
+            heads = Self.modalities(profile, start: start, layout: layout, theta: CompositeSettings.madaKV.theta)
         default:
             break
+        }
+    }
+}
+
+extension LayerStatistics {
+    /// Every KV head's modality masses and demands under the attention of rows `start..<m`, over
+    /// every prompt position.
+    static func modalities(
+        _ profile: AttentionProfile,
+        start: Int,
+        layout: PromptLayout,
+        theta: Double
+    ) -> [HeadModalityStatistics] {
+        let m = profile.promptLength
+        let scores = profile.kvHeadScores(start: start)
+        return (0..<(profile.queryHeads / profile.groupSize)).map { h in
+            HeadModalityStatistics(scores: scores[(h * m)..<(h * m + m)], tags: layout.tags, theta: theta)
         }
     }
 }

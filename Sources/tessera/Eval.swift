@@ -34,6 +34,9 @@ struct EvaluationOptions: ParsableArguments {
     @Option(help: "Write the results as JSON to this path.")
     var json: String?
 
+    @Option(name: .customLong("policy-option"), help: PolicyOptions.help)
+    var policyOptions: [String] = []
+
     /// The request these options describe, or a usage failure naming what is allowed.
     func request() throws(ExitCode) -> EvaluationRequest {
         do {
@@ -41,7 +44,10 @@ struct EvaluationOptions: ParsableArguments {
             let geometry = try ModelGeometry.preset(named: model)
             let names = policies.split(separator: ",").map { String($0).trimmed }
             guard !names.isEmpty else { throw usageFailure("--policies needs at least one policy") }
-            let chosen = try names.map { name throws(KVCacheError) in try CompressionPolicy.named(name) }
+            let chosen = try PolicyOptions.apply(
+                policyOptions,
+                to: try names.map { name throws(KVCacheError) in try CompressionPolicy.named(name) }
+            )
             let ratios = try budgets.split(separator: ",").map { text throws(ExitCode) in
                 guard let value = Double(String(text).trimmed), value > 0, value <= 1 else {
                     throw usageFailure("budget '\(text)' is not a number in (0, 1]; write e.g. --budgets 0.05,0.1,0.2")
@@ -103,8 +109,23 @@ struct Eval: AsyncParsableCommand {
     )
     var traces: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Run the composite with each of its parts (layer budgets, head split, merging) on and off instead of "
+                + "--policies, and print what each part contributes. The only value is composite.",
+            valueName: "policy"
+        )
+    )
+    var ablate: String?
+
     func run() async throws {
         var request = try options.request()
+        if let ablate {
+            guard ablate == "composite" else {
+                throw usageFailure("--ablate '\(ablate)' is not ablatable; the only value is composite")
+            }
+            request.policies = CompositeAblation.variants
+        }
         if let traces {
             guard !describe else {
                 throw usageFailure("--describe measures generated traces; it does not take --traces")
@@ -130,6 +151,7 @@ struct Eval: AsyncParsableCommand {
         }
         let results = try await runWithProgress(request, parallelism: options.effectiveParallelism)
         Terminal.output(ResultTable.render(results, request: request))
+        if ablate != nil { Terminal.output(ResultTable.render(CompositeAblation.contributions(results))) }
         if let path = options.json { try writeJSON(results, to: path) }
     }
 }

@@ -30,6 +30,22 @@ enum ResultTable {
         return title + table(header: header, rows: rows)
     }
 
+    /// What each part of the composite contributes (`eval --ablate composite`).
+    static func render(_ contributions: [CompositeAblation.Contribution]) -> String {
+        let rows = contributions.map { c in
+            [
+                c.part.rawValue,
+                format(c.budget, 2),
+                format(c.errorReduction, 4),
+                format(100 * c.relativeErrorReduction, 1),
+                c.needleGain.map { format($0, 3) } ?? "-",
+            ]
+        }
+        return "\ncontribution of each part: switched on, averaged over the other parts' four settings "
+            + "(positive helps)\n"
+            + table(header: ["part", "budget", "output err ↓", "% of err", "needle acc ↑"], rows: rows)
+    }
+
     /// Columns padded to their widest cell; the first left-aligned, the others right-aligned.
     static func table(header: [String], rows: [[String]]) -> String {
         let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }

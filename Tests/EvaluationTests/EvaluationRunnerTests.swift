@@ -1,7 +1,8 @@
-import Evaluation
 import KVCacheCore
 import Testing
 import Workloads
+
+@testable import Evaluation
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -24,13 +25,17 @@ import Foundation
     }
 
     /// At budget 1 every policy keeps the whole prompt and reproduces the full cache exactly, except
-    /// VL-Cache, whose clipped layer fractions are not renormalised (the paper): sparse layers keep less.
+    /// VL-Cache and the composite (with VL-Cache's layer budgets), whose clipped layer fractions are
+    /// not renormalised (the paper): sparse layers keep less.
     @Test func everyPolicyAtFullBudgetIsExact() async throws {
         let seed: UInt64 = 3
         let results = try await Self.run(budgets: [1], seed: seed)
-        let vlCache = try #require(results.first { $0.policy == "vl-cache" })
-        #expect(vlCache.keptBytes < vlCache.fullBytes)
-        for result in results where result.policy != "vl-cache" {
+        let clipped = ["vl-cache", "composite"]
+        for name in clipped {
+            let result = try #require(results.first { $0.policy == name })
+            #expect(result.keptBytes < result.fullBytes, "\(name)")
+        }
+        for result in results where !clipped.contains(result.policy) {
             #expect(result.outputError == 0, "seed \(seed): \(result.policy)")
             #expect(result.keptBytes == result.fullBytes, "seed \(seed): \(result.policy)")
             #expect(result.hitRate == 1, "seed \(seed): \(result.policy)")
@@ -148,5 +153,37 @@ import Foundation
         #expect(try file.int32s("layers.3.heads.1.kept", shape: [head.count]) == head.positions)
         #expect(try file.floats("layers.3.heads.1.values", shape: [head.count, head.headDim]) == head.values)
         #expect(file.metadata["policy"] == "snapkv" && file.metadata["format"] == "tessera.kept.v1")
+    }
+}
+
+@Suite struct CompositeAblationTests {
+    /// Errors built so that layer budgets cut 0.2, the head split nothing and merging adds 0.1:
+    /// the contributions read back exactly that, each averaged over the other parts' settings.
+    @Test func contributionsAreTheMeanDifferenceOfEachPart() {
+        let results = CompositeAblation.variants.map { policy in
+            guard case .composite(let s) = policy else { preconditionFailure("not a composite") }
+            let error = 1.0 - (s.layerBudgets ? 0.2 : 0) + (s.merge != .none ? 0.1 : 0)
+            return EvaluationResult(
+                policy: policy.label,
+                budget: 0.1,
+                keptBytes: 1,
+                fullBytes: 10,
+                outputError: error,
+                outputCosine: 1,
+                massRecall: 1,
+                needleAccuracy: s.headSplit ? 1 : 0.5,
+                hitRate: 0,
+                compressMillis: 0,
+                mergedRows: 0
+            )
+        }
+        #expect(Set(results.map(\.policy)).count == 8)
+        let byPart = Dictionary(
+            uniqueKeysWithValues: CompositeAblation.contributions(results).map { ($0.part, $0) }
+        )
+        #expect(abs(byPart[.layers]!.errorReduction - 0.2) < 1e-12)
+        #expect(abs(byPart[.heads]!.errorReduction) < 1e-12)
+        #expect(abs(byPart[.merge]!.errorReduction + 0.1) < 1e-12)
+        #expect(byPart[.heads]!.needleGain == 0.5)
     }
 }

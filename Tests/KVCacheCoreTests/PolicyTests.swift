@@ -400,6 +400,65 @@ import Testing
         #expect(try capacities([0.001, 3]) == [5, 35])
     }
 
+    /// The composite with only VL-Cache's part on is VL-Cache, row for row.
+    @Test func compositeWithOnlyLayerBudgetsIsVLCache() throws {
+        let g = geometry(layers: 3, queryHeads: 4, kvHeads: 2)
+        let m = 48
+        let l = layout(m: m, textBefore: 6, visual: 30)
+        var settings = CompositeSettings()
+        settings.headSplit = false
+        settings.merge = .none
+        #expect(CompressionPolicy.composite(settings).label == "composite[layers]")
+        for retention in [0.1, 0.3] {
+            let composite = try compressAll(
+                g,
+                m: m,
+                layout: l,
+                policy: .composite(settings),
+                retention: retention,
+                seed: 21
+            )
+            let vlCache = try compressAll(g, m: m, layout: l, policy: .vlCache(.init()), retention: retention, seed: 21)
+            #expect(composite.heads.map { $0.map(\.positions) } == vlCache.heads.map { $0.map(\.positions) })
+        }
+    }
+
+    /// m = 100, two heads, α = 0.2. VL-Cache's part: densities 1 and 3 → 10 and 30 rows per head.
+    /// MadaKV's part: layer 0's 20 rows go 6 : 14 by the heads' demands; head 0 keeps no recent row
+    /// (10% of 6) and splits its 6 by modality masses 3 : 1 → 4.5 → 5 visual, 1 text.
+    @Test func compositeSplitsVLCacheLayerBudgetsByMadaKVDemands() throws {
+        func head(demand: Int, visualMass: Double) -> HeadModalityStatistics {
+            HeadModalityStatistics(
+                visualMass: visualMass,
+                textMass: 1,
+                visualDemand: demand,
+                textDemand: 0,
+                jointDemand: demand,
+                visualCount: 60,
+                textCount: 40
+            )
+        }
+        let statistics = [1.0, 3.0].enumerated().map { l, density in
+            LayerStatistics(
+                layer: l,
+                promptLength: 100,
+                density: density,
+                heads: [head(demand: 3, visualMass: 3), head(demand: 7, visualMass: 1)]
+            )
+        }
+        let budgets = try BudgetAllocator.allocate(
+            policy: .composite(.init()),
+            retention: 0.2,
+            geometry: geometry(layers: 2, queryHeads: 2, kvHeads: 2),
+            statistics: statistics
+        )
+        #expect(budgets[0].heads.map(\.capacity) == [6, 14])
+        #expect(budgets[1].heads.map(\.capacity) == [18, 42])
+        #expect(budgets[0].heads[0].split == ModalitySplit(visual: 5, text: 1))
+        // Head 1 of layer 0: 14 rows, 1 recent, 13 split 1 : 1 → 6.5 → 7 visual (ties go to images), 6 text.
+        #expect(budgets[0].heads[1].split == ModalitySplit(visual: 7, text: 6))
+    }
+
     @Test func gqaScoresAreTheGroupMean() throws {
         let g = geometry(layers: 1, queryHeads: 4, kvHeads: 2)
         let m = 24

@@ -37,6 +37,14 @@ func runTessera(_ arguments: [String]) async throws -> CommandResult {
         (["eval", "--workload", "podcast"], "allowed: image-qa"),
         (["eval", "--model", "gpt-4"], "allowed: llava-1.5-7b"),
         (["eval", "--dtype", "bf16"], "allowed: f32, f16"),
+        (["eval", "--policies", "snapkv", "--policy-option", "snapkv.window"], "POLICY.KEY=VALUE"),
+        (["eval", "--policies", "snapkv", "--policy-option", "tgv.sinks=2"], "not among the chosen policies snapkv"),
+        (
+            ["eval", "--policies", "composite", "--policy-option", "composite.blend=1"],
+            "layerBudgets, headSplit, merge"
+        ),
+        (["eval", "--policies", "composite", "--policy-option", "composite.merge=some"], "averaged, pivotal"),
+        (["eval", "--ablate", "snapkv"], "the only value is composite"),
     ])
     func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
         let result = try await runTessera(arguments)
@@ -54,7 +62,10 @@ func runTessera(_ arguments: [String]) async throws -> CommandResult {
             "--seed", "7", "--json", path,
         ])
         #expect(result.status == .exited(0), "\(result.stderr)")
-        let policies = ["full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m"]
+        let policies = [
+            "full", "streaming-llm", "h2o", "snapkv", "adakv", "pyramidkv", "vl-cache", "madakv", "look-m", "tgv",
+            "composite",
+        ]
         for policy in policies {
             #expect(result.stdout.contains("\n\(policy) "), "missing \(policy) in\n\(result.stdout)")
         }
@@ -77,5 +88,30 @@ func runTessera(_ arguments: [String]) async throws -> CommandResult {
         let full = try #require(document.results.first { $0.policy == "full" })
         #expect(full.outputError == 0 && full.keptBytes == full.fullBytes)
         #expect(document.results.allSatisfy { $0.keptBytes <= $0.fullBytes || $0.policy == "look-m" })
+    }
+
+    @Test func ablationPrintsEveryVariantAndEachPartsContribution() async throws {
+        let result = try await runTessera([
+            "eval", "--model", "tiny", "--workload", "image-qa", "--budgets", "0.2", "--sequences", "1", "--ablate",
+            "composite",
+        ])
+        #expect(result.status == .exited(0), "\(result.stderr)")
+        for variant in ["composite ", "composite[layers+heads] ", "composite[merge] ", "composite[none] "] {
+            #expect(result.stdout.contains("\n\(variant)"), "missing \(variant) in\n\(result.stdout)")
+        }
+        for part in ["layers", "heads", "merge"] {
+            #expect(result.stdout.contains("\n\(part) "), "missing \(part) in\n\(result.stdout)")
+        }
+    }
+
+    /// A policy option reaches the policy: without merging, the composite merges no row, and its
+    /// label says which parts are on.
+    @Test func policyOptionsApply() async throws {
+        let result = try await runTessera([
+            "eval", "--model", "tiny", "--workload", "image-qa", "--budgets", "0.2", "--sequences", "1", "--policies",
+            "composite", "--policy-option", "composite.merge=none", "--policy-option", "composite.headSplit=false",
+        ])
+        #expect(result.status == .exited(0), "\(result.stderr)")
+        #expect(result.stdout.contains("\ncomposite[layers] "), "\(result.stdout)")
     }
 }

@@ -1,0 +1,104 @@
+/// The three methods on the three axes they act on, in one policy, each part switchable so that a
+/// user can measure what each contributes (`tessera eval --ablate composite`):
+/// - **how much per layer** (`layerBudgets`): VL-Cache's sparsity-aware layer budgets (denser layers
+///   keep more); off, every layer keeps the same share;
+/// - **how to split a layer over its heads and modalities** (`headSplit`): MadaKV's per-head demand
+///   (how many rows cover θ = 0.9 of the head's attention mass), with the layer's rows apportioned
+///   over its heads by demand and each head's rows split by its modality masses; off, every head
+///   keeps the layer's even share, ranked across modalities together;
+/// - **what happens to what is evicted** (`merge`): LOOK-M's merging of each evicted row into its
+///   most similar kept row (pivotal by default); `none` drops them.
+///
+/// Every part observes the same rows: VL-Cache's post-vision rows (the question), whose attention
+/// ranks the rows and gives the heads' modality statistics, and 10% of each head's rows is kept as a
+/// recent window (VL-Cache's recent share). The window scales with the budget, so at 5% the method
+/// still chooses most of what it keeps (MadaKV's fixed 32-row proxy window does not). With
+/// `headSplit` and `merge` off this is VL-Cache exactly; the other settings are the two papers'
+/// defaults (`VLCacheSettings()`, `MadaKVSettings()`'s θ and floor ratio).
+public struct CompositeSettings: Sendable, Hashable, Codable {
+    public var layerBudgets = true
+    public var headSplit = true
+    public var merge = LookMSettings.Merge.pivotal
+    public init() {}
+
+    /// The VL-Cache part: observation, sparsity threshold, clip bounds and recent share.
+    static let vlCache = VLCacheSettings()
+    /// The MadaKV part: its coverage θ and its floor ratio.
+    static let madaKV = MadaKVSettings()
+
+    /// A short label of the parts switched on, e.g. `layers+heads+merge`, or `none`.
+    public var parts: String {
+        let on = [layerBudgets ? "layers" : nil, headSplit ? "heads" : nil, merge != .none ? "merge" : nil]
+        return on.compactMap(\.self).joined(separator: "+").nilIfEmpty ?? "none"
+    }
+}
+
+extension String {
+    fileprivate var nilIfEmpty: String? { isEmpty ? nil : self }
+}
+
+extension BudgetAllocator {
+    /// The composite's budgets: each layer's rows (VL-Cache's per-head capacity × heads, or the
+    /// uniform share), then split over its heads by MadaKV's demands, each head's chosen rows by
+    /// modality.
+    static func composite(
+        m: Int,
+        kvHeads: Int,
+        retention: Double,
+        statistics: [LayerStatistics],
+        settings s: CompositeSettings
+    ) -> [LayerBudget] {
+        let perHead =
+            s.layerBudgets
+            ? sparsityAware(m: m, retention: retention, statistics: statistics, settings: CompositeSettings.vlCache)
+            : Array(repeating: min(m, max(1, Int((retention * Double(m)).rounded()))), count: statistics.count)
+        let floor = min(m, max(1, Int((CompositeSettings.madaKV.minRatio * Double(m)).rounded(.up))))
+        return zip(statistics, perHead).map { stats, capacity in
+            guard s.headSplit else {
+                return LayerBudget(
+                    layer: stats.layer,
+                    heads: Array(repeating: HeadBudget(capacity: capacity), count: kvHeads)
+                )
+            }
+            let capacities = apportion(
+                total: capacity * kvHeads,
+                weights: stats.heads.map { Double(min(m, max(floor, $0.visualDemand + $0.textDemand))) },
+                lower: Array(repeating: min(floor, capacity), count: kvHeads),
+                upper: Array(repeating: m, count: kvHeads)
+            )
+            let heads = zip(capacities, stats.heads).map { k, h in
+                let free = k - LayerCompressor.recentRows(capacity: k, share: CompositeSettings.vlCache.recentShare)
+                return HeadBudget(capacity: k, split: modalitySplit(free, h.visualMass, h.textMass, h))
+            }
+            return LayerBudget(layer: stats.layer, heads: heads)
+        }
+    }
+}
+
+extension LayerCompressor {
+    /// The rows a recent share of `capacity` protects.
+    static func recentRows(capacity: Int, share: Double) -> Int { Int(share * Double(capacity)) }
+
+    /// The composite's kept positions of one head (ascending): the recent rows, then the rest by the
+    /// question's attention, per modality when the head's budget is split.
+    static func composite(
+        capacity k: Int,
+        split: ModalitySplit?,
+        m: Int,
+        tags: [ModalityTag],
+        scores: ArraySlice<Float>
+    ) -> [Int] {
+        let recent = recentRows(capacity: k, share: CompositeSettings.vlCache.recentShare)
+        let candidates = Array(0..<(m - recent))
+        let ranked = Array(scores)
+        let chosen: [Int]
+        if let split {
+            chosen =
+                Selection.top(split.visual, of: ranked, among: candidates.filter { tags[$0].isVisual })
+                + Selection.top(split.text, of: ranked, among: candidates.filter { !tags[$0].isVisual })
+        } else {
+            chosen = Selection.top(k - recent, of: ranked, among: candidates)
+        }
+        return chosen.sorted() + Array((m - recent)..<m)
+    }
+}
