@@ -63,6 +63,9 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Comma-separated policies, each run over the same seeded traffic.")
     var policies: String?
 
+    @Option(name: .customLong("policy-option"), help: PolicyOptions.help)
+    var policyOptions: [String] = []
+
     @Option(help: "Retention ratio of the prompt cache, in (0, 1].")
     var budget = 0.1
 
@@ -147,14 +150,16 @@ struct BenchOptions: ParsableArguments {
         guard policy == nil || policies == nil else { throw usageFailure("give --policy or --policies, not both") }
         let names = (policies ?? policy ?? "vl-cache").split(separator: ",").map { String($0).trimmed }
         guard budget > 0, budget <= 1 else { throw usageFailure("--budget must be in (0, 1], got \(budget)") }
-        var chosen: [BenchPlan.Policy] = []
+        var named: [CompressionPolicy] = []
         for name in names {
             do {
-                let policy = try CompressionPolicy.named(name)
-                chosen.append(.init(name: name, policy: policy, retention: policy == .full ? 1 : budget))
+                named.append(try CompressionPolicy.named(name))
             } catch {
                 throw usageFailure("--policies: \(error.message)")
             }
+        }
+        let chosen = try PolicyOptions.apply(policyOptions, to: named).map { policy in
+            BenchPlan.Policy(name: policy.label, policy: policy, retention: policy == .full ? 1 : budget)
         }
         guard !chosen.isEmpty else { throw usageFailure("--policies needs at least one policy") }
         let loop: BenchPlan.Loop
