@@ -55,6 +55,22 @@ extension BudgetAllocator {
     }
 }
 
+extension CompressionPolicy {
+    /// Per KV head, the score each prompt position ranks by when a compressed cache is cut further
+    /// (`HeadCache.tightened`): the attention of the rows the policy observes, and for TGV-KV its own
+    /// order (text above every image by the question's attention, images by text-weighted attention).
+    /// `[kvHead * m + position]`; nil for a policy that observes no rows.
+    public func positionScores(profile: AttentionProfile, layout: PromptLayout) -> [Float]? {
+        guard case .tgv = self else { return profile.columnSums.keys.min().map { profile.kvHeadScores(start: $0) } }
+        let m = profile.promptLength
+        var scores = profile.kvHeadTextWeightedScores()
+        let question = profile.kvHeadScores(start: TGVSettings.textStart(layout: layout))
+        // A text score stays above every weighted one: those are at most the question's row count.
+        for i in scores.indices where !layout.tags[i % m].isVisual { scores[i] = question[i] + Float(m) }
+        return scores
+    }
+}
+
 extension LayerCompressor {
     /// TGV-KV's kept positions of one head (ascending): the sinks and the last rows, then text by
     /// the question's attention, then visual positions by text-weighted attention.

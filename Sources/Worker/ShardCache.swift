@@ -124,15 +124,18 @@ struct ShardCache: Sendable {
     }
 
     /// The score each held row competes on if the cache is tightened later (`HeadCache.tightened`):
-    /// the attention the policy's observation rows gave it at prefill, or, for policies that observe
-    /// nothing, recency with the sink first. `[layer][kvHead][row]`.
-    func rowScores(profiles: [Int: AttentionProfile], promptLength m: Int) -> [Int: [[Float]]] {
+    /// the policy's ranking at prefill (`CompressionPolicy.positionScores`), or, for policies that
+    /// observe nothing, recency with the sink first. `[layer][kvHead][row]`.
+    func rowScores(
+        profiles: [Int: AttentionProfile],
+        policy: CompressionPolicy,
+        layout: PromptLayout
+    ) -> [Int: [[Float]]] {
+        let m = layout.promptLength
         func scores<S>(_ layers: [Int: [HeadCache<S>]]) -> [Int: [[Float]]] {
             var result: [Int: [[Float]]] = [:]
             for (layer, heads) in layers {
-                let observed = profiles[layer].flatMap { profile in
-                    profile.columnSums.keys.min().map { profile.kvHeadScores(start: $0) }
-                }
+                let observed = profiles[layer].flatMap { policy.positionScores(profile: $0, layout: layout) }
                 result[layer] = heads.enumerated().map { h, head in
                     head.positions.map { position in
                         let p = Int(position)

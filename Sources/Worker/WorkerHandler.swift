@@ -312,7 +312,7 @@ struct WorkerHandler: EnvelopeHandler {
         } catch {
             throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
         }
-        return (cache, audit, cache.rowScores(profiles: held.profiles, promptLength: m))
+        return (cache, audit, cache.rowScores(profiles: held.profiles, policy: held.policy, layout: held.layout))
     }
 
     private func decode(

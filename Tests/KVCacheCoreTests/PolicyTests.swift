@@ -330,6 +330,26 @@ import Testing
         let question = profile.kvHeadScores(start: 36)
         let text = Selection.top(3, of: question, among: [4, 5, 36, 37, 38])
         #expect(try kept(8) == [0, 1, 2, 3] + text + [39])
+
+        // Cut further under memory pressure, the head keeps TGV-KV's order: text first, so 10 rows
+        // are the 10 text positions, and 12 add the two images of highest text-weighted attention.
+        let head = try LayerCompressor.compress(
+            prefill,
+            layout: l,
+            profile: profile,
+            budget: LayerBudget(layer: 0, heads: [HeadBudget(capacity: 16)]),
+            policy: policy,
+            as: Float.self
+        ).heads[0]
+        let ranking = try #require(policy.positionScores(profile: profile, layout: l))
+        let rowScores = head.positions.map { ranking[Int($0)] }
+        func tightened(_ capacity: Int) -> [Int] {
+            head.tightened(promptLength: m, capacity: capacity, scores: rowScores).cache.positions.map(Int.init)
+        }
+        #expect(tightened(10) == [0, 1, 2, 3, 4, 5, 36, 37, 38, 39])
+        #expect(
+            tightened(12) == ([0, 1, 2, 3, 4, 5] + Selection.top(2, of: weighted, among: images) + [36, 37, 38, 39])
+        )
     }
 
     /// The text-weighted sums equal a direct causal softmax in double precision: each question row's
