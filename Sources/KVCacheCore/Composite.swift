@@ -80,7 +80,9 @@ extension LayerCompressor {
     static func recentRows(capacity: Int, share: Double) -> Int { Int(share * Double(capacity)) }
 
     /// The composite's kept positions of one head (ascending): the recent rows, then the rest by the
-    /// question's attention, per modality when the head's budget is split.
+    /// question's attention, per modality when the head's budget is split. A modality with fewer
+    /// candidates than its share leaves the rest to the best of the other, so the head keeps its
+    /// whole capacity (the recent rows, usually text, are not candidates).
     static func composite(
         capacity k: Int,
         split: ModalitySplit?,
@@ -91,11 +93,14 @@ extension LayerCompressor {
         let recent = recentRows(capacity: k, share: CompositeSettings.vlCache.recentShare)
         let candidates = Array(0..<(m - recent))
         let ranked = Array(scores)
-        let chosen: [Int]
+        var chosen: [Int]
         if let split {
             chosen =
                 Selection.top(split.visual, of: ranked, among: candidates.filter { tags[$0].isVisual })
                 + Selection.top(split.text, of: ranked, among: candidates.filter { !tags[$0].isVisual })
+            var isChosen = [Bool](repeating: false, count: m)
+            for j in chosen { isChosen[j] = true }
+            chosen += Selection.top(k - recent - chosen.count, of: ranked, among: candidates.filter { !isChosen[$0] })
         } else {
             chosen = Selection.top(k - recent, of: ranked, among: candidates)
         }

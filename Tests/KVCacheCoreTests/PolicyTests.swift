@@ -443,6 +443,21 @@ import Testing
         }
     }
 
+    /// Positions 0...2 and 17...19 text, the rest an image; scores rise with the position. Capacity 12
+    /// keeps row 19 as recent; the split asks 4 images and 7 texts, but only 5 text candidates are
+    /// left (0, 1, 2, 17, 18), so the two rows over go to the best remaining images (11, 12).
+    @Test func compositeGivesAModalitysUnusedShareToTheOther() {
+        let l = layout(m: 20, textBefore: 3, visual: 14)
+        let kept = LayerCompressor.composite(
+            capacity: 12,
+            split: ModalitySplit(visual: 4, text: 7),
+            m: 20,
+            tags: l.tags,
+            scores: (0..<20).map(Float.init)[...]
+        )
+        #expect(kept == [0, 1, 2, 11, 12, 13, 14, 15, 16, 17, 18, 19])
+    }
+
     /// m = 100, two heads, α = 0.2. VL-Cache's part: densities 1 and 3 → 10 and 30 rows per head.
     /// MadaKV's part: layer 0's 20 rows go 6 : 14 by the heads' demands; head 0 keeps no recent row
     /// (10% of 6) and splits its 6 by modality masses 3 : 1 → 4.5 → 5 visual, 1 text.
