@@ -47,7 +47,7 @@ public enum TesseraMetrics {
     /// Counter (coordinator): sequences closed because a shard lost every copy. No labels.
     public static let lostSequencesTotal = "tessera_lost_sequences_total"
     /// Counter (coordinator): shard copies made to restore replication. Label: ``Label/outcome``
-    /// (`ok`, `error`).
+    /// (`ok`; `error`, retried; `superseded`, the sequence moved on during the copy).
     public static let reReplicationsTotal = "tessera_rereplications_total"
     /// Counter (coordinator): bytes of tensor data and row arrays the completed shard copies moved.
     /// No labels.

@@ -24,7 +24,7 @@ public enum BudgetAllocator {
             throw KVCacheError(.invalidShape, "every layer's statistics must report the same prompt length")
         }
         let kvHeads = geometry.kvHeads
-        let uniform = min(m, max(1, Int((retention * Double(m)).rounded())))
+        let uniform = uniformCapacity(m: m, retention: retention)
         func layers(_ capacities: [Int]) -> [LayerBudget] {
             capacities.enumerated().map { l, c in
                 LayerBudget(layer: l, heads: Array(repeating: HeadBudget(capacity: c), count: kvHeads))
@@ -55,6 +55,11 @@ public enum BudgetAllocator {
             }
             return composite(m: m, kvHeads: kvHeads, retention: retention, statistics: statistics, settings: s)
         }
+    }
+
+    /// Rows per head when every layer and head keeps the same share: `α·m`, at least 1.
+    static func uniformCapacity(m: Int, retention: Double) -> Int {
+        min(m, max(1, Int((retention * Double(m)).rounded())))
     }
 
     /// PyramidKV's linear schedule: per-layer capacities (window included) averaging `α·m`.

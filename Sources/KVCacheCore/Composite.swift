@@ -51,7 +51,7 @@ extension BudgetAllocator {
         let perHead =
             s.layerBudgets
             ? sparsityAware(m: m, retention: retention, statistics: statistics, settings: CompositeSettings.vlCache)
-            : Array(repeating: min(m, max(1, Int((retention * Double(m)).rounded()))), count: statistics.count)
+            : Array(repeating: uniformCapacity(m: m, retention: retention), count: statistics.count)
         let floor = min(m, max(1, Int((CompositeSettings.madaKV.minRatio * Double(m)).rounded(.up))))
         return zip(statistics, perHead).map { stats, capacity in
             guard s.headSplit else {
@@ -76,9 +76,6 @@ extension BudgetAllocator {
 }
 
 extension LayerCompressor {
-    /// The rows a recent share of `capacity` protects.
-    static func recentRows(capacity: Int, share: Double) -> Int { Int(share * Double(capacity)) }
-
     /// The composite's kept positions of one head (ascending): the recent rows, then the rest by the
     /// question's attention, per modality when the head's budget is split. A modality with fewer
     /// candidates than its share leaves the rest to the best of the other, so the head keeps its

@@ -126,7 +126,7 @@ public enum LayerCompressor {
             if s.normalizeByQueryCount {
                 for j in 0..<m { scores[j] /= Float(m - j) }
             }
-            return recentPlusTop(Int(s.recentShare * Double(k)), scores)
+            return recentPlusTop(recentRows(capacity: k, share: s.recentShare), scores)
         case .snapKV(let s):
             return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
         case .composite:
@@ -154,7 +154,7 @@ public enum LayerCompressor {
             return snap(s.snap, head: h, window: min(s.snap.window, k), k: k, m: m, cache: cache)
         case .vlCache(let s):
             let scores = Array(cache.scores(start: s.observationStart(layout: layout), head: h))
-            return recentPlusTop(Int(s.recentShare * Double(k)), scores)
+            return recentPlusTop(recentRows(capacity: k, share: s.recentShare), scores)
         case .madaKV(let s):
             let w = min(s.proxyWindow, m, k)
             let scores = Array(cache.scores(start: m - min(s.proxyWindow, m), head: h))
@@ -171,7 +171,7 @@ public enum LayerCompressor {
             }
             return chosen.sorted() + Array((m - w)..<m)
         case .lookM(let s):
-            let recent = Int(s.recentShare * Double(k))
+            let recent = recentRows(capacity: k, share: s.recentShare)
             let heavy = k - recent
             var scores = Array(cache.scores(start: 0, head: h))
             let prefix = Array(0..<(m - recent))
@@ -192,6 +192,9 @@ public enum LayerCompressor {
             }
         }
     }
+
+    /// The rows a recent share of `capacity` protects.
+    static func recentRows(capacity: Int, share: Double) -> Int { Int(share * Double(capacity)) }
 
     /// SnapKV: pooled votes of the window rows, top `k − window` before the window, plus the window.
     static func snap(_ s: SnapKVSettings, head: Int, window: Int, k: Int, m: Int, cache: ScoreCache) -> [Int] {

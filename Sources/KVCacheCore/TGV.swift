@@ -43,7 +43,7 @@ extension BudgetAllocator {
     /// attention mass (uniform when no layer's text attends to a visual position).
     static func textVision(m: Int, retention: Double, statistics: [LayerStatistics], settings s: TGVSettings) -> [Int] {
         let masses = statistics.map { layer in layer.heads.reduce(0.0) { $0 + $1.visualMass } }
-        let uniform = min(m, max(1, Int((retention * Double(m)).rounded())))
+        let uniform = uniformCapacity(m: m, retention: retention)
         guard masses.reduce(0, +) > 0 else { return Array(repeating: uniform, count: statistics.count) }
         let floor = min(m, max(1, s.sinks + s.recent))
         return apportion(

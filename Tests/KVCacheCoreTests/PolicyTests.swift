@@ -365,15 +365,7 @@ import Testing
         )
         var attention = [[Double]](repeating: [Double](repeating: 0, count: m), count: m)
         for q in start..<m {
-            let logits: [Double] = (0...q).map { j in
-                var sum = 0.0
-                for c in 0..<16 { sum += Double(prefill.queries[q * 16 + c]) * Double(prefill.keys[j * 16 + c]) }
-                return sum / 4
-            }
-            let top = logits.max()!
-            let e = logits.map { exp($0 - top) }
-            let z = e.reduce(0, +)
-            for j in 0...q { attention[q][j] = e[j] / z }
+            for (j, p) in Self.directAttention(prefill, row: q).enumerated() { attention[q][j] = p }
         }
         for j in 0..<m {
             var want = 0.0
@@ -513,6 +505,21 @@ import Testing
         }
     }
 
+    /// Row `q`'s causal softmax over keys `0...q` in double precision, for a prefill of one query
+    /// head and one KV head.
+    static func directAttention(_ prefill: LayerPrefill, row q: Int) -> [Double] {
+        let d = prefill.geometry.headDim
+        let logits: [Double] = (0...q).map { j in
+            var sum = 0.0
+            for c in 0..<d { sum += Double(prefill.queries[q * d + c]) * Double(prefill.keys[j * d + c]) }
+            return sum / Double(d).squareRoot()
+        }
+        let top = logits.max()!
+        let e = logits.map { exp($0 - top) }
+        let z = e.reduce(0, +)
+        return e.map { $0 / z }
+    }
+
     /// Column sums from the backward pass equal a direct causal softmax in double precision.
     @Test func columnSumsMatchDirectAttention() throws {
         let g = geometry(layers: 1, queryHeads: 1, kvHeads: 1, headDim: 16)
@@ -522,15 +529,7 @@ import Testing
         for start in [0, 25] {
             var want = [Double](repeating: 0, count: m)
             for q in start..<m {
-                let logits: [Double] = (0...q).map { j in
-                    var sum = 0.0
-                    for c in 0..<16 { sum += Double(prefill.queries[q * 16 + c]) * Double(prefill.keys[j * 16 + c]) }
-                    return sum / 4
-                }
-                let top = logits.max()!
-                let e = logits.map { exp($0 - top) }
-                let z = e.reduce(0, +)
-                for j in 0...q { want[j] += e[j] / z }
+                for (j, p) in Self.directAttention(prefill, row: q).enumerated() { want[j] += p }
             }
             for j in 0..<m { #expect(abs(Double(profile.columnSums[start]![j]) - want[j]) < 1e-4) }
         }
