@@ -274,15 +274,56 @@ public final class TesseraClient: Sendable {
         source.sequenceIndex = UInt32(index)
         if let settings { source.shape = settings.shape }
         let synthetic = source
+        return try await prefillEveryShard(sequenceID, audit: audit) { prefill, _ in prefill.synthetic = synthetic }
+    }
+
+    /// Prefills every shard with `trace`'s tensors, sent inline as `scalarType` in parts of whole
+    /// layers of at most `partBytes` each (a layer larger than that goes alone, and must fit the frame
+    /// limit).
+    public func prefill(
+        _ sequenceID: UInt64,
+        trace: some PromptTrace,
+        as scalarType: ScalarType = .float32,
+        audit: Bool = false,
+        partBytes: Int = 16 << 20
+    ) async throws -> UInt64 {
+        let g = trace.geometry
+        let m = trace.layout.promptLength
+        // At most: keys, values and a query for every prompt row.
+        let layerBytes = (2 * g.kvHeads + g.queryHeads) * m * g.headDim * scalarType.byteWidth
+        return try await prefillEveryShard(
+            sequenceID,
+            audit: audit,
+            layersPerPart: max(1, partBytes / max(1, layerBytes))
+        ) { prefill, layers in
+            var inline = Tessera_V1_InlineTensors()
+            inline.layers = try layers.map { layer in
+                try trace.prefill(layer: layer).proto(layer: layer, scalarType: scalarType, queryScalarType: scalarType)
+            }
+            prefill.inlineTensors = inline
+        }
+    }
+
+    /// Sends every shard a prefill whose tensors `source` sets, for the shard's layers in parts of
+    /// `layersPerPart`; returns the K/V bytes the shards stored.
+    private func prefillEveryShard(
+        _ sequenceID: UInt64,
+        audit: Bool,
+        layersPerPart: Int = .max,
+        source: @escaping @Sendable (inout Tessera_V1_Prefill, Range<Int>) throws -> Void
+    ) async throws -> UInt64 {
         let timeout = prefillTimeouts.withLock { $0[sequenceID] } ?? .seconds(300)
-        let acks = try await onEveryShard(sequenceID, timeout: timeout) { shard, placement in
+        let acks = try await onEveryShard(sequenceID, timeout: timeout, layersPerPart: layersPerPart) {
+            shard,
+            placement,
+            layers in
             var prefill = Tessera_V1_Prefill()
             prefill.tenant = self.tenant
             prefill.sequenceID = sequenceID
             prefill.shardID = shard.id
             prefill.epoch = placement.epoch
-            prefill.synthetic = synthetic
             prefill.audit = audit
+            try source(&prefill, layers)
             return .prefill(prefill)
         }
         return acks.reduce(0) { total, ack in
@@ -309,7 +350,7 @@ public final class TesseraClient: Sendable {
         geometry: ModelGeometry,
         inputs: [Int: DecodeStepInput]? = nil
     ) async throws -> DecodeStep {
-        let replies = try await onEveryShard(sequenceID) { shard, placement in
+        let replies = try await onEveryShard(sequenceID) { shard, placement, _ in
             var decode = Tessera_V1_Decode()
             decode.tenant = self.tenant
             decode.sequenceID = sequenceID
@@ -385,15 +426,20 @@ public final class TesseraClient: Sendable {
         return ClusterStatus(reply)
     }
 
-    /// Sends one request per shard to its primary, concurrently. When the primary cannot take it
+    /// Sends each shard's requests to its primary, the shards concurrently: one per `layersPerPart`
+    /// of the shard's layers (`make` builds the request for those layers; each is sent once the one
+    /// before was answered); returns each shard's last reply. When the primary cannot take a request
     /// (NOT_PRIMARY, STALE_EPOCH, UNAVAILABLE, or the connection failed: a failover may be under way)
-    /// it refreshes the placement and retries that shard with backoff, for up to `failoverPatience`.
-    /// Writes are idempotent (a prefill or a decode step already applied is answered, not reapplied).
+    /// it refreshes the placement and retries that request with backoff, for up to `failoverPatience`.
+    /// Writes are idempotent (a prefill, a part of one or a decode step already applied is answered,
+    /// not reapplied).
     private func onEveryShard(
         _ sequenceID: UInt64,
         timeout: Duration = .seconds(60),
+        layersPerPart: Int = .max,
         _ make:
-            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement, Range<Int>) throws ->
+            Tessera_V1_Envelope.OneOf_Body
     ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
         guard let placement = book.placement(sequenceID) else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was not opened by this client")
@@ -402,28 +448,36 @@ public final class TesseraClient: Sendable {
             for shard in placement.shards {
                 group.addTask {
                     var current = (shard: shard, placement: placement)
-                    var backoff = Duration.milliseconds(50)
-                    let deadline = self.elapsed() + Self.failoverPatience
-                    while true {
-                        do {
-                            return try await self.attempt(
-                                sequenceID,
-                                current.shard,
-                                current.placement,
-                                timeout: timeout,
-                                make
-                            )
-                        } catch {
-                            guard Self.isRetryable(error), self.elapsed() + backoff < deadline else { throw error }
-                            self.retries.add(1, ordering: .relaxed)
-                            try await self.clock.sleep(for: backoff)
-                            backoff = min(backoff * 2, .seconds(1))
-                            // While the coordinator is away (restarting) the old placement is retried.
-                            guard let fresh = try? await self.refreshPlacement(sequenceID) else { continue }
-                            guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
-                            current = (moved, fresh)
+                    var reply: Tessera_V1_Envelope.OneOf_Body?
+                    let all = shard.layers
+                    let step = max(1, min(layersPerPart, all.count))
+                    // At least one request, also for a shard without layers.
+                    for first in stride(from: all.lowerBound, to: max(all.upperBound, all.lowerBound + 1), by: step) {
+                        let layers = first..<min(first + step, all.upperBound)
+                        reply = nil
+                        var backoff = Duration.milliseconds(50)
+                        let deadline = self.elapsed() + Self.failoverPatience
+                        while reply == nil {
+                            do {
+                                reply = try await self.attempt(
+                                    sequenceID,
+                                    current.shard,
+                                    current.placement,
+                                    timeout: timeout
+                                ) { shard, placement in try make(shard, placement, layers) }
+                            } catch {
+                                guard Self.isRetryable(error), self.elapsed() + backoff < deadline else { throw error }
+                                self.retries.add(1, ordering: .relaxed)
+                                try await self.clock.sleep(for: backoff)
+                                backoff = min(backoff * 2, .seconds(1))
+                                // While the coordinator is away (restarting) the old placement is retried.
+                                guard let fresh = try? await self.refreshPlacement(sequenceID) else { continue }
+                                guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
+                                current = (moved, fresh)
+                            }
                         }
                     }
+                    return reply!
                 }
             }
             var replies: [Tessera_V1_Envelope.OneOf_Body] = []

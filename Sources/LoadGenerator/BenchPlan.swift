@@ -43,6 +43,9 @@ public struct BenchPlan: Sendable {
     public var auditFraction: Double
     /// How often the cluster's footprint is sampled.
     public var sampleInterval: Duration
+    /// Trace files replayed instead of the workload's generated sequences: sequence `i` is file
+    /// `i mod count`, prefilled with its tensors inline and decoded with its steps. Empty: generated.
+    public var traces: [TraceFile]
 
     public init(
         workloadName: String,
@@ -52,7 +55,8 @@ public struct BenchPlan: Sendable {
         stop: Stop,
         seed: UInt64,
         auditFraction: Double = 0.25,
-        sampleInterval: Duration = .milliseconds(250)
+        sampleInterval: Duration = .milliseconds(250),
+        traces: [TraceFile] = []
     ) {
         self.workloadName = workloadName
         self.workload = workload
@@ -62,7 +66,11 @@ public struct BenchPlan: Sendable {
         self.seed = seed
         self.auditFraction = auditFraction
         self.sampleInterval = sampleInterval
+        self.traces = traces
     }
+
+    /// The model the report names: the traces' (the first file's), else the workload's.
+    public var geometry: ModelGeometry { traces.first?.geometry ?? workload.geometry }
 
     /// Whether sequence `index` is audited: evenly spaced, starting with the first (0, 4, 8, … at
     /// 0.25), so that every policy audits the same sequences and a short run audits at least one.

@@ -55,7 +55,7 @@ public enum LoadRunner {
                 }
             let report = BenchReport(
                 workload: plan.workloadName,
-                model: plan.workload.geometry.name,
+                model: plan.geometry.name,
                 workers: workers,
                 seed: plan.seed,
                 loop: loop,
@@ -216,42 +216,53 @@ struct SequenceDriver: Sendable {
 
     /// One sequence, start to end; failures are counted, never thrown. Returns whether it completed.
     func runSequence(_ index: Int, due: ContinuousClock.Instant?) async -> Bool {
-        let workload = plan.workload
-        let preset = workload.preset(forSequence: index, seed: plan.seed)
-        let settings = workload.traceSettings
-        let geometry = workload.geometry
-        let trace = TraceGenerator(preset: preset, geometry: geometry, settings: settings, seed: plan.seed).sequence(
-            index
-        )
         let policy = plan.policies[policyIndex]
         let sequenceID = UInt64(policyIndex + 1) << 32 | UInt64(index)
         let audited = plan.isAudited(index)
+        await recorder.started()
+        let source: SequenceSource
+        do {
+            source = try SequenceSource(plan, index: index)
+        } catch {
+            await recorder.failed(error)
+            return false
+        }
+        let geometry = source.trace.geometry
         // Latencies count from when the sequence was due (open loop), so queueing is not hidden.
         let begin = due ?? .now
-        await recorder.started()
         do {
             try await open(
                 sequenceID,
                 geometry: geometry,
-                layout: trace.layout,
+                layout: source.trace.layout,
                 policy: policy,
-                decodeTokens: trace.decodeSteps
+                decodeTokens: source.trace.decodeSteps
             )
             var footprint = Footprint(since: .now)
-            _ = try await client.prefillSynthetic(
-                sequenceID,
-                workload: preset.rawValue,
-                seed: plan.seed,
-                index: index,
-                settings: settings,
-                audit: audited
-            )
+            switch source {
+            case .generated(let trace, let settings):
+                _ = try await client.prefillSynthetic(
+                    sequenceID,
+                    workload: trace.preset.rawValue,
+                    seed: plan.seed,
+                    index: index,
+                    settings: settings,
+                    audit: audited
+                )
+            case .file(let file, _):
+                _ = try await client.prefill(sequenceID, trace: file, as: file.prefillScalarType, audit: audited)
+            }
             var last = DecodeStep()
             var fidelity: FidelityReport?
-            for step in 0..<trace.decodeSteps {
+            for step in 0..<source.trace.decodeSteps {
                 let stepStart = ContinuousClock.now
                 let previous = last
-                last = try await client.decodeStep(sequenceID, step: step, geometry: geometry)
+                last = try await client.decodeStep(
+                    sequenceID,
+                    step: step,
+                    geometry: geometry,
+                    inputs: source.decodeInputs(step: step)
+                )
                 // Until its first step returns (with the budget applied), the sequence is held whole.
                 footprint.held(step == 0 ? last.fullKVBytes : previous.kvBytes, until: .now)
                 if step == 0 {
@@ -313,6 +324,47 @@ struct SequenceDriver: Sendable {
                 await recorder.retried()
             }
         }
+    }
+}
+
+/// Where a sequence's tensors come from: the workers expand the workload's seed (`generated`), or
+/// the client sends a trace file's (`file`, with every decode step's inputs read before it opens).
+enum SequenceSource {
+    case generated(SequenceTrace, TraceSettings)
+    case file(TraceFile, decode: [[Int: DecodeStepInput]])
+
+    init(_ plan: BenchPlan, index: Int) throws {
+        guard plan.traces.isEmpty else {
+            let file = plan.traces[index % plan.traces.count]
+            let layers = try (0..<file.geometry.layers).map { try file.decode(layer: $0) }
+            let steps = (0..<file.decodeSteps).map { step in
+                Dictionary(uniqueKeysWithValues: layers.indices.map { ($0, layers[$0][step]) })
+            }
+            self = .file(file, decode: steps)
+            return
+        }
+        let workload = plan.workload
+        let preset = workload.preset(forSequence: index, seed: plan.seed)
+        let generator = TraceGenerator(
+            preset: preset,
+            geometry: workload.geometry,
+            settings: workload.traceSettings,
+            seed: plan.seed
+        )
+        self = .generated(generator.sequence(index), workload.traceSettings)
+    }
+
+    var trace: any PromptTrace {
+        switch self {
+        case .generated(let trace, _): trace
+        case .file(let file, _): file
+        }
+    }
+
+    /// Step `step`'s inputs per layer; nil when the workers expand them from the seed.
+    func decodeInputs(step: Int) -> [Int: DecodeStepInput]? {
+        guard case .file(_, let steps) = self else { return nil }
+        return steps[step]
     }
 }
 

@@ -26,6 +26,8 @@ struct HeldSequence: Sendable {
 
     var prefills: [Int: LayerPrefill] = [:]
     var profiles: [Int: AttentionProfile] = [:]
+    /// The layers of an inline prefill that comes in parts, until the last part completes the shard.
+    var parts = PrefillParts()
     /// Compute this copy spent on the shard before its first decode step (reported with every step).
     var work = PrefillWork()
     /// The layer statistics sent to the coordinator after prefill (small; sent again when registering
@@ -81,6 +83,7 @@ struct HeldSequence: Sendable {
         var copy = self
         copy.prefills = [:]
         copy.profiles = [:]
+        copy.parts = PrefillParts()
         copy.syntheticDecode = nil
         copy.cache = nil
         copy.audit = nil
@@ -98,7 +101,7 @@ struct HeldSequence: Sendable {
     }
 
     /// Layers whose prompt K/V are held uncompressed: all of them while they are being expanded.
-    private var uncompressedLayers: Int { expanding ? layers.count : prefills.count }
+    private var uncompressedLayers: Int { expanding ? layers.count : prefills.count + parts.prefills.count }
 
     /// Bytes of one Float32 prompt row, keys and values of every KV head.
     private var promptRowBytes: Int { geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size }
@@ -113,6 +116,22 @@ struct HeldSequence: Sendable {
             byModality.merge(perLayer, uniquingKeysWith: +)
         }
         return (totalBytes, byModality)
+    }
+}
+
+/// A shard's prefilled layers as they arrive (all in one prefill, or in parts), profiled, with their
+/// statistics and the compute they took.
+struct PrefillParts: Sendable {
+    var prefills: [Int: LayerPrefill] = [:]
+    var profiles: [Int: AttentionProfile] = [:]
+    var statistics: [Tessera_V1_LayerStats] = []
+    var work = PrefillWork()
+
+    mutating func add(_ part: PrefillParts) {
+        prefills.merge(part.prefills) { _, new in new }
+        profiles.merge(part.profiles) { _, new in new }
+        statistics += part.statistics
+        work.add(part.work)
     }
 }
 
@@ -185,10 +204,10 @@ actor SequenceStore {
         return held.withoutTensors
     }
 
-    /// Marks the prefill as being expanded (see `HeldSequence.expanding`). Returns the bytes held
-    /// instead when the sequence is already prefilled: a prefill retried after a failover (the
-    /// replica got it from the old primary) is acknowledged, not applied twice.
-    func beginExpansion(_ sequenceID: UInt64) throws(WireError) -> Int? {
+    /// Marks the prefill of `layers` as being expanded (see `HeldSequence.expanding`). Returns the
+    /// bytes held instead when those layers are already here: a prefill (or a part of one) retried
+    /// after a failover (the replica got it from the old primary) is acknowledged, not applied twice.
+    func beginExpansion(_ sequenceID: UInt64, layers sent: Set<Int>) throws(WireError) -> Int? {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
@@ -200,6 +219,16 @@ actor SequenceStore {
             )
         }
         if !held.prefills.isEmpty || held.isCompressed { return held.bytes.total }
+        let already = sent.intersection(held.parts.prefills.keys)
+        if !already.isEmpty {
+            guard already == sent else {
+                throw WireError(
+                    .badRequest,
+                    "layers \(already.sorted()) of sequence \(sequenceID) were already prefilled by an earlier part"
+                )
+            }
+            return held.bytes.total
+        }
         sequences[sequenceID]!.expanding = true
         return nil
     }
@@ -208,17 +237,15 @@ actor SequenceStore {
         sequences[sequenceID]?.expanding = false
     }
 
-    /// Keeps an expanded prefill; returns the bytes it holds and its statistics, stamped with the
-    /// sequence's epoch now (a failover during the expansion moved it).
+    /// Keeps an expanded prefill, or a part of one. Once every layer of the shard is here the copy
+    /// is prefilled: returns the bytes it holds and its statistics, stamped with the sequence's epoch
+    /// now (a failover during the expansion moved it); before that, the bytes and no statistics.
     func storePrefill(
         _ sequenceID: UInt64,
-        prefills: [Int: LayerPrefill],
-        profiles: [Int: AttentionProfile],
-        statistics: [Tessera_V1_LayerStats],
+        _ part: PrefillParts,
         syntheticDecode: [Int: [DecodeStepInput]]?,
         needle: Needle?,
-        audited: Bool,
-        work: PrefillWork
+        audited: Bool
     ) throws(WireError) -> (bytes: Int, statistics: [Tessera_V1_LayerStats]) {
         guard sequences[sequenceID] != nil else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was closed during its prefill")
@@ -227,13 +254,17 @@ actor SequenceStore {
             throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
         }
         sequences[sequenceID]!.expanding = false
-        sequences[sequenceID]!.prefills = prefills
-        sequences[sequenceID]!.profiles = profiles
-        sequences[sequenceID]!.statistics = statistics
+        sequences[sequenceID]!.parts.add(part)
+        let held = sequences[sequenceID]!
+        guard held.parts.prefills.count == held.layers.count else { return (held.bytes.total, []) }
+        sequences[sequenceID]!.parts = PrefillParts()
+        sequences[sequenceID]!.prefills = held.parts.prefills
+        sequences[sequenceID]!.profiles = held.parts.profiles
+        sequences[sequenceID]!.statistics = held.parts.statistics.sorted { $0.layer < $1.layer }
+        sequences[sequenceID]!.work = held.parts.work
         sequences[sequenceID]!.syntheticDecode = syntheticDecode
         sequences[sequenceID]!.needle = needle
         sequences[sequenceID]!.audited = audited
-        sequences[sequenceID]!.work = work
         sequences[sequenceID]!.prefillWaiters.resumeAll()
         return (sequences[sequenceID]!.bytes.total, sequences[sequenceID]!.currentStatistics)
     }

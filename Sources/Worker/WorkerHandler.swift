@@ -82,15 +82,12 @@ struct WorkerHandler: EnvelopeHandler {
         )
         // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
         async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
-        if let bytes = try await worker.store.beginExpansion(message.sequenceID) {
+        if let bytes = try await worker.store.beginExpansion(message.sequenceID, layers: Self.layersSent(message, held))
+        {
             try await replicated
             return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
         }
-        let expanded:
-            (
-                prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
-                syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
-            )
+        let expanded: (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?)
         do {
             let threads = worker.computeThreads
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
@@ -98,26 +95,29 @@ struct WorkerHandler: EnvelopeHandler {
             await worker.store.abandonExpansion(message.sequenceID)
             throw error
         }
-        let (prefills, profiles, statistics, syntheticDecode, needle, work) = expanded
-        if work.profileMicros > 0 {
+        if expanded.part.work.profileMicros > 0 {
             Metrics.Timer(label: TesseraMetrics.profileDurationSeconds, dimensions: [("policy", held.policy.name)])
-                .recordMicroseconds(work.profileMicros)
+                .recordMicroseconds(expanded.part.work.profileMicros)
         }
         let (bytes, current) = try await worker.store.storePrefill(
             message.sequenceID,
-            prefills: prefills,
-            profiles: profiles,
-            statistics: statistics,
-            syntheticDecode: syntheticDecode,
-            needle: needle,
-            audited: message.audit,
-            work: work
+            expanded.part,
+            syntheticDecode: expanded.syntheticDecode,
+            needle: expanded.needle,
+            audited: message.audit
         )
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
-        // reported still gets the sequence its budget; the coordinator keeps one per layer.
+        // reported still gets the sequence its budget; the coordinator keeps one per layer. A part
+        // of a prefill reports nothing: the statistics go once the last part completes the shard.
         worker.report(current)
         try await replicated
         return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
+    }
+
+    /// The layers a prefill carries: those of an inline part, or every layer of the shard.
+    private static func layersSent(_ message: Tessera_V1_Prefill, _ held: HeldSequence) -> Set<Int> {
+        guard case .inlineTensors(let tensors) = message.source else { return Set(held.layers) }
+        return Set(tensors.layers.map { Int($0.layer) })
     }
 
     private static func prefillAck(_ message: Tessera_V1_Prefill, epoch: UInt64, bytes: Int) -> Tessera_V1_PrefillAck {
@@ -129,39 +129,33 @@ struct WorkerHandler: EnvelopeHandler {
         return ack
     }
 
-    /// The shard's prefill tensors (given inline or expanded from a workload seed), their attention
-    /// profiles and the statistics the coordinator allocates budgets from. CPU-heavy: runs on the
+    /// The shard's prefill tensors (given inline, all of its layers or a part's, or expanded from a
+    /// workload seed), their attention profiles and the statistics the coordinator allocates budgets from. CPU-heavy: runs on the
     /// worker's compute threads, each profile split across `threads`.
     private static func expand(
         _ message: Tessera_V1_Prefill,
         _ held: HeldSequence,
         threads: Int
-    ) throws -> (
-        prefills: [Int: LayerPrefill], profiles: [Int: AttentionProfile], statistics: [Tessera_V1_LayerStats],
-        syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?, work: PrefillWork
-    ) {
+    ) throws -> (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?) {
         let m = held.layout.promptLength
-        var prefills: [Int: LayerPrefill] = [:]
+        var part = PrefillParts()
         var syntheticDecode: [Int: [DecodeStepInput]]?
         var needle: Needle?
         let requirements = held.policy.requirements(layout: held.layout)
-        var profiles: [Int: AttentionProfile] = [:]
-        var statistics: [Tessera_V1_LayerStats] = []
-        var work = PrefillWork()
         /// Profiles one layer and keeps its K/V; the query rows are dropped at once (they are only
         /// needed for the profile, and can outweigh the keys several times).
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
-                let profile = try PrefillWork.timed(&work.profileMicros) { () throws(KVCacheError) in
+                let profile = try PrefillWork.timed(&part.work.profileMicros) { () throws(KVCacheError) in
                     try AttentionProfile(prefill: prefill, requirements: requirements, threads: threads)
                 }
-                profiles[layer] = profile
+                part.profiles[layer] = profile
                 let stats = LayerStatistics(layer: layer, profile: profile, layout: held.layout, policy: held.policy)
-                statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
+                part.statistics.append(try stats.proto(sequenceID: message.sequenceID, epoch: held.epoch))
             } catch let error as KVCacheError {
                 throw WireError(.invalidShape, "layer \(layer): \(error.message)")
             }
-            prefills[layer] = prefill.withoutQueries()
+            part.prefills[layer] = prefill.withoutQueries()
         }
         switch message.source {
         case .synthetic(let source):
@@ -189,7 +183,7 @@ struct WorkerHandler: EnvelopeHandler {
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
                 // Only the query rows the policy observes are synthesised.
-                let generated = PrefillWork.timed(&work.synthesisMicros) {
+                let generated = PrefillWork.timed(&part.work.synthesisMicros) {
                     trace.layerTrace(layer, firstQueryRow: requirements.firstRow ?? m)
                 }
                 try take(layer, generated.prefill)
@@ -197,22 +191,29 @@ struct WorkerHandler: EnvelopeHandler {
             }
             syntheticDecode = decode
         case .inlineTensors(let tensors):
+            // Every layer of the shard, or some of them: a part of a prefill sent in several.
+            guard !tensors.layers.isEmpty else {
+                throw WireError(
+                    .badRequest,
+                    "an inline prefill must carry at least one layer of the shard \(held.layers)"
+                )
+            }
             var given: [Int: LayerPrefill] = [:]
             for layer in tensors.layers {
                 let index = Int(layer.layer)
                 guard held.layers.contains(index) else {
                     throw WireError(.badRequest, "layer \(index) is not in this shard (\(held.layers))")
                 }
+                guard given[index] == nil else {
+                    throw WireError(.badRequest, "layer \(index) appears twice in one prefill")
+                }
                 given[index] = try LayerPrefill(proto: layer, geometry: held.geometry, promptLength: m)
             }
-            guard given.count == held.layers.count else {
-                throw WireError(.badRequest, "an inline prefill must carry every layer of the shard \(held.layers)")
-            }
-            for layer in held.layers { try take(layer, given.removeValue(forKey: layer)!) }
+            for layer in given.keys.sorted() { try take(layer, given.removeValue(forKey: layer)!) }
         case nil:
             throw WireError(.badRequest, "prefill needs a source: inline_tensors or synthetic")
         }
-        return (prefills, profiles, statistics, syntheticDecode, needle, work)
+        return (part, syntheticDecode, needle)
     }
 
     /// Compresses the shard's layers to the coordinator's budgets; a later, tighter budget (memory

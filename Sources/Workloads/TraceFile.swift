@@ -50,6 +50,15 @@ public struct TraceFile: PromptTrace {
 
     public var path: String { file.file }
 
+    /// The element type the prefill tensors can cross the wire in without loss: float16 when every
+    /// layer's keys, values and queries are stored as F16, else float32.
+    public var prefillScalarType: ScalarType {
+        let prefill = (0..<geometry.layers).flatMap { layer in
+            ["keys", "values", "queries"].map { "layers.\(layer).\($0)" }
+        }
+        return prefill.allSatisfy { file.entries[$0].map { $0.dtype == .f16 } ?? true } ? .float16 : .float32
+    }
+
     /// Opens and checks the trace at `path`.
     public init(contentsOf path: String) throws(TraceFileError) {
         try self.init(SafeTensors(contentsOf: path))

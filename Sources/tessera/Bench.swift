@@ -24,9 +24,14 @@ struct Bench: AsyncParsableCommand {
             Prints a live progress line on stderr and a table per policy on stdout; --json, --csv \
             (footprint every 250 ms per worker) and --report (one self-contained HTML file) write files.
 
+            With --traces the sequences replay trace files instead: the client sends each file's \
+            prefill tensors inline and its decode steps, so a model's own caches (recorded with \
+            `python -m tessera.dump_hf`) load the cluster.
+
             Examples:
               tessera bench --local 3 --workload mixed --policies full,vl-cache --budget 0.1 --duration 20s
               tessera bench --coordinator 127.0.0.1:7400 --workload cluster/workloads/video-heavy.yaml
+              tessera bench --local 2 --traces traces --policies snapkv,look-m --budget 0.2 --sequences 8
             """
     )
 
@@ -56,6 +61,17 @@ struct BenchOptions: ParsableArguments {
             "Model geometry for a preset workload (a file names its own): llava-1.5-7b, llava-1.6-mistral-7b, qwen2.5-vl-7b or tiny."
     )
     var model = "llava-1.6-mistral-7b"
+
+    @Option(
+        help: ArgumentHelp(
+            "Replay trace files instead of generated traffic (a .safetensors file, or every one in a folder; from "
+                + "`tessera trace export` or `python -m tessera.dump_hf`): sequence i is file i mod N, prefilled with "
+                + "its tensors sent inline (in parts of up to 16 MiB of whole layers, as float16 when the file stores "
+                + "F16; one layer must fit the 64 MiB frame limit) and decoded with its steps. --workload, --model and --decode-tokens are then not used.",
+            valueName: "path"
+        )
+    )
+    var traces: String?
 
     @Option(help: "One policy: \(CompressionPolicy.allNames.joined(separator: ", ")).")
     var policy: String?
@@ -205,7 +221,7 @@ struct BenchOptions: ParsableArguments {
         guard (0...1).contains(floorRatio) else {
             throw usageFailure("--floor-ratio must be in 0...1, got \(floorRatio)")
         }
-        return BenchPlan(
+        var plan = BenchPlan(
             workloadName: isFile ? file.name : workload,
             workload: file,
             policies: chosen,
@@ -214,6 +230,14 @@ struct BenchOptions: ParsableArguments {
             seed: seed,
             auditFraction: auditFraction
         )
+        if let traces {
+            guard decodeTokens == nil else {
+                throw usageFailure("--decode-tokens does not apply to --traces: each file has its own decode steps")
+            }
+            plan.traces = try TraceFile.all(at: traces)
+            plan.workloadName = traces
+        }
+        return plan
     }
 
     /// Runs the plan against the given coordinator, or a local cluster started and stopped around it.

@@ -71,11 +71,30 @@ import Workloads
                 #expect(placement.shards.map(\.layers) == [0..<6])
                 let held = try await client.prefillSynthetic(id, workload: "image-qa", seed: seed, index: 0)
                 #expect(held > 0)
+                var synthetic: [[Int: [Float]]] = []
                 for step in 0..<4 {
                     let outputs = try await client.decode(id, step: step, geometry: .tiny)
                     #expect(outputs.count == 6, "seed \(seed)")
                     #expect(outputs.values.allSatisfy { $0.count == 4 * 32 && $0.allSatisfy(\.isFinite) })
+                    synthetic.append(outputs)
                 }
+                // The same trace sent inline, a layer per request: the shard is prefilled once the
+                // last layer arrives, and decodes exactly as the workers' own expansion of it.
+                let inline = try await client.openSequence(
+                    0,
+                    geometry: .tiny,
+                    layout: trace.layout,
+                    policy: .vlCache(.init()),
+                    retention: 0.2
+                ).sequenceID
+                #expect(try await client.prefill(inline, trace: trace, partBytes: 1) == held)
+                let steps = (0..<6).map { trace.decode(layer: $0) }
+                for step in 0..<4 {
+                    let inputs = Dictionary(uniqueKeysWithValues: (0..<6).map { ($0, steps[$0][step]) })
+                    let outputs = try await client.decode(inline, step: step, geometry: .tiny, inputs: inputs)
+                    #expect(outputs == synthetic[step], "seed \(seed) step \(step)")
+                }
+                #expect(try await client.close(inline) > 0)
                 // Another tenant cannot touch the sequence; a step out of order is refused.
                 let other = try certificates.security(.client, "other", tenant: "other")
                 try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) {

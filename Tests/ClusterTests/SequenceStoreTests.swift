@@ -47,6 +47,48 @@ struct SequenceStoreTests {
         #expect(await store.layerStatistics().map(\.epoch) == [4, 4])
     }
 
+    /// A prefill sent in parts (one layer each) is prefilled, and reports its statistics, only once
+    /// the last part arrives; a part sent again is acknowledged, and one that overlaps an earlier
+    /// part without repeating it is refused.
+    @Test func aPrefillInPartsCompletesWithItsLastLayer() async throws {
+        var held = try Self.prefilled()
+        let statistics = held.statistics
+        held.statistics = []
+        let store = SequenceStore()
+        _ = try await store.assign(7, held)
+        let g = held.geometry
+        let m = held.layout.promptLength
+        func part(_ layer: Int) throws -> PrefillParts {
+            var part = PrefillParts()
+            let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
+            part.prefills[layer] = try LayerPrefill(
+                geometry: g,
+                promptLength: m,
+                keys: floats,
+                values: floats,
+                queries: [],
+                queryRows: 0
+            )
+            part.statistics = [statistics[layer]]
+            return part
+        }
+        let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
+
+        #expect(try await store.beginExpansion(7, layers: [0]) == nil)
+        let first = try await store.storePrefill(7, try part(0), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(first.bytes == layerBytes && first.statistics.isEmpty, "one layer held, nothing to report yet")
+        #expect(await store.layerStatistics().isEmpty)
+        #expect(try await store.beginExpansion(7, layers: [0]) == layerBytes, "a part sent again is acknowledged")
+        await #expect(throws: WireError.self) { _ = try await store.beginExpansion(7, layers: [0, 1]) }
+
+        #expect(try await store.beginExpansion(7, layers: [1]) == nil)
+        let last = try await store.storePrefill(7, try part(1), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(last.bytes == 2 * layerBytes)
+        #expect(last.statistics.map(\.layer) == [0, 1], "every layer's statistics, once the shard is complete")
+        #expect(try await store.beginExpansion(7, layers: [1]) == 2 * layerBytes)
+        #expect(try await store.prefillForCompression(7).held.prefills.keys.sorted() == [0, 1])
+    }
+
     @Test func aCompressedCopyHasNothingToReport() async throws {
         let held = try ShardTransferTests.shard(storage: .float32)
         let store = SequenceStore()

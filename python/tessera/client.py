@@ -419,11 +419,14 @@ class Client:
         queries: Optional[np.ndarray] = None,
         *,
         timeout: float = 300.0,
+        part_bytes: int = 16 << 20,
     ) -> int:
         """Stores the prompt's cache on every shard: ``keys`` and ``values`` shaped
         ``[layers, kv_heads, tokens, head_dim]``, ``queries`` (the observed query rows, which the
-        scoring policies need) ``[layers, query_heads, rows, head_dim]``. Float32 or float16. The
-        coordinator then compresses it to the sequence's budget. Returns the bytes the shards hold."""
+        scoring policies need) ``[layers, query_heads, rows, head_dim]``. Float32 or float16. Each
+        shard's layers go in parts of at most ``part_bytes`` (whole layers; a larger layer goes alone
+        and must fit the frame limit, 64 MiB by default). The coordinator then compresses the cache
+        to the sequence's budget. Returns the bytes the shards hold."""
         placement, g = self._placement(sequence_id)
         tokens = keys.shape[2] if keys.ndim == 4 else -1
         _check_shape(keys, (g.layers, g.kv_heads, tokens, g.head_dim), "keys")
@@ -433,10 +436,13 @@ class Client:
             if not 1 <= queries.shape[2] <= tokens:
                 raise ValueError(f"queries has {queries.shape[2]} rows; expected 1...{tokens}")
         spans = self._spans[sequence_id]
+        per_layer = keys[0].nbytes + values[0].nbytes + (0 if queries is None else queries[0].nbytes)
+        layers_per_part = max(1, part_bytes // max(1, per_layer))
 
-        def make(shard: sequence_pb2.ShardPlacement, current: sequence_pb2.Placement):
+        def make(shard: sequence_pb2.ShardPlacement, current: sequence_pb2.Placement, part: int):
             layers = []
-            for layer in range(shard.first_layer, shard.first_layer + shard.layer_count):
+            first = shard.first_layer + part * layers_per_part
+            for layer in range(first, min(first + layers_per_part, shard.first_layer + shard.layer_count)):
                 entry = data_pb2.LayerTensors(
                     layer=layer,
                     keys=tensor(keys[layer], f"layer {layer} keys"),
@@ -457,7 +463,9 @@ class Client:
             message.policy.CopyFrom(self._policies[sequence_id])
             return {"prefill": message}
 
-        acks = await self._on_every_shard(sequence_id, make, timeout)
+        acks = await self._on_every_shard(
+            sequence_id, make, timeout, parts=lambda shard: -(-shard.layer_count // layers_per_part)
+        )
         return sum(ack.kv_bytes for ack in acks)
 
     async def decode(
@@ -472,7 +480,7 @@ class Client:
         _check_shape(values, keys.shape, "values")
         _check_shape(queries, (g.layers, g.query_heads, g.head_dim), "queries")
 
-        def make(shard: sequence_pb2.ShardPlacement, current: sequence_pb2.Placement):
+        def make(shard: sequence_pb2.ShardPlacement, current: sequence_pb2.Placement, part: int):
             layers = [
                 data_pb2.LayerDecode(
                     layer=layer,
@@ -518,22 +526,28 @@ class Client:
             )
         return self._placements[sequence_id], self._geometries[sequence_id]
 
-    async def _on_every_shard(self, sequence_id: int, make, timeout: float) -> List:
-        """One request per shard to its primary, concurrently; a shard whose primary cannot take it
-        (a failover may be under way) is retried with a fresh placement and backoff, for up to
+    async def _on_every_shard(self, sequence_id: int, make, timeout: float, parts=lambda shard: 1) -> List:
+        """Each shard's requests to its primary, the shards concurrently: ``parts(shard)`` of them
+        (``make(shard, placement, part)`` builds part 0, 1, … in turn, each sent once the one before
+        was answered); returns each shard's last reply. A request the primary cannot take (a failover
+        may be under way) is retried with a fresh placement and backoff, for up to
         ``FAILOVER_PATIENCE_SECONDS``."""
         placement, _ = self._placement(sequence_id)
 
-        async def one(shard_id: int):
-            async def attempt():
-                current = self._placements[sequence_id]
-                shard = next(s for s in current.shards if s.shard_id == shard_id)
-                worker = await self._worker(shard.primary)
-                return await worker.request(timeout=timeout, **make(shard, current))
+        async def one(first: sequence_pb2.ShardPlacement):
+            reply = None
+            for part in range(max(1, parts(first))):
 
-            return await self._retrying(attempt, between=lambda: self._refresh(sequence_id))
+                async def attempt():
+                    current = self._placements[sequence_id]
+                    shard = next(s for s in current.shards if s.shard_id == first.shard_id)
+                    worker = await self._worker(shard.primary)
+                    return await worker.request(timeout=timeout, **make(shard, current, part))
 
-        return await asyncio.gather(*(one(shard.shard_id) for shard in placement.shards))
+                reply = await self._retrying(attempt, between=lambda: self._refresh(sequence_id))
+            return reply
+
+        return await asyncio.gather(*(one(shard) for shard in placement.shards))
 
     async def refresh_placement(self, sequence_id: int) -> sequence_pb2.Placement:
         """Asks the coordinator where the sequence lives now (its epoch moves at every failover)."""

@@ -115,6 +115,33 @@ def test_a_compressing_policy_keeps_its_budget(cluster):
     run(body())
 
 
+def test_a_prefill_sent_in_parts_compresses_and_decodes_as_one_sent_whole(cluster):
+    """``part_bytes=1`` sends every layer in a request of its own: the shard is prefilled, scored and
+    compressed only once the last layer is there, exactly as from a single request."""
+    rng = np.random.default_rng(SEED + 4)
+    keys, values, queries = prompt(rng)
+    steps = [step(rng) for _ in range(3)]
+
+    async def decoded(client, part_bytes):
+        placement = await client.open_sequence(TINY, SPANS, policy="snapkv", retention=0.25, decode_tokens=3)
+        sequence = placement.sequence_id
+        await client.prefill(sequence, keys, values, queries, part_bytes=part_bytes)
+        results = [await client.decode(sequence, number, *inputs) for number, inputs in enumerate(steps)]
+        await client.close_sequence(sequence)
+        return results
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            whole = await decoded(client, 16 << 20)
+            parts = await decoded(client, 1)
+        for number, (a, b) in enumerate(zip(whole, parts)):
+            np.testing.assert_array_equal(a.outputs, b.outputs, err_msg=f"seed {SEED} step {number}")
+            assert (a.kv_bytes, a.full_kv_bytes) == (b.kv_bytes, b.full_kv_bytes)
+        assert 0 < parts[-1].kv_bytes < 0.35 * parts[-1].full_kv_bytes
+
+    run(body())
+
+
 def test_errors_carry_the_wire_code(cluster):
     async def body():
         async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:

@@ -147,7 +147,9 @@ package nonisolated struct Tessera_V1_InlineTensors: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// Every layer of the shard, each once.
+  /// Layers of the shard, each once: all of them in one Prefill, or spread over several Prefills (parts)
+  /// so that no frame has to hold the whole shard. Each part is acknowledged; the shard is prefilled
+  /// (profiled, and its statistics reported) once every layer arrived. A part resent is acknowledged again.
   package var layers: [Tessera_V1_LayerTensors] = []
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
