@@ -215,13 +215,20 @@ def test_eval_compress_and_bench_take_the_recorded_trace(recorded, tessera, tmp_
             assert list(positions) == sorted(set(positions)) and 0 < len(positions) < m
             np.testing.assert_array_equal(tensors[f"layers.{layer}.heads.{head}.keys"], trace.keys[layer, head, positions])
 
+    # The recorded trace and one the generator exports, side by side: sequences 0 and 2 replay the
+    # generator's (sequence-0 sorts first), 1 and 3 the recorded one.
+    traces = tmp_path / "traces"
+    run(tessera, "trace", "export", "--workload", "image-qa", "--model", "tiny", "--sequences", "1", "--out", str(traces))
+    (traces / path.name).write_bytes(path.read_bytes())
+    exported = load_trace(str(traces / "sequence-0.safetensors"))
     report = tmp_path / "bench.json"
-    run(tessera, "bench", "--local", "2", "--traces", str(path.parent), "--policies", "full,snapkv", "--budget", "0.5",
-        "--sequences", "3", "--concurrency", "2", "--audit-fraction", "1", "--json", str(report))
+    run(tessera, "bench", "--local", "2", "--traces", str(traces), "--policies", "full,snapkv", "--budget", "0.5",
+        "--sequences", "4", "--concurrency", "2", "--audit-fraction", "1", "--json", str(report))
     bench = json.loads(report.read_text())
-    assert bench["model"] == "tiny-llava"
+    assert bench["model"] == "tiny"
     for policy in bench["policies"]:
-        assert (policy["sequences"], policy["errors"], policy["decodeTokens"]) == (3, 0, 3 * STEPS), policy
+        steps = 2 * exported.decode_steps + 2 * STEPS
+        assert (policy["sequences"], policy["errors"], policy["decodeTokens"]) == (4, 0, steps), policy
     snapkv = next(p for p in bench["policies"] if p["policy"] == "snapkv")
     assert snapkv["compressedKVBytes"] < snapkv["fullKVBytes"]
     assert snapkv["outputError"] is not None
