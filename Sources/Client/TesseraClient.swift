@@ -274,12 +274,12 @@ public final class TesseraClient: Sendable {
         source.sequenceIndex = UInt32(index)
         if let settings { source.shape = settings.shape }
         let synthetic = source
-        return try await prefillEveryShard(sequenceID, audit: audit) { prefill, _ in prefill.synthetic = synthetic }
+        return try await prefillEveryShard(sequenceID, audit: audit) { prefill, _, _ in prefill.synthetic = synthetic }
     }
 
     /// Prefills every shard with `trace`'s tensors, sent inline as `scalarType` in parts of whole
     /// layers of at most `partBytes` each (a layer larger than that goes alone, and must fit the frame
-    /// limit).
+    /// limit). Each shard's next part is converted while the one before is on the wire.
     public func prefill(
         _ sequenceID: UInt64,
         trace: some PromptTrace,
@@ -291,26 +291,30 @@ public final class TesseraClient: Sendable {
         let m = trace.layout.promptLength
         // At most: keys, values and a query for every prompt row.
         let layerBytes = (2 * g.kvHeads + g.queryHeads) * m * g.headDim * scalarType.byteWidth
-        return try await prefillEveryShard(
-            sequenceID,
-            audit: audit,
-            layersPerPart: max(1, partBytes / max(1, layerBytes))
-        ) { prefill, layers in
-            var inline = Tessera_V1_InlineTensors()
-            inline.layers = try layers.map { layer in
+        let layersPerPart = max(1, partBytes / max(1, layerBytes))
+        let parts = PrefetchedParts(layersPerPart: layersPerPart) { layers in
+            try layers.map { layer in
                 try trace.prefill(layer: layer).proto(layer: layer, scalarType: scalarType, queryScalarType: scalarType)
             }
+        }
+        return try await prefillEveryShard(sequenceID, audit: audit, layersPerPart: layersPerPart) {
+            prefill,
+            layers,
+            shard in
+            var inline = Tessera_V1_InlineTensors()
+            inline.layers = try await parts.tensors(layers, of: shard)
             prefill.inlineTensors = inline
         }
     }
 
-    /// Sends every shard a prefill whose tensors `source` sets, for the shard's layers in parts of
-    /// `layersPerPart`; returns the K/V bytes the shards stored.
+    /// Sends every shard a prefill whose tensors `source` sets (given the part's layers and the
+    /// shard's), for the shard's layers in parts of `layersPerPart`; returns the K/V bytes the shards
+    /// stored.
     private func prefillEveryShard(
         _ sequenceID: UInt64,
         audit: Bool,
         layersPerPart: Int = .max,
-        source: @escaping @Sendable (inout Tessera_V1_Prefill, Range<Int>) throws -> Void
+        source: @escaping @Sendable (inout Tessera_V1_Prefill, Range<Int>, Range<Int>) async throws -> Void
     ) async throws -> UInt64 {
         let timeout = prefillTimeouts.withLock { $0[sequenceID] } ?? .seconds(300)
         let acks = try await onEveryShard(sequenceID, timeout: timeout, layersPerPart: layersPerPart) {
@@ -323,7 +327,7 @@ public final class TesseraClient: Sendable {
             prefill.shardID = shard.id
             prefill.epoch = placement.epoch
             prefill.audit = audit
-            try source(&prefill, layers)
+            try await source(&prefill, layers, shard.layers)
             return .prefill(prefill)
         }
         return acks.reduce(0) { total, ack in
@@ -438,7 +442,7 @@ public final class TesseraClient: Sendable {
         timeout: Duration = .seconds(60),
         layersPerPart: Int = .max,
         _ make:
-            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement, Range<Int>) throws ->
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement, Range<Int>) async throws ->
             Tessera_V1_Envelope.OneOf_Body
     ) async throws -> [Tessera_V1_Envelope.OneOf_Body] {
         guard let placement = book.placement(sequenceID) else {
@@ -464,7 +468,7 @@ public final class TesseraClient: Sendable {
                                     current.shard,
                                     current.placement,
                                     timeout: timeout
-                                ) { shard, placement in try make(shard, placement, layers) }
+                                ) { shard, placement in try await make(shard, placement, layers) }
                             } catch {
                                 guard Self.isRetryable(error), self.elapsed() + backoff < deadline else { throw error }
                                 self.retries.add(1, ordering: .relaxed)
@@ -494,11 +498,13 @@ public final class TesseraClient: Sendable {
         _ placement: SequencePlacement,
         timeout: Duration,
         _ make:
-            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) throws -> Tessera_V1_Envelope.OneOf_Body
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement) async throws ->
+            Tessera_V1_Envelope.OneOf_Body
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
         try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body?.self) { group in
             group.addTask {
-                try await self.pool.connection(to: shard.primary).request(try make(shard, placement), timeout: timeout)
+                let request = try await make(shard, placement)
+                return try await self.pool.connection(to: shard.primary).request(request, timeout: timeout)
             }
             group.addTask {
                 await self.book.waitForMove(of: sequenceID, from: placement.epoch)
@@ -559,5 +565,37 @@ extension ClusterStatus {
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes
         underReplicatedShards = Int(reply.underReplicatedShards)
+    }
+}
+
+/// A prefill's parts as wire tensors, each converted on a task of its own: asking for a shard's part
+/// starts the conversion of its next one, so it is ready when this one is acknowledged. Holds at most
+/// the part asked for and the next of each shard (a retry asks for the same part again).
+private final class PrefetchedParts: Sendable {
+    private let layersPerPart: Int
+    private let convert: @Sendable (Range<Int>) throws -> [Tessera_V1_LayerTensors]
+    private let tasks = Mutex<[Int: Task<[Tessera_V1_LayerTensors], any Error>]>([:])
+
+    init(layersPerPart: Int, convert: @escaping @Sendable (Range<Int>) throws -> [Tessera_V1_LayerTensors]) {
+        self.layersPerPart = layersPerPart
+        self.convert = convert
+    }
+
+    /// The tensors of `layers`, a part of the shard that holds `shard`.
+    func tensors(_ layers: Range<Int>, of shard: Range<Int>) async throws -> [Tessera_V1_LayerTensors] {
+        let next = layers.upperBound..<min(layers.upperBound + layersPerPart, shard.upperBound)
+        let current = tasks.withLock { tasks in
+            for first in shard.lowerBound..<layers.lowerBound { tasks[first] = nil }
+            let task = tasks[layers.lowerBound] ?? start(layers)
+            tasks[layers.lowerBound] = task
+            if !next.isEmpty, tasks[next.lowerBound] == nil { tasks[next.lowerBound] = start(next) }
+            return task
+        }
+        return try await current.value
+    }
+
+    private func start(_ layers: Range<Int>) -> Task<[Tessera_V1_LayerTensors], any Error> {
+        let convert = convert
+        return Task { try convert(layers) }
     }
 }

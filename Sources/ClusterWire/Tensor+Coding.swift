@@ -76,8 +76,15 @@ extension Tessera_V1_Tensor {
     /// - Throws: as `init(float32:shape:name:)`; `.invalidValue` also when a finite value is too
     ///   large for float16 (magnitude above 65504).
     package init(float16Converting values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
+        let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
         try Self.checkFinite(values, shape: shape, name: name)
-        let halves = values.map(Float16.init)
+        // Rounded by the kernel (F16C where the CPU has it); a value past float16's range becomes infinite.
+        let halves = [Float16](unsafeUninitializedCapacity: values.count) { buffer, initialized in
+            values.withUnsafeBufferPointer {
+                Float16.store($0.baseAddress!, into: buffer.baseAddress!, count: $0.count)
+            }
+            initialized = values.count
+        }
         if let index = halves.firstIndex(where: { !$0.isFinite }) {
             throw WireError(
                 .invalidValue,
@@ -85,7 +92,10 @@ extension Tessera_V1_Tensor {
                     + "(largest magnitude \(Float16.greatestFiniteMagnitude))"
             )
         }
-        try self.init(float16: halves, shape: shape, name: name)
+        self.init()
+        self.dtype = .float16
+        self.shape = shape32
+        self.data = Self.littleEndianData(halves)
     }
 
     // MARK: Reading
@@ -190,6 +200,12 @@ extension Tessera_V1_Tensor {
         name: String
     ) throws(WireError) {
         guard let index = values.firstIndex(where: { !$0.isFinite }) else { return }
+        throw nonFinite(values[index], at: index, shape: shape, name: name)
+    }
+
+    /// Float32 elements checked by the kernel, a vector at a time.
+    private static func checkFinite(_ values: [Float], shape: [Int], name: String) throws(WireError) {
+        guard let index = FiniteElements.firstNonFinite(values) else { return }
         throw nonFinite(values[index], at: index, shape: shape, name: name)
     }
 

@@ -1,3 +1,5 @@
+import KVCacheCore
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -169,33 +171,52 @@ public struct SafeTensors: Sendable {
                 "tensor \(name) is \(entry.dtype.rawValue) of shape \(entry.shape); expected F32, F16 or BF16 of shape \(expected)"
             )
         }
-        let count = entry.range.count / entry.dtype.size
-        let values: [Float] = data.withUnsafeBytes { raw in
+        // F32 and F16 by the kernels, the finiteness check fused into the copy.
+        let checked: FiniteElements.Checked<Float>
+        switch entry.dtype {
+        case .f32:
+            checked = data.withUnsafeBytes { FiniteElements.float32(UnsafeRawBufferPointer(rebasing: $0[entry.range])) }
+        case .f16:
+            checked = data.withUnsafeBytes {
+                FiniteElements.widenedFloat16(UnsafeRawBufferPointer(rebasing: $0[entry.range]))
+            }
+        case .bf16, .i32:  // i32 is refused above
+            let values = (0..<entry.range.count / 2).map { element(entry, $0) }
+            checked = FiniteElements.firstNonFinite(values).map { .nonFinite(index: $0) } ?? .finite(values)
+        }
+        switch checked {
+        case .finite(let values):
+            return values
+        case .nonFinite(let bad):
+            throw TraceFileError(
+                file,
+                "tensor \(name) element \(bad) is \(element(entry, bad)); every element must be finite"
+            )
+        }
+    }
+
+    /// Element `index` of a float tensor, widened to Float32.
+    private func element(_ entry: Entry, _ index: Int) -> Float {
+        data.withUnsafeBytes { raw in
             let base = raw.baseAddress! + entry.range.lowerBound
-            return (0..<count).map { i in
-                switch entry.dtype {
-                case .f32:
-                    Float(bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))
-                case .f16:
-                    Float(
-                        Float16(
-                            bitPattern: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
-                        )
+            switch entry.dtype {
+            case .f32:
+                return Float(
+                    bitPattern: UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
+                )
+            case .f16:
+                return Float(
+                    Float16(
+                        bitPattern: UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))
                     )
-                case .bf16:
-                    Float(
-                        bitPattern: UInt32(
-                            UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))
-                        ) << 16
-                    )
-                case .i32: .nan  // refused above
-                }
+                )
+            case .bf16:
+                let bits = UInt16(littleEndian: base.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))
+                return Float(bitPattern: UInt32(bits) << 16)
+            case .i32:
+                return .nan
             }
         }
-        if let bad = values.firstIndex(where: { !$0.isFinite }) {
-            throw TraceFileError(file, "tensor \(name) element \(bad) is \(values[bad]); every element must be finite")
-        }
-        return values
     }
 
     /// Tensor `name` as Int32 (it must be I32), checked against `shape`.

@@ -64,6 +64,23 @@ private struct Seeded: RandomNumberGenerator {
         }
     }
 
+    /// A non-finite element is refused when its tensor is read, naming the element, in every dtype
+    /// (F32 and F16 go through the checked-copy kernels, BF16 element by element).
+    @Test(arguments: [
+        (SafeTensors.DType.f32, [0, 0, 0x80, 0x3F, 0, 0, 0xC0, 0x7F] as [UInt8], "element 1 is nan"),
+        (.f16, [0x00, 0x3C, 0x00, 0x7C], "element 1 is inf"),
+        (.bf16, [0x80, 0x3F, 0x80, 0xFF], "element 1 is -inf"),
+    ])
+    func aNonFiniteElementIsRefusedWhenRead(dtype: SafeTensors.DType, data: [UInt8], expected: String) throws {
+        let header = #"{"a": {"dtype": "\#(dtype.rawValue)", "shape": [2], "data_offsets": [0, \#(data.count)]}}"#
+        let file = try SafeTensors(bytes: Self.file(header: header, data: data), file: "bad.safetensors")
+        #expect {
+            _ = try file.floats("a", shape: [2])
+        } throws: { error in
+            "\(error)" == "bad.safetensors: tensor a \(expected); every element must be finite"
+        }
+    }
+
     /// A file's bytes with the header replaced by `header`.
     static func file(header: String, data: [UInt8] = []) -> [UInt8] {
         let bytes = Array(header.utf8)
