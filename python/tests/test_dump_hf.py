@@ -130,6 +130,55 @@ def test_the_file_reads_back_exactly_and_float16_overflow_is_refused(recorded, t
     np.testing.assert_array_equal(tensors["x"], [1.0, 70144.0, -3.5])  # 7e4 rounded to bfloat16's 8 bits
 
 
+def test_a_qwen2_5_vl_prompt_with_an_image_and_a_video_is_recorded_with_its_frames():
+    """Qwen2.5-VL: multimodal rotary positions, an image of 4 merged patches and a video of 2 temporal
+    patches, whose 8 tokens become 2 frames (`video_grid_thw`); keys equal the model's cache."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    def model():
+        torch.manual_seed(5)
+        config = Qwen2_5_VLConfig(
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[0]),
+            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=1000, bos_token_id=1, eos_token_id=2,
+                             rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+            image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993,
+        )
+        return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+    ids = [1, 5, 992] + [990] * 4 + [993, 6, 992] + [991] * 8 + [993, 7, 8, 9]
+    generator = torch.Generator().manual_seed(13)
+    patch = 3 * 2 * 14 * 14  # channels × temporal patch × patch²
+    inputs = {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(16, patch, generator=generator),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixel_values_videos": torch.randn(32, patch, generator=generator),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+    }
+    trace = record_trace(model(), inputs, decode_steps=2)
+    assert trace.spans == [
+        Span("text", 0, 3),
+        Span("image", 3, 4, 0),
+        Span("text", 7, 3),
+        Span("video_frame", 10, 4, 0),
+        Span("video_frame", 14, 4, 1),
+        Span("text", 18, 4),
+    ]
+    with torch.no_grad():
+        reference = model()
+        output = reference(**inputs, use_cache=True)
+        for _ in range(2):
+            token = output.logits[:, -1:].argmax(dim=-1)
+            output = reference(input_ids=token, use_cache=True, cache=cache_of(output))
+    for layer in range(2):
+        keys = cache_of(output).layers[layer].keys[0].numpy()
+        np.testing.assert_array_equal(keys[:, : len(ids)], trace.keys[layer])
+        np.testing.assert_array_equal(keys[:, len(ids) :], trace.decode_keys[layer])
+
+
 def test_spans_split_videos_into_frames_and_refuse_an_uneven_split():
     ids = [1, 2] + [50] * 8 + [3] + [60] * 4
     assert modality_spans(ids, image_token=60, video_token=50, frames_per_video=[2]) == [
