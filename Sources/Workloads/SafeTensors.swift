@@ -5,6 +5,11 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// A refused or unreadable trace file: the file, then what was wrong and what is allowed.
 public struct TraceFileError: Error, CustomStringConvertible, Sendable {
@@ -60,13 +65,33 @@ public struct SafeTensors: Sendable {
 
     /// Reads and checks the file at `path`.
     public init(contentsOf path: String) throws(TraceFileError) {
-        let bytes: [UInt8]
-        do {
-            bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
-        } catch {
-            throw TraceFileError(path, "cannot be read: \(error)")
+        try self.init(bytes: try Self.contents(of: path), file: path)
+    }
+
+    /// The whole file, read straight into an array: one copy of a trace that may be gigabytes.
+    private static func contents(of path: String) throws(TraceFileError) -> [UInt8] {
+        func failure(_ call: String) -> TraceFileError {
+            TraceFileError(path, "cannot be read (\(call)): \(String(cString: strerror(errno)))")
         }
-        try self.init(bytes: bytes, file: path)
+        let descriptor = open(path, O_RDONLY)
+        guard descriptor >= 0 else { throw failure("open") }
+        defer { close(descriptor) }
+        var status = stat()
+        guard fstat(descriptor, &status) == 0 else { throw failure("fstat") }
+        let size = Int(status.st_size)
+        var error: TraceFileError?
+        let bytes = [UInt8](unsafeUninitializedCapacity: max(size, 1)) { buffer, initialized in
+            // A file cut short meanwhile ends the read early; its header then disagrees with its size.
+            while initialized < size {
+                let got = read(descriptor, buffer.baseAddress! + initialized, size - initialized)
+                if got < 0, errno == EINTR { continue }
+                if got < 0 { error = failure("read") }
+                if got <= 0 { return }
+                initialized += got
+            }
+        }
+        if let error { throw error }
+        return bytes
     }
 
     /// Parses and checks a whole file's bytes.
