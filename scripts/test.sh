@@ -14,7 +14,9 @@ if [[ ! -x "$venv/bin/python3" ]]; then
     python3 -m venv "$venv"
 fi
 # The packages (PyTorch among them) download while Swift builds; the Swift tests need them (InteropTests).
-"$venv/bin/python3" -m pip install -q --disable-pip-version-check -r python/requirements-test.txt &
+# --no-compile: byte-compiling all of PyTorch took a minute of CPU from the build; Python compiles
+# what the tests import when they import it.
+"$venv/bin/python3" -m pip install -q --no-compile --disable-pip-version-check -r python/requirements-test.txt &
 pip_install=$!
 export TESSERA_PYTHON="$PWD/$venv/bin/python3"
 
