@@ -26,8 +26,10 @@ fi
 
 if [[ -z "${PROTOC_GEN_SWIFT:-}" ]]; then
     echo "building protoc-gen-swift from the resolved swift-protobuf (release)..." >&2
-    swift build -c release --product protoc-gen-swift >&2
-    PROTOC_GEN_SWIFT="$(swift build -c release --show-bin-path)/protoc-gen-swift"
+    # With the test build's flags, so the SwiftProtobuf it already compiled is reused (not rebuilt
+    # twice, once for each set of flags).
+    swift build -c release -Xswiftc -enable-testing --product protoc-gen-swift >&2
+    PROTOC_GEN_SWIFT="$(swift build -c release -Xswiftc -enable-testing --show-bin-path)/protoc-gen-swift"
 fi
 if [[ ! -x "$PROTOC_GEN_SWIFT" ]]; then
     echo "error: protoc-gen-swift not found or not executable at '$PROTOC_GEN_SWIFT'" >&2

@@ -291,17 +291,15 @@ extension ScalarType {
 // MARK: - Bytes by modality
 
 extension Array where Element == Tessera_V1_ModalityBytes {
-    /// Accounted bytes keyed by modality bucket ("text", "image", "video"), as on the wire.
-    package init(byModality: [String: Int]) {
-        self = byModality.keys.sorted().map { name in
+    /// Accounted bytes of the non-empty modality buckets, as on the wire.
+    package init(byModality: ModalityBytes) {
+        let buckets: [(Tessera_V1_ModalityKind, Int)] = [
+            (.image, byModality.image), (.text, byModality.text), (.videoFrame, byModality.video),
+        ]
+        self = buckets.filter { $0.1 != 0 }.map { kind, bytes in
             var entry = Tessera_V1_ModalityBytes()
-            entry.kind =
-                switch name {
-                case "image": .image
-                case "video": .videoFrame
-                default: .text
-                }
-            entry.bytes = UInt64(byModality[name]!)
+            entry.kind = kind
+            entry.bytes = UInt64(bytes)
             return entry
         }
     }

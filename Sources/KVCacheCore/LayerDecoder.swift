@@ -68,8 +68,8 @@ extension LayerDecoder {
 }
 
 extension HeadCache {
-    /// Payload bytes by modality bucket ("text", "image", "video").
-    public var payloadBytesByModality: [String: Int] {
-        ModalityTag.bytesByKind(tags, rowBytes: 2 * headDim * MemoryLayout<S>.size)
+    /// Payload bytes by modality bucket.
+    public var payloadBytesByModality: ModalityBytes {
+        ModalityBytes(tags, rowBytes: 2 * headDim * MemoryLayout<S>.size)
     }
 }

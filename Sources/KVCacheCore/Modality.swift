@@ -39,24 +39,6 @@ public struct ModalityTag: Sendable, Hashable, Codable {
         }
     }
 
-    /// `rowBytes` per tag, summed by kind bucket; counts in a fixed array first, so accounting over
-    /// millions of rows hashes three strings, not one per row.
-    public static func bytesByKind(_ tags: [ModalityTag], rowBytes: Int) -> [String: Int] {
-        var counts = (0, 0, 0)
-        for tag in tags {
-            switch tag.rawValue >> 30 {
-            case 1: counts.1 += 1
-            case 2: counts.2 += 1
-            default: counts.0 += 1
-            }
-        }
-        var result: [String: Int] = [:]
-        if counts.0 > 0 { result["text"] = counts.0 * rowBytes }
-        if counts.1 > 0 { result["image"] = counts.1 * rowBytes }
-        if counts.2 > 0 { result["video"] = counts.2 * rowBytes }
-        return result
-    }
-
     /// The coarse bucket used in accounting: "text", "image" or "video".
     public var kindName: String {
         switch rawValue >> 30 {
@@ -112,4 +94,47 @@ public struct PromptLayout: Sendable, Hashable {
 
     /// `v` of the papers: the first position after the last visual token (0 if there is none).
     public var postVisionStart: Int { spans.last(where: \.modality.isVisual)?.end ?? 0 }
+}
+
+/// Bytes in each accounting bucket (text, image, video). Three counters rather than a dictionary, so
+/// that summing over every head of every sequence, as each heartbeat does, allocates nothing.
+public struct ModalityBytes: Sendable, Equatable {
+    public var text: Int
+    public var image: Int
+    public var video: Int
+
+    public init(text: Int = 0, image: Int = 0, video: Int = 0) {
+        self.text = text
+        self.image = image
+        self.video = video
+    }
+
+    /// `rowBytes` for each tag, in the tag's bucket.
+    public init(_ tags: [ModalityTag], rowBytes: Int) {
+        var counts = (0, 0, 0)
+        for tag in tags {
+            switch tag.rawValue >> 30 {
+            case 1: counts.1 += 1
+            case 2: counts.2 += 1
+            default: counts.0 += 1
+            }
+        }
+        self.init(text: counts.0 * rowBytes, image: counts.1 * rowBytes, video: counts.2 * rowBytes)
+    }
+
+    public var total: Int { text + image + video }
+
+    /// Every bucket with its name ("text", "image", "video"), zeros included: for gauges, which
+    /// should read 0 once a bucket empties.
+    public var buckets: [(name: String, bytes: Int)] { [("text", text), ("image", image), ("video", video)] }
+
+    public static func + (lhs: Self, rhs: Self) -> Self {
+        Self(text: lhs.text + rhs.text, image: lhs.image + rhs.image, video: lhs.video + rhs.video)
+    }
+
+    public static func += (lhs: inout Self, rhs: Self) { lhs = lhs + rhs }
+
+    public static func * (lhs: Self, rhs: Int) -> Self {
+        Self(text: lhs.text * rhs, image: lhs.image * rhs, video: lhs.video * rhs)
+    }
 }

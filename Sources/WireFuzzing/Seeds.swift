@@ -343,7 +343,7 @@ enum Seeds {
     }
 
     private static func byModality() -> [Tessera_V1_ModalityBytes] {
-        [Tessera_V1_ModalityBytes](byModality: ["text": 4096, "image": 65536, "video": 1 << 20])
+        [Tessera_V1_ModalityBytes](byModality: ModalityBytes(text: 4096, image: 65536, video: 1 << 20))
     }
 
     /// The policy with its defaults, every setting spelled out.

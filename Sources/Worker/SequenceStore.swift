@@ -57,7 +57,7 @@ struct HeldSequence: Sendable {
     let prefillWaiters = Waiters()
     /// While a decode step runs off the actor, its cache (and audit copy) are out of the store; the
     /// bytes they held are kept here for accounting, and tightening waits in `idleWaiters`.
-    var decoding: (total: Int, byModality: [String: Int], audit: Int)?
+    var decoding: (total: Int, byModality: ModalityBytes, audit: Int)?
     var idleWaiters: [CheckedContinuation<Void, Never>] = []
     /// Set while the prefill is being expanded off the actor: its layers are counted as held from the
     /// start, so that accounting never trails the memory the expansion fills.
@@ -107,15 +107,10 @@ struct HeldSequence: Sendable {
     private var promptRowBytes: Int { geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size }
 
     /// K/V bytes held now, in all and by modality.
-    var bytes: (total: Int, byModality: [String: Int]) {
+    var bytes: (total: Int, byModality: ModalityBytes) {
         if let decoding { return (decoding.total, decoding.byModality) }
         if let cache { return cache.bytes }
-        var byModality: [String: Int] = [:]
-        let perLayer = ModalityTag.bytesByKind(layout.tags, rowBytes: promptRowBytes)
-        for _ in 0..<uncompressedLayers {
-            byModality.merge(perLayer, uniquingKeysWith: +)
-        }
-        return (totalBytes, byModality)
+        return (totalBytes, ModalityBytes(layout.tags, rowBytes: promptRowBytes) * uncompressedLayers)
     }
 }
 
@@ -290,7 +285,7 @@ actor SequenceStore {
         rowScores: [Int: [[Float]]],
         audit: AuditCopy?,
         compressMicros: UInt64
-    ) -> (total: Int, byModality: [String: Int])? {
+    ) -> (total: Int, byModality: ModalityBytes)? {
         guard sequences[sequenceID] != nil else { return nil }
         if sequences[sequenceID]!.cache == nil {
             sequences[sequenceID]!.cache = cache
@@ -305,7 +300,7 @@ actor SequenceStore {
     }
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
-    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: [String: Int])?
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: ModalityBytes)?
     {
         while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
             await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
@@ -608,17 +603,22 @@ actor SequenceStore {
 
     /// Bytes held over every sequence, in all and by modality, the audit copies' bytes, and the
     /// number of sequences.
-    func totals() -> (total: Int, byModality: [String: Int], audit: Int, sequences: Int) {
+    func totals() -> (total: Int, byModality: ModalityBytes, audit: Int, sequences: Int) {
         var total = 0
         var audit = 0
-        var byModality: [String: Int] = [:]
+        var byModality = ModalityBytes()
         for held in sequences.values {
             let bytes = held.bytes
             total += bytes.total
             audit += held.auditBytes
-            byModality.merge(bytes.byModality, uniquingKeysWith: +)
+            byModality += bytes.byModality
         }
         return (total, byModality, audit, sequences.count)
+    }
+
+    /// K/V bytes held, in all (without the walk over row tags that `totals` makes).
+    func kvBytes() -> Int {
+        sequences.values.reduce(0) { $0 + $1.totalBytes }
     }
 
     /// K/V and audit bytes held, in all: what the process's memory is compared with.

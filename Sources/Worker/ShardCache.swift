@@ -178,13 +178,13 @@ struct ShardCache: Sendable {
     }
 
     /// Bytes of K/V payload held, in all and by modality.
-    var bytes: (total: Int, byModality: [String: Int]) {
-        func sum<S>(_ layers: [Int: [HeadCache<S>]]) -> (Int, [String: Int]) {
+    var bytes: (total: Int, byModality: ModalityBytes) {
+        func sum<S>(_ layers: [Int: [HeadCache<S>]]) -> (Int, ModalityBytes) {
             var total = 0
-            var byModality: [String: Int] = [:]
+            var byModality = ModalityBytes()
             for head in layers.values.joined() {
                 total += head.payloadBytes
-                byModality.merge(head.payloadBytesByModality, uniquingKeysWith: +)
+                byModality += head.payloadBytesByModality
             }
             return (total, byModality)
         }

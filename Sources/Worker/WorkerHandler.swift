@@ -236,7 +236,7 @@ struct WorkerHandler: EnvelopeHandler {
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
-        let stored: (total: Int, byModality: [String: Int])?
+        let stored: (total: Int, byModality: ModalityBytes)?
         if compressed {
             stored = await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {

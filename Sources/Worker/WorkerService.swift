@@ -226,12 +226,12 @@ public final class WorkerService: Sendable {
             try await network.clock.sleep(for: configuration.heartbeatInterval)
             number += 1
             let totals = await store.totals()
-            for modality in ["text", "image", "video"] {
+            for (modality, bytes) in totals.byModality.buckets {
                 Gauge(
                     label: TesseraMetrics.kvBytes,
                     dimensions: [("node", configuration.nodeID), ("modality", modality)]
                 )
-                .record(totals.byModality[modality] ?? 0)
+                .record(bytes)
             }
             Gauge(label: TesseraMetrics.liveSequences).record(totals.sequences)
             var beat = Tessera_V1_Heartbeat()
@@ -358,7 +358,7 @@ public final class WorkerService: Sendable {
 
     /// K/V bytes of every copy this worker holds (primaries and replicas), and of which sequences.
     package func held() async -> (bytes: Int, sequences: [UInt64]) {
-        (await store.totals().total, await store.sequenceIDs)
+        (await store.kvBytes(), await store.sequenceIDs)
     }
 
     enum Work { case prefill, decode }

@@ -142,7 +142,7 @@ import Testing
 
     @Test func bytesAreAccountedPerModality() {
         let tags = [ModalityTag.text, ModalityTag(.image(0)), ModalityTag(.image(3)), ModalityTag(.videoFrame(1))]
-        #expect(ModalityTag.bytesByKind(tags, rowBytes: 10) == ["text": 10, "image": 20, "video": 10])
+        #expect(ModalityBytes(tags, rowBytes: 10) == ModalityBytes(text: 10, image: 20, video: 10))
         var head = HeadCache<Float16>(headDim: 8)
         for tag in tags {
             head.append(
@@ -152,8 +152,8 @@ import Testing
                 tag: tag
             )
         }
-        #expect(head.payloadBytesByModality == ["text": 32, "image": 64, "video": 32])
-        #expect(head.payloadBytesByModality.values.reduce(0, +) == head.payloadBytes)
+        #expect(head.payloadBytesByModality == ModalityBytes(text: 32, image: 64, video: 32))
+        #expect(head.payloadBytesByModality.total == head.payloadBytes)
     }
 
     @Test func modalityTagsRoundTrip() {
