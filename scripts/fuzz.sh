@@ -39,6 +39,7 @@ touch "$marker"
 export SWIFT_BACKTRACE=enable=no
 status=0
 jobs="${FUZZ_JOBS:-1}"
+# -max_len is WireFuzzing.maxInputBytes.
 options=(-max_len=1048576 -timeout=30 -print_final_stats=1 -artifact_prefix="$scratch/crashes/")
 if [ "$jobs" -gt 1 ]; then
     # Each job writes its log to fuzz-<job>.log in the working directory; they share the corpus.
