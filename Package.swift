@@ -128,6 +128,7 @@ let package = Package(
             dependencies: [
                 "KVCacheCore", "Workloads", "ClusterWire", "ClusterTransport", "ClusterSecurity",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSettings

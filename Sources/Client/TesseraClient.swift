@@ -3,6 +3,7 @@ public import ClusterTransport
 public import ClusterWire
 public import KVCacheCore
 public import Logging
+import NIOPosix
 import Synchronization
 public import Workloads
 
@@ -568,9 +569,11 @@ extension ClusterStatus {
     }
 }
 
-/// A prefill's parts as wire tensors, each converted on a task of its own: asking for a shard's part
-/// starts the conversion of its next one, so it is ready when this one is acknowledged. Holds at most
-/// the part asked for and the next of each shard (a retry asks for the same part again).
+/// A prefill's parts as wire tensors, each converted on NIO's shared thread pool (blocking work of
+/// tens of milliseconds a part, kept off the concurrency pool the client's sequences run on): asking
+/// for a shard's part starts the conversion of its next one, so it is ready when this one is
+/// acknowledged. Holds at most the part asked for and the next of each shard (a retry asks for the
+/// same part again).
 private final class PrefetchedParts: Sendable {
     private let layersPerPart: Int
     private let convert: @Sendable (Range<Int>) throws -> [Tessera_V1_LayerTensors]
@@ -596,6 +599,6 @@ private final class PrefetchedParts: Sendable {
 
     private func start(_ layers: Range<Int>) -> Task<[Tessera_V1_LayerTensors], any Error> {
         let convert = convert
-        return Task { try convert(layers) }
+        return Task { try await NIOThreadPool.singleton.runIfActive { try convert(layers) } }
     }
 }

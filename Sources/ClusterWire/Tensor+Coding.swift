@@ -53,10 +53,7 @@ extension Tessera_V1_Tensor {
     package init(float32 values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
         let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
         try Self.checkFinite(values, shape: shape, name: name)
-        self.init()
-        self.dtype = .float32
-        self.shape = shape32
-        self.data = Self.littleEndianData(values)
+        self.init(.float32, shape: shape32, data: Self.littleEndianData(values))
     }
 
     /// A float16 tensor holding `values`, row-major, with the given shape.
@@ -65,10 +62,7 @@ extension Tessera_V1_Tensor {
     package init(float16 values: [Float16], shape: [Int], name: String = "tensor") throws(WireError) {
         let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
         try Self.checkFinite(values, shape: shape, name: name)
-        self.init()
-        self.dtype = .float16
-        self.shape = shape32
-        self.data = Self.littleEndianData(values)
+        self.init(.float16, shape: shape32, data: Self.littleEndianData(values))
     }
 
     /// A float16 tensor holding `values` rounded to the nearest float16.
@@ -92,10 +86,16 @@ extension Tessera_V1_Tensor {
                     + "(largest magnitude \(Float16.greatestFiniteMagnitude))"
             )
         }
+        // Finite halves of finite values: checked once, above.
+        self.init(.float16, shape: shape32, data: Self.littleEndianData(halves))
+    }
+
+    /// A tensor of checked shape and elements.
+    private init(_ dtype: Tessera_V1_ScalarType, shape: [UInt32], data: Data) {
         self.init()
-        self.dtype = .float16
-        self.shape = shape32
-        self.data = Self.littleEndianData(halves)
+        self.dtype = dtype
+        self.shape = shape
+        self.data = data
     }
 
     // MARK: Reading

@@ -29,6 +29,19 @@ public enum FiniteElements {
         copy(bytes, width: 2) { source, destination, count in kvk_widen_finite_f16(source, destination, count) }
     }
 
+    /// `bytes.count / 2` bfloat16 elements widened to Float32 (exactly: a bfloat16 is the top half
+    /// of a Float32).
+    public static func widenedBFloat16(_ bytes: UnsafeRawBufferPointer) -> Checked<Float> {
+        copy(bytes, width: 2) { source, destination, count in
+            guard let source else { return count }
+            for index in 0..<count {
+                let bits = UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))
+                destination[index] = Float(bitPattern: UInt32(bits) << 16)
+            }
+            return kvk_first_nonfinite_f32(destination, count)
+        }
+    }
+
     /// The index of the first element of `values` that is NaN or infinite, or nil when all are finite.
     public static func firstNonFinite(_ values: [Float]) -> Int? {
         let index = values.withUnsafeBufferPointer { kvk_first_nonfinite_f32($0.baseAddress, $0.count) }

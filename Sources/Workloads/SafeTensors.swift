@@ -196,18 +196,14 @@ public struct SafeTensors: Sendable {
                 "tensor \(name) is \(entry.dtype.rawValue) of shape \(entry.shape); expected F32, F16 or BF16 of shape \(expected)"
             )
         }
-        // F32 and F16 by the kernels, the finiteness check fused into the copy.
-        let checked: FiniteElements.Checked<Float>
-        switch entry.dtype {
-        case .f32:
-            checked = data.withUnsafeBytes { FiniteElements.float32(UnsafeRawBufferPointer(rebasing: $0[entry.range])) }
-        case .f16:
-            checked = data.withUnsafeBytes {
-                FiniteElements.widenedFloat16(UnsafeRawBufferPointer(rebasing: $0[entry.range]))
+        // One pass each, the finiteness check fused into the copy.
+        let checked = data.withUnsafeBytes { data -> FiniteElements.Checked<Float> in
+            let bytes = UnsafeRawBufferPointer(rebasing: data[entry.range])
+            return switch entry.dtype {
+            case .f32: FiniteElements.float32(bytes)
+            case .f16: FiniteElements.widenedFloat16(bytes)
+            case .bf16, .i32: FiniteElements.widenedBFloat16(bytes)  // i32 is refused above
             }
-        case .bf16, .i32:  // i32 is refused above
-            let values = (0..<entry.range.count / 2).map { element(entry, $0) }
-            checked = FiniteElements.firstNonFinite(values).map { .nonFinite(index: $0) } ?? .finite(values)
         }
         switch checked {
         case .finite(let values):

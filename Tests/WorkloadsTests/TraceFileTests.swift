@@ -65,7 +65,7 @@ private struct Seeded: RandomNumberGenerator {
     }
 
     /// A non-finite element is refused when its tensor is read, naming the element, in every dtype
-    /// (F32 and F16 go through the checked-copy kernels, BF16 element by element).
+    /// (each dtype through its own checked copy).
     @Test(arguments: [
         (SafeTensors.DType.f32, [0, 0, 0x80, 0x3F, 0, 0, 0xC0, 0x7F] as [UInt8], "element 1 is nan"),
         (.f16, [0x00, 0x3C, 0x00, 0x7C], "element 1 is inf"),
@@ -79,6 +79,19 @@ private struct Seeded: RandomNumberGenerator {
         } throws: { error in
             "\(error)" == "bad.safetensors: tensor a \(expected); every element must be finite"
         }
+    }
+
+    /// BF16 is the top half of a Float32: widened, it is that Float32 exactly.
+    @Test func bfloat16IsWidenedExactly() throws {
+        let values: [Float] = [1, -3.140625, 0x1p-130, -0, 3.3895314e38]
+        let data = values.flatMap { value in
+            let top = UInt16(value.bitPattern >> 16)
+            return [UInt8(truncatingIfNeeded: top), UInt8(top >> 8)]
+        }
+        let header = #"{"a": {"dtype": "BF16", "shape": [5], "data_offsets": [0, 10]}}"#
+        let file = try SafeTensors(bytes: Self.file(header: header, data: data), file: "b.safetensors")
+        let read = try file.floats("a", shape: [5])
+        #expect(read.map(\.bitPattern) == values.map(\.bitPattern))
     }
 
     /// A file's bytes with the header replaced by `header`.
