@@ -27,6 +27,7 @@ public struct NodeCredentials: Sendable {
     public let identity: CertifiedIdentity
     private let server: NIOSSLContext
     private let client: NIOSSLContext
+    private let revocations: RevocationList
 
     /// Loads `NAME.pem`, `NAME-key.pem` and `ca.pem` from `directory`.
     public init(directory: CertificateDirectory, name: String) throws(CertificateError) {
@@ -40,6 +41,7 @@ public struct NodeCredentials: Sendable {
             throw CertificateError("cannot parse \(directory.certificate(name)): \(error)")
         }
         identity = try CertifiedIdentity(certificate: certificate)
+        revocations = RevocationList(directory)
         do {
             let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map {
                 NIOSSLCertificateSource.certificate($0)
@@ -73,8 +75,9 @@ public struct NodeCredentials: Sendable {
         try NIOSSLClientHandler(context: client, serverHostname: nil)
     }
 
-    /// What the peer's certificate says, once the TLS handshake is done (the first frame has arrived).
-    package static func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity {
+    /// What the peer's certificate says, once the TLS handshake is done (the first frame has arrived);
+    /// a certificate on the folder's revocation list is refused.
+    package func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity {
         let peer: NIOSSLCertificate?
         do {
             peer = try await channel.nioSSL_peerCertificate().get()
@@ -82,12 +85,19 @@ public struct NodeCredentials: Sendable {
             throw WireError(.permissionDenied, "the peer's certificate cannot be read: \(error)")
         }
         guard let peer else { throw WireError(.permissionDenied, "the peer presented no certificate") }
+        let certificate: Certificate
         do {
-            return try CertifiedIdentity(certificate: try Certificate(derEncoded: try peer.toDERBytes()))
-        } catch let error as CertificateError {
-            throw WireError(.permissionDenied, "the peer's certificate: \(error.message)")
+            certificate = try Certificate(derEncoded: try peer.toDERBytes())
         } catch {
             throw WireError(.permissionDenied, "the peer's certificate cannot be parsed: \(error)")
+        }
+        do throws(CertificateError) {
+            if try revocations.contains(certificate) {
+                throw CertificateError("is revoked (serial \(certificate.serialNumber.hex))")
+            }
+            return try CertifiedIdentity(certificate: certificate)
+        } catch {
+            throw WireError(.permissionDenied, "the peer's certificate: \(error.message)")
         }
     }
 }
@@ -103,7 +113,7 @@ extension TransportSecurity {
 
     /// The peer's certificate identity over mutual TLS; nil when insecure.
     package func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity? {
-        guard case .mutualTLS = self else { return nil }
-        return try await NodeCredentials.peerIdentity(of: channel)
+        guard case .mutualTLS(let credentials) = self else { return nil }
+        return try await credentials.peerIdentity(of: channel)
     }
 }

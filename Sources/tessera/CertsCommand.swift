@@ -11,14 +11,17 @@ struct CertsCommand: ParsableCommand {
             subject says what its holder may do: OU is the role (coordinator, worker, client), CN the \
             node id, and for clients O the tenant. A process must run as the node its certificate names. \
             Rotate a certificate by issuing it again and restarting its process; rotate the CA with a new \
-            `init` and reissuing every certificate.
+            `init` and reissuing every certificate. A certificate that must stop working before it \
+            expires (a lost key) is revoked: its serial goes on DIR/revoked.txt, which every process \
+            of the cluster reads from its own certificate folder and checks at each handshake.
 
               tessera certs init --dir certs
               tessera certs issue --dir certs --role coordinator --name coordinator
               tessera certs issue --dir certs --role worker --name worker-1
               tessera certs issue --dir certs --role client --name alice --tenant alice
+              tessera certs revoke --dir certs --name alice
             """,
-        subcommands: [Initialize.self, Issue.self]
+        subcommands: [Initialize.self, Issue.self, Revoke.self]
     )
 
     struct Initialize: ParsableCommand {
@@ -81,6 +84,35 @@ struct CertsCommand: ParsableCommand {
                 let identity = CertifiedIdentity(role: nodeRole, nodeID: name, tenant: tenant)
                 try CertificateAuthority.load(from: folder).issue(identity, days: days, into: folder)
                 Terminal.output("issued \(folder.certificate(name)) for \(identity), valid \(days) days\n")
+            } catch {
+                throw usageFailure(error.message)
+            }
+        }
+    }
+
+    struct Revoke: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop trusting DIR/NAME.pem: add its serial number to DIR/revoked.txt.",
+            discussion: """
+                Processes whose certificate folder holds the list refuse the certificate at every \
+                handshake from then on, without a restart; connections already open stay until they \
+                close. Revoke before issuing the name again (issuing replaces NAME.pem). Copy \
+                revoked.txt to every host whose processes use another copy of the folder.
+                """
+        )
+
+        @Option(help: "The certificate folder.")
+        var dir = "certs"
+
+        @Option(help: "The holder whose certificate DIR/NAME.pem is revoked.")
+        var name: String
+
+        func run() throws {
+            let folder = CertificateDirectory(dir)
+            do {
+                let certificate = try folder.certificate(named: name)
+                let serial = try folder.revoke(certificate, holder: name)
+                Terminal.output("revoked \(folder.certificate(name)) (serial \(serial)) in \(folder.revocationList)\n")
             } catch {
                 throw usageFailure(error.message)
             }

@@ -180,6 +180,32 @@ import Workloads
         }
     }
 
+    /// A revoked certificate is refused at the next handshake by the coordinator and the workers,
+    /// without restarting them; other certificates still connect.
+    @Test(.timeLimit(.minutes(2)))
+    func aRevokedCertificateIsRefusedAtTheNextHandshake() async throws {
+        try await Self.withCluster { cluster in
+            let laptop = NodeIdentity(role: .client, nodeID: "laptop", incarnation: 1, tenant: "owner")
+            let status = Tessera_V1_Envelope.OneOf_Body.statusRequest(Tessera_V1_StatusRequest())
+            _ = try await cluster.connect(to: cluster.coordinator, as: laptop) { try await $0.request(status) }
+            let serial = try cluster.certificates.revoke(
+                try cluster.certificates.certificate(named: "laptop"),
+                holder: "laptop"
+            )
+            for address in [cluster.coordinator, cluster.primary] {
+                do {
+                    _ = try await cluster.connect(to: address, as: laptop) { try await $0.request(status) }
+                    Issue.record("a revoked certificate connected to \(address)")
+                } catch let error as WireError {
+                    #expect(error.code == .permissionDenied && error.message.contains("revoked (serial \(serial))"))
+                }
+            }
+            let owner = NodeIdentity(role: .client, nodeID: "owner", incarnation: 1, tenant: "owner")
+            _ = try await cluster.connect(to: cluster.coordinator, as: owner) { try await $0.request(status) }
+            _ = try await cluster.ownerView(step: 1)
+        }
+    }
+
     @Test(.timeLimit(.minutes(2)))
     func onlyTheShardsPrimaryForwardsWrites() async throws {
         try await Self.withCluster { cluster in
