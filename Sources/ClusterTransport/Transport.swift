@@ -206,10 +206,11 @@ package enum Transport {
                 )
             }
             let rest = Rest(iterator: iterator)
-            let outcome = try handshake.acceptHelloAck(
-                first,
-                certificate: try await security.peerIdentity(of: channel.channel)
-            )
+            // A refusal is reported as the peer sent it: having refused, the peer may already have
+            // closed the connection, and its certificate could no longer be read.
+            let certificate: CertifiedIdentity? =
+                if case .error = first.body { nil } else { try await security.peerIdentity(of: channel.channel) }
+            let outcome = try handshake.acceptHelloAck(first, certificate: certificate)
             let connection = PeerConnection(
                 peer: outcome.peer,
                 remoteAddress: address.description,

@@ -197,7 +197,10 @@ import Workloads
                     _ = try await cluster.connect(to: address, as: laptop) { try await $0.request(status) }
                     Issue.record("a revoked certificate connected to \(address)")
                 } catch let error as WireError {
-                    #expect(error.code == .permissionDenied && error.message.contains("revoked (serial \(serial))"))
+                    #expect(
+                        error.code == .permissionDenied && error.message.contains("revoked (serial \(serial))"),
+                        "\(address): \(error)"
+                    )
                 }
             }
             let owner = NodeIdentity(role: .client, nodeID: "owner", incarnation: 1, tenant: "owner")
