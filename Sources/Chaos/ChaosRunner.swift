@@ -67,12 +67,14 @@ public enum ChaosRunner {
     static func sequenceID(_ index: Int) -> UInt64 { UInt64(index) + 1 }
 
     /// Runs `scenario` with the cluster's processes logging at `childLogLevel` to this process's
-    /// standard error (nothing at `critical`, the default).
+    /// standard error (nothing at `critical`, the default), or to a file per process in
+    /// `logDirectory` when one is given.
     public static func run(
         _ scenario: ChaosScenario,
         binary: FilePath,
         logger: Logger,
         childLogLevel: String = "critical",
+        logDirectory: FilePath? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws -> ChaosReport {
         var options = LocalCluster.Options(
@@ -81,6 +83,7 @@ public enum ChaosRunner {
             childArguments: ["--log-level", childLogLevel],
             inheritStandardError: childLogLevel != "critical"
         )
+        options.standardErrorDirectory = logDirectory
         options.coordinatorArguments = ["--replication", "\(scenario.replication)"]
         options.workerArguments = scenario.workerFaults.map { ["--faults", $0] } ?? []
         options.toleratesWorkerExits = true

@@ -71,6 +71,9 @@ public final class LocalCluster: Sendable {
         public var workerArguments: [String] = []
         /// Where children's stderr goes: inherited from this process, or discarded.
         public var inheritStandardError: Bool
+        /// When set, each child's stderr is appended to `DIRECTORY/NAME.log` instead (a restarted
+        /// process continues its predecessor's file): evidence to read when a run fails.
+        public var standardErrorDirectory: FilePath?
         public var readyTimeout: Duration
         /// Whether a worker process may exit while the cluster is in use (fault injection kills them);
         /// otherwise any exit ends the scope with an error.
@@ -358,9 +361,21 @@ public final class LocalCluster: Sendable {
         }
         @Sendable func runChild() async throws -> TerminationStatus {
             let errorOutput: FileDescriptorOutput =
-                options.inheritStandardError
-                ? .fileDescriptor(.standardError, closeAfterSpawningProcess: false)
-                : .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
+                if let directory = options.standardErrorDirectory {
+                    .fileDescriptor(
+                        try FileDescriptor.open(
+                            directory.appending("\(name).log"),
+                            .writeOnly,
+                            options: [.create, .append],
+                            permissions: .ownerReadWrite
+                        ),
+                        closeAfterSpawningProcess: true
+                    )
+                } else if options.inheritStandardError {
+                    .fileDescriptor(.standardError, closeAfterSpawningProcess: false)
+                } else {
+                    .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
+                }
             return try await run(
                 .path(options.binary),
                 arguments: Arguments(all),

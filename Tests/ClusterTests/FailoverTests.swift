@@ -1,7 +1,13 @@
 import Chaos
 import ClusterLauncher
+import FoundationEssentials
 import Logging
+import SystemPackage
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The fault-injection scenarios of `cluster/scenarios/`, each a real cluster of processes hit by real
 /// signals under lockstep decode traffic (see `ChaosRunner` for the checks).
@@ -23,8 +29,18 @@ import Testing
     )
     func scenarioLosesNothing(name: String) async throws {
         let scenario = try ChaosScenario.load(path: Self.scenario(name))
-        let report = try await ChaosRunner.run(scenario, binary: LocalCluster.siblingBinary, logger: Self.logger)
-        let context = "\(name), seed \(scenario.seed): \(report)"
+        // The processes log at info to files, kept and quoted (their last lines) only if the run fails.
+        let logs = try temporaryDirectory("tessera-chaos-\(name)")
+        let report = try await ChaosRunner.run(
+            scenario,
+            binary: LocalCluster.siblingBinary,
+            logger: Self.logger,
+            childLogLevel: "info",
+            logDirectory: FilePath(logs)
+        )
+        let evidence = report.passed ? "" : "\nlogs in \(logs):\n\(lastLines(ofFilesIn: logs, count: 30))"
+        if report.passed { try? FileManager.default.removeItem(atPath: logs) }
+        let context = "\(name), seed \(scenario.seed): \(report)\(evidence)"
         #expect(report.faults.count == scenario.faults.count, "\(context)")
         #expect(report.sequencesLost == 0, "\(context)")
         #expect(report.missingWrites == 0, "\(context)")
@@ -63,4 +79,23 @@ import Testing
             }
         }
     }
+}
+
+/// A new empty folder under /tmp whose name starts with `prefix`.
+func temporaryDirectory(_ prefix: String) throws -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    guard let path = mkdtemp(&template) else { throw ChaosError("cannot create a temporary folder for \(prefix)") }
+    return String(cString: path)
+}
+
+/// The last `count` lines of every file in `directory`, each under its name.
+func lastLines(ofFilesIn directory: String, count: Int) -> String {
+    let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted()
+    return names.map { name in
+        let text = FileManager.default.contents(atPath: "\(directory)/\(name)").map {
+            String(decoding: $0, as: UTF8.self)
+        }
+        let lines = (text ?? "(unreadable)").split(separator: "\n", omittingEmptySubsequences: false).suffix(count)
+        return "--- \(name)\n" + lines.joined(separator: "\n")
+    }.joined(separator: "\n")
 }
