@@ -2,15 +2,9 @@ import ClusterSecurity
 import ClusterWire
 import FoundationEssentials
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// A throw-away cluster CA in a temporary folder, deleted when the scope ends.
 func withTestCertificates<T>(_ body: (CertificateDirectory) async throws -> T) async throws -> T {
-    var template = Array("/tmp/tessera-test-certs-XXXXXX".utf8CString)
-    guard let path = mkdtemp(&template) else { throw CertificateError("cannot create a temporary folder") }
-    let folder = CertificateDirectory(String(cString: path))
+    let folder = CertificateDirectory(try temporaryDirectory("tessera-test-certs"))
     defer { try? FileManager.default.removeItem(atPath: folder.path) }
     try CertificateAuthority.create().write(to: folder)
     return try await body(folder)
