@@ -146,7 +146,7 @@ let package = Package(
         .target(
             name: "ClusterLauncher",
             dependencies: [
-                "ClusterTransport", "ClusterSecurity", "ClusterAdmin", "Client",
+                "ClusterTransport", "ClusterSecurity", "ClusterAdmin", "Client", "Workloads",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Subprocess", package: "swift-subprocess"),
                 .product(name: "SystemPackage", package: "swift-system"),

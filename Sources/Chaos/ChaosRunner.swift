@@ -296,12 +296,14 @@ public enum ChaosRunner {
             let cut = fault.action == .partition
             do {
                 _ = try await AdminClient.put(
+                    host: cluster.coordinatorProcess.adminHost,
                     port: cluster.coordinatorProcess.adminPort,
                     path: "/faults",
                     body: cut ? "drop=1,peer=\(target.nodeID)" : "none",
                     token: cluster.adminToken
                 )
                 _ = try await AdminClient.put(
+                    host: worker.adminHost,
                     port: worker.adminPort,
                     path: "/faults",
                     body: cut ? "drop=1" : "none",

@@ -8,6 +8,7 @@ extension ClusterConfiguration {
         try self.coordinator.validate()
         try self.worker.validate()
         try self.cluster.validate()
+        try self.network.validate()
         try check(
             self.coordinator.replication <= self.cluster.workers,
             "coordinator.replication",

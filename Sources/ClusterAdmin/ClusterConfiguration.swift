@@ -12,22 +12,26 @@ public struct ClusterConfiguration: Sendable, Codable, Equatable {
     public var worker: WorkerSettings
     /// How `tessera cluster up` launches and supervises the processes.
     public var cluster: LaunchSettings
+    /// The links between hosts under `tessera cluster up --hosts N`.
+    public var network: NetworkSettings
 
     public init(
         coordinator: CoordinatorSettings = .defaults,
         worker: WorkerSettings = .defaults,
-        cluster: LaunchSettings = .defaults
+        cluster: LaunchSettings = .defaults,
+        network: NetworkSettings = .defaults
     ) {
         self.coordinator = coordinator
         self.worker = worker
         self.cluster = cluster
+        self.network = network
     }
 
     /// The built-in defaults: a loopback cluster of 3 workers on kernel-chosen ports.
     public static var defaults: Self { Self() }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case coordinator, worker, cluster
+        case coordinator, worker, cluster, network
     }
 
     public init(from decoder: any Decoder) throws {
@@ -37,6 +41,7 @@ public struct ClusterConfiguration: Sendable, Codable, Equatable {
         self.coordinator = try container.decode(.coordinator, default: defaults.coordinator)
         self.worker = try container.decode(.worker, default: defaults.worker)
         self.cluster = try container.decode(.cluster, default: defaults.cluster)
+        self.network = try container.decode(.network, default: defaults.network)
     }
 }
 

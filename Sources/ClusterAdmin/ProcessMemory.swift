@@ -78,10 +78,14 @@ public enum ProcessMemory {
         return String(decoding: buffer[0..<count], as: UTF8.self)
     }
 
-    /// glibc's malloc tuning functions are not in the Swift Glibc module; they are looked up by name.
-    private static func glibc<F>(_ name: String, as _: F.Type) -> F? {
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), name) else { return nil }
-        return unsafeBitCast(symbol, to: F.self)
-    }
     #endif
 }
+
+#if os(Linux)
+/// A glibc function the Swift Glibc module does not export (malloc tuning, GNU extensions such as
+/// `setns` and `ppoll`), looked up by name.
+package func glibc<F>(_ name: String, as _: F.Type) -> F? {
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), name) else { return nil }
+    return unsafeBitCast(symbol, to: F.self)
+}
+#endif

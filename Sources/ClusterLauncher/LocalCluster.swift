@@ -22,7 +22,8 @@ public final class LocalCluster: Sendable {
         public var nodeID: String
         public var address: NodeAddress
         public var pid: Int32
-        /// The port of its admin HTTP endpoint (`/metrics`, `/healthz`, `/faults`).
+        /// The address and port of its admin HTTP endpoint (`/metrics`, `/healthz`, `/faults`).
+        public var adminHost: String
         public var adminPort: Int
     }
 
@@ -80,6 +81,14 @@ public final class LocalCluster: Sendable {
         public var toleratesWorkerExits = false
         /// How the processes authenticate each other (default: mutual TLS with a throw-away CA).
         public var security = Security.throwawayCA
+        /// The hosts to run on, made beforehand (``HostNetwork/create(_:logger:)``): each process on
+        /// its host's address in its host's namespace. `nil`: every process on 127.0.0.1.
+        public var hosts: HostTopology?
+
+        /// The address node `nodeID` listens on.
+        func address(of nodeID: String) -> String {
+            hosts.map { $0.address($0.host(of: nodeID)) } ?? "127.0.0.1"
+        }
 
         public init(
             binary: FilePath,
@@ -179,11 +188,12 @@ public final class LocalCluster: Sendable {
                 logger: logger,
                 in: &group
             )
-            let address = NodeAddress(host: "127.0.0.1", port: coordinatorReady.port)
+            let address = NodeAddress(host: options.address(of: "coordinator"), port: coordinatorReady.port)
             let coordinator = Process(
                 nodeID: "coordinator",
                 address: address,
                 pid: coordinatorReady.pid,
+                adminHost: address.host,
                 adminPort: coordinatorReady.adminPort
             )
             var workers: [Process] = []
@@ -199,8 +209,9 @@ public final class LocalCluster: Sendable {
                 workers.append(
                     Process(
                         nodeID: nodeID,
-                        address: NodeAddress(host: "127.0.0.1", port: ready.port),
+                        address: NodeAddress(host: options.address(of: nodeID), port: ready.port),
                         pid: ready.pid,
+                        adminHost: options.address(of: nodeID),
                         adminPort: ready.adminPort
                     )
                 )
@@ -249,12 +260,14 @@ public final class LocalCluster: Sendable {
     }
 
     private static func coordinatorArguments(_ options: Options, port: Int) -> [String] {
-        ["coordinator", "--listen", "127.0.0.1:\(port)"] + options.coordinatorArguments
+        let host = options.address(of: "coordinator")
+        return ["coordinator", "--listen", "\(host):\(port)", "--admin-host", host] + options.coordinatorArguments
     }
 
     private static func workerArguments(_ options: Options, nodeID: String, coordinator: NodeAddress) -> [String] {
-        ["worker", "--coordinator", coordinator.description, "--listen", "127.0.0.1:0", "--node-id", nodeID]
-            + options.workerArguments
+        let host = options.address(of: nodeID)
+        return ["worker", "--coordinator", coordinator.description, "--listen", "\(host):0", "--admin-host", host]
+            + ["--node-id", nodeID] + options.workerArguments
     }
 
     /// Stops worker `nodeID` (SIGTERM when `graceful`, else SIGKILL; then waits until it is gone) and
@@ -270,8 +283,9 @@ public final class LocalCluster: Sendable {
         )
         let new = Process(
             nodeID: nodeID,
-            address: NodeAddress(host: "127.0.0.1", port: ready.port),
+            address: NodeAddress(host: options.address(of: nodeID), port: ready.port),
             pid: ready.pid,
+            adminHost: options.address(of: nodeID),
             adminPort: ready.adminPort
         )
         processes.withLock { state in
@@ -290,7 +304,13 @@ public final class LocalCluster: Sendable {
             Self.coordinatorArguments(options, port: coordinator.port),
             name: "coordinator"
         )
-        let new = Process(nodeID: "coordinator", address: coordinator, pid: ready.pid, adminPort: ready.adminPort)
+        let new = Process(
+            nodeID: "coordinator",
+            address: coordinator,
+            pid: ready.pid,
+            adminHost: coordinator.host,
+            adminPort: ready.adminPort
+        )
         processes.withLock { $0.coordinator = new }
         return new
     }
@@ -376,9 +396,13 @@ public final class LocalCluster: Sendable {
                 } else {
                     .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
                 }
+            // On a host, `ip netns exec` enters its namespace and execs the binary (same pid).
+            let command = options.hosts.map {
+                ["netns", "exec", $0.namespace($0.host(of: name)), options.binary.string]
+            }
             return try await run(
-                .path(options.binary),
-                arguments: Arguments(all),
+                command == nil ? .path(options.binary) : .name("ip"),
+                arguments: Arguments((command ?? []) + all),
                 platformOptions: platform,
                 input: .inputWriter,
                 output: .sequence,

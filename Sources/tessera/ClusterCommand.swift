@@ -10,7 +10,7 @@ struct ClusterCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cluster",
         abstract: "Manage a local multi-process cluster.",
-        subcommands: [Up.self]
+        subcommands: [Up.self, CleanHosts.self]
     )
 
     struct Up: AsyncParsableCommand {
@@ -46,6 +46,16 @@ struct ClusterCommand: AsyncParsableCommand {
 
         @Flag(help: "Plaintext connections: any peer can claim any role, node id or tenant.")
         var insecure = false
+
+        @Option(
+            help: ArgumentHelp(
+                "Run on N hosts of this machine (Linux, root): each a network namespace with its own address "
+                    + "on a bridge, every link shaped by the configuration's `network` section; the coordinator "
+                    + "on host 1, workers on the others in turn. Removed at exit, even after a SIGKILL.",
+                valueName: "n"
+            )
+        )
+        var hosts: Int?
 
         @OptionGroup var process: ProcessOptions
 
@@ -88,30 +98,104 @@ struct ClusterCommand: AsyncParsableCommand {
             case (nil, false):
                 options.security = .throwawayCA
             }
+            if let hosts { options.hosts = try await topology(hosts: hosts, settings.network) }
             let launch = options
-            try await runServices(
-                [
-                    ClosureService {
-                        try await LocalCluster.withCluster(launch, logger: logger) { cluster in
-                            _ = try cluster.clientSecurity(name: "client", tenant: "default")
-                            let workerList = cluster.workers.map { worker in
-                                "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
-                                    + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
-                            }.joined(separator: ",")
-                            Terminal.output(
-                                "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
-                                    + "\"certs\":\(cluster.certificates.map { jsonString($0.path) } ?? "null"),"
-                                    + "\"coordinatorPid\":\(cluster.coordinatorPID),"
-                                    + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]}\n"
-                            )
-                            // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.
-                            while true { try await Task.sleep(for: .seconds(3600)) }
+            @Sendable func serve() async throws {
+                try await runServices(
+                    [
+                        ClosureService {
+                            try await LocalCluster.withCluster(launch, logger: logger) { cluster in
+                                _ = try cluster.clientSecurity(name: "client", tenant: "default")
+                                let workerList = cluster.workers.map { worker in
+                                    "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
+                                        + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
+                                }.joined(separator: ",")
+                                let network = launch.hosts.map {
+                                    ",\"hosts\":{\"name\":\(jsonString($0.name)),\"subnet\":\(jsonString($0.subnet.description)),"
+                                        + "\"bridge\":\(jsonString($0.bridgeAddress))}"
+                                }
+                                Terminal.output(
+                                    "READY {\"coordinator\":\(jsonString(cluster.coordinator.description)),"
+                                        + "\"certs\":\(cluster.certificates.map { jsonString($0.path) } ?? "null"),"
+                                        + "\"coordinatorPid\":\(cluster.coordinatorPID),"
+                                        + "\"coordinatorAdminPort\":\(cluster.coordinatorProcess.adminPort),\"workers\":[\(workerList)]"
+                                        + "\(network ?? "")}\n"
+                                )
+                                // Held until SIGINT/SIGTERM (or the lifeline) cancels the scope.
+                                while true { try await Task.sleep(for: .seconds(3600)) }
+                            }
                         }
-                    }
-                ],
-                options: process,
-                logger: logger
-            )
+                    ],
+                    options: process,
+                    logger: logger
+                )
+            }
+            guard let topology = launch.hosts else { return try await serve() }
+            do {
+                try await HostNetwork.withHosts(topology, binary: LocalCluster.currentBinary, logger: logger, serve)
+            } catch let error as HostSetupError {
+                throw usageFailure("cannot make the hosts: \(error)")
+            }
+        }
+
+        /// The hosts `--hosts` asks for, checked before anything is made.
+        private func topology(hosts: Int, _ network: NetworkSettings) async throws -> HostTopology {
+            guard HostTopology.hostsRange.contains(hosts) else {
+                throw usageFailure("--hosts must be in \(HostTopology.hostsRange), got \(hosts)")
+            }
+            guard geteuid() == 0 else {
+                throw usageFailure(
+                    "--hosts makes network namespaces, veth links and a bridge, which needs root; run as root, "
+                        + "or leave --hosts out to run every process on 127.0.0.1"
+                )
+            }
+            do {
+                var subnet = try network.subnetRange()
+                if subnet == nil { subnet = try await HostNetwork.freeSubnet(seed: Int(getpid())) }
+                return HostTopology(
+                    name: "ts\(getpid())",
+                    subnet: subnet!,
+                    hosts: hosts,
+                    link: try network.link(),
+                    seed: network.seed ?? .random(in: 1...UInt64.max)
+                )
+            } catch {
+                throw usageFailure("\(error)")
+            }
+        }
+    }
+
+    struct CleanHosts: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "clean-hosts",
+            abstract: "Remove the network namespaces and links a `cluster up --hosts` left behind.",
+            discussion: """
+                Without --name, removes those of every launcher no longer running (names `ts<pid>...`). \
+                `cluster up --hosts` removes its own at exit, and a guard process removes them if it is \
+                killed, so this is for what a crash of both left behind.
+                """
+        )
+
+        @Option(help: "Remove the topology with this name (`ts<pid>`), its launcher running or not.")
+        var name: String?
+
+        @Flag(help: .hidden)
+        var afterStdinCloses = false
+
+        func run() async throws {
+            guard geteuid() == 0 else { throw usageFailure("removing network namespaces needs root") }
+            let logger = Logger(label: "tessera.hosts")
+            if afterStdinCloses {
+                // The guard of a running launcher: waits for it to go, however it goes.
+                var byte: UInt8 = 0
+                while read(0, &byte, 1) > 0 {}
+            }
+            let names = if let name { [name] } else { try await HostNetwork.orphans() }
+            for name in names { await HostNetwork.remove(named: name, logger: logger) }
         }
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
