@@ -1,6 +1,6 @@
 import Client
 import ClusterAdmin
-import ClusterLauncher
+public import ClusterLauncher
 import ClusterSecurity
 import ClusterTransport
 import Evaluation
@@ -75,6 +75,7 @@ public enum ChaosRunner {
         logger: Logger,
         childLogLevel: String = "critical",
         logDirectory: FilePath? = nil,
+        hosts: HostTopology? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws -> ChaosReport {
         var options = LocalCluster.Options(
@@ -84,6 +85,7 @@ public enum ChaosRunner {
             inheritStandardError: childLogLevel != "critical"
         )
         options.standardErrorDirectory = logDirectory
+        options.hosts = hosts
         options.coordinatorArguments = ["--replication", "\(scenario.replication)"]
         options.workerArguments = scenario.workerFaults.map { ["--faults", $0] } ?? []
         options.toleratesWorkerExits = true
@@ -294,6 +296,14 @@ public enum ChaosRunner {
                 throw ChaosError("\(target.nodeID) is not running")
             }
             let cut = fault.action == .partition
+            if let hosts = cluster.hosts {
+                // On hosts, a partition is the kernel's: the worker's host link goes down.
+                let host = hosts.host(of: target.nodeID)
+                do { try await HostNetwork.setLink(hosts, host: host, up: !cut) } catch {
+                    throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID) (host \(host)): \(error)")
+                }
+                return target
+            }
             do {
                 _ = try await AdminClient.put(
                     host: cluster.coordinatorProcess.adminHost,

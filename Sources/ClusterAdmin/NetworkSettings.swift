@@ -52,6 +52,37 @@ public struct NetworkSettings: Sendable, Codable, Equatable {
         self.seed = try container.decodeIfPresent(UInt64.self, forKey: .seed)
     }
 
+    /// Settings written as on the command line, `delay=2ms,jitter=1ms,loss=0.1%,rate=10gbit,seed=7`
+    /// (the same keys as the YAML section); each key given replaces this value's.
+    ///
+    /// - Throws: ``ClusterAdminError/Code/unknownKey`` or ``ClusterAdminError/Code/invalidValue``.
+    public func merging(_ text: String) throws(ClusterAdminError) -> Self {
+        var merged = self
+        for pair in text.split(separator: ",", omittingEmptySubsequences: true) {
+            let parts = pair.split(separator: "=", maxSplits: 1).map { String($0) }
+            let allowed = CodingKeys.allCases.map(\.stringValue).joined(separator: ", ")
+            guard parts.count == 2, let key = CodingKeys(rawValue: parts[0]) else {
+                throw ClusterAdminError(
+                    code: .unknownKey,
+                    message: "network: \"\(pair)\" is not KEY=VALUE with a key of \(allowed)",
+                    fieldPath: "network"
+                )
+            }
+            switch key {
+            case .subnet: merged.subnet = parts[1]
+            case .delay: merged.delay = parts[1]
+            case .jitter: merged.jitter = parts[1]
+            case .loss: merged.loss = parts[1]
+            case .rate: merged.rate = parts[1]
+            case .seed:
+                guard let seed = UInt64(parts[1]) else { throw invalid("network.seed", "must be an integer in 0...\(UInt64.max), got \"\(parts[1])\"") }
+                merged.seed = seed
+            }
+        }
+        try merged.validate()
+        return merged
+    }
+
     /// The link every host gets, parsed and checked.
     ///
     /// - Throws: ``ClusterAdminError/Code/invalidValue`` naming the field, what it got and what is allowed.
@@ -129,7 +160,7 @@ public struct NetworkSettings: Sendable, Codable, Equatable {
 }
 
 /// What a host's link does to every packet it sends, as `tc netem` applies it.
-public struct LinkProfile: Sendable, Equatable {
+public struct LinkProfile: Sendable, Equatable, CustomStringConvertible {
     public var delayMicroseconds: Int
     public var jitterMicroseconds: Int
     public var lossPercent: Double
@@ -152,6 +183,21 @@ public struct LinkProfile: Sendable, Equatable {
     public static let delayRange: ClosedRange<Double> = 0...10_000_000
     /// Rates allowed, in bits per second (8 kbit/s to 400 gbit/s).
     public static let rateRange: ClosedRange<Double> = 8_000...400_000_000_000
+
+    /// `delay 2ms ± 1ms, loss 0.1%, rate 10gbit/s`, or `unshaped`.
+    public var description: String {
+        var parts: [String] = []
+        if delayMicroseconds > 0 || jitterMicroseconds > 0 {
+            parts.append("delay \(Self.milliseconds(delayMicroseconds))" + (jitterMicroseconds > 0 ? " ± \(Self.milliseconds(jitterMicroseconds))" : ""))
+        }
+        if lossPercent > 0 { parts.append("loss \(lossPercent)%") }
+        if let rateBitsPerSecond { parts.append("rate \(Double(rateBitsPerSecond) / 1e9) Gbit/s") }
+        return parts.isEmpty ? "unshaped" : parts.joined(separator: ", ")
+    }
+
+    private static func milliseconds(_ microseconds: Int) -> String {
+        microseconds % 1_000 == 0 ? "\(microseconds / 1_000)ms" : "\(Double(microseconds) / 1_000)ms"
+    }
 
     /// A link that changes nothing.
     public var isTransparent: Bool { self == LinkProfile() }

@@ -174,7 +174,7 @@ public enum HostNetwork {
             "hosts made",
             metadata: [
                 "hosts": "\(topology.hosts)", "subnet": "\(topology.subnet)", "bridge": "\(topology.bridge)",
-                "link": "\(link.isTransparent ? "unshaped" : link.netemArguments.joined(separator: " "))",
+                "link": "\(link)",
                 "shaped by":
                     "\(link.isTransparent ? "nothing" : shaping.netem ? "netem" : "tbf and NFQUEUE, seed \(topology.seed)")",
             ]
@@ -218,6 +218,12 @@ public enum HostNetwork {
             throw error
         }
         return (false, shaper)
+    }
+
+    /// Takes host `host`'s link down (a partition the kernel enforces: nothing reaches or leaves the
+    /// host) or brings it back up.
+    public static func setLink(_ topology: HostTopology, host: Int, up: Bool) async throws {
+        try await run(["ip", "-n", topology.namespace(host), "link", "set", "eth0", up ? "up" : "down"])
     }
 
     /// The first /24 of 10.213.0.0 … 10.250.255.0 that no address or route on this machine overlaps,

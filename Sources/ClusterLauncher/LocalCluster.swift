@@ -41,6 +41,8 @@ public final class LocalCluster: Sendable {
     public var coordinatorPID: Int32 { coordinatorProcess.pid }
     /// The workers now running, in node-id order (`worker-1`, …).
     public var workers: [Process] { processes.withLock { $0.workers } }
+    /// The hosts the processes run on (`nil`: all on 127.0.0.1).
+    public var hosts: HostTopology? { options.hosts }
     /// Every process started so far, restarted ones included (to check none is left behind).
     public var everyPID: [Int32] { started.withLock { $0 } }
     private let started = Mutex<[Int32]>([])

@@ -136,6 +136,8 @@ struct BenchOptions: ParsableArguments {
     @Option(help: "Log level of the cluster's processes with --local.")
     var logLevel = "error"
 
+    @OptionGroup(title: "Hosts (with --local)") var hosts: HostOptions
+
     @OptionGroup(title: "Security (with --coordinator; --local makes a throw-away CA unless --insecure)")
     var security: ClientSecurityOptions
 
@@ -254,6 +256,7 @@ struct BenchOptions: ParsableArguments {
         }
         if let coordinator {
             guard local == nil else { throw usageFailure("give --coordinator or --local, not both") }
+            guard hosts.hosts == nil else { throw usageFailure("--hosts starts a cluster on hosts; give it with --local") }
             let address: NodeAddress
             do { address = try NodeAddress(parsing: coordinator) } catch {
                 throw usageFailure("--coordinator: \(error.message)")
@@ -282,17 +285,23 @@ struct BenchOptions: ParsableArguments {
         ]
         launch.workerArguments = ["--storage", dtype]
         if security.transport.insecure { launch.security = .insecure }
-        Terminal.error("[tessera] starting a local cluster: coordinator + \(workers) workers\n")
+        launch.hosts = try await hosts.topology()
+        Terminal.error(
+            "[tessera] starting a local cluster: coordinator + \(workers) workers"
+                + (launch.hosts.map { " on \($0.hosts) hosts, links \($0.link)" } ?? "") + "\n"
+        )
         let options = launch
-        return try await LocalCluster.withCluster(options, logger: logger) { cluster in
-            try await LoadRunner.run(
-                plan,
-                coordinator: cluster.coordinator,
-                security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
-                workers: cluster.workers.count,
-                logger: logger,
-                progress: progress
-            )
+        return try await hosts.run(on: options.hosts, logger: logger) {
+            try await LocalCluster.withCluster(options, logger: logger) { cluster in
+                try await LoadRunner.run(
+                    plan,
+                    coordinator: cluster.coordinator,
+                    security: try cluster.clientSecurity(name: "bench", tenant: "bench"),
+                    workers: cluster.workers.count,
+                    logger: logger,
+                    progress: progress
+                )
+            }
         }
     }
 

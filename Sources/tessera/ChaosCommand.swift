@@ -39,6 +39,8 @@ struct ChaosCommand: AsyncParsableCommand {
     )
     var logLevel = "critical"
 
+    @OptionGroup(title: "Hosts (partitions become a host's link going down)") var hosts: HostOptions
+
     func run() async throws {
         let loaded: ChaosScenario
         do { loaded = try ChaosScenario.load(path: scenario) } catch { throw usageFailure("--scenario: \(error)") }
@@ -50,12 +52,18 @@ struct ChaosCommand: AsyncParsableCommand {
             "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
                 + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n"
         )
-        let report = try await ChaosRunner.run(
-            loaded,
-            binary: LocalCluster.currentBinary,
-            logger: Logger(label: "tessera.chaos"),
-            childLogLevel: logLevel
-        ) { Terminal.error("[tessera] \($0)\n") }
+        let topology = try await hosts.topology()
+        let logger = Logger(label: "tessera.chaos")
+        let childLogLevel = logLevel
+        let report = try await hosts.run(on: topology, logger: logger) {
+            try await ChaosRunner.run(
+                loaded,
+                binary: LocalCluster.currentBinary,
+                logger: logger,
+                childLogLevel: childLogLevel,
+                hosts: topology
+            ) { Terminal.error("[tessera] \($0)\n") }
+        }
         let faults = report.faults.map { "\($0.action) \($0.worker) before step \($0.beforeStep)" }.joined(
             separator: "; "
         )

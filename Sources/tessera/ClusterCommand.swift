@@ -47,15 +47,7 @@ struct ClusterCommand: AsyncParsableCommand {
         @Flag(help: "Plaintext connections: any peer can claim any role, node id or tenant.")
         var insecure = false
 
-        @Option(
-            help: ArgumentHelp(
-                "Run on N hosts of this machine (Linux, root): each a network namespace with its own address "
-                    + "on a bridge, every link shaped by the configuration's `network` section; the coordinator "
-                    + "on host 1, workers on the others in turn. Removed at exit, even after a SIGKILL.",
-                valueName: "n"
-            )
-        )
-        var hosts: Int?
+        @OptionGroup(title: "Hosts") var hosts: HostOptions
 
         @OptionGroup var process: ProcessOptions
 
@@ -98,7 +90,7 @@ struct ClusterCommand: AsyncParsableCommand {
             case (nil, false):
                 options.security = .throwawayCA
             }
-            if let hosts { options.hosts = try await topology(hosts: hosts, settings.network) }
+            options.hosts = try await hosts.topology(settings.network)
             let launch = options
             @Sendable func serve() async throws {
                 try await runServices(
@@ -130,38 +122,7 @@ struct ClusterCommand: AsyncParsableCommand {
                     logger: logger
                 )
             }
-            guard let topology = launch.hosts else { return try await serve() }
-            do {
-                try await HostNetwork.withHosts(topology, binary: LocalCluster.currentBinary, logger: logger, serve)
-            } catch let error as HostSetupError {
-                throw usageFailure("cannot make the hosts: \(error)")
-            }
-        }
-
-        /// The hosts `--hosts` asks for, checked before anything is made.
-        private func topology(hosts: Int, _ network: NetworkSettings) async throws -> HostTopology {
-            guard HostTopology.hostsRange.contains(hosts) else {
-                throw usageFailure("--hosts must be in \(HostTopology.hostsRange), got \(hosts)")
-            }
-            guard geteuid() == 0 else {
-                throw usageFailure(
-                    "--hosts makes network namespaces, veth links and a bridge, which needs root; run as root, "
-                        + "or leave --hosts out to run every process on 127.0.0.1"
-                )
-            }
-            do {
-                var subnet = try network.subnetRange()
-                if subnet == nil { subnet = try await HostNetwork.freeSubnet(seed: Int(getpid())) }
-                return HostTopology(
-                    name: "ts\(getpid())",
-                    subnet: subnet!,
-                    hosts: hosts,
-                    link: try network.link(),
-                    seed: network.seed ?? .random(in: 1...UInt64.max)
-                )
-            } catch {
-                throw usageFailure("\(error)")
-            }
+            try await hosts.run(on: launch.hosts, logger: logger, serve)
         }
     }
 
