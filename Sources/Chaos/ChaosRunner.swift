@@ -75,7 +75,7 @@ public enum ChaosRunner {
         logger: Logger,
         childLogLevel: String = "critical",
         logDirectory: FilePath? = nil,
-        hosts: HostTopology? = nil,
+        hosts: RunningHosts? = nil,
         progress: @escaping @Sendable (String) -> Void = { _ in }
     ) async throws -> ChaosReport {
         var options = LocalCluster.Options(
@@ -298,8 +298,8 @@ public enum ChaosRunner {
             let cut = fault.action == .partition
             if let hosts = cluster.hosts {
                 // On hosts, a partition is the kernel's: the worker's host link goes down.
-                let host = hosts.host(of: target.nodeID)
-                do { try await HostNetwork.setLink(hosts, host: host, up: !cut) } catch {
+                let host = hosts.topology.host(of: target.nodeID)
+                do { try await hosts.setLink(host: host, up: !cut) } catch {
                     throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID) (host \(host)): \(error)")
                 }
                 return target
@@ -321,6 +321,13 @@ public enum ChaosRunner {
                 )
             } catch {
                 throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID): \(error)")
+            }
+            return target
+        case .degrade, .restore:
+            guard let hosts = cluster.hosts else { throw ChaosError("\(fault.action.rawValue) needs --hosts") }
+            let host = target.nodeID == "coordinator" ? 1 : hosts.topology.host(of: target.nodeID)
+            do { try await hosts.shape(host: host, fault.action == .degrade ? fault.network : nil) } catch {
+                throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID) (host \(host)): \(error)")
             }
             return target
         }
@@ -392,7 +399,7 @@ extension ChaosScenario.Action {
         case .pause: SIGSTOP
         case .resume: SIGCONT
         case .terminate: SIGTERM
-        case .restart, .partition, .heal: nil
+        case .restart, .partition, .heal, .degrade, .restore: nil
         }
     }
 }

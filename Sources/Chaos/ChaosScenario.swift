@@ -1,3 +1,4 @@
+public import ClusterAdmin
 import FoundationEssentials
 public import KVCacheCore
 public import Workloads
@@ -26,6 +27,11 @@ public struct ChaosScenario: Sendable {
         case partition
         /// End a partition: both fault plans back to none.
         case heal
+        /// With `--hosts`: the target's host sends as the fault's `network` says from now on (a latency
+        /// spike, a loss burst), e.g. `network: delay=50ms,loss=2%`.
+        case degrade
+        /// With `--hosts`: the target's host link back to the cluster's profile.
+        case restore
     }
 
     /// Which worker a fault hits, chosen when it is applied.
@@ -50,7 +56,12 @@ public struct ChaosScenario: Sendable {
         /// `beforeStep` run meanwhile; the runner waits if they finish sooner), e.g. to hold a pause
         /// past the failure detector's dead-after time.
         public var afterMillis: Int
+        /// What a `degrade` gives the target's host link.
+        public var network: LinkProfile?
     }
+
+    /// Whether a fault changes hosts' links (`degrade`, `restore`), so the scenario needs `--hosts`.
+    public var changesLinks: Bool { faults.contains { [.degrade, .restore].contains($0.action) } }
 
     public var name: String
     public var workers: Int
@@ -138,7 +149,7 @@ public struct ChaosScenario: Sendable {
                 throw ChaosError("\(source): faults[\(index)] must be a mapping {beforeStep, action, target}")
             }
             let fault = Fields(map, source: source, path: "faults[\(index)].")
-            try fault.only(["beforeStep", "action", "target", "afterMillis"])
+            try fault.only(["beforeStep", "action", "target", "afterMillis", "network"])
             let actionName = try fault.string("action", default: "")
             guard let action = Action(rawValue: actionName) else {
                 throw ChaosError(
@@ -161,18 +172,28 @@ public struct ChaosScenario: Sendable {
                         + "worker id (worker-N)"
                 )
             }
-            if target == .coordinator, ![.restart, .pause, .resume].contains(action) {
+            if target == .coordinator, ![.restart, .pause, .resume, .degrade, .restore].contains(action) {
                 throw ChaosError(
-                    "\(source): faults[\(index)]: the coordinator can only be restarted, paused or resumed (action: "
-                        + "restart, pause or resume)"
+                    "\(source): faults[\(index)]: the coordinator can only be restarted, paused, resumed, degraded or "
+                        + "restored (action: restart, pause, resume, degrade or restore)"
                 )
+            }
+            var network: LinkProfile?
+            if action == .degrade {
+                let spec = try fault.string("network", default: "")
+                do { network = try NetworkSettings().merging(spec).link() } catch {
+                    throw ChaosError("\(source): faults[\(index)].network: \(error) (e.g. delay=50ms,loss=2%)")
+                }
+            } else if map["network"] != nil {
+                throw ChaosError("\(source): faults[\(index)].network belongs to a degrade fault only")
             }
             scenario.faults.append(
                 Fault(
                     beforeStep: try fault.int("beforeStep", default: 0, in: 0...(scenario.decodeTokens - 1)),
                     action: action,
                     target: target,
-                    afterMillis: try fault.int("afterMillis", default: 0, in: 0...600_000)
+                    afterMillis: try fault.int("afterMillis", default: 0, in: 0...600_000),
+                    network: network
                 )
             )
         }

@@ -75,7 +75,9 @@ public struct NetworkSettings: Sendable, Codable, Equatable {
             case .loss: merged.loss = parts[1]
             case .rate: merged.rate = parts[1]
             case .seed:
-                guard let seed = UInt64(parts[1]) else { throw invalid("network.seed", "must be an integer in 0...\(UInt64.max), got \"\(parts[1])\"") }
+                guard let seed = UInt64(parts[1]) else {
+                    throw invalid("network.seed", "must be an integer in 0...\(UInt64.max), got \"\(parts[1])\"")
+                }
                 merged.seed = seed
             }
         }
@@ -188,7 +190,10 @@ public struct LinkProfile: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         var parts: [String] = []
         if delayMicroseconds > 0 || jitterMicroseconds > 0 {
-            parts.append("delay \(Self.milliseconds(delayMicroseconds))" + (jitterMicroseconds > 0 ? " ± \(Self.milliseconds(jitterMicroseconds))" : ""))
+            parts.append(
+                "delay \(Self.milliseconds(delayMicroseconds))"
+                    + (jitterMicroseconds > 0 ? " ± \(Self.milliseconds(jitterMicroseconds))" : "")
+            )
         }
         if lossPercent > 0 { parts.append("loss \(lossPercent)%") }
         if let rateBitsPerSecond { parts.append("rate \(Double(rateBitsPerSecond) / 1e9) Gbit/s") }

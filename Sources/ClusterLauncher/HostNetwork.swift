@@ -23,17 +23,28 @@ public struct HostTopology: Sendable, Equatable {
     public let link: LinkProfile
     /// Seeds the jitter and loss drawn for each packet where ``LinkShaper`` applies them.
     public let seed: UInt64
+    /// Whether links may change while the hosts run (``RunningHosts/shape(host:_:)``): they are
+    /// shaped from the start even when ``link`` changes nothing.
+    public let adjustable: Bool
 
     /// Hosts allowed (a /25 holds the bridge and 64 hosts).
     public static let hostsRange = 1...64
 
-    public init(name: String, subnet: IPv4Subnet, hosts: Int, link: LinkProfile, seed: UInt64 = 1) {
+    public init(
+        name: String,
+        subnet: IPv4Subnet,
+        hosts: Int,
+        link: LinkProfile,
+        seed: UInt64 = 1,
+        adjustable: Bool = false
+    ) {
         precondition(Self.hostsRange.contains(hosts) && hosts + 2 < subnet.size, "\(hosts) hosts in \(subnet)")
         self.name = name
         self.subnet = subnet
         self.hosts = hosts
         self.link = link
         self.seed = seed
+        self.adjustable = adjustable
     }
 
     /// The bridge every host's link joins; this namespace reaches the hosts through its address.
@@ -86,35 +97,45 @@ public struct HostTopology: Sendable, Equatable {
     /// The `tc` commands that shape every sending side: with netem, all of the profile; without it, the
     /// rate alone (`tbf`), delay, jitter and loss being left to ``LinkShaper``.
     public func shaping(netem: Bool) -> [[String]] {
-        let discipline: [String]
-        if netem {
-            guard !link.isTransparent else { return [] }
-            discipline = ["netem"] + link.netemArguments
-        } else {
-            guard let rate = link.rateBitsPerSecond else { return [] }
-            // A bucket of 10 ms at the rate (at least 64 KiB, one offloaded TCP segment) and 50 ms of queue.
-            let burst = max(rate / 8 / 100, 65_536)
-            discipline = ["tbf", "rate", "\(rate)bit", "burst", "\(burst)", "latency", "50ms"]
-        }
+        guard let discipline = Self.discipline(link, netem: netem, always: adjustable) else { return [] }
         return sendingSides.map { side in
             ["tc"] + (side.namespace.map { ["-n", $0] } ?? []) + ["qdisc", "add", "dev", side.device, "root"]
                 + discipline
         }
     }
 
+    /// The queueing discipline that applies `link` (with netem: all of it; without: its rate), or nil
+    /// when none is needed (unless `always`, with netem).
+    static func discipline(_ link: LinkProfile, netem: Bool, always: Bool = false) -> [String]? {
+        if netem {
+            guard !link.isTransparent || always else { return nil }
+            return ["netem"] + (link.isTransparent ? ["delay", "0us"] : link.netemArguments)
+        }
+        guard let rate = link.rateBitsPerSecond else { return nil }
+        // A bucket of 10 ms at the rate (at least 64 KiB, one offloaded TCP segment) and 50 ms of queue.
+        return ["tbf", "rate", "\(rate)bit", "burst", "\(max(rate / 8 / 100, 65_536))", "latency", "50ms"]
+    }
+
     /// Whether delay, jitter or loss need ``LinkShaper`` (on a kernel without netem).
-    var needsShaper: Bool { link.delayMicroseconds > 0 || link.jitterMicroseconds > 0 || link.lossPercent > 0 }
+    var needsShaper: Bool {
+        adjustable || link.delayMicroseconds > 0 || link.jitterMicroseconds > 0 || link.lossPercent > 0
+    }
 
     /// The NFQUEUE number this namespace's shaped traffic goes to (each host's is 0, in its own namespace).
     var bridgeQueue: UInt16 { UInt16(1_000 + (Int(name.dropFirst(2)) ?? 0) % 60_000) }
 
-    /// The iptables rules that send what each side sends to its queue; the one in this namespace is
-    /// marked with ``name`` so that it is found and removed by name.
+    /// The iptables rules that send what each side receives to its queue; the one in this namespace
+    /// is marked with ``name`` so that it is found and removed by name.
+    ///
+    /// Held on the receiving side, not the sending one: until a packet leaves its sender's veth it
+    /// counts against the sending socket's TCP small-queue limit, so holding it there for a delay
+    /// capped each connection at that limit per delay (80 MB/s at 2 ms, measured), a cap no real
+    /// link has. Every packet between two of them is still held once.
     var queueRules: [[String]] {
-        let rule = ["iptables", "-w", "-t", "mangle", "-A", "OUTPUT"]
+        let rule = ["iptables", "-w", "-t", "mangle", "-A", "INPUT"]
         let bypass = ["-j", "NFQUEUE", "--queue-bypass", "--queue-num"]
-        return [rule + ["-o", bridge, "-m", "comment", "--comment", name] + bypass + ["\(bridgeQueue)"]]
-            + (1...hosts).map { ["ip", "netns", "exec", namespace($0)] + rule + ["-o", "eth0"] + bypass + ["0"] }
+        return [rule + ["-i", bridge, "-m", "comment", "--comment", name] + bypass + ["\(bridgeQueue)"]]
+            + (1...hosts).map { ["ip", "netns", "exec", namespace($0)] + rule + ["-i", "eth0"] + bypass + ["0"] }
     }
 }
 
@@ -130,7 +151,7 @@ public enum HostNetwork {
         _ topology: HostTopology,
         binary: FilePath,
         logger: Logger,
-        _ body: @Sendable () async throws -> T
+        _ body: @Sendable (RunningHosts) async throws -> T
     ) async throws -> T {
         var platform = PlatformOptions()
         platform.createSession = true
@@ -144,9 +165,9 @@ public enum HostNetwork {
         ) { execution -> Result<T, any Error> in
             let result: Result<T, any Error>
             do {
-                let shaper = try await create(topology, logger: logger)
-                do { result = .success(try await body()) } catch { result = .failure(error) }
-                shaper?.stop()
+                let hosts = try await create(topology, logger: logger)
+                do { result = .success(try await body(hosts)) } catch { result = .failure(error) }
+                hosts.shaper?.stop()
                 await remove(named: topology.name, logger: logger)
             } catch {
                 result = .failure(error)
@@ -161,7 +182,7 @@ public enum HostNetwork {
     /// Makes `topology`; returns the shaper its links need on a kernel without netem (stop it before
     /// removing the topology). On any failure removes whatever was made and throws a
     /// ``HostSetupError`` that names the command and what it answered.
-    public static func create(_ topology: HostTopology, logger: Logger) async throws(HostSetupError) -> LinkShaper? {
+    public static func create(_ topology: HostTopology, logger: Logger) async throws(HostSetupError) -> RunningHosts {
         let shaping: (netem: Bool, shaper: LinkShaper?)
         do {
             shaping = try await make(topology)
@@ -170,16 +191,19 @@ public enum HostNetwork {
             throw HostSetupError(description: "\(error)")
         }
         let link = topology.link
+        let shapers = shaping.netem ? ["netem"] : [
+            link.rateBitsPerSecond == nil ? nil : "tbf",
+            shaping.shaper == nil ? nil : "NFQUEUE (seed \(topology.seed))",
+        ].compactMap { $0 }
         logger.info(
             "hosts made",
             metadata: [
                 "hosts": "\(topology.hosts)", "subnet": "\(topology.subnet)", "bridge": "\(topology.bridge)",
                 "link": "\(link)",
-                "shaped by":
-                    "\(link.isTransparent ? "nothing" : shaping.netem ? "netem" : "tbf and NFQUEUE, seed \(topology.seed)")",
+                "shaped by": "\(shapers.isEmpty ? "nothing" : shapers.joined(separator: " and "))",
             ]
         )
-        return shaping.shaper
+        return RunningHosts(topology: topology, shaper: shaping.shaper, netem: shaping.netem)
     }
 
     private static func make(_ topology: HostTopology) async throws -> (netem: Bool, shaper: LinkShaper?) {
@@ -190,7 +214,7 @@ public enum HostNetwork {
             )
         }
         for command in topology.creation { try await run(command) }
-        guard !topology.link.isTransparent else { return (false, nil) }
+        guard !topology.link.isTransparent || topology.adjustable else { return (false, nil) }
         let netem = topology.shaping(netem: true)
         do {
             try await run(netem[0])
@@ -210,7 +234,11 @@ public enum HostNetwork {
             for queue in queues { close(queue.socket) }
             throw error
         }
-        let shaper = try LinkShaper(queues: queues, link: topology.link, seed: topology.seed)
+        let shaper = try LinkShaper(
+            queues: queues,
+            links: [LinkProfile](repeating: topology.link, count: queues.count),
+            seed: topology.seed
+        )
         do {
             for rule in topology.queueRules { try await run(rule) }
         } catch {
@@ -218,12 +246,6 @@ public enum HostNetwork {
             throw error
         }
         return (false, shaper)
-    }
-
-    /// Takes host `host`'s link down (a partition the kernel enforces: nothing reaches or leaves the
-    /// host) or brings it back up.
-    public static func setLink(_ topology: HostTopology, host: Int, up: Bool) async throws {
-        try await run(["ip", "-n", topology.namespace(host), "link", "set", "eth0", up ? "up" : "down"])
     }
 
     /// The first /24 of 10.213.0.0 … 10.250.255.0 that no address or route on this machine overlaps,
@@ -245,7 +267,7 @@ public enum HostNetwork {
     public static func remove(named name: String, logger: Logger) async {
         do {
             // No iptables here: no rule either (the hosts were shaped by netem or not at all).
-            let rules = (try? await run(["iptables", "-w", "-t", "mangle", "-S", "OUTPUT"])) ?? ""
+            let rules = (try? await run(["iptables", "-w", "-t", "mangle", "-S"])) ?? ""
             for rule in rules.split(separator: "\n") where rule.split(separator: " ").contains(Substring(name)) {
                 let words = rule.split(separator: " ").map(String.init)
                 try await run(["iptables", "-w", "-t", "mangle", "-D"] + words.dropFirst())
@@ -332,6 +354,45 @@ public enum HostNetwork {
             throw LaunchError("`\(command.joined(separator: " "))` failed (\(result.terminationStatus)): \(answer)")
         }
         return result.standardOutput
+    }
+}
+
+/// Hosts made by ``HostNetwork/withHosts(_:binary:logger:_:)``: their plan, and the means to change
+/// their links while they run.
+public final class RunningHosts: Sendable {
+    public let topology: HostTopology
+    let shaper: LinkShaper?
+    /// Whether netem shapes the links (else tbf and ``LinkShaper``).
+    let netem: Bool
+
+    init(topology: HostTopology, shaper: LinkShaper?, netem: Bool) {
+        self.topology = topology
+        self.shaper = shaper
+        self.netem = netem
+    }
+
+    /// Takes host `host`'s link down (a partition the kernel enforces: nothing reaches or leaves the
+    /// host) or brings it back up.
+    public func setLink(host: Int, up: Bool) async throws {
+        try await HostNetwork.run(["ip", "-n", topology.namespace(host), "link", "set", "eth0", up ? "up" : "down"])
+    }
+
+    /// From now on host `host` sends as `link` says (a latency spike, a loss burst); `nil` gives it
+    /// the topology's link again. Needs an ``HostTopology/adjustable`` topology.
+    public func shape(host: Int, _ link: LinkProfile?) async throws {
+        guard topology.adjustable else {
+            throw LaunchError("the hosts' links were made fixed; make the topology adjustable to change them")
+        }
+        let link = link ?? topology.link
+        let qdisc = ["tc", "-n", topology.namespace(host), "qdisc"]
+        if let discipline = HostTopology.discipline(link, netem: netem, always: true) {
+            try await HostNetwork.run(qdisc + ["replace", "dev", "eth0", "root"] + discipline)
+        } else {
+            // No rate any more: the default queue again (there may have been none to delete).
+            _ = try? await HostNetwork.run(qdisc + ["del", "dev", "eth0", "root"])
+        }
+        // Queue 0 is the bridge's, queue K host K's.
+        shaper?.setLink(host, link)
     }
 }
 

@@ -22,14 +22,23 @@ public final class LinkShaper: Sendable {
 
     private let stopPipe: (read: Int32, write: Int32)
     private let thread: pthread_t
+    private let links: Links
 
-    /// Binds `queues` (already open, see ``open(queue:)``) and starts the thread that shapes them.
-    init(queues: [Queue], link: LinkProfile, seed: UInt64) throws {
+    /// Starts the thread that shapes `queues` (already open, see ``open(queue:)``), each by its own
+    /// entry of `links`.
+    init(queues: [Queue], links: [LinkProfile], seed: UInt64) throws {
         var ends: [Int32] = [0, 0]
         guard pipe(&ends) == 0 else { throw LaunchError("cannot make a pipe: errno \(errno)") }
         stopPipe = (ends[0], ends[1])
-        let loop = ShapingLoop(queues: queues, link: link, seed: seed, stop: ends[0])
-        thread = try startThread { loop.run() }
+        let loop = ShapingLoop(queues: queues, seed: seed, stop: ends[0])
+        let shared = Links(links)
+        self.links = shared
+        thread = try startThread { loop.run(shared) }
+    }
+
+    /// What queue `index` does to packets from now on (a latency spike, a loss burst, and back).
+    func setLink(_ index: Int, _ link: LinkProfile) {
+        links.table.withLock { $0[index] = link }
     }
 
     /// Lets every held packet go, closes the queues and joins the thread.
@@ -86,24 +95,28 @@ public final class LinkShaper: Sendable {
     static let queueLength = 10_000
 }
 
+/// Each queue's profile, changed by callers and read by the shaper thread.
+private final class Links: Sendable {
+    let table: Mutex<[LinkProfile]>
+    init(_ links: [LinkProfile]) { table = Mutex(links) }
+}
+
 /// The shaper thread's state: held packets in the order they are due.
 private final class ShapingLoop: @unchecked Sendable {
     // Touched only by the shaper thread once it runs.
     private let queues: [LinkShaper.Queue]
-    private let link: LinkProfile
     private var random: SplitMix64
     private let stop: Int32
     /// (due in ns of CLOCK_MONOTONIC, queue index, packet id), sorted by due.
     private var held: [(due: UInt64, queue: Int, id: UInt32)] = []
 
-    init(queues: [LinkShaper.Queue], link: LinkProfile, seed: UInt64, stop: Int32) {
+    init(queues: [LinkShaper.Queue], seed: UInt64, stop: Int32) {
         self.queues = queues
-        self.link = link
         self.random = SplitMix64(state: seed)
         self.stop = stop
     }
 
-    func run() {
+    func run(_ links: Links) {
         var fds = queues.map { pollfd(fd: $0.socket, events: Int16(POLLIN), revents: 0) }
         fds.append(pollfd(fd: stop, events: Int16(POLLIN), revents: 0))
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
@@ -120,7 +133,9 @@ private final class ShapingLoop: @unchecked Sendable {
                 _ = Self.ppoll(&fds, nfds_t(fds.count), nil, nil)
             }
             if fds.last!.revents != 0 { break }
-            for index in queues.indices where fds[index].revents != 0 { receive(index, &buffer) }
+            for index in queues.indices where fds[index].revents != 0 {
+                receive(index, links.table.withLock { $0[index] }, &buffer)
+            }
             release(upTo: Self.now())
         }
         release(upTo: .max)
@@ -128,7 +143,7 @@ private final class ShapingLoop: @unchecked Sendable {
     }
 
     /// Reads every packet notice waiting on queue `index`: drops the lost ones, holds the rest.
-    private func receive(_ index: Int, _ buffer: inout [UInt8]) {
+    private func receive(_ index: Int, _ link: LinkProfile, _ buffer: inout [UInt8]) {
         var dropped: [UInt8] = []
         while true {
             let count = buffer.withUnsafeMutableBytes {

@@ -42,7 +42,7 @@ public final class LocalCluster: Sendable {
     /// The workers now running, in node-id order (`worker-1`, …).
     public var workers: [Process] { processes.withLock { $0.workers } }
     /// The hosts the processes run on (`nil`: all on 127.0.0.1).
-    public var hosts: HostTopology? { options.hosts }
+    public var hosts: RunningHosts? { options.hosts }
     /// Every process started so far, restarted ones included (to check none is left behind).
     public var everyPID: [Int32] { started.withLock { $0 } }
     private let started = Mutex<[Int32]>([])
@@ -83,13 +83,13 @@ public final class LocalCluster: Sendable {
         public var toleratesWorkerExits = false
         /// How the processes authenticate each other (default: mutual TLS with a throw-away CA).
         public var security = Security.throwawayCA
-        /// The hosts to run on, made beforehand (``HostNetwork/create(_:logger:)``): each process on
-        /// its host's address in its host's namespace. `nil`: every process on 127.0.0.1.
-        public var hosts: HostTopology?
+        /// The hosts to run on, made beforehand (``HostNetwork/withHosts(_:binary:logger:_:)``): each
+        /// process on its host's address in its host's namespace. `nil`: every process on 127.0.0.1.
+        public var hosts: RunningHosts?
 
         /// The address node `nodeID` listens on.
         func address(of nodeID: String) -> String {
-            hosts.map { $0.address($0.host(of: nodeID)) } ?? "127.0.0.1"
+            hosts.map { $0.topology.address($0.topology.host(of: nodeID)) } ?? "127.0.0.1"
         }
 
         public init(
@@ -399,8 +399,8 @@ public final class LocalCluster: Sendable {
                     .fileDescriptor(try FileDescriptor.open("/dev/null", .writeOnly), closeAfterSpawningProcess: true)
                 }
             // On a host, `ip netns exec` enters its namespace and execs the binary (same pid).
-            let command = options.hosts.map {
-                ["netns", "exec", $0.namespace($0.host(of: name)), options.binary.string]
+            let command = options.hosts.map { hosts in
+                ["netns", "exec", hosts.topology.namespace(hosts.topology.host(of: name)), options.binary.string]
             }
             return try await run(
                 command == nil ? .path(options.binary) : .name("ip"),

@@ -256,7 +256,9 @@ struct BenchOptions: ParsableArguments {
         }
         if let coordinator {
             guard local == nil else { throw usageFailure("give --coordinator or --local, not both") }
-            guard hosts.hosts == nil else { throw usageFailure("--hosts starts a cluster on hosts; give it with --local") }
+            guard hosts.hosts == nil else {
+                throw usageFailure("--hosts starts a cluster on hosts; give it with --local")
+            }
             let address: NodeAddress
             do { address = try NodeAddress(parsing: coordinator) } catch {
                 throw usageFailure("--coordinator: \(error.message)")
@@ -285,14 +287,16 @@ struct BenchOptions: ParsableArguments {
         ]
         launch.workerArguments = ["--storage", dtype]
         if security.transport.insecure { launch.security = .insecure }
-        launch.hosts = try await hosts.topology()
+        let topology = try await hosts.topology()
         Terminal.error(
             "[tessera] starting a local cluster: coordinator + \(workers) workers"
-                + (launch.hosts.map { " on \($0.hosts) hosts, links \($0.link)" } ?? "") + "\n"
+                + (topology.map { " on \($0.hosts) hosts, links \($0.link)" } ?? "") + "\n"
         )
         let options = launch
-        return try await hosts.run(on: options.hosts, logger: logger) {
-            try await LocalCluster.withCluster(options, logger: logger) { cluster in
+        return try await hosts.run(on: topology, logger: logger) { running in
+            var options = options
+            options.hosts = running
+            return try await LocalCluster.withCluster(options, logger: logger) { cluster in
                 try await LoadRunner.run(
                     plan,
                     coordinator: cluster.coordinator,

@@ -52,16 +52,19 @@ struct ChaosCommand: AsyncParsableCommand {
             "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
                 + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n"
         )
-        let topology = try await hosts.topology()
+        guard !loaded.changesLinks || hosts.hosts != nil else {
+            throw usageFailure("--scenario \(scenario): degrade and restore change hosts' links; give --hosts")
+        }
+        let topology = try await hosts.topology(adjustable: loaded.changesLinks)
         let logger = Logger(label: "tessera.chaos")
         let childLogLevel = logLevel
-        let report = try await hosts.run(on: topology, logger: logger) {
+        let report = try await hosts.run(on: topology, logger: logger) { running in
             try await ChaosRunner.run(
                 loaded,
                 binary: LocalCluster.currentBinary,
                 logger: logger,
                 childLogLevel: childLogLevel,
-                hosts: topology
+                hosts: running
             ) { Terminal.error("[tessera] \($0)\n") }
         }
         let faults = report.faults.map { "\($0.action) \($0.worker) before step \($0.beforeStep)" }.joined(

@@ -90,9 +90,12 @@ struct ClusterCommand: AsyncParsableCommand {
             case (nil, false):
                 options.security = .throwawayCA
             }
-            options.hosts = try await hosts.topology(settings.network)
-            let launch = options
-            @Sendable func serve() async throws {
+            let topology = try await hosts.topology(settings.network)
+            let configured = options
+            @Sendable func serve(on running: RunningHosts?) async throws {
+                var options = configured
+                options.hosts = running
+                let launch = options
                 try await runServices(
                     [
                         ClosureService {
@@ -102,7 +105,7 @@ struct ClusterCommand: AsyncParsableCommand {
                                     "{\"id\":\(jsonString(worker.nodeID)),\"address\":\(jsonString(worker.address.description)),"
                                         + "\"pid\":\(worker.pid),\"adminPort\":\(worker.adminPort)}"
                                 }.joined(separator: ",")
-                                let network = launch.hosts.map {
+                                let network = topology.map {
                                     ",\"hosts\":{\"name\":\(jsonString($0.name)),\"subnet\":\(jsonString($0.subnet.description)),"
                                         + "\"bridge\":\(jsonString($0.bridgeAddress))}"
                                 }
@@ -122,7 +125,7 @@ struct ClusterCommand: AsyncParsableCommand {
                     logger: logger
                 )
             }
-            try await hosts.run(on: launch.hosts, logger: logger, serve)
+            try await hosts.run(on: topology, logger: logger, serve)
         }
     }
 

@@ -30,7 +30,7 @@ struct HostOptions: ParsableArguments {
     var network: String?
 
     /// The hosts asked for, checked before anything is made; nil without `--hosts`.
-    func topology(_ configured: NetworkSettings = .defaults) async throws -> HostTopology? {
+    func topology(_ configured: NetworkSettings = .defaults, adjustable: Bool = false) async throws -> HostTopology? {
         guard let hosts else {
             if network != nil { throw usageFailure("--network shapes the links between hosts; give --hosts too") }
             return nil
@@ -38,35 +38,44 @@ struct HostOptions: ParsableArguments {
         guard HostTopology.hostsRange.contains(hosts) else {
             throw usageFailure("--hosts must be in \(HostTopology.hostsRange), got \(hosts)")
         }
+        let settings: NetworkSettings
+        let link: LinkProfile
+        var subnet: IPv4Subnet?
+        do {
+            settings = try network.map { try configured.merging($0) } ?? configured
+            link = try settings.link()
+            subnet = try settings.subnetRange()
+        } catch {
+            throw usageFailure("\(error)")
+        }
         guard geteuid() == 0 else {
             throw usageFailure(
                 "--hosts makes network namespaces, veth links and a bridge, which needs root; run as root, "
                     + "or leave --hosts out to run every process on 127.0.0.1"
             )
         }
-        do {
-            let settings = try network.map { try configured.merging($0) } ?? configured
-            var subnet = try settings.subnetRange()
-            if subnet == nil { subnet = try await HostNetwork.freeSubnet(seed: Int(getpid())) }
-            return HostTopology(
-                name: "ts\(getpid())",
-                subnet: subnet!,
-                hosts: hosts,
-                link: try settings.link(),
-                seed: settings.seed ?? .random(in: 1...UInt64.max)
-            )
-        } catch {
-            throw usageFailure("\(error)")
+        if subnet == nil {
+            do { subnet = try await HostNetwork.freeSubnet(seed: Int(getpid())) } catch {
+                throw usageFailure("\(error)")
+            }
         }
+        return HostTopology(
+            name: "ts\(getpid())",
+            subnet: subnet!,
+            hosts: hosts,
+            link: link,
+            seed: settings.seed ?? .random(in: 1...UInt64.max),
+            adjustable: adjustable
+        )
     }
 
     /// Runs `body` on `topology`'s hosts (made before, removed after), or as is without them.
     func run<T: Sendable>(
         on topology: HostTopology?,
         logger: Logger,
-        _ body: @Sendable () async throws -> T
+        _ body: @Sendable (RunningHosts?) async throws -> T
     ) async throws -> T {
-        guard let topology else { return try await body() }
+        guard let topology else { return try await body(nil) }
         do {
             return try await HostNetwork.withHosts(topology, binary: LocalCluster.currentBinary, logger: logger, body)
         } catch let error as HostSetupError {

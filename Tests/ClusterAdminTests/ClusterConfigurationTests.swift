@@ -336,7 +336,8 @@ struct ClusterConfigurationTests {
         "an unknown key is an error naming it and the allowed keys",
         arguments: [
             (
-                "verbose: true\n", "verbose", "unknown key verbose; the top level allows: coordinator, worker, cluster",
+                "verbose: true\n", "verbose",
+                "unknown key verbose; the top level allows: coordinator, worker, cluster, network",
                 1
             ),
             (
