@@ -129,7 +129,7 @@ public struct HostTopology: Sendable, Equatable {
     ///
     /// Held on the receiving side, not the sending one: until a packet leaves its sender's veth it
     /// counts against the sending socket's TCP small-queue limit, so holding it there for a delay
-    /// capped each connection at that limit per delay (80 MB/s at 2 ms, measured), a cap no real
+    /// capped each connection at that limit per delay, a cap no real
     /// link has. Every packet between two of them is still held once.
     var queueRules: [[String]] {
         let rule = ["iptables", "-w", "-t", "mangle", "-A", "INPUT"]
@@ -191,10 +191,13 @@ public enum HostNetwork {
             throw HostSetupError(description: "\(error)")
         }
         let link = topology.link
-        let shapers = shaping.netem ? ["netem"] : [
-            link.rateBitsPerSecond == nil ? nil : "tbf",
-            shaping.shaper == nil ? nil : "NFQUEUE (seed \(topology.seed))",
-        ].compactMap { $0 }
+        let shapers =
+            shaping.netem
+            ? ["netem"]
+            : [
+                link.rateBitsPerSecond == nil ? nil : "tbf",
+                shaping.shaper == nil ? nil : "NFQUEUE (seed \(topology.seed))",
+            ].compactMap { $0 }
         logger.info(
             "hosts made",
             metadata: [

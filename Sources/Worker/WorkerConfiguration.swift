@@ -8,6 +8,9 @@ public struct WorkerConfiguration: Sendable {
     /// Distinguishes a restarted worker from its previous life.
     public var incarnation: UInt64
     public var listen: NodeAddress
+    /// The host the coordinator tells clients and peers to reach this worker by (a pod's IP behind a
+    /// listener on 0.0.0.0); the listen host when nil.
+    public var advertisedHost: String?
     public var coordinator: NodeAddress
     public var maxFrameBytes: Int
     public var storage: ScalarType
@@ -30,8 +33,10 @@ public struct WorkerConfiguration: Sendable {
         storage: ScalarType = .float32,
         memoryCapacityBytes: UInt64 = 8 << 30,
         heartbeatInterval: Duration = .milliseconds(250),
-        faults: FaultInjector? = nil
+        faults: FaultInjector? = nil,
+        advertisedHost: String? = nil
     ) {
+        self.advertisedHost = advertisedHost
         self.nodeID = nodeID
         self.incarnation = incarnation
         self.listen = listen

@@ -147,7 +147,7 @@ public final class WorkerService: Sendable {
                 ) { connection in
                     var register = Tessera_V1_RegisterWorker()
                     register.endpoint.nodeID = self.configuration.nodeID
-                    register.endpoint.host = self.configuration.listen.host
+                    register.endpoint.host = self.configuration.advertisedHost ?? self.configuration.listen.host
                     register.endpoint.port = UInt32(port)
                     register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes

@@ -12,7 +12,9 @@ struct ChaosCommand: AsyncParsableCommand {
             its sequences, decodes them in lockstep and applies each fault before its step: kill, pause, \
             resume, terminate (SIGKILL, SIGSTOP, SIGCONT, SIGTERM), restart (a new process with the same \
             node id; the coordinator on the same port), partition and heal (fault plans set on the \
-            admin endpoints: the coordinator and the worker drop each other's frames), aimed at the \
+            admin endpoints: the coordinator and the worker drop each other's frames; with --hosts, the \
+            worker's host link goes down and up), degrade and restore (with --hosts only: the host link \
+            gets the fault's `network` profile, then the cluster's again), aimed at the \
             primary or a replica of sequence 0's first shard, the previously hit worker, a worker by id \
             or the coordinator (restart, pause, resume); a fault's afterMillis holds it back until that \
             long after the previous one. Then it checks: sequences lost (0, each with its reason), \
@@ -48,14 +50,14 @@ struct ChaosCommand: AsyncParsableCommand {
         guard levels.contains(logLevel) else {
             throw usageFailure("unknown --log-level '\(logLevel)'; allowed: \(levels.joined(separator: ", "))")
         }
-        Terminal.error(
-            "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
-                + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n"
-        )
         guard !loaded.changesLinks || hosts.hosts != nil else {
             throw usageFailure("--scenario \(scenario): degrade and restore change hosts' links; give --hosts")
         }
         let topology = try await hosts.topology(adjustable: loaded.changesLinks)
+        Terminal.error(
+            "[tessera] chaos \(loaded.name): \(loaded.workers) workers, replication \(loaded.replication), "
+                + "\(loaded.sequences) sequences × \(loaded.decodeTokens) steps, \(loaded.faults.count) fault(s)\n"
+        )
         let logger = Logger(label: "tessera.chaos")
         let childLogLevel = logLevel
         let report = try await hosts.run(on: topology, logger: logger) { running in

@@ -21,6 +21,15 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "Address to listen on for clients, host:port (port 0 picks a free port).")
     var listen = "127.0.0.1:0"
 
+    @Option(
+        help: ArgumentHelp(
+            "The host clients and other workers reach this worker by (needed when --listen is on 0.0.0.0 or ::, "
+                + "e.g. a pod's IP); default: the --listen host.",
+            valueName: "host"
+        )
+    )
+    var advertiseHost: String?
+
     @Option(help: "This worker's node id (unique in the cluster).")
     var nodeID = "worker-\(getpid())"
 
@@ -43,6 +52,14 @@ struct WorkerCommand: AsyncParsableCommand {
         } catch {
             throw usageFailure(error.message)
         }
+        if advertiseHost == nil, ["0.0.0.0", "::", "[::]"].contains(listenAddress.host) {
+            throw usageFailure(
+                "--listen \(listen) accepts on every interface but names none to register; give --advertise-host"
+            )
+        }
+        if let advertiseHost, advertiseHost.isEmpty || advertiseHost.contains(where: \.isWhitespace) {
+            throw usageFailure("--advertise-host must be a host name or address, got '\(advertiseHost)'")
+        }
         guard let scalar = ScalarType(rawValue: storage) else {
             throw usageFailure("unknown storage '\(storage)'; allowed: f32, f16")
         }
@@ -55,7 +72,8 @@ struct WorkerCommand: AsyncParsableCommand {
                 coordinator: coordinatorAddress,
                 security: try security.security(name: nodeID),
                 storage: scalar,
-                faults: injector
+                faults: injector,
+                advertisedHost: advertiseHost
             ),
             logger: logger
         )

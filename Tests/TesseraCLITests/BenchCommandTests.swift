@@ -25,10 +25,14 @@ import Glibc
         (["chaos", "--scenario", "cluster/scenarios/kill-primary.yaml", "--log-level", "loud"], "allowed: trace"),
         (["chaos", "--scenario", "cluster/scenarios/degrade-primary.yaml"], "give --hosts"),
         (["bench", "--local", "2", "--hosts", "0"], "--hosts must be in 1...64, got 0"),
-        (["bench", "--local", "2", "--hosts", "2", "--network", "dealy=2ms"], "subnet, delay, jitter, loss, rate, seed"),
+        (
+            ["bench", "--local", "2", "--hosts", "2", "--network", "dealy=2ms"],
+            "subnet, delay, jitter, loss, rate, seed"
+        ),
         (["bench", "--network", "delay=2ms"], "give --hosts too"),
         (["bench", "--coordinator", "127.0.0.1:1", "--hosts", "2"], "give it with --local"),
         (["cluster", "up", "--hosts", "2", "--network", "jitter=5ms,delay=1ms"], "at most network.delay"),
+        (["worker", "--coordinator", "127.0.0.1:1", "--listen", "0.0.0.0:0"], "give --advertise-host"),
     ])
     func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
         let result = try await runTessera(arguments)

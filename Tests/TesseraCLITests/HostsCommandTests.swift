@@ -62,14 +62,15 @@ import Glibc
 )
 struct HostsCommandTests {
     /// Hosts on a real bridge: the processes listen on their hosts' addresses, the links carry the
-    /// configured delay (a TCP handshake from here crosses two shaped links), an overlapping range is
-    /// refused, and a SIGKILL of the launcher leaves no namespace, interface or rule behind.
+    /// configured delay (a TCP handshake from here crosses two shaped links), a short load test runs
+    /// across them, an overlapping range is refused, and a SIGKILL of the launcher leaves no
+    /// namespace, interface or rule behind.
     @Test(.timeLimit(.minutes(3)))
     func clusterUpOnHostsIsShapedAndRemovedAfterASIGKILL() async throws {
         let before = try await HostNetwork.namespaces(named: "ts")
         let result = try await run(
             .path(LocalCluster.siblingBinary),
-            arguments: ["cluster", "up", "--workers", "2", "--hosts", "3", "--network", "delay=20ms,seed=5"],
+            arguments: ["cluster", "up", "--workers", "3", "--hosts", "4", "--network", "delay=20ms,seed=5"],
             input: .none,
             output: .sequence,
             error: .discarded
@@ -86,10 +87,21 @@ struct HostsCommandTests {
             let coordinator = try #require(ready.firstMatch(of: /"coordinator":"([0-9.]+):(\d+)"/))
             let address = try #require(IPv4Subnet("\(coordinator.1)/32"))
             #expect(subnet.overlaps(address) && coordinator.1 != "127.0.0.1", "\(ready)")
-            #expect(try await HostNetwork.namespaces(named: name).count == 3)
+            #expect(try await HostNetwork.namespaces(named: name).count == 4)
 
             let handshake = try connectTime(to: String(coordinator.1), port: Int(coordinator.2)!)
             #expect(handshake >= .milliseconds(35), "a TCP handshake across two 20 ms links took \(handshake)")
+
+            let certificates = try #require(ready.firstMatch(of: /"certs":"([^"]+)"/))
+            let bench = try await runTessera([
+                "bench", "--coordinator", "\(coordinator.1):\(coordinator.2)", "--certs", String(certificates.1),
+                "--model", "tiny", "--sequences", "4", "--decode-tokens", "8",
+            ])
+            #expect(bench.status == .exited(0), "\(bench.stderr)")
+            // The row: policy, budget, sequences, …, errors, refusals.
+            let row = try #require(bench.stdout.split(separator: "\n").first { $0.hasPrefix("vl-cache ") })
+            let fields = row.split(separator: " ")
+            #expect(fields[2] == "4" && fields[fields.count - 2] == "0", "\(bench.stdout)")
 
             let clash = try await runTessera(["cluster", "up", "--hosts", "1", "--network", "subnet=\(subnet)"])
             #expect(clash.status == .exited(64), "\(clash.stderr)")
@@ -131,7 +143,10 @@ struct HostsCommandTests {
             "delay=2ms,jitter=1ms,seed=3",
         ])
         #expect(result.status == .exited(0), "\(result.stdout)\n\(result.stderr)")
-        #expect(result.stdout.contains("degrade worker-") && result.stdout.contains("restore worker-"), "\(result.stdout)")
+        #expect(
+            result.stdout.contains("degrade worker-") && result.stdout.contains("restore worker-"),
+            "\(result.stdout)"
+        )
         #expect(result.stdout.contains("result               PASSED"), "\(result.stdout)")
     }
 }
