@@ -96,6 +96,8 @@ extension Tessera_V1_Envelope.OneOf_Body {
         case .heartbeatAck: "heartbeat_ack"
         case .statusRequest: "status_request"
         case .statusReply: "status_reply"
+        case .leaveCluster: "leave_cluster"
+        case .leaveAck: "leave_ack"
         case .openSequence: "open_sequence"
         case .placementRequest: "placement_request"
         case .placement: "placement"
@@ -132,12 +134,14 @@ extension Tessera_V1_Envelope.OneOf_Body {
 
     package var kind: Kind {
         switch self {
-        case .hello, .registerWorker, .heartbeat, .statusRequest, .openSequence, .placementRequest, .close,
+        case .hello, .registerWorker, .heartbeat, .leaveCluster, .statusRequest, .openSequence, .placementRequest,
+            .close,
             .shardAssignment, .assignBudget, .prefill, .decode, .copyShard, .shardTransfer:
             .request
         case .layerStats, .placementMoved:
             .oneWay
-        case .helloAck, .error, .registerAck, .heartbeatAck, .statusReply, .placement, .closeAck, .shardAssignmentAck,
+        case .helloAck, .error, .registerAck, .heartbeatAck, .leaveAck, .statusReply, .placement, .closeAck,
+            .shardAssignmentAck,
             .budgetApplied, .prefillAck, .decodeResult, .copyShardAck, .shardTransferAck:
             .reply
         }

@@ -64,6 +64,21 @@ struct CoordinatorHandler: EnvelopeHandler {
             ack.sequenceNumber = message.sequenceNumber
             if let view = await state.view() { ack.view = view }
             return .heartbeatAck(ack)
+        case .leaveCluster(let message):
+            // A worker that is told to stop: its shards move to their other copies now, not after the
+            // dead-after time. It can only ever leave itself (the node is the connection's).
+            try peer.require(.worker, for: request)
+            var ack = Tessera_V1_LeaveAck()
+            if let change = await state.leave(NodeID(peer.nodeID), incarnation: message.incarnation) {
+                Counter(label: TesseraMetrics.memberTransitionsTotal, dimensions: [("state", change.to.rawValue)])
+                    .increment()
+                coordinator.logger.info(
+                    "membership changed",
+                    metadata: ["peer.id": "\(change.nodeID)", "to": "\(change.to)", "reason": "left"]
+                )
+                ack.sequencesMoved = UInt32(await coordinator.failOver(dead: [change.nodeID]))
+            }
+            return .leaveAck(ack)
         case .layerStats(let message):
             try peer.require(.worker, for: request)
             let sequence = try await state.sequence(message.sequenceID, tenant: nil)

@@ -227,8 +227,9 @@ public final class CoordinatorService: Sendable {
     /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
     /// and epoch, and pushes the new placement to the clients watching the sequence. A compressed
     /// sequence's copies all hold its budget already; one whose assignment is in flight has it
-    /// retried at the new epoch if it missed a copy.
-    func failOver(dead: Set<NodeID>, only sequences: Set<UInt64>? = nil) async {
+    /// retried at the new epoch if it missed a copy. Returns how many sequences moved.
+    @discardableResult
+    func failOver(dead: Set<NodeID>, only sequences: Set<UInt64>? = nil) async -> Int {
         let (moved, lost) = await state.failOver(dead: dead, only: sequences)
         Counter(label: TesseraMetrics.failoversTotal).increment(by: Int64(moved.count))
         Counter(label: TesseraMetrics.lostSequencesTotal).increment(by: Int64(lost.count))
@@ -264,6 +265,7 @@ public final class CoordinatorService: Sendable {
                 }
             }
         }
+        return moved.count
     }
 
     /// Tells every holder of each shard its part of the sequence (role, replicas, epoch): before the

@@ -580,6 +580,13 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
     }
 
+    /// A worker's own notice that this incarnation stops (`LeaveCluster`): declared dead at once, as
+    /// the detector would after the dead-after time, so that its shards fail over now. Nil, changing
+    /// nothing, when the coordinator knows another incarnation or has declared this one dead already.
+    func leave(_ nodeID: NodeID, incarnation: UInt64) -> MembershipChange? {
+        membership.declareDead(nodeID: nodeID, incarnation: incarnation, now: now)
+    }
+
     func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID, on connection: Link) throws(WireError) {
         let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
         switch outcome {

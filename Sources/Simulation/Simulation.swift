@@ -13,7 +13,8 @@ import Workloads
 
 /// A kind of fault the simulation injects, each undone a while later.
 package enum FaultKind: String, CaseIterable, Sendable, Comparable {
-    /// A worker, or the coordinator, crashes and restarts as a new incarnation.
+    /// A worker, or the coordinator, crashes (a worker half the time stopping as on SIGTERM: it leaves
+    /// the cluster first) and restarts as a new incarnation.
     case crash
     /// Two nodes cannot reach each other: their connections reset, new ones are refused.
     case partition
@@ -487,7 +488,13 @@ private final class World: Sendable {
                 switch kind {
                 case 0 where down.isEmpty:
                     let victim = workers[Int(pick % UInt64(workers.count))]
-                    log("crash \(victim)")
+                    // Half the time a stop as SIGTERM makes it: the worker leaves the cluster first.
+                    if pick >> 40 & 1 == 1, let worker = running[victim]?.worker {
+                        log("stop \(victim), leaving first")
+                        await worker.leave(within: .seconds(5))
+                    } else {
+                        log("crash \(victim)")
+                    }
                     await stop(victim)
                     group.addTask {
                         try? await clock.sleep(for: duration)

@@ -92,7 +92,8 @@ struct Receiver {
             self.work.add(PrefillWork(result))
         case .shardTransfer(let message):
             self.transfer(message, id)
-        case .registerAck, .heartbeatAck, .statusRequest, .placementRequest, .placement, .placementMoved, .close,
+        case .registerAck, .heartbeatAck, .leaveCluster, .leaveAck, .statusRequest, .placementRequest, .placement,
+            .placementMoved, .close,
             .closeAck,
             .shardAssignmentAck, .budgetApplied, .prefillAck, .copyShard, .copyShardAck, .shardTransferAck:
             break  // Ids and counters only: the handlers look them up or add them, converting nothing.

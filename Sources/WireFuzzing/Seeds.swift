@@ -130,6 +130,13 @@ enum Seeds {
         heartbeatAck.sequenceNumber = 99
         add(.heartbeatAck(heartbeatAck))
 
+        var leave = Tessera_V1_LeaveCluster()
+        leave.incarnation = 7
+        add(.leaveCluster(leave))
+        var leaveAck = Tessera_V1_LeaveAck()
+        leaveAck.sequencesMoved = 3
+        add(.leaveAck(leaveAck))
+
         var statusRequest = Tessera_V1_StatusRequest()
         statusRequest.includeSequences = true
         add(.statusRequest(statusRequest))

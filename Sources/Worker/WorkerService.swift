@@ -28,6 +28,8 @@ public final class WorkerService: Sendable {
     private let trimming = Atomic<Bool>(false)
     private let retainedPages = Mutex(RetainedPages())
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
+    /// Set once this incarnation asked to leave: a refusal as dead then ends it instead of a rejoin.
+    private let leaving = Mutex(false)
     private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
     private let peers = Mutex<ConnectionPool?>(nil)
@@ -187,6 +189,8 @@ public final class WorkerService: Sendable {
             } catch is CancellationError {
                 return
             } catch let error as WireError where error.code == .staleEpoch {
+                // After leaving, being dead is the point: this incarnation stops, it does not rejoin.
+                if leaving.withLock({ $0 }) { return }
                 await rejoinEmpty("declared dead by the coordinator (\(error.message))")
                 continue
             } catch {
@@ -194,6 +198,33 @@ public final class WorkerService: Sendable {
             }
             try await network.clock.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(2))
+        }
+    }
+
+    /// Tells the coordinator that this incarnation stops, so that it moves the shards held here to
+    /// their other copies now rather than after its failure detector's dead-after time; returns once
+    /// it has (or after `limit`, or at once without a coordinator). Requests still arriving are
+    /// served meanwhile; writes the new primaries' epochs overtake are refused, and clients retry
+    /// them there.
+    public func leave(within limit: Duration = .seconds(10)) async {
+        leaving.withLock { $0 = true }
+        guard let link = coordinatorLink.withLock({ $0 }) else {
+            logger.warning("stopping without a coordinator to hand the shards over to")
+            return
+        }
+        var message = Tessera_V1_LeaveCluster()
+        message.incarnation = incarnation
+        do {
+            let reply = try await link.request(.leaveCluster(message), timeout: limit)
+            guard case .leaveAck(let ack) = reply else {
+                throw WireError(.internal, "the coordinator answered leave_cluster with \(reply)")
+            }
+            logger.info("left the cluster", metadata: ["sequences.moved": "\(ack.sequencesMoved)"])
+        } catch {
+            logger.warning(
+                "leaving the cluster failed; the coordinator fails the shards over when it notices",
+                metadata: ["error": "\(error)"]
+            )
         }
     }
 

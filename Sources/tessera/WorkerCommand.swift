@@ -85,19 +85,36 @@ struct WorkerCommand: AsyncParsableCommand {
         try await runServices(
             [
                 admin,
-                ClosureService {
-                    try await service.run { port in
-                        printReady([
-                            ("role", jsonString("worker")), ("port", "\(port)"),
-                            ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
-                            ("nodeID", jsonString(id)),
-                        ])
-                    }
+                DrainingWorker(service: service) { port in
+                    printReady([
+                        ("role", jsonString("worker")), ("port", "\(port)"),
+                        ("adminPort", "\(await adminPort.value)"), ("pid", "\(processID)"),
+                        ("nodeID", jsonString(id)),
+                    ])
                 },
             ],
             options: process,
             logger: logger
         )
+    }
+}
+
+/// The worker as a service: told to stop (SIGTERM, SIGINT, its lifeline closing), it first leaves the
+/// cluster, so that the coordinator moves its shards to their other copies at once, then stops.
+struct DrainingWorker: Service {
+    let service: WorkerService
+    let onReady: @Sendable (Int) async -> Void
+
+    func run() async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await service.run(onReady: onReady) }
+            group.addTask {
+                try await gracefulShutdown()
+                await service.leave()
+            }
+            do { try await group.next() } catch is CancellationError {}
+            group.cancelAll()
+        }
     }
 }
 

@@ -159,6 +159,20 @@ struct CoordinatorStateTests {
         #expect(await state.admission.totalBytes == Self.estimate)
     }
 
+    /// `LeaveCluster`: the worker's own incarnation is dead at once and its sequences move; another
+    /// incarnation, or one already dead, changes nothing.
+    @Test func aLeavingWorkerIsDeadAtOnceAndItsSequencesMove() async throws {
+        let state = try await Self.coordinator()
+        let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+        #expect(await state.leave(holders[0], incarnation: 2) == nil)
+        let change = try #require(await state.leave(holders[0], incarnation: 1))
+        #expect(change.to == .dead)
+        #expect(await state.leave(holders[0], incarnation: 1) == nil)
+        let (moved, lost) = await state.failOver(dead: [holders[0]])
+        #expect(moved.map(\.id) == [1] && lost.isEmpty)
+        #expect(moved.allSatisfy { $0.sequence.shards.allSatisfy { !$0.holders.map(\.node).contains(holders[0]) } })
+    }
+
     @Test func aHolderThatDiesConfirmsItsCloses() async throws {
         let time = ManualTime()
         let state = try await Self.coordinator(time: time)

@@ -371,6 +371,38 @@ package nonisolated struct Tessera_V1_HeartbeatAck: Sendable {
   fileprivate var _view: Tessera_V1_MembershipView? = nil
 }
 
+/// Worker -> coordinator, when the worker is told to stop (SIGTERM): hand this incarnation's shards to
+/// their other copies now, as the coordinator would after the failure detector's dead-after time.
+/// Only the worker itself may send it (the connection's certificate names the node).
+package nonisolated struct Tessera_V1_LeaveCluster: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The incarnation that stops; nothing changes if the coordinator knows another or has declared it
+  /// dead already.
+  package var incarnation: UInt64 = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
+/// Coordinator -> worker: the incarnation is out of the cluster, and every other copy of its shards
+/// was told its new role and epoch.
+package nonisolated struct Tessera_V1_LeaveAck: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Sequences moved to a new epoch because the worker held a copy.
+  package var sequencesMoved: UInt32 = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
 /// Any node -> coordinator: describe the cluster.
 package nonisolated struct Tessera_V1_StatusRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -884,6 +916,66 @@ nonisolated extension Tessera_V1_HeartbeatAck: SwiftProtobuf.Message, SwiftProto
   package static func ==(lhs: Tessera_V1_HeartbeatAck, rhs: Tessera_V1_HeartbeatAck) -> Bool {
     if lhs.sequenceNumber != rhs.sequenceNumber {return false}
     if lhs._view != rhs._view {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_LeaveCluster: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".LeaveCluster"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}incarnation\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.incarnation) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.incarnation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.incarnation, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_LeaveCluster, rhs: Tessera_V1_LeaveCluster) -> Bool {
+    if lhs.incarnation != rhs.incarnation {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_LeaveAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".LeaveAck"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequences_moved\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.sequencesMoved) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.sequencesMoved != 0 {
+      try visitor.visitSingularUInt32Field(value: self.sequencesMoved, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_LeaveAck, rhs: Tessera_V1_LeaveAck) -> Bool {
+    if lhs.sequencesMoved != rhs.sequencesMoved {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -118,6 +118,24 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     set {body = .statusReply(newValue)}
   }
 
+  /// Worker -> coordinator: stopping; fail my shards over now.
+  package var leaveCluster: Tessera_V1_LeaveCluster {
+    get {
+      if case .leaveCluster(let v)? = body {return v}
+      return Tessera_V1_LeaveCluster()
+    }
+    set {body = .leaveCluster(newValue)}
+  }
+
+  /// Coordinator -> worker: its shards' other copies have their new roles.
+  package var leaveAck: Tessera_V1_LeaveAck {
+    get {
+      if case .leaveAck(let v)? = body {return v}
+      return Tessera_V1_LeaveAck()
+    }
+    set {body = .leaveAck(newValue)}
+  }
+
   /// Client -> coordinator: admit and place a sequence.
   package var openSequence: Tessera_V1_OpenSequence {
     get {
@@ -310,6 +328,10 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
     case statusRequest(Tessera_V1_StatusRequest)
     /// Coordinator -> requester: the cluster's status.
     case statusReply(Tessera_V1_StatusReply)
+    /// Worker -> coordinator: stopping; fail my shards over now.
+    case leaveCluster(Tessera_V1_LeaveCluster)
+    /// Coordinator -> worker: its shards' other copies have their new roles.
+    case leaveAck(Tessera_V1_LeaveAck)
     /// Client -> coordinator: admit and place a sequence.
     case openSequence(Tessera_V1_OpenSequence)
     /// Client -> coordinator: resend a sequence's placement.
@@ -358,7 +380,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{4}\u{5}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{3}leave_cluster\0\u{3}leave_ack\0\u{4}\u{3}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -482,6 +504,32 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.body = .statusReply(v)
+        }
+      }()
+      case 26: try {
+        var v: Tessera_V1_LeaveCluster?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .leaveCluster(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .leaveCluster(v)
+        }
+      }()
+      case 27: try {
+        var v: Tessera_V1_LeaveAck?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .leaveAck(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .leaveAck(v)
         }
       }()
       case 30: try {
@@ -780,6 +828,14 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
     case .statusReply?: try {
       guard case .statusReply(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+    }()
+    case .leaveCluster?: try {
+      guard case .leaveCluster(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+    }()
+    case .leaveAck?: try {
+      guard case .leaveAck(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
     }()
     case .openSequence?: try {
       guard case .openSequence(let v)? = self.body else { preconditionFailure() }
