@@ -325,7 +325,7 @@ public enum ChaosRunner {
             return target
         case .degrade, .restore:
             guard let hosts = cluster.hosts else { throw ChaosError("\(fault.action.rawValue) needs --hosts") }
-            let host = target.nodeID == "coordinator" ? 1 : hosts.topology.host(of: target.nodeID)
+            let host = hosts.topology.host(of: target.nodeID)
             do { try await hosts.shape(host: host, fault.action == .degrade ? fault.network : nil) } catch {
                 throw ChaosError("cannot \(fault.action.rawValue) \(target.nodeID) (host \(host)): \(error)")
             }

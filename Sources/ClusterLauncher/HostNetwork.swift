@@ -129,8 +129,8 @@ public struct HostTopology: Sendable, Equatable {
     ///
     /// Held on the receiving side, not the sending one: until a packet leaves its sender's veth it
     /// counts against the sending socket's TCP small-queue limit, so holding it there for a delay
-    /// capped each connection at that limit per delay, a cap no real
-    /// link has. Every packet between two of them is still held once.
+    /// capped each connection at that limit per delay, a cap no real link has. Every packet between
+    /// two of them is still held once.
     var queueRules: [[String]] {
         let rule = ["iptables", "-w", "-t", "mangle", "-A", "INPUT"]
         let bypass = ["-j", "NFQUEUE", "--queue-bypass", "--queue-num"]
@@ -179,8 +179,8 @@ public enum HostNetwork {
         return try outcome.closureResult.get()
     }
 
-    /// Makes `topology`; returns the shaper its links need on a kernel without netem (stop it before
-    /// removing the topology). On any failure removes whatever was made and throws a
+    /// Makes `topology`; returns it running, with the shaper its links need on a kernel without netem
+    /// (stop that before removing the topology). On any failure removes whatever was made and throws a
     /// ``HostSetupError`` that names the command and what it answered.
     public static func create(_ topology: HostTopology, logger: Logger) async throws(HostSetupError) -> RunningHosts {
         let shaping: (netem: Bool, shaper: LinkShaper?)
@@ -218,10 +218,8 @@ public enum HostNetwork {
         }
         for command in topology.creation { try await run(command) }
         guard !topology.link.isTransparent || topology.adjustable else { return (false, nil) }
-        let netem = topology.shaping(netem: true)
         do {
-            try await run(netem[0])
-            for command in netem.dropFirst() { try await run(command) }
+            for command in topology.shaping(netem: true) { try await run(command) }
             return (true, nil)
         } catch let error as LaunchError where error.description.contains("qdisc kind is unknown") {
             // This kernel has no netem (CONFIG_NET_SCH_NETEM): the rate by tbf, the rest by NFQUEUE.
@@ -275,10 +273,7 @@ public enum HostNetwork {
                 let words = rule.split(separator: " ").map(String.init)
                 try await run(["iptables", "-w", "-t", "mangle", "-D"] + words.dropFirst())
             }
-            let namespaces = try await run(["ip", "netns", "list"]).split(separator: "\n")
-                .compactMap { $0.split(separator: " ").first.map(String.init) }
-                .filter { $0.hasPrefix("\(name)-h") }
-            for namespace in namespaces {
+            for namespace in try await namespaces(named: "\(name)-h") {
                 let pids = try await run(["ip", "netns", "pids", namespace]).split(separator: "\n")
                 for pid in pids.compactMap({ Int32($0) }) { _ = kill(pid, SIGKILL) }
                 try await run(["ip", "netns", "del", namespace])
@@ -380,8 +375,9 @@ public final class RunningHosts: Sendable {
         try await HostNetwork.run(["ip", "-n", topology.namespace(host), "link", "set", "eth0", up ? "up" : "down"])
     }
 
-    /// From now on host `host` sends as `link` says (a latency spike, a loss burst); `nil` gives it
-    /// the topology's link again. Needs an ``HostTopology/adjustable`` topology.
+    /// From now on host `host`'s link is as `link` says (a latency spike, a loss burst), so every round
+    /// trip with the host crosses it once: netem shapes what the host sends, ``LinkShaper`` what it
+    /// receives. `nil` gives it the topology's link again. Needs an ``HostTopology/adjustable`` topology.
     public func shape(host: Int, _ link: LinkProfile?) async throws {
         guard topology.adjustable else {
             throw LaunchError("the hosts' links were made fixed; make the topology adjustable to change them")

@@ -7,7 +7,7 @@ import Glibc
 #endif
 
 /// Delay, jitter and loss on the hosts' links where the kernel has no netem: an iptables rule sends
-/// every packet a host sends to an NFQUEUE, and this thread holds each one for its delay before
+/// every packet a host receives to an NFQUEUE, and this thread holds each one for its delay before
 /// telling the kernel to let it go (or drops it), as netem's queue would. Jitter draws each packet's
 /// delay uniformly from delay ± jitter, so packets can overtake each other, as under netem.
 ///
