@@ -41,6 +41,8 @@ package final class PeerConnection: Sendable {
         var pending: [UInt64: Slot] = [:]
         var closed = false
         var closeWaiters: [CheckedContinuation<Void, Never>] = []
+        /// The peer's latest request ids, to drop one that arrives again.
+        var requestsSeen = RecentRequestIDs()
 
         /// The next id of this side's parity.
         mutating func takeID() -> UInt64 {
@@ -231,6 +233,18 @@ package final class PeerConnection: Sendable {
                         )
                         continue
                     }
+                    guard state.withLock({ $0.requestsSeen.insert(envelope.requestID) }) else {
+                        Self.unanswered.warning(
+                            "repeated-\(envelope.bodyName)",
+                            "dropped a request that repeats one this connection already carried",
+                            metadata: [
+                                "peer.id": "\(peer)", "type": "\(envelope.bodyName)",
+                                "request.id": "\(envelope.requestID)",
+                            ],
+                            logger: logger
+                        )
+                        continue
+                    }
                     // Waiting for a slot stops reading: the peer's bytes stay in its socket, not here.
                     await requestSlots?.acquire()
                     group.addTask {
@@ -344,5 +358,31 @@ extension Metrics.Timer {
         let elapsed = ContinuousClock.now - start
         let (seconds, attoseconds) = elapsed.components
         recordNanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+}
+
+/// The ids of the last requests a peer sent on one connection. A request that repeats one of them (a
+/// frame delivered twice, or replayed by a faulty peer) is dropped: the first one's answer answers
+/// it, and running it again could repeat its effects or answer out of order. TCP never delivers a
+/// frame twice and senders number requests afresh, so a working peer never meets this.
+struct RecentRequestIDs {
+    /// Ids remembered: far more than `TransportLimits.maxRequestsInFlight`, so a repeat is caught
+    /// while its first is answered and for a while after.
+    static let kept = 1024
+    private var ring: [UInt64] = []
+    private var oldest = 0
+    private var members: Set<UInt64> = []
+
+    /// Remembers `id`; false if it is remembered already.
+    mutating func insert(_ id: UInt64) -> Bool {
+        guard members.insert(id).inserted else { return false }
+        if ring.count < Self.kept {
+            ring.append(id)
+        } else {
+            members.remove(ring[oldest])
+            ring[oldest] = id
+            oldest = (oldest + 1) % Self.kept
+        }
+        return true
     }
 }

@@ -115,13 +115,16 @@ struct CoordinatorHandler: EnvelopeHandler {
                 let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
                 coordinator.logger.debug("admitted", metadata: ["sequence.id": "\(id)", "charged": "\(charged)"])
             }
-            do {
-                try await coordinator.announce(id, sequence)
-            } catch {
-                // Holders the assignment reached must drop it: closed like any sequence, it stays
-                // charged until they have.
-                _ = await coordinator.closeEverywhere(id)
-                throw error
+            if !sequence.announced {
+                do {
+                    try await coordinator.announce(id, sequence)
+                } catch {
+                    // Holders the assignment reached must drop it: closed like any sequence, it stays
+                    // charged until they have.
+                    _ = await coordinator.closeEverywhere(id)
+                    throw error
+                }
+                await state.announced(id)
             }
             await state.watch(id, from: connection)
             return .placement(CoordinatorService.placement(id, sequence))

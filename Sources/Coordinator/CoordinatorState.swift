@@ -64,6 +64,9 @@ struct OpenSequenceState: Sendable {
     /// For a sequence rebuilt from the workers' registrations (coordinator restart): each shard's bytes
     /// as its copies reported them.
     var restoredBytes: [UInt32: UInt64]?
+    /// Every holder has acknowledged its shard assignment (or reported the copy it holds): a repeated
+    /// open is answered with the placement from then on, and told to retry before.
+    var announced = false
 }
 
 /// What a worker declared dead may still hold: the copies it had, until its lease lapses (it cannot
@@ -436,7 +439,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     budget: BudgetLifecycle(restoredCompressed: copy.compressed, retention: retention),
                     decodeAllowance: full.decodeAllowance,
                     copies: replication,
-                    restoredBytes: [:]
+                    restoredBytes: [:],
+                    announced: true
                 )
             }
             if !copy.compressed { state.budget.copyUncompressed() }
@@ -700,12 +704,25 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Admits and places a new sequence: its layers split into as many contiguous shards as the
     /// cluster map has, each held by that shard's primary.
     /// An id of 0 asks the coordinator to choose a free one (in the returned state's message).
+    /// The same open again from the same tenant (a client's retry after a lost answer, or a frame
+    /// delivered twice) gets the sequence as it is now once it is announced, and is told to retry
+    /// while the first is still being announced; a different one with an id in use is refused.
     func open(_ request: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
         guard !request.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
         var message = request
         if message.sequenceID == 0 { message.sequenceID = freeSequenceID() }
-        guard sequences[message.sequenceID] == nil else {
-            throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
+        if let open = sequences[message.sequenceID] {
+            guard open.message == message else {
+                throw WireError(.badRequest, "sequence \(message.sequenceID) is already open")
+            }
+            guard open.announced else {
+                throw WireError(
+                    .unavailable,
+                    "sequence \(message.sequenceID) is still being placed by an earlier open; retry",
+                    retryAfter: .milliseconds(200)
+                )
+            }
+            return open
         }
         // After a restart, until the workers have re-registered, the bytes they hold are not charged
         // yet: admitting now could take memory that copies of rebuilt sequences already hold.
@@ -814,6 +831,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
         return expired
     }
+
+    /// Every holder of the sequence acknowledged its assignment (see `OpenSequenceState.announced`).
+    func announced(_ sequenceID: UInt64) { sequences[sequenceID]?.announced = true }
 
     /// Tells `connection` about later moves of the sequence (see `watchers(of:)`).
     func watch(_ sequenceID: UInt64, from connection: Link) {

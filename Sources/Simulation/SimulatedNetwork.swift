@@ -9,7 +9,10 @@ import Workloads
 /// resets every connection it cuts (both ends see the stream fail) and refuses new ones until it
 /// heals. A stall (a congested link, or a node paused as by a long garbage collection or SIGSTOP)
 /// keeps the connections up and holds every frame across them until it ends, then delivers them in
-/// order. What reaches a node is what the real transport would hand it after the handshake, which
+/// order. A duplicating link (a retransmitting proxy, or a sender that replays what it already
+/// wrote) delivers each frame across it twice, the copy right after the original, so every handler
+/// must treat a request it already answered, and a reply to no outstanding request, as harmless.
+/// What reaches a node is what the real transport would hand it after the handshake, which
 /// runs here too, in plaintext: a node `certify` named proves its identity as its certificate would
 /// over mutual TLS (the peer's role, node id and tenant come from it); any other is taken at its word.
 package final class SimulatedNetwork: Sendable {
@@ -42,6 +45,8 @@ package final class SimulatedNetwork: Sendable {
         var stalledLinks: [[String]: Duration] = [:]
         /// Until when frames to and from a node are held.
         var pausedNodes: [String: Duration] = [:]
+        /// Until when frames between an unordered pair of nodes are delivered twice.
+        var duplicatingLinks: [[String]: Duration] = [:]
         var nextPort = 20_000
         var frames = 0
         /// What each node's certificate would name.
@@ -134,12 +139,14 @@ package final class SimulatedNetwork: Sendable {
         for link in cut { reset(link, "partitioned") }
     }
 
-    /// Ends every partition, stall and pause (frames already held still arrive when they were due).
+    /// Ends every partition, stall, pause and duplication (frames already held still arrive when they
+    /// were due).
     package func heal() {
         state.withLock { state in
             state.partitions.removeAll()
             state.stalledLinks.removeAll()
             state.pausedNodes.removeAll()
+            state.duplicatingLinks.removeAll()
         }
     }
 
@@ -148,6 +155,14 @@ package final class SimulatedNetwork: Sendable {
         state.withLock { state in
             let pair = [a, b].sorted()
             state.stalledLinks[pair] = max(state.stalledLinks[pair] ?? .zero, end)
+        }
+    }
+
+    /// Delivers every frame between `a` and `b`, both ways, twice until `end`.
+    package func duplicate(_ a: String, _ b: String, until end: Duration) {
+        state.withLock { state in
+            let pair = [a, b].sorted()
+            state.duplicatingLinks[pair] = max(state.duplicatingLinks[pair] ?? .zero, end)
         }
     }
 
@@ -220,15 +235,23 @@ package final class SimulatedNetwork: Sendable {
     }
 
     /// When a frame sent now from `sender` to `receiver` arrives: after the previous frame that way,
-    /// a latency drawn from the seeded stream, and any stall or pause between them.
-    fileprivate func arrival(after previous: Duration, from sender: String, to receiver: String) -> Duration {
+    /// a latency drawn from the seeded stream, and any stall or pause between them; and whether it
+    /// arrives twice.
+    fileprivate func arrival(
+        after previous: Duration,
+        from sender: String,
+        to receiver: String
+    ) -> (at: Duration, twice: Bool) {
         let span = settings.latency.upperBound - settings.latency.lowerBound
-        let (draw, held) = state.withLock { state in
+        let (draw, held, duplicatedUntil) = state.withLock { state in
             state.frames += 1
-            return (state.random.next(), state.heldUntil(sender, receiver))
+            return (
+                state.random.next(), state.heldUntil(sender, receiver),
+                state.duplicatingLinks[[sender, receiver].sorted()] ?? .zero
+            )
         }
         let latency = settings.latency.lowerBound + span * (Double(draw >> 11) / Double(1 << 53))
-        return max(previous, scheduler.now + latency, held)
+        return (max(previous, scheduler.now + latency, held), scheduler.now < duplicatedUntil)
     }
 }
 
@@ -268,23 +291,25 @@ final class SimulatedLink: Sendable {
 
     /// Delivers `envelope` to the other end after the network's latency, or at `close` ends its stream.
     fileprivate func send(_ envelope: Tessera_V1_Envelope?, from end: End) throws(WireError) {
-        let arrival = try lastArrival.withLock { last throws(WireError) -> Duration in
+        let arrival = try lastArrival.withLock { last throws(WireError) -> (at: Duration, twice: Bool) in
             guard var times = last else { throw WireError(.unavailable, "connection reset") }
             let previous = end == .dialer ? times.toListener : times.toDialer
             let arrival =
                 end == .dialer
                 ? network.arrival(after: previous, from: dialer, to: listener)
                 : network.arrival(after: previous, from: listener, to: dialer)
-            if end == .dialer { times.toListener = arrival } else { times.toDialer = arrival }
+            if end == .dialer { times.toListener = arrival.at } else { times.toDialer = arrival.at }
             last = times
             return arrival
         }
         let continuation = end == .dialer ? toListener.continuation : toDialer.continuation
         if let envelope { network.record(envelope) }
-        network.scheduler.schedule(at: arrival) {
-            guard let envelope else { return continuation.finish() }
-            self.follow(envelope, from: end)
-            continuation.yield(envelope)
+        for _ in 0..<(arrival.twice && envelope != nil ? 2 : 1) {
+            network.scheduler.schedule(at: arrival.at) {
+                guard let envelope else { return continuation.finish() }
+                self.follow(envelope, from: end)
+                continuation.yield(envelope)
+            }
         }
         if envelope == nil { network.forget(self) }
     }

@@ -22,10 +22,12 @@ package enum FaultKind: String, CaseIterable, Sendable, Comparable {
     case stall
     /// Every frame to and from one node is held, as its peers see a paused process.
     case pause
+    /// The frames between two nodes are delivered twice, each copy right after its original.
+    case duplicate
 
     /// What `tessera simulate` injects unless told otherwise: the kinds every seed of CI's 10,000
     /// passes under.
-    package static let standard: Set<FaultKind> = [.crash, .partition]
+    package static let standard: Set<FaultKind> = [.crash, .partition, .duplicate]
 
     package static func < (lhs: Self, rhs: Self) -> Bool {
         allCases.firstIndex(of: lhs)! < allCases.firstIndex(of: rhs)!
@@ -467,8 +469,10 @@ private final class World: Sendable {
 
     /// Until the clients are done (or the fault window closes): every 0.2–1.5 s one fault, undone
     /// 0.3–4 s later: a crash (worker or coordinator), a partition between two nodes, a stalled link
-    /// between two nodes, or a paused node. At most one worker is down at a time, so a replicated
-    /// shard keeps a copy.
+    /// between two nodes, or a paused node; with duplication on, one fault in four instead makes a
+    /// link between two nodes deliver every frame twice (drawn apart, so the other kinds' schedules
+    /// stay as they were without it). At most one worker is down at a time, so a replicated shard
+    /// keeps a copy.
     private func injectFaults(until done: @escaping @Sendable () -> Bool) async {
         let clock = SimulatedClock(scheduler: scheduler)
         await withDiscardingTaskGroup { group in
@@ -483,6 +487,17 @@ private final class World: Sendable {
                 let workers = (1...settings.workers).map(workerName)
                 let nodes = ["coordinator"] + workers + (1...settings.clients).map(clientName)
                 let down = workers.filter { running[$0] == nil }
+                // The two ends of a link fault: never a node with itself, nor two clients.
+                let a = nodes[Int(pick % UInt64(nodes.count))]
+                let b = nodes[Int((pick >> 32) % UInt64(nodes.count))]
+                let linked = a != b && !(a.hasPrefix("client") && b.hasPrefix("client"))
+                if settings.faults.contains(.duplicate), draw({ $0.next() % 4 == 0 }) {
+                    guard linked else { continue }
+                    log("duplicate \(a) | \(b) for \(duration)")
+                    network.duplicate(a, b, until: scheduler.now + duration)
+                    ledger.report.withLock { $0.faults += 1 }
+                    continue
+                }
                 let allowed: [FaultKind] = [.crash, .crash, .partition, .partition, .stall, .pause]
                 guard settings.faults.contains(allowed[Int(kind)]) else { continue }
                 switch kind {
@@ -510,9 +525,7 @@ private final class World: Sendable {
                         self.start("coordinator")
                     }
                 case 2, 3, 4:
-                    let a = nodes[Int(pick % UInt64(nodes.count))]
-                    let b = nodes[Int((pick >> 32) % UInt64(nodes.count))]
-                    guard a != b, !(a.hasPrefix("client") && b.hasPrefix("client")) else { continue }
+                    guard linked else { continue }
                     if kind == 4 {
                         log("stall \(a) | \(b) for \(duration)")
                         network.stall(a, b, until: scheduler.now + duration)

@@ -547,3 +547,36 @@ struct CoordinatorStateTests {
         #expect(await state.admission.sequence(first) != nil, "charged under the chosen id")
     }
 }
+
+extension CoordinatorStateTests {
+    /// The same open again (a retry after a lost answer) is told to retry while the first is being
+    /// announced, then gets the sequence as it stands, charged once; another open under the id is
+    /// refused.
+    @Test func aRepeatedOpenGetsTheSequenceOnceItIsAnnounced() async throws {
+        let state = try await Self.coordinator()
+        let opening = try Self.opening(7)
+        let first = try await state.open(opening)
+        #expect(!first.announced)
+        do {
+            _ = try await state.open(opening)
+            Issue.record("a repeat was answered before the first open was announced")
+        } catch {
+            #expect(error.code == .unavailable && error.retryAfter != nil, "\(error)")
+        }
+        await state.announced(7)
+        let again = try await state.open(opening)
+        #expect(
+            again.announced && again.epoch == first.epoch
+                && again.shards.map(\.primary.node) == first.shards.map(\.primary.node)
+        )
+        #expect(await state.admission.sequence(7)?.chargedBytes == Self.estimate, "charged once")
+        var other = opening
+        other.decodeTokens = 9
+        do {
+            _ = try await state.open(other)
+            Issue.record("a different open under an id in use was answered")
+        } catch {
+            #expect(error.code == .badRequest && error.message.contains("already open"), "\(error)")
+        }
+    }
+}

@@ -168,10 +168,25 @@ func referenceOutputs(
                 await #expect(throws: WireError.self) {
                     _ = try await client.decode(7, step: 0, geometry: .tiny)
                 }
-                _ = try await client.openSequence(7, geometry: .tiny, layout: layout, policy: .full, retention: 0.5)
+                let placed = try await client.openSequence(
+                    7,
+                    geometry: .tiny,
+                    layout: layout,
+                    policy: .full,
+                    retention: 0.5
+                )
+                // The same open again (a retry) gets the same placement; another open under the id is refused.
+                let again = try await client.openSequence(
+                    7,
+                    geometry: .tiny,
+                    layout: layout,
+                    policy: .full,
+                    retention: 0.5
+                )
+                #expect(again == placed)
                 do {
-                    _ = try await client.openSequence(7, geometry: .tiny, layout: layout, policy: .full, retention: 0.5)
-                    Issue.record("a duplicate sequence id was accepted")
+                    _ = try await client.openSequence(7, geometry: .tiny, layout: layout, policy: .full, retention: 0.4)
+                    Issue.record("a second sequence under an id in use was accepted")
                 } catch let error as WireError {
                     #expect(error.message.contains("already open"))
                 }
