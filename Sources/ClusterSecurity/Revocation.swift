@@ -1,3 +1,4 @@
+package import ClusterWire
 import FoundationEssentials
 import SwiftASN1
 import Synchronization
@@ -40,23 +41,43 @@ extension Certificate.SerialNumber {
     }
 }
 
-/// A process's view of its folder's revocation list, read again whenever the file changes (checked
-/// at each handshake), so a revocation applies to every connection made after it without restarts.
-/// Connections already open stay until they close.
+/// A process's view of its folder's revocation list, read again whenever the file changes: checked
+/// at each handshake, so a revocation applies to every connection made after it without restarts,
+/// and as frames arrive on connections already open (`PeerCertificate.refusal`), so it ends those too.
 final class RevocationList: Sendable {
     private let directory: CertificateDirectory
-    private let loaded = Mutex<(modified: Date?, serials: Set<String>)>((nil, []))
+    private struct Loaded {
+        var modified: Date?
+        var serials: Set<String> = []
+        /// When the file's modification time was last looked at.
+        var checkedAt: ContinuousClock.Instant?
+    }
+    private let loaded = Mutex(Loaded())
+
+    /// How stale the list may be when checked for a frame on an open connection: looking at the file
+    /// for every frame would cost a system call each.
+    static let recheckInterval = Duration.milliseconds(500)
 
     init(_ directory: CertificateDirectory) {
         self.directory = directory
     }
 
-    /// Whether the list names `certificate`. A list that exists but cannot be read refuses every
-    /// peer: failing open would let a revoked certificate back in.
-    func contains(_ certificate: Certificate) throws(CertificateError) -> Bool {
+    /// Whether the list names the certificate with this serial; with `maxAge`, the list as read up to
+    /// that long ago. A list that exists but cannot be read refuses every peer: failing open would
+    /// let a revoked certificate back in.
+    func contains(serial: String, maxAge: Duration = .zero) throws(CertificateError) -> Bool {
+        let now = ContinuousClock.now
+        if maxAge > .zero,
+            let serials = loaded.withLock({ loaded in
+                loaded.checkedAt.map { now - $0 < maxAge } == true ? loaded.serials : nil
+            })
+        {
+            return serials.contains(serial)
+        }
         let file = directory.revocationList
         let modified = (try? FileManager.default.attributesOfItem(atPath: file))?[.modificationDate] as? Date
         let serials = try loaded.withLock { (loaded) throws(CertificateError) -> Set<String> in
+            defer { loaded.checkedAt = now }
             guard modified != loaded.modified else { return loaded.serials }
             var serials: Set<String> = []
             if modified != nil {
@@ -66,9 +87,31 @@ final class RevocationList: Sendable {
                     }
                 }
             }
-            loaded = (modified, serials)
+            loaded.modified = modified
+            loaded.serials = serials
             return serials
         }
-        return serials.contains(certificate.serialNumber.hex)
+        return serials.contains(serial)
+    }
+}
+
+/// A peer's certificate as the handshake found it: what it says, and whether it is still trusted.
+package struct PeerCertificate: Sendable {
+    package let identity: CertifiedIdentity
+    let serial: String
+    let revocations: RevocationList
+
+    /// The refusal that ends the connection once the certificate has been revoked (the list as read
+    /// at most `RevocationList.recheckInterval` ago); nil while it is trusted.
+    package func refusal() -> WireError? {
+        do {
+            guard try revocations.contains(serial: serial, maxAge: RevocationList.recheckInterval) else { return nil }
+            return WireError(
+                .permissionDenied,
+                "the peer's certificate was revoked (serial \(serial)) after it connected"
+            )
+        } catch {
+            return WireError(.permissionDenied, "the peer's certificate: \(error.message)")
+        }
     }
 }

@@ -77,7 +77,7 @@ public struct NodeCredentials: Sendable {
 
     /// What the peer's certificate says, once the TLS handshake is done (the first frame has arrived);
     /// a certificate on the folder's revocation list is refused.
-    package func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity {
+    package func peerCertificate(of channel: any Channel) async throws(WireError) -> PeerCertificate {
         let peer: NIOSSLCertificate?
         do {
             peer = try await channel.nioSSL_peerCertificate().get()
@@ -91,11 +91,16 @@ public struct NodeCredentials: Sendable {
         } catch {
             throw WireError(.permissionDenied, "the peer's certificate cannot be parsed: \(error)")
         }
+        let serial = certificate.serialNumber.hex
         do throws(CertificateError) {
-            if try revocations.contains(certificate) {
-                throw CertificateError("is revoked (serial \(certificate.serialNumber.hex))")
+            if try revocations.contains(serial: serial) {
+                throw CertificateError("is revoked (serial \(serial))")
             }
-            return try CertifiedIdentity(certificate: certificate)
+            return PeerCertificate(
+                identity: try CertifiedIdentity(certificate: certificate),
+                serial: serial,
+                revocations: revocations
+            )
         } catch {
             throw WireError(.permissionDenied, "the peer's certificate: \(error.message)")
         }
@@ -111,9 +116,9 @@ extension TransportSecurity {
         )
     }
 
-    /// The peer's certificate identity over mutual TLS; nil when insecure.
-    package func peerIdentity(of channel: any Channel) async throws(WireError) -> CertifiedIdentity? {
+    /// The peer's certificate over mutual TLS; nil when insecure.
+    package func peerCertificate(of channel: any Channel) async throws(WireError) -> PeerCertificate? {
         guard case .mutualTLS(let credentials) = self else { return nil }
-        return try await credentials.peerIdentity(of: channel)
+        return try await credentials.peerCertificate(of: channel)
     }
 }

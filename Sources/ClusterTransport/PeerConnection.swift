@@ -1,4 +1,5 @@
 import ClusterAdmin
+package import ClusterSecurity
 package import ClusterWire
 package import Logging
 import Metrics
@@ -27,6 +28,9 @@ package final class PeerConnection: Sendable {
     private let logger: Logger
     /// Bounds the peer's requests handled at once (see `TransportLimits.maxRequestsInFlight`).
     private let requestSlots: AsyncSlots?
+    /// The peer's certificate over mutual TLS: once it is revoked, the peer's next frame ends the
+    /// connection.
+    private let certificate: PeerCertificate?
 
     /// A request in flight: registered before it is written, so that a fast reply finds it.
     private enum Slot {
@@ -57,9 +61,11 @@ package final class PeerConnection: Sendable {
         outbound: any FrameOutbound,
         connected: Bool,
         maxRequestsInFlight: Int? = nil,
+        certificate: PeerCertificate? = nil,
         logger: Logger
     ) {
         self.peer = peer
+        self.certificate = certificate
         self.remoteAddress = remoteAddress
         self.outbound = outbound
         self.logger = logger
@@ -209,6 +215,7 @@ package final class PeerConnection: Sendable {
         await withDiscardingTaskGroup { group in
             do {
                 for try await envelope in inbound {
+                    if let refusal = certificate?.refusal() { throw refusal }
                     if deliver(envelope) { continue }
                     if envelope.requestID == 0, case .error(let error) = envelope.body {
                         // The peer says why it is about to close the connection; requests in flight fail

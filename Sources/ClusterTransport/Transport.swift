@@ -117,10 +117,11 @@ package enum Transport {
                 var iterator = inbound.makeAsyncIterator()
                 guard let first = try await iterator.next() else { return }
                 let outcome: HandshakeOutcome
+                let certificate: PeerCertificate?
                 do {
                     // The first frame arrives only after the TLS handshake, so the certificate is known.
-                    let certificate = try await security.peerIdentity(of: channel.channel)
-                    outcome = try handshake.acceptHello(first, certificate: certificate)
+                    certificate = try await security.peerCertificate(of: channel.channel)
+                    outcome = try handshake.acceptHello(first, certificate: certificate?.identity)
                 } catch {
                     logger.warning(
                         "handshake refused",
@@ -158,6 +159,7 @@ package enum Transport {
                     // Only clients: cluster nodes send requests both ways on one connection, and a
                     // handler awaiting the peer's reply must never wait behind the reading it holds up.
                     maxRequestsInFlight: outcome.peer.role == .client ? limits.maxRequestsInFlight : nil,
+                    certificate: certificate,
                     logger: logger
                 )
                 await withDiscardingTaskGroup { group in
@@ -208,14 +210,15 @@ package enum Transport {
             let rest = Rest(iterator: iterator)
             // A refusal is reported as the peer sent it: having refused, the peer may already have
             // closed the connection, and its certificate could no longer be read.
-            let certificate: CertifiedIdentity? =
-                if case .error = first.body { nil } else { try await security.peerIdentity(of: channel.channel) }
-            let outcome = try handshake.acceptHelloAck(first, certificate: certificate)
+            let certificate: PeerCertificate? =
+                if case .error = first.body { nil } else { try await security.peerCertificate(of: channel.channel) }
+            let outcome = try handshake.acceptHelloAck(first, certificate: certificate?.identity)
             let connection = PeerConnection(
                 peer: outcome.peer,
                 remoteAddress: address.description,
                 outbound: ChannelOutbound(writer: outbound, eventLoop: channel.channel.eventLoop),
                 connected: true,
+                certificate: certificate,
                 logger: logger
             )
             return try await connection.serving(rest, handler: handler, body)
