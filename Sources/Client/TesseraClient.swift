@@ -53,7 +53,9 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
         public var id: String
         public var address: String
         public var state: String
-        public var shards: [UInt32]
+        /// Shards of open sequences it holds as the primary, and as a replica.
+        public var primaryShards: Int
+        public var replicaShards: Int
         public var kvBytes: UInt64
         public var kvBytesByModality: [String: UInt64]
         public var rssBytes: UInt64
@@ -555,7 +557,8 @@ extension ClusterStatus {
                 id: worker.endpoint.nodeID,
                 address: "\(worker.endpoint.host):\(worker.endpoint.port)",
                 state: state,
-                shards: worker.primaryShardIds,
+                primaryShards: Int(worker.primaryShards),
+                replicaShards: Int(worker.replicaShards),
                 kvBytes: worker.kvBytes,
                 kvBytesByModality: worker.kvBytesByModality.byModality,
                 rssBytes: worker.rssBytes,

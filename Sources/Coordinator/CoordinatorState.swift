@@ -87,12 +87,11 @@ struct ReplicationPlan: Sendable {
     var target: ShardHolder
 }
 
-/// The coordinator's soft state: membership, the cluster shard map, open sequences and admission.
+/// The coordinator's soft state: membership, open sequences (with their placement) and admission.
 /// It holds no clock (time is `elapsed` since it started, read from the closure it is given) and
 /// sends nothing: the service carries out what it decides.
 actor CoordinatorState<Link: CoordinatorLink> {
     var membership: Membership
-    var shardMap: ShardMap
     var admission: Admission
     var workers: [NodeID: WorkerLink<Link>] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
@@ -117,9 +116,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
     private var replacesAnother: Bool
     /// When the first worker registered with this coordinator (time since it started).
     private var firstRegistration: Duration?
-
-    /// Slots of the cluster shard map; a sequence's layers are split over the same number of shards.
-    static var mapLayers: Int { 4096 }
 
     /// Copies of every shard of a sequence (one primary and `replication − 1` replicas), when enough
     /// workers are live.
@@ -171,7 +167,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
         lastEpoch = max(configuration.incarnation, 1) - 1
         replacesAnother = !configuration.startsNewCluster
         membership = try Membership(settings: configuration.failureDetector)
-        shardMap = try ShardMap(layerCount: Self.mapLayers)
         admission = Admission(
             memoryLimitBytes: configuration.memoryLimitBytes,
             tenantQuotaBytes: configuration.tenantQuotaBytes
@@ -266,7 +261,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
         leftBehind[nodeID] = nil
         let previous = message.previousCoordinatorIncarnation
         if previous != 0 && previous != incarnation { replacesAnother = true }
-        relayout()
         let stale = restore(message.heldShards, closed: message.closedSequences, from: nodeID)
         // Rebuilt placements name holders by node id: a worker that restarted since holds nothing of
         // its earlier incarnation's copies, and must not be taken for their holder.
@@ -573,17 +567,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return sequences.values.reduce(0) { $0 + $1.shards.filter { $0.holders.count < wanted }.count }
     }
 
-    /// While no sequence is open the map is split afresh over every live worker (one shard each);
-    /// afterwards layer ranges stay and only owners move, so placed sequences keep their shards.
-    private func relayout() {
-        let live = membership.liveNodeIDs
-        if sequences.isEmpty, !live.isEmpty {
-            _ = try? shardMap.reshard(alive: live)
-        } else {
-            _ = shardMap.rebalance(alive: live)
-        }
-    }
-
     /// A worker's own notice that this incarnation stops (`LeaveCluster`): declared dead at once, as
     /// the detector would after the dead-after time, so that its shards fail over now. Nil, changing
     /// nothing, when the coordinator knows another incarnation or has declared this one dead already.
@@ -634,7 +617,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
             leftBehind[change.nodeID] = nil
             confirmCloses(by: change.nodeID)
         }
-        if !deaths.isEmpty { relayout() }
         if !lapsed.isEmpty || !deaths.isEmpty { reserveLapsingCopies() }
         return (changes, membership.lastPause)
     }
@@ -772,7 +754,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         let rotated = Array(live[offset...] + live[..<offset]).map {
             ShardHolder(node: $0, address: workers[$0]!.address)
         }
-        let ranges = ShardMap.split(layerCount: geometry.layers, shardCount: shardCount)
+        let ranges = LayerSplit.ranges(layerCount: geometry.layers, shardCount: shardCount)
         let shards = ranges.enumerated().map { index, layers in
             let set = rotated[(index * copies)..<(index * copies + copies)]
             return SequenceShard(
@@ -1141,8 +1123,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 case .suspect: .suspect
                 case .dead: .dead
                 }
-            worker.primaryShardIds = shardMap.shards(ownedBy: member.nodeID, as: .primary).map(\.id.rawValue)
-            worker.replicaShardIds = shardMap.shards(ownedBy: member.nodeID, as: .replica).map(\.id.rawValue)
+            let shards = sequences.values.flatMap(\.shards)
+            worker.primaryShards = UInt32(shards.count { $0.primary.node == member.nodeID })
+            worker.replicaShards = UInt32(shards.count { $0.replicas.contains { $0.node == member.nodeID } })
             if member.state != .dead, let link = workers[member.nodeID] {
                 worker.kvBytes = link.kvBytes
                 worker.kvBytesByModality = link.kvBytesByModality
@@ -1156,7 +1139,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         }
         reply.sequenceCount = UInt32(sequences.count)
         reply.underReplicatedShards = UInt32(underReplicatedShards)
-        reply.epoch = shardMap.placement.epoch
+        reply.membershipVersion = membershipVersion
         return reply
     }
 }

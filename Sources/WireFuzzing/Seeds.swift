@@ -145,7 +145,7 @@ enum Seeds {
         worker.endpoint = endpoint("worker-1", 7001)
         worker.incarnation = 7
         worker.state = .up
-        worker.primaryShardIds = [0]
+        worker.primaryShards = 1
         worker.kvBytes = 1 << 20
         worker.kvBytesByModality = byModality()
         worker.memoryCapacityBytes = 8 << 30
@@ -159,7 +159,7 @@ enum Seeds {
         sequence.primary = true
         var status = Tessera_V1_StatusReply()
         status.coordinatorID = "coordinator"
-        status.epoch = epoch
+        status.membershipVersion = 3
         status.workers = [worker]
         status.sequences = [sequence]
         status.sequenceCount = 1

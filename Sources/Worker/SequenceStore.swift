@@ -629,7 +629,11 @@ actor SequenceStore {
     /// The ids of the sequences held (any shard, primary or replica).
     var sequenceIDs: [UInt64] { sequences.keys.sorted() }
 
-    func shardIDs() -> [UInt32] { Array(Set(sequences.values.map(\.shardID))).sorted() }
+    /// How many of the held copies are primaries, and how many replicas.
+    func shardCounts() -> (primary: Int, replica: Int) {
+        let primaries = sequences.values.count(where: \.isPrimary)
+        return (primaries, sequences.count - primaries)
+    }
 
     /// Every held shard with its role, bytes and digest (for comparing replicas).
     func sequenceStatuses(tenant: String?) -> [Tessera_V1_SequenceStatus] {

@@ -443,7 +443,9 @@ struct WorkerHandler: EnvelopeHandler {
         me.endpoint.port = UInt32(worker.port ?? 0)
         me.incarnation = worker.configuration.incarnation
         me.state = .up
-        me.primaryShardIds = await worker.store.shardIDs()
+        let shards = await worker.store.shardCounts()
+        me.primaryShards = UInt32(shards.primary)
+        me.replicaShards = UInt32(shards.replica)
         me.kvBytes = UInt64(totals.total)
         me.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: totals.byModality)
         me.memoryCapacityBytes = worker.configuration.memoryCapacityBytes

@@ -11,8 +11,9 @@ struct StatusCommand: AsyncParsableCommand {
         commandName: "status",
         abstract: "Show the cluster's members, their shards, live sequences and accounted KV bytes.",
         discussion: """
-            With --json prints {"workers":[{"id","address","state","shards","kvBytes",...}],"sequences":N,...} \
-            where state is alive, suspect or dead.
+            With --json prints {"workers":[{"id","address","state","primaryShards","replicaShards","kvBytes",...}],\
+            "sequences":N,...} where state is alive, suspect or dead, and a worker's shards are those of open \
+            sequences it holds as the primary or as a replica.
             """
     )
 
@@ -54,10 +55,10 @@ struct StatusCommand: AsyncParsableCommand {
                 + (status.underReplicatedShards > 0
                     ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n")
         )
-        let header = ["id", "address", "state", "shards", "kv bytes", "text", "image", "video"]
+        let header = ["id", "address", "state", "primaries", "replicas", "kv bytes", "text", "image", "video"]
         let rows = status.workers.map { w in
             [
-                w.id, w.address, w.state, w.shards.map(String.init).joined(separator: ","),
+                w.id, w.address, w.state, "\(w.primaryShards)", "\(w.replicaShards)",
                 ResultTable.bytes(Int(w.kvBytes)),
                 ResultTable.bytes(Int(w.kvBytesByModality["text"] ?? 0)),
                 ResultTable.bytes(Int(w.kvBytesByModality["image"] ?? 0)),

@@ -30,15 +30,6 @@ func workers(_ count: Int) -> [NodeID] {
     (0..<count).map { NodeID("w\(String(repeating: "0", count: $0 < 10 ? 1 : 0))\($0)") }
 }
 
-extension ShardMap {
-    /// How many owner slots each worker holds.
-    func loads(over nodes: [NodeID]) -> [NodeID: Int] {
-        var loads = Dictionary(uniqueKeysWithValues: nodes.map { ($0, 0) })
-        for shard in shards { for owner in shard.owners { loads[owner, default: 0] += 1 } }
-        return loads
-    }
-}
-
 extension JoinOutcome {
     var member: Member? {
         if case .accepted(let member, _) = self { return member }
@@ -47,13 +38,6 @@ extension JoinOutcome {
 
     var refusal: JoinRefusal? {
         if case .refused(let refusal) = self { return refusal }
-        return nil
-    }
-}
-
-extension PromotionOutcome {
-    var update: ShardMapUpdate? {
-        if case .promoted(let update) = self { return update }
         return nil
     }
 }

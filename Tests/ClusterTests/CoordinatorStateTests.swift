@@ -580,3 +580,24 @@ extension CoordinatorStateTests {
         }
     }
 }
+
+extension CoordinatorStateTests {
+    /// A worker's shards in the status are the copies the open sequences' placements give it, and
+    /// the membership version moves with registrations.
+    @Test func theStatusCountsEachWorkersShardsFromThePlacements() async throws {
+        let state = try await Self.coordinator(workers: 4)
+        let before = await state.status()
+        #expect(before.workers.allSatisfy { $0.primaryShards == 0 && $0.replicaShards == 0 })
+        #expect(before.membershipVersion == 4, "one per registration")
+        var placed: [OpenSequenceState] = []
+        for id in [7, 8, 9] as [UInt64] { placed.append(try await state.open(Self.opening(id))) }
+        let status = await state.status()
+        for worker in status.workers {
+            let node = NodeID(worker.endpoint.nodeID)
+            let shards = placed.flatMap(\.shards)
+            #expect(Int(worker.primaryShards) == shards.count { $0.primary.node == node }, "\(node)")
+            #expect(Int(worker.replicaShards) == shards.count { $0.replicas.contains { $0.node == node } }, "\(node)")
+        }
+        #expect(status.workers.reduce(0) { $0 + $1.primaryShards } == 6, "3 sequences × 2 shards (4 workers, 2 copies)")
+    }
+}

@@ -439,11 +439,12 @@ package nonisolated struct Tessera_V1_WorkerStatus: Sendable {
   /// The coordinator's view of the worker.
   package var state: Tessera_V1_WorkerState = .unspecified
 
-  /// Shards this worker is the primary of.
-  package var primaryShardIds: [UInt32] = []
+  /// Shards of open sequences this worker holds as the primary: from the coordinator, as its placement
+  /// says; from a worker, the copies it holds.
+  package var primaryShards: UInt32 = 0
 
-  /// Shards this worker holds a replica of.
-  package var replicaShardIds: [UInt32] = []
+  /// Shards of open sequences this worker holds a replica of.
+  package var replicaShards: UInt32 = 0
 
   /// Accounted K/V bytes on the worker (from its last heartbeat).
   package var kvBytes: UInt64 = 0
@@ -510,9 +511,9 @@ package nonisolated struct Tessera_V1_StatusReply: Sendable {
   /// The coordinator's node id.
   package var coordinatorID: String = String()
 
-  /// The epoch of the cluster's shard map, which moves when workers join or leave (each sequence has
-  /// an epoch of its own, moved by its failovers).
-  package var epoch: UInt64 = 0
+  /// The version of the coordinator's membership: it moves whenever a worker registers, changes state
+  /// or leaves (each sequence has an epoch of its own, moved by its failovers).
+  package var membershipVersion: UInt64 = 0
 
   /// Every worker the coordinator knows, dead ones included.
   package var workers: [Tessera_V1_WorkerStatus] = []
@@ -1013,7 +1014,7 @@ nonisolated extension Tessera_V1_StatusRequest: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".WorkerStatus"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{1}state\0\u{3}primary_shard_ids\0\u{3}replica_shard_ids\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}memory_capacity_bytes\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}endpoint\0\u{1}incarnation\0\u{1}state\0\u{4}\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}memory_capacity_bytes\0\u{3}rss_bytes\0\u{3}audit_bytes\0\u{3}live_sequences\0\u{3}primary_shards\0\u{3}replica_shards\0\u{b}primary_shard_ids\0\u{b}replica_shard_ids\0\u{c}\u{4}\u{1}\u{c}\u{5}\u{1}")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1024,14 +1025,14 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
       case 1: try { try decoder.decodeSingularMessageField(value: &self._endpoint) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.incarnation) }()
       case 3: try { try decoder.decodeSingularEnumField(value: &self.state) }()
-      case 4: try { try decoder.decodeRepeatedUInt32Field(value: &self.primaryShardIds) }()
-      case 5: try { try decoder.decodeRepeatedUInt32Field(value: &self.replicaShardIds) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 7: try { try decoder.decodeRepeatedMessageField(value: &self.kvBytesByModality) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.rssBytes) }()
       case 10: try { try decoder.decodeSingularUInt64Field(value: &self.auditBytes) }()
       case 11: try { try decoder.decodeSingularUInt32Field(value: &self.liveSequences) }()
+      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.primaryShards) }()
+      case 13: try { try decoder.decodeSingularUInt32Field(value: &self.replicaShards) }()
       default: break
       }
     }
@@ -1051,12 +1052,6 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
     if self.state != .unspecified {
       try visitor.visitSingularEnumField(value: self.state, fieldNumber: 3)
     }
-    if !self.primaryShardIds.isEmpty {
-      try visitor.visitPackedUInt32Field(value: self.primaryShardIds, fieldNumber: 4)
-    }
-    if !self.replicaShardIds.isEmpty {
-      try visitor.visitPackedUInt32Field(value: self.replicaShardIds, fieldNumber: 5)
-    }
     if self.kvBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.kvBytes, fieldNumber: 6)
     }
@@ -1075,6 +1070,12 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
     if self.liveSequences != 0 {
       try visitor.visitSingularUInt32Field(value: self.liveSequences, fieldNumber: 11)
     }
+    if self.primaryShards != 0 {
+      try visitor.visitSingularUInt32Field(value: self.primaryShards, fieldNumber: 12)
+    }
+    if self.replicaShards != 0 {
+      try visitor.visitSingularUInt32Field(value: self.replicaShards, fieldNumber: 13)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1082,8 +1083,8 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
     if lhs._endpoint != rhs._endpoint {return false}
     if lhs.incarnation != rhs.incarnation {return false}
     if lhs.state != rhs.state {return false}
-    if lhs.primaryShardIds != rhs.primaryShardIds {return false}
-    if lhs.replicaShardIds != rhs.replicaShardIds {return false}
+    if lhs.primaryShards != rhs.primaryShards {return false}
+    if lhs.replicaShards != rhs.replicaShards {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.kvBytesByModality != rhs.kvBytesByModality {return false}
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
@@ -1162,7 +1163,7 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".StatusReply"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{1}epoch\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0\u{3}under_replicated_shards\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}membership_version\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0\u{3}under_replicated_shards\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1171,7 +1172,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.coordinatorID) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.membershipVersion) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.workers) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.sequences) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.sequenceCount) }()
@@ -1187,8 +1188,8 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
     if !self.coordinatorID.isEmpty {
       try visitor.visitSingularStringField(value: self.coordinatorID, fieldNumber: 1)
     }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    if self.membershipVersion != 0 {
+      try visitor.visitSingularUInt64Field(value: self.membershipVersion, fieldNumber: 2)
     }
     if !self.workers.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.workers, fieldNumber: 3)
@@ -1213,7 +1214,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
 
   package static func ==(lhs: Tessera_V1_StatusReply, rhs: Tessera_V1_StatusReply) -> Bool {
     if lhs.coordinatorID != rhs.coordinatorID {return false}
-    if lhs.epoch != rhs.epoch {return false}
+    if lhs.membershipVersion != rhs.membershipVersion {return false}
     if lhs.workers != rhs.workers {return false}
     if lhs.sequences != rhs.sequences {return false}
     if lhs.sequenceCount != rhs.sequenceCount {return false}
