@@ -55,9 +55,9 @@ public struct Membership: Sendable, Hashable {
         members(in: [.alive]).map(\.nodeID)
     }
 
-    /// Node ids of the members not declared dead (alive or suspect), ordered. This is what the
-    /// shard map should be rebalanced over: a suspect may come back, and moving its shards away and
-    /// back would copy data twice.
+    /// Node ids of the members not declared dead (alive or suspect), ordered. This is what new
+    /// sequences are placed over: a suspect may come back, and moving its shards away and back would
+    /// copy data twice.
     public var liveNodeIDs: [NodeID] {
         members(in: [.alive, .suspect]).map(\.nodeID)
     }

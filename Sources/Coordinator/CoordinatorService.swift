@@ -7,7 +7,7 @@ import KVCacheCore
 public import Logging
 import Metrics
 
-/// The coordinator process: membership and failure detection, the shard map, admission and placement
+/// The coordinator process: membership and failure detection, admission and placement
 /// of new sequences, and the gather-allocate-scatter of per-layer budgets: once every layer's
 /// statistics of a sequence have arrived from the workers, it runs the policy's allocator and sends
 /// each worker the budgets of its layers.

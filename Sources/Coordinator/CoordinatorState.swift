@@ -602,7 +602,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         workers[nodeID]?.liveSequences = message.liveSequences
     }
 
-    /// Advances the failure detector; dead workers leave the shard map. Also returns the pause of
+    /// Advances the failure detector (the service fails over what dead workers held). Also returns the pause of
     /// this process the detector forgave, if any.
     func tick() -> (changes: [MembershipChange], pause: Duration?) {
         let changes = pendingChanges + membership.tick(now: now)
