@@ -51,6 +51,11 @@ public struct EvaluationResult: Sendable, Codable, Hashable {
     public var hitRate: Double
     public var compressMillis: Double
     public var mergedRows: Int
+    /// The smallest and largest share of the prompt's rows that one KV head of one layer keeps after
+    /// compression (mean over the traces): how unevenly a policy spreads its budget over layers and
+    /// heads, whether the coordinator's budgets do it or the compression (AdaKV's split over heads).
+    public var headShareMin: Double
+    public var headShareMax: Double
 }
 
 /// Progress of a long evaluation, for a status line.
@@ -121,6 +126,8 @@ public struct EvaluationRunner: Sendable {
         var fidelity = FidelityReport()
         var seconds = 0.0
         var merged = 0
+        var headShareMin = 0.0
+        var headShareMax = 0.0
 
         mutating func merge(_ other: Tally) {
             kept += other.kept
@@ -128,6 +135,8 @@ public struct EvaluationRunner: Sendable {
             fidelity.merge(other.fidelity)
             seconds += other.seconds
             merged += other.merged
+            headShareMin += other.headShareMin
+            headShareMax += other.headShareMax
         }
     }
 
@@ -204,7 +213,9 @@ public struct EvaluationRunner: Sendable {
             let frozenBudgets = budgets
             let budgetCount = request.budgets.count
             let needle = trace.needle
-            let layerTallies: [[Key: Tally]] = try await forEachLayer(parallelism: parallelism) { layer in
+            let layerTallies: [[Key: (tally: Tally, headShares: ClosedRange<Double>)]] = try await forEachLayer(
+                parallelism: parallelism
+            ) { layer in
                 let prefill = try trace.prefill(layer: layer)
                 let steps = try trace.decode(layer: layer)
                 let profile = profiles[layer].profile
@@ -231,7 +242,7 @@ public struct EvaluationRunner: Sendable {
                         decode: { needle.decodeAnswer(output: $0) }
                     )
                 }
-                var tallies: [Key: Tally] = [:]
+                var tallies: [Key: (tally: Tally, headShares: ClosedRange<Double>)] = [:]
                 for (p, policy) in policies.enumerated() {
                     for b in 0..<budgetCount {
                         let key = Key(policy: p, budget: b)
@@ -248,6 +259,8 @@ public struct EvaluationRunner: Sendable {
                         let seconds = (clock.now - start).seconds
                         var compressed = result.heads
                         let keptBytes = compressed.reduce(0) { $0 + $1.payloadBytes }
+                        // Before decode replay appends its rows.
+                        let shares = compressed.map { Double($0.count) / Double(m) }
                         let fidelity = FidelityEvaluator.evaluate(
                             geometry: geometry,
                             reference: reference,
@@ -255,12 +268,15 @@ public struct EvaluationRunner: Sendable {
                             steps: steps,
                             needle: check
                         )
-                        tallies[key] = Tally(
-                            kept: keptBytes,
-                            full: fullBytes,
-                            fidelity: fidelity,
-                            seconds: seconds,
-                            merged: result.mergedRows
+                        tallies[key] = (
+                            Tally(
+                                kept: keptBytes,
+                                full: fullBytes,
+                                fidelity: fidelity,
+                                seconds: seconds,
+                                merged: result.mergedRows
+                            ),
+                            (shares.min() ?? 0)...(shares.max() ?? 0)
                         )
                     }
                 }
@@ -276,11 +292,25 @@ public struct EvaluationRunner: Sendable {
                     )
                 )
             }
+            var headShares: [Key: ClosedRange<Double>] = [:]
             for tallies in layerTallies {
-                for (key, tally) in tallies { totals[key, default: Tally()].merge(tally) }
+                for (key, layer) in tallies {
+                    totals[key, default: Tally()].merge(layer.tally)
+                    headShares[key] =
+                        headShares[key].map {
+                            min(
+                                $0.lowerBound,
+                                layer.headShares.lowerBound
+                            )...max($0.upperBound, layer.headShares.upperBound)
+                        } ?? layer.headShares
+                }
             }
             for (key, seconds) in allocationSeconds {
                 totals[key, default: Tally()].seconds += seconds + profileSeconds * profileShare[key.policy]
+            }
+            for (key, shares) in headShares {
+                totals[key, default: Tally()].headShareMin += shares.lowerBound
+                totals[key, default: Tally()].headShareMax += shares.upperBound
             }
         }
         let n = Double(request.sequences)
@@ -300,7 +330,9 @@ public struct EvaluationRunner: Sendable {
                         needleAccuracy: t.fidelity.needleAccuracy,
                         hitRate: t.fidelity.hitRate,
                         compressMillis: t.seconds * 1000 / n,
-                        mergedRows: Int((Double(t.merged) / n).rounded())
+                        mergedRows: Int((Double(t.merged) / n).rounded()),
+                        headShareMin: t.headShareMin / n,
+                        headShareMax: t.headShareMax / n
                     )
                 )
             }

@@ -87,8 +87,10 @@ struct Eval: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Evaluate every policy at every budget over the same synthetic traces, in one process.",
         discussion: """
-            Prints a table (policy, budget, kept bytes, % of full, output error, needle accuracy, hit rate, \
-            compress ms) on stdout; progress goes to stderr. Byte figures are per sequence. Output error is \
+            Prints a table (policy, budget, kept bytes, % of full, head rows %, output error, needle accuracy, \
+            hit rate, compress ms) on stdout; progress goes to stderr. Byte figures are per sequence. Head \
+            rows % is the smallest and the largest share of the prompt's rows that any one KV head of any \
+            layer keeps (equal for a uniform budget). Output error is \
             the mean relative error of decode-attention outputs against the full cache; hit rate is \
             VL-Cache's CacheHitRate against the first decode token's attention. \
             Example: tessera eval --workload multi-image --budgets 0.1,0.2 --json results.json

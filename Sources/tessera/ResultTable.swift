@@ -6,7 +6,7 @@ import Workloads
 enum ResultTable {
     static func render(_ results: [EvaluationResult], request: EvaluationRequest) -> String {
         let header = [
-            "policy", "budget", "kept bytes", "% of full", "output err", "needle acc", "hit rate",
+            "policy", "budget", "kept bytes", "% of full", "head rows %", "output err", "needle acc", "hit rate",
             "compress ms",
         ]
         var rows: [[String]] = []
@@ -16,6 +16,7 @@ enum ResultTable {
                 format(r.budget, 2),
                 bytes(r.keptBytes),
                 format(100 * Double(r.keptBytes) / Double(max(1, r.fullBytes)), 1),
+                "\(format(100 * r.headShareMin, 1))–\(format(100 * r.headShareMax, 1))",
                 format(r.outputError, 4),
                 r.needleAccuracy.map { format($0, 3) } ?? "-",
                 format(r.hitRate, 3),

@@ -56,6 +56,17 @@ import Foundation
             let row = try #require(results.first { $0.policy == name && $0.budget == 0.1 })
             let ratio = Double(row.keptBytes) / Double(row.fullBytes)
             #expect(abs(ratio - 0.1) < 0.01, "seed \(seed): \(name) kept \(ratio)")
+            #expect(row.headShareMin == row.headShareMax, "seed \(seed): \(name) gives every head the same")
+            #expect(abs(row.headShareMin - ratio) < 0.01, "seed \(seed): \(name)")
+        }
+        // Layer budgets from each layer's statistics give heads different shares (on the tiny model's
+        // few rows, PyramidKV's, AdaKV's and MadaKV's budgets come out even).
+        for name in ["vl-cache", "tgv", "composite"] {
+            let row = try #require(results.first { $0.policy == name && $0.budget == 0.1 })
+            #expect(
+                row.headShareMin < row.headShareMax,
+                "seed \(seed): \(name) \(row.headShareMin)…\(row.headShareMax)"
+            )
         }
     }
 
@@ -174,7 +185,9 @@ import Foundation
                 needleAccuracy: s.headSplit ? 1 : 0.5,
                 hitRate: 0,
                 compressMillis: 0,
-                mergedRows: 0
+                mergedRows: 0,
+                headShareMin: 0.1,
+                headShareMax: 0.1
             )
         }
         #expect(Set(results.map(\.policy)).count == 8)
