@@ -683,8 +683,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return (moved, lost)
     }
 
-    /// Admits and places a new sequence: its layers split into as many contiguous shards as the
-    /// cluster map has, each held by that shard's primary.
+    /// Admits and places a new sequence: its layers split into `live ÷ replication` contiguous shards
+    /// (at least one), each on `replication` distinct workers, rotated by sequence id.
     /// An id of 0 asks the coordinator to choose a free one (in the returned state's message).
     /// The same open again from the same tenant (a client's retry after a lost answer, or a frame
     /// delivered twice) gets the sequence as it is now once it is announced, and is told to retry
@@ -1111,6 +1111,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     func status() -> Tessera_V1_StatusReply {
         var reply = Tessera_V1_StatusReply()
+        let shards = sequences.values.flatMap(\.shards)
         for member in membership.members {
             var worker = Tessera_V1_WorkerStatus()
             worker.endpoint.nodeID = member.nodeID.rawValue
@@ -1123,7 +1124,6 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 case .suspect: .suspect
                 case .dead: .dead
                 }
-            let shards = sequences.values.flatMap(\.shards)
             worker.primaryShards = UInt32(shards.count { $0.primary.node == member.nodeID })
             worker.replicaShards = UInt32(shards.count { $0.replicas.contains { $0.node == member.nodeID } })
             if member.state != .dead, let link = workers[member.nodeID] {
