@@ -236,9 +236,12 @@ extension CertifiedIdentity {
 
 extension CertificateDirectory {
     /// The credentials of `identity`: its certificate in this folder if that names exactly this
-    /// identity, otherwise a new one issued by the folder's CA (rotation is issuing again).
+    /// identity and is not revoked, otherwise a new one issued by the folder's CA (rotation is issuing
+    /// again).
     public func credentials(for identity: CertifiedIdentity) throws(CertificateError) -> NodeCredentials {
-        if let existing = try? NodeCredentials(directory: self, name: identity.nodeID), existing.identity == identity {
+        if let existing = try? NodeCredentials(directory: self, name: identity.nodeID), existing.identity == identity,
+            (try? existing.checkNotRevoked()) != nil
+        {
             return existing
         }
         guard hasAuthority else {

@@ -28,6 +28,8 @@ public struct NodeCredentials: Sendable {
     private let server: NIOSSLContext
     private let client: NIOSSLContext
     private let revocations: RevocationList
+    /// This node's own certificate's serial, as the revocation list spells it.
+    private let serial: String
 
     /// Loads `NAME.pem`, `NAME-key.pem` and `ca.pem` from `directory`.
     public init(directory: CertificateDirectory, name: String) throws(CertificateError) {
@@ -42,6 +44,7 @@ public struct NodeCredentials: Sendable {
         }
         identity = try CertifiedIdentity(certificate: certificate)
         revocations = RevocationList(directory)
+        serial = certificate.serialNumber.hex
         do {
             let chain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map {
                 NIOSSLCertificateSource.certificate($0)
@@ -65,6 +68,16 @@ public struct NodeCredentials: Sendable {
         } catch {
             throw CertificateError("cannot load the TLS credentials of \(name) from \(directory): \(error)")
         }
+    }
+
+    /// Refuses credentials whose own certificate is on the folder's revocation list: every peer would
+    /// refuse them, so a process that started with them could reach nobody.
+    public func checkNotRevoked() throws(CertificateError) {
+        guard try revocations.contains(serial: serial) else { return }
+        throw CertificateError(
+            "the certificate of \(identity.nodeID) (serial \(serial)) is on the revocation list; issue a new one "
+                + "(tessera certs issue)"
+        )
     }
 
     /// The TLS handler that starts an accepted connection.

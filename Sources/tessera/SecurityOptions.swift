@@ -35,7 +35,9 @@ struct SecurityOptions: ParsableArguments {
             return .insecure
         }
         do {
-            return .mutualTLS(try NodeCredentials(directory: folder, name: name))
+            let credentials = try NodeCredentials(directory: folder, name: name)
+            try credentials.checkNotRevoked()
+            return .mutualTLS(credentials)
         } catch {
             throw usageFailure("\(error.message) (or run with --insecure)")
         }

@@ -50,10 +50,12 @@ import Workloads
             certificate: CertifiedIdentity? = nil,
             _ body: @escaping @Sendable (PeerConnection) async throws -> T
         ) async throws -> T {
-            let credentials = try certificates.credentials(
-                for: certificate
-                    ?? CertifiedIdentity(role: identity.role, nodeID: identity.nodeID, tenant: identity.tenant)
-            )
+            let wanted =
+                certificate ?? CertifiedIdentity(role: identity.role, nodeID: identity.nodeID, tenant: identity.tenant)
+            // The certificate on disk as it is, revoked or not: what its holder would present.
+            let onDisk = try? NodeCredentials(directory: certificates, name: wanted.nodeID)
+            let credentials =
+                try onDisk.flatMap { $0.identity == wanted ? $0 : nil } ?? certificates.credentials(for: wanted)
             return try await Transport.withConnection(
                 to: address,
                 handshake: Handshake(local: identity),
@@ -227,6 +229,12 @@ import Workloads
             let owner = NodeIdentity(role: .client, nodeID: "owner", incarnation: 1, tenant: "owner")
             _ = try await cluster.connect(to: cluster.coordinator, as: owner) { try await $0.request(status) }
             _ = try await cluster.ownerView(step: 1)
+            // Credentials asked for again are issued anew rather than the revoked ones reused.
+            let reissued = try cluster.certificates.credentials(
+                for: CertifiedIdentity(role: .client, nodeID: "laptop", tenant: "owner")
+            )
+            try reissued.checkNotRevoked()
+            _ = try await cluster.connect(to: cluster.coordinator, as: laptop) { try await $0.request(status) }
         }
     }
 
