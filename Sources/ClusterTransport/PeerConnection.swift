@@ -4,6 +4,7 @@ package import ClusterWire
 package import Logging
 import Metrics
 import Synchronization
+import Tracing
 
 /// Answers requests that arrive on a connection. Returning nil sends nothing back (for one-way
 /// messages); throwing a `WireError` sends it as an error frame with the request's id.
@@ -84,7 +85,8 @@ package final class PeerConnection: Sendable {
             state.pending[id] = .awaiting(nil)
             return id
         }
-        let envelope = Tessera_V1_Envelope(requestID: id, body)
+        var envelope = Tessera_V1_Envelope(requestID: id, body)
+        envelope.injectCurrentTrace()
         let what = "\(envelope.bodyName) to \(peer)"
         do {
             try await outbound.write(envelope)
@@ -128,8 +130,9 @@ package final class PeerConnection: Sendable {
 
     /// Sends a one-way message (no reply expected).
     package func notify(_ body: Tessera_V1_Envelope.OneOf_Body) async throws {
-        let id = state.withLock { $0.takeID() }
-        try await outbound.write(Tessera_V1_Envelope(requestID: id, body))
+        var envelope = Tessera_V1_Envelope(requestID: state.withLock { $0.takeID() }, body)
+        envelope.injectCurrentTrace()
+        try await outbound.write(envelope)
     }
 
     /// Ends request `id` with `error`; one still being set up keeps the error until it waits.
@@ -295,6 +298,14 @@ package final class PeerConnection: Sendable {
         }
     }
 
+    private func spanAttributes(_ request: Tessera_V1_Envelope) -> SpanAttributes {
+        var attributes: SpanAttributes = [
+            "rpc.system": "tessera", "rpc.method": .string(request.bodyName), "tessera.peer": .string(peer.nodeID),
+        ]
+        if let sequenceID = request.body?.sequenceID { attributes["tessera.sequence.id"] = "\(sequenceID)" }
+        return attributes
+    }
+
     private func answer(_ request: Tessera_V1_Envelope, handler: any EnvelopeHandler) async {
         let start = ContinuousClock.now
         let type = request.bodyName
@@ -306,7 +317,13 @@ package final class PeerConnection: Sendable {
         }
         let reply: Tessera_V1_Envelope
         do {
-            guard let body = try await handler.handle(request, from: self) else { return }
+            let answer = try await withSpan(
+                type,
+                continuing: request.traceContext,
+                ofKind: .server,
+                attributes: self.spanAttributes(request)
+            ) { try await handler.handle(request, from: self) }
+            guard let body = answer else { return }
             reply = Tessera_V1_Envelope(requestID: request.requestID, body)
         } catch let error as WireError where request.body?.kind == .oneWay {
             // The sender expects nothing back; an Error would only start an exchange of errors.

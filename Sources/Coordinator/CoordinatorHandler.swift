@@ -109,7 +109,7 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .openSequence(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
-            let sequence = try await openTightening(message)
+            let sequence = try await openTightening(message, trace: request.traceContext)
             let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
             if coordinator.logger.logLevel <= .debug {
                 let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
@@ -156,10 +156,13 @@ struct CoordinatorHandler: EnvelopeHandler {
 
     /// Admits the sequence; when memory or the tenant's quota is in use, first tightens admitted
     /// sequences (down to the floor ratio) and tries once more, so a refusal means nothing was left.
-    private func openTightening(_ message: Tessera_V1_OpenSequence) async throws -> OpenSequenceState {
+    private func openTightening(
+        _ message: Tessera_V1_OpenSequence,
+        trace: [String: String]
+    ) async throws -> OpenSequenceState {
         let refusal: WireError
         do {
-            return try await coordinator.state.open(message)
+            return try await coordinator.state.open(message, trace: trace)
         } catch {
             refusal = error
         }
@@ -168,7 +171,7 @@ struct CoordinatorHandler: EnvelopeHandler {
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
         do {
-            return try await coordinator.state.open(message)
+            return try await coordinator.state.open(message, trace: trace)
         } catch  where error.code == .resourceExhausted {
             let short = await coordinator.state.shortfall(tenant: message.tenant, estimate: estimate)
             Counter(

@@ -6,6 +6,7 @@ import ClusterWire
 import KVCacheCore
 public import Logging
 import Metrics
+import Tracing
 
 /// The coordinator process: membership and failure detection, admission and placement
 /// of new sequences, and the gather-allocate-scatter of per-layer budgets: once every layer's
@@ -179,49 +180,60 @@ public final class CoordinatorService: Sendable {
     }
 
     private func copy(_ plan: ReplicationPlan) async {
-        var message = Tessera_V1_CopyShard()
-        message.sequenceID = plan.sequenceID
-        message.shardID = plan.shardID
-        message.epoch = plan.epoch
-        message.target = plan.target.endpoint
-        let metadata: Logger.Metadata = [
-            "sequence.id": "\(plan.sequenceID)", "shard.id": "\(plan.shardID)", "peer.id": "\(plan.target.node)",
-        ]
-        let started = ContinuousClock.now
-        var copied: Tessera_V1_CopyShardAck?
-        do {
-            let reply = try await state.connection(for: plan.primary.node).request(
-                .copyShard(message),
-                timeout: .seconds(120)
-            )
-            guard case .copyShardAck(let ack) = reply else {
-                throw WireError(.internal, "the primary answered copy_shard with \(reply)")
+        await withSpan(
+            "re_replicate",
+            continuing: plan.trace,
+            attributes: [
+                "tessera.sequence.id": "\(plan.sequenceID)", "tessera.shard.id": .int64(Int64(plan.shardID)),
+                "tessera.target": .string(plan.target.node.rawValue),
+            ]
+        ) {
+            var message = Tessera_V1_CopyShard()
+            message.sequenceID = plan.sequenceID
+            message.shardID = plan.shardID
+            message.epoch = plan.epoch
+            message.target = plan.target.endpoint
+            let metadata: Logger.Metadata = [
+                "sequence.id": "\(plan.sequenceID)", "shard.id": "\(plan.shardID)", "peer.id": "\(plan.target.node)",
+            ]
+            let started = ContinuousClock.now
+            var copied: Tessera_V1_CopyShardAck?
+            do {
+                let reply = try await state.connection(for: plan.primary.node).request(
+                    .copyShard(message),
+                    timeout: .seconds(120)
+                )
+                guard case .copyShardAck(let ack) = reply else {
+                    throw WireError(.internal, "the primary answered copy_shard with \(reply)")
+                }
+                copied = ack
+            } catch {
+                logger.warning(
+                    "re-replication failed; will retry",
+                    metadata: metadata.merging(["error": "\(error)"]) { $1 }
+                )
             }
-            copied = ack
-        } catch {
-            logger.warning(
-                "re-replication failed; will retry",
-                metadata: metadata.merging(["error": "\(error)"]) { $1 }
+            guard let copied else {
+                _ = await state.finishCopy(plan, succeeded: false)
+                Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "error")]).increment()
+                return
+            }
+            guard await state.finishCopy(plan, succeeded: true) else {
+                Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "superseded")]).increment()
+                return
+            }
+            Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "ok")]).increment()
+            Counter(label: TesseraMetrics.reReplicatedBytesTotal).increment(
+                by: Int64(clamping: copied.transferredBytes)
+            )
+            logger.info(
+                "re-replicated",
+                metadata: metadata.merging([
+                    "bytes": "\(copied.transferredBytes)",
+                    "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
+                ]) { $1 }
             )
         }
-        guard let copied else {
-            _ = await state.finishCopy(plan, succeeded: false)
-            Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "error")]).increment()
-            return
-        }
-        guard await state.finishCopy(plan, succeeded: true) else {
-            Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "superseded")]).increment()
-            return
-        }
-        Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "ok")]).increment()
-        Counter(label: TesseraMetrics.reReplicatedBytesTotal).increment(by: Int64(clamping: copied.transferredBytes))
-        logger.info(
-            "re-replicated",
-            metadata: metadata.merging([
-                "bytes": "\(copied.transferredBytes)",
-                "millis": "\(Int((ContinuousClock.now - started) / .milliseconds(1)))",
-            ]) { $1 }
-        )
     }
 
     /// Promotes replicas of the shards dead workers held, tells every remaining holder its new role
@@ -243,29 +255,32 @@ public final class CoordinatorService: Sendable {
         await withDiscardingTaskGroup { group in
             for (id, sequence) in moved {
                 group.addTask {
-                    do {
-                        try await self.announce(id, sequence)
-                        self.logger.info(
-                            "failed over",
-                            metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"]
-                        )
-                    } catch {
-                        self.logger.error(
-                            "failover announcement failed",
-                            metadata: ["sequence.id": "\(id)", "error": "\(error)"]
-                        )
-                    }
-                    // One-way: a client that does not hear it learns the placement when its next
-                    // request to the old primary is refused, or when it reconnects to the coordinator.
-                    var moved = Tessera_V1_PlacementMoved()
-                    moved.placement = Self.placement(id, sequence)
-                    for client in await self.state.watchers(of: id) {
-                        try? await client.notify(.placementMoved(moved))
-                    }
+                    await withSpan(
+                        "failover",
+                        continuing: sequence.trace,
+                        attributes: ["tessera.sequence.id": "\(id)", "tessera.epoch": "\(sequence.epoch)"]
+                    ) { await self.moveAnnounced(id, sequence) }
                 }
             }
         }
         return moved.count
+    }
+
+    /// Tells the holders of a failed-over sequence, then its watching clients, where it lives now.
+    private func moveAnnounced(_ id: UInt64, _ sequence: OpenSequenceState) async {
+        do {
+            try await announce(id, sequence)
+            logger.info("failed over", metadata: ["sequence.id": "\(id)", "epoch": "\(sequence.epoch)"])
+        } catch {
+            logger.error("failover announcement failed", metadata: ["sequence.id": "\(id)", "error": "\(error)"])
+        }
+        // One-way: a client that does not hear it learns the placement when its next request to
+        // the old primary is refused, or when it reconnects to the coordinator.
+        var moved = Tessera_V1_PlacementMoved()
+        moved.placement = Self.placement(id, sequence)
+        for client in await state.watchers(of: id) {
+            try? await client.notify(.placementMoved(moved))
+        }
     }
 
     /// Tells every holder of each shard its part of the sequence (role, replicas, epoch): before the
@@ -298,45 +313,51 @@ public final class CoordinatorService: Sendable {
     /// whether every copy applied them (compression is deterministic, so replicas end up with the
     /// primary's bytes; accounting counts the primaries').
     func assignBudgets(sequenceID: UInt64, _ sequence: OpenSequenceState, _ assign: BudgetLifecycle.Assign) async {
-        let metadata: Logger.Metadata = ["sequence.id": "\(sequenceID)", "retention": "\(assign.retention)"]
-        var everyCopyApplied = true
-        var held: UInt64 = 0
-        do {
-            let budgets = try BudgetAllocator.allocate(
-                policy: sequence.policy,
-                retention: assign.retention,
-                geometry: sequence.geometry,
-                statistics: (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
-            )
-            for shard in sequence.shards {
-                let message = try budgets.filter { shard.layers.contains($0.layer) }
-                    .proto(sequenceID: sequenceID, epoch: sequence.epoch)
-                for holder in shard.holders {
-                    do {
-                        let reply = try await state.connection(for: holder.node).request(.assignBudget(message))
-                        guard case .budgetApplied(let applied) = reply else {
-                            throw WireError(.internal, "\(holder.node) answered assign_budget with \(reply)")
+        await withSpan(
+            "budget_cycle",
+            continuing: sequence.trace,
+            attributes: ["tessera.sequence.id": "\(sequenceID)", "tessera.retention": .double(assign.retention)]
+        ) {
+            let metadata: Logger.Metadata = ["sequence.id": "\(sequenceID)", "retention": "\(assign.retention)"]
+            var everyCopyApplied = true
+            var held: UInt64 = 0
+            do {
+                let budgets = try BudgetAllocator.allocate(
+                    policy: sequence.policy,
+                    retention: assign.retention,
+                    geometry: sequence.geometry,
+                    statistics: (0..<sequence.geometry.layers).compactMap { sequence.statistics[$0] }
+                )
+                for shard in sequence.shards {
+                    let message = try budgets.filter { shard.layers.contains($0.layer) }
+                        .proto(sequenceID: sequenceID, epoch: sequence.epoch)
+                    for holder in shard.holders {
+                        do {
+                            let reply = try await state.connection(for: holder.node).request(.assignBudget(message))
+                            guard case .budgetApplied(let applied) = reply else {
+                                throw WireError(.internal, "\(holder.node) answered assign_budget with \(reply)")
+                            }
+                            if holder == shard.primary { held = held.saturatingSum(applied.kvBytes) }
+                        } catch {
+                            everyCopyApplied = false
+                            logger.warning(
+                                "a copy did not apply its budget",
+                                metadata: metadata.merging(["peer.id": "\(holder.node)", "error": "\(error)"]) { $1 }
+                            )
                         }
-                        if holder == shard.primary { held = held.saturatingSum(applied.kvBytes) }
-                    } catch {
-                        everyCopyApplied = false
-                        logger.warning(
-                            "a copy did not apply its budget",
-                            metadata: metadata.merging(["peer.id": "\(holder.node)", "error": "\(error)"]) { $1 }
-                        )
                     }
                 }
+            } catch {
+                everyCopyApplied = false
+                logger.error("budget allocation failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             }
-        } catch {
-            everyCopyApplied = false
-            logger.error("budget allocation failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
-        }
-        let phase = await state.finishAssignment(sequenceID, everyCopyApplied: everyCopyApplied, primaryBytes: held)
-        if case .retrying(_, let attempt, let due) = phase {
-            logger.warning(
-                "budget assignment will be retried",
-                metadata: metadata.merging(["attempt": "\(attempt)", "due": "\(due)"]) { $1 }
-            )
+            let phase = await state.finishAssignment(sequenceID, everyCopyApplied: everyCopyApplied, primaryBytes: held)
+            if case .retrying(_, let attempt, let due) = phase {
+                logger.warning(
+                    "budget assignment will be retried",
+                    metadata: metadata.merging(["attempt": "\(attempt)", "due": "\(due)"]) { $1 }
+                )
+            }
         }
     }
 

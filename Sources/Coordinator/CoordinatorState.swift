@@ -67,6 +67,9 @@ struct OpenSequenceState: Sendable {
     /// Every holder has acknowledged its shard assignment (or reported the copy it holds): a repeated
     /// open is answered with the placement from then on, and told to retry before.
     var announced = false
+    /// The trace context the open came with (`Envelope.trace_context`): the coordinator's own work on
+    /// the sequence (its budget cycles, failovers, copies) joins that trace. Empty when untraced.
+    var trace: [String: String] = [:]
 }
 
 /// What a worker declared dead may still hold: the copies it had, until its lease lapses (it cannot
@@ -85,6 +88,8 @@ struct ReplicationPlan: Sendable {
     var epoch: UInt64
     var primary: ShardHolder
     var target: ShardHolder
+    /// The sequence's trace context, which the copy joins.
+    var trace: [String: String] = [:]
 }
 
 /// The coordinator's soft state: membership, open sequences (with their placement) and admission.
@@ -533,7 +538,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     shardID: shard.id,
                     epoch: sequence.epoch,
                     primary: shard.primary,
-                    target: ShardHolder(node: target, address: address)
+                    target: ShardHolder(node: target, address: address),
+                    trace: sequence.trace
                 )
             )
         }
@@ -689,7 +695,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// The same open again from the same tenant (a client's retry after a lost answer, or a frame
     /// delivered twice) gets the sequence as it is now once it is announced, and is told to retry
     /// while the first is still being announced; a different one with an id in use is refused.
-    func open(_ request: Tessera_V1_OpenSequence) throws(WireError) -> OpenSequenceState {
+    /// `trace` is the trace context the open came with.
+    func open(_ request: Tessera_V1_OpenSequence, trace: [String: String] = [:]) throws(WireError) -> OpenSequenceState
+    {
         guard !request.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
         var message = request
         if message.sequenceID == 0 { message.sequenceID = freeSequenceID() }
@@ -791,7 +799,8 @@ actor CoordinatorState<Link: CoordinatorLink> {
             shards: shards,
             budget: BudgetLifecycle(retention: retention),
             decodeAllowance: decodeAllowance,
-            copies: replication
+            copies: replication,
+            trace: trace
         )
         sequences[message.sequenceID] = state
         return state

@@ -5,6 +5,7 @@ import ClusterWire
 import Foundation
 import KVCacheCore
 public import Logging
+import Tracing
 import Workloads
 
 /// A snapshot for the live progress line.
@@ -214,10 +215,24 @@ struct SequenceDriver: Sendable {
         }
     }
 
-    /// One sequence, start to end; failures are counted, never thrown. Returns whether it completed.
+    /// One sequence, start to end, as one trace (exported when the process bootstrapped a tracer);
+    /// failures are counted, never thrown. Returns whether it completed.
     func runSequence(_ index: Int, due: ContinuousClock.Instant?) async -> Bool {
         let policy = plan.policies[policyIndex]
         let sequenceID = UInt64(policyIndex + 1) << 32 | UInt64(index)
+        return await withSpan("sequence", ofKind: .client) { span in
+            span.attributes["tessera.sequence.id"] = "\(sequenceID)"
+            span.attributes["tessera.policy"] = policy.name
+            return await drive(index, id: sequenceID, policy: policy, due: due)
+        }
+    }
+
+    private func drive(
+        _ index: Int,
+        id sequenceID: UInt64,
+        policy: BenchPlan.Policy,
+        due: ContinuousClock.Instant?
+    ) async -> Bool {
         let audited = plan.isAudited(index)
         await recorder.started()
         let source: SequenceSource

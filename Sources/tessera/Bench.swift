@@ -39,7 +39,9 @@ struct Bench: AsyncParsableCommand {
 
     func run() async throws {
         let plan = try options.plan()
-        let outcome = try await options.execute(plan)
+        let outcome = try await options.tracing.exporting(service: "tessera-bench", instance: "bench") {
+            try await options.execute(plan)
+        }
         Terminal.output(BenchTable.render(outcome.report))
         try options.write(outcome)
     }
@@ -137,6 +139,9 @@ struct BenchOptions: ParsableArguments {
     var logLevel = "error"
 
     @OptionGroup(title: "Hosts (with --local)") var hosts: HostOptions
+
+    @OptionGroup(title: "Tracing (each sequence one trace, with --local the cluster's spans too)")
+    var tracing: TracingOptions
 
     @OptionGroup(title: "Security (with --coordinator; --local makes a throw-away CA unless --insecure)")
     var security: ClientSecurityOptions
@@ -279,7 +284,7 @@ struct BenchOptions: ParsableArguments {
         var launch = LocalCluster.Options(
             binary: LocalCluster.currentBinary,
             workers: workers,
-            childArguments: ["--log-level", logLevel]
+            childArguments: ["--log-level", logLevel] + tracing.childArguments
         )
         launch.coordinatorArguments = [
             "--memory-limit-bytes", "\(memoryLimitBytes)", "--floor-ratio", "\(floorRatio)", "--replication",

@@ -64,7 +64,7 @@ struct ClusterCommand: AsyncParsableCommand {
             var options = LocalCluster.Options(
                 binary: LocalCluster.currentBinary,
                 workers: count,
-                childArguments: ["--log-level", process.logLevel],
+                childArguments: ["--log-level", process.logLevel] + process.tracing.childArguments,
                 readyTimeout: .seconds(settings.cluster.readyTimeoutSeconds)
             )
             // A process killed to test a fault is logged; the rest of the cluster keeps serving.

@@ -115,6 +115,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
                 },
             ],
             options: process,
+            traced: ("tessera-coordinator", "coordinator"),
             logger: logger
         )
     }

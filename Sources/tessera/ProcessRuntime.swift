@@ -32,6 +32,8 @@ struct ProcessOptions: ParsableArguments {
     )
     var adminTokenFile: String?
 
+    @OptionGroup(title: "Tracing") var tracing: TracingOptions
+
     func bootstrapLogging() throws -> Logger {
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw usageFailure(
@@ -95,8 +97,16 @@ func adminService(
 }
 
 /// Runs `services` until SIGINT/SIGTERM (graceful: exit 0) or, with the lifeline, until stdin closes.
-func runServices(_ services: [any Service], options: ProcessOptions, logger: Logger) async throws {
-    var all = services.map {
+/// With `traced` (the process's service name and instance), traces are exported when
+/// `options.tracing` says so; the exporter stops last, so it flushes the others' final spans.
+func runServices(
+    _ services: [any Service],
+    options: ProcessOptions,
+    traced: (service: String, instance: String)? = nil,
+    logger: Logger
+) async throws {
+    let exporter = try traced.flatMap { try options.tracing.bootstrap(service: $0.service, instance: $0.instance) }
+    var all = ([exporter].compactMap { $0 } + services).map {
         ServiceGroupConfiguration.ServiceConfiguration(
             service: $0,
             successTerminationBehavior: .gracefullyShutdownGroup,

@@ -94,6 +94,7 @@ struct WorkerCommand: AsyncParsableCommand {
                 },
             ],
             options: process,
+            traced: ("tessera-worker", id),
             logger: logger
         )
     }

@@ -33,6 +33,11 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
   /// reply. 0 for messages that expect no reply.
   package var requestID: UInt64 = 0
 
+  /// The sender's trace context, as its OpenTelemetry propagator writes it (W3C: `traceparent` and
+  /// `tracestate`), so that a request joins the trace its sender is in. Empty when the sender traces
+  /// nothing; a receiver makes spans only for requests that carry one.
+  package var traceContext: Dictionary<String,String> = [:]
+
   /// The message. An Envelope without a body (or with a body this receiver does not know) is
   /// answered with ERROR_CODE_BAD_REQUEST.
   package var body: Tessera_V1_Envelope.OneOf_Body? = nil
@@ -380,7 +385,7 @@ fileprivate nonisolated let _protobuf_package = "tessera.v1"
 
 nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{2}\u{9}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{3}leave_cluster\0\u{3}leave_ack\0\u{4}\u{3}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{3}trace_context\0\u{2}\u{8}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{3}leave_cluster\0\u{3}leave_ack\0\u{4}\u{3}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -389,6 +394,7 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.requestID) }()
+      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.traceContext) }()
       case 10: try {
         var v: Tessera_V1_Hello?
         var hadOneofValue = false
@@ -792,6 +798,9 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
     if self.requestID != 0 {
       try visitor.visitSingularUInt64Field(value: self.requestID, fieldNumber: 1)
     }
+    if !self.traceContext.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.traceContext, fieldNumber: 2)
+    }
     switch self.body {
     case .hello?: try {
       guard case .hello(let v)? = self.body else { preconditionFailure() }
@@ -920,6 +929,7 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
 
   package static func ==(lhs: Tessera_V1_Envelope, rhs: Tessera_V1_Envelope) -> Bool {
     if lhs.requestID != rhs.requestID {return false}
+    if lhs.traceContext != rhs.traceContext {return false}
     if lhs.body != rhs.body {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
