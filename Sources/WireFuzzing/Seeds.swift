@@ -6,15 +6,16 @@ import Workloads
 extension WireFuzzing {
     /// One valid frame (4-byte length and Envelope) of every body type, named after the body's proto
     /// field ("open_sequence"); more for bodies with several shapes ("prefill-synthetic",
-    /// "shard_transfer-layer"); and "stream", all of them back to back. Every seed passes every
-    /// check `run` applies, so mutations start from the deepest paths. `Fuzz/Corpus/` holds them as
-    /// files (`scripts/fuzz.sh seed` writes them).
+    /// "shard_transfer-layer") and for a request in a trace ("decode-traced"); and "stream", all of
+    /// them back to back. Every seed passes every check `run` applies, so mutations start from the
+    /// deepest paths. `Fuzz/Corpus/` holds them as files (`scripts/fuzz.sh seed` writes them).
     public static func seedCorpus() -> [(name: String, bytes: [UInt8])] {
         let seeds: [(name: String, bytes: [UInt8])]
         do {
             seeds = try Seeds.bodies().enumerated().map { index, seed in
                 var frame = ByteBuffer()
-                let envelope = Tessera_V1_Envelope(requestID: UInt64(index), seed.body)
+                var envelope = Tessera_V1_Envelope(requestID: UInt64(index), seed.body)
+                if seed.variant == "traced" { envelope.traceContext = Seeds.traceContext }
                 try FrameEncoder().encode(data: try envelope.serializedFrame(), out: &frame)
                 let name = seed.variant.map { "\(seed.body.name)-\($0)" } ?? seed.body.name
                 return (name, Array(frame.readableBytesView))
@@ -30,6 +31,11 @@ extension WireFuzzing {
 /// text), small enough that the fuzzer runs fast.
 enum Seeds {
     static let geometry = ModelGeometry.tiny
+    /// What a sender in an OpenTelemetry trace adds to its requests (W3C trace context).
+    static let traceContext = [
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate": "vendor=opaque",
+    ]
 
     static let layout: PromptLayout = {
         do {
@@ -251,6 +257,7 @@ enum Seeds {
         decode.step = 1
         decode.layers = [try step.proto(layer: 2, geometry: geometry)]
         add(.decode(decode))
+        add(.decode(decode), "traced")
 
         var result = Tessera_V1_DecodeResult()
         result.sequenceID = sequenceID
