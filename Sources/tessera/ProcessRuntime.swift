@@ -105,7 +105,9 @@ func runServices(
     traced: (service: String, instance: String)? = nil,
     logger: Logger
 ) async throws {
-    let exporter = try traced.flatMap { try options.tracing.bootstrap(service: $0.service, instance: $0.instance) }
+    let exporter = try traced.flatMap {
+        try options.tracing.bootstrap(service: $0.service, instance: $0.instance, logger: logger)
+    }
     var all = ([exporter].compactMap { $0 } + services).map {
         ServiceGroupConfiguration.ServiceConfiguration(
             service: $0,

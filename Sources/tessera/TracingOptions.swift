@@ -25,7 +25,8 @@ struct TracingOptions: ParsableArguments {
     static var environmentEndpoint: String? {
         let environment = ProcessInfo.processInfo.environment
         guard environment["OTEL_SDK_DISABLED"]?.lowercased() != "true" else { return nil }
-        return environment["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] ?? environment["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        let endpoint = environment["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] ?? environment["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        return endpoint?.isEmpty == false ? endpoint : nil
     }
 
     /// Makes this process's tracer when an endpoint is configured: `InstrumentationSystem` is
@@ -35,15 +36,20 @@ struct TracingOptions: ParsableArguments {
     /// - Parameters:
     ///   - service: the `service.name` of the spans (`OTEL_SERVICE_NAME` overrides it).
     ///   - instance: the `service.instance.id`, the node id of a cluster process.
-    func bootstrap(service: String, instance: String) throws -> (any Service)? {
+    ///   - logger: where the exporter reports trouble (an unreachable collector, say).
+    func bootstrap(service: String, instance: String, logger: Logger) throws -> (any Service)? {
         guard otlpEndpoint != nil || Self.environmentEndpoint != nil else { return nil }
         var configuration = OTel.Configuration.default
         configuration.serviceName = service
+        configuration.diagnosticLogger = .custom(logger)
         configuration.resourceAttributes["service.instance.id"] = instance
         configuration.metrics.enabled = false  // metrics are Prometheus's, on the admin endpoint
         configuration.logs.enabled = false  // logs go to standard error
         configuration.traces.exporter = .otlp
         configuration.traces.otlpExporter.protocol = .httpProtobuf
+        // An export gives up after this (10 s by default), so an unreachable collector holds up a
+        // process's exit by seconds at most; a batch is at most 512 spans of a few hundred bytes.
+        configuration.traces.otlpExporter.timeout = .seconds(3)
         if let otlpEndpoint {
             guard let url = URL(string: otlpEndpoint), ["http", "https"].contains(url.scheme), url.host != nil else {
                 throw usageFailure("--otlp-endpoint must be an http:// or https:// URL, got '\(otlpEndpoint)'")
@@ -62,8 +68,11 @@ struct TracingOptions: ParsableArguments {
         instance: String,
         _ body: @escaping @Sendable () async throws -> T
     ) async throws -> T {
-        guard let exporter = try bootstrap(service: service, instance: instance) else { return try await body() }
-        let group = ServiceGroup(services: [exporter], logger: Logger(label: "tessera.tracing"))
+        let logger = Logger(label: "tessera.tracing")
+        guard let exporter = try bootstrap(service: service, instance: instance, logger: logger) else {
+            return try await body()
+        }
+        let group = ServiceGroup(services: [exporter], logger: logger)
         return try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
             let result: Result<T, any Error>
