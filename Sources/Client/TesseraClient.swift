@@ -64,11 +64,32 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
         public var liveSequences: Int
     }
 
+    /// An open sequence of the client's tenant.
+    public struct Sequence: Sendable, Codable, Hashable {
+        public var id: UInt64
+        /// `prefilling` until every copy applied its budget, then `decoding`.
+        public var state: String
+        public var policy: String
+        /// The retention it is compressed to (after any tightening), or will be.
+        public var retention: Double
+        public var promptLength: Int
+        /// Accounted bytes of one copy of each shard, the rows decode may add included.
+        public var kvBytes: UInt64
+        /// Moved by each failover.
+        public var epoch: UInt64
+        public var shards: Int
+    }
+
     public var workers: [Worker]
+    /// Open sequences of every tenant.
     public var sequences: Int
     public var totalKVBytes: UInt64
+    /// The cluster's memory limit on accounted bytes; 0 when there is none.
+    public var memoryLimitBytes: UInt64
     /// Shards with fewer live copies than the replication factor allows (being re-replicated).
     public var underReplicatedShards: Int
+    /// The client's tenant's open sequences, when asked for (`status(includeSequences:)`).
+    public var openSequences: [Sequence]?
 }
 
 /// The client library: opens sequences through the coordinator, then talks to the workers directly,
@@ -426,11 +447,29 @@ public final class TesseraClient: Sendable {
         }
     }
 
-    public func status() async throws -> ClusterStatus {
-        guard case .statusReply(let reply) = try await coordinator.request(.statusRequest(.init())) else {
+    /// The cluster's members and figures; with `includeSequences`, also this tenant's open sequences.
+    public func status(includeSequences: Bool = false) async throws -> ClusterStatus {
+        var request = Tessera_V1_StatusRequest()
+        request.includeSequences = includeSequences
+        guard case .statusReply(let reply) = try await coordinator.request(.statusRequest(request)) else {
             throw WireError(.badRequest, "the coordinator answered status with something else")
         }
-        return ClusterStatus(reply)
+        var status = ClusterStatus(reply)
+        if includeSequences {
+            status.openSequences = reply.sequences.map { sequence in
+                ClusterStatus.Sequence(
+                    id: sequence.sequenceID,
+                    state: sequence.state == .decoding ? "decoding" : "prefilling",
+                    policy: sequence.policy,
+                    retention: sequence.retention,
+                    promptLength: Int(sequence.promptLength),
+                    kvBytes: sequence.kvBytes,
+                    epoch: sequence.epoch,
+                    shards: Int(sequence.shardCount)
+                )
+            }
+        }
+        return status
     }
 
     /// Sends each shard's requests to its primary, the shards concurrently: one per `layersPerPart`
@@ -568,6 +607,7 @@ extension ClusterStatus {
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes
+        memoryLimitBytes = reply.memoryCapacityBytes
         underReplicatedShards = Int(reply.underReplicatedShards)
     }
 }

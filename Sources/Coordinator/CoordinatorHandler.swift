@@ -145,8 +145,13 @@ struct CoordinatorHandler: EnvelopeHandler {
             ack.sequenceID = message.sequenceID
             ack.freedBytes = freed
             return .closeAck(ack)
-        case .statusRequest:
-            var reply = await state.status()
+        case .statusRequest(let message):
+            // A client sees its own tenant's sequences only (insecure clients, certified as no tenant,
+            // see every one, as insecure mode trusts all); the cluster's figures are everyone's.
+            var reply = await state.status(
+                includeSequences: message.includeSequences,
+                tenant: peer.role == .client ? peer.tenant : nil
+            )
             reply.coordinatorID = coordinator.configuration.nodeID
             return .statusReply(reply)
         default:

@@ -1118,7 +1118,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
         )
     }
 
-    func status() -> Tessera_V1_StatusReply {
+    /// The cluster's status; with `includeSequences`, also the open sequences of `tenant` (of every
+    /// tenant when nil).
+    func status(includeSequences: Bool = false, tenant: String? = nil) -> Tessera_V1_StatusReply {
         var reply = Tessera_V1_StatusReply()
         let shards = sequences.values.flatMap(\.shards)
         for member in membership.members {
@@ -1149,6 +1151,25 @@ actor CoordinatorState<Link: CoordinatorLink> {
         reply.sequenceCount = UInt32(sequences.count)
         reply.underReplicatedShards = UInt32(underReplicatedShards)
         reply.membershipVersion = membershipVersion
+        reply.memoryCapacityBytes = admission.memoryLimitBytes
+        if includeSequences {
+            reply.sequences = sequences.filter { tenant == nil || $0.value.tenant == tenant }.sorted {
+                $0.key < $1.key
+            }.map { id, sequence in
+                var status = Tessera_V1_SequenceStatus()
+                status.tenant = sequence.tenant
+                status.sequenceID = id
+                status.state = sequence.budget.isCompressed ? .decoding : .prefilling
+                status.promptLength = UInt32(sequence.layout.promptLength)
+                // Charged for every copy; reported, as a worker reports one, per copy.
+                status.kvBytes = (admission.sequence(id)?.chargedBytes ?? 0) / UInt64(max(1, sequence.copies))
+                status.policy = sequence.policy.name
+                status.retention = sequence.budget.compressedRetention ?? sequence.budget.retention
+                status.epoch = sequence.epoch
+                status.shardCount = UInt32(sequence.shards.count)
+                return status
+            }
+        }
         return reply
     }
 }

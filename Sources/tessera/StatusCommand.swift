@@ -13,7 +13,10 @@ struct StatusCommand: AsyncParsableCommand {
         discussion: """
             With --json prints {"workers":[{"id","address","state","primaryShards","replicaShards","kvBytes",...}],\
             "sequences":N,...} where state is alive, suspect or dead, and a worker's shards are those of open \
-            sequences it holds as the primary or as a replica.
+            sequences it holds as the primary or as a replica. With --sequences, also the open sequences of \
+            this client's tenant (the one its certificate names): id, state (prefilling until every copy applied \
+            its budget, then decoding), policy and retention, prompt length, accounted bytes per copy, epoch \
+            and shards; in JSON as "openSequences".
             """
     )
 
@@ -22,6 +25,9 @@ struct StatusCommand: AsyncParsableCommand {
 
     @Flag(help: "Print JSON instead of a table.")
     var json = false
+
+    @Flag(help: "Also list this tenant's open sequences.")
+    var sequences = false
 
     @OptionGroup var security: ClientSecurityOptions
 
@@ -37,7 +43,7 @@ struct StatusCommand: AsyncParsableCommand {
                 security: transport,
                 nodeID: "status-\(processID)",
                 logger: logger
-            ) { client in try await client.status() }
+            ) { client in try await client.status(includeSequences: sequences) }
         } catch {
             Terminal.error("error: cannot read the status of \(address): \(error)\n")
             throw ExitCode(1)
@@ -51,7 +57,8 @@ struct StatusCommand: AsyncParsableCommand {
         }
         Terminal.output(
             "\(status.workers.count) workers, \(status.sequences) sequences, "
-                + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV accounted"
+                + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV held"
+                + (status.memoryLimitBytes > 0 ? " of a \(ResultTable.bytes(Int(status.memoryLimitBytes))) limit" : "")
                 + (status.underReplicatedShards > 0
                     ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n")
         )
@@ -65,6 +72,21 @@ struct StatusCommand: AsyncParsableCommand {
                 ResultTable.bytes(Int(w.kvBytesByModality["video"] ?? 0)),
             ]
         }
+        Self.printTable(header, rows)
+        guard let open = status.openSequences else { return }
+        Terminal.output("\n\(open.count) open sequences of this tenant\n")
+        Self.printTable(
+            ["sequence", "state", "policy", "retention", "prompt", "kv bytes", "epoch", "shards"],
+            open.map { s in
+                [
+                    "\(s.id)", s.state, s.policy, ResultTable.format(s.retention, 3), "\(s.promptLength)",
+                    ResultTable.bytes(Int(s.kvBytes)), "\(s.epoch)", "\(s.shards)",
+                ]
+            }
+        )
+    }
+
+    private static func printTable(_ header: [String], _ rows: [[String]]) {
         let widths = header.indices.map { c in ([header[c]] + rows.map { $0[c] }).map(\.count).max()! }
         for row in [header] + rows {
             Terminal.output(

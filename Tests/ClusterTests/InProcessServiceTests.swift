@@ -94,11 +94,21 @@ import Workloads
                     let outputs = try await client.decode(inline, step: step, geometry: .tiny, inputs: inputs)
                     #expect(outputs == synthetic[step], "seed \(seed) step \(step)")
                 }
+                // Status lists the tenant's open sequences, compressed once every copy applied its budget.
+                let open = try #require(try await client.status(includeSequences: true).openSequences)
+                #expect(open.map(\.id) == [id, inline].sorted())
+                for sequence in open {
+                    #expect(sequence.state == "decoding" && sequence.policy == CompressionPolicy.vlCache(.init()).name)
+                    #expect(sequence.retention == 0.2 && sequence.shards == 1 && sequence.kvBytes > 0)
+                    #expect(sequence.promptLength == trace.layout.promptLength)
+                }
+                #expect(try await client.status().openSequences == nil)
                 #expect(try await client.close(inline) > 0)
                 // Another tenant cannot touch the sequence; a step out of order is refused.
                 let other = try certificates.security(.client, "other", tenant: "other")
                 try await TesseraClient.withClient(coordinator: address, security: other, logger: Self.logger) {
                     other in
+                    #expect(try await other.status(includeSequences: true).openSequences == [])
                     do {
                         _ = try await other.refreshPlacement(id)
                         Issue.record("another tenant read the placement")

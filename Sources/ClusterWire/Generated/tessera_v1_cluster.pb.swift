@@ -409,7 +409,8 @@ package nonisolated struct Tessera_V1_StatusRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// Include one SequenceStatus per open sequence (can be long).
+  /// Include one SequenceStatus per open sequence (can be long): from the coordinator, those of the
+  /// requesting client's tenant; from a worker, the copies it holds (its tenant's, for a client).
   package var includeSequences: Bool = false
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -497,6 +498,17 @@ package nonisolated struct Tessera_V1_SequenceStatus: Sendable {
 
   package var digest: UInt64 = 0
 
+  /// From the coordinator: the sequence's compression policy (its name, e.g. "snapkv"), the retention
+  /// it is compressed to now (after any tightening; the requested one until then), its epoch (moved
+  /// by each failover) and the shards its layers split into.
+  package var policy: String = String()
+
+  package var retention: Double = 0
+
+  package var epoch: UInt64 = 0
+
+  package var shardCount: UInt32 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -518,10 +530,10 @@ package nonisolated struct Tessera_V1_StatusReply: Sendable {
   /// Every worker the coordinator knows, dead ones included.
   package var workers: [Tessera_V1_WorkerStatus] = []
 
-  /// Open sequences, when StatusRequest.include_sequences was set.
+  /// Open sequences, when StatusRequest.include_sequences was set: the requesting tenant's.
   package var sequences: [Tessera_V1_SequenceStatus] = []
 
-  /// Number of open sequences (always set).
+  /// Number of open sequences of every tenant (always set).
   package var sequenceCount: UInt32 = 0
 
   /// Sum of the live workers' kv_bytes.
@@ -1098,7 +1110,7 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".SequenceStatus"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0\u{3}shard_id\0\u{1}primary\0\u{1}digest\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0\u{3}shard_id\0\u{1}primary\0\u{1}digest\0\u{1}policy\0\u{1}retention\0\u{1}epoch\0\u{3}shard_count\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1114,6 +1126,10 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.primary) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.digest) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.policy) }()
+      case 10: try { try decoder.decodeSingularDoubleField(value: &self.retention) }()
+      case 11: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 12: try { try decoder.decodeSingularUInt32Field(value: &self.shardCount) }()
       default: break
       }
     }
@@ -1144,6 +1160,18 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if self.digest != 0 {
       try visitor.visitSingularUInt64Field(value: self.digest, fieldNumber: 8)
     }
+    if !self.policy.isEmpty {
+      try visitor.visitSingularStringField(value: self.policy, fieldNumber: 9)
+    }
+    if self.retention.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.retention, fieldNumber: 10)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 11)
+    }
+    if self.shardCount != 0 {
+      try visitor.visitSingularUInt32Field(value: self.shardCount, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1156,6 +1184,10 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if lhs.shardID != rhs.shardID {return false}
     if lhs.primary != rhs.primary {return false}
     if lhs.digest != rhs.digest {return false}
+    if lhs.policy != rhs.policy {return false}
+    if lhs.retention != rhs.retention {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.shardCount != rhs.shardCount {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
