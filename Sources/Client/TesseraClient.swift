@@ -84,6 +84,9 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
     /// Open sequences of every tenant.
     public var sequences: Int
     public var totalKVBytes: UInt64
+    /// What the memory limit charges, read at one instant (`totalKVBytes` sums the workers' last
+    /// heartbeats, which are not).
+    public var accountedKVBytes: UInt64
     /// The cluster's memory limit on accounted bytes; 0 when there is none.
     public var memoryLimitBytes: UInt64
     /// Shards with fewer live copies than the replication factor allows (being re-replicated).
@@ -607,6 +610,7 @@ extension ClusterStatus {
         }
         sequences = Int(reply.sequenceCount)
         totalKVBytes = reply.totalKvBytes
+        accountedKVBytes = reply.accountedKvBytes
         memoryLimitBytes = reply.memoryCapacityBytes
         underReplicatedShards = Int(reply.underReplicatedShards)
     }

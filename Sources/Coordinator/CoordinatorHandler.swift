@@ -40,7 +40,11 @@ struct CoordinatorHandler: EnvelopeHandler {
             // copies that one held are gone.
             let replaced = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             if !replaced.isEmpty { await coordinator.failOver(dead: replaced) }
-            if !lostCopies.isEmpty { await coordinator.failOver(dead: [NodeID(peer.nodeID)], only: lostCopies) }
+            // Holders of rebuilt copies that hold nothing of them (restarted, or dropped them) are
+            // failed over for those sequences only.
+            for (holder, sequences) in lostCopies.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                await coordinator.failOver(dead: [holder], only: sequences)
+            }
             // Copies of sequences closed while this worker could not be told: it is told now (on this
             // connection, which serves its requests while it waits for the acknowledgement).
             for close in staleCopies {

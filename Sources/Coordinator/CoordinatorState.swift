@@ -216,7 +216,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     func register(
         _ message: Tessera_V1_RegisterWorker,
         connection: Link
-    ) throws(WireError) -> (changes: [MembershipChange], staleCopies: [Tessera_V1_Close], lostCopies: Set<UInt64>) {
+    ) throws(WireError) -> (
+        changes: [MembershipChange], staleCopies: [Tessera_V1_Close], lostCopies: [NodeID: Set<UInt64>]
+    ) {
         let nodeID = NodeID(message.endpoint.nodeID)
         let address = NodeAddress(host: message.endpoint.host, port: Int(message.endpoint.port))
         // A worker that timed out against a paused coordinator has given up on that connection and
@@ -252,7 +254,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                     throw WireError(.badRequest, "registration of \(nodeID) refused: \(reason)")
                 }
             }
-            return ([], [], [])
+            return ([], [], [:])
         }
         membershipVersion += 1
         // A later incarnation holds nothing of the dead one's: it restarted, or dropped everything.
@@ -266,16 +268,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         leftBehind[nodeID] = nil
         let previous = message.previousCoordinatorIncarnation
         if previous != 0 && previous != incarnation { replacesAnother = true }
-        let stale = restore(message.heldShards, closed: message.closedSequences, from: nodeID)
+        var (stale, lost) = restore(message.heldShards, closed: message.closedSequences, from: nodeID)
         // Rebuilt placements name holders by node id: a worker that restarted since holds nothing of
         // its earlier incarnation's copies, and must not be taken for their holder.
         let reported = Set(message.heldShards.map(\.assignment.sequenceID))
-        let lost = Set(
-            sequences.filter { id, sequence in
-                sequence.restoredBytes != nil && !reported.contains(id) && !reshaping.contains(id)
-                    && sequence.shards.contains { $0.holders.contains { $0.node == nodeID } }
-            }.keys
-        )
+        let own = sequences.filter { id, sequence in
+            sequence.restoredBytes != nil && !reported.contains(id) && !reshaping.contains(id)
+                && sequence.shards.contains { $0.holders.contains { $0.node == nodeID } }
+        }.keys
+        if !own.isEmpty { lost[nodeID, default: []].formUnion(own) }
         return (outcome.changes, stale, lost)
     }
 
@@ -363,7 +364,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         _ held: [Tessera_V1_HeldShard],
         closed: [Tessera_V1_ClosedSequence],
         from nodeID: NodeID
-    ) -> [Tessera_V1_Close] {
+    ) -> (stale: [Tessera_V1_Close], missing: [NodeID: Set<UInt64>]) {
         if isRebuilding {
             for record in closed {
                 closedThrough[record.sequenceID] = max(closedThrough[record.sequenceID] ?? 0, record.epoch)
@@ -373,6 +374,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
             }
         }
         var stale: [Tessera_V1_Close] = []
+        var missing: [NodeID: Set<UInt64>] = [:]
         for copy in held {
             let a = copy.assignment
             let closing = unconfirmedCloses[a.sequenceID]?.contains(nodeID) == true
@@ -407,9 +409,12 @@ actor CoordinatorState<Link: CoordinatorLink> {
             }
             let full = Self.charge(geometry, layout, decodeTokens: a.decodeTokens, copies: replication)
             var state: OpenSequenceState
+            // Rebuilt from this copy's assignment alone: no other copy of its epoch was reported yet.
+            var firstOfEpoch = true
             if let known = sequences[a.sequenceID] {
                 guard known.restoredBytes != nil, a.epoch >= known.epoch else { continue }
                 state = known
+                firstOfEpoch = a.epoch > state.epoch
                 if a.epoch > state.epoch {
                     for holder in Set(state.shards.flatMap(\.holders).map(\.node)) where holder != nodeID {
                         leftBehind[holder, default: [:]][a.sequenceID] = state.epoch
@@ -443,6 +448,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 )
             }
             if !copy.compressed { state.budget.copyUncompressed() }
+            // The assignment names the holders as they were. One that has registered here already
+            // without reporting this copy (it restarted, or dropped it) holds none: it must not be
+            // taken for a holder, let alone promoted. (One registering later is caught by
+            // `register`'s own check.)
+            if firstOfEpoch {
+                for holder in shard.holders where holder.node != nodeID && workers[holder.node] != nil {
+                    missing[holder.node, default: []].insert(a.sequenceID)
+                }
+            }
             if let known = state.shards.first(where: { $0.id == shard.id }) {
                 for holder in known.holders where !shard.holders.contains(where: { $0.node == holder.node }) {
                     shard.replicas.append(holder)
@@ -467,7 +481,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 kvBytes: state.budget.isCompressed ? reported : max(reported, full.estimate)
             )
         }
-        return stale
+        return (stale, missing)
     }
 
     /// Whether `nodeID`'s copy (as `assignment` describes it) belongs to no current placement: the
@@ -884,8 +898,9 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     /// Ends an assignment. When every copy applied it, admission charges what the shards' primaries
-    /// hold (replicas hold the same) plus room for the decode rows still to come; otherwise the
-    /// charge stays as it was (never below what the copies hold) and the assignment is retried.
+    /// hold (replicas hold the same) plus room for the decode rows still to come, never more than
+    /// before; otherwise the charge stays as it was (never below what the copies hold) and the
+    /// assignment is retried.
     /// Returns the phase the sequence moved to; nil once it closed.
     func finishAssignment(_ sequenceID: UInt64, everyCopyApplied: Bool, primaryBytes: UInt64) -> BudgetLifecycle.Phase?
     {
@@ -896,10 +911,15 @@ actor CoordinatorState<Link: CoordinatorLink> {
         if everyCopyApplied { sequence.restoredBytes = nil }
         sequences[sequenceID] = sequence
         if everyCopyApplied {
-            _ = admission.record(
-                sequenceID: sequenceID,
-                kvBytes: primaryBytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(sequence.decodeAllowance)
+            let reported = primaryBytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(
+                sequence.decodeAllowance
             )
+            // A tightening mid-decode: the primaries' bytes include the rows decoded since, which the
+            // allowance covers already. Counted twice, they could raise the charge past what was
+            // admitted against (tests saw the limit exceeded by 4%). A budget only takes prompt rows
+            // away, so what was charged before still bounds what is held.
+            let charged = admission.sequence(sequenceID)?.chargedBytes ?? reported
+            _ = admission.record(sequenceID: sequenceID, kvBytes: min(reported, charged))
         }
         return phase
     }
@@ -1152,6 +1172,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         reply.underReplicatedShards = UInt32(underReplicatedShards)
         reply.membershipVersion = membershipVersion
         reply.memoryCapacityBytes = admission.memoryLimitBytes
+        reply.accountedKvBytes = admission.totalBytes.saturatingSum(admission.reservedBytes)
         if includeSequences {
             reply.sequences = sequences.filter { tenant == nil || $0.value.tenant == tenant }.sorted {
                 $0.key < $1.key

@@ -57,7 +57,8 @@ struct StatusCommand: AsyncParsableCommand {
         }
         Terminal.output(
             "\(status.workers.count) workers, \(status.sequences) sequences, "
-                + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV held"
+                + "\(ResultTable.bytes(Int(status.totalKVBytes))) KV held, "
+                + "\(ResultTable.bytes(Int(status.accountedKVBytes))) accounted"
                 + (status.memoryLimitBytes > 0 ? " of a \(ResultTable.bytes(Int(status.memoryLimitBytes))) limit" : "")
                 + (status.underReplicatedShards > 0
                     ? ", \(status.underReplicatedShards) shards under-replicated\n" : "\n")

@@ -454,6 +454,13 @@ struct CoordinatorStateTests {
         _ = await state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
         time.advance(.milliseconds(250))
         #expect(await state.dueAssignments().map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.1)])
+        // Applied mid-decode, the primary holds fewer prompt rows but the rows decoded since, which
+        // the allowance covers already: the charge does not grow past what was admitted against.
+        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1200)
+        #expect(await state.admission.totalBytes == 2 * 1000 + decodeAllowance)
+        #expect(await state.beginTightening(1, floor: 0.02) != nil)
+        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 600)
+        #expect(await state.admission.totalBytes == 2 * 600 + decodeAllowance, "a smaller one is charged")
     }
 
     @Test func clientsWatchingASequenceAreToldOfItsFailover() async throws {
@@ -500,11 +507,34 @@ struct CoordinatorStateTests {
         var restarted = Self.registration(1)
         restarted.incarnation = 2
         let registered = try await state.register(restarted, connection: TestLink())
-        #expect(registered.lostCopies == [7])
-        let (moved, _) = await state.failOver(dead: [NodeID("worker-1")], only: registered.lostCopies)
+        #expect(registered.lostCopies == [NodeID("worker-1"): [7]])
+        let (moved, _) = await state.failOver(dead: [NodeID("worker-1")], only: [7])
         #expect(moved.map(\.id) == [7])
         #expect(moved[0].sequence.shards[0].holders.map(\.node) == [NodeID("worker-2")])
         #expect(moved[0].sequence.epoch > 10)
+    }
+
+    /// The same in the other order (simulation seed 2707 of crash, partition, stall and pause): the
+    /// restarted worker registers first, with nothing, then another reports a copy whose assignment
+    /// names it. It was later promoted to primary of a copy it never had, and the rebuild after the
+    /// next restart charged that empty, uncompressed copy its full size, past the memory limit.
+    @Test func aWorkerThatRegisteredWithoutACopyIsNotTakenForItsHolder() async throws {
+        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        var restarted = Self.registration(1)
+        restarted.incarnation = 2
+        #expect(try await state.register(restarted, connection: TestLink()).lostCopies.isEmpty)
+        let reporting = try await state.register(
+            Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
+            connection: TestLink()
+        )
+        #expect(reporting.lostCopies == [NodeID("worker-1"): [7]])
+        // A worker named as holder that has not registered yet may still report the copy: not lost.
+        let other = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        let first = try await other.register(
+            Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
+            connection: TestLink()
+        )
+        #expect(first.lostCopies.isEmpty)
     }
 
     /// While a copy of a sequence is being made, a worker that holds no shard of it and reports an

@@ -546,6 +546,12 @@ package nonisolated struct Tessera_V1_StatusReply: Sendable {
   /// re-replicated).
   package var underReplicatedShards: UInt32 = 0
 
+  /// What the memory limit charges now, read at once: every open sequence's estimate (or, once
+  /// compressed, its reported bytes) for every copy, and the copies workers given up may still hold.
+  /// Admission keeps it within memory_capacity_bytes; total_kv_bytes, summed from the workers' last
+  /// heartbeats (not taken at one instant), is what they hold.
+  package var accountedKvBytes: UInt64 = 0
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
@@ -1195,7 +1201,7 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".StatusReply"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}membership_version\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0\u{3}under_replicated_shards\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}coordinator_id\0\u{3}membership_version\0\u{1}workers\0\u{1}sequences\0\u{3}sequence_count\0\u{3}total_kv_bytes\0\u{3}memory_capacity_bytes\0\u{3}under_replicated_shards\0\u{3}accounted_kv_bytes\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1211,6 +1217,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.totalKvBytes) }()
       case 7: try { try decoder.decodeSingularUInt64Field(value: &self.memoryCapacityBytes) }()
       case 8: try { try decoder.decodeSingularUInt32Field(value: &self.underReplicatedShards) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.accountedKvBytes) }()
       default: break
       }
     }
@@ -1241,6 +1248,9 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
     if self.underReplicatedShards != 0 {
       try visitor.visitSingularUInt32Field(value: self.underReplicatedShards, fieldNumber: 8)
     }
+    if self.accountedKvBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.accountedKvBytes, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1253,6 +1263,7 @@ nonisolated extension Tessera_V1_StatusReply: SwiftProtobuf.Message, SwiftProtob
     if lhs.totalKvBytes != rhs.totalKvBytes {return false}
     if lhs.memoryCapacityBytes != rhs.memoryCapacityBytes {return false}
     if lhs.underReplicatedShards != rhs.underReplicatedShards {return false}
+    if lhs.accountedKvBytes != rhs.accountedKvBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
