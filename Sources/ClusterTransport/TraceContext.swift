@@ -5,8 +5,8 @@ package import Tracing
 /// sent in (`Envelope.trace_context`, written by whatever instrument the process bootstrapped; W3C
 /// `traceparent` and `tracestate` with OpenTelemetry), and the receiver answers it inside a server
 /// span of that trace. Tessera never starts a trace by itself: a request that carries no context gets
-/// no span (heartbeats, or any traffic when tracing is off), so untraced work costs one empty-map
-/// check per frame.
+/// no span (heartbeats, or any traffic when tracing is off), so untraced work costs an empty-map
+/// check and a task-local binding per request.
 extension Tessera_V1_Envelope {
     /// Writes the current task's trace context, if any, into `trace_context`.
     mutating func injectCurrentTrace() {
