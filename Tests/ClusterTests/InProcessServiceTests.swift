@@ -20,36 +20,13 @@ import Workloads
 
     static func serveASequence(_ certificates: CertificateDirectory) async throws {
         let seed: UInt64 = 77
-        let coordinatorPort = AsyncStream.makeStream(of: Int.self)
-        let coordinator = try CoordinatorService(
-            configuration: CoordinatorConfiguration(
-                incarnation: 1,
-                listen: NodeAddress(host: "127.0.0.1", port: 0),
-                security: try certificates.security(.coordinator, "coordinator"),
-                startsNewCluster: true
-            ),
+        try await withInProcessCluster(
+            certificates,
+            workers: 2,
+            named: "in-process",
+            storage: .float16,
             logger: Self.logger
-        )
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            defer { group.cancelAll() }
-            group.addTask { try await coordinator.run { coordinatorPort.continuation.yield($0) } }
-            var ports = coordinatorPort.stream.makeAsyncIterator()
-            let port = try #require(await ports.next())
-            let address = NodeAddress(host: "127.0.0.1", port: port)
-            for index in 1...2 {
-                let worker = WorkerService(
-                    configuration: WorkerConfiguration(
-                        nodeID: "in-process-\(index)",
-                        incarnation: 1,
-                        listen: NodeAddress(host: "127.0.0.1", port: 0),
-                        coordinator: address,
-                        security: try certificates.security(.worker, "in-process-\(index)"),
-                        storage: .float16
-                    ),
-                    logger: Self.logger
-                )
-                group.addTask { try await worker.run() }
-            }
+        ) { address, _ in
             let owner = try certificates.security(.client, "owner", tenant: "t")
             try await TesseraClient.withClient(coordinator: address, security: owner, logger: Self.logger) { client in
                 _ = try await eventually("two workers") {

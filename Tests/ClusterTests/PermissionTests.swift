@@ -70,35 +70,13 @@ import Workloads
 
     static func withCluster(_ body: @escaping @Sendable (Cluster) async throws -> Void) async throws {
         try await withTestCertificates { certificates in
-            let ports = AsyncStream.makeStream(of: Int.self)
-            let coordinator = try CoordinatorService(
-                configuration: CoordinatorConfiguration(
-                    incarnation: 1,
-                    listen: NodeAddress(host: "127.0.0.1", port: 0),
-                    security: try certificates.security(.coordinator, "coordinator"),
-                    failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60)),
-                    startsNewCluster: true
-                ),
+            try await withInProcessCluster(
+                certificates,
+                workers: 2,
+                named: "worker",
+                failureDetector: FailureDetectorSettings(suspectAfter: .seconds(20), deadAfter: .seconds(60)),
                 logger: logger
-            )
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                defer { group.cancelAll() }
-                group.addTask { try await coordinator.run { ports.continuation.yield($0) } }
-                var iterator = ports.stream.makeAsyncIterator()
-                let address = NodeAddress(host: "127.0.0.1", port: try #require(await iterator.next()))
-                for index in 1...2 {
-                    let worker = WorkerService(
-                        configuration: WorkerConfiguration(
-                            nodeID: "worker-\(index)",
-                            incarnation: 1,
-                            listen: NodeAddress(host: "127.0.0.1", port: 0),
-                            coordinator: address,
-                            security: try certificates.security(.worker, "worker-\(index)")
-                        ),
-                        logger: logger
-                    )
-                    group.addTask { try await worker.run() }
-                }
+            ) { address, _ in
                 let owner = try certificates.security(.client, "owner", tenant: "owner")
                 try await TesseraClient.withClient(coordinator: address, security: owner, logger: logger) { client in
                     _ = try await eventually("two workers") {

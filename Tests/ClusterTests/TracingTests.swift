@@ -62,38 +62,10 @@ import Workloads
     }
 
     static func runTraced(_ certificates: CertificateDirectory) async throws {
-        let coordinatorPort = AsyncStream.makeStream(of: Int.self)
-        let coordinator = try CoordinatorService(
-            configuration: CoordinatorConfiguration(
-                incarnation: 1,
-                listen: NodeAddress(host: "127.0.0.1", port: 0),
-                security: try certificates.security(.coordinator, "coordinator"),
-                startsNewCluster: true
-            ),
-            logger: Self.logger
-        )
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            defer { group.cancelAll() }
-            group.addTask { try await coordinator.run { coordinatorPort.continuation.yield($0) } }
-            var ports = coordinatorPort.stream.makeAsyncIterator()
-            let address = NodeAddress(host: "127.0.0.1", port: try #require(await ports.next()))
-            var workers: [WorkerService] = []
-            for index in 1...3 {
-                let worker = WorkerService(
-                    configuration: WorkerConfiguration(
-                        nodeID: "traced-\(index)",
-                        incarnation: 1,
-                        listen: NodeAddress(host: "127.0.0.1", port: 0),
-                        coordinator: address,
-                        security: try certificates.security(.worker, "traced-\(index)")
-                    ),
-                    logger: Self.logger
-                )
-                workers.append(worker)
-                group.addTask { try await worker.run() }
-            }
+        try await withInProcessCluster(certificates, workers: 3, named: "traced", logger: Self.logger) {
+            address,
+            started in
             let security = try certificates.security(.client, "client", tenant: "t")
-            let started = workers
             try await TesseraClient.withClient(coordinator: address, security: security, logger: Self.logger) {
                 client in
                 _ = try await eventually("three workers") {
