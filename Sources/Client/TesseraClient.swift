@@ -43,6 +43,8 @@ public struct DecodeStep: Sendable {
     public var fidelity: FidelityReport?
     /// The compute the shards' primaries spent on the sequence before its first step, summed.
     public var work = PrefillWork()
+    /// How the shards' compressed heads keep the prompt, over every shard.
+    public var headRowShares: HeadRowShares?
 
     public init() {}
 }
@@ -78,6 +80,8 @@ public struct ClusterStatus: Sendable, Codable, Hashable {
         /// Moved by each failover.
         public var epoch: UInt64
         public var shards: Int
+        /// Once compressed: the smallest and the largest share of the prompt's rows one KV head keeps.
+        public var headRowShares: HeadRowShares?
     }
 
     public var workers: [Worker]
@@ -407,6 +411,9 @@ public final class TesseraClient: Sendable {
             step.kvBytes = step.kvBytes.saturatingSum(result.kvBytes)
             step.fullKVBytes = step.fullKVBytes.saturatingSum(result.fullKvBytes)
             step.work.add(PrefillWork(result))
+            step.headRowShares = step.headRowShares.merged(
+                with: HeadRowShares(proto: result.headRowShares, present: result.hasHeadRowShares)
+            )
             if result.hasAudit {
                 var fidelity = step.fidelity ?? FidelityReport()
                 fidelity.relativeErrorSum += result.audit.relativeErrorSum
@@ -468,7 +475,8 @@ public final class TesseraClient: Sendable {
                     promptLength: Int(sequence.promptLength),
                     kvBytes: sequence.kvBytes,
                     epoch: sequence.epoch,
-                    shards: Int(sequence.shardCount)
+                    shards: Int(sequence.shardCount),
+                    headRowShares: HeadRowShares(proto: sequence.headRowShares, present: sequence.hasHeadRowShares)
                 )
             }
         }

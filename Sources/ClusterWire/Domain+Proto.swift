@@ -319,6 +319,24 @@ extension Array where Element == Tessera_V1_ModalityBytes {
     }
 }
 
+// MARK: - Head row shares
+
+extension HeadRowShares {
+    package var proto: Tessera_V1_HeadRowShares {
+        var shares = Tessera_V1_HeadRowShares()
+        shares.min = min
+        shares.max = max
+        return shares
+    }
+
+    /// Shares a peer reported; nil when it sent none, or figures that are not shares (outside
+    /// [0, 1], or a minimum above the maximum): they are only shown, so they are dropped, not refused.
+    package init?(proto: Tessera_V1_HeadRowShares, present: Bool) {
+        guard present, 0 <= proto.min, proto.min <= proto.max, proto.max <= 1 else { return nil }
+        self.init(min: proto.min, max: proto.max)
+    }
+}
+
 extension UInt64 {
     /// `self + other`, or `UInt64.max` where that overflows: for figures a peer reports.
     package func saturatingSum(_ other: UInt64) -> UInt64 {

@@ -321,6 +321,7 @@ public final class CoordinatorService: Sendable {
             let metadata: Logger.Metadata = ["sequence.id": "\(sequenceID)", "retention": "\(assign.retention)"]
             var everyCopyApplied = true
             var held: UInt64 = 0
+            var shares: HeadRowShares?
             do {
                 let budgets = try BudgetAllocator.allocate(
                     policy: sequence.policy,
@@ -337,7 +338,12 @@ public final class CoordinatorService: Sendable {
                             guard case .budgetApplied(let applied) = reply else {
                                 throw WireError(.internal, "\(holder.node) answered assign_budget with \(reply)")
                             }
-                            if holder == shard.primary { held = held.saturatingSum(applied.kvBytes) }
+                            if holder == shard.primary {
+                                held = held.saturatingSum(applied.kvBytes)
+                                shares = shares.merged(
+                                    with: HeadRowShares(proto: applied.headRowShares, present: applied.hasHeadRowShares)
+                                )
+                            }
                         } catch {
                             everyCopyApplied = false
                             logger.warning(
@@ -351,7 +357,12 @@ public final class CoordinatorService: Sendable {
                 everyCopyApplied = false
                 logger.error("budget allocation failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             }
-            let phase = await state.finishAssignment(sequenceID, everyCopyApplied: everyCopyApplied, primaryBytes: held)
+            let phase = await state.finishAssignment(
+                sequenceID,
+                everyCopyApplied: everyCopyApplied,
+                primaryBytes: held,
+                headRowShares: shares
+            )
             if case .retrying(_, let attempt, let due) = phase {
                 logger.warning(
                     "budget assignment will be retried",

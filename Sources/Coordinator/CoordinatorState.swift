@@ -70,6 +70,9 @@ struct OpenSequenceState: Sendable {
     /// The trace context the open came with (`Envelope.trace_context`): the coordinator's own work on
     /// the sequence (its budget cycles, failovers, copies) joins that trace. Empty when untraced.
     var trace: [String: String] = [:]
+    /// How the primaries' compressed heads keep the prompt after the last budget every copy applied
+    /// (shown by `status`).
+    var headRowShares: HeadRowShares?
 }
 
 /// What a worker declared dead may still hold: the copies it had, until its lease lapses (it cannot
@@ -902,13 +905,20 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// before; otherwise the charge stays as it was (never below what the copies hold) and the
     /// assignment is retried.
     /// Returns the phase the sequence moved to; nil once it closed.
-    func finishAssignment(_ sequenceID: UInt64, everyCopyApplied: Bool, primaryBytes: UInt64) -> BudgetLifecycle.Phase?
-    {
+    func finishAssignment(
+        _ sequenceID: UInt64,
+        everyCopyApplied: Bool,
+        primaryBytes: UInt64,
+        headRowShares: HeadRowShares? = nil
+    ) -> BudgetLifecycle.Phase? {
         guard var sequence = sequences[sequenceID] else { return nil }
         let phase = sequence.budget.assignmentFinished(everyCopyApplied: everyCopyApplied, now: now)
         // Every copy answered this coordinator: later registrations no longer rebuild (or re-charge)
         // the sequence from what they report.
-        if everyCopyApplied { sequence.restoredBytes = nil }
+        if everyCopyApplied {
+            sequence.restoredBytes = nil
+            sequence.headRowShares = headRowShares
+        }
         sequences[sequenceID] = sequence
         if everyCopyApplied {
             let reported = primaryBytes.saturatingProduct(UInt64(sequence.copies)).saturatingSum(
@@ -1188,6 +1198,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
                 status.retention = sequence.budget.compressedRetention ?? sequence.budget.retention
                 status.epoch = sequence.epoch
                 status.shardCount = UInt32(sequence.shards.count)
+                if let shares = sequence.headRowShares { status.headRowShares = shares.proto }
                 return status
             }
         }

@@ -213,7 +213,7 @@ public struct EvaluationRunner: Sendable {
             let frozenBudgets = budgets
             let budgetCount = request.budgets.count
             let needle = trace.needle
-            let layerTallies: [[Key: (tally: Tally, headShares: ClosedRange<Double>)]] = try await forEachLayer(
+            let layerTallies: [[Key: (tally: Tally, headShares: HeadRowShares?)]] = try await forEachLayer(
                 parallelism: parallelism
             ) { layer in
                 let prefill = try trace.prefill(layer: layer)
@@ -242,7 +242,7 @@ public struct EvaluationRunner: Sendable {
                         decode: { needle.decodeAnswer(output: $0) }
                     )
                 }
-                var tallies: [Key: (tally: Tally, headShares: ClosedRange<Double>)] = [:]
+                var tallies: [Key: (tally: Tally, headShares: HeadRowShares?)] = [:]
                 for (p, policy) in policies.enumerated() {
                     for b in 0..<budgetCount {
                         let key = Key(policy: p, budget: b)
@@ -260,7 +260,7 @@ public struct EvaluationRunner: Sendable {
                         var compressed = result.heads
                         let keptBytes = compressed.reduce(0) { $0 + $1.payloadBytes }
                         // Before decode replay appends its rows.
-                        let shares = compressed.map { Double($0.count) / Double(m) }
+                        let shares = HeadRowShares(heads: compressed, promptLength: m)
                         let fidelity = FidelityEvaluator.evaluate(
                             geometry: geometry,
                             reference: reference,
@@ -276,7 +276,7 @@ public struct EvaluationRunner: Sendable {
                                 seconds: seconds,
                                 merged: result.mergedRows
                             ),
-                            (shares.min() ?? 0)...(shares.max() ?? 0)
+                            shares
                         )
                     }
                 }
@@ -292,25 +292,19 @@ public struct EvaluationRunner: Sendable {
                     )
                 )
             }
-            var headShares: [Key: ClosedRange<Double>] = [:]
+            var headShares: [Key: HeadRowShares] = [:]
             for tallies in layerTallies {
                 for (key, layer) in tallies {
                     totals[key, default: Tally()].merge(layer.tally)
-                    headShares[key] =
-                        headShares[key].map {
-                            min(
-                                $0.lowerBound,
-                                layer.headShares.lowerBound
-                            )...max($0.upperBound, layer.headShares.upperBound)
-                        } ?? layer.headShares
+                    headShares[key] = headShares[key].merged(with: layer.headShares)
                 }
             }
             for (key, seconds) in allocationSeconds {
                 totals[key, default: Tally()].seconds += seconds + profileSeconds * profileShare[key.policy]
             }
             for (key, shares) in headShares {
-                totals[key, default: Tally()].headShareMin += shares.lowerBound
-                totals[key, default: Tally()].headShareMax += shares.upperBound
+                totals[key, default: Tally()].headShareMin += shares.min
+                totals[key, default: Tally()].headShareMax += shares.max
             }
         }
         let n = Double(request.sequences)

@@ -1,3 +1,5 @@
+public import KVCacheCore
+
 /// What one `tessera bench` run measured: one result per policy, run over the same seeded traffic.
 /// Encoded as the `--json` file.
 public struct BenchReport: Sendable, Codable, Hashable {
@@ -89,6 +91,11 @@ public struct PolicyResult: Sendable, Codable, Hashable {
     /// Per completed sequence, K/V bytes × seconds from its open to its close: its full size until
     /// its first decode step returned (it sits uncompressed until then), then what each step reported.
     public var kvByteSeconds: Double
+    /// The smallest and the largest share of the prompt's rows one KV head keeps (as `eval` reports
+    /// them: the spread over every layer and head of a sequence, mean over the completed sequences),
+    /// from the workers' reports at each sequence's last step; nil when no sequence reported them.
+    public var headShareMin: Double?
+    public var headShareMax: Double?
 
     public init(
         policy: String,
@@ -120,7 +127,8 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         synthesisMillis: Double = 0,
         profileMillis: Double = 0,
         compressMillis: Double = 0,
-        kvByteSeconds: Double = 0
+        kvByteSeconds: Double = 0,
+        headRowShares: HeadRowShares? = nil
     ) {
         self.policy = policy
         self.budget = budget
@@ -152,6 +160,14 @@ public struct PolicyResult: Sendable, Codable, Hashable {
         self.profileMillis = profileMillis
         self.compressMillis = compressMillis
         self.kvByteSeconds = kvByteSeconds
+        headShareMin = headRowShares?.min
+        headShareMax = headRowShares?.max
+    }
+
+    /// `headShareMin` and `headShareMax` together.
+    public var headRowShares: HeadRowShares? {
+        guard let headShareMin, let headShareMax else { return nil }
+        return HeadRowShares(min: headShareMin, max: headShareMax)
     }
 }
 

@@ -1,3 +1,5 @@
+import KVCacheCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -29,6 +31,8 @@ public enum HTMLReport {
         let run = [report.workload, report.model, String(report.workers), String(report.seed), report.loop, load]
         html += table(header: ["workload", "model", "workers", "seed", "loop", "load"], rows: [run], textColumns: 6)
         html += "<h2>Policies</h2>\n" + comparisonTable(report.policies)
+        html += "<p>head rows %: the smallest and the largest share of the prompt's rows that one KV head of "
+        html += "one layer keeps, mean over the sequences (equal for a policy that spreads its budget evenly).</p>\n"
         html += "<h2>Accounted K/V over time</h2>\n" + footprintComparison(report, samples)
         html += "<h2>Prefill cost per sequence</h2>\n" + costTable(report.policies)
         html += "<h2>Decode-step latency</h2>\n" + latencyChart(report.policies)
@@ -63,14 +67,16 @@ public enum HTMLReport {
         let header = [
             "policy", "budget", "sequences", "tokens/s", "decode p50 ms", "decode p99 ms", "decode max ms",
             "ttft p50 ms", "ttft p99 ms", "peak KV MiB", "mean KV MiB", "full KV MiB", "saving %",
-            "output error", "needle accuracy %", "errors", "refusals",
+            "head rows %", "output error", "needle accuracy %", "errors", "refusals",
         ]
         let rows = policies.map { p in
             [
                 p.policy, decimal(p.budget, 2), String(p.sequences), decimal(p.tokensPerSecond, 1),
                 millis(p.decodeP50Micros), millis(p.decodeP99Micros), millis(p.decodeMaxMicros),
                 millis(p.prefillP50Micros), millis(p.prefillP99Micros), mib(p.peakKVBytes), mib(p.meanKVBytes),
-                mib(p.fullKVBytes), decimal(p.saving * 100, 1), p.outputError.map { decimal($0, 4) } ?? "—",
+                mib(p.fullKVBytes), decimal(p.saving * 100, 1),
+                p.headRowShares.map { "\(decimal($0.min * 100, 1))–\(decimal($0.max * 100, 1))" } ?? "—",
+                p.outputError.map { decimal($0, 4) } ?? "—",
                 p.needleAccuracy.map { decimal($0 * 100, 1) } ?? "—", String(p.errors), String(p.refusals),
             ]
         }

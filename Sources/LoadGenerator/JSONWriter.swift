@@ -40,7 +40,7 @@ private struct PolicyJSON: Encodable {
     var result: PolicyResult
 
     enum NullableKeys: String, CodingKey {
-        case outputError, needleAccuracy
+        case outputError, needleAccuracy, headShareMin, headShareMax
     }
 
     func encode(to encoder: any Encoder) throws {
@@ -49,5 +49,9 @@ private struct PolicyJSON: Encodable {
         var c = encoder.container(keyedBy: NullableKeys.self)
         if result.outputError == nil { try c.encodeNil(forKey: .outputError) }
         if result.needleAccuracy == nil { try c.encodeNil(forKey: .needleAccuracy) }
+        if result.headRowShares == nil {
+            try c.encodeNil(forKey: .headShareMin)
+            try c.encodeNil(forKey: .headShareMax)
+        }
     }
 }

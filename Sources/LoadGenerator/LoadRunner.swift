@@ -302,6 +302,7 @@ struct SequenceDriver: Sendable {
                 fullKVBytes: last.fullKVBytes,
                 work: last.work,
                 byteSeconds: footprint.byteSeconds,
+                headRowShares: last.headRowShares,
                 fidelity: fidelity
             )
             return true

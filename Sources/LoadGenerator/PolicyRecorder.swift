@@ -23,6 +23,9 @@ actor PolicyRecorder {
     private var timedStepSeconds = 0.0
     private var work = PrefillWork()
     private var byteSeconds = 0.0
+    /// Sums over the sequences that reported head row shares, and how many did.
+    private var headShareSums = HeadRowShares(min: 0, max: 0)
+    private var headShareSequences = 0
     private(set) var samples: [FootprintSample] = []
     private(set) var clusterBytes: UInt64 = 0
     private var finished: ContinuousClock.Instant?
@@ -51,12 +54,13 @@ actor PolicyRecorder {
     }
 
     /// A sequence that ran to the end: its bytes at the last step, the workers' prefill compute, its
-    /// footprint integral, and its audit when it had one.
+    /// footprint integral, how its heads kept the prompt, and its audit when it had one.
     func completed(
         kvBytes: UInt64,
         fullKVBytes: UInt64,
         work sequenceWork: PrefillWork,
         byteSeconds footprint: Double,
+        headRowShares: HeadRowShares?,
         fidelity audit: FidelityReport?
     ) {
         live -= 1
@@ -65,6 +69,11 @@ actor PolicyRecorder {
         fullBytes += fullKVBytes
         work.add(sequenceWork)
         byteSeconds += footprint
+        if let headRowShares {
+            headShareSums.min += headRowShares.min
+            headShareSums.max += headRowShares.max
+            headShareSequences += 1
+        }
         if let audit {
             audited += 1
             fidelity.merge(audit)
@@ -138,7 +147,13 @@ actor PolicyRecorder {
             synthesisMillis: perSequence(Double(work.synthesisMicros)) / 1000,
             profileMillis: perSequence(Double(work.profileMicros)) / 1000,
             compressMillis: perSequence(Double(work.compressMicros)) / 1000,
-            kvByteSeconds: perSequence(byteSeconds)
+            kvByteSeconds: perSequence(byteSeconds),
+            headRowShares: headShareSequences == 0
+                ? nil
+                : HeadRowShares(
+                    min: headShareSums.min / Double(headShareSequences),
+                    max: headShareSums.max / Double(headShareSequences)
+                )
         )
     }
 }

@@ -44,6 +44,9 @@ struct HeldSequence: Sendable {
     /// Synthetic decode inputs per layer, when the prefill came as a workload seed.
     var syntheticDecode: [Int: [DecodeStepInput]]?
     var cache: ShardCache?
+    /// How the compressed cache's heads keep the prompt: set where its prompt rows change
+    /// (compression, tightening, a copy's install), reported with every step and budget.
+    var headRowShares: HeadRowShares?
     /// Per compressed row, the score it competes on if memory pressure tightens the budget.
     var rowScores: [Int: [[Float]]] = [:]
     /// Whether to keep the full cache beside the compressed one and score every decode step.
@@ -111,6 +114,19 @@ struct HeldSequence: Sendable {
         if let decoding { return (decoding.total, decoding.byModality) }
         if let cache { return cache.bytes }
         return (totalBytes, ModalityBytes(layout.tags, rowBytes: promptRowBytes) * uncompressedLayers)
+    }
+}
+
+/// A compressed copy's footprint after a budget: what the coordinator accounts, and how its heads
+/// keep the prompt.
+struct CompressedFootprint: Sendable {
+    var total: Int
+    var byModality: ModalityBytes
+    var headRowShares: HeadRowShares?
+
+    init(_ held: HeldSequence) {
+        (total, byModality) = held.bytes
+        headRowShares = held.headRowShares
     }
 }
 
@@ -285,10 +301,13 @@ actor SequenceStore {
         rowScores: [Int: [[Float]]],
         audit: AuditCopy?,
         compressMicros: UInt64
-    ) -> (total: Int, byModality: ModalityBytes)? {
+    ) -> CompressedFootprint? {
         guard sequences[sequenceID] != nil else { return nil }
         if sequences[sequenceID]!.cache == nil {
             sequences[sequenceID]!.cache = cache
+            sequences[sequenceID]!.headRowShares = cache.headRowShares(
+                promptLength: sequences[sequenceID]!.layout.promptLength
+            )
             sequences[sequenceID]!.work.compressMicros = compressMicros
             sequences[sequenceID]!.rowScores = rowScores
             sequences[sequenceID]!.audit = audit
@@ -296,12 +315,11 @@ actor SequenceStore {
             sequences[sequenceID]!.profiles = [:]
         }
         sequences[sequenceID]!.compressedWaiters.resumeAll()
-        return sequences[sequenceID]!.bytes
+        return CompressedFootprint(sequences[sequenceID]!)
     }
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
-    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> (total: Int, byModality: ModalityBytes)?
-    {
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> CompressedFootprint? {
         while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
             await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
         }
@@ -312,8 +330,9 @@ actor SequenceStore {
             scores: held.rowScores,
             promptLength: held.layout.promptLength
         )
+        held.headRowShares = held.cache!.headRowShares(promptLength: held.layout.promptLength)
         sequences[sequenceID] = held
-        return held.bytes
+        return CompressedFootprint(held)
     }
 
     /// Waits until the sequence's cache is compressed (the coordinator's budget has arrived).
@@ -647,6 +666,7 @@ actor SequenceStore {
             status.shardID = held.shardID
             status.primary = held.isPrimary
             status.digest = held.cache?.digest ?? 0
+            if let shares = held.headRowShares { status.headRowShares = shares.proto }
             return status
         }
     }
@@ -747,6 +767,7 @@ final class DecodeJob: @unchecked Sendable {
         }
         result.kvBytes = UInt64(cache.totalBytes)
         held.work.record(in: &result)
+        if let shares = held.headRowShares { result.headRowShares = shares.proto }
         result.fullKvBytes = UInt64(held.fullBytes(rows: position + 1, storage: cache.storage))
         if audit != nil {
             result.audit.relativeErrorSum = fidelity.relativeErrorSum

@@ -191,6 +191,13 @@ struct ShardCache: Sendable {
         return storage == .float32 ? sum(float32) : sum(float16)
     }
 
+    /// How the heads of every layer keep the prompt's `promptLength` rows (a walk over the rows'
+    /// positions).
+    func headRowShares(promptLength: Int) -> HeadRowShares? {
+        HeadRowShares(heads: float32.values.joined(), promptLength: promptLength)
+            .merged(with: HeadRowShares(heads: float16.values.joined(), promptLength: promptLength))
+    }
+
     /// Bytes of K/V payload held (cheap: no walk over rows).
     var totalBytes: Int {
         float32.values.joined().reduce(0) { $0 + $1.payloadBytes }

@@ -171,6 +171,7 @@ struct IncomingShard: Sendable {
         }
         var copy = held
         copy.cache = cache
+        copy.headRowShares = cache.headRowShares(promptLength: held.layout.promptLength)
         return copy
     }
 }

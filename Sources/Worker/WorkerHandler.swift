@@ -236,7 +236,7 @@ struct WorkerHandler: EnvelopeHandler {
         let budgets = try [LayerBudget](proto: message, geometry: held.geometry)
         var byLayer: [Int: LayerBudget] = [:]
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
-        let stored: (total: Int, byModality: ModalityBytes)?
+        let stored: CompressedFootprint?
         if compressed {
             stored = await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {
@@ -275,6 +275,7 @@ struct WorkerHandler: EnvelopeHandler {
         applied.epoch = held.epoch
         applied.kvBytes = UInt64(bytes.total)
         applied.kvBytesByModality = [Tessera_V1_ModalityBytes](byModality: bytes.byModality)
+        if let shares = bytes.headRowShares { applied.headRowShares = shares.proto }
         return .budgetApplied(applied)
     }
 

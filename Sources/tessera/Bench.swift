@@ -342,7 +342,7 @@ enum BenchTable {
     static func render(_ report: BenchReport) -> String {
         let header = [
             "policy", "budget", "seqs", "tok/s", "p50 ms", "p99 ms", "max ms", "ttft p50 ms", "peak KV",
-            "mean KV", "saving %", "out err", "needle", "errors", "refusals",
+            "mean KV", "saving %", "head rows %", "out err", "needle", "errors", "refusals",
         ]
         let rows = report.policies.map { r in
             [
@@ -350,7 +350,8 @@ enum BenchTable {
                 millis(r.decodeP50Micros), millis(r.decodeP99Micros), millis(r.decodeMaxMicros),
                 millis(r.prefillP50Micros),
                 ResultTable.bytes(Int(r.peakKVBytes)), ResultTable.bytes(Int(r.meanKVBytes)),
-                ResultTable.format(100 * r.saving, 1), r.outputError.map { ResultTable.format($0, 4) } ?? "-",
+                ResultTable.format(100 * r.saving, 1), r.headRowShares.map(ResultTable.percentages) ?? "-",
+                r.outputError.map { ResultTable.format($0, 4) } ?? "-",
                 r.needleAccuracy.map { ResultTable.format($0, 3) } ?? "-", "\(r.errors)", "\(r.refusals)",
             ]
         }

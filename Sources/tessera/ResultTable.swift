@@ -16,7 +16,7 @@ enum ResultTable {
                 format(r.budget, 2),
                 bytes(r.keptBytes),
                 format(100 * Double(r.keptBytes) / Double(max(1, r.fullBytes)), 1),
-                "\(format(100 * r.headShareMin, 1))–\(format(100 * r.headShareMax, 1))",
+                percentages(HeadRowShares(min: r.headShareMin, max: r.headShareMax)),
                 format(r.outputError, 4),
                 r.needleAccuracy.map { format($0, 3) } ?? "-",
                 format(r.hitRate, 3),
@@ -29,6 +29,11 @@ enum ResultTable {
                 + "seed \(request.seed), \(request.scalar.rawValue)\n"
             : "\(request.traceFiles.count) trace file(s) of \(request.geometry.name), \(request.scalar.rawValue)\n"
         return title + table(header: header, rows: rows)
+    }
+
+    /// A spread of head row shares as percentages, `min–max`.
+    static func percentages(_ shares: HeadRowShares) -> String {
+        "\(format(100 * shares.min, 1))–\(format(100 * shares.max, 1))"
     }
 
     /// What each part of the composite contributes (`eval --ablate composite`).

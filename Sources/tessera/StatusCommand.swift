@@ -15,8 +15,9 @@ struct StatusCommand: AsyncParsableCommand {
             "sequences":N,...} where state is alive, suspect or dead, and a worker's shards are those of open \
             sequences it holds as the primary or as a replica. With --sequences, also the open sequences of \
             this client's tenant (the one its certificate names): id, state (prefilling until every copy applied \
-            its budget, then decoding), policy and retention, prompt length, accounted bytes per copy, epoch \
-            and shards; in JSON as "openSequences".
+            its budget, then decoding), policy and retention, head rows % (once compressed, the smallest and \
+            the largest share of the prompt's rows one KV head keeps), prompt length, accounted bytes per copy, \
+            epoch and shards; in JSON as "openSequences".
             """
     )
 
@@ -77,10 +78,11 @@ struct StatusCommand: AsyncParsableCommand {
         guard let open = status.openSequences else { return }
         Terminal.output("\n\(open.count) open sequences of this tenant\n")
         Self.printTable(
-            ["sequence", "state", "policy", "retention", "prompt", "kv bytes", "epoch", "shards"],
+            ["sequence", "state", "policy", "retention", "head rows %", "prompt", "kv bytes", "epoch", "shards"],
             open.map { s in
                 [
-                    "\(s.id)", s.state, s.policy, ResultTable.format(s.retention, 3), "\(s.promptLength)",
+                    "\(s.id)", s.state, s.policy, ResultTable.format(s.retention, 3),
+                    s.headRowShares.map(ResultTable.percentages) ?? "-", "\(s.promptLength)",
                     ResultTable.bytes(Int(s.kvBytes)), "\(s.epoch)", "\(s.shards)",
                 ]
             }

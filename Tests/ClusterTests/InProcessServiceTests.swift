@@ -78,6 +78,9 @@ import Workloads
                     #expect(sequence.state == "decoding" && sequence.policy == CompressionPolicy.vlCache(.init()).name)
                     #expect(sequence.retention == 0.2 && sequence.shards == 1 && sequence.kvBytes > 0)
                     #expect(sequence.promptLength == trace.layout.promptLength)
+                    // VL-Cache moves rows between layers: its heads keep unequal shares of the prompt.
+                    let shares = try #require(sequence.headRowShares, "seed \(seed)")
+                    #expect(0 < shares.min && shares.min < shares.max && shares.max <= 1, "seed \(seed): \(shares)")
                 }
                 #expect(try await client.status().openSequences == nil)
                 #expect(try await client.close(inline) > 0)

@@ -26,3 +26,24 @@ import Testing
         #expect(looser.cache.count == 8 && looser.scores == scores)
     }
 }
+
+@Suite struct HeadRowSharesTests {
+    /// A head's share counts its prompt rows only: two heads of a 10-position prompt keeping 2 and 5
+    /// of them, the first with 3 decoded rows besides, spread from 20% to 50%.
+    @Test func countsPromptRowsOfEveryHead() throws {
+        func head(_ positions: [Int]) -> HeadCache<Float> {
+            var head = HeadCache<Float>(headDim: 1)
+            for p in positions { head.append(key: [0], value: [0], position: p, tag: .text) }
+            return head
+        }
+        let heads = [head([0, 9, 10, 11, 12]), head([0, 1, 2, 3, 4])]
+        let shares = try #require(HeadRowShares(heads: heads, promptLength: 10))
+        #expect(shares == HeadRowShares(min: 0.2, max: 0.5))
+        // Merging two layers keeps the smaller minimum and the larger maximum.
+        let other = HeadRowShares(min: 0.3, max: 0.9)
+        #expect(shares.merged(with: other) == HeadRowShares(min: 0.2, max: 0.9))
+        #expect(HeadRowShares?.none.merged(with: other) == other)
+        #expect(HeadRowShares(heads: [HeadCache<Float>](), promptLength: 10) == nil)
+        #expect(HeadRowShares(heads: heads, promptLength: 0) == nil)
+    }
+}

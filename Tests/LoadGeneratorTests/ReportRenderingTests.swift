@@ -45,6 +45,7 @@ import Foundation
             "policy", "budget", "sequences", "tokensPerSecond", "decodeP50Micros", "decodeP99Micros", "peakKVBytes",
             "fullKVBytes", "saving", "outputError", "needleAccuracy", "errors", "refusals", "workers",
             "decodeThroughput", "synthesisMillis", "profileMillis", "compressMillis", "kvByteSeconds",
+            "headShareMin", "headShareMax",
         ]
         for policy in policies {
             for key in keys {

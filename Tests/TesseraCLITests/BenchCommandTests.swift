@@ -76,10 +76,16 @@ import Glibc
             }
         }
         #expect(number(1, "profileMillis") > 0, "madakv profiles its proxy rows")
+        // The workers' head row shares reach the report: the full cache keeps every prompt row of
+        // every head, MadaKV at the default budget keeps part of them.
+        #expect(number(0, "headShareMin") == 1 && number(0, "headShareMax") == 1)
+        #expect(number(1, "headShareMin") > 0 && number(1, "headShareMin") <= number(1, "headShareMax"))
+        #expect(number(1, "headShareMax") < 1)
+        #expect(result.stdout.contains("head rows %"))
         let csv = try String(contentsOfFile: "\(base).csv", encoding: .utf8)
         #expect(csv.hasPrefix("policy,elapsed_ms,worker,kv_bytes"))
         #expect(csv.split(separator: "\n").count > 2)
         let html = try String(contentsOfFile: "\(base).html", encoding: .utf8)
-        #expect(html.contains("<svg") && html.contains("madakv"))
+        #expect(html.contains("<svg") && html.contains("madakv") && html.contains("head rows %"))
     }
 }

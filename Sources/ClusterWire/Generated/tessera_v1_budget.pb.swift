@@ -191,9 +191,21 @@ package nonisolated struct Tessera_V1_BudgetApplied: Sendable {
   /// The same bytes split by modality.
   package var kvBytesByModality: [Tessera_V1_ModalityBytes] = []
 
+  /// How the shard's compressed heads keep the prompt after this budget.
+  package var headRowShares: Tessera_V1_HeadRowShares {
+    get {_headRowShares ?? Tessera_V1_HeadRowShares()}
+    set {_headRowShares = newValue}
+  }
+  /// Returns true if `headRowShares` has been explicitly set.
+  package var hasHeadRowShares: Bool {self._headRowShares != nil}
+  /// Clears the value of `headRowShares`. Subsequent reads from it will return its default value.
+  package mutating func clearHeadRowShares() {self._headRowShares = nil}
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _headRowShares: Tessera_V1_HeadRowShares? = nil
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -466,7 +478,7 @@ nonisolated extension Tessera_V1_AssignBudget: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Tessera_V1_BudgetApplied: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".BudgetApplied"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{3}kv_bytes\0\u{3}kv_bytes_by_modality\0\u{3}head_row_shares\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -479,12 +491,17 @@ nonisolated extension Tessera_V1_BudgetApplied: SwiftProtobuf.Message, SwiftProt
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.kvBytes) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.kvBytesByModality) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._headRowShares) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.sequenceID != 0 {
       try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 1)
     }
@@ -500,6 +517,9 @@ nonisolated extension Tessera_V1_BudgetApplied: SwiftProtobuf.Message, SwiftProt
     if !self.kvBytesByModality.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.kvBytesByModality, fieldNumber: 5)
     }
+    try { if let v = self._headRowShares {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -509,6 +529,7 @@ nonisolated extension Tessera_V1_BudgetApplied: SwiftProtobuf.Message, SwiftProt
     if lhs.epoch != rhs.epoch {return false}
     if lhs.kvBytes != rhs.kvBytes {return false}
     if lhs.kvBytesByModality != rhs.kvBytesByModality {return false}
+    if lhs._headRowShares != rhs._headRowShares {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -509,9 +509,22 @@ package nonisolated struct Tessera_V1_SequenceStatus: Sendable {
 
   package var shardCount: UInt32 = 0
 
+  /// Once compressed: how the compressed heads keep the prompt (from the coordinator, the spread over
+  /// every shard's primary after the last budget all copies applied; from a worker, its own copy).
+  package var headRowShares: Tessera_V1_HeadRowShares {
+    get {_headRowShares ?? Tessera_V1_HeadRowShares()}
+    set {_headRowShares = newValue}
+  }
+  /// Returns true if `headRowShares` has been explicitly set.
+  package var hasHeadRowShares: Bool {self._headRowShares != nil}
+  /// Clears the value of `headRowShares`. Subsequent reads from it will return its default value.
+  package mutating func clearHeadRowShares() {self._headRowShares = nil}
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _headRowShares: Tessera_V1_HeadRowShares? = nil
 }
 
 /// Coordinator -> requester: the cluster's status.
@@ -1116,7 +1129,7 @@ nonisolated extension Tessera_V1_WorkerStatus: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".SequenceStatus"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0\u{3}shard_id\0\u{1}primary\0\u{1}digest\0\u{1}policy\0\u{1}retention\0\u{1}epoch\0\u{3}shard_count\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{1}state\0\u{3}prompt_length\0\u{3}kv_bytes\0\u{3}shard_id\0\u{1}primary\0\u{1}digest\0\u{1}policy\0\u{1}retention\0\u{1}epoch\0\u{3}shard_count\0\u{3}head_row_shares\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1136,12 +1149,17 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
       case 10: try { try decoder.decodeSingularDoubleField(value: &self.retention) }()
       case 11: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 12: try { try decoder.decodeSingularUInt32Field(value: &self.shardCount) }()
+      case 13: try { try decoder.decodeSingularMessageField(value: &self._headRowShares) }()
       default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.tenant.isEmpty {
       try visitor.visitSingularStringField(value: self.tenant, fieldNumber: 1)
     }
@@ -1178,6 +1196,9 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if self.shardCount != 0 {
       try visitor.visitSingularUInt32Field(value: self.shardCount, fieldNumber: 12)
     }
+    try { if let v = self._headRowShares {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1194,6 +1215,7 @@ nonisolated extension Tessera_V1_SequenceStatus: SwiftProtobuf.Message, SwiftPro
     if lhs.retention != rhs.retention {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.shardCount != rhs.shardCount {return false}
+    if lhs._headRowShares != rhs._headRowShares {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -99,6 +99,23 @@ package nonisolated struct Tessera_V1_ModalityBytes: Sendable {
   package init() {}
 }
 
+/// How unevenly a compressed shard spreads its budget over its layers' KV heads: the smallest and the
+/// largest share of the prompt's rows any one head keeps, each in [0, 1] (rows decode appended are not
+/// counted). Equal for a uniform policy; apart when the budgets move rows between layers or heads.
+package nonisolated struct Tessera_V1_HeadRowShares: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  package var min: Double = 0
+
+  package var max: Double = 0
+
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  package init() {}
+}
+
 /// Where a node can be reached.
 package nonisolated struct Tessera_V1_Endpoint: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -157,6 +174,41 @@ nonisolated extension Tessera_V1_ModalityBytes: SwiftProtobuf.Message, SwiftProt
   package static func ==(lhs: Tessera_V1_ModalityBytes, rhs: Tessera_V1_ModalityBytes) -> Bool {
     if lhs.kind != rhs.kind {return false}
     if lhs.bytes != rhs.bytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Tessera_V1_HeadRowShares: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  package static let protoMessageName: String = _protobuf_package + ".HeadRowShares"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}min\0\u{1}max\0")
+
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularDoubleField(value: &self.min) }()
+      case 2: try { try decoder.decodeSingularDoubleField(value: &self.max) }()
+      default: break
+      }
+    }
+  }
+
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.min.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.min, fieldNumber: 1)
+    }
+    if self.max.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.max, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  package static func ==(lhs: Tessera_V1_HeadRowShares, rhs: Tessera_V1_HeadRowShares) -> Bool {
+    if lhs.min != rhs.min {return false}
+    if lhs.max != rhs.max {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

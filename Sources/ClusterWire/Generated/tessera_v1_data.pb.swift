@@ -486,11 +486,22 @@ package nonisolated struct Tessera_V1_DecodeResult: Sendable {
 
   package var compressMicros: UInt64 = 0
 
+  /// How the shard's compressed heads keep the prompt (the full policy: 1 and 1).
+  package var headRowShares: Tessera_V1_HeadRowShares {
+    get {_headRowShares ?? Tessera_V1_HeadRowShares()}
+    set {_headRowShares = newValue}
+  }
+  /// Returns true if `headRowShares` has been explicitly set.
+  package var hasHeadRowShares: Bool {self._headRowShares != nil}
+  /// Clears the value of `headRowShares`. Subsequent reads from it will return its default value.
+  package mutating func clearHeadRowShares() {self._headRowShares = nil}
+
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
 
   fileprivate var _audit: Tessera_V1_DecodeAudit? = nil
+  fileprivate var _headRowShares: Tessera_V1_HeadRowShares? = nil
 }
 
 /// An audited decode step on one shard: the compressed cache's outputs against the full cache's.
@@ -1104,7 +1115,7 @@ nonisolated extension Tessera_V1_LayerOutput: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".DecodeResult"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0\u{3}kv_bytes\0\u{3}full_kv_bytes\0\u{1}audit\0\u{3}synthesis_micros\0\u{3}profile_micros\0\u{3}compress_micros\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}step\0\u{1}outputs\0\u{3}kv_bytes\0\u{3}full_kv_bytes\0\u{1}audit\0\u{3}synthesis_micros\0\u{3}profile_micros\0\u{3}compress_micros\0\u{3}head_row_shares\0")
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1122,6 +1133,7 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.synthesisMicros) }()
       case 9: try { try decoder.decodeSingularUInt64Field(value: &self.profileMicros) }()
       case 10: try { try decoder.decodeSingularUInt64Field(value: &self.compressMicros) }()
+      case 11: try { try decoder.decodeSingularMessageField(value: &self._headRowShares) }()
       default: break
       }
     }
@@ -1162,6 +1174,9 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     if self.compressMicros != 0 {
       try visitor.visitSingularUInt64Field(value: self.compressMicros, fieldNumber: 10)
     }
+    try { if let v = self._headRowShares {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1176,6 +1191,7 @@ nonisolated extension Tessera_V1_DecodeResult: SwiftProtobuf.Message, SwiftProto
     if lhs.synthesisMicros != rhs.synthesisMicros {return false}
     if lhs.profileMicros != rhs.profileMicros {return false}
     if lhs.compressMicros != rhs.compressMicros {return false}
+    if lhs._headRowShares != rhs._headRowShares {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

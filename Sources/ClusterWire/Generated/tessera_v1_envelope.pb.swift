@@ -24,290 +24,299 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 }
 
 /// One message on a Tessera connection.
-package nonisolated struct Tessera_V1_Envelope: Sendable {
+package nonisolated struct Tessera_V1_Envelope: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// Chosen by the requester, unique among its outstanding requests on the connection; echoed in the
   /// reply. 0 for messages that expect no reply.
-  package var requestID: UInt64 = 0
+  package var requestID: UInt64 {
+    get {_storage._requestID}
+    set {_uniqueStorage()._requestID = newValue}
+  }
 
   /// The sender's trace context, as its OpenTelemetry propagator writes it (W3C: `traceparent` and
   /// `tracestate`), so that a request joins the trace its sender is in. Empty when the sender traces
   /// nothing; a receiver makes spans only for requests that carry one.
-  package var traceContext: Dictionary<String,String> = [:]
+  package var traceContext: Dictionary<String,String> {
+    get {_storage._traceContext}
+    set {_uniqueStorage()._traceContext = newValue}
+  }
 
   /// The message. An Envelope without a body (or with a body this receiver does not know) is
   /// answered with ERROR_CODE_BAD_REQUEST.
-  package var body: Tessera_V1_Envelope.OneOf_Body? = nil
+  package var body: OneOf_Body? {
+    get {return _storage._body}
+    set {_uniqueStorage()._body = newValue}
+  }
 
   /// The connecting side's first message.
   package var hello: Tessera_V1_Hello {
     get {
-      if case .hello(let v)? = body {return v}
+      if case .hello(let v)? = _storage._body {return v}
       return Tessera_V1_Hello()
     }
-    set {body = .hello(newValue)}
+    set {_uniqueStorage()._body = .hello(newValue)}
   }
 
   /// The accepting side's answer to a valid Hello.
   package var helloAck: Tessera_V1_HelloAck {
     get {
-      if case .helloAck(let v)? = body {return v}
+      if case .helloAck(let v)? = _storage._body {return v}
       return Tessera_V1_HelloAck()
     }
-    set {body = .helloAck(newValue)}
+    set {_uniqueStorage()._body = .helloAck(newValue)}
   }
 
   /// A failed request (or a refused handshake).
   package var error: Tessera_V1_Error {
     get {
-      if case .error(let v)? = body {return v}
+      if case .error(let v)? = _storage._body {return v}
       return Tessera_V1_Error()
     }
-    set {body = .error(newValue)}
+    set {_uniqueStorage()._body = .error(newValue)}
   }
 
   /// Worker -> coordinator: join or rejoin.
   package var registerWorker: Tessera_V1_RegisterWorker {
     get {
-      if case .registerWorker(let v)? = body {return v}
+      if case .registerWorker(let v)? = _storage._body {return v}
       return Tessera_V1_RegisterWorker()
     }
-    set {body = .registerWorker(newValue)}
+    set {_uniqueStorage()._body = .registerWorker(newValue)}
   }
 
   /// Coordinator -> worker: joined.
   package var registerAck: Tessera_V1_RegisterAck {
     get {
-      if case .registerAck(let v)? = body {return v}
+      if case .registerAck(let v)? = _storage._body {return v}
       return Tessera_V1_RegisterAck()
     }
-    set {body = .registerAck(newValue)}
+    set {_uniqueStorage()._body = .registerAck(newValue)}
   }
 
   /// Worker -> coordinator: still alive.
   package var heartbeat: Tessera_V1_Heartbeat {
     get {
-      if case .heartbeat(let v)? = body {return v}
+      if case .heartbeat(let v)? = _storage._body {return v}
       return Tessera_V1_Heartbeat()
     }
-    set {body = .heartbeat(newValue)}
+    set {_uniqueStorage()._body = .heartbeat(newValue)}
   }
 
   /// Coordinator -> worker: heartbeat received.
   package var heartbeatAck: Tessera_V1_HeartbeatAck {
     get {
-      if case .heartbeatAck(let v)? = body {return v}
+      if case .heartbeatAck(let v)? = _storage._body {return v}
       return Tessera_V1_HeartbeatAck()
     }
-    set {body = .heartbeatAck(newValue)}
+    set {_uniqueStorage()._body = .heartbeatAck(newValue)}
   }
 
   /// Any node -> coordinator: describe the cluster.
   package var statusRequest: Tessera_V1_StatusRequest {
     get {
-      if case .statusRequest(let v)? = body {return v}
+      if case .statusRequest(let v)? = _storage._body {return v}
       return Tessera_V1_StatusRequest()
     }
-    set {body = .statusRequest(newValue)}
+    set {_uniqueStorage()._body = .statusRequest(newValue)}
   }
 
   /// Coordinator -> requester: the cluster's status.
   package var statusReply: Tessera_V1_StatusReply {
     get {
-      if case .statusReply(let v)? = body {return v}
+      if case .statusReply(let v)? = _storage._body {return v}
       return Tessera_V1_StatusReply()
     }
-    set {body = .statusReply(newValue)}
+    set {_uniqueStorage()._body = .statusReply(newValue)}
   }
 
   /// Worker -> coordinator: stopping; fail my shards over now.
   package var leaveCluster: Tessera_V1_LeaveCluster {
     get {
-      if case .leaveCluster(let v)? = body {return v}
+      if case .leaveCluster(let v)? = _storage._body {return v}
       return Tessera_V1_LeaveCluster()
     }
-    set {body = .leaveCluster(newValue)}
+    set {_uniqueStorage()._body = .leaveCluster(newValue)}
   }
 
   /// Coordinator -> worker: its shards' other copies have their new roles.
   package var leaveAck: Tessera_V1_LeaveAck {
     get {
-      if case .leaveAck(let v)? = body {return v}
+      if case .leaveAck(let v)? = _storage._body {return v}
       return Tessera_V1_LeaveAck()
     }
-    set {body = .leaveAck(newValue)}
+    set {_uniqueStorage()._body = .leaveAck(newValue)}
   }
 
   /// Client -> coordinator: admit and place a sequence.
   package var openSequence: Tessera_V1_OpenSequence {
     get {
-      if case .openSequence(let v)? = body {return v}
+      if case .openSequence(let v)? = _storage._body {return v}
       return Tessera_V1_OpenSequence()
     }
-    set {body = .openSequence(newValue)}
+    set {_uniqueStorage()._body = .openSequence(newValue)}
   }
 
   /// Client -> coordinator: resend a sequence's placement.
   package var placementRequest: Tessera_V1_PlacementRequest {
     get {
-      if case .placementRequest(let v)? = body {return v}
+      if case .placementRequest(let v)? = _storage._body {return v}
       return Tessera_V1_PlacementRequest()
     }
-    set {body = .placementRequest(newValue)}
+    set {_uniqueStorage()._body = .placementRequest(newValue)}
   }
 
   /// Coordinator -> client: where a sequence lives.
   package var placement: Tessera_V1_Placement {
     get {
-      if case .placement(let v)? = body {return v}
+      if case .placement(let v)? = _storage._body {return v}
       return Tessera_V1_Placement()
     }
-    set {body = .placement(newValue)}
+    set {_uniqueStorage()._body = .placement(newValue)}
   }
 
   /// Free a sequence everywhere.
   package var close: Tessera_V1_Close {
     get {
-      if case .close(let v)? = body {return v}
+      if case .close(let v)? = _storage._body {return v}
       return Tessera_V1_Close()
     }
-    set {body = .close(newValue)}
+    set {_uniqueStorage()._body = .close(newValue)}
   }
 
   /// Reply to Close.
   package var closeAck: Tessera_V1_CloseAck {
     get {
-      if case .closeAck(let v)? = body {return v}
+      if case .closeAck(let v)? = _storage._body {return v}
       return Tessera_V1_CloseAck()
     }
-    set {body = .closeAck(newValue)}
+    set {_uniqueStorage()._body = .closeAck(newValue)}
   }
 
   package var shardAssignment: Tessera_V1_ShardAssignment {
     get {
-      if case .shardAssignment(let v)? = body {return v}
+      if case .shardAssignment(let v)? = _storage._body {return v}
       return Tessera_V1_ShardAssignment()
     }
-    set {body = .shardAssignment(newValue)}
+    set {_uniqueStorage()._body = .shardAssignment(newValue)}
   }
 
   package var shardAssignmentAck: Tessera_V1_ShardAssignmentAck {
     get {
-      if case .shardAssignmentAck(let v)? = body {return v}
+      if case .shardAssignmentAck(let v)? = _storage._body {return v}
       return Tessera_V1_ShardAssignmentAck()
     }
-    set {body = .shardAssignmentAck(newValue)}
+    set {_uniqueStorage()._body = .shardAssignmentAck(newValue)}
   }
 
   /// Coordinator -> client, one-way: a failover moved a sequence.
   package var placementMoved: Tessera_V1_PlacementMoved {
     get {
-      if case .placementMoved(let v)? = body {return v}
+      if case .placementMoved(let v)? = _storage._body {return v}
       return Tessera_V1_PlacementMoved()
     }
-    set {body = .placementMoved(newValue)}
+    set {_uniqueStorage()._body = .placementMoved(newValue)}
   }
 
   /// Worker -> coordinator: prefill statistics of one layer.
   package var layerStats: Tessera_V1_LayerStats {
     get {
-      if case .layerStats(let v)? = body {return v}
+      if case .layerStats(let v)? = _storage._body {return v}
       return Tessera_V1_LayerStats()
     }
-    set {body = .layerStats(newValue)}
+    set {_uniqueStorage()._body = .layerStats(newValue)}
   }
 
   /// Coordinator -> workers: per-layer, per-head budgets.
   package var assignBudget: Tessera_V1_AssignBudget {
     get {
-      if case .assignBudget(let v)? = body {return v}
+      if case .assignBudget(let v)? = _storage._body {return v}
       return Tessera_V1_AssignBudget()
     }
-    set {body = .assignBudget(newValue)}
+    set {_uniqueStorage()._body = .assignBudget(newValue)}
   }
 
   /// Worker -> coordinator: a budget was applied.
   package var budgetApplied: Tessera_V1_BudgetApplied {
     get {
-      if case .budgetApplied(let v)? = body {return v}
+      if case .budgetApplied(let v)? = _storage._body {return v}
       return Tessera_V1_BudgetApplied()
     }
-    set {body = .budgetApplied(newValue)}
+    set {_uniqueStorage()._body = .budgetApplied(newValue)}
   }
 
   /// Client -> primary: the prompt's K/V for a shard.
   package var prefill: Tessera_V1_Prefill {
     get {
-      if case .prefill(let v)? = body {return v}
+      if case .prefill(let v)? = _storage._body {return v}
       return Tessera_V1_Prefill()
     }
-    set {body = .prefill(newValue)}
+    set {_uniqueStorage()._body = .prefill(newValue)}
   }
 
   /// Primary -> client: prefill stored on every live replica.
   package var prefillAck: Tessera_V1_PrefillAck {
     get {
-      if case .prefillAck(let v)? = body {return v}
+      if case .prefillAck(let v)? = _storage._body {return v}
       return Tessera_V1_PrefillAck()
     }
-    set {body = .prefillAck(newValue)}
+    set {_uniqueStorage()._body = .prefillAck(newValue)}
   }
 
   /// Client -> primary: one decode step for a shard.
   package var decode: Tessera_V1_Decode {
     get {
-      if case .decode(let v)? = body {return v}
+      if case .decode(let v)? = _storage._body {return v}
       return Tessera_V1_Decode()
     }
-    set {body = .decode(newValue)}
+    set {_uniqueStorage()._body = .decode(newValue)}
   }
 
   /// Primary -> client: the step's attention outputs.
   package var decodeResult: Tessera_V1_DecodeResult {
     get {
-      if case .decodeResult(let v)? = body {return v}
+      if case .decodeResult(let v)? = _storage._body {return v}
       return Tessera_V1_DecodeResult()
     }
-    set {body = .decodeResult(newValue)}
+    set {_uniqueStorage()._body = .decodeResult(newValue)}
   }
 
   /// Coordinator -> primary: copy a shard to another worker.
   package var copyShard: Tessera_V1_CopyShard {
     get {
-      if case .copyShard(let v)? = body {return v}
+      if case .copyShard(let v)? = _storage._body {return v}
       return Tessera_V1_CopyShard()
     }
-    set {body = .copyShard(newValue)}
+    set {_uniqueStorage()._body = .copyShard(newValue)}
   }
 
   /// Primary -> coordinator: the copy is installed and verified.
   package var copyShardAck: Tessera_V1_CopyShardAck {
     get {
-      if case .copyShardAck(let v)? = body {return v}
+      if case .copyShardAck(let v)? = _storage._body {return v}
       return Tessera_V1_CopyShardAck()
     }
-    set {body = .copyShardAck(newValue)}
+    set {_uniqueStorage()._body = .copyShardAck(newValue)}
   }
 
   /// Primary -> target: one part of a shard's state.
   package var shardTransfer: Tessera_V1_ShardTransfer {
     get {
-      if case .shardTransfer(let v)? = body {return v}
+      if case .shardTransfer(let v)? = _storage._body {return v}
       return Tessera_V1_ShardTransfer()
     }
-    set {body = .shardTransfer(newValue)}
+    set {_uniqueStorage()._body = .shardTransfer(newValue)}
   }
 
   /// Target -> primary: the part was taken.
   package var shardTransferAck: Tessera_V1_ShardTransferAck {
     get {
-      if case .shardTransferAck(let v)? = body {return v}
+      if case .shardTransferAck(let v)? = _storage._body {return v}
       return Tessera_V1_ShardTransferAck()
     }
-    set {body = .shardTransferAck(newValue)}
+    set {_uniqueStorage()._body = .shardTransferAck(newValue)}
   }
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -377,6 +386,8 @@ package nonisolated struct Tessera_V1_Envelope: Sendable {
   }
 
   package init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -387,550 +398,590 @@ nonisolated extension Tessera_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf.
   package static let protoMessageName: String = _protobuf_package + ".Envelope"
   package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}request_id\0\u{3}trace_context\0\u{2}\u{8}hello\0\u{3}hello_ack\0\u{1}error\0\u{4}\u{8}register_worker\0\u{3}register_ack\0\u{1}heartbeat\0\u{3}heartbeat_ack\0\u{3}status_request\0\u{3}status_reply\0\u{3}leave_cluster\0\u{3}leave_ack\0\u{4}\u{3}open_sequence\0\u{3}placement_request\0\u{1}placement\0\u{1}close\0\u{3}close_ack\0\u{3}shard_assignment\0\u{3}shard_assignment_ack\0\u{3}placement_moved\0\u{4}\u{3}layer_stats\0\u{3}assign_budget\0\u{3}budget_applied\0\u{2}\u{8}prefill\0\u{3}prefill_ack\0\u{1}decode\0\u{3}decode_result\0\u{4}\u{7}copy_shard\0\u{3}copy_shard_ack\0\u{3}shard_transfer\0\u{3}shard_transfer_ack\0")
 
+  fileprivate class _StorageClass {
+    var _requestID: UInt64 = 0
+    var _traceContext: Dictionary<String,String> = [:]
+    var _body: Tessera_V1_Envelope.OneOf_Body?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _requestID = source._requestID
+      _traceContext = source._traceContext
+      _body = source._body
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.requestID) }()
-      case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.traceContext) }()
-      case 10: try {
-        var v: Tessera_V1_Hello?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .hello(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._requestID) }()
+        case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &_storage._traceContext) }()
+        case 10: try {
+          var v: Tessera_V1_Hello?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .hello(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .hello(v)
+          }
+        }()
+        case 11: try {
+          var v: Tessera_V1_HelloAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .helloAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .helloAck(v)
+          }
+        }()
+        case 12: try {
+          var v: Tessera_V1_Error?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .error(v)
+          }
+        }()
+        case 20: try {
+          var v: Tessera_V1_RegisterWorker?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .registerWorker(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .registerWorker(v)
+          }
+        }()
+        case 21: try {
+          var v: Tessera_V1_RegisterAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .registerAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .registerAck(v)
+          }
+        }()
+        case 22: try {
+          var v: Tessera_V1_Heartbeat?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .heartbeat(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .heartbeat(v)
+          }
+        }()
+        case 23: try {
+          var v: Tessera_V1_HeartbeatAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .heartbeatAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .heartbeatAck(v)
+          }
+        }()
+        case 24: try {
+          var v: Tessera_V1_StatusRequest?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .statusRequest(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .statusRequest(v)
+          }
+        }()
+        case 25: try {
+          var v: Tessera_V1_StatusReply?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .statusReply(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .statusReply(v)
+          }
+        }()
+        case 26: try {
+          var v: Tessera_V1_LeaveCluster?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .leaveCluster(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .leaveCluster(v)
+          }
+        }()
+        case 27: try {
+          var v: Tessera_V1_LeaveAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .leaveAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .leaveAck(v)
+          }
+        }()
+        case 30: try {
+          var v: Tessera_V1_OpenSequence?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .openSequence(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .openSequence(v)
+          }
+        }()
+        case 31: try {
+          var v: Tessera_V1_PlacementRequest?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .placementRequest(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .placementRequest(v)
+          }
+        }()
+        case 32: try {
+          var v: Tessera_V1_Placement?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .placement(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .placement(v)
+          }
+        }()
+        case 33: try {
+          var v: Tessera_V1_Close?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .close(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .close(v)
+          }
+        }()
+        case 34: try {
+          var v: Tessera_V1_CloseAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .closeAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .closeAck(v)
+          }
+        }()
+        case 35: try {
+          var v: Tessera_V1_ShardAssignment?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shardAssignment(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shardAssignment(v)
+          }
+        }()
+        case 36: try {
+          var v: Tessera_V1_ShardAssignmentAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shardAssignmentAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shardAssignmentAck(v)
+          }
+        }()
+        case 37: try {
+          var v: Tessera_V1_PlacementMoved?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .placementMoved(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .placementMoved(v)
+          }
+        }()
+        case 40: try {
+          var v: Tessera_V1_LayerStats?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .layerStats(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .layerStats(v)
+          }
+        }()
+        case 41: try {
+          var v: Tessera_V1_AssignBudget?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .assignBudget(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .assignBudget(v)
+          }
+        }()
+        case 42: try {
+          var v: Tessera_V1_BudgetApplied?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .budgetApplied(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .budgetApplied(v)
+          }
+        }()
+        case 50: try {
+          var v: Tessera_V1_Prefill?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .prefill(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .prefill(v)
+          }
+        }()
+        case 51: try {
+          var v: Tessera_V1_PrefillAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .prefillAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .prefillAck(v)
+          }
+        }()
+        case 52: try {
+          var v: Tessera_V1_Decode?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .decode(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .decode(v)
+          }
+        }()
+        case 53: try {
+          var v: Tessera_V1_DecodeResult?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .decodeResult(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .decodeResult(v)
+          }
+        }()
+        case 60: try {
+          var v: Tessera_V1_CopyShard?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .copyShard(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .copyShard(v)
+          }
+        }()
+        case 61: try {
+          var v: Tessera_V1_CopyShardAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .copyShardAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .copyShardAck(v)
+          }
+        }()
+        case 62: try {
+          var v: Tessera_V1_ShardTransfer?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shardTransfer(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shardTransfer(v)
+          }
+        }()
+        case 63: try {
+          var v: Tessera_V1_ShardTransferAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .shardTransferAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .shardTransferAck(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .hello(v)
-        }
-      }()
-      case 11: try {
-        var v: Tessera_V1_HelloAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .helloAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .helloAck(v)
-        }
-      }()
-      case 12: try {
-        var v: Tessera_V1_Error?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .error(v)
-        }
-      }()
-      case 20: try {
-        var v: Tessera_V1_RegisterWorker?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .registerWorker(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .registerWorker(v)
-        }
-      }()
-      case 21: try {
-        var v: Tessera_V1_RegisterAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .registerAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .registerAck(v)
-        }
-      }()
-      case 22: try {
-        var v: Tessera_V1_Heartbeat?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .heartbeat(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .heartbeat(v)
-        }
-      }()
-      case 23: try {
-        var v: Tessera_V1_HeartbeatAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .heartbeatAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .heartbeatAck(v)
-        }
-      }()
-      case 24: try {
-        var v: Tessera_V1_StatusRequest?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .statusRequest(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .statusRequest(v)
-        }
-      }()
-      case 25: try {
-        var v: Tessera_V1_StatusReply?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .statusReply(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .statusReply(v)
-        }
-      }()
-      case 26: try {
-        var v: Tessera_V1_LeaveCluster?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .leaveCluster(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .leaveCluster(v)
-        }
-      }()
-      case 27: try {
-        var v: Tessera_V1_LeaveAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .leaveAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .leaveAck(v)
-        }
-      }()
-      case 30: try {
-        var v: Tessera_V1_OpenSequence?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .openSequence(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .openSequence(v)
-        }
-      }()
-      case 31: try {
-        var v: Tessera_V1_PlacementRequest?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .placementRequest(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .placementRequest(v)
-        }
-      }()
-      case 32: try {
-        var v: Tessera_V1_Placement?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .placement(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .placement(v)
-        }
-      }()
-      case 33: try {
-        var v: Tessera_V1_Close?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .close(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .close(v)
-        }
-      }()
-      case 34: try {
-        var v: Tessera_V1_CloseAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .closeAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .closeAck(v)
-        }
-      }()
-      case 35: try {
-        var v: Tessera_V1_ShardAssignment?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shardAssignment(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shardAssignment(v)
-        }
-      }()
-      case 36: try {
-        var v: Tessera_V1_ShardAssignmentAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shardAssignmentAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shardAssignmentAck(v)
-        }
-      }()
-      case 37: try {
-        var v: Tessera_V1_PlacementMoved?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .placementMoved(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .placementMoved(v)
-        }
-      }()
-      case 40: try {
-        var v: Tessera_V1_LayerStats?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .layerStats(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .layerStats(v)
-        }
-      }()
-      case 41: try {
-        var v: Tessera_V1_AssignBudget?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .assignBudget(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .assignBudget(v)
-        }
-      }()
-      case 42: try {
-        var v: Tessera_V1_BudgetApplied?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .budgetApplied(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .budgetApplied(v)
-        }
-      }()
-      case 50: try {
-        var v: Tessera_V1_Prefill?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .prefill(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .prefill(v)
-        }
-      }()
-      case 51: try {
-        var v: Tessera_V1_PrefillAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .prefillAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .prefillAck(v)
-        }
-      }()
-      case 52: try {
-        var v: Tessera_V1_Decode?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .decode(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .decode(v)
-        }
-      }()
-      case 53: try {
-        var v: Tessera_V1_DecodeResult?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .decodeResult(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .decodeResult(v)
-        }
-      }()
-      case 60: try {
-        var v: Tessera_V1_CopyShard?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .copyShard(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .copyShard(v)
-        }
-      }()
-      case 61: try {
-        var v: Tessera_V1_CopyShardAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .copyShardAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .copyShardAck(v)
-        }
-      }()
-      case 62: try {
-        var v: Tessera_V1_ShardTransfer?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shardTransfer(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shardTransfer(v)
-        }
-      }()
-      case 63: try {
-        var v: Tessera_V1_ShardTransferAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .shardTransferAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .shardTransferAck(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.requestID != 0 {
-      try visitor.visitSingularUInt64Field(value: self.requestID, fieldNumber: 1)
-    }
-    if !self.traceContext.isEmpty {
-      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.traceContext, fieldNumber: 2)
-    }
-    switch self.body {
-    case .hello?: try {
-      guard case .hello(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .helloAck?: try {
-      guard case .helloAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .error?: try {
-      guard case .error(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    }()
-    case .registerWorker?: try {
-      guard case .registerWorker(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .registerAck?: try {
-      guard case .registerAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .heartbeat?: try {
-      guard case .heartbeat(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .heartbeatAck?: try {
-      guard case .heartbeatAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
-    }()
-    case .statusRequest?: try {
-      guard case .statusRequest(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
-    }()
-    case .statusReply?: try {
-      guard case .statusReply(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
-    }()
-    case .leaveCluster?: try {
-      guard case .leaveCluster(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
-    }()
-    case .leaveAck?: try {
-      guard case .leaveAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
-    }()
-    case .openSequence?: try {
-      guard case .openSequence(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
-    }()
-    case .placementRequest?: try {
-      guard case .placementRequest(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
-    }()
-    case .placement?: try {
-      guard case .placement(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
-    }()
-    case .close?: try {
-      guard case .close(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
-    }()
-    case .closeAck?: try {
-      guard case .closeAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
-    }()
-    case .shardAssignment?: try {
-      guard case .shardAssignment(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
-    }()
-    case .shardAssignmentAck?: try {
-      guard case .shardAssignmentAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 36)
-    }()
-    case .placementMoved?: try {
-      guard case .placementMoved(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 37)
-    }()
-    case .layerStats?: try {
-      guard case .layerStats(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
-    }()
-    case .assignBudget?: try {
-      guard case .assignBudget(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
-    }()
-    case .budgetApplied?: try {
-      guard case .budgetApplied(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
-    }()
-    case .prefill?: try {
-      guard case .prefill(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
-    }()
-    case .prefillAck?: try {
-      guard case .prefillAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
-    }()
-    case .decode?: try {
-      guard case .decode(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
-    }()
-    case .decodeResult?: try {
-      guard case .decodeResult(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
-    }()
-    case .copyShard?: try {
-      guard case .copyShard(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
-    }()
-    case .copyShardAck?: try {
-      guard case .copyShardAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
-    }()
-    case .shardTransfer?: try {
-      guard case .shardTransfer(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
-    }()
-    case .shardTransferAck?: try {
-      guard case .shardTransferAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 63)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._requestID != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._requestID, fieldNumber: 1)
+      }
+      if !_storage._traceContext.isEmpty {
+        try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: _storage._traceContext, fieldNumber: 2)
+      }
+      switch _storage._body {
+      case .hello?: try {
+        guard case .hello(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .helloAck?: try {
+        guard case .helloAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .error?: try {
+        guard case .error(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      }()
+      case .registerWorker?: try {
+        guard case .registerWorker(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .registerAck?: try {
+        guard case .registerAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .heartbeat?: try {
+        guard case .heartbeat(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .heartbeatAck?: try {
+        guard case .heartbeatAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+      }()
+      case .statusRequest?: try {
+        guard case .statusRequest(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 24)
+      }()
+      case .statusReply?: try {
+        guard case .statusReply(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 25)
+      }()
+      case .leaveCluster?: try {
+        guard case .leaveCluster(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 26)
+      }()
+      case .leaveAck?: try {
+        guard case .leaveAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 27)
+      }()
+      case .openSequence?: try {
+        guard case .openSequence(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 30)
+      }()
+      case .placementRequest?: try {
+        guard case .placementRequest(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 31)
+      }()
+      case .placement?: try {
+        guard case .placement(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 32)
+      }()
+      case .close?: try {
+        guard case .close(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 33)
+      }()
+      case .closeAck?: try {
+        guard case .closeAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 34)
+      }()
+      case .shardAssignment?: try {
+        guard case .shardAssignment(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 35)
+      }()
+      case .shardAssignmentAck?: try {
+        guard case .shardAssignmentAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 36)
+      }()
+      case .placementMoved?: try {
+        guard case .placementMoved(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 37)
+      }()
+      case .layerStats?: try {
+        guard case .layerStats(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 40)
+      }()
+      case .assignBudget?: try {
+        guard case .assignBudget(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 41)
+      }()
+      case .budgetApplied?: try {
+        guard case .budgetApplied(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 42)
+      }()
+      case .prefill?: try {
+        guard case .prefill(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 50)
+      }()
+      case .prefillAck?: try {
+        guard case .prefillAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 51)
+      }()
+      case .decode?: try {
+        guard case .decode(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 52)
+      }()
+      case .decodeResult?: try {
+        guard case .decodeResult(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 53)
+      }()
+      case .copyShard?: try {
+        guard case .copyShard(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+      }()
+      case .copyShardAck?: try {
+        guard case .copyShardAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+      }()
+      case .shardTransfer?: try {
+        guard case .shardTransfer(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+      }()
+      case .shardTransferAck?: try {
+        guard case .shardTransferAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 63)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_Envelope, rhs: Tessera_V1_Envelope) -> Bool {
-    if lhs.requestID != rhs.requestID {return false}
-    if lhs.traceContext != rhs.traceContext {return false}
-    if lhs.body != rhs.body {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._requestID != rhs_storage._requestID {return false}
+        if _storage._traceContext != rhs_storage._traceContext {return false}
+        if _storage._body != rhs_storage._body {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -13,17 +13,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/common.proto\x12\ntessera.v1\"F\n\rModalityBytes\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.tessera.v1.ModalityKind\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"7\n\x08\x45ndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r*}\n\x0cModalityKind\x12\x1d\n\x19MODALITY_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MODALITY_KIND_TEXT\x10\x01\x12\x17\n\x13MODALITY_KIND_IMAGE\x10\x02\x12\x1d\n\x19MODALITY_KIND_VIDEO_FRAME\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/common.proto\x12\ntessera.v1\"F\n\rModalityBytes\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.tessera.v1.ModalityKind\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\")\n\rHeadRowShares\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\"7\n\x08\x45ndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r*}\n\x0cModalityKind\x12\x1d\n\x19MODALITY_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MODALITY_KIND_TEXT\x10\x01\x12\x17\n\x13MODALITY_KIND_IMAGE\x10\x02\x12\x1d\n\x19MODALITY_KIND_VIDEO_FRAME\x10\x03\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.common_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
-  _MODALITYKIND._serialized_start=168
-  _MODALITYKIND._serialized_end=293
+  _MODALITYKIND._serialized_start=211
+  _MODALITYKIND._serialized_end=336
   _MODALITYBYTES._serialized_start=39
   _MODALITYBYTES._serialized_end=109
-  _ENDPOINT._serialized_start=111
-  _ENDPOINT._serialized_end=166
+  _HEADROWSHARES._serialized_start=111
+  _HEADROWSHARES._serialized_end=152
+  _ENDPOINT._serialized_start=154
+  _ENDPOINT._serialized_end=209
 # @@protoc_insertion_point(module_scope)

@@ -11,40 +11,41 @@ from google.protobuf import symbol_database as _symbol_database
 _sym_db = _symbol_database.Default()
 
 
+from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 from tessera.v1 import sequence_pb2 as tessera_dot_v1_dot_sequence__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tessera/v1/data.proto\x12\ntessera.v1\x1a\x19tessera/v1/sequence.proto\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.tessera.v1.ScalarType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x88\x01\n\x0cLayerTensors\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12#\n\x07queries\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\"9\n\rInlineTensors\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.tessera.v1.LayerTensors\"p\n\x0fSyntheticSource\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x16\n\x0esequence_index\x18\x03 \x01(\r\x12%\n\x05shape\x18\x04 \x01(\x0b\x32\x16.tessera.v1.TraceShape\"\xbc\x01\n\nTraceShape\x12\x12\n\ntext_scale\x18\x01 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x02 \x01(\r\x12\x12\n\nimages_min\x18\x03 \x01(\r\x12\x12\n\nimages_max\x18\x04 \x01(\r\x12\x12\n\nframes_min\x18\x05 \x01(\r\x12\x12\n\nframes_max\x18\x06 \x01(\r\x12\x19\n\x11\x64ocument_text_min\x18\x07 \x01(\r\x12\x19\n\x11\x64ocument_text_max\x18\x08 \x01(\r\"\xc6\x02\n\x07Prefill\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.tessera.v1.ModelGeometry\x12\'\n\x05spans\x18\x06 \x03(\x0b\x32\x18.tessera.v1.ModalitySpan\x12\"\n\x06policy\x18\x07 \x01(\x0b\x32\x12.tessera.v1.Policy\x12\x33\n\x0einline_tensors\x18\n \x01(\x0b\x32\x19.tessera.v1.InlineTensorsH\x00\x12\x30\n\tsynthetic\x18\x0b \x01(\x0b\x32\x1b.tessera.v1.SyntheticSourceH\x00\x12\r\n\x05\x61udit\x18\x0c \x01(\x08\x42\x08\n\x06source\"T\n\nPrefillAck\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"\x87\x01\n\x0bLayerDecode\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12#\n\x07queries\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\x85\x01\n\x06\x44\x65\x63ode\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\'\n\x06layers\x18\x06 \x03(\x0b\x32\x17.tessera.v1.LayerDecode\"@\n\x0bLayerOutput\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\x89\x02\n\x0c\x44\x65\x63odeResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.tessera.v1.LayerOutput\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x15\n\rfull_kv_bytes\x18\x06 \x01(\x04\x12&\n\x05\x61udit\x18\x07 \x01(\x0b\x32\x17.tessera.v1.DecodeAudit\x12\x18\n\x10synthesis_micros\x18\x08 \x01(\x04\x12\x16\n\x0eprofile_micros\x18\t \x01(\x04\x12\x17\n\x0f\x63ompress_micros\x18\n \x01(\x04\"i\n\x0b\x44\x65\x63odeAudit\x12\x1a\n\x12relative_error_sum\x18\x01 \x01(\x01\x12\x0f\n\x07outputs\x18\x02 \x01(\r\x12\x15\n\rneedle_probes\x18\x03 \x01(\r\x12\x16\n\x0eneedle_correct\x18\x04 \x01(\r*[\n\nScalarType\x12\x1b\n\x17SCALAR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13SCALAR_TYPE_FLOAT32\x10\x01\x12\x17\n\x13SCALAR_TYPE_FLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tessera/v1/data.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\x1a\x19tessera/v1/sequence.proto\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.tessera.v1.ScalarType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x88\x01\n\x0cLayerTensors\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12#\n\x07queries\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\"9\n\rInlineTensors\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.tessera.v1.LayerTensors\"p\n\x0fSyntheticSource\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x16\n\x0esequence_index\x18\x03 \x01(\r\x12%\n\x05shape\x18\x04 \x01(\x0b\x32\x16.tessera.v1.TraceShape\"\xbc\x01\n\nTraceShape\x12\x12\n\ntext_scale\x18\x01 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x02 \x01(\r\x12\x12\n\nimages_min\x18\x03 \x01(\r\x12\x12\n\nimages_max\x18\x04 \x01(\r\x12\x12\n\nframes_min\x18\x05 \x01(\r\x12\x12\n\nframes_max\x18\x06 \x01(\r\x12\x19\n\x11\x64ocument_text_min\x18\x07 \x01(\r\x12\x19\n\x11\x64ocument_text_max\x18\x08 \x01(\r\"\xc6\x02\n\x07Prefill\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12(\n\x05model\x18\x05 \x01(\x0b\x32\x19.tessera.v1.ModelGeometry\x12\'\n\x05spans\x18\x06 \x03(\x0b\x32\x18.tessera.v1.ModalitySpan\x12\"\n\x06policy\x18\x07 \x01(\x0b\x32\x12.tessera.v1.Policy\x12\x33\n\x0einline_tensors\x18\n \x01(\x0b\x32\x19.tessera.v1.InlineTensorsH\x00\x12\x30\n\tsynthetic\x18\x0b \x01(\x0b\x32\x1b.tessera.v1.SyntheticSourceH\x00\x12\r\n\x05\x61udit\x18\x0c \x01(\x08\x42\x08\n\x06source\"T\n\nPrefillAck\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"\x87\x01\n\x0bLayerDecode\x12\r\n\x05layer\x18\x01 \x01(\r\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12#\n\x07queries\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\x85\x01\n\x06\x44\x65\x63ode\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\x12\x10\n\x08shard_id\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\'\n\x06layers\x18\x06 \x03(\x0b\x32\x17.tessera.v1.LayerDecode\"@\n\x0bLayerOutput\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\xbd\x02\n\x0c\x44\x65\x63odeResult\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.tessera.v1.LayerOutput\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x15\n\rfull_kv_bytes\x18\x06 \x01(\x04\x12&\n\x05\x61udit\x18\x07 \x01(\x0b\x32\x17.tessera.v1.DecodeAudit\x12\x18\n\x10synthesis_micros\x18\x08 \x01(\x04\x12\x16\n\x0eprofile_micros\x18\t \x01(\x04\x12\x17\n\x0f\x63ompress_micros\x18\n \x01(\x04\x12\x32\n\x0fhead_row_shares\x18\x0b \x01(\x0b\x32\x19.tessera.v1.HeadRowShares\"i\n\x0b\x44\x65\x63odeAudit\x12\x1a\n\x12relative_error_sum\x18\x01 \x01(\x01\x12\x0f\n\x07outputs\x18\x02 \x01(\r\x12\x15\n\rneedle_probes\x18\x03 \x01(\r\x12\x16\n\x0eneedle_correct\x18\x04 \x01(\r*[\n\nScalarType\x12\x1b\n\x17SCALAR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13SCALAR_TYPE_FLOAT32\x10\x01\x12\x17\n\x13SCALAR_TYPE_FLOAT16\x10\x02\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.data_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
-  _SCALARTYPE._serialized_start=1775
-  _SCALARTYPE._serialized_end=1866
-  _TENSOR._serialized_start=64
-  _TENSOR._serialized_end=140
-  _LAYERTENSORS._serialized_start=143
-  _LAYERTENSORS._serialized_end=279
-  _INLINETENSORS._serialized_start=281
-  _INLINETENSORS._serialized_end=338
-  _SYNTHETICSOURCE._serialized_start=340
-  _SYNTHETICSOURCE._serialized_end=452
-  _TRACESHAPE._serialized_start=455
-  _TRACESHAPE._serialized_end=643
-  _PREFILL._serialized_start=646
-  _PREFILL._serialized_end=972
-  _PREFILLACK._serialized_start=974
-  _PREFILLACK._serialized_end=1058
-  _LAYERDECODE._serialized_start=1061
-  _LAYERDECODE._serialized_end=1196
-  _DECODE._serialized_start=1199
-  _DECODE._serialized_end=1332
-  _LAYEROUTPUT._serialized_start=1334
-  _LAYEROUTPUT._serialized_end=1398
-  _DECODERESULT._serialized_start=1401
-  _DECODERESULT._serialized_end=1666
-  _DECODEAUDIT._serialized_start=1668
-  _DECODEAUDIT._serialized_end=1773
+  _SCALARTYPE._serialized_start=1852
+  _SCALARTYPE._serialized_end=1943
+  _TENSOR._serialized_start=89
+  _TENSOR._serialized_end=165
+  _LAYERTENSORS._serialized_start=168
+  _LAYERTENSORS._serialized_end=304
+  _INLINETENSORS._serialized_start=306
+  _INLINETENSORS._serialized_end=363
+  _SYNTHETICSOURCE._serialized_start=365
+  _SYNTHETICSOURCE._serialized_end=477
+  _TRACESHAPE._serialized_start=480
+  _TRACESHAPE._serialized_end=668
+  _PREFILL._serialized_start=671
+  _PREFILL._serialized_end=997
+  _PREFILLACK._serialized_start=999
+  _PREFILLACK._serialized_end=1083
+  _LAYERDECODE._serialized_start=1086
+  _LAYERDECODE._serialized_end=1221
+  _DECODE._serialized_start=1224
+  _DECODE._serialized_end=1357
+  _LAYEROUTPUT._serialized_start=1359
+  _LAYEROUTPUT._serialized_end=1423
+  _DECODERESULT._serialized_start=1426
+  _DECODERESULT._serialized_end=1743
+  _DECODEAUDIT._serialized_start=1745
+  _DECODEAUDIT._serialized_end=1850
 # @@protoc_insertion_point(module_scope)
