@@ -220,6 +220,7 @@ enum Seeds {
         applied.epoch = epoch
         applied.kvBytes = 1 << 20
         applied.kvBytesByModality = byModality()
+        applied.headRowShares = HeadRowShares(min: 0.1, max: 0.1).proto
         add(.budgetApplied(applied))
 
         var inline = Tessera_V1_Prefill()
@@ -274,6 +275,7 @@ enum Seeds {
         result.synthesisMicros = 1500
         result.profileMicros = 2500
         result.compressMicros = 700
+        result.headRowShares = HeadRowShares(min: 0.05, max: 0.3).proto
         add(.decodeResult(result))
 
         var copy = Tessera_V1_CopyShard()
