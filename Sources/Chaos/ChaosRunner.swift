@@ -225,8 +225,8 @@ public enum ChaosRunner {
             for shard in placement.shards {
                 var digests = Set<UInt64>()
                 for holder in [shard.primary] + shard.replicas where liveWorkers.contains(holder.description) {
-                    for copy in try await client.shardCopies(on: holder) where copy.sequenceID == Self.sequenceID(index)
-                    {
+                    for copy in try await client.shardCopies(on: holder)
+                    where copy.sequenceID == placement.sequenceID {
                         digests.insert(copy.digest)
                     }
                 }

@@ -245,8 +245,9 @@ public final class TesseraClient: Sendable {
 
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
     /// `decodeTokens` is how many steps the client expects to decode (admission reserves their rows).
-    /// Ids are unique in the cluster, not per tenant: with `sequenceID` 0 the coordinator chooses a
-    /// free one, which no other tenant can have taken, returned as the placement's `sequenceID`.
+    /// An id below 2^62 is the client's own, scoped to its tenant (another tenant's sequence with the
+    /// same id is another sequence); with 0 the coordinator chooses one. Either way the placement's
+    /// `sequenceID` is the cluster's id for it (`clusterID(_:)`); this client's methods take both.
     public func openSequence(
         _ sequenceID: UInt64,
         geometry: ModelGeometry,
@@ -280,11 +281,15 @@ public final class TesseraClient: Sendable {
         return .seconds(30 + bytes / 20e6 + flops / 5e9)
     }
 
+    /// The cluster's id for one of this client's ids (`SequenceIDs`): what placements, workers and
+    /// their replies carry. The cluster's ids map to themselves.
+    public func clusterID(_ sequenceID: UInt64) -> UInt64 { SequenceIDs.cluster(sequenceID, tenant: tenant) }
+
     /// Asks the coordinator for the sequence's current placement.
     public func refreshPlacement(_ sequenceID: UInt64) async throws -> SequencePlacement {
         var message = Tessera_V1_PlacementRequest()
         message.tenant = tenant
-        message.sequenceID = sequenceID
+        message.sequenceID = clusterID(sequenceID)
         return try remember(try await coordinator.request(.placementRequest(message)))
     }
 
@@ -347,6 +352,7 @@ public final class TesseraClient: Sendable {
         layersPerPart: Int = .max,
         source: @escaping @Sendable (inout Tessera_V1_Prefill, Range<Int>, Range<Int>) async throws -> Void
     ) async throws -> UInt64 {
+        let sequenceID = clusterID(sequenceID)
         let timeout = prefillTimeouts.withLock { $0[sequenceID] } ?? .seconds(300)
         let acks = try await onEveryShard(sequenceID, timeout: timeout, layersPerPart: layersPerPart) {
             shard,
@@ -385,6 +391,7 @@ public final class TesseraClient: Sendable {
         geometry: ModelGeometry,
         inputs: [Int: DecodeStepInput]? = nil
     ) async throws -> DecodeStep {
+        let sequenceID = clusterID(sequenceID)
         let replies = try await onEveryShard(sequenceID) { shard, placement, _ in
             var decode = Tessera_V1_Decode()
             decode.tenant = self.tenant
@@ -428,6 +435,7 @@ public final class TesseraClient: Sendable {
 
     /// Closes the sequence everywhere; returns the bytes the workers freed.
     public func close(_ sequenceID: UInt64) async throws -> UInt64 {
+        let sequenceID = clusterID(sequenceID)
         var message = Tessera_V1_Close()
         message.tenant = tenant
         message.sequenceID = sequenceID
@@ -439,11 +447,23 @@ public final class TesseraClient: Sendable {
     }
 
     /// The shard copies one worker holds, with their digests: replicas of a shard hold equal bytes.
+    /// Asked up to five times while the error is one a new connection may cure (a request damaged in
+    /// transit makes the worker close the connection); reading status changes nothing.
     public func shardCopies(on worker: NodeAddress) async throws -> [ShardCopy] {
         var request = Tessera_V1_StatusRequest()
         request.includeSequences = true
-        guard case .statusReply(let reply) = try await pool.connection(to: worker).request(.statusRequest(request))
-        else {
+        var attempts = 0
+        let body: Tessera_V1_Envelope.OneOf_Body
+        while true {
+            do {
+                body = try await pool.connection(to: worker).request(.statusRequest(request))
+                break
+            } catch  where attempts < 4 && Self.isRetryable(error) {
+                attempts += 1
+                try await clock.sleep(for: .milliseconds(100))
+            }
+        }
+        guard case .statusReply(let reply) = body else {
             throw WireError(.badRequest, "the worker answered status with something else")
         }
         return reply.sequences.map { sequence in

@@ -1,4 +1,5 @@
 import ClusterAdmin
+import ClusterSecurity
 import ClusterState
 import ClusterTransport
 import ClusterWire
@@ -113,6 +114,14 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .openSequence(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
+            guard SequenceIDs.isOpenable(message.sequenceID) else {
+                throw WireError(
+                    .badRequest,
+                    "open_sequence.sequence_id \(message.sequenceID) is the cluster's; open with an id below 2^62 "
+                        + "(scoped to the tenant) or 0 (the coordinator chooses one)"
+                )
+            }
+            message.sequenceID = SequenceIDs.cluster(message.sequenceID, tenant: message.tenant)
             let sequence = try await openTightening(message, trace: request.traceContext)
             let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
             if coordinator.logger.logLevel <= .debug {
@@ -135,12 +144,14 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .placementRequest(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
+            message.sequenceID = SequenceIDs.cluster(message.sequenceID, tenant: message.tenant)
             let sequence = try await state.sequence(message.sequenceID, tenant: message.tenant)
             await state.watch(message.sequenceID, from: connection)
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
         case .close(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
+            message.sequenceID = SequenceIDs.cluster(message.sequenceID, tenant: message.tenant)
             _ = try await state.sequence(message.sequenceID, tenant: message.tenant)
             guard let freed = await coordinator.closeEverywhere(message.sequenceID) else {
                 throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")

@@ -263,7 +263,13 @@ private enum IngestBenchmark {
                 guard placement.shards.count == 1, placement.shards[0].primary == worker else {
                     throw BenchWireError("sequence \(id) was placed elsewhere than \(worker): \(placement.shards)")
                 }
-                messages.append(frame.prefill(sequenceID: id, shardID: placement.shards[0].id, epoch: placement.epoch))
+                messages.append(
+                    frame.prefill(
+                        sequenceID: placement.sequenceID,
+                        shardID: placement.shards[0].id,
+                        epoch: placement.epoch
+                    )
+                )
             }
             let start = clock.now
             latencies += try await send(messages, window: window, over: connection)

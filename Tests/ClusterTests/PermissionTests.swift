@@ -120,23 +120,23 @@ import Workloads
             try await cluster.connect(to: cluster.primary, as: Self.client) { worker in
                 var close = Tessera_V1_Close()
                 close.tenant = "owner"
-                close.sequenceID = Self.sequenceID
+                close.sequenceID = cluster.placement.sequenceID
                 await Self.expectDenied("close from a client") { _ = try await worker.request(.close(close)) }
                 var budget = Tessera_V1_AssignBudget()
-                budget.sequenceID = Self.sequenceID
+                budget.sequenceID = cluster.placement.sequenceID
                 budget.epoch = cluster.placement.epoch
                 await Self.expectDenied("assign_budget from a client") {
                     _ = try await worker.request(.assignBudget(budget))
                 }
                 var assignment = Tessera_V1_ShardAssignment()
                 assignment.tenant = "owner"
-                assignment.sequenceID = Self.sequenceID
+                assignment.sequenceID = cluster.placement.sequenceID
                 assignment.epoch = cluster.placement.epoch + 1
                 await Self.expectDenied("shard_assignment from a client") {
                     _ = try await worker.request(.shardAssignment(assignment))
                 }
                 var copy = Tessera_V1_CopyShard()
-                copy.sequenceID = Self.sequenceID
+                copy.sequenceID = cluster.placement.sequenceID
                 await Self.expectDenied("copy_shard from a client") { _ = try await worker.request(.copyShard(copy)) }
             }
             Cluster.expectUnharmed(before: before, after: try await cluster.ownerView(step: 2))
@@ -216,6 +216,58 @@ import Workloads
         }
     }
 
+    /// Sequence ids are scoped per tenant: another tenant opening the id the owner is about to use
+    /// gets a sequence of its own, and neither its open nor its close touches the owner's.
+    @Test(.timeLimit(.minutes(2)))
+    func anIDIsScopedToItsTenant() async throws {
+        try await Self.withCluster { cluster in
+            let next = Self.sequenceID + 1
+            let trace = TraceGenerator(preset: .imageQA, geometry: .tiny, seed: 3).sequence(0)
+            let mallory = try cluster.certificates.security(.client, "mallory", tenant: "mallory")
+            try await TesseraClient.withClient(coordinator: cluster.coordinator, security: mallory, logger: Self.logger)
+            {
+                mallory in
+                let taken = try await mallory.openSequence(
+                    next,
+                    geometry: .tiny,
+                    layout: trace.layout,
+                    policy: .full,
+                    retention: 1
+                )
+                let owners = try await cluster.owner.openSequence(
+                    next,
+                    geometry: .tiny,
+                    layout: trace.layout,
+                    policy: .snapKV(.init()),
+                    retention: 0.2
+                )
+                #expect(taken.sequenceID != owners.sequenceID)
+                #expect(
+                    owners.sequenceID == cluster.owner.clusterID(next) && taken.sequenceID == mallory.clusterID(next)
+                )
+                _ = try await cluster.owner.prefillSynthetic(next, workload: "image-qa", seed: 3, index: 0)
+                #expect(try await mallory.close(next) == 0, "nothing was prefilled under mallory's id")
+                let outputs = try await cluster.owner.decode(next, step: 0, geometry: .tiny)
+                #expect(outputs.count == ModelGeometry.tiny.layers)
+                // The cluster's own ids cannot be opened by a client: that is how one would aim at
+                // another tenant's scoped id.
+                do {
+                    _ = try await mallory.openSequence(
+                        owners.sequenceID,
+                        geometry: .tiny,
+                        layout: trace.layout,
+                        policy: .full,
+                        retention: 1
+                    )
+                    Issue.record("an open under the cluster's id of another tenant's sequence was accepted")
+                } catch let error as WireError {
+                    #expect(error.code == .badRequest && error.message.contains("below 2^62"), "\(error)")
+                }
+                #expect(try await cluster.owner.close(next) > 0)
+            }
+        }
+    }
+
     @Test(.timeLimit(.minutes(2)))
     func onlyTheShardsPrimaryForwardsWrites() async throws {
         try await Self.withCluster { cluster in
@@ -225,7 +277,7 @@ import Workloads
             try await cluster.connect(to: cluster.replica, as: stranger) { replica in
                 var decode = Tessera_V1_Decode()
                 decode.tenant = "owner"
-                decode.sequenceID = Self.sequenceID
+                decode.sequenceID = cluster.placement.sequenceID
                 decode.shardID = cluster.placement.shards[0].id
                 decode.epoch = cluster.placement.epoch
                 decode.step = 2
@@ -265,7 +317,7 @@ import Workloads
                 // Claiming the owner's tenant is refused; claiming its own finds another tenant's sequence.
                 var decode = Tessera_V1_Decode()
                 decode.tenant = "owner"
-                decode.sequenceID = Self.sequenceID
+                decode.sequenceID = cluster.placement.sequenceID
                 decode.shardID = cluster.placement.shards[0].id
                 decode.epoch = cluster.placement.epoch
                 decode.step = 2
@@ -291,7 +343,7 @@ import Workloads
             try await cluster.connect(to: cluster.coordinator, as: Self.client) { coordinator in
                 var close = Tessera_V1_Close()
                 close.tenant = "owner"
-                close.sequenceID = Self.sequenceID
+                close.sequenceID = cluster.placement.sequenceID
                 await Self.expectDenied("a close claiming another tenant") {
                     _ = try await coordinator.request(.close(close))
                 }

@@ -391,8 +391,9 @@ class Client:
         decode_tokens: int = 0,
         sequence_id: int = 0,
     ) -> sequence_pb2.Placement:
-        """Admits and places a sequence; with ``sequence_id`` 0 the coordinator picks a free id,
-        returned as the placement's ``sequence_id``. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
+        """Admits and places a sequence. A ``sequence_id`` below 2**62 is this client's own, scoped to
+        its tenant; with 0 the coordinator picks one. Either way the placement's ``sequence_id`` is
+        the cluster's id of the sequence, which the other methods take. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
         with ``retry_after``) when the cluster's memory limit or the tenant's quota has no room."""
         if not 0 < retention <= 1:
             raise ValueError(f"retention must be in (0, 1], got {retention}")

@@ -123,9 +123,12 @@ package nonisolated struct Tessera_V1_OpenSequence: Sendable {
   /// The tenant that owns the sequence.
   package var tenant: String = String()
 
-  /// The sequence's id, unique in the cluster (not per tenant: an id another tenant holds is refused).
-  /// 0 asks the coordinator to choose a free one, returned in Placement.sequence_id; an id chosen
-  /// there cannot have been taken by another tenant beforehand.
+  /// The client's id for the sequence, below 2^62 and scoped to the tenant: two tenants' sequence 42
+  /// are two sequences. The coordinator maps it to the cluster's id (2^63 or above: the top bit over
+  /// the first 63 bits of SHA-256 of the tenant's UTF-8 length as 8 bytes little-endian, its UTF-8
+  /// bytes and the id as 8 bytes little-endian), returned in Placement.sequence_id; the same open
+  /// again gets the same sequence. 0 asks the coordinator to choose an id (from 2^62 up to 2^63).
+  /// Ids from 2^62 up are refused here (BAD_REQUEST).
   package var sequenceID: UInt64 = 0
 
   /// The model whose cache this is.
@@ -172,7 +175,7 @@ package nonisolated struct Tessera_V1_PlacementRequest: Sendable {
   /// The owning tenant.
   package var tenant: String = String()
 
-  /// The sequence.
+  /// The sequence: the cluster's id, or the client's own id (below 2^62, read in the tenant's scope).
   package var sequenceID: UInt64 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -222,7 +225,7 @@ package nonisolated struct Tessera_V1_Placement: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The sequence.
+  /// The cluster's id of the sequence: every data-plane request about it carries this one.
   package var sequenceID: UInt64 = 0
 
   /// The sequence's epoch (it moves at every failover); data-plane requests carry it.
@@ -270,7 +273,8 @@ package nonisolated struct Tessera_V1_Close: Sendable {
   /// The owning tenant.
   package var tenant: String = String()
 
-  /// The sequence.
+  /// The sequence: the cluster's id (from a client, also its own id below 2^62, read in the tenant's
+  /// scope).
   package var sequenceID: UInt64 = 0
 
   /// Coordinator -> worker only: when non-zero, the worker drops its copy only if the copy's epoch is
