@@ -58,18 +58,42 @@ struct HeldSequence: Sendable {
     let compressedWaiters = Waiters()
     /// Budgets waiting for this copy's prefill.
     let prefillWaiters = Waiters()
-    /// While a decode step runs off the actor, its cache (and audit copy) are out of the store; the
-    /// bytes they held are kept here for accounting, and tightening waits in `idleWaiters`.
-    var decoding: (total: Int, byModality: ModalityBytes, audit: Int)?
-    var idleWaiters: [CheckedContinuation<Void, Never>] = []
-    /// Set while the prefill is being expanded off the actor: its layers are counted as held from the
-    /// start, so that accounting never trails the memory the expansion fills.
-    var expanding = false
+    /// What is being done with the copy off the store actor, one thing at a time.
+    var activity = Activity.idle
+    /// Tightenings and copies waiting for a decode step or a copy to give the cache back.
+    let idleWaiters = Waiters()
     var nextStep = 0
     var lastResult: (step: Int, body: Tessera_V1_DecodeResult)?
-    /// Set while the compressed shard is being copied to another worker: decode steps are refused
-    /// (UNAVAILABLE, retried by the client) so that the copy and every later write line up.
-    var transferring = false
+
+    /// The copy's lifecycle is its data: assigned (no prefill yet, or parts of one), prefilled
+    /// (`prefills` and `profiles` until the budget), compressed (`cache`), closed (gone from the
+    /// store). What runs off the actor meanwhile is one of these.
+    enum Activity: Sendable {
+        case idle
+        /// The prefill is being expanded: its layers are counted as held from the start, so that
+        /// accounting never trails the memory the expansion fills.
+        case expanding
+        /// A decode step has the cache (and audit copy) out of the store; the bytes they held, for
+        /// accounting.
+        case decoding(total: Int, byModality: ModalityBytes, audit: Int)
+        /// The compressed shard is being copied to another worker: decode steps are refused
+        /// (UNAVAILABLE, retried by the client) so that the copy and every later write line up.
+        case transferring
+
+        /// A decode step or a copy has the cache: tightening and another copy wait.
+        var holdsCache: Bool {
+            switch self {
+            case .decoding, .transferring: true
+            case .idle, .expanding: false
+            }
+        }
+    }
+
+    /// The bytes a running decode step took out of the store.
+    var decoding: (total: Int, byModality: ModalityBytes, audit: Int)? {
+        guard case .decoding(let total, let byModality, let audit) = activity else { return nil }
+        return (total, byModality, audit)
+    }
 
     /// What the shard's layers would hold uncompressed with `rows` rows per head, in the storage type
     /// of the cache (Float32 before compression).
@@ -104,7 +128,10 @@ struct HeldSequence: Sendable {
     }
 
     /// Layers whose prompt K/V are held uncompressed: all of them while they are being expanded.
-    private var uncompressedLayers: Int { expanding ? layers.count : prefills.count + parts.prefills.count }
+    private var uncompressedLayers: Int {
+        if case .expanding = activity { return layers.count }
+        return prefills.count + parts.prefills.count
+    }
 
     /// Bytes of one Float32 prompt row, keys and values of every KV head.
     private var promptRowBytes: Int { geometry.kvHeads * 2 * geometry.headDim * MemoryLayout<Float>.size }
@@ -215,14 +242,14 @@ actor SequenceStore {
         return held.withoutTensors
     }
 
-    /// Marks the prefill of `layers` as being expanded (see `HeldSequence.expanding`). Returns the
+    /// Marks the prefill of `layers` as being expanded (`HeldSequence.Activity.expanding`). Returns the
     /// bytes held instead when those layers are already here: a prefill (or a part of one) retried
     /// after a failover (the replica got it from the old primary) is acknowledged, not applied twice.
     func beginExpansion(_ sequenceID: UInt64, layers sent: Set<Int>) throws(WireError) -> Int? {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        guard !held.expanding else {
+        if case .expanding = held.activity {
             throw WireError(
                 .unavailable,
                 "the prefill of sequence \(sequenceID) is still being expanded; retry",
@@ -240,12 +267,12 @@ actor SequenceStore {
             }
             return held.bytes.total
         }
-        sequences[sequenceID]!.expanding = true
+        sequences[sequenceID]!.activity = .expanding
         return nil
     }
 
     func abandonExpansion(_ sequenceID: UInt64) {
-        sequences[sequenceID]?.expanding = false
+        sequences[sequenceID]?.activity = .idle
     }
 
     /// Keeps an expanded prefill, or a part of one. Once every layer of the shard is here the copy
@@ -264,7 +291,7 @@ actor SequenceStore {
         guard sequences[sequenceID]!.prefills.isEmpty, sequences[sequenceID]!.cache == nil else {
             throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
         }
-        sequences[sequenceID]!.expanding = false
+        sequences[sequenceID]!.activity = .idle
         sequences[sequenceID]!.parts.add(part)
         let held = sequences[sequenceID]!
         guard held.parts.prefills.count == held.layers.count else { return (held.bytes.total, []) }
@@ -319,10 +346,8 @@ actor SequenceStore {
     }
 
     /// Cuts an already compressed cache to tighter budgets (memory pressure); returns the bytes held.
-    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async -> CompressedFootprint? {
-        while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
-            await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
-        }
+    func tighten(_ sequenceID: UInt64, to budgets: [Int: LayerBudget]) async throws(WireError) -> CompressedFootprint? {
+        try await waitUntilIdle(sequenceID)
         guard var held = sequences[sequenceID], held.cache != nil else { return nil }
         sequences[sequenceID]!.cache = nil
         held.rowScores = held.cache!.tighten(
@@ -333,6 +358,19 @@ actor SequenceStore {
         held.headRowShares = held.cache!.headRowShares(promptLength: held.layout.promptLength)
         sequences[sequenceID] = held
         return CompressedFootprint(held)
+    }
+
+    /// Waits until no decode step or copy has the sequence's cache (or the sequence is closed).
+    private func waitUntilIdle(_ sequenceID: UInt64) async throws(WireError) {
+        while let held = sequences[sequenceID], held.activity.holdsCache {
+            do {
+                try await held.idleWaiters.wait()
+            } catch let error as WireError {
+                throw error
+            } catch {
+                throw WireError(.unavailable, "stopped waiting for sequence \(sequenceID): \(error)")
+            }
+        }
     }
 
     /// Waits until the sequence's cache is compressed (the coordinator's budget has arrived).
@@ -370,14 +408,14 @@ actor SequenceStore {
                     + "step \(step) would hold rows the memory limit does not count"
             )
         }
-        guard !held.transferring else {
+        if case .transferring = held.activity {
             throw WireError(
                 .unavailable,
                 "shard \(held.shardID) of sequence \(sequenceID) is being copied to a new replica; retry",
                 retryAfter: .milliseconds(20)
             )
         }
-        guard held.decoding == nil else {
+        if case .decoding = held.activity {
             throw WireError(
                 .unavailable,
                 "decode step \(held.nextStep) of sequence \(sequenceID) is still running; retry",
@@ -408,7 +446,11 @@ actor SequenceStore {
         // running, each keeps to one thread.
         let alone = !sequences.values.contains { $0.decoding != nil }
         let bytes = held.bytes
-        sequences[sequenceID]!.decoding = (bytes.total, bytes.byModality, held.auditBytes)
+        sequences[sequenceID]!.activity = .decoding(
+            total: bytes.total,
+            byModality: bytes.byModality,
+            audit: held.auditBytes
+        )
         sequences[sequenceID]!.cache = nil
         sequences[sequenceID]!.audit = nil
         return .run(
@@ -433,14 +475,12 @@ actor SequenceStore {
         guard sequences[job.sequenceID] != nil else { return }
         sequences[job.sequenceID]!.cache = cache
         sequences[job.sequenceID]!.audit = audit
-        sequences[job.sequenceID]!.decoding = nil
+        sequences[job.sequenceID]!.activity = .idle
         if let result {
             sequences[job.sequenceID]!.nextStep = job.step + 1
             sequences[job.sequenceID]!.lastResult = (job.step, result)
         }
-        let waiters = sequences[job.sequenceID]!.idleWaiters
-        sequences[job.sequenceID]!.idleWaiters = []
-        for waiter in waiters { waiter.resume() }
+        sequences[job.sequenceID]!.idleWaiters.resumeAll()
     }
 
     // MARK: Re-replication
@@ -450,9 +490,7 @@ actor SequenceStore {
     /// Starts copying a shard this worker is the primary of: waits for a running decode step to end,
     /// then holds further steps back until `endTransfer`. Returns the shard with its cache.
     func beginTransfer(_ sequenceID: UInt64, shardID: UInt32, epoch: UInt64) async throws(WireError) -> HeldSequence {
-        while let held = sequences[sequenceID], held.decoding != nil || held.transferring {
-            await withCheckedContinuation { sequences[sequenceID]!.idleWaiters.append($0) }
-        }
+        try await waitUntilIdle(sequenceID)
         guard let held = sequences[sequenceID], held.shardID == shardID else {
             throw WireError(.unknownSequence, "shard \(shardID) of sequence \(sequenceID) is not held by this worker")
         }
@@ -470,22 +508,20 @@ actor SequenceStore {
                 retryAfter: .milliseconds(200)
             )
         }
-        sequences[sequenceID]!.transferring = true
+        sequences[sequenceID]!.activity = .transferring
         return held
     }
 
     /// Ends a copy; with `target`, the copy is installed there and every later write is forwarded to it.
     func endTransfer(_ sequenceID: UInt64, adding target: Tessera_V1_Endpoint?) {
         guard sequences[sequenceID] != nil else { return }
-        sequences[sequenceID]!.transferring = false
+        sequences[sequenceID]!.activity = .idle
         if let target, !sequences[sequenceID]!.assignment.shard.replicas.contains(where: { $0.nodeID == target.nodeID })
         {
             sequences[sequenceID]!.replicas.append(NodeAddress(host: target.host, port: Int(target.port)))
             sequences[sequenceID]!.assignment.shard.replicas.append(target)
         }
-        let waiters = sequences[sequenceID]!.idleWaiters
-        sequences[sequenceID]!.idleWaiters = []
-        for waiter in waiters { waiter.resume() }
+        sequences[sequenceID]!.idleWaiters.resumeAll()
     }
 
     /// Takes one part of a copy sent by a shard's primary; at the commit the copy becomes a replica.
@@ -613,10 +649,9 @@ actor SequenceStore {
     func close(_ sequenceID: UInt64, through epoch: UInt64? = nil) -> Int {
         if let epoch, let held = sequences[sequenceID], held.epoch > epoch { return 0 }
         guard let held = sequences.removeValue(forKey: sequenceID) else { return 0 }
-        for waiters in [held.compressedWaiters, held.prefillWaiters] {
+        for waiters in [held.compressedWaiters, held.prefillWaiters, held.idleWaiters] {
             waiters.failAll(WireError(.unknownSequence, "sequence \(sequenceID) was closed"))
         }
-        for waiter in held.idleWaiters { waiter.resume() }
         return held.bytes.total
     }
 

@@ -238,7 +238,7 @@ struct WorkerHandler: EnvelopeHandler {
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
         let stored: CompressedFootprint?
         if compressed {
-            stored = await worker.store.tighten(message.sequenceID, to: byLayer)
+            stored = try await worker.store.tighten(message.sequenceID, to: byLayer)
         } else {
             let storage = worker.configuration.storage
             let budgets = byLayer

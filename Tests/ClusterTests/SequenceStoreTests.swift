@@ -125,4 +125,25 @@ struct SequenceStoreTests {
             try await store.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .resourceExhausted }
     }
+
+    /// While a copy has the cache, decode steps are refused and another copy waits for it; closing
+    /// the sequence fails whatever still waits with UNKNOWN_SEQUENCE (whether it was parked by then
+    /// or asked after, the outcome is the same, so the test needs no timing).
+    @Test func aCopyHoldsStepsBackAndAClosingReleasesWhatWaits() async throws {
+        let held = try ShardTransferTests.shard(storage: .float32)
+        let store = SequenceStore()
+        _ = try await store.assign(7, held)
+        _ = try await store.beginTransfer(7, shardID: 1, epoch: 3)
+        await #expect {
+            try await store.beginDecode(7, step: held.nextStep, inputs: nil, threads: 1)
+        } throws: { ($0 as? WireError)?.code == .unavailable }
+        let second = Task { try await store.beginTransfer(7, shardID: 1, epoch: 3) }
+        await store.endTransfer(7, adding: nil)
+        #expect(try await second.value.shardID == 1, "the second copy starts once the first ended")
+        let third = Task { try await store.beginTransfer(7, shardID: 1, epoch: 3) }
+        #expect(await store.close(7) > 0)
+        await #expect {
+            try await third.value
+        } throws: { ($0 as? WireError)?.code == .unknownSequence }
+    }
 }
