@@ -394,16 +394,18 @@ public final class WorkerService: Sendable {
 
     enum Work { case prefill, decode }
 
-    /// Runs `work` on the threads for its kind (inline when simulated).
+    /// Runs `work` on the threads for its kind (inline when simulated); prefill work at a lower
+    /// priority than decode steps (`PrefillPriority`).
     func offload<T: Sendable>(_ kind: Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
         guard let threads else { return try work() }
-        return try await (kind == .decode ? threads.decode : threads.prefill).runIfActive(work)
+        return try await threads.run(kind, work)
     }
 }
 
 /// A worker process's threads for tensor work, so that it never occupies the cooperative pool that
 /// serves connections and heartbeats: long prefill work (expansion, profiles, compression) on one
-/// pool, decode steps (milliseconds each) on another, so that a step never queues behind a prefill.
+/// pool, decode steps (milliseconds each) on another, so that a step never queues behind a prefill,
+/// and the prefill threads at a lower priority, so that a step does not share a core evenly with one.
 package struct ComputeThreads: Sendable {
     let prefill = NIOThreadPool(numberOfThreads: WorkerService.cores)
     let decode = NIOThreadPool(numberOfThreads: WorkerService.cores)
@@ -415,6 +417,19 @@ package struct ComputeThreads: Sendable {
 
     func start() {
         for pool in [prefill, decode, trim] { pool.start() }
+    }
+
+    /// Runs `work` on the pool for its kind; prefill work first lowers its thread's priority.
+    func run<T: Sendable>(_ kind: WorkerService.Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
+        switch kind {
+        case .decode:
+            return try await decode.runIfActive(work)
+        case .prefill:
+            return try await prefill.runIfActive {
+                PrefillPriority.apply()
+                return try work()
+            }
+        }
     }
 
     func shutdown() {

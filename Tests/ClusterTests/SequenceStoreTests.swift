@@ -147,3 +147,17 @@ struct SequenceStoreTests {
         } throws: { ($0 as? WireError)?.code == .unknownSequence }
     }
 }
+
+/// Prefill work yields the cores to decode steps: its threads run at a lower priority.
+struct ComputeThreadsTests {
+    @Test func prefillWorkRunsBelowDecodeSteps() async throws {
+        let threads = ComputeThreads()
+        threads.start()
+        defer { threads.shutdown() }
+        let decode = try await threads.run(.decode) { PrefillPriority.current() }
+        #expect(try await threads.run(.prefill) { PrefillPriority.current() } == PrefillPriority.niceness)
+        // Decode threads keep the process's own priority, even after prefill work ran elsewhere.
+        #expect(try await threads.run(.decode) { PrefillPriority.current() } == decode)
+        #expect(decode < PrefillPriority.niceness)
+    }
+}
