@@ -12,6 +12,7 @@ from tessera.client import (
     Geometry,
     Span,
     TesseraError,
+    cluster_id,
 )
 from tessera.trace import Trace, load_trace, read_safetensors
 
@@ -22,6 +23,7 @@ __all__ = [
     "Geometry",
     "Span",
     "TesseraError",
+    "cluster_id",
     "Trace",
     "load_trace",
     "read_safetensors",

@@ -14,6 +14,7 @@ shard with backoff, as the Swift client does; writes are idempotent, so a retry 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import ssl
@@ -45,6 +46,22 @@ _RETRYABLE = {
     errors_pb2.ERROR_CODE_UNAVAILABLE,
     errors_pb2.ERROR_CODE_MALFORMED_FRAME,
 }
+
+
+CLIENT_ID_LIMIT = 1 << 62
+"""Sequence ids below this are a client's own, scoped to its tenant."""
+
+
+def cluster_id(tenant: str, sequence_id: int) -> int:
+    """The cluster's id of ``tenant``'s own ``sequence_id`` (``OpenSequence.sequence_id`` in
+    ``sequence.proto``): the top bit set over the first 63 bits of SHA-256 of the tenant's UTF-8
+    length (8 bytes, little-endian), its UTF-8 bytes and the id (8 bytes, little-endian). 0 and the
+    cluster's ids (2**62 and up) map to themselves."""
+    if sequence_id == 0 or sequence_id >= CLIENT_ID_LIMIT:
+        return sequence_id
+    name = tenant.encode()
+    digest = hashlib.sha256(struct.pack("<Q", len(name)) + name + struct.pack("<Q", sequence_id)).digest()
+    return int.from_bytes(digest[:8], "big") | (1 << 63)
 
 
 class TesseraError(Exception):
@@ -393,7 +410,7 @@ class Client:
     ) -> sequence_pb2.Placement:
         """Admits and places a sequence. A ``sequence_id`` below 2**62 is this client's own, scoped to
         its tenant; with 0 the coordinator picks one. Either way the placement's ``sequence_id`` is
-        the cluster's id of the sequence, which the other methods take. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
+        the cluster's id of the sequence (``cluster_id``); the other methods take either. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
         with ``retry_after``) when the cluster's memory limit or the tenant's quota has no room."""
         if not 0 < retention <= 1:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
@@ -428,6 +445,7 @@ class Client:
         shard's layers go in parts of at most ``part_bytes`` (whole layers; a larger layer goes alone
         and must fit the frame limit, 64 MiB by default). The coordinator then compresses the cache
         to the sequence's budget. Returns the bytes the shards hold."""
+        sequence_id = cluster_id(self.tenant, sequence_id)
         placement, g = self._placement(sequence_id)
         tokens = keys.shape[2] if keys.ndim == 4 else -1
         _check_shape(keys, (g.layers, g.kv_heads, tokens, g.head_dim), "keys")
@@ -476,6 +494,7 @@ class Client:
         ``[layers, kv_heads, head_dim]`` and ``queries`` ``[layers, query_heads, head_dim]`` are
         appended and attended with. Returns the attention outputs ``[layers, query_heads, head_dim]``
         and what the shards hold. A step already applied is answered again, not reapplied."""
+        sequence_id = cluster_id(self.tenant, sequence_id)
         _, g = self._placement(sequence_id)
         _check_shape(keys, (g.layers, g.kv_heads, g.head_dim), "keys")
         _check_shape(values, keys.shape, "values")
@@ -515,6 +534,7 @@ class Client:
 
     async def close_sequence(self, sequence_id: int) -> int:
         """Frees the sequence everywhere; returns the K/V bytes the workers freed."""
+        sequence_id = cluster_id(self.tenant, sequence_id)
         ack = await self._ask_coordinator(close=sequence_pb2.Close(tenant=self.tenant, sequence_id=sequence_id))
         for book in (self._placements, self._geometries, self._spans, self._policies):
             book.pop(sequence_id, None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tessera import TINY, Client, Span, TesseraError, load_trace
+from tessera import TINY, Client, Span, TesseraError, cluster_id, load_trace
 
 SEED = int(os.environ.get("TESSERA_TEST_SEED", "20261204"))
 IMAGE_TOKENS = TINY.tokens_per_image
@@ -291,5 +291,31 @@ def test_metrics_tell_an_operator_what_is_held_compressed_and_alive(cluster):
             assert taken == 2 * (keys.nbytes + values.nbytes)
             assert 0 < kept < 0.35 * taken
             await client.close_sequence(sequence)
+
+    run(body())
+
+
+def test_cluster_ids_follow_the_protocol():
+    """The mapping ``sequence.proto`` spells out, with the values the Swift tests pin too."""
+    assert cluster_id("owner", 5) == 11357538024524090489
+    assert cluster_id("mallory", 5) == 11218012884897897600
+    assert cluster_id("owner", 0) == 0
+    scoped = cluster_id("t", 42)
+    assert scoped >= 1 << 63 and cluster_id("other", scoped) == scoped
+
+
+def test_a_sequence_opened_under_an_own_id(cluster):
+    """A client's own id works in every call, and the placement carries the cluster's id for it."""
+    rng = np.random.default_rng(SEED + 7)
+    keys, values, queries = prompt(rng)
+
+    async def body():
+        async with await Client.connect(cluster["coordinator"], certs=cluster["certs"]) as client:
+            placement = await client.open_sequence(TINY, SPANS, policy="snapkv", retention=0.5, sequence_id=31)
+            assert placement.sequence_id == cluster_id(client.tenant, 31)
+            assert await client.prefill(31, keys, values, queries) > 0
+            outputs = (await client.decode(31, 0, *step(rng))).outputs
+            assert outputs.shape == (TINY.layers, TINY.query_heads, TINY.head_dim)
+            assert await client.close_sequence(placement.sequence_id) > 0
 
     run(body())
