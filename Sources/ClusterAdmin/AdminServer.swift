@@ -4,7 +4,7 @@ import NIOHTTP1
 public import NIOPosix
 public import Prometheus
 
-/// A small HTTP/1.1 server for operators and scrapers.
+/// A small HTTP/1.1 server for operators and scrapers, over plain TCP or TLS.
 ///
 /// Routes:
 /// - `GET /metrics`: the registry in Prometheus text exposition format (`text/plain; version=0.0.4`),
@@ -32,6 +32,7 @@ public struct AdminServer: Sendable {
     private let onListening: @Sendable (Int) -> Void
     private let settings: [String: AdminSetting]
     private let token: AdminToken?
+    private let tls: TLS?
 
     /// - Parameters:
     ///   - host: The address to bind.
@@ -41,6 +42,7 @@ public struct AdminServer: Sendable {
     ///   - logger: Where to log; the default discards everything.
     ///   - settings: Values an operator may read and change at run time, by path (e.g. `/faults`).
     ///   - token: The bearer token a `PUT` must present; without one, settings are read-only.
+    ///   - tls: HTTPS; nil serves plain HTTP.
     ///   - onListening: Called once with the bound port, before the first connection is accepted.
     public init(
         host: String,
@@ -48,6 +50,7 @@ public struct AdminServer: Sendable {
         registry: PrometheusCollectorRegistry,
         settings: [String: AdminSetting] = [:],
         token: AdminToken? = nil,
+        tls: TLS? = nil,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "tessera.admin", factory: { _ in SwiftLogNoOpLogHandler() }),
         onListening: @escaping @Sendable (Int) -> Void = { _ in }
@@ -61,6 +64,16 @@ public struct AdminServer: Sendable {
         self.onListening = onListening
         self.settings = settings
         self.token = token
+        self.tls = tls
+    }
+
+    /// HTTPS: makes the TLS handler of each connection (the handler's module owns the certificates).
+    public struct TLS: Sendable {
+        let handler: @Sendable () -> any ChannelHandler
+
+        public init(handler: @escaping @Sendable () -> any ChannelHandler) {
+            self.handler = handler
+        }
     }
 
     /// Largest request body a setting accepts.
@@ -80,6 +93,7 @@ public struct AdminServer: Sendable {
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .bind(host: self.host, port: self.port) { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls = self.tls { try channel.pipeline.syncOperations.addHandler(tls.handler()) }
                         try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                         return try Connection(wrappingChannelSynchronously: channel)
                     }

@@ -27,6 +27,9 @@ public struct NodeCredentials: Sendable {
     public let identity: CertifiedIdentity
     private let server: NIOSSLContext
     private let client: NIOSSLContext
+    /// The admin endpoint's HTTPS: the node's certificate, no client certificate asked for (scrapers
+    /// and operators verify the node against the CA; a change still needs the bearer token).
+    private let admin: NIOSSLContext
     private let revocations: RevocationList
     /// This node's own certificate's serial, as the revocation list spells it.
     private let serial: String
@@ -63,8 +66,11 @@ public struct NodeCredentials: Sendable {
             clientConfiguration.trustRoots = roots
             clientConfiguration.certificateVerification = .noHostnameVerification
             clientConfiguration.minimumTLSVersion = .tlsv13
+            var adminConfiguration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
+            adminConfiguration.minimumTLSVersion = .tlsv12
             server = try NIOSSLContext(configuration: serverConfiguration)
             client = try NIOSSLContext(configuration: clientConfiguration)
+            admin = try NIOSSLContext(configuration: adminConfiguration)
         } catch {
             throw CertificateError("cannot load the TLS credentials of \(name) from \(directory): \(error)")
         }
@@ -82,6 +88,9 @@ public struct NodeCredentials: Sendable {
 
     /// The TLS handler that starts an accepted connection.
     package func serverHandler() -> NIOSSLServerHandler { NIOSSLServerHandler(context: server) }
+
+    /// A TLS handler for one connection to the admin endpoint (HTTPS, server certificate only).
+    package func adminServerHandler() -> NIOSSLServerHandler { NIOSSLServerHandler(context: admin) }
 
     /// The TLS handler that starts a connection this node opens.
     package func clientHandler() throws -> NIOSSLClientHandler {

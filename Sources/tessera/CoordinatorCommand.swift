@@ -76,6 +76,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
             quotas[String(parts[0])] = bytes
         }
         let injector = try faults.injector()
+        let transport = try security.security(name: "coordinator")
         let limit = memoryLimitBytes ?? ProcessMemory.defaultLimitBytes()
         logger.info(
             "memory limit",
@@ -88,7 +89,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
             configuration: CoordinatorConfiguration(
                 incarnation: wallClockIncarnation(),
                 listen: address,
-                security: try security.security(name: "coordinator"),
+                security: transport,
                 memoryLimitBytes: limit,
                 tenantQuotaBytes: quotas,
                 floorRatio: floorRatio,
@@ -99,7 +100,12 @@ struct CoordinatorCommand: AsyncParsableCommand {
             logger: logger
         )
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) {
+        let admin = try adminService(
+            process,
+            security: transport,
+            settings: FaultOptions.setting(injector),
+            logger: logger
+        ) {
             adminPort.set($0)
         }
         try await runServices(

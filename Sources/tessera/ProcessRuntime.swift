@@ -1,5 +1,6 @@
 import ArgumentParser
 import ClusterAdmin
+import ClusterSecurity
 import Logging
 import NIOCore
 import NIOPosix
@@ -21,8 +22,17 @@ struct ProcessOptions: ParsableArguments {
     )
     var adminPort = 0
 
-    @Option(help: "Host the admin endpoint binds; another than loopback needs --admin-token-file.")
+    @Option(help: "Host the admin endpoint binds; another than loopback needs --admin-tls or --admin-token-file.")
     var adminHost = "127.0.0.1"
+
+    @Flag(
+        help: """
+            Serve the admin endpoint over HTTPS with this process's certificate (scrapers verify it \
+            against the cluster's ca.pem; no client certificate is asked for). Needs the certificates, \
+            not --insecure. Changing a setting still needs the --admin-token-file token.
+            """
+    )
+    var adminTls = false
 
     @Option(
         help: ArgumentHelp(
@@ -65,6 +75,7 @@ struct ClosureService: Service {
 /// The admin endpoint as a service; reports its bound port.
 func adminService(
     _ options: ProcessOptions,
+    security: TransportSecurity,
     settings: [String: AdminSetting] = [:],
     logger: Logger,
     onListening: @escaping @Sendable (Int) -> Void
@@ -78,9 +89,17 @@ func adminService(
     if let path = options.adminTokenFile {
         do { token = try AdminToken(file: path) } catch { throw usageFailure("--admin-token-file: \(error.message)") }
     }
-    guard token != nil || ["127.0.0.1", "::1", "localhost"].contains(options.adminHost) else {
+    var tls: AdminServer.TLS?
+    if options.adminTls {
+        guard case .mutualTLS(let credentials) = security else {
+            throw usageFailure("--admin-tls serves this process's certificate; it needs --certs, not --insecure")
+        }
+        tls = AdminServer.TLS { credentials.adminServerHandler() }
+    }
+    guard token != nil || tls != nil || ["127.0.0.1", "::1", "localhost"].contains(options.adminHost) else {
         throw usageFailure(
-            "--admin-host \(options.adminHost) is reachable from other hosts; give --admin-token-file too, or bind 127.0.0.1"
+            "--admin-host \(options.adminHost) is reachable from other hosts; give --admin-tls or "
+                + "--admin-token-file too, or bind 127.0.0.1"
         )
     }
     let registry = MetricsBootstrap.bootstrap()
@@ -90,6 +109,7 @@ func adminService(
         registry: registry,
         settings: settings,
         token: token,
+        tls: tls,
         logger: logger,
         onListening: onListening
     )

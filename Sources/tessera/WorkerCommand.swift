@@ -64,13 +64,14 @@ struct WorkerCommand: AsyncParsableCommand {
             throw usageFailure("unknown storage '\(storage)'; allowed: f32, f16")
         }
         let injector = try faults.injector()
+        let transport = try security.security(name: nodeID)
         let service = WorkerService(
             configuration: WorkerConfiguration(
                 nodeID: nodeID,
                 incarnation: wallClockIncarnation(),
                 listen: listenAddress,
                 coordinator: coordinatorAddress,
-                security: try security.security(name: nodeID),
+                security: transport,
                 storage: scalar,
                 faults: injector,
                 advertisedHost: advertiseHost
@@ -79,7 +80,12 @@ struct WorkerCommand: AsyncParsableCommand {
         )
         let id = nodeID
         let adminPort = AsyncValue<Int>()
-        let admin = try adminService(process, settings: FaultOptions.setting(injector), logger: logger) {
+        let admin = try adminService(
+            process,
+            security: transport,
+            settings: FaultOptions.setting(injector),
+            logger: logger
+        ) {
             adminPort.set($0)
         }
         try await runServices(
