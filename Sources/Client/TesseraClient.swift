@@ -246,8 +246,11 @@ public final class TesseraClient: Sendable {
     /// Opens a sequence; the coordinator admits it (or refuses with RESOURCE_EXHAUSTED) and places it.
     /// `decodeTokens` is how many steps the client expects to decode (admission reserves their rows).
     /// An id below 2^62 is the client's own, scoped to its tenant (another tenant's sequence with the
-    /// same id is another sequence); with 0 the coordinator chooses one. Either way the placement's
-    /// `sequenceID` is the cluster's id for it (`clusterID(_:)`); this client's methods take both.
+    /// same id is another sequence); with 0 this client draws one at random. Either way the
+    /// placement's `sequenceID` is the cluster's id for it (`clusterID(_:)`); this client's methods
+    /// take both. An answer lost with its connection, or an UNAVAILABLE (a coordinator rebuilding
+    /// after a restart), is retried under the same id for up to `failoverPatience`: the coordinator
+    /// answers a repeated open with the first one's placement, so it never opens a second sequence.
     public func openSequence(
         _ sequenceID: UInt64,
         geometry: ModelGeometry,
@@ -258,12 +261,26 @@ public final class TesseraClient: Sendable {
     ) async throws -> SequencePlacement {
         var message = Tessera_V1_OpenSequence()
         message.tenant = tenant
-        message.sequenceID = sequenceID
+        message.sequenceID = sequenceID == 0 ? UInt64.random(in: 1..<SequenceIDs.clientLimit) : sequenceID
         message.decodeTokens = UInt32(clamping: decodeTokens)
         message.model = try geometry.proto()
         message.spans = try layout.proto()
         message.policy = try policy.proto(retention: retention)
-        let placement = try remember(try await coordinator.request(.openSequence(message)))
+        var backoff = Duration.milliseconds(100)
+        let deadline = elapsed() + Self.failoverPatience
+        let reply: Tessera_V1_Envelope.OneOf_Body
+        while true {
+            do {
+                reply = try await coordinator.request(.openSequence(message))
+                break
+            } catch let error as WireError where [.unavailable, .malformedFrame].contains(error.code) {
+                let wait = error.retryAfter ?? backoff
+                guard elapsed() + wait < deadline else { throw error }
+                try await clock.sleep(for: wait)
+                backoff = min(backoff * 2, .seconds(1))
+            }
+        }
+        let placement = try remember(reply)
         prefillTimeouts.withLock {
             $0[placement.sequenceID] = Self.prefillTimeout(geometry: geometry, promptLength: layout.promptLength)
         }

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import secrets
 import ssl
 import struct
 from dataclasses import dataclass
@@ -409,14 +410,15 @@ class Client:
         sequence_id: int = 0,
     ) -> sequence_pb2.Placement:
         """Admits and places a sequence. A ``sequence_id`` below 2**62 is this client's own, scoped to
-        its tenant; with 0 the coordinator picks one. Either way the placement's ``sequence_id`` is
-        the cluster's id of the sequence (``cluster_id``); the other methods take either. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
+        its tenant; with 0 the client draws one at random, so that a retry after a lost answer gets the
+        same sequence, never a second one. Either way the placement's ``sequence_id`` is the cluster's
+        id of the sequence (``cluster_id``); the other methods take either. Raises ``TesseraError`` (``RESOURCE_EXHAUSTED``
         with ``retry_after``) when the cluster's memory limit or the tenant's quota has no room."""
         if not 0 < retention <= 1:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
         message = sequence_pb2.OpenSequence(
             tenant=self.tenant,
-            sequence_id=sequence_id,
+            sequence_id=sequence_id or secrets.randbelow(CLIENT_ID_LIMIT - 1) + 1,
             model=geometry.proto(),
             spans=[span.proto() for span in spans],
             policy=sequence_pb2.Policy(name=policy, retention=retention),
