@@ -19,8 +19,10 @@ package protocol EnvelopeHandler: Sendable {
 /// gets a fresh id (odd from the side that connected, even from the side that accepted, so the two
 /// never collide) and the reply with the same id resumes its caller.
 package final class PeerConnection: Sendable {
-    /// Unanswerable frames (stray replies, refused one-way messages), logged once in a while.
-    private static let unanswered = RateLimitedLog()
+    /// Unanswerable frames (stray replies, refused one-way messages), logged once in a while per
+    /// connection: the listener's connection caps bound how many connections can log at once, and
+    /// one connection's flood cannot hide another's first warning.
+    private let unanswered = RateLimitedLog()
 
     package let peer: NodeIdentity
     package let remoteAddress: String
@@ -232,7 +234,7 @@ package final class PeerConnection: Sendable {
                         continue
                     }
                     if envelope.body?.kind == .reply {
-                        Self.unanswered.warning(
+                        self.unanswered.warning(
                             "stray-\(envelope.bodyName)",
                             "dropped a reply that answers no request of ours",
                             metadata: [
@@ -244,7 +246,7 @@ package final class PeerConnection: Sendable {
                         continue
                     }
                     guard state.withLock({ $0.requestsSeen.insert(envelope.requestID) }) else {
-                        Self.unanswered.warning(
+                        self.unanswered.warning(
                             "repeated-\(envelope.bodyName)",
                             "dropped a request that repeats one this connection already carried",
                             metadata: [
@@ -328,7 +330,7 @@ package final class PeerConnection: Sendable {
         } catch let error as WireError where request.body?.kind == .oneWay {
             // The sender expects nothing back; an Error would only start an exchange of errors.
             outcome = error.code.description
-            Self.unanswered.warning(
+            self.unanswered.warning(
                 "refused-\(type)-\(error.code)",
                 "refused a one-way message",
                 metadata: ["peer.id": "\(peer)", "type": "\(type)", "error": "\(error)"],
