@@ -6,6 +6,7 @@ import ClusterWire
 import KVCacheCore
 import Logging
 import Metrics
+import Synchronization
 
 /// Answers what reaches the coordinator: registrations and heartbeats and layer statistics from
 /// workers; open, placement and close requests from clients, for their own tenant; status from
@@ -19,7 +20,6 @@ struct CoordinatorHandler: EnvelopeHandler {
     ) async throws
         -> Tessera_V1_Envelope.OneOf_Body?
     {
-        let state = coordinator.state
         let peer = connection.peer
         switch request.body {
         case .registerWorker(let message):
@@ -30,7 +30,9 @@ struct CoordinatorHandler: EnvelopeHandler {
                     "register_worker names node \(message.endpoint.nodeID); this connection is \(peer.nodeID)"
                 )
             }
-            let (changes, staleCopies, lostCopies) = try await state.register(message, connection: connection)
+            let (changes, staleCopies, lostCopies) = try coordinator.state.withLock {
+                try $0.register(message, connection: connection)
+            }
             for change in changes {
                 coordinator.logger.info(
                     "membership changed",
@@ -50,7 +52,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             // connection, which serves its requests while it waits for the acknowledgement).
             for close in staleCopies {
                 if case .closeAck = try? await connection.request(.close(close)) {
-                    await state.closeAnswered(close, by: NodeID(peer.nodeID))
+                    coordinator.state.withLock { $0.closeAnswered(close, by: NodeID(peer.nodeID)) }
                 }
             }
             var ack = Tessera_V1_RegisterAck()
@@ -60,21 +62,23 @@ struct CoordinatorHandler: EnvelopeHandler {
                 coordinator.configuration.failureDetector.heartbeatInterval / .milliseconds(1)
             )
             ack.leaseMillis = UInt32(min(coordinator.configuration.workerLease / .milliseconds(1), Double(UInt32.max)))
-            if let view = await state.view() { ack.view = view }
+            if let view = (coordinator.state.withLock { $0.view() }) { ack.view = view }
             return .registerAck(ack)
         case .heartbeat(let message):
             try peer.require(.worker, for: request)
-            try await state.heartbeat(message, from: NodeID(peer.nodeID), on: connection)
+            try coordinator.state.withLock { try $0.heartbeat(message, from: NodeID(peer.nodeID), on: connection) }
             var ack = Tessera_V1_HeartbeatAck()
             ack.sequenceNumber = message.sequenceNumber
-            if let view = await state.view() { ack.view = view }
+            if let view = (coordinator.state.withLock { $0.view() }) { ack.view = view }
             return .heartbeatAck(ack)
         case .leaveCluster(let message):
             // A worker that is told to stop: its shards move to their other copies now, not after the
             // dead-after time. It can only ever leave itself (the node is the connection's).
             try peer.require(.worker, for: request)
             var ack = Tessera_V1_LeaveAck()
-            if let change = await state.leave(NodeID(peer.nodeID), incarnation: message.incarnation) {
+            if let change =
+                (coordinator.state.withLock { $0.leave(NodeID(peer.nodeID), incarnation: message.incarnation) })
+            {
                 Counter(label: TesseraMetrics.memberTransitionsTotal, dimensions: [("state", change.to.rawValue)])
                     .increment()
                 coordinator.logger.info(
@@ -86,7 +90,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             return .leaveAck(ack)
         case .layerStats(let message):
             try peer.require(.worker, for: request)
-            let sequence = try await state.sequence(message.sequenceID, tenant: nil)
+            let sequence = try coordinator.state.withLock { try $0.sequence(message.sequenceID, tenant: nil) }
             // Only a holder of the layer's shard reports it; another worker could skew the budgets.
             guard
                 sequence.shards.contains(where: {
@@ -107,7 +111,9 @@ struct CoordinatorHandler: EnvelopeHandler {
                 )
             }
             let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
-            if let (complete, assign) = await state.record(statistics, sequenceID: message.sequenceID) {
+            if let (complete, assign) =
+                (coordinator.state.withLock { $0.record(statistics, sequenceID: message.sequenceID) })
+            {
                 await coordinator.assignBudgets(sequenceID: message.sequenceID, complete, assign)
             }
             return nil
@@ -125,7 +131,7 @@ struct CoordinatorHandler: EnvelopeHandler {
             let sequence = try await openTightening(message, trace: request.traceContext)
             let id = sequence.message.sequenceID  // chosen by the coordinator when the client sent 0
             if coordinator.logger.logLevel <= .debug {
-                let charged = await state.admission.sequence(id)?.chargedBytes ?? 0
+                let charged = coordinator.state.withLock { $0.admission.sequence(id) }?.chargedBytes ?? 0
                 coordinator.logger.debug("admitted", metadata: ["sequence.id": "\(id)", "charged": "\(charged)"])
             }
             if !sequence.announced {
@@ -137,22 +143,24 @@ struct CoordinatorHandler: EnvelopeHandler {
                     _ = await coordinator.closeEverywhere(id)
                     throw error
                 }
-                await state.announced(id)
+                coordinator.state.withLock { $0.announced(id) }
             }
-            await state.watch(id, from: connection)
+            coordinator.state.withLock { $0.watch(id, from: connection) }
             return .placement(CoordinatorService.placement(id, sequence))
         case .placementRequest(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
             message.sequenceID = SequenceIDs.cluster(message.sequenceID, tenant: message.tenant)
-            let sequence = try await state.sequence(message.sequenceID, tenant: message.tenant)
-            await state.watch(message.sequenceID, from: connection)
+            let sequence = try coordinator.state.withLock {
+                try $0.sequence(message.sequenceID, tenant: message.tenant)
+            }
+            coordinator.state.withLock { $0.watch(message.sequenceID, from: connection) }
             return .placement(CoordinatorService.placement(message.sequenceID, sequence))
         case .close(var message):
             try peer.require(.client, for: request)
             message.tenant = try peer.tenant(claimed: message.tenant)
             message.sequenceID = SequenceIDs.cluster(message.sequenceID, tenant: message.tenant)
-            _ = try await state.sequence(message.sequenceID, tenant: message.tenant)
+            _ = try coordinator.state.withLock { try $0.sequence(message.sequenceID, tenant: message.tenant) }
             guard let freed = await coordinator.closeEverywhere(message.sequenceID) else {
                 throw WireError(.unknownSequence, "sequence \(message.sequenceID) is not open")
             }
@@ -163,10 +171,12 @@ struct CoordinatorHandler: EnvelopeHandler {
         case .statusRequest(let message):
             // A client sees its own tenant's sequences only (insecure clients, certified as no tenant,
             // see every one, as insecure mode trusts all); the cluster's figures are everyone's.
-            var reply = await state.status(
-                includeSequences: message.includeSequences,
-                tenant: peer.role == .client ? peer.tenant : nil
-            )
+            var reply = coordinator.state.withLock {
+                $0.status(
+                    includeSequences: message.includeSequences,
+                    tenant: peer.role == .client ? peer.tenant : nil
+                )
+            }
             reply.coordinatorID = coordinator.configuration.nodeID
             return .statusReply(reply)
         default:
@@ -182,18 +192,18 @@ struct CoordinatorHandler: EnvelopeHandler {
     ) async throws -> OpenSequenceState {
         let refusal: WireError
         do {
-            return try await coordinator.state.open(message, trace: trace)
-        } catch {
+            return try coordinator.state.withLock { try $0.open(message, trace: trace) }
+        } catch let error as WireError {
             refusal = error
         }
         guard refusal.code == .resourceExhausted, refusal.retryAfter != nil,
-            let estimate = await coordinator.state.estimate(message)
+            let estimate = (coordinator.state.withLock { $0.estimate(message) })
         else { throw refusal }
         await coordinator.relieve(tenant: message.tenant, estimate: estimate)
         do {
-            return try await coordinator.state.open(message, trace: trace)
-        } catch  where error.code == .resourceExhausted {
-            let short = await coordinator.state.shortfall(tenant: message.tenant, estimate: estimate)
+            return try coordinator.state.withLock { try $0.open(message, trace: trace) }
+        } catch let error as WireError where error.code == .resourceExhausted {
+            let short = coordinator.state.withLock { $0.shortfall(tenant: message.tenant, estimate: estimate) }
             Counter(
                 label: TesseraMetrics.admissionRefusalsTotal,
                 dimensions: [("reason", short.memory > 0 ? "memory" : "quota")]

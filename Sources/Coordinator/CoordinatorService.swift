@@ -6,6 +6,7 @@ import ClusterWire
 import KVCacheCore
 public import Logging
 import Metrics
+import Synchronization
 import Tracing
 
 /// The coordinator process: membership and failure detection, admission and placement
@@ -15,7 +16,7 @@ import Tracing
 public final class CoordinatorService: Sendable {
     public let configuration: CoordinatorConfiguration
     let logger: Logger
-    let state: CoordinatorState<PeerConnection>
+    let state: Mutex<CoordinatorState<PeerConnection>>
     /// Where it listens, and the clock of its loops (TCP unless the simulator runs it).
     let network: any Network
 
@@ -38,7 +39,7 @@ public final class CoordinatorService: Sendable {
         logger[metadataKey: "node.id"] = "\(configuration.nodeID)"
         logger[metadataKey: "node.role"] = "coordinator"
         self.logger = logger
-        state = try CoordinatorState(configuration: configuration, elapsed: network.elapsedTime())
+        state = Mutex(try CoordinatorState(configuration: configuration, elapsed: network.elapsedTime()))
     }
 
     /// Serves until cancelled; `onReady` gets the bound port.
@@ -69,8 +70,8 @@ public final class CoordinatorService: Sendable {
     private func detectFailures() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
-            await state.publishMetrics()
-            let (changes, pause) = await state.tick()
+            state.withLock { $0.gauges() }.record()
+            let (changes, pause) = state.withLock { $0.tick() }
             if let pause {
                 logger.warning(
                     "failure detector paused (this process was stopped or starved); silence not held against workers",
@@ -90,7 +91,7 @@ public final class CoordinatorService: Sendable {
             }
             var dead = Set(changes.filter { $0.to == .dead }.map(\.nodeID))
             // After a restart: holders that never re-registered died while the coordinator was down.
-            dead.formUnion(await state.unregisteredHolders())
+            dead.formUnion(state.withLock { $0.unregisteredHolders() })
             if !dead.isEmpty { await failOver(dead: dead) }
         }
     }
@@ -101,7 +102,7 @@ public final class CoordinatorService: Sendable {
     private func restoreReplication() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
-            let plans = await state.replicationPlans(limit: 2)
+            let plans = state.withLock { $0.replicationPlans(limit: 2) }
             await withDiscardingTaskGroup { group in
                 for plan in plans { group.addTask { await self.copy(plan) } }
             }
@@ -113,7 +114,7 @@ public final class CoordinatorService: Sendable {
     private func retryAssignments() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval / 2)
-            let due = await state.dueAssignments()
+            let due = state.withLock { $0.dueAssignments() }
             await withDiscardingTaskGroup { group in
                 for (id, sequence, assign) in due {
                     group.addTask { await self.assignBudgets(sequenceID: id, sequence, assign) }
@@ -129,7 +130,7 @@ public final class CoordinatorService: Sendable {
     private func retryCloses() async throws {
         while true {
             try await network.clock.sleep(for: configuration.failureDetector.heartbeatInterval)
-            for id in await state.orphans(grace: configuration.orphanGrace) {
+            for id in (state.withLock { $0.orphans(grace: configuration.orphanGrace) }) {
                 logger.warning(
                     "closing a sequence no client has watched for the orphan grace",
                     metadata: ["sequence.id": "\(id)", "grace": "\(configuration.orphanGrace)"]
@@ -137,7 +138,7 @@ public final class CoordinatorService: Sendable {
                 _ = await closeEverywhere(id)
             }
             await withDiscardingTaskGroup { group in
-                for (holder, close) in await state.owedCloses() {
+                for (holder, close) in (state.withLock { $0.owedCloses() }) {
                     group.addTask { _ = await self.tellClose(close, to: holder) }
                 }
             }
@@ -147,7 +148,7 @@ public final class CoordinatorService: Sendable {
     /// Closes the sequence and tells every holder to drop its copies; returns the bytes the primaries
     /// freed, or nil if it was not open. A holder that cannot be told now is told again later.
     func closeEverywhere(_ sequenceID: UInt64) async -> UInt64? {
-        guard let sequence = await state.close(sequenceID) else { return nil }
+        guard let sequence = (state.withLock { $0.close(sequenceID) }) else { return nil }
         logger.debug(
             "closed",
             metadata: [
@@ -172,10 +173,10 @@ public final class CoordinatorService: Sendable {
     /// Tells `holder` to drop its copies of a closed sequence and records that it did; nil when it
     /// cannot be told now (`retryCloses` tells it again, and so does its next registration).
     func tellClose(_ close: Tessera_V1_Close, to holder: NodeID) async -> Tessera_V1_CloseAck? {
-        guard let link = try? await state.connection(for: holder),
+        guard let link = (try? state.withLock { try $0.connection(for: holder) }),
             case .closeAck(let ack) = try? await link.request(.close(close))
         else { return nil }
-        await state.closeAnswered(close, by: holder)
+        state.withLock { $0.closeAnswered(close, by: holder) }
         return ack
     }
 
@@ -199,7 +200,8 @@ public final class CoordinatorService: Sendable {
             let started = ContinuousClock.now
             var copied: Tessera_V1_CopyShardAck?
             do {
-                let reply = try await state.connection(for: plan.primary.node).request(
+                let primary = try state.withLock { try $0.connection(for: plan.primary.node) }
+                let reply = try await primary.request(
                     .copyShard(message),
                     timeout: .seconds(120)
                 )
@@ -214,11 +216,11 @@ public final class CoordinatorService: Sendable {
                 )
             }
             guard let copied else {
-                _ = await state.finishCopy(plan, succeeded: false)
+                _ = state.withLock { $0.finishCopy(plan, succeeded: false) }
                 Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "error")]).increment()
                 return
             }
-            guard await state.finishCopy(plan, succeeded: true) else {
+            guard (state.withLock { $0.finishCopy(plan, succeeded: true) }) else {
                 Counter(label: TesseraMetrics.reReplicationsTotal, dimensions: [("outcome", "superseded")]).increment()
                 return
             }
@@ -242,7 +244,7 @@ public final class CoordinatorService: Sendable {
     /// retried at the new epoch if it missed a copy. Returns how many sequences moved.
     @discardableResult
     func failOver(dead: Set<NodeID>, only sequences: Set<UInt64>? = nil) async -> Int {
-        let (moved, lost) = await state.failOver(dead: dead, only: sequences)
+        let (moved, lost) = state.withLock { $0.failOver(dead: dead, only: sequences) }
         Counter(label: TesseraMetrics.failoversTotal).increment(by: Int64(moved.count))
         Counter(label: TesseraMetrics.lostSequencesTotal).increment(by: Int64(lost.count))
         for (id, holders) in lost {
@@ -278,7 +280,7 @@ public final class CoordinatorService: Sendable {
         // the old primary is refused, or when it reconnects to the coordinator.
         var moved = Tessera_V1_PlacementMoved()
         moved.placement = Self.placement(id, sequence)
-        for client in await state.watchers(of: id) {
+        for client in (state.withLock { $0.watchers(of: id) }) {
             try? await client.notify(.placementMoved(moved))
         }
     }
@@ -298,7 +300,11 @@ public final class CoordinatorService: Sendable {
             assignment.policy = sequence.message.policy
             assignment.decodeTokens = sequence.message.decodeTokens
             for holder in shard.holders {
-                guard let link = try await state.connection(for: holder.node, holding: sequenceID, at: sequence.epoch)
+                guard
+                    let link =
+                        (try state.withLock {
+                            try $0.connection(for: holder.node, holding: sequenceID, at: sequence.epoch)
+                        })
                 else {
                     // Moved on meanwhile: the move announces its own epoch to the holders it keeps.
                     continue
@@ -334,7 +340,8 @@ public final class CoordinatorService: Sendable {
                         .proto(sequenceID: sequenceID, epoch: sequence.epoch)
                     for holder in shard.holders {
                         do {
-                            let reply = try await state.connection(for: holder.node).request(.assignBudget(message))
+                            let link = try state.withLock { try $0.connection(for: holder.node) }
+                            let reply = try await link.request(.assignBudget(message))
                             guard case .budgetApplied(let applied) = reply else {
                                 throw WireError(.internal, "\(holder.node) answered assign_budget with \(reply)")
                             }
@@ -357,12 +364,14 @@ public final class CoordinatorService: Sendable {
                 everyCopyApplied = false
                 logger.error("budget allocation failed", metadata: metadata.merging(["error": "\(error)"]) { $1 })
             }
-            let phase = await state.finishAssignment(
-                sequenceID,
-                everyCopyApplied: everyCopyApplied,
-                primaryBytes: held,
-                headRowShares: shares
-            )
+            let phase = state.withLock {
+                $0.finishAssignment(
+                    sequenceID,
+                    everyCopyApplied: everyCopyApplied,
+                    primaryBytes: held,
+                    headRowShares: shares
+                )
+            }
             if case .retrying(_, let attempt, let due) = phase {
                 logger.warning(
                     "budget assignment will be retried",
@@ -376,20 +385,22 @@ public final class CoordinatorService: Sendable {
     /// sequences, largest first, never below the floor ratio; stops once it fits. When only the
     /// tenant's quota is short, only that tenant's sequences are tightened.
     func relieve(tenant: String, estimate: UInt64) async {
-        let short = await state.shortfall(tenant: tenant, estimate: estimate)
+        let short = state.withLock { $0.shortfall(tenant: tenant, estimate: estimate) }
         guard short.memory > 0 || short.quota > 0 else { return }
         let floor = configuration.floorRatio
-        for candidate in await state.tightenable(floor: floor, tenant: short.memory > 0 ? nil : tenant) {
+        for candidate in (state.withLock { $0.tightenable(floor: floor, tenant: short.memory > 0 ? nil : tenant) }) {
             // As it stands now (a copy may have added a replica since the list was made); one with a
             // copy or another assignment in flight is skipped.
-            guard let (sequence, assign) = await state.beginTightening(candidate, floor: floor) else { continue }
+            guard let (sequence, assign) = (state.withLock { $0.beginTightening(candidate, floor: floor) }) else {
+                continue
+            }
             Counter(label: TesseraMetrics.tighteningsTotal).increment()
             logger.info(
                 "tightening under memory pressure",
                 metadata: ["sequence.id": "\(candidate)", "retention": "\(assign.retention)"]
             )
             await assignBudgets(sequenceID: candidate, sequence, assign)
-            let now = await state.shortfall(tenant: tenant, estimate: estimate)
+            let now = state.withLock { $0.shortfall(tenant: tenant, estimate: estimate) }
             if now.memory == 0 && now.quota == 0 { return }
         }
     }
@@ -397,11 +408,11 @@ public final class CoordinatorService: Sendable {
     /// The bytes admission charges for open sequences (and for closed ones whose holders have not
     /// confirmed dropping them), and what it charges each sequence.
     package func accounted() async -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
-        await state.accounted()
+        state.withLock { $0.accounted() }
     }
 
     /// Workers the coordinator believes alive.
-    package func liveWorkers() async -> Int { await state.membership.liveNodeIDs.count }
+    package func liveWorkers() async -> Int { state.withLock { $0.membership.liveNodeIDs.count } }
 
     /// The placement message a client gets for an open sequence.
     static func placement(_ sequenceID: UInt64, _ sequence: OpenSequenceState) -> Tessera_V1_Placement {
@@ -432,5 +443,44 @@ extension ShardHolder {
         endpoint.host = address.host
         endpoint.port = UInt32(address.port)
         return endpoint
+    }
+}
+
+/// One reading of the coordinator's gauges (`CoordinatorState.gauges`), which the service records.
+struct CoordinatorGauges {
+    /// A label set of `tessera_kv_bytes`.
+    struct NodeModality: Hashable {
+        var node: String
+        var modality: String
+    }
+
+    /// A label set of `tessera_accounted_kv_bytes`.
+    struct Account: Hashable {
+        var tenant: String
+        var policy: String
+    }
+
+    var liveSequences: Int
+    var memoryLimitBytes: UInt64
+    var underReplicatedShards: Int
+    var workers: [MemberState: Int]
+    var kvBytes: [NodeModality: UInt64] = [:]
+    var accounted: [Account: UInt64] = [:]
+
+    func record() {
+        Gauge(label: TesseraMetrics.liveSequences).record(liveSequences)
+        for (key, bytes) in kvBytes {
+            Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", key.node), ("modality", key.modality)])
+                .record(bytes)
+        }
+        for (key, bytes) in accounted {
+            Gauge(label: TesseraMetrics.accountedKVBytes, dimensions: [("tenant", key.tenant), ("policy", key.policy)])
+                .record(bytes)
+        }
+        Gauge(label: TesseraMetrics.memoryLimitBytes).record(memoryLimitBytes)
+        Gauge(label: TesseraMetrics.underReplicatedShards).record(underReplicatedShards)
+        for (state, count) in workers {
+            Gauge(label: TesseraMetrics.workers, dimensions: [("state", state.rawValue)]).record(count)
+        }
     }
 }

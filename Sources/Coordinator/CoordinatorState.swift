@@ -3,7 +3,6 @@ import ClusterState
 import ClusterTransport
 import ClusterWire
 import KVCacheCore
-import Metrics
 
 /// What the coordinator's state keeps of a connection: which one it is, and whether it has closed.
 /// The service passes its `PeerConnection`s; tests pass inert tokens, so that the state's decisions
@@ -98,7 +97,7 @@ struct ReplicationPlan: Sendable {
 /// The coordinator's soft state: membership, open sequences (with their placement) and admission.
 /// It holds no clock (time is `elapsed` since it started, read from the closure it is given) and
 /// sends nothing: the service carries out what it decides.
-actor CoordinatorState<Link: CoordinatorLink> {
+struct CoordinatorState<Link: CoordinatorLink>: Sendable {
     var membership: Membership
     var admission: Admission
     var workers: [NodeID: WorkerLink<Link>] = [:]
@@ -187,7 +186,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// A new epoch for a sequence at `current`: above it, and above every epoch given before, so that
     /// a sequence id closed and opened again never repeats an epoch of its earlier life (a worker's
     /// record of a closed copy names one).
-    private func nextEpoch(after current: UInt64) -> UInt64 {
+    private mutating func nextEpoch(after current: UInt64) -> UInt64 {
         lastEpoch = max(lastEpoch, current) + 1
         return lastEpoch
     }
@@ -216,7 +215,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Registers a worker; returns the membership changes it caused, the copies it holds of
     /// sequences closed since, which it must be told to close, and the rebuilt sequences that name it
     /// as a holder although it reported no copy of them (to fail over off it).
-    func register(
+    mutating func register(
         _ message: Tessera_V1_RegisterWorker,
         connection: Link
     ) throws(WireError) -> (
@@ -287,7 +286,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// does not count as live are declared dead (the next tick fails their shards over, and they drop
     /// their copies when refused); sequences rebuilt from their copies alone were given up by that
     /// coordinator, and are forgotten.
-    private func inherit(_ view: Tessera_V1_MembershipView) {
+    private mutating func inherit(_ view: Tessera_V1_MembershipView) {
         guard view.coordinatorIncarnation < incarnation, view.isNewer(than: inheritedView) else { return }
         inheritedView = view
         let stale = Set(
@@ -309,7 +308,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Forgets a sequence rebuilt from copies that turned out stale (a worker reported it closed, or
     /// every copy came from workers an earlier coordinator had given up): nothing is charged for it,
     /// and the workers that reported copies are told to drop them.
-    private func forgetRebuilt(_ sequenceID: UInt64) {
+    private mutating func forgetRebuilt(_ sequenceID: UInt64) {
         guard let sequence = sequences[sequenceID], sequence.restoredBytes != nil else { return }
         // The reporters, and any copy made since (a failover's re-replication).
         let holders = Set(sequence.shards.flatMap(\.holders).map(\.node))
@@ -363,7 +362,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// `closedThrough`: a sequence rebuilt from such copies is forgotten), and, once the rebuild is
     /// over, of sequences this coordinator does not know (closed before a restart that lost the
     /// record, or given up as unknown by their clients).
-    private func restore(
+    private mutating func restore(
         _ held: [Tessera_V1_HeldShard],
         closed: [Tessera_V1_ClosedSequence],
         from nodeID: NodeID
@@ -522,7 +521,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// shard's primary to the placeable worker holding the fewest shard copies among those that hold
     /// no shard of that sequence. The sequences are marked as reshaping until `finishCopy`. None while
     /// the charges and the copies dead workers may still hold exceed the memory limit.
-    func replicationPlans(limit: Int) -> [ReplicationPlan] {
+    mutating func replicationPlans(limit: Int) -> [ReplicationPlan] {
         // Charges count every copy a sequence should have, so a new copy fits under them; but a dead
         // worker may still hold the copy it replaces, until its lease lapses.
         let used = admission.totalBytes.saturatingSum(admission.reservedBytes)
@@ -566,7 +565,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Ends a planned copy. A successful copy becomes a replica of the shard only if the sequence is
     /// still open at the same epoch with the same primary; returns whether it did (otherwise the
     /// target's copy is owed a Close, sent with the close retries).
-    func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
+    mutating func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
         reshaping.remove(plan.sequenceID)
         copyRetry[plan.sequenceID] = succeeded ? nil : now + .seconds(1)
         guard succeeded else { return false }
@@ -593,11 +592,12 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// A worker's own notice that this incarnation stops (`LeaveCluster`): declared dead at once, as
     /// the detector would after the dead-after time, so that its shards fail over now. Nil, changing
     /// nothing, when the coordinator knows another incarnation or has declared this one dead already.
-    func leave(_ nodeID: NodeID, incarnation: UInt64) -> MembershipChange? {
+    mutating func leave(_ nodeID: NodeID, incarnation: UInt64) -> MembershipChange? {
         membership.declareDead(nodeID: nodeID, incarnation: incarnation, now: now)
     }
 
-    func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID, on connection: Link) throws(WireError) {
+    mutating func heartbeat(_ message: Tessera_V1_Heartbeat, from nodeID: NodeID, on connection: Link) throws(WireError)
+    {
         let outcome = membership.heartbeat(nodeID: nodeID, incarnation: message.incarnation, now: now)
         switch outcome {
         case .refreshed, .recovered: break
@@ -627,7 +627,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// Advances the failure detector (the service fails over what dead workers held). Also returns the pause of
     /// this process the detector forgave, if any.
-    func tick() -> (changes: [MembershipChange], pause: Duration?) {
+    mutating func tick() -> (changes: [MembershipChange], pause: Duration?) {
         let changes = pendingChanges + membership.tick(now: now)
         pendingChanges = []
         if !changes.isEmpty { membershipVersion += 1 }
@@ -661,7 +661,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return LapsingCopies(incarnation: change.incarnation, until: heard + workerLease * 2, bytes: bytes)
     }
 
-    private func reserveLapsingCopies() {
+    private mutating func reserveLapsingCopies() {
         admission.reservedBytes = lapsing.values.reduce(UInt64(0)) { $0.saturatingSum($1.bytes) }
     }
 
@@ -671,7 +671,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// to announce, and the sequences that lost every copy of a shard: those are closed, with the
     /// holders of their other shards to tell. Closes the dead workers had not confirmed are confirmed.
     /// With `only`, just those sequences (a worker that lost its copies of them, see `register`).
-    func failOver(
+    mutating func failOver(
         dead: Set<NodeID>,
         only: Set<UInt64>? = nil
     ) -> (moved: [(id: UInt64, sequence: OpenSequenceState)], lost: [(id: UInt64, holders: [NodeID])]) {
@@ -713,8 +713,10 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// delivered twice) gets the sequence as it is now once it is announced, and is told to retry
     /// while the first is still being announced; a different one with an id in use is refused.
     /// `trace` is the trace context the open came with.
-    func open(_ request: Tessera_V1_OpenSequence, trace: [String: String] = [:]) throws(WireError) -> OpenSequenceState
-    {
+    mutating func open(
+        _ request: Tessera_V1_OpenSequence,
+        trace: [String: String] = [:]
+    ) throws(WireError) -> OpenSequenceState {
         guard !request.tenant.isEmpty else { throw WireError(.badRequest, "open_sequence.tenant must not be empty") }
         var message = request
         if message.sequenceID == 0 { message.sequenceID = freeSequenceID() }
@@ -825,7 +827,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// Open sequences that no client connection has watched for `grace`: their client is gone (it
     /// crashed, or it lost them across a coordinator restart), so their lease is up.
-    func orphans(grace: Duration) -> [UInt64] {
+    mutating func orphans(grace: Duration) -> [UInt64] {
         let now = elapsed()
         var expired: [UInt64] = []
         for id in sequences.keys.sorted() {
@@ -841,24 +843,24 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     /// Every holder of the sequence acknowledged its assignment (see `OpenSequenceState.announced`).
-    func announced(_ sequenceID: UInt64) { sequences[sequenceID]?.announced = true }
+    mutating func announced(_ sequenceID: UInt64) { sequences[sequenceID]?.announced = true }
 
     /// Tells `connection` about later moves of the sequence (see `watchers(of:)`).
-    func watch(_ sequenceID: UInt64, from connection: Link) {
+    mutating func watch(_ sequenceID: UInt64, from connection: Link) {
         guard sequences[sequenceID] != nil, watchers[sequenceID]?.contains(where: { $0 === connection }) != true
         else { return }
         watchers[sequenceID, default: []].append(connection)
     }
 
     /// The open connections watching the sequence; closed ones are dropped.
-    func watchers(of sequenceID: UInt64) -> [Link] {
+    mutating func watchers(of sequenceID: UInt64) -> [Link] {
         watchers[sequenceID]?.removeAll { $0.isClosed }
         return watchers[sequenceID] ?? []
     }
 
     /// The next id no sequence uses, counting up from 2^62 (far from the small ids clients choose
     /// themselves). It is taken at the moment of opening, so no other tenant can have squatted it.
-    private func freeSequenceID() -> UInt64 {
+    private mutating func freeSequenceID() -> UInt64 {
         while nextChosenID == 0 || sequences[nextChosenID] != nil || unconfirmedCloses[nextChosenID] != nil
             || admission.sequence(nextChosenID) != nil
         {
@@ -886,7 +888,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// with the sequence as it stands (once: see `BudgetLifecycle`). Every copy reports the same
     /// statistics, and again after a coordinator restart: the first per layer is kept, so a rebuilt
     /// sequence that already has its budget gets them for tightening.
-    func record(
+    mutating func record(
         _ statistics: LayerStatistics,
         sequenceID: UInt64
     ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
@@ -905,7 +907,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// before; otherwise the charge stays as it was (never below what the copies hold) and the
     /// assignment is retried.
     /// Returns the phase the sequence moved to; nil once it closed.
-    func finishAssignment(
+    mutating func finishAssignment(
         _ sequenceID: UInt64,
         everyCopyApplied: Bool,
         primaryBytes: UInt64,
@@ -935,7 +937,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     }
 
     /// Assignments whose retry is due, with their sequences as they stand.
-    func dueAssignments() -> [(id: UInt64, sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)] {
+    mutating func dueAssignments() -> [(id: UInt64, sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)] {
         let instant = now
         var due: [(id: UInt64, sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)] = []
         for id in sequences.keys.sorted() {
@@ -975,7 +977,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Starts cutting a compressed sequence to half its retention (not below `floor`); returns it as
     /// it stands now with the assignment to make, or nil once it closed, while a copy of it is in
     /// flight, or while it is not compressed (another assignment is on its way).
-    func beginTightening(
+    mutating func beginTightening(
         _ sequenceID: UInt64,
         floor: Double
     ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
@@ -1016,7 +1018,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
     /// Ends a sequence: it takes no more requests, but admission keeps charging it until every holder
     /// has dropped its copies (`closeConfirmed`), so that a sequence admitted meanwhile cannot make
     /// the workers hold more than the limit.
-    func close(_ sequenceID: UInt64) -> OpenSequenceState? {
+    mutating func close(_ sequenceID: UInt64) -> OpenSequenceState? {
         copyRetry[sequenceID] = nil
         watchers[sequenceID] = nil
         unwatchedSince[sequenceID] = nil
@@ -1035,7 +1037,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// A holder answered `close`: of a left-behind copy (it carries the copy's epoch), or of a closed
     /// sequence (see `closeConfirmed(_:by:)`).
-    func closeAnswered(_ close: Tessera_V1_Close, by nodeID: NodeID) {
+    mutating func closeAnswered(_ close: Tessera_V1_Close, by nodeID: NodeID) {
         if close.epoch != 0 {
             if leftBehind[nodeID]?[close.sequenceID] == close.epoch { leftBehind[nodeID]![close.sequenceID] = nil }
         } else {
@@ -1045,7 +1047,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// A holder dropped its copies of a closed sequence (it answered the Close, or it was declared
     /// dead); once none is left the sequence's charge is released.
-    func closeConfirmed(_ sequenceID: UInt64, by nodeID: NodeID?) {
+    mutating func closeConfirmed(_ sequenceID: UInt64, by nodeID: NodeID?) {
         if let nodeID { unconfirmedCloses[sequenceID]?.remove(nodeID) }
         // Released once: a late second answer must not release a sequence opened under the id since.
         guard let remaining = unconfirmedCloses[sequenceID], remaining.isEmpty else { return }
@@ -1055,7 +1057,7 @@ actor CoordinatorState<Link: CoordinatorLink> {
 
     /// A holder declared dead confirms every close it owed: it rejoins holding nothing, and what it
     /// may hold meanwhile is reserved (`LapsingCopies`).
-    private func confirmCloses(by nodeID: NodeID) {
+    private mutating func confirmCloses(by nodeID: NodeID) {
         for id in Array(unconfirmedCloses.keys) { closeConfirmed(id, by: nodeID) }
     }
 
@@ -1098,48 +1100,41 @@ actor CoordinatorState<Link: CoordinatorLink> {
         return try connection(for: nodeID)
     }
 
-    /// The coordinator's gauges for the Prometheus endpoint: bytes the workers report per modality,
-    /// accounted bytes per tenant and policy, open sequences, workers by state, the memory limit and
-    /// under-replicated shards.
-    func publishMetrics() {
-        Gauge(label: TesseraMetrics.liveSequences).record(sequences.count)
+    /// The coordinator's gauges for the Prometheus endpoint, for the service to record: bytes the
+    /// workers report per modality, accounted bytes per tenant and policy (a label set that emptied
+    /// since the last reading reads 0 rather than keeping its last value), open sequences, workers
+    /// by state, the memory limit and under-replicated shards.
+    mutating func gauges() -> CoordinatorGauges {
+        var gauges = CoordinatorGauges(
+            liveSequences: sequences.count,
+            memoryLimitBytes: admission.memoryLimitBytes,
+            underReplicatedShards: underReplicatedShards,
+            workers: Dictionary(
+                uniqueKeysWithValues: MemberState.allCases.map { state in
+                    (state, membership.members.count { $0.state == state })
+                }
+            )
+        )
         for (nodeID, link) in workers {
             let reported = link.kvBytesByModality.byModality
             for modality in ["text", "image", "video"] {
-                let bytes = reported[modality] ?? 0
-                Gauge(label: TesseraMetrics.kvBytes, dimensions: [("node", nodeID.rawValue), ("modality", modality)])
-                    .record(bytes)
+                gauges.kvBytes[CoordinatorGauges.NodeModality(node: nodeID.rawValue, modality: modality)] =
+                    reported[modality] ?? 0
             }
         }
-        var accounted: [AccountKey: UInt64] = [:]
         for charge in admission.sequences {
             // A closed sequence stays charged until its holders confirm they dropped it.
             let policy = sequences[charge.sequenceID]?.policy.name ?? "closing"
-            accounted[AccountKey(tenant: charge.tenant, policy: policy), default: 0] += charge.chargedBytes
+            gauges.accounted[CoordinatorGauges.Account(tenant: charge.tenant, policy: policy), default: 0] +=
+                charge.chargedBytes
         }
-        // Label sets that emptied read 0 rather than their last value.
-        for key in publishedAccounts.subtracting(accounted.keys) { accounted[key] = 0 }
-        publishedAccounts = Set(accounted.keys)
-        for (key, bytes) in accounted {
-            Gauge(label: TesseraMetrics.accountedKVBytes, dimensions: [("tenant", key.tenant), ("policy", key.policy)])
-                .record(bytes)
-        }
-        Gauge(label: TesseraMetrics.memoryLimitBytes).record(admission.memoryLimitBytes)
-        Gauge(label: TesseraMetrics.underReplicatedShards).record(underReplicatedShards)
-        for state in MemberState.allCases {
-            Gauge(label: TesseraMetrics.workers, dimensions: [("state", state.rawValue)])
-                .record(membership.members.filter { $0.state == state }.count)
-        }
+        for key in reportedAccounts.subtracting(gauges.accounted.keys) { gauges.accounted[key] = 0 }
+        reportedAccounts = Set(gauges.accounted.keys)
+        return gauges
     }
 
-    /// A label set of `tessera_accounted_kv_bytes`.
-    private struct AccountKey: Hashable {
-        var tenant: String
-        var policy: String
-    }
-
-    /// The label sets `publishMetrics` last wrote.
-    private var publishedAccounts: Set<AccountKey> = []
+    /// The label sets `gauges` last reported.
+    private var reportedAccounts: Set<CoordinatorGauges.Account> = []
 
     func accounted() -> (bytes: UInt64, sequences: [UInt64: UInt64]) {
         (

@@ -47,7 +47,7 @@ struct CoordinatorStateTests {
         workers: Int = 3,
         time: ManualTime = ManualTime(),
         startsNewCluster: Bool = true
-    ) async throws -> CoordinatorState<TestLink> {
+    ) throws -> CoordinatorState<TestLink> {
         let configuration = CoordinatorConfiguration(
             incarnation: 100,
             listen: NodeAddress(host: "127.0.0.1", port: 0),
@@ -56,9 +56,9 @@ struct CoordinatorStateTests {
             replication: replication,
             startsNewCluster: startsNewCluster
         )
-        let state = try CoordinatorState<TestLink>(configuration: configuration, elapsed: { time.elapsed })
+        var state = try CoordinatorState<TestLink>(configuration: configuration, elapsed: { time.elapsed })
         for index in 0..<workers {
-            _ = try await state.register(registration(index + 1), connection: TestLink())
+            _ = try state.register(registration(index + 1), connection: TestLink())
         }
         return state
     }
@@ -132,82 +132,83 @@ struct CoordinatorStateTests {
     }
 
     @Test func aClosingSequenceStaysChargedUntilEveryHolderDroppedIt() async throws {
-        let state = try await Self.coordinator(limit: Self.estimate)
-        let first = try await state.open(Self.opening(1))
+        var state = try Self.coordinator(limit: Self.estimate)
+        let first = try state.open(Self.opening(1))
         let holders = first.shards.flatMap(\.holders).map(\.node)
         #expect(holders.count == 2)
-        await #expect { try await state.open(Self.opening(2)) } throws: {
+        #expect { try state.open(Self.opening(2)) } throws: {
             ($0 as? WireError)?.code == .resourceExhausted
         }
 
-        _ = await state.close(1)
+        _ = state.close(1)
         // The workers may still hold it: nothing new fits yet, and the id is not free.
-        await #expect { try await state.open(Self.opening(2)) } throws: {
+        #expect { try state.open(Self.opening(2)) } throws: {
             ($0 as? WireError)?.code == .resourceExhausted
         }
-        await #expect { try await state.open(Self.opening(1)) } throws: {
+        #expect { try state.open(Self.opening(1)) } throws: {
             ($0 as? WireError)?.code == .unavailable && ($0 as? WireError)?.retryAfter != nil
         }
-        await state.closeConfirmed(1, by: holders[0])
-        #expect(await state.admission.totalBytes == Self.estimate)
-        await state.closeConfirmed(1, by: holders[1])
-        #expect(await state.admission.totalBytes == 0)
+        state.closeConfirmed(1, by: holders[0])
+        #expect(state.admission.totalBytes == Self.estimate)
+        state.closeConfirmed(1, by: holders[1])
+        #expect(state.admission.totalBytes == 0)
 
         // The id is free again; a late second answer to the old Close releases nothing of the new one.
-        _ = try await state.open(Self.opening(1))
-        await state.closeConfirmed(1, by: holders[1])
-        #expect(await state.admission.totalBytes == Self.estimate)
+        _ = try state.open(Self.opening(1))
+        state.closeConfirmed(1, by: holders[1])
+        #expect(state.admission.totalBytes == Self.estimate)
     }
 
     /// `LeaveCluster`: the worker's own incarnation is dead at once and its sequences move; another
     /// incarnation, or one already dead, changes nothing.
     @Test func aLeavingWorkerIsDeadAtOnceAndItsSequencesMove() async throws {
-        let state = try await Self.coordinator()
-        let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
-        #expect(await state.leave(holders[0], incarnation: 2) == nil)
-        let change = try #require(await state.leave(holders[0], incarnation: 1))
+        var state = try Self.coordinator()
+        let holders = try state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+        #expect(state.leave(holders[0], incarnation: 2) == nil)
+        let left = state.leave(holders[0], incarnation: 1)
+        let change = try #require(left)
         #expect(change.to == .dead)
-        #expect(await state.leave(holders[0], incarnation: 1) == nil)
-        let (moved, lost) = await state.failOver(dead: [holders[0]])
+        #expect(state.leave(holders[0], incarnation: 1) == nil)
+        let (moved, lost) = state.failOver(dead: [holders[0]])
         #expect(moved.map(\.id) == [1] && lost.isEmpty)
         #expect(moved.allSatisfy { $0.sequence.shards.allSatisfy { !$0.holders.map(\.node).contains(holders[0]) } })
     }
 
     @Test func aHolderThatDiesConfirmsItsCloses() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(time: time)
-        let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
-        _ = await state.close(1)
-        await state.closeConfirmed(1, by: holders[0])
-        #expect(await state.owedCloses().map(\.holder) == [holders[1]])
+        var state = try Self.coordinator(time: time)
+        let holders = try state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+        _ = state.close(1)
+        state.closeConfirmed(1, by: holders[0])
+        #expect(state.owedCloses().map(\.holder) == [holders[1]])
         // Only the other workers keep heartbeating; the silent holder is declared dead.
-        try await Self.pass(.seconds(5), on: state, time: time, silent: [holders[1]])
-        #expect(await state.owedCloses().isEmpty)
-        #expect(await state.admission.totalBytes == 0)
+        try Self.pass(.seconds(5), on: &state, time: time, silent: [holders[1]])
+        #expect(state.owedCloses().isEmpty)
+        #expect(state.admission.totalBytes == 0)
     }
 
     /// The gauges an operator reads: accounted bytes by tenant and policy (a label set that emptied
     /// reads 0, not its last value), the limit, workers by state.
     @Test func theMetricsShowWhatEachTenantAndPolicyIsCharged() async throws {
         let registry = PrometheusCollectorRegistry()
-        let state = try await Self.coordinator(limit: 3 * Self.estimate)
-        try await withMetricsFactory(MetricsBootstrap.makeFactory(registry: registry)) {
-            let holders = try await state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
-            await state.publishMetrics()
+        var state = try Self.coordinator(limit: 3 * Self.estimate)
+        try withMetricsFactory(MetricsBootstrap.makeFactory(registry: registry)) {
+            let holders = try state.open(Self.opening(1)).shards.flatMap(\.holders).map(\.node)
+            state.gauges().record()
             var exposition = registry.emitToString()
             #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="snapkv"} \#(Self.estimate)"#))
             #expect(exposition.contains("tessera_memory_limit_bytes \(3 * Self.estimate)"))
             #expect(exposition.contains(#"tessera_workers{state="alive"} 3"#))
             #expect(exposition.contains(#"tessera_workers{state="dead"} 0"#))
 
-            _ = await state.close(1)
-            await state.publishMetrics()
+            _ = state.close(1)
+            state.gauges().record()
             exposition = registry.emitToString()
             // Closed, but charged until its holders confirm.
             #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="closing"} \#(Self.estimate)"#))
             #expect(exposition.contains(#"tessera_accounted_kv_bytes{tenant="t",policy="snapkv"} 0"#))
-            for holder in holders { await state.closeConfirmed(1, by: holder) }
-            await state.publishMetrics()
+            for holder in holders { state.closeConfirmed(1, by: holder) }
+            state.gauges().record()
             #expect(registry.emitToString().contains(#"tessera_accounted_kv_bytes{tenant="t",policy="closing"} 0"#))
         }
     }
@@ -215,18 +216,18 @@ struct CoordinatorStateTests {
     /// Lets `duration` pass in steps of 100 ms, every worker but `silent` heartbeating, and ticks.
     private static func pass(
         _ duration: Duration,
-        on state: CoordinatorState<TestLink>,
+        on state: inout CoordinatorState<TestLink>,
         time: ManualTime,
         silent: Set<NodeID>
-    ) async throws {
+    ) throws {
         for _ in 0..<Int(duration / .milliseconds(100)) {
             time.advance(.milliseconds(100))
             for index in 1...3 where !silent.contains(NodeID("worker-\(index)")) {
                 var beat = Tessera_V1_Heartbeat()
                 beat.incarnation = 1
-                try await state.heartbeat(beat, from: NodeID("worker-\(index)"), on: TestLink())
+                try state.heartbeat(beat, from: NodeID("worker-\(index)"), on: TestLink())
             }
-            _ = await state.tick()
+            _ = state.tick()
         }
     }
 
@@ -235,29 +236,29 @@ struct CoordinatorStateTests {
     /// drops them within one), or until it registers as a new incarnation.
     @Test func aDeadWorkersCopiesStayReservedUntilItsLeaseLapses() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(limit: 2 * Self.estimate, time: time)
-        let holders = try await state.open(Self.opening(1)).shards[0].holders.map(\.node)
+        var state = try Self.coordinator(limit: 2 * Self.estimate, time: time)
+        let holders = try state.open(Self.opening(1)).shards[0].holders.map(\.node)
         let holder = holders[0]
-        _ = await state.close(1)
-        await state.closeConfirmed(1, by: holders[1])
-        try await Self.pass(.seconds(5), on: state, time: time, silent: [holder])
-        #expect(await state.admission.totalBytes == 0, "the close is confirmed by the death")
-        #expect(await state.admission.reservedBytes == Self.estimate / 2, "one copy of two")
+        _ = state.close(1)
+        state.closeConfirmed(1, by: holders[1])
+        try Self.pass(.seconds(5), on: &state, time: time, silent: [holder])
+        #expect(state.admission.totalBytes == 0, "the close is confirmed by the death")
+        #expect(state.admission.reservedBytes == Self.estimate / 2, "one copy of two")
 
-        try await Self.pass(.seconds(50), on: state, time: time, silent: [holder])
-        #expect(await state.admission.reservedBytes == Self.estimate / 2)
-        try await Self.pass(.seconds(6), on: state, time: time, silent: [holder])
-        #expect(await state.admission.reservedBytes == 0, "60 s after its last heartbeat")
+        try Self.pass(.seconds(50), on: &state, time: time, silent: [holder])
+        #expect(state.admission.reservedBytes == Self.estimate / 2)
+        try Self.pass(.seconds(6), on: &state, time: time, silent: [holder])
+        #expect(state.admission.reservedBytes == 0, "60 s after its last heartbeat")
 
         // A restart (a later incarnation) ends the reservation at once.
-        _ = try await state.open(Self.opening(2))
-        let next = try await state.sequence(2, tenant: nil).shards[0].primary.node
-        try await Self.pass(.seconds(5), on: state, time: time, silent: [holder, next])
-        #expect(await state.admission.reservedBytes > 0)
+        _ = try state.open(Self.opening(2))
+        let next = try state.sequence(2, tenant: nil).shards[0].primary.node
+        try Self.pass(.seconds(5), on: &state, time: time, silent: [holder, next])
+        #expect(state.admission.reservedBytes > 0)
         var again = Self.registration(Int(next.rawValue.dropFirst("worker-".count))!)
         again.incarnation = 2
-        _ = try await state.register(again, connection: TestLink())
-        #expect(await state.admission.reservedBytes == 0)
+        _ = try state.register(again, connection: TestLink())
+        #expect(state.admission.reservedBytes == 0)
     }
 
     /// A restarted coordinator learns from the workers' membership views which workers its
@@ -267,29 +268,29 @@ struct CoordinatorStateTests {
         let view = Self.view(coordinator: 1, version: 4, liveWorkers: [2, 3])
         // The view arrives first: worker-1, holding copies, is refused; it drops them and rejoins.
         let time = ManualTime()
-        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        var state = try Self.coordinator(workers: 0, time: time, startsNewCluster: false)
         var counted = Self.registration(2)
         counted.lastView = view
-        _ = try await state.register(counted, connection: TestLink())
+        _ = try state.register(counted, connection: TestLink())
         let stale = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])])
-        await #expect { _ = try await state.register(stale, connection: TestLink()) } throws: {
+        #expect { _ = try state.register(stale, connection: TestLink()) } throws: {
             ($0 as? WireError)?.code == .staleEpoch
         }
         var empty = Self.registration(1)
         empty.incarnation = 2
-        _ = try await state.register(empty, connection: TestLink())
+        _ = try state.register(empty, connection: TestLink())
 
         // worker-1 registers first: its sequence is rebuilt, then forgotten once the view arrives, and
         // worker-1 is declared dead at the next tick.
-        let other = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
-        _ = try await other.register(stale, connection: TestLink())
-        #expect(await other.admission.totalBytes > 0)
-        _ = try await other.register(counted, connection: TestLink())
-        #expect(await other.admission.totalBytes == 0)
-        await #expect { _ = try await other.sequence(7, tenant: nil) } throws: {
+        var other = try Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        _ = try other.register(stale, connection: TestLink())
+        #expect(other.admission.totalBytes > 0)
+        _ = try other.register(counted, connection: TestLink())
+        #expect(other.admission.totalBytes == 0)
+        #expect { _ = try other.sequence(7, tenant: nil) } throws: {
             ($0 as? WireError)?.code == .unavailable
         }
-        #expect(await other.tick().changes.map(\.nodeID) == [NodeID("worker-1")])
+        #expect(other.tick().changes.map(\.nodeID) == [NodeID("worker-1")])
     }
 
     /// A worker that restarted after the inherited view was taken (a newer incarnation than the view
@@ -297,21 +298,21 @@ struct CoordinatorStateTests {
     /// view arrives nor refused with the copies it holds.
     @Test func aWorkerRestartedSinceTheViewStaysLive() async throws {
         let view = Self.view(coordinator: 1, version: 4, liveWorkers: [1, 2])
-        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        var state = try Self.coordinator(workers: 0, startsNewCluster: false)
         var restarted = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])])
         restarted.incarnation = 2
-        _ = try await state.register(restarted, connection: TestLink())
+        _ = try state.register(restarted, connection: TestLink())
         var reporting = Self.registration(2)
         reporting.lastView = view
-        _ = try await state.register(reporting, connection: TestLink())
-        #expect(await state.tick().changes.isEmpty)
-        #expect(await state.admission.totalBytes > 0)
+        _ = try state.register(reporting, connection: TestLink())
+        #expect(state.tick().changes.isEmpty)
+        #expect(state.admission.totalBytes > 0)
 
         // Registering after the view arrived, with copies, it is taken too.
-        let other = try await Self.coordinator(workers: 0, startsNewCluster: false)
-        _ = try await other.register(reporting, connection: TestLink())
-        _ = try await other.register(restarted, connection: TestLink())
-        #expect(await other.admission.totalBytes > 0)
+        var other = try Self.coordinator(workers: 0, startsNewCluster: false)
+        _ = try other.register(reporting, connection: TestLink())
+        _ = try other.register(restarted, connection: TestLink())
+        #expect(other.admission.totalBytes > 0)
     }
 
     /// A coordinator replacing another that hears from no worker within the rebuild grace (its links
@@ -319,20 +320,20 @@ struct CoordinatorStateTests {
     /// registers: it neither admits into memory it cannot see nor closes the copies it then hears of.
     @Test func theRebuildRunsFromTheFirstRegistrationWhenTheLinksAreSlow() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        var state = try Self.coordinator(workers: 0, time: time, startsNewCluster: false)
         time.advance(.seconds(10))
-        #expect(await state.isRebuilding)
-        _ = try await state.register(
+        #expect(state.isRebuilding)
+        _ = try state.register(
             Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])]),
             connection: TestLink()
         )
-        _ = try await state.register(Self.registration(2), connection: TestLink())
-        await #expect { _ = try await state.open(Self.opening(8)) } throws: {
+        _ = try state.register(Self.registration(2), connection: TestLink())
+        #expect { _ = try state.open(Self.opening(8)) } throws: {
             ($0 as? WireError)?.code == .unavailable
         }
-        #expect(await state.admission.totalBytes > 0, "the copy reported late is rebuilt, not closed")
+        #expect(state.admission.totalBytes > 0, "the copy reported late is rebuilt, not closed")
         time.advance(.seconds(4))
-        #expect(await !state.isRebuilding)
+        #expect(!state.isRebuilding)
     }
 
     /// A coordinator replacing one that left no membership view (no registering worker reports one)
@@ -340,33 +341,33 @@ struct CoordinatorStateTests {
     /// and admits as soon as a view arrives whose workers have all registered.
     @Test func noViewFromThePredecessorHoldsAdmissionForTheLease() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(workers: 2, time: time, startsNewCluster: false)
+        var state = try Self.coordinator(workers: 2, time: time, startsNewCluster: false)
         time.advance(.seconds(10))
-        #expect(await !state.isRebuilding)
-        await #expect { _ = try await state.open(Self.opening(8)) } throws: {
+        #expect(!state.isRebuilding)
+        #expect { _ = try state.open(Self.opening(8)) } throws: {
             ($0 as? WireError)?.message.contains("membership view") == true
         }
         time.advance(.seconds(60))  // twice the default lease of 30 s
-        _ = try await state.open(Self.opening(8))
+        _ = try state.open(Self.opening(8))
     }
 
     /// A sequence closed while the rebuild is still going on stays closed: a copy reported later by
     /// a worker that registers only then (a re-replicated copy the closing coordinator did not know)
     /// is told to go, and nothing is charged for it.
     @Test func aSequenceClosedDuringTheRebuildIsNotRebuiltFromALaterCopy() async throws {
-        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
-        _ = try await state.register(
+        var state = try Self.coordinator(workers: 0, startsNewCluster: false)
+        _ = try state.register(
             Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])]),
             connection: TestLink()
         )
-        #expect(await state.close(7) != nil)
-        await state.closeConfirmed(7, by: NodeID("worker-1"))
-        let late = try await state.register(
+        #expect(state.close(7) != nil)
+        state.closeConfirmed(7, by: NodeID("worker-1"))
+        let late = try state.register(
             Self.registration(2, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
             connection: TestLink()
         )
         #expect(late.staleCopies.map(\.sequenceID) == [7])
-        #expect(await state.admission.totalBytes == 0)
+        #expect(state.admission.totalBytes == 0)
     }
 
     /// A worker that dropped a sequence on a Close says so when it registers: a copy another worker
@@ -380,135 +381,136 @@ struct CoordinatorStateTests {
         let keeping = Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [2])])
 
         for order in [[keeping, reporting], [reporting, keeping]] {
-            let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+            var state = try Self.coordinator(workers: 0, startsNewCluster: false)
             var stale: [Tessera_V1_Close] = []
             for registration in order {
-                stale += try await state.register(registration, connection: TestLink()).staleCopies
+                stale += try state.register(registration, connection: TestLink()).staleCopies
             }
             // worker-1 is told (worker-2 too, as a holder its assignment names: harmless).
-            let owed = stale + (await state.owedCloses().map(\.close))
+            let owed = stale + (state.owedCloses().map(\.close))
             #expect(!owed.isEmpty && owed.allSatisfy { $0.sequenceID == 7 && $0.epoch == 10 })
-            #expect(await state.admission.totalBytes == 0)
+            #expect(state.admission.totalBytes == 0)
         }
     }
 
     @Test func aCopyARebuildSupersedesIsToldToCloseUpToItsEpoch() async throws {
         // A restarted coordinator hears first from worker-1, holding sequence 7 at epoch 10 with
         // worker-2 as its replica; then from worker-2, which a failover since made the only holder, at 11.
-        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
-        let first = try await state.register(
+        var state = try Self.coordinator(workers: 0, startsNewCluster: false)
+        let first = try state.register(
             Self.registration(1, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
             connection: TestLink()
         )
         #expect(first.staleCopies.isEmpty)
-        let second = try await state.register(
+        let second = try state.register(
             Self.registration(2, holding: [Self.held(7, epoch: 11, primary: 2, replicas: [])]),
             connection: TestLink()
         )
         #expect(second.staleCopies.isEmpty)
-        #expect(try await state.sequence(7, tenant: "t").shards.flatMap(\.holders).map(\.node) == [NodeID("worker-2")])
+        #expect(try state.sequence(7, tenant: "t").shards.flatMap(\.holders).map(\.node) == [NodeID("worker-2")])
 
-        let owed = await state.owedCloses()
+        let owed = state.owedCloses()
         #expect(owed.map(\.holder) == [NodeID("worker-1")])
         #expect(owed.map(\.close.sequenceID) == [7] && owed.map(\.close.epoch) == [10])
-        await state.closeAnswered(owed[0].close, by: NodeID("worker-1"))
-        #expect(await state.owedCloses().isEmpty)
+        state.closeAnswered(owed[0].close, by: NodeID("worker-1"))
+        #expect(state.owedCloses().isEmpty)
     }
 
     @Test func aBudgetAnyCopyMissedIsSentAgainUntilEveryCopyAppliedIt() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(time: time)
-        _ = try await state.open(Self.opening(1))
+        var state = try Self.coordinator(time: time)
+        _ = try state.open(Self.opening(1))
         var assignment: BudgetLifecycle.Assign?
         for layer in 0..<Self.geometry.layers {
             #expect(assignment == nil, "the budget goes out once every layer is in")
-            assignment = await state.record(Self.statistics(layer: layer), sequenceID: 1)?.assign
+            assignment = state.record(Self.statistics(layer: layer), sequenceID: 1)?.assign
         }
         #expect(assignment == BudgetLifecycle.Assign(retention: 0.2))
-        #expect(await state.record(Self.statistics(layer: 0), sequenceID: 1) == nil, "only once")
+        #expect(state.record(Self.statistics(layer: 0), sequenceID: 1) == nil, "only once")
 
         // One copy did not apply it: the charge stays the full estimate, and it is not tightenable.
-        let phase = await state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
+        let phase = state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
         #expect(phase == .retrying(retention: 0.2, attempt: 1, due: ClusterInstant.zero + .milliseconds(250)))
-        #expect(await state.admission.totalBytes == Self.estimate)
-        #expect(await state.tightenable(floor: 0.02, tenant: nil).isEmpty)
-        #expect(await state.dueAssignments().isEmpty)
+        #expect(state.admission.totalBytes == Self.estimate)
+        #expect(state.tightenable(floor: 0.02, tenant: nil).isEmpty)
+        #expect(state.dueAssignments().isEmpty)
         time.advance(.milliseconds(250))
-        let due = await state.dueAssignments()
+        let due = state.dueAssignments()
         #expect(due.map { $0.id } == [1] && due.map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.2)])
-        #expect(await state.dueAssignments().isEmpty, "one assignment in flight")
+        #expect(state.dueAssignments().isEmpty, "one assignment in flight")
 
-        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1000)
+        _ = state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1000)
         let decodeAllowance = CoordinatorState<TestLink>.charge(
             Self.geometry,
             Self.layout,
             decodeTokens: 4,
             copies: 2
         ).decodeAllowance
-        #expect(await state.admission.totalBytes == 2 * 1000 + decodeAllowance, "both copies hold the primary's bytes")
-        #expect(await state.tightenable(floor: 0.02, tenant: nil) == [1])
+        #expect(state.admission.totalBytes == 2 * 1000 + decodeAllowance, "both copies hold the primary's bytes")
+        #expect(state.tightenable(floor: 0.02, tenant: nil) == [1])
         // A tightening that fails goes back to be retried at the tighter retention.
-        let tightening = try #require(await state.beginTightening(1, floor: 0.02))
+        let begun = state.beginTightening(1, floor: 0.02)
+        let tightening = try #require(begun)
         #expect(tightening.assign == BudgetLifecycle.Assign(retention: 0.1))
-        #expect(await state.beginTightening(1, floor: 0.02) == nil, "not twice at once")
-        _ = await state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
+        #expect(state.beginTightening(1, floor: 0.02) == nil, "not twice at once")
+        _ = state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)
         time.advance(.milliseconds(250))
-        #expect(await state.dueAssignments().map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.1)])
+        #expect(state.dueAssignments().map { $0.assign } == [BudgetLifecycle.Assign(retention: 0.1)])
         // Applied mid-decode, the primary holds fewer prompt rows but the rows decoded since, which
         // the allowance covers already: the charge does not grow past what was admitted against.
-        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1200)
-        #expect(await state.admission.totalBytes == 2 * 1000 + decodeAllowance)
-        #expect(await state.beginTightening(1, floor: 0.02) != nil)
-        _ = await state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 600)
-        #expect(await state.admission.totalBytes == 2 * 600 + decodeAllowance, "a smaller one is charged")
+        _ = state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 1200)
+        #expect(state.admission.totalBytes == 2 * 1000 + decodeAllowance)
+        #expect(state.beginTightening(1, floor: 0.02) != nil)
+        _ = state.finishAssignment(1, everyCopyApplied: true, primaryBytes: 600)
+        #expect(state.admission.totalBytes == 2 * 600 + decodeAllowance, "a smaller one is charged")
     }
 
     @Test func clientsWatchingASequenceAreToldOfItsFailover() async throws {
-        let state = try await Self.coordinator()
-        let opened = try await state.open(Self.opening(1))
+        var state = try Self.coordinator()
+        let opened = try state.open(Self.opening(1))
         let (opener, asker, gone) = (TestLink(), TestLink(), TestLink())
-        for link in [opener, asker, gone, opener] { await state.watch(1, from: link) }
+        for link in [opener, asker, gone, opener] { state.watch(1, from: link) }
         gone.close()
-        #expect(await state.watchers(of: 1).map(ObjectIdentifier.init) == [opener, asker].map(ObjectIdentifier.init))
-        await state.watch(2, from: opener)
-        #expect(await state.watchers(of: 2).isEmpty, "only open sequences are watched")
+        #expect(state.watchers(of: 1).map(ObjectIdentifier.init) == [opener, asker].map(ObjectIdentifier.init))
+        state.watch(2, from: opener)
+        #expect(state.watchers(of: 2).isEmpty, "only open sequences are watched")
 
         let primary = opened.shards[0].primary.node
-        let (moved, lost) = await state.failOver(dead: [primary])
+        let (moved, lost) = state.failOver(dead: [primary])
         #expect(lost.isEmpty && moved.map { $0.id } == [1])
         #expect(moved[0].sequence.epoch == opened.epoch + 1 && moved[0].sequence.shards[0].primary.node != primary)
-        _ = await state.close(1)
-        #expect(await state.watchers(of: 1).isEmpty)
+        _ = state.close(1)
+        #expect(state.watchers(of: 1).isEmpty)
     }
 
     /// A sequence with a shard that lost every copy is closed, not moved: announcing a new epoch to
     /// the dead holders' node ids could reach a later incarnation, which would take it for a new,
     /// empty copy. The holders of its other shards are to be told.
     @Test func aSequenceThatLostEveryCopyOfAShardIsClosed() async throws {
-        let state = try await Self.coordinator()
-        let opened = try await state.open(Self.opening(1))
+        var state = try Self.coordinator()
+        let opened = try state.open(Self.opening(1))
         let dead = Set(opened.shards[0].holders.map(\.node))
-        let (moved, lost) = await state.failOver(dead: dead)
+        let (moved, lost) = state.failOver(dead: dead)
         #expect(moved.isEmpty && lost.map(\.id) == [1])
         let others = Set(opened.shards.flatMap(\.holders).map(\.node)).subtracting(dead)
         #expect(Set(lost[0].holders) == others)
-        #expect(await state.owedCloses().map(\.holder).allSatisfy { others.contains($0) })
-        #expect(await state.sequences[1] == nil)
+        #expect(state.owedCloses().map(\.holder).allSatisfy { others.contains($0) })
+        #expect(state.sequences[1] == nil)
     }
 
     /// A rebuilt placement names holders by node id; a worker that restarted since registers without
     /// the copies its earlier incarnation held, and the sequences naming it are failed over off it.
     @Test func aRestartedWorkerIsNotTakenForTheHolderOfItsEarlierCopies() async throws {
-        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
-        _ = try await state.register(
+        var state = try Self.coordinator(workers: 0, startsNewCluster: false)
+        _ = try state.register(
             Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
             connection: TestLink()
         )
         var restarted = Self.registration(1)
         restarted.incarnation = 2
-        let registered = try await state.register(restarted, connection: TestLink())
+        let registered = try state.register(restarted, connection: TestLink())
         #expect(registered.lostCopies == [NodeID("worker-1"): [7]])
-        let (moved, _) = await state.failOver(dead: [NodeID("worker-1")], only: [7])
+        let (moved, _) = state.failOver(dead: [NodeID("worker-1")], only: [7])
         #expect(moved.map(\.id) == [7])
         #expect(moved[0].sequence.shards[0].holders.map(\.node) == [NodeID("worker-2")])
         #expect(moved[0].sequence.epoch > 10)
@@ -519,18 +521,18 @@ struct CoordinatorStateTests {
     /// names it. It was later promoted to primary of a copy it never had, and the rebuild after the
     /// next restart charged that empty, uncompressed copy its full size, past the memory limit.
     @Test func aWorkerThatRegisteredWithoutACopyIsNotTakenForItsHolder() async throws {
-        let state = try await Self.coordinator(workers: 0, startsNewCluster: false)
+        var state = try Self.coordinator(workers: 0, startsNewCluster: false)
         var restarted = Self.registration(1)
         restarted.incarnation = 2
-        #expect(try await state.register(restarted, connection: TestLink()).lostCopies.isEmpty)
-        let reporting = try await state.register(
+        #expect(try state.register(restarted, connection: TestLink()).lostCopies.isEmpty)
+        let reporting = try state.register(
             Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
             connection: TestLink()
         )
         #expect(reporting.lostCopies == [NodeID("worker-1"): [7]])
         // A worker named as holder that has not registered yet may still report the copy: not lost.
-        let other = try await Self.coordinator(workers: 0, startsNewCluster: false)
-        let first = try await other.register(
+        var other = try Self.coordinator(workers: 0, startsNewCluster: false)
+        let first = try other.register(
             Self.registration(2, holding: [Self.held(7, epoch: 10, primary: 1, replicas: [2])]),
             connection: TestLink()
         )
@@ -543,38 +545,38 @@ struct CoordinatorStateTests {
     /// owed a Close, retried until answered.
     @Test func copiesAroundAReplicationInProgressAreClosed() async throws {
         let time = ManualTime()
-        let state = try await Self.coordinator(workers: 0, time: time, startsNewCluster: false)
-        _ = try await state.register(
+        var state = try Self.coordinator(workers: 0, time: time, startsNewCluster: false)
+        _ = try state.register(
             Self.registration(1, holding: [try Self.held(7, epoch: 10, primary: 1, replicas: [])]),
             connection: TestLink()
         )
-        _ = try await state.register(Self.registration(2), connection: TestLink())
+        _ = try state.register(Self.registration(2), connection: TestLink())
         time.advance(.seconds(4))
-        let plans = await state.replicationPlans(limit: 1)
+        let plans = state.replicationPlans(limit: 1)
         #expect(plans.map(\.sequenceID) == [7] && plans.first?.target.node == NodeID("worker-2"))
 
-        let older = try await state.register(
+        let older = try state.register(
             Self.registration(3, holding: [try Self.held(7, epoch: 9, primary: 3, replicas: [])]),
             connection: TestLink()
         )
         #expect(older.staleCopies.map(\.sequenceID) == [7] && older.staleCopies.map(\.epoch) == [9])
 
-        #expect(await state.close(7) != nil)
-        #expect(await !state.finishCopy(plans[0], succeeded: true))
-        let owed = await state.owedCloses().filter { $0.holder == NodeID("worker-2") }.map(\.close)
+        #expect(state.close(7) != nil)
+        #expect(state.finishCopy(plans[0], succeeded: true) == false)
+        let owed = state.owedCloses().filter { $0.holder == NodeID("worker-2") }.map(\.close)
         #expect(owed.map(\.sequenceID) == [7] && owed.map(\.epoch) == [10])
     }
 
     /// Id 0 lets the coordinator choose: ids no sequence uses, so no tenant can squat them beforehand.
     @Test func theCoordinatorChoosesFreeIdsForIdZero() async throws {
-        let state = try await Self.coordinator()
+        var state = try Self.coordinator()
         // A tenant takes the id the coordinator would choose next.
-        _ = try await state.open(Self.opening(1 << 62))
-        let first = try await state.open(Self.opening(0)).message.sequenceID
-        let second = try await state.open(Self.opening(0)).message.sequenceID
+        _ = try state.open(Self.opening(1 << 62))
+        let first = try state.open(Self.opening(0)).message.sequenceID
+        let second = try state.open(Self.opening(0)).message.sequenceID
         #expect(first == (1 << 62) + 1 && second == first + 1)
-        #expect(await state.sequences.keys.sorted() == [1 << 62, first, second])
-        #expect(await state.admission.sequence(first) != nil, "charged under the chosen id")
+        #expect(state.sequences.keys.sorted() == [1 << 62, first, second])
+        #expect(state.admission.sequence(first) != nil, "charged under the chosen id")
     }
 }
 
@@ -583,27 +585,27 @@ extension CoordinatorStateTests {
     /// announced, then gets the sequence as it stands, charged once; another open under the id is
     /// refused.
     @Test func aRepeatedOpenGetsTheSequenceOnceItIsAnnounced() async throws {
-        let state = try await Self.coordinator()
+        var state = try Self.coordinator()
         let opening = try Self.opening(7)
-        let first = try await state.open(opening)
+        let first = try state.open(opening)
         #expect(!first.announced)
         do {
-            _ = try await state.open(opening)
+            _ = try state.open(opening)
             Issue.record("a repeat was answered before the first open was announced")
         } catch {
             #expect(error.code == .unavailable && error.retryAfter != nil, "\(error)")
         }
-        await state.announced(7)
-        let again = try await state.open(opening)
+        state.announced(7)
+        let again = try state.open(opening)
         #expect(
             again.announced && again.epoch == first.epoch
                 && again.shards.map(\.primary.node) == first.shards.map(\.primary.node)
         )
-        #expect(await state.admission.sequence(7)?.chargedBytes == Self.estimate, "charged once")
+        #expect(state.admission.sequence(7)?.chargedBytes == Self.estimate, "charged once")
         var other = opening
         other.decodeTokens = 9
         do {
-            _ = try await state.open(other)
+            _ = try state.open(other)
             Issue.record("a different open under an id in use was answered")
         } catch {
             #expect(error.code == .badRequest && error.message.contains("already open"), "\(error)")
@@ -615,13 +617,13 @@ extension CoordinatorStateTests {
     /// A worker's shards in the status are the copies the open sequences' placements give it, and
     /// the membership version moves with registrations.
     @Test func theStatusCountsEachWorkersShardsFromThePlacements() async throws {
-        let state = try await Self.coordinator(workers: 4)
-        let before = await state.status()
+        var state = try Self.coordinator(workers: 4)
+        let before = state.status()
         #expect(before.workers.allSatisfy { $0.primaryShards == 0 && $0.replicaShards == 0 })
         #expect(before.membershipVersion == 4, "one per registration")
         var placed: [OpenSequenceState] = []
-        for id in [7, 8, 9] as [UInt64] { placed.append(try await state.open(Self.opening(id))) }
-        let status = await state.status()
+        for id in [7, 8, 9] as [UInt64] { placed.append(try state.open(Self.opening(id))) }
+        let status = state.status()
         for worker in status.workers {
             let node = NodeID(worker.endpoint.nodeID)
             let shards = placed.flatMap(\.shards)
