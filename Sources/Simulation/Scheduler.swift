@@ -16,6 +16,10 @@ package final class Scheduler: TaskExecutor, Sendable {
         /// Ties broken by scheduling order.
         var order: UInt64
         var action: @Sendable () -> Void
+        /// Until when the node the timer belongs to is paused (nil: no node's): a due timer of a
+        /// paused node waits for the pause to end, as a stopped process's timers fire only once it
+        /// runs again.
+        var pausedUntil: (@Sendable () -> Duration)?
 
         func precedes(_ other: Timer) -> Bool { (deadline, order) < (other.deadline, other.order) }
     }
@@ -97,20 +101,35 @@ package final class Scheduler: TaskExecutor, Sendable {
     /// Jobs that arrived from another thread than the one running the world (see `State.driver`).
     package var foreignJobs: Int { state.withLock { $0.foreignJobs } }
 
-    /// Runs `action` once simulated time reaches `deadline` (at once if it has); the returned token
-    /// cancels it.
+    /// Runs `action` once simulated time reaches `deadline` (at once if it has), and not while
+    /// `pausedUntil` (the pause of the node it belongs to) lies ahead; the returned token cancels it.
     @discardableResult
-    package func schedule(at deadline: Duration, _ action: @escaping @Sendable () -> Void) -> UInt64 {
+    package func schedule(
+        at deadline: Duration,
+        pausedUntil: (@Sendable () -> Duration)? = nil,
+        _ action: @escaping @Sendable () -> Void
+    ) -> UInt64 {
         state.withLock { state in
             defer { state.nextOrder += 1 }
-            state.push(Timer(deadline: max(deadline, state.now), order: state.nextOrder, action: action))
+            state.push(
+                Timer(
+                    deadline: max(deadline, state.now),
+                    order: state.nextOrder,
+                    action: action,
+                    pausedUntil: pausedUntil
+                )
+            )
             return state.nextOrder
         }
     }
 
     @discardableResult
-    package func schedule(after delay: Duration, _ action: @escaping @Sendable () -> Void) -> UInt64 {
-        schedule(at: now + delay, action)
+    package func schedule(
+        after delay: Duration,
+        pausedUntil: (@Sendable () -> Duration)? = nil,
+        _ action: @escaping @Sendable () -> Void
+    ) -> UInt64 {
+        schedule(at: now + delay, pausedUntil: pausedUntil, action)
     }
 
     package func cancel(_ token: UInt64) {
@@ -136,7 +155,13 @@ package final class Scheduler: TaskExecutor, Sendable {
                 }
                 return nil
             }
-            guard let timer else { return false }
+            guard var timer else { return false }
+            // Read outside the lock: the pause lives in the network's state.
+            if let resume = timer.pausedUntil?(), resume > timer.deadline {
+                timer.deadline = resume
+                state.withLock { $0.push(timer) }  // the same order, so its token still cancels it
+                continue
+            }
             timer.action()
         }
     }
@@ -154,8 +179,13 @@ package struct SimulatedClock: Clock {
     }
 
     let scheduler: Scheduler
+    /// Until when the node whose clock this is stays paused: its sleeps end no earlier.
+    let pausedUntil: (@Sendable () -> Duration)?
 
-    package init(scheduler: Scheduler) { self.scheduler = scheduler }
+    package init(scheduler: Scheduler, pausedUntil: (@Sendable () -> Duration)? = nil) {
+        self.scheduler = scheduler
+        self.pausedUntil = pausedUntil
+    }
 
     package var now: Instant { Instant(offset: scheduler.now) }
     package var minimumResolution: Duration { .nanoseconds(1) }
@@ -165,7 +195,9 @@ package struct SimulatedClock: Clock {
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 guard sleeper.arm(continuation) else { return }
-                let token = scheduler.schedule(at: deadline.offset) { sleeper.fire(.success(())) }
+                let token = scheduler.schedule(at: deadline.offset, pausedUntil: pausedUntil) {
+                    sleeper.fire(.success(()))
+                }
                 sleeper.onCancel { scheduler.cancel(token) }
             }
         } onCancel: {

@@ -166,9 +166,16 @@ package final class SimulatedNetwork: Sendable {
         }
     }
 
-    /// Holds every frame to and from `node` until `end`, as a paused process's peers see it.
+    /// Pauses `node` until `end`, as a stopped process: every frame to and from it is held, as its
+    /// peers see it, and its own timers (sleeps on its clock, its requests' timeouts) fire only once
+    /// the pause ends.
     package func pause(_ node: String, until end: Duration) {
         state.withLock { $0.pausedNodes[node] = max($0.pausedNodes[node] ?? .zero, end) }
+    }
+
+    /// Until when `node` is paused, read when one of its timers is due (zero when it is not).
+    func pausedUntil(_ node: String) -> @Sendable () -> Duration {
+        { [self] in state.withLock { $0.pausedNodes[node] ?? .zero } }
     }
 
     package func heal(_ a: String, _ b: String) { _ = state.withLock { $0.partitions.remove([a, b].sorted()) } }
@@ -346,7 +353,12 @@ struct SimulatedOutbound: FrameOutbound {
 
     func schedule(after delay: Duration, _ action: @escaping @Sendable () -> Void) -> any ScheduledAction {
         let scheduler = link.network.scheduler
-        return ScheduledTimer(scheduler: scheduler, token: scheduler.schedule(after: delay, action))
+        let node = end == .dialer ? link.dialer : link.listener
+        let pausedUntil = link.network.pausedUntil(node)
+        return ScheduledTimer(
+            scheduler: scheduler,
+            token: scheduler.schedule(after: delay, pausedUntil: pausedUntil, action)
+        )
     }
 }
 
@@ -362,7 +374,9 @@ package struct SimulatedNode: Network {
     let network: SimulatedNetwork
     let name: String
 
-    package var clock: any Clock<Duration> { SimulatedClock(scheduler: network.scheduler) }
+    package var clock: any Clock<Duration> {
+        SimulatedClock(scheduler: network.scheduler, pausedUntil: network.pausedUntil(name))
+    }
 
     package func listen(
         on address: NodeAddress,

@@ -39,6 +39,30 @@ import Testing
         #expect(scheduler.now == .seconds(1))
     }
 
+    /// A paused node's timers fire only once the pause ends, as a stopped process's would; another
+    /// node's keep their time, and a deferred timer can still be cancelled.
+    @Test func aPausedNodesTimersWaitForThePauseToEnd() {
+        let scheduler = Scheduler()
+        let network = SimulatedNetwork(scheduler: scheduler, seed: 1) { _, _, _, _ in }
+        let woke = Mutex<[String: Duration]>([:])
+        for name in ["paused", "running"] {
+            let node = SimulatedNode(network: network, name: name)
+            Task(executorPreference: scheduler) { @Sendable in
+                try await node.clock.sleep(for: .seconds(1))
+                woke.withLock { $0[name] = scheduler.now }
+            }
+        }
+        let timeout = scheduler.schedule(at: .seconds(2), pausedUntil: network.pausedUntil("paused")) {
+            woke.withLock { $0["cancelled"] = scheduler.now }
+        }
+        network.pause("paused", until: .seconds(5))
+        scheduler.schedule(at: .seconds(3)) { scheduler.cancel(timeout) }
+        #expect(scheduler.run(until: .seconds(60)) { woke.withLock { $0.count } == 2 })
+        #expect(woke.withLock { $0 } == ["running": .seconds(1), "paused": .seconds(5)])
+        #expect(!scheduler.run(until: .seconds(60)) { false })
+        #expect(woke.withLock { $0["cancelled"] } == nil)
+    }
+
     @Test(arguments: [1, 2] as [UInt64])
     func aScheduleWithFaultsKeepsEveryInvariant(seed: UInt64) {
         let report = Simulation.run(seed: seed)
