@@ -206,16 +206,40 @@ public final class TesseraClient: Sendable {
     /// Asks for the sequence's placement until the coordinator answers (or the connection closes,
     /// or the sequence is gone).
     private func watchAgain(_ sequenceID: UInt64, over connection: PeerConnection) async throws {
+        guard !connection.isClosed, book.placement(sequenceID) != nil else { return }
+        do {
+            // For as long as the connection lasts.
+            _ = try await retrying(for: .seconds(Int64.max)) { error in
+                (error as? WireError)?.code == .unavailable && !connection.isClosed
+                    && book.placement(sequenceID) != nil
+            } _: {
+                try await refreshPlacement(sequenceID)
+            }
+        } catch let error as CancellationError {
+            throw error
+        } catch {
+            return  // the sequence is gone, or the next connection watches it
+        }
+    }
+
+    /// Runs `body` until it succeeds, or fails with an error `retry` does not accept, or the wait
+    /// before the next try would end past `patience` from now (then that error is thrown). Waits the
+    /// error's retry-after, else 100 ms doubling to 1 s.
+    private func retrying<T>(
+        for patience: Duration,
+        while retry: (any Error) -> Bool,
+        _ body: () async throws -> T
+    ) async throws -> T {
         var backoff = Duration.milliseconds(100)
-        while !connection.isClosed, book.placement(sequenceID) != nil {
+        let deadline = elapsed() + patience
+        while true {
             do {
-                _ = try await refreshPlacement(sequenceID)
-                return
-            } catch let error as WireError where error.code == .unavailable {
-                try await clock.sleep(for: error.retryAfter ?? backoff)
+                return try await body()
+            } catch  where retry(error) {
+                let wait = (error as? WireError)?.retryAfter ?? backoff
+                guard elapsed() + wait < deadline else { throw error }
+                try await clock.sleep(for: wait)
                 backoff = min(backoff * 2, .seconds(1))
-            } catch {
-                return
             }
         }
     }
@@ -266,19 +290,11 @@ public final class TesseraClient: Sendable {
         message.model = try geometry.proto()
         message.spans = try layout.proto()
         message.policy = try policy.proto(retention: retention)
-        var backoff = Duration.milliseconds(100)
-        let deadline = elapsed() + Self.failoverPatience
-        let reply: Tessera_V1_Envelope.OneOf_Body
-        while true {
-            do {
-                reply = try await coordinator.request(.openSequence(message))
-                break
-            } catch let error as WireError where [.unavailable, .malformedFrame].contains(error.code) {
-                let wait = error.retryAfter ?? backoff
-                guard elapsed() + wait < deadline else { throw error }
-                try await clock.sleep(for: wait)
-                backoff = min(backoff * 2, .seconds(1))
-            }
+        let reply = try await retrying(for: Self.failoverPatience) { error in
+            guard let error = error as? WireError else { return false }
+            return [.unavailable, .malformedFrame].contains(error.code)
+        } _: {
+            try await coordinator.request(.openSequence(message))
         }
         let placement = try remember(reply)
         prefillTimeouts.withLock {
@@ -464,21 +480,13 @@ public final class TesseraClient: Sendable {
     }
 
     /// The shard copies one worker holds, with their digests: replicas of a shard hold equal bytes.
-    /// Asked up to five times while the error is one a new connection may cure (a request damaged in
-    /// transit makes the worker close the connection); reading status changes nothing.
+    /// Asked again for up to 2 s while the error is one a new connection may cure (a request damaged
+    /// in transit makes the worker close the connection); reading status changes nothing.
     public func shardCopies(on worker: NodeAddress) async throws -> [ShardCopy] {
         var request = Tessera_V1_StatusRequest()
         request.includeSequences = true
-        var attempts = 0
-        let body: Tessera_V1_Envelope.OneOf_Body
-        while true {
-            do {
-                body = try await pool.connection(to: worker).request(.statusRequest(request))
-                break
-            } catch  where attempts < 4 && Self.isRetryable(error) {
-                attempts += 1
-                try await clock.sleep(for: .milliseconds(100))
-            }
+        let body = try await retrying(for: .seconds(2), while: Self.isRetryable) {
+            try await pool.connection(to: worker).request(.statusRequest(request))
         }
         guard case .statusReply(let reply) = body else {
             throw WireError(.badRequest, "the worker answered status with something else")

@@ -18,14 +18,4 @@ enum PrefillPriority {
         _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, niceness)
         #endif
     }
-
-    /// The calling thread's nice value (for tests).
-    static func current() -> Int32 {
-        #if os(Linux)
-        errno = 0
-        return getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
-        #else
-        return 0
-        #endif
-    }
 }

@@ -4,6 +4,10 @@ import Testing
 
 @testable import Worker
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The worker store's rules the coordinator relies on: a copy follows its sequence's epoch (the
 /// coordinator takes layer statistics only at the current one, so a copy that moves before it is
 /// compressed reports again), and decode stays within the steps admission charged.
@@ -154,10 +158,21 @@ struct ComputeThreadsTests {
         let threads = ComputeThreads()
         threads.start()
         defer { threads.shutdown() }
-        let decode = try await threads.run(.decode) { PrefillPriority.current() }
-        #expect(try await threads.run(.prefill) { PrefillPriority.current() } == PrefillPriority.niceness)
+        let decode = try await threads.run(.decode) { Self.niceness() }
+        #expect(try await threads.run(.prefill) { Self.niceness() } == PrefillPriority.niceness)
         // Decode threads keep the process's own priority, even after prefill work ran elsewhere.
-        #expect(try await threads.run(.decode) { PrefillPriority.current() } == decode)
+        #expect(try await threads.run(.decode) { Self.niceness() } == decode)
         #expect(decode < PrefillPriority.niceness)
+    }
+
+    /// The calling thread's nice value (on Linux a nice value belongs to a thread; `who` 0 is the
+    /// calling one).
+    private static func niceness() -> Int32 {
+        #if os(Linux)
+        errno = 0
+        return getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
+        #else
+        return 0
+        #endif
     }
 }
