@@ -7,8 +7,12 @@
 /// tightening under memory pressure is an assignment at a lower retention of a compressed sequence,
 /// and follows the same path. One assignment is in flight at a time.
 ///
-/// The shell feeds it events (`statisticsComplete`, `assignmentFinished`, `tick`, `tighten`) and
-/// carries out the `Assign` actions it returns.
+/// A compressed sequence may also be copied to restore its replication: while a copy is in flight it
+/// is `copying`, still compressed, and it is not tightened (a copy taken while a tighter budget is on
+/// its way would keep the looser one), nor copied a second time.
+///
+/// The shell feeds it events (`statisticsComplete`, `assignmentFinished`, `tick`, `tighten`,
+/// `beginCopy`, `copyFinished`) and carries out the `Assign` actions it returns.
 public struct BudgetLifecycle: Sendable, Hashable {
     public enum Phase: Sendable, Hashable {
         /// Statistics are still arriving; nothing has been allocated.
@@ -19,6 +23,8 @@ public struct BudgetLifecycle: Sendable, Hashable {
         case retrying(retention: Double, attempt: Int, due: ClusterInstant)
         /// Every copy has applied the budget at `retention`.
         case compressed(retention: Double)
+        /// Compressed at `retention`, and shard copy `copy` is being made from it.
+        case copying(retention: Double, copy: UInt64)
     }
 
     /// What the shell must do: allocate the budgets at `retention` from the statistics and send them
@@ -56,15 +62,20 @@ public struct BudgetLifecycle: Sendable, Hashable {
     }
 
     /// Whether every copy holds a budget: only then may the sequence be copied or tightened.
-    public var isCompressed: Bool {
-        if case .compressed = phase { return true }
-        return false
-    }
+    public var isCompressed: Bool { compressedRetention != nil }
 
     /// The retention every copy holds, when compressed.
     public var compressedRetention: Double? {
-        if case .compressed(let retention) = phase { return retention }
-        return nil
+        switch phase {
+        case .compressed(let retention), .copying(let retention, _): retention
+        case .gathering, .assigning, .retrying: nil
+        }
+    }
+
+    /// Whether a shard copy of the sequence is in flight.
+    public var isCopying: Bool {
+        if case .copying = phase { return true }
+        return false
     }
 
     /// Every layer's statistics are in: the first budget goes out. Any later call (statistics sent
@@ -78,7 +89,7 @@ public struct BudgetLifecycle: Sendable, Hashable {
     /// A registering copy reports that it holds no budget (its sequence was rebuilt as compressed
     /// from another copy's report): the budget must go out again once the statistics are complete.
     public mutating func copyUncompressed() {
-        if case .compressed = phase { phase = .gathering }
+        if isCompressed { phase = .gathering }
     }
 
     /// The assignment in flight ended: compressed when `everyCopyApplied`, otherwise retried at
@@ -100,8 +111,25 @@ public struct BudgetLifecycle: Sendable, Hashable {
         return Assign(retention: retention)
     }
 
+    /// A shard copy `copy` starts from the compressed sequence; false (nothing changes) unless it is
+    /// compressed with no copy in flight.
+    public mutating func beginCopy(_ copy: UInt64) -> Bool {
+        guard case .compressed(let retention) = phase else { return false }
+        phase = .copying(retention: retention, copy: copy)
+        return true
+    }
+
+    /// Shard copy `copy` ended, made or not: the sequence is compressed as before. Any other copy's
+    /// end changes nothing (the sequence left the phase meanwhile, as when a registering copy
+    /// reported no budget).
+    public mutating func copyFinished(_ copy: UInt64) {
+        guard case .copying(let retention, copy) = phase else { return }
+        phase = .compressed(retention: retention)
+    }
+
     /// Memory pressure: a compressed sequence is cut to `retention` (below what it holds). Nil
-    /// while it is not compressed or already at or below that retention.
+    /// while it is not compressed, a copy of it is in flight, or it is already at or below that
+    /// retention.
     public mutating func tighten(to retention: Double) -> Assign? {
         guard case .compressed(let held) = phase, retention < held else { return nil }
         phase = .assigning(retention: retention, attempt: 1)

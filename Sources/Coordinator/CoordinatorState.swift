@@ -85,6 +85,8 @@ struct LapsingCopies: Sendable {
 /// A copy of one shard to a worker that holds no shard of its sequence, to restore the replication
 /// factor after a loss.
 struct ReplicationPlan: Sendable {
+    /// Which of the coordinator's copies it is.
+    var copy: UInt64
     var sequenceID: UInt64
     var shardID: UInt32
     var epoch: UInt64
@@ -102,10 +104,8 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
     var admission: Admission
     var workers: [NodeID: WorkerLink<Link>] = [:]
     var sequences: [UInt64: OpenSequenceState] = [:]
-    /// Sequences with a shard copy in flight. A copy starts only from a compressed sequence, and a
-    /// tightening (which leaves the compressed phase) only without a copy in flight: a copy taken
-    /// while a tighter budget is on its way would keep the looser one.
-    private var reshaping: Set<UInt64> = []
+    /// Numbers the shard copies this coordinator plans (`BudgetLifecycle.Phase.copying`).
+    private var lastCopy: UInt64 = 0
     /// Sequences whose last copy failed, and when to try again.
     private var copyRetry: [UInt64: ClusterInstant] = [:]
     /// Time since this coordinator started.
@@ -275,7 +275,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         // its earlier incarnation's copies, and must not be taken for their holder.
         let reported = Set(message.heldShards.map(\.assignment.sequenceID))
         let own = sequences.filter { id, sequence in
-            sequence.restoredBytes != nil && !reported.contains(id) && !reshaping.contains(id)
+            sequence.restoredBytes != nil && !reported.contains(id) && !sequence.budget.isCopying
                 && sequence.shards.contains { $0.holders.contains { $0.node == nodeID } }
         }.keys
         if !own.isEmpty { lost[nodeID, default: []].formUnion(own) }
@@ -498,7 +498,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         // A copy being made now is reported before it becomes a holder, at the sequence's epoch; an
         // older copy is stale whatever is under way.
         return assignment.epoch < known.epoch
-            || (known.restoredBytes == nil && !reshaping.contains(assignment.sequenceID))
+            || (known.restoredBytes == nil && !known.budget.isCopying)
     }
 
     /// Holders of open sequences' shards that are not registered members once the rebuild is over
@@ -519,7 +519,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
     /// Copies that would bring shards of compressed sequences back to the replication factor (or to
     /// as many copies as there are placeable workers): at most `limit`, one per sequence, each from the
     /// shard's primary to the placeable worker holding the fewest shard copies among those that hold
-    /// no shard of that sequence. The sequences are marked as reshaping until `finishCopy`. None while
+    /// no shard of that sequence. The sequences are `copying` until `finishCopy`. None while
     /// the charges and the copies dead workers may still hold exceed the memory limit.
     mutating func replicationPlans(limit: Int) -> [ReplicationPlan] {
         // Charges count every copy a sequence should have, so a new copy fits under them; but a dead
@@ -533,7 +533,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         }
         var plans: [ReplicationPlan] = []
         for (id, sequence) in sequences.sorted(by: { $0.key < $1.key }) where plans.count < limit {
-            guard sequence.budget.isCompressed, !reshaping.contains(id), copyRetry[id].map({ $0 <= now }) ?? true
+            guard case .compressed = sequence.budget.phase, copyRetry[id].map({ $0 <= now }) ?? true
             else {
                 continue
             }
@@ -547,9 +547,11 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
                 let address = workers[target]?.address
             else { continue }
             load[target, default: 0] += 1
-            reshaping.insert(id)
+            lastCopy += 1
+            _ = sequences[id]!.budget.beginCopy(lastCopy)
             plans.append(
                 ReplicationPlan(
+                    copy: lastCopy,
                     sequenceID: id,
                     shardID: shard.id,
                     epoch: sequence.epoch,
@@ -566,7 +568,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
     /// still open at the same epoch with the same primary; returns whether it did (otherwise the
     /// target's copy is owed a Close, sent with the close retries).
     mutating func finishCopy(_ plan: ReplicationPlan, succeeded: Bool) -> Bool {
-        reshaping.remove(plan.sequenceID)
+        sequences[plan.sequenceID]?.budget.copyFinished(plan.copy)
         copyRetry[plan.sequenceID] = succeeded ? nil : now + .seconds(1)
         guard succeeded else { return false }
         guard var sequence = sequences[plan.sequenceID], sequence.epoch == plan.epoch,
@@ -964,7 +966,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         sequences
             .filter {
                 ($0.value.budget.compressedRetention ?? 0) > floor && (tenant == nil || $0.value.tenant == tenant)
-                    && $0.value.statistics.count == $0.value.geometry.layers && !reshaping.contains($0.key)
+                    && $0.value.statistics.count == $0.value.geometry.layers && !$0.value.budget.isCopying
             }
             .map(\.key)
             .sorted {
@@ -981,7 +983,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         _ sequenceID: UInt64,
         floor: Double
     ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
-        guard var sequence = sequences[sequenceID], !reshaping.contains(sequenceID),
+        guard var sequence = sequences[sequenceID],
             let held = sequence.budget.compressedRetention,
             let assign = sequence.budget.tighten(to: max(floor, held / 2))
         else { return nil }

@@ -128,4 +128,28 @@ import Testing
             }
         }
     }
+
+    /// A copy starts only from a compressed sequence with none in flight; meanwhile the sequence is
+    /// still compressed but not tightened, and only that copy's end brings it back.
+    @Test func aCopyInFlightHoldsTighteningBackUntilItEnds() {
+        var budget = BudgetLifecycle(retention: 0.2)
+        #expect(budget.beginCopy(1) == false, "not before the budget is applied")
+        _ = budget.statisticsComplete()
+        budget.assignmentFinished(everyCopyApplied: true, now: ClusterInstant(elapsed: .zero))
+        #expect(budget.beginCopy(1) == true)
+        #expect(budget.isCompressed && budget.isCopying && budget.compressedRetention == 0.2)
+        #expect(budget.beginCopy(2) == false, "one copy at a time")
+        #expect(budget.tighten(to: 0.1) == nil, "no tightening under a copy")
+        budget.copyFinished(2)
+        #expect(budget.isCopying, "another copy's end changes nothing")
+        budget.copyFinished(1)
+        #expect(budget.phase == .compressed(retention: 0.2))
+        #expect(budget.tighten(to: 0.1) == BudgetLifecycle.Assign(retention: 0.1))
+
+        var reported = BudgetLifecycle(restoredCompressed: true, retention: 0.2)
+        #expect(reported.beginCopy(3) == true)
+        reported.copyUncompressed()
+        reported.copyFinished(3)
+        #expect(reported.phase == .gathering, "a copy reported without its budget sends it again")
+    }
 }
