@@ -97,8 +97,9 @@ struct ReplicationPlan: Sendable {
 }
 
 /// The coordinator's soft state: membership, open sequences (with their placement) and admission.
-/// It holds no clock (time is `elapsed` since it started, read from the closure it is given) and
-/// sends nothing: the service carries out what it decides.
+/// A value type whose decisions are `mutating` methods returning what to do: it holds no clock
+/// (time is `elapsed` since it started, read from the closure it is given), sends nothing and
+/// records no metrics. The service keeps it in a `Mutex` and carries out what it decides.
 struct CoordinatorState<Link: CoordinatorLink>: Sendable {
     var membership: Membership
     var admission: Admission
