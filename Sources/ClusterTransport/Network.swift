@@ -160,6 +160,8 @@ package enum Protection: String, CaseIterable, Sendable {
     /// A coordinator that replaces another admits nothing until the workers that outlived its
     /// predecessor have re-registered and their copies are charged.
     case rebuildBeforeAdmitting = "admit-while-rebuilding"
+    /// The coordinator takes a layer's statistics only from a worker that holds a copy of the layer.
+    case statisticsFromHolders = "stats-from-any-node"
 
     /// The name `--weaken` takes: what the system does without the protection.
     package var weakness: String { rawValue }

@@ -90,29 +90,8 @@ struct CoordinatorHandler: EnvelopeHandler {
             return .leaveAck(ack)
         case .layerStats(let message):
             try peer.require(.worker, for: request)
-            let sequence = try coordinator.state.withLock { try $0.sequence(message.sequenceID, tenant: nil) }
-            // Only a holder of the layer's shard reports it; another worker could skew the budgets.
-            guard
-                sequence.shards.contains(where: {
-                    $0.layers.contains(Int(message.layer)) && $0.holders.contains { $0.node == NodeID(peer.nodeID) }
-                })
-            else {
-                throw WireError(
-                    .permissionDenied,
-                    "\(peer.nodeID) holds no copy of layer \(message.layer) of sequence \(message.sequenceID)"
-                )
-            }
-            // Statistics of another epoch come from before (or, forged, after) a failover; a copy that
-            // moved to the new epoch sends its statistics again stamped with it.
-            guard message.epoch == sequence.epoch else {
-                throw WireError(
-                    .staleEpoch,
-                    "sequence \(message.sequenceID) is at epoch \(sequence.epoch), the statistics carry \(message.epoch)"
-                )
-            }
-            let statistics = try LayerStatistics(proto: message, geometry: sequence.geometry)
             if let (complete, assign) =
-                (coordinator.state.withLock { $0.record(statistics, sequenceID: message.sequenceID) })
+                (try coordinator.state.withLock { try $0.record(message, from: NodeID(peer.nodeID)) })
             {
                 await coordinator.assignBudgets(sequenceID: message.sequenceID, complete, assign)
             }

@@ -887,15 +887,35 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         return state
     }
 
-    /// Records a layer's statistics; once every layer's are in, returns the first budget to assign,
-    /// with the sequence as it stands (once: see `BudgetLifecycle`). Every copy reports the same
-    /// statistics, and again after a coordinator restart: the first per layer is kept, so a rebuilt
-    /// sequence that already has its budget gets them for tightening.
+    /// Records a layer's statistics as `node` reported them; once every layer's are in, returns the
+    /// first budget to assign, with the sequence as it stands (once: see `BudgetLifecycle`). Every copy
+    /// reports the same statistics, and again after a coordinator restart: the first per layer is
+    /// kept, so a rebuilt sequence that already has its budget gets them for tightening.
+    ///
+    /// Refused, changing nothing: statistics of a sequence not open, from a node that holds no copy
+    /// of the layer (the first per layer wins, so anyone else's could skew the budgets), of another
+    /// epoch (from before a failover, or forged after one: a copy that moved to the new epoch sends
+    /// its statistics again stamped with it), or that do not fit the sequence's geometry.
     mutating func record(
-        _ statistics: LayerStatistics,
-        sequenceID: UInt64
-    ) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
-        guard var state = sequences[sequenceID] else { return nil }
+        _ message: Tessera_V1_LayerStats,
+        from node: NodeID
+    ) throws(WireError) -> (sequence: OpenSequenceState, assign: BudgetLifecycle.Assign)? {
+        let sequenceID = message.sequenceID
+        var state = try sequence(sequenceID, tenant: nil)
+        let layer = Int(message.layer)
+        guard
+            state.shards.contains(where: { $0.layers.contains(layer) && $0.holders.contains { $0.node == node } })
+                || weakened.contains(.statisticsFromHolders)
+        else {
+            throw WireError(.permissionDenied, "\(node) holds no copy of layer \(layer) of sequence \(sequenceID)")
+        }
+        guard message.epoch == state.epoch else {
+            throw WireError(
+                .staleEpoch,
+                "sequence \(sequenceID) is at epoch \(state.epoch), the statistics carry \(message.epoch)"
+            )
+        }
+        let statistics = try LayerStatistics(proto: message, geometry: state.geometry)
         if state.statistics[statistics.layer] == nil { state.statistics[statistics.layer] = statistics }
         guard state.statistics.count == state.geometry.layers, let assign = state.budget.statisticsComplete() else {
             sequences[sequenceID] = state

@@ -110,6 +110,17 @@ package final class SimulatedNetwork: Sendable {
         }
     }
 
+    /// The requests sent after the first `seen` (no more than the ring keeps), oldest first, and the
+    /// count to pass next time.
+    package func requests(after seen: Int) -> (requests: [Tessera_V1_Envelope], seen: Int) {
+        state.withLock { state in
+            let kept = state.recentRequests.count
+            let first = max(seen, state.requestsSeen - kept)
+            let requests = (first..<state.requestsSeen).map { state.recentRequests[$0 % Self.recentRequestsKept] }
+            return (requests, state.requestsSeen)
+        }
+    }
+
     fileprivate func record(_ envelope: Tessera_V1_Envelope) {
         guard let body = envelope.body, body.kind != .reply else { return }
         if case .hello = body { return }

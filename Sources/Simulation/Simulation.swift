@@ -167,6 +167,7 @@ private final class World: Sendable {
             Self.intruder,
             as: CertifiedIdentity(role: .client, nodeID: Self.intruder, tenant: Self.intruder)
         )
+        network.certify(Self.intruderWorker, as: CertifiedIdentity(role: .worker, nodeID: Self.intruderWorker))
     }
 
     func run() -> SimulationReport {
@@ -219,6 +220,7 @@ private final class World: Sendable {
             }
             if settings.intruder {
                 group.addTask { await self.intrude(until: { clientsDone.isRaised }) }
+                group.addTask { await self.forgeStatistics(until: { clientsDone.isRaised }) }
             }
             group.addTask { await self.watchMemory(until: { clientsDone.isRaised }) }
         }
@@ -606,6 +608,61 @@ private final class World: Sendable {
                 if error.code == .internal {
                     violate("the intruder's \(what) to \(name) failed inside the handler: \(error)")
                 }
+            } catch {
+                outcome = "unavailable"
+            }
+            ledger.report.withLock { $0.intrusions[outcome, default: 0] += 1 }
+        }
+    }
+
+    static let intruderWorker = "intruder-worker"
+
+    /// A worker that holds no copy of anything (a stolen worker certificate) watches for new shard
+    /// assignments and, every 1–5 ms, sends the coordinator statistics for every layer of the
+    /// newly assigned shards, at their epoch, with a density of its own choosing. The coordinator
+    /// keeps the first statistics per layer, so were it to take these they would set the budgets,
+    /// and the decode outputs would leave the fault-free reference's; it must refuse them.
+    private func forgeStatistics(until done: @escaping @Sendable () -> Bool) async {
+        let clock = SimulatedClock(scheduler: scheduler)
+        let node = network.node(Self.intruderWorker)
+        let handshake = Handshake(
+            local: NodeIdentity(role: .worker, nodeID: Self.intruderWorker, incarnation: 1),
+            acceptedPeerRoles: [.coordinator]
+        )
+        var seen = 0
+        var forged: Set<[UInt64]> = []
+        while !done() {
+            guard (try? await clock.sleep(for: .milliseconds(draw { 1 + Int64($0.next() % 5) }))) != nil else { return }
+            let recent = network.requests(after: seen)
+            seen = recent.seen
+            let statistics = recent.requests.flatMap { envelope -> [Tessera_V1_LayerStats] in
+                guard case .shardAssignment(let assignment) = envelope.body,
+                    forged.insert([assignment.sequenceID, assignment.epoch, UInt64(assignment.shard.shardID)]).inserted
+                else { return [] }
+                let first = Int(assignment.shard.firstLayer)
+                return (first..<first + Int(assignment.shard.layerCount)).map { layer in
+                    var message = Tessera_V1_LayerStats()
+                    message.sequenceID = assignment.sequenceID
+                    message.epoch = assignment.epoch
+                    message.layer = UInt32(layer)
+                    message.promptLength = assignment.spans.map { $0.start + $0.count }.max() ?? 1
+                    message.density = draw { Double($0.next() % 1_001) / 1_000 }
+                    return message
+                }
+            }
+            guard !statistics.isEmpty, let address = network.address(of: "coordinator") else { continue }
+            // One-way messages: the coordinator's refusal is not answered, and the outputs show a lapse.
+            let outcome: String
+            do {
+                try await node.withConnection(
+                    to: address,
+                    handshake: handshake,
+                    handler: Unanswering(),
+                    logger: logger(Self.intruderWorker)
+                ) { connection in
+                    for message in statistics { try await connection.notify(.layerStats(message)) }
+                }
+                outcome = "forged statistics"
             } catch {
                 outcome = "unavailable"
             }

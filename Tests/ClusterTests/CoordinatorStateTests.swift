@@ -127,8 +127,10 @@ struct CoordinatorStateTests {
     /// What admission charges a sequence of `opening` on 2 copies before its budget.
     static let estimate = CoordinatorState<TestLink>.charge(geometry, layout, decodeTokens: 4, copies: 2).estimate
 
-    static func statistics(layer: Int) -> LayerStatistics {
-        LayerStatistics(layer: layer, promptLength: layout.promptLength, density: 1, heads: [])
+    /// Sequence 1's statistics of `layer`, as a worker reports them.
+    static func statistics(layer: Int, epoch: UInt64, density: Double = 1) throws -> Tessera_V1_LayerStats {
+        try LayerStatistics(layer: layer, promptLength: layout.promptLength, density: density, heads: [])
+            .proto(sequenceID: 1, epoch: epoch)
     }
 
     @Test func aClosingSequenceStaysChargedUntilEveryHolderDroppedIt() async throws {
@@ -416,17 +418,47 @@ struct CoordinatorStateTests {
         #expect(state.owedCloses().isEmpty)
     }
 
+    @Test func statisticsAreTakenOnlyFromAHolderOfTheLayerAtTheSequencesEpoch() async throws {
+        var state = try Self.coordinator()
+        let opened = try state.open(Self.opening(1))
+        let shard = try #require(opened.shards.first { $0.layers.contains(0) })
+        let holder = shard.primary.node
+        let outsider = try #require(
+            (1...3).map { NodeID("worker-\($0)") }.first { worker in !shard.holders.contains { $0.node == worker } },
+            "a registered worker that holds no copy of layer 0"
+        )
+        let refusals: [(Tessera_V1_LayerStats, NodeID, WireError.Code)] = [
+            (try Self.statistics(layer: 0, epoch: opened.epoch, density: 0), outsider, .permissionDenied),
+            (try Self.statistics(layer: 0, epoch: opened.epoch + 1, density: 0), holder, .staleEpoch),
+            (try Self.statistics(layer: Self.geometry.layers, epoch: opened.epoch), holder, .permissionDenied),
+        ]
+        for (message, node, code) in refusals {
+            #expect("\(node): layer \(message.layer), epoch \(message.epoch)") {
+                try state.record(message, from: node)
+            } throws: {
+                ($0 as? WireError)?.code == code
+            }
+        }
+        // Nothing refused was kept: the holder's own statistics are the ones the budget comes from.
+        for layer in 0..<Self.geometry.layers {
+            _ = try state.record(Self.statistics(layer: layer, epoch: opened.epoch), from: holder)
+        }
+        let kept = try state.sequence(1, tenant: nil).statistics
+        #expect(kept.count == Self.geometry.layers && kept.values.allSatisfy { $0.density == 1 })
+    }
+
     @Test func aBudgetAnyCopyMissedIsSentAgainUntilEveryCopyAppliedIt() async throws {
         let time = ManualTime()
         var state = try Self.coordinator(time: time)
-        _ = try state.open(Self.opening(1))
+        let opened = try state.open(Self.opening(1))
+        let holder = opened.shards[0].primary.node
         var assignment: BudgetLifecycle.Assign?
         for layer in 0..<Self.geometry.layers {
             #expect(assignment == nil, "the budget goes out once every layer is in")
-            assignment = state.record(Self.statistics(layer: layer), sequenceID: 1)?.assign
+            assignment = try state.record(Self.statistics(layer: layer, epoch: opened.epoch), from: holder)?.assign
         }
         #expect(assignment == BudgetLifecycle.Assign(retention: 0.2))
-        #expect(state.record(Self.statistics(layer: 0), sequenceID: 1) == nil, "only once")
+        #expect(try state.record(Self.statistics(layer: 0, epoch: opened.epoch), from: holder) == nil, "only once")
 
         // One copy did not apply it: the charge stays the full estimate, and it is not tightenable.
         let phase = state.finishAssignment(1, everyCopyApplied: false, primaryBytes: 0)

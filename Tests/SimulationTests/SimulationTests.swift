@@ -118,4 +118,14 @@ import Testing
         let caught = (1...10 as ClosedRange<UInt64>).first { !Simulation.run(seed: $0, settings: settings).passed }
         #expect(caught != nil, "no violation in seeds 1...10 with the primary answering before its replicas apply")
     }
+
+    /// The intruder's worker forges statistics for every new shard; taken, they set budgets of their
+    /// own and the outputs leave the reference's. No other fault is needed to show it.
+    @Test func statisticsFromAWorkerThatHoldsNoCopyAreCaught() {
+        var settings = SimulationSettings()
+        settings.weakened = [.statisticsFromHolders]
+        settings.faults = []
+        let caught = (1...10 as ClosedRange<UInt64>).first { !Simulation.run(seed: $0, settings: settings).passed }
+        #expect(caught != nil, "no violation in seeds 1...10 with statistics taken from any worker")
+    }
 }
