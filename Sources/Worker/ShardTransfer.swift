@@ -140,7 +140,7 @@ struct IncomingShard: Sendable {
         try self.take(IncomingLayer(state, geometry: held.geometry, storage: cache.storage))
     }
 
-    /// Takes one layer converted already (`IncomingLayer`, off the store actor).
+    /// Takes one layer converted already (`IncomingLayer`, outside the store's lock).
     mutating func take(_ layer: IncomingLayer) throws(WireError) {
         guard held.layers.contains(layer.layer) else {
             throw WireError(

@@ -60,7 +60,7 @@ struct WorkerHandler: EnvelopeHandler {
 
     private func assign(_ message: Tessera_V1_ShardAssignment) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let held = try HeldSequence(assignment: message, localNodeID: worker.configuration.nodeID)
-        worker.report(try await worker.store.assign(message.sequenceID, held))
+        worker.report(try worker.store.withLock { try $0.assign(message.sequenceID, held) })
         var ack = Tessera_V1_ShardAssignmentAck()
         ack.sequenceID = message.sequenceID
         ack.shardID = message.shard.shardID
@@ -73,17 +73,19 @@ struct WorkerHandler: EnvelopeHandler {
         _ message: Tessera_V1_Prefill,
         forwardedBy: String?
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
-        let held = try await worker.store.checked(
-            message.sequenceID,
-            tenant: message.tenant,
-            shardID: message.shardID,
-            epoch: message.epoch,
-            forwardedBy: forwardedBy
-        )
+        let held = try worker.store.withLock {
+            try $0.checked(
+                message.sequenceID,
+                tenant: message.tenant,
+                shardID: message.shardID,
+                epoch: message.epoch,
+                forwardedBy: forwardedBy
+            )
+        }
         // Replicas expand the same prefill at the same time; the client's ack waits for all of them.
         async let replicated: Void = worker.replicate(.prefill(message), to: held.replicas)
-        if let bytes = try await worker.store.beginExpansion(message.sequenceID, layers: Self.layersSent(message, held))
-        {
+        let layers = Self.layersSent(message, held)
+        if let bytes = try worker.store.withLock({ try $0.beginExpansion(message.sequenceID, layers: layers) }) {
             try await replicated
             return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
         }
@@ -92,20 +94,22 @@ struct WorkerHandler: EnvelopeHandler {
             let threads = worker.computeThreads
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
         } catch {
-            await worker.store.abandonExpansion(message.sequenceID)
+            worker.store.withLock { $0.abandonExpansion(message.sequenceID) }
             throw error
         }
         if expanded.part.work.profileMicros > 0 {
             Metrics.Timer(label: TesseraMetrics.profileDurationSeconds, dimensions: [("policy", held.policy.name)])
                 .recordMicroseconds(expanded.part.work.profileMicros)
         }
-        let (bytes, current) = try await worker.store.storePrefill(
-            message.sequenceID,
-            expanded.part,
-            syntheticDecode: expanded.syntheticDecode,
-            needle: expanded.needle,
-            audited: message.audit
-        )
+        let (bytes, current) = try worker.store.withLock {
+            try $0.storePrefill(
+                message.sequenceID,
+                expanded.part,
+                syntheticDecode: expanded.syntheticDecode,
+                needle: expanded.needle,
+                audited: message.audit
+            )
+        }
         // Every copy reports its (identical) statistics, so a replica promoted before the primary
         // reported still gets the sequence its budget; the coordinator keeps one per layer. A part
         // of a prefill reports nothing: the statistics go once the last part completes the shard.
@@ -224,7 +228,7 @@ struct WorkerHandler: EnvelopeHandler {
             on: worker.network.clock,
             what: "waiting for the prefill of sequence \(message.sequenceID)"
         ) {
-            try await self.worker.store.prefillForCompression(message.sequenceID)
+            try await self.worker.store.waiting { try $0.prefillForCompression(message.sequenceID) }
         }
         // A budget from before a failover: the coordinator sends it again at the new epoch.
         guard message.epoch >= held.epoch else {
@@ -238,7 +242,7 @@ struct WorkerHandler: EnvelopeHandler {
         for budget in budgets where held.layers.contains(budget.layer) { byLayer[budget.layer] = budget }
         let stored: CompressedFootprint?
         if compressed {
-            stored = try await worker.store.tighten(message.sequenceID, to: byLayer)
+            stored = try await worker.store.waiting { $0.tighten(message.sequenceID, to: byLayer) }
         } else {
             let storage = worker.configuration.storage
             let budgets = byLayer
@@ -249,13 +253,9 @@ struct WorkerHandler: EnvelopeHandler {
                 }
                 return (compressed, micros)
             }
-            stored = await worker.store.storeCache(
-                message.sequenceID,
-                cache,
-                rowScores: scores,
-                audit: audit,
-                compressMicros: micros
-            )
+            stored = worker.store.withLock {
+                $0.storeCache(message.sequenceID, cache, rowScores: scores, audit: audit, compressMicros: micros)
+            }
             if let stored {
                 let policy = [("policy", held.policy.name)]
                 Metrics.Timer(label: TesseraMetrics.compressDurationSeconds, dimensions: policy)
@@ -321,13 +321,15 @@ struct WorkerHandler: EnvelopeHandler {
         _ message: Tessera_V1_Decode,
         forwardedBy: String?
     ) async throws -> Tessera_V1_Envelope.OneOf_Body {
-        let held = try await worker.store.checked(
-            message.sequenceID,
-            tenant: message.tenant,
-            shardID: message.shardID,
-            epoch: message.epoch,
-            forwardedBy: forwardedBy
-        )
+        let held = try worker.store.withLock {
+            try $0.checked(
+                message.sequenceID,
+                tenant: message.tenant,
+                shardID: message.shardID,
+                epoch: message.epoch,
+                forwardedBy: forwardedBy
+            )
+        }
         var inputs: [Int: DecodeStepInput]?
         if !message.layers.isEmpty {
             var given: [Int: DecodeStepInput] = [:]
@@ -341,24 +343,22 @@ struct WorkerHandler: EnvelopeHandler {
         }
         // Only a step that arrives before the sequence's budget waits (under a deadline, which costs
         // two tasks and a timer: not something every step should pay).
-        if try await !worker.store.isCompressed(message.sequenceID) {
+        if case .wait = try worker.store.withLock({ try $0.compressed(message.sequenceID) }) {
             try await withDeadline(
                 .seconds(60),
                 on: worker.network.clock,
                 what: "waiting for the budget of sequence \(message.sequenceID)"
             ) {
-                try await self.worker.store.waitUntilCompressed(message.sequenceID)
+                try await self.worker.store.waiting { try $0.compressed(message.sequenceID) }
             }
         }
         // Replicas run the same step (they keep its result too, so a retry after a failover is
         // answered the same); the reply waits for them. They are the replicas when the step began: a
         // copy that becomes a replica later is snapshotted after the step, so it already holds it.
-        switch try await worker.store.beginDecode(
-            message.sequenceID,
-            step: Int(message.step),
-            inputs: inputs,
-            threads: worker.computeThreads
-        ) {
+        let threads = worker.computeThreads
+        switch try worker.store.withLock({
+            try $0.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs, threads: threads)
+        }) {
         case .replay(let result, let replicas):
             try await worker.replicate(.decode(message), to: replicas)
             return .decodeResult(result)
@@ -370,13 +370,13 @@ struct WorkerHandler: EnvelopeHandler {
             do {
                 result = try await worker.offload(.decode) { try job.run() }
             } catch {
-                await worker.store.finishDecode(job, result: nil)
+                worker.store.withLock { $0.finishDecode(job, result: nil) }
                 // The replicas refuse the same step; the answer waits for them (instead of cancelling
                 // the forward), so the client never finds a copy still holding the refused step's rows.
                 try? await replicated
                 throw error
             }
-            await worker.store.finishDecode(job, result: result)
+            worker.store.withLock { $0.finishDecode(job, result: result) }
             try await replicated
             return .decodeResult(result)
         }
@@ -387,7 +387,9 @@ struct WorkerHandler: EnvelopeHandler {
     /// became a replica, so the copy misses no write.
     private func copy(_ message: Tessera_V1_CopyShard) async throws -> Tessera_V1_Envelope.OneOf_Body {
         let id = message.sequenceID
-        let held = try await worker.store.beginTransfer(id, shardID: message.shardID, epoch: message.epoch)
+        let held = try await worker.store.waiting {
+            try $0.beginTransfer(id, shardID: message.shardID, epoch: message.epoch)
+        }
         let target = NodeAddress(host: message.target.host, port: Int(message.target.port))
         var ack = Tessera_V1_CopyShardAck()
         ack.sequenceID = id
@@ -402,23 +404,25 @@ struct WorkerHandler: EnvelopeHandler {
             ack.kvBytes = UInt64(held.bytes.total)
             ack.transferredBytes = transferred
         } catch {
-            await worker.store.endTransfer(id, adding: nil)
+            worker.store.withLock { $0.endTransfer(id, adding: nil) }
             throw error
         }
-        await worker.store.endTransfer(id, adding: message.target)
+        worker.store.withLock { $0.endTransfer(id, adding: message.target) }
         return .copyShardAck(ack)
     }
 
     /// Takes a part of a shard copy; a layer's rows are checked and converted on the compute threads,
-    /// so that several layers in flight convert at once and the store actor only keeps them.
+    /// so that several layers in flight convert at once and the store only keeps them.
     private func receive(_ part: Tessera_V1_ShardTransfer, from sender: String) async throws -> UInt64? {
-        guard case .layer(let state) = part.part else { return try await worker.store.receive(part, from: sender) }
+        guard case .layer(let state) = part.part else {
+            return try worker.store.withLock { try $0.receive(part, from: sender) }
+        }
         let id = part.sequenceID
-        let (geometry, storage) = try await worker.store.incomingFormat(id, from: sender)
+        let (geometry, storage) = try worker.store.withLock { try $0.incomingFormat(id, from: sender) }
         let layer = try await worker.offload(.prefill) {
             try IncomingLayer(state, geometry: geometry, storage: storage)
         }
-        try await worker.store.receive(layer, sequenceID: id, from: sender)
+        try worker.store.withLock { try $0.receive(layer, sequenceID: id, from: sender) }
         return nil
     }
 
@@ -428,8 +432,8 @@ struct WorkerHandler: EnvelopeHandler {
         // An epoch names a copy left behind, not a closed sequence.
         let freed =
             message.epoch == 0
-            ? await worker.store.closeSequence(message.sequenceID)
-            : await worker.store.close(message.sequenceID, through: message.epoch)
+            ? worker.store.withLock { $0.closeSequence(message.sequenceID) }
+            : worker.store.withLock { $0.close(message.sequenceID, through: message.epoch) }
         ack.freedBytes = UInt64(freed)
         if ack.freedBytes > 0 { await worker.releaseRetainedPages() }
         return .closeAck(ack)
@@ -437,14 +441,14 @@ struct WorkerHandler: EnvelopeHandler {
 
     /// The worker's figures; with `include_sequences`, its sequences (only `tenant`'s when given).
     private func status(_ request: Tessera_V1_StatusRequest, tenant: String?) async -> Tessera_V1_Envelope.OneOf_Body {
-        let totals = await worker.store.totals()
+        let totals = worker.store.withLock { $0.totals() }
         var me = Tessera_V1_WorkerStatus()
         me.endpoint.nodeID = worker.configuration.nodeID
         me.endpoint.host = worker.configuration.listen.host
         me.endpoint.port = UInt32(worker.port ?? 0)
         me.incarnation = worker.configuration.incarnation
         me.state = .up
-        let shards = await worker.store.shardCounts()
+        let shards = worker.store.withLock { $0.shardCounts() }
         me.primaryShards = UInt32(shards.primary)
         me.replicaShards = UInt32(shards.replica)
         me.kvBytes = UInt64(totals.total)
@@ -457,7 +461,7 @@ struct WorkerHandler: EnvelopeHandler {
         reply.workers = [me]
         reply.sequenceCount = UInt32(totals.sequences)
         reply.totalKvBytes = UInt64(totals.total)
-        if request.includeSequences { reply.sequences = await worker.store.sequenceStatuses(tenant: tenant) }
+        if request.includeSequences { reply.sequences = worker.store.withLock { $0.sequenceStatuses(tenant: tenant) } }
         return .statusReply(reply)
     }
 }

@@ -153,8 +153,8 @@ public final class WorkerService: Sendable {
                     register.endpoint.port = UInt32(port)
                     register.incarnation = self.incarnation
                     register.memoryCapacityBytes = self.configuration.memoryCapacityBytes
-                    register.heldShards = await self.store.heldShards()
-                    register.closedSequences = await self.store.closedSequences
+                    register.heldShards = self.store.withLock { $0.heldShards() }
+                    register.closedSequences = self.store.withLock { $0.closedSequences }
                     register.previousCoordinatorIncarnation = self.lastCoordinator.withLock { $0 }
                     if let view = self.lastView.withLock({ $0 }) { register.lastView = view }
                     // Short timeouts: a coordinator that stopped answering (partitioned, restarting) is
@@ -174,7 +174,7 @@ public final class WorkerService: Sendable {
                     self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])
                     // A restarted coordinator rebuilt the sequences from the registration; these let it
                     // budget the ones still prefilling and tighten the others (a running one ignores them).
-                    for statistics in await self.store.layerStatistics() {
+                    for statistics in self.store.withLock({ $0.layerStatistics() }) {
                         try await connection.notify(.layerStats(statistics))
                     }
                     if announced.withLock({ first in
@@ -239,7 +239,7 @@ public final class WorkerService: Sendable {
     /// Drops every copy and takes the next incarnation, to rejoin holding nothing: the coordinator
     /// declared this incarnation dead and failed its shards over, or may have (the lease lapsed).
     private func rejoinEmpty(_ reason: String) async {
-        let dropped = await store.dropAll()
+        let dropped = store.withLock { $0.dropAll() }
         let next = currentIncarnation.withLock { value in
             value += 1
             return value
@@ -256,7 +256,7 @@ public final class WorkerService: Sendable {
         while true {
             try await network.clock.sleep(for: configuration.heartbeatInterval)
             number += 1
-            let totals = await store.totals()
+            let totals = store.withLock { $0.totals() }
             for (modality, bytes) in totals.byModality.buckets {
                 Gauge(
                     label: TesseraMetrics.kvBytes,
@@ -296,7 +296,7 @@ public final class WorkerService: Sendable {
     /// Checked every heartbeat and after a budget or a close frees a sequence's rows.
     func releaseRetainedPages() async {
         guard let threads else { return }
-        let held = await store.heldBytes()
+        let held = store.withLock { $0.heldBytes() }
         let base = baseResidentBytes.withLock { $0 }
         let resident = ProcessMemory.residentBytes()
         let now = uptime()
@@ -369,7 +369,7 @@ public final class WorkerService: Sendable {
 
     /// Queues layer statistics for the coordinator; `sendStatistics` sends them in order. A prefill is
     /// acknowledged without waiting for them: statistics lost with a coordinator connection are sent
-    /// again when the worker registers anew (`SequenceStore.layerStatistics`).
+    /// again when the worker registers anew (`WorkerState.layerStatistics`).
     func report(_ statistics: [Tessera_V1_LayerStats]) {
         for layer in statistics { statisticsOutbox.continuation.yield(layer) }
     }
@@ -389,7 +389,7 @@ public final class WorkerService: Sendable {
 
     /// K/V bytes of every copy this worker holds (primaries and replicas), and of which sequences.
     package func held() async -> (bytes: Int, sequences: [UInt64]) {
-        (await store.kvBytes(), await store.sequenceIDs)
+        store.withLock { ($0.kvBytes(), $0.sequenceIDs) }
     }
 
     enum Work { case prefill, decode }

@@ -130,68 +130,68 @@ struct ShardTransferTests {
     func layersConvertedApartArriveInAnyOrder(storage: ScalarType) async throws {
         let held = try Self.shard(storage: storage)
         let parts = try OutgoingShard(held, sequenceID: 7).parts
-        let target = SequenceStore()
-        _ = try await target.receive(parts[0], from: "worker-1")
-        await #expect {
-            _ = try await target.incomingFormat(7, from: "worker-3")
+        var target = WorkerState()
+        _ = try target.receive(parts[0], from: "worker-1")
+        #expect {
+            _ = try target.incomingFormat(7, from: "worker-3")
         } throws: { ($0 as? WireError)?.code == .permissionDenied }
-        let format = try await target.incomingFormat(7, from: "worker-1")
+        let format = try target.incomingFormat(7, from: "worker-1")
         #expect(format.storage == storage && format.geometry == Self.geometry)
         for part in parts.dropFirst().dropLast().reversed() {
             guard case .layer(let state) = part.part else { continue }
             let layer = try IncomingLayer(state, geometry: format.geometry, storage: format.storage)
-            await #expect {
-                try await target.receive(layer, sequenceID: 7, from: "worker-3")
+            #expect {
+                try target.receive(layer, sequenceID: 7, from: "worker-3")
             } throws: { ($0 as? WireError)?.code == .permissionDenied }
-            try await target.receive(layer, sequenceID: 7, from: "worker-1")
+            try target.receive(layer, sequenceID: 7, from: "worker-1")
         }
-        #expect(try await target.receive(parts.last!, from: "worker-1") == held.cache?.digest)
+        #expect(try target.receive(parts.last!, from: "worker-1") == held.cache?.digest)
     }
 
     @Test func theStoreInstallsACopyAsAReplicaAndHoldsDecodeBackWhileCopying() async throws {
         let held = try Self.shard(storage: .float32)
         let parts = try OutgoingShard(held, sequenceID: 7).parts
 
-        let target = SequenceStore()
+        var target = WorkerState()
         // Only the shard's primary may send a copy, and every part of it.
-        await #expect {
-            try await target.receive(parts[0], from: "worker-3")
+        #expect {
+            try target.receive(parts[0], from: "worker-3")
         } throws: { ($0 as? WireError)?.code == .permissionDenied }
-        #expect(try await target.receive(parts[0], from: "worker-1") == nil)
-        await #expect {
-            try await target.receive(parts[1], from: "worker-3")
+        #expect(try target.receive(parts[0], from: "worker-1") == nil)
+        #expect {
+            try target.receive(parts[1], from: "worker-3")
         } throws: { ($0 as? WireError)?.code == .permissionDenied }
-        for part in parts.dropFirst().dropLast() { #expect(try await target.receive(part, from: "worker-1") == nil) }
-        let digest = try await target.receive(parts.last!, from: "worker-1")
+        for part in parts.dropFirst().dropLast() { #expect(try target.receive(part, from: "worker-1") == nil) }
+        let digest = try target.receive(parts.last!, from: "worker-1")
         #expect(digest == held.cache?.digest)
         // A replica takes forwarded writes only, at the shard's epoch, from the shard's primary only.
-        _ = try await target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-1")
-        await #expect(throws: WireError.self) { try await target.checked(7, tenant: "t", shardID: 1, epoch: 3) }
-        await #expect {
-            try await target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-3")
+        _ = try target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-1")
+        #expect(throws: WireError.self) { try target.checked(7, tenant: "t", shardID: 1, epoch: 3) }
+        #expect {
+            try target.checked(7, tenant: "t", shardID: 1, epoch: 3, forwardedBy: "worker-3")
         } throws: { ($0 as? WireError)?.code == .permissionDenied }
         // A second copy of any shard of the sequence is refused.
-        await #expect(throws: WireError.self) { try await target.receive(parts[0], from: "worker-1") }
+        #expect(throws: WireError.self) { try target.receive(parts[0], from: "worker-1") }
 
-        let source = SequenceStore()
-        _ = try await source.assign(7, held)
+        var source = WorkerState()
+        _ = try source.assign(7, held)
         // Only the primary at the current epoch copies.
-        await #expect(throws: WireError.self) { try await source.beginTransfer(7, shardID: 1, epoch: 2) }
-        _ = try await source.beginTransfer(7, shardID: 1, epoch: 3)
-        await #expect {
-            try await source.beginDecode(7, step: 1, inputs: nil, threads: 1)
+        #expect(throws: WireError.self) { try source.beginTransfer(7, shardID: 1, epoch: 2) }
+        #expect(try source.beginTransfer(7, shardID: 1, epoch: 3).ready != nil)
+        #expect {
+            try source.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .unavailable }
         var endpoint = Tessera_V1_Endpoint()
         endpoint.nodeID = "worker-3"
         endpoint.host = "127.0.0.1"
         endpoint.port = 10
-        await source.endTransfer(7, adding: endpoint)
-        let after = try await source.checked(7, tenant: "t", shardID: 1, epoch: 3)
+        source.endTransfer(7, adding: endpoint)
+        let after = try source.checked(7, tenant: "t", shardID: 1, epoch: 3)
         #expect(after.replicas.map(\.port) == [9, 10])
-        #expect(await source.heldShards().first?.assignment.shard.replicas.map(\.nodeID) == ["worker-2", "worker-3"])
+        #expect(source.heldShards().first?.assignment.shard.replicas.map(\.nodeID) == ["worker-2", "worker-3"])
         // A step is forwarded to the replicas of the moment it begins, so a step whose request was
         // checked before the copy ended still reaches the new replica (its snapshot lacks the step).
-        guard case .replay(_, let replayTo) = try await source.beginDecode(7, step: 0, inputs: nil, threads: 1) else {
+        guard case .replay(_, let replayTo) = try source.beginDecode(7, step: 0, inputs: nil, threads: 1) else {
             Issue.record("step 0 was done; a retry of it must be replayed")
             return
         }
@@ -203,13 +203,13 @@ struct ShardTransferTests {
             values: .init(repeating: 0.2, count: g.kvHeads * g.headDim),
             queries: .init(repeating: 0.3, count: g.queryHeads * g.headDim)
         )
-        guard case .run(let job) = try await source.beginDecode(7, step: 1, inputs: [0: input, 1: input], threads: 1)
+        guard case .run(let job) = try source.beginDecode(7, step: 1, inputs: [0: input, 1: input], threads: 1)
         else {
             Issue.record("step 1 is next; it must run")
             return
         }
         #expect(job.held.replicas.map(\.port) == [9, 10])
-        await source.finishDecode(job, result: nil)
+        source.finishDecode(job, result: nil)
     }
 }
 

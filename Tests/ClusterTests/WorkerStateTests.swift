@@ -8,10 +8,10 @@ import Testing
 import Glibc
 #endif
 
-/// The worker store's rules the coordinator relies on: a copy follows its sequence's epoch (the
+/// The worker state's rules the coordinator relies on: a copy follows its sequence's epoch (the
 /// coordinator takes layer statistics only at the current one, so a copy that moves before it is
 /// compressed reports again), and decode stays within the steps admission charged.
-struct SequenceStoreTests {
+struct WorkerStateTests {
     /// Sequence 7's shard as `ShardTransferTests.shard` builds it (epoch 3), before compression, with
     /// the statistics its prefill produced at that epoch.
     static func prefilled() throws -> HeldSequence {
@@ -36,19 +36,19 @@ struct SequenceStoreTests {
 
     @Test func aCopyMovedToANewEpochBeforeCompressionReportsItsStatisticsAgain() async throws {
         let held = try Self.prefilled()
-        let store = SequenceStore()
-        #expect(try await store.assign(7, held).isEmpty, "a new copy has nothing to report yet")
-        #expect(try await store.assign(7, held).isEmpty, "the same epoch again changes nothing")
+        var store = WorkerState()
+        #expect(try store.assign(7, held).isEmpty, "a new copy has nothing to report yet")
+        #expect(try store.assign(7, held).isEmpty, "the same epoch again changes nothing")
 
-        let again = try await store.assign(7, Self.moved(held, to: 4))
+        let again = try store.assign(7, Self.moved(held, to: 4))
         #expect(again.map(\.layer) == [0, 1])
         #expect(again.allSatisfy { $0.epoch == 4 }, "stamped with the new epoch")
         // After a coordinator restart the copy reports them at the epoch it is at.
-        #expect(await store.layerStatistics().map(\.epoch) == [4, 4])
+        #expect(store.layerStatistics().map(\.epoch) == [4, 4])
 
         // An older assignment arriving late changes nothing.
-        #expect(try await store.assign(7, Self.moved(held, to: 2)).isEmpty)
-        #expect(await store.layerStatistics().map(\.epoch) == [4, 4])
+        #expect(try store.assign(7, Self.moved(held, to: 2)).isEmpty)
+        #expect(store.layerStatistics().map(\.epoch) == [4, 4])
     }
 
     /// A prefill sent in parts (one layer each) is prefilled, and reports its statistics, only once
@@ -58,8 +58,8 @@ struct SequenceStoreTests {
         var held = try Self.prefilled()
         let statistics = held.statistics
         held.statistics = []
-        let store = SequenceStore()
-        _ = try await store.assign(7, held)
+        var store = WorkerState()
+        _ = try store.assign(7, held)
         let g = held.geometry
         let m = held.layout.promptLength
         func part(_ layer: Int) throws -> PrefillParts {
@@ -78,43 +78,43 @@ struct SequenceStoreTests {
         }
         let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
 
-        #expect(try await store.beginExpansion(7, layers: [0]) == nil)
-        let first = try await store.storePrefill(7, try part(0), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(try store.beginExpansion(7, layers: [0]) == nil)
+        let first = try store.storePrefill(7, try part(0), syntheticDecode: nil, needle: nil, audited: false)
         #expect(first.bytes == layerBytes && first.statistics.isEmpty, "one layer held, nothing to report yet")
-        #expect(await store.layerStatistics().isEmpty)
-        #expect(try await store.beginExpansion(7, layers: [0]) == layerBytes, "a part sent again is acknowledged")
-        await #expect(throws: WireError.self) { _ = try await store.beginExpansion(7, layers: [0, 1]) }
+        #expect(store.layerStatistics().isEmpty)
+        #expect(try store.beginExpansion(7, layers: [0]) == layerBytes, "a part sent again is acknowledged")
+        #expect(throws: WireError.self) { _ = try store.beginExpansion(7, layers: [0, 1]) }
 
-        #expect(try await store.beginExpansion(7, layers: [1]) == nil)
-        let last = try await store.storePrefill(7, try part(1), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(try store.beginExpansion(7, layers: [1]) == nil)
+        let last = try store.storePrefill(7, try part(1), syntheticDecode: nil, needle: nil, audited: false)
         #expect(last.bytes == 2 * layerBytes)
         #expect(last.statistics.map(\.layer) == [0, 1], "every layer's statistics, once the shard is complete")
-        #expect(try await store.beginExpansion(7, layers: [1]) == 2 * layerBytes)
-        #expect(try await store.prefillForCompression(7).held.prefills.keys.sorted() == [0, 1])
+        #expect(try store.beginExpansion(7, layers: [1]) == 2 * layerBytes)
+        #expect(try store.prefillForCompression(7).ready?.held.prefills.keys.sorted() == [0, 1])
     }
 
     @Test func aCompressedCopyHasNothingToReport() async throws {
         let held = try ShardTransferTests.shard(storage: .float32)
-        let store = SequenceStore()
-        _ = try await store.assign(7, held)
-        #expect(try await store.assign(7, Self.moved(held, to: 4)).isEmpty)
+        var store = WorkerState()
+        _ = try store.assign(7, held)
+        #expect(try store.assign(7, Self.moved(held, to: 4)).isEmpty)
     }
 
     /// The coordinator drops a copy a failover left behind only up to its epoch: a newer copy made to
     /// the same worker since is kept.
     @Test func aCloseUpToAnEpochKeepsANewerCopy() async throws {
         let held = try ShardTransferTests.shard(storage: .float32)
-        let store = SequenceStore()
-        _ = try await store.assign(7, Self.moved(held, to: 4))
-        #expect(await store.close(7, through: 3) == 0)
-        #expect(await store.heldShards().map(\.assignment.epoch) == [4])
-        #expect(await store.close(7, through: 4) > 0)
-        #expect(await store.heldShards().isEmpty)
-        #expect(await store.closedSequences.isEmpty, "a copy left behind is not a closed sequence")
+        var store = WorkerState()
+        _ = try store.assign(7, Self.moved(held, to: 4))
+        #expect(store.close(7, through: 3) == 0)
+        #expect(store.heldShards().map(\.assignment.epoch) == [4])
+        #expect(store.close(7, through: 4) > 0)
+        #expect(store.heldShards().isEmpty)
+        #expect(store.closedSequences.isEmpty, "a copy left behind is not a closed sequence")
 
-        _ = try await store.assign(7, Self.moved(held, to: 5))
-        #expect(await store.closeSequence(7) > 0)
-        let closed = await store.closedSequences
+        _ = try store.assign(7, Self.moved(held, to: 5))
+        #expect(store.closeSequence(7) > 0)
+        let closed = store.closedSequences
         #expect(closed.map(\.sequenceID) == [7] && closed.map(\.epoch) == [5])
     }
 
@@ -123,10 +123,10 @@ struct SequenceStoreTests {
     @Test func aStepPastTheDeclaredDecodeTokensIsRefused() async throws {
         var held = try ShardTransferTests.shard(storage: .float32)
         held.assignment.decodeTokens = 1
-        let store = SequenceStore()
-        _ = try await store.assign(7, held)
-        await #expect {
-            try await store.beginDecode(7, step: 1, inputs: nil, threads: 1)
+        var store = WorkerState()
+        _ = try store.assign(7, held)
+        #expect {
+            try store.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .resourceExhausted }
     }
 
@@ -136,19 +136,40 @@ struct SequenceStoreTests {
     @Test func aCopyHoldsStepsBackAndAClosingReleasesWhatWaits() async throws {
         let held = try ShardTransferTests.shard(storage: .float32)
         let store = SequenceStore()
-        _ = try await store.assign(7, held)
-        _ = try await store.beginTransfer(7, shardID: 1, epoch: 3)
-        await #expect {
-            try await store.beginDecode(7, step: held.nextStep, inputs: nil, threads: 1)
+        _ = try store.withLock { try $0.assign(7, held) }
+        #expect(try store.withLock { try $0.beginTransfer(7, shardID: 1, epoch: 3) }.ready != nil)
+        #expect {
+            try store.withLock { try $0.beginDecode(7, step: held.nextStep, inputs: nil, threads: 1) }
         } throws: { ($0 as? WireError)?.code == .unavailable }
-        let second = Task { try await store.beginTransfer(7, shardID: 1, epoch: 3) }
-        await store.endTransfer(7, adding: nil)
+        let second = Task { try await store.waiting { try $0.beginTransfer(7, shardID: 1, epoch: 3) } }
+        store.withLock { $0.endTransfer(7, adding: nil) }
         #expect(try await second.value.shardID == 1, "the second copy starts once the first ended")
-        let third = Task { try await store.beginTransfer(7, shardID: 1, epoch: 3) }
-        #expect(await store.close(7) > 0)
+        let third = Task { try await store.waiting { try $0.beginTransfer(7, shardID: 1, epoch: 3) } }
+        #expect(store.withLock { $0.close(7) } > 0)
         await #expect {
             try await third.value
         } throws: { ($0 as? WireError)?.code == .unknownSequence }
+    }
+
+    /// A place in line taken before the event it waits for is not lost when the event comes before
+    /// the caller parks: the wait returns at once. One taken after a closing fails at once.
+    @Test func aTicketResumedBeforeItsWaitReturnsAtOnce() async throws {
+        let waiters = Waiters()
+        let early = waiters.ticket()
+        waiters.resumeAll()
+        try await early.wait()
+        let late = waiters.ticket()
+        waiters.failAll(WireError(.unknownSequence, "closed"))
+        await #expect { try await late.wait() } throws: { ($0 as? WireError)?.code == .unknownSequence }
+        await #expect { try await waiters.ticket().wait() } throws: { ($0 as? WireError)?.code == .unknownSequence }
+    }
+}
+
+extension Waitable {
+    /// The outcome, if the decision did not have to wait.
+    var ready: Value? {
+        guard case .ready(let value) = self else { return nil }
+        return value
     }
 }
 
