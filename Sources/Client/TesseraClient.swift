@@ -348,7 +348,7 @@ public final class TesseraClient: Sendable {
 
     /// Prefills every shard with `trace`'s tensors, sent inline as `scalarType` in parts of whole
     /// layers of at most `partBytes` each (a layer larger than that goes alone, and must fit the frame
-    /// limit). Each shard's next part is converted while the one before is on the wire.
+    /// limit). Two parts of a shard are on their way at once, and the next is converted meanwhile.
     public func prefill(
         _ sequenceID: UInt64,
         trace: some PromptTrace,
@@ -400,10 +400,11 @@ public final class TesseraClient: Sendable {
             try await source(&prefill, layers, shard.layers)
             return .prefill(prefill)
         }
-        return acks.reduce(0) { total, ack in
-            if case .prefillAck(let ack) = ack { return total.saturatingSum(ack.kvBytes) }
-            return total
-        }
+        // Each part's ack gives what its shard held then; parts are acknowledged in any order, and
+        // the shard only grows, so its most is what it holds.
+        var held: [UInt32: UInt64] = [:]
+        for case .prefillAck(let ack) in acks { held[ack.shardID] = max(held[ack.shardID] ?? 0, ack.kvBytes) }
+        return held.values.reduce(0) { $0.saturatingSum($1) }
     }
 
     /// Runs one decode step on every shard. With `inputs` nil the workers expand the step from the
@@ -529,8 +530,8 @@ public final class TesseraClient: Sendable {
     }
 
     /// Sends each shard's requests to its primary, the shards concurrently: one per `layersPerPart`
-    /// of the shard's layers (`make` builds the request for those layers; each is sent once the one
-    /// before was answered); returns each shard's last reply. When the primary cannot take a request
+    /// of the shard's layers (`make` builds the request for those layers), up to `partsInFlight` of
+    /// a shard at once; returns every reply. When the primary cannot take a request
     /// (NOT_PRIMARY, STALE_EPOCH, UNAVAILABLE, or the connection failed: a failover may be under way)
     /// it refreshes the placement and retries that request with backoff, for up to `failoverPatience`.
     /// Writes are idempotent (a prefill, a part of one or a decode step already applied is answered,
@@ -546,45 +547,76 @@ public final class TesseraClient: Sendable {
         guard let placement = book.placement(sequenceID) else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) was not opened by this client")
         }
-        return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { group in
+        return try await withThrowingTaskGroup(of: [Tessera_V1_Envelope.OneOf_Body].self) { group in
             for shard in placement.shards {
                 group.addTask {
-                    var current = (shard: shard, placement: placement)
-                    var reply: Tessera_V1_Envelope.OneOf_Body?
                     let all = shard.layers
                     let step = max(1, min(layersPerPart, all.count))
                     // At least one request, also for a shard without layers.
-                    for first in stride(from: all.lowerBound, to: max(all.upperBound, all.lowerBound + 1), by: step) {
-                        let layers = first..<min(first + step, all.upperBound)
-                        reply = nil
-                        var backoff = Duration.milliseconds(50)
-                        let deadline = self.elapsed() + Self.failoverPatience
-                        while reply == nil {
-                            do {
-                                reply = try await self.attempt(
-                                    sequenceID,
-                                    current.shard,
-                                    current.placement,
-                                    timeout: timeout
-                                ) { shard, placement in try await make(shard, placement, layers) }
-                            } catch {
-                                guard Self.isRetryable(error), self.elapsed() + backoff < deadline else { throw error }
-                                self.retries.add(1, ordering: .relaxed)
-                                try await self.clock.sleep(for: backoff)
-                                backoff = min(backoff * 2, .seconds(1))
-                                // While the coordinator is away (restarting) the old placement is retried.
-                                guard let fresh = try? await self.refreshPlacement(sequenceID) else { continue }
-                                guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
-                                current = (moved, fresh)
+                    let parts = stride(from: all.lowerBound, to: max(all.upperBound, all.lowerBound + 1), by: step).map
+                    {
+                        $0..<min($0 + step, all.upperBound)
+                    }
+                    return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { sending in
+                        var replies: [Tessera_V1_Envelope.OneOf_Body] = []
+                        for (index, layers) in parts.enumerated() {
+                            if index >= Self.partsInFlight, let reply = try await sending.next() {
+                                replies.append(reply)
+                            }
+                            // A part starts from the newest placement known (an earlier part may have
+                            // followed a failover).
+                            let latest = self.book.placement(sequenceID) ?? placement
+                            let moved = latest.shards.first { $0.id == shard.id } ?? shard
+                            sending.addTask {
+                                try await self.send(sequenceID, moved, latest, layers, timeout: timeout, make)
                             }
                         }
+                        for try await reply in sending { replies.append(reply) }
+                        return replies
                     }
-                    return reply!
                 }
             }
             var replies: [Tessera_V1_Envelope.OneOf_Body] = []
-            for try await reply in group { replies.append(reply) }
+            for try await shardReplies in group { replies += shardReplies }
             return replies
+        }
+    }
+
+    /// How many parts of one shard's prefill are on their way at once: the worker takes the next part
+    /// off the wire while it still checks and profiles this one.
+    static let partsInFlight = 2
+
+    /// Sends one request (a part's, for `layers`) to the shard's primary, retried under its
+    /// coordinator's placement until the failover patience runs out.
+    private func send(
+        _ sequenceID: UInt64,
+        _ shard: SequencePlacement.Shard,
+        _ placement: SequencePlacement,
+        _ layers: Range<Int>,
+        timeout: Duration,
+        _ make:
+            @escaping @Sendable (SequencePlacement.Shard, SequencePlacement, Range<Int>) async throws ->
+            Tessera_V1_Envelope.OneOf_Body
+    ) async throws -> Tessera_V1_Envelope.OneOf_Body {
+        var current = (shard: shard, placement: placement)
+        var backoff = Duration.milliseconds(50)
+        let deadline = elapsed() + Self.failoverPatience
+        while true {
+            do {
+                return try await attempt(sequenceID, current.shard, current.placement, timeout: timeout) {
+                    shard,
+                    placement in try await make(shard, placement, layers)
+                }
+            } catch {
+                guard Self.isRetryable(error), elapsed() + backoff < deadline else { throw error }
+                retries.add(1, ordering: .relaxed)
+                try await clock.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(1))
+                // While the coordinator is away (restarting) the old placement is retried.
+                guard let fresh = try? await refreshPlacement(sequenceID) else { continue }
+                guard let moved = fresh.shards.first(where: { $0.id == shard.id }) else { throw error }
+                current = (moved, fresh)
+            }
         }
     }
 

@@ -94,7 +94,7 @@ struct WorkerHandler: EnvelopeHandler {
             let threads = worker.computeThreads
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
         } catch {
-            worker.store.withLock { $0.abandonExpansion(message.sequenceID) }
+            worker.store.withLock { $0.abandonExpansion(message.sequenceID, layers: layers) }
             throw error
         }
         if expanded.part.work.profileMicros > 0 {

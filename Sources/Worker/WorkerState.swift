@@ -70,9 +70,10 @@ struct HeldSequence: Sendable {
     /// store). What runs outside the store's lock meanwhile is one of these.
     enum Activity: Sendable {
         case idle
-        /// The prefill is being expanded: its layers are counted as held from the start, so that
-        /// accounting never trails the memory the expansion fills.
-        case expanding
+        /// The prefill, or parts of it, are being expanded: these layers (disjoint parts may expand
+        /// at once) are counted as held from the start, so that accounting never trails the memory
+        /// the expansion fills.
+        case expanding(Set<Int>)
         /// A decode step has the cache (and audit copy) out of the store; the bytes they held, for
         /// accounting.
         case decoding(total: Int, byModality: ModalityBytes, audit: Int)
@@ -87,6 +88,12 @@ struct HeldSequence: Sendable {
             case .idle, .expanding: false
             }
         }
+    }
+
+    /// Marks `layers` as no longer being expanded.
+    mutating func finishExpanding(_ layers: Set<Int>) {
+        let rest = expandingLayers.subtracting(layers)
+        activity = rest.isEmpty ? .idle : .expanding(rest)
     }
 
     /// The bytes a running decode step took out of the store.
@@ -127,10 +134,15 @@ struct HeldSequence: Sendable {
         return uncompressedLayers * layout.promptLength * promptRowBytes
     }
 
-    /// Layers whose prompt K/V are held uncompressed: all of them while they are being expanded.
+    /// Layers whose prompt K/V are held uncompressed, those being expanded included.
     private var uncompressedLayers: Int {
-        if case .expanding = activity { return layers.count }
-        return prefills.count + parts.prefills.count
+        prefills.count + parts.prefills.count + expandingLayers.count
+    }
+
+    /// The layers whose prefill is being expanded now.
+    var expandingLayers: Set<Int> {
+        guard case .expanding(let layers) = activity else { return [] }
+        return layers
     }
 
     /// Bytes of one Float32 prompt row, keys and values of every KV head.
@@ -250,17 +262,19 @@ struct WorkerState: Sendable {
         return held.withoutTensors
     }
 
-    /// Marks the prefill of `layers` as being expanded (`HeldSequence.Activity.expanding`). Returns the
-    /// bytes held instead when those layers are already here: a prefill (or a part of one) retried
-    /// after a failover (the replica got it from the old primary) is acknowledged, not applied twice.
+    /// Marks the prefill of `layers` as being expanded (`HeldSequence.Activity.expanding`); parts
+    /// with other layers may be expanding at the same time. Returns the bytes held instead when those
+    /// layers are already here: a prefill (or a part of one) retried after a failover (the replica got
+    /// it from the old primary) is acknowledged, not applied twice.
     mutating func beginExpansion(_ sequenceID: UInt64, layers sent: Set<Int>) throws(WireError) -> Int? {
         guard let held = sequences[sequenceID] else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held by this worker")
         }
-        if case .expanding = held.activity {
+        let expanding = held.expandingLayers
+        if !expanding.isDisjoint(with: sent) {
             throw WireError(
                 .unavailable,
-                "the prefill of sequence \(sequenceID) is still being expanded; retry",
+                "layers \(sent.intersection(expanding).sorted()) of sequence \(sequenceID) are still being expanded; retry",
                 retryAfter: .milliseconds(200)
             )
         }
@@ -275,12 +289,13 @@ struct WorkerState: Sendable {
             }
             return held.bytes.total
         }
-        sequences[sequenceID]!.activity = .expanding
+        sequences[sequenceID]!.activity = .expanding(expanding.union(sent))
         return nil
     }
 
-    mutating func abandonExpansion(_ sequenceID: UInt64) {
-        sequences[sequenceID]?.activity = .idle
+    /// Ends the expansion of `layers` without keeping them.
+    mutating func abandonExpansion(_ sequenceID: UInt64, layers: Set<Int>) {
+        sequences[sequenceID]?.finishExpanding(layers)
     }
 
     /// Keeps an expanded prefill, or a part of one. Once every layer of the shard is here the copy
@@ -299,7 +314,7 @@ struct WorkerState: Sendable {
         guard sequences[sequenceID]!.prefills.isEmpty, sequences[sequenceID]!.cache == nil else {
             throw WireError(.badRequest, "sequence \(sequenceID) was already prefilled")
         }
-        sequences[sequenceID]!.activity = .idle
+        sequences[sequenceID]!.finishExpanding(Set(part.prefills.keys))
         sequences[sequenceID]!.parts.add(part)
         let held = sequences[sequenceID]!
         guard held.parts.prefills.count == held.layers.count else { return (held.bytes.total, []) }

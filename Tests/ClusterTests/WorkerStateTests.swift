@@ -93,6 +93,48 @@ struct WorkerStateTests {
         #expect(try store.prefillForCompression(7).ready?.held.prefills.keys.sorted() == [0, 1])
     }
 
+    /// Parts with other layers expand at once (a client keeps two on their way); a part that
+    /// overlaps one still expanding waits (UNAVAILABLE), and layers being expanded count as held.
+    @Test func disjointPartsExpandAtOnce() throws {
+        var held = try Self.prefilled()
+        let statistics = held.statistics
+        held.statistics = []
+        var store = WorkerState()
+        _ = try store.assign(7, held)
+        let g = held.geometry
+        let m = held.layout.promptLength
+        let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
+        func part(_ layer: Int) throws -> PrefillParts {
+            var part = PrefillParts()
+            let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
+            part.prefills[layer] = try LayerPrefill(
+                geometry: g,
+                promptLength: m,
+                keys: floats,
+                values: floats,
+                queries: [],
+                queryRows: 0
+            )
+            part.statistics = [statistics[layer]]
+            return part
+        }
+
+        #expect(try store.beginExpansion(7, layers: [1]) == nil)
+        #expect(try store.beginExpansion(7, layers: [0]) == nil, "another part's layers expand at once")
+        #expect(store.heldShards().first?.kvBytes == UInt64(2 * layerBytes), "both counted while they expand")
+        #expect {
+            try store.beginExpansion(7, layers: [0])
+        } throws: { ($0 as? WireError)?.code == .unavailable }
+
+        let second = try store.storePrefill(7, try part(1), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(second.statistics.isEmpty, "layer 0 is still on its way")
+        store.abandonExpansion(7, layers: [0])
+        #expect(store.heldShards().first?.kvBytes == UInt64(layerBytes), "an abandoned part is not held")
+        #expect(try store.beginExpansion(7, layers: [0]) == nil, "and may be sent again")
+        let first = try store.storePrefill(7, try part(0), syntheticDecode: nil, needle: nil, audited: false)
+        #expect(first.bytes == 2 * layerBytes && first.statistics.map(\.layer) == [0, 1])
+    }
+
     @Test func aCompressedCopyHasNothingToReport() async throws {
         let held = try ShardTransferTests.shard(storage: .float32)
         var store = WorkerState()
