@@ -41,6 +41,9 @@ MAX_FRAME_BYTES = 64 << 20
 #: How long writes keep retrying while their shard fails over (the coordinator needs the failure
 #: detector's dead-after time, 3 s by default, to notice).
 FAILOVER_PATIENCE_SECONDS = 20.0
+#: How many parts of one shard's prefill are on their way at once: the worker takes the next part off
+#: the wire while it still checks and profiles this one.
+PARTS_IN_FLIGHT = 2
 _RETRYABLE = {
     errors_pb2.ERROR_CODE_NOT_PRIMARY,
     errors_pb2.ERROR_CODE_STALE_EPOCH,
@@ -484,10 +487,12 @@ class Client:
             message.policy.CopyFrom(self._policies[sequence_id])
             return {"prefill": message}
 
-        acks = await self._on_every_shard(
+        shards = await self._on_every_shard(
             sequence_id, make, timeout, parts=lambda shard: -(-shard.layer_count // layers_per_part)
         )
-        return sum(ack.kv_bytes for ack in acks)
+        # Each part's ack gives what its shard held then; parts are acknowledged in any order, and a
+        # shard only grows, so its most is what it holds.
+        return sum(max(ack.kv_bytes for ack in acks) for acks in shards)
 
     async def decode(
         self, sequence_id: int, step: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray
@@ -524,7 +529,7 @@ class Client:
 
         outputs = np.zeros((g.layers, g.query_heads, g.head_dim), dtype=np.float32)
         held = full = 0
-        for result in await self._on_every_shard(sequence_id, make, 60.0):
+        for (result,) in await self._on_every_shard(sequence_id, make, 60.0):
             held += result.kv_bytes
             full += result.full_kv_bytes
             for output in result.outputs:
@@ -549,26 +554,28 @@ class Client:
             )
         return self._placements[sequence_id], self._geometries[sequence_id]
 
-    async def _on_every_shard(self, sequence_id: int, make, timeout: float, parts=lambda shard: 1) -> List:
+    async def _on_every_shard(self, sequence_id: int, make, timeout: float, parts=lambda shard: 1) -> List[List]:
         """Each shard's requests to its primary, the shards concurrently: ``parts(shard)`` of them
-        (``make(shard, placement, part)`` builds part 0, 1, … in turn, each sent once the one before
-        was answered); returns each shard's last reply. A request the primary cannot take (a failover
-        may be under way) is retried with a fresh placement and backoff, for up to
-        ``FAILOVER_PATIENCE_SECONDS``."""
+        (``make(shard, placement, part)`` builds part 0, 1, …, built as each is sent), up to
+        ``PARTS_IN_FLIGHT`` of a shard at once; returns each shard's replies, in part order. A request
+        the primary cannot take (a failover may be under way) is retried with a fresh placement and
+        backoff, for up to ``FAILOVER_PATIENCE_SECONDS``."""
         placement, _ = self._placement(sequence_id)
 
         async def one(first: sequence_pb2.ShardPlacement):
-            reply = None
-            for part in range(max(1, parts(first))):
+            window = asyncio.Semaphore(PARTS_IN_FLIGHT)
 
+            async def send(part: int):
                 async def attempt():
                     current = self._placements[sequence_id]
                     shard = next(s for s in current.shards if s.shard_id == first.shard_id)
                     worker = await self._worker(shard.primary)
                     return await worker.request(timeout=timeout, **make(shard, current, part))
 
-                reply = await self._retrying(attempt, between=lambda: self._refresh(sequence_id))
-            return reply
+                async with window:
+                    return await self._retrying(attempt, between=lambda: self._refresh(sequence_id))
+
+            return await asyncio.gather(*(send(part) for part in range(max(1, parts(first)))))
 
         return await asyncio.gather(*(one(shard) for shard in placement.shards))
 
