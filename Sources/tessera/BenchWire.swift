@@ -21,8 +21,8 @@ struct BenchWire: AsyncParsableCommand {
 
             Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB, \
             1 MiB and 4 MiB (one layer of 2 KV heads x 32 dims, float32, as long a prompt \
-            as fills the frame; policy full, no queries), one and four requests in flight \
-            on one connection. MB/s of tensor payload over the time the prefill requests \
+            as fills the frame; policy full, no queries), with --in-flight requests in \
+            flight on one connection (default 1 and 4); each frame is a sequence of its own. MB/s of tensor payload over the time the prefill requests \
             took; opening and closing the sequences through the coordinator is not \
             timed. The worker's share: decoding the frame, checking every element, the \
             policy's (empty) profile and the layer statistics.
@@ -56,6 +56,15 @@ struct BenchWire: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Prefill requests kept in flight on the ingest connection, one figure each: a comma-separated "
+                + "list of values in 1...64.",
+            valueName: "n,n,..."
+        )
+    )
+    var inFlight = "1,4"
+
+    @Option(
+        help: ArgumentHelp(
             "Also write the figures as JSON to this path (an array: one report per security mode run).",
             valueName: "path"
         )
@@ -81,6 +90,12 @@ struct BenchWire: AsyncParsableCommand {
             handler.logLevel = .error
             return handler
         }
+        let windows = inFlight.split(separator: ",", omittingEmptySubsequences: false).map {
+            Int($0.filter { $0 != " " })
+        }
+        guard !windows.isEmpty, windows.allSatisfy({ $0.map { (1...64).contains($0) } ?? false }) else {
+            throw usageFailure("--in-flight must be a comma-separated list of values in 1...64, got '\(inFlight)'")
+        }
         let workers = workers
         let seconds = secondsPerPoint
         progress("starting a coordinator and \(workers) worker(s) from \(LocalCluster.currentBinary)")
@@ -101,7 +116,12 @@ struct BenchWire: AsyncParsableCommand {
                     security: insecure ? .insecure : .throwawayCA,
                     logger: logger
                 ) { cluster in
-                    let ingest = try await IngestBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
+                    let ingest = try await IngestBenchmark.run(
+                        cluster: cluster,
+                        windows: windows.compactMap { $0 },
+                        seconds: seconds,
+                        logger: logger
+                    )
                     let decode = try await DecodeBenchmark.run(cluster: cluster, seconds: seconds, logger: logger)
                     return WireBenchmark.Report(
                         security: mode,
@@ -133,7 +153,6 @@ private let benchTenant = "bench-wire"
 /// worker, which is what `TesseraClient` would do for a one-shard sequence (it only sends seeds).
 private enum IngestBenchmark {
     static let frameSizes = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
-    static let inFlight = [1, 4]
 
     /// One layer of the tiny model (2 KV heads × 32 dims): a sequence of it is one shard with one
     /// layer, so one prefill frame carries exactly one layer's `LayerTensors`.
@@ -141,8 +160,12 @@ private enum IngestBenchmark {
         try ModelGeometry(name: "tiny-1-layer", layers: 1, queryHeads: 4, kvHeads: 2, headDim: 32, tokensPerImage: 64)
     }
 
-    static func run(cluster: LocalCluster, seconds: Double, logger: Logger) async throws -> [WireBenchmark.IngestPoint]
-    {
+    static func run(
+        cluster: LocalCluster,
+        windows: [Int],
+        seconds: Double,
+        logger: Logger
+    ) async throws -> [WireBenchmark.IngestPoint] {
         let security = try cluster.clientSecurity(name: "bench-wire-ingest", tenant: benchTenant)
         return try await TesseraClient.withClient(
             coordinator: cluster.coordinator,
@@ -182,7 +205,7 @@ private enum IngestBenchmark {
                 for size in frameSizes {
                     let frame = try InlineFrame(payloadBytes: size, geometry: geometry)
                     var rates: [WireBenchmark.IngestRate] = []
-                    for window in inFlight {
+                    for window in windows {
                         progress(
                             "ingest \(frameLabel(size)) frames (\(frame.promptLength) positions), \(window) in flight "
                                 + "for \(seconds) s"

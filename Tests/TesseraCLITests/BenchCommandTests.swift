@@ -33,6 +33,7 @@ import Glibc
         (["bench", "--coordinator", "127.0.0.1:1", "--hosts", "2"], "give it with --local"),
         (["cluster", "up", "--hosts", "2", "--network", "jitter=5ms,delay=1ms"], "at most network.delay"),
         (["worker", "--coordinator", "127.0.0.1:1", "--listen", "0.0.0.0:0"], "give --advertise-host"),
+        (["bench-wire", "--in-flight", "1,0"], "values in 1...64, got '1,0'"),
     ])
     func badInputExits64WithOneLine(arguments: [String], allowed: String) async throws {
         let result = try await runTessera(arguments)
