@@ -27,6 +27,24 @@ struct WorkerStateTests {
         return held
     }
 
+    /// A part of `held`'s prefill with one layer, every value 0.5, and that layer's `statistics`.
+    static func part(_ layer: Int, of held: HeldSequence, statistics: [Tessera_V1_LayerStats]) throws -> PrefillParts {
+        let g = held.geometry
+        let m = held.layout.promptLength
+        var part = PrefillParts()
+        let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
+        part.prefills[layer] = try LayerPrefill(
+            geometry: g,
+            promptLength: m,
+            keys: floats,
+            values: floats,
+            queries: [],
+            queryRows: 0
+        )
+        part.statistics = [statistics[layer]]
+        return part
+    }
+
     static func moved(_ held: HeldSequence, to epoch: UInt64) -> HeldSequence {
         var moved = held
         moved.epoch = epoch
@@ -62,20 +80,7 @@ struct WorkerStateTests {
         _ = try store.assign(7, held)
         let g = held.geometry
         let m = held.layout.promptLength
-        func part(_ layer: Int) throws -> PrefillParts {
-            var part = PrefillParts()
-            let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
-            part.prefills[layer] = try LayerPrefill(
-                geometry: g,
-                promptLength: m,
-                keys: floats,
-                values: floats,
-                queries: [],
-                queryRows: 0
-            )
-            part.statistics = [statistics[layer]]
-            return part
-        }
+        func part(_ layer: Int) throws -> PrefillParts { try Self.part(layer, of: held, statistics: statistics) }
         let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
 
         #expect(try store.beginExpansion(7, layers: [0]) == nil)
@@ -104,20 +109,7 @@ struct WorkerStateTests {
         let g = held.geometry
         let m = held.layout.promptLength
         let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
-        func part(_ layer: Int) throws -> PrefillParts {
-            var part = PrefillParts()
-            let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
-            part.prefills[layer] = try LayerPrefill(
-                geometry: g,
-                promptLength: m,
-                keys: floats,
-                values: floats,
-                queries: [],
-                queryRows: 0
-            )
-            part.statistics = [statistics[layer]]
-            return part
-        }
+        func part(_ layer: Int) throws -> PrefillParts { try Self.part(layer, of: held, statistics: statistics) }
 
         #expect(try store.beginExpansion(7, layers: [1]) == nil)
         #expect(try store.beginExpansion(7, layers: [0]) == nil, "another part's layers expand at once")
