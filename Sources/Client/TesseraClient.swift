@@ -550,12 +550,9 @@ public final class TesseraClient: Sendable {
         return try await withThrowingTaskGroup(of: [Tessera_V1_Envelope.OneOf_Body].self) { group in
             for shard in placement.shards {
                 group.addTask {
-                    let all = shard.layers
-                    let step = max(1, min(layersPerPart, all.count))
-                    // At least one request, also for a shard without layers.
-                    let parts = stride(from: all.lowerBound, to: max(all.upperBound, all.lowerBound + 1), by: step).map
-                    {
-                        $0..<min($0 + step, all.upperBound)
+                    let parts = Self.parts(of: shard.layers, layersPerPart: layersPerPart)
+                    if parts.count == 1 {
+                        return [try await self.send(sequenceID, shard, placement, parts[0], timeout: timeout, make)]
                     }
                     return try await withThrowingTaskGroup(of: Tessera_V1_Envelope.OneOf_Body.self) { sending in
                         var replies: [Tessera_V1_Envelope.OneOf_Body] = []
@@ -585,6 +582,15 @@ public final class TesseraClient: Sendable {
     /// How many parts of one shard's prefill are on their way at once: the worker takes the next part
     /// off the wire while it still checks and profiles this one.
     static let partsInFlight = 2
+
+    /// `layers` in runs of `layersPerPart`: at least one run, an empty one for a shard without layers.
+    static func parts(of layers: Range<Int>, layersPerPart: Int) -> [Range<Int>] {
+        guard !layers.isEmpty else { return [layers] }
+        let step = max(1, min(layersPerPart, layers.count))
+        return stride(from: layers.lowerBound, to: layers.upperBound, by: step).map {
+            $0..<min($0 + step, layers.upperBound)
+        }
+    }
 
     /// Sends one request (a part's, for `layers`) to the shard's primary, retried under its
     /// coordinator's placement until the failover patience runs out.
@@ -704,7 +710,7 @@ extension ClusterStatus {
 /// A prefill's parts as wire tensors, each converted on NIO's shared thread pool (blocking work of
 /// tens of milliseconds a part, kept off the concurrency pool the client's sequences run on): asking
 /// for a shard's part starts the conversion of its next one, so it is ready when this one is
-/// acknowledged. Holds at most the part asked for and the next of each shard (a retry asks for the
+/// acknowledged. Holds at most the parts asked for and the next of each shard (a retry asks for the
 /// same part again).
 private final class PrefetchedParts: Sendable {
     private let layersPerPart: Int

@@ -62,3 +62,13 @@ struct PlacementBookTests {
         await book.waitForMove(of: 10, from: 0)
     }
 }
+
+/// How the client cuts a shard's layers into prefill parts.
+struct PrefillPartsTests {
+    @Test func aShardsLayersGoInRunsOfAtMostThePartSize() {
+        #expect(TesseraClient.parts(of: 4..<11, layersPerPart: 3) == [4..<7, 7..<10, 10..<11])
+        #expect(TesseraClient.parts(of: 4..<11, layersPerPart: .max) == [4..<11], "one part: no overflow")
+        #expect(TesseraClient.parts(of: 4..<6, layersPerPart: 0) == [4..<5, 5..<6], "at least a layer a part")
+        #expect(TesseraClient.parts(of: 3..<3, layersPerPart: 2) == [3..<3], "a shard without layers: one request")
+    }
+}
