@@ -27,22 +27,33 @@ struct WorkerStateTests {
         return held
     }
 
-    /// A part of `held`'s prefill with one layer, every value 0.5, and that layer's `statistics`.
-    static func part(_ layer: Int, of held: HeldSequence, statistics: [Tessera_V1_LayerStats]) throws -> PrefillParts {
+    /// Sequence 7 assigned, to be prefilled in one-layer parts: the store, the bytes one layer holds,
+    /// and each layer's part (every value 0.5, with that layer's statistics).
+    static func awaitingParts() throws -> (
+        store: WorkerState, layerBytes: Int, part: (Int) throws -> PrefillParts
+    ) {
+        var held = try prefilled()
+        let statistics = held.statistics
+        held.statistics = []
+        var store = WorkerState()
+        _ = try store.assign(7, held)
         let g = held.geometry
         let m = held.layout.promptLength
-        var part = PrefillParts()
-        let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
-        part.prefills[layer] = try LayerPrefill(
-            geometry: g,
-            promptLength: m,
-            keys: floats,
-            values: floats,
-            queries: [],
-            queryRows: 0
-        )
-        part.statistics = [statistics[layer]]
-        return part
+        func part(_ layer: Int) throws -> PrefillParts {
+            var part = PrefillParts()
+            let floats = [Float](repeating: 0.5, count: g.kvHeads * m * g.headDim)
+            part.prefills[layer] = try LayerPrefill(
+                geometry: g,
+                promptLength: m,
+                keys: floats,
+                values: floats,
+                queries: [],
+                queryRows: 0
+            )
+            part.statistics = [statistics[layer]]
+            return part
+        }
+        return (store, g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size, part)
     }
 
     static func moved(_ held: HeldSequence, to epoch: UInt64) -> HeldSequence {
@@ -73,15 +84,10 @@ struct WorkerStateTests {
     /// the last part arrives; a part sent again is acknowledged, and one that overlaps an earlier
     /// part without repeating it is refused.
     @Test func aPrefillInPartsCompletesWithItsLastLayer() async throws {
-        var held = try Self.prefilled()
-        let statistics = held.statistics
-        held.statistics = []
-        var store = WorkerState()
-        _ = try store.assign(7, held)
-        let g = held.geometry
-        let m = held.layout.promptLength
-        func part(_ layer: Int) throws -> PrefillParts { try Self.part(layer, of: held, statistics: statistics) }
-        let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
+        let fixture = try Self.awaitingParts()
+        var store = fixture.store
+        let layerBytes = fixture.layerBytes
+        let part = fixture.part
 
         #expect(try store.beginExpansion(7, layers: [0]) == nil)
         let first = try store.storePrefill(7, try part(0), syntheticDecode: nil, needle: nil, audited: false)
@@ -101,15 +107,10 @@ struct WorkerStateTests {
     /// Parts with other layers expand at once (a client keeps two on their way); a part that
     /// overlaps one still expanding waits (UNAVAILABLE), and layers being expanded count as held.
     @Test func disjointPartsExpandAtOnce() throws {
-        var held = try Self.prefilled()
-        let statistics = held.statistics
-        held.statistics = []
-        var store = WorkerState()
-        _ = try store.assign(7, held)
-        let g = held.geometry
-        let m = held.layout.promptLength
-        let layerBytes = g.kvHeads * 2 * g.headDim * m * MemoryLayout<Float>.size
-        func part(_ layer: Int) throws -> PrefillParts { try Self.part(layer, of: held, statistics: statistics) }
+        let fixture = try Self.awaitingParts()
+        var store = fixture.store
+        let layerBytes = fixture.layerBytes
+        let part = fixture.part
 
         #expect(try store.beginExpansion(7, layers: [1]) == nil)
         #expect(try store.beginExpansion(7, layers: [0]) == nil, "another part's layers expand at once")
