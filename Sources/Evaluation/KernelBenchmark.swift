@@ -148,7 +148,7 @@ public enum KernelBenchmark {
             let profile = try AttentionProfile(
                 prefill: prefill,
                 requirements: ProfileRequirements(suffixStarts: [0]),
-                threads: threads
+                threads: .dispatch(threads)
             )
             best = min(best, (clock.now - start).seconds)
             blackHole(profile.columnSums[0]![0])

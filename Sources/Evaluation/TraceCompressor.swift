@@ -32,7 +32,7 @@ public enum TraceCompressor {
             let profile = try AttentionProfile(
                 prefill: try trace.prefill(layer: layer),
                 requirements: requirements,
-                threads: threads
+                threads: .dispatch(threads)
             )
             profiles.append(profile)
             statistics.append(LayerStatistics(layer: layer, profile: profile, layout: layout, policy: policy))

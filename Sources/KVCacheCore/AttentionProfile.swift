@@ -21,10 +21,14 @@ public struct AttentionProfile: Sendable {
     static let tileRows = 24
 
     /// Computes the profile: one causal attention row per observed row and query head, as tiles of
-    /// query rows against packed key panels (`kvk_scores`). KV heads are split across `threads`
-    /// threads in a fixed pattern; every head is computed the same way on any thread, so the result
-    /// does not depend on `threads`.
-    public init(prefill: LayerPrefill, requirements: ProfileRequirements, threads: Int = 1) throws(KVCacheError) {
+    /// query rows against packed key panels (`kvk_scores`). KV heads are split across the workers of
+    /// `threads` in a fixed pattern; every head is computed the same way on any thread, so the result
+    /// does not depend on the team.
+    public init(
+        prefill: LayerPrefill,
+        requirements: ProfileRequirements,
+        threads: ThreadTeam = .single
+    ) throws(KVCacheError) {
         let g = prefill.geometry
         let m = prefill.promptLength
         promptLength = m
@@ -66,7 +70,7 @@ public struct AttentionProfile: Sendable {
                     )
                     // A policy that observes no rows (the full cache) costs no pass at all.
                     guard firstRow < m else { return }
-                    Kernels.forEachWorker(min(threads, g.kvHeads)) { pass.run(worker: $0, of: $1, into: output) }
+                    threads.forEachWorker(limit: g.kvHeads) { pass.run(worker: $0, of: $1, into: output) }
                 }
             }
         }

@@ -1,4 +1,3 @@
-import Dispatch
 import KVKernels
 
 /// The hot loops' Swift entry points. The passes that decide speed (scores, softmax, decode attention,
@@ -151,17 +150,6 @@ extension Kernels {
 }
 
 extension Kernels {
-    /// Runs `body(worker, workers)` for every worker in `0..<workers` (at least one), on that many
-    /// threads at once, or inline for one: how a layer's heads are split across cores.
-    static func forEachWorker(_ workers: Int, _ body: @Sendable (_ worker: Int, _ workers: Int) -> Void) {
-        let workers = max(1, workers)
-        if workers == 1 {
-            body(0, 1)
-        } else {
-            DispatchQueue.concurrentPerform(iterations: workers) { body($0, workers) }
-        }
-    }
-
     /// A buffer that several workers write at once, each to its own range.
     struct SharedOutput<T>: @unchecked Sendable {
         // SAFETY: every worker writes a range no other worker touches, and the owner keeps the

@@ -12,7 +12,7 @@ public enum LayerDecoder {
         geometry g: ModelGeometry,
         input: DecodeStepInput,
         position: Int,
-        threads: Int = 1
+        threads: ThreadTeam = .single
     ) -> [Float] {
         let d = g.headDim
         append(input, to: &heads, geometry: g, position: position)
@@ -21,7 +21,7 @@ public enum LayerDecoder {
         let frozen = heads
         outputs.withUnsafeMutableBufferPointer { out in
             let target = Kernels.SharedOutput(out.baseAddress!)
-            Kernels.forEachWorker(min(threads, g.kvHeads)) { worker, workers in
+            threads.forEachWorker(limit: g.kvHeads) { worker, workers in
                 let scratch = UnsafeMutablePointer<Float>.allocate(capacity: g.groupSize * rows)
                 defer { scratch.deallocate() }
                 input.queries.withUnsafeBufferPointer { queries in

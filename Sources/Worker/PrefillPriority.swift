@@ -3,19 +3,22 @@ import Glibc
 #endif
 
 /// Prefill work (expanding a prompt, attention profiles, compression) yields the cores to decode
-/// steps: a thread running it is set to `niceness` first, so where a step and a prefill share a core
-/// the step gets about nine tenths of it (CFS weights 1024 : 110) instead of half. A prefill runs for
-/// seconds and a step for milliseconds, so the step's latency is what contention hurts; the prefill
-/// still gets every cycle no step wants. Linux only (elsewhere a thread's nice value is the
-/// process's); one `setpriority` call per prefill job, microseconds against its milliseconds.
+/// steps: a thread running it moves itself to Linux's `SCHED_IDLE` class first. A prefill runs for
+/// seconds and a step for milliseconds, so the step's latency is what contention hurts. Under
+/// `SCHED_IDLE` a thread that wakes to serve a step (an event loop, a decode thread) preempts a
+/// running prefill at once, where against a lower nice value it may wait out the prefill's time
+/// slice at every hop of the step; the prefill still gets every cycle no step wants. Linux only
+/// (elsewhere a thread's priority is the process's); one system call per prefill job.
 enum PrefillPriority {
-    static let niceness: Int32 = 10
+    /// Linux's `SCHED_IDLE` (include/uapi/linux/sched.h), which Glibc's module does not export.
+    private static let idlePolicy: Int32 = 5
 
-    /// Lowers the calling thread's priority to `niceness` (an unprivileged thread can lower its own).
-    /// On Linux a nice value belongs to a thread, and `who` 0 names the calling one.
+    /// Moves the calling thread to `SCHED_IDLE` (an unprivileged thread may lower its own class).
+    /// On Linux a scheduling policy belongs to a thread, and pid 0 names the calling one.
     static func apply() {
         #if os(Linux)
-        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, niceness)
+        var parameters = sched_param(sched_priority: 0)
+        _ = sched_setscheduler(0, idlePolicy, &parameters)
         #endif
     }
 }

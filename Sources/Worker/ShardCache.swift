@@ -84,7 +84,7 @@ struct ShardCache: Sendable {
         geometry: ModelGeometry,
         input: DecodeStepInput,
         position: Int,
-        threads: Int = 1
+        threads: ThreadTeam = .single
     ) -> [Float]? {
         switch storage {
         case .float32:
@@ -115,7 +115,7 @@ struct ShardCache: Sendable {
         geometry: ModelGeometry,
         input: DecodeStepInput,
         position: Int,
-        threads: Int
+        threads: ThreadTeam
     ) -> [Float]? {
         guard var heads = layers.removeValue(forKey: layer) else { return nil }
         let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position, threads: threads)
@@ -242,7 +242,7 @@ struct AuditCopy: Sendable {
                 geometry: g,
                 input: input,
                 position: position,
-                threads: 1
+                threads: .single
             )
         else { return }
         let d = g.headDim

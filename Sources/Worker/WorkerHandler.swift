@@ -91,7 +91,7 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let expanded: (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?)
         do {
-            let threads = worker.computeThreads
+            let threads = worker.team(.prefill)
             expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
         } catch {
             worker.store.withLock { $0.abandonExpansion(message.sequenceID, layers: layers) }
@@ -139,7 +139,7 @@ struct WorkerHandler: EnvelopeHandler {
     private static func expand(
         _ message: Tessera_V1_Prefill,
         _ held: HeldSequence,
-        threads: Int
+        threads: ThreadTeam
     ) throws -> (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?) {
         let m = held.layout.promptLength
         var part = PrefillParts()
@@ -355,7 +355,7 @@ struct WorkerHandler: EnvelopeHandler {
         // Replicas run the same step (they keep its result too, so a retry after a failover is
         // answered the same); the reply waits for them. They are the replicas when the step began: a
         // copy that becomes a replica later is snapshotted after the step, so it already holds it.
-        let threads = worker.computeThreads
+        let threads = worker.team(.decode)
         switch try worker.store.withLock({
             try $0.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs, threads: threads)
         }) {

@@ -2,6 +2,7 @@ import ClusterAdmin
 import ClusterSecurity
 package import ClusterTransport
 import ClusterWire
+import Dispatch
 import KVCacheCore
 public import Logging
 import Metrics
@@ -79,8 +80,9 @@ public final class WorkerService: Sendable {
 
     var incarnation: UInt64 { currentIncarnation.withLock { $0 } }
 
-    /// Threads one piece of tensor work may split across: every core, or one when simulated.
-    var computeThreads: Int { threads == nil ? 1 : Self.cores }
+    /// The threads one piece of tensor work of `kind` may split across: every core, or the calling
+    /// thread alone when simulated.
+    func team(_ kind: Work) -> ThreadTeam { threads?.team(kind) ?? .single }
 
     var identity: NodeIdentity {
         NodeIdentity(role: .worker, nodeID: configuration.nodeID, incarnation: incarnation)
@@ -409,6 +411,8 @@ public final class WorkerService: Sendable {
 package struct ComputeThreads: Sendable {
     let prefill = NIOThreadPool(numberOfThreads: WorkerService.cores)
     let decode = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    /// The threads a prefill job splits its work with (`team(.prefill)`), in the prefill class too.
+    let prefillHelpers = NIOThreadPool(numberOfThreads: max(1, WorkerService.cores - 1))
     /// Runs `malloc_trim`, which can take milliseconds on a large heap: never queued behind a prefill
     /// (the heartbeat loop waits for it) and never on an event loop.
     let trim = NIOThreadPool(numberOfThreads: 1)
@@ -416,7 +420,7 @@ package struct ComputeThreads: Sendable {
     package init() {}
 
     func start() {
-        for pool in [prefill, decode, trim] { pool.start() }
+        for pool in [prefill, prefillHelpers, decode, trim] { pool.start() }
     }
 
     /// Runs `work` on the pool for its kind; prefill work first lowers its thread's priority.
@@ -432,7 +436,45 @@ package struct ComputeThreads: Sendable {
         }
     }
 
+    /// Every core; a prefill job's share beyond its own thread runs on `prefillHelpers`, so that
+    /// all of it stays below decode steps (the system's shared threads run at the process's priority).
+    func team(_ kind: WorkerService.Work) -> ThreadTeam {
+        switch kind {
+        case .decode:
+            return .dispatch(WorkerService.cores)
+        case .prefill:
+            return ThreadTeam(count: WorkerService.cores) { [helpers = prefillHelpers] count, body in
+                withoutActuallyEscaping(body) { body in
+                    // The helpers hold the box, not the closure: a pool releases a work item only
+                    // after it ran, which may be after `wait` returns, and the closure must not
+                    // outlive this call.
+                    let work = HelperWork(body)
+                    let done = DispatchGroup()
+                    for index in 1..<count {
+                        done.enter()
+                        // A pool that has shut down runs the item here, at once.
+                        helpers.submit { _ in
+                            PrefillPriority.apply()
+                            work.body?(index)
+                            done.leave()
+                        }
+                    }
+                    body(0)
+                    done.wait()
+                    work.body = nil
+                }
+            }
+        }
+    }
+
+    /// A split job's closure as its helpers see it.
+    private final class HelperWork: @unchecked Sendable {
+        // SAFETY: set before any helper starts and cleared after every helper has signalled.
+        var body: (@Sendable (Int) -> Void)?
+        init(_ body: @escaping @Sendable (Int) -> Void) { self.body = body }
+    }
+
     func shutdown() {
-        for pool in [prefill, decode, trim] { pool.shutdownGracefully { _ in } }
+        for pool in [prefill, prefillHelpers, decode, trim] { pool.shutdownGracefully { _ in } }
     }
 }

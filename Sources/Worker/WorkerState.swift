@@ -400,7 +400,7 @@ struct WorkerState: Sendable {
         _ sequenceID: UInt64,
         step: Int,
         inputs: [Int: DecodeStepInput]?,
-        threads: Int
+        threads: ThreadTeam
     ) throws(WireError) -> DecodeStart {
         guard let held = sequences[sequenceID], held.isCompressed else {
             throw WireError(.unknownSequence, "sequence \(sequenceID) is not held or not compressed")
@@ -466,7 +466,7 @@ struct WorkerState: Sendable {
                 step: step,
                 held: held,
                 inputs: stepInputs,
-                threads: alone ? threads : 1
+                threads: alone ? threads : .single
             )
         )
     }
@@ -735,14 +735,14 @@ final class DecodeJob: @unchecked Sendable {
     var held: HeldSequence
     let inputs: [(layer: Int, input: DecodeStepInput)]
     /// Threads the step's heads are split across.
-    let threads: Int
+    let threads: ThreadTeam
 
     init(
         sequenceID: UInt64,
         step: Int,
         held: HeldSequence,
         inputs: [(layer: Int, input: DecodeStepInput)],
-        threads: Int
+        threads: ThreadTeam
     ) {
         self.sequenceID = sequenceID
         self.step = step

@@ -1,5 +1,6 @@
 import ClusterWire
 import KVCacheCore
+import Synchronization
 import Testing
 
 @testable import Worker
@@ -208,27 +209,42 @@ extension Waitable {
     }
 }
 
-/// Prefill work yields the cores to decode steps: its threads run at a lower priority.
+/// Prefill work yields the cores to decode steps: its threads run in Linux's idle scheduling class.
 struct ComputeThreadsTests {
     @Test func prefillWorkRunsBelowDecodeSteps() async throws {
         let threads = ComputeThreads()
         threads.start()
         defer { threads.shutdown() }
-        let decode = try await threads.run(.decode) { Self.niceness() }
-        #expect(try await threads.run(.prefill) { Self.niceness() } == PrefillPriority.niceness)
-        // Decode threads keep the process's own priority, even after prefill work ran elsewhere.
-        #expect(try await threads.run(.decode) { Self.niceness() } == decode)
-        #expect(decode < PrefillPriority.niceness)
+        #if os(Linux)
+        let idle: Int32 = 5  // SCHED_IDLE
+        let decode = try await threads.run(.decode) { sched_getscheduler(0) }
+        #expect(try await threads.run(.prefill) { sched_getscheduler(0) } == idle)
+        // Decode threads keep the process's own class, even after prefill work ran elsewhere.
+        #expect(try await threads.run(.decode) { sched_getscheduler(0) } == decode)
+        #expect(decode != idle)
+        #endif
     }
 
-    /// The calling thread's nice value (on Linux a nice value belongs to a thread; `who` 0 is the
-    /// calling one).
-    private static func niceness() -> Int32 {
+    /// A prefill job that splits a layer's heads across cores keeps every share in its class: the
+    /// system's shared threads would run the others at the process's priority.
+    @Test func aPrefillJobSplitsItsWorkOnlyAcrossThreadsOfItsClass() async throws {
+        let threads = ComputeThreads()
+        threads.start()
+        defer { threads.shutdown() }
         #if os(Linux)
-        errno = 0
-        return getpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0)
-        #else
-        return 0
+        let team = threads.team(.prefill)
+        let classes = try await threads.run(.prefill) {
+            let seen = Mutex([Int32](repeating: -1, count: team.count))
+            team.forEachWorker(limit: team.count) { worker, _ in
+                let policy = sched_getscheduler(0)
+                seen.withLock { $0[worker] = policy }
+            }
+            // Many short splits in a row: a helper that still held a split's closure once the
+            // split returned would trap ("non-escaping closure has escaped").
+            for _ in 0..<2000 { team.forEachWorker(limit: team.count) { _, _ in } }
+            return seen.withLock { $0 }
+        }
+        #expect(classes == Array(repeating: 5, count: team.count))  // SCHED_IDLE
         #endif
     }
 }

@@ -207,7 +207,7 @@ import Testing
         let expected = LayerDecoder.step(&one, geometry: g, input: input, position: 30, threads: 1)
         for threads in [2, 3, 8] {
             var many = heads
-            let got = LayerDecoder.step(&many, geometry: g, input: input, position: 30, threads: threads)
+            let got = LayerDecoder.step(&many, geometry: g, input: input, position: 30, threads: .dispatch(threads))
             #expect(got.map(\.bitPattern) == expected.map(\.bitPattern), "threads \(threads)")
         }
     }

@@ -86,7 +86,7 @@ import Glibc
         let requirements = ProfileRequirements(suffixStarts: [0, 100, 140], sparsityStart: 120)
         let one = try AttentionProfile(prefill: prefill, requirements: requirements, threads: 1)
         for threads in [2, 3, 8] {
-            let many = try AttentionProfile(prefill: prefill, requirements: requirements, threads: threads)
+            let many = try AttentionProfile(prefill: prefill, requirements: requirements, threads: .dispatch(threads))
             #expect(many.columnSums == one.columnSums, "threads \(threads)")
             #expect(many.headSparsity == one.headSparsity, "threads \(threads)")
         }
