@@ -185,7 +185,7 @@ private enum PolicySettingCodings {
         [
             .double("recentShare", \.recentShare),
             .cases("textPrior", \.textPrior, [LookMSettings.TextPrior.addMax, .keepAllText, .none]),
-            .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .none]),
+            .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .values, .none]),
             .int("sinks", \.sinks),
             .bool("filterBelowMeanSimilarity", \.filterBelowMeanSimilarity),
         ]
@@ -199,7 +199,7 @@ private enum PolicySettingCodings {
         [
             .bool("layerBudgets", \.layerBudgets),
             .bool("headSplit", \.headSplit),
-            .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .none]),
+            .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .values, .none]),
         ]
     }
 

@@ -16,7 +16,7 @@ public enum CompositeAblation {
         }
     }
 
-    /// Every combination of the parts (merging pivotal when on), all parts on first.
+    /// Every combination of the parts (merging as the composite's default when on), all parts on first.
     public static var variants: [CompressionPolicy] {
         [true, false].flatMap { layers in
             [true, false].flatMap { heads in
@@ -24,7 +24,7 @@ public enum CompositeAblation {
                     var s = CompositeSettings()
                     s.layerBudgets = layers
                     s.headSplit = heads
-                    s.merge = merge ? .pivotal : .none
+                    s.merge = merge ? CompositeSettings().merge : .none
                     return CompressionPolicy.composite(s)
                 }
             }

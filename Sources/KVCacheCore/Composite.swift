@@ -7,7 +7,10 @@
 ///   over its heads by demand and each head's rows split by its modality masses; off, every head
 ///   keeps the layer's even share, ranked across modalities together;
 /// - **what happens to what is evicted** (`merge`): LOOK-M's merging of each evicted row into its
-///   most similar kept row (pivotal by default); `none` drops them.
+///   most similar kept row, by default of the values only (`values`: LOOK-M's pivotal formula with
+///   the kept keys left as they are; moving them changes which rows every query scores high, and
+///   merging keys raised output error on every preset here); `pivotal` is LOOK-M's own, `none`
+///   drops what is evicted.
 ///
 /// Every part observes the same rows: VL-Cache's post-vision rows (the question), whose attention
 /// ranks the rows and gives the heads' modality statistics, and 10% of each head's rows is kept as a
@@ -18,7 +21,7 @@
 public struct CompositeSettings: Sendable, Hashable, Codable {
     public var layerBudgets = true
     public var headSplit = true
-    public var merge = LookMSettings.Merge.pivotal
+    public var merge = LookMSettings.Merge.values
     public init() {}
 
     /// The VL-Cache part: observation, sparsity threshold, clip bounds and recent share.

@@ -254,7 +254,16 @@ public struct LookMSettings: Sendable, Hashable, Codable {
     }
 
     public enum Merge: String, Sendable, Hashable, Codable {
-        case averaged, pivotal, weighted, none
+        /// Eq. 9–10: each kept row becomes the mean of itself and its joiners.
+        case averaged
+        /// Eq. 11 (the official script's default): joiners count as their mean with the kept row.
+        case pivotal
+        /// Eq. 12: joiners weighted by their similarity.
+        case weighted
+        /// Not in LOOK-M: `pivotal` for the values only, the kept keys left as they are (as kvpress's
+        /// `MergingPress` keeps them): moving a kept key changes which rows every query scores high.
+        case values
+        case none
     }
 
     /// Share of the budget given to the recent window (official script: 10% heavy + 10% recent).

@@ -72,7 +72,8 @@ struct MergedRows {
     }
 
     /// LOOK-M Eq. 9–12: every evicted row joins the kept row whose key is most cosine-similar, and each
-    /// kept row becomes the mean of itself and its (mode-transformed) joiners. Returns rows merged.
+    /// kept row becomes the mean of itself and its (mode-transformed) joiners; with `.values` only its
+    /// value does. Returns rows merged.
     mutating func merge(kept: [[Int]], mode: LookMSettings.Merge, filterBelowMean: Bool) -> Int {
         let g = prefill.geometry
         let m = prefill.promptLength
@@ -134,7 +135,7 @@ struct MergedRows {
                 matches.append(headMatches)
             }
         }
-        if filterBelowMean, mode != .pivotal {
+        if filterBelowMean, mode == .averaged || mode == .weighted {
             // The official code drops evicted tokens whose head-averaged best similarity is below the
             // layer's mean; they are evicted without merging.
             var sum = [Float](repeating: 0, count: m)
@@ -185,7 +186,7 @@ struct MergedRows {
                                     case .averaged, .none:
                                         keySum[c] += keyY[c]
                                         valueSum[c] += valueY[c]
-                                    case .pivotal:
+                                    case .pivotal, .values:
                                         keySum[c] += (keyY[c] + keyX[c]) / 2
                                         valueSum[c] += (valueY[c] + valueX[c]) / 2
                                     case .weighted:
@@ -198,7 +199,9 @@ struct MergedRows {
                     }
                     for (s, x) in pivots.enumerated() {
                         let scale = 1 / Float(joined[s] + 1)
-                        changedKeys[h][x] = keySums[(s * d)..<((s + 1) * d)].map { $0 * scale }
+                        if mode != .values {
+                            changedKeys[h][x] = keySums[(s * d)..<((s + 1) * d)].map { $0 * scale }
+                        }
                         changedValues[h][x] = valueSums[(s * d)..<((s + 1) * d)].map { $0 * scale }
                     }
                 }

@@ -247,7 +247,7 @@ struct PolicyCodingTests {
                 policy: "look-m",
                 key: "merge",
                 value: "mean",
-                allowed: "one of averaged, pivotal, weighted, none"
+                allowed: "one of averaged, pivotal, weighted, values, none"
             ),
             BadValue(policy: "streaming-llm", key: "sinks", value: "four", allowed: "an integer"),
         ]

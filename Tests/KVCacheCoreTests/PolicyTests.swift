@@ -239,7 +239,7 @@ import Testing
     }
 
     /// Keys 0 = (1, 0), 1 = (0, 1), 2 = (1, 0.1): evicted row 2 joins pivot 0 (cosine 0.995 vs 0.0995).
-    @Test(arguments: [LookMSettings.Merge.averaged, .pivotal, .weighted])
+    @Test(arguments: [LookMSettings.Merge.averaged, .pivotal, .weighted, .values])
     func lookMMergeFormulas(mode: LookMSettings.Merge) throws {
         let g = try ModelGeometry(name: "merge", layers: 1, queryHeads: 1, kvHeads: 1, headDim: 2, tokensPerImage: 1)
         let prefill = try LayerPrefill(
@@ -258,6 +258,7 @@ import Testing
             switch mode {
             case .averaged: ([1, 0.05], [3, 2])
             case .pivotal: ([1, 0.025], [2.5, 1])
+            case .values: ([1, 0], [2.5, 1])  // the key as it was
             default: ([(1 + s) / 2, 0.05 * s], [1 + 2 * s, 2 * s])
             }
         var runs: [(positions: Range<Int>, keys: [Float], values: [Float])] = []
