@@ -186,8 +186,10 @@ struct MergedRows {
                                     case .averaged, .none:
                                         keySum[c] += keyY[c]
                                         valueSum[c] += valueY[c]
-                                    case .pivotal, .values:
+                                    case .pivotal:
                                         keySum[c] += (keyY[c] + keyX[c]) / 2
+                                        valueSum[c] += (valueY[c] + valueX[c]) / 2
+                                    case .values:
                                         valueSum[c] += (valueY[c] + valueX[c]) / 2
                                     case .weighted:
                                         keySum[c] += match.similarity * keyY[c]

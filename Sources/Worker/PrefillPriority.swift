@@ -11,7 +11,7 @@ import Glibc
 /// (elsewhere a thread's priority is the process's); one system call per prefill job.
 enum PrefillPriority {
     /// Linux's `SCHED_IDLE` (include/uapi/linux/sched.h), which Glibc's module does not export.
-    private static let idlePolicy: Int32 = 5
+    static let idlePolicy: Int32 = 5
 
     /// Moves the calling thread to `SCHED_IDLE` (an unprivileged thread may lower its own class).
     /// On Linux a scheduling policy belongs to a thread, and pid 0 names the calling one.

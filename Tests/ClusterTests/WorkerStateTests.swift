@@ -216,7 +216,7 @@ struct ComputeThreadsTests {
         threads.start()
         defer { threads.shutdown() }
         #if os(Linux)
-        let idle: Int32 = 5  // SCHED_IDLE
+        let idle = PrefillPriority.idlePolicy
         let decode = try await threads.run(.decode) { sched_getscheduler(0) }
         #expect(try await threads.run(.prefill) { sched_getscheduler(0) } == idle)
         // Decode threads keep the process's own class, even after prefill work ran elsewhere.
@@ -244,7 +244,7 @@ struct ComputeThreadsTests {
             for _ in 0..<2000 { team.forEachWorker(limit: team.count) { _, _ in } }
             return seen.withLock { $0 }
         }
-        #expect(classes == Array(repeating: 5, count: team.count))  // SCHED_IDLE
+        #expect(classes == Array(repeating: PrefillPriority.idlePolicy, count: team.count))
         #endif
     }
 }
