@@ -18,13 +18,14 @@ package import KVCacheCore
 // | `madakv`        | proxyWindow, theta, minRatio, components, compensation                   |
 // | `look-m`        | recentShare, textPrior, merge, sinks, filterBelowMeanSimilarity          |
 // | `tgv`           | sinks, recent                                                            |
-// | `composite`     | layerBudgets, headSplit, merge                                           |
+// | `composite`     | layerBudgets, headSplit, merge, observation                              |
 //
 // Values: integers in decimal; numbers as Swift's `description` of the Double (Float for
 // `threshold`), which parses back bit-identically; booleans `true`/`false`; enumerations by their
-// case name (`average`, `largestRemainder`, …); VL-Cache's observation `postVision` or
-// `lastRows:<n>`. Decoding starts from the policy's defaults and applies the keys given, so a sender
-// may omit keys; then `validate()` checks the ranges.
+// case name (`average`, `largestRemainder`, …); VL-Cache's and the composite's observation
+// `postVision`, `postVision:<n>` (at most the last n of those rows) or `lastRows:<n>`. Decoding starts
+// from the policy's defaults and applies the keys given, so a sender may omit keys; then `validate()`
+// checks the ranges.
 
 /// How one setting of a settings struct `S` is written and read.
 private struct SettingCoding<S> {
@@ -53,6 +54,32 @@ private struct SettingCoding<S> {
                 guard let value = parse(text) else { return false }
                 settings[keyPath: path] = value
                 return true
+            }
+        )
+    }
+
+    /// Which rows observe the prompt: `postVision` or `lastRows:<n>`.
+    static func observation(_ path: WritableKeyPath<S, VLCacheSettings.Observation>) -> Self {
+        value(
+            "observation",
+            path,
+            allowed: "postVision, postVision:<n> or lastRows:<n> with an integer n",
+            encode: { observation in
+                switch observation {
+                case .postVision: "postVision"
+                case .postVisionAtMost(let n): "postVision:\(n)"
+                case .lastRows(let n): "lastRows:\(n)"
+                }
+            },
+            parse: { text in
+                if text == "postVision" { return .postVision }
+                let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+                guard parts.count == 2, let n = Int(parts[1]) else { return nil }
+                switch parts[0] {
+                case "postVision": return .postVisionAtMost(n)
+                case "lastRows": return .lastRows(n)
+                default: return nil
+                }
             }
         )
     }
@@ -143,26 +170,7 @@ private enum PolicySettingCodings {
             .double("minFraction", \.minFraction),
             .double("maxFraction", \.maxFraction),
             .double("recentShare", \.recentShare),
-            SettingCoding(
-                key: "observation",
-                allowed: "postVision or lastRows:<n> with an integer n",
-                encode: { settings in
-                    switch settings.observation {
-                    case .postVision: "postVision"
-                    case .lastRows(let n): "lastRows:\(n)"
-                    }
-                },
-                decode: { settings, text in
-                    if text == "postVision" {
-                        settings.observation = .postVision
-                        return true
-                    }
-                    let prefix = "lastRows:"
-                    guard text.hasPrefix(prefix), let n = Int(text.dropFirst(prefix.count)) else { return false }
-                    settings.observation = .lastRows(n)
-                    return true
-                }
-            ),
+            .observation(\.observation),
             .cases(
                 "apportionment",
                 \.apportionment,
@@ -200,6 +208,7 @@ private enum PolicySettingCodings {
             .bool("layerBudgets", \.layerBudgets),
             .bool("headSplit", \.headSplit),
             .cases("merge", \.merge, [LookMSettings.Merge.averaged, .pivotal, .weighted, .values, .none]),
+            .observation(\.observation),
         ]
     }
 

@@ -16,15 +16,16 @@ public enum CompositeAblation {
         }
     }
 
-    /// Every combination of the parts (merging as the composite's default when on), all parts on first.
-    public static var variants: [CompressionPolicy] {
+    /// Every combination of the parts, all parts on first; merging, when on, and every other setting as
+    /// in `base`, or as the composite's defaults where `base` merges nothing.
+    public static func variants(of base: CompositeSettings = CompositeSettings()) -> [CompressionPolicy] {
         [true, false].flatMap { layers in
             [true, false].flatMap { heads in
                 [true, false].map { merge in
-                    var s = CompositeSettings()
+                    var s = base
                     s.layerBudgets = layers
                     s.headSplit = heads
-                    s.merge = merge ? CompositeSettings().merge : .none
+                    s.merge = merge ? (base.merge == .none ? CompositeSettings().merge : base.merge) : .none
                     return CompressionPolicy.composite(s)
                 }
             }
@@ -44,7 +45,8 @@ public enum CompositeAblation {
     }
 
     /// The contributions of each part at each budget, from the results of `variants`.
-    public static func contributions(_ results: [EvaluationResult]) -> [Contribution] {
+    public static func contributions(_ results: [EvaluationResult], of variants: [CompressionPolicy]) -> [Contribution]
+    {
         let settings = Dictionary(
             variants.compactMap { policy -> (String, CompositeSettings)? in
                 guard case .composite(let s) = policy else { return nil }

@@ -81,8 +81,8 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             return ProfileRequirements(suffixStarts: [max(0, m - s.snap.window)])
         case .madaKV(let s):
             return ProfileRequirements(suffixStarts: [max(0, m - s.proxyWindow)])
-        case .composite:
-            return CompressionPolicy.vlCache(CompositeSettings.vlCache).requirements(layout: layout)
+        case .composite(let s):
+            return CompressionPolicy.vlCache(s.vlCache).requirements(layout: layout)
         case .vlCache(let s):
             let start = s.observationStart(layout: layout)
             return ProfileRequirements(suffixStarts: [start], sparsityStart: start, sparsityThreshold: s.threshold)
@@ -123,7 +123,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
                 "clip bounds must satisfy 0 < min ≤ max ≤ 1, got [\(s.minFraction), \(s.maxFraction)]"
             )
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
-            if case .lastRows(let n) = s.observation { try require(n >= 1, "lastRows must be ≥ 1, got \(n)") }
+            try s.observation.validate(require)
         case .madaKV(let s):
             try require(s.proxyWindow >= 1, "proxyWindow must be ≥ 1, got \(s.proxyWindow)")
             try require(s.theta > 0 && s.theta <= 1, "theta must be in (0, 1], got \(s.theta)")
@@ -132,7 +132,7 @@ public enum CompressionPolicy: Sendable, Hashable, Codable {
             try require((0...1).contains(s.recentShare), "recentShare must be in [0, 1], got \(s.recentShare)")
             try require(s.sinks >= 0, "sinks must be ≥ 0, got \(s.sinks)")
         case .tgv(let s): try s.validate(require)
-        case .composite: break
+        case .composite(let s): try s.observation.validate(require)
         }
     }
 }
@@ -183,6 +183,17 @@ public struct VLCacheSettings: Sendable, Hashable, Codable {
         case postVision
         /// The last n prompt rows (the paper's speed study used 50).
         case lastRows(Int)
+        /// The rows after the last visual token, at most the last n: the question where long text
+        /// (a document's) follows the images.
+        case postVisionAtMost(Int)
+
+        func validate(_ require: (Bool, String) throws(KVCacheError) -> Void) throws(KVCacheError) {
+            switch self {
+            case .postVision: break
+            case .lastRows(let n): try require(n >= 1, "lastRows must be ≥ 1, got \(n)")
+            case .postVisionAtMost(let n): try require(n >= 1, "postVision:<n> needs n ≥ 1, got \(n)")
+            }
+        }
     }
 
     public enum Apportionment: String, Sendable, Hashable, Codable {
@@ -208,6 +219,7 @@ public struct VLCacheSettings: Sendable, Hashable, Codable {
         switch observation {
         case .postVision: return min(layout.postVisionStart, m - 1)
         case .lastRows(let n): return max(0, m - n)
+        case .postVisionAtMost(let n): return min(max(layout.postVisionStart, m - n), m - 1)
         }
     }
 }

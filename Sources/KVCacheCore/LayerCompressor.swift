@@ -129,8 +129,8 @@ public enum LayerCompressor {
             return recentPlusTop(recentRows(capacity: k, share: s.recentShare), scores)
         case .snapKV(let s):
             return snap(s, head: h, window: min(s.window, k), k: k, m: m, cache: cache)
-        case .composite:
-            let start = CompositeSettings.vlCache.observationStart(layout: layout)
+        case .composite(let s):
+            let start = s.vlCache.observationStart(layout: layout)
             return composite(
                 capacity: k,
                 split: split,

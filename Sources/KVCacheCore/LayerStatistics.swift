@@ -42,9 +42,9 @@ public struct LayerStatistics: Sendable, Hashable, Codable {
             // The question's attention mass on each modality, per KV head (TGV-KV's layer weight is
             // the visual mass).
             heads = Self.modalities(profile, start: TGVSettings.textStart(layout: layout), layout: layout, theta: 1)
-        case .composite:
+        case .composite(let s):
             density = profile.density
-            let start = CompositeSettings.vlCache.observationStart(layout: layout)
+            let start = s.vlCache.observationStart(layout: layout)
             heads = Self.modalities(profile, start: start, layout: layout, theta: CompositeSettings.madaKV.theta)
         default:
             break

@@ -37,12 +37,13 @@ struct EvaluationOptions: ParsableArguments {
     @Option(name: .customLong("policy-option"), help: PolicyOptions.help)
     var policyOptions: [String] = []
 
-    /// The request these options describe, or a usage failure naming what is allowed.
-    func request() throws(ExitCode) -> EvaluationRequest {
+    /// The request these options describe, or a usage failure naming what is allowed; `policyNames`
+    /// replaces `--policies`.
+    func request(policyNames: [String]? = nil) throws(ExitCode) -> EvaluationRequest {
         do {
             let preset = try WorkloadPreset.named(workload)
             let geometry = try ModelGeometry.preset(named: model)
-            let names = policies.split(separator: ",").map { String($0).trimmed }
+            let names = policyNames ?? policies.split(separator: ",").map { String($0).trimmed }
             guard !names.isEmpty else { throw usageFailure("--policies needs at least one policy") }
             let chosen = try PolicyOptions.apply(
                 policyOptions,
@@ -114,19 +115,24 @@ struct Eval: AsyncParsableCommand {
     @Option(
         help: ArgumentHelp(
             "Run the composite with each of its parts (layer budgets, head split, merging) on and off instead of "
-                + "--policies, and print what each part contributes. The only value is composite.",
+                + "--policies, and print what each part contributes; --policy-option composite.KEY=VALUE sets the "
+                + "rest (e.g. composite.observation=lastRows:32). The only value is composite.",
             valueName: "policy"
         )
     )
     var ablate: String?
 
     func run() async throws {
-        var request = try options.request()
+        var request: EvaluationRequest
         if let ablate {
             guard ablate == "composite" else {
                 throw usageFailure("--ablate '\(ablate)' is not ablatable; the only value is composite")
             }
-            request.policies = CompositeAblation.variants
+            request = try options.request(policyNames: ["composite"])
+            guard case .composite(let base) = request.policies.first else { preconditionFailure("not the composite") }
+            request.policies = CompositeAblation.variants(of: base)
+        } else {
+            request = try options.request()
         }
         if let traces {
             guard !describe else {
@@ -153,7 +159,9 @@ struct Eval: AsyncParsableCommand {
         }
         let results = try await runWithProgress(request, parallelism: options.effectiveParallelism)
         Terminal.output(ResultTable.render(results, request: request))
-        if ablate != nil { Terminal.output(ResultTable.render(CompositeAblation.contributions(results))) }
+        if ablate != nil {
+            Terminal.output(ResultTable.render(CompositeAblation.contributions(results, of: request.policies)))
+        }
         if let path = options.json { try writeJSON(results, to: path) }
     }
 }

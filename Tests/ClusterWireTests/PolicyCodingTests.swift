@@ -53,6 +53,11 @@ struct PolicySample: Sendable, CustomTestStringConvertible {
         look.sinks = 2
         look.filterBelowMeanSimilarity = false
 
+        var composite = CompositeSettings()
+        composite.layerBudgets = false
+        composite.merge = .pivotal
+        composite.observation = .postVisionAtMost(32)
+
         return [
             PolicySample(policy: .full, keys: []),
             PolicySample(policy: .streamingLLM(streaming), keys: ["sinks"]),
@@ -75,6 +80,7 @@ struct PolicySample: Sendable, CustomTestStringConvertible {
                 policy: .lookM(look),
                 keys: ["recentShare", "textPrior", "merge", "sinks", "filterBelowMeanSimilarity"]
             ),
+            PolicySample(policy: .composite(composite), keys: ["layerBudgets", "headSplit", "merge", "observation"]),
         ]
     }()
 }
@@ -222,7 +228,7 @@ struct PolicyCodingTests {
                 policy: "vl-cache",
                 key: "observation",
                 value: "lastRows:many",
-                allowed: "postVision or lastRows:<n> with an integer n"
+                allowed: "postVision, postVision:<n> or lastRows:<n> with an integer n"
             ),
             BadValue(
                 policy: "vl-cache",
@@ -270,6 +276,7 @@ struct PolicyCodingTests {
         arguments: [
             ("snapkv", "kernel", "4"), ("snapkv", "window", "0"), ("pyramidkv", "beta", "0.5"),
             ("vl-cache", "threshold", "1"), ("vl-cache", "observation", "lastRows:0"),
+            ("composite", "observation", "lastRows:0"), ("composite", "observation", "postVision:0"),
             ("vl-cache", "maxFraction", "0.005"), ("madakv", "theta", "0"), ("look-m", "sinks", "-1"),
             ("h2o", "recentShare", "1.5"), ("streaming-llm", "sinks", "-3"),
         ]

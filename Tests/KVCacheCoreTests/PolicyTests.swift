@@ -413,15 +413,40 @@ import Testing
         #expect(try capacities([0.001, 3]) == [5, 35])
     }
 
-    /// The composite with only VL-Cache's part on is VL-Cache, row for row.
-    @Test func compositeWithOnlyLayerBudgetsIsVLCache() throws {
+    /// 48 rows, an image at 6..<36: the post-vision rows are 36..<48; at most the last 8 of them start
+    /// at 40, at most 32 at 36; a prompt ending in an image observes its last row.
+    @Test func observationStarts() throws {
+        let l = layout(m: 48, textBefore: 6, visual: 30)
+        func start(_ observation: VLCacheSettings.Observation, _ layout: PromptLayout) -> Int {
+            var settings = VLCacheSettings()
+            settings.observation = observation
+            return settings.observationStart(layout: layout)
+        }
+        #expect(start(.postVision, l) == 36)
+        #expect(start(.postVisionAtMost(8), l) == 40)
+        #expect(start(.postVisionAtMost(32), l) == 36)
+        #expect(start(.lastRows(20), l) == 28)
+        let endsInImage = try PromptLayout(spans: [
+            ModalitySpan(.text, start: 0, count: 6), ModalitySpan(.image(0), start: 6, count: 30),
+        ])
+        #expect(start(.postVision, endsInImage) == 35)
+        #expect(start(.postVisionAtMost(8), endsInImage) == 35)
+    }
+
+    /// The composite with only the layer budgets on is VL-Cache, row for row, under either observation.
+    @Test(arguments: [VLCacheSettings.Observation.postVision, .lastRows(8), .postVisionAtMost(8)])
+    func compositeWithOnlyLayerBudgetsIsVLCache(observation: VLCacheSettings.Observation) throws {
         let g = geometry(layers: 3, queryHeads: 4, kvHeads: 2)
         let m = 48
         let l = layout(m: m, textBefore: 6, visual: 30)
         var settings = CompositeSettings()
+        settings.layerBudgets = true
         settings.headSplit = false
         settings.merge = .none
-        #expect(CompressionPolicy.composite(settings).label == "composite[layers]")
+        settings.observation = observation
+        var vlSettings = VLCacheSettings()
+        vlSettings.observation = observation
+        #expect(CompressionPolicy.composite(settings).label.hasPrefix("composite[layers"))
         for retention in [0.1, 0.3] {
             let composite = try compressAll(
                 g,
@@ -431,7 +456,14 @@ import Testing
                 retention: retention,
                 seed: 21
             )
-            let vlCache = try compressAll(g, m: m, layout: l, policy: .vlCache(.init()), retention: retention, seed: 21)
+            let vlCache = try compressAll(
+                g,
+                m: m,
+                layout: l,
+                policy: .vlCache(vlSettings),
+                retention: retention,
+                seed: 21
+            )
             #expect(composite.heads.map { $0.map(\.positions) } == vlCache.heads.map { $0.map(\.positions) })
         }
     }
@@ -474,8 +506,10 @@ import Testing
                 heads: [head(demand: 3, visualMass: 3), head(demand: 7, visualMass: 1)]
             )
         }
+        var settings = CompositeSettings()
+        settings.layerBudgets = true
         let budgets = try BudgetAllocator.allocate(
-            policy: .composite(.init()),
+            policy: .composite(settings),
             retention: 0.2,
             geometry: geometry(layers: 2, queryHeads: 2, kvHeads: 2),
             statistics: statistics

@@ -109,9 +109,9 @@ func runTessera(_ arguments: [String]) async throws -> CommandResult {
     @Test func policyOptionsApply() async throws {
         let result = try await runTessera([
             "eval", "--model", "tiny", "--workload", "image-qa", "--budgets", "0.2", "--sequences", "1", "--policies",
-            "composite", "--policy-option", "composite.merge=none", "--policy-option", "composite.headSplit=false",
+            "composite", "--policy-option", "composite.merge=none", "--policy-option", "composite.layerBudgets=true",
         ])
         #expect(result.status == .exited(0), "\(result.stderr)")
-        #expect(result.stdout.contains("\ncomposite[layers] "), "\(result.stdout)")
+        #expect(result.stdout.contains("\ncomposite[layers+heads] "), "\(result.stdout)")
     }
 }
