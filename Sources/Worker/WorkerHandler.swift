@@ -91,8 +91,12 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let expanded: (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?)
         do {
-            let threads = worker.team(.prefill)
-            expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
+            if Self.isSmall(message, held) {
+                expanded = try Self.expand(message, held, threads: .single)
+            } else {
+                let threads = worker.team(.prefill)
+                expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
+            }
         } catch {
             worker.store.withLock { $0.abandonExpansion(message.sequenceID, layers: layers) }
             throw error
@@ -116,6 +120,21 @@ struct WorkerHandler: EnvelopeHandler {
         worker.report(current)
         try await replicated
         return .prefillAck(Self.prefillAck(message, epoch: held.epoch, bytes: bytes))
+    }
+
+    /// Whether a prefill is taken where it arrived instead of on the prefill threads: inline tensors of
+    /// at most 256 KiB whose attention profile is at most 2^20 multiply-adds. That is tens of
+    /// microseconds of work, less than the hop to a prefill thread and back, and too little to hold
+    /// up a decode step or a heartbeat.
+    static func isSmall(_ message: Tessera_V1_Prefill, _ held: HeldSequence) -> Bool {
+        guard case .inlineTensors(let tensors) = message.source else { return false }
+        let bytes = tensors.layers.reduce(0) { $0 + $1.keys.data.count + $1.values.data.count + $1.queries.data.count }
+        let m = held.layout.promptLength
+        let observedRows = m - (held.policy.requirements(layout: held.layout).firstRow ?? m)
+        let multiplyAdds =
+            Double(observedRows) * Double(m) * Double(held.geometry.headDim * held.geometry.queryHeads)
+            * Double(tensors.layers.count)
+        return bytes <= 256 << 10 && multiplyAdds <= Double(1 << 20)
     }
 
     /// The layers a prefill carries: those of an inline part, or every layer of the shard.
