@@ -1,9 +1,9 @@
 /// The three methods on the three axes they act on, in one policy, each part switchable so that a
 /// user can measure what each contributes (`tessera eval --ablate composite`):
-/// - **how much per layer** (`layerBudgets`, off by default): VL-Cache's sparsity-aware layer budgets
-///   (denser layers keep more); off, every layer keeps the same share. On the generated traces they
-///   lowered output error at 5% but raised it at 10–20% on every preset (README, "The composite"),
-///   so the default leaves them to the user;
+/// - **how much per layer** (`layerBudgets`): VL-Cache's sparsity-aware layer budgets (denser layers
+///   keep more), apportioned exactly, with a floor of half the average share instead of the paper's
+///   1% (with which the sparsest layers starved and the budgets lost to uniform ones on the generated
+///   traces: README, "The composite"); off, every layer keeps the same share;
 /// - **how to split a layer over its heads and modalities** (`headSplit`): MadaKV's per-head demand
 ///   (how many rows cover θ = 0.9 of the head's attention mass), with the layer's rows apportioned
 ///   over its heads by demand and each head's rows split by its modality masses; off, every head
@@ -20,11 +20,11 @@
 /// column sums do). Their attention ranks the rows and gives the heads' modality statistics, and 10%
 /// of each head's rows is kept as a recent window (VL-Cache's recent share). The window scales with
 /// the budget, so at 5% the method still chooses most of what it keeps (MadaKV's fixed 32-row proxy
-/// window does not). With `layerBudgets` on, `headSplit` and `merge` off and `observation`
-/// `postVision` this is VL-Cache exactly; the other settings are the two papers' defaults
-/// (`VLCacheSettings()`, `MadaKVSettings()`'s θ and floor ratio).
+/// window does not). With `headSplit` and `merge` off this is VL-Cache with the settings of
+/// `layerBudgetSettings`; the other settings are the two papers' defaults (`VLCacheSettings()`,
+/// `MadaKVSettings()`'s θ and floor ratio).
 public struct CompositeSettings: Sendable, Hashable, Codable {
-    public var layerBudgets = false
+    public var layerBudgets = true
     public var headSplit = true
     public var merge = LookMSettings.Merge.values
     /// The rows whose attention ranks the prompt and gives the heads' statistics.
@@ -40,6 +40,14 @@ public struct CompositeSettings: Sendable, Hashable, Codable {
     }
     /// The MadaKV part: its coverage θ and its floor ratio.
     static let madaKV = MadaKVSettings()
+
+    /// VL-Cache's layer budgets with a floor of half the average share, apportioned exactly.
+    func layerBudgetSettings(_ retention: Double) -> VLCacheSettings {
+        var settings = vlCache
+        settings.apportionment = .largestRemainder
+        settings.minFraction = retention / 2
+        return settings
+    }
 
     /// A short label of the parts switched on, e.g. `layers+heads+merge`, or `none`, and of an
     /// observation other than the default (`heads+merge, last 32 rows`).
@@ -72,7 +80,12 @@ extension BudgetAllocator {
     ) -> [LayerBudget] {
         let perHead =
             s.layerBudgets
-            ? sparsityAware(m: m, retention: retention, statistics: statistics, settings: s.vlCache)
+            ? sparsityAware(
+                m: m,
+                retention: retention,
+                statistics: statistics,
+                settings: s.layerBudgetSettings(retention)
+            )
             : Array(repeating: uniformCapacity(m: m, retention: retention), count: statistics.count)
         let floor = min(m, max(1, Int((CompositeSettings.madaKV.minRatio * Double(m)).rounded(.up))))
         return zip(statistics, perHead).map { stats, capacity in

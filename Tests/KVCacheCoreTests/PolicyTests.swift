@@ -433,7 +433,8 @@ import Testing
         #expect(start(.postVisionAtMost(8), endsInImage) == 35)
     }
 
-    /// The composite with only the layer budgets on is VL-Cache, row for row, under either observation.
+    /// The composite with only the layer budgets on is VL-Cache with exact apportionment and a floor of
+    /// half the average share, row for row, under every observation.
     @Test(arguments: [VLCacheSettings.Observation.postVision, .lastRows(8), .postVisionAtMost(8)])
     func compositeWithOnlyLayerBudgetsIsVLCache(observation: VLCacheSettings.Observation) throws {
         let g = geometry(layers: 3, queryHeads: 4, kvHeads: 2)
@@ -444,8 +445,6 @@ import Testing
         settings.headSplit = false
         settings.merge = .none
         settings.observation = observation
-        var vlSettings = VLCacheSettings()
-        vlSettings.observation = observation
         #expect(CompressionPolicy.composite(settings).label.hasPrefix("composite[layers"))
         for retention in [0.1, 0.3] {
             let composite = try compressAll(
@@ -460,12 +459,39 @@ import Testing
                 g,
                 m: m,
                 layout: l,
-                policy: .vlCache(vlSettings),
+                policy: .vlCache(settings.layerBudgetSettings(retention)),
                 retention: retention,
                 seed: 21
             )
             #expect(composite.heads.map { $0.map(\.positions) } == vlCache.heads.map { $0.map(\.positions) })
         }
+    }
+
+    /// m = 100, one KV head, α = 0.2, densities 1, 1 and 10: the paper's clipped fractions give
+    /// 5, 5 and 50 rows; the composite's floor of half the share (10 rows) gives 10, 10 and the
+    /// remaining 40.
+    @Test func compositeLayerBudgetsKeepAFloorOfHalfTheShare() throws {
+        let statistics = [1.0, 1.0, 10.0].enumerated().map { l, density in
+            LayerStatistics(layer: l, promptLength: 100, density: density, heads: [])
+        }
+        let g = geometry(layers: 3, queryHeads: 1, kvHeads: 1)
+        var settings = CompositeSettings()
+        settings.layerBudgets = true
+        settings.headSplit = false
+        let composite = try BudgetAllocator.allocate(
+            policy: .composite(settings),
+            retention: 0.2,
+            geometry: g,
+            statistics: statistics
+        )
+        let vlCache = try BudgetAllocator.allocate(
+            policy: .vlCache(.init()),
+            retention: 0.2,
+            geometry: g,
+            statistics: statistics
+        )
+        #expect(composite.map { $0.heads[0].capacity } == [10, 10, 40])
+        #expect(vlCache.map { $0.heads[0].capacity } == [5, 5, 50])
     }
 
     /// Positions 0...2 and 17...19 text, the rest an image; scores rise with the position. Capacity 12
