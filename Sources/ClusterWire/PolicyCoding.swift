@@ -58,7 +58,7 @@ private struct SettingCoding<S> {
         )
     }
 
-    /// Which rows observe the prompt: `postVision` or `lastRows:<n>`.
+    /// Which rows observe the prompt: `postVision`, `postVision:<n>` or `lastRows:<n>`.
     static func observation(_ path: WritableKeyPath<S, VLCacheSettings.Observation>) -> Self {
         value(
             "observation",

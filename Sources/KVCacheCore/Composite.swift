@@ -31,8 +31,8 @@ public struct CompositeSettings: Sendable, Hashable, Codable {
     public var observation = VLCacheSettings.Observation.postVisionAtMost(32)
     public init() {}
 
-    /// The VL-Cache part: this observation, and VL-Cache's sparsity threshold, clip bounds and
-    /// recent share.
+    /// The VL-Cache part: this observation, with VL-Cache's sparsity threshold and the rest of its
+    /// defaults (the layer budgets adjust them: `layerBudgetSettings`).
     var vlCache: VLCacheSettings {
         var settings = VLCacheSettings()
         settings.observation = observation
@@ -40,6 +40,8 @@ public struct CompositeSettings: Sendable, Hashable, Codable {
     }
     /// The MadaKV part: its coverage θ and its floor ratio.
     static let madaKV = MadaKVSettings()
+    /// Each head's recent window, VL-Cache's share of its capacity.
+    static let recentShare = VLCacheSettings().recentShare
 
     /// VL-Cache's layer budgets with a floor of half the average share, apportioned exactly.
     func layerBudgetSettings(_ retention: Double) -> VLCacheSettings {
@@ -102,7 +104,7 @@ extension BudgetAllocator {
                 upper: Array(repeating: m, count: kvHeads)
             )
             let heads = zip(capacities, stats.heads).map { k, h in
-                let free = k - LayerCompressor.recentRows(capacity: k, share: s.vlCache.recentShare)
+                let free = k - LayerCompressor.recentRows(capacity: k, share: CompositeSettings.recentShare)
                 return HeadBudget(capacity: k, split: modalitySplit(free, h.visualMass, h.textMass, h))
             }
             return LayerBudget(layer: stats.layer, heads: heads)
@@ -122,7 +124,7 @@ extension LayerCompressor {
         tags: [ModalityTag],
         scores: ArraySlice<Float>
     ) -> [Int] {
-        let recent = recentRows(capacity: k, share: VLCacheSettings().recentShare)
+        let recent = recentRows(capacity: k, share: CompositeSettings.recentShare)
         let candidates = Array(0..<(m - recent))
         let ranked = Array(scores)
         var chosen: [Int]
