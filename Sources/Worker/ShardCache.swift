@@ -78,7 +78,7 @@ struct ShardCache: Sendable {
     func holds(layer: Int) -> Bool { float32[layer] != nil || float16[layer] != nil }
 
     /// Decodes one step on `layer` with its heads split across `threads`, returning
-    /// `queryHeads × headDim` outputs.
+    /// `queryHeads × headDim` outputs; nil when the layer is not held.
     mutating func decode(
         layer: Int,
         geometry: ModelGeometry,
@@ -94,21 +94,25 @@ struct ShardCache: Sendable {
         }
     }
 
-    /// Takes back the row the last decode step appended to every head of `layer`.
-    mutating func removeLastRow(layer: Int) {
-        func drop<S>(_ layers: inout [Int: [HeadCache<S>]]) {
-            guard var heads = layers.removeValue(forKey: layer) else { return }
-            for head in heads.indices { heads[head].removeLastRow() }
-            layers[layer] = heads
-        }
+    /// Appends one decode step's rows to `layer` without attending: a replica's share of a step its
+    /// primary attended. False when the layer is not held.
+    mutating func append(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) -> Bool {
         switch storage {
-        case .float32: drop(&float32)
-        case .float16: drop(&float16)
+        case .float32: Self.append(&float32, layer: layer, geometry: geometry, input: input, position: position)
+        case .float16: Self.append(&float16, layer: layer, geometry: geometry, input: input, position: position)
         }
     }
 
-    /// One decode step on `layer` of `layers`, in place (the layer's heads are taken out of the
-    /// dictionary so that they are uniquely referenced while they grow).
+    /// Takes back the row the last decode step appended to every head of `layer`.
+    mutating func removeLastRow(layer: Int) {
+        func drop<S>(_ heads: inout [HeadCache<S>]) { for head in heads.indices { heads[head].removeLastRow() } }
+        switch storage {
+        case .float32: _ = Self.withHeads(&float32, layer: layer, drop)
+        case .float16: _ = Self.withHeads(&float16, layer: layer, drop)
+        }
+    }
+
+    /// One decode step on `layer` of `layers`, in place.
     static func decode<S: KVScalar>(
         _ layers: inout [Int: [HeadCache<S>]],
         layer: Int,
@@ -117,10 +121,34 @@ struct ShardCache: Sendable {
         position: Int,
         threads: ThreadTeam
     ) -> [Float]? {
+        withHeads(&layers, layer: layer) {
+            LayerDecoder.step(&$0, geometry: geometry, input: input, position: position, threads: threads)
+        }
+    }
+
+    /// One decode step's rows appended to `layer` of `layers`, in place; false when it is not held.
+    static func append<S: KVScalar>(
+        _ layers: inout [Int: [HeadCache<S>]],
+        layer: Int,
+        geometry: ModelGeometry,
+        input: DecodeStepInput,
+        position: Int
+    ) -> Bool {
+        withHeads(&layers, layer: layer) { LayerDecoder.append(input, to: &$0, geometry: geometry, position: position) }
+            != nil
+    }
+
+    /// `body` on the heads of `layer`, taken out of the dictionary so that they are uniquely
+    /// referenced while they grow (mutating them in place there would copy every row); nil when the
+    /// layer is not held.
+    private static func withHeads<S, T>(
+        _ layers: inout [Int: [HeadCache<S>]],
+        layer: Int,
+        _ body: (inout [HeadCache<S>]) -> T
+    ) -> T? {
         guard var heads = layers.removeValue(forKey: layer) else { return nil }
-        let outputs = LayerDecoder.step(&heads, geometry: geometry, input: input, position: position, threads: threads)
-        layers[layer] = heads
-        return outputs
+        defer { layers[layer] = heads }
+        return body(&heads)
     }
 
     /// The score each held row competes on if the cache is tightened later (`HeadCache.tightened`):
@@ -223,6 +251,11 @@ struct AuditCopy: Sendable {
     var needle: Needle?
 
     var bytes: Int { full.values.joined().reduce(0) { $0 + $1.payloadBytes } }
+
+    /// Appends the step to the full cache of `layer` without scoring it (a replica's share).
+    mutating func append(layer: Int, geometry: ModelGeometry, input: DecodeStepInput, position: Int) {
+        _ = ShardCache.append(&full, layer: layer, geometry: geometry, input: input, position: position)
+    }
 
     /// Decodes the step on the full cache of `layer` and scores `outputs` (the compressed cache's)
     /// against it, with the needle probes of this layer and step.

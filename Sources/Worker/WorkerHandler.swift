@@ -349,6 +349,7 @@ struct WorkerHandler: EnvelopeHandler {
                 forwardedBy: forwardedBy
             )
         }
+        try Self.checkPrimaryResult(of: message, forwardedBy: forwardedBy)
         var inputs: [Int: DecodeStepInput]?
         if !message.layers.isEmpty {
             var given: [Int: DecodeStepInput] = [:]
@@ -371,33 +372,79 @@ struct WorkerHandler: EnvelopeHandler {
                 try await self.worker.store.waiting { try $0.compressed(message.sequenceID) }
             }
         }
-        // Replicas run the same step (they keep its result too, so a retry after a failover is
-        // answered the same); the reply waits for them. They are the replicas when the step began: a
-        // copy that becomes a replica later is snapshotted after the step, so it already holds it.
         let threads = worker.team(.decode)
+        let primaryResult = message.hasPrimaryResult ? message.primaryResult : nil
         switch try worker.store.withLock({
-            try $0.beginDecode(message.sequenceID, step: Int(message.step), inputs: inputs, threads: threads)
+            try $0.beginDecode(
+                message.sequenceID,
+                step: Int(message.step),
+                inputs: inputs,
+                primaryResult: primaryResult,
+                threads: threads
+            )
         }) {
         case .replay(let result, let replicas):
-            try await worker.replicate(.decode(message), to: replicas)
+            try await replicate(message, result: result, to: replicas)
             return .decodeResult(result)
         case .run(let job):
-            let replicas = worker.configuration.weakened.contains(.replicateBeforeAck) ? [] : job.held.replicas
-            async let replicated: Void = worker.replicate(.decode(message), to: replicas)
-            // The job goes back to the store exactly once, whatever fails.
             let result: Tessera_V1_DecodeResult
             do {
-                result = try await worker.offload(.decode) { try job.run() }
+                // A replica's share of the step is a row appended per head: not worth a thread hop.
+                if primaryResult == nil {
+                    result = try await worker.offload(.decode) { try job.run() }
+                } else {
+                    result = try job.run()
+                }
             } catch {
+                // The job goes back to the store exactly once, whatever fails; a refused step never
+                // reaches the replicas.
                 worker.store.withLock { $0.finishDecode(job, result: nil) }
-                // The replicas refuse the same step; the answer waits for them (instead of cancelling
-                // the forward), so the client never finds a copy still holding the refused step's rows.
-                try? await replicated
                 throw error
             }
             worker.store.withLock { $0.finishDecode(job, result: result) }
-            try await replicated
+            let replicas = worker.configuration.weakened.contains(.replicateBeforeAck) ? [] : job.held.replicas
+            try await replicate(message, result: result, to: replicas)
             return .decodeResult(result)
+        }
+    }
+
+    /// Forwards an attended step to the replicas it began with (a copy that becomes a replica later
+    /// is snapshotted after the step, so it already holds it), with its result: they append the rows
+    /// and keep the result, so that a retry after a failover is answered the same, without attending
+    /// themselves. The answer to the client waits for them.
+    private func replicate(
+        _ message: Tessera_V1_Decode,
+        result: Tessera_V1_DecodeResult,
+        to replicas: [NodeAddress]
+    ) async throws {
+        var forwarded = message
+        forwarded.primaryResult = result
+        try await worker.replicate(.decode(forwarded), to: replicas)
+    }
+
+    /// Only a primary forwarding a step sets `primary_result`, always, and for that very step.
+    static func checkPrimaryResult(of message: Tessera_V1_Decode, forwardedBy: String?) throws(WireError) {
+        guard let forwardedBy else {
+            guard !message.hasPrimaryResult else {
+                throw WireError(
+                    .badRequest,
+                    "decode.primary_result is set only by a shard's primary forwarding a step to its replicas"
+                )
+            }
+            return
+        }
+        guard message.hasPrimaryResult else {
+            throw WireError(.badRequest, "the decode step forwarded by \(forwardedBy) carries no primary_result")
+        }
+        let result = message.primaryResult
+        guard result.sequenceID == message.sequenceID, result.shardID == message.shardID, result.step == message.step
+        else {
+            throw WireError(
+                .badRequest,
+                "the primary_result forwarded by \(forwardedBy) is for step \(result.step) of shard "
+                    + "\(result.shardID) of sequence \(result.sequenceID), not step \(message.step) of shard "
+                    + "\(message.shardID) of sequence \(message.sequenceID)"
+            )
         }
     }
 

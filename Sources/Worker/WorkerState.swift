@@ -395,11 +395,13 @@ struct WorkerState: Sendable {
 
     /// Starts one decode step: a retry of the last step gets its result again; otherwise the step's
     /// inputs are checked (a refused step changes nothing) and the cache moves into the returned job,
-    /// to run outside the lock. `finishDecode` puts it back.
+    /// to run outside the lock. `finishDecode` puts it back. With `primaryResult` (a replica, given
+    /// the step its primary attended) the job only appends the step's rows and keeps that result.
     mutating func beginDecode(
         _ sequenceID: UInt64,
         step: Int,
         inputs: [Int: DecodeStepInput]?,
+        primaryResult: Tessera_V1_DecodeResult? = nil,
         threads: ThreadTeam
     ) throws(WireError) -> DecodeStart {
         guard let held = sequences[sequenceID], held.isCompressed else {
@@ -466,6 +468,7 @@ struct WorkerState: Sendable {
                 step: step,
                 held: held,
                 inputs: stepInputs,
+                primaryResult: primaryResult,
                 threads: alone ? threads : .single
             )
         )
@@ -734,6 +737,9 @@ final class DecodeJob: @unchecked Sendable {
     let step: Int
     var held: HeldSequence
     let inputs: [(layer: Int, input: DecodeStepInput)]
+    /// The result the primary sent with the step, on a replica: the job then appends the rows and
+    /// answers with it, without attending.
+    let primaryResult: Tessera_V1_DecodeResult?
     /// Threads the step's heads are split across.
     let threads: ThreadTeam
 
@@ -742,16 +748,19 @@ final class DecodeJob: @unchecked Sendable {
         step: Int,
         held: HeldSequence,
         inputs: [(layer: Int, input: DecodeStepInput)],
+        primaryResult: Tessera_V1_DecodeResult?,
         threads: ThreadTeam
     ) {
         self.sequenceID = sequenceID
         self.step = step
         self.held = held
         self.inputs = inputs
+        self.primaryResult = primaryResult
         self.threads = threads
     }
 
-    /// Appends the step to every layer and attends; audited sequences also score it.
+    /// Appends the step to every layer and attends; audited sequences also score it. Given the
+    /// primary's result, only appends (the audit copy too) and answers with that result.
     func run() throws(WireError) -> Tessera_V1_DecodeResult {
         // The cache is moved into locals for the step: mutating it through the class property could
         // leave a second reference alive, and then every append would copy the rows.
@@ -764,11 +773,23 @@ final class DecodeJob: @unchecked Sendable {
             held.audit = audit
         }
         let geometry = held.geometry
+        let position = held.layout.promptLength + step
+        if let primaryResult {
+            for (index, (layer, input)) in inputs.enumerated() {
+                guard cache.append(layer: layer, geometry: geometry, input: input, position: position) else {
+                    for (appended, _) in inputs[..<index] { cache.removeLastRow(layer: appended) }
+                    throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
+                }
+            }
+            for (layer, input) in inputs {
+                audit?.append(layer: layer, geometry: geometry, input: input, position: position)
+            }
+            return primaryResult
+        }
         var result = Tessera_V1_DecodeResult()
         result.sequenceID = sequenceID
         result.shardID = held.shardID
         result.step = UInt32(step)
-        let position = held.layout.promptLength + step
         var fidelity = FidelityReport()
         // Every layer runs before anything else is recorded, so that a refused step leaves the cache
         // as it was: finite but huge inputs can overflow attention, and their rows must not stay.

@@ -116,7 +116,7 @@ struct BenchOptions: ParsableArguments {
 
     @Option(
         help:
-            "With --local: copies of each shard (primary and replicas) on distinct workers; 1 measures compression alone, as replicas repeat every prefill and decode."
+            "With --local: copies of each shard (primary and replicas) on distinct workers; 1 measures compression alone, as replicas repeat every prefill and append every decode step."
     )
     var replication = 1
 

@@ -281,6 +281,9 @@ import Workloads
                 decode.shardID = cluster.placement.shards[0].id
                 decode.epoch = cluster.placement.epoch
                 decode.step = 2
+                decode.primaryResult.sequenceID = decode.sequenceID
+                decode.primaryResult.shardID = decode.shardID
+                decode.primaryResult.step = decode.step
                 await Self.expectDenied("a forwarded decode from a non-primary") {
                     _ = try await replica.request(.decode(decode))
                 }

@@ -1,4 +1,5 @@
 import ClusterWire
+import Foundation
 import KVCacheCore
 import Synchronization
 import Testing
@@ -164,6 +165,80 @@ struct WorkerStateTests {
         #expect {
             try store.beginDecode(7, step: 1, inputs: nil, threads: 1)
         } throws: { ($0 as? WireError)?.code == .resourceExhausted }
+    }
+
+    /// A replica given the step its primary attended appends the same rows and answers with the
+    /// primary's result, without attending: a result it could not have computed comes back as it
+    /// was sent, and the two copies still hold the same bytes.
+    @Test func aReplicaAppendsItsPrimarysStepWithoutAttending() throws {
+        let geometry = ShardTransferTests.geometry
+        let d = geometry.headDim
+        let inputs = try Dictionary(
+            uniqueKeysWithValues: (0..<2).map { layer in
+                let row = { (n: Int) in (0..<n).map { Float(layer + 1) * 0.01 * Float($0 % 7) } }
+                return (
+                    layer,
+                    try DecodeStepInput(
+                        geometry: geometry,
+                        keys: row(geometry.kvHeads * d),
+                        values: row(geometry.kvHeads * d),
+                        queries: row(geometry.queryHeads * d)
+                    )
+                )
+            }
+        )
+        func step(given primaryResult: Tessera_V1_DecodeResult?) throws -> (Tessera_V1_DecodeResult, UInt64) {
+            let held = try ShardTransferTests.shard(storage: .float32)
+            var store = WorkerState()
+            _ = try store.assign(7, held)
+            guard
+                case .run(let job) = try store.beginDecode(
+                    7,
+                    step: held.nextStep,
+                    inputs: inputs,
+                    primaryResult: primaryResult,
+                    threads: 1
+                )
+            else {
+                Issue.record("the step was not run")
+                return (Tessera_V1_DecodeResult(), 0)
+            }
+            let result = try job.run()
+            store.finishDecode(job, result: result)
+            return (result, store.sequenceStatuses(tenant: nil)[0].digest)
+        }
+        let (attended, primaryDigest) = try step(given: nil)
+        #expect(attended.outputs.count == 2)
+        var impossible = attended
+        impossible.outputs[0].output.data = Data(repeating: 0x7F, count: attended.outputs[0].output.data.count)
+        let (answered, replicaDigest) = try step(given: impossible)
+        #expect(answered == impossible, "the replica answered with something else than its primary's result")
+        #expect(replicaDigest == primaryDigest, "the replica's rows differ from its primary's")
+        let (_, again) = try step(given: nil)
+        #expect(again == primaryDigest, "the step is deterministic")
+    }
+
+    /// Only a primary forwarding a step sets `primary_result`, and only for that step.
+    @Test func onlyAForwardedStepCarriesItsPrimarysResult() {
+        var decode = Tessera_V1_Decode()
+        decode.sequenceID = 7
+        decode.shardID = 1
+        decode.step = 4
+        #expect(throws: Never.self) { try WorkerHandler.checkPrimaryResult(of: decode, forwardedBy: nil) }
+        #expect {
+            try WorkerHandler.checkPrimaryResult(of: decode, forwardedBy: "worker-1")
+        } throws: { ($0 as? WireError)?.code == .badRequest }
+        decode.primaryResult.sequenceID = 7
+        decode.primaryResult.shardID = 1
+        decode.primaryResult.step = 4
+        #expect(throws: Never.self) { try WorkerHandler.checkPrimaryResult(of: decode, forwardedBy: "worker-1") }
+        #expect {
+            try WorkerHandler.checkPrimaryResult(of: decode, forwardedBy: nil)
+        } throws: { ($0 as? WireError)?.code == .badRequest }
+        decode.primaryResult.step = 3
+        #expect {
+            try WorkerHandler.checkPrimaryResult(of: decode, forwardedBy: "worker-1")
+        } throws: { ($0 as? WireError)?.code == .badRequest }
     }
 
     /// While a copy has the cache, decode steps are refused and another copy waits for it; closing

@@ -389,33 +389,66 @@ package nonisolated struct Tessera_V1_LayerDecode: Sendable {
   fileprivate var _queries: Tessera_V1_Tensor? = nil
 }
 
-/// Client -> a shard's primary: append one token to every layer of the shard and attend.
-package nonisolated struct Tessera_V1_Decode: Sendable {
+/// Client -> a shard's primary: append one token to every layer of the shard and attend. The primary
+/// forwards the step to its replicas with its result, once it has attended: they append the same
+/// rows and keep that result (so that a retry after a failover is answered the same) without
+/// attending themselves.
+package nonisolated struct Tessera_V1_Decode: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// The owning tenant.
-  package var tenant: String = String()
+  package var tenant: String {
+    get {_storage._tenant}
+    set {_uniqueStorage()._tenant = newValue}
+  }
 
   /// The sequence.
-  package var sequenceID: UInt64 = 0
+  package var sequenceID: UInt64 {
+    get {_storage._sequenceID}
+    set {_uniqueStorage()._sequenceID = newValue}
+  }
 
   /// The shard.
-  package var shardID: UInt32 = 0
+  package var shardID: UInt32 {
+    get {_storage._shardID}
+    set {_uniqueStorage()._shardID = newValue}
+  }
 
   /// The placement's epoch.
-  package var epoch: UInt64 = 0
+  package var epoch: UInt64 {
+    get {_storage._epoch}
+    set {_uniqueStorage()._epoch = newValue}
+  }
 
   /// Decode step, 0-based; steps arrive in order.
-  package var step: UInt32 = 0
+  package var step: UInt32 {
+    get {_storage._step}
+    set {_uniqueStorage()._step = newValue}
+  }
 
   /// Every layer of the shard, each once.
-  package var layers: [Tessera_V1_LayerDecode] = []
+  package var layers: [Tessera_V1_LayerDecode] {
+    get {_storage._layers}
+    set {_uniqueStorage()._layers = newValue}
+  }
+
+  /// Set by a primary forwarding the step to a replica, never by a client: the primary's result.
+  package var primaryResult: Tessera_V1_DecodeResult {
+    get {_storage._primaryResult ?? Tessera_V1_DecodeResult()}
+    set {_uniqueStorage()._primaryResult = newValue}
+  }
+  /// Returns true if `primaryResult` has been explicitly set.
+  package var hasPrimaryResult: Bool {_storage._primaryResult != nil}
+  /// Clears the value of `primaryResult`. Subsequent reads from it will return its default value.
+  package mutating func clearPrimaryResult() {_uniqueStorage()._primaryResult = nil}
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
 
   package init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// The attention output of one layer.
@@ -1021,54 +1054,111 @@ nonisolated extension Tessera_V1_LayerDecode: SwiftProtobuf.Message, SwiftProtob
 
 nonisolated extension Tessera_V1_Decode: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   package static let protoMessageName: String = _protobuf_package + ".Decode"
-  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{1}step\0\u{1}layers\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{3}sequence_id\0\u{3}shard_id\0\u{1}epoch\0\u{1}step\0\u{1}layers\0\u{3}primary_result\0")
+
+  fileprivate class _StorageClass {
+    var _tenant: String = String()
+    var _sequenceID: UInt64 = 0
+    var _shardID: UInt32 = 0
+    var _epoch: UInt64 = 0
+    var _step: UInt32 = 0
+    var _layers: [Tessera_V1_LayerDecode] = []
+    var _primaryResult: Tessera_V1_DecodeResult? = nil
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _tenant = source._tenant
+      _sequenceID = source._sequenceID
+      _shardID = source._shardID
+      _epoch = source._epoch
+      _step = source._step
+      _layers = source._layers
+      _primaryResult = source._primaryResult
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.tenant) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.sequenceID) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.shardID) }()
-      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
-      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.step) }()
-      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.layers) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._tenant) }()
+        case 2: try { try decoder.decodeSingularUInt64Field(value: &_storage._sequenceID) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._shardID) }()
+        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._epoch) }()
+        case 5: try { try decoder.decodeSingularUInt32Field(value: &_storage._step) }()
+        case 6: try { try decoder.decodeRepeatedMessageField(value: &_storage._layers) }()
+        case 7: try { try decoder.decodeSingularMessageField(value: &_storage._primaryResult) }()
+        default: break
+        }
       }
     }
   }
 
   package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if !self.tenant.isEmpty {
-      try visitor.visitSingularStringField(value: self.tenant, fieldNumber: 1)
-    }
-    if self.sequenceID != 0 {
-      try visitor.visitSingularUInt64Field(value: self.sequenceID, fieldNumber: 2)
-    }
-    if self.shardID != 0 {
-      try visitor.visitSingularUInt32Field(value: self.shardID, fieldNumber: 3)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 4)
-    }
-    if self.step != 0 {
-      try visitor.visitSingularUInt32Field(value: self.step, fieldNumber: 5)
-    }
-    if !self.layers.isEmpty {
-      try visitor.visitRepeatedMessageField(value: self.layers, fieldNumber: 6)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._tenant.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._tenant, fieldNumber: 1)
+      }
+      if _storage._sequenceID != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._sequenceID, fieldNumber: 2)
+      }
+      if _storage._shardID != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._shardID, fieldNumber: 3)
+      }
+      if _storage._epoch != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._epoch, fieldNumber: 4)
+      }
+      if _storage._step != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._step, fieldNumber: 5)
+      }
+      if !_storage._layers.isEmpty {
+        try visitor.visitRepeatedMessageField(value: _storage._layers, fieldNumber: 6)
+      }
+      try { if let v = _storage._primaryResult {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 7)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   package static func ==(lhs: Tessera_V1_Decode, rhs: Tessera_V1_Decode) -> Bool {
-    if lhs.tenant != rhs.tenant {return false}
-    if lhs.sequenceID != rhs.sequenceID {return false}
-    if lhs.shardID != rhs.shardID {return false}
-    if lhs.epoch != rhs.epoch {return false}
-    if lhs.step != rhs.step {return false}
-    if lhs.layers != rhs.layers {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._tenant != rhs_storage._tenant {return false}
+        if _storage._sequenceID != rhs_storage._sequenceID {return false}
+        if _storage._shardID != rhs_storage._shardID {return false}
+        if _storage._epoch != rhs_storage._epoch {return false}
+        if _storage._step != rhs_storage._step {return false}
+        if _storage._layers != rhs_storage._layers {return false}
+        if _storage._primaryResult != rhs_storage._primaryResult {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
