@@ -2,9 +2,10 @@
 import Glibc
 #endif
 
-/// Prefill work (expanding a prompt, attention profiles, compression) yields the cores to decode
-/// steps: a thread running it moves itself to Linux's `SCHED_IDLE` class first. A prefill runs for
-/// seconds and a step for milliseconds, so the step's latency is what contention hurts. Under
+/// Prefill work (expanding a prompt, attention profiles, compression) and audited decode steps yield
+/// the cores to decode steps: a thread running them moves itself to Linux's `SCHED_IDLE` class
+/// first. A prefill runs for seconds, an audited step decodes the full cache beside the compressed
+/// one, and a step runs for milliseconds, so the step's latency is what contention hurts. Under
 /// `SCHED_IDLE` a thread that wakes to serve a step (an event loop, a decode thread) preempts a
 /// running prefill at once, where against a lower nice value it may wait out the prefill's time
 /// slice at every hop of the step; the prefill still gets every cycle no step wants. Linux only

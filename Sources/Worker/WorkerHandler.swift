@@ -372,8 +372,9 @@ struct WorkerHandler: EnvelopeHandler {
                 try await self.worker.store.waiting { try $0.compressed(message.sequenceID) }
             }
         }
-        let threads = worker.team(.decode)
         let primaryResult = message.hasPrimaryResult ? message.primaryResult : nil
+        let kind: WorkerService.Work = held.audited ? .audit : .decode
+        let threads = worker.team(kind)
         switch try worker.store.withLock({
             try $0.beginDecode(
                 message.sequenceID,
@@ -391,7 +392,7 @@ struct WorkerHandler: EnvelopeHandler {
             do {
                 // A replica's share of the step is a row appended per head: not worth a thread hop.
                 if primaryResult == nil {
-                    result = try await worker.offload(.decode) { try job.run() }
+                    result = try await worker.offload(kind) { try job.run() }
                 } else {
                     result = try job.run()
                 }

@@ -394,10 +394,13 @@ public final class WorkerService: Sendable {
         store.withLock { ($0.kvBytes(), $0.sequenceIDs) }
     }
 
-    enum Work { case prefill, decode }
+    /// Tensor work by what waits on it: a prefill (seconds, and no step waits for it), a decode step
+    /// (milliseconds, and a client waits), an audited decode step (the step and the full cache's
+    /// reference beside it, to score it: measurement, not serving).
+    enum Work { case prefill, decode, audit }
 
-    /// Runs `work` on the threads for its kind (inline when simulated); prefill work at a lower
-    /// priority than decode steps (`PrefillPriority`).
+    /// Runs `work` on the threads for its kind (inline when simulated); prefill work and audited
+    /// steps at a lower priority than decode steps (`PrefillPriority`).
     func offload<T: Sendable>(_ kind: Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
         guard let threads else { return try work() }
         return try await threads.run(kind, work)
@@ -407,11 +410,15 @@ public final class WorkerService: Sendable {
 /// A worker process's threads for tensor work, so that it never occupies the cooperative pool that
 /// serves connections and heartbeats: long prefill work (expansion, profiles, compression) on one
 /// pool, decode steps (milliseconds each) on another, so that a step never queues behind a prefill,
-/// and the prefill threads at a lower priority, so that a step does not share a core evenly with one.
+/// audited steps on a third, so that they queue behind neither, and the prefill and audit threads at
+/// a lower priority, so that a step does not share a core evenly with them. An audited step decodes
+/// the full cache too (ten times a compressed step's work at 10%): at the steps' priority, the
+/// measurement would slow down the steps it measures.
 package struct ComputeThreads: Sendable {
     let prefill = NIOThreadPool(numberOfThreads: WorkerService.cores)
     let decode = NIOThreadPool(numberOfThreads: WorkerService.cores)
-    /// The threads a prefill job splits its work with (`team(.prefill)`), in the prefill class too.
+    let audit = NIOThreadPool(numberOfThreads: WorkerService.cores)
+    /// The threads a prefill job or an audited step splits its work with (`team`), in their class too.
     let prefillHelpers = NIOThreadPool(numberOfThreads: max(1, WorkerService.cores - 1))
     /// Runs `malloc_trim`, which can take milliseconds on a large heap: never queued behind a prefill
     /// (the heartbeat loop waits for it) and never on an event loop.
@@ -420,29 +427,31 @@ package struct ComputeThreads: Sendable {
     package init() {}
 
     func start() {
-        for pool in [prefill, prefillHelpers, decode, trim] { pool.start() }
+        for pool in [prefill, prefillHelpers, decode, audit, trim] { pool.start() }
     }
 
-    /// Runs `work` on the pool for its kind; prefill work first lowers its thread's priority.
+    /// Runs `work` on the pool for its kind; prefill work and audited steps first lower their
+    /// thread's priority.
     func run<T: Sendable>(_ kind: WorkerService.Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
         switch kind {
         case .decode:
             return try await decode.runIfActive(work)
-        case .prefill:
-            return try await prefill.runIfActive {
+        case .prefill, .audit:
+            return try await (kind == .prefill ? prefill : audit).runIfActive {
                 PrefillPriority.apply()
                 return try work()
             }
         }
     }
 
-    /// Every core; a prefill job's share beyond its own thread runs on `prefillHelpers`, so that
-    /// all of it stays below decode steps (the system's shared threads run at the process's priority).
+    /// Every core; the share of a prefill job or an audited step beyond its own thread runs on
+    /// `prefillHelpers`, so that all of it stays below decode steps (the system's shared threads run
+    /// at the process's priority).
     func team(_ kind: WorkerService.Work) -> ThreadTeam {
         switch kind {
         case .decode:
             return .dispatch(WorkerService.cores)
-        case .prefill:
+        case .prefill, .audit:
             return ThreadTeam(count: WorkerService.cores) { [helpers = prefillHelpers] count, body in
                 withoutActuallyEscaping(body) { body in
                     // The helpers hold the box, not the closure: a pool releases a work item only
@@ -475,6 +484,6 @@ package struct ComputeThreads: Sendable {
     }
 
     func shutdown() {
-        for pool in [prefill, prefillHelpers, decode, trim] { pool.shutdownGracefully { _ in } }
+        for pool in [prefill, prefillHelpers, decode, audit, trim] { pool.shutdownGracefully { _ in } }
     }
 }

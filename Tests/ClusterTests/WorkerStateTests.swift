@@ -284,9 +284,10 @@ extension Waitable {
     }
 }
 
-/// Prefill work yields the cores to decode steps: its threads run in Linux's idle scheduling class.
+/// Prefill work and audited steps yield the cores to decode steps: their threads run in Linux's idle
+/// scheduling class.
 struct ComputeThreadsTests {
-    @Test func prefillWorkRunsBelowDecodeSteps() async throws {
+    @Test func prefillWorkAndAuditedStepsRunBelowDecodeSteps() async throws {
         let threads = ComputeThreads()
         threads.start()
         defer { threads.shutdown() }
@@ -294,21 +295,23 @@ struct ComputeThreadsTests {
         let idle = PrefillPriority.idlePolicy
         let decode = try await threads.run(.decode) { sched_getscheduler(0) }
         #expect(try await threads.run(.prefill) { sched_getscheduler(0) } == idle)
+        #expect(try await threads.run(.audit) { sched_getscheduler(0) } == idle)
         // Decode threads keep the process's own class, even after prefill work ran elsewhere.
         #expect(try await threads.run(.decode) { sched_getscheduler(0) } == decode)
         #expect(decode != idle)
         #endif
     }
 
-    /// A prefill job that splits a layer's heads across cores keeps every share in its class: the
-    /// system's shared threads would run the others at the process's priority.
-    @Test func aPrefillJobSplitsItsWorkOnlyAcrossThreadsOfItsClass() async throws {
+    /// A prefill job or an audited step that splits a layer's heads across cores keeps every share in
+    /// its class: the system's shared threads would run the others at the process's priority.
+    @Test(arguments: [WorkerService.Work.prefill, .audit])
+    func aJobSplitsItsWorkOnlyAcrossThreadsOfItsClass(_ kind: WorkerService.Work) async throws {
         let threads = ComputeThreads()
         threads.start()
         defer { threads.shutdown() }
         #if os(Linux)
-        let team = threads.team(.prefill)
-        let classes = try await threads.run(.prefill) {
+        let team = threads.team(kind)
+        let classes = try await threads.run(kind) {
             let seen = Mutex([Int32](repeating: -1, count: team.count))
             team.forEachWorker(limit: team.count) { worker, _ in
                 let policy = sched_getscheduler(0)
