@@ -165,7 +165,8 @@ extension LayerPrefill {
                 keys: keys,
                 values: values,
                 queries: queries,
-                queryRows: queryRows
+                queryRows: queryRows,
+                checkedFinite: true
             )
         }
     }

@@ -19,6 +19,28 @@ public struct LayerPrefill: Sendable {
         queries: [Float],
         queryRows: Int
     ) throws(KVCacheError) {
+        try self.init(
+            geometry: geometry,
+            promptLength: m,
+            keys: keys,
+            values: values,
+            queries: queries,
+            queryRows: queryRows,
+            checkedFinite: false
+        )
+    }
+
+    /// The same, for tensors whose elements were all checked finite on their way in (the wire's
+    /// checked copy): the shapes are checked, the elements not read a second time.
+    package init(
+        geometry: ModelGeometry,
+        promptLength m: Int,
+        keys: [Float],
+        values: [Float],
+        queries: [Float],
+        queryRows: Int,
+        checkedFinite: Bool
+    ) throws(KVCacheError) {
         let d = geometry.headDim
         let kvCount = geometry.kvHeads * m * d
         guard m >= 1 else { throw KVCacheError(.invalidShape, "prompt length must be at least 1, got \(m)") }
@@ -36,7 +58,7 @@ public struct LayerPrefill: Sendable {
                     + "floats with queryRows in 0...\(m), got \(queries.count) floats, queryRows \(queryRows)"
             )
         }
-        for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
+        for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] where !checkedFinite {
             if let bad = FiniteElements.firstNonFinite(tensor) {
                 throw KVCacheError(.invalidValue, "\(name)[\(bad)] is \(tensor[bad]); every element must be finite")
             }

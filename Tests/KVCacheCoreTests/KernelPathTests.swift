@@ -145,6 +145,17 @@ import Testing
         }
     }
 
+    /// Sizes around the 64-byte stripe and the scramble every 16 stripes, at an odd address.
+    @Test(arguments: [0, 1, 63, 64, 65, 1023, 1024, 1025, 5000])
+    func digestPathsAgree(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count) + 11)
+        let bytes = (0..<(count + 1)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        bytes.withUnsafeBytes { raw in
+            let start = raw.baseAddress! + 1
+            #expect(kvk_digest(7, start, count) == kvk_digest_portable(7, start, count), "\(count) bytes")
+        }
+    }
+
     @Test func normalGeneratorPathsAgree() {
         var best = kvk_normal_state()
         withUnsafeMutableBytes(of: &best) { raw in

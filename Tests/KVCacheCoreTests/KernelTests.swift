@@ -19,9 +19,10 @@ import Glibc
         #expect(kvk_exp(-200) == 0)
     }
 
-    /// Replicas compare digests: any one flipped bit, at any offset (each of the four lanes, the word
-    /// tail and the byte tail), and any change of length must change the digest.
-    @Test(arguments: [1, 7, 8, 31, 32, 33, 100, 1000])
+    /// Replicas compare digests: any one flipped bit, at any offset (each of the eight lanes, across
+    /// the scramble after 16 stripes, the word tail and the byte tail), and any change of length
+    /// must change the digest.
+    @Test(arguments: [1, 7, 8, 31, 32, 33, 64, 100, 1000, 1100])
     func digestSeesEveryBitAndTheLength(count: Int) {
         var rng = SeededGenerator(seed: UInt64(count))
         let bytes = (0..<count).map { _ in UInt8.random(in: 0...255, using: &rng) }

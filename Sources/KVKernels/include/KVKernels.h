@@ -46,7 +46,7 @@ void kvk_decode_weighted_sum(const float *probabilities, size_t groups, size_t p
                              int valuesAreHalf, size_t rows, size_t headDim, float *out);
 
 /// A 64-bit digest of `count` bytes continuing from `seed` (the digest of what came before), for
-/// comparing replicas: order-sensitive, the same bits on every CPU, about a word per cycle.
+/// comparing replicas: order-sensitive, the same bits on every CPU, at about memory bandwidth.
 uint64_t kvk_digest(uint64_t seed, const void *bytes, size_t count);
 
 /// Turns `count` logits into probabilities in place; returns the largest logit. e^x is Cephes'
@@ -112,6 +112,7 @@ void kvk_normal_blocks_portable(kvk_normal_state *state, float *out, size_t bloc
 size_t kvk_load_finite_f32_portable(const void *source, float *destination, size_t count);
 size_t kvk_load_finite_f16_portable(const void *source, uint16_t *destination, size_t count);
 size_t kvk_widen_finite_f16_portable(const void *source, float *destination, size_t count);
+uint64_t kvk_digest_portable(uint64_t seed, const void *bytes, size_t count);
 
 /// Floating-point operations a register-only FMA loop performs in `iterations` (see `kvk_fma_loop`).
 double kvk_fma_loop_flops(size_t iterations);
