@@ -60,7 +60,9 @@ public enum KernelBenchmark {
         let heads = max(2, totalBytes / bytesPerHead)
         let rows = (0..<(tokens * headDim)).map { S(Float(($0 * 7919) % 1000) * 1e-3 - 0.5) }
         let keys = (0..<heads).map { h in rows.map { $0 + S(Float(h) * 1e-3) } }
-        let values = keys
+        // Values in storage of their own, as in a cache: sharing the keys' would let the value pass
+        // read from the last-level cache what the key pass just brought in.
+        let values = (0..<heads).map { h in rows.map { $0 - S(Float(h) * 1e-3) } }
         let query = (0..<headDim).map { Float(($0 * 31) % 17) * 0.05 - 0.4 }
         var scratch = [Float](repeating: 0, count: tokens)
         var output = [Float](repeating: 0, count: headDim)
