@@ -45,12 +45,17 @@ public enum KernelBenchmark {
         return Double(bytes) / best / 1e9
     }
 
-    /// Decode attention of one query per head over `heads` heads of `tokens` rows each (together far
-    /// larger than the caches, so every pass streams from memory); GB/s of K and V bytes read.
+    /// The GQA group `bench-kernels` also measures: 32 query heads over 8 KV heads.
+    public static let gqaGroup = 4
+
+    /// Decode attention of `groups` queries per head (a GQA group) over `heads` heads of `tokens`
+    /// rows each (together far larger than the caches, so every pass streams from memory); GB/s of K
+    /// and V bytes read.
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func decodeThroughput<S: KVScalar>(
         _: S.Type,
+        groups: Int = 1,
         tokens: Int = 32_768,
         headDim: Int = 128,
         totalBytes: Int = 1 << 30,
@@ -63,9 +68,9 @@ public enum KernelBenchmark {
         // Values in storage of their own, as in a cache: sharing the keys' would let the value pass
         // read from the last-level cache what the key pass just brought in.
         let values = (0..<heads).map { h in rows.map { $0 - S(Float(h) * 1e-3) } }
-        let query = (0..<headDim).map { Float(($0 * 31) % 17) * 0.05 - 0.4 }
-        var scratch = [Float](repeating: 0, count: tokens)
-        var output = [Float](repeating: 0, count: headDim)
+        let queries = (0..<(groups * headDim)).map { Float(($0 * 31) % 17) * 0.05 - 0.4 }
+        var scratch = [Float](repeating: 0, count: groups * tokens)
+        var output = [Float](repeating: 0, count: groups * headDim)
         var best = Double.infinity
         var sink: Float = 0
         for _ in 0..<runs {
@@ -75,7 +80,8 @@ public enum KernelBenchmark {
                 keys[h].withUnsafeBufferPointer { k in
                     values[h].withUnsafeBufferPointer { v in
                         Kernels.decodeAttention(
-                            queries: query,
+                            queries: queries,
+                            groups: groups,
                             keys: k.baseAddress!,
                             values: v.baseAddress!,
                             rows: tokens,

@@ -37,16 +37,20 @@ struct BenchKernels: AsyncParsableCommand {
         Terminal.error("[tessera] measuring read bandwidth (1 GiB, best of 5)…\n")
         let read = KernelBenchmark.readBandwidth()
         Terminal.output("read bandwidth: \(ResultTable.format(read, 1)) GB/s (one core, SIMD sum over 1 GiB)\n")
-        for scalar in ScalarType.allCases {
-            let rate =
-                switch scalar {
-                case .float32: KernelBenchmark.decodeThroughput(Float.self)
-                case .float16: KernelBenchmark.decodeThroughput(Float16.self)
-                }
-            Terminal.output(
-                "decode \(scalar.rawValue): \(ResultTable.format(rate, 1)) GB/s, "
-                    + "\(Int((100 * rate / read).rounded()))% of read bandwidth\n"
-            )
+        // One query per KV head, then a GQA group of four (Mistral's and Llama 3's 32 query heads
+        // over 8 KV heads), which reads each row once for all four.
+        for groups in [1, KernelBenchmark.gqaGroup] {
+            for scalar in ScalarType.allCases {
+                let rate =
+                    switch scalar {
+                    case .float32: KernelBenchmark.decodeThroughput(Float.self, groups: groups)
+                    case .float16: KernelBenchmark.decodeThroughput(Float16.self, groups: groups)
+                    }
+                Terminal.output(
+                    "decode \(scalar.rawValue)\(groups > 1 ? ", \(groups) queries per KV head" : ""): "
+                        + "\(ResultTable.format(rate, 1)) GB/s, \(Int((100 * rate / read).rounded()))% of read bandwidth\n"
+                )
+            }
         }
 
         let digest = KernelBenchmark.digestThroughput()

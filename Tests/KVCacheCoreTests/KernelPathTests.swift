@@ -33,7 +33,7 @@ import Testing
         }
     }
 
-    @Test(arguments: [(7, 1), (40, 4), (128, 1), (128, 4)])
+    @Test(arguments: [(7, 1), (40, 4), (96, 2), (128, 1), (128, 4), (64, 8)])
     func decodePathsAgree(headDim d: Int, groups: Int) {
         let seed = UInt64(d * 10 + groups)
         var rng = SeededGenerator(seed: seed)
