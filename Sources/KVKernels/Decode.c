@@ -4,10 +4,12 @@
 #include <math.h>
 
 
-// Decode attention streams every cached key and value row once per step, so these kernels are
-// memory-bound. Rows are read strictly in order, one whole row at a time (interleaving four rows
-// halved the bandwidth the hardware prefetcher delivers here), and each row serves every query head
-// of its GQA group while it is in L1.
+// Decode attention streams every cached key and value row once per step, so with one query per KV
+// head these kernels are memory-bound. Rows are read strictly in order, one whole row at a time
+// (interleaving four rows from four places halved the bandwidth the hardware prefetcher delivers
+// here), and each row serves every query head of its GQA group while it is in L1. A group multiplies
+// the work per row, which then bounds the kernels instead of memory: for groups, the key pass shares
+// its loads and reductions between queries and the value pass takes four consecutive rows per step.
 //
 // Both paths compute the same sums in the same order, so a cache decodes to the same bits on any CPU.
 // A dot product over d elements: 32 lane sums L[c mod 32], each a fused chain over c < 32⌊d/32⌋ in
