@@ -115,18 +115,18 @@ KVK_AVX2 static inline const void *group_row(const void *rows, int *half, size_t
 }
 
 /// The canonical dot product's lane vector `t = (a0 + a1) + (a2 + a3)` for two queries at once, each
-/// load of the Float32 row `k` serving both (d a multiple of 32).
+/// load of the row `k` (widened as it is loaded when half) serving both (d a multiple of 32).
 KVK_AVX2 __attribute__((always_inline)) static inline void lanes2_avx2(const float *q0, const float *q1,
-                                                                      const float *k, size_t d, __m256 *t0,
-                                                                      __m256 *t1) {
+                                                                      const void *k, int half, size_t d,
+                                                                      __m256 *t0, __m256 *t1) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (size_t c = 0; c < d; c += 32) {
-        __m256 k0 = _mm256_loadu_ps(k + c), k1 = _mm256_loadu_ps(k + c + 8);
+        __m256 k0 = load8(k, half, c), k1 = load8(k, half, c + 8);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), k0, a0);
         b0 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c), k0, b0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 8), k1, a1);
         b1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c + 8), k1, b1);
-        __m256 k2 = _mm256_loadu_ps(k + c + 16), k3 = _mm256_loadu_ps(k + c + 24);
+        __m256 k2 = load8(k, half, c + 16), k3 = load8(k, half, c + 24);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 16), k2, a2);
         b2 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c + 16), k2, b2);
         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c + 24), k3, a3);
@@ -151,13 +151,17 @@ KVK_AVX2 static void logits_avx2(const float *queries, size_t groups, const void
         // reduction, which otherwise costs about as much as the products.
         const __m128 scales = _mm_set1_ps(scale);
         for (size_t j = 0; j < rows; j++) {
-            int rowHalf = half;
-            const float *k = group_row(keys, &rowHalf, j, groups, d, buffer);
+            const void *k = half ? (const void *)((const uint16_t *)keys + j * d) : (const float *)keys + j * d;
             for (size_t g = 0; g < groups; g += 4) {
                 const float *q = queries + g * d;
                 __m256 t0, t1, t2, t3;
-                lanes2_avx2(q, q + d, k, d, &t0, &t1);
-                lanes2_avx2(q + 2 * d, q + 3 * d, k, d, &t2, &t3);
+                if (half) {
+                    lanes2_avx2(q, q + d, k, 1, d, &t0, &t1);
+                    lanes2_avx2(q + 2 * d, q + 3 * d, k, 1, d, &t2, &t3);
+                } else {
+                    lanes2_avx2(q, q + d, k, 0, d, &t0, &t1);
+                    lanes2_avx2(q + 2 * d, q + 3 * d, k, 0, d, &t2, &t3);
+                }
                 float s[4];
                 _mm_storeu_ps(s, _mm_mul_ps(sums4_avx2(t0, t1, t2, t3), scales));
                 for (int i = 0; i < 4; i++) scores[(g + i) * scoreStride + j] = s[i];
