@@ -58,9 +58,11 @@ public struct LayerPrefill: Sendable {
                     + "floats with queryRows in 0...\(m), got \(queries.count) floats, queryRows \(queryRows)"
             )
         }
-        for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] where !checkedFinite {
-            if let bad = FiniteElements.firstNonFinite(tensor) {
-                throw KVCacheError(.invalidValue, "\(name)[\(bad)] is \(tensor[bad]); every element must be finite")
+        if !checkedFinite {
+            for (name, tensor) in [("keys", keys), ("values", values), ("queries", queries)] {
+                if let bad = FiniteElements.firstNonFinite(tensor) {
+                    throw KVCacheError(.invalidValue, "\(name)[\(bad)] is \(tensor[bad]); every element must be finite")
+                }
             }
         }
         self.geometry = geometry

@@ -426,21 +426,24 @@ package struct ComputeThreads: Sendable {
 
     package init() {}
 
+    private var pools: [NIOThreadPool] { [prefill, prefillHelpers, decode, audit, trim] }
+
     func start() {
-        for pool in [prefill, prefillHelpers, decode, audit, trim] { pool.start() }
+        for pool in pools { pool.start() }
     }
 
     /// Runs `work` on the pool for its kind; prefill work and audited steps first lower their
     /// thread's priority.
     func run<T: Sendable>(_ kind: WorkerService.Work, _ work: @escaping @Sendable () throws -> T) async throws -> T {
+        let pool: NIOThreadPool
         switch kind {
-        case .decode:
-            return try await decode.runIfActive(work)
-        case .prefill, .audit:
-            return try await (kind == .prefill ? prefill : audit).runIfActive {
-                PrefillPriority.apply()
-                return try work()
-            }
+        case .decode: return try await decode.runIfActive(work)
+        case .prefill: pool = prefill
+        case .audit: pool = audit
+        }
+        return try await pool.runIfActive {
+            PrefillPriority.apply()
+            return try work()
         }
     }
 
@@ -484,6 +487,6 @@ package struct ComputeThreads: Sendable {
     }
 
     func shutdown() {
-        for pool in [prefill, prefillHelpers, decode, audit, trim] { pool.shutdownGracefully { _ in } }
+        for pool in pools { pool.shutdownGracefully { _ in } }
     }
 }
