@@ -1,5 +1,6 @@
 import Dispatch
 public import KVCacheCore
+public import Workloads
 
 /// Measures the decode-attention kernel against the machine's own memory read bandwidth, on one core.
 public enum KernelBenchmark {
@@ -163,6 +164,31 @@ public enum KernelBenchmark {
         }
         let flops = AttentionProfile.flops(geometry: prefill.geometry, promptLength: prefill.promptLength, firstRow: 0)
         return (flops / best, best)
+    }
+
+    /// Seconds to synthesise layer `layer` of `trace` as a worker does (`SequenceTrace.layerTrace`:
+    /// keys, values, the query rows from `firstQueryRow` on and the decode steps), on this thread,
+    /// best of `runs`, and the floats written. Layers this large are never kept for reuse, so every
+    /// run synthesises.
+    public static func synthesisTime(
+        trace: SequenceTrace,
+        layer: Int,
+        firstQueryRow: Int,
+        runs: Int = 3
+    ) -> (seconds: Double, floats: Int) {
+        var best = Double.infinity
+        var floats = 0
+        for _ in 0..<runs {
+            let clock = ContinuousClock()
+            let start = clock.now
+            let (prefill, decode) = trace.layerTrace(layer, firstQueryRow: firstQueryRow)
+            best = min(best, (clock.now - start).seconds)
+            floats =
+                prefill.keys.count + prefill.values.count + prefill.queries.count
+                + decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
+            blackHole(prefill.keys[0])
+        }
+        return (best, floats)
     }
 
     @inline(never)

@@ -15,8 +15,14 @@
 static inline int kvk_has_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+
+// AVX-512 Foundation on top, for the one kernel it measurably speeds up (the normal generator).
+#define KVK_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+static inline int kvk_has_avx512(void) { return kvk_has_avx2() && __builtin_cpu_supports("avx512f"); }
 #else
 static inline int kvk_has_avx2(void) { return 0; }
+static inline int kvk_has_avx512(void) { return 0; }
 #endif
 
 static inline float kvk_as_float(uint32_t bits) {

@@ -82,27 +82,44 @@ static inline __attribute__((always_inline)) void lane_sin_cos_two_pi(float u, f
     *cosine = kvk_as_float(((cBits & ~swap) | (sBits & swap)) ^ (((quadrant + 1) & 2) << 30));
 }
 
-/// Block `b`'s 32 normals: lane l's word gives out[l] = r·cos and out[16 + l] = r·sin, from its low
-/// half (u1, the radius) and high half (u2, the angle). The words and the floats are two loops so
-/// that each vectorises at its own width (four 64-bit lanes, eight float lanes).
-static inline __attribute__((always_inline)) void blocks_body(kvk_normal_state *g, float *out, size_t blocks) {
-    for (size_t b = 0; b < blocks; b++, out += 2 * KVK_NORMAL_LANES) {
-        uint32_t low[KVK_NORMAL_LANES], high[KVK_NORMAL_LANES];
+/// Lane `l`'s two normals from one word: r·cos to `cosine` and r·sin to `sine`, from its low half
+/// (u1, the radius) and high half (u2, the angle).
+static inline __attribute__((always_inline)) void box_muller(uint32_t low, uint32_t high, float *cosine, float *sine) {
+    float u1 = 1 - unit_interval(low);  // in (0, 1], so the log is finite
+    float u2 = unit_interval(high);
+    float radius = lane_sqrt(-2 * lane_log(u1)), s, c;
+    lane_sin_cos_two_pi(u2, &s, &c);
+    *cosine = radius * c;
+    *sine = radius * s;
+}
+
+/// `n` consecutive blocks (`n` is 1 or 2, a constant): block `b`'s 32 normals are out[l] = r·cos and
+/// out[16 + l] = r·sin of lane l's word. The words and the floats are two loops so that each
+/// vectorises at its own width; two blocks in one loop give the vector units two independent
+/// chains of polynomial steps (a lane's words still come in order).
+static inline __attribute__((always_inline)) void run_blocks(kvk_normal_state *g, float *out, const int n) {
+    uint32_t low[2 * KVK_NORMAL_LANES], high[2 * KVK_NORMAL_LANES];
+    for (int k = 0; k < n; k++) {
         for (int l = 0; l < KVK_NORMAL_LANES; l++) {
             uint64_t word = next_word(g, l);
-            low[l] = (uint32_t)word;
-            high[l] = (uint32_t)(word >> 32);
-        }
-#pragma clang loop vectorize_width(16)
-        for (int l = 0; l < KVK_NORMAL_LANES; l++) {
-            float u1 = 1 - unit_interval(low[l]);  // in (0, 1], so the log is finite
-            float u2 = unit_interval(high[l]);
-            float radius = lane_sqrt(-2 * lane_log(u1)), sine, cosine;
-            lane_sin_cos_two_pi(u2, &sine, &cosine);
-            out[l] = radius * cosine;
-            out[KVK_NORMAL_LANES + l] = radius * sine;
+            low[k * KVK_NORMAL_LANES + l] = (uint32_t)word;
+            high[k * KVK_NORMAL_LANES + l] = (uint32_t)(word >> 32);
         }
     }
+#pragma clang loop vectorize_width(16)
+    for (int l = 0; l < KVK_NORMAL_LANES; l++) {
+        box_muller(low[l], high[l], &out[l], &out[KVK_NORMAL_LANES + l]);
+        if (n == 2) {
+            int m = KVK_NORMAL_LANES + l;
+            box_muller(low[m], high[m], &out[2 * KVK_NORMAL_LANES + l], &out[3 * KVK_NORMAL_LANES + l]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void blocks_body(kvk_normal_state *g, float *out, size_t blocks) {
+    size_t b = 0;
+    for (; b + 2 <= blocks; b += 2, out += 4 * KVK_NORMAL_LANES) run_blocks(g, out, 2);
+    if (b < blocks) run_blocks(g, out, 1);
 }
 
 static inline __attribute__((always_inline)) void skip_body(kvk_normal_state *g, size_t blocks) {
@@ -111,11 +128,22 @@ static inline __attribute__((always_inline)) void skip_body(kvk_normal_state *g,
 }
 
 #ifdef KVK_X86
+// AVX-512 where the CPU has it: its 64-bit shifts and rotates, sixteen float lanes per register and
+// 32 registers run the same operations in half the instructions (twice the normals per second,
+// measured on a Zen 4 EPYC), and the bits stay the same.
+KVK_AVX512 static void blocks_avx512(kvk_normal_state *g, float *out, size_t blocks) { blocks_body(g, out, blocks); }
 KVK_AVX2 static void blocks_avx2(kvk_normal_state *g, float *out, size_t blocks) { blocks_body(g, out, blocks); }
 KVK_AVX2 static void skip_avx2(kvk_normal_state *g, size_t blocks) { skip_body(g, blocks); }
 #endif
 
 void kvk_normal_blocks(kvk_normal_state *state, float *out, size_t blocks) {
+#ifdef KVK_X86
+    if (kvk_has_avx512()) return blocks_avx512(state, out, blocks);
+#endif
+    kvk_normal_blocks_avx2(state, out, blocks);
+}
+
+void kvk_normal_blocks_avx2(kvk_normal_state *state, float *out, size_t blocks) {
 #ifdef KVK_X86
     if (kvk_has_avx2()) return blocks_avx2(state, out, blocks);
 #endif

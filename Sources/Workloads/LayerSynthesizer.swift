@@ -67,7 +67,18 @@ struct LayerSynthesizer {
 
     /// The layer's keys, values and the queries of prompt rows `firstQueryRow..<m` (identical to
     /// those rows of a full prefill: the rows before are stepped over, not written).
-    func prefill(firstQueryRow: Int = 0) -> LayerPrefill {
+    func prefill(firstQueryRow: Int = 0) -> LayerPrefill { prefillAndPositional(firstQueryRow: firstQueryRow).prefill }
+
+    /// The prefill and the decode steps together: decode continues the positional process from the
+    /// prefill's last prompt row instead of drawing the whole prompt's process again.
+    func prefillAndDecode(firstQueryRow: Int = 0) -> (prefill: LayerPrefill, decode: [DecodeStepInput]) {
+        let (prefill, lastPositional) = prefillAndPositional(firstQueryRow: firstQueryRow)
+        return (prefill, decode(continuing: lastPositional))
+    }
+
+    /// The prefill, and every KV head's positional vector at the last prompt position (`dc` floats
+    /// per head, heads back to back).
+    private func prefillAndPositional(firstQueryRow: Int) -> (prefill: LayerPrefill, lastPositional: [Float]) {
         let geometry = trace.geometry
         let kvHeads = geometry.kvHeads
         let scratch = ScratchBuffers()
@@ -109,8 +120,14 @@ struct LayerSynthesizer {
                 }
             }
         }
+        var lastPositional: [Float] = []
+        lastPositional.reserveCapacity(kvHeads * dc)
+        for kv in 0..<kvHeads {
+            let last = (kv * m + m - 1) * dc
+            lastPositional += positional[last..<(last + dc)]
+        }
         do {
-            return try LayerPrefill(
+            let prefill = try LayerPrefill(
                 geometry: geometry,
                 promptLength: m,
                 keys: keys,
@@ -118,6 +135,7 @@ struct LayerSynthesizer {
                 queries: queries,
                 queryRows: rows
             )
+            return (prefill, lastPositional)
         } catch {
             preconditionFailure("synthesised prefill of layer \(layer) is malformed: \(error)")
         }
@@ -383,22 +401,28 @@ struct LayerSynthesizer {
 
     // MARK: Decode
 
+    /// The decode steps, drawing the prompt's positional process to find where they continue it.
     func decode() -> [DecodeStepInput] {
+        guard trace.decodeSteps > 0 else { return [] }
+        var lastPositional = [Float](repeating: 0, count: trace.geometry.kvHeads * dc)
+        var prompt = [Float](repeating: 0, count: m * dc)
+        prompt.withUnsafeMutableBufferPointer { prompt in
+            for kv in 0..<trace.geometry.kvHeads {
+                fillPositional(kvHead: kv, into: prompt.baseAddress!)
+                for k in 0..<dc { lastPositional[kv * dc + k] = prompt[(m - 1) * dc + k] }
+            }
+        }
+        return decode(continuing: lastPositional)
+    }
+
+    /// The decode steps, each KV head's positional process continuing from `lastPositional`.
+    private func decode(continuing lastPositional: [Float]) -> [DecodeStepInput] {
         let steps = trace.decodeSteps
         guard steps > 0 else { return [] }
         let geometry = trace.geometry
         let kvHeads = geometry.kvHeads
         let queryHeads = geometry.queryHeads
-
-        // Continue each KV head's positional process from the last prompt position.
-        var positions = [Float](repeating: 0, count: kvHeads * dc)
-        var prompt = [Float](repeating: 0, count: m * dc)
-        prompt.withUnsafeMutableBufferPointer { prompt in
-            for kv in 0..<kvHeads {
-                fillPositional(kvHead: kv, into: prompt.baseAddress!)
-                for k in 0..<dc { positions[kv * dc + k] = prompt[(m - 1) * dc + k] }
-            }
-        }
+        var positions = lastPositional
 
         let perStepKV = 2 * dc + r + d
         let kvNoise = (0..<kvHeads).map { kv in

@@ -132,8 +132,7 @@ public struct SequenceTrace: Sendable {
             firstQueryRow: firstQueryRow
         )
         if let known = RecentLayers.find(key) { return known }
-        let synthesizer = LayerSynthesizer(trace: self, layer: layer)
-        let synthesised = (prefill: synthesizer.prefill(firstQueryRow: firstQueryRow), decode: synthesizer.decode())
+        let synthesised = LayerSynthesizer(trace: self, layer: layer).prefillAndDecode(firstQueryRow: firstQueryRow)
         RecentLayers.keep(synthesised, for: key)
         return synthesised
     }

@@ -15,7 +15,8 @@ struct BenchKernels: AsyncParsableCommand {
             e.g. `decode f32: 35.1 GB/s, 84% of read bandwidth`, and the digest replicas compare the same \
             way. On every core it then measures the FMA \
             peak (a register-only loop) and the attention profile of every row of a multi-image layer, \
-            and prints e.g. `profile f32: 157 GFLOP/s, 67% of FMA peak`. Last it times each policy \
+            and prints e.g. `profile f32: 157 GFLOP/s, 67% of FMA peak`; then the time one thread takes \
+            to synthesise that layer as a worker does for a load test. Last it times each policy \
             compressing one layer of an image-qa prompt on the chosen model at the chosen budget.
             """
     )
@@ -71,6 +72,20 @@ struct BenchKernels: AsyncParsableCommand {
                 + "(\(ResultTable.format(peak / 1e9, 1)) GFLOP/s on \(threads) threads, \(Kernels.computePath)); "
                 + "every row of a multi-image layer, \(prefill.promptLength) tokens, in "
                 + "\(ResultTable.format(profile.seconds * 1000, 1)) ms\n"
+        )
+
+        // What a worker spends creating the load before its cache sees a byte: the load generator's
+        // cost, reported apart from the cache's.
+        let window = 32
+        let synthesis = KernelBenchmark.synthesisTime(
+            trace: long,
+            layer: geometry.layers / 2,
+            firstQueryRow: long.promptLength - window
+        )
+        Terminal.output(
+            "synthesis: one multi-image layer (keys, values, the last \(window) query rows, \(long.decodeSteps) "
+                + "decode steps) in \(ResultTable.format(synthesis.seconds * 1000, 1)) ms on one thread, "
+                + "\(ResultTable.format(Double(synthesis.floats) / synthesis.seconds / 1e6, 0)) M floats/s\n"
         )
 
         let trace = TraceGenerator(preset: .imageQA, geometry: geometry, seed: seed).sequence(0)

@@ -164,11 +164,16 @@ import Testing
             }
         }
         var portable = best
-        var a = [Float](repeating: 0, count: 32 * 40)
+        var avx2 = best
+        // An odd count: the paths take two blocks per step and the last one alone.
+        var a = [Float](repeating: 0, count: 32 * 41)
         var b = a
-        kvk_normal_blocks(&best, &a, 40)
-        kvk_normal_blocks_portable(&portable, &b, 40)
+        var c = a
+        kvk_normal_blocks(&best, &a, 41)
+        kvk_normal_blocks_portable(&portable, &b, 41)
+        kvk_normal_blocks_avx2(&avx2, &c, 41)
         #expect(a.map(\.bitPattern) == b.map(\.bitPattern))
+        #expect(c.map(\.bitPattern) == b.map(\.bitPattern))
     }
 
     /// A GQA group attends in one pass over its KV head; each query gets what it gets alone.

@@ -109,6 +109,9 @@ void kvk_decode_weighted_sum_portable(const float *probabilities, size_t groups,
 float kvk_softmax_portable(float *scores, size_t count);
 void kvk_narrow_to_half_portable(const float *source, uint16_t *destination, size_t count);
 void kvk_normal_blocks_portable(kvk_normal_state *state, float *out, size_t blocks);
+/// The generator's AVX2 path (the portable one without AVX2), which `kvk_normal_blocks` passes over
+/// on a CPU with AVX-512: so tests there check it too.
+void kvk_normal_blocks_avx2(kvk_normal_state *state, float *out, size_t blocks);
 size_t kvk_load_finite_f32_portable(const void *source, float *destination, size_t count);
 size_t kvk_load_finite_f16_portable(const void *source, uint16_t *destination, size_t count);
 size_t kvk_widen_finite_f16_portable(const void *source, float *destination, size_t count);
