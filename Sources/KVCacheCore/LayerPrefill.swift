@@ -31,7 +31,8 @@ public struct LayerPrefill: Sendable {
     }
 
     /// The same, for tensors whose elements were all checked finite on their way in (the wire's
-    /// checked copy): the shapes are checked, the elements not read a second time.
+    /// checked copy) or are finite by construction (synthesis): the shapes are checked, the elements
+    /// not read again.
     package init(
         geometry: ModelGeometry,
         promptLength m: Int,

@@ -127,13 +127,15 @@ struct LayerSynthesizer {
             lastPositional += positional[last..<(last + dc)]
         }
         do {
+            // Finite by construction (finite normals, scaled and summed), so not scanned again.
             let prefill = try LayerPrefill(
                 geometry: geometry,
                 promptLength: m,
                 keys: keys,
                 values: values,
                 queries: queries,
-                queryRows: rows
+                queryRows: rows,
+                checkedFinite: true
             )
             return (prefill, lastPositional)
         } catch {
@@ -179,11 +181,14 @@ struct LayerSynthesizer {
         let c = positionalKeyWeight
         let textWeight = textKeyNoiseWeight
         let sigma = Synthesis.reservedNoise
+        let tags = trace.layout.tags
         for j in 0..<m {
             let row = keys + j * d
-            let n = noise + j * dc
-            let pj = p + j * dc
-            for k in 0..<dc { row[k] = textWeight * n[k] + c * pj[k] }
+            if !tags[j].isVisual {  // visual rows' content is written with their field below
+                let n = noise + j * dc
+                let pj = p + j * dc
+                for k in 0..<dc { row[k] = textWeight * n[k] + c * pj[k] }
+            }
             let reserved = reservedNoise + j * r
             for k in 0..<r { row[dc + k] = sigma * reserved[k] }
         }
