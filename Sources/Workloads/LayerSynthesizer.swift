@@ -107,7 +107,8 @@ struct LayerSynthesizer {
         let queries = positional.withUnsafeBufferPointer { positional in
             keys.withUnsafeBufferPointer { keys in
                 Self.floats(geometry.queryHeads * rows * d) { queries in
-                    for head in 0..<geometry.queryHeads {
+                    // Without query rows (a policy that observes none) the rows' draws are not needed.
+                    for head in 0..<(rows > 0 ? geometry.queryHeads : 0) {
                         let kv = head / geometry.groupSize
                         fillQueries(
                             head: head,
