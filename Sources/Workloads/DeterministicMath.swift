@@ -145,20 +145,26 @@ enum DeterministicMath {
 enum NormalTailTable {
     private static let limit = 8.0
     private static let stepsPerUnit = 256.0
-    private static let values: [Double] = {
+    /// The tail at every grid point; hot loops take it once (`upperTail(_:in:)`), since every read of
+    /// a global goes through its lazy initialisation check.
+    static let values: [Double] = {
         let count = Int(2 * limit * stepsPerUnit) + 2
         return (0..<count).map { DeterministicMath.normalUpperTail(Double($0) / stepsPerUnit - limit) }
     }()
 
     @inline(__always)
     static func upperTail(_ x: Double) -> Double {
+        values.withUnsafeBufferPointer { upperTail(x, in: $0) }
+    }
+
+    /// The same, interpolated in `table` (`values`).
+    @inline(__always)
+    static func upperTail(_ x: Double, in table: UnsafeBufferPointer<Double>) -> Double {
         if x <= -limit { return 1 }
         if x >= limit { return 0 }
         let position = (x + limit) * stepsPerUnit
         let index = Int(position)
         let fraction = position - Double(index)
-        return values.withUnsafeBufferPointer { table in
-            table[index] + fraction * (table[index + 1] - table[index])
-        }
+        return table[index] + fraction * (table[index + 1] - table[index])
     }
 }

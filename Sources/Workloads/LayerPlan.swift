@@ -326,29 +326,54 @@ struct SinkCalibrator {
         } else if wanted >= Double(bulk + inertCount) {
             t = lowT
         } else {
-            var low = lowT
-            var high = highT
-            for _ in 0..<40 {
-                let middle = 0.5 * (low + high)
-                let above =
-                    bulkAbove(middle, count: max(bulk, 0))
-                    + Double(inertCount) * NormalTailTable.upperTail(middle / max(codedStd, 1e-6))
-                if above > wanted { low = middle } else { high = middle }
+            // 40 steps of bisection, for every row of every query head, so they are taken two at a
+            // time: the second step's midpoint on either side is known before the first comparison,
+            // so the three evaluations run side by side instead of one after another. The midpoints
+            // and comparisons are the one-step bisection's, and so are the bits.
+            t = NormalTailTable.values.withUnsafeBufferPointer { tail in
+                prefix.withUnsafeBufferPointer { prefix in
+                    let codedScale = max(codedStd, 1e-6)
+                    @inline(__always) func above(_ t: Double) -> Double {
+                        bulkAbove(t, count: max(bulk, 0), prefix: prefix, tail: tail)
+                            + Double(inertCount) * NormalTailTable.upperTail(t / codedScale, in: tail)
+                    }
+                    var low = lowT
+                    var high = highT
+                    for _ in 0..<20 {
+                        let middle = 0.5 * (low + high)
+                        let lower = 0.5 * (low + middle)
+                        let upper = 0.5 * (middle + high)
+                        let (atMiddle, atLower, atUpper) = (above(middle), above(lower), above(upper))
+                        if atMiddle > wanted {
+                            low = middle
+                            if atUpper > wanted { low = upper } else { high = upper }
+                        } else {
+                            high = middle
+                            if atLower > wanted { low = lower } else { high = lower }
+                        }
+                    }
+                    return 0.5 * (low + high)
+                }
             }
-            t = 0.5 * (low + high)
         }
         return t + Synthesis.thresholdLogitGap
     }
 
     /// Expected number of `count` bulk keys (at distances 0, 1, …) above threshold `t`.
-    private func bulkAbove(_ t: Double, count: Int) -> Double {
+    @inline(__always)
+    private func bulkAbove(
+        _ t: Double,
+        count: Int,
+        prefix: UnsafeBufferPointer<Double>,
+        tail: UnsafeBufferPointer<Double>
+    ) -> Double {
         let boosted = min(count, recencyLength)
         let position = (t - lowT) / (highT - lowT) * Double(Self.gridCount - 1)
         let index = min(max(Int(position), 0), Self.gridCount - 2)
         let fraction = position - Double(index)
         let row = boosted * Self.gridCount + index
         let near = prefix[row] + fraction * (prefix[row + 1] - prefix[row])
-        let far = Double(count - boosted) * NormalTailTable.upperTail(t / bulkStd)
+        let far = Double(count - boosted) * NormalTailTable.upperTail(t / bulkStd, in: tail)
         return near + far
     }
 }
