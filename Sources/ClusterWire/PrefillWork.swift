@@ -29,10 +29,17 @@ public struct PrefillWork: Sendable, Hashable {
         compressMicros = compressMicros.saturatingSum(other.compressMicros)
     }
 
-    /// Runs `body`, adding the microseconds it took to `total`.
-    public static func timed<T, E: Error>(_ total: inout UInt64, _ body: () throws(E) -> T) throws(E) -> T {
-        let start = ContinuousClock.now
-        defer { total += (ContinuousClock.now - start).wholeMicroseconds }
+    /// Runs `body`, adding the microseconds it took on `clock` to `total`. Workers pass their
+    /// network's clock: a simulated run, whose compute takes no simulated time, then records 0, so
+    /// messages that carry these figures (a primary's result forwarded to its replicas) are the same
+    /// bytes in every replay.
+    public static func timed<T, E: Error>(
+        _ total: inout UInt64,
+        on clock: some Clock<Duration>,
+        _ body: () throws(E) -> T
+    ) throws(E) -> T {
+        let start = clock.now
+        defer { total += start.duration(to: clock.now).wholeMicroseconds }
         return try body()
     }
 }

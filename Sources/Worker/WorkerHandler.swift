@@ -91,11 +91,14 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let expanded: (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?)
         do {
+            let clock = worker.network.clock
             if Self.isSmall(message, held) {
-                expanded = try Self.expand(message, held, threads: .single)
+                expanded = try Self.expand(message, held, threads: .single, clock: clock)
             } else {
                 let threads = worker.team(.prefill)
-                expanded = try await worker.offload(.prefill) { try Self.expand(message, held, threads: threads) }
+                expanded = try await worker.offload(.prefill) {
+                    try Self.expand(message, held, threads: threads, clock: clock)
+                }
             }
         } catch {
             worker.store.withLock { $0.abandonExpansion(message.sequenceID, layers: layers) }
@@ -158,7 +161,8 @@ struct WorkerHandler: EnvelopeHandler {
     private static func expand(
         _ message: Tessera_V1_Prefill,
         _ held: HeldSequence,
-        threads: ThreadTeam
+        threads: ThreadTeam,
+        clock: any Clock<Duration>
     ) throws -> (part: PrefillParts, syntheticDecode: [Int: [DecodeStepInput]]?, needle: Needle?) {
         let m = held.layout.promptLength
         var part = PrefillParts()
@@ -169,7 +173,7 @@ struct WorkerHandler: EnvelopeHandler {
         /// needed for the profile, and can outweigh the keys several times).
         func take(_ layer: Int, _ prefill: LayerPrefill) throws {
             do {
-                let profile = try PrefillWork.timed(&part.work.profileMicros) { () throws(KVCacheError) in
+                let profile = try PrefillWork.timed(&part.work.profileMicros, on: clock) { () throws(KVCacheError) in
                     try AttentionProfile(prefill: prefill, requirements: requirements, threads: threads)
                 }
                 part.profiles[layer] = profile
@@ -206,7 +210,7 @@ struct WorkerHandler: EnvelopeHandler {
             var decode: [Int: [DecodeStepInput]] = [:]
             for layer in held.layers {
                 // Only the query rows the policy observes are synthesised.
-                let generated = PrefillWork.timed(&part.work.synthesisMicros) {
+                let generated = PrefillWork.timed(&part.work.synthesisMicros, on: clock) {
                     trace.layerTrace(layer, firstQueryRow: requirements.firstRow ?? m)
                 }
                 try take(layer, generated.prefill)
@@ -265,9 +269,10 @@ struct WorkerHandler: EnvelopeHandler {
         } else {
             let storage = worker.configuration.storage
             let budgets = byLayer
+            let clock = worker.network.clock
             let ((cache, audit, scores), micros) = try await worker.offload(.prefill) {
                 var micros: UInt64 = 0
-                let compressed = try PrefillWork.timed(&micros) { () throws(WireError) in
+                let compressed = try PrefillWork.timed(&micros, on: clock) { () throws(WireError) in
                     try Self.compress(held, budgets: budgets, storage: storage)
                 }
                 return (compressed, micros)
