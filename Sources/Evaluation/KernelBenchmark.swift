@@ -181,12 +181,10 @@ public enum KernelBenchmark {
         for _ in 0..<runs {
             let clock = ContinuousClock()
             let start = clock.now
-            let (prefill, decode) = trace.layerTrace(layer, firstQueryRow: firstQueryRow)
+            let synthesised = trace.layerTrace(layer, firstQueryRow: firstQueryRow)
             best = min(best, (clock.now - start).seconds)
-            floats =
-                prefill.keys.count + prefill.values.count + prefill.queries.count
-                + decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
-            blackHole(prefill.keys[0])
+            floats = SequenceTrace.floats(in: synthesised)
+            blackHole(synthesised.prefill.keys[0])
         }
         return (best, floats)
     }

@@ -155,6 +155,7 @@ KVK_AVX2 static void logits_avx2(const float *queries, size_t groups, const void
             for (size_t g = 0; g < groups; g += 4) {
                 const float *q = queries + g * d;
                 __m256 t0, t1, t2, t3;
+                // `half` as a constant in each branch, so the inlined loops test it once, not per load.
                 if (half) {
                     lanes2_avx2(q, q + d, k, 1, d, &t0, &t1);
                     lanes2_avx2(q + 2 * d, q + 3 * d, k, 1, d, &t2, &t3);

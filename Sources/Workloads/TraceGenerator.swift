@@ -137,6 +137,13 @@ public struct SequenceTrace: Sendable {
         return synthesised
     }
 
+    /// Floats in a layer as `layerTrace` returns it: the prefill's keys, values and query rows, and
+    /// every decode step's.
+    public static func floats(in layer: (prefill: LayerPrefill, decode: [DecodeStepInput])) -> Int {
+        layer.prefill.keys.count + layer.prefill.values.count + layer.prefill.queries.count
+            + layer.decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
+    }
+
     /// Whether query head `queryHead` of `layer` retrieves the needle.
     public func isRetrievalHead(layer: Int, queryHead: Int) -> Bool {
         model.isRetrieval(layer: layer, queryHead: queryHead)
@@ -175,10 +182,7 @@ enum RecentLayers {
     static func find(_ key: Key) -> Layer? { kept.withLock { $0.layers[key] } }
 
     static func keep(_ layer: Layer, for key: Key) {
-        let floats =
-            layer.prefill.keys.count + layer.prefill.values.count + layer.prefill.queries.count
-            + layer.decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
-        let bytes = floats * MemoryLayout<Float>.stride
+        let bytes = SequenceTrace.floats(in: layer) * MemoryLayout<Float>.stride
         guard bytes <= maxLayerBytes else { return }
         kept.withLock { kept in
             if kept.bytes + bytes > maxBytes { kept = ([:], 0) }
