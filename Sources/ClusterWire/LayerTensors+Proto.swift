@@ -125,22 +125,29 @@ extension Tessera_V1_LayerOutput {
 
 extension LayerPrefill {
     /// One layer's prefill tensors as a peer sent them inline, for a prompt of `promptLength`
-    /// positions of a model of `geometry`. Unset `queries` mean no observation rows.
+    /// positions of a model of `geometry`. Unset `queries` mean no observation rows. Each KV head's
+    /// arrays get room for `spareRows` decoded rows (`LayerPrefill.headArray`).
     ///
     /// - Throws: `.badRequest` for missing keys or values; `.invalidShape` for keys or values other
     ///   than `[kvHeads, promptLength, headDim]`, queries other than `[queryHeads, rows, headDim]` with
     ///   rows in 1...promptLength, or a byte count that does not match; `.invalidValue` for an unknown
     ///   dtype or a non-finite element.
-    package init(proto: Tessera_V1_LayerTensors, geometry: ModelGeometry, promptLength: Int) throws(WireError) {
+    package init(
+        proto: Tessera_V1_LayerTensors,
+        geometry: ModelGeometry,
+        promptLength: Int,
+        spareRows: Int = 0
+    ) throws(WireError) {
         let prefix = "layer \(proto.layer)"
         guard promptLength >= 1 else {
             throw WireError(.invalidShape, "\(prefix): promptLength must be at least 1, got \(promptLength)")
         }
         let kvShape = [geometry.kvHeads, promptLength, geometry.headDim]
+        let spare = max(0, spareRows) * geometry.headDim
         let keys = try requireTensor(proto.hasKeys, proto.keys, name: "\(prefix) keys")
-            .floatValues(name: "\(prefix) keys", expectedShape: kvShape)
+            .floatValuesByFirstDimension(name: "\(prefix) keys", expectedShape: kvShape, spare: spare)
         let values = try requireTensor(proto.hasValues, proto.values, name: "\(prefix) values")
-            .floatValues(name: "\(prefix) values", expectedShape: kvShape)
+            .floatValuesByFirstDimension(name: "\(prefix) values", expectedShape: kvShape, spare: spare)
         var queries: [Float] = []
         var queryRows = 0
         if proto.hasQueries {
@@ -186,8 +193,18 @@ extension LayerPrefill {
         var message = Tessera_V1_LayerTensors()
         message.layer = try wireUInt32(layer, field: "\(prefix) index")
         let kvShape = [g.kvHeads, self.promptLength, g.headDim]
-        message.keys = try makeTensor(self.keys, shape: kvShape, scalarType: scalarType, name: "\(prefix) keys")
-        message.values = try makeTensor(self.values, shape: kvShape, scalarType: scalarType, name: "\(prefix) values")
+        message.keys = try makeTensor(
+            LayerPrefill.contiguous(self.keys),
+            shape: kvShape,
+            scalarType: scalarType,
+            name: "\(prefix) keys"
+        )
+        message.values = try makeTensor(
+            LayerPrefill.contiguous(self.values),
+            shape: kvShape,
+            scalarType: scalarType,
+            name: "\(prefix) values"
+        )
         if self.queryRows > 0 {
             message.queries = try makeTensor(
                 self.queries,

@@ -138,13 +138,46 @@ extension Tessera_V1_Tensor {
     /// over the bytes.
     package func floatValues(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float] {
         let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
-        let checked = self.data.withUnsafeBytes { bytes in
-            switch scalarType {
-            case .float32: FiniteElements.float32(bytes)
-            case .float16: FiniteElements.widenedFloat16(bytes)
+        let checked = self.data.withUnsafeBytes { Self.widened($0, scalarType, spare: 0) }
+        return try self.finite(checked, shape: shape, name: name)
+    }
+
+    /// The same elements cut along the first dimension, one array per index (a KV head's rows),
+    /// each with room for `spare` more elements; still one pass over the bytes.
+    package func floatValuesByFirstDimension(
+        name: String = "tensor",
+        expectedShape: [Int]? = nil,
+        spare: Int = 0
+    ) throws(WireError) -> [[Float]] {
+        let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
+        let partBytes = self.data.count / shape[0]
+        var parts: [[Float]] = []
+        parts.reserveCapacity(shape[0])
+        var failure: Int?
+        self.data.withUnsafeBytes { bytes in
+            for part in 0..<shape[0] {
+                let slice = UnsafeRawBufferPointer(rebasing: bytes[(part * partBytes)..<((part + 1) * partBytes)])
+                switch Self.widened(slice, scalarType, spare: spare) {
+                case .finite(let values): parts.append(values)
+                case .nonFinite(let index):
+                    failure = part * (partBytes / scalarType.byteWidth) + index
+                    return
+                }
             }
         }
-        return try self.finite(checked, shape: shape, name: name)
+        if let failure { throw self.nonFinite(at: failure, shape: shape, name: name) }
+        return parts
+    }
+
+    private static func widened(
+        _ bytes: UnsafeRawBufferPointer,
+        _ scalarType: WireScalarType,
+        spare: Int
+    ) -> FiniteElements.Checked<Float> {
+        switch scalarType {
+        case .float32: FiniteElements.float32(bytes, spare: spare)
+        case .float16: FiniteElements.widenedFloat16(bytes, spare: spare)
+        }
     }
 
     /// The elements of a float16 tensor, after the checks of `floatValues(name:expectedShape:)`.
@@ -219,13 +252,18 @@ extension Tessera_V1_Tensor {
         case .finite(let values):
             return values
         case .nonFinite(let index):
-            let value = self.data.withUnsafeBytes { bytes in
-                self.dtype == .float16
-                    ? Float(Float16(bitPattern: bytes.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
-                    : Float(bitPattern: bytes.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
-            }
-            throw Self.nonFinite(value, at: index, shape: shape, name: name)
+            throw self.nonFinite(at: index, shape: shape, name: name)
         }
+    }
+
+    /// The error for element `index`, which is not finite.
+    private func nonFinite(at index: Int, shape: [Int], name: String) -> WireError {
+        let value = self.data.withUnsafeBytes { bytes in
+            self.dtype == .float16
+                ? Float(Float16(bitPattern: bytes.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
+                : Float(bitPattern: bytes.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
+        }
+        return Self.nonFinite(value, at: index, shape: shape, name: name)
     }
 
     private static func nonFinite<Element: BinaryFloatingPoint>(

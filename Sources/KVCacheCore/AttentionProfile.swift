@@ -167,21 +167,19 @@ private struct ProfilePass {
             tile.deallocate()
             running.deallocate()
         }
-        prefill.keys.withUnsafeBufferPointer { keys in
-            prefill.queries.withUnsafeBufferPointer { queries in
-                for kv in Swift.stride(from: worker, to: g.kvHeads, by: workers) {
-                    kvk_pack_keys(keys.baseAddress! + prefill.kvOffset(head: kv, position: 0), d, nil, m, packed)
-                    for h in (kv * g.groupSize)..<((kv + 1) * g.groupSize) {
-                        head(
-                            h,
-                            queries: queries.baseAddress!,
-                            packed: packed,
-                            tile: tile,
-                            stride: stride,
-                            running: running,
-                            into: output
-                        )
-                    }
+        prefill.queries.withUnsafeBufferPointer { queries in
+            for kv in Swift.stride(from: worker, to: g.kvHeads, by: workers) {
+                prefill.keys[kv].withUnsafeBufferPointer { kvk_pack_keys($0.baseAddress!, d, nil, m, packed) }
+                for h in (kv * g.groupSize)..<((kv + 1) * g.groupSize) {
+                    head(
+                        h,
+                        queries: queries.baseAddress!,
+                        packed: packed,
+                        tile: tile,
+                        stride: stride,
+                        running: running,
+                        into: output
+                    )
                 }
             }
         }

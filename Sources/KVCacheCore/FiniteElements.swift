@@ -10,29 +10,34 @@ public enum FiniteElements {
         case nonFinite(index: Int)
     }
 
-    /// `bytes.count / 4` Float32 elements.
-    public static func float32(_ bytes: UnsafeRawBufferPointer) -> Checked<Float> {
-        copy(bytes, width: 4) { source, destination, count in kvk_load_finite_f32(source, destination, count) }
+    /// `bytes.count / 4` Float32 elements, in an array with room for `spare` more.
+    public static func float32(_ bytes: UnsafeRawBufferPointer, spare: Int = 0) -> Checked<Float> {
+        copy(bytes, width: 4, spare: spare) { source, destination, count in
+            kvk_load_finite_f32(source, destination, count)
+        }
     }
 
     /// `bytes.count / 2` half-precision elements, kept as they are.
     public static func float16(_ bytes: UnsafeRawBufferPointer) -> Checked<Float16> {
-        copy(bytes, width: 2) { source, destination, count in
+        copy(bytes, width: 2, spare: 0) { source, destination, count in
             destination.withMemoryRebound(to: UInt16.self, capacity: count) {
                 kvk_load_finite_f16(source, $0, count)
             }
         }
     }
 
-    /// `bytes.count / 2` half-precision elements widened to Float32 (exactly).
-    public static func widenedFloat16(_ bytes: UnsafeRawBufferPointer) -> Checked<Float> {
-        copy(bytes, width: 2) { source, destination, count in kvk_widen_finite_f16(source, destination, count) }
+    /// `bytes.count / 2` half-precision elements widened to Float32 (exactly), in an array with room
+    /// for `spare` more.
+    public static func widenedFloat16(_ bytes: UnsafeRawBufferPointer, spare: Int = 0) -> Checked<Float> {
+        copy(bytes, width: 2, spare: spare) { source, destination, count in
+            kvk_widen_finite_f16(source, destination, count)
+        }
     }
 
     /// `bytes.count / 2` bfloat16 elements widened to Float32 (exactly: a bfloat16 is the top half
     /// of a Float32).
     public static func widenedBFloat16(_ bytes: UnsafeRawBufferPointer) -> Checked<Float> {
-        copy(bytes, width: 2) { source, destination, count in
+        copy(bytes, width: 2, spare: 0) { source, destination, count in
             guard let source else { return count }
             for index in 0..<count {
                 let bits = UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self))
@@ -51,11 +56,12 @@ public enum FiniteElements {
     private static func copy<Element>(
         _ bytes: UnsafeRawBufferPointer,
         width: Int,
+        spare: Int,
         _ kernel: (UnsafeRawPointer?, UnsafeMutablePointer<Element>, Int) -> Int
     ) -> Checked<Element> {
         let count = bytes.count / width
         var failure: Int?
-        let values = [Element](unsafeUninitializedCapacity: count) { buffer, initialized in
+        let values = [Element](unsafeUninitializedCapacity: count + max(0, spare)) { buffer, initialized in
             guard let destination = buffer.baseAddress else { return }
             let checked = kernel(bytes.baseAddress, destination, count)
             // A failed copy is dropped whole: nothing of it is kept.

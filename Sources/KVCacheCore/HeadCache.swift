@@ -34,6 +34,24 @@ public struct HeadCache<S: KVScalar>: Sendable {
         self.tags = tags
     }
 
+    /// A head that keeps every prompt row, taking `keys` and `values` (`tags.count` rows each) as
+    /// they are: no copy when they already have room for `decodeRows` more rows and nothing else
+    /// holds them once the prefill is gone.
+    init(wholePrompt keys: [S], values: [S], tags: [ModalityTag], headDim: Int, decodeRows: Int) {
+        precondition(keys.count == tags.count * headDim && values.count == keys.count, "rows disagree with tags")
+        let rows = tags.count + max(0, decodeRows)
+        self.init(headDim: headDim, capacity: 0)
+        self.keys = keys
+        self.values = values
+        // Only when short: reserving room in an array that is shared copies it even when it fits.
+        if keys.capacity < rows * headDim { self.keys.reserveCapacity(rows * headDim) }
+        if values.capacity < rows * headDim { self.values.reserveCapacity(rows * headDim) }
+        positions.reserveCapacity(rows)
+        positions.append(contentsOf: 0..<Int32(truncatingIfNeeded: tags.count))
+        self.tags.reserveCapacity(rows)
+        self.tags.append(contentsOf: tags)
+    }
+
     public var count: Int { positions.count }
 
     /// Bytes of key and value payload.

@@ -7,6 +7,9 @@ public enum LayerCompressor {
         public var mergedRows: Int
     }
 
+    /// The layer compressed to `budget`, each head with room for `decodeRows` decoded rows. With
+    /// `adoptWholeHeads`, a Float32 head that keeps every prompt row unchanged takes the prefill's
+    /// arrays rather than a copy (see `LayerPrefill`); without it, every head is copied.
     @_specialize(where S == Float)
     @_specialize(where S == Float16)
     public static func compress<S: KVScalar>(
@@ -16,6 +19,7 @@ public enum LayerCompressor {
         budget: LayerBudget,
         policy: CompressionPolicy,
         decodeRows: Int = 0,
+        adoptWholeHeads: Bool = true,
         as _: S.Type = S.self
     ) throws(KVCacheError) -> Result<S> {
         let g = prefill.geometry
@@ -67,6 +71,19 @@ public enum LayerCompressor {
         }
         var heads: [HeadCache<S>] = []
         for h in 0..<g.kvHeads {
+            if adoptWholeHeads, S.self == Float.self, kept[h].count == m, rows.isUnchanged(head: h) {
+                // Kept whole as it came: the head adopts the prefill's arrays instead of copying them.
+                heads.append(
+                    HeadCache(
+                        wholePrompt: unsafeBitCast(prefill.keys[h], to: [S].self),
+                        values: unsafeBitCast(prefill.values[h], to: [S].self),
+                        tags: layout.tags,
+                        headDim: g.headDim,
+                        decodeRows: decodeRows
+                    )
+                )
+                continue
+            }
             // Room for the decoded rows to come: growing later would copy the whole head.
             var cache = HeadCache<S>(headDim: g.headDim, capacity: kept[h].count + max(0, decodeRows))
             rows.forEachRun(head: h, of: kept[h]) { positions, keys, values in

@@ -13,6 +13,9 @@ struct MergedRows {
         changedValues = changedKeys
     }
 
+    /// Whether merging left every row of `head` as the prefill has it.
+    func isUnchanged(head: Int) -> Bool { changedKeys[head].isEmpty && changedValues[head].isEmpty }
+
     /// Calls `body` with the key and value rows of `head` at the ascending positions `kept`: one call
     /// per run of consecutive positions that merging left unchanged (read in place from the prefill,
     /// so a head kept whole is one call), and one per changed row.
@@ -23,14 +26,13 @@ struct MergedRows {
     ) {
         let changedKeys = changedKeys[head]
         let changedValues = changedValues[head]
-        let base = prefill.kvOffset(head: head, position: 0)
         let d = prefill.geometry.headDim
-        /// The elements of `positions`' rows in `prefill.keys` and `prefill.values`.
+        /// The elements of `positions`' rows in the head's keys and values.
         func elements(_ positions: Range<Int>) -> Range<Int> {
-            (base + positions.lowerBound * d)..<(base + positions.upperBound * d)
+            (positions.lowerBound * d)..<(positions.upperBound * d)
         }
-        prefill.keys.withUnsafeBufferPointer { keys in
-            prefill.values.withUnsafeBufferPointer { values in
+        prefill.keys[head].withUnsafeBufferPointer { keys in
+            prefill.values[head].withUnsafeBufferPointer { values in
                 func original(_ positions: Range<Int>) {
                     let rows = elements(positions)
                     body(
@@ -97,9 +99,9 @@ struct MergedRows {
             gathered.deallocate()
             scores.deallocate()
         }
-        prefill.keys.withUnsafeBufferPointer { keys in
-            for h in 0..<g.kvHeads {
-                let headKeys = keys.baseAddress! + prefill.kvOffset(head: h, position: 0)
+        for h in 0..<g.kvHeads {
+            prefill.keys[h].withUnsafeBufferPointer { keys in
+                let headKeys = keys.baseAddress!
                 var inverseNorm = [Float](repeating: 0, count: m)
                 for j in 0..<m {
                     let row = headKeys + j * d
@@ -151,9 +153,9 @@ struct MergedRows {
             let mean = total / Float(max(1, pairs))
             matches = matches.map { $0.filter { sum[$0.evicted] / Float(count[$0.evicted]) >= mean } }
         }
-        prefill.keys.withUnsafeBufferPointer { keys in
-            prefill.values.withUnsafeBufferPointer { values in
-                for h in 0..<g.kvHeads {
+        for h in 0..<g.kvHeads {
+            prefill.keys[h].withUnsafeBufferPointer { keys in
+                prefill.values[h].withUnsafeBufferPointer { values in
                     // Per pivot: running sums of key and value rows, seeded with the pivot itself, in
                     // flat rows by the order pivots are first matched.
                     var slot = [Int: Int]()
@@ -161,8 +163,8 @@ struct MergedRows {
                     var joined: [Int] = []
                     var keySums: [Float] = []
                     var valueSums: [Float] = []
-                    let keyBase = keys.baseAddress! + prefill.kvOffset(head: h, position: 0)
-                    let valueBase = values.baseAddress! + prefill.kvOffset(head: h, position: 0)
+                    let keyBase = keys.baseAddress!
+                    let valueBase = values.baseAddress!
                     for match in matches[h] where slot[match.pivot] == nil {
                         slot[match.pivot] = pivots.count
                         pivots.append(match.pivot)

@@ -228,13 +228,14 @@ struct Receiver {
         throws(WireError)
     {
         let value = try LayerPrefill(proto: message, geometry: geometry, promptLength: promptLength)
-        reencodes([value.keys, value.values, value.queries], "layer \(message.layer) prefill") { _ throws(WireError) in
+        reencodes(value.keys + value.values + [value.queries], "layer \(message.layer) prefill") {
+            _ throws(WireError) in
             let again = try LayerPrefill(
                 proto: value.proto(layer: Int(message.layer)),
                 geometry: geometry,
                 promptLength: promptLength
             )
-            return [again.keys, again.values, again.queries]
+            return again.keys + again.values + [again.queries]
         }
     }
 

@@ -43,7 +43,8 @@ struct ShardCache: Sendable {
         return cache
     }
 
-    /// Every layer of `prefills` compressed to its budget, as `S`.
+    /// Every layer of `prefills` compressed to its budget, as `S` (`adoptWholeHeads` as
+    /// `LayerCompressor.compress` has it).
     static func compressLayers<S: KVScalar>(
         _ prefills: [Int: LayerPrefill],
         profiles: [Int: AttentionProfile],
@@ -51,6 +52,7 @@ struct ShardCache: Sendable {
         layout: PromptLayout,
         policy: CompressionPolicy,
         decodeRows: Int,
+        adoptWholeHeads: Bool = true,
         as _: S.Type = S.self
     ) throws(KVCacheError) -> [Int: [HeadCache<S>]] {
         var layers: [Int: [HeadCache<S>]] = [:]
@@ -65,6 +67,7 @@ struct ShardCache: Sendable {
                 budget: budget,
                 policy: policy,
                 decodeRows: decodeRows,
+                adoptWholeHeads: adoptWholeHeads,
                 as: S.self
             ).heads
         }

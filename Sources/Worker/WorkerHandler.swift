@@ -234,7 +234,12 @@ struct WorkerHandler: EnvelopeHandler {
                 guard given[index] == nil else {
                     throw WireError(.badRequest, "layer \(index) appears twice in one prefill")
                 }
-                given[index] = try LayerPrefill(proto: layer, geometry: held.geometry, promptLength: m)
+                given[index] = try LayerPrefill(
+                    proto: layer,
+                    geometry: held.geometry,
+                    promptLength: m,
+                    spareRows: Int(held.assignment.decodeTokens)
+                )
             }
             for layer in given.keys.sorted() { try take(layer, given.removeValue(forKey: layer)!) }
         case nil:
@@ -270,12 +275,8 @@ struct WorkerHandler: EnvelopeHandler {
             let storage = worker.configuration.storage
             let budgets = byLayer
             let clock = worker.network.clock
-            let ((cache, audit, scores), micros) = try await worker.offload(.prefill) {
-                var micros: UInt64 = 0
-                let compressed = try PrefillWork.timed(&micros, on: clock) { () throws(WireError) in
-                    try Self.compress(held, budgets: budgets, storage: storage)
-                }
-                return (compressed, micros)
+            let (cache, audit, scores, micros) = try await worker.offload(.prefill) {
+                try Self.compress(held, budgets: budgets, storage: storage, clock: clock)
             }
             stored = worker.store.withLock {
                 $0.storeCache(message.sequenceID, cache, rowScores: scores, audit: audit, compressMicros: micros)
@@ -303,26 +304,34 @@ struct WorkerHandler: EnvelopeHandler {
         return .budgetApplied(applied)
     }
 
-    /// The compressed cache, the full copy of an audited sequence and the kept rows' scores.
+    /// The compressed cache, the full copy of an audited sequence, the kept rows' scores, and the
+    /// microseconds the compression took on `clock` (the audit copy is the load test's instrument,
+    /// not the policy's cost, so it is not counted).
     private static func compress(
         _ held: HeldSequence,
         budgets byLayer: [Int: LayerBudget],
-        storage: ScalarType
-    ) throws(WireError) -> (ShardCache, AuditCopy?, [Int: [[Float]]]) {
+        storage: ScalarType,
+        clock: some Clock<Duration>
+    ) throws(WireError) -> (ShardCache, AuditCopy?, [Int: [[Float]]], UInt64) {
         let m = held.layout.promptLength
-        let cache: ShardCache
+        let (cache, scores): (ShardCache, [Int: [[Float]]])
         var audit: AuditCopy?
+        var micros: UInt64 = 0
         do {
-            cache = try ShardCache.compress(
-                held.prefills,
-                profiles: held.profiles,
-                budgets: byLayer,
-                layout: held.layout,
-                policy: held.policy,
-                storage: storage,
-                decodeRows: Int(held.assignment.decodeTokens)
-            )
+            (cache, scores) = try PrefillWork.timed(&micros, on: clock) { () throws(KVCacheError) in
+                let cache = try ShardCache.compress(
+                    held.prefills,
+                    profiles: held.profiles,
+                    budgets: byLayer,
+                    layout: held.layout,
+                    policy: held.policy,
+                    storage: storage,
+                    decodeRows: Int(held.assignment.decodeTokens)
+                )
+                return (cache, cache.rowScores(profiles: held.profiles, policy: held.policy, layout: held.layout))
+            }
             if held.audited {
+                let cacheKeepsWholeHeads = held.policy == .full && storage == .float32
                 let whole = [HeadBudget](repeating: HeadBudget(capacity: m), count: held.geometry.kvHeads)
                 let full = try ShardCache.compressLayers(
                     held.prefills,
@@ -331,6 +340,9 @@ struct WorkerHandler: EnvelopeHandler {
                     layout: held.layout,
                     policy: .full,
                     decodeRows: Int(held.assignment.decodeTokens),
+                    // Not the arrays the cache took already: two caches sharing a head would copy it
+                    // on its first decoded row, inside a decode step.
+                    adoptWholeHeads: !cacheKeepsWholeHeads,
                     as: Float.self
                 )
                 audit = AuditCopy(full: full, needle: held.needle)
@@ -338,7 +350,7 @@ struct WorkerHandler: EnvelopeHandler {
         } catch {
             throw WireError(.invalidShape, "cannot apply the budget: \(error.message)")
         }
-        return (cache, audit, cache.rowScores(profiles: held.profiles, policy: held.policy, layout: held.layout))
+        return (cache, audit, scores, micros)
     }
 
     private func decode(

@@ -87,32 +87,37 @@ struct LayerSynthesizer {
         let positional = Self.floats(kvHeads * m * dc) { p in
             for kv in 0..<kvHeads { fillPositional(kvHead: kv, into: p + kv * m * dc) }
         }
+        // Each KV head's arrays have room for the decode steps, which a cache that keeps the head
+        // whole appends in place.
+        func headArray(_ fill: (UnsafeMutablePointer<Float>) -> Void) -> [Float] {
+            LayerPrefill.headArray(rows: m, spareRows: trace.decodeSteps, headDim: d, fill)
+        }
         let keys = positional.withUnsafeBufferPointer { positional in
-            Self.floats(kvHeads * m * d) { keys in
-                for kv in 0..<kvHeads {
+            (0..<kvHeads).map { kv in
+                headArray { keys in
                     fillKeys(
                         kvHead: kv,
                         positional: positional.baseAddress! + kv * m * dc,
-                        into: keys + kv * m * d,
+                        into: keys,
                         scratch: scratch
                     )
                 }
             }
         }
-        let values = Self.floats(kvHeads * m * d) { values in
-            for kv in 0..<kvHeads { fillValues(kvHead: kv, into: values + kv * m * d, scratch: scratch) }
+        let values = (0..<kvHeads).map { kv in
+            headArray { values in fillValues(kvHead: kv, into: values, scratch: scratch) }
         }
         let first = min(max(0, firstQueryRow), m)
         let rows = m - first
         let queries = positional.withUnsafeBufferPointer { positional in
-            keys.withUnsafeBufferPointer { keys in
-                Self.floats(geometry.queryHeads * rows * d) { queries in
-                    // Without query rows (a policy that observes none) the rows' draws are not needed.
-                    for head in 0..<(rows > 0 ? geometry.queryHeads : 0) {
-                        let kv = head / geometry.groupSize
+            Self.floats(geometry.queryHeads * rows * d) { queries in
+                // Without query rows (a policy that observes none) the rows' draws are not needed.
+                for head in 0..<(rows > 0 ? geometry.queryHeads : 0) {
+                    let kv = head / geometry.groupSize
+                    keys[kv].withUnsafeBufferPointer { keys in
                         fillQueries(
                             head: head,
-                            keys: keys.baseAddress! + kv * m * d,
+                            keys: keys.baseAddress!,
                             positional: positional.baseAddress! + kv * m * dc,
                             from: first,
                             into: queries + head * rows * d

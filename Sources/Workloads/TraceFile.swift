@@ -203,8 +203,10 @@ public struct TraceFile: PromptTrace {
         for layer in 0..<g.layers {
             let prefill = try trace.prefill(layer: layer)
             let rows = min(queryRows ?? prefill.queryRows, prefill.queryRows)
-            file.add("layers.\(layer).keys", floats: prefill.keys, shape: [g.kvHeads, m, d], as: dtype)
-            file.add("layers.\(layer).values", floats: prefill.values, shape: [g.kvHeads, m, d], as: dtype)
+            let keys = LayerPrefill.contiguous(prefill.keys)
+            let values = LayerPrefill.contiguous(prefill.values)
+            file.add("layers.\(layer).keys", floats: keys, shape: [g.kvHeads, m, d], as: dtype)
+            file.add("layers.\(layer).values", floats: values, shape: [g.kvHeads, m, d], as: dtype)
             if rows > 0 {
                 let total = prefill.queryRows
                 let queries = Self.rows(

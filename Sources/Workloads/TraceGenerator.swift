@@ -140,7 +140,7 @@ public struct SequenceTrace: Sendable {
     /// Floats in a layer as `layerTrace` returns it: the prefill's keys, values and query rows, and
     /// every decode step's.
     public static func floats(in layer: (prefill: LayerPrefill, decode: [DecodeStepInput])) -> Int {
-        layer.prefill.keys.count + layer.prefill.values.count + layer.prefill.queries.count
+        layer.prefill.keyValueFloats + layer.prefill.queries.count
             + layer.decode.reduce(0) { $0 + $1.keys.count + $1.values.count + $1.queries.count }
     }
 

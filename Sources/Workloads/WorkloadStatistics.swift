@@ -197,9 +197,8 @@ struct FullCache {
         var values = keys
         for kv in 0..<geometry.kvHeads {
             let target = kv * capacity * d
-            let source = prefill.kvOffset(head: kv, position: 0)
-            keys.replaceSubrange(target..<target + m * d, with: prefill.keys[source..<source + m * d])
-            values.replaceSubrange(target..<target + m * d, with: prefill.values[source..<source + m * d])
+            keys.replaceSubrange(target..<target + m * d, with: prefill.keys[kv])
+            values.replaceSubrange(target..<target + m * d, with: prefill.values[kv])
             for (t, step) in decode.enumerated() {
                 let row = target + (m + t) * d
                 keys.replaceSubrange(row..<row + d, with: step.keys[kv * d..<(kv + 1) * d])

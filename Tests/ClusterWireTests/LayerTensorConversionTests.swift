@@ -183,9 +183,33 @@ struct LayerTensorConversionTests {
         #expect(decoded.promptLength == promptLength)
         #expect(decoded.queryRows == queryRows)
         #expect(decoded.geometry == Self.geometry)
-        #expect(decoded.keys.map(\.bitPattern) == input.keys.map(\.bitPattern), "\(random.replay)")
-        #expect(decoded.values.map(\.bitPattern) == input.values.map(\.bitPattern), "\(random.replay)")
+        #expect(
+            decoded.keys.map { $0.map(\.bitPattern) } == input.keys.map { $0.map(\.bitPattern) },
+            "\(random.replay)"
+        )
+        #expect(
+            decoded.values.map { $0.map(\.bitPattern) } == input.values.map { $0.map(\.bitPattern) },
+            "\(random.replay)"
+        )
         #expect(decoded.queries.map(\.bitPattern) == input.queries.map(\.bitPattern), "\(random.replay)")
+    }
+
+    @Test("each KV head is read into an array of its own, with room for the decoded rows asked for")
+    func prefillHeadsHaveRoomForDecodeRows() throws {
+        var random = SeededGenerator.fromEnvironment()
+        let input = try random.prefill(geometry: Self.geometry, promptLength: 9, queryRows: 3)
+        let decoded = try LayerPrefill(
+            proto: try input.proto(layer: 0),
+            geometry: Self.geometry,
+            promptLength: 9,
+            spareRows: 5
+        )
+        #expect(decoded.keys == input.keys, "\(random.replay)")
+        #expect(decoded.values == input.values, "\(random.replay)")
+        for head in decoded.keys + decoded.values {
+            #expect(head.count == 9 * 32)
+            #expect(head.capacity >= (9 + 5) * 32)
+        }
     }
 
     @Test("float16 keys and values with float32 queries")
@@ -197,7 +221,7 @@ struct LayerTensorConversionTests {
         #expect(message.values.dtype == .float16)
         #expect(message.queries.dtype == .float32)
         let decoded = try LayerPrefill(proto: message, geometry: Self.geometry, promptLength: 10)
-        #expect(decoded.keys == input.keys.map { Float(Float16($0)) }, "\(random.replay)")
+        #expect(decoded.keys == input.keys.map { $0.map { Float(Float16($0)) } }, "\(random.replay)")
         #expect(decoded.queries.map(\.bitPattern) == input.queries.map(\.bitPattern), "\(random.replay)")
     }
 
@@ -254,7 +278,7 @@ struct LayerTensorConversionTests {
         var random = SeededGenerator.fromEnvironment()
         let message = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2).proto(layer: 1)
         var keys = message
-        keys.keys = poisoned(keys.keys, at: 100)
+        keys.keys = poisoned(keys.keys, at: 300)  // KV head 1, position 3, element 12
         var values = message
         values.values = poisoned(values.values, at: 0, with: -.infinity)
         var queries = message
@@ -264,14 +288,20 @@ struct LayerTensorConversionTests {
             #expect(error?.code == .invalidValue, "\(name)")
             #expect(error?.message.hasPrefix("layer 1 \(name): element") == true, "\(error?.message ?? "")")
         }
+        // The position is the tensor's, not the KV head's it was cut into.
+        let keysError = wireError { _ = try LayerPrefill(proto: keys, geometry: Self.geometry, promptLength: 6) }
+        #expect(
+            keysError?.message.hasPrefix("layer 1 keys: element [1, 3, 12] (flat 300) is NaN") == true,
+            "\(keysError?.message ?? "")"
+        )
 
         // And on the sending side, float16 overflow.
         var big = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2)
         big = try LayerPrefill(
             geometry: Self.geometry,
             promptLength: 6,
-            keys: big.keys.map { $0 * 1e6 },
-            values: big.values,
+            keys: LayerPrefill.contiguous(big.keys).map { $0 * 1e6 },
+            values: LayerPrefill.contiguous(big.values),
             queries: big.queries,
             queryRows: 2
         )

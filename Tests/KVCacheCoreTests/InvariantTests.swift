@@ -122,6 +122,64 @@ import Testing
         }
     }
 
+    /// A Float32 head kept whole takes the prefill's arrays, and its decoded rows go into the room
+    /// they were made with: the prompt's rows are never copied. Other heads get arrays of their own.
+    @Test func aHeadKeptWholeAdoptsThePrefillArraysAndAppendsInPlace() throws {
+        let g = geometry()
+        let (m, spare, d) = (24, 3, g.headDim)
+        var rng = SeededGenerator(seed: 31)
+        func heads() -> [[Float]] {
+            (0..<g.kvHeads).map { _ in
+                let rows = rng.floats(m * d)
+                return LayerPrefill.headArray(rows: m, spareRows: spare, headDim: d) {
+                    $0.update(from: rows, count: m * d)
+                }
+            }
+        }
+        func address(_ array: [Float]) -> UnsafePointer<Float>? { array.withUnsafeBufferPointer(\.baseAddress) }
+        var prefill: LayerPrefill? = try LayerPrefill(
+            geometry: g,
+            promptLength: m,
+            keys: heads(),
+            values: heads(),
+            queries: [],
+            queryRows: 0,
+            checkedFinite: false
+        )
+        let prompt = prefill!.keys[0].map { $0 }  // a copy: a reference would make the append copy
+        let keyAddresses = prefill!.keys.map(address)
+        let valueAddresses = prefill!.values.map(address)
+        // Head 0 keeps every row, head 1 all but the first.
+        let budget = LayerBudget(layer: 0, heads: [HeadBudget(capacity: m), HeadBudget(capacity: m - 1)])
+        func compress(adopting: Bool) throws -> LayerCompressor.Result<Float> {
+            try LayerCompressor.compress(
+                prefill!,
+                layout: layout(m: m, textBefore: 4, visual: 16),
+                profile: nil,
+                budget: budget,
+                policy: .streamingLLM(StreamingLLMSettings()),
+                decodeRows: spare,
+                adoptWholeHeads: adopting,
+                as: Float.self
+            )
+        }
+        let copied = try compress(adopting: false)
+        #expect(address(copied.heads[0].keys) != keyAddresses[0])
+        #expect(copied.heads[0].keys == prefill!.keys[0])
+        var result = try compress(adopting: true)
+        prefill = nil
+        #expect(address(result.heads[0].keys) == keyAddresses[0])
+        #expect(address(result.heads[0].values) == valueAddresses[0])
+        #expect(address(result.heads[1].keys) != keyAddresses[1])
+        let row = [Float](repeating: 0.25, count: d)
+        for t in 0..<spare { result.heads[0].append(key: row, value: row, position: m + t, tag: .text) }
+        #expect(address(result.heads[0].keys) == keyAddresses[0], "a decoded row copied the head")
+        #expect(address(result.heads[0].values) == valueAddresses[0], "a decoded row copied the head")
+        #expect(Array(result.heads[0].keys.prefix(m * d)) == prompt)
+        #expect(result.heads[0].positions == (0..<Int32(m + spare)).map { $0 })
+        #expect(result.heads[1].count == m - 1)
+    }
+
     @Test func byteAccountingIsExact() {
         var f32 = HeadCache<Float>(headDim: 128)
         var f16 = HeadCache<Float16>(headDim: 128)

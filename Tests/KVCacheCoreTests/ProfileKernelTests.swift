@@ -30,8 +30,8 @@ import Glibc
             for row in prefill.firstQueryRow..<m {
                 let q = prefill.queryOffset(head: h, row: row)
                 var logits = (0...row).map { j in
-                    let k = prefill.kvOffset(head: h / g.groupSize, position: j)
-                    return (0..<d).reduce(0.0) { $0 + Double(prefill.queries[q + $1]) * Double(prefill.keys[k + $1]) }
+                    let keys = prefill.keys[h / g.groupSize]
+                    return (0..<d).reduce(0.0) { $0 + Double(prefill.queries[q + $1]) * Double(keys[j * d + $1]) }
                         / Double(d).squareRoot()
                 }
                 let top = logits.max()!

@@ -154,8 +154,7 @@ import Testing
             var distant: [Double] = []
             for kv in 0..<trace.geometry.kvHeads {
                 func row(_ j: Int) -> ArraySlice<Float> {
-                    let start = prefill.kvOffset(head: kv, position: j)
-                    return tensor[start..<start + d]
+                    tensor[kv][(j * d)..<(j * d + d)]
                 }
                 for span in trace.layout.spans where span.modality.isVisual {
                     let width = PromptPlanner.grid(tokens: span.count).width

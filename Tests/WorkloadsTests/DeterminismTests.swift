@@ -49,7 +49,8 @@ import Testing
             presets.insert(trace.preset)
             for layer in [0, 3] {
                 let (prefill, decode) = trace.layerTrace(layer, firstQueryRow: trace.promptLength / 3)
-                for tensor in [prefill.keys, prefill.values, prefill.queries] { mix(tensor) }
+                let keys = LayerPrefill.contiguous(prefill.keys)
+                for tensor in [keys, LayerPrefill.contiguous(prefill.values), prefill.queries] { mix(tensor) }
                 for step in decode { for tensor in [step.keys, step.values, step.queries] { mix(tensor) } }
             }
         }
@@ -137,7 +138,10 @@ import Testing
         let prefill = trace.prefill(layer: 0)
         let m = trace.promptLength
         #expect(prefill.promptLength == m && prefill.queryRows == m && prefill.firstQueryRow == 0)
-        #expect(prefill.keys.count == geometry.kvHeads * m * geometry.headDim)
+        #expect(prefill.keys.count == geometry.kvHeads && prefill.values.count == geometry.kvHeads)
+        #expect((prefill.keys + prefill.values).allSatisfy { $0.count == m * geometry.headDim })
+        // Room for the decode steps, which a head kept whole appends in place.
+        #expect((prefill.keys + prefill.values).allSatisfy { $0.capacity >= (m + 5) * geometry.headDim })
         #expect(prefill.queries.count == geometry.queryHeads * m * geometry.headDim)
         let decode = trace.decode(layer: 0)
         #expect(decode.count == 5)

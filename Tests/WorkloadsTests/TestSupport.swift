@@ -21,11 +21,11 @@ struct PrefillAttention {
         let kv = head / prefill.geometry.groupSize
         var scores = [Float](repeating: 0, count: row + 1)
         prefill.queries.withUnsafeBufferPointer { queries in
-            prefill.keys.withUnsafeBufferPointer { keys in
+            prefill.keys[kv].withUnsafeBufferPointer { keys in
                 scores.withUnsafeMutableBufferPointer { scores in
                     Kernels.logits(
                         query: queries.baseAddress! + prefill.queryOffset(head: head, row: row),
-                        keys: keys.baseAddress! + prefill.kvOffset(head: kv, position: 0),
+                        keys: keys.baseAddress!,
                         rows: row + 1,
                         headDim: d,
                         into: scores.baseAddress!
@@ -56,9 +56,8 @@ struct FullCacheHead {
 
     init(prefill: LayerPrefill, decode: [DecodeStepInput], kvHead: Int) {
         let d = prefill.geometry.headDim
-        let start = prefill.kvOffset(head: kvHead, position: 0)
-        var keys = Array(prefill.keys[start..<start + prefill.promptLength * d])
-        var values = Array(prefill.values[start..<start + prefill.promptLength * d])
+        var keys = prefill.keys[kvHead]
+        var values = prefill.values[kvHead]
         for step in decode {
             keys += step.keys[kvHead * d..<(kvHead + 1) * d]
             values += step.values[kvHead * d..<(kvHead + 1) * d]

@@ -58,7 +58,7 @@ private struct Seeded: RandomNumberGenerator {
             let file = try TraceFile(try Self.written(trace, dtype: dtype, queryRows: 8))
             #expect(file.queryRows == 8)
             let (want, got) = (trace.prefill(layer: 1), try file.prefill(layer: 1))
-            let error = zip(want.keys, got.keys).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
+            let error = zip(want.keys.joined(), got.keys.joined()).map { abs($0 - $1) / max(1, abs($0)) }.max() ?? 0
             #expect(error < (dtype == .f16 ? 1e-3 : 1e-2), "\(dtype): largest relative error \(error)")
             #expect(got.queries.count == trace.geometry.queryHeads * 8 * trace.geometry.headDim)
         }
