@@ -136,9 +136,14 @@ extension Tessera_V1_Tensor {
     /// The elements as Float32 (a float16 tensor is widened exactly), after the checks of
     /// `validatedLayout(name:expectedShape:)` and a finiteness check (`.invalidValue`), in one pass
     /// over the bytes.
-    package func floatValues(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float] {
+    /// `spare`: room for that many more elements in the array (rows a cache will append).
+    package func floatValues(
+        name: String = "tensor",
+        expectedShape: [Int]? = nil,
+        spare: Int = 0
+    ) throws(WireError) -> [Float] {
         let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
-        let checked = self.data.withUnsafeBytes { Self.widened($0, scalarType, spare: 0) }
+        let checked = self.data.withUnsafeBytes { Self.widened($0, scalarType, spare: spare) }
         return try self.finite(checked, shape: shape, name: name)
     }
 
@@ -183,12 +188,17 @@ extension Tessera_V1_Tensor {
     /// The elements of a float16 tensor, after the checks of `floatValues(name:expectedShape:)`.
     ///
     /// - Throws: also `.invalidValue` when the tensor is not float16 (no silent narrowing).
-    package func float16Values(name: String = "tensor", expectedShape: [Int]? = nil) throws(WireError) -> [Float16] {
+    package func float16Values(
+        name: String = "tensor",
+        expectedShape: [Int]? = nil,
+        spare: Int = 0
+    ) throws(WireError) -> [Float16] {
         let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
         guard scalarType == .float16 else {
             throw WireError(.invalidValue, "\(name): expected dtype float16, got \(scalarType)")
         }
-        return try self.finite(self.data.withUnsafeBytes(FiniteElements.float16), shape: shape, name: name)
+        let checked = self.data.withUnsafeBytes { FiniteElements.float16($0, spare: spare) }
+        return try self.finite(checked, shape: shape, name: name)
     }
 
     // MARK: Checks

@@ -17,9 +17,10 @@ public enum FiniteElements {
         }
     }
 
-    /// `bytes.count / 2` half-precision elements, kept as they are.
-    public static func float16(_ bytes: UnsafeRawBufferPointer) -> Checked<Float16> {
-        copy(bytes, width: 2, spare: 0) { source, destination, count in
+    /// `bytes.count / 2` half-precision elements, kept as they are, in an array with room for `spare`
+    /// more.
+    public static func float16(_ bytes: UnsafeRawBufferPointer, spare: Int = 0) -> Checked<Float16> {
+        copy(bytes, width: 2, spare: spare) { source, destination, count in
             destination.withMemoryRebound(to: UInt16.self, capacity: count) {
                 kvk_load_finite_f16(source, $0, count)
             }

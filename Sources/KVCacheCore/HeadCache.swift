@@ -22,8 +22,9 @@ public struct HeadCache<S: KVScalar>: Sendable {
         tags.reserveCapacity(capacity)
     }
 
-    /// A head from its parts (a copy received from another node); nil when their lengths disagree.
-    public init?(headDim: Int, keys: [S], values: [S], positions: [Int32], tags: [ModalityTag]) {
+    /// A head from its parts (a copy received from another node), with room for `decodeRows` more
+    /// rows (arrays that have it already are kept as they are); nil when their lengths disagree.
+    public init?(headDim: Int, keys: [S], values: [S], positions: [Int32], tags: [ModalityTag], decodeRows: Int = 0) {
         guard headDim > 0, keys.count == positions.count * headDim, values.count == keys.count,
             tags.count == positions.count
         else { return nil }
@@ -32,6 +33,17 @@ public struct HeadCache<S: KVScalar>: Sendable {
         self.values = values
         self.positions = positions
         self.tags = tags
+        reserveRoom(decodeRows)
+    }
+
+    /// Room for `rows` more rows, reserved only where an array is short: reserving in an array that
+    /// is shared copies it even when it fits.
+    private mutating func reserveRoom(_ rows: Int) {
+        let total = count + max(0, rows)
+        if keys.capacity < total * headDim { keys.reserveCapacity(total * headDim) }
+        if values.capacity < total * headDim { values.reserveCapacity(total * headDim) }
+        if positions.capacity < total { positions.reserveCapacity(total) }
+        if tags.capacity < total { tags.reserveCapacity(total) }
     }
 
     /// A head that keeps every prompt row, taking `keys` and `values` (`tags.count` rows each) as
@@ -39,17 +51,12 @@ public struct HeadCache<S: KVScalar>: Sendable {
     /// holds them once the prefill is gone.
     init(wholePrompt keys: [S], values: [S], tags: [ModalityTag], headDim: Int, decodeRows: Int) {
         precondition(keys.count == tags.count * headDim && values.count == keys.count, "rows disagree with tags")
-        let rows = tags.count + max(0, decodeRows)
-        self.init(headDim: headDim, capacity: 0)
+        self.init(headDim: headDim)
         self.keys = keys
         self.values = values
-        // Only when short: reserving room in an array that is shared copies it even when it fits.
-        if keys.capacity < rows * headDim { self.keys.reserveCapacity(rows * headDim) }
-        if values.capacity < rows * headDim { self.values.reserveCapacity(rows * headDim) }
-        positions.reserveCapacity(rows)
-        positions.append(contentsOf: 0..<Int32(truncatingIfNeeded: tags.count))
-        self.tags.reserveCapacity(rows)
-        self.tags.append(contentsOf: tags)
+        positions = Array(0..<Int32(truncatingIfNeeded: tags.count))
+        self.tags = tags
+        reserveRoom(decodeRows)
     }
 
     public var count: Int { positions.count }

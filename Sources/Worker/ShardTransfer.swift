@@ -137,8 +137,12 @@ struct IncomingShard: Sendable {
 
     /// Takes one layer's rows (checked against the geometry) and synthetic decode inputs.
     mutating func take(_ state: Tessera_V1_ShardLayerState) throws(WireError) {
-        try self.take(IncomingLayer(state, geometry: held.geometry, storage: cache.storage))
+        try self.take(IncomingLayer(state, geometry: held.geometry, storage: cache.storage, decodeRows: decodeRows))
     }
+
+    /// Rows the sequence's decode steps may still append: each head of the copy gets room for them,
+    /// or its first step would copy the head.
+    var decodeRows: Int { max(0, Int(held.assignment.decodeTokens) - held.nextStep) }
 
     /// Takes one layer converted already (`IncomingLayer`, outside the store's lock).
     mutating func take(_ layer: IncomingLayer) throws(WireError) {
@@ -189,7 +193,14 @@ struct IncomingLayer: Sendable {
     var rowScores: [[Float]]
     var syntheticDecode: [DecodeStepInput]?
 
-    init(_ state: Tessera_V1_ShardLayerState, geometry g: ModelGeometry, storage: ScalarType) throws(WireError) {
+    /// The layer's heads with room for `decodeRows` more rows each.
+    init(
+        _ state: Tessera_V1_ShardLayerState,
+        geometry g: ModelGeometry,
+        storage: ScalarType,
+        decodeRows: Int = 0
+    ) throws(WireError) {
+        let spare = max(0, decodeRows) * g.headDim
         layer = Int(state.layer)
         guard state.heads.count == g.kvHeads else {
             throw WireError(
@@ -200,14 +211,14 @@ struct IncomingLayer: Sendable {
         switch storage {
         case .float32:
             heads = .float32(
-                try Self.decode(state, g, layer) { tensor, name throws(WireError) in
-                    try tensor.floatValues(name: name)
+                try Self.decode(state, g, layer, decodeRows: decodeRows) { tensor, name throws(WireError) in
+                    try tensor.floatValues(name: name, spare: spare)
                 }
             )
         case .float16:
             heads = .float16(
-                try Self.decode(state, g, layer) { tensor, name throws(WireError) in
-                    try tensor.float16Values(name: name)
+                try Self.decode(state, g, layer, decodeRows: decodeRows) { tensor, name throws(WireError) in
+                    try tensor.float16Values(name: name, spare: spare)
                 }
             )
         }
@@ -223,6 +234,7 @@ struct IncomingLayer: Sendable {
         _ state: Tessera_V1_ShardLayerState,
         _ g: ModelGeometry,
         _ layer: Int,
+        decodeRows: Int,
         values: (Tessera_V1_Tensor, String) throws(WireError) -> [S]
     ) throws(WireError) -> [HeadCache<S>] {
         var heads: [HeadCache<S>] = []
@@ -234,7 +246,8 @@ struct IncomingLayer: Sendable {
                     keys: try values(part.keys, "\(name) keys"),
                     values: try values(part.values, "\(name) values"),
                     positions: part.positions,
-                    tags: part.tags.map(ModalityTag.init(rawValue:))
+                    tags: part.tags.map(ModalityTag.init(rawValue:)),
+                    decodeRows: decodeRows
                 )
             else {
                 throw WireError(

@@ -502,9 +502,9 @@ struct WorkerHandler: EnvelopeHandler {
             return try worker.store.withLock { try $0.receive(part, from: sender) }
         }
         let id = part.sequenceID
-        let (geometry, storage) = try worker.store.withLock { try $0.incomingFormat(id, from: sender) }
+        let format = try worker.store.withLock { try $0.incomingFormat(id, from: sender) }
         let layer = try await worker.offload(.prefill) {
-            try IncomingLayer(state, geometry: geometry, storage: storage)
+            try IncomingLayer(state, geometry: format.geometry, storage: format.storage, decodeRows: format.decodeRows)
         }
         try worker.store.withLock { try $0.receive(layer, sequenceID: id, from: sender) }
         return nil

@@ -558,7 +558,12 @@ struct WorkerState: Sendable {
         case .layer(let state):
             let format = try incomingFormat(id, from: sender)
             try receive(
-                IncomingLayer(state, geometry: format.geometry, storage: format.storage),
+                IncomingLayer(
+                    state,
+                    geometry: format.geometry,
+                    storage: format.storage,
+                    decodeRows: format.decodeRows
+                ),
                 sequenceID: id,
                 from: sender
             )
@@ -584,13 +589,13 @@ struct WorkerState: Sendable {
         _ sequenceID: UInt64,
         from sender: String
     ) throws(WireError) -> (
-        geometry: ModelGeometry, storage: ScalarType
+        geometry: ModelGeometry, storage: ScalarType, decodeRows: Int
     ) {
         try checkSender(of: sequenceID, sender)
         guard let shard = incoming[sequenceID] else {
             throw WireError(.badRequest, "shard_transfer.layer of sequence \(sequenceID) before its begin")
         }
-        return (shard.held.geometry, shard.cache.storage)
+        return (shard.held.geometry, shard.cache.storage, shard.decodeRows)
     }
 
     /// Takes a layer of the copy in progress, converted already.

@@ -12,7 +12,8 @@ struct ShardTransferTests {
     static let geometry = ModelGeometry.tiny
 
     /// A compressed shard of sequence 7 (layers 0 and 1) held by worker-1 as primary, with a decode
-    /// step done: every head has 6 rows, the last one appended by decode (so unscored).
+    /// step done of the 8 it declared: every head has 6 rows, the last one appended by decode (so
+    /// unscored).
     static func shard(storage: ScalarType, seed: UInt64 = 1) throws -> HeldSequence {
         let layout = try PromptLayout(spans: [
             ModalitySpan(.text, start: 0, count: 2), ModalitySpan(.image(0), start: 2, count: 3),
@@ -21,6 +22,7 @@ struct ShardTransferTests {
         assignment.tenant = "t"
         assignment.sequenceID = 7
         assignment.epoch = 3
+        assignment.decodeTokens = 8
         assignment.shard.shardID = 1
         assignment.shard.firstLayer = 0
         assignment.shard.layerCount = 2
@@ -137,9 +139,27 @@ struct ShardTransferTests {
         } throws: { ($0 as? WireError)?.code == .permissionDenied }
         let format = try target.incomingFormat(7, from: "worker-1")
         #expect(format.storage == storage && format.geometry == Self.geometry)
+        #expect(format.decodeRows == 7, "8 declared decode steps, one done")
+        /// Whether every head has room for the 7 rows to come: a short array would be copied whole
+        /// by the first decode step after the copy.
+        func roomy<S>(_ heads: [HeadCache<S>]) -> Bool {
+            heads.allSatisfy {
+                $0.keys.capacity >= 13 * Self.geometry.headDim && $0.values.capacity >= 13 * Self.geometry.headDim
+                    && $0.positions.capacity >= 13 && $0.tags.capacity >= 13
+            }
+        }
         for part in parts.dropFirst().dropLast().reversed() {
             guard case .layer(let state) = part.part else { continue }
-            let layer = try IncomingLayer(state, geometry: format.geometry, storage: format.storage)
+            let layer = try IncomingLayer(
+                state,
+                geometry: format.geometry,
+                storage: format.storage,
+                decodeRows: format.decodeRows
+            )
+            switch layer.heads {
+            case .float32(let heads): #expect(roomy(heads))
+            case .float16(let heads): #expect(roomy(heads))
+            }
             #expect {
                 try target.receive(layer, sequenceID: 7, from: "worker-3")
             } throws: { ($0 as? WireError)?.code == .permissionDenied }
