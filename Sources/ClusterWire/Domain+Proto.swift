@@ -183,6 +183,27 @@ extension PromptLayout {
         self = try mapCoreError(field: field) { () throws(KVCacheError) in try PromptLayout(spans: spans) }
     }
 
+    /// The decode tokens a sequence of this layout declared, checked: prompt and decoded positions
+    /// together at most `maxPositions`. Workers reserve room for the declared rows in every head, so
+    /// a sequence cannot ask for more than a prompt of that length could hold.
+    ///
+    /// - Throws: `.invalidValue` naming `field` when the total exceeds `maxPositions`.
+    package func checkedDecodeTokens(
+        _ tokens: UInt32,
+        field: String = "decode_tokens",
+        maxPositions: Int = PromptLayout.defaultMaxWirePromptLength
+    ) throws(WireError) -> Int {
+        let allowed = max(0, maxPositions - promptLength)
+        guard Int(tokens) <= allowed else {
+            throw WireError(
+                .invalidValue,
+                "\(field) must be at most \(allowed) (prompt and decoded positions together at most "
+                    + "\(maxPositions); the prompt has \(promptLength)), got \(tokens)"
+            )
+        }
+        return Int(tokens)
+    }
+
     /// The layout's spans as messages.
     package func proto(field: String = "spans") throws(WireError) -> [Tessera_V1_ModalitySpan] {
         try self.spans.proto(field: field)

@@ -767,6 +767,7 @@ struct CoordinatorState<Link: CoordinatorLink>: Sendable {
         }
         let geometry = try ModelGeometry(proto: message.model)
         let layout = try PromptLayout(proto: message.spans)
+        _ = try layout.checkedDecodeTokens(message.decodeTokens)
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
         // Each shard on `replication` distinct workers and no worker holding two shards of one
         // sequence: as many shards as whole replica sets fit, rotated by sequence id to spread load.

@@ -288,6 +288,8 @@ extension HeldSequence {
     init(assignment message: Tessera_V1_ShardAssignment, localNodeID: String) throws(WireError) {
         let geometry = try ModelGeometry(proto: message.model)
         let layout = try PromptLayout(proto: message.spans)
+        // Every head reserves room for the declared decode rows.
+        _ = try layout.checkedDecodeTokens(message.decodeTokens, field: "assignment.decode_tokens")
         let (policy, retention) = try CompressionPolicy.decode(proto: message.policy)
         let first = Int(message.shard.firstLayer)
         let count = Int(message.shard.layerCount)

@@ -610,6 +610,24 @@ struct CoordinatorStateTests {
         #expect(state.sequences.keys.sorted() == [1 << 62, first, second])
         #expect(state.admission.sequence(first) != nil, "charged under the chosen id")
     }
+
+    /// Workers reserve room for every declared decode row, so a declaration past the bound on
+    /// positions is refused at the open, before anything is charged or placed.
+    @Test func decodeTokensPastTheBoundOnPositionsAreRefused() async throws {
+        var state = try Self.coordinator()
+        let allowed = PromptLayout.defaultMaxWirePromptLength - Self.layout.promptLength
+        let refused = #expect(throws: WireError.self) {
+            try state.open(Self.opening(1, decodeTokens: UInt32(allowed + 1)))
+        }
+        #expect(refused?.code == .invalidValue)
+        #expect(
+            refused?.message.hasPrefix("decode_tokens must be at most \(allowed)") == true,
+            "\(refused?.message ?? "")"
+        )
+        #expect(state.sequences.isEmpty && state.admission.sequence(1) == nil)
+        _ = try state.open(Self.opening(2, decodeTokens: UInt32(allowed)))
+        #expect(state.sequences[2] != nil)
+    }
 }
 
 extension CoordinatorStateTests {

@@ -154,7 +154,9 @@ package nonisolated struct Tessera_V1_OpenSequence: Sendable {
   /// Clears the value of `policy`. Subsequent reads from it will return its default value.
   package mutating func clearPolicy() {self._policy = nil}
 
-  /// Decode tokens the client expects to run; admission reserves room for their rows.
+  /// Decode tokens the client expects to run; admission reserves room for their rows, and so does
+  /// every worker's cache. Prompt and decode tokens together at most 4,194,304 (INVALID_VALUE past it);
+  /// 0 declares nothing, and then decode steps are not limited.
   package var decodeTokens: UInt32 = 0
 
   package var unknownFields = SwiftProtobuf.UnknownStorage()
