@@ -25,9 +25,10 @@ private func requireTensor(
     return tensor
 }
 
-/// `values` as a tensor of `scalarType` (float16 rounds to nearest and must stay in range).
+/// `parts` back to back as a tensor of `scalarType` (float16 rounds to nearest and must stay in
+/// range).
 private func makeTensor(
-    _ values: [Float],
+    _ parts: [[Float]],
     shape: [Int],
     scalarType: ScalarType,
     name: String
@@ -35,8 +36,8 @@ private func makeTensor(
     -> Tessera_V1_Tensor
 {
     switch scalarType {
-    case .float32: try Tessera_V1_Tensor(float32: values, shape: shape, name: name)
-    case .float16: try Tessera_V1_Tensor(float16Converting: values, shape: shape, name: name)
+    case .float32: try Tessera_V1_Tensor(float32Parts: parts, shape: shape, name: name)
+    case .float16: try Tessera_V1_Tensor(float16ConvertingParts: parts, shape: shape, name: name)
     }
 }
 
@@ -76,10 +77,10 @@ extension DecodeStepInput {
         var message = Tessera_V1_LayerDecode()
         message.layer = try wireUInt32(layer, field: "\(prefix) index")
         let kvShape = [geometry.kvHeads, 1, geometry.headDim]
-        message.keys = try makeTensor(self.keys, shape: kvShape, scalarType: scalarType, name: "\(prefix) keys")
-        message.values = try makeTensor(self.values, shape: kvShape, scalarType: scalarType, name: "\(prefix) values")
+        message.keys = try makeTensor([self.keys], shape: kvShape, scalarType: scalarType, name: "\(prefix) keys")
+        message.values = try makeTensor([self.values], shape: kvShape, scalarType: scalarType, name: "\(prefix) values")
         message.queries = try makeTensor(
-            self.queries,
+            [self.queries],
             shape: [geometry.queryHeads, 1, geometry.headDim],
             scalarType: scalarType,
             name: "\(prefix) queries"
@@ -194,20 +195,20 @@ extension LayerPrefill {
         message.layer = try wireUInt32(layer, field: "\(prefix) index")
         let kvShape = [g.kvHeads, self.promptLength, g.headDim]
         message.keys = try makeTensor(
-            LayerPrefill.contiguous(self.keys),
+            self.keys,
             shape: kvShape,
             scalarType: scalarType,
             name: "\(prefix) keys"
         )
         message.values = try makeTensor(
-            LayerPrefill.contiguous(self.values),
+            self.values,
             shape: kvShape,
             scalarType: scalarType,
             name: "\(prefix) values"
         )
         if self.queryRows > 0 {
             message.queries = try makeTensor(
-                self.queries,
+                [self.queries],
                 shape: [g.queryHeads, self.queryRows, g.headDim],
                 scalarType: queryScalarType,
                 name: "\(prefix) queries"

@@ -51,9 +51,19 @@ extension Tessera_V1_Tensor {
     /// - Throws: `.invalidShape` when the shape is empty, has a zero dimension, or its element count
     ///   differs from `values.count`; `.invalidValue` when an element is not finite.
     package init(float32 values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
-        let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
-        try Self.checkFinite(values, shape: shape, name: name)
-        self.init(.float32, shape: shape32, data: Self.littleEndianData(values))
+        try self.init(float32Parts: [values], shape: shape, name: name)
+    }
+
+    /// A float32 tensor holding `parts` back to back (a prefill's arrays, one per KV head), copied
+    /// once into the message.
+    ///
+    /// - Throws: as `init(float32:shape:name:)`, for the parts' elements together.
+    package init(float32Parts parts: [[Float]], shape: [Int], name: String = "tensor") throws(WireError) {
+        let shape32 = try Self.checkShape(shape, elementCount: Self.count(parts), name: name)
+        try Self.checkFinite(parts, shape: shape, name: name)
+        var data = Data(capacity: Self.count(parts) * MemoryLayout<Float>.size)
+        for part in parts { part.withUnsafeBufferPointer { data.append($0) } }
+        self.init(.float32, shape: shape32, data: data)
     }
 
     /// A float16 tensor holding `values`, row-major, with the given shape.
@@ -70,19 +80,33 @@ extension Tessera_V1_Tensor {
     /// - Throws: as `init(float32:shape:name:)`; `.invalidValue` also when a finite value is too
     ///   large for float16 (magnitude above 65504).
     package init(float16Converting values: [Float], shape: [Int], name: String = "tensor") throws(WireError) {
-        let shape32 = try Self.checkShape(shape, elementCount: values.count, name: name)
-        try Self.checkFinite(values, shape: shape, name: name)
+        try self.init(float16ConvertingParts: [values], shape: shape, name: name)
+    }
+
+    /// A float16 tensor holding `parts` back to back, rounded as `init(float16Converting:shape:name:)`
+    /// rounds them.
+    package init(float16ConvertingParts parts: [[Float]], shape: [Int], name: String = "tensor") throws(WireError) {
+        let count = Self.count(parts)
+        let shape32 = try Self.checkShape(shape, elementCount: count, name: name)
+        try Self.checkFinite(parts, shape: shape, name: name)
         // Rounded by the kernel (F16C where the CPU has it); a value past float16's range becomes infinite.
-        let halves = [Float16](unsafeUninitializedCapacity: values.count) { buffer, initialized in
-            values.withUnsafeBufferPointer {
-                Float16.store($0.baseAddress!, into: buffer.baseAddress!, count: $0.count)
+        let halves = [Float16](unsafeUninitializedCapacity: count) { buffer, initialized in
+            var offset = 0
+            for part in parts {
+                part.withUnsafeBufferPointer {
+                    if $0.count > 0 {
+                        Float16.store($0.baseAddress!, into: buffer.baseAddress! + offset, count: $0.count)
+                    }
+                }
+                offset += part.count
             }
-            initialized = values.count
+            initialized = count
         }
         if let index = halves.firstIndex(where: { !$0.isFinite }) {
+            let value = Self.element(index, of: parts)
             throw WireError(
                 .invalidValue,
-                "\(name): element \(Self.position(of: index, in: shape)) = \(values[index]) is out of float16 range "
+                "\(name): element \(Self.position(of: index, in: shape)) = \(value) is out of float16 range "
                     + "(largest magnitude \(Float16.greatestFiniteMagnitude))"
             )
         }
@@ -247,9 +271,26 @@ extension Tessera_V1_Tensor {
     }
 
     /// Float32 elements checked by the kernel, a vector at a time.
-    private static func checkFinite(_ values: [Float], shape: [Int], name: String) throws(WireError) {
-        guard let index = FiniteElements.firstNonFinite(values) else { return }
-        throw nonFinite(values[index], at: index, shape: shape, name: name)
+    private static func checkFinite(_ parts: [[Float]], shape: [Int], name: String) throws(WireError) {
+        var offset = 0
+        for part in parts {
+            if let index = FiniteElements.firstNonFinite(part) {
+                throw nonFinite(part[index], at: offset + index, shape: shape, name: name)
+            }
+            offset += part.count
+        }
+    }
+
+    private static func count(_ parts: [[Float]]) -> Int { parts.reduce(0) { $0 + $1.count } }
+
+    /// Element `index` of `parts` taken back to back.
+    private static func element(_ index: Int, of parts: [[Float]]) -> Float {
+        var rest = index
+        for part in parts {
+            if rest < part.count { return part[rest] }
+            rest -= part.count
+        }
+        preconditionFailure("element \(index) of \(count(parts))")
     }
 
     /// The elements of a checked copy, or `.invalidValue` naming the first non-finite one.

@@ -295,6 +295,29 @@ struct LayerTensorConversionTests {
             "\(keysError?.message ?? "")"
         )
 
+        // On the sending side, an element of the second KV head's array is named where it sits in
+        // the tensor, in either dtype.
+        let clean = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2)
+        var poisonedKeys = clean.keys
+        poisonedKeys[1][100] = .nan
+        let unchecked = try LayerPrefill(
+            geometry: Self.geometry,
+            promptLength: 6,
+            keys: poisonedKeys,
+            values: clean.values,
+            queries: clean.queries,
+            queryRows: 2,
+            checkedFinite: true
+        )
+        for scalarType in [ScalarType.float32, .float16] {
+            let sent = wireError { _ = try unchecked.proto(layer: 1, scalarType: scalarType) }
+            #expect(sent?.code == .invalidValue)
+            #expect(
+                sent?.message.hasPrefix("layer 1 keys: element [1, 3, 4] (flat 292) is NaN") == true,
+                "\(sent?.message ?? "")"
+            )
+        }
+
         // And on the sending side, float16 overflow.
         var big = try random.prefill(geometry: Self.geometry, promptLength: 6, queryRows: 2)
         big = try LayerPrefill(
