@@ -14,30 +14,48 @@ public enum LayerDecoder {
         position: Int,
         threads: ThreadTeam = .single
     ) -> [Float] {
-        let d = g.headDim
         append(input, to: &heads, geometry: g, position: position)
-        var outputs = [Float](repeating: 0, count: g.queryHeads * d)
-        let rows = heads.map(\.count).max() ?? 0
-        let frozen = heads
+        return attend([heads], geometry: g, queries: [input.queries], threads: threads)[0]
+    }
+
+    /// Attention of every query head over its KV head in each of several layers (rows appended
+    /// already), `queries[l]` being layer `l`'s `queryHeads × headDim` queries: the outputs `step`
+    /// would return for each, with the same bits. The (layer, KV head) pairs are split across
+    /// `threads` in one fixed pattern and one fork: a fork per layer costs about as much as a
+    /// compressed layer's attention.
+    @_specialize(where S == Float)
+    @_specialize(where S == Float16)
+    public static func attend<S: KVScalar>(
+        _ layers: [[HeadCache<S>]],
+        geometry g: ModelGeometry,
+        queries: [[Float]],
+        threads: ThreadTeam = .single
+    ) -> [[Float]] {
+        precondition(queries.count == layers.count, "one query set per layer")
+        let perLayer = g.queryHeads * g.headDim
+        var outputs = [Float](repeating: 0, count: layers.count * perLayer)
+        let rows = layers.joined().map(\.count).max() ?? 0
+        let items = layers.count * g.kvHeads
         outputs.withUnsafeMutableBufferPointer { out in
             let target = Kernels.SharedOutput(out.baseAddress!)
-            threads.forEachWorker(limit: g.kvHeads) { worker, workers in
+            threads.forEachWorker(limit: items) { worker, workers in
                 let scratch = UnsafeMutablePointer<Float>.allocate(capacity: g.groupSize * rows)
                 defer { scratch.deallocate() }
-                input.queries.withUnsafeBufferPointer { queries in
-                    for kv in stride(from: worker, to: g.kvHeads, by: workers) {
-                        let first = kv * g.groupSize * d
-                        frozen[kv].attend(
+                for item in stride(from: worker, to: items, by: workers) {
+                    let (l, kv) = item.quotientAndRemainder(dividingBy: g.kvHeads)
+                    let first = kv * g.groupSize * g.headDim
+                    queries[l].withUnsafeBufferPointer { queries in
+                        layers[l][kv].attend(
                             queries: queries.baseAddress! + first,
                             groups: g.groupSize,
                             scratch: scratch,
-                            output: target.pointer + first
+                            output: target.pointer + l * perLayer + first
                         )
                     }
                 }
             }
         }
-        return outputs
+        return (0..<layers.count).map { Array(outputs[($0 * perLayer)..<(($0 + 1) * perLayer)]) }
     }
 }
 

@@ -80,20 +80,26 @@ struct ShardCache: Sendable {
 
     func holds(layer: Int) -> Bool { float32[layer] != nil || float16[layer] != nil }
 
-    /// Decodes one step on `layer` with its heads split across `threads`, returning
-    /// `queryHeads × headDim` outputs; nil when the layer is not held.
+    /// Decodes one step on every layer of `inputs`: appends each layer's rows, then attends with
+    /// all the layers' heads split across `threads` at once (`LayerDecoder.attend`). Returns each
+    /// layer's `queryHeads × headDim` outputs in the order of `inputs`; nil, with nothing appended,
+    /// when a layer is not held.
     mutating func decode(
-        layer: Int,
+        _ inputs: [(layer: Int, input: DecodeStepInput)],
         geometry: ModelGeometry,
-        input: DecodeStepInput,
         position: Int,
         threads: ThreadTeam = .single
-    ) -> [Float]? {
+    ) -> [[Float]]? {
+        guard inputs.allSatisfy({ holds(layer: $0.layer) }) else { return nil }
+        for (layer, input) in inputs { _ = append(layer: layer, geometry: geometry, input: input, position: position) }
+        let queries = inputs.map(\.input.queries)
         switch storage {
         case .float32:
-            Self.decode(&float32, layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+            let heads = inputs.map { float32[$0.layer]! }
+            return LayerDecoder.attend(heads, geometry: geometry, queries: queries, threads: threads)
         case .float16:
-            Self.decode(&float16, layer: layer, geometry: geometry, input: input, position: position, threads: threads)
+            let heads = inputs.map { float16[$0.layer]! }
+            return LayerDecoder.attend(heads, geometry: geometry, queries: queries, threads: threads)
         }
     }
 
@@ -115,7 +121,7 @@ struct ShardCache: Sendable {
         }
     }
 
-    /// One decode step on `layer` of `layers`, in place.
+    /// One decode step on `layer` of `layers`, in place (an audit copy's, a layer at a time).
     static func decode<S: KVScalar>(
         _ layers: inout [Int: [HeadCache<S>]],
         layer: Int,

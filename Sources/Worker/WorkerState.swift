@@ -798,34 +798,19 @@ final class DecodeJob: @unchecked Sendable {
         var fidelity = FidelityReport()
         // Every layer runs before anything else is recorded, so that a refused step leaves the cache
         // as it was: finite but huge inputs can overflow attention, and their rows must not stay.
-        var stepped: [(layer: Int, input: DecodeStepInput, outputs: [Float])] = []
-        do throws(WireError) {
-            for (layer, input) in inputs {
-                guard
-                    let outputs = cache.decode(
-                        layer: layer,
-                        geometry: geometry,
-                        input: input,
-                        position: position,
-                        threads: threads
-                    )
-                else {
-                    throw WireError(.internal, "sequence \(sequenceID) holds no layer \(layer)")
-                }
-                stepped.append((layer, input, outputs))
-                guard outputs.allSatisfy(\.isFinite) else {
-                    throw WireError(
-                        .invalidValue,
-                        "step \(step) of sequence \(sequenceID): layer \(layer)'s attention output is not finite "
-                            + "(inputs too large); the step was not applied"
-                    )
-                }
-            }
-        } catch {
-            for (layer, _, _) in stepped { cache.removeLastRow(layer: layer) }
-            throw error
+        guard let outputs = cache.decode(inputs, geometry: geometry, position: position, threads: threads) else {
+            let missing = inputs.map(\.layer).filter { !cache.holds(layer: $0) }
+            throw WireError(.internal, "sequence \(sequenceID) holds no layer \(missing)")
         }
-        for (layer, input, outputs) in stepped {
+        if let bad = outputs.firstIndex(where: { !$0.allSatisfy(\.isFinite) }) {
+            for (layer, _) in inputs { cache.removeLastRow(layer: layer) }
+            throw WireError(
+                .invalidValue,
+                "step \(step) of sequence \(sequenceID): layer \(inputs[bad].layer)'s attention output is not finite "
+                    + "(inputs too large); the step was not applied"
+            )
+        }
+        for ((layer, input), outputs) in zip(inputs, outputs) {
             audit?.score(
                 layer: layer,
                 step: step,

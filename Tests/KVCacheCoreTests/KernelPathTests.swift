@@ -227,4 +227,48 @@ import Testing
             #expect(got.map(\.bitPattern) == expected.map(\.bitPattern), "threads \(threads)")
         }
     }
+
+    /// A worker attends all its layers of a step in one fork (`LayerDecoder.attend`); each layer's
+    /// outputs must be the bits a step of that layer alone gives, whatever the threads.
+    @Test func layersAttendedTogetherGiveEachLayersOwnBits() throws {
+        let g = geometry(layers: 3, queryHeads: 8, kvHeads: 4, headDim: 32)
+        var rng = SeededGenerator(seed: 9)
+        // Layers of different lengths, and heads of different lengths within a layer.
+        var layers: [[HeadCache<Float>]] = (0..<g.layers).map { l in
+            (0..<g.kvHeads).map { h in
+                var head = HeadCache<Float>(headDim: g.headDim)
+                for position in 0..<(10 + 7 * l + 3 * h) {
+                    head.append(
+                        key: rng.floats(g.headDim),
+                        value: rng.floats(g.headDim),
+                        position: position,
+                        tag: .text
+                    )
+                }
+                return head
+            }
+        }
+        let inputs = try (0..<g.layers).map { _ in
+            try DecodeStepInput(
+                geometry: g,
+                keys: rng.floats(g.kvHeads * g.headDim),
+                values: rng.floats(g.kvHeads * g.headDim),
+                queries: rng.floats(g.queryHeads * g.headDim, scale: 2)
+            )
+        }
+        let expected = (0..<g.layers).map { l in
+            var alone = layers[l]
+            return LayerDecoder.step(&alone, geometry: g, input: inputs[l], position: 100, threads: 1)
+        }
+        for l in layers.indices { LayerDecoder.append(inputs[l], to: &layers[l], geometry: g, position: 100) }
+        for threads in [1, 2, 5] {
+            let got = LayerDecoder.attend(
+                layers,
+                geometry: g,
+                queries: inputs.map(\.queries),
+                threads: .dispatch(threads)
+            )
+            #expect(got.map { $0.map(\.bitPattern) } == expected.map { $0.map(\.bitPattern) }, "threads \(threads)")
+        }
+    }
 }
