@@ -166,9 +166,7 @@ extension Tessera_V1_Tensor {
         expectedShape: [Int]? = nil,
         spare: Int = 0
     ) throws(WireError) -> [Float] {
-        let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
-        let checked = self.data.withUnsafeBytes { Self.widened($0, scalarType, spare: spare) }
-        return try self.finite(checked, shape: shape, name: name)
+        try self.floatValues(cutInto: { _ in 1 }, name: name, expectedShape: expectedShape, spare: spare)[0]
     }
 
     /// The same elements cut along the first dimension, one array per index (a KV head's rows),
@@ -178,13 +176,25 @@ extension Tessera_V1_Tensor {
         expectedShape: [Int]? = nil,
         spare: Int = 0
     ) throws(WireError) -> [[Float]] {
+        try self.floatValues(cutInto: { $0[0] }, name: name, expectedShape: expectedShape, spare: spare)
+    }
+
+    /// The checked, widened elements in `cutInto(shape)` equal arrays, each with room for `spare`
+    /// more; a non-finite element is named by its place in the whole tensor.
+    private func floatValues(
+        cutInto partCount: ([Int]) -> Int,
+        name: String,
+        expectedShape: [Int]?,
+        spare: Int
+    ) throws(WireError) -> [[Float]] {
         let (scalarType, shape) = try self.validatedLayout(name: name, expectedShape: expectedShape)
-        let partBytes = self.data.count / shape[0]
+        let count = partCount(shape)
+        let partBytes = self.data.count / count
         var parts: [[Float]] = []
-        parts.reserveCapacity(shape[0])
+        parts.reserveCapacity(count)
         var failure: Int?
         self.data.withUnsafeBytes { bytes in
-            for part in 0..<shape[0] {
+            for part in 0..<count {
                 let slice = UnsafeRawBufferPointer(rebasing: bytes[(part * partBytes)..<((part + 1) * partBytes)])
                 switch Self.widened(slice, scalarType, spare: spare) {
                 case .finite(let values): parts.append(values)

@@ -50,13 +50,18 @@ public struct HeadCache<S: KVScalar>: Sendable {
     /// they are: no copy when they already have room for `decodeRows` more rows and nothing else
     /// holds them once the prefill is gone.
     init(wholePrompt keys: [S], values: [S], tags: [ModalityTag], headDim: Int, decodeRows: Int) {
-        precondition(keys.count == tags.count * headDim && values.count == keys.count, "rows disagree with tags")
-        self.init(headDim: headDim)
-        self.keys = keys
-        self.values = values
-        positions = Array(0..<Int32(truncatingIfNeeded: tags.count))
-        self.tags = tags
-        reserveRoom(decodeRows)
+        let positions = Array(0..<Int32(truncatingIfNeeded: tags.count))
+        guard
+            let head = HeadCache(
+                headDim: headDim,
+                keys: keys,
+                values: values,
+                positions: positions,
+                tags: tags,
+                decodeRows: decodeRows
+            )
+        else { preconditionFailure("rows disagree with tags") }
+        self = head
     }
 
     public var count: Int { positions.count }
