@@ -1,4 +1,5 @@
 import Client
+import ClusterAdmin
 import ClusterSecurity
 import ClusterTransport
 public import Logging
@@ -64,14 +65,18 @@ public enum WireBenchmark {
         public var ackEveryFrame: Bool
         /// Decimal megabytes (10^6 bytes) per second.
         public var megabytesPerSecond: Double
+        /// CPU time of both ends (the sending and the receiving thread) per frame, in microseconds;
+        /// nil where threads' CPU time cannot be read.
+        public var cpuMicrosPerFrame: Double?
 
-        public init(bytes: Int, frames: Int, passes: Int, seconds: Double, ackEveryFrame: Bool) {
+        public init(bytes: Int, frames: Int, passes: Int, seconds: Double, ackEveryFrame: Bool, cpuSeconds: Double?) {
             self.bytes = bytes
             self.frames = frames
             self.passes = passes
             self.seconds = seconds
             self.ackEveryFrame = ackEveryFrame
             megabytesPerSecond = seconds > 0 ? Double(bytes) / seconds / 1e6 : 0
+            cpuMicrosPerFrame = cpuSeconds.map { 1e6 * $0 / Double(max(1, frames * passes)) }
         }
     }
 
@@ -88,14 +93,23 @@ public enum WireBenchmark {
     {
         var bytes = 0
         var seconds = 0.0
+        var cpuSeconds: Double? = 0
         var passes = 0
         repeat {
             let pass = try await transfer(frameBytes: frameBytes, frames: frames, ackEveryFrame: ackEveryFrame)
             bytes += pass.bytes
             seconds += pass.seconds
+            cpuSeconds = cpuSeconds.flatMap { total in pass.cpuSeconds.map { total + $0 } }
             passes += 1
         } while seconds < minimumSeconds
-        return Transfer(bytes: bytes, frames: frames, passes: passes, seconds: seconds, ackEveryFrame: ackEveryFrame)
+        return Transfer(
+            bytes: bytes,
+            frames: frames,
+            passes: passes,
+            seconds: seconds,
+            ackEveryFrame: ackEveryFrame,
+            cpuSeconds: cpuSeconds
+        )
     }
 
     /// Writes `frames` frames of `frameBytes` bytes from a client socket to a sink socket over
@@ -103,6 +117,8 @@ public enum WireBenchmark {
     /// bytes still in socket buffers are not counted as sent. With `ackEveryFrame` the sink answers
     /// each frame with one byte and the client waits for it (one frame in flight, like a request that
     /// waits for its reply); otherwise the client streams. The sink reads in 1 MiB chunks and discards.
+    ///
+    /// Also returns the CPU time both threads spent on it (the sender's from its first write).
     ///
     /// Both ends are blocking POSIX sockets, each on its own POSIX thread: blocking calls inside a
     /// `Task` would hold one of the cooperative pool's threads (one per core; this machine may have
@@ -115,21 +131,21 @@ public enum WireBenchmark {
         frames: Int,
         ackEveryFrame: Bool
     ) async throws
-        -> (bytes: Int, seconds: Double)
+        -> (bytes: Int, seconds: Double, cpuSeconds: Double?)
     {
         precondition(frameBytes >= 1 && frames >= 1)
         let listener = try Socket.listenOnLoopback()
         let port = try listener.localPort()
         let total = frameBytes * frames
-        async let received = onThread { () throws(SocketError) -> Int in
+        async let received = onThread { () throws(SocketError) -> (bytes: Int, cpuSeconds: Double?) in
             defer { listener.release() }
             let connection = try listener.acceptOne()
             defer { connection.release() }
             return try sink(connection, total: total, frameBytes: frameBytes, ackEveryFrame: ackEveryFrame)
         }
-        let seconds: Double
+        let sent: (seconds: Double, cpuSeconds: Double?)
         do {
-            seconds = try await onThread { () throws(SocketError) -> Double in
+            sent = try await onThread { () throws(SocketError) -> (seconds: Double, cpuSeconds: Double?) in
                 let connection = try Socket.connectToLoopback(port: port)
                 defer { connection.release() }
                 return try source(connection, frameBytes: frameBytes, frames: frames, ackEveryFrame: ackEveryFrame)
@@ -139,18 +155,21 @@ public enum WireBenchmark {
             _ = try? await received
             throw error
         }
-        return (try await received, seconds)
+        let sunk = try await received
+        return (sunk.bytes, sent.seconds, sunk.cpuSeconds.flatMap { own in sent.cpuSeconds.map { own + $0 } })
     }
 
-    /// Reads until `total` bytes arrived; answers each frame (with `ackEveryFrame`) and the end with one byte.
+    /// Reads until `total` bytes arrived; answers each frame (with `ackEveryFrame`) and the end with one
+    /// byte. Returns the bytes and the thread's CPU time.
     private static func sink(
         _ connection: Socket,
         total: Int,
         frameBytes: Int,
         ackEveryFrame: Bool
     ) throws(SocketError)
-        -> Int
+        -> (bytes: Int, cpuSeconds: Double?)
     {
+        let cpuStart = ProcessCPU.threadSeconds()
         let chunk = 1 << 20
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 64)
         defer { buffer.deallocate() }
@@ -170,17 +189,18 @@ public enum WireBenchmark {
             }
         }
         try connection.sendByte()
-        return received
+        return (received, ProcessCPU.threadSeconds(since: cpuStart))
     }
 
-    /// Sends the frames and returns the seconds from the first write until the final byte came back.
+    /// Sends the frames; returns the seconds from the first write until the final byte came back, and
+    /// the thread's CPU time over them.
     private static func source(
         _ connection: Socket,
         frameBytes: Int,
         frames: Int,
         ackEveryFrame: Bool
     )
-        throws(SocketError) -> Double
+        throws(SocketError) -> (seconds: Double, cpuSeconds: Double?)
     {
         let payload = UnsafeMutableRawPointer.allocate(byteCount: frameBytes, alignment: 64)
         defer { payload.deallocate() }
@@ -189,12 +209,13 @@ public enum WireBenchmark {
         }
         let clock = ContinuousClock()
         let start = clock.now
+        let cpuStart = ProcessCPU.threadSeconds()
         for frame in 0..<frames {
             try connection.sendAll(payload, frameBytes)
             if ackEveryFrame, frame < frames - 1 { try connection.receiveByte() }
         }
         try connection.receiveByte()
-        return (clock.now - start).inSeconds
+        return ((clock.now - start).inSeconds, ProcessCPU.threadSeconds(since: cpuStart))
     }
 
     /// Runs `work` on a new detached POSIX thread and returns its result to the awaiting task.
@@ -307,15 +328,70 @@ public enum WireBenchmark {
         public var megabytesPerSecond: Double
         /// Each prefill request, from its write until its acknowledgement.
         public var latency: Latency
+        /// CPU time per frame over the same batches, by process; nil where it cannot be read.
+        public var cpuMicrosPerFrame: ProcessesCPU?
 
-        public init(inFlight: Int, frames: Int, payloadBytes: Int, seconds: Double, latency: Latency) {
+        public init(
+            inFlight: Int,
+            frames: Int,
+            payloadBytes: Int,
+            seconds: Double,
+            latency: Latency,
+            cpuSeconds: ProcessesCPU?
+        ) {
             self.inFlight = inFlight
             self.frames = frames
             self.payloadBytes = payloadBytes
             self.seconds = seconds
             self.latency = latency
             megabytesPerSecond = seconds > 0 ? Double(payloadBytes) / seconds / 1e6 : 0
+            cpuMicrosPerFrame = cpuSeconds.map { $0.scaled(by: 1e6 / Double(max(1, frames))) }
         }
+    }
+
+    /// CPU time of the processes an ingest measurement involves: the client sending the prefills
+    /// (this process), the worker taking them and the coordinator (which gets the worker's layer
+    /// statistics).
+    public struct ProcessesCPU: Sendable, Codable, Hashable {
+        public var client: Double
+        public var worker: Double
+        public var coordinator: Double
+
+        public init(client: Double, worker: Double, coordinator: Double) {
+            self.client = client
+            self.worker = worker
+            self.coordinator = coordinator
+        }
+
+        /// The CPU time each has used so far, in seconds; nil when one cannot be read.
+        public static func now(worker: Int32, coordinator: Int32) -> ProcessesCPU? {
+            guard let client = ProcessCPU.ownSeconds(), let worker = ProcessCPU.seconds(pid: worker),
+                let coordinator = ProcessCPU.seconds(pid: coordinator)
+            else { return nil }
+            return ProcessesCPU(client: client, worker: worker, coordinator: coordinator)
+        }
+
+        public static func + (a: Self, b: Self) -> Self {
+            ProcessesCPU(
+                client: a.client + b.client,
+                worker: a.worker + b.worker,
+                coordinator: a.coordinator + b.coordinator
+            )
+        }
+
+        public static func - (a: Self, b: Self) -> Self {
+            ProcessesCPU(
+                client: a.client - b.client,
+                worker: a.worker - b.worker,
+                coordinator: a.coordinator - b.coordinator
+            )
+        }
+
+        public func scaled(by factor: Double) -> Self {
+            ProcessesCPU(client: client * factor, worker: worker * factor, coordinator: coordinator * factor)
+        }
+
+        public var total: Double { client + worker + coordinator }
     }
 
     public struct IngestPoint: Sendable, Codable, Hashable {
@@ -324,7 +400,11 @@ public enum WireBenchmark {
         /// The whole frame on the wire: length prefix and envelope around the payload.
         public var wireBytesPerFrame: Int
         public var promptLength: Int
+        /// Each frame the whole prefill of a one-layer sequence, one rate per number in flight.
         public var tessera: [IngestRate]
+        /// Each frame a part (one layer) of a longer sequence's prefill; empty when not measured
+        /// (with more than one worker, a sequence's layers span workers).
+        public var inParts: [IngestRate]
         /// The same payload bytes in the same frame sizes, streamed to a sink.
         public var plainTCP: Transfer
         /// The same, one frame in flight (the sink acknowledges each with one byte).
@@ -337,6 +417,7 @@ public enum WireBenchmark {
             wireBytesPerFrame: Int,
             promptLength: Int,
             tessera: [IngestRate],
+            inParts: [IngestRate],
             plainTCP: Transfer,
             plainTCPAcked: Transfer
         ) {
@@ -344,10 +425,16 @@ public enum WireBenchmark {
             self.wireBytesPerFrame = wireBytesPerFrame
             self.promptLength = promptLength
             self.tessera = tessera
+            self.inParts = inParts
             self.plainTCP = plainTCP
             self.plainTCPAcked = plainTCPAcked
             let rate = tessera.first?.megabytesPerSecond ?? 0
             percentOfPlainTCP = plainTCP.megabytesPerSecond > 0 ? 100 * rate / plainTCP.megabytesPerSecond : 0
+        }
+
+        /// `rate` as a share of `plainTCP`, in percent.
+        public func percent(_ rate: IngestRate) -> Double {
+            plainTCP.megabytesPerSecond > 0 ? 100 * rate.megabytesPerSecond / plainTCP.megabytesPerSecond : 0
         }
     }
 

@@ -32,6 +32,12 @@ struct BenchWire: AsyncParsableCommand {
             --seconds-per-point if shorter, were timed): blocking sockets streaming to a \
             sink, and one frame in flight with a one-byte ack per frame.
 
+            CPU time per frame over the same timed requests (Linux): this process as the \
+            client, the worker and the coordinator (which gets the worker's layer \
+            statistics); for plain TCP, its sending and receiving threads. Where a rate \
+            falls short while the CPU time per frame is small, the requests waited \
+            (for the scheduler, for the other side), not worked.
+
             Decode round trips on 1 and on 8 concurrent clients, each with its own \
             connections and sequences (tiny, image-qa synthetic prefill, snapkv 0.2):
             real steps, then retries of the last step, which the worker answers from its \
@@ -154,10 +160,29 @@ private let benchTenant = "bench-wire"
 private enum IngestBenchmark {
     static let frameSizes = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 
-    /// One layer of the tiny model (2 KV heads × 32 dims): a sequence of it is one shard with one
-    /// layer, so one prefill frame carries exactly one layer's `LayerTensors`.
-    static func geometry() throws -> ModelGeometry {
-        try ModelGeometry(name: "tiny-1-layer", layers: 1, queryHeads: 4, kvHeads: 2, headDim: 32, tokensPerImage: 64)
+    /// The tiny model's heads (2 KV heads × 32 dims) in `layers` layers. A one-layer sequence is one
+    /// shard with one layer, so its prefill is one frame carrying exactly one layer's `LayerTensors`;
+    /// a sequence of more layers, on a cluster of one worker, is one shard whose prefill can go in
+    /// parts, a layer per frame.
+    static func geometry(layers: Int = 1) throws -> ModelGeometry {
+        try ModelGeometry(
+            name: "tiny-\(layers)-layer",
+            layers: layers,
+            queryHeads: 4,
+            kvHeads: 2,
+            headDim: 32,
+            tokensPerImage: 64
+        )
+    }
+
+    /// How the frames of a measurement make up sequences.
+    enum Shape {
+        /// Each frame is the whole prefill of a one-layer sequence: every frame also costs that
+        /// sequence's layer statistics and its budget, as many small prompts would.
+        case sequencePerFrame
+        /// A batch's frames are the parts of one sequence's prefill, a layer each, as a client
+        /// streams a long prompt: the statistics and the budget come once, after the last part.
+        case oneSequenceInParts
     }
 
     static func run(
@@ -188,6 +213,8 @@ private enum IngestBenchmark {
                 throw BenchWireError("a one-layer sequence was placed on \(probe.shards.count) shards")
             }
             let worker = probe.shards[0].primary
+            // For the CPU time each process spends on the timed requests (not when run on hosts).
+            let pids = cluster.workers.first { $0.address == worker }.map { ($0.pid, cluster.coordinatorPID) }
             let handshake = Handshake(
                 local: NodeIdentity(role: .client, nodeID: "bench-wire-ingest", incarnation: 1),
                 acceptedPeerRoles: [.worker]
@@ -202,25 +229,34 @@ private enum IngestBenchmark {
             ) { connection in
                 var points: [WireBenchmark.IngestPoint] = []
                 var nextID: UInt64 = 2
+                // A sequence's layers stay on one shard only when there is one worker.
+                let shapes: [Shape] =
+                    cluster.workers.count == 1 ? [.sequencePerFrame, .oneSequenceInParts] : [.sequencePerFrame]
                 for size in frameSizes {
                     let frame = try InlineFrame(payloadBytes: size, geometry: geometry)
                     var rates: [WireBenchmark.IngestRate] = []
-                    for window in windows {
-                        progress(
-                            "ingest \(frameLabel(size)) frames (\(frame.promptLength) positions), \(window) in flight "
-                                + "for \(seconds) s"
-                        )
-                        rates.append(
-                            try await measure(
+                    var inParts: [WireBenchmark.IngestRate] = []
+                    for shape in shapes {
+                        for window in windows {
+                            progress(
+                                "ingest \(frameLabel(size)) frames (\(frame.promptLength) positions), "
+                                    + (shape == .sequencePerFrame
+                                        ? "a sequence each" : "one sequence's prefill in parts")
+                                    + ", \(window) in flight for \(seconds) s"
+                            )
+                            let rate = try await measure(
                                 frame,
+                                shape: shape,
                                 window: window,
                                 seconds: seconds,
                                 client: client,
                                 connection: connection,
                                 worker: worker,
+                                pids: pids,
                                 nextID: &nextID
                             )
-                        )
+                            if shape == .sequencePerFrame { rates.append(rate) } else { inParts.append(rate) }
+                        }
                     }
                     let frames = rates[0].frames
                     progress("plain TCP: \(frames) frames of \(frameLabel(size)), streamed and then acked one by one")
@@ -244,6 +280,7 @@ private enum IngestBenchmark {
                             wireBytesPerFrame: frame.wireBytes,
                             promptLength: frame.promptLength,
                             tessera: rates,
+                            inParts: inParts,
                             plainTCP: stream,
                             plainTCPAcked: acked
                         )
@@ -259,11 +296,13 @@ private enum IngestBenchmark {
     /// so the worker holds at most one batch (≤ 64 MiB) at a time.
     static func measure(
         _ frame: InlineFrame,
+        shape: Shape,
         window: Int,
         seconds: Double,
         client: TesseraClient,
         connection: PeerConnection,
         worker: NodeAddress,
+        pids: (worker: Int32, coordinator: Int32)?,
         nextID: inout UInt64
     ) async throws -> WireBenchmark.IngestRate {
         let batch = max(4, min(64, (64 << 20) / frame.payloadBytes))
@@ -271,41 +310,57 @@ private enum IngestBenchmark {
         var elapsed = Duration.zero
         var frames = 0
         var latencies: [Duration] = []
+        var cpu: WireBenchmark.ProcessesCPU? = WireBenchmark.ProcessesCPU(client: 0, worker: 0, coordinator: 0)
+        let layers = shape == .sequencePerFrame ? 1 : batch
+        let geometry = try geometry(layers: layers)
         while elapsed < .seconds(seconds) {
             var messages: [Tessera_V1_Prefill] = []
-            for _ in 0..<batch {
+            var sequences: [UInt64] = []
+            for _ in 0..<(batch / layers) {
                 let id = nextID
                 nextID += 1
                 let placement = try await client.openSequence(
                     id,
-                    geometry: frame.geometry,
+                    geometry: geometry,
                     layout: frame.layout,
                     policy: .full,
                     retention: 1
                 )
+                sequences.append(placement.sequenceID)
                 guard placement.shards.count == 1, placement.shards[0].primary == worker else {
                     throw BenchWireError("sequence \(id) was placed elsewhere than \(worker): \(placement.shards)")
                 }
-                messages.append(
-                    frame.prefill(
-                        sequenceID: placement.sequenceID,
-                        shardID: placement.shards[0].id,
-                        epoch: placement.epoch
+                for layer in 0..<layers {
+                    messages.append(
+                        frame.prefill(
+                            sequenceID: placement.sequenceID,
+                            shardID: placement.shards[0].id,
+                            epoch: placement.epoch,
+                            layer: layer
+                        )
                     )
-                )
+                }
+            }
+            let cpuBefore = pids.flatMap {
+                WireBenchmark.ProcessesCPU.now(worker: $0.worker, coordinator: $0.coordinator)
             }
             let start = clock.now
             latencies += try await send(messages, window: window, over: connection)
             elapsed += clock.now - start
+            let cpuAfter = pids.flatMap {
+                WireBenchmark.ProcessesCPU.now(worker: $0.worker, coordinator: $0.coordinator)
+            }
+            cpu = cpu.flatMap { total in cpuBefore.flatMap { before in cpuAfter.map { total + ($0 - before) } } }
             frames += batch
-            for message in messages { _ = try await client.close(message.sequenceID) }
+            for sequence in sequences { _ = try await client.close(sequence) }
         }
         return WireBenchmark.IngestRate(
             inFlight: window,
             frames: frames,
             payloadBytes: frames * frame.payloadBytes,
             seconds: elapsed.inSeconds,
-            latency: WireBenchmark.Latency(latencies)
+            latency: WireBenchmark.Latency(latencies),
+            cpuSeconds: cpu
         )
     }
 
@@ -387,12 +442,16 @@ private struct InlineFrame: Sendable {
             .readableBytes + FrameDecoder.headerBytes
     }
 
-    func prefill(sequenceID: UInt64, shardID: UInt32, epoch: UInt64) -> Tessera_V1_Prefill {
+    /// The prefill of `layer` (a whole one-layer sequence's, or a part of a longer one's); every layer
+    /// carries the same tensors, which the messages share.
+    func prefill(sequenceID: UInt64, shardID: UInt32, epoch: UInt64, layer: Int) -> Tessera_V1_Prefill {
         var message = Tessera_V1_Prefill()
         message.tenant = benchTenant
         message.sequenceID = sequenceID
         message.shardID = shardID
         message.epoch = epoch
+        var tensors = tensors
+        tensors.layer = UInt32(layer)
         message.inlineTensors.layers = [tensors]
         return message
     }
@@ -634,25 +693,48 @@ private enum BenchWireOutput {
         var header = ["frame", "positions", "wire bytes", "frames"]
         for window in windows { header += ["\(window) in flight MB/s", "p50 ms"] }
         header += ["plain TCP MB/s", "TCP acked MB/s", "vs TCP"]
-        out += table(header, rows)
+        out += "each frame the whole prefill of a one-layer sequence\n" + table(header, rows)
+        if report.ingest.contains(where: { !$0.inParts.isEmpty }) {
+            out += "\none sequence's prefill in parts, a layer per frame (statistics and budget once per sequence)\n"
+            var header = ["frame"]
+            for window in windows { header += ["\(window) in flight MB/s", "p50 ms", "vs TCP"] }
+            out += table(
+                header,
+                report.ingest.map { point in
+                    [frameLabel(point.payloadBytesPerFrame)]
+                        + point.inParts.flatMap { rate in
+                            [
+                                ResultTable.format(rate.megabytesPerSecond, 1),
+                                ResultTable.format(rate.latency.p50Micros / 1000, 2),
+                                ResultTable.format(point.percent(rate), 0) + "%",
+                            ]
+                        }
+                }
+            )
+        }
         for point in report.ingest {
             guard let first = point.tessera.first else { continue }
+            /// "; 4 in flight 267.8 MB/s (9%)" for each rate.
+            func more(_ rates: some Sequence<WireBenchmark.IngestRate>) -> String {
+                rates.map { rate in
+                    "; \(rate.inFlight) in flight \(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s "
+                        + "(\(ResultTable.format(point.percent(rate), 0))%)"
+                }.joined()
+            }
             var line =
                 "ingest \(frameLabel(point.payloadBytesPerFrame)) frames: "
                 + "\(ResultTable.format(first.megabytesPerSecond, 1)) MB/s (plain TCP "
                 + "\(ResultTable.format(point.plainTCP.megabytesPerSecond, 1)) MB/s, "
-                + "\(ResultTable.format(point.percentOfPlainTCP, 0))%)"
-            for rate in point.tessera.dropFirst() {
-                let share =
-                    point.plainTCP.megabytesPerSecond > 0
-                    ? 100 * rate.megabytesPerSecond / point.plainTCP.megabytesPerSecond : 0
-                line +=
-                    "; \(rate.inFlight) in flight \(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s "
-                    + "(\(ResultTable.format(share, 0))%)"
-            }
+                + "\(ResultTable.format(point.percentOfPlainTCP, 0))%)" + more(point.tessera.dropFirst())
             line += "; plain TCP acked per frame \(ResultTable.format(point.plainTCPAcked.megabytesPerSecond, 1)) MB/s"
+            if let parts = point.inParts.first {
+                line +=
+                    "; in parts \(ResultTable.format(parts.megabytesPerSecond, 1)) MB/s "
+                    + "(\(ResultTable.format(point.percent(parts), 0))%)" + more(point.inParts.dropFirst())
+            }
             out += line + "\n"
         }
+        out += cpuTable(report.ingest)
 
         out +=
             "\ndecode round trips through TesseraClient (tiny, image-qa synthetic prefill, snapkv 0.2; one step "
@@ -679,6 +761,27 @@ private enum BenchWireOutput {
         out += "decode round trips: \(rates("real")) (real steps)\n"
         out += "decode round trips, cached retry of the last step: \(rates("cached"))\n"
         return out
+    }
+
+    /// CPU µs per frame: client / worker / coordinator for each way and number in flight, both ends of
+    /// plain TCP.
+    static func cpuTable(_ ingest: [WireBenchmark.IngestPoint]) -> String {
+        func micros(_ value: Double?) -> String { value.map { ResultTable.format($0, 0) } ?? "-" }
+        func cells(_ rates: [WireBenchmark.IngestRate]) -> [String] {
+            rates.map { rate in
+                guard let cpu = rate.cpuMicrosPerFrame else { return "-" }
+                return
+                    "\(micros(cpu.total)) (\(micros(cpu.client)) / \(micros(cpu.worker)) / \(micros(cpu.coordinator)))"
+            }
+        }
+        let rows = ingest.map { point in
+            [frameLabel(point.payloadBytesPerFrame)] + cells(point.tessera) + cells(point.inParts)
+                + [micros(point.plainTCP.cpuMicrosPerFrame), micros(point.plainTCPAcked.cpuMicrosPerFrame)]
+        }
+        var header = ["frame"] + (ingest.first?.tessera.map { "\($0.inFlight) in flight" } ?? [])
+        header += ingest.first?.inParts.map { "in parts, \($0.inFlight) in flight" } ?? []
+        return "\nCPU µs per frame: all (client / worker / coordinator); plain TCP: sender and sink threads\n"
+            + table(header + ["plain TCP", "TCP acked"], rows)
     }
 
     static func table(_ header: [String], _ rows: [[String]]) -> String {

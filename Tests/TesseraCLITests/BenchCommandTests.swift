@@ -42,6 +42,40 @@ import Glibc
         #expect(result.stderr.contains(allowed), "\(arguments): \(result.stderr)")
     }
 
+    /// bench-wire end to end, briefly: both ways of sending prefills, what each process spent per
+    /// frame, and the plain TCP references, in the table and the JSON.
+    @Test(.timeLimit(.minutes(3)))
+    func benchWireMeasuresIngestBothWaysWithItsCPUTime() async throws {
+        let path = "/tmp/tessera-bench-wire-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json"
+        defer { unlink(path) }
+        let result = try await runTessera([
+            "bench-wire", "--security", "insecure", "--seconds-per-point", "0.1", "--in-flight", "2", "--json", path,
+        ])
+        #expect(result.status == .exited(0), "\(result.stderr)")
+        #expect(result.stdout.contains("one sequence's prefill in parts"), "\(result.stdout)")
+        #expect(result.stdout.contains("CPU µs per frame"), "\(result.stdout)")
+        let reports = try #require(
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(filePath: path))) as? [[String: Any]]
+        )
+        let ingest = try #require(reports.first?["ingest"] as? [[String: Any]])
+        #expect(ingest.count == 4)
+        for point in ingest {
+            for key in ["tessera", "inParts"] {
+                let rates = try #require(point[key] as? [[String: Any]], "\(key)")
+                #expect(rates.count == 1, "\(key)")
+                let rate = try #require(rates.first)
+                #expect(((rate["frames"] as? NSNumber)?.intValue ?? 0) > 0, "\(key)")
+                let cpu = try #require(rate["cpuMicrosPerFrame"] as? [String: Any], "\(key)")
+                // Each frame is read, checked and acknowledged by the worker and sent by this process.
+                for process in ["client", "worker"] {
+                    #expect(((cpu[process] as? NSNumber)?.doubleValue ?? 0) > 0, "\(key) \(process)")
+                }
+            }
+            let tcp = try #require(point["plainTCP"] as? [String: Any])
+            #expect(((tcp["cpuMicrosPerFrame"] as? NSNumber)?.doubleValue ?? 0) > 0)
+        }
+    }
+
     /// The whole command: a local cluster, two policies, the table, the three files, and no process
     /// left behind (the cluster's children are reaped before the command exits).
     @Test(.timeLimit(.minutes(3)))
