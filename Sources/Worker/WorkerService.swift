@@ -295,13 +295,15 @@ public final class WorkerService: Sendable {
 
     /// Gives the heap's free pages back to the kernel once resident memory has exceeded the bytes
     /// held (cache, prefills, audit copies) by more than the allowance for a second (`RetainedPages`).
-    /// Checked every heartbeat and after a budget or a close frees a sequence's rows.
+    /// Checked every heartbeat and after a budget or a close frees a sequence's rows, at most once per
+    /// `RetainedPages.interval`.
     func releaseRetainedPages() async {
         guard let threads else { return }
+        let now = uptime()
+        guard retainedPages.withLock({ $0.due(at: now) }) else { return }
         let held = store.withLock { $0.heldBytes() }
         let base = baseResidentBytes.withLock { $0 }
         let resident = ProcessMemory.residentBytes()
-        let now = uptime()
         guard retainedPages.withLock({ $0.observe(resident: resident, base: base, held: held, at: now) }),
             trimming.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
         else { return }

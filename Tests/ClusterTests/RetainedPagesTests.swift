@@ -26,6 +26,13 @@ struct RetainedPagesTests {
         #expect(observed == [false, false, true, false, true])
     }
 
+    /// Checks closer together than the interval are skipped: a burst of closes checks once.
+    @Test func checksAreDueAtMostOncePerInterval() {
+        var pages = RetainedPages()
+        let due = [0, 40, 99, 100, 150, 250].map { pages.due(at: .milliseconds($0)) }
+        #expect(due == [true, false, false, true, false, true])
+    }
+
     @Test func memoryReusedMeanwhileStartsTheWaitOver() {
         let reused = 150 * Self.mib  // 50 MiB over what is held: within the allowance
         let observed = Self.decisions([
