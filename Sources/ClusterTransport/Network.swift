@@ -124,6 +124,9 @@ package struct TCPNetwork: Network {
 /// What a `PeerConnection` writes through, and the timer that ends its requests' waits.
 package protocol FrameOutbound: Sendable {
     func write(_ envelope: Tessera_V1_Envelope) async throws
+    /// Writes `envelopes` in order, flushed together where the transport can (one system call for a
+    /// batch of small frames instead of one each).
+    func write(contentsOf envelopes: [Tessera_V1_Envelope]) async throws
     /// No more writes: the peer sees the end of the stream.
     func finish()
     /// Runs `action` after `delay` unless the returned handle is cancelled first.
@@ -134,6 +137,12 @@ package protocol ScheduledAction: Sendable {
     func cancel()
 }
 
+extension FrameOutbound {
+    package func write(contentsOf envelopes: [Tessera_V1_Envelope]) async throws {
+        for envelope in envelopes { try await write(envelope) }
+    }
+}
+
 /// A NIO channel's outbound writer, timed on the channel's event loop (a timer there rather than a
 /// racing task: a request is the hot path of every decode step, and a task group with a sleeping
 /// child cost two tasks and a timer each).
@@ -142,6 +151,10 @@ struct ChannelOutbound: FrameOutbound {
     let eventLoop: any EventLoop
 
     func write(_ envelope: Tessera_V1_Envelope) async throws { try await writer.write(envelope) }
+
+    func write(contentsOf envelopes: [Tessera_V1_Envelope]) async throws {
+        try await writer.write(contentsOf: envelopes)
+    }
 
     func finish() { writer.finish() }
 

@@ -132,9 +132,19 @@ package final class PeerConnection: Sendable {
 
     /// Sends a one-way message (no reply expected).
     package func notify(_ body: Tessera_V1_Envelope.OneOf_Body) async throws {
-        var envelope = Tessera_V1_Envelope(requestID: state.withLock { $0.takeID() }, body)
-        envelope.injectCurrentTrace()
-        try await outbound.write(envelope)
+        try await notify([body])
+    }
+
+    /// Sends one-way messages in order, flushed together: a batch of small messages costs the
+    /// connection one write instead of one each.
+    package func notify(_ bodies: [Tessera_V1_Envelope.OneOf_Body]) async throws {
+        let ids = state.withLock { state in bodies.map { _ in state.takeID() } }
+        let envelopes = zip(ids, bodies).map { id, body in
+            var envelope = Tessera_V1_Envelope(requestID: id, body)
+            envelope.injectCurrentTrace()
+            return envelope
+        }
+        try await outbound.write(contentsOf: envelopes)
     }
 
     /// Ends request `id` with `error`; one still being set up keeps the error until it waits.

@@ -31,7 +31,8 @@ public final class WorkerService: Sendable {
     private let coordinatorLink = Mutex<PeerConnection?>(nil)
     /// Set once this incarnation asked to leave: a refusal as dead then ends it instead of a rejoin.
     private let leaving = Mutex(false)
-    private let statisticsOutbox = AsyncStream.makeStream(of: Tessera_V1_LayerStats.self)
+    /// Layer statistics for the coordinator, as reported together (a shard's layers at once).
+    private let statisticsOutbox = AsyncStream.makeStream(of: [Tessera_V1_LayerStats].self)
     /// Connections to other workers, for forwarding writes to replicas; set while `run` runs.
     private let peers = Mutex<ConnectionPool?>(nil)
     private let boundPort = Mutex<Int?>(nil)
@@ -176,9 +177,7 @@ public final class WorkerService: Sendable {
                     self.logger.info("registered", metadata: ["peer.id": "\(connection.peer)", "port": "\(port)"])
                     // A restarted coordinator rebuilt the sequences from the registration; these let it
                     // budget the ones still prefilling and tighten the others (a running one ignores them).
-                    for statistics in self.store.withLock({ $0.layerStatistics() }) {
-                        try await connection.notify(.layerStats(statistics))
-                    }
+                    try await connection.notify(self.store.withLock { $0.layerStatistics() }.map { .layerStats($0) })
                     if announced.withLock({ first in
                         defer { first = true }
                         return !first
@@ -371,18 +370,20 @@ public final class WorkerService: Sendable {
     /// Layer parts of a shard copy on the wire at once.
     static let layersInFlight = 4
 
-    /// Queues layer statistics for the coordinator; `sendStatistics` sends them in order. A prefill is
-    /// acknowledged without waiting for them: statistics lost with a coordinator connection are sent
-    /// again when the worker registers anew (`WorkerState.layerStatistics`).
+    /// Queues layer statistics for the coordinator; `sendStatistics` sends them in order, a message per
+    /// layer and the layers reported together in one write. A prefill is acknowledged without waiting
+    /// for them: statistics lost with a coordinator connection are sent again when the worker
+    /// registers anew (`WorkerState.layerStatistics`).
     func report(_ statistics: [Tessera_V1_LayerStats]) {
-        for layer in statistics { statisticsOutbox.continuation.yield(layer) }
+        guard !statistics.isEmpty else { return }
+        statisticsOutbox.continuation.yield(statistics)
     }
 
     private func sendStatistics() async {
         for await statistics in statisticsOutbox.stream {
             guard let link = coordinatorLink.withLock({ $0 }) else { continue }
             do {
-                try await link.notify(.layerStats(statistics))
+                try await link.notify(statistics.map { .layerStats($0) })
             } catch {
                 logger.debug("layer statistics not sent; they go again on registering", metadata: ["error": "\(error)"])
             }

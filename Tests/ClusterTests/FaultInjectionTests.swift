@@ -254,6 +254,37 @@ import Testing
         )
     }
 
+    /// One-way messages sent as a batch (one write for all: a shard's layer statistics) each arrive as
+    /// a message of its own, numbered in the order given.
+    @Test(.timeLimit(.minutes(1)))
+    func aBatchOfOneWayMessagesArrivesAsItsMessages() async throws {
+        try await Self.withServer(faults: nil) { port, received in
+            try await Self.withClient(port: port) { connection, _ in
+                try await connection.notify(
+                    (0..<5).map { layer in
+                        var statistics = Tessera_V1_LayerStats()
+                        statistics.layer = UInt32(layer)
+                        return .layerStats(statistics)
+                    }
+                )
+                // Answered after the batch, which came before it on the connection.
+                let reply = try await connection.request(Self.heartbeat(1), timeout: .seconds(20))
+                #expect(reply == Self.heartbeatAck(1))
+                var requests = received.makeAsyncIterator()
+                var batch: [(id: UInt64, layer: UInt32)] = []
+                for _ in 0..<6 {
+                    let envelope = try #require(await requests.next())
+                    if case .layerStats(let statistics) = envelope.body {
+                        batch.append((envelope.requestID, statistics.layer))
+                    }
+                }
+                batch.sort { $0.id < $1.id }
+                #expect(batch.map(\.layer) == [0, 1, 2, 3, 4])
+                #expect(zip(batch, batch.dropFirst()).allSatisfy { $1.id == $0.id + 2 }, "\(batch)")
+            }
+        }
+    }
+
     @Test(.timeLimit(.minutes(1)))
     func delayedAndReorderedFramesAllArrive() async throws {
         let seed: UInt64 = 15
