@@ -711,6 +711,7 @@ private enum BenchWireOutput {
                         }
                 }
             )
+            out += "\n"
         }
         for point in report.ingest {
             guard let first = point.tessera.first else { continue }
