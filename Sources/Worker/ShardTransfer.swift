@@ -137,12 +137,18 @@ struct IncomingShard: Sendable {
 
     /// Takes one layer's rows (checked against the geometry) and synthetic decode inputs.
     mutating func take(_ state: Tessera_V1_ShardLayerState) throws(WireError) {
-        try self.take(IncomingLayer(state, geometry: held.geometry, storage: cache.storage, decodeRows: decodeRows))
+        try self.take(format.layer(state))
     }
 
-    /// Rows the sequence's decode steps may still append: each head of the copy gets room for them,
-    /// or its first step would copy the head.
-    var decodeRows: Int { max(0, Int(held.assignment.decodeTokens) - held.nextStep) }
+    /// What this copy's layers are converted for. Each head gets room for the rows the sequence's
+    /// decode steps may still append, or its first step would copy the head.
+    var format: IncomingFormat {
+        IncomingFormat(
+            geometry: held.geometry,
+            storage: cache.storage,
+            decodeRows: max(0, Int(held.assignment.decodeTokens) - held.nextStep)
+        )
+    }
 
     /// Takes one layer converted already (`IncomingLayer`, outside the store's lock).
     mutating func take(_ layer: IncomingLayer) throws(WireError) {
@@ -182,6 +188,19 @@ struct IncomingShard: Sendable {
 
 /// One layer of a copy, checked against the shard's geometry and converted to cache rows: the
 /// per-byte work of receiving a copy, done on the worker's compute threads before the store takes it.
+/// What a layer of a shard copy is converted for: the model, the cache's storage type and the decode
+/// rows each head makes room for.
+struct IncomingFormat: Sendable {
+    let geometry: ModelGeometry
+    let storage: ScalarType
+    let decodeRows: Int
+
+    /// `state` checked and converted (`IncomingLayer`).
+    func layer(_ state: Tessera_V1_ShardLayerState) throws(WireError) -> IncomingLayer {
+        try IncomingLayer(state, geometry: geometry, storage: storage, decodeRows: decodeRows)
+    }
+}
+
 struct IncomingLayer: Sendable {
     enum Heads: Sendable {
         case float32([HeadCache<Float>])
@@ -198,7 +217,7 @@ struct IncomingLayer: Sendable {
         _ state: Tessera_V1_ShardLayerState,
         geometry g: ModelGeometry,
         storage: ScalarType,
-        decodeRows: Int = 0
+        decodeRows: Int
     ) throws(WireError) {
         let spare = max(0, decodeRows) * g.headDim
         layer = Int(state.layer)

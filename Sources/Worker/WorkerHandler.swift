@@ -503,9 +503,7 @@ struct WorkerHandler: EnvelopeHandler {
         }
         let id = part.sequenceID
         let format = try worker.store.withLock { try $0.incomingFormat(id, from: sender) }
-        let layer = try await worker.offload(.prefill) {
-            try IncomingLayer(state, geometry: format.geometry, storage: format.storage, decodeRows: format.decodeRows)
-        }
+        let layer = try await worker.offload(.prefill) { try format.layer(state) }
         try worker.store.withLock { try $0.receive(layer, sequenceID: id, from: sender) }
         return nil
     }

@@ -556,17 +556,7 @@ struct WorkerState: Sendable {
             incoming[id] = try IncomingShard(begin, sequenceID: id, from: sender)
             return nil
         case .layer(let state):
-            let format = try incomingFormat(id, from: sender)
-            try receive(
-                IncomingLayer(
-                    state,
-                    geometry: format.geometry,
-                    storage: format.storage,
-                    decodeRows: format.decodeRows
-                ),
-                sequenceID: id,
-                from: sender
-            )
+            try receive(incomingFormat(id, from: sender).layer(state), sequenceID: id, from: sender)
             return nil
         case .commit(let commit):
             try checkSender(of: id, sender)
@@ -585,17 +575,12 @@ struct WorkerState: Sendable {
     }
 
     /// What a layer of the copy in progress from `sender` is converted for.
-    func incomingFormat(
-        _ sequenceID: UInt64,
-        from sender: String
-    ) throws(WireError) -> (
-        geometry: ModelGeometry, storage: ScalarType, decodeRows: Int
-    ) {
+    func incomingFormat(_ sequenceID: UInt64, from sender: String) throws(WireError) -> IncomingFormat {
         try checkSender(of: sequenceID, sender)
         guard let shard = incoming[sequenceID] else {
             throw WireError(.badRequest, "shard_transfer.layer of sequence \(sequenceID) before its begin")
         }
-        return (shard.held.geometry, shard.cache.storage, shard.decodeRows)
+        return shard.format
     }
 
     /// Takes a layer of the copy in progress, converted already.

@@ -150,12 +150,7 @@ struct ShardTransferTests {
         }
         for part in parts.dropFirst().dropLast().reversed() {
             guard case .layer(let state) = part.part else { continue }
-            let layer = try IncomingLayer(
-                state,
-                geometry: format.geometry,
-                storage: format.storage,
-                decodeRows: format.decodeRows
-            )
+            let layer = try format.layer(state)
             switch layer.heads {
             case .float32(let heads): #expect(roomy(heads))
             case .float16(let heads): #expect(roomy(heads))
