@@ -428,13 +428,14 @@ public enum WireBenchmark {
             self.inParts = inParts
             self.plainTCP = plainTCP
             self.plainTCPAcked = plainTCPAcked
-            let rate = tessera.first?.megabytesPerSecond ?? 0
-            percentOfPlainTCP = plainTCP.megabytesPerSecond > 0 ? 100 * rate / plainTCP.megabytesPerSecond : 0
+            percentOfPlainTCP = Self.percent(tessera.first?.megabytesPerSecond ?? 0, of: plainTCP)
         }
 
         /// `rate` as a share of `plainTCP`, in percent.
-        public func percent(_ rate: IngestRate) -> Double {
-            plainTCP.megabytesPerSecond > 0 ? 100 * rate.megabytesPerSecond / plainTCP.megabytesPerSecond : 0
+        public func percent(_ rate: IngestRate) -> Double { Self.percent(rate.megabytesPerSecond, of: plainTCP) }
+
+        private static func percent(_ megabytesPerSecond: Double, of plain: Transfer) -> Double {
+            plain.megabytesPerSecond > 0 ? 100 * megabytesPerSecond / plain.megabytesPerSecond : 0
         }
     }
 

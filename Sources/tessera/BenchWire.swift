@@ -715,12 +715,13 @@ private enum BenchWireOutput {
         }
         for point in report.ingest {
             guard let first = point.tessera.first else { continue }
+            /// "267.8 MB/s (9%)".
+            func share(_ rate: WireBenchmark.IngestRate) -> String {
+                "\(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s (\(ResultTable.format(point.percent(rate), 0))%)"
+            }
             /// "; 4 in flight 267.8 MB/s (9%)" for each rate.
             func more(_ rates: some Sequence<WireBenchmark.IngestRate>) -> String {
-                rates.map { rate in
-                    "; \(rate.inFlight) in flight \(ResultTable.format(rate.megabytesPerSecond, 1)) MB/s "
-                        + "(\(ResultTable.format(point.percent(rate), 0))%)"
-                }.joined()
+                rates.map { "; \($0.inFlight) in flight \(share($0))" }.joined()
             }
             var line =
                 "ingest \(frameLabel(point.payloadBytesPerFrame)) frames: "
@@ -729,9 +730,7 @@ private enum BenchWireOutput {
                 + "\(ResultTable.format(point.percentOfPlainTCP, 0))%)" + more(point.tessera.dropFirst())
             line += "; plain TCP acked per frame \(ResultTable.format(point.plainTCPAcked.megabytesPerSecond, 1)) MB/s"
             if let parts = point.inParts.first {
-                line +=
-                    "; in parts \(ResultTable.format(parts.megabytesPerSecond, 1)) MB/s "
-                    + "(\(ResultTable.format(point.percent(parts), 0))%)" + more(point.inParts.dropFirst())
+                line += "; in parts \(share(parts))" + more(point.inParts.dropFirst())
             }
             out += line + "\n"
         }
