@@ -23,6 +23,8 @@ package final class PeerConnection: Sendable {
     /// connection: the listener's connection caps bound how many connections can log at once, and
     /// one connection's flood cannot hide another's first warning.
     private let unanswered = RateLimitedLog()
+    /// The request counters and timers of this connection's answers, by type and outcome.
+    private let metrics = MetricHandles()
 
     package let peer: NodeIdentity
     package let remoteAddress: String
@@ -89,15 +91,16 @@ package final class PeerConnection: Sendable {
         }
         var envelope = Tessera_V1_Envelope(requestID: id, body)
         envelope.injectCurrentTrace()
-        let what = "\(envelope.bodyName) to \(peer)"
+        // A literal: the error texts that name the request are built only when one is thrown.
+        let name = body.name
         do {
             try await outbound.write(envelope)
         } catch {
             _ = state.withLock { $0.pending.removeValue(forKey: id) }
-            throw WireError(.unavailable, "cannot send \(what): \(error)", cause: error)
+            throw WireError(.unavailable, "cannot send \(name) to \(peer): \(error)", cause: error)
         }
         let deadline = outbound.schedule(after: timeout) {
-            self.fail(id: id, WireError(.unavailable, "\(what): no answer within \(timeout)"))
+            self.fail(id: id, WireError(.unavailable, "\(name) to \(self.peer): no answer within \(timeout)"))
         }
         defer { deadline.cancel() }
         let reply = try await withTaskCancellationHandler {
@@ -323,8 +326,9 @@ package final class PeerConnection: Sendable {
         let type = request.bodyName
         var outcome = "ok"
         defer {
-            Counter(label: TesseraMetrics.requestsTotal, dimensions: [("type", type), ("outcome", outcome)]).increment()
-            Metrics.Timer(label: TesseraMetrics.requestDurationSeconds, dimensions: [("type", type)])
+            metrics.counter(TesseraMetrics.requestsTotal, dimensions: [("type", type), ("outcome", outcome)])
+                .increment()
+            metrics.timer(TesseraMetrics.requestDurationSeconds, dimensions: [("type", type)])
                 .recordInterval(since: start)
         }
         let reply: Tessera_V1_Envelope

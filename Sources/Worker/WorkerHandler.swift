@@ -105,7 +105,7 @@ struct WorkerHandler: EnvelopeHandler {
             throw error
         }
         if expanded.part.work.profileMicros > 0 {
-            Metrics.Timer(label: TesseraMetrics.profileDurationSeconds, dimensions: [("policy", held.policy.name)])
+            worker.metrics.timer(TesseraMetrics.profileDurationSeconds, dimensions: [("policy", held.policy.name)])
                 .recordMicroseconds(expanded.part.work.profileMicros)
         }
         let (bytes, current) = try worker.store.withLock {
@@ -283,11 +283,11 @@ struct WorkerHandler: EnvelopeHandler {
             }
             if let stored {
                 let policy = [("policy", held.policy.name)]
-                Metrics.Timer(label: TesseraMetrics.compressDurationSeconds, dimensions: policy)
+                worker.metrics.timer(TesseraMetrics.compressDurationSeconds, dimensions: policy)
                     .recordMicroseconds(micros)
-                Counter(label: TesseraMetrics.compressionInputBytesTotal, dimensions: policy)
+                worker.metrics.counter(TesseraMetrics.compressionInputBytesTotal, dimensions: policy)
                     .increment(by: held.fullBytes(rows: held.layout.promptLength))
-                Counter(label: TesseraMetrics.compressionOutputBytesTotal, dimensions: policy)
+                worker.metrics.counter(TesseraMetrics.compressionOutputBytesTotal, dimensions: policy)
                     .increment(by: stored.total)
             }
         }

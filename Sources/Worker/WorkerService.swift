@@ -19,6 +19,8 @@ public final class WorkerService: Sendable {
     public let configuration: WorkerConfiguration
     let logger: Logger
     let store = SequenceStore()
+    /// The counters and timers of prefills and compressions, by policy.
+    let metrics = MetricHandles()
     /// The cores tensor work may use, read once: `System.coreCount` reads sysfs and cgroup files on
     /// every call, which was two file reads per prefill frame and per decode step.
     static let cores = System.coreCount

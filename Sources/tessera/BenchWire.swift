@@ -22,10 +22,15 @@ struct BenchWire: AsyncParsableCommand {
             Prefill ingest into one worker: inline-tensor frames of 64 KiB, 256 KiB, \
             1 MiB and 4 MiB (one layer of 2 KV heads x 32 dims, float32, as long a prompt \
             as fills the frame; policy full, no queries), with --in-flight requests in \
-            flight on one connection (default 1 and 4); each frame is a sequence of its own. MB/s of tensor payload over the time the prefill requests \
-            took; opening and closing the sequences through the coordinator is not \
-            timed. The worker's share: decoding the frame, checking every element, the \
-            policy's (empty) profile and the layer statistics.
+            flight on one connection (default 1 and 4), sent two ways: each frame the \
+            whole prefill of a one-layer sequence (its statistics, budget and \
+            compression per frame), and, on a one-worker cluster, one sequence's \
+            prefill in parts, a layer per frame (64 layers a sequence, 16 for 4 MiB; \
+            statistics and budget once per sequence, as TesseraClient sends a prompt). \
+            MB/s of tensor payload over the time the prefill requests took; opening \
+            and closing the sequences through the coordinator is not timed. The \
+            worker's share: decoding the frame, checking every element, the policy's \
+            (empty) profile and the layer statistics.
 
             Plain TCP over loopback with the same payload bytes in the same frame sizes \
             (as many frames as the one-in-flight run sent, repeated until 0.5 s, or \
