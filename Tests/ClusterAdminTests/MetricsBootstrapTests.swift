@@ -33,6 +33,36 @@ struct MetricsBootstrapTests {
         #expect(exposition.contains(#"tessera_profile_duration_seconds_bucket{policy="x",le="300.0"} 1"#))
     }
 
+    @Test("kept handles are made once per label set and count into the factory's registry")
+    func keptHandles() {
+        let registry = PrometheusCollectorRegistry()
+        withMetricsFactory(MetricsBootstrap.makeFactory(registry: registry)) {
+            let handles = MetricHandles()
+            let ok = [("type", "prefill"), ("outcome", "ok")]
+            #expect(
+                handles.counter(TesseraMetrics.requestsTotal, dimensions: ok)
+                    === handles.counter(TesseraMetrics.requestsTotal, dimensions: ok)
+            )
+            handles.counter(TesseraMetrics.requestsTotal, dimensions: ok).increment()
+            handles.counter(TesseraMetrics.requestsTotal, dimensions: ok).increment()
+            handles.counter(
+                TesseraMetrics.requestsTotal,
+                dimensions: [("type", "prefill"), ("outcome", "BAD_REQUEST")]
+            )
+            .increment()
+            handles.timer(TesseraMetrics.requestDurationSeconds, dimensions: [("type", "prefill")]).recordMilliseconds(
+                3
+            )
+            handles.timer(TesseraMetrics.requestDurationSeconds, dimensions: [("type", "decode_step")])
+                .recordMilliseconds(3)
+        }
+        let exposition = registry.emitToString()
+        #expect(exposition.contains(#"tessera_requests_total{type="prefill",outcome="ok"} 2"#))
+        #expect(exposition.contains(#"tessera_requests_total{type="prefill",outcome="BAD_REQUEST"} 1"#))
+        #expect(exposition.contains(#"tessera_request_duration_seconds_count{type="prefill"} 1"#))
+        #expect(exposition.contains(#"tessera_request_duration_seconds_count{type="decode_step"} 1"#))
+    }
+
     @Test("the metric names match the documented ones")
     func names() {
         #expect(
