@@ -186,8 +186,6 @@ struct IncomingShard: Sendable {
     }
 }
 
-/// One layer of a copy, checked against the shard's geometry and converted to cache rows: the
-/// per-byte work of receiving a copy, done on the worker's compute threads before the store takes it.
 /// What a layer of a shard copy is converted for: the model, the cache's storage type and the decode
 /// rows each head makes room for.
 struct IncomingFormat: Sendable {
@@ -201,6 +199,8 @@ struct IncomingFormat: Sendable {
     }
 }
 
+/// One layer of a copy, checked against the shard's geometry and converted to cache rows: the
+/// per-byte work of receiving a copy, done on the worker's compute threads before the store takes it.
 struct IncomingLayer: Sendable {
     enum Heads: Sendable {
         case float32([HeadCache<Float>])
