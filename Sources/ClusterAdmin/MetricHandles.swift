@@ -3,8 +3,8 @@ import Synchronization
 
 /// swift-metrics handles made once per label set and then reused. Making a handle asks the factory
 /// each time: with Prometheus, a lock, a check of the name and a registry lookup, which per request
-/// came to about 4% of a worker's CPU on small frames. A handle is bound to the factory in effect
-/// when it is first made (the process's, or a test's `withMetricsFactory`).
+/// was 1.3% of the busy CPU samples while a worker took small one-layer sequences. A handle is bound
+/// to the factory in effect when it is first made (the process's, or a test's `withMetricsFactory`).
 package final class MetricHandles: Sendable {
     private struct Key: Hashable {
         var label: String
@@ -22,22 +22,24 @@ package final class MetricHandles: Sendable {
     package init() {}
 
     package func counter(_ label: String, dimensions: [(String, String)] = []) -> Counter {
-        counters.withLock { made in
-            let key = Key(label, dimensions)
-            if let counter = made[key] { return counter }
-            let counter = Counter(label: label, dimensions: dimensions)
-            made[key] = counter
-            return counter
-        }
+        Self.kept(in: counters, Key(label, dimensions)) { Counter(label: label, dimensions: dimensions) }
     }
 
     package func timer(_ label: String, dimensions: [(String, String)] = []) -> Metrics.Timer {
-        timers.withLock { made in
-            let key = Key(label, dimensions)
-            if let timer = made[key] { return timer }
-            let timer = Metrics.Timer(label: label, dimensions: dimensions)
-            made[key] = timer
-            return timer
+        Self.kept(in: timers, Key(label, dimensions)) { Metrics.Timer(label: label, dimensions: dimensions) }
+    }
+
+    /// The handle kept under `key`, made by `make` the first time.
+    private static func kept<Handle>(
+        in table: borrowing Mutex<[Key: Handle]>,
+        _ key: Key,
+        make: () -> Handle
+    ) -> Handle {
+        table.withLock { made in
+            if let handle = made[key] { return handle }
+            let handle = make()
+            made[key] = handle
+            return handle
         }
     }
 }
