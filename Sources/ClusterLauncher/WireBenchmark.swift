@@ -14,6 +14,13 @@ import Glibc
 /// clients, latency summaries, and the figures as `Codable` values. The protocol-specific measurements
 /// (inline prefill, decode round trips) live with the command, which depends on the tensor modules.
 public enum WireBenchmark {
+    /// `a` and `b` combined with `operation`: nil when either is, as a CPU reading that could not be
+    /// taken leaves every sum and difference it enters unknown.
+    public static func combined<T>(_ a: T?, _ b: T?, _ operation: (T, T) -> T) -> T? {
+        guard let a, let b else { return nil }
+        return operation(a, b)
+    }
+
     /// Starts a coordinator and `workers` workers from this binary (children log errors only, to this
     /// process's stderr), waits until every worker is alive in the coordinator's view, runs `body`,
     /// and stops every child when it returns or throws.
@@ -99,7 +106,7 @@ public enum WireBenchmark {
             let pass = try await transfer(frameBytes: frameBytes, frames: frames, ackEveryFrame: ackEveryFrame)
             bytes += pass.bytes
             seconds += pass.seconds
-            cpuSeconds = cpuSeconds.flatMap { total in pass.cpuSeconds.map { total + $0 } }
+            cpuSeconds = combined(cpuSeconds, pass.cpuSeconds, +)
             passes += 1
         } while seconds < minimumSeconds
         return Transfer(
@@ -156,7 +163,7 @@ public enum WireBenchmark {
             throw error
         }
         let sunk = try await received
-        return (sunk.bytes, sent.seconds, sunk.cpuSeconds.flatMap { own in sent.cpuSeconds.map { own + $0 } })
+        return (sunk.bytes, sent.seconds, combined(sunk.cpuSeconds, sent.cpuSeconds, +))
     }
 
     /// Reads until `total` bytes arrived; answers each frame (with `ackEveryFrame`) and the end with one

@@ -355,7 +355,7 @@ private enum IngestBenchmark {
             let cpuAfter = pids.flatMap {
                 WireBenchmark.ProcessesCPU.now(worker: $0.worker, coordinator: $0.coordinator)
             }
-            cpu = cpu.flatMap { total in cpuBefore.flatMap { before in cpuAfter.map { total + ($0 - before) } } }
+            cpu = WireBenchmark.combined(cpu, WireBenchmark.combined(cpuAfter, cpuBefore, -), +)
             frames += batch
             for sequence in sequences { _ = try await client.close(sequence) }
         }
